@@ -1,0 +1,4 @@
+//! (being written)
+pub mod schema;
+pub use schema::*;
+mod derived;

@@ -1,0 +1,278 @@
+//! The configuration file's schema: Patroni's YAML layout for every option pgwarden implements.
+//!
+//! A `patroni.yml` that uses only these options loads unchanged. Unknown keys are not errors here
+//! (they are collected with their full path and warned about by the loader).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole local configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Config {
+    /// Cluster name; the DCS base path is `/<namespace>/<scope>`.
+    pub scope: String,
+    /// DCS namespace, default `/service/`.
+    pub namespace: String,
+    /// This member's name, unique in the cluster.
+    pub name: String,
+    pub restapi: RestApiConfig,
+    pub etcd3: Option<Etcd3Config>,
+    pub bootstrap: BootstrapConfig,
+    pub postgresql: PostgresqlConfig,
+    pub tags: Tags,
+    pub log: LogConfig,
+}
+
+/// `restapi`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RestApiConfig {
+    /// `host:port` to bind, default `0.0.0.0:8008` (Patroni requires it; we default it).
+    pub listen: String,
+    /// `host:port` other members and clients use; published in `api_url`.
+    pub connect_address: String,
+    pub authentication: Option<Credentials>,
+    pub certfile: Option<PathBuf>,
+    pub keyfile: Option<PathBuf>,
+}
+
+/// `etcd3`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Etcd3Config {
+    /// `host:port` endpoints. Patroni also accepts a comma-separated string.
+    #[serde(deserialize_with = "string_or_list")]
+    pub hosts: Vec<String>,
+    /// Single endpoint form (`host: 127.0.0.1:2379`), merged into `hosts`.
+    pub host: Option<String>,
+    /// `http` (default) or `https`.
+    pub protocol: Option<String>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+/// `bootstrap`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BootstrapConfig {
+    /// Seeds the DCS `config` key when this member initializes the cluster.
+    pub dcs: DynamicConfig,
+    /// Extra initdb options, in Patroni's form: strings (`data-checksums`) or one-key maps
+    /// (`encoding: UTF8`).
+    pub initdb: Vec<InitdbOption>,
+}
+
+/// One `bootstrap.initdb` entry.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum InitdbOption {
+    Flag(String),
+    Value(BTreeMap<String, serde_yaml::Value>),
+}
+
+/// The cluster-wide ("dynamic") configuration, as stored in the DCS `config` key.
+///
+/// Keys we do not model are kept in `extra` so a round trip through the DCS loses nothing.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DynamicConfig {
+    /// Lease TTL in seconds (default 30).
+    pub ttl: u32,
+    /// HA loop period in seconds (default 10).
+    pub loop_wait: u32,
+    /// Deadline for one DCS operation or postgres query, in seconds (default 10).
+    pub retry_timeout: u32,
+    /// Bytes a replica may lag and still race for leadership (default 1 MiB).
+    pub maximum_lag_on_failover: u64,
+    /// Seconds a crashed primary may take to restart in place (default 300).
+    pub primary_start_timeout: u32,
+    pub synchronous_mode: bool,
+    pub synchronous_mode_strict: bool,
+    pub check_timeline: bool,
+    pub postgresql: DynamicPostgresql,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pause: Option<bool>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for DynamicConfig {
+    fn default() -> Self {
+        DynamicConfig {
+            ttl: 30,
+            loop_wait: 10,
+            retry_timeout: 10,
+            maximum_lag_on_failover: 1_048_576,
+            primary_start_timeout: 300,
+            synchronous_mode: false,
+            synchronous_mode_strict: false,
+            check_timeline: false,
+            postgresql: DynamicPostgresql::default(),
+            pause: None,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// `bootstrap.dcs.postgresql` / `config.postgresql`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct DynamicPostgresql {
+    pub parameters: BTreeMap<String, PgValue>,
+    pub use_pg_rewind: bool,
+    pub use_slots: bool,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl Default for DynamicPostgresql {
+    fn default() -> Self {
+        DynamicPostgresql {
+            parameters: BTreeMap::new(),
+            use_pg_rewind: false,
+            use_slots: true,
+            extra: BTreeMap::new(),
+        }
+    }
+}
+
+/// A postgres parameter value as YAML/JSON may spell it.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(untagged)]
+pub enum PgValue {
+    Bool(bool),
+    Int(i64),
+    Float(f64),
+    Text(String),
+}
+
+impl PgValue {
+    /// The value as it goes into `postgresql.conf` (quoted by the renderer).
+    pub fn as_setting(&self) -> String {
+        match self {
+            PgValue::Bool(true) => "on".to_owned(),
+            PgValue::Bool(false) => "off".to_owned(),
+            PgValue::Int(i) => i.to_string(),
+            PgValue::Float(f) => f.to_string(),
+            PgValue::Text(s) => s.clone(),
+        }
+    }
+}
+
+/// `postgresql`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PostgresqlConfig {
+    /// `host[,host...]:port` to listen on.
+    pub listen: String,
+    /// `host:port` published in `conn_url`.
+    pub connect_address: String,
+    pub data_dir: PathBuf,
+    /// Directory with `postgres`, `initdb`, `pg_ctl`, `pg_controldata`; found on `PATH` or under
+    /// `/usr/lib/postgresql/<newest>/bin` when unset.
+    pub bin_dir: Option<PathBuf>,
+    pub parameters: BTreeMap<String, PgValue>,
+    /// `pg_hba.conf` lines; when empty, initdb's file is left as it is.
+    pub pg_hba: Vec<String>,
+    pub authentication: Authentication,
+    /// Connect to the local postgres through its unix socket instead of TCP.
+    pub use_unix_socket: bool,
+    /// Path of the `.pgpass` file the agent writes for replication and rewind.
+    pub pgpass: Option<PathBuf>,
+    pub remove_data_directory_on_rewind_failure: bool,
+    pub remove_data_directory_on_diverged_timelines: bool,
+}
+
+/// `postgresql.authentication`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Authentication {
+    pub superuser: Credentials,
+    pub replication: Credentials,
+    pub rewind: Option<Credentials>,
+}
+
+/// A user name and password.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Credentials {
+    pub username: String,
+    pub password: Option<String>,
+}
+
+/// `tags`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct Tags {
+    pub nofailover: bool,
+    pub failover_priority: Option<i64>,
+    pub noloadbalance: bool,
+    pub clonefrom: bool,
+    pub nosync: bool,
+    pub nostream: bool,
+    pub replicatefrom: Option<String>,
+    /// Any other tag, published as is.
+    #[serde(flatten)]
+    pub custom: BTreeMap<String, serde_json::Value>,
+}
+
+/// `log`. Patroni's `log.format` is a Python logging format string: it is accepted and ignored.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct LogConfig {
+    /// `plain` (default) or `json`, as Patroni's `log.type`.
+    #[serde(rename = "type")]
+    pub kind: LogFormat,
+    /// Patroni's level names (`DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL`) or a tracing
+    /// filter directive such as `pgwarden=debug`.
+    pub level: String,
+    /// Accepted for compatibility with Patroni files; not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub format: Option<serde_yaml::Value>,
+    /// Accepted for compatibility with Patroni files; not used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dateformat: Option<serde_yaml::Value>,
+}
+
+impl Default for LogConfig {
+    fn default() -> Self {
+        LogConfig {
+            kind: LogFormat::Plain,
+            level: "INFO".to_owned(),
+            format: None,
+            dateformat: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Plain,
+    Json,
+}
+
+fn string_or_list<'de, D>(deserializer: D) -> Result<Vec<String>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Hosts {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Hosts::deserialize(deserializer)? {
+        Hosts::One(s) => s
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(str::to_owned)
+            .collect(),
+        Hosts::Many(v) => v,
+    })
+}

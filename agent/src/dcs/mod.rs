@@ -1,0 +1,134 @@
+//! The distributed configuration store (DCS): one trait, implemented over etcd v3 ([`etcd`]) and,
+//! later, the Kubernetes API.
+//!
+//! The trait follows Patroni's `AbstractDCS` operation list. Every method talks to the store; the
+//! caller (the HA loop) decides what a failure means. A failed read is never "no leader": it is
+//! reported as an error, and the HA core treats the cluster as unknown.
+
+pub mod etcd;
+pub mod keys;
+pub mod model;
+
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+
+pub use model::{
+    ClusterView, FailoverRequest, HistoryLine, LeaderKey, LeaderStatus, Member, MemberRecord,
+    SyncState, Versioned, PATRONI_API_VERSION,
+};
+
+/// How a DCS operation failed. The split matters for fencing (`patroni-compat.md` §5.4).
+#[derive(Debug, thiserror::Error)]
+pub enum DcsError {
+    /// The store did not answer in time, or the connection failed. The operation may or may not
+    /// have been applied.
+    #[error("DCS unreachable: {0}")]
+    Unreachable(String),
+    /// The store answered and refused (compare failed, lease unknown, permission denied, ...).
+    #[error("DCS refused the operation: {0}")]
+    Rejected(String),
+    /// Our lease is gone in the store: keys attached to it have been deleted.
+    #[error("the agent's lease no longer exists")]
+    LeaseLost,
+}
+
+impl DcsError {
+    /// True when the store may simply have been out of reach: retrying may help.
+    pub fn is_transient(&self) -> bool {
+        matches!(self, DcsError::Unreachable(_))
+    }
+}
+
+/// What a successful lease renewal proves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LeaseRenewal {
+    /// When the renewal request was sent, by our clock. The store can only have refreshed the
+    /// lease after this instant, so `sent_at + ttl` is a lower bound of the expiry.
+    pub sent_at: Instant,
+    /// TTL the store granted on this renewal.
+    pub ttl: Duration,
+}
+
+/// The outcome of waiting for a change.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Wakeup {
+    /// The timeout elapsed.
+    Timeout,
+    /// The `leader` key changed (acquired, released, expired).
+    LeaderChanged,
+    /// Another watched key (`config`, `failover`, `status`, members) changed.
+    ClusterChanged,
+}
+
+/// The operations the agent needs from a DCS.
+///
+/// Callers may assume: a method that returns `Ok` was applied; a method that returns
+/// `Err(Unreachable)` may or may not have been applied; `Err(Rejected)` was not applied.
+/// Each call is bounded by the implementation's request timeout (`retry_timeout`), so no call
+/// blocks the HA loop for longer than that.
+#[async_trait]
+pub trait Dcs: Send + Sync {
+    /// Reads the whole cluster.
+    async fn cluster(&self) -> Result<ClusterView, DcsError>;
+
+    /// Bootstrap race: creates `initialize` with `value` only if the key does not exist.
+    /// `Ok(true)` means this member won.
+    async fn race_initialize(&self, value: &str) -> Result<bool, DcsError>;
+
+    /// Sets `initialize` to the system identifier unconditionally.
+    async fn set_initialize(&self, sysid: &str) -> Result<(), DcsError>;
+
+    /// Deletes `initialize` (after a failed bootstrap).
+    async fn cancel_initialize(&self) -> Result<(), DcsError>;
+
+    /// Writes `config`. With `expected_revision`, only if the key is still at that revision
+    /// (`Some(0)` = only if absent). `Ok(false)` means the compare failed.
+    async fn write_config(
+        &self,
+        config: &serde_json::Value,
+        expected_revision: Option<i64>,
+    ) -> Result<bool, DcsError>;
+
+    /// Creates `leader` with our name, attached to our lease, only if it is absent.
+    async fn acquire_leader(&self) -> Result<bool, DcsError>;
+
+    /// Refreshes our lease (and re-attaches `leader` if the lease had to be re-granted).
+    /// Must only be called while we believe we hold `leader`.
+    async fn renew_leader(&self) -> Result<LeaseRenewal, DcsError>;
+
+    /// Deletes `leader` if and only if it still holds our name.
+    async fn release_leader(&self) -> Result<(), DcsError>;
+
+    /// Writes `members/<name>` attached to our lease, keeping the lease alive.
+    async fn touch_member(&self, record: &MemberRecord) -> Result<(), DcsError>;
+
+    /// Writes `status`.
+    async fn write_status(&self, status: &LeaderStatus) -> Result<(), DcsError>;
+
+    /// Writes `history`.
+    async fn write_history(&self, history: &[HistoryLine]) -> Result<(), DcsError>;
+
+    /// Writes `failover` (`{}` clears it). With `expected_revision`, compare-and-set.
+    async fn write_failover(
+        &self,
+        request: &FailoverRequest,
+        expected_revision: Option<i64>,
+    ) -> Result<bool, DcsError>;
+
+    /// Writes or deletes (`None`) `sync`, compare-and-set on `expected_revision` when given.
+    async fn write_sync(
+        &self,
+        sync: Option<&SyncState>,
+        expected_revision: Option<i64>,
+    ) -> Result<bool, DcsError>;
+
+    /// Revokes our lease: our member key (and `leader`, if still attached) disappear at once.
+    async fn revoke_lease(&self) -> Result<(), DcsError>;
+
+    /// Changes the TTL of future leases (a new lease is granted on next use).
+    fn set_ttl(&self, ttl: Duration);
+
+    /// Waits until a watched key changes or `timeout` elapses.
+    async fn wait_for_change(&self, timeout: Duration) -> Wakeup;
+}

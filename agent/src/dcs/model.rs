@@ -1,0 +1,395 @@
+//! The cluster as the DCS holds it, in Patroni's wire format.
+//!
+//! Values are read tolerantly, as Patroni reads them (`patroni-compat.md` §1.7): an unparsable
+//! `status`, `failover`, `sync` or `history` value counts as empty rather than as an error, and any
+//! JSON spacing is accepted. Values are written compactly.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The Patroni API level we emulate; readers parse this as integers (`patroni-compat.md` §7.3).
+pub const PATRONI_API_VERSION: &str = "4.1.4";
+
+/// A value read from the DCS together with the revision needed for a compare-and-set write.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Versioned<T> {
+    pub value: T,
+    /// etcd `mod_revision` (or the Kubernetes `resourceVersion` mapped to an integer).
+    pub revision: i64,
+}
+
+/// Holder of the `leader` key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaderKey {
+    /// Member name of the holder (the key's plain-string value).
+    pub name: String,
+    /// `mod_revision` of the key; used to notice a re-acquisition.
+    pub revision: i64,
+    /// Lease the key is attached to (0 when unknown).
+    pub lease: i64,
+}
+
+/// Content of `status`: the leader's last published WAL position and slot positions.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaderStatus {
+    pub optime: u64,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots: BTreeMap<String, u64>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub retain_slots: Vec<String>,
+}
+
+impl LeaderStatus {
+    /// Parses `status`, which may also be a bare integer (legacy optime). Unparsable ⇒ `None`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let value: serde_json::Value = serde_json::from_str(raw.trim()).ok()?;
+        match value {
+            serde_json::Value::Number(n) => n.as_u64().map(|optime| LeaderStatus {
+                optime,
+                ..Default::default()
+            }),
+            other => serde_json::from_value(other).ok(),
+        }
+    }
+}
+
+/// Content of `failover`: a requested switchover (`leader` set) or failover (`member` only).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailoverRequest {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leader: Option<String>,
+    /// The candidate. Patroni stores it as `member`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduled_at: Option<String>,
+}
+
+impl FailoverRequest {
+    /// Parses `failover`; also the legacy `leader:candidate` string. Empty or unparsable ⇒ `None`.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let raw = raw.trim();
+        let parsed = match serde_json::from_str::<serde_json::Value>(raw) {
+            Ok(serde_json::Value::Object(map)) => {
+                let text = |k: &str| {
+                    map.get(k)
+                        .and_then(|v| v.as_str())
+                        .filter(|s| !s.is_empty())
+                        .map(str::to_owned)
+                };
+                FailoverRequest {
+                    leader: text("leader"),
+                    member: text("member"),
+                    scheduled_at: text("scheduled_at"),
+                }
+            }
+            Ok(_) => return None,
+            Err(_) => {
+                let (leader, member) = raw.split_once(':')?;
+                FailoverRequest {
+                    leader: Some(leader.to_owned()).filter(|s| !s.is_empty()),
+                    member: Some(member.to_owned()).filter(|s| !s.is_empty()),
+                    scheduled_at: None,
+                }
+            }
+        };
+        (parsed.leader.is_some() || parsed.member.is_some()).then_some(parsed)
+    }
+}
+
+/// Content of `sync`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SyncState {
+    pub leader: Option<String>,
+    /// Comma-joined, sorted names, or null.
+    pub sync_standby: Option<String>,
+    #[serde(default)]
+    pub quorum: u32,
+}
+
+impl SyncState {
+    /// Parses `sync`; empty when `leader` is missing (`patroni-compat.md` §1.7).
+    pub fn parse(raw: &str) -> Option<Self> {
+        let parsed: SyncState = serde_json::from_str(raw.trim()).ok()?;
+        parsed.leader.is_some().then_some(parsed)
+    }
+
+    /// Names listed as synchronous standbys.
+    pub fn standbys(&self) -> Vec<String> {
+        self.sync_standby
+            .as_deref()
+            .map(|s| {
+                s.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .map(str::to_owned)
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Case-insensitive membership test, as Patroni HEAD does.
+    pub fn lists(&self, name: &str) -> bool {
+        self.standbys().iter().any(|s| s.eq_ignore_ascii_case(name))
+    }
+}
+
+/// One line of `history`: `[timeline, lsn, reason, timestamp, new_leader]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistoryLine {
+    pub timeline: u32,
+    pub lsn: u64,
+    pub reason: String,
+    pub timestamp: Option<String>,
+    pub new_leader: Option<String>,
+}
+
+impl HistoryLine {
+    pub fn to_json(&self) -> serde_json::Value {
+        let mut line = vec![
+            serde_json::json!(self.timeline),
+            serde_json::json!(self.lsn),
+            serde_json::json!(self.reason),
+        ];
+        if let Some(ts) = &self.timestamp {
+            line.push(serde_json::json!(ts));
+            if let Some(leader) = &self.new_leader {
+                line.push(serde_json::json!(leader));
+            }
+        }
+        serde_json::Value::Array(line)
+    }
+
+    /// Parses the whole `history` value; lines that do not parse are skipped.
+    pub fn parse_all(raw: &str) -> Vec<HistoryLine> {
+        let Ok(serde_json::Value::Array(lines)) = serde_json::from_str(raw.trim()) else {
+            return Vec::new();
+        };
+        lines
+            .iter()
+            .filter_map(|line| {
+                let items = line.as_array()?;
+                Some(HistoryLine {
+                    timeline: u32::try_from(items.first()?.as_u64()?).ok()?,
+                    lsn: items.get(1)?.as_u64()?,
+                    reason: items
+                        .get(2)
+                        .and_then(|v| v.as_str())
+                        .unwrap_or_default()
+                        .to_owned(),
+                    timestamp: items.get(3).and_then(|v| v.as_str()).map(str::to_owned),
+                    new_leader: items.get(4).and_then(|v| v.as_str()).map(str::to_owned),
+                })
+            })
+            .collect()
+    }
+
+    pub fn encode_all(lines: &[HistoryLine]) -> String {
+        serde_json::Value::Array(lines.iter().map(HistoryLine::to_json).collect()).to_string()
+    }
+}
+
+/// Member record `members/<name>` (`patroni-compat.md` §1.5). Unknown fields are kept so that a
+/// record written by another agent survives a read-modify-write untouched.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct MemberRecord {
+    pub conn_url: String,
+    pub api_url: String,
+    pub state: String,
+    pub role: String,
+    pub version: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub xlog_location: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub receive_lsn: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_lsn: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replication_state: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeline: Option<u32>,
+    #[serde(default, skip_serializing_if = "serde_json::Map::is_empty")]
+    pub tags: serde_json::Map<String, serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pending_restart: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pause: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint_after_promote: Option<bool>,
+    /// Our own version; `version` carries the Patroni API level for compatibility.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pgwarden_version: Option<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+impl MemberRecord {
+    /// Parses a member value. Legacy `postgres://…?application_name=<api_url>` values are accepted.
+    pub fn parse(raw: &str) -> Option<Self> {
+        let raw = raw.trim();
+        if raw.starts_with("postgres") {
+            let (conn, query) = raw.split_once('?').unwrap_or((raw, ""));
+            let api_url = query
+                .split('&')
+                .find_map(|kv| kv.strip_prefix("application_name="))
+                .unwrap_or_default();
+            return Some(MemberRecord {
+                conn_url: conn.to_owned(),
+                api_url: api_url.to_owned(),
+                ..Default::default()
+            });
+        }
+        serde_json::from_str(raw).ok()
+    }
+
+    /// The record as Patroni writes it: compact JSON.
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).unwrap_or_else(|_| "{}".to_owned())
+    }
+
+    /// `(host, port)` parsed out of `conn_url`, as patronictl does.
+    pub fn host_port(&self) -> Option<(String, u16)> {
+        let rest = self.conn_url.split("://").nth(1)?;
+        let authority = rest.split('/').next()?;
+        let authority = authority.rsplit('@').next()?;
+        let (host, port) = match authority.rsplit_once(':') {
+            Some((h, p)) if !h.ends_with(']') || h.starts_with('[') => (h, p.parse().ok()?),
+            _ => (authority, 5432),
+        };
+        Some((host.trim_matches(['[', ']']).to_owned(), port))
+    }
+
+    /// WAL position used for lag: max(receive, replay) on a standby, `xlog_location` otherwise.
+    pub fn wal_position(&self) -> Option<u64> {
+        match (self.receive_lsn, self.replay_lsn) {
+            (Some(r), Some(p)) => Some(r.max(p)),
+            _ => self.xlog_location,
+        }
+    }
+
+    pub fn tag_bool(&self, tag: &str) -> bool {
+        self.tags
+            .get(tag)
+            .and_then(|v| v.as_bool())
+            .unwrap_or(false)
+    }
+}
+
+/// A member as listed in the cluster view.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Member {
+    pub name: String,
+    pub record: MemberRecord,
+    pub revision: i64,
+    pub lease: i64,
+}
+
+/// The whole cluster as read from the DCS at one revision.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ClusterView {
+    /// `None`: no `initialize` key. `Some("")`: a node is bootstrapping. Otherwise the sysid.
+    pub initialize: Option<String>,
+    /// Raw dynamic configuration JSON; `None` when the key is absent or empty.
+    pub config: Option<Versioned<serde_json::Value>>,
+    pub leader: Option<LeaderKey>,
+    pub members: Vec<Member>,
+    pub status: Option<LeaderStatus>,
+    pub failover: Option<Versioned<FailoverRequest>>,
+    pub sync: Option<Versioned<SyncState>>,
+    pub history: Vec<HistoryLine>,
+    /// The store revision this view was read at.
+    pub revision: i64,
+}
+
+impl ClusterView {
+    pub fn member(&self, name: &str) -> Option<&Member> {
+        self.members.iter().find(|m| m.name == name)
+    }
+
+    pub fn leader_name(&self) -> Option<&str> {
+        self.leader.as_ref().map(|l| l.name.as_str())
+    }
+
+    pub fn is_leader(&self, name: &str) -> bool {
+        self.leader_name() == Some(name)
+    }
+
+    /// `config.pause` (Patroni accepts any truthy JSON here).
+    pub fn is_paused(&self) -> bool {
+        self.config
+            .as_ref()
+            .and_then(|c| c.value.get("pause"))
+            .map(|p| match p {
+                serde_json::Value::Bool(b) => *b,
+                serde_json::Value::String(s) => matches!(s.as_str(), "true" | "on" | "yes"),
+                _ => false,
+            })
+            .unwrap_or(false)
+    }
+
+    /// Cluster timeline: last history line + 1; `[]` ⇒ 1 (`patroni-compat.md` §1.7).
+    pub fn timeline(&self) -> u32 {
+        self.history.last().map(|l| l.timeline + 1).unwrap_or(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_accepts_bare_integer_and_object() {
+        assert_eq!(LeaderStatus::parse("123").map(|s| s.optime), Some(123));
+        let s = LeaderStatus::parse(r#"{"optime": 5, "slots": {"a": 3}}"#);
+        assert_eq!(s.map(|s| (s.optime, s.slots.len())), Some((5, 1)));
+        assert_eq!(LeaderStatus::parse("garbage"), None);
+    }
+
+    #[test]
+    fn failover_empty_object_means_none_and_legacy_string_parses() {
+        assert_eq!(FailoverRequest::parse("{}"), None);
+        assert_eq!(FailoverRequest::parse(""), None);
+        let legacy = FailoverRequest::parse("a:b");
+        assert_eq!(
+            legacy.map(|f| (f.leader, f.member)),
+            Some((Some("a".into()), Some("b".into())))
+        );
+        let spaced = FailoverRequest::parse(r#"{"leader": "a", "member": null}"#);
+        assert_eq!(
+            spaced.map(|f| (f.leader, f.member)),
+            Some((Some("a".into()), None))
+        );
+    }
+
+    #[test]
+    fn member_record_round_trips_unknown_fields_and_parses_host() {
+        let raw = r#"{"conn_url":"postgres://10.0.0.1:5433/postgres","api_url":"http://10.0.0.1:8008/patroni","state":"running","role":"primary","version":"4.1.4","xlog_location":5,"future":1}"#;
+        let m = MemberRecord::parse(raw).expect("parses");
+        assert_eq!(m.host_port(), Some(("10.0.0.1".into(), 5433)));
+        assert_eq!(m.extra.get("future"), Some(&serde_json::json!(1)));
+        assert!(m.encode().contains("\"future\":1"));
+    }
+
+    #[test]
+    fn history_tolerates_short_lines() {
+        let h = HistoryLine::parse_all(
+            r#"[[1, 100, "no recovery target specified"], [2,200,"x","2026-01-01T00:00:00+00:00","n1"]]"#,
+        );
+        assert_eq!(h.len(), 2);
+        assert_eq!(h[1].new_leader.as_deref(), Some("n1"));
+        assert_eq!(
+            HistoryLine::encode_all(&h),
+            r#"[[1,100,"no recovery target specified"],[2,200,"x","2026-01-01T00:00:00+00:00","n1"]]"#
+        );
+    }
+
+    #[test]
+    fn sync_lists_case_insensitively() {
+        let s =
+            SyncState::parse(r#"{"leader":"a","sync_standby":"B,c","quorum":0}"#).expect("parses");
+        assert!(s.lists("b"));
+        assert!(!s.lists("a"));
+        assert_eq!(SyncState::parse(r#"{"sync_standby":"b"}"#), None);
+    }
+}

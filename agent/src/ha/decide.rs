@@ -1,0 +1,1171 @@
+//! The HA decision: a pure function from an [`Observation`] to a [`Decision`].
+//!
+//! It follows the order of Patroni's `_run_cycle` (`patroni/ha.py`): long action in progress →
+//! data directory checks → DCS reachable? → our own lock → someone else's lock → no lock (race).
+//! The caller performs the actions in order and stops at the first one that fails or loses a
+//! race, then runs a new cycle at once.
+
+use std::fmt;
+
+use crate::dcs::ClusterView;
+use crate::postgres::supervisor::StopMode;
+
+use super::observe::{
+    DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
+};
+
+/// The member's settings the decision depends on.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemberFacts {
+    pub name: String,
+    /// Tagged `nofailover` (or `failover_priority: 0`): never takes the leader key.
+    pub nofailover: bool,
+    /// `failover_priority` tag (default 1): among equally advanced replicas the higher wins.
+    pub failover_priority: i64,
+    /// Bytes a replica may lag behind `status.optime` and still race.
+    pub maximum_lag_on_failover: u64,
+    /// Rewind a former primary before it follows a new leader.
+    pub use_pg_rewind: bool,
+}
+
+impl MemberFacts {
+    /// Defaults for a member named `name`.
+    pub fn named(name: &str) -> Self {
+        MemberFacts {
+            name: name.to_owned(),
+            nofailover: false,
+            failover_priority: 1,
+            maximum_lag_on_failover: 1_048_576,
+            use_pg_rewind: true,
+        }
+    }
+}
+
+/// One step for the executor.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// Create `initialize` with this value if absent; losing stops the plan.
+    RaceInitialize(String),
+    /// Overwrite `initialize` with the system identifier.
+    SetInitialize(String),
+    /// Delete `initialize` after a failed bootstrap.
+    CancelInitialize,
+    /// Write `config` from `bootstrap.dcs` if it is absent.
+    SeedConfig,
+    /// Create `leader` if absent, then confirm the lease and arm the fence; losing stops the plan.
+    AcquireLeader,
+    /// Delete `leader` if it still names us.
+    ReleaseLeader,
+    /// Run initdb and the first start in the background.
+    StartBootstrap,
+    /// Clone the named leader with pg_basebackup in the background, then start as its replica.
+    StartCreateReplica { leader: String },
+    /// Rewind the former primary against the named leader in the background.
+    StartRewind { leader: String },
+    /// Start postgres as a primary, or as a standby following `upstream` (`None`: read-only
+    /// with no upstream).
+    StartPostgres { primary: bool, upstream: Option<String> },
+    /// Render the configuration for the running postgres (a primary when `upstream` is `None`,
+    /// else a standby of that member) and reload if anything changed: follows a new leader
+    /// without a restart and applies changed parameters.
+    ApplyConfig { upstream: Option<String> },
+    /// `pg_promote()`.
+    Promote,
+    /// Stop postgres (demotion: it must not accept writes).
+    StopPostgres(StopMode),
+    /// Publish our WAL position in `status`.
+    WriteStatus,
+    /// `CHECKPOINT` on the primary before a graceful stop, so the shutdown checkpoint is short.
+    Checkpoint,
+    /// Clear the `failover` key (write `{}`, compare-and-set on the revision read).
+    ClearFailover,
+    /// Keep a physical replication slot for every other member, drop slots of departed ones.
+    SyncSlots,
+    /// Stop the agent with an error; nothing is touched.
+    Fatal(String),
+}
+
+/// Why a member did not race for a free lock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NotEligible {
+    NoFailoverTag,
+    PostgresNotReady,
+    Lagging { lag: u64, maximum: u64 },
+    PrimaryStillAlive(String),
+    PeerAhead(String),
+    PeerHigherPriority(String),
+    FormerLeaderInSwitchover,
+}
+
+impl fmt::Display for NotEligible {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            NotEligible::NoFailoverTag => write!(f, "tagged nofailover"),
+            NotEligible::PostgresNotReady => write!(f, "postgres is not running"),
+            NotEligible::Lagging { lag, maximum } => write!(
+                f,
+                "lagging {lag} bytes behind the last known leader position (maximum_lag_on_failover {maximum})"
+            ),
+            NotEligible::PrimaryStillAlive(n) => write!(f, "primary {n} is still alive"),
+            NotEligible::PeerAhead(n) => write!(f, "{n} has a higher WAL position"),
+            NotEligible::FormerLeaderInSwitchover => {
+                write!(f, "this member handed over the lock in a switchover")
+            }
+            NotEligible::PeerHigherPriority(n) => {
+                write!(f, "{n} is as advanced and has a higher failover_priority")
+            }
+        }
+    }
+}
+
+/// What the cycle concluded, one sentence in the log (Patroni's `_run_cycle` return value).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    TaskInProgress(TaskKind),
+    TaskFailed(TaskKind, String),
+    Refused(String),
+    DcsUnknownHolding { reason: String },
+    DcsUnknownWaiting { reason: String },
+    TryingToBootstrap,
+    WaitingForBootstrap,
+    CloningLeader { leader: String },
+    WaitingForLeaderAddress { leader: String },
+    LeaderHealthy,
+    LeaderPromoting,
+    LeaderStartingPostgres { after_crash: bool },
+    LeaderWaitingForPostgres,
+    LeaderStartFailed(String),
+    LeaseUnconfirmed,
+    LostLock,
+    DemotingForOtherLeader { leader: String },
+    RewindingToFollow { leader: String },
+    StartingAsReplica { leader: String },
+    FollowingLeader { leader: String },
+    NoLeaderRacing,
+    NoLeaderStartingReadOnly,
+    SwitchoverDemoting { candidate: Option<String> },
+    SwitchoverScheduled { at: String },
+    SwitchoverAborted(String),
+    DeferringToCandidate { candidate: String },
+    TakingOverAsCandidate,
+    NoLeaderNotEligible(NotEligible),
+}
+
+impl fmt::Display for Outcome {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Outcome::TaskInProgress(k) => write!(f, "{k} in progress"),
+            Outcome::TaskFailed(k, r) => write!(f, "{k} failed: {r}"),
+            Outcome::Refused(r) => write!(f, "refusing to run: {r}"),
+            Outcome::DcsUnknownHolding { reason } => write!(
+                f,
+                "DCS is not accessible ({reason}); continuing as primary until the fence deadline"
+            ),
+            Outcome::DcsUnknownWaiting { reason } => {
+                write!(f, "DCS is not accessible ({reason}); waiting")
+            }
+            Outcome::TryingToBootstrap => write!(f, "trying to bootstrap a new cluster"),
+            Outcome::WaitingForBootstrap => {
+                write!(f, "waiting for the leader to bootstrap the cluster")
+            }
+            Outcome::CloningLeader { leader } => {
+                write!(f, "creating a replica from the leader {leader}")
+            }
+            Outcome::WaitingForLeaderAddress { leader } => {
+                write!(f, "waiting for the leader {leader} to publish its address")
+            }
+            Outcome::LeaderHealthy => write!(f, "no action: I am the leader with the lock"),
+            Outcome::LeaderPromoting => write!(f, "promoting self: I hold the lock"),
+            Outcome::LeaderStartingPostgres { after_crash: true } => {
+                write!(f, "postgres crashed; restarting it as primary, keeping the lock")
+            }
+            Outcome::LeaderStartingPostgres { after_crash: false } => {
+                write!(f, "starting postgres as primary: I hold the lock")
+            }
+            Outcome::LeaderWaitingForPostgres => {
+                write!(f, "holding the lock while postgres starts")
+            }
+            Outcome::LeaderStartFailed(r) => {
+                write!(f, "postgres failed to start ({r}); releasing the lock")
+            }
+            Outcome::LeaseUnconfirmed => write!(
+                f,
+                "lease renewal not confirmed; postgres is fenced if it stays unconfirmed"
+            ),
+            Outcome::LostLock => write!(f, "the leader lock is no longer mine; demoting"),
+            Outcome::DemotingForOtherLeader { leader } => {
+                write!(f, "{leader} holds the leader lock; demoting self")
+            }
+            Outcome::RewindingToFollow { leader } => {
+                write!(f, "former primary: rewinding before following {leader}")
+            }
+            Outcome::StartingAsReplica { leader } => {
+                write!(f, "starting as a replica of {leader}")
+            }
+            Outcome::FollowingLeader { leader } => {
+                write!(f, "no action: I am a replica following {leader}")
+            }
+            Outcome::NoLeaderRacing => write!(f, "no leader; racing for the lock"),
+            Outcome::NoLeaderStartingReadOnly => {
+                write!(f, "no leader; starting postgres read-only before racing")
+            }
+            Outcome::SwitchoverDemoting { candidate: Some(c) } => {
+                write!(f, "manual switchover to {c}: demoting myself")
+            }
+            Outcome::SwitchoverDemoting { candidate: None } => {
+                write!(f, "manual switchover: demoting myself")
+            }
+            Outcome::SwitchoverScheduled { at } => {
+                write!(f, "no action: a switchover is scheduled at {at}")
+            }
+            Outcome::SwitchoverAborted(why) => write!(f, "switchover cancelled: {why}"),
+            Outcome::DeferringToCandidate { candidate } => {
+                write!(f, "no leader; deferring to the switchover candidate {candidate}")
+            }
+            Outcome::TakingOverAsCandidate => {
+                write!(f, "no leader; taking over as the switchover candidate")
+            }
+            Outcome::NoLeaderNotEligible(why) => {
+                write!(f, "no leader, and this member may not take it: {why}")
+            }
+        }
+    }
+}
+
+/// The plan of one cycle.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Decision {
+    pub outcome: Outcome,
+    pub actions: Vec<Action>,
+}
+
+impl Decision {
+    fn new(outcome: Outcome, actions: Vec<Action>) -> Self {
+        Decision { outcome, actions }
+    }
+}
+
+/// A system identifier as Patroni validates it in `initialize`.
+fn is_sysid(s: &str) -> bool {
+    s.len() >= 10 && s.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// Decides what to do this cycle.
+pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
+    match &obs.task {
+        TaskView::Running(kind) => return Decision::new(Outcome::TaskInProgress(*kind), vec![]),
+        TaskView::Failed(TaskKind::Bootstrap, reason) => {
+            return Decision::new(
+                Outcome::TaskFailed(TaskKind::Bootstrap, reason.clone()),
+                vec![
+                    Action::CancelInitialize,
+                    Action::ReleaseLeader,
+                    Action::Fatal(format!("bootstrap failed: {reason}")),
+                ],
+            )
+        }
+        // Replica creation and rewind are retried on the next cycle; the failure is logged.
+        TaskView::Failed(kind, reason) => {
+            return Decision::new(Outcome::TaskFailed(*kind, reason.clone()), vec![])
+        }
+        TaskView::Idle => {}
+    }
+
+    if let DataDir::Unusable(reason) = &obs.data_dir {
+        return Decision::new(
+            Outcome::Refused(reason.clone()),
+            vec![Action::Fatal(reason.clone())],
+        );
+    }
+
+    let view = match &obs.dcs {
+        DcsView::Known(view) => view,
+        DcsView::Unknown(reason) => {
+            // The fence in the supervisor stops a primary whose lease is no longer certain;
+            // until then a short DCS outage does not cost availability.
+            let outcome = if obs.postgres.is_writable_primary() {
+                Outcome::DcsUnknownHolding {
+                    reason: reason.clone(),
+                }
+            } else {
+                Outcome::DcsUnknownWaiting {
+                    reason: reason.clone(),
+                }
+            };
+            return Decision::new(outcome, vec![]);
+        }
+    };
+
+    // Data that belongs to another cluster is refused and left untouched.
+    if let (Some(ours), Some(cluster)) = (obs.data_dir.system_identifier(), &view.initialize) {
+        if is_sysid(cluster) && cluster != ours {
+            let reason = format!(
+                "the data directory belongs to another cluster: its system identifier is {ours}, \
+                 but this cluster's `initialize` key says {cluster}"
+            );
+            return Decision::new(Outcome::Refused(reason.clone()), vec![Action::Fatal(reason)]);
+        }
+    }
+
+    let leader = view.leader_name();
+    match (&obs.data_dir, leader) {
+        (DataDir::Empty, None) if view.initialize.is_none() => {
+            if me.nofailover {
+                Decision::new(Outcome::WaitingForBootstrap, vec![])
+            } else {
+                Decision::new(
+                    Outcome::TryingToBootstrap,
+                    vec![
+                        Action::RaceInitialize(String::new()),
+                        Action::AcquireLeader,
+                        Action::StartBootstrap,
+                    ],
+                )
+            }
+        }
+        (DataDir::Empty, None) => Decision::new(Outcome::WaitingForBootstrap, vec![]),
+        (DataDir::Empty, Some(l)) if l == me.name => {
+            // We hold the key but have no data (the bootstrap task is gone): give it back.
+            Decision::new(
+                Outcome::LeaderStartFailed("no data directory".into()),
+                vec![Action::ReleaseLeader],
+            )
+        }
+        (DataDir::Empty, Some(l)) => {
+            let leader = l.to_owned();
+            if view.member(l).is_some_and(|m| m.record.host_port().is_some()) {
+                Decision::new(
+                    Outcome::CloningLeader {
+                        leader: leader.clone(),
+                    },
+                    vec![Action::StartCreateReplica { leader }],
+                )
+            } else {
+                Decision::new(Outcome::WaitingForLeaderAddress { leader }, vec![])
+            }
+        }
+        (DataDir::Initialized { control, .. }, _) => {
+            let sysid = control.system_identifier.clone();
+            let mut actions = Vec::new();
+            if view.initialize.is_none() {
+                // Adopting a running cluster: record which data it is (Patroni case (d)).
+                actions.push(Action::RaceInitialize(sysid.clone()));
+            }
+            let decision = match leader {
+                Some(l) if l == me.name => decide_as_lock_holder(obs, view, me, &sysid),
+                Some(l) => decide_with_other_leader(obs, view, me, l),
+                None => decide_without_leader(obs, view, me),
+            };
+            actions.extend(decision.actions);
+            Decision::new(decision.outcome, actions)
+        }
+        (DataDir::Unusable(reason), _) => Decision::new(
+            Outcome::Refused(reason.clone()),
+            vec![Action::Fatal(reason.clone())],
+        ),
+    }
+}
+
+fn decide_as_lock_holder(
+    obs: &Observation,
+    view: &ClusterView,
+    me: &MemberFacts,
+    sysid: &str,
+) -> Decision {
+    match obs.lease {
+        LeaseCheck::Lost => {
+            let actions = if obs.postgres.is_up() {
+                vec![Action::StopPostgres(StopMode::Immediate)]
+            } else {
+                vec![]
+            };
+            return Decision::new(Outcome::LostLock, actions);
+        }
+        LeaseCheck::Unconfirmed => return Decision::new(Outcome::LeaseUnconfirmed, vec![]),
+        LeaseCheck::Renewed(_) | LeaseCheck::NotHeld => {}
+    }
+    let mut housekeeping = Vec::new();
+    if !view.initialize.as_deref().is_some_and(is_sysid) {
+        housekeeping.push(Action::SetInitialize(sysid.to_owned()));
+    }
+    if view.config.is_none() {
+        housekeeping.push(Action::SeedConfig);
+    }
+    if let (PostgresView::Running(status), Some(request)) = (&obs.postgres, &view.failover) {
+        if !status.in_recovery {
+            if let Some(decision) = leader_handles_failover(
+                obs,
+                view,
+                &request.value,
+                status,
+                me.maximum_lag_on_failover,
+            ) {
+                return decision;
+            }
+        }
+    }
+    let (outcome, mut actions) = match &obs.postgres {
+        PostgresView::Running(status) if !status.in_recovery => (
+            Outcome::LeaderHealthy,
+            vec![
+                Action::WriteStatus,
+                Action::ApplyConfig { upstream: None },
+                Action::SyncSlots,
+            ],
+        ),
+        PostgresView::Running(_) => (Outcome::LeaderPromoting, vec![Action::Promote]),
+        PostgresView::Down => (
+            Outcome::LeaderStartingPostgres { after_crash: false },
+            vec![Action::StartPostgres {
+                primary: true,
+                upstream: None,
+            }],
+        ),
+        PostgresView::Crashed => (
+            Outcome::LeaderStartingPostgres { after_crash: true },
+            vec![Action::StartPostgres {
+                primary: true,
+                upstream: None,
+            }],
+        ),
+        PostgresView::Starting | PostgresView::Unresponsive => {
+            (Outcome::LeaderWaitingForPostgres, vec![])
+        }
+        PostgresView::StartFailed(reason) => (
+            Outcome::LeaderStartFailed(reason.clone()),
+            vec![Action::ReleaseLeader],
+        ),
+    };
+    actions.extend(housekeeping);
+    Decision::new(outcome, actions)
+}
+
+/// How far in the past a scheduled switchover counts as stale (Patroni: 1.5 × loop_wait; we
+/// use a fixed minute, since loop_wait is not part of the facts).
+const STALE_SWITCHOVER: chrono::Duration = chrono::Duration::seconds(60);
+
+/// The leader's side of a `failover` key (Patroni `process_manual_failover_from_leader`, §5.6).
+/// `None` means the key is not for us and the leader carries on.
+fn leader_handles_failover(
+    obs: &Observation,
+    view: &ClusterView,
+    request: &crate::dcs::FailoverRequest,
+    status: &crate::state::PostgresStatus,
+    maximum_lag: u64,
+) -> Option<Decision> {
+    let me = view.leader_name()?;
+    if request.leader.as_deref().is_some_and(|l| l != me) {
+        // Addressed to another leader: stale; clear it.
+        return Some(Decision::new(
+            Outcome::SwitchoverAborted(format!(
+                "it names {} as the leader",
+                request.leader.as_deref().unwrap_or_default()
+            )),
+            vec![Action::WriteStatus, Action::ClearFailover],
+        ));
+    }
+    if request.member.as_deref() == Some(me) {
+        // "Switch over to myself": nothing to do.
+        return Some(Decision::new(
+            Outcome::SwitchoverAborted("the candidate is the current leader".into()),
+            vec![Action::WriteStatus, Action::ClearFailover],
+        ));
+    }
+    if let Some(at) = &request.scheduled_at {
+        match chrono::DateTime::parse_from_rfc3339(at) {
+            Ok(at_time) => {
+                let at_utc = at_time.with_timezone(&chrono::Utc);
+                if at_utc > obs.wall_now {
+                    return Some(Decision::new(
+                        Outcome::SwitchoverScheduled { at: at.clone() },
+                        vec![Action::WriteStatus, Action::SyncSlots],
+                    ));
+                }
+                if obs.wall_now - at_utc > STALE_SWITCHOVER {
+                    return Some(Decision::new(
+                        Outcome::SwitchoverAborted(format!("it was scheduled at {at}, long ago")),
+                        vec![Action::WriteStatus, Action::ClearFailover],
+                    ));
+                }
+            }
+            Err(_) => {
+                return Some(Decision::new(
+                    Outcome::SwitchoverAborted(format!("unparsable scheduled_at {at:?}")),
+                    vec![Action::WriteStatus, Action::ClearFailover],
+                ))
+            }
+        }
+    }
+    let optime = status.wal_flush_lsn.unwrap_or(0);
+    let peers = obs.peers.as_deref().unwrap_or_default();
+    let healthy = |p: &PeerAnswer| {
+        p.status.as_ref().is_some_and(|s| {
+            !s.nofailover
+                && !s.is_primary
+                && s.state == "running"
+                && !s.watchdog_failed
+                && optime.saturating_sub(s.wal_position) <= maximum_lag
+        }) && p.name != me
+    };
+    let candidate_ok = match &request.member {
+        Some(candidate) => peers.iter().any(|p| &p.name == candidate && healthy(p)),
+        None => peers.iter().any(healthy),
+    };
+    if !candidate_ok {
+        let why = match &request.member {
+            Some(c) => format!("the candidate {c} is not healthy or not reachable"),
+            None => "no healthy candidate was found".to_owned(),
+        };
+        return Some(Decision::new(
+            Outcome::SwitchoverAborted(why),
+            vec![Action::WriteStatus, Action::ClearFailover],
+        ));
+    }
+    Some(Decision::new(
+        Outcome::SwitchoverDemoting {
+            candidate: request.member.clone(),
+        },
+        vec![
+            Action::Checkpoint,
+            Action::StopPostgres(StopMode::Fast),
+            Action::ReleaseLeader,
+        ],
+    ))
+}
+
+fn decide_with_other_leader(
+    obs: &Observation,
+    view: &ClusterView,
+    me: &MemberFacts,
+    leader: &str,
+) -> Decision {
+    let leader = leader.to_owned();
+    if obs.postgres.is_writable_primary() {
+        return Decision::new(
+            Outcome::DemotingForOtherLeader { leader },
+            vec![Action::StopPostgres(StopMode::Immediate)],
+        );
+    }
+    if !view.member(&leader).is_some_and(|m| m.record.host_port().is_some()) {
+        return Decision::new(Outcome::WaitingForLeaderAddress { leader }, vec![]);
+    }
+    match &obs.postgres {
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => {
+            if obs.data_dir.was_primary() && me.use_pg_rewind {
+                Decision::new(
+                    Outcome::RewindingToFollow {
+                        leader: leader.clone(),
+                    },
+                    vec![Action::StartRewind { leader }],
+                )
+            } else {
+                Decision::new(
+                    Outcome::StartingAsReplica {
+                        leader: leader.clone(),
+                    },
+                    vec![Action::StartPostgres {
+                        primary: false,
+                        upstream: Some(leader),
+                    }],
+                )
+            }
+        }
+        PostgresView::Running(_) => Decision::new(
+            Outcome::FollowingLeader {
+                leader: leader.clone(),
+            },
+            vec![Action::ApplyConfig {
+                upstream: Some(leader),
+            }],
+        ),
+        PostgresView::Starting | PostgresView::Unresponsive => {
+            Decision::new(Outcome::FollowingLeader { leader }, vec![])
+        }
+    }
+}
+
+/// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
+fn healthiest(
+    view: &ClusterView,
+    me: &MemberFacts,
+    my_position: u64,
+    peers: &[PeerAnswer],
+) -> Result<(), NotEligible> {
+    if let Some(status) = &view.status {
+        let lag = status.optime.saturating_sub(my_position);
+        if lag > me.maximum_lag_on_failover {
+            return Err(NotEligible::Lagging {
+                lag,
+                maximum: me.maximum_lag_on_failover,
+            });
+        }
+    }
+    for peer in peers {
+        let Some(p) = &peer.status else { continue };
+        if p.nofailover && !p.is_primary {
+            // Patroni ignores nofailover members' answers, except that a live primary is
+            // always a reason not to race.
+            continue;
+        }
+        if p.is_primary {
+            return Err(NotEligible::PrimaryStillAlive(p.name.clone()));
+        }
+        if p.watchdog_failed {
+            continue;
+        }
+        if p.wal_position > my_position {
+            return Err(NotEligible::PeerAhead(p.name.clone()));
+        }
+        if p.wal_position == my_position && p.failover_priority > me.failover_priority {
+            return Err(NotEligible::PeerHigherPriority(p.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts) -> Decision {
+    if me.nofailover {
+        let actions = if obs.postgres.is_writable_primary() {
+            vec![Action::StopPostgres(StopMode::Immediate)]
+        } else {
+            vec![]
+        };
+        return Decision::new(
+            Outcome::NoLeaderNotEligible(NotEligible::NoFailoverTag),
+            actions,
+        );
+    }
+    let peers = obs.peers.as_deref().unwrap_or_default();
+    if let Some(request) = view.failover.as_ref().map(|r| &r.value) {
+        if request.scheduled_at.is_none() {
+            let running_replica = matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery);
+            match request.member.as_deref() {
+                // The named candidate takes over without the lag and peer checks (§5.6).
+                Some(c) if c == me.name && running_replica => {
+                    return Decision::new(
+                        Outcome::TakingOverAsCandidate,
+                        vec![Action::AcquireLeader, Action::Promote, Action::ClearFailover],
+                    )
+                }
+                Some(c) if c != me.name => {
+                    // Others wait while the candidate answers.
+                    let candidate_alive = peers.iter().any(|p| {
+                        p.name == c && p.status.as_ref().is_some_and(|s| !s.nofailover)
+                    });
+                    if candidate_alive {
+                        return Decision::new(
+                            Outcome::DeferringToCandidate {
+                                candidate: c.to_owned(),
+                            },
+                            vec![],
+                        );
+                    }
+                }
+                _ => {}
+            }
+            // The member that handed over does not race back for the lock.
+            if request.leader.as_deref() == Some(me.name.as_str()) {
+                return Decision::new(
+                    Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover),
+                    vec![],
+                );
+            }
+        }
+    }
+    match &obs.postgres {
+        // A running primary (our agent restarted) takes the lock without asking peers
+        // (Patroni §5.5 step 4).
+        PostgresView::Running(s) if !s.in_recovery => {
+            Decision::new(Outcome::NoLeaderRacing, vec![Action::AcquireLeader])
+        }
+        PostgresView::Running(s) => {
+            let position = s.wal_position().unwrap_or(0);
+            match healthiest(view, me, position, peers) {
+                Ok(()) => Decision::new(
+                    Outcome::NoLeaderRacing,
+                    vec![Action::AcquireLeader, Action::Promote],
+                ),
+                Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
+            }
+        }
+        // A stopped former primary is the most advanced copy unless a peer says otherwise: the
+        // lock comes first, so it is never opened for writes without holding the key.
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_)
+            if obs.data_dir.was_primary() =>
+        {
+            let position = obs.data_dir.checkpoint_lsn().unwrap_or(0);
+            match healthiest(view, me, position, peers) {
+                Ok(()) => Decision::new(
+                    Outcome::NoLeaderRacing,
+                    vec![
+                        Action::AcquireLeader,
+                        Action::StartPostgres {
+                            primary: true,
+                            upstream: None,
+                        },
+                    ],
+                ),
+                Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
+            }
+        }
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => {
+            Decision::new(
+                Outcome::NoLeaderStartingReadOnly,
+                vec![Action::StartPostgres {
+                    primary: false,
+                    upstream: None,
+                }],
+            )
+        }
+        PostgresView::Starting | PostgresView::Unresponsive => Decision::new(
+            Outcome::NoLeaderNotEligible(NotEligible::PostgresNotReady),
+            vec![],
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Each test names the rule it checks and where Patroni states it.
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use super::*;
+    use crate::dcs::{ClusterView, LeaderKey, LeaseRenewal, Member, MemberRecord, Versioned};
+    use crate::peer::PeerStatus;
+    use crate::postgres::controldata::{ClusterState, ControlData};
+    use crate::state::PostgresStatus;
+
+    const SYSID: &str = "7310000000000000001";
+
+    fn me() -> MemberFacts {
+        MemberFacts::named("pg0")
+    }
+
+    fn pg(in_recovery: bool) -> PostgresStatus {
+        PostgresStatus {
+            in_recovery,
+            server_version: 150018,
+            timeline: Some(1),
+            postmaster_start_time: None,
+            postmaster_start_epoch: None,
+            wal_flush_lsn: (!in_recovery).then_some(100),
+            receive_lsn: None,
+            replay_lsn: None,
+            replayed_timestamp: None,
+            replay_paused: false,
+            streaming: false,
+            system_identifier: Some(SYSID.into()),
+            replication: vec![],
+        }
+    }
+
+    fn initialized() -> DataDir {
+        DataDir::Initialized {
+            control: ControlData {
+                system_identifier: SYSID.into(),
+                state: ClusterState::InProduction,
+                timeline: Some(1),
+                checkpoint_lsn: Some(1),
+                raw: Default::default(),
+            },
+            standby_signal: false,
+        }
+    }
+
+    fn member(name: &str, port: u16) -> Member {
+        Member {
+            name: name.into(),
+            record: MemberRecord {
+                conn_url: format!("postgres://127.0.0.1:{port}/postgres"),
+                api_url: format!("http://127.0.0.1:{}/patroni", port + 1000),
+                ..Default::default()
+            },
+            revision: 1,
+            lease: 1,
+        }
+    }
+
+    fn view(leader: Option<&str>, initialize: Option<&str>) -> DcsView {
+        DcsView::Known(Arc::new(ClusterView {
+            members: vec![member("pg0", 5000), member("pg1", 5001), member("pg2", 5002)],
+            initialize: initialize.map(str::to_owned),
+            leader: leader.map(|name| LeaderKey {
+                name: name.into(),
+                revision: 1,
+                lease: 1,
+            }),
+            config: Some(Versioned {
+                value: serde_json::json!({"ttl": 30}),
+                revision: 1,
+            }),
+            ..Default::default()
+        }))
+    }
+
+    fn renewed() -> LeaseCheck {
+        LeaseCheck::Renewed(LeaseRenewal {
+            sent_at: Instant::now(),
+            ttl: Duration::from_secs(30),
+        })
+    }
+
+    fn obs(dcs: DcsView, lease: LeaseCheck, data_dir: DataDir, postgres: PostgresView) -> Observation {
+        Observation {
+            now: Instant::now(),
+            wall_now: chrono::Utc::now(),
+            dcs,
+            lease,
+            data_dir,
+            postgres,
+            task: TaskView::Idle,
+            peers: None,
+            following: None,
+        }
+    }
+
+    /// Patroni `ha.py` bootstrap: empty PGDATA, no leader, no `initialize` ⇒ race, then bootstrap.
+    #[test]
+    fn empty_member_of_new_cluster_races_for_initialize_then_bootstraps() {
+        let d = decide(
+            &obs(view(None, None), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::TryingToBootstrap);
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::RaceInitialize(String::new()),
+                Action::AcquireLeader,
+                Action::StartBootstrap
+            ]
+        );
+    }
+
+    /// A `nofailover` member never bootstraps (patroni-compat §1.3 `initialize` (a)).
+    #[test]
+    fn nofailover_member_waits_for_someone_else_to_bootstrap() {
+        let d = decide(
+            &obs(view(None, None), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &MemberFacts {
+                nofailover: true,
+                ..me()
+            },
+        );
+        assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
+        assert!(d.actions.is_empty());
+    }
+
+    /// Someone is bootstrapping (`initialize` = "") ⇒ wait.
+    #[test]
+    fn bootstrapping_elsewhere_means_wait() {
+        let d = decide(
+            &obs(view(None, Some("")), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
+    }
+
+    /// A data directory from another cluster is refused and untouched.
+    #[test]
+    fn foreign_data_directory_is_refused() {
+        let d = decide(
+            &obs(
+                view(None, Some("7399999999999999999")),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert!(matches!(d.outcome, Outcome::Refused(_)));
+        assert_eq!(d.actions.len(), 1);
+        assert!(matches!(&d.actions[0], Action::Fatal(r) if r.contains("another cluster")));
+    }
+
+    /// A non-postgres, non-empty directory is refused (never initdb over it).
+    #[test]
+    fn unusable_data_directory_is_refused_before_anything_else() {
+        let d = decide(
+            &obs(
+                view(None, None),
+                LeaseCheck::NotHeld,
+                DataDir::Unusable("junk".into()),
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::Fatal("junk".into())]);
+    }
+
+    /// The leader keeps its lock and restarts a crashed postmaster in place (patroni-compat §5.3.3).
+    #[test]
+    fn leader_restarts_crashed_postgres_and_keeps_the_lock() {
+        let d = decide(
+            &obs(view(Some("pg0"), Some(SYSID)), renewed(), initialized(), PostgresView::Crashed),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::LeaderStartingPostgres { after_crash: true });
+        assert_eq!(d.actions, vec![Action::StartPostgres { primary: true, upstream: None }]);
+    }
+
+    /// A healthy leader publishes its position; after bootstrap it records the sysid.
+    #[test]
+    fn healthy_leader_writes_status_and_records_sysid_after_bootstrap() {
+        let d = decide(
+            &obs(
+                view(Some("pg0"), Some("")),
+                renewed(),
+                initialized(),
+                PostgresView::Running(pg(false)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::LeaderHealthy);
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::WriteStatus,
+                Action::ApplyConfig { upstream: None },
+                Action::SyncSlots,
+                Action::SetInitialize(SYSID.into())
+            ]
+        );
+    }
+
+    /// The store said the key or lease is gone ⇒ demote immediately, without releasing
+    /// (patroni-compat §5.4 `immediate-nolock`).
+    #[test]
+    fn lost_lock_demotes_immediately() {
+        let d = decide(
+            &obs(
+                view(Some("pg0"), Some(SYSID)),
+                LeaseCheck::Lost,
+                initialized(),
+                PostgresView::Running(pg(false)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::LostLock);
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
+    }
+
+    /// Another holder ⇒ a writable primary stops at once.
+    #[test]
+    fn primary_demotes_when_another_member_holds_the_lock() {
+        let d = decide(
+            &obs(
+                view(Some("pg1"), Some(SYSID)),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(pg(false)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
+    }
+
+    /// An unreachable DCS is not "no leader": nothing is raced or started.
+    #[test]
+    fn unknown_dcs_never_races_or_starts_postgres() {
+        for postgres in [PostgresView::Down, PostgresView::Running(pg(false))] {
+            let d = decide(
+                &obs(
+                    DcsView::Unknown("timeout".into()),
+                    LeaseCheck::Unconfirmed,
+                    initialized(),
+                    postgres,
+                ),
+                &me(),
+            );
+            assert!(d.actions.is_empty(), "{:?}", d);
+        }
+    }
+
+    /// An existing primary data directory without a leader: lock first, then start as primary.
+    #[test]
+    fn adopted_data_directory_takes_the_lock_before_opening_for_writes() {
+        let d = decide(
+            &obs(view(None, None), LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &me(),
+        );
+        assert_eq!(
+            d.actions,
+            vec![
+                Action::RaceInitialize(SYSID.into()),
+                Action::AcquireLeader,
+                Action::StartPostgres {
+                    primary: true,
+                    upstream: None
+                }
+            ]
+        );
+    }
+
+    /// A standby-signalled directory that wins the lock promotes.
+    #[test]
+    fn replica_that_wins_the_lock_promotes() {
+        let d = decide(
+            &obs(
+                view(None, Some(SYSID)),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(pg(true)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::AcquireLeader, Action::Promote]);
+    }
+
+    /// A failed bootstrap removes `initialize` and stops (Patroni deletes the key and exits).
+    #[test]
+    fn failed_bootstrap_cancels_initialize_and_stops() {
+        let mut o = obs(view(Some("pg0"), Some("")), renewed(), DataDir::Empty, PostgresView::Down);
+        o.task = TaskView::Failed(TaskKind::Bootstrap, "initdb: boom".into());
+        let d = decide(&o, &me());
+        assert_eq!(d.actions[0], Action::CancelInitialize);
+        assert_eq!(d.actions[1], Action::ReleaseLeader);
+        assert!(matches!(d.actions[2], Action::Fatal(_)));
+    }
+
+    fn replica(receive: u64) -> PostgresStatus {
+        PostgresStatus {
+            receive_lsn: Some(receive),
+            replay_lsn: Some(receive),
+            ..pg(true)
+        }
+    }
+
+    fn with_status(dcs: DcsView, optime: u64) -> DcsView {
+        match dcs {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.status = Some(crate::dcs::LeaderStatus {
+                    optime,
+                    ..Default::default()
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        }
+    }
+
+    fn peer(name: &str, position: u64, is_primary: bool) -> PeerAnswer {
+        PeerAnswer {
+            name: name.into(),
+            status: Some(PeerStatus {
+                name: name.into(),
+                is_primary,
+                wal_position: position,
+                nofailover: false,
+                failover_priority: 1,
+                watchdog_failed: false,
+                state: "running".into(),
+            }),
+        }
+    }
+
+    /// An empty member clones the leader (Patroni `clone`, basebackup method).
+    #[test]
+    fn empty_member_clones_the_leader() {
+        let d = decide(
+            &obs(view(Some("pg1"), Some(SYSID)), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StartCreateReplica { leader: "pg1".into() }]);
+    }
+
+    /// A running replica keeps following whoever holds the lock.
+    #[test]
+    fn running_replica_follows_the_current_leader() {
+        let d = decide(
+            &obs(view(Some("pg2"), Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Running(replica(10))),
+            &me(),
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::ApplyConfig {
+                upstream: Some("pg2".into())
+            }]
+        );
+    }
+
+    /// A stopped former primary is rewound before it follows a new leader (Patroni
+    /// `_rewind`/`use_pg_rewind`).
+    #[test]
+    fn stopped_former_primary_rewinds_before_following() {
+        let d = decide(
+            &obs(view(Some("pg1"), Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StartRewind { leader: "pg1".into() }]);
+        let no_rewind = MemberFacts {
+            use_pg_rewind: false,
+            ..me()
+        };
+        let d = decide(
+            &obs(view(Some("pg1"), Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &no_rewind,
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::StartPostgres { primary: false, upstream: Some("pg1".into()) }]
+        );
+    }
+
+    /// §5.5 step 10: a replica further behind `status.optime` than maximum_lag_on_failover
+    /// does not race.
+    #[test]
+    fn lagging_replica_does_not_race() {
+        let d = decide(
+            &obs(
+                with_status(view(None, Some(SYSID)), 10_000_000),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(replica(100)),
+            ),
+            &me(),
+        );
+        assert!(matches!(d.outcome, Outcome::NoLeaderNotEligible(NotEligible::Lagging { .. })));
+        assert!(d.actions.is_empty());
+    }
+
+    /// §5.5 step 12: a peer with a higher WAL position, or a live primary, stops the race.
+    #[test]
+    fn replica_behind_a_peer_or_with_a_live_primary_does_not_race() {
+        let mut o = obs(view(None, Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Running(replica(100)));
+        o.peers = Some(vec![peer("pg1", 200, false)]);
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::PeerAhead("pg1".into()))
+        );
+        o.peers = Some(vec![peer("pg1", 50, true)]);
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive("pg1".into()))
+        );
+        o.peers = Some(vec![peer("pg1", 100, false), PeerAnswer { name: "pg2".into(), status: None }]);
+        assert_eq!(decide(&o, &me()).actions, vec![Action::AcquireLeader, Action::Promote]);
+    }
+
+    /// Equal positions: the higher failover_priority wins; a nofailover peer's answer is ignored.
+    #[test]
+    fn failover_priority_breaks_ties() {
+        let mut o = obs(view(None, Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Running(replica(100)));
+        let mut p = peer("pg1", 100, false);
+        if let Some(s) = p.status.as_mut() {
+            s.failover_priority = 5;
+        }
+        o.peers = Some(vec![p]);
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::PeerHigherPriority("pg1".into()))
+        );
+        let mut q = peer("pg1", 500, false);
+        if let Some(s) = q.status.as_mut() {
+            s.nofailover = true;
+        }
+        o.peers = Some(vec![q]);
+        assert_eq!(decide(&o, &me()).actions, vec![Action::AcquireLeader, Action::Promote]);
+    }
+}

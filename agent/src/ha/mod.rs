@@ -1,0 +1,974 @@
+//! The HA loop: observe → decide (pure) → execute, once per `loop_wait` or at once when the DCS
+//! watch, postgres, or a finished background task says something changed.
+//!
+//! - [`observe`]: the observation types; [`HaLoop::observe`] fills them.
+//! - [`decide`]: the pure decision.
+//! - [`timing`]: lease and fence arithmetic.
+//! - this file: the executor, the published status, the member record, shutdown.
+
+pub mod decide;
+pub mod observe;
+pub mod timing;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use tokio::sync::{watch, Notify};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::config::{Config, DynamicConfig};
+use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
+use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
+use crate::postgres::controldata;
+use crate::postgres::initdb;
+use crate::postgres::probe::Probe;
+use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
+use crate::state::{AgentStatus, PgState, Role};
+
+use self::decide::{decide, Action, Decision, MemberFacts};
+use self::observe::{
+    DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
+};
+use crate::postgres::replica::{self, Upstream};
+use self::timing::FencePolicy;
+
+/// Why the HA loop stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum HaError {
+    /// The agent must not continue (foreign data directory, failed bootstrap, ...).
+    #[error("{0}")]
+    Fatal(String),
+}
+
+/// How a cycle ended, for scheduling the next one.
+enum Next {
+    /// Wait for `loop_wait` or an event.
+    Wait,
+    /// Something was lost or changed: run again at once.
+    Now,
+}
+
+/// Everything the HA loop owns.
+pub struct HaLoop {
+    config: Arc<Config>,
+    dynamic: DynamicConfig,
+    facts: MemberFacts,
+    dcs: Arc<dyn Dcs>,
+    supervisor: Supervisor,
+    probe: Arc<Probe>,
+    bin_dir: PathBuf,
+    status_tx: watch::Sender<Arc<AgentStatus>>,
+    pg_changed: Arc<Notify>,
+    fence: FencePolicy,
+    task: Option<(TaskKind, JoinHandle<Result<(), String>>)>,
+    task_failed: Option<(TaskKind, String)>,
+    /// The member our standby configuration points at.
+    following: Option<String>,
+    /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
+    believes_leader: bool,
+    lease_certain_until: Option<Instant>,
+    last_view: Option<Arc<ClusterView>>,
+    last_read_at: Option<Instant>,
+    dcs_last_seen: Option<SystemTime>,
+    last_postgres: Option<crate::state::PostgresStatus>,
+    control: Option<controldata::ControlData>,
+    last_outcome: String,
+}
+
+/// Builds the status an agent publishes before its first cycle.
+pub fn initial_status(config: &Config) -> AgentStatus {
+    AgentStatus {
+        scope: config.scope.clone(),
+        name: config.name.clone(),
+        state: PgState::Stopped,
+        role: Role::Uninitialized,
+        postgres: None,
+        leader_valid_until: None,
+        cluster: None,
+        cluster_read_at: None,
+        dcs_last_seen: None,
+        paused: false,
+        tags: config.effective_tags(),
+        pending_restart: false,
+        database_system_identifier: None,
+        next_cycle_due: Instant::now(),
+        ttl: Duration::from_secs(config.bootstrap.dcs.ttl.into()),
+        loop_wait: Duration::from_secs(config.bootstrap.dcs.loop_wait.into()),
+        maximum_lag_on_failover: config.bootstrap.dcs.maximum_lag_on_failover,
+        postmaster_start_epoch: None,
+    }
+}
+
+impl HaLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: Arc<Config>,
+        dcs: Arc<dyn Dcs>,
+        supervisor: Supervisor,
+        probe: Arc<Probe>,
+        status_tx: watch::Sender<Arc<AgentStatus>>,
+        pg_changed: Arc<Notify>,
+    ) -> Self {
+        let facts = MemberFacts {
+            name: config.name.clone(),
+            nofailover: config.tags.nofailover || config.tags.failover_priority == Some(0),
+            failover_priority: config.tags.failover_priority.unwrap_or(1),
+            maximum_lag_on_failover: config.bootstrap.dcs.maximum_lag_on_failover,
+            use_pg_rewind: config.bootstrap.dcs.postgresql.use_pg_rewind,
+        };
+        HaLoop {
+            dynamic: config.bootstrap.dcs.clone(),
+            bin_dir: config.postgres_bin_dir(),
+            facts,
+            config,
+            dcs,
+            supervisor,
+            probe,
+            status_tx,
+            pg_changed,
+            fence: FencePolicy::default(),
+            task: None,
+            task_failed: None,
+            following: None,
+            believes_leader: false,
+            lease_certain_until: None,
+            last_view: None,
+            last_read_at: None,
+            dcs_last_seen: None,
+            last_postgres: None,
+            control: None,
+            last_outcome: String::new(),
+        }
+    }
+
+    fn loop_wait(&self) -> Duration {
+        Duration::from_secs(self.dynamic.loop_wait.max(1).into())
+    }
+
+    fn ttl(&self) -> Duration {
+        Duration::from_secs(self.dynamic.ttl.max(1).into())
+    }
+
+    /// Runs until `shutdown` is cancelled (then stops postgres and releases the lock) or a fatal
+    /// condition is met.
+    pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), HaError> {
+        let result = loop {
+            let started = Instant::now();
+            let next = match self.cycle().await {
+                Ok(next) => next,
+                Err(e) => break Err(e),
+            };
+            let due = match next {
+                Next::Now => started.max(Instant::now()) + Duration::from_millis(50),
+                Next::Wait => timing::next_cycle(started, self.loop_wait(), Instant::now()),
+            };
+            self.publish_due(due);
+            let wait = due.saturating_duration_since(Instant::now());
+            let task_done = async {
+                match self.task.as_mut() {
+                    Some((kind, t)) => Some((*kind, t.await)),
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break Ok(()),
+                w = self.dcs.wait_for_change(wait) => debug!(wakeup = ?w, "HA loop woken"),
+                _ = self.pg_changed.notified() => debug!("postgres state changed"),
+                r = task_done => {
+                    self.task = None;
+                    match r {
+                        Some((kind, Ok(Ok(())))) => info!(task = %kind, "finished"),
+                        Some((kind, Ok(Err(e)))) => {
+                            error!(task = %kind, error = %e, "failed");
+                            self.task_failed = Some((kind, e));
+                        }
+                        Some((kind, Err(e))) => self.task_failed = Some((kind, format!("task panicked or was cancelled: {e}"))),
+                        None => {}
+                    }
+                }
+            }
+        };
+        self.shutdown().await;
+        result
+    }
+
+    /// Observes, decides, executes.
+    async fn cycle(&mut self) -> Result<Next, HaError> {
+        let obs = self.observe().await;
+        let decision = decide(&obs, &self.facts);
+        let sentence = decision.outcome.to_string();
+        if sentence != self.last_outcome {
+            info!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
+            self.last_outcome = sentence;
+        } else {
+            debug!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
+        }
+        let next = self.execute(&obs, decision).await?;
+        self.refresh_postgres_after_actions().await;
+        self.publish(&obs);
+        self.touch_member(&obs).await;
+        Ok(next)
+    }
+
+    async fn observe(&mut self) -> Observation {
+        let now = Instant::now();
+        let dcs = match self.dcs.cluster().await {
+            Ok(view) => {
+                let view = Arc::new(view);
+                self.last_view = Some(view.clone());
+                self.last_read_at = Some(now);
+                self.dcs_last_seen = Some(SystemTime::now());
+                self.apply_dynamic_config(&view);
+                DcsView::Known(view)
+            }
+            Err(e) => DcsView::Unknown(e.to_string()),
+        };
+        let holds = match &dcs {
+            DcsView::Known(view) => view.is_leader(&self.facts.name),
+            DcsView::Unknown(_) => self.believes_leader,
+        };
+        let lease = if holds {
+            self.renew().await
+        } else {
+            if self.believes_leader {
+                info!("the leader key no longer names this member");
+            }
+            self.believes_leader = false;
+            self.lease_certain_until = None;
+            self.supervisor.set_fence(None);
+            LeaseCheck::NotHeld
+        };
+        // A failed rewind keeps the member down until an operator acts (reinit), instead of
+        // retrying pg_rewind every cycle.
+        let failed = match &self.task_failed {
+            Some((TaskKind::Rewind, _)) => self.task_failed.clone(),
+            _ => self.task_failed.take(),
+        };
+        let task = match (&self.task, failed) {
+            (_, Some((kind, reason))) => TaskView::Failed(kind, reason),
+            (Some((kind, _)), None) => TaskView::Running(*kind),
+            (None, None) => TaskView::Idle,
+        };
+        let (data_dir, postgres) = if matches!(task, TaskView::Running(_)) {
+            (DataDir::Empty, PostgresView::Starting)
+        } else {
+            (self.inspect_data_dir().await, self.inspect_postgres().await)
+        };
+        // Peers are asked only when their answers matter: in a race for a free lock, and when
+        // the leader checks a switchover candidate.
+        let peers = match &dcs {
+            DcsView::Known(view)
+                if (view.leader.is_none()
+                    && !self.facts.nofailover
+                    && matches!(data_dir, DataDir::Initialized { .. }))
+                    || (view.is_leader(&self.facts.name) && view.failover.is_some()) =>
+            {
+                Some(self.ask_peers(view).await)
+            }
+            _ => None,
+        };
+        Observation {
+            now,
+            wall_now: chrono::Utc::now(),
+            dcs,
+            lease,
+            data_dir,
+            postgres,
+            task,
+            peers,
+            following: self.following.clone(),
+        }
+    }
+
+    /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni).
+    async fn ask_peers(&self, view: &ClusterView) -> Vec<PeerAnswer> {
+        let asks = view
+            .members
+            .iter()
+            .filter(|m| m.name != self.facts.name && !m.record.api_url.is_empty())
+            .map(|m| async move {
+                let status = crate::peer::fetch_status(
+                    &m.name,
+                    &m.record.api_url,
+                    Duration::from_secs(2),
+                )
+                .await;
+                if let Err(e) = &status {
+                    debug!(peer = %m.name, error = %e, "peer did not answer usably");
+                }
+                PeerAnswer {
+                    name: m.name.clone(),
+                    status: status.ok(),
+                }
+            });
+        futures::future::join_all(asks).await
+    }
+
+    /// Renews the lease and moves the fence forward on success.
+    async fn renew(&mut self) -> LeaseCheck {
+        match self.dcs.renew_leader().await {
+            Ok(renewal) => {
+                self.believes_leader = true;
+                self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
+                self.supervisor
+                    .set_fence(Some(timing::fence_deadline(renewal, self.fence)));
+                LeaseCheck::Renewed(renewal)
+            }
+            Err(DcsError::Unreachable(reason)) => {
+                warn!(%reason, certain_until = ?self.lease_certain_until.map(|u| u.saturating_duration_since(Instant::now())), "could not renew the leader lease");
+                LeaseCheck::Unconfirmed
+            }
+            Err(e) => {
+                error!(error = %e, "the leader lease is lost");
+                self.believes_leader = false;
+                self.lease_certain_until = None;
+                LeaseCheck::Lost
+            }
+        }
+    }
+
+    fn apply_dynamic_config(&mut self, view: &ClusterView) {
+        let Some(raw) = &view.config else { return };
+        match serde_json::from_value::<DynamicConfig>(raw.value.clone()) {
+            Ok(mut dynamic) => {
+                // Patroni ≥ 3.2 adjusts rather than rejects a DCS config that breaks the rule.
+                if dynamic.loop_wait + 2 * dynamic.retry_timeout > dynamic.ttl {
+                    let adjusted = dynamic.ttl.saturating_sub(2 * dynamic.retry_timeout).max(1);
+                    if adjusted != dynamic.loop_wait {
+                        warn!(
+                            loop_wait = dynamic.loop_wait,
+                            adjusted, "loop_wait + 2 × retry_timeout exceeds ttl; lowering loop_wait"
+                        );
+                        dynamic.loop_wait = adjusted;
+                    }
+                }
+                if dynamic.ttl != self.dynamic.ttl {
+                    info!(
+                        old = self.dynamic.ttl,
+                        new = dynamic.ttl,
+                        "ttl changed in the DCS config"
+                    );
+                    self.dcs
+                        .set_ttl(Duration::from_secs(dynamic.ttl.max(1).into()));
+                }
+                self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
+                self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
+                self.dynamic = dynamic;
+            }
+            Err(e) => warn!(error = %e, "ignoring an invalid `config` value in the DCS"),
+        }
+    }
+
+    async fn inspect_data_dir(&mut self) -> DataDir {
+        let data_dir = &self.config.postgresql.data_dir;
+        if initdb::is_empty_dir(data_dir) {
+            self.control = None;
+            return DataDir::Empty;
+        }
+        if !data_dir.join("PG_VERSION").exists() || !data_dir.join("global/pg_control").exists() {
+            return DataDir::Unusable(format!(
+                "data directory {} is not empty but is not a PostgreSQL data directory \
+                 (no PG_VERSION or global/pg_control); refusing to touch it",
+                data_dir.display()
+            ));
+        }
+        // pg_controldata's state is only meaningful while postgres is down; while it runs, the
+        // identifier we read before is still right.
+        if self.supervisor.state().is_running() {
+            if let Some(control) = &self.control {
+                return DataDir::Initialized {
+                    control: control.clone(),
+                    standby_signal: data_dir.join("standby.signal").exists(),
+                };
+            }
+        }
+        match controldata::read(&self.bin_dir, data_dir).await {
+            Ok(control) => {
+                self.control = Some(control.clone());
+                DataDir::Initialized {
+                    control,
+                    standby_signal: data_dir.join("standby.signal").exists(),
+                }
+            }
+            Err(e) => DataDir::Unusable(format!(
+                "cannot read the control file of {}: {e}; refusing to touch it",
+                data_dir.display()
+            )),
+        }
+    }
+
+    async fn inspect_postgres(&mut self) -> PostgresView {
+        let view = match self.supervisor.state() {
+            Postmaster::NotRunning => PostgresView::Down,
+            Postmaster::Crashed { .. } => PostgresView::Crashed,
+            Postmaster::StartFailed { reason } => PostgresView::StartFailed(reason),
+            Postmaster::Running { .. } if !self.supervisor.state().accepts_connections() => {
+                PostgresView::Starting
+            }
+            Postmaster::Running { .. } => match self.probe.status().await {
+                Ok(status) => PostgresView::Running(status),
+                Err(e) => {
+                    debug!(error = %e, "postgres status query failed");
+                    PostgresView::Unresponsive
+                }
+            },
+        };
+        self.last_postgres = match &view {
+            PostgresView::Running(s) => Some(s.clone()),
+            _ => None,
+        };
+        view
+    }
+
+    async fn refresh_postgres_after_actions(&mut self) {
+        if self.supervisor.state().accepts_connections() {
+            if let Ok(status) = self.probe.status().await {
+                self.last_postgres = Some(status);
+                return;
+            }
+        }
+        if !self.supervisor.state().is_running() {
+            self.last_postgres = None;
+        }
+    }
+
+    /// The files for a primary (`standby: false`) or a standby of `upstream` (`None`: a
+    /// read-only standby with nowhere to stream from).
+    fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
+        let use_slots = self.dynamic.postgresql.use_slots;
+        ManagedFiles {
+            parameters: conf::parameters(&self.config, &self.dynamic),
+            pg_hba: self.config.postgresql.pg_hba.clone(),
+            standby: standby.then(|| StandbySettings {
+                primary_conninfo: upstream.map(|u| replica::primary_conninfo(&self.config, u)),
+                primary_slot_name: upstream
+                    .filter(|_| use_slots)
+                    .map(|_| replica::slot_name(&self.config.name)),
+                recovery_target_timeline: "latest".into(),
+            }),
+        }
+    }
+
+    fn upstream(&self, obs: &Observation, leader: &str) -> Result<Upstream, ActionError> {
+        let DcsView::Known(view) = &obs.dcs else {
+            return Err(ActionError::Failed("the DCS view is unknown".into()));
+        };
+        view.member(leader)
+            .and_then(|m| Upstream::from_member(leader, &m.record))
+            .ok_or_else(|| ActionError::Failed(format!("no address for the leader {leader}")))
+    }
+
+    fn spawn_task<F>(&mut self, kind: TaskKind, work: F)
+    where
+        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+    {
+        info!(task = %kind, "starting");
+        self.task = Some((kind, tokio::spawn(work)));
+    }
+
+    async fn execute(&mut self, obs: &Observation, decision: Decision) -> Result<Next, HaError> {
+        for action in decision.actions {
+            match self.execute_one(obs, &action).await {
+                Ok(true) => {}
+                Ok(false) => {
+                    debug!(?action, "plan stopped: a race was lost");
+                    return Ok(Next::Now);
+                }
+                Err(ActionError::Fatal(reason)) => return Err(HaError::Fatal(reason)),
+                Err(ActionError::Failed(reason)) => {
+                    warn!(?action, %reason, "action failed; retrying next cycle");
+                    return Ok(Next::Wait);
+                }
+            }
+        }
+        Ok(Next::Wait)
+    }
+
+    /// Performs one action; `Ok(false)` means a race was lost and the plan must stop.
+    async fn execute_one(&mut self, obs: &Observation, action: &Action) -> Result<bool, ActionError> {
+        match action {
+            Action::RaceInitialize(value) => {
+                let won = self.dcs.race_initialize(value).await?;
+                if won {
+                    info!(value = %value, "won the initialize race");
+                }
+                Ok(won)
+            }
+            Action::SetInitialize(sysid) => {
+                self.dcs.set_initialize(sysid).await?;
+                info!(%sysid, "recorded the system identifier in `initialize`");
+                Ok(true)
+            }
+            Action::CancelInitialize => {
+                if let Err(e) = self.dcs.cancel_initialize().await {
+                    warn!(error = %e, "could not delete `initialize` after the failed bootstrap");
+                }
+                Ok(true)
+            }
+            Action::SeedConfig => {
+                let value = serde_json::to_value(&self.config.bootstrap.dcs)
+                    .map_err(|e| ActionError::Failed(format!("cannot encode config: {e}")))?;
+                if self.dcs.write_config(&value, Some(0)).await? {
+                    info!("seeded the DCS `config` from bootstrap.dcs");
+                }
+                Ok(true)
+            }
+            Action::AcquireLeader => {
+                if !self.dcs.acquire_leader().await? {
+                    return Ok(false);
+                }
+                info!("acquired the leader lock");
+                // Confirm at once so the fence is armed before postgres can be made writable.
+                match self.renew().await {
+                    LeaseCheck::Renewed(_) => Ok(true),
+                    _ => Err(ActionError::Failed(
+                        "could not confirm the freshly acquired lease".into(),
+                    )),
+                }
+            }
+            Action::ReleaseLeader => {
+                // After a stop, publish the shutdown checkpoint so replicas' lag checks compare
+                // against the final position.
+                if !self.supervisor.state().is_running() {
+                    if let Some(optime) = self.control_checkpoint().await {
+                        let status = LeaderStatus {
+                            optime,
+                            ..Default::default()
+                        };
+                        if let Err(e) = self.dcs.write_status(&status).await {
+                            debug!(error = %e, "could not write the final status");
+                        }
+                    }
+                }
+                self.dcs.release_leader().await?;
+                self.believes_leader = false;
+                self.lease_certain_until = None;
+                self.supervisor.set_fence(None);
+                info!("released the leader lock");
+                Ok(true)
+            }
+            Action::StartBootstrap => {
+                let config = self.config.clone();
+                let bin_dir = self.bin_dir.clone();
+                let supervisor = self.supervisor.clone();
+                let probe = self.probe.clone();
+                let files = self.managed_files(false, None);
+                self.spawn_task(TaskKind::Bootstrap, async move {
+                    bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await
+                });
+                Ok(true)
+            }
+            Action::StartCreateReplica { leader } => {
+                let upstream = self.upstream(obs, leader)?;
+                let config = self.config.clone();
+                let bin_dir = self.bin_dir.clone();
+                let files = self.managed_files(true, Some(&upstream));
+                self.following = Some(leader.clone());
+                self.spawn_task(TaskKind::CreateReplica, async move {
+                    replica::basebackup(&config, &bin_dir, &upstream)
+                        .await
+                        .map_err(|e| error_chain(&e))?;
+                    conf::write(&config.postgresql.data_dir, &files)
+                        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+                    Ok(())
+                });
+                Ok(true)
+            }
+            Action::StartRewind { leader } => {
+                let upstream = self.upstream(obs, leader)?;
+                let config = self.config.clone();
+                let bin_dir = self.bin_dir.clone();
+                let files = self.managed_files(true, Some(&upstream));
+                let crashed = matches!(
+                    &obs.data_dir,
+                    DataDir::Initialized { control, .. }
+                        if control.state == controldata::ClusterState::InProduction
+                );
+                self.following = Some(leader.clone());
+                self.spawn_task(TaskKind::Rewind, async move {
+                    rewind(&config, &bin_dir, &upstream, crashed, &files).await
+                });
+                Ok(true)
+            }
+            Action::StartPostgres { primary, upstream } => {
+                let upstream = match upstream {
+                    Some(leader) => Some(self.upstream(obs, leader)?),
+                    None => None,
+                };
+                self.following = upstream.as_ref().map(|u| u.name.clone());
+                let files = self.managed_files(!*primary, upstream.as_ref());
+                conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
+                    ActionError::Failed(format!("cannot write the configuration files: {e}"))
+                })?;
+                self.probe.reset().await;
+                self.supervisor
+                    .start()
+                    .await
+                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                Ok(true)
+            }
+            Action::ApplyConfig { upstream } => {
+                let upstream = match upstream {
+                    Some(leader) => Some(self.upstream(obs, leader)?),
+                    None => None,
+                };
+                let files = self.managed_files(upstream.is_some(), upstream.as_ref());
+                let changed = conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
+                    ActionError::Failed(format!("cannot write the configuration files: {e}"))
+                })?;
+                let following = upstream.as_ref().map(|u| u.name.clone());
+                if changed {
+                    info!(upstream = ?following, "configuration changed; reloading postgres");
+                    self.probe
+                        .execute("SELECT pg_reload_conf()")
+                        .await
+                        .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+                }
+                self.following = following;
+                Ok(true)
+            }
+            Action::SyncSlots => {
+                if let DcsView::Known(view) = &obs.dcs {
+                    if self.dynamic.postgresql.use_slots {
+                        self.sync_slots(view).await?;
+                    }
+                }
+                Ok(true)
+            }
+            Action::Promote => {
+                self.probe
+                    .execute("SELECT pg_promote(false)")
+                    .await
+                    .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
+                info!("promotion requested");
+                Ok(true)
+            }
+            Action::StopPostgres(mode) => {
+                warn!(?mode, "stopping postgres");
+                self.supervisor
+                    .stop(*mode, Duration::from_secs(30))
+                    .await
+                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                self.probe.reset().await;
+                Ok(true)
+            }
+            Action::WriteStatus => {
+                if let PostgresView::Running(status) = &obs.postgres {
+                    if let Some(optime) = status.wal_flush_lsn {
+                        let status = LeaderStatus {
+                            optime,
+                            ..Default::default()
+                        };
+                        let unchanged = matches!(&obs.dcs, DcsView::Known(v) if v.status.as_ref() == Some(&status));
+                        if !unchanged {
+                            self.dcs.write_status(&status).await?;
+                        }
+                    }
+                }
+                Ok(true)
+            }
+            Action::Checkpoint => {
+                self.probe
+                    .execute("CHECKPOINT")
+                    .await
+                    .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
+                Ok(true)
+            }
+            Action::ClearFailover => {
+                let expected = match &obs.dcs {
+                    DcsView::Known(view) => view.failover.as_ref().map(|f| f.revision),
+                    DcsView::Unknown(_) => None,
+                };
+                if expected.is_some() {
+                    let cleared = self
+                        .dcs
+                        .write_failover(&crate::dcs::FailoverRequest::default(), expected)
+                        .await?;
+                    if cleared {
+                        info!("cleared the failover key");
+                    }
+                }
+                Ok(true)
+            }
+            Action::Fatal(reason) => Err(ActionError::Fatal(reason.clone())),
+        }
+    }
+
+    /// Keeps one physical slot per other member so a replica's WAL is retained while it is
+    /// away; drops inactive slots of members that left.
+    async fn sync_slots(&self, view: &ClusterView) -> Result<(), ActionError> {
+        let wanted: std::collections::BTreeSet<String> = view
+            .members
+            .iter()
+            .filter(|m| m.name != self.facts.name)
+            .map(|m| replica::slot_name(&m.name))
+            .collect();
+        let existing = self
+            .probe
+            .slots()
+            .await
+            .map_err(|e| ActionError::Failed(format!("cannot list replication slots: {e}")))?;
+        let mut sql = String::new();
+        for slot in wanted.iter().filter(|w| !existing.iter().any(|(n, _)| n == *w)) {
+            info!(slot, "creating a physical replication slot");
+            sql.push_str(&format!(
+                "SELECT pg_create_physical_replication_slot({});\n",
+                crate::postgres::probe::quote_literal(slot)
+            ));
+        }
+        for (slot, active) in &existing {
+            if !wanted.contains(slot) && !active {
+                info!(slot, "dropping the slot of a departed member");
+                sql.push_str(&format!(
+                    "SELECT pg_drop_replication_slot({});\n",
+                    crate::postgres::probe::quote_literal(slot)
+                ));
+            }
+        }
+        if !sql.is_empty() {
+            self.probe
+                .execute(&sql)
+                .await
+                .map_err(|e| ActionError::Failed(format!("cannot manage slots: {e}")))?;
+        }
+        Ok(())
+    }
+
+    fn pg_state(&self) -> PgState {
+        match &self.task {
+            Some((TaskKind::Bootstrap, _)) => return PgState::InitializingNewCluster,
+            Some((TaskKind::CreateReplica, _)) => return PgState::CreatingReplica,
+            Some((TaskKind::Rewind, _)) => return PgState::Stopped,
+            None => {}
+        }
+        match self.supervisor.state() {
+            Postmaster::NotRunning => PgState::Stopped,
+            Postmaster::Crashed { .. } => PgState::Crashed,
+            Postmaster::StartFailed { .. } => PgState::StartFailed,
+            Postmaster::Running { .. } if self.last_postgres.is_some() => PgState::Running,
+            Postmaster::Running { .. } if self.supervisor.state().accepts_connections() => {
+                PgState::Unknown
+            }
+            Postmaster::Running { .. } => PgState::Starting,
+        }
+    }
+
+    fn role(&self, obs: &Observation) -> Role {
+        match (&self.last_postgres, &obs.data_dir) {
+            (Some(pg), _) if !pg.in_recovery => Role::Primary,
+            (Some(_), _) => Role::Replica,
+            (None, DataDir::Empty) => Role::Uninitialized,
+            (None, _) if self.believes_leader => Role::Primary,
+            (None, _) => Role::Demoted,
+        }
+    }
+
+    fn publish_due(&self, due: Instant) {
+        self.status_tx.send_modify(|s| {
+            let mut next = (**s).clone();
+            next.next_cycle_due = due;
+            *s = Arc::new(next);
+        });
+    }
+
+    fn publish(&self, obs: &Observation) {
+        let now = Instant::now();
+        let status = AgentStatus {
+            scope: self.config.scope.clone(),
+            name: self.config.name.clone(),
+            state: self.pg_state(),
+            role: self.role(obs),
+            postgres: self.last_postgres.clone(),
+            leader_valid_until: if self.believes_leader {
+                self.lease_certain_until
+            } else {
+                None
+            },
+            cluster: self.last_view.clone(),
+            cluster_read_at: self.last_read_at,
+            dcs_last_seen: self.dcs_last_seen,
+            paused: self.last_view.as_ref().is_some_and(|v| v.is_paused()),
+            tags: self.config.effective_tags(),
+            pending_restart: false,
+            database_system_identifier: obs.data_dir.system_identifier().map(str::to_owned),
+            next_cycle_due: now + self.loop_wait(),
+            ttl: self.ttl(),
+            loop_wait: self.loop_wait(),
+            maximum_lag_on_failover: self.dynamic.maximum_lag_on_failover,
+            postmaster_start_epoch: self
+                .last_postgres
+                .as_ref()
+                .and_then(|p| p.postmaster_start_epoch),
+        };
+        self.status_tx.send_replace(Arc::new(status));
+    }
+
+    fn member_record(&self, obs: &Observation) -> MemberRecord {
+        let pg = self.last_postgres.as_ref();
+        let paused = self.last_view.as_ref().is_some_and(|v| v.is_paused());
+        MemberRecord {
+            conn_url: self.config.conn_url(),
+            api_url: self.config.api_url(),
+            state: self.pg_state().as_str().to_owned(),
+            role: self.role(obs).as_str().to_owned(),
+            version: PATRONI_API_VERSION.to_owned(),
+            xlog_location: pg.and_then(|p| p.wal_position()),
+            receive_lsn: pg.filter(|p| p.in_recovery).and_then(|p| p.receive_lsn),
+            replay_lsn: pg.filter(|p| p.in_recovery).and_then(|p| p.replay_lsn),
+            replication_state: pg
+                .filter(|p| p.in_recovery)
+                .map(|p| if p.streaming { "streaming" } else { "in archive recovery" }.to_owned()),
+            timeline: pg.and_then(|p| p.timeline),
+            tags: self.config.effective_tags(),
+            pending_restart: None,
+            pause: paused.then_some(true),
+            checkpoint_after_promote: None,
+            pgwarden_version: Some(crate::VERSION.to_owned()),
+            extra: Default::default(),
+        }
+    }
+
+    async fn touch_member(&self, obs: &Observation) {
+        if matches!(obs.dcs, DcsView::Unknown(_)) {
+            return;
+        }
+        if let Err(e) = self.dcs.touch_member(&self.member_record(obs)).await {
+            debug!(error = %e, "could not update the member key");
+        }
+    }
+
+    /// Graceful stop (Patroni §5.10): fast shutdown, then release `leader` so replicas race at
+    /// once instead of after `ttl`, then revoke the lease so the member key disappears.
+    async fn shutdown(&mut self) {
+        info!("shutting down: stopping postgres");
+        if let Some((_, task)) = self.task.take() {
+            task.abort();
+        }
+        let stopped = self
+            .supervisor
+            .stop(StopMode::Fast, Duration::from_secs(60))
+            .await;
+        self.supervisor.set_fence(None);
+        match stopped {
+            Ok(()) => {
+                if self.believes_leader {
+                    if let Some(optime) = self.control_checkpoint().await {
+                        let _ = self
+                            .dcs
+                            .write_status(&LeaderStatus {
+                                optime,
+                                ..Default::default()
+                            })
+                            .await;
+                    }
+                    match self.dcs.release_leader().await {
+                        Ok(()) => info!("released the leader lock"),
+                        Err(e) => warn!(error = %e, "could not release the leader lock"),
+                    }
+                }
+            }
+            // If postgres did not stop, keeping the key is the safe choice: it expires with the
+            // lease, and nobody promotes while this one might still accept writes.
+            Err(e) => error!(error = %e, "postgres did not stop; leaving the leader key to expire"),
+        }
+        if let Err(e) = self.dcs.revoke_lease().await {
+            warn!(error = %e, "could not revoke the lease; the member key expires with it");
+        }
+    }
+
+    async fn control_checkpoint(&self) -> Option<u64> {
+        controldata::read(&self.bin_dir, &self.config.postgresql.data_dir)
+            .await
+            .ok()
+            .and_then(|c| c.checkpoint_lsn)
+    }
+}
+
+/// How an action failed.
+enum ActionError {
+    /// Retry in the next cycle.
+    Failed(String),
+    /// Stop the agent.
+    Fatal(String),
+}
+
+impl From<DcsError> for ActionError {
+    fn from(e: DcsError) -> Self {
+        ActionError::Failed(e.to_string())
+    }
+}
+
+/// The bootstrap task: initdb, configuration, first start, roles.
+async fn bootstrap(
+    config: &Config,
+    bin_dir: &std::path::Path,
+    supervisor: &Supervisor,
+    probe: &Probe,
+    files: &ManagedFiles,
+) -> Result<(), String> {
+    info!("running initdb");
+    initdb::initdb(config, bin_dir)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    conf::write(&config.postgresql.data_dir, files)
+        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    supervisor.start().await.map_err(|e| error_chain(&e))?;
+    if !supervisor.wait_ready(Duration::from_secs(120)).await {
+        return Err("postgres did not accept connections after initdb".into());
+    }
+    initdb::post_bootstrap(config, probe)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    Ok(())
+}
+
+/// The rewind task: crash recovery if needed, pg_rewind, then the standby configuration.
+async fn rewind(
+    config: &Config,
+    bin_dir: &std::path::Path,
+    upstream: &Upstream,
+    crashed: bool,
+    files: &ManagedFiles,
+) -> Result<(), String> {
+    let data_dir = &config.postgresql.data_dir;
+    if crashed {
+        info!("running crash recovery in single-user mode before pg_rewind");
+        // The conf must not start a standby for single-user recovery: write the primary form.
+        replica::single_user_recovery(bin_dir, data_dir)
+            .await
+            .map_err(|e| error_chain(&e))?;
+    }
+    info!(leader = %upstream.name, "running pg_rewind");
+    if let Err(e) = replica::rewind(config, bin_dir, upstream).await {
+        let reason = error_chain(&e);
+        if config.postgresql.remove_data_directory_on_rewind_failure
+            || config.postgresql.remove_data_directory_on_diverged_timelines
+        {
+            warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
+            std::fs::remove_dir_all(data_dir)
+                .map_err(|e| format!("cannot remove the data directory: {e}"))?;
+            return Ok(());
+        }
+        return Err(format!(
+            "{reason}; the member stays down. Set postgresql.remove_data_directory_on_rewind_failure \
+             to re-create it from the leader, or reinitialise it"
+        ));
+    }
+    conf::write(data_dir, files).map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    Ok(())
+}
+
+/// An error with its sources, for log lines and fatal messages.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}

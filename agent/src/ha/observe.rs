@@ -1,0 +1,160 @@
+//! What one HA cycle saw: the input of [`super::decide::decide`].
+//!
+//! "Unknown" is modelled apart from "absent": a failed DCS read is [`DcsView::Unknown`], never a
+//! cluster without a leader, and a postgres that does not answer is
+//! [`PostgresView::Unresponsive`], not down.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::dcs::{ClusterView, LeaseRenewal};
+use crate::postgres::controldata::ControlData;
+use crate::state::PostgresStatus;
+
+/// The DCS as seen this cycle.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DcsView {
+    Known(Arc<ClusterView>),
+    /// The read failed; the text says why.
+    Unknown(String),
+}
+
+/// The result of trying to renew our lease this cycle (only tried while we hold `leader`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseCheck {
+    /// We did not believe we held `leader`, so nothing was renewed.
+    NotHeld,
+    Renewed(LeaseRenewal),
+    /// The store did not answer: the lease may still be valid until the fence deadline.
+    Unconfirmed,
+    /// The store answered that the key or the lease is no longer ours.
+    Lost,
+}
+
+/// The data directory before anything was started.
+#[derive(Debug, Clone, PartialEq)]
+pub enum DataDir {
+    /// Missing or empty: a new member.
+    Empty,
+    Initialized {
+        control: ControlData,
+        /// `standby.signal` exists: the directory was last run as a standby.
+        standby_signal: bool,
+    },
+    /// Non-empty but not a usable postgres data directory; never touched.
+    Unusable(String),
+}
+
+impl DataDir {
+    pub fn system_identifier(&self) -> Option<&str> {
+        match self {
+            DataDir::Initialized { control, .. } => Some(&control.system_identifier),
+            _ => None,
+        }
+    }
+
+    /// Last run as a primary (not a standby): following another leader may need a rewind.
+    pub fn was_primary(&self) -> bool {
+        use crate::postgres::controldata::ClusterState;
+        match self {
+            DataDir::Initialized {
+                control,
+                standby_signal,
+            } => {
+                !standby_signal
+                    && matches!(
+                        control.state,
+                        ClusterState::InProduction | ClusterState::ShutDown
+                    )
+            }
+            _ => false,
+        }
+    }
+
+    /// WAL position known from the control file (the last checkpoint).
+    pub fn checkpoint_lsn(&self) -> Option<u64> {
+        match self {
+            DataDir::Initialized { control, .. } => control.checkpoint_lsn,
+            _ => None,
+        }
+    }
+}
+
+/// The local postgres.
+#[derive(Debug, Clone, PartialEq)]
+pub enum PostgresView {
+    Down,
+    /// The postmaster runs but does not accept connections yet (or is stopping).
+    Starting,
+    Running(PostgresStatus),
+    /// Accepts connections by its pidfile, but the status query failed.
+    Unresponsive,
+    /// Exited without being asked to.
+    Crashed,
+    StartFailed(String),
+}
+
+impl PostgresView {
+    /// Running and out of recovery: it would acknowledge writes.
+    pub fn is_writable_primary(&self) -> bool {
+        matches!(self, PostgresView::Running(s) if !s.in_recovery)
+    }
+
+    /// The process exists (whatever its readiness).
+    pub fn is_up(&self) -> bool {
+        matches!(
+            self,
+            PostgresView::Running(_) | PostgresView::Starting | PostgresView::Unresponsive
+        )
+    }
+}
+
+/// The kinds of long action.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskKind {
+    Bootstrap,
+    CreateReplica,
+    Rewind,
+}
+
+impl std::fmt::Display for TaskKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TaskKind::Bootstrap => "bootstrap",
+            TaskKind::CreateReplica => "replica creation",
+            TaskKind::Rewind => "rewind",
+        })
+    }
+}
+
+/// A long action running in the background while the loop keeps deciding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TaskView {
+    Idle,
+    Running(TaskKind),
+    Failed(TaskKind, String),
+}
+
+/// A peer's answer during a leader race; `status` is `None` when it did not answer usably.
+#[derive(Debug, Clone, PartialEq)]
+pub struct PeerAnswer {
+    pub name: String,
+    pub status: Option<crate::peer::PeerStatus>,
+}
+
+/// Everything one cycle observed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Observation {
+    pub now: Instant,
+    /// Wall-clock time, only for `scheduled_at` of a switchover.
+    pub wall_now: chrono::DateTime<chrono::Utc>,
+    pub dcs: DcsView,
+    pub lease: LeaseCheck,
+    pub data_dir: DataDir,
+    pub postgres: PostgresView,
+    pub task: TaskView,
+    /// Other members' `/patroni`, asked only when racing for a free lock.
+    pub peers: Option<Vec<PeerAnswer>>,
+    /// The upstream our standby configuration currently points at (`host:port`).
+    pub following: Option<String>,
+}

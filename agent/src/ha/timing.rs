@@ -1,0 +1,102 @@
+//! Lease and fencing arithmetic, as plain functions of instants and durations.
+//!
+//! # The argument (see `docs/fencing.md`)
+//! A renewal request sent at `s` (our clock) that etcd acknowledged with TTL `T` refreshed the
+//! lease at some instant after `s`, so by etcd's clock the lease lives at least until `s + T`.
+//! Clocks run at slightly different rates: over `T` seconds ours may run up to `drift · T` slow
+//! relative to etcd's, so by our clock the lease is certainly valid until
+//! `s + T · (1 − drift)`. We stop postgres `margin` before that instant, which leaves time for an
+//! immediate shutdown to take effect. No other member can acquire the key before the lease
+//! expires in etcd, so no two members accept writes at the same instant.
+
+use std::time::{Duration, Instant};
+
+use crate::dcs::LeaseRenewal;
+
+/// Safety parameters of the fence.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct FencePolicy {
+    /// Bound on the relative clock rate difference between us and etcd (e.g. 0.01 = 1 %).
+    pub max_clock_drift: f64,
+    /// Time reserved for the immediate stop to take effect before the lease may expire.
+    pub stop_margin: Duration,
+}
+
+impl Default for FencePolicy {
+    fn default() -> Self {
+        FencePolicy {
+            max_clock_drift: 0.01,
+            stop_margin: Duration::from_millis(1500),
+        }
+    }
+}
+
+/// The last instant (our clock) at which the lease is certainly still valid.
+pub fn lease_certain_until(renewal: LeaseRenewal, policy: FencePolicy) -> Instant {
+    let drift = policy.max_clock_drift.clamp(0.0, 0.5);
+    renewal.sent_at + renewal.ttl.mul_f64(1.0 - drift)
+}
+
+/// The instant at which postgres must be stopped if no newer renewal has been confirmed.
+pub fn fence_deadline(renewal: LeaseRenewal, policy: FencePolicy) -> Instant {
+    let until = lease_certain_until(renewal, policy);
+    until
+        .checked_sub(policy.stop_margin)
+        .unwrap_or(renewal.sent_at)
+        .max(renewal.sent_at)
+}
+
+/// When the next HA cycle starts: `loop_wait` after the previous start, or at once if the cycle
+/// overran (Patroni: "Loop time exceeded, rescheduling immediately").
+pub fn next_cycle(started: Instant, loop_wait: Duration, now: Instant) -> Instant {
+    (started + loop_wait).max(now)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn renewal(sent_at: Instant, ttl_s: u64) -> LeaseRenewal {
+        LeaseRenewal {
+            sent_at,
+            ttl: Duration::from_secs(ttl_s),
+        }
+    }
+
+    #[test]
+    fn fence_fires_before_the_lease_can_expire() {
+        let t0 = Instant::now();
+        let policy = FencePolicy::default();
+        let r = renewal(t0, 30);
+        let deadline = fence_deadline(r, policy);
+        assert!(deadline < t0 + Duration::from_secs(30));
+        assert!(deadline + policy.stop_margin <= lease_certain_until(r, policy));
+    }
+
+    proptest! {
+        /// For any TTL and drift within the bound, the fence deadline plus the stop margin is
+        /// before the lease's expiry as measured by a clock running `drift` faster than ours.
+        #[test]
+        fn fence_precedes_expiry_under_bounded_drift(ttl in 1u64..120, drift in 0.0f64..0.01, latency_ms in 0u64..5000) {
+            let t0 = Instant::now();
+            let policy = FencePolicy::default();
+            let r = renewal(t0, ttl);
+            let deadline = fence_deadline(r, policy);
+            // etcd refreshed the lease `latency` after we sent; its TTL elapses in
+            // ttl / (1 + drift) seconds of our clock at worst.
+            let expiry_ours = t0 + Duration::from_millis(latency_ms) + Duration::from_secs(ttl).mul_f64(1.0 / (1.0 + drift));
+            prop_assert!(deadline <= expiry_ours);
+            prop_assert!(deadline >= t0);
+        }
+    }
+
+    #[test]
+    fn overrun_cycle_restarts_at_once() {
+        let t0 = Instant::now();
+        let lw = Duration::from_secs(10);
+        assert_eq!(next_cycle(t0, lw, t0 + Duration::from_secs(1)), t0 + lw);
+        let late = t0 + Duration::from_secs(11);
+        assert_eq!(next_cycle(t0, lw, late), late);
+    }
+}

@@ -1,0 +1,174 @@
+//! `pgwarden`: the agent (`pgwarden CONFIG`, as `patroni CONFIG`) and its tools.
+//!
+//! Exit codes: 0 clean stop, 1 runtime failure (refused data directory, bootstrap failure, ...),
+//! 2 invalid configuration or usage.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand};
+
+use pgwarden::config::{self, LogFormat, Overrides};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "pgwarden",
+    version,
+    about = "High availability for PostgreSQL (Patroni-compatible agent)",
+    args_conflicts_with_subcommands = true
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    /// Configuration file (Patroni's YAML schema). Optional when everything comes from
+    /// PGWARDEN_*/PATRONI_* environment variables.
+    config: Option<PathBuf>,
+    #[command(flatten)]
+    flags: Flags,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Check a configuration file without starting anything.
+    ValidateConfig {
+        config: PathBuf,
+        #[command(flatten)]
+        flags: Flags,
+    },
+}
+
+/// Overrides of configuration values; they win over the file and the environment.
+#[derive(Args, Debug, Default, Clone)]
+struct Flags {
+    #[arg(long)]
+    scope: Option<String>,
+    #[arg(long)]
+    name: Option<String>,
+    #[arg(long)]
+    namespace: Option<String>,
+    #[arg(long = "restapi-listen")]
+    restapi_listen: Option<String>,
+    #[arg(long = "restapi-connect-address")]
+    restapi_connect_address: Option<String>,
+    /// Comma-separated `host:port` list.
+    #[arg(long = "etcd3-hosts", value_delimiter = ',')]
+    etcd3_hosts: Option<Vec<String>>,
+    #[arg(long = "postgresql-listen")]
+    postgresql_listen: Option<String>,
+    #[arg(long = "postgresql-connect-address")]
+    postgresql_connect_address: Option<String>,
+    #[arg(long = "data-dir")]
+    data_dir: Option<PathBuf>,
+    #[arg(long = "bin-dir")]
+    bin_dir: Option<PathBuf>,
+    /// Log lines as JSON objects.
+    #[arg(long = "log-json")]
+    log_json: bool,
+    /// DEBUG, INFO, WARNING, ERROR or a tracing directive.
+    #[arg(long = "log-level")]
+    log_level: Option<String>,
+}
+
+impl Flags {
+    fn overrides(&self) -> Overrides {
+        Overrides {
+            scope: self.scope.clone(),
+            name: self.name.clone(),
+            namespace: self.namespace.clone(),
+            restapi_listen: self.restapi_listen.clone(),
+            restapi_connect_address: self.restapi_connect_address.clone(),
+            etcd3_hosts: self.etcd3_hosts.clone(),
+            postgresql_listen: self.postgresql_listen.clone(),
+            postgresql_connect_address: self.postgresql_connect_address.clone(),
+            data_dir: self.data_dir.clone(),
+            bin_dir: self.bin_dir.clone(),
+            log_type: self.log_json.then_some(LogFormat::Json),
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
+fn load(path: Option<&PathBuf>, flags: &Flags) -> Result<config::Loaded, ExitCode> {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    match config::load(path.map(PathBuf::as_path), &env, &flags.overrides()) {
+        Ok(loaded) => Ok(loaded),
+        Err(e) => {
+            eprintln!("pgwarden: invalid configuration: {e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Some(Command::ValidateConfig { config, flags }) => match load(Some(&config), &flags) {
+            Ok(loaded) => {
+                for warning in &loaded.warnings {
+                    eprintln!("pgwarden: warning: {warning}");
+                }
+                println!("{}: configuration is valid", config.display());
+                ExitCode::SUCCESS
+            }
+            Err(code) => code,
+        },
+        None => {
+            let loaded = match load(cli.config.as_ref(), &cli.flags) {
+                Ok(l) => l,
+                Err(code) => return code,
+            };
+            pgwarden::logging::init(loaded.config.log.kind, &loaded.config.log.level);
+            for warning in &loaded.warnings {
+                tracing::warn!("{warning}");
+            }
+            // One thread: the agent is light, and the postmaster's parent-death signal is tied
+            // to the thread that spawned it, which must live as long as the process.
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    eprintln!("pgwarden: cannot start the runtime: {e}");
+                    return ExitCode::from(1);
+                }
+            };
+            match runtime.block_on(pgwarden::run::run_agent(loaded.config)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!(
+                        "pgwarden: {}",
+                        pgwarden::ha::error_chain(&e as &dyn std::error::Error)
+                    );
+                    ExitCode::from(1)
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn cli_definition_is_consistent() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn config_path_and_validate_subcommand_parse() {
+        let cli = Cli::try_parse_from(["pgwarden", "/etc/patroni.yml"]).expect("parses");
+        assert_eq!(cli.config, Some(PathBuf::from("/etc/patroni.yml")));
+        let cli = Cli::try_parse_from(["pgwarden", "validate-config", "x.yml"]).expect("parses");
+        assert!(matches!(cli.command, Some(Command::ValidateConfig { .. })));
+        let cli =
+            Cli::try_parse_from(["pgwarden", "--etcd3-hosts", "a:1,b:2", "c.yml"]).expect("parses");
+        assert_eq!(
+            cli.flags.etcd3_hosts,
+            Some(vec!["a:1".to_owned(), "b:2".to_owned()])
+        );
+    }
+}

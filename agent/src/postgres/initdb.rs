@@ -1,0 +1,165 @@
+//! Creating a new cluster: `initdb` with the configured superuser, then the roles the cluster
+//! needs (`post_bootstrap`), as Patroni's default bootstrap method does.
+
+use std::io::Write;
+use std::path::Path;
+
+use crate::config::{Config, InitdbOption};
+
+use super::probe::{quote_ident, quote_literal, Probe, ProbeError};
+
+/// Errors creating a cluster.
+#[derive(Debug, thiserror::Error)]
+pub enum InitdbError {
+    #[error("data directory {0} is not empty; refusing to initialise over existing files")]
+    NotEmpty(String),
+    #[error("cannot prepare the data directory")]
+    Prepare(#[source] std::io::Error),
+    #[error("cannot run initdb")]
+    Spawn(#[source] std::io::Error),
+    #[error("initdb failed: {0}")]
+    Failed(String),
+    #[error("post-bootstrap SQL failed")]
+    PostBootstrap(#[source] ProbeError),
+}
+
+/// initdb arguments from `bootstrap.initdb` (Patroni's list of flags and one-key maps).
+pub fn initdb_args(options: &[InitdbOption]) -> Vec<String> {
+    let mut args = Vec::new();
+    for option in options {
+        match option {
+            InitdbOption::Flag(flag) => args.push(format!("--{flag}")),
+            InitdbOption::Value(map) => {
+                for (k, v) in map {
+                    let value = match v {
+                        serde_yaml::Value::String(s) => s.clone(),
+                        serde_yaml::Value::Number(n) => n.to_string(),
+                        serde_yaml::Value::Bool(b) => b.to_string(),
+                        other => serde_yaml::to_string(other)
+                            .unwrap_or_default()
+                            .trim()
+                            .to_owned(),
+                    };
+                    args.push(format!("--{k}={value}"));
+                }
+            }
+        }
+    }
+    args
+}
+
+/// True when `dir` does not exist or has no entries.
+pub fn is_empty_dir(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(mut entries) => entries.next().is_none(),
+        Err(e) => e.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+/// Runs initdb. Never touches a non-empty directory.
+pub async fn initdb(config: &Config, bin_dir: &Path) -> Result<(), InitdbError> {
+    let data_dir = &config.postgresql.data_dir;
+    if !is_empty_dir(data_dir) {
+        return Err(InitdbError::NotEmpty(data_dir.display().to_string()));
+    }
+    std::fs::create_dir_all(data_dir).map_err(InitdbError::Prepare)?;
+    set_mode(data_dir, 0o700).map_err(InitdbError::Prepare)?;
+    let superuser = &config.postgresql.authentication.superuser;
+    let mut cmd = tokio::process::Command::new(bin_dir.join("initdb"));
+    cmd.arg("-D")
+        .arg(data_dir)
+        .arg("--username")
+        .arg(&superuser.username)
+        .args(initdb_args(&config.bootstrap.initdb));
+    // The password goes through a private temporary file, never the command line.
+    let pwfile = match &superuser.password {
+        Some(pw) => {
+            let mut f = tempfile::NamedTempFile::new().map_err(InitdbError::Prepare)?;
+            writeln!(f, "{pw}").map_err(InitdbError::Prepare)?;
+            cmd.arg(format!("--pwfile={}", f.path().display()));
+            Some(f)
+        }
+        None => None,
+    };
+    let output = cmd.output().await.map_err(InitdbError::Spawn)?;
+    drop(pwfile);
+    if !output.status.success() {
+        return Err(InitdbError::Failed(
+            String::from_utf8_lossy(&output.stderr).trim().to_owned(),
+        ));
+    }
+    Ok(())
+}
+
+fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+}
+
+/// Creates the replication (and rewind) roles after the first start.
+pub async fn post_bootstrap(config: &Config, probe: &Probe) -> Result<(), InitdbError> {
+    let auth = &config.postgresql.authentication;
+    let mut sql = String::new();
+    let mut role = |name: &str, password: Option<&String>, attrs: &str| {
+        let password = password
+            .map(|p| format!(" PASSWORD {}", quote_literal(p)))
+            .unwrap_or_default();
+        sql.push_str(&format!(
+            "DO $$BEGIN IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = {lit}) THEN \
+             EXECUTE {create}; ELSE EXECUTE {alter}; END IF; END$$;\n",
+            lit = quote_literal(name),
+            create = quote_literal(&format!(
+                "CREATE ROLE {} WITH {attrs}{password}",
+                quote_ident(name)
+            )),
+            alter = quote_literal(&format!(
+                "ALTER ROLE {} WITH {attrs}{password}",
+                quote_ident(name)
+            )),
+        ));
+    };
+    if auth.replication.username != auth.superuser.username {
+        role(
+            &auth.replication.username,
+            auth.replication.password.as_ref(),
+            "LOGIN REPLICATION",
+        );
+    }
+    if let Some(rewind) = &auth.rewind {
+        if rewind.username != auth.superuser.username {
+            role(&rewind.username, rewind.password.as_ref(), "LOGIN");
+        }
+    }
+    if sql.is_empty() {
+        return Ok(());
+    }
+    probe
+        .execute(&sql)
+        .await
+        .map_err(InitdbError::PostBootstrap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn patroni_initdb_options_become_flags() {
+        let options: Vec<InitdbOption> =
+            serde_yaml::from_str("- encoding: UTF8\n- data-checksums\n- locale: C\n")
+                .expect("yaml");
+        assert_eq!(
+            initdb_args(&options),
+            vec!["--encoding=UTF8", "--data-checksums", "--locale=C"]
+        );
+    }
+
+    #[test]
+    fn empty_dir_detection() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert!(is_empty_dir(dir.path()));
+        assert!(is_empty_dir(&dir.path().join("missing")));
+        std::fs::write(dir.path().join("x"), "").expect("write");
+        assert!(!is_empty_dir(dir.path()));
+    }
+}

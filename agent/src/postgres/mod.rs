@@ -1,0 +1,9 @@
+//! The local postgres: its supervisor, the files we manage in its data directory, the control
+//! file, the status query and cluster creation.
+
+pub mod conf;
+pub mod controldata;
+pub mod initdb;
+pub mod probe;
+pub mod replica;
+pub mod supervisor;

@@ -1,0 +1,247 @@
+//! Queries against the local postgres: the per-cycle status query and post-bootstrap SQL.
+//!
+//! One connection is kept open and re-established when it breaks; every query is bounded by a
+//! timeout so a hung postgres cannot stall the HA loop or the REST API.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use tokio::sync::Mutex;
+use tokio_postgres::{Client, NoTls};
+use tracing::debug;
+
+use crate::state::{LiveProbe, PostgresStatus, ReplicationRow};
+
+/// How to reach the local postgres as the superuser.
+#[derive(Debug, Clone)]
+pub struct LocalConnection {
+    /// TCP host or unix socket directory.
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub timeout: Duration,
+}
+
+/// Errors of local queries.
+#[derive(Debug, thiserror::Error)]
+pub enum ProbeError {
+    #[error("cannot connect to the local postgres")]
+    Connect(#[source] tokio_postgres::Error),
+    #[error("query failed")]
+    Query(#[source] tokio_postgres::Error),
+    #[error("postgres did not answer within {0:?}")]
+    Timeout(Duration),
+}
+
+const STATUS_QUERY: &str = "
+SELECT pg_is_in_recovery(),
+       current_setting('server_version_num')::int,
+       to_char(pg_postmaster_start_time(), 'YYYY-MM-DD HH24:MI:SS.US') || '+00:00',
+       extract(epoch from pg_postmaster_start_time())::float8,
+       CASE WHEN pg_is_in_recovery() THEN NULL
+            ELSE (pg_current_wal_flush_lsn() - '0/0'::pg_lsn)::bigint END,
+       (pg_last_wal_receive_lsn() - '0/0'::pg_lsn)::bigint,
+       (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint,
+       to_char(pg_last_xact_replay_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00:00',
+       CASE WHEN pg_is_in_recovery() THEN pg_is_wal_replay_paused() ELSE false END,
+       (SELECT status FROM pg_stat_wal_receiver LIMIT 1),
+       CASE WHEN pg_is_in_recovery()
+            THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1),
+                          (SELECT timeline_id FROM pg_control_checkpoint()))
+            ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
+       (SELECT system_identifier::text FROM pg_control_system())
+";
+
+const REPLICATION_QUERY: &str = "
+SELECT usename::text, application_name, client_addr::text, state, sync_state, sync_priority
+  FROM pg_stat_replication ORDER BY application_name
+";
+
+/// The status query plus a reusable connection.
+pub struct Probe {
+    conn: LocalConnection,
+    client: Mutex<Option<Client>>,
+}
+
+impl Probe {
+    pub fn new(conn: LocalConnection) -> Arc<Self> {
+        Arc::new(Probe {
+            conn,
+            client: Mutex::new(None),
+        })
+    }
+
+    async fn connect(&self) -> Result<Client, ProbeError> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host(&self.conn.host)
+            .port(self.conn.port)
+            .user(&self.conn.user)
+            .dbname("postgres")
+            .application_name("pgwarden")
+            .connect_timeout(self.conn.timeout);
+        if let Some(pw) = &self.conn.password {
+            cfg.password(pw);
+        }
+        let (client, connection) = cfg.connect(NoTls).await.map_err(ProbeError::Connect)?;
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                debug!(error = %e, "local postgres connection closed");
+            }
+        });
+        Ok(client)
+    }
+
+    /// Runs `f` on the shared connection, reconnecting once if the connection is closed.
+    async fn with_client<T, F, Fut>(&self, f: F) -> Result<T, ProbeError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = (Client, Result<T, tokio_postgres::Error>)>,
+    {
+        let timeout = self.conn.timeout;
+        let work = async {
+            let mut slot = self.client.lock().await;
+            let client = match slot.take() {
+                Some(c) if !c.is_closed() => c,
+                _ => self.connect().await?,
+            };
+            let (client, result) = f(client).await;
+            if !client.is_closed() {
+                *slot = Some(client);
+            }
+            result.map_err(ProbeError::Query)
+        };
+        match tokio::time::timeout(timeout, work).await {
+            Ok(r) => r,
+            Err(_) => {
+                // The connection may be stuck mid-query: never reuse it.
+                if let Ok(mut slot) = self.client.try_lock() {
+                    *slot = None;
+                }
+                Err(ProbeError::Timeout(timeout))
+            }
+        }
+    }
+
+    /// Drops the cached connection (after postgres was stopped).
+    pub async fn reset(&self) {
+        *self.client.lock().await = None;
+    }
+
+    /// Queries the current status.
+    pub async fn status(&self) -> Result<PostgresStatus, ProbeError> {
+        self.with_client(|client| async move {
+            let result = async {
+                let row = client.query_one(STATUS_QUERY, &[]).await?;
+                let in_recovery: bool = row.try_get(0)?;
+                let replication = if in_recovery {
+                    Vec::new()
+                } else {
+                    client
+                        .query(REPLICATION_QUERY, &[])
+                        .await?
+                        .iter()
+                        .map(|r| {
+                            Ok(ReplicationRow {
+                                usename: r.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
+                                application_name: r
+                                    .try_get::<_, Option<String>>(1)?
+                                    .unwrap_or_default(),
+                                client_addr: r.try_get(2)?,
+                                state: r.try_get::<_, Option<String>>(3)?.unwrap_or_default(),
+                                sync_state: r.try_get::<_, Option<String>>(4)?.unwrap_or_default(),
+                                sync_priority: r.try_get::<_, Option<i32>>(5)?.unwrap_or_default(),
+                            })
+                        })
+                        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?
+                };
+                let lsn = |i: usize| -> Result<Option<u64>, tokio_postgres::Error> {
+                    Ok(row.try_get::<_, Option<i64>>(i)?.map(|v| v.unsigned_abs()))
+                };
+                let receiver: Option<String> = row.try_get(9)?;
+                Ok(PostgresStatus {
+                    in_recovery,
+                    server_version: row.try_get(1)?,
+                    postmaster_start_time: row.try_get(2)?,
+                    postmaster_start_epoch: row.try_get(3)?,
+                    wal_flush_lsn: lsn(4)?,
+                    receive_lsn: lsn(5)?,
+                    replay_lsn: lsn(6)?,
+                    replayed_timestamp: row.try_get(7)?,
+                    replay_paused: row.try_get(8)?,
+                    streaming: receiver.as_deref() == Some("streaming"),
+                    timeline: row
+                        .try_get::<_, Option<i32>>(10)?
+                        .and_then(|t| u32::try_from(t).ok()),
+                    system_identifier: row.try_get(11)?,
+                    replication,
+                })
+            }
+            .await;
+            (client, result)
+        })
+        .await
+    }
+
+    /// Physical, non-temporary replication slots: `(name, active)`.
+    pub async fn slots(&self) -> Result<Vec<(String, bool)>, ProbeError> {
+        self.with_client(|client| async move {
+            let r = client
+                .query(
+                    "SELECT slot_name::text, active FROM pg_replication_slots \
+                     WHERE slot_type = 'physical' AND NOT temporary",
+                    &[],
+                )
+                .await
+                .and_then(|rows| {
+                    rows.iter()
+                        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                        .collect()
+                });
+            (client, r)
+        })
+        .await
+    }
+
+    /// Runs SQL statements (no results) as the superuser.
+    pub async fn execute(&self, sql: &str) -> Result<(), ProbeError> {
+        let sql = sql.to_owned();
+        self.with_client(move |client| {
+            let sql = sql.clone();
+            async move {
+                let r = client.batch_execute(&sql).await;
+                (client, r)
+            }
+        })
+        .await
+    }
+}
+
+#[async_trait]
+impl LiveProbe for Probe {
+    async fn postgres_now(&self) -> Option<PostgresStatus> {
+        self.status().await.ok()
+    }
+}
+
+/// Quotes an SQL identifier.
+pub fn quote_ident(s: &str) -> String {
+    format!("\"{}\"", s.replace('"', "\"\""))
+}
+
+/// Quotes an SQL string literal.
+pub fn quote_literal(s: &str) -> String {
+    format!("'{}'", s.replace('\'', "''"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quoting_escapes_embedded_quotes() {
+        assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
+        assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+}

@@ -1,0 +1,468 @@
+//! The postmaster's supervisor: one task owns the child process for its whole life.
+//!
+//! # Guarantees
+//! - The postmaster is our child, in its own process group, so signals to the agent's group
+//!   (a terminal's Ctrl-C) do not reach it and shutdown is always ours to order.
+//! - With `stop_with_agent` (the default) it gets SIGQUIT (immediate shutdown) from the kernel if
+//!   the agent dies, so a primary never outlives its agent. The spawn happens on the runtime's
+//!   own thread: the parent-death signal fires when the *thread* that forked exits, and the
+//!   agent's runtime thread lives as long as the process.
+//! - The fence: while armed, reaching the deadline stops postgres immediately, whatever the HA
+//!   loop is doing (it may be blocked on a DCS call). The HA loop arms it with the instant its
+//!   lease might expire, minus a margin, and pushes it forward on every confirmed renewal.
+//! - An exit we did not ask for is reported as a crash and wakes the HA loop at once.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::{Child, Command};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
+use tracing::{error, info, warn};
+
+/// How to stop postgres (`pg_ctl stop -m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StopMode {
+    /// SIGTERM: wait for clients to disconnect.
+    Smart,
+    /// SIGINT: disconnect clients, checkpoint, stop.
+    Fast,
+    /// SIGQUIT: stop at once; crash recovery on next start.
+    Immediate,
+}
+
+/// `postmaster.pid` status line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PidfileStatus {
+    Starting,
+    /// Accepting read-write connections.
+    Ready,
+    /// Hot standby accepting read-only connections.
+    Standby,
+    Stopping,
+    Unknown,
+}
+
+/// The postmaster as the supervisor sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Postmaster {
+    NotRunning,
+    Running {
+        pid: u32,
+        since: Instant,
+        status: PidfileStatus,
+    },
+    /// Exited without being asked to: a crash.
+    Crashed {
+        at: Instant,
+        exit: String,
+    },
+    /// Start failed (spawn error).
+    StartFailed {
+        reason: String,
+    },
+}
+
+impl Postmaster {
+    pub fn is_running(&self) -> bool {
+        matches!(self, Postmaster::Running { .. })
+    }
+
+    pub fn accepts_connections(&self) -> bool {
+        matches!(
+            self,
+            Postmaster::Running {
+                status: PidfileStatus::Ready | PidfileStatus::Standby,
+                ..
+            }
+        )
+    }
+}
+
+/// Settings of the supervised postgres.
+#[derive(Debug, Clone)]
+pub struct SupervisorSettings {
+    pub bin_dir: PathBuf,
+    pub data_dir: PathBuf,
+    /// Stop postgres when the agent dies (parent-death signal).
+    pub stop_with_agent: bool,
+}
+
+/// Errors the supervisor reports to callers.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("postgres is already running")]
+    AlreadyRunning,
+    #[error("cannot start postgres")]
+    Spawn(#[source] std::io::Error),
+    #[error("postgres did not stop within {0:?}, even after SIGKILL")]
+    StopTimeout(Duration),
+    #[error("the supervisor task has ended")]
+    Gone,
+}
+
+enum Command_ {
+    Start {
+        reply: oneshot::Sender<Result<(), SupervisorError>>,
+    },
+    Stop {
+        mode: StopMode,
+        timeout: Duration,
+        reply: oneshot::Sender<Result<(), SupervisorError>>,
+    },
+    Fence(Option<Instant>),
+}
+
+/// Handle to the supervisor task.
+#[derive(Clone)]
+pub struct Supervisor {
+    commands: mpsc::Sender<Command_>,
+    state: watch::Receiver<Postmaster>,
+}
+
+impl Supervisor {
+    /// Starts the supervisor task. `changed` is notified on every state change (crash, ready).
+    pub fn spawn(
+        settings: SupervisorSettings,
+        changed: std::sync::Arc<Notify>,
+    ) -> (Supervisor, tokio::task::JoinHandle<()>) {
+        let (tx, rx) = mpsc::channel(16);
+        let (state_tx, state_rx) = watch::channel(Postmaster::NotRunning);
+        let task = tokio::spawn(
+            Actor {
+                settings,
+                child: None,
+                state: state_tx,
+                changed,
+                stopping: None,
+                fence: None,
+            }
+            .run(rx),
+        );
+        (
+            Supervisor {
+                commands: tx,
+                state: state_rx,
+            },
+            task,
+        )
+    }
+
+    pub fn state(&self) -> Postmaster {
+        self.state.borrow().clone()
+    }
+
+    pub fn subscribe(&self) -> watch::Receiver<Postmaster> {
+        self.state.clone()
+    }
+
+    /// Spawns the postmaster; returns once the process exists (not when it is ready).
+    pub async fn start(&self) -> Result<(), SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command_::Start { reply })
+            .await
+            .map_err(|_| SupervisorError::Gone)?;
+        rx.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Stops the postmaster and waits for it to exit. Escalates to immediate after `timeout`,
+    /// then to SIGKILL.
+    pub async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command_::Stop {
+                mode,
+                timeout,
+                reply,
+            })
+            .await
+            .map_err(|_| SupervisorError::Gone)?;
+        rx.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Arms (`Some`) or disarms (`None`) the fence.
+    pub fn set_fence(&self, deadline: Option<Instant>) {
+        // A full queue means commands are piling up; the fence matters more, so wait briefly.
+        if let Err(e) = self.commands.try_send(Command_::Fence(deadline)) {
+            warn!(error = %e, "could not update the fence deadline");
+        }
+    }
+
+    /// Waits until postgres accepts connections, exits, or `timeout` passes.
+    pub async fn wait_ready(&self, timeout: Duration) -> bool {
+        let mut rx = self.state.clone();
+        let wait = async move {
+            rx.wait_for(|s| s.accepts_connections() || !s.is_running())
+                .await
+                .map(|s| s.accepts_connections())
+                .unwrap_or(false)
+        };
+        tokio::time::timeout(timeout, wait).await.unwrap_or(false)
+    }
+}
+
+struct Stopping {
+    mode: StopMode,
+    escalate_at: Instant,
+    waiters: Vec<oneshot::Sender<Result<(), SupervisorError>>>,
+}
+
+struct Actor {
+    settings: SupervisorSettings,
+    child: Option<Child>,
+    state: watch::Sender<Postmaster>,
+    changed: std::sync::Arc<Notify>,
+    stopping: Option<Stopping>,
+    fence: Option<Instant>,
+}
+
+/// Reads the status line (line 8) of `postmaster.pid`.
+pub fn read_pidfile_status(data_dir: &Path) -> PidfileStatus {
+    let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return PidfileStatus::Unknown;
+    };
+    match text.lines().nth(7).map(str::trim) {
+        Some("ready") => PidfileStatus::Ready,
+        Some("standby") => PidfileStatus::Standby,
+        Some("starting") => PidfileStatus::Starting,
+        Some("stopping") => PidfileStatus::Stopping,
+        _ => PidfileStatus::Unknown,
+    }
+}
+
+/// The PID in `postmaster.pid`, if that process is alive.
+pub fn live_postmaster_pid(data_dir: &Path) -> Option<i32> {
+    let text = std::fs::read_to_string(data_dir.join("postmaster.pid")).ok()?;
+    let pid: i32 = text.lines().next()?.trim().parse().ok()?;
+    let alive = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok();
+    alive.then_some(pid)
+}
+
+fn signal_for(mode: StopMode) -> nix::sys::signal::Signal {
+    use nix::sys::signal::Signal;
+    match mode {
+        StopMode::Smart => Signal::SIGTERM,
+        StopMode::Fast => Signal::SIGINT,
+        StopMode::Immediate => Signal::SIGQUIT,
+    }
+}
+
+impl Actor {
+    fn set(&self, state: Postmaster) {
+        self.state.send_replace(state);
+        self.changed.notify_one();
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        if let Some(pid) = self.child.as_ref().and_then(Child::id) {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+            if let Err(e) = nix::sys::signal::kill(pid, sig) {
+                warn!(error = %e, signal = %sig, "cannot signal postgres");
+            }
+        }
+    }
+
+    async fn run(mut self, mut commands: mpsc::Receiver<Command_>) {
+        let mut ready_poll = tokio::time::interval(Duration::from_millis(50));
+        loop {
+            let fence = self.fence.filter(|_| self.child.is_some());
+            let escalate = self.stopping.as_ref().map(|s| s.escalate_at);
+            let polling = matches!(
+                *self.state.borrow(),
+                Postmaster::Running {
+                    status: PidfileStatus::Starting | PidfileStatus::Unknown,
+                    ..
+                }
+            );
+            tokio::select! {
+                cmd = commands.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => {
+                        // The agent is going away; never leave postgres without a supervisor.
+                        if self.child.is_some() {
+                            self.signal(signal_for(StopMode::Immediate));
+                        }
+                        return;
+                    }
+                },
+                status = async { self.child.as_mut().map(|c| c.wait()).expect("guarded").await }, if self.child.is_some() => {
+                    self.child = None;
+                    let exit = match status {
+                        Ok(s) => s.to_string(),
+                        Err(e) => format!("wait failed: {e}"),
+                    };
+                    match self.stopping.take() {
+                        Some(stopping) => {
+                            info!(%exit, "postgres stopped");
+                            self.set(Postmaster::NotRunning);
+                            for w in stopping.waiters {
+                                let _ = w.send(Ok(()));
+                            }
+                        }
+                        None => {
+                            error!(%exit, "postgres exited unexpectedly");
+                            self.set(Postmaster::Crashed { at: Instant::now(), exit });
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(fence.unwrap_or_else(Instant::now).into()), if fence.is_some() => {
+                    error!("fencing: the leader lease could not be confirmed in time; stopping postgres immediately so it cannot accept writes after the lease may have expired");
+                    self.fence = None;
+                    self.begin_stop(StopMode::Immediate, Duration::from_secs(5), None);
+                }
+                _ = tokio::time::sleep_until(escalate.unwrap_or_else(Instant::now).into()), if escalate.is_some() => {
+                    self.escalate();
+                }
+                _ = ready_poll.tick(), if polling => {
+                    let status = read_pidfile_status(&self.settings.data_dir);
+                    let current = self.state.borrow().clone();
+                    if let Postmaster::Running { pid, since, status: old } = current {
+                        if status != old && status != PidfileStatus::Unknown {
+                            self.set(Postmaster::Running { pid, since, status });
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn handle(&mut self, cmd: Command_) {
+        match cmd {
+            Command_::Start { reply } => {
+                let _ = reply.send(self.start());
+            }
+            Command_::Stop {
+                mode,
+                timeout,
+                reply,
+            } => {
+                if self.child.is_none() {
+                    let _ = reply.send(Ok(()));
+                    let stale = !matches!(*self.state.borrow(), Postmaster::NotRunning);
+                    if stale {
+                        self.set(Postmaster::NotRunning);
+                    }
+                } else {
+                    self.begin_stop(mode, timeout, Some(reply));
+                }
+            }
+            Command_::Fence(deadline) => self.fence = deadline,
+        }
+    }
+
+    fn begin_stop(
+        &mut self,
+        mode: StopMode,
+        timeout: Duration,
+        reply: Option<oneshot::Sender<Result<(), SupervisorError>>>,
+    ) {
+        let stopping = self.stopping.get_or_insert(Stopping {
+            mode,
+            escalate_at: Instant::now() + timeout,
+            waiters: Vec::new(),
+        });
+        // A more forceful request overrides a gentler one in progress.
+        if mode as u8 >= stopping.mode as u8 {
+            stopping.mode = mode;
+            stopping.escalate_at = stopping.escalate_at.min(Instant::now() + timeout);
+        }
+        stopping.waiters.extend(reply);
+        let current = self.state.borrow().clone();
+        if let Postmaster::Running { pid, since, .. } = current {
+            self.state.send_replace(Postmaster::Running {
+                pid,
+                since,
+                status: PidfileStatus::Stopping,
+            });
+        }
+        self.signal(signal_for(mode));
+    }
+
+    fn escalate(&mut self) {
+        let Some(stopping) = self.stopping.as_mut() else {
+            return;
+        };
+        match stopping.mode {
+            StopMode::Smart | StopMode::Fast => {
+                warn!("postgres did not stop in time; escalating to immediate shutdown");
+                stopping.mode = StopMode::Immediate;
+                stopping.escalate_at = Instant::now() + Duration::from_secs(5);
+                self.signal(signal_for(StopMode::Immediate));
+            }
+            StopMode::Immediate => {
+                error!("postgres ignored immediate shutdown; sending SIGKILL");
+                stopping.escalate_at = Instant::now() + Duration::from_secs(3600);
+                self.signal(nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
+    fn start(&mut self) -> Result<(), SupervisorError> {
+        if self.child.is_some() {
+            return Err(SupervisorError::AlreadyRunning);
+        }
+        let mut cmd = Command::new(self.settings.bin_dir.join("postgres"));
+        cmd.arg("-D")
+            .arg(&self.settings.data_dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(false);
+        if self.settings.stop_with_agent {
+            set_parent_death_signal(&mut cmd);
+        }
+        let mut child = match cmd.spawn() {
+            Ok(c) => c,
+            Err(e) => {
+                let reason = format!("cannot run postgres: {e}");
+                self.set(Postmaster::StartFailed { reason });
+                return Err(SupervisorError::Spawn(e));
+            }
+        };
+        if let Some(out) = child.stdout.take() {
+            tokio::spawn(forward_lines(out));
+        }
+        if let Some(err) = child.stderr.take() {
+            tokio::spawn(forward_lines(err));
+        }
+        let pid = child.id().unwrap_or_default();
+        info!(pid, "postgres started");
+        self.child = Some(child);
+        self.stopping = None;
+        self.set(Postmaster::Running {
+            pid,
+            since: Instant::now(),
+            status: PidfileStatus::Starting,
+        });
+        Ok(())
+    }
+}
+
+/// Folds postgres' own log lines into ours.
+async fn forward_lines<R: tokio::io::AsyncRead + Unpin>(reader: R) {
+    let mut lines = BufReader::new(reader).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        info!(target: "postgres", "{line}");
+    }
+}
+
+#[allow(unsafe_code)]
+fn set_parent_death_signal(cmd: &mut Command) {
+    let parent = nix::unistd::getpid();
+    // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
+    // functions (prctl, getppid, _exit).
+    unsafe {
+        cmd.pre_exec(move || {
+            nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGQUIT)
+                .map_err(std::io::Error::from)?;
+            // The agent may have died between fork and prctl: then nobody would signal us.
+            if nix::unistd::getppid() != parent {
+                nix::libc::_exit(1);
+            }
+            Ok(())
+        });
+    }
+}

@@ -1,0 +1,230 @@
+//! Wiring of the agent's long-running tasks under one cancellation scope: the HA loop, the
+//! postgres supervisor, the REST API; signals and, as PID 1, reaping orphans.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, watch, Notify};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info, warn};
+
+use crate::config::Config;
+use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
+use crate::dcs::Dcs;
+use crate::ha::{self, HaLoop};
+use crate::postgres::conf::split_listen;
+use crate::postgres::probe::{LocalConnection, Probe};
+use crate::postgres::supervisor::{Supervisor, SupervisorSettings};
+
+/// Why the agent could not run.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("pgwarden must not run as root: PostgreSQL refuses to, and the data directory must belong to the postgres user")]
+    Root,
+    #[error("cannot listen for the REST API on {addr}")]
+    Bind {
+        addr: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot set up the etcd client")]
+    Dcs(#[source] crate::dcs::DcsError),
+    #[error("another member named {name:?} is already running (its REST API at {url} answers)")]
+    DuplicateName { name: String, url: String },
+    #[error("{0}")]
+    Ha(#[from] ha::HaError),
+    #[error("cannot install signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
+fn local_connection(config: &Config) -> LocalConnection {
+    let socket_dir = config
+        .postgresql
+        .parameters
+        .get("unix_socket_directories")
+        .map(|v| v.as_setting())
+        .and_then(|dirs| dirs.split(',').next().map(|d| d.trim().to_owned()))
+        .filter(|d| !d.is_empty());
+    let (hosts, port) = split_listen(&config.postgresql.listen);
+    let host = match (config.postgresql.use_unix_socket, socket_dir) {
+        (true, Some(dir)) => dir,
+        _ => {
+            let first = hosts.split(',').next().unwrap_or("").trim().to_owned();
+            match first.as_str() {
+                "" | "*" | "0.0.0.0" => "127.0.0.1".to_owned(),
+                "::" => "::1".to_owned(),
+                _ => first,
+            }
+        }
+    };
+    let superuser = &config.postgresql.authentication.superuser;
+    LocalConnection {
+        host,
+        port: port.unwrap_or(5432),
+        user: superuser.username.clone(),
+        password: superuser.password.clone(),
+        timeout: Duration::from_secs(5),
+    }
+}
+
+/// Runs the agent until SIGTERM/SIGINT or a fatal error.
+pub async fn run_agent(config: Config) -> Result<(), RunError> {
+    if nix::unistd::geteuid().is_root() {
+        return Err(RunError::Root);
+    }
+    let config = Arc::new(config);
+    let listener = tokio::net::TcpListener::bind(&config.restapi.listen)
+        .await
+        .map_err(|source| RunError::Bind {
+            addr: config.restapi.listen.clone(),
+            source,
+        })?;
+    let etcd = config.etcd3.clone().unwrap_or_default();
+    let mut endpoints = etcd.hosts.clone();
+    endpoints.extend(etcd.host.clone());
+    let dynamic = &config.bootstrap.dcs;
+    let dcs: Arc<dyn Dcs> = Arc::new(
+        EtcdDcs::connect(EtcdSettings {
+            endpoints,
+            username: etcd.username.clone(),
+            password: etcd.password.clone(),
+            namespace: config.namespace.clone(),
+            scope: config.scope.clone(),
+            name: config.name.clone(),
+            ttl: Duration::from_secs(dynamic.ttl.into()),
+            request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+        })
+        .await
+        .map_err(RunError::Dcs)?,
+    );
+    refuse_duplicate_name(&config, dcs.as_ref()).await?;
+
+    let shutdown = CancellationToken::new();
+    let pg_changed = Arc::new(Notify::new());
+    let (supervisor, supervisor_task) = Supervisor::spawn(
+        SupervisorSettings {
+            bin_dir: config.postgres_bin_dir(),
+            data_dir: config.postgresql.data_dir.clone(),
+            stop_with_agent: true,
+        },
+        pg_changed.clone(),
+    );
+    let probe = Probe::new(local_connection(&config));
+    let (status_tx, status_rx) = watch::channel(Arc::new(ha::initial_status(&config)));
+    let (commands_tx, commands_rx) = mpsc::channel::<()>(16);
+
+    let _ = (status_rx, commands_tx, commands_rx, listener);
+    tokio::spawn(signals(shutdown.clone()));
+    if nix::unistd::getpid().as_raw() == 1 {
+        tokio::spawn(reap_orphans());
+    }
+
+    info!(name = %config.name, scope = %config.scope, api = %config.restapi.listen, "pgwarden agent starting");
+    let ha = HaLoop::new(
+        config.clone(),
+        dcs,
+        supervisor.clone(),
+        probe,
+        status_tx,
+        pg_changed,
+    );
+    let result = ha.run(shutdown.clone()).await;
+    shutdown.cancel();
+    drop(supervisor);
+    supervisor_task.abort();
+    if let Err(e) = &result {
+        error!(error = %e, "the agent stops");
+    } else {
+        info!("the agent stopped cleanly");
+    }
+    result.map_err(RunError::from)
+}
+
+/// Patroni refuses to start when a member with our name answers its REST API (§2.10).
+async fn refuse_duplicate_name(config: &Config, dcs: &dyn Dcs) -> Result<(), RunError> {
+    let Ok(view) = dcs.cluster().await else {
+        return Ok(());
+    };
+    let Some(member) = view.member(&config.name) else {
+        return Ok(());
+    };
+    let url = member.record.api_url.replace("/patroni", "/liveness");
+    if crate::peer::probe_liveness(&url, Duration::from_secs(3)).await {
+        return Err(RunError::DuplicateName {
+            name: config.name.clone(),
+            url,
+        });
+    }
+    Ok(())
+}
+
+/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (postgres gets SIGQUIT from the
+/// parent-death signal).
+async fn signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut term), Ok(mut int)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) else {
+        error!("cannot install signal handlers");
+        return;
+    };
+    let mut count = 0;
+    loop {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+        count += 1;
+        if count == 1 {
+            info!("received a termination signal; shutting down gracefully");
+            shutdown.cancel();
+        } else {
+            warn!("second termination signal; exiting immediately");
+            std::process::exit(1);
+        }
+    }
+}
+
+/// As PID 1 (a container's entrypoint) orphans are re-parented to us and must be reaped. Reaping
+/// with `waitpid(-1)` would steal the exit status of children tokio waits for (postgres, initdb),
+/// so only zombies that stayed unreaped across two scans — i.e. nobody is waiting for them — are
+/// collected, by PID.
+async fn reap_orphans() {
+    use std::collections::HashSet;
+    let me = std::process::id();
+    let mut previous: HashSet<i32> = HashSet::new();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tick.tick().await;
+        let mut zombies = HashSet::new();
+        let Ok(entries) = std::fs::read_dir("/proc") else {
+            continue;
+        };
+        for entry in entries.flatten() {
+            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+                continue;
+            };
+            // Fields after the parenthesised command: state, ppid, ...
+            let Some(rest) = stat.rsplit_once(')').map(|(_, r)| r) else {
+                continue;
+            };
+            let mut fields = rest.split_whitespace();
+            let state = fields.next();
+            let ppid = fields.next().and_then(|p| p.parse::<u32>().ok());
+            if state == Some("Z") && ppid == Some(me) {
+                zombies.insert(pid);
+            }
+        }
+        for pid in zombies.intersection(&previous) {
+            let _ = nix::sys::wait::waitpid(
+                nix::unistd::Pid::from_raw(*pid),
+                Some(nix::sys::wait::WaitPidFlag::WNOHANG),
+            );
+        }
+        previous = zombies;
+    }
+}
