@@ -36,6 +36,9 @@ enum Command {
         #[command(flatten)]
         flags: Flags,
     },
+    /// Internal: the out-of-process fence the agent starts for itself.
+    #[command(hide = true)]
+    FenceGuard,
 }
 
 /// Overrides of configuration values; they win over the file and the environment.
@@ -103,6 +106,10 @@ fn load(path: Option<&PathBuf>, flags: &Flags) -> Result<config::Loaded, ExitCod
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Some(Command::FenceGuard) => {
+            pgwarden::postgres::fence_guard::run_guard();
+            ExitCode::SUCCESS
+        }
         Some(Command::ValidateConfig { config, flags }) => match load(Some(&config), &flags) {
             Ok(loaded) => {
                 for warning in &loaded.warnings {

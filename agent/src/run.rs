@@ -106,6 +106,7 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
             bin_dir: config.postgres_bin_dir(),
             data_dir: config.postgresql.data_dir.clone(),
             stop_with_agent: true,
+            guard: spawn_fence_guard(),
         },
         pg_changed.clone(),
     );
@@ -138,6 +139,19 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
         info!("the agent stopped cleanly");
     }
     result.map_err(RunError::from)
+}
+
+/// Starts the out-of-process fence; without it a frozen agent could not stop postgres in time,
+/// so failing to start it is logged as an error but does not stop the agent.
+fn spawn_fence_guard() -> Option<Arc<crate::postgres::fence_guard::FenceGuard>> {
+    let exe = std::env::current_exe().ok()?;
+    match crate::postgres::fence_guard::FenceGuard::spawn(&exe) {
+        Ok(guard) => Some(Arc::new(guard)),
+        Err(e) => {
+            error!(error = %e, "cannot start the fence guard; a frozen agent would not be fenced");
+            None
+        }
+    }
 }
 
 /// Patroni refuses to start when a member with our name answers its REST API (§2.10).
@@ -202,7 +216,11 @@ async fn reap_orphans() {
             continue;
         };
         for entry in entries.flatten() {
-            let Some(pid) = entry.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+            let Some(pid) = entry
+                .file_name()
+                .to_str()
+                .and_then(|s| s.parse::<i32>().ok())
+            else {
                 continue;
             };
             let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {

@@ -26,6 +26,8 @@ pub struct MemberFacts {
     pub maximum_lag_on_failover: u64,
     /// Rewind a former primary before it follows a new leader.
     pub use_pg_rewind: bool,
+    /// `synchronous_mode` is on: only members listed in `sync` may race.
+    pub synchronous_mode: bool,
 }
 
 impl MemberFacts {
@@ -37,6 +39,7 @@ impl MemberFacts {
             failover_priority: 1,
             maximum_lag_on_failover: 1_048_576,
             use_pg_rewind: true,
+            synchronous_mode: false,
         }
     }
 }
@@ -64,7 +67,10 @@ pub enum Action {
     StartRewind { leader: String },
     /// Start postgres as a primary, or as a standby following `upstream` (`None`: read-only
     /// with no upstream).
-    StartPostgres { primary: bool, upstream: Option<String> },
+    StartPostgres {
+        primary: bool,
+        upstream: Option<String>,
+    },
     /// Render the configuration for the running postgres (a primary when `upstream` is `None`,
     /// else a standby of that member) and reload if anything changed: follows a new leader
     /// without a restart and applies changed parameters.
@@ -75,12 +81,16 @@ pub enum Action {
     StopPostgres(StopMode),
     /// Publish our WAL position in `status`.
     WriteStatus,
+    /// Append the timeline switches from postgres' history file to `history`.
+    WriteHistory,
     /// `CHECKPOINT` on the primary before a graceful stop, so the shutdown checkpoint is short.
     Checkpoint,
     /// Clear the `failover` key (write `{}`, compare-and-set on the revision read).
     ClearFailover,
     /// Keep a physical replication slot for every other member, drop slots of departed ones.
     SyncSlots,
+    /// Maintain `synchronous_standby_names` and the `sync` key (see `ha::sync`).
+    ManageSync,
     /// Stop the agent with an error; nothing is touched.
     Fatal(String),
 }
@@ -95,6 +105,7 @@ pub enum NotEligible {
     PeerAhead(String),
     PeerHigherPriority(String),
     FormerLeaderInSwitchover,
+    NotSynchronous,
 }
 
 impl fmt::Display for NotEligible {
@@ -108,6 +119,9 @@ impl fmt::Display for NotEligible {
             ),
             NotEligible::PrimaryStillAlive(n) => write!(f, "primary {n} is still alive"),
             NotEligible::PeerAhead(n) => write!(f, "{n} has a higher WAL position"),
+            NotEligible::NotSynchronous => {
+                write!(f, "synchronous mode is on and this member is not a synchronous standby")
+            }
             NotEligible::FormerLeaderInSwitchover => {
                 write!(f, "this member handed over the lock in a switchover")
             }
@@ -177,7 +191,10 @@ impl fmt::Display for Outcome {
             Outcome::LeaderHealthy => write!(f, "no action: I am the leader with the lock"),
             Outcome::LeaderPromoting => write!(f, "promoting self: I hold the lock"),
             Outcome::LeaderStartingPostgres { after_crash: true } => {
-                write!(f, "postgres crashed; restarting it as primary, keeping the lock")
+                write!(
+                    f,
+                    "postgres crashed; restarting it as primary, keeping the lock"
+                )
             }
             Outcome::LeaderStartingPostgres { after_crash: false } => {
                 write!(f, "starting postgres as primary: I hold the lock")
@@ -220,7 +237,10 @@ impl fmt::Display for Outcome {
             }
             Outcome::SwitchoverAborted(why) => write!(f, "switchover cancelled: {why}"),
             Outcome::DeferringToCandidate { candidate } => {
-                write!(f, "no leader; deferring to the switchover candidate {candidate}")
+                write!(
+                    f,
+                    "no leader; deferring to the switchover candidate {candidate}"
+                )
             }
             Outcome::TakingOverAsCandidate => {
                 write!(f, "no leader; taking over as the switchover candidate")
@@ -303,7 +323,10 @@ pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
                 "the data directory belongs to another cluster: its system identifier is {ours}, \
                  but this cluster's `initialize` key says {cluster}"
             );
-            return Decision::new(Outcome::Refused(reason.clone()), vec![Action::Fatal(reason)]);
+            return Decision::new(
+                Outcome::Refused(reason.clone()),
+                vec![Action::Fatal(reason)],
+            );
         }
     }
 
@@ -333,7 +356,10 @@ pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
         }
         (DataDir::Empty, Some(l)) => {
             let leader = l.to_owned();
-            if view.member(l).is_some_and(|m| m.record.host_port().is_some()) {
+            if view
+                .member(l)
+                .is_some_and(|m| m.record.host_port().is_some())
+            {
                 Decision::new(
                     Outcome::CloningLeader {
                         leader: leader.clone(),
@@ -405,14 +431,22 @@ fn decide_as_lock_holder(
         }
     }
     let (outcome, mut actions) = match &obs.postgres {
-        PostgresView::Running(status) if !status.in_recovery => (
-            Outcome::LeaderHealthy,
-            vec![
-                Action::WriteStatus,
-                Action::ApplyConfig { upstream: None },
-                Action::SyncSlots,
-            ],
-        ),
+        PostgresView::Running(status) if !status.in_recovery => {
+            let mut actions = vec![Action::WriteStatus];
+            if me.synchronous_mode || view.sync.is_some() {
+                actions.push(Action::ManageSync);
+            }
+            actions.push(Action::ApplyConfig { upstream: None });
+            actions.push(Action::SyncSlots);
+            // Patroni records history when its last line is not the previous timeline.
+            let recorded = view.history.last().map(|l| l.timeline);
+            if let Some(tl) = status.timeline.filter(|t| *t > 1) {
+                if recorded != Some(tl - 1) {
+                    actions.push(Action::WriteHistory);
+                }
+            }
+            (Outcome::LeaderHealthy, actions)
+        }
         PostgresView::Running(_) => (Outcome::LeaderPromoting, vec![Action::Promote]),
         PostgresView::Down => (
             Outcome::LeaderStartingPostgres { after_crash: false },
@@ -546,7 +580,10 @@ fn decide_with_other_leader(
             vec![Action::StopPostgres(StopMode::Immediate)],
         );
     }
-    if !view.member(&leader).is_some_and(|m| m.record.host_port().is_some()) {
+    if !view
+        .member(&leader)
+        .is_some_and(|m| m.record.host_port().is_some())
+    {
         return Decision::new(Outcome::WaitingForLeaderAddress { leader }, vec![]);
     }
     match &obs.postgres {
@@ -591,6 +628,9 @@ fn healthiest(
     my_position: u64,
     peers: &[PeerAnswer],
 ) -> Result<(), NotEligible> {
+    if !super::sync::may_race(me.synchronous_mode, &me.name, view) {
+        return Err(NotEligible::NotSynchronous);
+    }
     if let Some(status) = &view.status {
         let lag = status.optime.saturating_sub(my_position);
         if lag > me.maximum_lag_on_failover {
@@ -638,20 +678,26 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
     let peers = obs.peers.as_deref().unwrap_or_default();
     if let Some(request) = view.failover.as_ref().map(|r| &r.value) {
         if request.scheduled_at.is_none() {
-            let running_replica = matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery);
+            let running_replica =
+                matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery);
             match request.member.as_deref() {
                 // The named candidate takes over without the lag and peer checks (§5.6).
                 Some(c) if c == me.name && running_replica => {
                     return Decision::new(
                         Outcome::TakingOverAsCandidate,
-                        vec![Action::AcquireLeader, Action::Promote, Action::ClearFailover],
+                        vec![
+                            Action::AcquireLeader,
+                            Action::Promote,
+                            Action::SyncSlots,
+                            Action::ClearFailover,
+                        ],
                     )
                 }
                 Some(c) if c != me.name => {
                     // Others wait while the candidate answers.
-                    let candidate_alive = peers.iter().any(|p| {
-                        p.name == c && p.status.as_ref().is_some_and(|s| !s.nofailover)
-                    });
+                    let candidate_alive = peers
+                        .iter()
+                        .any(|p| p.name == c && p.status.as_ref().is_some_and(|s| !s.nofailover));
                     if candidate_alive {
                         return Decision::new(
                             Outcome::DeferringToCandidate {
@@ -683,7 +729,7 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
             match healthiest(view, me, position, peers) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
-                    vec![Action::AcquireLeader, Action::Promote],
+                    vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots],
                 ),
                 Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
             }
@@ -708,15 +754,13 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
                 Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
             }
         }
-        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => {
-            Decision::new(
-                Outcome::NoLeaderStartingReadOnly,
-                vec![Action::StartPostgres {
-                    primary: false,
-                    upstream: None,
-                }],
-            )
-        }
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => Decision::new(
+            Outcome::NoLeaderStartingReadOnly,
+            vec![Action::StartPostgres {
+                primary: false,
+                upstream: None,
+            }],
+        ),
         PostgresView::Starting | PostgresView::Unresponsive => Decision::new(
             Outcome::NoLeaderNotEligible(NotEligible::PostgresNotReady),
             vec![],
@@ -788,7 +832,11 @@ mod tests {
 
     fn view(leader: Option<&str>, initialize: Option<&str>) -> DcsView {
         DcsView::Known(Arc::new(ClusterView {
-            members: vec![member("pg0", 5000), member("pg1", 5001), member("pg2", 5002)],
+            members: vec![
+                member("pg0", 5000),
+                member("pg1", 5001),
+                member("pg2", 5002),
+            ],
             initialize: initialize.map(str::to_owned),
             leader: leader.map(|name| LeaderKey {
                 name: name.into(),
@@ -810,7 +858,12 @@ mod tests {
         })
     }
 
-    fn obs(dcs: DcsView, lease: LeaseCheck, data_dir: DataDir, postgres: PostgresView) -> Observation {
+    fn obs(
+        dcs: DcsView,
+        lease: LeaseCheck,
+        data_dir: DataDir,
+        postgres: PostgresView,
+    ) -> Observation {
         Observation {
             now: Instant::now(),
             wall_now: chrono::Utc::now(),
@@ -828,7 +881,12 @@ mod tests {
     #[test]
     fn empty_member_of_new_cluster_races_for_initialize_then_bootstraps() {
         let d = decide(
-            &obs(view(None, None), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &obs(
+                view(None, None),
+                LeaseCheck::NotHeld,
+                DataDir::Empty,
+                PostgresView::Down,
+            ),
             &me(),
         );
         assert_eq!(d.outcome, Outcome::TryingToBootstrap);
@@ -846,7 +904,12 @@ mod tests {
     #[test]
     fn nofailover_member_waits_for_someone_else_to_bootstrap() {
         let d = decide(
-            &obs(view(None, None), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &obs(
+                view(None, None),
+                LeaseCheck::NotHeld,
+                DataDir::Empty,
+                PostgresView::Down,
+            ),
             &MemberFacts {
                 nofailover: true,
                 ..me()
@@ -860,7 +923,12 @@ mod tests {
     #[test]
     fn bootstrapping_elsewhere_means_wait() {
         let d = decide(
-            &obs(view(None, Some("")), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &obs(
+                view(None, Some("")),
+                LeaseCheck::NotHeld,
+                DataDir::Empty,
+                PostgresView::Down,
+            ),
             &me(),
         );
         assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
@@ -902,11 +970,25 @@ mod tests {
     #[test]
     fn leader_restarts_crashed_postgres_and_keeps_the_lock() {
         let d = decide(
-            &obs(view(Some("pg0"), Some(SYSID)), renewed(), initialized(), PostgresView::Crashed),
+            &obs(
+                view(Some("pg0"), Some(SYSID)),
+                renewed(),
+                initialized(),
+                PostgresView::Crashed,
+            ),
             &me(),
         );
-        assert_eq!(d.outcome, Outcome::LeaderStartingPostgres { after_crash: true });
-        assert_eq!(d.actions, vec![Action::StartPostgres { primary: true, upstream: None }]);
+        assert_eq!(
+            d.outcome,
+            Outcome::LeaderStartingPostgres { after_crash: true }
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::StartPostgres {
+                primary: true,
+                upstream: None
+            }]
+        );
     }
 
     /// A healthy leader publishes its position; after bootstrap it records the sysid.
@@ -986,7 +1068,12 @@ mod tests {
     #[test]
     fn adopted_data_directory_takes_the_lock_before_opening_for_writes() {
         let d = decide(
-            &obs(view(None, None), LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &obs(
+                view(None, None),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Down,
+            ),
             &me(),
         );
         assert_eq!(
@@ -1014,13 +1101,21 @@ mod tests {
             ),
             &me(),
         );
-        assert_eq!(d.actions, vec![Action::AcquireLeader, Action::Promote]);
+        assert_eq!(
+            d.actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
     }
 
     /// A failed bootstrap removes `initialize` and stops (Patroni deletes the key and exits).
     #[test]
     fn failed_bootstrap_cancels_initialize_and_stops() {
-        let mut o = obs(view(Some("pg0"), Some("")), renewed(), DataDir::Empty, PostgresView::Down);
+        let mut o = obs(
+            view(Some("pg0"), Some("")),
+            renewed(),
+            DataDir::Empty,
+            PostgresView::Down,
+        );
         o.task = TaskView::Failed(TaskKind::Bootstrap, "initdb: boom".into());
         let d = decide(&o, &me());
         assert_eq!(d.actions[0], Action::CancelInitialize);
@@ -1069,17 +1164,32 @@ mod tests {
     #[test]
     fn empty_member_clones_the_leader() {
         let d = decide(
-            &obs(view(Some("pg1"), Some(SYSID)), LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &obs(
+                view(Some("pg1"), Some(SYSID)),
+                LeaseCheck::NotHeld,
+                DataDir::Empty,
+                PostgresView::Down,
+            ),
             &me(),
         );
-        assert_eq!(d.actions, vec![Action::StartCreateReplica { leader: "pg1".into() }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::StartCreateReplica {
+                leader: "pg1".into()
+            }]
+        );
     }
 
     /// A running replica keeps following whoever holds the lock.
     #[test]
     fn running_replica_follows_the_current_leader() {
         let d = decide(
-            &obs(view(Some("pg2"), Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Running(replica(10))),
+            &obs(
+                view(Some("pg2"), Some(SYSID)),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(replica(10)),
+            ),
             &me(),
         );
         assert_eq!(
@@ -1095,21 +1205,39 @@ mod tests {
     #[test]
     fn stopped_former_primary_rewinds_before_following() {
         let d = decide(
-            &obs(view(Some("pg1"), Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &obs(
+                view(Some("pg1"), Some(SYSID)),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Down,
+            ),
             &me(),
         );
-        assert_eq!(d.actions, vec![Action::StartRewind { leader: "pg1".into() }]);
+        assert_eq!(
+            d.actions,
+            vec![Action::StartRewind {
+                leader: "pg1".into()
+            }]
+        );
         let no_rewind = MemberFacts {
             use_pg_rewind: false,
             ..me()
         };
         let d = decide(
-            &obs(view(Some("pg1"), Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &obs(
+                view(Some("pg1"), Some(SYSID)),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Down,
+            ),
             &no_rewind,
         );
         assert_eq!(
             d.actions,
-            vec![Action::StartPostgres { primary: false, upstream: Some("pg1".into()) }]
+            vec![Action::StartPostgres {
+                primary: false,
+                upstream: Some("pg1".into())
+            }]
         );
     }
 
@@ -1126,14 +1254,22 @@ mod tests {
             ),
             &me(),
         );
-        assert!(matches!(d.outcome, Outcome::NoLeaderNotEligible(NotEligible::Lagging { .. })));
+        assert!(matches!(
+            d.outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::Lagging { .. })
+        ));
         assert!(d.actions.is_empty());
     }
 
     /// §5.5 step 12: a peer with a higher WAL position, or a live primary, stops the race.
     #[test]
     fn replica_behind_a_peer_or_with_a_live_primary_does_not_race() {
-        let mut o = obs(view(None, Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Running(replica(100)));
+        let mut o = obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
         o.peers = Some(vec![peer("pg1", 200, false)]);
         assert_eq!(
             decide(&o, &me()).outcome,
@@ -1144,14 +1280,28 @@ mod tests {
             decide(&o, &me()).outcome,
             Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive("pg1".into()))
         );
-        o.peers = Some(vec![peer("pg1", 100, false), PeerAnswer { name: "pg2".into(), status: None }]);
-        assert_eq!(decide(&o, &me()).actions, vec![Action::AcquireLeader, Action::Promote]);
+        o.peers = Some(vec![
+            peer("pg1", 100, false),
+            PeerAnswer {
+                name: "pg2".into(),
+                status: None,
+            },
+        ]);
+        assert_eq!(
+            decide(&o, &me()).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
     }
 
     /// Equal positions: the higher failover_priority wins; a nofailover peer's answer is ignored.
     #[test]
     fn failover_priority_breaks_ties() {
-        let mut o = obs(view(None, Some(SYSID)), LeaseCheck::NotHeld, initialized(), PostgresView::Running(replica(100)));
+        let mut o = obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
         let mut p = peer("pg1", 100, false);
         if let Some(s) = p.status.as_mut() {
             s.failover_priority = 5;
@@ -1166,6 +1316,9 @@ mod tests {
             s.nofailover = true;
         }
         o.peers = Some(vec![q]);
-        assert_eq!(decide(&o, &me()).actions, vec![Action::AcquireLeader, Action::Promote]);
+        assert_eq!(
+            decide(&o, &me()).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
     }
 }

@@ -8,6 +8,7 @@
 
 pub mod decide;
 pub mod observe;
+pub mod sync;
 pub mod timing;
 
 use std::path::PathBuf;
@@ -32,8 +33,8 @@ use self::decide::{decide, Action, Decision, MemberFacts};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
-use crate::postgres::replica::{self, Upstream};
 use self::timing::FencePolicy;
+use crate::postgres::replica::{self, Upstream};
 
 /// Why the HA loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,8 @@ pub struct HaLoop {
     task_failed: Option<(TaskKind, String)>,
     /// The member our standby configuration points at.
     following: Option<String>,
+    /// `synchronous_standby_names` as the sync planner last decided (leader only).
+    sync_standby_names: String,
     /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
     believes_leader: bool,
     lease_certain_until: Option<Instant>,
@@ -118,6 +121,12 @@ impl HaLoop {
             failover_priority: config.tags.failover_priority.unwrap_or(1),
             maximum_lag_on_failover: config.bootstrap.dcs.maximum_lag_on_failover,
             use_pg_rewind: config.bootstrap.dcs.postgresql.use_pg_rewind,
+            synchronous_mode: config.bootstrap.dcs.synchronous_mode,
+        };
+        let strict_placeholder = if config.bootstrap.dcs.synchronous_mode_strict {
+            "*".to_owned()
+        } else {
+            String::new()
         };
         HaLoop {
             dynamic: config.bootstrap.dcs.clone(),
@@ -133,6 +142,7 @@ impl HaLoop {
             task: None,
             task_failed: None,
             following: None,
+            sync_standby_names: strict_placeholder,
             believes_leader: false,
             lease_certain_until: None,
             last_view: None,
@@ -290,12 +300,9 @@ impl HaLoop {
             .iter()
             .filter(|m| m.name != self.facts.name && !m.record.api_url.is_empty())
             .map(|m| async move {
-                let status = crate::peer::fetch_status(
-                    &m.name,
-                    &m.record.api_url,
-                    Duration::from_secs(2),
-                )
-                .await;
+                let status =
+                    crate::peer::fetch_status(&m.name, &m.record.api_url, Duration::from_secs(2))
+                        .await;
                 if let Err(e) = &status {
                     debug!(peer = %m.name, error = %e, "peer did not answer usably");
                 }
@@ -340,7 +347,8 @@ impl HaLoop {
                     if adjusted != dynamic.loop_wait {
                         warn!(
                             loop_wait = dynamic.loop_wait,
-                            adjusted, "loop_wait + 2 × retry_timeout exceeds ttl; lowering loop_wait"
+                            adjusted,
+                            "loop_wait + 2 × retry_timeout exceeds ttl; lowering loop_wait"
                         );
                         dynamic.loop_wait = adjusted;
                     }
@@ -356,6 +364,7 @@ impl HaLoop {
                 }
                 self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
                 self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
+                self.facts.synchronous_mode = dynamic.synchronous_mode;
                 self.dynamic = dynamic;
             }
             Err(e) => warn!(error = %e, "ignoring an invalid `config` value in the DCS"),
@@ -439,8 +448,21 @@ impl HaLoop {
     /// read-only standby with nowhere to stream from).
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
         let use_slots = self.dynamic.postgresql.use_slots;
+        let mut parameters = conf::parameters(&self.config, &self.dynamic);
+        if standby && self.dynamic.synchronous_mode && self.dynamic.synchronous_mode_strict {
+            // Takes effect only if this standby is promoted: until the new leader has confirmed
+            // a synchronous standby, commits wait instead of being acknowledged by one copy.
+            parameters.insert("synchronous_standby_names".into(), "*".into());
+        } else if !standby
+            && (self.dynamic.synchronous_mode || !self.sync_standby_names.is_empty())
+        {
+            parameters.insert(
+                "synchronous_standby_names".into(),
+                self.sync_standby_names.clone(),
+            );
+        }
         ManagedFiles {
-            parameters: conf::parameters(&self.config, &self.dynamic),
+            parameters,
             pg_hba: self.config.postgresql.pg_hba.clone(),
             standby: standby.then(|| StandbySettings {
                 primary_conninfo: upstream.map(|u| replica::primary_conninfo(&self.config, u)),
@@ -488,7 +510,11 @@ impl HaLoop {
     }
 
     /// Performs one action; `Ok(false)` means a race was lost and the plan must stop.
-    async fn execute_one(&mut self, obs: &Observation, action: &Action) -> Result<bool, ActionError> {
+    async fn execute_one(
+        &mut self,
+        obs: &Observation,
+        action: &Action,
+    ) -> Result<bool, ActionError> {
         match action {
             Action::RaceInitialize(value) => {
                 let won = self.dcs.race_initialize(value).await?;
@@ -616,9 +642,10 @@ impl HaLoop {
                     None => None,
                 };
                 let files = self.managed_files(upstream.is_some(), upstream.as_ref());
-                let changed = conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
-                    ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                })?;
+                let changed =
+                    conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
+                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
+                    })?;
                 let following = upstream.as_ref().map(|u| u.name.clone());
                 if changed {
                     info!(upstream = ?following, "configuration changed; reloading postgres");
@@ -636,6 +663,15 @@ impl HaLoop {
                         self.sync_slots(view).await?;
                     }
                 }
+                Ok(true)
+            }
+            Action::ManageSync => {
+                let (DcsView::Known(view), PostgresView::Running(status)) =
+                    (&obs.dcs, &obs.postgres)
+                else {
+                    return Ok(true);
+                };
+                self.manage_sync(view, status).await?;
                 Ok(true)
             }
             Action::Promote => {
@@ -670,6 +706,38 @@ impl HaLoop {
                 }
                 Ok(true)
             }
+            Action::WriteHistory => {
+                let (DcsView::Known(view), PostgresView::Running(status)) =
+                    (&obs.dcs, &obs.postgres)
+                else {
+                    return Ok(true);
+                };
+                let Some(timeline) = status.timeline else {
+                    return Ok(true);
+                };
+                let file = self
+                    .config
+                    .postgresql
+                    .data_dir
+                    .join("pg_wal")
+                    .join(format!("{timeline:08X}.history"));
+                let text = match std::fs::read_to_string(&file) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        debug!(file = %file.display(), error = %e, "no timeline history file yet");
+                        return Ok(true);
+                    }
+                };
+                let history = merge_history(
+                    &view.history,
+                    &text,
+                    &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                    &self.facts.name,
+                );
+                self.dcs.write_history(&history).await?;
+                info!(timeline, "recorded the timeline switch in `history`");
+                Ok(true)
+            }
             Action::Checkpoint => {
                 self.probe
                     .execute("CHECKPOINT")
@@ -697,6 +765,60 @@ impl HaLoop {
         }
     }
 
+    /// Applies one cycle of the synchronous replication plan, keeping Patroni's order.
+    async fn manage_sync(
+        &mut self,
+        view: &ClusterView,
+        status: &crate::state::PostgresStatus,
+    ) -> Result<(), ActionError> {
+        let mode = sync::SyncMode {
+            enabled: self.dynamic.synchronous_mode,
+            strict: self.dynamic.synchronous_mode_strict,
+        };
+        let nosync = view
+            .members
+            .iter()
+            .filter(|m| m.record.tag_bool("nosync"))
+            .map(|m| m.name.clone())
+            .collect();
+        let plan = sync::plan(mode, &self.facts.name, view, &status.replication, &nosync);
+        let revision = view.sync.as_ref().map(|s| s.revision);
+        if plan.delete_key {
+            self.dcs.write_sync(None, revision).await?;
+            info!("synchronous mode is off: removed the `sync` key");
+        }
+        let mut revision = revision.unwrap_or(0);
+        if let Some(state) = &plan.key_before {
+            if !self.dcs.write_sync(Some(state), Some(revision)).await? {
+                return Err(ActionError::Failed(
+                    "the `sync` key changed under us".into(),
+                ));
+            }
+            info!(sync_standby = ?state.sync_standby, "updated `sync` before changing postgres");
+            // The next compare must be against the revision we just wrote: re-read next cycle.
+            revision = -1;
+        }
+        if plan.standby_names != self.sync_standby_names {
+            info!(synchronous_standby_names = %plan.standby_names, "changing synchronous standbys");
+            self.sync_standby_names = plan.standby_names.clone();
+            let files = self.managed_files(false, None);
+            if conf::write(&self.config.postgresql.data_dir, &files)
+                .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
+            {
+                self.probe
+                    .execute("SELECT pg_reload_conf()")
+                    .await
+                    .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+            }
+        }
+        if let (Some(state), true) = (&plan.key_after, revision >= 0) {
+            if self.dcs.write_sync(Some(state), Some(revision)).await? {
+                info!(sync_standby = ?state.sync_standby, "published the confirmed synchronous standby");
+            }
+        }
+        Ok(())
+    }
+
     /// Keeps one physical slot per other member so a replica's WAL is retained while it is
     /// away; drops inactive slots of members that left.
     async fn sync_slots(&self, view: &ClusterView) -> Result<(), ActionError> {
@@ -712,7 +834,10 @@ impl HaLoop {
             .await
             .map_err(|e| ActionError::Failed(format!("cannot list replication slots: {e}")))?;
         let mut sql = String::new();
-        for slot in wanted.iter().filter(|w| !existing.iter().any(|(n, _)| n == *w)) {
+        for slot in wanted
+            .iter()
+            .filter(|w| !existing.iter().any(|(n, _)| n == *w))
+        {
             info!(slot, "creating a physical replication slot");
             sql.push_str(&format!(
                 "SELECT pg_create_physical_replication_slot({});\n",
@@ -818,9 +943,14 @@ impl HaLoop {
             xlog_location: pg.and_then(|p| p.wal_position()),
             receive_lsn: pg.filter(|p| p.in_recovery).and_then(|p| p.receive_lsn),
             replay_lsn: pg.filter(|p| p.in_recovery).and_then(|p| p.replay_lsn),
-            replication_state: pg
-                .filter(|p| p.in_recovery)
-                .map(|p| if p.streaming { "streaming" } else { "in archive recovery" }.to_owned()),
+            replication_state: pg.filter(|p| p.in_recovery).map(|p| {
+                if p.streaming {
+                    "streaming"
+                } else {
+                    "in archive recovery"
+                }
+                .to_owned()
+            }),
             timeline: pg.and_then(|p| p.timeline),
             tags: self.config.effective_tags(),
             pending_restart: None,
@@ -887,6 +1017,30 @@ impl HaLoop {
     }
 }
 
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_merge_appends_new_timelines_with_timestamp_and_leader() {
+        let recorded = vec![crate::dcs::HistoryLine {
+            timeline: 1,
+            lsn: 100,
+            reason: "old".into(),
+            timestamp: Some("t0".into()),
+            new_leader: Some("a".into()),
+        }];
+        let file =
+            "1\t0/64\tno recovery target specified\n2\t0/4000A0\tno recovery target specified\n";
+        let merged = merge_history(&recorded, file, "t1", "b");
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].reason, "old");
+        assert_eq!(merged[1].timeline, 2);
+        assert_eq!(merged[1].lsn, 0x4000A0);
+        assert_eq!(merged[1].new_leader.as_deref(), Some("b"));
+    }
+}
+
 /// How an action failed.
 enum ActionError {
     /// Retry in the next cycle.
@@ -945,7 +1099,9 @@ async fn rewind(
     if let Err(e) = replica::rewind(config, bin_dir, upstream).await {
         let reason = error_chain(&e);
         if config.postgresql.remove_data_directory_on_rewind_failure
-            || config.postgresql.remove_data_directory_on_diverged_timelines
+            || config
+                .postgresql
+                .remove_data_directory_on_diverged_timelines
         {
             warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
             std::fs::remove_dir_all(data_dir)
@@ -957,8 +1113,49 @@ async fn rewind(
              to re-create it from the leader, or reinitialise it"
         ));
     }
-    conf::write(data_dir, files).map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    conf::write(data_dir, files)
+        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
     Ok(())
+}
+
+/// Merges postgres' timeline history file (`tli<TAB>lsn<TAB>reason` lines) into the DCS
+/// `history`: lines already recorded are kept as they are, the newest gets our timestamp and name.
+pub fn merge_history(
+    recorded: &[crate::dcs::HistoryLine],
+    file: &str,
+    timestamp: &str,
+    new_leader: &str,
+) -> Vec<crate::dcs::HistoryLine> {
+    let mut out = recorded.to_vec();
+    let from_file: Vec<crate::dcs::HistoryLine> = file
+        .lines()
+        .filter_map(|line| {
+            let mut parts = line.splitn(3, '\t');
+            let timeline = parts.next()?.trim().parse().ok()?;
+            let lsn = controldata::parse_lsn(parts.next()?)?;
+            let reason = parts.next().unwrap_or("").trim().to_owned();
+            Some(crate::dcs::HistoryLine {
+                timeline,
+                lsn,
+                reason,
+                timestamp: None,
+                new_leader: None,
+            })
+        })
+        .collect();
+    let last = from_file.last().map(|l| l.timeline);
+    for mut line in from_file {
+        if out.iter().any(|l| l.timeline == line.timeline) {
+            continue;
+        }
+        if Some(line.timeline) == last {
+            line.timestamp = Some(timestamp.to_owned());
+            line.new_leader = Some(new_leader.to_owned());
+        }
+        out.push(line);
+    }
+    out.sort_by_key(|l| l.timeline);
+    out
 }
 
 /// An error with its sources, for log lines and fatal messages.

@@ -3,6 +3,7 @@
 
 pub mod conf;
 pub mod controldata;
+pub mod fence_guard;
 pub mod initdb;
 pub mod probe;
 pub mod replica;

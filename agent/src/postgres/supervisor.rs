@@ -87,6 +87,8 @@ pub struct SupervisorSettings {
     pub data_dir: PathBuf,
     /// Stop postgres when the agent dies (parent-death signal).
     pub stop_with_agent: bool,
+    /// The out-of-process fence (see [`super::fence_guard`]); `None` disables it.
+    pub guard: Option<std::sync::Arc<super::fence_guard::FenceGuard>>,
 }
 
 /// Errors the supervisor reports to callers.
@@ -289,6 +291,7 @@ impl Actor {
                 },
                 status = async { self.child.as_mut().map(|c| c.wait()).expect("guarded").await }, if self.child.is_some() => {
                     self.child = None;
+                    self.sync_guard();
                     let exit = match status {
                         Ok(s) => s.to_string(),
                         Err(e) => format!("wait failed: {e}"),
@@ -348,7 +351,21 @@ impl Actor {
                     self.begin_stop(mode, timeout, Some(reply));
                 }
             }
-            Command_::Fence(deadline) => self.fence = deadline,
+            Command_::Fence(deadline) => {
+                self.fence = deadline;
+                self.sync_guard();
+            }
+        }
+    }
+
+    /// Mirrors the fence to the guard process, which acts even if this process is frozen.
+    fn sync_guard(&self) {
+        let Some(guard) = &self.settings.guard else {
+            return;
+        };
+        match (self.fence, self.child.as_ref().and_then(Child::id)) {
+            (Some(deadline), Some(pid)) => guard.arm(deadline, pid),
+            _ => guard.disarm(),
         }
     }
 
@@ -432,6 +449,7 @@ impl Actor {
         info!(pid, "postgres started");
         self.child = Some(child);
         self.stopping = None;
+        self.sync_guard();
         self.set(Postmaster::Running {
             pid,
             since: Instant::now(),
