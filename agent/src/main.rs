@@ -34,7 +34,7 @@ enum Command {
     ValidateConfig {
         config: PathBuf,
         #[command(flatten)]
-        flags: Flags,
+        flags: Box<Flags>,
     },
     /// Internal: the out-of-process fence the agent starts for itself.
     #[command(hide = true)]

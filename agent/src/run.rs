@@ -8,6 +8,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
+use crate::api::{self, ApiContext, ApiReply};
 use crate::config::Config;
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::Dcs;
@@ -112,9 +113,23 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
     );
     let probe = Probe::new(local_connection(&config));
     let (status_tx, status_rx) = watch::channel(Arc::new(ha::initial_status(&config)));
-    let (commands_tx, commands_rx) = mpsc::channel::<()>(16);
+    let (commands_tx, commands_rx) = mpsc::channel(16);
 
-    let _ = (status_rx, commands_tx, commands_rx, listener);
+    let api_task = tokio::spawn(api::serve(
+        listener,
+        ApiContext {
+            status: status_rx,
+            probe: probe.clone(),
+            auth: config
+                .restapi
+                .authentication
+                .as_ref()
+                .map(|c| (c.username.clone(), c.password.clone().unwrap_or_default())),
+            commands: commands_tx,
+        },
+        shutdown.child_token(),
+    ));
+    tokio::spawn(api_commands(commands_rx));
     tokio::spawn(signals(shutdown.clone()));
     if nix::unistd::getpid().as_raw() == 1 {
         tokio::spawn(reap_orphans());
@@ -132,6 +147,7 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
     let result = ha.run(shutdown.clone()).await;
     shutdown.cancel();
     drop(supervisor);
+    let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
     supervisor_task.abort();
     if let Err(e) = &result {
         error!(error = %e, "the agent stops");
@@ -170,6 +186,18 @@ async fn refuse_duplicate_name(config: &Config, dcs: &dyn Dcs) -> Result<(), Run
         });
     }
     Ok(())
+}
+
+/// Answers write requests. Reload re-reads nothing yet beyond what the HA loop applies every
+/// cycle from the DCS, so it is acknowledged as Patroni does (202).
+async fn api_commands(mut rx: mpsc::Receiver<api::ApiCommand>) {
+    while let Some(command) = rx.recv().await {
+        if command.method == axum::http::Method::POST && command.path == "/reload" {
+            let _ = command.reply.send(ApiReply::new(202, "reload scheduled"));
+        } else {
+            api::answer_unhandled(command);
+        }
+    }
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (postgres gets SIGQUIT from the

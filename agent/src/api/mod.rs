@@ -1,1 +1,344 @@
-//! (being written)
+//! The REST API: Patroni's endpoints, status codes and JSON (`patroni-compat.md` §2), and
+//! `/metrics`.
+//!
+//! One handler dispatches by method and first path segment, because Patroni routes every
+//! unknown GET path to a health check by substring. Reads are answered from the status the HA
+//! loop publishes (no SQL, so health checks are cheap), except `/patroni`, which asks postgres
+//! for a fresh status: peers compare WAL positions from it during a leader race. Write requests
+//! are forwarded to the agent as [`ApiCommand`]s.
+//!
+//! Modules: [`health`] (health-check, liveness and readiness rules), [`status`] (`/patroni`,
+//! `/cluster`, `/history` documents), [`metrics`] (`/metrics`).
+
+pub mod health;
+pub mod metrics;
+pub mod status;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::body::to_bytes;
+use axum::extract::{Request, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Router;
+use base64::Engine;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+pub use metrics::render_metrics;
+
+use crate::state::{AgentStatus, LiveProbe};
+
+/// Largest request body accepted.
+const MAX_BODY: usize = 1 << 20;
+
+/// What the API needs from the agent.
+#[derive(Clone)]
+pub struct ApiContext {
+    pub status: watch::Receiver<Arc<AgentStatus>>,
+    pub probe: Arc<dyn LiveProbe>,
+    /// `restapi.authentication` for the write endpoints.
+    pub auth: Option<(String, String)>,
+    pub commands: mpsc::Sender<ApiCommand>,
+}
+
+/// A write request for the agent, with the channel to answer on.
+#[derive(Debug)]
+pub struct ApiCommand {
+    pub method: Method,
+    /// The path without query, e.g. `/switchover`.
+    pub path: String,
+    /// The parsed JSON body (`{}` when the request had none).
+    pub body: serde_json::Map<String, serde_json::Value>,
+    pub reply: oneshot::Sender<ApiReply>,
+}
+
+/// The agent's answer: a status code and a plain-text (or JSON) body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ApiReply {
+    pub status: u16,
+    pub body: String,
+}
+
+impl ApiReply {
+    pub fn new(status: u16, body: impl Into<String>) -> Self {
+        ApiReply {
+            status,
+            body: body.into(),
+        }
+    }
+}
+
+/// Answers a command nobody implements (used by agents without that feature).
+pub fn answer_unhandled(command: ApiCommand) {
+    let _ = command.reply.send(ApiReply::new(
+        503,
+        format!(
+            "{} {} is not supported by this agent",
+            command.method, command.path
+        ),
+    ));
+}
+
+/// Serves until `shutdown` is cancelled.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    ctx: ApiContext,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(ctx);
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move { shutdown.cancelled().await })
+        .await
+}
+
+/// The router (exposed for in-process tests).
+pub fn router(ctx: ApiContext) -> Router {
+    Router::new().fallback(handle).with_state(Arc::new(ctx))
+}
+
+fn text(status: u16, body: impl Into<String>) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+        body.into(),
+    )
+        .into_response()
+}
+
+fn json(status: u16, value: &serde_json::Value) -> Response {
+    let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    (
+        code,
+        [(header::CONTENT_TYPE, "application/json")],
+        value.to_string(),
+    )
+        .into_response()
+}
+
+fn status_only(status: u16) -> Response {
+    StatusCode::from_u16(status)
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+        .into_response()
+}
+
+fn query_map(query: Option<&str>) -> BTreeMap<String, String> {
+    query
+        .unwrap_or("")
+        .split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            (percent_decode(k), percent_decode(v))
+        })
+        .collect()
+}
+
+fn percent_decode(s: &str) -> String {
+    let bytes = s.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).unwrap_or("");
+                match u8::from_str_radix(hex, 16) {
+                    Ok(b) => {
+                        out.push(b);
+                        i += 3;
+                    }
+                    Err(_) => {
+                        out.push(b'%');
+                        i += 1;
+                    }
+                }
+            }
+            b'+' => {
+                out.push(b' ');
+                i += 1;
+            }
+            b => {
+                out.push(b);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Basic auth for the write endpoints (§2.2): 401 with Patroni's messages.
+fn check_auth(ctx: &ApiContext, headers: &HeaderMap) -> Result<(), Box<Response>> {
+    let Some((user, password)) = &ctx.auth else {
+        return Ok(());
+    };
+    let unauthorized = |msg: &str| {
+        let mut r = text(401, msg);
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            header::HeaderValue::from_static("Basic realm=\"Patroni\""),
+        );
+        r
+    };
+    let Some(value) = headers.get(header::AUTHORIZATION) else {
+        return Err(Box::new(unauthorized("no auth header received")));
+    };
+    let expected = format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"))
+    );
+    if value.as_bytes() == expected.as_bytes() {
+        Ok(())
+    } else {
+        Err(Box::new(unauthorized("not authenticated")))
+    }
+}
+
+/// Endpoints that change something, by method and path.
+fn is_write(method: &Method, path: &str) -> bool {
+    matches!(
+        (method.as_str(), path),
+        ("PATCH", "/config")
+            | ("PUT", "/config")
+            | ("POST", "/reload")
+            | ("POST", "/restart")
+            | ("DELETE", "/restart")
+            | ("POST", "/reinitialize")
+            | ("POST", "/switchover")
+            | ("DELETE", "/switchover")
+            | ("POST", "/failover")
+    )
+}
+
+/// Write endpoints that cannot work without a JSON body.
+fn needs_body(method: &Method, path: &str) -> bool {
+    matches!(
+        (method.as_str(), path),
+        ("PATCH", "/config") | ("PUT", "/config") | ("POST", "/switchover") | ("POST", "/failover")
+    )
+}
+
+async fn handle(State(ctx): State<Arc<ApiContext>>, request: Request) -> Response {
+    let method = request.method().clone();
+    let path = request.uri().path().to_owned();
+    let query = query_map(request.uri().query());
+    let now = Instant::now();
+    let status = ctx.status.borrow().clone();
+    match method {
+        Method::GET => get(&ctx, &status, &path, &query, now).await,
+        Method::HEAD | Method::OPTIONS => status_only(health::evaluate(
+            health::classify(&path),
+            &status,
+            &query,
+            now,
+        )),
+        _ if is_write(&method, &path) => {
+            if let Err(denied) = check_auth(&ctx, request.headers()) {
+                return *denied;
+            }
+            let has_length = request.headers().contains_key(header::CONTENT_LENGTH)
+                || request.headers().contains_key(header::TRANSFER_ENCODING);
+            if needs_body(&method, &path) && !has_length {
+                return text(411, "a request body with Content-Length is required");
+            }
+            let bytes = match to_bytes(request.into_body(), MAX_BODY).await {
+                Ok(b) => b,
+                Err(_) => return text(413, "request body too large or unreadable"),
+            };
+            let body = if bytes.iter().all(u8::is_ascii_whitespace) {
+                if needs_body(&method, &path) {
+                    return text(400, "a JSON object body is required");
+                }
+                serde_json::Map::new()
+            } else {
+                match serde_json::from_slice::<serde_json::Value>(&bytes) {
+                    Ok(serde_json::Value::Object(map)) => map,
+                    Ok(_) => return text(400, "the body must be a JSON object"),
+                    Err(e) => return text(400, format!("invalid JSON body: {e}")),
+                }
+            };
+            forward(&ctx, method, path, body).await
+        }
+        _ => text(501, format!("unsupported method {method} for {path}")),
+    }
+}
+
+async fn forward(
+    ctx: &ApiContext,
+    method: Method,
+    path: String,
+    body: serde_json::Map<String, serde_json::Value>,
+) -> Response {
+    let (reply, rx) = oneshot::channel();
+    let command = ApiCommand {
+        method,
+        path,
+        body,
+        reply,
+    };
+    if ctx.commands.send(command).await.is_err() {
+        return text(503, "the agent is shutting down");
+    }
+    match rx.await {
+        Ok(r) => text(r.status, r.body),
+        Err(_) => text(503, "the agent did not answer"),
+    }
+}
+
+async fn get(
+    ctx: &ApiContext,
+    status: &AgentStatus,
+    path: &str,
+    query: &BTreeMap<String, String>,
+    now: Instant,
+) -> Response {
+    let first = path.trim_start_matches('/').split('/').next().unwrap_or("");
+    match first {
+        "patroni" => {
+            let fresh = tokio::time::timeout(Duration::from_secs(1), ctx.probe.postgres_now())
+                .await
+                .ok()
+                .flatten();
+            let pg = fresh.as_ref().or(status.postgres.as_ref());
+            json(200, &status::patroni_json(status, pg, now))
+        }
+        "liveness" => status_only(health::liveness(status, now)),
+        "readiness" => status_only(health::readiness(status, query, now)),
+        "metrics" => (
+            StatusCode::OK,
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
+            render_metrics(status, now),
+        )
+            .into_response(),
+        "cluster" => match status.cluster.as_deref() {
+            Some(view) => json(200, &status::cluster_json(&status.scope, view)),
+            None => json(
+                200,
+                &serde_json::json!({"members": [], "scope": status.scope}),
+            ),
+        },
+        "history" => match status.cluster.as_deref() {
+            Some(view) => json(200, &status::history_json(view)),
+            None => json(200, &serde_json::json!([])),
+        },
+        "config" => match status.cluster.as_deref().and_then(|v| v.config.as_ref()) {
+            Some(c) => json(200, &c.value),
+            None => text(502, "the cluster has no configuration in the DCS"),
+        },
+        _ => {
+            let code = health::evaluate(health::classify(path), status, query, now);
+            json(
+                code,
+                &status::patroni_json(status, status.postgres.as_ref(), now),
+            )
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests;

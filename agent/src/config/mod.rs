@@ -1,4 +1,14 @@
-//! (being written)
-pub mod schema;
-pub use schema::*;
+//! Configuration: Patroni's YAML schema ([`schema`]), loading with environment and flag
+//! overrides ([`load`]), validation with full key paths ([`validate`]).
+
 mod derived;
+pub mod load;
+pub mod schema;
+pub mod validate;
+
+pub use load::{load, load_str, ConfigError, Loaded, Overrides};
+pub use schema::*;
+pub use validate::FieldError;
+
+#[cfg(test)]
+mod tests;

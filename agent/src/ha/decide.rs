@@ -580,9 +580,9 @@ fn decide_with_other_leader(
             vec![Action::StopPostgres(StopMode::Immediate)],
         );
     }
-    if !view
+    if view
         .member(&leader)
-        .is_some_and(|m| m.record.host_port().is_some())
+        .is_none_or(|m| m.record.host_port().is_none())
     {
         return Decision::new(Outcome::WaitingForLeaderAddress { leader }, vec![]);
     }

@@ -453,8 +453,7 @@ impl HaLoop {
             // Takes effect only if this standby is promoted: until the new leader has confirmed
             // a synchronous standby, commits wait instead of being acknowledged by one copy.
             parameters.insert("synchronous_standby_names".into(), "*".into());
-        } else if !standby
-            && (self.dynamic.synchronous_mode || !self.sync_standby_names.is_empty())
+        } else if !standby && (self.dynamic.synchronous_mode || !self.sync_standby_names.is_empty())
         {
             parameters.insert(
                 "synchronous_standby_names".into(),
@@ -1017,30 +1016,6 @@ impl HaLoop {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn history_merge_appends_new_timelines_with_timestamp_and_leader() {
-        let recorded = vec![crate::dcs::HistoryLine {
-            timeline: 1,
-            lsn: 100,
-            reason: "old".into(),
-            timestamp: Some("t0".into()),
-            new_leader: Some("a".into()),
-        }];
-        let file =
-            "1\t0/64\tno recovery target specified\n2\t0/4000A0\tno recovery target specified\n";
-        let merged = merge_history(&recorded, file, "t1", "b");
-        assert_eq!(merged.len(), 2);
-        assert_eq!(merged[0].reason, "old");
-        assert_eq!(merged[1].timeline, 2);
-        assert_eq!(merged[1].lsn, 0x4000A0);
-        assert_eq!(merged[1].new_leader.as_deref(), Some("b"));
-    }
-}
-
 /// How an action failed.
 enum ActionError {
     /// Retry in the next cycle.
@@ -1168,4 +1143,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
         source = s.source();
     }
     text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn history_merge_appends_new_timelines_with_timestamp_and_leader() {
+        let recorded = vec![crate::dcs::HistoryLine {
+            timeline: 1,
+            lsn: 100,
+            reason: "old".into(),
+            timestamp: Some("t0".into()),
+            new_leader: Some("a".into()),
+        }];
+        let file =
+            "1\t0/64\tno recovery target specified\n2\t0/4000A0\tno recovery target specified\n";
+        let merged = merge_history(&recorded, file, "t1", "b");
+        assert_eq!(merged.len(), 2);
+        assert_eq!(merged[0].reason, "old");
+        assert_eq!(merged[1].timeline, 2);
+        assert_eq!(merged[1].lsn, 0x4000A0);
+        assert_eq!(merged[1].new_leader.as_deref(), Some("b"));
+    }
 }

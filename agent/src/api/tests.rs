@@ -1,0 +1,310 @@
+//! In-process tests of the REST API: status codes per path and method, JSON fields, malformed
+//! requests, basic auth and metrics text.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::{mpsc, watch};
+
+use super::*;
+use crate::dcs::{ClusterView, LeaderKey, LeaderStatus, Versioned};
+use crate::state::{PgState, PostgresStatus, Role};
+
+struct NoProbe;
+
+#[async_trait::async_trait]
+impl LiveProbe for NoProbe {
+    async fn postgres_now(&self) -> Option<PostgresStatus> {
+        None
+    }
+}
+
+fn pg(in_recovery: bool) -> PostgresStatus {
+    PostgresStatus {
+        in_recovery,
+        server_version: 150018,
+        timeline: Some(3),
+        postmaster_start_time: Some("2026-11-24 00:00:00.000000+00:00".into()),
+        postmaster_start_epoch: Some(1.5),
+        wal_flush_lsn: (!in_recovery).then_some(5000),
+        receive_lsn: in_recovery.then_some(4000),
+        replay_lsn: in_recovery.then_some(3000),
+        replayed_timestamp: None,
+        replay_paused: false,
+        streaming: in_recovery,
+        system_identifier: Some("7310000000000000001".into()),
+        replication: vec![],
+    }
+}
+
+fn view(leader: &str) -> Arc<ClusterView> {
+    Arc::new(ClusterView {
+        leader: Some(LeaderKey {
+            name: leader.into(),
+            revision: 1,
+            lease: 1,
+        }),
+        status: Some(LeaderStatus {
+            optime: 5000,
+            ..Default::default()
+        }),
+        config: Some(Versioned {
+            value: serde_json::json!({"ttl": 30}),
+            revision: 1,
+        }),
+        ..Default::default()
+    })
+}
+
+fn primary() -> AgentStatus {
+    let now = Instant::now();
+    AgentStatus {
+        scope: "batman".into(),
+        name: "pg0".into(),
+        state: PgState::Running,
+        role: Role::Primary,
+        postgres: Some(pg(false)),
+        leader_valid_until: Some(now + Duration::from_secs(20)),
+        cluster: Some(view("pg0")),
+        cluster_read_at: Some(now),
+        dcs_last_seen: Some(std::time::SystemTime::now()),
+        paused: false,
+        tags: Default::default(),
+        pending_restart: false,
+        database_system_identifier: Some("7310000000000000001".into()),
+        next_cycle_due: now + Duration::from_secs(10),
+        ttl: Duration::from_secs(30),
+        loop_wait: Duration::from_secs(10),
+        maximum_lag_on_failover: 1_048_576,
+        postmaster_start_epoch: Some(1.5),
+    }
+}
+
+fn replica() -> AgentStatus {
+    AgentStatus {
+        name: "pg1".into(),
+        role: Role::Replica,
+        postgres: Some(pg(true)),
+        leader_valid_until: None,
+        ..primary()
+    }
+}
+
+async fn serve_status(
+    status: AgentStatus,
+    auth: Option<(String, String)>,
+) -> (u16, mpsc::Receiver<ApiCommand>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let (_tx, rx) = watch::channel(Arc::new(status));
+    let (ctx_tx, ctx_rx) = mpsc::channel(4);
+    let ctx = ApiContext {
+        status: rx,
+        probe: Arc::new(NoProbe),
+        auth,
+        commands: ctx_tx,
+    };
+    tokio::spawn(async move {
+        let _keep = _tx;
+        let _ = serve(listener, ctx, CancellationToken::new()).await;
+    });
+    (port, ctx_rx)
+}
+
+async fn raw(port: u16, request: &str) -> (u16, String, String) {
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    s.write_all(request.as_bytes()).await.expect("write");
+    let mut buf = Vec::new();
+    s.read_to_end(&mut buf).await.expect("read");
+    let text = String::from_utf8_lossy(&buf).into_owned();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    (code, head.to_owned(), body.to_owned())
+}
+
+async fn req(port: u16, method: &str, path: &str, body: Option<&str>) -> (u16, String) {
+    let request = match body {
+        Some(b) => format!(
+            "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{b}",
+            b.len()
+        ),
+        None => format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"),
+    };
+    let (code, _, body) = raw(port, &request).await;
+    (code, body)
+}
+
+#[tokio::test]
+async fn primary_answers_health_checks_like_patroni() {
+    let (port, _rx) = serve_status(primary(), None).await;
+    for (path, want) in [
+        ("/", 200),
+        ("/primary", 200),
+        ("/master", 200),
+        ("/leader", 200),
+        ("/read-write", 200),
+        ("/replica", 503),
+        ("/read-only", 200),
+        ("/health", 200),
+        ("/standby-leader", 503),
+        ("/async", 503),
+        ("/whatever", 503),
+    ] {
+        assert_eq!(req(port, "GET", path, None).await.0, want, "GET {path}");
+    }
+    let (code, body) = req(port, "GET", "/primary", None).await;
+    assert_eq!(code, 200);
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json body");
+    assert_eq!(j["role"], "primary");
+    assert_eq!(j["xlog"]["location"], 5000);
+    // OPTIONS/HEAD: status line only.
+    let (code, _, body) = raw(
+        port,
+        "OPTIONS / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, ""));
+    assert_eq!(req(port, "HEAD", "/replica", None).await.0, 503);
+}
+
+#[tokio::test]
+async fn replica_health_respects_lag_and_tags() {
+    let mut status = replica();
+    status.tags.insert("zone".into(), serde_json::json!("a"));
+    let (port, _rx) = serve_status(status, None).await;
+    assert_eq!(req(port, "GET", "/primary", None).await.0, 503);
+    assert_eq!(req(port, "GET", "/replica", None).await.0, 200);
+    assert_eq!(
+        req(port, "GET", "/replica?lag=2kB", None).await.0,
+        200,
+        "2000 bytes behind, 2048 allowed"
+    );
+    assert_eq!(
+        req(port, "GET", "/replica?lag=1kB", None).await.0,
+        503,
+        "2000 bytes behind, 1024 allowed"
+    );
+    assert_eq!(req(port, "GET", "/replica?lag=100", None).await.0, 503);
+    assert_eq!(req(port, "GET", "/replica?tag_zone=a", None).await.0, 200);
+    assert_eq!(req(port, "GET", "/replica?tag_zone=b", None).await.0, 503);
+    assert_eq!(req(port, "GET", "/async", None).await.0, 200);
+    assert_eq!(req(port, "GET", "/readiness", None).await.0, 200);
+    assert_eq!(req(port, "GET", "/readiness?lag=100", None).await.0, 503);
+    let (_, body) = req(port, "GET", "/patroni", None).await;
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(j["xlog"]["received_location"], 4000);
+    assert_eq!(j["xlog"]["replayed_location"], 3000);
+    assert_eq!(j["replication_state"], "streaming");
+    assert_eq!(j["patroni"]["version"], "4.1.4");
+    assert_eq!(j["patroni"]["scope"], "batman");
+}
+
+#[tokio::test]
+async fn liveness_and_readiness_have_no_body() {
+    let (port, _rx) = serve_status(primary(), None).await;
+    let (code, _, body) = raw(
+        port,
+        "GET /liveness HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    )
+    .await;
+    assert_eq!((code, body.as_str()), (200, ""));
+    let mut stuck = primary();
+    stuck.next_cycle_due = Instant::now() - Duration::from_secs(120);
+    let (port, _rx) = serve_status(stuck, None).await;
+    assert_eq!(req(port, "GET", "/liveness", None).await.0, 503);
+}
+
+#[tokio::test]
+async fn without_the_lock_a_running_primary_fails_primary_checks() {
+    let mut s = primary();
+    s.leader_valid_until = None;
+    let (port, _rx) = serve_status(s, None).await;
+    assert_eq!(req(port, "GET", "/primary", None).await.0, 503);
+    assert_eq!(req(port, "GET", "/readiness", None).await.0, 503);
+}
+
+#[tokio::test]
+async fn malformed_requests_get_a_4xx_with_a_message() {
+    let (port, _rx) = serve_status(primary(), None).await;
+    let (code, body) = req(port, "POST", "/switchover", Some("{not json")).await;
+    assert_eq!(code, 400);
+    assert!(body.contains("invalid JSON"), "{body}");
+    let (code, _) = req(port, "POST", "/switchover", Some("[1,2]")).await;
+    assert_eq!(code, 400);
+    let (code, body) = req(port, "POST", "/switchover", None).await;
+    assert_eq!(code, 411, "{body}");
+    let (code, _) = req(port, "POST", "/nonsense", Some("{}")).await;
+    assert_eq!(code, 501);
+    let big = "x".repeat(MAX_BODY + 10);
+    let (code, _) = req(port, "PATCH", "/config", Some(&big)).await;
+    assert_eq!(code, 413);
+}
+
+#[tokio::test]
+async fn write_endpoints_require_basic_auth_when_configured() {
+    let (port, mut rx) = serve_status(primary(), Some(("admin".into(), "pw".into()))).await;
+    let (code, body) = req(port, "POST", "/reload", None).await;
+    assert_eq!((code, body.as_str()), (401, "no auth header received"));
+    let request = "POST /reload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Basic d3Jvbmc=\r\n\r\n";
+    let (code, head, _) = raw(port, request).await;
+    assert_eq!(code, 401);
+    assert!(head.contains("Basic realm=\"Patroni\""));
+    tokio::spawn(async move {
+        while let Some(cmd) = rx.recv().await {
+            let _ = cmd.reply.send(ApiReply::new(202, "reload scheduled"));
+        }
+    });
+    let good = format!(
+        "POST /reload HTTP/1.1\r\nHost: x\r\nConnection: close\r\nAuthorization: Basic {}\r\n\r\n",
+        base64::engine::general_purpose::STANDARD.encode("admin:pw")
+    );
+    let (code, _, body) = raw(port, &good).await;
+    assert_eq!((code, body.as_str()), (202, "reload scheduled"));
+}
+
+#[tokio::test]
+async fn metrics_use_patroni_names_and_labels() {
+    let (port, _rx) = serve_status(primary(), None).await;
+    let (code, body) = req(port, "GET", "/metrics", None).await;
+    assert_eq!(code, 200);
+    for line in [
+        "patroni_primary{scope=\"batman\",name=\"pg0\"} 1",
+        "patroni_replica{scope=\"batman\",name=\"pg0\"} 0",
+        "patroni_postgres_running{scope=\"batman\",name=\"pg0\"} 1",
+        "patroni_xlog_location{scope=\"batman\",name=\"pg0\"} 5000",
+        "patroni_postgres_timeline{scope=\"batman\",name=\"pg0\"} 3",
+        "patroni_cluster_unlocked{scope=\"batman\",name=\"pg0\"} 0",
+        "patroni_version{scope=\"batman\",name=\"pg0\"} 40104",
+        "patroni_postgres_server_version{scope=\"batman\",name=\"pg0\"} 150018",
+    ] {
+        assert!(body.contains(line), "missing {line} in\n{body}");
+    }
+    assert!(body.contains("# HELP patroni_primary "));
+    assert!(body.contains("# TYPE patroni_primary gauge"));
+    assert!(!body.contains("_total"));
+    assert!(!body.contains("# EOF"));
+}
+
+#[tokio::test]
+async fn cluster_document_lists_members_with_roles() {
+    let (port, _rx) = serve_status(primary(), None).await;
+    let (code, body) = req(port, "GET", "/cluster", None).await;
+    assert_eq!(code, 200);
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(j["scope"], "batman");
+    let (code, body) = req(port, "GET", "/config", None).await;
+    assert_eq!((code, body.as_str()), (200, "{\"ttl\":30}"));
+    assert_eq!(
+        req(port, "GET", "/history", None).await,
+        (200, "[]".to_owned())
+    );
+}

@@ -1,0 +1,331 @@
+//! Loading: YAML file < environment (`PGWARDEN_*`, then Patroni's `PATRONI_*`) < command-line
+//! flags; unknown keys become warnings with their full path; type errors and invalid values are
+//! errors naming the key path.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use super::schema::{Config, Credentials, Etcd3Config, LogFormat};
+use super::validate::FieldError;
+
+/// Values given on the command line; `None` = not given.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub scope: Option<String>,
+    pub name: Option<String>,
+    pub namespace: Option<String>,
+    pub restapi_listen: Option<String>,
+    pub restapi_connect_address: Option<String>,
+    pub etcd3_hosts: Option<Vec<String>>,
+    pub postgresql_listen: Option<String>,
+    pub postgresql_connect_address: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub bin_dir: Option<PathBuf>,
+    pub log_type: Option<LogFormat>,
+    pub log_level: Option<String>,
+}
+
+/// A loaded, validated configuration and the warnings to log.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub config: Config,
+    pub warnings: Vec<String>,
+}
+
+/// Why a configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    /// YAML syntax error or a value of the wrong type, at `path`.
+    #[error("`{path}`: {reason}")]
+    Parse { path: String, reason: String },
+    /// Values that parse but are not acceptable: every problem, each with its path.
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "))]
+    Invalid(Vec<FieldError>),
+}
+
+/// Loads from an optional file, the environment map and flags.
+pub fn load(
+    path: Option<&Path>,
+    env: &BTreeMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Loaded, ConfigError> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.to_owned(),
+            source,
+        })?,
+        None => String::new(),
+    };
+    load_str(&text, env, overrides)
+}
+
+/// Like [`load`], from YAML text.
+pub fn load_str(
+    yaml: &str,
+    env: &BTreeMap<String, String>,
+    overrides: &Overrides,
+) -> Result<Loaded, ConfigError> {
+    let (mut config, warnings) = parse_yaml(yaml)?;
+    apply_env(&mut config, env)?;
+    apply_overrides(&mut config, overrides);
+    apply_defaults(&mut config);
+    config.validate().map_err(ConfigError::Invalid)?;
+    Ok(Loaded { config, warnings })
+}
+
+/// Formats a serde path (`a.b[0].c`) from serde_ignored/serde_path_to_error segments.
+fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
+    if yaml.trim().is_empty() {
+        return Ok((Config::default(), Vec::new()));
+    }
+    let value: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| ConfigError::Parse {
+        path: e
+            .location()
+            .map(|l| format!("line {}, column {}", l.line(), l.column()))
+            .unwrap_or_else(|| "(document)".into()),
+        reason: e.to_string(),
+    })?;
+    if !value.is_mapping() {
+        return Err(ConfigError::Parse {
+            path: "(document)".into(),
+            reason: "the configuration must be a mapping of keys to values".into(),
+        });
+    }
+    let mut unknown = Vec::new();
+    let mut track = serde_path_to_error::Track::new();
+    let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
+    let result: Result<Config, _> = serde_ignored::deserialize(deserializer, |path| {
+        unknown.push(path.to_string());
+    });
+    match result {
+        Ok(config) => Ok((
+            config,
+            unknown
+                .into_iter()
+                .map(|p| format!("unknown configuration key `{p}` ignored"))
+                .collect(),
+        )),
+        Err(e) => {
+            let path = track.path().to_string();
+            let reason = explain(&path, &e.to_string());
+            Err(ConfigError::Parse { path, reason })
+        }
+    }
+}
+
+/// Turns serde's untagged-enum message into something a person can act on.
+fn explain(path: &str, message: &str) -> String {
+    if message.contains("did not match any variant of untagged enum PgValue") {
+        return "a postgresql parameter must be a string, a number or a boolean".into();
+    }
+    if message.contains("did not match any variant of untagged enum InitdbOption") {
+        return format!(
+            "an initdb option must be a flag (`- data-checksums`) or a one-key mapping \
+             (`- encoding: UTF8`) (at {path})"
+        );
+    }
+    message.to_owned()
+}
+
+fn env_value<'a>(env: &'a BTreeMap<String, String>, suffix: &str) -> Option<(&'a str, String)> {
+    for prefix in ["PGWARDEN_", "PATRONI_"] {
+        let key = format!("{prefix}{suffix}");
+        if let Some((k, v)) = env.get_key_value(&key) {
+            return Some((v.as_str(), k.clone()));
+        }
+    }
+    None
+}
+
+fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), ConfigError> {
+    let get = |suffix: &str| env_value(env, suffix).map(|(v, _)| v.to_owned());
+    if let Some(v) = get("SCOPE") {
+        config.scope = v;
+    }
+    if let Some(v) = get("NAME") {
+        config.name = v;
+    }
+    if let Some(v) = get("NAMESPACE") {
+        config.namespace = v;
+    }
+    if let Some(v) = get("RESTAPI_LISTEN") {
+        config.restapi.listen = v;
+    }
+    if let Some(v) = get("RESTAPI_CONNECT_ADDRESS") {
+        config.restapi.connect_address = v;
+    }
+    if let Some(v) = get("RESTAPI_USERNAME") {
+        config
+            .restapi
+            .authentication
+            .get_or_insert_with(Credentials::default)
+            .username = v;
+    }
+    if let Some(v) = get("RESTAPI_PASSWORD") {
+        config
+            .restapi
+            .authentication
+            .get_or_insert_with(Credentials::default)
+            .password = Some(v);
+    }
+    let etcd_keys = [
+        "ETCD3_HOSTS",
+        "ETCD3_HOST",
+        "ETCD3_PROTOCOL",
+        "ETCD3_USERNAME",
+        "ETCD3_PASSWORD",
+    ];
+    if etcd_keys.iter().any(|k| get(k).is_some()) {
+        let etcd = config.etcd3.get_or_insert_with(Etcd3Config::default);
+        if let Some(v) = get("ETCD3_HOSTS") {
+            etcd.hosts = split_list(&v);
+        }
+        if let Some(v) = get("ETCD3_HOST") {
+            etcd.host = Some(v);
+        }
+        if let Some(v) = get("ETCD3_PROTOCOL") {
+            etcd.protocol = Some(v);
+        }
+        if let Some(v) = get("ETCD3_USERNAME") {
+            etcd.username = Some(v);
+        }
+        if let Some(v) = get("ETCD3_PASSWORD") {
+            etcd.password = Some(v);
+        }
+    }
+    if let Some(v) = get("POSTGRESQL_LISTEN") {
+        config.postgresql.listen = v;
+    }
+    if let Some(v) = get("POSTGRESQL_CONNECT_ADDRESS") {
+        config.postgresql.connect_address = v;
+    }
+    if let Some(v) = get("POSTGRESQL_DATA_DIR") {
+        config.postgresql.data_dir = PathBuf::from(v);
+    }
+    if let Some(v) = get("POSTGRESQL_BIN_DIR") {
+        config.postgresql.bin_dir = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("POSTGRESQL_PGPASS") {
+        config.postgresql.pgpass = Some(PathBuf::from(v));
+    }
+    let auth = &mut config.postgresql.authentication;
+    if let Some(v) = get("SUPERUSER_USERNAME") {
+        auth.superuser.username = v;
+    }
+    if let Some(v) = get("SUPERUSER_PASSWORD") {
+        auth.superuser.password = Some(v);
+    }
+    if let Some(v) = get("REPLICATION_USERNAME") {
+        auth.replication.username = v;
+    }
+    if let Some(v) = get("REPLICATION_PASSWORD") {
+        auth.replication.password = Some(v);
+    }
+    if let Some((v, key)) = env_value(env, "LOG_TYPE") {
+        config.log.kind = match v.to_ascii_lowercase().as_str() {
+            "plain" => LogFormat::Plain,
+            "json" => LogFormat::Json,
+            other => {
+                return Err(ConfigError::Parse {
+                    path: key,
+                    reason: format!("unknown log type {other:?}: use plain or json"),
+                })
+            }
+        };
+    }
+    if let Some(v) = get("LOG_LEVEL") {
+        config.log.level = v;
+    }
+    Ok(())
+}
+
+fn split_list(v: &str) -> Vec<String> {
+    v.split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+fn apply_overrides(config: &mut Config, o: &Overrides) {
+    let set = |target: &mut String, v: &Option<String>| {
+        if let Some(v) = v {
+            *target = v.clone();
+        }
+    };
+    set(&mut config.scope, &o.scope);
+    set(&mut config.name, &o.name);
+    set(&mut config.namespace, &o.namespace);
+    set(&mut config.restapi.listen, &o.restapi_listen);
+    set(
+        &mut config.restapi.connect_address,
+        &o.restapi_connect_address,
+    );
+    set(&mut config.postgresql.listen, &o.postgresql_listen);
+    set(
+        &mut config.postgresql.connect_address,
+        &o.postgresql_connect_address,
+    );
+    if let Some(hosts) = &o.etcd3_hosts {
+        config.etcd3.get_or_insert_with(Etcd3Config::default).hosts = hosts.clone();
+    }
+    if let Some(d) = &o.data_dir {
+        config.postgresql.data_dir = d.clone();
+    }
+    if let Some(d) = &o.bin_dir {
+        config.postgresql.bin_dir = Some(d.clone());
+    }
+    if let Some(t) = o.log_type {
+        config.log.kind = t;
+    }
+    if let Some(l) = &o.log_level {
+        config.log.level = l.clone();
+    }
+}
+
+fn is_wildcard(host: &str) -> bool {
+    matches!(host, "" | "*" | "0.0.0.0" | "::" | "[::]")
+}
+
+fn apply_defaults(config: &mut Config) {
+    if config.namespace.is_empty() {
+        config.namespace = "/service/".into();
+    }
+    if config.name.is_empty() {
+        if let Ok(host) = nix::unistd::gethostname() {
+            config.name = host.to_string_lossy().into_owned();
+        }
+    }
+    if config.restapi.listen.is_empty() {
+        config.restapi.listen = "0.0.0.0:8008".into();
+    }
+    if config.restapi.connect_address.is_empty() {
+        if let Some((host, _)) = config.restapi.listen.rsplit_once(':') {
+            if !is_wildcard(host) {
+                config.restapi.connect_address = config.restapi.listen.clone();
+            }
+        }
+    }
+    if config.postgresql.connect_address.is_empty() {
+        if let Some((hosts, port)) = config.postgresql.listen.rsplit_once(':') {
+            let first = hosts.split(',').next().unwrap_or("").trim();
+            if !is_wildcard(first) {
+                config.postgresql.connect_address = format!("{first}:{port}");
+            }
+        }
+    }
+    if let Some(etcd) = &mut config.etcd3 {
+        if let Some(host) = etcd.host.take() {
+            if !etcd.hosts.contains(&host) {
+                etcd.hosts.push(host);
+            }
+        }
+    }
+}

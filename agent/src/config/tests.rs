@@ -1,0 +1,315 @@
+//! Loader and validator tests: a Patroni-style file loads unchanged; every invalid value names
+//! its key path and a reason.
+
+use std::collections::BTreeMap;
+
+use super::*;
+
+/// Patroni's `postgres0.yml` style, restricted to the options pgwarden implements.
+const PATRONI_YML: &str = r#"
+scope: batman
+namespace: /service/
+name: postgresql0
+restapi:
+  listen: 127.0.0.1:8008
+  connect_address: 127.0.0.1:8008
+etcd3:
+  hosts: 127.0.0.1:2379
+bootstrap:
+  dcs:
+    ttl: 30
+    loop_wait: 10
+    retry_timeout: 10
+    maximum_lag_on_failover: 1048576
+    postgresql:
+      use_pg_rewind: true
+      parameters:
+        max_connections: 100
+        wal_level: replica
+        hot_standby: "on"
+  initdb:
+  - encoding: UTF8
+  - data-checksums
+postgresql:
+  listen: 127.0.0.1:5432
+  connect_address: 127.0.0.1:5432
+  data_dir: data/postgresql0
+  pgpass: /tmp/pgpass0
+  authentication:
+    replication:
+      username: replicator
+      password: rep-pass
+    superuser:
+      username: postgres
+      password: zalando
+  parameters:
+    unix_socket_directories: '/var/run/postgresql'
+  pg_hba:
+  - host replication replicator 127.0.0.1/32 md5
+  - host all all 0.0.0.0/0 md5
+tags:
+  nofailover: false
+  noloadbalance: false
+  clonefrom: false
+  nosync: false
+"#;
+
+fn no_env() -> BTreeMap<String, String> {
+    BTreeMap::new()
+}
+
+fn load_ok(yaml: &str) -> Loaded {
+    load_str(yaml, &no_env(), &Overrides::default()).unwrap_or_else(|e| panic!("should load: {e}"))
+}
+
+/// Replaces the first line that starts with `from` (after trimming) by `to`.
+fn edit(from: &str, to: &str) -> String {
+    let mut done = false;
+    PATRONI_YML
+        .lines()
+        .map(|l| {
+            if !done && l.trim_start().starts_with(from) {
+                done = true;
+                let indent = &l[..l.len() - l.trim_start().len()];
+                format!("{indent}{to}")
+            } else {
+                l.to_owned()
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// Loads `yaml` and returns `(path, reason)` of every error.
+fn errors(yaml: &str) -> Vec<(String, String)> {
+    match load_str(yaml, &no_env(), &Overrides::default()) {
+        Ok(_) => panic!("should be refused:\n{yaml}"),
+        Err(ConfigError::Parse { path, reason }) => vec![(path, reason)],
+        Err(ConfigError::Invalid(list)) => list.into_iter().map(|e| (e.path, e.reason)).collect(),
+        Err(e) => panic!("unexpected error {e}"),
+    }
+}
+
+fn assert_error(yaml: &str, path: &str, reason_part: &str) {
+    let errs = errors(yaml);
+    assert!(
+        errs.iter()
+            .any(|(p, r)| p == path && r.contains(reason_part)),
+        "expected an error at `{path}` containing {reason_part:?}, got {errs:?}"
+    );
+}
+
+#[test]
+fn a_patroni_file_loads_unchanged_without_warnings() {
+    let loaded = load_ok(PATRONI_YML);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let c = loaded.config;
+    assert_eq!(c.scope, "batman");
+    assert_eq!(c.dcs_base_path(), "/service/batman");
+    assert_eq!(
+        c.etcd3.as_ref().map(|e| e.hosts.clone()),
+        Some(vec!["127.0.0.1:2379".to_owned()])
+    );
+    assert_eq!(c.bootstrap.dcs.ttl, 30);
+    assert_eq!(c.bootstrap.initdb.len(), 2);
+    assert_eq!(
+        c.postgresql.authentication.superuser.password.as_deref(),
+        Some("zalando")
+    );
+    assert_eq!(c.postgresql.pg_hba.len(), 2);
+    assert_eq!(c.api_url(), "http://127.0.0.1:8008/patroni");
+    assert_eq!(c.conn_url(), "postgres://127.0.0.1:5432/postgres");
+}
+
+#[test]
+fn defaults_are_patronis() {
+    let c = load_ok(&edit("ttl: 30", "ttl: 30").replace(
+        "    ttl: 30\n    loop_wait: 10\n    retry_timeout: 10\n    maximum_lag_on_failover: 1048576\n",
+        "",
+    ))
+    .config;
+    assert_eq!(
+        (
+            c.bootstrap.dcs.ttl,
+            c.bootstrap.dcs.loop_wait,
+            c.bootstrap.dcs.retry_timeout
+        ),
+        (30, 10, 10)
+    );
+    assert_eq!(c.bootstrap.dcs.maximum_lag_on_failover, 1_048_576);
+}
+
+#[test]
+fn unknown_keys_are_warned_about_by_full_path() {
+    let yaml = format!("{PATRONI_YML}\nwatchdog_x: 1\n").replace(
+        "  pgpass: /tmp/pgpass0",
+        "  pgpass: /tmp/pgpass0\n  paramters: {a: 1}",
+    );
+    let loaded = load_ok(&yaml);
+    let w = loaded.warnings.join("\n");
+    assert!(w.contains("`postgresql.paramters`"), "{w}");
+    assert!(w.contains("`watchdog_x`"), "{w}");
+}
+
+#[test]
+fn environment_beats_the_file_and_flags_beat_the_environment() {
+    let mut env = BTreeMap::new();
+    env.insert("PATRONI_NAME".to_owned(), "from-patroni-env".to_owned());
+    env.insert("PGWARDEN_NAME".to_owned(), "from-pgwarden-env".to_owned());
+    env.insert("PATRONI_SCOPE".to_owned(), "envscope".to_owned());
+    env.insert(
+        "PGWARDEN_ETCD3_HOSTS".to_owned(),
+        "10.0.0.1:2379, 10.0.0.2:2379".to_owned(),
+    );
+    let c = load_str(PATRONI_YML, &env, &Overrides::default())
+        .expect("loads")
+        .config;
+    assert_eq!(c.name, "from-pgwarden-env", "PGWARDEN_ wins over PATRONI_");
+    assert_eq!(c.scope, "envscope");
+    assert_eq!(c.etcd3.map(|e| e.hosts.len()), Some(2));
+    let flags = Overrides {
+        name: Some("from-flag".into()),
+        ..Default::default()
+    };
+    let c = load_str(PATRONI_YML, &env, &flags).expect("loads").config;
+    assert_eq!(c.name, "from-flag");
+}
+
+#[test]
+fn everything_can_come_from_the_environment() {
+    let env: BTreeMap<String, String> = [
+        ("PATRONI_SCOPE", "s"),
+        ("PATRONI_NAME", "n"),
+        ("PATRONI_RESTAPI_LISTEN", "127.0.0.1:8008"),
+        ("PATRONI_ETCD3_HOSTS", "127.0.0.1:2379"),
+        ("PATRONI_POSTGRESQL_LISTEN", "127.0.0.1:5432"),
+        ("PATRONI_POSTGRESQL_DATA_DIR", "/tmp/d"),
+        ("PATRONI_SUPERUSER_USERNAME", "postgres"),
+        ("PATRONI_REPLICATION_USERNAME", "replicator"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let c = load(None, &env, &Overrides::default())
+        .expect("loads")
+        .config;
+    assert_eq!(
+        c.restapi.connect_address, "127.0.0.1:8008",
+        "derived from listen"
+    );
+    assert_eq!(c.postgresql.connect_address, "127.0.0.1:5432");
+}
+
+#[test]
+fn invalid_env_value_names_the_variable() {
+    let mut env = BTreeMap::new();
+    env.insert("PGWARDEN_LOG_TYPE".to_owned(), "xml".to_owned());
+    match load_str(PATRONI_YML, &env, &Overrides::default()) {
+        Err(ConfigError::Parse { path, reason }) => {
+            assert_eq!(path, "PGWARDEN_LOG_TYPE");
+            assert!(reason.contains("plain or json"));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn invalid_configurations_name_the_key_and_the_reason() {
+    let cases: Vec<(String, &str, &str)> = vec![
+        (
+            edit("ttl: 30", "ttl: abc"),
+            "bootstrap.dcs.ttl",
+            "invalid type",
+        ),
+        (
+            edit("ttl: 30", "ttl: 20"),
+            "bootstrap.dcs.loop_wait",
+            "must not exceed ttl (20)",
+        ),
+        (edit("ttl: 30", "ttl: 2"), "bootstrap.dcs.ttl", "too small"),
+        (
+            edit("maximum_lag_on_failover", "maximum_lag_on_failover: -1"),
+            "bootstrap.dcs.maximum_lag_on_failover",
+            "invalid value",
+        ),
+        (edit("scope: batman", "scope: ''"), "scope", "required"),
+        (
+            edit("name: postgresql0", "name: a/b"),
+            "name",
+            "must not contain",
+        ),
+        (
+            edit("listen: 127.0.0.1:8008", "listen: 127.0.0.1:99999"),
+            "restapi.listen",
+            "not a port",
+        ),
+        (
+            edit(
+                "connect_address: 127.0.0.1:8008",
+                "connect_address: nonsense",
+            ),
+            "restapi.connect_address",
+            "not host:port",
+        ),
+        (
+            edit("hosts: 127.0.0.1:2379", "hosts: [localhost]"),
+            "etcd3.hosts[0]",
+            "not host:port",
+        ),
+        (
+            edit("data_dir: data/postgresql0", "data_dir: ''"),
+            "postgresql.data_dir",
+            "required",
+        ),
+        (
+            edit("username: postgres", "username: ''"),
+            "postgresql.authentication.superuser.username",
+            "required",
+        ),
+        (
+            edit("unix_socket_directories", "unix_socket_directories: {a: 1}"),
+            "postgresql.parameters.unix_socket_directories",
+            "string, a number or a boolean",
+        ),
+        (
+            edit(
+                "- host all all 0.0.0.0/0 md5",
+                "- hots all all 0.0.0.0/0 md5",
+            ),
+            "postgresql.pg_hba[1]",
+            "not a pg_hba connection type",
+        ),
+        (
+            edit("nofailover: false", "nofailover: maybe"),
+            "tags.nofailover",
+            "invalid type",
+        ),
+        (
+            format!("{PATRONI_YML}\nlog: {{level: CHATTY}}\n"),
+            "log.level",
+            "not one of",
+        ),
+        (
+            edit("listen: 127.0.0.1:5432", "listen: 127.0.0.1:x"),
+            "postgresql.listen",
+            "not a port",
+        ),
+    ];
+    assert!(cases.len() >= 12);
+    for (yaml, path, reason) in cases {
+        assert_error(&yaml, path, reason);
+    }
+}
+
+#[test]
+fn all_problems_are_reported_at_once() {
+    let yaml = edit("scope: batman", "scope: ''").replace("name: postgresql0", "name: x/y");
+    let errs = errors(&yaml);
+    assert!(errs.len() >= 2, "{errs:?}");
+}
+
+#[test]
+fn missing_dcs_section_is_an_error() {
+    let yaml = PATRONI_YML.replace("etcd3:\n  hosts: 127.0.0.1:2379\n", "");
+    assert_error(&yaml, "etcd3", "is required");
+}

@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Installs what pgwarden needs on Debian 12 and is missing; fast when everything is present.
+# Never starts system services (the test harness and the local cluster start their own).
+set -euo pipefail
+
+packages=(
+  postgresql-15 postgresql-client-15   # the database we supervise
+  etcd-server etcd-client              # the DCS (etcd v3)
+  pgbackrest                           # backups (used by later features)
+  patroni python3-etcd                 # patronictl, for compatibility tests and the benchmark
+  protobuf-compiler libprotobuf-dev    # the etcd-client crate compiles etcd's protobufs
+  build-essential pkg-config ca-certificates curl iproute2 procps
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed"; then
+    missing+=("$p")
+  fi
+done
+
+as_root() {
+  if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi
+}
+
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  # Debian's packages would start etcd and a postgres cluster as services: forbid that while
+  # installing (policy-rc.d exit 101 = "action not allowed").
+  policy=/usr/sbin/policy-rc.d
+  had_policy=0
+  [ -e "$policy" ] && had_policy=1
+  if [ "$had_policy" -eq 0 ]; then
+    as_root sh -c "printf '#!/bin/sh\nexit 101\n' > $policy && chmod 755 $policy"
+  fi
+  trap '[ "$had_policy" -eq 0 ] && as_root rm -f "$policy"' EXIT
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+if ! command -v cargo >/dev/null 2>&1; then
+  if [ -x "$HOME/.cargo/bin/cargo" ]; then
+    export PATH="$HOME/.cargo/bin:$PATH"
+  else
+    echo "install-deps: cargo not found; installing Debian's Rust toolchain" >&2
+    as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends cargo rustc
+  fi
+fi
+echo "install-deps: ok ($(cargo --version))"

@@ -1,0 +1,508 @@
+//! The real-process harness: etcd, agents and their postgres, in a temporary directory, on free
+//! loopback ports; every process is stopped by PID when the environment is dropped, also when a
+//! test panics (and then the tail of every log is printed).
+
+pub mod etcd;
+pub mod ports;
+pub mod process;
+pub mod proxy;
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use serde_yaml::Value;
+
+use self::etcd::Etcd;
+use self::ports::free_port;
+use self::process::ProcessGuard;
+
+/// Multiplies every wait (env `PGWARDEN_TEST_TIMEOUT_MULT`) for slow machines.
+pub fn timeout_mult() -> f64 {
+    std::env::var("PGWARDEN_TEST_TIMEOUT_MULT")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1.0)
+}
+
+/// Polls `check` every 100 ms until it returns true; panics naming `what` after `timeout`.
+pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout.mul_f64(timeout_mult());
+    loop {
+        if check().await {
+            return;
+        }
+        if Instant::now() >= deadline {
+            panic!("timed out after {timeout:?} waiting until {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The `pgwarden` binary, built once per test process and copied where an unprivileged user can
+/// run it (the checkout may live under a directory only root can enter).
+pub fn agent_binary() -> PathBuf {
+    static BIN: OnceLock<PathBuf> = OnceLock::new();
+    BIN.get_or_init(|| {
+        let built = match std::env::var_os("PGWARDEN_BIN") {
+            Some(p) => PathBuf::from(p),
+            None => {
+                let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+                let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+                let status = Command::new(cargo)
+                    .args(["build", "-p", "pgwarden", "--bin", "pgwarden"])
+                    .current_dir(&root)
+                    .status()
+                    .expect("cargo runs");
+                assert!(status.success(), "building pgwarden failed");
+                let target = std::env::var_os("CARGO_TARGET_DIR")
+                    .map(PathBuf::from)
+                    .unwrap_or_else(|| root.join("target"));
+                target.join("debug").join("pgwarden")
+            }
+        };
+        let dir = std::env::temp_dir().join(format!("pgwarden-bin-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("bin dir");
+        let copy = dir.join("pgwarden");
+        std::fs::copy(&built, &copy).expect("copy the agent binary");
+        set_mode(&dir, 0o755);
+        set_mode(&copy, 0o755);
+        copy
+    })
+    .clone()
+}
+
+fn set_mode(path: &Path, mode: u32) {
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
+}
+
+/// The user agents run as: `postgres` when the tests run as root (postgres refuses root).
+#[derive(Debug, Clone)]
+pub struct RunAs {
+    pub uid: u32,
+    pub gid: u32,
+    pub home: PathBuf,
+}
+
+pub fn run_as() -> Option<RunAs> {
+    if !nix::unistd::geteuid().is_root() {
+        return None;
+    }
+    let user = nix::unistd::User::from_name("postgres")
+        .ok()
+        .flatten()
+        .expect("tests run as root need the `postgres` user (install postgresql-15)");
+    Some(RunAs {
+        uid: user.uid.as_raw(),
+        gid: user.gid.as_raw(),
+        home: user.dir,
+    })
+}
+
+fn chown_tree(path: &Path, who: &RunAs) {
+    let _ = nix::unistd::chown(
+        path,
+        Some(nix::unistd::Uid::from_raw(who.uid)),
+        Some(nix::unistd::Gid::from_raw(who.gid)),
+    );
+    if let Ok(entries) = std::fs::read_dir(path) {
+        for e in entries.flatten() {
+            chown_tree(&e.path(), who);
+        }
+    }
+}
+
+/// Settings of a test cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterOptions {
+    pub scope: String,
+    pub ttl: u32,
+    pub loop_wait: u32,
+    pub retry_timeout: u32,
+    pub synchronous_mode: bool,
+}
+
+impl Default for ClusterOptions {
+    fn default() -> Self {
+        ClusterOptions {
+            scope: "test".into(),
+            ttl: 10,
+            loop_wait: 1,
+            retry_timeout: 3,
+            synchronous_mode: false,
+        }
+    }
+}
+
+/// One etcd and any number of members in one temporary directory.
+pub struct TestEnv {
+    pub dir: tempfile::TempDir,
+    pub etcd: Etcd,
+    pub options: ClusterOptions,
+    pub members: Vec<Member>,
+    run_as: Option<RunAs>,
+}
+
+impl TestEnv {
+    pub async fn start(options: ClusterOptions) -> anyhow::Result<TestEnv> {
+        let dir = tempfile::Builder::new().prefix("pgw").tempdir()?;
+        set_mode(dir.path(), 0o755);
+        let etcd = Etcd::start(dir.path()).await?;
+        Ok(TestEnv {
+            dir,
+            etcd,
+            options,
+            members: Vec::new(),
+            run_as: run_as(),
+        })
+    }
+
+    /// Base path of the cluster's keys.
+    pub fn key(&self, name: &str) -> String {
+        format!("/service/{}/{name}", self.options.scope)
+    }
+
+    /// Adds a member (not started). `edit` may change its YAML before it is written.
+    pub fn add_member(&mut self, name: &str) -> usize {
+        let member = Member::new(self, name);
+        self.members.push(member);
+        self.members.len() - 1
+    }
+
+    pub fn member(&mut self, name: &str) -> &mut Member {
+        self.members
+            .iter_mut()
+            .find(|m| m.name == name)
+            .unwrap_or_else(|| panic!("no member {name}"))
+    }
+
+    /// Writes the config of member `i` and starts its agent.
+    pub fn start_member(&mut self, i: usize) -> anyhow::Result<()> {
+        let run_as = self.run_as.clone();
+        let dir = self.dir.path().to_owned();
+        let member = &mut self.members[i];
+        member.write_config()?;
+        if let Some(who) = &run_as {
+            chown_tree(&dir.join(&member.name), who);
+        }
+        member.start(run_as.as_ref())
+    }
+
+    /// The name of the member holding `leader`, if any.
+    pub async fn leader(&self) -> Option<String> {
+        self.etcd.get(&self.key("leader")).await.ok().flatten()
+    }
+
+    /// Waits until some member holds `leader`, answers `GET /primary` with 200 (lock-based, as
+    /// in Patroni) and `GET /health` with 200 (postgres is running).
+    pub async fn wait_for_leader(&self, timeout: Duration) -> String {
+        let deadline = Instant::now() + timeout.mul_f64(timeout_mult());
+        loop {
+            if let Some(leader) = self.leader().await {
+                if let Some(m) = self.members.iter().find(|m| m.name == leader) {
+                    if m.api_get("/primary").await.map(|(s, _)| s) == Some(200)
+                        && m.api_get("/health").await.map(|(s, _)| s) == Some(200)
+                    {
+                        return leader;
+                    }
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "timed out after {timeout:?} waiting for a leader that answers /primary"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "----- etcd log tail -----\n{}",
+                self.etcd.process.log_tail(30)
+            );
+            for m in &self.members {
+                eprintln!("----- {} log tail -----\n{}", m.name, m.log_tail(120));
+            }
+        }
+        // Agents first (their postgres die with them by parent-death signal), then etcd.
+        for m in &mut self.members {
+            m.process = None;
+        }
+        for m in &self.members {
+            m.kill_postmaster_if_alive();
+        }
+    }
+}
+
+/// One agent and its postgres.
+pub struct Member {
+    pub name: String,
+    pub dir: PathBuf,
+    pub api_port: u16,
+    pub pg_port: u16,
+    pub config: Value,
+    pub process: Option<ProcessGuard>,
+    pub superuser_password: String,
+}
+
+impl Member {
+    fn new(env: &TestEnv, name: &str) -> Member {
+        let dir = env.dir.path().join(name);
+        let api_port = free_port();
+        let pg_port = free_port();
+        let o = &env.options;
+        let yaml = format!(
+            r#"
+scope: {scope}
+namespace: /service/
+name: {name}
+restapi:
+  listen: 127.0.0.1:{api_port}
+  connect_address: 127.0.0.1:{api_port}
+etcd3:
+  hosts: ["{etcd}"]
+bootstrap:
+  dcs:
+    ttl: {ttl}
+    loop_wait: {loop_wait}
+    retry_timeout: {retry}
+    maximum_lag_on_failover: 1048576
+    synchronous_mode: {sync}
+    postgresql:
+      use_pg_rewind: true
+      parameters:
+        max_connections: 50
+        shared_buffers: 16MB
+  initdb:
+    - encoding: UTF8
+    - data-checksums
+postgresql:
+  listen: 127.0.0.1:{pg_port}
+  connect_address: 127.0.0.1:{pg_port}
+  data_dir: {data}
+  bin_dir: {bin}
+  parameters:
+    unix_socket_directories: {dir}
+  pg_hba:
+    - local all all trust
+    - host all all 127.0.0.1/32 scram-sha-256
+    - host replication replicator 127.0.0.1/32 scram-sha-256
+  authentication:
+    superuser:
+      username: postgres
+      password: su-secret
+    replication:
+      username: replicator
+      password: rep-secret
+tags: {{}}
+"#,
+            scope = o.scope,
+            etcd = env.etcd.endpoint(),
+            ttl = o.ttl,
+            loop_wait = o.loop_wait,
+            retry = o.retry_timeout,
+            sync = o.synchronous_mode,
+            data = dir.join("data").display(),
+            bin = std::env::var("PGWARDEN_PG_BIN_DIR")
+                .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+            dir = dir.display(),
+        );
+        let config = serde_yaml::from_str(&yaml).expect("the member template is valid YAML");
+        Member {
+            name: name.to_owned(),
+            dir,
+            api_port,
+            pg_port,
+            config,
+            process: None,
+            superuser_password: "su-secret".into(),
+        }
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.dir.join("data")
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.dir.join("config.yml")
+    }
+
+    /// Sets a value in the member's YAML by dotted path (before start).
+    pub fn set(&mut self, path: &str, value: Value) {
+        let mut node = &mut self.config;
+        let parts: Vec<&str> = path.split('.').collect();
+        for (i, part) in parts.iter().enumerate() {
+            let map = node.as_mapping_mut().expect("a mapping on the path");
+            let key = Value::String((*part).to_owned());
+            if i + 1 == parts.len() {
+                map.insert(key, value);
+                return;
+            }
+            if !map.contains_key(&key) {
+                map.insert(key.clone(), Value::Mapping(Default::default()));
+            }
+            node = map.get_mut(&key).expect("just inserted");
+        }
+    }
+
+    pub fn write_config(&self) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.dir)?;
+        std::fs::write(self.config_path(), serde_yaml::to_string(&self.config)?)?;
+        Ok(())
+    }
+
+    fn start(&mut self, run_as: Option<&RunAs>) -> anyhow::Result<()> {
+        use std::os::unix::process::CommandExt;
+        let mut cmd = Command::new(agent_binary());
+        cmd.arg(self.config_path())
+            .env("RUST_LOG", "info,pgwarden=debug,tokio_postgres=info")
+            .env_remove("PGWARDEN_BIN");
+        if let Some(who) = run_as {
+            cmd.uid(who.uid)
+                .gid(who.gid)
+                .env("HOME", &who.home)
+                .env("USER", "postgres");
+        }
+        let log = self.dir.join("agent.log");
+        std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(&log)
+            .context("create the agent log")?;
+        if let Some(who) = run_as {
+            chown_tree(&log, who);
+        }
+        self.process = Some(ProcessGuard::spawn(&self.name, cmd, &log)?);
+        Ok(())
+    }
+
+    /// Runs the agent again on the same directory.
+    pub fn restart(&mut self) -> anyhow::Result<()> {
+        let run_as = run_as();
+        self.process = None;
+        self.start(run_as.as_ref())
+    }
+
+    pub fn agent(&mut self) -> &mut ProcessGuard {
+        self.process.as_mut().expect("the member was started")
+    }
+
+    pub fn log_tail(&self, n: usize) -> String {
+        self.process
+            .as_ref()
+            .map(|p| p.log_tail(n))
+            .unwrap_or_else(|| {
+                let text = std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default();
+                let lines: Vec<&str> = text.lines().collect();
+                lines[lines.len().saturating_sub(n)..].join("\n")
+            })
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// PID of the running postmaster, from `postmaster.pid`.
+    pub fn postmaster_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;
+        let pid = text.lines().next()?.trim().parse().ok()?;
+        process::pid_alive(pid).then_some(pid)
+    }
+
+    fn kill_postmaster_if_alive(&self) {
+        if let Some(pid) = self.postmaster_pid() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+
+    /// `GET path` on the member's REST API: `(status, body)`, `None` if it does not answer.
+    pub async fn api_get(&self, path: &str) -> Option<(u16, String)> {
+        http_request("GET", self.api_port, path, None).await
+    }
+
+    pub async fn api_request(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<&str>,
+    ) -> Option<(u16, String)> {
+        http_request(method, self.api_port, path, body).await
+    }
+
+    /// Connects as the superuser over TCP.
+    pub async fn connect(&self) -> anyhow::Result<tokio_postgres::Client> {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(self.pg_port)
+            .user("postgres")
+            .password(&self.superuser_password)
+            .dbname("postgres")
+            .connect_timeout(Duration::from_secs(3));
+        let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+        tokio::spawn(conn);
+        Ok(client)
+    }
+
+    /// Runs a query and returns the first column of every row as text.
+    pub async fn sql(&self, query: &str) -> anyhow::Result<Vec<String>> {
+        let client = self.connect().await?;
+        let rows = client.simple_query(query).await?;
+        Ok(rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => {
+                    Some(r.get(0).unwrap_or_default().to_owned())
+                }
+                _ => None,
+            })
+            .collect())
+    }
+}
+
+/// A minimal HTTP/1.1 client (one request per connection).
+pub async fn http_request(
+    method: &str,
+    port: u16,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let work = async {
+        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .ok()?;
+        let body = body.unwrap_or("");
+        let request = format!(
+            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        );
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::new();
+        stream.read_to_end(&mut response).await.ok()?;
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text.split_whitespace().nth(1)?.parse().ok()?;
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        Some((status, body))
+    };
+    tokio::time::timeout(Duration::from_secs(10), work)
+        .await
+        .ok()
+        .flatten()
+}

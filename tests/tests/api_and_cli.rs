@@ -1,0 +1,170 @@
+//! The REST API and metrics of a running member, configuration errors from the binary, and
+//! Debian's unmodified `patronictl` against our etcd keys.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pgwarden_tests::harness::{agent_binary, ClusterOptions, TestEnv};
+
+const T: Duration = Duration::from_secs(60);
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_endpoints_and_metrics_of_a_primary() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let m = &env.members[0];
+    for (path, code) in [
+        ("/primary", 200),
+        ("/leader", 200),
+        ("/master", 200),
+        ("/replica", 503),
+        ("/health", 200),
+        ("/liveness", 200),
+        ("/readiness", 200),
+        ("/read-only", 200),
+        ("/no-such-check", 503),
+    ] {
+        let got = m.api_get(path).await.map(|(s, _)| s);
+        assert_eq!(got, Some(code), "GET {path}");
+    }
+    let (_, body) = m.api_get("/patroni").await.expect("answers");
+    let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+    assert_eq!(j["state"], "running");
+    assert_eq!(j["role"], "primary");
+    assert_eq!(j["timeline"], 1);
+    assert_eq!(j["server_version"].as_i64().map(|v| v / 10000), Some(15));
+    assert!(j["xlog"]["location"].as_u64().is_some());
+    assert_eq!(j["patroni"]["scope"], "test");
+    assert_eq!(j["patroni"]["name"], "pg0");
+    assert!(j["database_system_identifier"].as_str().is_some());
+
+    let (code, metrics) = m.api_get("/metrics").await.expect("answers");
+    assert_eq!(code, 200);
+    for line in [
+        "patroni_primary{scope=\"test\",name=\"pg0\"} 1",
+        "patroni_replica{scope=\"test\",name=\"pg0\"} 0",
+        "patroni_postgres_running{scope=\"test\",name=\"pg0\"} 1",
+        "patroni_postgres_timeline{scope=\"test\",name=\"pg0\"} 1",
+        "patroni_cluster_unlocked{scope=\"test\",name=\"pg0\"} 0",
+    ] {
+        assert!(metrics.contains(line), "missing {line}:\n{metrics}");
+    }
+    assert!(metrics.contains("patroni_postmaster_start_time{scope=\"test\",name=\"pg0\"} 1"));
+
+    let (code, body) = m
+        .api_request("POST", "/switchover", Some("{broken"))
+        .await
+        .expect("answers");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("invalid JSON"));
+    let (code, body) = m
+        .api_request("POST", "/reload", None)
+        .await
+        .expect("answers");
+    assert_eq!((code, body.as_str()), (202, "reload scheduled"));
+}
+
+fn run(args: &[&str]) -> std::process::Output {
+    Command::new(agent_binary())
+        .args(args)
+        .env_remove("PGWARDEN_NAME")
+        .output()
+        .expect("the binary runs")
+}
+
+#[test]
+fn invalid_configuration_exits_2_naming_the_key() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cases = [
+        (
+            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {ttl: 20}}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n",
+            "bootstrap.dcs.loop_wait",
+        ),
+        (
+            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {ttl: oops}}\n",
+            "bootstrap.dcs.ttl",
+        ),
+        (
+            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n",
+            "etcd3",
+        ),
+    ];
+    for (i, (yaml, path)) in cases.iter().enumerate() {
+        let file = dir.path().join(format!("bad{i}.yml"));
+        std::fs::write(&file, yaml).expect("write");
+        for args in [
+            vec!["validate-config", file.to_str().expect("utf-8")],
+            vec![file.to_str().expect("utf-8")],
+        ] {
+            let out = run(&args);
+            let stderr = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+            assert!(
+                stderr.contains(&format!("`{path}`")),
+                "{args:?} should name `{path}`: {stderr}"
+            );
+        }
+    }
+    let out = run(&["validate-config", "/nonexistent/patroni.yml"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn patronictl_lists_the_member_as_leader() {
+    if Command::new("patronictl").arg("--help").output().is_err() {
+        eprintln!("SKIP: patronictl is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let ctl = env.dir.path().join("patronictl.yml");
+    std::fs::write(
+        &ctl,
+        format!(
+            "scope: test\nnamespace: /service/\netcd3:\n  hosts: ['{}']\n",
+            env.etcd.endpoint()
+        ),
+    )
+    .expect("write patronictl config");
+    let mut last = String::new();
+    for _ in 0..50 {
+        let out = Command::new("patronictl")
+            .arg("-c")
+            .arg(&ctl)
+            .arg("list")
+            .output()
+            .expect("patronictl runs");
+        last = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let row: Option<Vec<String>> = last
+            .lines()
+            .map(|l| {
+                l.split('|')
+                    .map(|c| c.trim().to_owned())
+                    .collect::<Vec<_>>()
+            })
+            .find(|cells| cells.get(1).map(String::as_str) == Some("pg0"));
+        // Columns: Member, Host, Role, State, TL, Lag in MB.
+        if out.status.success()
+            && row.is_some_and(|c| {
+                c.get(3..6) == Some(&["Leader".into(), "running".into(), "1".into()][..])
+            })
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    panic!("patronictl list did not show pg0 as a running Leader on timeline 1:\n{last}");
+}

@@ -1,0 +1,239 @@
+//! One member on real etcd and PostgreSQL 15: bootstrap, crash restart, clean stop, adoption,
+//! refusal of a foreign data directory, REST and metrics, patronictl compatibility.
+
+use std::time::Duration;
+
+use pgwarden_tests::harness::{wait_until, ClusterOptions, TestEnv};
+
+const T: Duration = Duration::from_secs(60);
+
+async fn one_member() -> TestEnv {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd starts");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("agent starts");
+    let leader = env.wait_for_leader(T).await;
+    assert_eq!(leader, "pg0");
+    env
+}
+
+fn json(text: &str) -> serde_json::Value {
+    serde_json::from_str(text).unwrap_or_else(|e| panic!("not JSON ({e}): {text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bootstrap_gives_a_writable_primary_in_patroni_layout() {
+    let env = one_member().await;
+    let m = &env.members[0];
+    m.sql("CREATE TABLE t (id int); INSERT INTO t VALUES (1)")
+        .await
+        .expect("the primary accepts writes");
+    assert_eq!(
+        m.sql("SELECT pg_is_in_recovery()::text")
+            .await
+            .expect("sql"),
+        vec!["false"]
+    );
+
+    let sysid = m
+        .sql("SELECT system_identifier::text FROM pg_control_system()")
+        .await
+        .expect("sql")
+        .remove(0);
+    assert_eq!(
+        env.etcd.get(&env.key("initialize")).await.expect("etcd"),
+        Some(sysid),
+        "`initialize` records the system identifier"
+    );
+    let config = env
+        .etcd
+        .get(&env.key("config"))
+        .await
+        .expect("etcd")
+        .expect("config seeded from bootstrap.dcs");
+    assert_eq!(json(&config)["ttl"], 10);
+
+    // The member record fills as soon as the first cycle after bootstrap ran.
+    let key = env.key("members/pg0");
+    wait_until("the member record says running primary", T, || async {
+        env.etcd
+            .get(&key)
+            .await
+            .ok()
+            .flatten()
+            .map(|v| json(&v))
+            .is_some_and(|r| r["state"] == "running" && r["role"] == "primary")
+    })
+    .await;
+    let record = json(&env.etcd.get(&key).await.expect("etcd").expect("member"));
+    assert_eq!(
+        record["conn_url"],
+        format!("postgres://127.0.0.1:{}/postgres", m.pg_port)
+    );
+    assert_eq!(
+        record["api_url"],
+        format!("http://127.0.0.1:{}/patroni", m.api_port)
+    );
+    assert_eq!(record["version"], "4.1.4");
+    assert_eq!(record["timeline"], 1);
+    assert!(record["xlog_location"].as_u64().is_some_and(|x| x > 0));
+    let status = json(
+        &env.etcd
+            .get(&env.key("status"))
+            .await
+            .expect("etcd")
+            .expect("status"),
+    );
+    assert!(status["optime"].as_u64().is_some_and(|x| x > 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_postmaster_is_restarted_and_the_member_keeps_the_lock() {
+    let env = one_member().await;
+    let m = &env.members[0];
+    m.sql("CREATE TABLE t (id int); INSERT INTO t VALUES (42)")
+        .await
+        .expect("write");
+    let before = m.postmaster_pid().expect("postmaster runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(before),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the postmaster");
+    wait_until("a new postmaster accepts writes", T, || async {
+        m.postmaster_pid().is_some_and(|p| p != before)
+            && m.sql("INSERT INTO t VALUES (43)").await.is_ok()
+    })
+    .await;
+    assert_eq!(env.leader().await.as_deref(), Some("pg0"), "same leader");
+    assert_eq!(
+        m.sql("SELECT count(*)::text FROM t").await.expect("sql"),
+        vec!["2"],
+        "crash recovery kept the committed row"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_stops_cleanly_and_releases_the_keys_then_a_restart_adopts_the_data() {
+    let mut env = one_member().await;
+    env.members[0]
+        .sql("CREATE TABLE t (id int); INSERT INTO t VALUES (7)")
+        .await
+        .expect("write");
+    let postmaster = env.members[0].postmaster_pid().expect("postmaster");
+    let sysid = env.etcd.get(&env.key("initialize")).await.expect("etcd");
+
+    let agent = env.members[0].agent();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(
+        !pgwarden_tests::harness::process::pid_alive(postmaster),
+        "postgres stopped with the agent"
+    );
+    assert_eq!(env.leader().await, None, "leader key deleted");
+    assert_eq!(
+        env.etcd.get(&env.key("members/pg0")).await.expect("etcd"),
+        None,
+        "member key deleted"
+    );
+    let log = env.members[0].log_text();
+    assert!(log.contains("released the leader lock"), "{log}");
+
+    // Same data directory: adopted, not re-initialised.
+    env.members[0].restart().expect("restart");
+    env.wait_for_leader(T).await;
+    assert_eq!(
+        env.members[0]
+            .sql("SELECT id::text FROM t")
+            .await
+            .expect("sql"),
+        vec!["7"]
+    );
+    assert_eq!(
+        env.etcd.get(&env.key("initialize")).await.expect("etcd"),
+        sysid
+    );
+    // The log is appended to across runs: initdb ran once, in the first run only.
+    assert_eq!(
+        env.members[0].log_text().matches("running initdb").count(),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_of_another_cluster_is_refused_and_left_untouched() {
+    let mut env = one_member().await;
+    // A second, independent cluster's data directory, created by plain initdb.
+    let i = env.add_member("stranger");
+    let stranger_data = env.members[i].data_dir();
+    std::fs::create_dir_all(&env.members[i].dir).expect("dir");
+    let mut initdb = std::process::Command::new("/usr/lib/postgresql/15/bin/initdb");
+    initdb
+        .arg("-D")
+        .arg(&stranger_data)
+        .arg("-U")
+        .arg("postgres");
+    if let Some(who) = pgwarden_tests::harness::run_as() {
+        use std::os::unix::process::CommandExt;
+        let _ = nix::unistd::chown(
+            &env.members[i].dir,
+            Some(nix::unistd::Uid::from_raw(who.uid)),
+            Some(nix::unistd::Gid::from_raw(who.gid)),
+        );
+        initdb.uid(who.uid).gid(who.gid);
+    }
+    let out = initdb.output().expect("initdb runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let control_before =
+        std::fs::read(stranger_data.join("global/pg_control")).expect("pg_control");
+
+    env.start_member(i).expect("start");
+    let status = env.members[i]
+        .agent()
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent refuses and exits");
+    assert_eq!(status.code(), Some(1));
+    let log = env.members[i].log_text();
+    assert!(
+        log.contains("belongs to another cluster"),
+        "clear refusal in the log: {log}"
+    );
+    assert_eq!(
+        std::fs::read(stranger_data.join("global/pg_control")).expect("pg_control"),
+        control_before,
+        "the data directory is untouched"
+    );
+    assert!(!stranger_data.join("postgresql.base.conf").exists());
+    assert_eq!(env.leader().await.as_deref(), Some("pg0"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_non_postgres_directory_is_refused_and_left_untouched() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    let data = env.members[i].data_dir();
+    std::fs::create_dir_all(&data).expect("dir");
+    std::fs::write(data.join("precious.txt"), "do not delete").expect("write");
+    env.start_member(i).expect("start");
+    let status = env.members[i]
+        .agent()
+        .wait_exit(Duration::from_secs(60))
+        .expect("the agent exits");
+    assert_eq!(status.code(), Some(1));
+    assert!(env.members[i].log_text().contains("refusing to touch it"));
+    assert_eq!(
+        std::fs::read_to_string(data.join("precious.txt")).expect("still there"),
+        "do not delete"
+    );
+    assert_eq!(std::fs::read_dir(&data).expect("dir").count(), 1);
+}
