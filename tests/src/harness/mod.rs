@@ -6,6 +6,7 @@ pub mod etcd;
 pub mod ports;
 pub mod process;
 pub mod proxy;
+pub mod writer;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};

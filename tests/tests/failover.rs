@@ -1,0 +1,227 @@
+//! Three members on real etcd and PostgreSQL 15 with faults injected for real: kill -9, SIGSTOP,
+//! a cut etcd connection. A writer records every acknowledged write and the split-brain checker
+//! runs through each scenario.
+
+use std::time::Duration;
+
+use pgwarden_tests::harness::proxy::TcpProxy;
+use pgwarden_tests::harness::writer::{assert_no_split_brain, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::{wait_until, ClusterOptions, TestEnv};
+
+const T: Duration = Duration::from_secs(90);
+
+/// Starts three members (optionally each reaching etcd through its own proxy) and waits until
+/// both replicas stream from the leader.
+async fn three_members(options: ClusterOptions, proxied: bool) -> (TestEnv, Vec<TcpProxy>) {
+    let mut env = TestEnv::start(options).await.expect("etcd");
+    let mut proxies = Vec::new();
+    for name in ["pg0", "pg1", "pg2"] {
+        let i = env.add_member(name);
+        if proxied {
+            let proxy = TcpProxy::start(env.etcd.endpoint()).await.expect("proxy");
+            env.members[i].set(
+                "etcd3.hosts",
+                serde_yaml::Value::Sequence(vec![proxy.endpoint().into()]),
+            );
+            proxies.push(proxy);
+        }
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("start");
+    }
+    let leader = env.wait_for_leader(T).await;
+    wait_for_streaming(&env, &leader, 2).await;
+    (env, proxies)
+}
+
+async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {
+    let m = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader member");
+    wait_until(
+        &format!("{replicas} replicas stream from {leader}"),
+        T,
+        || async {
+            m.sql("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
+                .await
+                .is_ok_and(|r| r == vec![replicas.to_string()])
+        },
+    )
+    .await;
+}
+
+fn targets(env: &TestEnv) -> Vec<Target> {
+    env.members
+        .iter()
+        .map(|m| Target {
+            name: m.name.clone(),
+            port: m.pg_port,
+            password: m.superuser_password.clone(),
+        })
+        .collect()
+}
+
+async fn start_writer(env: &TestEnv, leader: &str) -> Writer {
+    let m = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    m.sql(CREATE_TABLE).await.expect("create the writer table");
+    Writer::start(targets(env))
+}
+
+/// Waits until a leader other than `old` answers and accepts writes.
+async fn wait_for_new_leader(env: &TestEnv, old: &str) -> String {
+    let mut found = String::new();
+    let deadline = std::time::Instant::now() + T;
+    while std::time::Instant::now() < deadline {
+        if let Some(l) = env.leader().await.filter(|l| l != old) {
+            let m = env.members.iter().find(|m| m.name == l).expect("member");
+            if m.sql("SELECT 1").await.is_ok()
+                && m.sql("SELECT pg_is_in_recovery()::text").await.ok()
+                    == Some(vec!["false".into()])
+            {
+                found = l;
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!found.is_empty(), "no new leader replaced {old}");
+    found
+}
+
+async fn wait_for_replica(env: &TestEnv, name: &str) {
+    let m = env.members.iter().find(|m| m.name == name).expect("member");
+    wait_until(
+        &format!("{name} runs as a streaming replica"),
+        T,
+        || async { m.api_get("/replica").await.map(|(s, _)| s) == Some(200) },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_members_bootstrap_and_both_replicas_stream() {
+    let (env, _) = three_members(ClusterOptions::default(), false).await;
+    let leader = env.leader().await.expect("leader");
+    for m in env.members.iter().filter(|m| m.name != leader) {
+        wait_for_replica(&env, &m.name).await;
+        let (_, body) = m.api_get("/patroni").await.expect("answers");
+        let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(j["role"], "replica");
+        assert_eq!(j["replication_state"], "streaming");
+    }
+    // One physical slot per replica on the leader.
+    let l = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    let slots = l
+        .sql("SELECT slot_name FROM pg_replication_slots WHERE active ORDER BY 1")
+        .await
+        .expect("sql");
+    assert_eq!(slots.len(), 2, "{slots:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill9_of_the_leader_fails_over_once_and_the_old_leader_rejoins_with_rewind() {
+    let (mut env, _) = three_members(ClusterOptions::default(), false).await;
+    let old = env.leader().await.expect("leader");
+    let writer = start_writer(&env, &old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let postmaster = env.member(&old).postmaster_pid();
+    env.member(&old).agent().kill9();
+    if let Some(pid) = postmaster {
+        // The parent-death signal already stopped it; make sure, as the scenario says.
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let new = wait_for_new_leader(&env, &old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    env.member(&old).restart().expect("restart the old leader");
+    wait_for_replica(&env, &old).await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert!(
+        acks.iter().any(|a| a.member == new),
+        "writes resumed on the new leader {new}"
+    );
+    assert_eq!(
+        env.leader().await.as_deref(),
+        Some(new.as_str()),
+        "exactly one new leader"
+    );
+    let log = env.member(&old).log_text();
+    assert!(
+        log.contains("running pg_rewind"),
+        "the old leader was rewound"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_leader_is_fenced_before_its_lease_expires() {
+    let (mut env, _) = three_members(ClusterOptions::default(), false).await;
+    let old = env.leader().await.expect("leader");
+    let writer = start_writer(&env, &old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let old_postmaster = env.member(&old).postmaster_pid().expect("postmaster");
+    env.member(&old).agent().sigstop();
+    let new = wait_for_new_leader(&env, &old).await;
+    // The fence guard stopped the frozen leader's postgres before the lease ran out.
+    assert!(
+        !pgwarden_tests::harness::process::pid_alive(old_postmaster),
+        "the frozen leader's postmaster must be stopped by the fence guard"
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    env.member(&old).agent().sigcont();
+    wait_for_replica(&env, &old).await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert!(acks.iter().any(|a| a.member == new));
+    let log = env.member(&old).log_text();
+    assert!(
+        log.contains("fence-guard"),
+        "the guard logged why it acted:\n{log}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_cut_off_from_etcd_demotes_itself_and_rejoins_after_healing() {
+    let (mut env, proxies) = three_members(ClusterOptions::default(), true).await;
+    let old = env.leader().await.expect("leader");
+    let index = env
+        .members
+        .iter()
+        .position(|m| m.name == old)
+        .expect("index");
+    let writer = start_writer(&env, &old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let old_postmaster = env.member(&old).postmaster_pid().expect("postmaster");
+    proxies[index].cut();
+    let new = wait_for_new_leader(&env, &old).await;
+    assert!(
+        !pgwarden_tests::harness::process::pid_alive(old_postmaster),
+        "the isolated leader stopped postgres"
+    );
+    proxies[index].heal();
+    wait_for_replica(&env, &old).await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert!(acks.iter().any(|a| a.member == new));
+    let log = env.member(&old).log_text();
+    assert!(
+        log.contains("fencing"),
+        "the agent says it fenced postgres:\n{log}"
+    );
+}
