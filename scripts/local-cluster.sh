@@ -121,10 +121,11 @@ cat <<TXT
 
 pgwarden local cluster "local" is running ($members members, etcd on 127.0.0.1:$etcd_port).
   state dir:   $dir   (agent logs: $dir/pgN/agent.log)
-  list:        patronictl -c $dir/patronictl.yml list
+  list:        $dir/pgwarden -c $dir/patronictl.yml list     (or: patronictl -c $dir/patronictl.yml list)
+  switchover:  $dir/pgwarden -c $dir/patronictl.yml switchover --candidate pg1
   primary:     psql "host=127.0.0.1 port=5432 user=postgres password=postgres"   (port 5432+N for pgN)
   REST API:    curl http://127.0.0.1:8008/patroni     (8008+N for pgN; /primary, /replica, /metrics, ...)
 Press Ctrl-C to stop.
 TXT
-patronictl -c "$dir/patronictl.yml" list 2>/dev/null || true
+"$dir/pgwarden" -c "$dir/patronictl.yml" list || true
 wait "${pids[0]}"

@@ -10,8 +10,11 @@
 //! - [`api`]: the REST API (Patroni's endpoints) and `/metrics`.
 //! - [`state`]: the status the HA loop publishes for the API.
 //! - [`run`]: wiring of the long-running tasks, signals and shutdown; PID-1 reaping.
+//! - [`cli`]: the operator's commands (`pgwarden list`, `switchover`, …), like `patronictl`.
+//! - [`peer`]: HTTP calls to other members' REST APIs.
 
 pub mod api;
+pub mod cli;
 pub mod config;
 pub mod dcs;
 pub mod ha;

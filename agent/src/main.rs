@@ -15,8 +15,7 @@ use pgwarden::config::{self, LogFormat, Overrides};
 #[command(
     name = "pgwarden",
     version,
-    about = "High availability for PostgreSQL (Patroni-compatible agent)",
-    args_conflicts_with_subcommands = true
+    about = "High availability for PostgreSQL (Patroni-compatible agent)"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,10 +25,16 @@ struct Cli {
     config: Option<PathBuf>,
     #[command(flatten)]
     flags: Flags,
+    /// Configuration file for the operator commands (`pgwarden -c FILE list`), as patronictl's
+    /// `-c`; only `scope`, `namespace`, `etcd3` and `restapi.authentication` are needed.
+    #[arg(short = 'c', long = "config-file", global = true)]
+    ctl_config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
+    #[command(flatten)]
+    Ctl(pgwarden::cli::CtlCommand),
     /// Check a configuration file without starting anything.
     ValidateConfig {
         config: PathBuf,
@@ -106,6 +111,7 @@ fn load(path: Option<&PathBuf>, flags: &Flags) -> Result<config::Loaded, ExitCod
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
+        Some(Command::Ctl(command)) => run_ctl(cli.ctl_config.or(cli.config), command),
         Some(Command::FenceGuard) => {
             pgwarden::postgres::fence_guard::run_guard();
             ExitCode::SUCCESS
@@ -151,6 +157,39 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+fn run_ctl(path: Option<PathBuf>, command: pgwarden::cli::CtlCommand) -> ExitCode {
+    let env: BTreeMap<String, String> = std::env::vars().collect();
+    let path = path.or_else(|| std::env::var_os("PGWARDEN_CONFIG_FILE").map(PathBuf::from));
+    let config = match config::load_ctl(path.as_deref(), &env) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("pgwarden: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgwarden: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(pgwarden::cli::run(config, command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(pgwarden::cli::CliError::Usage(msg)) => {
+            eprintln!("pgwarden: {msg}");
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            eprintln!("pgwarden: {}", pgwarden::ha::error_chain(&e));
+            ExitCode::from(1)
         }
     }
 }

@@ -57,6 +57,49 @@ pub async fn get(url: &str, timeout: Duration) -> Result<(u16, String), PeerErro
         .map_err(|_| PeerError::Timeout(timeout))?
 }
 
+/// Sends `method url` with an optional JSON body and basic auth; returns status and body.
+pub async fn request(
+    method: &str,
+    url: &str,
+    body: Option<&serde_json::Value>,
+    auth: Option<(&str, &str)>,
+    timeout: Duration,
+) -> Result<(u16, String), PeerError> {
+    use base64::Engine;
+    use http_body_util::Full;
+    let uri: hyper::Uri = url.parse().map_err(|_| PeerError::Url(url.to_owned()))?;
+    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let payload = body.map(|b| b.to_string()).unwrap_or_default();
+    let mut builder = hyper::Request::builder()
+        .method(method)
+        .uri(uri)
+        .header(hyper::header::CONTENT_LENGTH, payload.len());
+    if let Some((user, password)) = auth {
+        let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        builder = builder.header(hyper::header::AUTHORIZATION, format!("Basic {token}"));
+    }
+    let request = builder
+        .body(Full::new(bytes::Bytes::from(payload)))
+        .map_err(|e| PeerError::Request(e.to_string()))?;
+    let work = async {
+        let response = client
+            .request(request)
+            .await
+            .map_err(|e| PeerError::Request(e.to_string()))?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| PeerError::Request(e.to_string()))?
+            .to_bytes();
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    };
+    tokio::time::timeout(timeout, work)
+        .await
+        .map_err(|_| PeerError::Timeout(timeout))?
+}
+
 /// True when anything answers HTTP at `url` within `timeout`.
 pub async fn probe_liveness(url: &str, timeout: Duration) -> bool {
     get(url, timeout).await.is_ok()

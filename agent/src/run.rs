@@ -8,7 +8,7 @@ use tokio::sync::{mpsc, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
-use crate::api::{self, ApiContext, ApiReply};
+use crate::api::{self, ApiContext};
 use crate::config::Config;
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::Dcs;
@@ -113,6 +113,7 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
     );
     let probe = Probe::new(local_connection(&config));
     let (status_tx, status_rx) = watch::channel(Arc::new(ha::initial_status(&config)));
+    let status_rx_commands = status_rx.clone();
     let (commands_tx, commands_rx) = mpsc::channel(16);
 
     let api_task = tokio::spawn(api::serve(
@@ -129,7 +130,16 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
         },
         shutdown.child_token(),
     ));
-    tokio::spawn(api_commands(commands_rx));
+    let (loop_tx, loop_rx) = mpsc::channel(4);
+    tokio::spawn(ha::commands::serve(
+        commands_rx,
+        Arc::new(ha::commands::CommandContext {
+            dcs: dcs.clone(),
+            status: status_rx_commands,
+            to_loop: loop_tx,
+            name: config.name.clone(),
+        }),
+    ));
     tokio::spawn(signals(shutdown.clone()));
     if nix::unistd::getpid().as_raw() == 1 {
         tokio::spawn(reap_orphans());
@@ -143,7 +153,8 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
         probe,
         status_tx,
         pg_changed,
-    );
+    )
+    .with_requests(loop_rx);
     let result = ha.run(shutdown.clone()).await;
     shutdown.cancel();
     drop(supervisor);
@@ -186,18 +197,6 @@ async fn refuse_duplicate_name(config: &Config, dcs: &dyn Dcs) -> Result<(), Run
         });
     }
     Ok(())
-}
-
-/// Answers write requests. Reload re-reads nothing yet beyond what the HA loop applies every
-/// cycle from the DCS, so it is acknowledged as Patroni does (202).
-async fn api_commands(mut rx: mpsc::Receiver<api::ApiCommand>) {
-    while let Some(command) = rx.recv().await {
-        if command.method == axum::http::Method::POST && command.path == "/reload" {
-            let _ = command.reply.send(ApiReply::new(202, "reload scheduled"));
-        } else {
-            api::answer_unhandled(command);
-        }
-    }
 }
 
 /// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (postgres gets SIGQUIT from the

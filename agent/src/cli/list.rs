@@ -206,7 +206,11 @@ mod tests {
         };
         let table = render_table("batman", &view);
         assert!(table.starts_with("+ Cluster: batman (7310000000000000001) "));
-        assert!(table.contains("| pg0    | 127.0.0.1:5432 | Leader  | running   |  2 |           |"));
-        assert!(table.contains("| pg1    | 127.0.0.1:5433 | Replica | streaming |  2 |         3 |"));
+        assert!(
+            table.contains("| pg0    | 127.0.0.1:5432 | Leader  | running   |  2 |           |")
+        );
+        assert!(
+            table.contains("| pg1    | 127.0.0.1:5433 | Replica | streaming |  2 |         3 |")
+        );
     }
 }

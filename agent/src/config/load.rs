@@ -80,6 +80,42 @@ pub fn load_str(
     Ok(Loaded { config, warnings })
 }
 
+/// Loads what the operator CLI needs (scope, namespace, etcd, REST credentials) without
+/// requiring the agent-only settings such as the data directory.
+pub fn load_ctl(
+    path: Option<&Path>,
+    env: &BTreeMap<String, String>,
+) -> Result<Config, ConfigError> {
+    let text = match path {
+        Some(p) => std::fs::read_to_string(p).map_err(|source| ConfigError::Read {
+            path: p.to_owned(),
+            source,
+        })?,
+        None => String::new(),
+    };
+    let (mut config, _) = parse_yaml(&text)?;
+    apply_env(&mut config, env)?;
+    apply_defaults(&mut config);
+    let mut errors = Vec::new();
+    if config.scope.is_empty() {
+        errors.push(FieldError {
+            path: "scope".into(),
+            reason: "is required to find the cluster".into(),
+        });
+    }
+    if config.etcd3.as_ref().is_none_or(|e| e.hosts.is_empty()) {
+        errors.push(FieldError {
+            path: "etcd3.hosts".into(),
+            reason: "is required to reach the cluster's etcd".into(),
+        });
+    }
+    if errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigError::Invalid(errors))
+    }
+}
+
 /// Formats a serde path (`a.b[0].c`) from serde_ignored/serde_path_to_error segments.
 fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
     if yaml.trim().is_empty() {

@@ -6,7 +6,7 @@ pub mod load;
 pub mod schema;
 pub mod validate;
 
-pub use load::{load, load_str, ConfigError, Loaded, Overrides};
+pub use load::{load, load_ctl, load_str, ConfigError, Loaded, Overrides};
 pub use schema::*;
 pub use validate::FieldError;
 

@@ -106,6 +106,7 @@ pub enum NotEligible {
     PeerHigherPriority(String),
     FormerLeaderInSwitchover,
     NotSynchronous,
+    Paused,
 }
 
 impl fmt::Display for NotEligible {
@@ -119,6 +120,7 @@ impl fmt::Display for NotEligible {
             ),
             NotEligible::PrimaryStillAlive(n) => write!(f, "primary {n} is still alive"),
             NotEligible::PeerAhead(n) => write!(f, "{n} has a higher WAL position"),
+            NotEligible::Paused => write!(f, "the cluster is paused (maintenance mode)"),
             NotEligible::NotSynchronous => {
                 write!(f, "synchronous mode is on and this member is not a synchronous standby")
             }
@@ -162,6 +164,7 @@ pub enum Outcome {
     SwitchoverAborted(String),
     DeferringToCandidate { candidate: String },
     TakingOverAsCandidate,
+    PausedNoAction(String),
     NoLeaderNotEligible(NotEligible),
 }
 
@@ -242,6 +245,7 @@ impl fmt::Display for Outcome {
                     "no leader; deferring to the switchover candidate {candidate}"
                 )
             }
+            Outcome::PausedNoAction(what) => write!(f, "paused: {what}; no action"),
             Outcome::TakingOverAsCandidate => {
                 write!(f, "no leader; taking over as the switchover candidate")
             }
@@ -398,7 +402,24 @@ fn decide_as_lock_holder(
     me: &MemberFacts,
     sysid: &str,
 ) -> Decision {
+    let paused = view.is_paused();
+    if paused && !matches!(obs.lease, LeaseCheck::Lost) && !obs.postgres.is_writable_primary() {
+        // Patroni §5.9: a paused leader whose postgres is not a running primary gives the key
+        // up instead of starting or promoting anything.
+        return Decision::new(
+            Outcome::PausedNoAction(
+                "postgres is not running as primary; releasing the lock".into(),
+            ),
+            vec![Action::ReleaseLeader],
+        );
+    }
     match obs.lease {
+        LeaseCheck::Lost if paused => {
+            return Decision::new(
+                Outcome::PausedNoAction("the lock was lost; postgres is left as it is".into()),
+                vec![],
+            )
+        }
         LeaseCheck::Lost => {
             let actions = if obs.postgres.is_up() {
                 vec![Action::StopPostgres(StopMode::Immediate)]
@@ -574,6 +595,15 @@ fn decide_with_other_leader(
     leader: &str,
 ) -> Decision {
     let leader = leader.to_owned();
+    let paused = view.is_paused();
+    if paused && !matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery) {
+        return Decision::new(
+            Outcome::PausedNoAction(format!(
+                "{leader} holds the lock; postgres is left as it is"
+            )),
+            vec![],
+        );
+    }
     if obs.postgres.is_writable_primary() {
         return Decision::new(
             Outcome::DemotingForOtherLeader { leader },
@@ -677,7 +707,12 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
     }
     let peers = obs.peers.as_deref().unwrap_or_default();
     if let Some(request) = view.failover.as_ref().map(|r| &r.value) {
-        if request.scheduled_at.is_none() {
+        // A scheduled request counts once its time has come (the leader acted on it).
+        let due = request.scheduled_at.as_deref().is_none_or(|at| {
+            chrono::DateTime::parse_from_rfc3339(at)
+                .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= obs.wall_now)
+        });
+        if due {
             let running_replica =
                 matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery);
             match request.member.as_deref() {
@@ -717,6 +752,9 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
                 );
             }
         }
+    }
+    if view.is_paused() {
+        return Decision::new(Outcome::NoLeaderNotEligible(NotEligible::Paused), vec![]);
     }
     match &obs.postgres {
         // A running primary (our agent restarted) takes the lock without asking peers
@@ -1320,5 +1358,80 @@ mod tests {
             decide(&o, &me()).actions,
             vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
         );
+    }
+
+    fn paused(dcs: DcsView) -> DcsView {
+        match dcs {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.config = Some(Versioned {
+                    value: serde_json::json!({"ttl": 30, "pause": true}),
+                    revision: 2,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        }
+    }
+
+    /// §5.9: no automatic failover while paused.
+    #[test]
+    fn paused_replicas_do_not_race() {
+        let d = decide(
+            &obs(
+                paused(view(None, Some(SYSID))),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(replica(100)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::NoLeaderNotEligible(NotEligible::Paused));
+        assert!(d.actions.is_empty());
+    }
+
+    /// §5.9: a paused leader never restarts postgres; it releases the lock instead.
+    #[test]
+    fn paused_leader_does_not_restart_crashed_postgres() {
+        let d = decide(
+            &obs(
+                paused(view(Some("pg0"), Some(SYSID))),
+                renewed(),
+                initialized(),
+                PostgresView::Crashed,
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::ReleaseLeader]);
+    }
+
+    /// §5.6: a manual failover to a named candidate works while paused.
+    #[test]
+    fn paused_cluster_still_fails_over_to_a_named_candidate() {
+        let dcs = match paused(view(None, Some(SYSID))) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.failover = Some(Versioned {
+                    value: crate::dcs::FailoverRequest {
+                        leader: None,
+                        member: Some("pg0".into()),
+                        scheduled_at: None,
+                    },
+                    revision: 3,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let d = decide(
+            &obs(
+                dcs,
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(replica(1)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.outcome, Outcome::TakingOverAsCandidate);
     }
 }

@@ -6,6 +6,7 @@
 //! - [`timing`]: lease and fence arithmetic.
 //! - this file: the executor, the published status, the member record, shutdown.
 
+pub mod commands;
 pub mod decide;
 pub mod observe;
 pub mod sync;
@@ -79,6 +80,7 @@ pub struct HaLoop {
     last_postgres: Option<crate::state::PostgresStatus>,
     control: Option<controldata::ControlData>,
     last_outcome: String,
+    requests: Option<tokio::sync::mpsc::Receiver<commands::LoopRequest>>,
 }
 
 /// Builds the status an agent publishes before its first cycle.
@@ -151,7 +153,14 @@ impl HaLoop {
             last_postgres: None,
             control: None,
             last_outcome: String::new(),
+            requests: None,
         }
+    }
+
+    /// Requests from the REST API that only the loop can carry out (restart, reinitialise).
+    pub fn with_requests(mut self, rx: tokio::sync::mpsc::Receiver<commands::LoopRequest>) -> Self {
+        self.requests = Some(rx);
+        self
     }
 
     fn loop_wait(&self) -> Duration {
@@ -183,8 +192,15 @@ impl HaLoop {
                     None => std::future::pending().await,
                 }
             };
+            let request = async {
+                match self.requests.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
             tokio::select! {
                 _ = shutdown.cancelled() => break Ok(()),
+                Some(r) = request => self.handle_request(r).await,
                 w = self.dcs.wait_for_change(wait) => debug!(wakeup = ?w, "HA loop woken"),
                 _ = self.pg_changed.notified() => debug!("postgres state changed"),
                 r = task_done => {
@@ -203,6 +219,77 @@ impl HaLoop {
         };
         self.shutdown().await;
         result
+    }
+
+    async fn handle_request(&mut self, request: commands::LoopRequest) {
+        use crate::api::ApiReply;
+        match request {
+            commands::LoopRequest::Restart { reply } => {
+                if self.task.is_some() {
+                    let _ = reply.send(ApiReply::new(503, "restart conditions are not satisfied"));
+                    return;
+                }
+                info!("restart requested through the REST API");
+                let stopped = self
+                    .supervisor
+                    .stop(StopMode::Fast, Duration::from_secs(60))
+                    .await;
+                self.probe.reset().await;
+                if let Err(e) = stopped {
+                    let _ = reply.send(ApiReply::new(503, format!("restart failed: {e}")));
+                    return;
+                }
+                // The next cycle starts postgres in the role the cluster needs.
+                let started = match self.cycle().await {
+                    Ok(_) => self.supervisor.wait_ready(Duration::from_secs(60)).await,
+                    Err(_) => false,
+                };
+                let _ = reply.send(if started {
+                    ApiReply::new(200, "restarted successfully")
+                } else {
+                    ApiReply::new(503, "restart failed")
+                });
+            }
+            commands::LoopRequest::Reinitialize { force, reply } => {
+                let view = self.last_view.clone();
+                let answer = match view.as_deref().map(|v| v.leader_name()) {
+                    None | Some(None) => {
+                        ApiReply::new(503, "Cluster has no leader, can not reinitialize")
+                    }
+                    Some(Some(l)) if l == self.facts.name => {
+                        ApiReply::new(503, "I am the leader, can not reinitialize")
+                    }
+                    Some(Some(_)) => match &self.task {
+                        Some((kind, _)) if !force => {
+                            ApiReply::new(503, format!("{kind} already in progress"))
+                        }
+                        _ => {
+                            if let Some((_, t)) = self.task.take() {
+                                t.abort();
+                            }
+                            warn!("reinitialize requested: removing the data directory to clone the leader again");
+                            let _ = self
+                                .supervisor
+                                .stop(StopMode::Immediate, Duration::from_secs(30))
+                                .await;
+                            self.probe.reset().await;
+                            self.task_failed = None;
+                            match std::fs::remove_dir_all(&self.config.postgresql.data_dir) {
+                                Ok(()) => ApiReply::new(200, "reinitialize started"),
+                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                                    ApiReply::new(200, "reinitialize started")
+                                }
+                                Err(e) => ApiReply::new(
+                                    503,
+                                    format!("cannot remove the data directory: {e}"),
+                                ),
+                            }
+                        }
+                    },
+                };
+                let _ = reply.send(answer);
+            }
+        }
     }
 
     /// Observes, decides, executes.
@@ -257,6 +344,10 @@ impl HaLoop {
             Some((TaskKind::Rewind, _)) => self.task_failed.clone(),
             _ => self.task_failed.take(),
         };
+        // In maintenance mode the operator owns postgres: Patroni disables its watchdog too.
+        if matches!(&dcs, DcsView::Known(v) if v.is_paused()) {
+            self.supervisor.set_fence(None);
+        }
         let task = match (&self.task, failed) {
             (_, Some((kind, reason))) => TaskView::Failed(kind, reason),
             (Some((kind, _)), None) => TaskView::Running(*kind),

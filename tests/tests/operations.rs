@@ -1,0 +1,446 @@
+//! Planned operations and policies on a real 3-member cluster: switchover (REST, CLI,
+//! scheduled), pause, nofailover, synchronous mode without loss, maximum_lag_on_failover, and
+//! Debian's unmodified patronictl driving the cluster.
+
+use std::process::Command;
+use std::time::Duration;
+
+use pgwarden_tests::harness::writer::{
+    assert_no_split_brain, longest_gap, Target, Writer, CREATE_TABLE,
+};
+use pgwarden_tests::harness::{agent_binary, wait_until, ClusterOptions, TestEnv};
+
+const T: Duration = Duration::from_secs(90);
+
+async fn cluster(
+    options: ClusterOptions,
+    edit: impl Fn(&str, &mut pgwarden_tests::harness::Member),
+) -> TestEnv {
+    let mut env = TestEnv::start(options).await.expect("etcd");
+    for name in ["pg0", "pg1", "pg2"] {
+        let i = env.add_member(name);
+        edit(name, &mut env.members[i]);
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("start");
+    }
+    env
+}
+
+async fn streaming(env: &TestEnv, replicas: usize) -> String {
+    let leader = env.wait_for_leader(T).await;
+    let m = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    wait_until("replicas stream", T, || async {
+        m.sql("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
+            .await
+            .is_ok_and(|r| r == vec![replicas.to_string()])
+    })
+    .await;
+    for r in env.members.iter().filter(|r| r.name != leader) {
+        wait_until(&format!("{} answers /replica", r.name), T, || async {
+            r.api_get("/replica").await.map(|(s, _)| s) == Some(200)
+        })
+        .await;
+    }
+    leader
+}
+
+fn member<'a>(env: &'a TestEnv, name: &str) -> &'a pgwarden_tests::harness::Member {
+    env.members.iter().find(|m| m.name == name).expect("member")
+}
+
+fn targets(env: &TestEnv) -> Vec<Target> {
+    env.members
+        .iter()
+        .map(|m| Target {
+            name: m.name.clone(),
+            port: m.pg_port,
+            password: m.superuser_password.clone(),
+        })
+        .collect()
+}
+
+fn ctl_config(env: &TestEnv) -> std::path::PathBuf {
+    let path = env.dir.path().join("ctl.yml");
+    std::fs::write(
+        &path,
+        format!(
+            "scope: {}\nnamespace: /service/\netcd3:\n  hosts: ['{}']\n",
+            env.options.scope,
+            env.etcd.endpoint()
+        ),
+    )
+    .expect("write ctl config");
+    path
+}
+
+fn pgwarden_ctl(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = Command::new(agent_binary())
+        .arg("-c")
+        .arg(ctl_config(env))
+        .args(args)
+        .output()
+        .expect("runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+async fn wait_replica(env: &TestEnv, name: &str) {
+    let m = member(env, name);
+    wait_until(&format!("{name} streams as a replica"), T, || async {
+        m.api_get("/replica").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchover_through_rest_and_cli_without_split_brain() {
+    let env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let old = streaming(&env, 2).await;
+    member(&env, &old).sql(CREATE_TABLE).await.expect("table");
+    let writer = Writer::start(targets(&env));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .expect("candidate");
+    let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
+    let (code, text) = member(&env, &old)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    assert_eq!(
+        text,
+        format!("Successfully switched over to \"{candidate}\"")
+    );
+    assert_eq!(env.leader().await.as_deref(), Some(candidate.as_str()));
+    wait_replica(&env, &old).await;
+
+    // Bad requests get Patroni's answers.
+    let (code, text) = member(&env, &candidate)
+        .api_request("POST", "/switchover", Some(r#"{"leader": "nobody"}"#))
+        .await
+        .expect("answers");
+    assert_eq!((code, text.as_str()), (412, "leader name does not match"));
+    let (code, text) = member(&env, &candidate)
+        .api_request("POST", "/failover", Some("{}"))
+        .await
+        .expect("answers");
+    assert_eq!(
+        (code, text.as_str()),
+        (
+            400,
+            "Failover could be performed only to a specific candidate"
+        )
+    );
+
+    // Back again with the CLI.
+    let (ok, out) = pgwarden_ctl(&env, &["switchover", "--candidate", &old, "--force"]);
+    assert!(ok, "{out}");
+    assert_eq!(env.leader().await.as_deref(), Some(old.as_str()));
+    wait_replica(&env, &candidate).await;
+    let (ok, out) = pgwarden_ctl(&env, &["list"]);
+    assert!(ok && out.contains("Leader"), "{out}");
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    eprintln!(
+        "longest write gap across two switchovers: {:?}",
+        longest_gap(&acks)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_switchover_happens_at_its_time_and_can_be_cancelled() {
+    let env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let old = streaming(&env, 2).await;
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .expect("candidate");
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(4)).to_rfc3339();
+    let body =
+        format!(r#"{{"leader": "{old}", "candidate": "{candidate}", "scheduled_at": "{at}"}}"#);
+    let (code, text) = member(&env, &old)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!((code, text.as_str()), (202, "Switchover scheduled"));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert_eq!(
+        env.leader().await.as_deref(),
+        Some(old.as_str()),
+        "not before its time"
+    );
+    wait_until("the scheduled switchover happened", T, || async {
+        env.leader().await.as_deref() == Some(candidate.as_str())
+    })
+    .await;
+
+    // A second one, cancelled before its time.
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(60)).to_rfc3339();
+    let body = format!(r#"{{"leader": "{candidate}", "scheduled_at": "{at}"}}"#);
+    let (code, _) = member(&env, &candidate)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 202);
+    let (code, text) = member(&env, &candidate)
+        .api_request("DELETE", "/switchover", None)
+        .await
+        .expect("answers");
+    assert_eq!((code, text.as_str()), (200, "scheduled switchover deleted"));
+    let (code, _) = member(&env, &candidate)
+        .api_request("DELETE", "/switchover", None)
+        .await
+        .expect("answers");
+    assert_eq!(code, 404);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_stops_automatic_failover_until_resumed() {
+    let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let old = streaming(&env, 2).await;
+    let (ok, out) = pgwarden_ctl(&env, &["pause", "--wait"]);
+    assert!(ok, "{out}");
+    let (_, body) = member(&env, &old)
+        .api_get("/patroni")
+        .await
+        .expect("answers");
+    assert!(body.contains("\"pause\":true"), "{body}");
+
+    env.member(&old).agent().kill9();
+    // Longer than the ttl: the key expires, yet nobody takes over while paused.
+    tokio::time::sleep(Duration::from_secs(14)).await;
+    assert_eq!(
+        env.leader().await,
+        None,
+        "no automatic failover while paused"
+    );
+    for m in env.members.iter().filter(|m| m.name != old) {
+        assert_eq!(
+            m.sql("SELECT pg_is_in_recovery()::text")
+                .await
+                .expect("sql"),
+            vec!["true"],
+            "{} stayed a replica",
+            m.name
+        );
+    }
+    let (ok, out) = pgwarden_ctl(&env, &["resume"]);
+    assert!(ok, "{out}");
+    let new = env.wait_for_leader(T).await;
+    assert_ne!(new, old);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nofailover_members_never_take_over() {
+    let mut env = cluster(ClusterOptions::default(), |name, m| {
+        if name != "pg0" {
+            m.set("tags.nofailover", true.into());
+        }
+    })
+    .await;
+    let leader = streaming(&env, 2).await;
+    assert_eq!(leader, "pg0", "only pg0 may bootstrap");
+    env.member("pg0").agent().kill9();
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    assert_eq!(env.leader().await, None, "nofailover members did not race");
+    let log = env.member("pg1").log_text();
+    assert!(log.contains("tagged nofailover"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_mode_loses_no_acknowledged_write_on_kill9() {
+    let options = ClusterOptions {
+        synchronous_mode: true,
+        ..Default::default()
+    };
+    let mut env = cluster(options, |_, _| {}).await;
+    let old = streaming(&env, 2).await;
+    let key = env.key("sync");
+    wait_until("a synchronous standby is published", T, || async {
+        env.etcd
+            .get(&key)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.contains("sync_standby\":\"pg"))
+    })
+    .await;
+    member(&env, &old).sql(CREATE_TABLE).await.expect("table");
+    let writer = Writer::start(targets(&env));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    env.member(&old).agent().kill9();
+    let deadline = std::time::Instant::now() + T;
+    let new = loop {
+        if let Some(l) = env.leader().await.filter(|l| *l != old) {
+            break l;
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    wait_until("the new leader accepts writes", T, || async {
+        member(&env, &new)
+            .sql("SELECT pg_is_in_recovery()::text")
+            .await
+            .is_ok_and(|r| r == vec!["false"])
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    let on_new: std::collections::BTreeSet<i64> = member(&env, &new)
+        .sql("SELECT id::text FROM pgwarden_writer")
+        .await
+        .expect("sql")
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let lost: Vec<i64> = acks
+        .iter()
+        .map(|a| a.id)
+        .filter(|id| !on_new.contains(id))
+        .collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged writes are missing on the new leader {new}: {lost:?}",
+        lost.len()
+    );
+    assert!(acks.iter().any(|a| a.member == old) && acks.iter().any(|a| a.member == new));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lagging_replica_does_not_win_the_race() {
+    let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let old = streaming(&env, 2).await;
+    let replicas: Vec<String> = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|n| *n != old)
+        .collect();
+    let (lagging, healthy) = (replicas[0].clone(), replicas[1].clone());
+    // Cut the lagging replica's replication stream for real: freeze its WAL receiver.
+    let receiver: i32 = member(&env, &lagging)
+        .sql("SELECT pid::text FROM pg_stat_wal_receiver")
+        .await
+        .expect("sql")
+        .first()
+        .and_then(|p| p.parse().ok())
+        .expect("a WAL receiver runs");
+    let pid = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop walreceiver");
+    member(&env, &old)
+        .sql("CREATE TABLE filler AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 20000) g")
+        .await
+        .expect("write > 1 MiB of WAL");
+    wait_until(
+        "the lag shows in the lagging replica's REST API",
+        T,
+        || async {
+            member(&env, &lagging)
+                .api_get("/replica?lag=1MB")
+                .await
+                .map(|(s, _)| s)
+                == Some(503)
+        },
+    )
+    .await;
+    env.member(&old).agent().kill9();
+    let new = env.wait_for_leader(T).await;
+    assert_eq!(new, healthy, "the up-to-date replica wins");
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    let log = env.member(&lagging).log_text();
+    assert!(
+        log.contains("lagging")
+            || log.contains("higher WAL position")
+            || log.contains(&format!("{new} holds")),
+        "{log}"
+    );
+}
+
+fn patronictl(env: &TestEnv, args: &[&str]) -> (bool, String) {
+    let out = Command::new("patronictl")
+        .arg("-c")
+        .arg(ctl_config(env))
+        .args(args)
+        .output()
+        .expect("patronictl runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmodified_patronictl_drives_the_cluster() {
+    if Command::new("patronictl").arg("--help").output().is_err() {
+        eprintln!("SKIP: patronictl is not installed (scripts/install-deps.sh installs it)");
+        return;
+    }
+    let env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let old = streaming(&env, 2).await;
+    let scope = env.options.scope.clone();
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .expect("candidate");
+
+    let (ok, out) = patronictl(
+        &env,
+        &[
+            "switchover",
+            &scope,
+            "--leader",
+            &old,
+            "--candidate",
+            &candidate,
+            "--force",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("Successfully switched over"), "{out}");
+    assert_eq!(env.leader().await.as_deref(), Some(candidate.as_str()));
+    wait_replica(&env, &old).await;
+
+    let (ok, out) = patronictl(&env, &["failover", &scope, "--candidate", &old, "--force"]);
+    assert!(ok, "{out}");
+    assert_eq!(env.leader().await.as_deref(), Some(old.as_str()), "{out}");
+    wait_replica(&env, &candidate).await;
+
+    let (ok, out) = patronictl(&env, &["history", &scope]);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains(&candidate) && out.contains(&old),
+        "history lists both switches:\n{out}"
+    );
+
+    let (ok, out) = patronictl(&env, &["pause", &scope, "--wait"]);
+    assert!(ok, "{out}");
+    let (ok, out) = patronictl(&env, &["list", &scope]);
+    assert!(ok && out.contains("Maintenance mode: on"), "{out}");
+    let (ok, out) = patronictl(&env, &["resume", &scope, "--wait"]);
+    assert!(ok, "{out}");
+}
