@@ -147,7 +147,15 @@ fn main() -> ExitCode {
                     return ExitCode::from(1);
                 }
             };
-            match runtime.block_on(pgwarden::run::run_agent(loaded.config)) {
+            let path = cli.config.clone();
+            let overrides = cli.flags.overrides();
+            let reload: pgwarden::ha::ReloadFn = Box::new(move || {
+                let env: BTreeMap<String, String> = std::env::vars().collect();
+                config::load(path.as_deref(), &env, &overrides)
+                    .map(|l| l.config)
+                    .map_err(|e| e.to_string())
+            });
+            match runtime.block_on(pgwarden::run::run_agent(loaded.config, Some(reload))) {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
                     eprintln!(

@@ -69,7 +69,7 @@ fn local_connection(config: &Config) -> LocalConnection {
 }
 
 /// Runs the agent until SIGTERM/SIGINT or a fatal error.
-pub async fn run_agent(config: Config) -> Result<(), RunError> {
+pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(), RunError> {
     if nix::unistd::geteuid().is_root() {
         return Err(RunError::Root);
     }
@@ -131,6 +131,7 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
         shutdown.child_token(),
     ));
     let (loop_tx, loop_rx) = mpsc::channel(4);
+    let loop_tx_signals = loop_tx.clone();
     tokio::spawn(ha::commands::serve(
         commands_rx,
         Arc::new(ha::commands::CommandContext {
@@ -140,7 +141,7 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
             name: config.name.clone(),
         }),
     ));
-    tokio::spawn(signals(shutdown.clone()));
+    tokio::spawn(signals(shutdown.clone(), loop_tx_signals));
     if nix::unistd::getpid().as_raw() == 1 {
         tokio::spawn(reap_orphans());
     }
@@ -155,6 +156,10 @@ pub async fn run_agent(config: Config) -> Result<(), RunError> {
         pg_changed,
     )
     .with_requests(loop_rx);
+    let ha = match reload {
+        Some(r) => ha.with_reload(r),
+        None => ha,
+    };
     let result = ha.run(shutdown.clone()).await;
     shutdown.cancel();
     drop(supervisor);
@@ -199,13 +204,14 @@ async fn refuse_duplicate_name(config: &Config, dcs: &dyn Dcs) -> Result<(), Run
     Ok(())
 }
 
-/// First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (postgres gets SIGQUIT from the
+/// SIGHUP: reload the configuration file. First SIGTERM/SIGINT: graceful shutdown. Second: exit at once (postgres gets SIGQUIT from the
 /// parent-death signal).
-async fn signals(shutdown: CancellationToken) {
+async fn signals(shutdown: CancellationToken, to_loop: mpsc::Sender<ha::commands::LoopRequest>) {
     use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut hup)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::hangup()),
     ) else {
         error!("cannot install signal handlers");
         return;
@@ -215,6 +221,12 @@ async fn signals(shutdown: CancellationToken) {
         tokio::select! {
             _ = term.recv() => {}
             _ = int.recv() => {}
+            _ = hup.recv() => {
+                info!("SIGHUP: reloading the configuration");
+                let (reply, _answer) = tokio::sync::oneshot::channel();
+                let _ = to_loop.send(ha::commands::LoopRequest::Reload { reply }).await;
+                continue;
+            }
         }
         count += 1;
         if count == 1 {

@@ -136,6 +136,8 @@ pub struct PostgresStatus {
     pub streaming: bool,
     pub system_identifier: Option<String>,
     pub replication: Vec<ReplicationRow>,
+    /// Parameters changed in the configuration that only take effect after a restart.
+    pub pending_restart: Vec<String>,
 }
 
 impl PostgresStatus {

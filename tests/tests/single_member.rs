@@ -237,3 +237,50 @@ async fn a_non_postgres_directory_is_refused_and_left_untouched() {
     );
     assert_eq!(std::fs::read_dir(&data).expect("dir").count(), 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_applies_parameters_and_restart_clears_pending_restart() {
+    let mut env = one_member().await;
+    let m = &mut env.members[0];
+    m.set(
+        "postgresql.parameters.work_mem",
+        serde_yaml::Value::String("7MB".into()),
+    );
+    m.set(
+        "postgresql.parameters.max_prepared_transactions",
+        serde_yaml::Value::Number(7.into()),
+    );
+    m.write_config().expect("rewrite the config");
+    let m = &env.members[0];
+    let (code, body) = m
+        .api_request("POST", "/reload", None)
+        .await
+        .expect("answers");
+    assert_eq!((code, body.as_str()), (202, "reload scheduled"));
+    wait_until("work_mem is reloaded", T, || async {
+        m.sql("SHOW work_mem").await.is_ok_and(|v| v == vec!["7MB"])
+    })
+    .await;
+    wait_until("a restart is reported as pending", T, || async {
+        m.api_get("/patroni")
+            .await
+            .is_some_and(|(_, b)| b.contains("\"pending_restart\":true"))
+    })
+    .await;
+    let (code, body) = m
+        .api_request("POST", "/restart", None)
+        .await
+        .expect("answers");
+    assert_eq!((code, body.as_str()), (200, "restarted successfully"));
+    assert_eq!(
+        m.sql("SHOW max_prepared_transactions").await.expect("sql"),
+        vec!["7"]
+    );
+    wait_until("pending_restart is cleared", T, || async {
+        m.api_get("/patroni")
+            .await
+            .is_some_and(|(_, b)| !b.contains("pending_restart"))
+    })
+    .await;
+    assert_eq!(env.leader().await.as_deref(), Some("pg0"));
+}

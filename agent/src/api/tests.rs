@@ -35,6 +35,7 @@ fn pg(in_recovery: bool) -> PostgresStatus {
         streaming: in_recovery,
         system_identifier: Some("7310000000000000001".into()),
         replication: vec![],
+        pending_restart: vec![],
     }
 }
 

@@ -18,6 +18,8 @@ use crate::state::AgentStatus;
 /// Requests only the HA loop itself can carry out.
 #[derive(Debug)]
 pub enum LoopRequest {
+    /// Re-read the local configuration file (`POST /reload`).
+    Reload { reply: oneshot::Sender<ApiReply> },
     /// Restart postgres now (`POST /restart`).
     Restart { reply: oneshot::Sender<ApiReply> },
     /// Remove the data directory and clone the leader again (`POST /reinitialize`).
@@ -61,7 +63,7 @@ async fn handle(
     body: &Map<String, Value>,
 ) -> ApiReply {
     match (method.as_str(), path) {
-        ("POST", "/reload") => ApiReply::new(202, "reload scheduled"),
+        ("POST", "/reload") => to_loop(ctx, |reply| LoopRequest::Reload { reply }).await,
         ("POST", "/switchover") => switchover(ctx, body, false).await,
         ("POST", "/failover") => switchover(ctx, body, true).await,
         ("DELETE", "/switchover") => delete_switchover(ctx).await,

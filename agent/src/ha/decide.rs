@@ -839,6 +839,7 @@ mod tests {
             streaming: false,
             system_identifier: Some(SYSID.into()),
             replication: vec![],
+            pending_restart: vec![],
         }
     }
 

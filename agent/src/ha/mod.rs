@@ -81,7 +81,11 @@ pub struct HaLoop {
     control: Option<controldata::ControlData>,
     last_outcome: String,
     requests: Option<tokio::sync::mpsc::Receiver<commands::LoopRequest>>,
+    reload: Option<ReloadFn>,
 }
+
+/// Re-reads the local configuration (`POST /reload`, SIGHUP).
+pub type ReloadFn = Box<dyn Fn() -> Result<Config, String> + Send>;
 
 /// Builds the status an agent publishes before its first cycle.
 pub fn initial_status(config: &Config) -> AgentStatus {
@@ -154,6 +158,42 @@ impl HaLoop {
             control: None,
             last_outcome: String::new(),
             requests: None,
+            reload: None,
+        }
+    }
+
+    /// How to re-read the local configuration on `POST /reload`.
+    pub fn with_reload(mut self, reload: ReloadFn) -> Self {
+        self.reload = Some(reload);
+        self
+    }
+
+    /// Applies a re-read local configuration: parameters and tags take effect in the next
+    /// cycle (the managed files are rewritten and postgres reloaded when they changed).
+    fn reload_config(&mut self) -> crate::api::ApiReply {
+        use crate::api::ApiReply;
+        let Some(reload) = &self.reload else {
+            return ApiReply::new(202, "reload scheduled");
+        };
+        match reload() {
+            Ok(config) => {
+                if config.name != self.config.name || config.scope != self.config.scope {
+                    return ApiReply::new(
+                        400,
+                        "name and scope cannot change on reload; restart the agent",
+                    );
+                }
+                self.facts.nofailover =
+                    config.tags.nofailover || config.tags.failover_priority == Some(0);
+                self.facts.failover_priority = config.tags.failover_priority.unwrap_or(1);
+                self.config = Arc::new(config);
+                info!("local configuration reloaded");
+                ApiReply::new(202, "reload scheduled")
+            }
+            Err(e) => {
+                warn!(error = %e, "reload refused: the configuration file is invalid");
+                ApiReply::new(400, format!("the configuration is invalid: {e}"))
+            }
         }
     }
 
@@ -224,6 +264,12 @@ impl HaLoop {
     async fn handle_request(&mut self, request: commands::LoopRequest) {
         use crate::api::ApiReply;
         match request {
+            commands::LoopRequest::Reload { reply } => {
+                let answer = self.reload_config();
+                let _ = reply.send(answer);
+                // Apply at once rather than at the next tick.
+                let _ = self.cycle().await;
+            }
             commands::LoopRequest::Restart { reply } => {
                 if self.task.is_some() {
                     let _ = reply.send(ApiReply::new(503, "restart conditions are not satisfied"));
@@ -1007,7 +1053,10 @@ impl HaLoop {
             dcs_last_seen: self.dcs_last_seen,
             paused: self.last_view.as_ref().is_some_and(|v| v.is_paused()),
             tags: self.config.effective_tags(),
-            pending_restart: false,
+            pending_restart: self
+                .last_postgres
+                .as_ref()
+                .is_some_and(|p| !p.pending_restart.is_empty()),
             database_system_identifier: obs.data_dir.system_identifier().map(str::to_owned),
             next_cycle_due: now + self.loop_wait(),
             ttl: self.ttl(),
@@ -1043,7 +1092,7 @@ impl HaLoop {
             }),
             timeline: pg.and_then(|p| p.timeline),
             tags: self.config.effective_tags(),
-            pending_restart: None,
+            pending_restart: pg.filter(|p| !p.pending_restart.is_empty()).map(|_| true),
             pause: paused.then_some(true),
             checkpoint_after_promote: None,
             pgwarden_version: Some(crate::VERSION.to_owned()),

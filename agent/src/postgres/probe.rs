@@ -51,7 +51,8 @@ SELECT pg_is_in_recovery(),
             THEN coalesce((SELECT received_tli FROM pg_stat_wal_receiver LIMIT 1),
                           (SELECT timeline_id FROM pg_control_checkpoint()))
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
-       (SELECT system_identifier::text FROM pg_control_system())
+       (SELECT system_identifier::text FROM pg_control_system()),
+       (SELECT coalesce(array_agg(name::text ORDER BY name), '{}') FROM pg_settings WHERE pending_restart)
 ";
 
 const REPLICATION_QUERY: &str = "
@@ -175,6 +176,7 @@ impl Probe {
                         .try_get::<_, Option<i32>>(10)?
                         .and_then(|t| u32::try_from(t).ok()),
                     system_identifier: row.try_get(11)?,
+                    pending_restart: row.try_get(12)?,
                     replication,
                 })
             }
