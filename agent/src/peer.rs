@@ -3,9 +3,11 @@
 
 use std::time::Duration;
 
-use http_body_util::{BodyExt, Empty};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use std::sync::{Arc, OnceLock};
+
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use tokio_rustls::rustls;
 
 /// What a peer's `/patroni` says, as far as a leader race needs it.
 #[derive(Debug, Clone, PartialEq)]
@@ -34,30 +36,132 @@ pub enum PeerError {
     Body(String),
 }
 
-/// GETs `url`, returning the status code and body.
-pub async fn get(url: &str, timeout: Duration) -> Result<(u16, String), PeerError> {
-    let uri: hyper::Uri = url.parse().map_err(|_| PeerError::Url(url.to_owned()))?;
-    let client: Client<_, Empty<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
-    let work = async {
-        let response = client
-            .get(uri)
-            .await
-            .map_err(|e| PeerError::Request(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| PeerError::Request(e.to_string()))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+/// TLS settings for calls to other members' REST APIs, set once at start.
+static CLIENT_TLS: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
+
+/// Accepts any server certificate: used when no `restapi.cafile` is configured, as Patroni does
+/// for calls between members without a CA.
+#[derive(Debug)]
+struct AcceptAnyCertificate(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AcceptAnyCertificate {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &rustls::pki_types::CertificateDer<'_>,
+        _intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        _server_name: &rustls::pki_types::ServerName<'_>,
+        _ocsp_response: &[u8],
+        _now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
+fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn insecure_client() -> Result<Arc<rustls::ClientConfig>, String> {
+    let provider = provider();
+    let config = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AcceptAnyCertificate(provider)))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
+/// Configures calls to `https` peers: verify against `cafile` when given, else accept any
+/// certificate.
+pub fn configure_client_tls(cafile: Option<&std::path::Path>) -> Result<(), String> {
+    use rustls::pki_types::pem::PemObject;
+    let config = match cafile {
+        None => insecure_client()?,
+        Some(path) => {
+            let mut roots = rustls::RootCertStore::empty();
+            for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+            {
+                let cert =
+                    cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
+            }
+            Arc::new(
+                rustls::ClientConfig::builder_with_provider(provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| e.to_string())?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth(),
+            )
+        }
     };
-    tokio::time::timeout(timeout, work)
+    let _ = CLIENT_TLS.set(config);
+    Ok(())
+}
+
+async fn exchange<S>(
+    io: S,
+    request: hyper::Request<Full<bytes::Bytes>>,
+) -> Result<(u16, String), PeerError>
+where
+    S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
         .await
-        .map_err(|_| PeerError::Timeout(timeout))?
+        .map_err(|e| PeerError::Request(e.to_string()))?;
+    tokio::spawn(connection);
+    let response = sender
+        .send_request(request)
+        .await
+        .map_err(|e| PeerError::Request(e.to_string()))?;
+    let status = response.status().as_u16();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .map_err(|e| PeerError::Request(e.to_string()))?
+        .to_bytes();
+    Ok((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Sends `method url` with an optional JSON body and basic auth; returns status and body.
+/// One connection per request (members answer HTTP/1.0-style clients too); `https` URLs go
+/// through TLS as configured by [`configure_client_tls`].
 pub async fn request(
     method: &str,
     url: &str,
@@ -66,13 +170,27 @@ pub async fn request(
     timeout: Duration,
 ) -> Result<(u16, String), PeerError> {
     use base64::Engine;
-    use http_body_util::Full;
     let uri: hyper::Uri = url.parse().map_err(|_| PeerError::Url(url.to_owned()))?;
-    let client: Client<_, Full<bytes::Bytes>> = Client::builder(TokioExecutor::new()).build_http();
+    let https = uri.scheme_str() == Some("https");
+    let host = uri
+        .host()
+        .ok_or_else(|| PeerError::Url(url.to_owned()))?
+        .trim_matches(['[', ']'])
+        .to_owned();
+    let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+    let authority = uri
+        .authority()
+        .map(|a| a.as_str().to_owned())
+        .unwrap_or_else(|| host.clone());
+    let path = uri
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "/".into());
     let payload = body.map(|b| b.to_string()).unwrap_or_default();
     let mut builder = hyper::Request::builder()
         .method(method)
-        .uri(uri)
+        .uri(path)
+        .header(hyper::header::HOST, authority)
         .header(hyper::header::CONTENT_LENGTH, payload.len());
     if let Some((user, password)) = auth {
         let token = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
@@ -82,22 +200,33 @@ pub async fn request(
         .body(Full::new(bytes::Bytes::from(payload)))
         .map_err(|e| PeerError::Request(e.to_string()))?;
     let work = async {
-        let response = client
-            .request(request)
+        let tcp = tokio::net::TcpStream::connect((host.as_str(), port))
             .await
             .map_err(|e| PeerError::Request(e.to_string()))?;
-        let status = response.status().as_u16();
-        let body = response
-            .into_body()
-            .collect()
-            .await
-            .map_err(|e| PeerError::Request(e.to_string()))?
-            .to_bytes();
-        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+        if https {
+            let config = match CLIENT_TLS.get() {
+                Some(c) => c.clone(),
+                None => insecure_client().map_err(PeerError::Request)?,
+            };
+            let name = rustls::pki_types::ServerName::try_from(host.clone())
+                .map_err(|_| PeerError::Url(url.to_owned()))?;
+            let tls = tokio_rustls::TlsConnector::from(config)
+                .connect(name, tcp)
+                .await
+                .map_err(|e| PeerError::Request(format!("TLS: {e}")))?;
+            exchange(TokioIo::new(tls), request).await
+        } else {
+            exchange(TokioIo::new(tcp), request).await
+        }
     };
     tokio::time::timeout(timeout, work)
         .await
         .map_err(|_| PeerError::Timeout(timeout))?
+}
+
+/// GETs `url`, returning the status code and body.
+pub async fn get(url: &str, timeout: Duration) -> Result<(u16, String), PeerError> {
+    request("GET", url, None, None, timeout).await
 }
 
 /// True when anything answers HTTP at `url` within `timeout`.

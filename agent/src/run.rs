@@ -36,6 +36,8 @@ pub enum RunError {
     Ha(#[from] ha::HaError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("REST API TLS: {0}")]
+    Tls(String),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {
@@ -116,20 +118,30 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     let status_rx_commands = status_rx.clone();
     let (commands_tx, commands_rx) = mpsc::channel(16);
 
-    let api_task = tokio::spawn(api::serve(
-        listener,
-        ApiContext {
-            status: status_rx,
-            probe: probe.clone(),
-            auth: config
-                .restapi
-                .authentication
-                .as_ref()
-                .map(|c| (c.username.clone(), c.password.clone().unwrap_or_default())),
-            commands: commands_tx,
-        },
-        shutdown.child_token(),
-    ));
+    let tls = match (&config.restapi.certfile, &config.restapi.keyfile) {
+        (Some(cert), Some(key)) => Some(api::server_tls(cert, key).map_err(RunError::Tls)?),
+        _ => None,
+    };
+    crate::peer::configure_client_tls(config.restapi.cafile.as_deref()).map_err(RunError::Tls)?;
+    let api_context = ApiContext {
+        status: status_rx,
+        probe: probe.clone(),
+        auth: config
+            .restapi
+            .authentication
+            .as_ref()
+            .map(|c| (c.username.clone(), c.password.clone().unwrap_or_default())),
+        commands: commands_tx,
+    };
+    let api_task = match tls {
+        Some(tls) => tokio::spawn(api::serve_tls(
+            listener,
+            api_context,
+            tls,
+            shutdown.child_token(),
+        )),
+        None => tokio::spawn(api::serve(listener, api_context, shutdown.child_token())),
+    };
     let (loop_tx, loop_rx) = mpsc::channel(4);
     let loop_tx_signals = loop_tx.clone();
     tokio::spawn(ha::commands::serve(

@@ -168,3 +168,96 @@ async fn patronictl_lists_the_member_as_leader() {
     }
     panic!("patronictl list did not show pg0 as a running Leader on timeline 1:\n{last}");
 }
+
+/// A self-signed certificate for 127.0.0.1, readable by the agents' user.
+fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let cert = dir.join("api.crt");
+    let key = dir.join("api.key");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&cert, &key] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    (cert, key)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rest_api_over_tls_with_basic_auth_and_a_switchover_between_tls_members() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let (cert, key) = self_signed(env.dir.path());
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        let m = &mut env.members[i];
+        m.set("restapi.certfile", cert.display().to_string().into());
+        m.set("restapi.keyfile", key.display().to_string().into());
+        m.set("restapi.authentication.username", "admin".into());
+        m.set("restapi.authentication.password", "secret".into());
+    }
+    env.start_member(0).expect("start");
+    env.wait_for_leader(T).await;
+    env.start_member(1).expect("start");
+    let replica = &env.members[1];
+    pgwarden_tests::harness::wait_until("pg1 streams", T, || async {
+        replica.api_get("/replica").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    let record = env
+        .etcd
+        .get(&env.key("members/pg0"))
+        .await
+        .expect("etcd")
+        .expect("member");
+    assert!(record.contains("\"api_url\":\"https://"), "{record}");
+    // Plain HTTP is not served on a TLS port.
+    let plain =
+        pgwarden_tests::harness::http_request("GET", env.members[0].api_port, "/patroni", None)
+            .await;
+    assert!(plain.is_none_or(|(s, _)| s != 200));
+    // Write endpoints need the password.
+    let unauthenticated = pgwarden_tests::harness::https_request(
+        "POST",
+        env.members[0].api_port,
+        "/switchover",
+        Some(r#"{"leader":"pg0","candidate":"pg1"}"#),
+        None,
+    )
+    .await;
+    assert_eq!(unauthenticated.map(|(s, _)| s), Some(401));
+    // The leader checks the candidate over https before handing over.
+    let (code, body) = env.members[0]
+        .api_request(
+            "POST",
+            "/switchover",
+            Some(r#"{"leader":"pg0","candidate":"pg1"}"#),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(
+        (code, body.as_str()),
+        (200, "Successfully switched over to \"pg1\"")
+    );
+}

@@ -94,6 +94,63 @@ pub async fn serve(
         .await
 }
 
+/// Loads the server certificate chain and key (PEM) for `restapi.certfile`/`keyfile`.
+pub fn server_tls(
+    certfile: &std::path::Path,
+    keyfile: &std::path::Path,
+) -> Result<Arc<tokio_rustls::rustls::ServerConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    use tokio_rustls::rustls;
+    let certs = rustls::pki_types::CertificateDer::pem_file_iter(certfile)
+        .map_err(|e| format!("cannot read {}: {e}", certfile.display()))?
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("bad certificate in {}: {e}", certfile.display()))?;
+    let key = rustls::pki_types::PrivateKeyDer::from_pem_file(keyfile)
+        .map_err(|e| format!("cannot read the key {}: {e}", keyfile.display()))?;
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .map_err(|e| format!("certificate and key do not match: {e}"))?;
+    Ok(Arc::new(config))
+}
+
+/// Serves over TLS until `shutdown` is cancelled.
+pub async fn serve_tls(
+    listener: tokio::net::TcpListener,
+    ctx: ApiContext,
+    tls: Arc<tokio_rustls::rustls::ServerConfig>,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let app = router(ctx);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    loop {
+        let (tcp, _) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            accepted = listener.accept() => match accepted {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::debug!(error = %e, "accept failed");
+                    continue;
+                }
+            },
+        };
+        let acceptor = acceptor.clone();
+        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        tokio::spawn(async move {
+            let Ok(stream) = acceptor.accept(tcp).await else {
+                return;
+            };
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                .await;
+        });
+    }
+}
+
 /// The router (exposed for in-process tests).
 pub fn router(ctx: ApiContext) -> Router {
     Router::new().fallback(handle).with_state(Arc::new(ctx))

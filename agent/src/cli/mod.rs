@@ -111,6 +111,8 @@ struct Ctl {
 
 impl Ctl {
     async fn connect(config: Config) -> Result<Ctl, CliError> {
+        crate::peer::configure_client_tls(config.restapi.cafile.as_deref())
+            .map_err(CliError::Failed)?;
         let etcd = config.etcd3.clone().unwrap_or_default();
         let dcs = EtcdDcs::connect(EtcdSettings {
             endpoints: etcd.hosts.clone(),

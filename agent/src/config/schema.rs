@@ -35,8 +35,12 @@ pub struct RestApiConfig {
     /// `host:port` other members and clients use; published in `api_url`.
     pub connect_address: String,
     pub authentication: Option<Credentials>,
+    /// Serve the API over TLS with this certificate chain (PEM) and key.
     pub certfile: Option<PathBuf>,
     pub keyfile: Option<PathBuf>,
+    /// CA (PEM) that other members' certificates are verified against when calling their
+    /// `https` API; without it any certificate is accepted.
+    pub cafile: Option<PathBuf>,
 }
 
 /// `etcd3`.

@@ -111,6 +111,17 @@ impl Config {
                 "certfile and keyfile must be given together".into(),
             );
         }
+        for (key, file) in [
+            ("restapi.certfile", &self.restapi.certfile),
+            ("restapi.keyfile", &self.restapi.keyfile),
+            ("restapi.cafile", &self.restapi.cafile),
+        ] {
+            if let Some(f) = file {
+                if std::fs::metadata(f).is_err() {
+                    err(key, format!("{} cannot be read", f.display()));
+                }
+            }
+        }
 
         match &self.etcd3 {
             None => err(

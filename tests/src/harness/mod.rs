@@ -430,9 +430,17 @@ tags: {{}}
         }
     }
 
+    /// The REST API is served over TLS (`restapi.certfile` is set).
+    pub fn api_tls(&self) -> bool {
+        self.config
+            .get("restapi")
+            .and_then(|r| r.get("certfile"))
+            .is_some()
+    }
+
     /// `GET path` on the member's REST API: `(status, body)`, `None` if it does not answer.
     pub async fn api_get(&self, path: &str) -> Option<(u16, String)> {
-        http_request("GET", self.api_port, path, None).await
+        self.api_request("GET", path, None).await
     }
 
     pub async fn api_request(
@@ -441,7 +449,17 @@ tags: {{}}
         path: &str,
         body: Option<&str>,
     ) -> Option<(u16, String)> {
-        http_request(method, self.api_port, path, body).await
+        if self.api_tls() {
+            let auth = self
+                .config
+                .get("restapi")
+                .and_then(|r| r.get("authentication"))
+                .and_then(|a| Some((a.get("username")?.as_str()?, a.get("password")?.as_str()?)))
+                .map(|(u, p)| format!("{u}:{p}"));
+            https_request(method, self.api_port, path, body, auth.as_deref()).await
+        } else {
+            http_request(method, self.api_port, path, body).await
+        }
     }
 
     /// Connects as the superuser over TCP.
@@ -472,6 +490,38 @@ tags: {{}}
             })
             .collect())
     }
+}
+
+/// An HTTPS request through `curl -k` (the test certificates are self-signed).
+pub async fn https_request(
+    method: &str,
+    port: u16,
+    path: &str,
+    body: Option<&str>,
+    auth: Option<&str>,
+) -> Option<(u16, String)> {
+    let mut cmd = tokio::process::Command::new("curl");
+    cmd.args([
+        "-sk",
+        "--max-time",
+        "10",
+        "-X",
+        method,
+        "-w",
+        "\n%{http_code}",
+    ]);
+    if let Some(b) = body {
+        cmd.args(["--data", b]);
+    }
+    if let Some(a) = auth {
+        cmd.args(["-u", a]);
+    }
+    cmd.arg(format!("https://127.0.0.1:{port}{path}"));
+    let out = cmd.output().await.ok()?;
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (body, code) = text.rsplit_once('\n')?;
+    let code: u16 = code.trim().parse().ok()?;
+    (code != 0).then(|| (code, body.to_owned()))
 }
 
 /// A minimal HTTP/1.1 client (one request per connection).
