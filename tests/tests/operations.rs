@@ -444,3 +444,57 @@ async fn unmodified_patronictl_drives_the_cluster() {
     let (ok, out) = patronictl(&env, &["resume", &scope, "--wait"]);
     assert!(ok, "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_config_reinit_and_json_listing_through_the_cli() {
+    let env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let leader = streaming(&env, 2).await;
+    let (ok, out) = pgwarden_ctl(&env, &["edit-config", "--pg", "work_mem=9MB", "--force"]);
+    assert!(ok, "{out}");
+    for m in &env.members {
+        wait_until(&format!("{} applies work_mem", m.name), T, || async {
+            m.sql("SHOW work_mem").await.is_ok_and(|v| v == vec!["9MB"])
+        })
+        .await;
+    }
+    let (ok, out) = pgwarden_ctl(&env, &["show-config"]);
+    assert!(ok && out.contains("work_mem: 9MB"), "{out}");
+
+    let replica = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != leader)
+        .expect("replica");
+    let (ok, out) = pgwarden_ctl(&env, &["reinit", &leader, "--force"]);
+    assert!(
+        !ok && out.contains("I am the leader, can not reinitialize"),
+        "{out}"
+    );
+    let (ok, out) = pgwarden_ctl(&env, &["reinit", &replica, "--force"]);
+    assert!(ok && out.contains("reinitialize started"), "{out}");
+    wait_until("the reinitialised replica streams again", T, || async {
+        member(&env, &replica)
+            .api_get("/replica")
+            .await
+            .map(|(s, _)| s)
+            == Some(200)
+    })
+    .await;
+    assert_eq!(
+        member(&env, &replica)
+            .log_text()
+            .matches("task=replica creation")
+            .count()
+            >= 2,
+        true
+    );
+
+    let (ok, out) = pgwarden_ctl(&env, &["list", "--format", "json"]);
+    assert!(ok, "{out}");
+    let rows: serde_json::Value = serde_json::from_str(&out).expect("json list");
+    assert_eq!(rows.as_array().map(Vec::len), Some(3));
+    assert!(rows
+        .as_array()
+        .is_some_and(|r| r.iter().any(|m| m["role"] == "Leader")));
+}

@@ -95,6 +95,24 @@ pub enum Action {
     Fatal(String),
 }
 
+impl Action {
+    /// Bookkeeping that must not stop the rest of the plan when it fails (it is retried next
+    /// cycle); everything else is a step the following actions depend on.
+    pub fn is_housekeeping(&self) -> bool {
+        matches!(
+            self,
+            Action::WriteStatus
+                | Action::WriteHistory
+                | Action::SyncSlots
+                | Action::ManageSync
+                | Action::ApplyConfig { .. }
+                | Action::SeedConfig
+                | Action::SetInitialize(_)
+                | Action::ClearFailover
+        )
+    }
+}
+
 /// Why a member did not race for a free lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotEligible {
@@ -463,7 +481,7 @@ fn decide_as_lock_holder(
             let recorded = view.history.last().map(|l| l.timeline);
             if let Some(tl) = status.timeline.filter(|t| *t > 1) {
                 if recorded != Some(tl - 1) {
-                    actions.push(Action::WriteHistory);
+                    actions.insert(1, Action::WriteHistory);
                 }
             }
             (Outcome::LeaderHealthy, actions)

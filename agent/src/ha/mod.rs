@@ -636,6 +636,9 @@ impl HaLoop {
                     return Ok(Next::Now);
                 }
                 Err(ActionError::Fatal(reason)) => return Err(HaError::Fatal(reason)),
+                Err(ActionError::Failed(reason)) if action.is_housekeeping() => {
+                    warn!(?action, %reason, "housekeeping failed; retrying next cycle");
+                }
                 Err(ActionError::Failed(reason)) => {
                     warn!(?action, %reason, "action failed; retrying next cycle");
                     return Ok(Next::Wait);
@@ -860,8 +863,10 @@ impl HaLoop {
                 let text = match std::fs::read_to_string(&file) {
                     Ok(t) => t,
                     Err(e) => {
-                        debug!(file = %file.display(), error = %e, "no timeline history file yet");
-                        return Ok(true);
+                        return Err(ActionError::Failed(format!(
+                            "cannot read {}: {e}",
+                            file.display()
+                        )))
                     }
                 };
                 let history = merge_history(
