@@ -10,4 +10,7 @@ export PATH="$HOME/.cargo/bin:$PATH"
 cargo build --workspace --all-targets --locked
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
+# The benchmark's quick mode (one repetition, short windows) as a smoke test that it still
+# works; its figures are not asserted. Before the tests so cargo's summary stays last.
+cargo run --locked -p pgwarden-bench -- --quick --out target/bench-quick
 cargo test --workspace --locked

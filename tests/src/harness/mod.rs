@@ -246,9 +246,19 @@ impl Drop for TestEnv {
     }
 }
 
+/// The agent program a member runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentKind {
+    Pgwarden,
+    /// Debian's `patroni` package, unmodified.
+    Patroni,
+}
+
 /// One agent and its postgres.
 pub struct Member {
     pub name: String,
+    /// Which agent runs this member (the benchmark runs Patroni with the same YAML).
+    pub kind: AgentKind,
     pub dir: PathBuf,
     pub api_port: u16,
     pub pg_port: u16,
@@ -322,6 +332,7 @@ tags: {{}}
         let config = serde_yaml::from_str(&yaml).expect("the member template is valid YAML");
         Member {
             name: name.to_owned(),
+            kind: AgentKind::Pgwarden,
             dir,
             api_port,
             pg_port,
@@ -365,7 +376,10 @@ tags: {{}}
 
     fn start(&mut self, run_as: Option<&RunAs>) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
-        let mut cmd = Command::new(agent_binary());
+        let mut cmd = match self.kind {
+            AgentKind::Pgwarden => Command::new(agent_binary()),
+            AgentKind::Patroni => Command::new("patroni"),
+        };
         cmd.arg(self.config_path())
             .env("RUST_LOG", "info,pgwarden=debug,tokio_postgres=info")
             .env_remove("PGWARDEN_BIN");

@@ -1,0 +1,563 @@
+//! `pgwarden-bench`: a 3-member pgwarden cluster and a 3-member Patroni cluster (Debian's
+//! `patroni`, unmodified, same PostgreSQL binaries and the same ttl/loop_wait/retry_timeout), run
+//! side by side in one process, with repetitions alternating between the two so machine noise hits
+//! both alike. Reports medians, min–max and the pgwarden/Patroni ratio of every figure.
+//!
+//! ```sh
+//! cargo run --release -p pgwarden-bench -- [--quick] [--reps N] [--idle-secs S] [--out DIR]
+//! ```
+
+mod load;
+mod plot;
+mod procstat;
+mod report;
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use pgwarden_tests::harness::writer::{longest_gap, Ack, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::{AgentKind, ClusterOptions, TestEnv};
+
+use report::Report;
+
+#[derive(Parser, Debug)]
+#[command(about = "pgwarden vs Patroni, side by side")]
+struct Args {
+    /// One repetition, short windows: a smoke test of the benchmark itself (used in CI).
+    #[arg(long)]
+    quick: bool,
+    /// Repetitions of failover and switchover per agent.
+    #[arg(long, default_value_t = 5)]
+    reps: usize,
+    /// Idle window for the CPU measurement, seconds.
+    #[arg(long, default_value_t = 60)]
+    idle_secs: u64,
+    /// Also measure failover with synchronous_mode on.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    sync: bool,
+    /// Where results.json, results.md and the plots go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+const TIMEOUT: Duration = Duration::from_secs(120);
+
+fn label(kind: AgentKind) -> &'static str {
+    match kind {
+        AgentKind::Pgwarden => "pgwarden",
+        AgentKind::Patroni => "Patroni",
+    }
+}
+
+struct Cluster {
+    env: TestEnv,
+    kind: AgentKind,
+}
+
+impl Cluster {
+    fn member(&self, name: &str) -> &pgwarden_tests::harness::Member {
+        self.env
+            .members
+            .iter()
+            .find(|m| m.name == name)
+            .expect("member exists")
+    }
+
+    fn targets(&self) -> Vec<Target> {
+        self.env
+            .members
+            .iter()
+            .map(|m| Target {
+                name: m.name.clone(),
+                port: m.pg_port,
+                password: m.superuser_password.clone(),
+            })
+            .collect()
+    }
+
+    /// Waits until a leader accepts writes and the other two stream from it.
+    async fn wait_healthy(&self) -> anyhow::Result<String> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(leader) = self.env.leader().await {
+                let m = self.member(&leader);
+                let writable = m
+                    .sql("SELECT pg_is_in_recovery()::text")
+                    .await
+                    .is_ok_and(|r| r == vec!["false"]);
+                let streaming = m
+                    .sql("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
+                    .await
+                    .is_ok_and(|r| r == vec!["2"]);
+                if writable && streaming {
+                    return Ok(leader);
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} cluster not healthy in time",
+                label(self.kind)
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Result<(Cluster, f64)> {
+    let options = ClusterOptions {
+        scope: scope.to_owned(),
+        ttl: 10,
+        loop_wait: 2,
+        retry_timeout: 3,
+        synchronous_mode: sync,
+    };
+    let mut env = TestEnv::start(options).await?;
+    for name in ["n0", "n1", "n2"] {
+        let i = env.add_member(name);
+        let m = &mut env.members[i];
+        m.kind = kind;
+        let pgpass = m.dir.join("pgpass");
+        m.set("postgresql.pgpass", pgpass.display().to_string().into());
+    }
+    let started = Instant::now();
+    for i in 0..3 {
+        env.start_member(i)?;
+    }
+    let cluster = Cluster { env, kind };
+    let leader = cluster.wait_healthy().await?;
+    let secs = started.elapsed().as_secs_f64();
+    cluster.member(&leader).sql(CREATE_TABLE).await?;
+    Ok((cluster, secs))
+}
+
+fn first_ack_after(acks: &[Ack], after: Instant, not_on: &str) -> Option<Instant> {
+    acks.iter()
+        .filter(|a| a.at > after && a.member != not_on)
+        .map(|a| a.at)
+        .min()
+}
+
+fn curve(acks: &[Ack], origin: Instant, window: (f64, f64)) -> Vec<(f64, f64)> {
+    let mut points = Vec::new();
+    let mut count = 0.0;
+    for a in acks {
+        let t = if a.at >= origin {
+            a.at.duration_since(origin).as_secs_f64()
+        } else {
+            -origin.duration_since(a.at).as_secs_f64()
+        };
+        count += 1.0;
+        if t >= window.0 && t <= window.1 {
+            points.push((t, count));
+        }
+    }
+    points
+}
+
+struct FailoverOutcome {
+    failover: f64,
+    after_expiry: Option<f64>,
+    lost: usize,
+    rejoin: f64,
+    curve: Vec<(f64, f64)>,
+}
+
+/// kill -9 of the leader's agent and postmaster; the time to the first acknowledged write on
+/// another member; lost acknowledged writes; then the killed member's rejoin time.
+async fn failover(c: &mut Cluster) -> anyhow::Result<FailoverOutcome> {
+    let old = c.wait_healthy().await?;
+    let writer = Writer::start(c.targets());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // Watch the leader key to learn when the lease expired in etcd.
+    let key = c.env.key("leader");
+    let endpoint = c.env.etcd.endpoint();
+    // A watch, not polling: the key may be re-acquired within milliseconds of its expiry.
+    let mut client = etcd_client_connect(&endpoint).await.context("etcd")?;
+    let mut stream = client
+        .watch(key.as_str(), None)
+        .await
+        .context("watch the leader key")?;
+    let expiry = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let message = tokio::time::timeout_at(deadline, stream.message())
+                .await
+                .ok()?;
+            let response = message.ok()??;
+            if response
+                .events()
+                .iter()
+                .any(|e| e.event_type() == etcd_client::EventType::Delete)
+            {
+                return Some(Instant::now());
+            }
+        }
+    });
+    let postmaster = c.member(&old).postmaster_pid();
+    let killed_at = Instant::now();
+    let member = c.env.member(&old);
+    member.agent().kill9();
+    if let Some(pid) = postmaster {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        if let Some(l) = c.env.leader().await.filter(|l| *l != old) {
+            if c.member(&l).sql("SELECT 1").await.is_ok() {
+                break;
+            }
+        }
+        anyhow::ensure!(Instant::now() < deadline, "no failover");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acks = writer.stop().await;
+    let expired_at = expiry.await.ok().flatten();
+    let first = first_ack_after(&acks, killed_at, &old).context("no write after the kill")?;
+    let new = c.env.leader().await.context("a leader")?;
+    let on_new: std::collections::BTreeSet<i64> = c
+        .member(&new)
+        .sql("SELECT id::text FROM pgwarden_writer")
+        .await?
+        .iter()
+        .filter_map(|s| s.parse().ok())
+        .collect();
+    let lost = acks.iter().filter(|a| !on_new.contains(&a.id)).count();
+    let restarted = Instant::now();
+    c.env.member(&old).restart()?;
+    let m = c.member(&old);
+    let deadline = Instant::now() + TIMEOUT;
+    while m.api_get("/replica").await.map(|(s, _)| s) != Some(200) {
+        anyhow::ensure!(Instant::now() < deadline, "{old} did not rejoin");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rejoin = restarted.elapsed().as_secs_f64();
+    Ok(FailoverOutcome {
+        failover: first.duration_since(killed_at).as_secs_f64(),
+        after_expiry: expired_at.map(|e| first.saturating_duration_since(e).as_secs_f64()),
+        lost,
+        rejoin,
+        curve: curve(&acks, killed_at, (-2.0, 20.0)),
+    })
+}
+
+async fn etcd_client_connect(endpoint: &str) -> Option<etcd_client::Client> {
+    etcd_client::Client::connect([endpoint], None).await.ok()
+}
+
+struct SwitchoverOutcome {
+    gap: f64,
+    total: f64,
+    curve: Vec<(f64, f64)>,
+}
+
+async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
+    let old = c.wait_healthy().await?;
+    let candidate = c
+        .env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .context("a candidate")?;
+    let writer = Writer::start(c.targets());
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
+    let (code, text) = c
+        .member(&old)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .context("switchover request")?;
+    anyhow::ensure!(code == 200, "switchover answered {code}: {text}");
+    let total = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let acks = writer.stop().await;
+    let window: Vec<Ack> = acks
+        .iter()
+        .filter(|a| a.at + Duration::from_secs(1) >= started)
+        .cloned()
+        .collect();
+    Ok(SwitchoverOutcome {
+        gap: longest_gap(&window).as_secs_f64(),
+        total,
+        curve: curve(&acks, started, (-2.0, 6.0)),
+    })
+}
+
+fn machine() -> String {
+    let cpus = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let mem = std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|t| {
+            t.lines()
+                .next()
+                .map(|l| l.split_whitespace().nth(1).unwrap_or("").to_owned())
+        })
+        .and_then(|kb| kb.parse::<u64>().ok())
+        .map(|kb| kb / 1024 / 1024)
+        .unwrap_or(0);
+    format!("{cpus} CPUs ({model}), {mem} GiB RAM")
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    // Dropping the benchmark future drops the clusters, which stops every process by PID.
+    tokio::select! {
+        r = bench(Args::parse()) => r,
+        _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
+        _ = term.recv() => anyhow::bail!("terminated"),
+    }
+}
+
+async fn bench(mut args: Args) -> anyhow::Result<()> {
+    // Measure the optimised agent when it was built next to this binary.
+    if std::env::var_os("PGWARDEN_BIN").is_none() {
+        if let Some(release) = std::env::current_exe()
+            .ok()
+            .and_then(|e| e.parent().map(|d| d.join("pgwarden")))
+            .filter(|p| p.exists())
+        {
+            std::env::set_var("PGWARDEN_BIN", release);
+        }
+    }
+    if args.quick {
+        args.reps = 1;
+        args.idle_secs = 5;
+        args.sync = false;
+    }
+    std::fs::create_dir_all(&args.out)?;
+    let mut report = Report {
+        machine: machine(),
+        started: chrono::Utc::now().to_rfc3339(),
+        settings: format!(
+            "3 members each; ttl 10, loop_wait 2, retry_timeout 3; PostgreSQL 15; {} repetition(s)",
+            args.reps
+        ),
+        ..Default::default()
+    };
+    let kinds = [AgentKind::Pgwarden, AgentKind::Patroni];
+
+    // Bootstrap, alternating.
+    let mut clusters = Vec::new();
+    for (i, kind) in kinds.iter().enumerate() {
+        eprintln!("bench: bootstrapping the {} cluster", label(*kind));
+        let (c, secs) = start_cluster(*kind, &format!("bench{i}"), false).await?;
+        let f = report.figure("bootstrap", "s", true);
+        match kind {
+            AgentKind::Pgwarden => f.pgwarden.push(secs),
+            AgentKind::Patroni => f.patroni.push(secs),
+        }
+        clusters.push(c);
+    }
+
+    // Footprint over an idle window, both clusters at once.
+    eprintln!("bench: idle window of {} s", args.idle_secs);
+    let window = Duration::from_secs(args.idle_secs);
+    let mut idle = Vec::new();
+    for c in &clusters {
+        for m in &c.env.members {
+            let pid = m.process.as_ref().map(|p| p.pid()).unwrap_or(0);
+            idle.push((c.kind, tokio::spawn(procstat::idle_cpu(pid, window))));
+        }
+    }
+    for (kind, task) in idle {
+        let (cpu, sample) = task.await?;
+        for (name, unit, value) in [
+            ("agent RSS", "MiB", sample.rss_kib as f64 / 1024.0),
+            (
+                "agent peak RSS (VmHWM)",
+                "MiB",
+                sample.hwm_kib as f64 / 1024.0,
+            ),
+            (
+                "agent idle CPU",
+                "CPU s per 60 s",
+                cpu * 60.0 / window.as_secs_f64(),
+            ),
+        ] {
+            let f = report.figure(name, unit, true);
+            match kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+
+    // REST throughput and latency of GET /primary on the leader.
+    let load_secs = if args.quick { 2 } else { 10 };
+    for c in &clusters {
+        let leader = c.wait_healthy().await?;
+        let port = c.member(&leader).api_port;
+        eprintln!("bench: GET /primary load on the {} leader", label(c.kind));
+        let r = load::run(port, "/primary", 8, Duration::from_secs(load_secs)).await;
+        eprintln!(
+            "bench: {} requests, {} errors, p50 {:.2} ms",
+            r.requests, r.errors, r.p50_ms
+        );
+        for (name, unit, lower, value) in [
+            ("GET /primary throughput", "req/s", false, r.per_second),
+            ("GET /primary p99 latency", "ms", true, r.p99_ms),
+        ] {
+            let f = report.figure(name, unit, lower);
+            match c.kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+
+    // Switchovers and failovers, alternating between the agents.
+    let mut plots_switch = Vec::new();
+    let mut plots_fail = Vec::new();
+    for rep in 0..args.reps {
+        for c in clusters.iter_mut() {
+            eprintln!(
+                "bench: switchover {} of {} ({})",
+                rep + 1,
+                args.reps,
+                label(c.kind)
+            );
+            let s = switchover(c).await?;
+            for (name, value) in [
+                ("switchover write gap", s.gap),
+                ("switchover total", s.total),
+            ] {
+                let f = report.figure(name, "s", true);
+                match c.kind {
+                    AgentKind::Pgwarden => f.pgwarden.push(value),
+                    AgentKind::Patroni => f.patroni.push(value),
+                }
+            }
+            if rep == 0 {
+                plots_switch.push(plot::Line {
+                    label: label(c.kind).to_owned(),
+                    colour: if c.kind == AgentKind::Pgwarden {
+                        "#1f77b4"
+                    } else {
+                        "#d62728"
+                    },
+                    points: s.curve,
+                });
+            }
+        }
+        for c in clusters.iter_mut() {
+            eprintln!(
+                "bench: failover {} of {} ({})",
+                rep + 1,
+                args.reps,
+                label(c.kind)
+            );
+            let o = failover(c).await?;
+            let mut figures = vec![
+                ("unplanned failover (kill → first write)", "s", o.failover),
+                ("lost acknowledged writes (async)", "writes", o.lost as f64),
+                ("rejoin of the killed member", "s", o.rejoin),
+            ];
+            if let Some(e) = o.after_expiry {
+                figures.push(("lease expiry → first write", "s", e));
+            }
+            for (name, unit, value) in figures {
+                let f = report.figure(name, unit, true);
+                match c.kind {
+                    AgentKind::Pgwarden => f.pgwarden.push(value),
+                    AgentKind::Patroni => f.patroni.push(value),
+                }
+            }
+            if rep == 0 {
+                plots_fail.push(plot::Line {
+                    label: label(c.kind).to_owned(),
+                    colour: if c.kind == AgentKind::Pgwarden {
+                        "#1f77b4"
+                    } else {
+                        "#d62728"
+                    },
+                    points: o.curve,
+                });
+            }
+        }
+    }
+    drop(clusters);
+
+    if args.sync {
+        let mut sync_clusters = Vec::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            eprintln!(
+                "bench: bootstrapping the synchronous {} cluster",
+                label(*kind)
+            );
+            sync_clusters.push(
+                start_cluster(*kind, &format!("benchsync{i}"), true)
+                    .await?
+                    .0,
+            );
+        }
+        for rep in 0..args.reps {
+            for c in sync_clusters.iter_mut() {
+                eprintln!(
+                    "bench: synchronous failover {} of {} ({})",
+                    rep + 1,
+                    args.reps,
+                    label(c.kind)
+                );
+                let o = failover(c).await?;
+                for (name, unit, value) in [
+                    ("sync mode: unplanned failover", "s", o.failover),
+                    (
+                        "sync mode: lost acknowledged writes",
+                        "writes",
+                        o.lost as f64,
+                    ),
+                ] {
+                    let f = report.figure(name, unit, true);
+                    match c.kind {
+                        AgentKind::Pgwarden => f.pgwarden.push(value),
+                        AgentKind::Patroni => f.patroni.push(value),
+                    }
+                }
+            }
+        }
+    }
+
+    std::fs::write(
+        args.out.join("switchover.svg"),
+        plot::svg("Acknowledged writes across a switchover", &plots_switch),
+    )?;
+    std::fs::write(
+        args.out.join("failover.svg"),
+        plot::svg("Acknowledged writes across a kill -9 failover", &plots_fail),
+    )?;
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let table = report.table();
+    std::fs::write(
+        args.out.join("results.md"),
+        format!(
+            "Machine: {}\n\nSettings: {}\n\nStarted: {}\n\n{table}",
+            report.machine, report.settings, report.started
+        ),
+    )?;
+    println!("{table}");
+    println!("results in {}", args.out.display());
+    Ok(())
+}
