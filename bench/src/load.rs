@@ -117,3 +117,94 @@ pub async fn run(port: u16, path: &str, connections: usize, duration: Duration) 
         p99_ms: pct(0.99),
     }
 }
+
+fn parse_duration_ms(s: &str) -> Option<f64> {
+    let s = s.trim();
+    let split = s.find(|c: char| c.is_ascii_alphabetic())?;
+    let (num, unit) = s.split_at(split);
+    let v: f64 = num.parse().ok()?;
+    Some(match unit {
+        "us" => v / 1000.0,
+        "ms" => v,
+        "s" => v * 1000.0,
+        "m" => v * 60_000.0,
+        _ => return None,
+    })
+}
+
+/// Parses `wrk --latency` output.
+pub fn parse_wrk(output: &str) -> Option<LoadResult> {
+    let per_second: f64 = output
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("Requests/sec:"))?
+        .trim()
+        .parse()
+        .ok()?;
+    let pct = |p: &str| {
+        output
+            .lines()
+            .map(str::trim)
+            .find_map(|l| l.strip_prefix(p))
+            .and_then(parse_duration_ms)
+    };
+    let requests = output
+        .lines()
+        .find(|l| l.contains("requests in"))
+        .and_then(|l| l.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0);
+    Some(LoadResult {
+        requests,
+        errors: 0,
+        per_second,
+        p50_ms: pct("50%")?,
+        p99_ms: pct("99%")?,
+    })
+}
+
+/// Runs Debian's `wrk` (one thread, `connections` connections) when it is installed.
+pub async fn run_wrk(
+    port: u16,
+    path: &str,
+    connections: usize,
+    duration: Duration,
+) -> Option<LoadResult> {
+    let out = tokio::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{connections}"),
+            &format!("-d{}s", duration.as_secs().max(1)),
+            "--latency",
+            &format!("http://127.0.0.1:{port}{path}"),
+        ])
+        .output()
+        .await
+        .ok()?;
+    parse_wrk(&String::from_utf8_lossy(&out.stdout))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wrk_output_parses() {
+        let text = "Running 5s test @ http://127.0.0.1:8008/primary
+  1 threads and 8 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency   128.88us  147.08us   4.30ms   99.00%
+  Latency Distribution
+     50%  113.00us
+     75%  130.00us
+     90%  160.00us
+     99%  1.20ms
+  335964 requests in 5.10s, 233.89MB read
+Requests/sec:  65879.14
+";
+        let r = parse_wrk(text).expect("parses");
+        assert_eq!(r.requests, 335964);
+        assert!((r.per_second - 65879.14).abs() < 0.01);
+        assert!((r.p50_ms - 0.113).abs() < 1e-9);
+        assert!((r.p99_ms - 1.2).abs() < 1e-9);
+    }
+}

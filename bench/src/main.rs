@@ -408,7 +408,16 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         let leader = c.wait_healthy().await?;
         let port = c.member(&leader).api_port;
         eprintln!("bench: GET /primary load on the {} leader", label(c.kind));
-        let r = load::run(port, "/primary", 8, Duration::from_secs(load_secs)).await;
+        let duration = Duration::from_secs(load_secs);
+        let r = match load::run_wrk(port, "/primary", 8, duration).await {
+            Some(r) => r,
+            None => {
+                eprintln!(
+                    "bench: wrk not found; using the built-in load generator (slower than wrk)"
+                );
+                load::run(port, "/primary", 8, duration).await
+            }
+        };
         eprintln!(
             "bench: {} requests, {} errors, p50 {:.2} ms",
             r.requests, r.errors, r.p50_ms

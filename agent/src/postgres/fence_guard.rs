@@ -53,12 +53,20 @@ pub struct FenceGuard {
 }
 
 impl FenceGuard {
-    /// Spawns `<exe> fence-guard`, in its own process group so that signals aimed at the agent's
-    /// group (a terminal's Ctrl-Z) do not stop it too.
+    /// Spawns `pgwarden-fence-guard` from the agent's directory (or `<exe> fence-guard`), in its
+    /// own process group so that signals aimed at the agent's group (a terminal's Ctrl-Z) do not
+    /// stop it too.
     pub fn spawn(exe: &std::path::Path) -> std::io::Result<FenceGuard> {
         use std::os::unix::process::CommandExt;
-        let mut child = Command::new(exe)
-            .arg("fence-guard")
+        let small = exe.with_file_name("pgwarden-fence-guard");
+        let mut command = if small.is_file() {
+            Command::new(small)
+        } else {
+            let mut c = Command::new(exe);
+            c.arg("fence-guard");
+            c
+        };
+        let mut child = command
             .stdin(Stdio::piped())
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

@@ -58,7 +58,7 @@ pub fn agent_binary() -> PathBuf {
                 let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
                 let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
                 let status = Command::new(cargo)
-                    .args(["build", "-p", "pgwarden", "--bin", "pgwarden"])
+                    .args(["build", "-p", "pgwarden", "--bins"])
                     .current_dir(&root)
                     .status()
                     .expect("cargo runs");
@@ -73,6 +73,12 @@ pub fn agent_binary() -> PathBuf {
         std::fs::create_dir_all(&dir).expect("bin dir");
         let copy = dir.join("pgwarden");
         std::fs::copy(&built, &copy).expect("copy the agent binary");
+        let guard = built.with_file_name("pgwarden-fence-guard");
+        if guard.is_file() {
+            let guard_copy = dir.join("pgwarden-fence-guard");
+            std::fs::copy(&guard, &guard_copy).expect("copy the fence guard");
+            set_mode(&guard_copy, 0o755);
+        }
         set_mode(&dir, 0o755);
         set_mode(&copy, 0o755);
         copy
