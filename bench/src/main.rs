@@ -290,6 +290,79 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
     })
 }
 
+/// Sum of etcd's handled gRPC requests (the HTTP gateway Patroni uses is counted there too).
+async fn etcd_requests(endpoint: &str) -> f64 {
+    let Ok(out) = tokio::process::Command::new("curl")
+        .args(["-s", &format!("http://{endpoint}/metrics")])
+        .output()
+        .await
+    else {
+        return 0.0;
+    };
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter(|l| l.starts_with("grpc_server_handled_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// `n` single-member clusters of one agent kind on one etcd: idle CPU per member (CPU s per
+/// 60 s) and etcd requests per second per member over `window`.
+async fn scale(kind: AgentKind, n: usize, window: Duration) -> anyhow::Result<(f64, f64)> {
+    let options = ClusterOptions {
+        scope: "scale0".into(),
+        ttl: 10,
+        loop_wait: 2,
+        retry_timeout: 3,
+        synchronous_mode: false,
+    };
+    let mut env = TestEnv::start(options).await?;
+    for i in 0..n {
+        let idx = env.add_member(&format!("s{i}"));
+        let m = &mut env.members[idx];
+        m.kind = kind;
+        // One cluster per member: each gets its own scope on the shared etcd.
+        m.set("scope", format!("scale{i}").into());
+        m.set(
+            "postgresql.pgpass",
+            m.dir.join("pgpass").display().to_string().into(),
+        );
+    }
+    for i in 0..n {
+        env.start_member(i)?;
+    }
+    let deadline = Instant::now() + Duration::from_secs(60 + 10 * n as u64);
+    for m in &env.members {
+        while m.api_get("/health").await.map(|(s, _)| s) != Some(200) {
+            anyhow::ensure!(Instant::now() < deadline, "{} did not start", m.name);
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let endpoint = env.etcd.endpoint();
+    let before = etcd_requests(&endpoint).await;
+    let tasks: Vec<_> = env
+        .members
+        .iter()
+        .map(|m| {
+            tokio::spawn(procstat::idle_cpu(
+                m.process.as_ref().map(|p| p.pid()).unwrap_or(0),
+                window,
+            ))
+        })
+        .collect();
+    let mut cpu = 0.0;
+    for t in tasks {
+        cpu += t.await?.0;
+    }
+    let after = etcd_requests(&endpoint).await;
+    let secs = window.as_secs_f64();
+    Ok((
+        cpu * 60.0 / secs / n as f64,
+        (after - before) / secs / n as f64,
+    ))
+}
+
 fn machine() -> String {
     let cpus = std::thread::available_parallelism()
         .map(|n| n.get())
@@ -434,6 +507,59 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         }
     }
 
+    // GET /primary latency while postgres is busy with pgbench (a member must keep answering
+    // health checks fast when the database is loaded).
+    for c in &clusters {
+        let leader = c.wait_healthy().await?;
+        let m = c.member(&leader);
+        let pgbench = "/usr/lib/postgresql/15/bin/pgbench";
+        let conn = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &m.pg_port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ];
+        let init = tokio::process::Command::new(pgbench)
+            .arg("-i")
+            .arg("-s")
+            .arg("2")
+            .args(conn)
+            .env("PGPASSWORD", &m.superuser_password)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            init.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let load = tokio::process::Command::new(pgbench)
+            .args(["-c", "4", "-j", "1", "-T", &load_secs.to_string()])
+            .args(conn)
+            .env("PGPASSWORD", &m.superuser_password)
+            .kill_on_drop(true)
+            .spawn()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let duration = Duration::from_secs(load_secs.saturating_sub(1).max(1));
+        let r = match load::run_wrk(m.api_port, "/primary", 2, duration).await {
+            Some(r) => r,
+            None => load::run(m.api_port, "/primary", 2, duration).await,
+        };
+        let _ = load.wait_with_output().await;
+        for (name, value) in [
+            ("GET /primary p50 under pgbench", r.p50_ms),
+            ("GET /primary p99 under pgbench", r.p99_ms),
+        ] {
+            let f = report.figure(name, "ms", true);
+            match c.kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+
     // Switchovers and failovers, alternating between the agents.
     let mut plots_switch = Vec::new();
     let mut plots_fail = Vec::new();
@@ -538,6 +664,36 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
                 ] {
                     let f = report.figure(name, unit, true);
                     match c.kind {
+                        AgentKind::Pgwarden => f.pgwarden.push(value),
+                        AgentKind::Patroni => f.patroni.push(value),
+                    }
+                }
+            }
+        }
+    }
+
+    if !args.quick {
+        for n in [1usize, 5, 15] {
+            for kind in kinds {
+                eprintln!(
+                    "bench: scale, {n} single-member clusters of {} on one etcd",
+                    label(kind)
+                );
+                let (cpu, rps) = scale(kind, n, Duration::from_secs(30)).await?;
+                for (name, unit, value) in [
+                    (
+                        format!("scale {n:>2} members: idle CPU per member"),
+                        "CPU s per 60 s",
+                        cpu,
+                    ),
+                    (
+                        format!("scale {n:>2} members: etcd requests/s per member"),
+                        "req/s",
+                        rps,
+                    ),
+                ] {
+                    let f = report.figure(&name, unit, true);
+                    match kind {
                         AgentKind::Pgwarden => f.pgwarden.push(value),
                         AgentKind::Patroni => f.patroni.push(value),
                     }

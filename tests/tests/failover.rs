@@ -225,3 +225,45 @@ async fn a_leader_cut_off_from_etcd_demotes_itself_and_rejoins_after_healing() {
         "the agent says it fenced postgres:\n{log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_switchover_a_killed_leader_still_rejoins() {
+    let options = ClusterOptions {
+        loop_wait: 2,
+        ..Default::default()
+    };
+    let (mut env, _) = three_members(options, false).await;
+    let first = env.leader().await.expect("leader");
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != first)
+        .expect("candidate");
+    let body = format!(r#"{{"leader": "{first}", "candidate": "{candidate}"}}"#);
+    let (code, text) = env
+        .member(&first)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_for_replica(&env, &first).await;
+    wait_for_streaming(&env, &candidate, 2).await;
+
+    let writer = start_writer(&env, &candidate).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let postmaster = env.member(&candidate).postmaster_pid();
+    env.member(&candidate).agent().kill9();
+    if let Some(pid) = postmaster {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let new = wait_for_new_leader(&env, &candidate).await;
+    env.member(&candidate).restart().expect("restart");
+    wait_for_replica(&env, &candidate).await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert_ne!(new, candidate);
+}

@@ -173,6 +173,7 @@ pub enum Outcome {
     LostLock,
     DemotingForOtherLeader { leader: String },
     RewindingToFollow { leader: String },
+    WaitingForLeaderCheckpoint { leader: String },
     StartingAsReplica { leader: String },
     FollowingLeader { leader: String },
     NoLeaderRacing,
@@ -237,6 +238,10 @@ impl fmt::Display for Outcome {
             Outcome::RewindingToFollow { leader } => {
                 write!(f, "former primary: rewinding before following {leader}")
             }
+            Outcome::WaitingForLeaderCheckpoint { leader } => write!(
+                f,
+                "waiting for {leader} to checkpoint after its promotion before pg_rewind"
+            ),
             Outcome::StartingAsReplica { leader } => {
                 write!(f, "starting as a replica of {leader}")
             }
@@ -472,6 +477,9 @@ fn decide_as_lock_holder(
     let (outcome, mut actions) = match &obs.postgres {
         PostgresView::Running(status) if !status.in_recovery => {
             let mut actions = vec![Action::WriteStatus];
+            if obs.checkpoint_after_promote_pending {
+                actions.push(Action::Checkpoint);
+            }
             if me.synchronous_mode || view.sync.is_some() {
                 actions.push(Action::ManageSync);
             }
@@ -636,7 +644,12 @@ fn decide_with_other_leader(
     }
     match &obs.postgres {
         PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => {
-            if obs.data_dir.was_primary() && me.use_pg_rewind {
+            let leader_checkpointed = view
+                .member(&leader)
+                .is_none_or(|m| m.record.checkpoint_after_promote != Some(false));
+            if obs.data_dir.was_primary() && me.use_pg_rewind && !leader_checkpointed {
+                Decision::new(Outcome::WaitingForLeaderCheckpoint { leader }, vec![])
+            } else if obs.data_dir.was_primary() && me.use_pg_rewind {
                 Decision::new(
                     Outcome::RewindingToFollow {
                         leader: leader.clone(),
@@ -931,6 +944,7 @@ mod tests {
             task: TaskView::Idle,
             peers: None,
             following: None,
+            checkpoint_after_promote_pending: false,
         }
     }
 
@@ -1452,5 +1466,45 @@ mod tests {
             &me(),
         );
         assert_eq!(d.outcome, Outcome::TakingOverAsCandidate);
+    }
+
+    /// Patroni's `checkpoint_after_promote`: no pg_rewind against a leader whose control file
+    /// still names the old timeline.
+    #[test]
+    fn rewind_waits_for_the_new_leaders_checkpoint_after_promotion() {
+        let dcs = match view(Some("pg1"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                    m.record.checkpoint_after_promote = Some(false);
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let d = decide(
+            &obs(dcs, LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+            &me(),
+        );
+        assert_eq!(
+            d.outcome,
+            Outcome::WaitingForLeaderCheckpoint {
+                leader: "pg1".into()
+            }
+        );
+        assert!(d.actions.is_empty());
+    }
+
+    /// A freshly promoted leader checkpoints at once.
+    #[test]
+    fn a_promoted_leader_checkpoints() {
+        let mut o = obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Running(pg(false)),
+        );
+        o.checkpoint_after_promote_pending = true;
+        assert!(decide(&o, &me()).actions.contains(&Action::Checkpoint));
     }
 }

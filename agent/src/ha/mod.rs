@@ -69,6 +69,8 @@ pub struct HaLoop {
     task_failed: Option<(TaskKind, String)>,
     /// The member our standby configuration points at.
     following: Option<String>,
+    /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
+    checkpoint_after_promote_pending: bool,
     /// `synchronous_standby_names` as the sync planner last decided (leader only).
     sync_standby_names: String,
     /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
@@ -148,6 +150,7 @@ impl HaLoop {
             task: None,
             task_failed: None,
             following: None,
+            checkpoint_after_promote_pending: false,
             sync_standby_names: strict_placeholder,
             believes_leader: false,
             lease_certain_until: None,
@@ -427,6 +430,7 @@ impl HaLoop {
             task,
             peers,
             following: self.following.clone(),
+            checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
         }
     }
 
@@ -819,6 +823,7 @@ impl HaLoop {
                     .await
                     .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
                 info!("promotion requested");
+                self.checkpoint_after_promote_pending = true;
                 Ok(true)
             }
             Action::StopPostgres(mode) => {
@@ -884,6 +889,12 @@ impl HaLoop {
                     .execute("CHECKPOINT")
                     .await
                     .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
+                if self.checkpoint_after_promote_pending
+                    && matches!(&obs.postgres, PostgresView::Running(s) if !s.in_recovery)
+                {
+                    info!("checkpoint after promotion done: replicas may rewind against us");
+                    self.checkpoint_after_promote_pending = false;
+                }
                 Ok(true)
             }
             Action::ClearFailover => {
@@ -1099,7 +1110,7 @@ impl HaLoop {
             tags: self.config.effective_tags(),
             pending_restart: pg.filter(|p| !p.pending_restart.is_empty()).map(|_| true),
             pause: paused.then_some(true),
-            checkpoint_after_promote: None,
+            checkpoint_after_promote: self.checkpoint_after_promote_pending.then_some(false),
             pgwarden_version: Some(crate::VERSION.to_owned()),
             extra: Default::default(),
         }

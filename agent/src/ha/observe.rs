@@ -157,4 +157,7 @@ pub struct Observation {
     pub peers: Option<Vec<PeerAnswer>>,
     /// The upstream our standby configuration currently points at (`host:port`).
     pub following: Option<String>,
+    /// We promoted and have not completed a CHECKPOINT since: replicas must not pg_rewind
+    /// against us yet (our control file still names the old timeline).
+    pub checkpoint_after_promote_pending: bool,
 }

@@ -249,6 +249,13 @@ impl Drop for TestEnv {
         for m in &self.members {
             m.kill_postmaster_if_alive();
         }
+        // PGWARDEN_KEEP_TEST_DIRS=1 keeps data directories and logs for a post-mortem.
+        if std::env::var_os("PGWARDEN_KEEP_TEST_DIRS").is_some() {
+            if let Ok(spare) = tempfile::tempdir() {
+                let kept = std::mem::replace(&mut self.dir, spare).keep();
+                eprintln!("kept the test directory {}", kept.display());
+            }
+        }
     }
 }
 
