@@ -87,10 +87,10 @@ impl Cluster {
                     .sql("SELECT pg_is_in_recovery()::text")
                     .await
                     .is_ok_and(|r| r == vec!["false"]);
-                let streaming = m
-                    .sql("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
-                    .await
-                    .is_ok_and(|r| r == vec!["2"]);
+                let mut streaming = true;
+                for r in self.env.members.iter().filter(|r| r.name != leader) {
+                    streaming &= r.is_streaming_replica().await;
+                }
                 if writable && streaming {
                     return Ok(leader);
                 }

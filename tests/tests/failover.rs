@@ -35,18 +35,17 @@ async fn three_members(options: ClusterOptions, proxied: bool) -> (TestEnv, Vec<
 }
 
 async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {
-    let m = env
-        .members
-        .iter()
-        .find(|m| m.name == leader)
-        .expect("leader member");
     wait_until(
         &format!("{replicas} replicas stream from {leader}"),
         T,
         || async {
-            m.sql("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
-                .await
-                .is_ok_and(|r| r == vec![replicas.to_string()])
+            let mut streaming = 0;
+            for m in env.members.iter().filter(|m| m.name != leader) {
+                if m.is_streaming_replica().await {
+                    streaming += 1;
+                }
+            }
+            streaming == replicas
         },
     )
     .await;
@@ -266,4 +265,41 @@ async fn after_a_switchover_a_killed_leader_still_rejoins() {
     let acks = writer.stop().await;
     assert_no_split_brain(&acks);
     assert_ne!(new, candidate);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_after_a_failover_and_rejoin_leaves_a_healthy_cluster() {
+    let options = ClusterOptions {
+        loop_wait: 2,
+        ..Default::default()
+    };
+    let (mut env, _) = three_members(options, false).await;
+    let first = env.leader().await.expect("leader");
+    let postmaster = env.member(&first).postmaster_pid();
+    env.member(&first).agent().kill9();
+    if let Some(pid) = postmaster {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let second = wait_for_new_leader(&env, &first).await;
+    env.member(&first).restart().expect("restart");
+    wait_for_replica(&env, &first).await;
+    wait_for_streaming(&env, &second, 2).await;
+
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != second)
+        .expect("candidate");
+    let body = format!(r#"{{"leader": "{second}", "candidate": "{candidate}"}}"#);
+    let (code, text) = env
+        .member(&second)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_for_streaming(&env, &candidate, 2).await;
 }

@@ -29,15 +29,14 @@ async fn cluster(
 
 async fn streaming(env: &TestEnv, replicas: usize) -> String {
     let leader = env.wait_for_leader(T).await;
-    let m = env
-        .members
-        .iter()
-        .find(|m| m.name == leader)
-        .expect("leader");
     wait_until("replicas stream", T, || async {
-        m.sql("SELECT count(*)::text FROM pg_stat_replication WHERE state = 'streaming'")
-            .await
-            .is_ok_and(|r| r == vec![replicas.to_string()])
+        let mut streaming = 0;
+        for r in env.members.iter().filter(|r| r.name != leader) {
+            if r.is_streaming_replica().await {
+                streaming += 1;
+            }
+        }
+        streaming == replicas
     })
     .await;
     for r in env.members.iter().filter(|r| r.name != leader) {

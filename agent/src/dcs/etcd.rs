@@ -131,12 +131,14 @@ fn classify(err: etcd_client::Error) -> DcsError {
                 | Code::Cancelled
                 | Code::Unknown
                 | Code::Aborted => DcsError::Unreachable(message),
-                _ if message.contains("requested lease not found") => DcsError::LeaseLost,
+                _ if message.contains("lease not found") => DcsError::LeaseLost,
                 _ => DcsError::Rejected(message),
             }
         }
         E::TransportError(e) => DcsError::Unreachable(e.to_string()),
         E::IoError(e) => DcsError::Unreachable(e.to_string()),
+        // etcd answered: the lease expired (keys attached to it are gone). Re-grant, don't retry.
+        E::LeaseKeepAliveError(e) if e.contains("not found") => DcsError::LeaseLost,
         E::LeaseKeepAliveError(e) | E::WatchError(e) => DcsError::Unreachable(e),
         other => DcsError::Rejected(other.to_string()),
     }
@@ -345,6 +347,27 @@ impl EtcdDcs {
         }
         view.members.sort_by(|a, b| a.name.cmp(&b.name));
         view
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expired_lease_is_lost_not_unreachable() {
+        assert!(matches!(
+            classify(etcd_client::Error::LeaseKeepAliveError(
+                "lease not found".into()
+            )),
+            DcsError::LeaseLost
+        ));
+        assert!(matches!(
+            classify(etcd_client::Error::LeaseKeepAliveError(
+                "stream closed".into()
+            )),
+            DcsError::Unreachable(_)
+        ));
     }
 }
 

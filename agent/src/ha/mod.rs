@@ -71,6 +71,11 @@ pub struct HaLoop {
     following: Option<String>,
     /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
     checkpoint_after_promote_pending: bool,
+    /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
+    /// tight loop; reset once postgres accepts connections.
+    quick_crashes: u32,
+    last_start: Option<Instant>,
+    crash_counted: bool,
     /// `synchronous_standby_names` as the sync planner last decided (leader only).
     sync_standby_names: String,
     /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
@@ -151,6 +156,9 @@ impl HaLoop {
             task_failed: None,
             following: None,
             checkpoint_after_promote_pending: false,
+            quick_crashes: 0,
+            last_start: None,
+            crash_counted: false,
             sync_standby_names: strict_placeholder,
             believes_leader: false,
             lease_certain_until: None,
@@ -550,6 +558,19 @@ impl HaLoop {
         }
     }
 
+    /// How long to wait before the next start, if postgres keeps crashing right after starting:
+    /// 1 s, 2 s, 4 s, … up to a minute. The first crash restarts at once (a primary's crash
+    /// restart must be fast).
+    fn restart_backoff(&self) -> Option<Duration> {
+        if self.quick_crashes < 2 {
+            return None;
+        }
+        let wait =
+            Duration::from_secs(1 << (self.quick_crashes - 2).min(6)).min(Duration::from_secs(60));
+        let since = self.last_start.map(|t| t.elapsed()).unwrap_or(wait);
+        (since < wait).then(|| wait - since)
+    }
+
     async fn inspect_postgres(&mut self) -> PostgresView {
         let view = match self.supervisor.state() {
             Postmaster::NotRunning => PostgresView::Down,
@@ -570,6 +591,19 @@ impl HaLoop {
             PostgresView::Running(s) => Some(s.clone()),
             _ => None,
         };
+        match &view {
+            PostgresView::Running(_) => self.quick_crashes = 0,
+            PostgresView::Crashed if !self.crash_counted => {
+                self.crash_counted = true;
+                if self
+                    .last_start
+                    .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+                {
+                    self.quick_crashes += 1;
+                }
+            }
+            _ => {}
+        }
         view
     }
 
@@ -763,6 +797,14 @@ impl HaLoop {
                 Ok(true)
             }
             Action::StartPostgres { primary, upstream } => {
+                if let Some(wait) = self.restart_backoff() {
+                    return Err(ActionError::Failed(format!(
+                        "postgres crashed {} time(s) right after starting; next start in {:.0?}",
+                        self.quick_crashes, wait
+                    )));
+                }
+                self.last_start = Some(Instant::now());
+                self.crash_counted = false;
                 let upstream = match upstream {
                     Some(leader) => Some(self.upstream(obs, leader)?),
                     None => None,

@@ -503,6 +503,14 @@ tags: {{}}
         Ok(client)
     }
 
+    /// The member runs as a hot standby whose WAL receiver streams (a replica still being
+    /// cloned is not counted, whatever the leader's pg_stat_replication shows).
+    pub async fn is_streaming_replica(&self) -> bool {
+        self.sql("SELECT coalesce((SELECT status FROM pg_stat_wal_receiver LIMIT 1), 'none')")
+            .await
+            .is_ok_and(|r| r == vec!["streaming"])
+    }
+
     /// Runs a query and returns the first column of every row as text.
     pub async fn sql(&self, query: &str) -> anyhow::Result<Vec<String>> {
         let client = self.connect().await?;
