@@ -350,27 +350,6 @@ impl EtcdDcs {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn an_expired_lease_is_lost_not_unreachable() {
-        assert!(matches!(
-            classify(etcd_client::Error::LeaseKeepAliveError(
-                "lease not found".into()
-            )),
-            DcsError::LeaseLost
-        ));
-        assert!(matches!(
-            classify(etcd_client::Error::LeaseKeepAliveError(
-                "stream closed".into()
-            )),
-            DcsError::Unreachable(_)
-        ));
-    }
-}
-
 #[async_trait]
 impl Dcs for EtcdDcs {
     async fn cluster(&self) -> Result<ClusterView, DcsError> {
@@ -695,5 +674,26 @@ async fn watch_cluster(client: Client, keys: Keys, wake: Arc<WakeSignal>) {
         }
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_expired_lease_is_lost_not_unreachable() {
+        assert!(matches!(
+            classify(etcd_client::Error::LeaseKeepAliveError(
+                "lease not found".into()
+            )),
+            DcsError::LeaseLost
+        ));
+        assert!(matches!(
+            classify(etcd_client::Error::LeaseKeepAliveError(
+                "stream closed".into()
+            )),
+            DcsError::Unreachable(_)
+        ));
     }
 }
