@@ -303,3 +303,36 @@ async fn a_switchover_after_a_failover_and_rejoin_leaves_a_healthy_cluster() {
     assert_eq!(code, 200, "{text}");
     wait_for_streaming(&env, &candidate, 2).await;
 }
+
+/// Kill -9 of whoever leads, several times in a row: each time exactly one member takes over,
+/// the killed one rejoins (rewound onto the new timeline), and the cluster is whole again before
+/// the next kill. Catches state that survives one failover but not the next (timelines, slots,
+/// restart backoff).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_kill9_failovers_each_leave_a_whole_cluster() {
+    let options = ClusterOptions {
+        loop_wait: 2,
+        ..ClusterOptions::default()
+    };
+    let (mut env, _) = three_members(options, false).await;
+    let first = env.leader().await.expect("leader");
+    let writer = start_writer(&env, &first).await;
+    for round in 0..4 {
+        let old = env.leader().await.expect("leader");
+        let postmaster = env.member(&old).postmaster_pid();
+        env.member(&old).agent().kill9();
+        if let Some(pid) = postmaster {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let new = wait_for_new_leader(&env, &old).await;
+        env.member(&old).restart().expect("restart the old leader");
+        wait_for_replica(&env, &old).await;
+        wait_for_streaming(&env, &new, 2).await;
+        eprintln!("round {round}: {old} -> {new}, cluster whole again");
+    }
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+}
