@@ -631,9 +631,15 @@ impl PostgresClusterSpec {
         let mut seen = std::collections::BTreeSet::new();
         for (i, user) in self.users.iter().enumerate() {
             if !seen.insert(user.name.as_str()) {
-                err(format!("users[{i}].name"), format!("{:?} is listed twice", user.name));
+                err(
+                    format!("users[{i}].name"),
+                    format!("{:?} is listed twice", user.name),
+                );
             }
-            if matches!(user.name.as_str(), "postgres" | "replicator" | "rewind_user") {
+            if matches!(
+                user.name.as_str(),
+                "postgres" | "replicator" | "rewind_user"
+            ) {
                 err(
                     format!("users[{i}].name"),
                     format!("{:?} is reserved for the agents", user.name),

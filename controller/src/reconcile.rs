@@ -13,9 +13,7 @@ use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
-use kube::api::{
-    DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions,
-};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
@@ -244,7 +242,7 @@ async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Err
     apply(client, ns, &render::rbac::role(pg)).await?;
     apply(client, ns, &render::rbac::role_binding(pg)).await?;
     let cm = render::configmap::configmap(pg);
-    let hash = render::configmap::config_hash(&cm);
+    let hash = render::configmap::config_hash(pg);
     apply(client, ns, &cm).await?;
     apply(client, ns, &render::services::headless(pg)).await?;
     apply(client, ns, &render::services::primary(pg)).await?;
@@ -502,7 +500,10 @@ async fn restapi_credentials(
 }
 
 /// Adds the PVC finalizer while `pvcRetention: Delete`, removes it otherwise.
-async fn sync_finalizer(pg: &PostgresCluster, clusters: &Api<PostgresCluster>) -> Result<(), Error> {
+async fn sync_finalizer(
+    pg: &PostgresCluster,
+    clusters: &Api<PostgresCluster>,
+) -> Result<(), Error> {
     let want = pg.spec.pvc_retention == PvcRetention::Delete;
     let finalizers = pg.finalizers();
     let has = finalizers.iter().any(|f| f == PVC_FINALIZER);
@@ -534,7 +535,11 @@ async fn patch_finalizers(
         }
     });
     clusters
-        .patch(&pg.name_any(), &PatchParams::default(), &Patch::Merge(&patch))
+        .patch(
+            &pg.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
         .await
         .map_err(kube_err("updating finalizers"))?;
     Ok(())
@@ -550,7 +555,10 @@ async fn cleanup(pg: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
     let names = Names::of(pg);
     let client = ctx.client.clone();
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &names.namespace);
-    match sts.delete(&names.statefulset(), &DeleteParams::foreground()).await {
+    match sts
+        .delete(&names.statefulset(), &DeleteParams::foreground())
+        .await
+    {
         Ok(_) => {}
         Err(kube::Error::Api(e)) if e.code == 404 => {}
         Err(e) => return Err(kube_err("deleting the statefulset")(e)),
@@ -561,9 +569,12 @@ async fn cleanup(pg: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
         .map(|(k, v)| format!("{k}={v}"))
         .collect::<Vec<_>>()
         .join(",");
-    pvcs.delete_collection(&DeleteParams::default(), &ListParams::default().labels(&selector))
-        .await
-        .map_err(kube_err("deleting the PVCs"))?;
+    pvcs.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels(&selector),
+    )
+    .await
+    .map_err(kube_err("deleting the PVCs"))?;
     info!(cluster = %names.cluster, "deleted the data volumes (pvcRetention: Delete)");
     let clusters: Api<PostgresCluster> = Api::namespaced(client, &names.namespace);
     let remaining = pg

@@ -145,7 +145,10 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
         .collect();
 
     let mut conditions = Vec::new();
-    let previous = input.previous.map(|s| s.conditions.as_slice()).unwrap_or(&[]);
+    let previous = input
+        .previous
+        .map(|s| s.conditions.as_slice())
+        .unwrap_or(&[]);
     let mut push = |kind: &str, status: bool, reason: &str, message: String| {
         let status = if status { "True" } else { "False" };
         let last_transition_time = previous
@@ -165,7 +168,12 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
 
     // Ready: a running primary and every desired member ready.
     if !input.spec_errors.is_empty() {
-        push("Ready", false, "InvalidSpec", join_errors(input.spec_errors));
+        push(
+            "Ready",
+            false,
+            "InvalidSpec",
+            join_errors(input.spec_errors),
+        );
     } else if !primary_running {
         push(
             "Ready",
@@ -218,7 +226,12 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
 
     // Degraded: something needs a human.
     if !input.spec_errors.is_empty() {
-        push("Degraded", true, "InvalidSpec", join_errors(input.spec_errors));
+        push(
+            "Degraded",
+            true,
+            "InvalidSpec",
+            join_errors(input.spec_errors),
+        );
     } else if !failed.is_empty() {
         push(
             "Degraded",

@@ -19,7 +19,11 @@ fn promtool(args: &[&str]) {
         .args(args)
         .current_dir(&dir)
         .output()
-        .unwrap_or_else(|e| panic!("promtool (Debian package prometheus, installed by scripts/install-deps.sh): {e}"));
+        .unwrap_or_else(|e| {
+            panic!(
+                "promtool (Debian package prometheus, installed by scripts/install-deps.sh): {e}"
+            )
+        });
     assert!(
         out.status.success(),
         "promtool {args:?} failed:\n{}{}",
@@ -65,7 +69,8 @@ fn metric_names_in(expr: &str) -> Vec<String> {
 fn dashboard_and_alerts_use_only_metrics_the_agent_exports() {
     let known = agent_metric_names();
     assert!(known.contains(&"patroni_primary".to_owned()), "{known:?}");
-    let text = std::fs::read_to_string(deploy().join("monitoring/grafana-dashboard.json")).expect("dashboard");
+    let text = std::fs::read_to_string(deploy().join("monitoring/grafana-dashboard.json"))
+        .expect("dashboard");
     let dashboard: serde_json::Value = serde_json::from_str(&text).expect("dashboard is JSON");
     let mut exprs = Vec::new();
     for panel in dashboard["panels"].as_array().expect("panels") {
@@ -74,11 +79,15 @@ fn dashboard_and_alerts_use_only_metrics_the_agent_exports() {
         }
     }
     assert!(exprs.len() >= 10);
-    let alerts = std::fs::read_to_string(deploy().join("monitoring/pgwarden-alerts.yml")).expect("alerts");
+    let alerts =
+        std::fs::read_to_string(deploy().join("monitoring/pgwarden-alerts.yml")).expect("alerts");
     exprs.push(alerts);
     for expr in &exprs {
         for name in metric_names_in(expr) {
-            assert!(known.contains(&name), "{name} (in {expr:?}) is not a metric of the agent");
+            assert!(
+                known.contains(&name),
+                "{name} (in {expr:?}) is not a metric of the agent"
+            );
         }
     }
 }
@@ -94,15 +103,26 @@ fn controller_manifest_parses_into_api_types() {
         let json = serde_json::to_value(&value).expect("json");
         match kind.as_str() {
             "Namespace" => drop(serde_json::from_value::<Namespace>(json).expect("Namespace")),
-            "ServiceAccount" => drop(serde_json::from_value::<ServiceAccount>(json).expect("ServiceAccount")),
-            "ClusterRole" => drop(serde_json::from_value::<ClusterRole>(json).expect("ClusterRole")),
-            "ClusterRoleBinding" => drop(serde_json::from_value::<ClusterRoleBinding>(json).expect("ClusterRoleBinding")),
+            "ServiceAccount" => {
+                drop(serde_json::from_value::<ServiceAccount>(json).expect("ServiceAccount"))
+            }
+            "ClusterRole" => {
+                drop(serde_json::from_value::<ClusterRole>(json).expect("ClusterRole"))
+            }
+            "ClusterRoleBinding" => drop(
+                serde_json::from_value::<ClusterRoleBinding>(json).expect("ClusterRoleBinding"),
+            ),
             "Role" => drop(serde_json::from_value::<Role>(json).expect("Role")),
-            "RoleBinding" => drop(serde_json::from_value::<RoleBinding>(json).expect("RoleBinding")),
+            "RoleBinding" => {
+                drop(serde_json::from_value::<RoleBinding>(json).expect("RoleBinding"))
+            }
             "Deployment" => {
                 let d: Deployment = serde_json::from_value(json).expect("Deployment");
                 let pod = d.spec.and_then(|s| s.template.spec).expect("pod spec");
-                assert_eq!(pod.service_account_name.as_deref(), Some("pgwarden-controller"));
+                assert_eq!(
+                    pod.service_account_name.as_deref(),
+                    Some("pgwarden-controller")
+                );
             }
             other => panic!("unexpected kind {other}"),
         }

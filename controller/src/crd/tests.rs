@@ -11,7 +11,12 @@ fn minimal() -> PostgresClusterSpec {
 }
 
 fn fields(result: Result<(), Vec<SpecError>>) -> Vec<String> {
-    result.err().unwrap_or_default().into_iter().map(|e| e.field).collect()
+    result
+        .err()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|e| e.field)
+        .collect()
 }
 
 #[test]
@@ -30,8 +35,14 @@ fn defaults_are_patroni_defaults() {
 #[test]
 fn parameters_are_integers_or_strings() {
     let s = spec("instances: {replicas: 1, storage: {size: 1Gi}}\npostgresql: {parameters: {max_connections: 100, work_mem: 8MB}}");
-    assert_eq!(s.postgresql.parameters["max_connections"], ParamValue::Int(100));
-    assert_eq!(s.postgresql.parameters["work_mem"], ParamValue::Text("8MB".to_owned()));
+    assert_eq!(
+        s.postgresql.parameters["max_connections"],
+        ParamValue::Int(100)
+    );
+    assert_eq!(
+        s.postgresql.parameters["work_mem"],
+        ParamValue::Text("8MB".to_owned())
+    );
     // A list is no parameter value (the API server's schema refuses it first).
     assert!(serde_yaml::from_str::<PostgresClusterSpec>(
         "instances: {replicas: 1, storage: {size: 1Gi}}\npostgresql: {parameters: {a: [1]}}"
@@ -47,7 +58,13 @@ fn lease_timing_rule_is_checked() {
     s.ha.retry_timeout = 10;
     let errors = s.validate().expect_err("invalid");
     assert_eq!(errors[0].field, "ha");
-    assert!(errors[0].to_string().starts_with("spec.ha: loopWait + 2 * retryTimeout (30)"), "{}", errors[0]);
+    assert!(
+        errors[0]
+            .to_string()
+            .starts_with("spec.ha: loopWait + 2 * retryTimeout (30)"),
+        "{}",
+        errors[0]
+    );
 }
 
 #[test]
@@ -107,7 +124,10 @@ fn crd_schema_validates_replicas_storage_and_parameters() {
         spec["postgresql"]["properties"]["parameters"]["additionalProperties"],
         serde_json::json!({"x-kubernetes-int-or-string": true})
     );
-    assert_eq!(spec["pvcRetention"]["enum"], serde_json::json!(["Retain", "Delete"]));
+    assert_eq!(
+        spec["pvcRetention"]["enum"],
+        serde_json::json!(["Retain", "Delete"])
+    );
     // Structural: no unions of types anywhere (a 1.20 API server refuses such a CRD).
     let text = crd.to_string();
     for word in ["\"anyOf\"", "\"oneOf\"", "\"allOf\""] {
@@ -135,7 +155,8 @@ fn examples_are_valid_specs() {
     for entry in std::fs::read_dir(&dir).expect("examples") {
         let path = entry.expect("entry").path();
         let text = std::fs::read_to_string(&path).expect("read");
-        let pg: PostgresCluster = serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        let pg: PostgresCluster =
+            serde_yaml::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
         assert_eq!(pg.spec.validate(), Ok(()), "{}", path.display());
         n += 1;
     }

@@ -6,12 +6,13 @@
 
 use serde_json::{json, Map, Value};
 
-use super::{Names, API_PORT, APPLICATION, APPLICATION_LABEL, POSTGRES_PORT, ROLE_LABEL, SCOPE_LABEL};
+use super::{
+    Names, API_PORT, APPLICATION, APPLICATION_LABEL, POSTGRES_PORT, ROLE_LABEL, SCOPE_LABEL,
+};
 use crate::crd::PostgresClusterSpec;
 
 /// Where the StatefulSet mounts the ConfigMap, and the file name in it.
 pub const CONFIG_DIR: &str = "/etc/pgwarden";
-pub const CONFIG_FILE: &str = "pgwarden.yml";
 /// Mount point of the data volume; postgres gets a subdirectory because a fresh volume's root
 /// may hold `lost+found`, which initdb refuses.
 pub const DATA_MOUNT: &str = "/var/lib/postgresql/data";
@@ -20,10 +21,22 @@ pub const SUPERUSER: &str = "postgres";
 pub const REPLICATION_USER: &str = "replicator";
 pub const RESTAPI_USER: &str = "pgwarden";
 
-/// The configuration as a YAML document.
-pub fn render(names: &Names, spec: &PostgresClusterSpec) -> String {
+/// The configuration of the member with this StatefulSet ordinal, as a YAML document. Members
+/// differ only in their `tags` (`spec.instances.failoverPriority`).
+pub fn render(names: &Names, spec: &PostgresClusterSpec, ordinal: i32) -> String {
+    let mut config = value(names, spec);
+    if let Some(priority) = spec.instances.failover_priority.get(&ordinal.to_string()) {
+        // Patroni: priority 0 means never promoted automatically.
+        config["tags"] = json!({"failover_priority": priority, "nofailover": *priority == 0});
+    }
     // Serializing a `serde_json::Value` to YAML cannot fail (string keys only).
-    serde_yaml::to_string(&value(names, spec)).unwrap_or_default()
+    serde_yaml::to_string(&config).unwrap_or_default()
+}
+
+/// The file name of a member's configuration in the ConfigMap: the Pod name, which the
+/// container's command finds through `$(PATRONI_NAME)`.
+pub fn member_file(names: &Names, ordinal: i32) -> String {
+    format!("{}.yml", names.pod(ordinal))
 }
 
 /// The configuration as a JSON value (the tests compare fields of it).
@@ -99,14 +112,15 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
         let params = &mut config["postgresql"]["parameters"];
         params["archive_mode"] = json!("on");
         params["archive_command"] = json!(format!("pgbackrest --stanza={stanza} archive-push %p"));
-        config["postgresql"]["recovery_conf"] =
-            json!({"restore_command": format!("pgbackrest --stanza={stanza} archive-get %f \"%p\"")});
+        config["postgresql"]["recovery_conf"] = json!({"restore_command": format!("pgbackrest --stanza={stanza} archive-get %f \"%p\"")});
         if let Some(restore) = &spec.restore {
             // Patroni's custom bootstrap method: the first member restores instead of initdb.
             let repo = restore.repo.trim_start_matches("repo");
             let mut command = format!("pgbackrest --stanza={stanza} --repo={repo} restore --delta");
             if let Some(t) = &restore.target_time {
-                command.push_str(&format!(" --type=time --target=\"{t}\" --target-action=promote"));
+                command.push_str(&format!(
+                    " --type=time --target=\"{t}\" --target-action=promote"
+                ));
             }
             config["bootstrap"]["method"] = json!("pgbackrest");
             config["bootstrap"]["pgbackrest"] = json!({
@@ -133,7 +147,13 @@ pub fn content_hash(data: &str) -> String {
 /// The pgBackRest stanza of a cluster with backups.
 pub fn stanza(names: &Names, spec: &PostgresClusterSpec) -> Option<String> {
     let backups = spec.backups.as_ref()?;
-    Some(backups.pgbackrest.stanza.clone().unwrap_or_else(|| names.cluster.clone()))
+    Some(
+        backups
+            .pgbackrest
+            .stanza
+            .clone()
+            .unwrap_or_else(|| names.cluster.clone()),
+    )
 }
 
 /// `pgbackrest.conf` for the members (mounted beside the agent's file), in pgBackRest's INI
@@ -160,6 +180,8 @@ pub fn pgbackrest_conf(names: &Names, spec: &PostgresClusterSpec) -> Option<Stri
             out.push_str(&format!("repo{n}-retention-diff={diff}\n"));
         }
     }
-    out.push_str(&format!("\n[{stanza}]\npg1-path={DATA_DIR}\npg1-socket-path=/var/run/postgresql\n"));
+    out.push_str(&format!(
+        "\n[{stanza}]\npg1-path={DATA_DIR}\npg1-socket-path=/var/run/postgresql\n"
+    ));
     Some(out)
 }

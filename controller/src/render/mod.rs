@@ -116,7 +116,10 @@ pub fn selector_labels(names: &Names) -> BTreeMap<String, String> {
 pub fn labels(names: &Names) -> BTreeMap<String, String> {
     let mut labels = selector_labels(names);
     labels.insert("app.kubernetes.io/name".to_owned(), "pgwarden".to_owned());
-    labels.insert("app.kubernetes.io/instance".to_owned(), names.cluster.clone());
+    labels.insert(
+        "app.kubernetes.io/instance".to_owned(),
+        names.cluster.clone(),
+    );
     labels.insert(
         "app.kubernetes.io/managed-by".to_owned(),
         FIELD_MANAGER.to_owned(),
@@ -127,14 +130,15 @@ pub fn labels(names: &Names) -> BTreeMap<String, String> {
 /// The owner reference every child carries. A cluster read from the API server always has a
 /// uid; one built in a test without it gets an empty uid, which the server would refuse.
 pub fn owner_reference(pg: &PostgresCluster) -> OwnerReference {
-    pg.controller_owner_ref(&()).unwrap_or_else(|| OwnerReference {
-        api_version: PostgresCluster::api_version(&()).into_owned(),
-        kind: PostgresCluster::kind(&()).into_owned(),
-        name: pg.name_any(),
-        uid: String::new(),
-        controller: Some(true),
-        block_owner_deletion: Some(true),
-    })
+    pg.controller_owner_ref(&())
+        .unwrap_or_else(|| OwnerReference {
+            api_version: PostgresCluster::api_version(&()).into_owned(),
+            kind: PostgresCluster::kind(&()).into_owned(),
+            name: pg.name_any(),
+            uid: String::new(),
+            controller: Some(true),
+            block_owner_deletion: Some(true),
+        })
 }
 
 /// Metadata of a child object: name, namespace, labels, owner reference.

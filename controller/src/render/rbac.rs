@@ -29,13 +29,17 @@ pub fn agent_rules() -> Vec<PolicyRule> {
         rule(
             "coordination.k8s.io",
             "leases",
-            &["get", "list", "watch", "create", "update", "patch", "delete"],
+            &[
+                "get", "list", "watch", "create", "update", "patch", "delete",
+            ],
         ),
         rule("", "pods", &["get", "list", "watch", "patch", "update"]),
         rule(
             "",
             "configmaps",
-            &["get", "list", "watch", "create", "update", "patch", "delete"],
+            &[
+                "get", "list", "watch", "create", "update", "patch", "delete",
+            ],
         ),
     ]
 }

@@ -25,7 +25,10 @@ pub fn headless(pg: &PostgresCluster) -> Service {
             // is not ready yet).
             publish_not_ready_addresses: Some(true),
             selector: Some(selector_labels(&names)),
-            ports: Some(vec![port("postgresql", POSTGRES_PORT), port("api", API_PORT)]),
+            ports: Some(vec![
+                port("postgresql", POSTGRES_PORT),
+                port("api", API_PORT),
+            ]),
             ..ServiceSpec::default()
         }),
         status: None,

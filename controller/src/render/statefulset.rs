@@ -9,16 +9,16 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
-    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-    HTTPGetAction, ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
-    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe,
-    ResourceRequirements, SecretKeySelector, Volume, VolumeMount, WeightedPodAffinityTerm,
+    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretKeySelector, Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::agent_config::{self, CONFIG_DIR, CONFIG_FILE, DATA_MOUNT};
+use super::agent_config::{self, CONFIG_DIR, DATA_MOUNT};
 use super::{
     child_meta, labels, selector_labels, Names, API_PORT, CONFIG_HASH_ANNOTATION, POSTGRES_PORT,
 };
@@ -139,25 +139,33 @@ fn agent_container(pg: &PostgresCluster) -> Container {
             "PATRONI_POSTGRESQL_CONNECT_ADDRESS",
             &format!("$(PATRONI_KUBERNETES_POD_IP):{POSTGRES_PORT}"),
         ),
-        secret_env("PATRONI_SUPERUSER_PASSWORD", &names.superuser_secret(), "password"),
+        secret_env(
+            "PATRONI_SUPERUSER_PASSWORD",
+            &names.superuser_secret(),
+            "password",
+        ),
         secret_env(
             "PATRONI_REPLICATION_PASSWORD",
             &names.replication_secret(),
             "password",
         ),
-        secret_env("PATRONI_RESTAPI_USERNAME", &names.restapi_secret(), "username"),
-        secret_env("PATRONI_RESTAPI_PASSWORD", &names.restapi_secret(), "password"),
+        secret_env(
+            "PATRONI_RESTAPI_USERNAME",
+            &names.restapi_secret(),
+            "username",
+        ),
+        secret_env(
+            "PATRONI_RESTAPI_PASSWORD",
+            &names.restapi_secret(),
+            "password",
+        ),
     ];
     if agent_config::stanza(&names, spec).is_some() {
         env.push(plain_env(
             "PGBACKREST_CONFIG",
             &format!("{CONFIG_DIR}/pgbackrest.conf"),
         ));
-        for repo in spec
-            .backups
-            .iter()
-            .flat_map(|b| b.pgbackrest.repos.iter())
-        {
+        for repo in spec.backups.iter().flat_map(|b| b.pgbackrest.repos.iter()) {
             if let Some(s3) = &repo.s3 {
                 let n = repo.name.trim_start_matches("repo");
                 env.push(secret_env(
@@ -184,7 +192,8 @@ fn agent_container(pg: &PostgresCluster) -> Container {
         ),
         command: Some(vec![
             "pgwarden".to_owned(),
-            format!("{CONFIG_DIR}/{CONFIG_FILE}"),
+            // Kubernetes expands $(PATRONI_NAME) from the env: each member reads its own file.
+            format!("{CONFIG_DIR}/$(PATRONI_NAME).yml"),
         ]),
         env: Some(env),
         ports: Some(vec![

@@ -59,7 +59,10 @@ fn healthy_cluster_is_ready_with_primary_members_and_lag() {
     assert_eq!(condition(&s, "Ready").status, "True");
     assert_eq!(condition(&s, "Progressing").status, "False");
     assert_eq!(condition(&s, "Degraded").status, "False");
-    assert!(s.conditions.iter().all(|c| c.observed_generation == Some(4)));
+    assert!(s
+        .conditions
+        .iter()
+        .all(|c| c.observed_generation == Some(4)));
 }
 
 #[test]
@@ -69,15 +72,24 @@ fn members_without_records_are_unknown_and_the_cluster_is_progressing() {
     assert_eq!(s.members[0].role, "unknown");
     assert_eq!(s.members[0].lag_bytes, None);
     let ready = condition(&s, "Ready");
-    assert_eq!((ready.status.as_str(), ready.reason.as_str()), ("False", "NoPrimary"));
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "NoPrimary")
+    );
     let progressing = condition(&s, "Progressing");
-    assert_eq!((progressing.status.as_str(), progressing.reason.as_str()), ("True", "Scaling"));
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("True", "Scaling")
+    );
     assert_eq!(condition(&s, "Degraded").status, "False");
 }
 
 #[test]
 fn a_lease_naming_a_vanished_pod_is_no_primary() {
-    let s = compute(&input(Some("pg-9"), vec![pod("pg-0", true, member("replica", "running", 1))]));
+    let s = compute(&input(
+        Some("pg-9"),
+        vec![pod("pg-0", true, member("replica", "running", 1))],
+    ));
     assert_eq!(s.primary, None);
     assert_eq!(condition(&s, "Degraded").reason, "NoPrimary");
 }
@@ -92,15 +104,27 @@ fn failed_members_and_invalid_specs_degrade() {
         ],
     ));
     let d = condition(&s, "Degraded");
-    assert_eq!((d.status.as_str(), d.reason.as_str()), ("True", "MemberFailed"));
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str()),
+        ("True", "MemberFailed")
+    );
     assert!(d.message.contains("pg-1"));
 
-    let errors = [SpecError { field: "ha".to_owned(), reason: "bad".to_owned() }];
-    let mut i = input(Some("pg-0"), vec![pod("pg-0", true, member("primary", "running", 5))]);
+    let errors = [SpecError {
+        field: "ha".to_owned(),
+        reason: "bad".to_owned(),
+    }];
+    let mut i = input(
+        Some("pg-0"),
+        vec![pod("pg-0", true, member("primary", "running", 5))],
+    );
     i.spec_errors = &errors;
     let s = compute(&i);
     let d = condition(&s, "Degraded");
-    assert_eq!((d.status.as_str(), d.reason.as_str(), d.message.as_str()), ("True", "InvalidSpec", "spec.ha: bad"));
+    assert_eq!(
+        (d.status.as_str(), d.reason.as_str(), d.message.as_str()),
+        ("True", "InvalidSpec", "spec.ha: bad")
+    );
     assert_eq!(condition(&s, "Ready").reason, "InvalidSpec");
 }
 
@@ -117,12 +141,18 @@ fn transition_time_is_kept_while_the_status_stays() {
     let s2 = compute(&second);
     assert_eq!(s1, s2, "nothing changed, so nothing to write");
     // Ready flips: a new transition time.
-    let mut third = input(None, vec![pod("pg-0", false, member("replica", "stopped", 5))]);
+    let mut third = input(
+        None,
+        vec![pod("pg-0", false, member("replica", "stopped", 5))],
+    );
     third.desired_members = 1;
     third.now = "2026-01-03T00:00:00Z".to_owned();
     third.previous = Some(&s2);
     let s3 = compute(&third);
-    assert_eq!(condition(&s3, "Ready").last_transition_time.as_deref(), Some("2026-01-03T00:00:00Z"));
+    assert_eq!(
+        condition(&s3, "Ready").last_transition_time.as_deref(),
+        Some("2026-01-03T00:00:00Z")
+    );
 }
 
 #[test]
