@@ -8,6 +8,7 @@ packages=(
   etcd-server etcd-client              # the DCS (etcd v3)
   pgbackrest                           # backups (used by later features)
   patroni python3-etcd                 # patronictl, for compatibility tests and the benchmark
+  prometheus                           # promtool checks deploy/monitoring (scrape config, alert rules)
   wrk                                  # HTTP load for the benchmark's REST figures
   protobuf-compiler libprotobuf-dev    # the etcd-client crate compiles etcd's protobufs
   build-essential pkg-config ca-certificates curl iproute2 procps

@@ -1,0 +1,23 @@
+//! pgwarden's Kubernetes controller: a `PostgresCluster` resource becomes a StatefulSet of
+//! pgwarden agents with its Services, configuration, Secrets and RBAC.
+//!
+//! The controller never takes part in failover: the agents elect their leader through a Lease
+//! and label their own Pods. The controller creates and updates objects, reports status, and
+//! orders restarts so that the primary goes last.
+//!
+//! # Layout
+//! - [`crd`]: the `PostgresCluster` spec and status (the CRD's schema is derived from them).
+//! - [`render`]: pure builders, one per object kind.
+//! - [`status`]: status from the leader Lease and the member records on the Pods.
+//! - [`rollout`]: which Pod to restart next, or which switchover to request (pure).
+//! - [`reconcile`]: the kube-runtime controller: apply, status, rollout, cleanup.
+//! - [`agent_api`]: calls to an agent's REST API (switchover).
+//! - [`leader`]: the controller's own Lease-based leader election.
+
+pub mod agent_api;
+pub mod crd;
+pub mod leader;
+pub mod reconcile;
+pub mod render;
+pub mod rollout;
+pub mod status;

@@ -1,0 +1,588 @@
+//! The reconciler: makes a cluster's objects match its `PostgresCluster`, reports status and
+//! drives rollouts. Everything here is idempotent: a reconcile may run at any time, any number
+//! of times, from any controller replica that holds the controller Lease.
+//!
+//! What it never does: decide a failover, touch the leader Lease, or restart a primary while a
+//! replica could take over first. A stopped controller leaves a running cluster running.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
+use kube::runtime::controller::{Action, Controller};
+use kube::runtime::reflector::ObjectRef;
+use kube::runtime::watcher;
+use kube::{Api, Client, Resource, ResourceExt};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tracing::{debug, info, warn};
+
+use crate::agent_api::{self, ApiCredentials};
+use crate::crd::{PostgresCluster, PostgresClusterStatus, PvcRetention, SpecError};
+use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
+use crate::rollout::{self, Step};
+use crate::status::{self, MemberRecord, PodView, StatusInput, MEMBER_ANNOTATION};
+
+/// Finalizer present only while `spec.pvcRetention: Delete`: the PVCs are nobody's children,
+/// so deleting them needs the controller. With the default `Retain` no finalizer is set, and
+/// deleting a cluster never waits for the controller.
+pub const PVC_FINALIZER: &str = "pgwarden.io/delete-pvcs";
+
+/// How long a switchover request may take (the agent answers when the new leader took over).
+const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Failures of one reconcile. Each is retried with exponential backoff by [`error_policy`].
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// An API server request failed (transient, or a permission the controller lacks).
+    #[error("{action} failed")]
+    Kube {
+        action: String,
+        #[source]
+        source: kube::Error,
+    },
+    /// The switchover the rollout asked for was refused or failed; the next reconcile
+    /// re-plans from what the agents then publish.
+    #[error("switchover from {primary} to {candidate} failed")]
+    Switchover {
+        primary: String,
+        candidate: String,
+        #[source]
+        source: agent_api::AgentApiError,
+    },
+    /// The primary published no `api_url`, so the switchover cannot be requested.
+    #[error("member {0} published no REST API address")]
+    NoApiUrl(String),
+}
+
+impl Error {
+    /// Short label for logs and metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Error::Kube { .. } => "kube",
+            Error::Switchover { .. } => "switchover",
+            Error::NoApiUrl(_) => "no_api_url",
+        }
+    }
+}
+
+fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+    let action = action.into();
+    move |source| Error::Kube { action, source }
+}
+
+/// Shared state of the reconcilers.
+pub struct Context {
+    pub client: Client,
+    /// Consecutive failures per cluster, for the exponential requeue.
+    failures: Mutex<HashMap<ObjectRef<PostgresCluster>, u32>>,
+}
+
+impl Context {
+    pub fn new(client: Client) -> Arc<Context> {
+        Arc::new(Context {
+            client,
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn record_failure(&self, key: ObjectRef<PostgresCluster>) -> u32 {
+        let mut failures = self.failures.lock().unwrap_or_else(|e| e.into_inner());
+        let n = failures.entry(key).or_insert(0);
+        *n = n.saturating_add(1);
+        *n
+    }
+
+    fn record_success(&self, key: &ObjectRef<PostgresCluster>) {
+        self.failures
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
+    }
+}
+
+/// Runs the controller until SIGTERM/SIGINT: watches `PostgresCluster`s (in `namespace`, or
+/// all namespaces), the objects they own, and member Pods (whose annotations and role labels
+/// the agents change).
+pub async fn run(client: Client, namespace: Option<String>) {
+    let (clusters, statefulsets, pods): (Api<PostgresCluster>, Api<StatefulSet>, Api<Pod>) =
+        match &namespace {
+            Some(ns) => (
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+                Api::namespaced(client.clone(), ns),
+            ),
+            None => (
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+                Api::all(client.clone()),
+            ),
+        };
+    let member_pods = watcher::Config::default().labels(&format!(
+        "{}={}",
+        render::APPLICATION_LABEL,
+        render::APPLICATION
+    ));
+    let ctx = Context::new(client);
+    Controller::new(clusters, watcher::Config::default())
+        .owns(statefulsets, watcher::Config::default())
+        .watches(pods, member_pods, |pod: Pod| {
+            let cluster = pod.labels().get(SCOPE_LABEL).cloned();
+            let namespace = pod.namespace();
+            cluster.map(|c| ObjectRef::new(&c).within(namespace.as_deref().unwrap_or("default")))
+        })
+        .shutdown_on_signal()
+        .run(reconcile, error_policy, ctx)
+        .for_each(|result| async move {
+            match result {
+                Ok((obj, _)) => debug!(cluster = %obj, "reconciled"),
+                Err(err) => debug!(error = %err, "reconcile did not complete"),
+            }
+        })
+        .await;
+}
+
+/// Exponential requeue: 2 s, 4 s, ... capped at 5 minutes, per cluster.
+pub fn error_policy(pg: Arc<PostgresCluster>, error: &Error, ctx: Arc<Context>) -> Action {
+    let failures = ctx.record_failure(ObjectRef::from_obj(pg.as_ref()));
+    let delay = backoff(failures);
+    warn!(cluster = %pg.name_any(), kind = error.kind(), error = %ErrorChain(error), retry_in = ?delay, "reconcile failed");
+    Action::requeue(delay)
+}
+
+/// The delay before retry number `failures` (1-based).
+pub fn backoff(failures: u32) -> Duration {
+    let exp = failures.saturating_sub(1).min(8);
+    Duration::from_secs((2u64 << exp).min(300))
+}
+
+/// Displays an error with its sources, once each.
+struct ErrorChain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+/// One reconcile of one cluster.
+pub async fn reconcile(pg: Arc<PostgresCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
+    let key = ObjectRef::from_obj(pg.as_ref());
+    let result = reconcile_inner(&pg, &ctx).await;
+    if result.is_ok() {
+        ctx.record_success(&key);
+    }
+    result
+}
+
+async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
+    let names = Names::of(pg);
+    let client = ctx.client.clone();
+    let clusters: Api<PostgresCluster> = Api::namespaced(client.clone(), &names.namespace);
+
+    if pg.meta().deletion_timestamp.is_some() {
+        return cleanup(pg, ctx).await;
+    }
+    sync_finalizer(pg, &clusters).await?;
+
+    let spec_errors = match pg.spec.validate() {
+        Ok(()) => Vec::new(),
+        Err(errors) => errors,
+    };
+    if spec_errors.is_empty() {
+        apply_children(pg, &client).await?;
+    } else {
+        // Nothing is changed on the strength of an invalid spec; the running cluster stays
+        // as it is and the condition says why.
+        warn!(cluster = %names.cluster, errors = %spec_errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "), "invalid spec");
+    }
+
+    let observed = observe(pg, &client).await?;
+    let step = if spec_errors.is_empty() {
+        rollout::next_step(&observed.pods, observed.lease_holder.as_deref())
+    } else {
+        Step::UpToDate
+    };
+    let rollout_note = match &step {
+        Step::UpToDate => None,
+        other => Some(other.to_string()),
+    };
+    write_status(pg, &clusters, &observed, &spec_errors, rollout_note).await?;
+    execute_step(pg, &client, &observed, &step).await?;
+
+    Ok(match step {
+        Step::UpToDate if observed.all_ready(pg.spec.instances.replicas) => {
+            Action::requeue(Duration::from_secs(300))
+        }
+        // Members starting, a rollout under way: look again soon (Pod events also wake us).
+        _ => Action::requeue(Duration::from_secs(5)),
+    })
+}
+
+/// Server-side apply of every child object, and creation of missing Secrets.
+async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Error> {
+    let names = Names::of(pg);
+    let ns = names.namespace.as_str();
+
+    for secret in render::secrets::secrets(pg, render::secrets::generate_password) {
+        create_if_missing(client, ns, &secret).await?;
+    }
+    apply(client, ns, &render::rbac::service_account(pg)).await?;
+    apply(client, ns, &render::rbac::role(pg)).await?;
+    apply(client, ns, &render::rbac::role_binding(pg)).await?;
+    let cm = render::configmap::configmap(pg);
+    let hash = render::configmap::config_hash(pg);
+    apply(client, ns, &cm).await?;
+    apply(client, ns, &render::services::headless(pg)).await?;
+    apply(client, ns, &render::services::primary(pg)).await?;
+    apply(client, ns, &render::services::replicas(pg)).await?;
+    apply(client, ns, &render::pdb::pdb(pg)).await?;
+    apply(client, ns, &render::statefulset::statefulset(pg, &hash)).await?;
+    Ok(())
+}
+
+/// Server-side apply with our field manager. `force`: fields another manager took over (a
+/// `kubectl edit` of a Service selector) are taken back, since the spec is the truth.
+async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.name_any();
+    let mut obj = obj.clone();
+    // Apply bodies must carry apiVersion and kind; k8s-openapi's Serialize writes them.
+    obj.meta_mut().managed_fields = None;
+    api.patch(
+        &name,
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&obj),
+    )
+    .await
+    .map_err(kube_err(format!("applying {} {name}", K::kind(&()))))?;
+    Ok(())
+}
+
+/// Creates `obj` unless an object of that name exists; an existing one is left exactly as it
+/// is (used for Secrets: a password is never replaced).
+async fn create_if_missing<K>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error>
+where
+    K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+        + Clone
+        + Serialize
+        + DeserializeOwned
+        + std::fmt::Debug,
+{
+    let api: Api<K> = Api::namespaced(client.clone(), ns);
+    let name = obj.name_any();
+    let what = || format!("creating {} {name}", K::kind(&()));
+    if api
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(what()))?
+        .is_some()
+    {
+        return Ok(false);
+    }
+    match api.create(&PostParams::default(), obj).await {
+        Ok(_) => {
+            info!(kind = %K::kind(&()), name = %name, "created");
+            Ok(true)
+        }
+        // Someone (another controller replica) created it between our read and write.
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+        Err(e) => Err(kube_err(what())(e)),
+    }
+}
+
+/// What the agents and the StatefulSet controller currently show.
+struct Observed {
+    pods: Vec<PodView>,
+    /// The Pods themselves, by name (for uids and member records).
+    raw: HashMap<String, Pod>,
+    lease_holder: Option<String>,
+}
+
+impl Observed {
+    fn all_ready(&self, desired: i32) -> bool {
+        let ready = self.pods.iter().filter(|p| p.ready).count();
+        usize::try_from(desired).is_ok_and(|d| ready == d && self.pods.len() == d)
+    }
+}
+
+async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Error> {
+    let names = Names::of(pg);
+    let ns = names.namespace.as_str();
+    let pods_api: Api<Pod> = Api::namespaced(client.clone(), ns);
+    let selector = render::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let pods = pods_api
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("listing member pods"))?;
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
+    let update_revision = sts
+        .get_opt(&names.statefulset())
+        .await
+        .map_err(kube_err("reading the statefulset"))?
+        .and_then(|s| s.status)
+        .and_then(|s| s.update_revision);
+    let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
+    let lease_holder = leases
+        .get_opt(&names.leader_lease())
+        .await
+        .map_err(kube_err("reading the leader lease"))?
+        .and_then(|l| l.spec)
+        .and_then(|s| s.holder_identity)
+        .filter(|h| !h.is_empty());
+
+    let mut views = Vec::new();
+    let mut raw = HashMap::new();
+    for pod in pods.items {
+        views.push(pod_view(&pod, update_revision.as_deref()));
+        raw.insert(pod.name_any(), pod);
+    }
+    Ok(Observed {
+        pods: views,
+        raw,
+        lease_holder,
+    })
+}
+
+/// A Pod as status and rollout see it.
+pub fn pod_view(pod: &Pod, update_revision: Option<&str>) -> PodView {
+    let ready = pod
+        .status
+        .as_ref()
+        .and_then(|s| s.conditions.as_ref())
+        .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
+    let revision = pod.labels().get("controller-revision-hash");
+    PodView {
+        name: pod.name_any(),
+        ready,
+        // Before the StatefulSet controller reports a revision there is nothing to roll.
+        current_revision: match (update_revision, revision) {
+            (Some(want), Some(have)) => want == have,
+            _ => true,
+        },
+        terminating: pod.meta().deletion_timestamp.is_some(),
+        member: MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str)),
+    }
+}
+
+async fn write_status(
+    pg: &PostgresCluster,
+    clusters: &Api<PostgresCluster>,
+    observed: &Observed,
+    spec_errors: &[SpecError],
+    rollout: Option<String>,
+) -> Result<(), Error> {
+    let input = StatusInput {
+        generation: pg.meta().generation,
+        desired_members: pg.spec.instances.replicas,
+        lease_holder: observed.lease_holder.clone(),
+        pods: observed.pods.clone(),
+        spec_errors,
+        rollout,
+        previous: pg.status.as_ref(),
+        now: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let status: PostgresClusterStatus = status::compute(&input);
+    if pg.status.as_ref() == Some(&status) {
+        return Ok(());
+    }
+    let patch = serde_json::json!({ "status": status });
+    clusters
+        .patch_status(
+            &pg.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(kube_err("writing status"))?;
+    Ok(())
+}
+
+async fn execute_step(
+    pg: &PostgresCluster,
+    client: &Client,
+    observed: &Observed,
+    step: &Step,
+) -> Result<(), Error> {
+    let names = Names::of(pg);
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
+    match step {
+        Step::UpToDate | Step::Wait(_) => Ok(()),
+        Step::RestartReplica(name) | Step::RestartPrimary(name) => {
+            info!(cluster = %names.cluster, pod = %name, "rollout: {step}");
+            // The uid precondition makes sure we delete the Pod we judged, not a successor.
+            let uid = observed.raw.get(name).and_then(|p| p.uid());
+            let params = DeleteParams {
+                preconditions: uid.map(|uid| Preconditions {
+                    uid: Some(uid),
+                    resource_version: None,
+                }),
+                ..DeleteParams::default()
+            };
+            match pods.delete(name, &params).await {
+                Ok(_) => Ok(()),
+                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+                Err(e) => Err(kube_err(format!("deleting pod {name}"))(e)),
+            }
+        }
+        Step::Switchover { primary, candidate } => {
+            info!(cluster = %names.cluster, "rollout: {step}");
+            let api_url = observed
+                .raw
+                .get(primary)
+                .and_then(|p| {
+                    MemberRecord::parse(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str))
+                })
+                .and_then(|m| m.api_url)
+                .ok_or_else(|| Error::NoApiUrl(primary.clone()))?;
+            let credentials = restapi_credentials(client, &names).await?;
+            agent_api::switchover(
+                &api_url,
+                primary,
+                candidate,
+                credentials.as_ref(),
+                SWITCHOVER_TIMEOUT,
+            )
+            .await
+            .map_err(|source| Error::Switchover {
+                primary: primary.clone(),
+                candidate: candidate.clone(),
+                source,
+            })?;
+            Ok(())
+        }
+    }
+}
+
+async fn restapi_credentials(
+    client: &Client,
+    names: &Names,
+) -> Result<Option<ApiCredentials>, Error> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
+    let secret = secrets
+        .get_opt(&names.restapi_secret())
+        .await
+        .map_err(kube_err("reading the REST API secret"))?;
+    let field = |s: &Secret, key: &str| {
+        s.data
+            .as_ref()
+            .and_then(|d| d.get(key))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+    };
+    Ok(secret.and_then(|s| {
+        Some(ApiCredentials {
+            username: field(&s, "username")?,
+            password: field(&s, "password")?,
+        })
+    }))
+}
+
+/// Adds the PVC finalizer while `pvcRetention: Delete`, removes it otherwise.
+async fn sync_finalizer(
+    pg: &PostgresCluster,
+    clusters: &Api<PostgresCluster>,
+) -> Result<(), Error> {
+    let want = pg.spec.pvc_retention == PvcRetention::Delete;
+    let finalizers = pg.finalizers();
+    let has = finalizers.iter().any(|f| f == PVC_FINALIZER);
+    if want == has {
+        return Ok(());
+    }
+    let mut new: Vec<String> = finalizers
+        .iter()
+        .filter(|f| *f != PVC_FINALIZER)
+        .cloned()
+        .collect();
+    if want {
+        new.push(PVC_FINALIZER.to_owned());
+    }
+    patch_finalizers(pg, clusters, new).await
+}
+
+/// A JSON patch guarded by the resourceVersion we read, so a concurrent change of the
+/// finalizer list by someone else is not overwritten.
+async fn patch_finalizers(
+    pg: &PostgresCluster,
+    clusters: &Api<PostgresCluster>,
+    finalizers: Vec<String>,
+) -> Result<(), Error> {
+    let patch = serde_json::json!({
+        "metadata": {
+            "finalizers": finalizers,
+            "resourceVersion": pg.resource_version(),
+        }
+    });
+    clusters
+        .patch(
+            &pg.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(kube_err("updating finalizers"))?;
+    Ok(())
+}
+
+/// A cluster being deleted. Its children go with the garbage collector (owner references);
+/// only with `pvcRetention: Delete` does the controller delete the StatefulSet and then the
+/// PVCs before letting the cluster go.
+async fn cleanup(pg: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
+    if !pg.finalizers().iter().any(|f| f == PVC_FINALIZER) {
+        return Ok(Action::await_change());
+    }
+    let names = Names::of(pg);
+    let client = ctx.client.clone();
+    let sts: Api<StatefulSet> = Api::namespaced(client.clone(), &names.namespace);
+    match sts
+        .delete(&names.statefulset(), &DeleteParams::foreground())
+        .await
+    {
+        Ok(_) => {}
+        Err(kube::Error::Api(e)) if e.code == 404 => {}
+        Err(e) => return Err(kube_err("deleting the statefulset")(e)),
+    }
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &names.namespace);
+    let selector = render::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    pvcs.delete_collection(
+        &DeleteParams::default(),
+        &ListParams::default().labels(&selector),
+    )
+    .await
+    .map_err(kube_err("deleting the PVCs"))?;
+    info!(cluster = %names.cluster, "deleted the data volumes (pvcRetention: Delete)");
+    let clusters: Api<PostgresCluster> = Api::namespaced(client, &names.namespace);
+    let remaining = pg
+        .finalizers()
+        .iter()
+        .filter(|f| *f != PVC_FINALIZER)
+        .cloned()
+        .collect();
+    patch_finalizers(pg, &clusters, remaining).await?;
+    Ok(Action::await_change())
+}

@@ -1,0 +1,42 @@
+//! The ConfigMap the Pods mount at `/etc/pgwarden`: the agent's YAML, and `pgbackrest.conf`
+//! when backups are configured.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+
+use super::agent_config;
+use super::{child_meta, Names};
+use crate::crd::PostgresCluster;
+
+pub fn configmap(pg: &PostgresCluster) -> ConfigMap {
+    let names = Names::of(pg);
+    let mut data = BTreeMap::new();
+    for ordinal in 0..pg.spec.instances.replicas.max(0) {
+        data.insert(
+            agent_config::member_file(&names, ordinal),
+            agent_config::render(&names, &pg.spec, ordinal),
+        );
+    }
+    if let Some(conf) = agent_config::pgbackrest_conf(&names, &pg.spec) {
+        data.insert("pgbackrest.conf".to_owned(), conf);
+    }
+    ConfigMap {
+        metadata: child_meta(pg, names.agent_configmap()),
+        data: Some(data),
+        ..ConfigMap::default()
+    }
+}
+
+/// Hash of what the Pods read from the ConfigMap: goes into the Pod template, so a changed
+/// configuration is a new StatefulSet revision. Not a hash of the ConfigMap itself: scaling
+/// adds a member file, and that must not restart the existing members.
+pub fn config_hash(pg: &PostgresCluster) -> String {
+    let names = Names::of(pg);
+    let mut all = serde_json::to_string(&agent_config::value(&names, &pg.spec)).unwrap_or_default();
+    all.push('\0');
+    all.push_str(&serde_json::to_string(&pg.spec.instances.failover_priority).unwrap_or_default());
+    all.push('\0');
+    all.push_str(&agent_config::pgbackrest_conf(&names, &pg.spec).unwrap_or_default());
+    agent_config::content_hash(&all)
+}

@@ -1,0 +1,334 @@
+//! The StatefulSet: one Pod per member, the agent as the container's entrypoint.
+//!
+//! `updateStrategy: OnDelete`: the StatefulSet controller never restarts a Pod by itself. The
+//! pgwarden controller deletes outdated Pods in the order of `rollout.rs` (replicas first, then
+//! a switchover, then the former primary), which the built-in rolling update (highest ordinal
+//! first, whatever its role) cannot do.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
+use k8s_openapi::api::core::v1::{
+    Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
+    SecretKeySelector, Volume, VolumeMount, WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+
+use super::agent_config::{self, CONFIG_DIR, DATA_MOUNT};
+use super::{
+    child_meta, labels, selector_labels, Names, API_PORT, CONFIG_HASH_ANNOTATION, POSTGRES_PORT,
+};
+use crate::crd::{AntiAffinity, PostgresCluster, PullPolicy};
+
+/// UID/GID of `postgres` in Debian's postgresql packages (and so in our image).
+const POSTGRES_UID: i64 = 999;
+const HOSTNAME_TOPOLOGY: &str = "kubernetes.io/hostname";
+
+/// The StatefulSet of a cluster. `config_hash` is [`agent_config::content_hash`] of everything
+/// the Pods read from the ConfigMap.
+pub fn statefulset(pg: &PostgresCluster, config_hash: &str) -> StatefulSet {
+    let names = Names::of(pg);
+    let spec = &pg.spec;
+    let instances = &spec.instances;
+
+    let mut template_annotations = BTreeMap::new();
+    template_annotations.insert(CONFIG_HASH_ANNOTATION.to_owned(), config_hash.to_owned());
+
+    let pod = PodSpec {
+        service_account_name: Some(names.agent_account()),
+        termination_grace_period_seconds: Some(instances.termination_grace_period_seconds),
+        security_context: Some(PodSecurityContext {
+            run_as_user: Some(POSTGRES_UID),
+            run_as_group: Some(POSTGRES_UID),
+            fs_group: Some(POSTGRES_UID),
+            run_as_non_root: Some(true),
+            ..PodSecurityContext::default()
+        }),
+        affinity: affinity(pg),
+        tolerations: none_if_empty(instances.tolerations.clone()),
+        topology_spread_constraints: none_if_empty(instances.topology_spread_constraints.clone()),
+        node_selector: if instances.node_selector.is_empty() {
+            None
+        } else {
+            Some(instances.node_selector.clone())
+        },
+        priority_class_name: instances.priority_class_name.clone(),
+        containers: vec![agent_container(pg)],
+        volumes: Some(vec![Volume {
+            name: "config".to_owned(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: Some(names.agent_configmap()),
+                ..ConfigMapVolumeSource::default()
+            }),
+            ..Volume::default()
+        }]),
+        ..PodSpec::default()
+    };
+
+    let mut claim_resources = BTreeMap::new();
+    claim_resources.insert(
+        "storage".to_owned(),
+        Quantity(instances.storage.size.clone()),
+    );
+    let claim = PersistentVolumeClaim {
+        metadata: ObjectMeta {
+            name: Some("data".to_owned()),
+            // Copied onto every PVC: how the cleanup of `pvcRetention: Delete` finds them.
+            labels: Some(selector_labels(&names)),
+            ..ObjectMeta::default()
+        },
+        spec: Some(PersistentVolumeClaimSpec {
+            access_modes: Some(vec!["ReadWriteOnce".to_owned()]),
+            storage_class_name: instances.storage.storage_class_name.clone(),
+            resources: Some(ResourceRequirements {
+                requests: Some(claim_resources),
+                ..ResourceRequirements::default()
+            }),
+            ..PersistentVolumeClaimSpec::default()
+        }),
+        ..PersistentVolumeClaim::default()
+    };
+
+    StatefulSet {
+        metadata: child_meta(pg, names.statefulset()),
+        spec: Some(StatefulSetSpec {
+            replicas: Some(instances.replicas),
+            service_name: names.headless_service(),
+            selector: LabelSelector {
+                match_labels: Some(selector_labels(&names)),
+                ..LabelSelector::default()
+            },
+            // Members start in parallel: the agents decide among themselves who initializes.
+            pod_management_policy: Some("Parallel".to_owned()),
+            update_strategy: Some(StatefulSetUpdateStrategy {
+                type_: Some("OnDelete".to_owned()),
+                rolling_update: None,
+            }),
+            template: PodTemplateSpec {
+                metadata: Some(ObjectMeta {
+                    labels: Some(labels(&names)),
+                    annotations: Some(template_annotations),
+                    ..ObjectMeta::default()
+                }),
+                spec: Some(pod),
+            },
+            volume_claim_templates: Some(vec![claim]),
+            ..StatefulSetSpec::default()
+        }),
+        status: None,
+    }
+}
+
+fn agent_container(pg: &PostgresCluster) -> Container {
+    let names = Names::of(pg);
+    let spec = &pg.spec;
+    let mut env = vec![
+        field_env("PATRONI_NAME", "metadata.name"),
+        field_env("PATRONI_KUBERNETES_NAMESPACE", "metadata.namespace"),
+        field_env("PATRONI_KUBERNETES_POD_IP", "status.podIP"),
+        // Kubernetes expands $(VAR) from variables defined earlier in the list.
+        plain_env(
+            "PATRONI_RESTAPI_CONNECT_ADDRESS",
+            &format!("$(PATRONI_KUBERNETES_POD_IP):{API_PORT}"),
+        ),
+        plain_env(
+            "PATRONI_POSTGRESQL_CONNECT_ADDRESS",
+            &format!("$(PATRONI_KUBERNETES_POD_IP):{POSTGRES_PORT}"),
+        ),
+        secret_env(
+            "PATRONI_SUPERUSER_PASSWORD",
+            &names.superuser_secret(),
+            "password",
+        ),
+        secret_env(
+            "PATRONI_REPLICATION_PASSWORD",
+            &names.replication_secret(),
+            "password",
+        ),
+        secret_env(
+            "PATRONI_RESTAPI_USERNAME",
+            &names.restapi_secret(),
+            "username",
+        ),
+        secret_env(
+            "PATRONI_RESTAPI_PASSWORD",
+            &names.restapi_secret(),
+            "password",
+        ),
+    ];
+    if agent_config::stanza(&names, spec).is_some() {
+        env.push(plain_env(
+            "PGBACKREST_CONFIG",
+            &format!("{CONFIG_DIR}/pgbackrest.conf"),
+        ));
+        for repo in spec.backups.iter().flat_map(|b| b.pgbackrest.repos.iter()) {
+            if let Some(s3) = &repo.s3 {
+                let n = repo.name.trim_start_matches("repo");
+                env.push(secret_env(
+                    &format!("PGBACKREST_REPO{n}_S3_KEY"),
+                    &s3.credentials_secret,
+                    "key",
+                ));
+                env.push(secret_env(
+                    &format!("PGBACKREST_REPO{n}_S3_KEY_SECRET"),
+                    &s3.credentials_secret,
+                    "keySecret",
+                ));
+            }
+        }
+    }
+    Container {
+        name: "postgres".to_owned(),
+        image: Some(spec.image.clone()),
+        image_pull_policy: Some(
+            spec.image_pull_policy
+                .unwrap_or(PullPolicy::IfNotPresent)
+                .as_str()
+                .to_owned(),
+        ),
+        command: Some(vec![
+            "pgwarden".to_owned(),
+            // Kubernetes expands $(PATRONI_NAME) from the env: each member reads its own file.
+            format!("{CONFIG_DIR}/$(PATRONI_NAME).yml"),
+        ]),
+        env: Some(env),
+        ports: Some(vec![
+            ContainerPort {
+                name: Some("postgresql".to_owned()),
+                container_port: POSTGRES_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+            ContainerPort {
+                name: Some("api".to_owned()),
+                container_port: API_PORT,
+                protocol: Some("TCP".to_owned()),
+                ..ContainerPort::default()
+            },
+        ]),
+        // Readiness is the agent's view (running, streaming, not lagging): a replica that is
+        // not ready leaves the replicas Service. Liveness only fails when the HA loop is stuck;
+        // restarting a live agent would only cause a failover.
+        readiness_probe: Some(http_probe("/readiness", 5, 3)),
+        liveness_probe: Some(Probe {
+            initial_delay_seconds: Some(30),
+            ..http_probe("/liveness", 10, 6)
+        }),
+        resources: spec.instances.resources.clone(),
+        volume_mounts: Some(vec![
+            VolumeMount {
+                name: "data".to_owned(),
+                mount_path: DATA_MOUNT.to_owned(),
+                ..VolumeMount::default()
+            },
+            VolumeMount {
+                name: "config".to_owned(),
+                mount_path: CONFIG_DIR.to_owned(),
+                read_only: Some(true),
+                ..VolumeMount::default()
+            },
+        ]),
+        ..Container::default()
+    }
+}
+
+/// Default scheduling: members on different nodes (preferred or required), so a node loss
+/// takes at most one member.
+fn affinity(pg: &PostgresCluster) -> Option<Affinity> {
+    let instances = &pg.spec.instances;
+    if let Some(affinity) = &instances.affinity {
+        return Some(affinity.clone());
+    }
+    let term = PodAffinityTerm {
+        label_selector: Some(LabelSelector {
+            match_labels: Some(selector_labels(&Names::of(pg))),
+            ..LabelSelector::default()
+        }),
+        topology_key: HOSTNAME_TOPOLOGY.to_owned(),
+        ..PodAffinityTerm::default()
+    };
+    let anti = match instances.anti_affinity {
+        AntiAffinity::None => return None,
+        AntiAffinity::Preferred => PodAntiAffinity {
+            preferred_during_scheduling_ignored_during_execution: Some(vec![
+                WeightedPodAffinityTerm {
+                    weight: 100,
+                    pod_affinity_term: term,
+                },
+            ]),
+            ..PodAntiAffinity::default()
+        },
+        AntiAffinity::Required => PodAntiAffinity {
+            required_during_scheduling_ignored_during_execution: Some(vec![term]),
+            ..PodAntiAffinity::default()
+        },
+    };
+    Some(Affinity {
+        pod_anti_affinity: Some(anti),
+        ..Affinity::default()
+    })
+}
+
+fn http_probe(path: &str, period: i32, failures: i32) -> Probe {
+    Probe {
+        http_get: Some(HTTPGetAction {
+            path: Some(path.to_owned()),
+            port: IntOrString::Int(API_PORT),
+            scheme: Some("HTTP".to_owned()),
+            ..HTTPGetAction::default()
+        }),
+        period_seconds: Some(period),
+        timeout_seconds: Some(5),
+        failure_threshold: Some(failures),
+        ..Probe::default()
+    }
+}
+
+fn field_env(name: &str, path: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            field_ref: Some(ObjectFieldSelector {
+                field_path: path.to_owned(),
+                api_version: Some("v1".to_owned()),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn plain_env(name: &str, value: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value: Some(value.to_owned()),
+        ..EnvVar::default()
+    }
+}
+
+fn secret_env(name: &str, secret: &str, key: &str) -> EnvVar {
+    EnvVar {
+        name: name.to_owned(),
+        value_from: Some(EnvVarSource {
+            secret_key_ref: Some(SecretKeySelector {
+                name: Some(secret.to_owned()),
+                key: key.to_owned(),
+                optional: Some(false),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }
+}
+
+fn none_if_empty<T>(v: Vec<T>) -> Option<Vec<T>> {
+    if v.is_empty() {
+        None
+    } else {
+        Some(v)
+    }
+}
