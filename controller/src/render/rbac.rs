@@ -1,5 +1,6 @@
 //! The agents' identity: a ServiceAccount, the Role the Kubernetes-mode agent needs (the one in
-//! `deploy/agent-rbac.yaml`, nothing more) and the RoleBinding between them.
+//! `deploy/agent-rbac.yaml`, nothing more; a test
+//! compares the two) and the RoleBinding between them.
 
 use k8s_openapi::api::core::v1::ServiceAccount;
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
@@ -29,17 +30,13 @@ pub fn agent_rules() -> Vec<PolicyRule> {
         rule(
             "coordination.k8s.io",
             "leases",
-            &[
-                "get", "list", "watch", "create", "update", "patch", "delete",
-            ],
+            &["get", "list", "watch", "create", "update"],
         ),
-        rule("", "pods", &["get", "list", "watch", "patch", "update"]),
+        rule("", "pods", &["get", "list", "watch", "patch"]),
         rule(
             "",
             "configmaps",
-            &[
-                "get", "list", "watch", "create", "update", "patch", "delete",
-            ],
+            &["get", "list", "watch", "create", "update"],
         ),
     ]
 }
