@@ -8,12 +8,15 @@
 //! - [`ha`]: the HA loop. `observe` gathers facts, `decide` (pure) turns them into actions,
 //!   `execute` performs them; `timing` holds the lease and fencing arithmetic.
 //! - [`api`]: the REST API (Patroni's endpoints) and `/metrics`.
+//! - [`backup`]: pgBackRest: WAL archiving, scheduled and on-demand backups, restores for
+//!   replicas and bootstrap.
 //! - [`state`]: the status the HA loop publishes for the API.
 //! - [`run`]: wiring of the long-running tasks, signals and shutdown; PID-1 reaping.
 //! - [`cli`]: the operator's commands (`pgwarden list`, `switchover`, …), like `patronictl`.
 //! - [`peer`]: HTTP calls to other members' REST APIs.
 
 pub mod api;
+pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod dcs;

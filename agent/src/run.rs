@@ -38,6 +38,8 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("REST API TLS: {0}")]
     Tls(String),
+    #[error("pgBackRest: {0}")]
+    Backup(String),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {
@@ -102,6 +104,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     );
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
 
+    crate::backup::write_config(&config).map_err(RunError::Backup)?;
     let shutdown = CancellationToken::new();
     let pg_changed = Arc::new(Notify::new());
     let (supervisor, supervisor_task) = Supervisor::spawn(
@@ -123,6 +126,17 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         _ => None,
     };
     crate::peer::configure_client_tls(config.restapi.cafile.as_deref()).map_err(RunError::Tls)?;
+    let backup = crate::backup::spawn(
+        &config,
+        dcs.clone(),
+        status_rx.clone(),
+        probe.clone(),
+        shutdown.child_token(),
+    );
+    let (backup, backup_task) = match backup {
+        Some((handle, task)) => (Some(handle), Some(task)),
+        None => (None, None),
+    };
     let api_context = ApiContext {
         status: status_rx,
         probe: probe.clone(),
@@ -132,6 +146,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
             .as_ref()
             .map(|c| (c.username.clone(), c.password.clone().unwrap_or_default())),
         commands: commands_tx,
+        backup,
     };
     let api_task = match tls {
         Some(tls) => tokio::spawn(api::serve_tls(
@@ -176,6 +191,10 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     shutdown.cancel();
     drop(supervisor);
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
+    if let Some(task) = backup_task {
+        // The service kills a running pgBackRest command with its process group.
+        let _ = tokio::time::timeout(Duration::from_secs(20), task).await;
+    }
     supervisor_task.abort();
     if let Err(e) = &result {
         error!(error = %e, "the agent stops");

@@ -42,6 +42,8 @@ pub struct ApiContext {
     /// `restapi.authentication` for the write endpoints.
     pub auth: Option<(String, String)>,
     pub commands: mpsc::Sender<ApiCommand>,
+    /// The pgBackRest service, when configured (`POST /backup`, `GET /backups`).
+    pub backup: Option<crate::backup::BackupHandle>,
 }
 
 /// A write request for the agent, with the channel to answer on.
@@ -266,6 +268,7 @@ fn is_write(method: &Method, path: &str) -> bool {
             | ("POST", "/switchover")
             | ("DELETE", "/switchover")
             | ("POST", "/failover")
+            | ("POST", "/backup")
     )
 }
 
@@ -316,6 +319,15 @@ async fn handle(State(ctx): State<Arc<ApiContext>>, request: Request) -> Respons
                     Err(e) => return text(400, format!("invalid JSON body: {e}")),
                 }
             };
+            if path == "/backup" {
+                return match &ctx.backup {
+                    Some(b) => {
+                        let r = b.start(&body).await;
+                        text(r.status, r.body)
+                    }
+                    None => text(503, "pgBackRest is not configured on this member"),
+                };
+            }
             forward(&ctx, method, path, body).await
         }
         _ => text(501, format!("unsupported method {method} for {path}")),
@@ -359,8 +371,28 @@ async fn get(
                 .ok()
                 .flatten();
             let pg = fresh.as_ref().or(status.postgres.as_ref());
-            json(200, &status::patroni_json(status, pg, now))
+            let mut doc = status::patroni_json(status, pg, now);
+            if let (Some(b), Some(o)) = (&ctx.backup, doc.as_object_mut()) {
+                o.insert("pgbackrest".into(), b.patroni_json());
+            }
+            json(200, &doc)
         }
+        "backups" => match &ctx.backup {
+            Some(b) => {
+                let r = b.info().await;
+                if r.status == 200 {
+                    (
+                        StatusCode::OK,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        r.body,
+                    )
+                        .into_response()
+                } else {
+                    text(r.status, r.body)
+                }
+            }
+            None => text(503, "pgBackRest is not configured on this member"),
+        },
         "liveness" => status_only(health::liveness(status, now)),
         "readiness" => status_only(health::readiness(status, query, now)),
         "metrics" => (
@@ -369,7 +401,8 @@ async fn get(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            render_metrics(status, now),
+            render_metrics(status, now)
+                + &ctx.backup.as_ref().map(|b| b.metrics()).unwrap_or_default(),
         )
             .into_response(),
         "cluster" => match status.cluster.as_deref() {

@@ -107,6 +107,7 @@ async fn serve_status(
         probe: Arc::new(NoProbe),
         auth,
         commands: ctx_tx,
+        backup: None,
     };
     tokio::spawn(async move {
         let _keep = _tx;

@@ -1,6 +1,7 @@
 //! The operator's CLI, `pgwarden <command>`, like `patronictl`: reads the cluster from etcd and
 //! acts through the members' REST APIs (or the DCS where Patroni's tool does too).
 
+pub mod backup;
 pub mod list;
 
 use std::io::{BufRead, Write};
@@ -90,6 +91,20 @@ pub enum CtlCommand {
         pg: Vec<String>,
         #[arg(long)]
         force: bool,
+    },
+    /// Start a pgBackRest backup on the leader and wait until it finished.
+    Backup {
+        /// full, diff or incr (pgBackRest makes a full one when none exists yet).
+        #[arg(long = "type", default_value = "incr", value_parser = ["full", "diff", "incr"])]
+        kind: String,
+        /// Return once the backup started.
+        #[arg(long = "no-wait")]
+        no_wait: bool,
+    },
+    /// List the backups in the pgBackRest repository (`pgbackrest info`).
+    Backups {
+        #[arg(long, value_enum, default_value = "pretty")]
+        format: Format,
     },
 }
 
@@ -320,6 +335,8 @@ pub async fn run(config: Config, command: CtlCommand) -> Result<(), CliError> {
             Ok(())
         }
         CtlCommand::EditConfig { set, pg, force } => edit_config(&ctl, &set, &pg, force).await,
+        CtlCommand::Backup { kind, no_wait } => backup::backup(&ctl, &kind, !no_wait).await,
+        CtlCommand::Backups { format } => backup::backups(&ctl, format).await,
     }
 }
 

@@ -24,6 +24,8 @@ pub struct Config {
     pub postgresql: PostgresqlConfig,
     pub tags: Tags,
     pub log: LogConfig,
+    /// WAL archiving, backups and restores with pgBackRest (`crate::backup`).
+    pub pgbackrest: Option<crate::backup::settings::PgBackRestConfig>,
 }
 
 /// `restapi`.
@@ -67,6 +69,10 @@ pub struct BootstrapConfig {
     /// Extra initdb options, in Patroni's form: strings (`data-checksums`) or one-key maps
     /// (`encoding: UTF8`).
     pub initdb: Vec<InitdbOption>,
+    /// `initdb` (default) or `pgbackrest`: restore the repository instead of running initdb.
+    pub method: Option<String>,
+    /// Restore settings for `method: pgbackrest`.
+    pub pgbackrest: Option<crate::backup::settings::BootstrapFromBackup>,
 }
 
 /// One `bootstrap.initdb` entry.
@@ -188,6 +194,9 @@ pub struct PostgresqlConfig {
     pub pgpass: Option<PathBuf>,
     pub remove_data_directory_on_rewind_failure: bool,
     pub remove_data_directory_on_diverged_timelines: bool,
+    /// How a new replica gets its data, tried in order (Patroni's list): `pgbackrest` (restore
+    /// from the repository), `basebackup`. Empty: `basebackup` only.
+    pub create_replica_methods: Vec<String>,
 }
 
 /// `postgresql.authentication`.

@@ -280,6 +280,8 @@ impl Config {
             );
         }
 
+        crate::backup::settings::validate(self, &mut errors);
+
         if errors.is_empty() {
             Ok(())
         } else {

@@ -606,6 +606,53 @@ impl Dcs for EtcdDcs {
         }
     }
 
+    async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {
+        let mut state = self.lease.lock().await;
+        let lease = match state.id {
+            Some(id) => id,
+            None => self.grant_lease(&mut state).await?,
+        };
+        let key = self.keys.key(key);
+        let txn = Txn::new()
+            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(
+                key,
+                value.to_owned(),
+                Some(PutOptions::new().with_lease(lease)),
+            )]);
+        let mut client = self.client.clone();
+        let response = self.call("acquire lease key", client.txn(txn)).await?;
+        Ok(response.succeeded())
+    }
+
+    async fn release_lease_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        let key = self.keys.key(key);
+        let txn = Txn::new()
+            .when([Compare::value(
+                key.clone(),
+                CompareOp::Equal,
+                value.to_owned(),
+            )])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut client = self.client.clone();
+        self.call("release lease key", client.txn(txn))
+            .await
+            .map(drop)
+    }
+
+    async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call("read key", client.get(self.keys.key(key), None))
+            .await?;
+        Ok(response.kvs().first().map(|kv| text(kv.value())))
+    }
+
+    async fn write_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        self.put("write key", self.keys.key(key), value.to_owned())
+            .await
+    }
+
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {

@@ -131,4 +131,38 @@ pub trait Dcs: Send + Sync {
 
     /// Waits until a watched key changes or `timeout` elapses.
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup;
+
+    /// Creates `<base>/<key>` with `value`, attached to this agent's lease, only if the key is
+    /// absent: a lock that disappears with the agent (the backup lock, `crate::backup`).
+    /// `Ok(false)` means someone else holds it. The default refuses: a DCS that cannot do this
+    /// runs no backups rather than risking two at once.
+    async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {
+        let _ = value;
+        Err(DcsError::Rejected(format!(
+            "this DCS does not support the `{key}` lock"
+        )))
+    }
+
+    /// Deletes `<base>/<key>` if and only if it still holds `value`.
+    async fn release_lease_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        let _ = value;
+        Err(DcsError::Rejected(format!(
+            "this DCS does not support the `{key}` lock"
+        )))
+    }
+
+    /// Reads `<base>/<key>` (`None`: absent).
+    async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
+        Err(DcsError::Rejected(format!(
+            "this DCS does not support reading `{key}`"
+        )))
+    }
+
+    /// Writes `<base>/<key>` (no lease: it outlives the writer).
+    async fn write_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        let _ = value;
+        Err(DcsError::Rejected(format!(
+            "this DCS does not support writing `{key}`"
+        )))
+    }
 }

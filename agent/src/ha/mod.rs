@@ -771,9 +771,7 @@ impl HaLoop {
                 let files = self.managed_files(true, Some(&upstream));
                 self.following = Some(leader.clone());
                 self.spawn_task(TaskKind::CreateReplica, async move {
-                    replica::basebackup(&config, &bin_dir, &upstream)
-                        .await
-                        .map_err(|e| error_chain(&e))?;
+                    crate::backup::restore::create_replica(&config, &bin_dir, &upstream).await?;
                     conf::write(&config.postgresql.data_dir, &files)
                         .map_err(|e| format!("cannot write the configuration files: {e}"))?;
                     Ok(())
@@ -1236,6 +1234,9 @@ async fn bootstrap(
     probe: &Probe,
     files: &ManagedFiles,
 ) -> Result<(), String> {
+    if config.bootstrap.method.as_deref() == Some("pgbackrest") {
+        return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
+    }
     info!("running initdb");
     initdb::initdb(config, bin_dir)
         .await

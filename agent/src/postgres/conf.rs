@@ -56,6 +56,11 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     params.insert("cluster_name".into(), config.scope.clone());
+    if let Some(pb) = &config.pgbackrest {
+        params.extend(crate::backup::render::archive_parameters(
+            &pb.resolve(config),
+        ));
+    }
     let as_settings = |m: &BTreeMap<String, PgValue>| {
         m.iter()
             .map(|(k, v)| (k.clone(), v.as_setting()))

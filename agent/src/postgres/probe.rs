@@ -206,6 +206,32 @@ impl Probe {
         .await
     }
 
+    /// Runs one query and returns its first row as text (`None` for SQL NULL); no row is an
+    /// empty vector.
+    pub async fn query_row(&self, sql: &str) -> Result<Vec<Option<String>>, ProbeError> {
+        let sql = sql.to_owned();
+        self.with_client(move |client| {
+            let sql = sql.clone();
+            async move {
+                let r = client.simple_query(&sql).await.map(|messages| {
+                    messages
+                        .iter()
+                        .find_map(|m| match m {
+                            tokio_postgres::SimpleQueryMessage::Row(row) => Some(
+                                (0..row.len())
+                                    .map(|i| row.get(i).map(str::to_owned))
+                                    .collect(),
+                            ),
+                            _ => None,
+                        })
+                        .unwrap_or_default()
+                });
+                (client, r)
+            }
+        })
+        .await
+    }
+
     /// Runs SQL statements (no results) as the superuser.
     pub async fn execute(&self, sql: &str) -> Result<(), ProbeError> {
         let sql = sql.to_owned();

@@ -172,6 +172,18 @@ impl TestEnv {
         })
     }
 
+    /// A directory under the test directory that the agents' user may write (a pgBackRest
+    /// repository shared by the members).
+    pub fn shared_dir(&self, name: &str) -> PathBuf {
+        let path = self.dir.path().join(name);
+        std::fs::create_dir_all(&path).expect("create the shared directory");
+        set_mode(&path, 0o750);
+        if let Some(who) = &self.run_as {
+            chown_tree(&path, who);
+        }
+        path
+    }
+
     /// Base path of the cluster's keys.
     pub fn key(&self, name: &str) -> String {
         format!("/service/{}/{name}", self.options.scope)

@@ -1,0 +1,244 @@
+//! pgBackRest under the agent: WAL archiving, stanza management, scheduled and on-demand
+//! backups, replicas and bootstraps restored from the repository.
+//!
+//! - [`settings`]: the `pgbackrest` configuration section, `bootstrap.pgbackrest`, validation.
+//! - [`render`]: `pgbackrest.conf` and the `archive_command`/`restore_command` postgres runs
+//!   (pure).
+//! - [`command`]: running pgBackRest as a supervised child (process group, timeout, logs).
+//! - [`schedule`]: cron schedules (pure).
+//! - [`service`]: the task that runs stanza-create/check, backups under the DCS lock, archive
+//!   status polls.
+//! - [`archive`]: archive status and the WAL catch-up after a promotion.
+//! - [`restore`]: `create_replica_methods` and `bootstrap.method: pgbackrest`.
+//! - [`report`]: what `/patroni` and `/metrics` show.
+//!
+//! Hooks elsewhere are small: `postgres::conf::parameters` adds the archive settings, the HA
+//! loop calls [`restore`] for replica creation and bootstrap, `run.rs` writes the config and
+//! spawns the service, the REST API routes `POST /backup` and `GET /backups` here.
+
+pub mod archive;
+pub mod command;
+pub mod render;
+pub mod report;
+pub mod restore;
+pub mod schedule;
+pub mod service;
+pub mod settings;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ApiReply;
+use crate::config::Config;
+use crate::dcs::Dcs;
+use crate::postgres::probe::Probe;
+use crate::state::AgentStatus;
+
+use self::command::{Invocation, Runner};
+use self::report::BackupReport;
+use self::settings::Resolved;
+
+/// pgBackRest's backup types.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupType {
+    Full,
+    Diff,
+    Incr,
+}
+
+impl BackupType {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BackupType::Full => "full",
+            BackupType::Diff => "diff",
+            BackupType::Incr => "incr",
+        }
+    }
+
+    /// Bigger backups first.
+    pub fn rank(self) -> u8 {
+        match self {
+            BackupType::Full => 0,
+            BackupType::Diff => 1,
+            BackupType::Incr => 2,
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<BackupType> {
+        match s {
+            "full" => Some(BackupType::Full),
+            "diff" => Some(BackupType::Diff),
+            "incr" => Some(BackupType::Incr),
+            _ => None,
+        }
+    }
+}
+
+impl std::fmt::Display for BackupType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// The runner and resolved paths, when the `pgbackrest` section is configured.
+pub fn runner(config: &Config) -> Option<(Runner, Resolved)> {
+    let pb = config.pgbackrest.as_ref()?;
+    let resolved = pb.resolve(config);
+    Some((
+        Runner {
+            command: resolved.command.clone(),
+            config_file: resolved.config_file.clone(),
+            password: config.postgresql.authentication.superuser.password.clone(),
+            timeout: resolved.timeout,
+        },
+        resolved,
+    ))
+}
+
+/// Writes `pgbackrest.conf` (before postgres can run `archive_command`).
+pub fn write_config(config: &Config) -> Result<(), String> {
+    let Some(pb) = &config.pgbackrest else {
+        return Ok(());
+    };
+    let resolved = pb.resolve(config);
+    render::write(&resolved, &render::conf(config, pb, &resolved)).map_err(|e| {
+        format!(
+            "cannot write {} (pgbackrest.config_dir must be writable by the agent's user): {e}",
+            resolved.config_file.display()
+        )
+    })
+}
+
+/// What the REST API uses.
+#[derive(Clone)]
+pub struct BackupHandle {
+    report: watch::Receiver<Arc<BackupReport>>,
+    requests: mpsc::Sender<service::Request>,
+    runner: Runner,
+    stanza: String,
+    scope: String,
+    name: String,
+}
+
+impl BackupHandle {
+    pub fn report(&self) -> Arc<BackupReport> {
+        self.report.borrow().clone()
+    }
+
+    /// The `pgbackrest` object of `GET /patroni`.
+    pub fn patroni_json(&self) -> serde_json::Value {
+        serde_json::to_value(&*self.report()).unwrap_or_default()
+    }
+
+    /// The backup metrics for `GET /metrics`.
+    pub fn metrics(&self) -> String {
+        report::render_metrics(&self.report(), &self.scope, &self.name)
+    }
+
+    /// `POST /backup` with `{"type": "full"|"diff"|"incr"}` (default `incr`, as pgBackRest).
+    pub async fn start(&self, body: &serde_json::Map<String, serde_json::Value>) -> ApiReply {
+        let kind = match body.get("type") {
+            None | Some(serde_json::Value::Null) => BackupType::Incr,
+            Some(v) => match v.as_str().and_then(BackupType::parse) {
+                Some(k) => k,
+                None => {
+                    return ApiReply::new(400, format!("type {v} is not one of full, diff, incr"))
+                }
+            },
+        };
+        let (reply, answer) = oneshot::channel();
+        if self
+            .requests
+            .send(service::Request::Start { kind, reply })
+            .await
+            .is_err()
+        {
+            return ApiReply::new(503, "the backup service is not running");
+        }
+        answer
+            .await
+            .unwrap_or_else(|_| ApiReply::new(503, "the backup service did not answer"))
+    }
+
+    /// `GET /backups`: `pgbackrest info --output=json` of the stanza.
+    pub async fn info(&self) -> ApiReply {
+        let runner = Runner {
+            timeout: Duration::from_secs(60),
+            ..self.runner.clone()
+        };
+        let result = runner
+            .run(
+                Invocation {
+                    what: "info",
+                    stanza: &self.stanza,
+                    args: vec!["--output=json".into()],
+                    loud: false,
+                    capture: true,
+                },
+                &CancellationToken::new(),
+            )
+            .await;
+        match result {
+            Ok(out) => ApiReply::new(200, out.trim().to_owned()),
+            Err(e) => ApiReply::new(503, crate::ha::error_chain(&e)),
+        }
+    }
+}
+
+/// Starts the backup service; `None` when `pgbackrest` is not configured.
+pub fn spawn(
+    config: &Config,
+    dcs: Arc<dyn Dcs>,
+    status: watch::Receiver<Arc<AgentStatus>>,
+    probe: Arc<Probe>,
+    shutdown: CancellationToken,
+) -> Option<(BackupHandle, JoinHandle<()>)> {
+    let pb = config.pgbackrest.as_ref()?;
+    let (runner, resolved) = runner(config)?;
+    let (report_tx, report_rx) = watch::channel(Arc::new(BackupReport {
+        stanza: resolved.stanza.clone(),
+        ..Default::default()
+    }));
+    let (req_tx, req_rx) = mpsc::channel(8);
+    let schedules = schedule::Schedules::new(
+        &[
+            (BackupType::Full, pb.schedule.full.clone()),
+            (BackupType::Diff, pb.schedule.diff.clone()),
+            (BackupType::Incr, pb.schedule.incr.clone()),
+        ],
+        chrono::Utc::now(),
+    );
+    let service = service::Service::new(
+        config.name.clone(),
+        resolved.stanza.clone(),
+        config.postgresql.data_dir.clone(),
+        runner.clone(),
+        dcs,
+        status,
+        probe,
+        report_tx,
+        req_rx,
+        schedules,
+    );
+    let task = tokio::spawn(service.run(shutdown));
+    Some((
+        BackupHandle {
+            report: report_rx,
+            requests: req_tx,
+            runner,
+            stanza: resolved.stanza,
+            scope: config.scope.clone(),
+            name: config.name.clone(),
+        },
+        task,
+    ))
+}
+
+#[cfg(test)]
+mod tests;

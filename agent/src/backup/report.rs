@@ -1,0 +1,342 @@
+//! What the backup service publishes: the last stanza check, the running and last backup, the
+//! newest backup per repository (from `pgbackrest info`) and WAL archiving from
+//! `pg_stat_archiver`; rendered into `/patroni` (key `pgbackrest`) and `/metrics`.
+
+use std::collections::BTreeMap;
+use std::sync::atomic::AtomicU64;
+
+use chrono::{DateTime, Utc};
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::Registry;
+use serde::Serialize;
+use serde_json::Value;
+
+use super::BackupType;
+
+/// Why a backup ran.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    Scheduled,
+    Manual,
+}
+
+/// The result of `stanza-create` + `check` (or of the WAL catch-up before them).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct CheckResult {
+    pub ok: bool,
+    pub at: DateTime<Utc>,
+    /// The failure, with pgBackRest's error line.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// A backup running on this member.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Running {
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    pub trigger: Trigger,
+    pub started_at: DateTime<Utc>,
+}
+
+/// The last backup this member ran (or tried to).
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct Attempt {
+    #[serde(rename = "type")]
+    pub kind: BackupType,
+    pub trigger: Trigger,
+    pub started_at: DateTime<Utc>,
+    pub duration_seconds: f64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// The newest backup of one repository, from `pgbackrest info`.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+pub struct RepoBackup {
+    pub repo: u32,
+    pub label: String,
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub start: i64,
+    pub stop: i64,
+    /// Database size.
+    pub size: u64,
+    /// Size in the repository (after compression).
+    pub repo_size: u64,
+}
+
+/// WAL archiving, from `pg_stat_archiver` and `pg_wal/archive_status`.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct ArchiveStatus {
+    pub archived_count: u64,
+    pub last_archived_wal: Option<String>,
+    pub last_archived_time: Option<f64>,
+    pub failed_count: u64,
+    pub last_failed_wal: Option<String>,
+    pub last_failed_time: Option<f64>,
+    /// Segments waiting to be archived (`.ready` files).
+    pub ready_count: u64,
+    /// Age of the oldest of them, in seconds.
+    pub oldest_ready_age_seconds: f64,
+}
+
+/// The whole report.
+#[derive(Debug, Clone, Default, PartialEq, Serialize)]
+pub struct BackupReport {
+    pub stanza: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub check: Option<CheckResult>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub running: Option<Running>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last: Option<Attempt>,
+    /// Backups that failed on this member since the agent started.
+    pub failures: u64,
+    pub repos: Vec<RepoBackup>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub info_error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive: Option<ArchiveStatus>,
+    /// Next scheduled fire per type.
+    pub next: BTreeMap<String, DateTime<Utc>>,
+}
+
+fn u(v: Option<&Value>) -> u64 {
+    v.and_then(Value::as_u64).unwrap_or(0)
+}
+
+/// The newest backup per repository from `pgbackrest info --output=json` of one stanza.
+pub fn parse_info(json: &str, stanza: &str) -> Result<Vec<RepoBackup>, String> {
+    let doc: Value =
+        serde_json::from_str(json).map_err(|e| format!("pgbackrest info is not JSON: {e}"))?;
+    let Some(entry) = doc
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"].as_str() == Some(stanza)))
+    else {
+        return Ok(Vec::new());
+    };
+    let mut newest: BTreeMap<u32, RepoBackup> = BTreeMap::new();
+    for b in entry["backup"].as_array().into_iter().flatten() {
+        if b["error"].as_bool() == Some(true) {
+            continue;
+        }
+        let repo = u32::try_from(u(b["database"].get("repo-key"))).unwrap_or(1);
+        let candidate = RepoBackup {
+            repo,
+            label: b["label"].as_str().unwrap_or("").to_owned(),
+            kind: b["type"].as_str().unwrap_or("").to_owned(),
+            start: b["timestamp"]["start"].as_i64().unwrap_or(0),
+            stop: b["timestamp"]["stop"].as_i64().unwrap_or(0),
+            size: u(b["info"].get("size")),
+            repo_size: u(b["info"]["repository"].get("size")),
+        };
+        match newest.get(&repo) {
+            Some(old) if old.stop >= candidate.stop => {}
+            _ => {
+                newest.insert(repo, candidate);
+            }
+        }
+    }
+    Ok(newest.into_values().collect())
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Labels {
+    scope: String,
+    name: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepoLabels {
+    scope: String,
+    name: String,
+    repo: String,
+    #[prometheus(flatten)]
+    kind: TypeLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TypeLabel {
+    r#type: String,
+}
+
+/// The `pgwarden_backup_*` and `pgwarden_wal_archive_*` metrics.
+pub fn render_metrics(report: &BackupReport, scope: &str, name: &str) -> String {
+    let labels = Labels {
+        scope: scope.to_owned(),
+        name: name.to_owned(),
+    };
+    let mut registry = Registry::default();
+    let float = |registry: &mut Registry, metric: &str, help: &str, value: f64| {
+        let family = Family::<Labels, Gauge<f64, AtomicU64>>::default();
+        family.get_or_create(&labels).set(value);
+        registry.register(metric, help, family);
+    };
+    let b = |x: bool| if x { 1.0 } else { 0.0 };
+    float(
+        &mut registry,
+        "pgwarden_backup_repo_ok",
+        "1 if the last stanza-create and check of the repository succeeded, 0 if it failed, -1 if not run (replicas).",
+        report.check.as_ref().map(|c| b(c.ok)).unwrap_or(-1.0),
+    );
+    float(
+        &mut registry,
+        "pgwarden_backup_running",
+        "1 while this member runs a backup.",
+        b(report.running.is_some()),
+    );
+    float(
+        &mut registry,
+        "pgwarden_backup_last_run_ok",
+        "1 if the last backup this member ran succeeded, 0 if it failed, -1 if none ran.",
+        report.last.as_ref().map(|l| b(l.ok)).unwrap_or(-1.0),
+    );
+    float(
+        &mut registry,
+        "pgwarden_backup_failures",
+        "Backups that failed on this member since the agent started.",
+        report.failures as f64,
+    );
+    if let Some(a) = &report.archive {
+        for (metric, help, value) in [
+            (
+                "pgwarden_wal_archive_archived_count",
+                "pg_stat_archiver.archived_count.",
+                a.archived_count as f64,
+            ),
+            (
+                "pgwarden_wal_archive_failed_count",
+                "pg_stat_archiver.failed_count.",
+                a.failed_count as f64,
+            ),
+            (
+                "pgwarden_wal_archive_last_archived_time",
+                "Epoch seconds of the last archived segment, 0 if none.",
+                a.last_archived_time.unwrap_or(0.0),
+            ),
+            (
+                "pgwarden_wal_archive_last_failed_time",
+                "Epoch seconds of the last failed archive attempt, 0 if none.",
+                a.last_failed_time.unwrap_or(0.0),
+            ),
+            (
+                "pgwarden_wal_archive_ready_segments",
+                "WAL segments waiting to be archived.",
+                a.ready_count as f64,
+            ),
+            (
+                "pgwarden_wal_archive_oldest_ready_age_seconds",
+                "Age of the oldest segment waiting to be archived, 0 if none.",
+                a.oldest_ready_age_seconds,
+            ),
+        ] {
+            float(&mut registry, metric, help, value);
+        }
+    }
+    let per_repo = |metric: &str, help: &str, value: &dyn Fn(&RepoBackup) -> f64| {
+        let family = Family::<RepoLabels, Gauge<f64, AtomicU64>>::default();
+        for r in &report.repos {
+            family
+                .get_or_create(&RepoLabels {
+                    scope: scope.to_owned(),
+                    name: name.to_owned(),
+                    repo: r.repo.to_string(),
+                    kind: TypeLabel {
+                        r#type: r.kind.clone(),
+                    },
+                })
+                .set(value(r));
+        }
+        (metric.to_owned(), help.to_owned(), family)
+    };
+    for (metric, help, family) in [
+        per_repo(
+            "pgwarden_backup_last_success_time",
+            "Epoch seconds when the newest backup of the repository finished.",
+            &|r| r.stop as f64,
+        ),
+        per_repo(
+            "pgwarden_backup_last_duration_seconds",
+            "Duration of the newest backup of the repository.",
+            &|r| (r.stop - r.start).max(0) as f64,
+        ),
+        per_repo(
+            "pgwarden_backup_last_size_bytes",
+            "Database size of the newest backup of the repository.",
+            &|r| r.size as f64,
+        ),
+        per_repo(
+            "pgwarden_backup_last_repo_size_bytes",
+            "Size in the repository of the newest backup.",
+            &|r| r.repo_size as f64,
+        ),
+    ] {
+        registry.register(metric, help, family);
+    }
+    let mut out = String::new();
+    if encode(&mut out, &registry).is_err() {
+        return String::new();
+    }
+    out.lines()
+        .filter(|l| *l != "# EOF")
+        .map(|l| format!("{l}\n"))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const INFO: &str = r#"[{"name":"batman","backup":[
+      {"label":"20260101-000000F","type":"full","error":false,"database":{"id":1,"repo-key":1},
+       "timestamp":{"start":100,"stop":160},"info":{"size":1000,"repository":{"size":300}}},
+      {"label":"20260101-000000F_20260101-010000I","type":"incr","error":false,"database":{"id":1,"repo-key":1},
+       "timestamp":{"start":200,"stop":210},"info":{"size":1000,"repository":{"size":20}}},
+      {"label":"20260101-000000F","type":"full","error":false,"database":{"id":1,"repo-key":2},
+       "timestamp":{"start":100,"stop":170},"info":{"size":1000,"repository":{"size":250}}}
+    ]},{"name":"other","backup":[]}]"#;
+
+    #[test]
+    fn info_gives_the_newest_backup_per_repository() {
+        let repos = parse_info(INFO, "batman").expect("parses");
+        assert_eq!(repos.len(), 2);
+        assert_eq!(repos[0].repo, 1);
+        assert_eq!(repos[0].kind, "incr");
+        assert_eq!(repos[0].repo_size, 20);
+        assert_eq!(repos[1].repo, 2);
+        assert_eq!(repos[1].stop, 170);
+        assert!(parse_info(INFO, "missing").expect("parses").is_empty());
+        assert!(parse_info("ERROR", "batman").is_err());
+    }
+
+    #[test]
+    fn metrics_carry_repository_and_type_labels() {
+        let report = BackupReport {
+            repos: parse_info(INFO, "batman").expect("parses"),
+            check: Some(CheckResult {
+                ok: false,
+                at: Utc::now(),
+                error: Some("x".into()),
+            }),
+            ..Default::default()
+        };
+        let text = render_metrics(&report, "s", "pg0");
+        assert!(text.contains(
+            "pgwarden_backup_last_success_time{scope=\"s\",name=\"pg0\",repo=\"1\",type=\"incr\"} 210"
+        ), "{text}");
+        assert!(
+            text.contains("pgwarden_backup_repo_ok{scope=\"s\",name=\"pg0\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgwarden_backup_last_run_ok{scope=\"s\",name=\"pg0\"} -1"),
+            "{text}"
+        );
+    }
+}

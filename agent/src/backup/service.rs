@@ -1,0 +1,611 @@
+//! The backup service: one task beside the HA loop that follows the agent's published status.
+//!
+//! - **Leadership term**: when this member becomes the leader with a writable postgres, it
+//!   pushes the WAL of earlier timelines still in `pg_wal` (see [`super::archive`]), runs
+//!   `stanza-create` (idempotent) and `check`, and reports the result; on failure it retries
+//!   every [`PREPARE_RETRY`]. Postgres is never touched: a broken repository is reported, not
+//!   fatal.
+//! - **Backups** (scheduled or `POST /backup`) run only on the leader, under the DCS lock
+//!   `backup_lock` attached to this agent's lease, so two never run at once anywhere in the
+//!   cluster and a dead agent's lock goes with its lease. The fire time a backup serves is
+//!   recorded in `backup_schedule` (no lease), so a new leader does not repeat a fire its
+//!   predecessor already ran, and does run one the predecessor missed.
+//! - A backup is cancelled (its process group killed) when leadership is lost or a switchover
+//!   is requested, and no backup starts while one is pending.
+//! - Archive status is polled on every member; a lag is logged once and shown in `/metrics`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use chrono::{DateTime, Utc};
+use serde_json::json;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, error, info, warn};
+
+use crate::api::ApiReply;
+use crate::dcs::Dcs;
+use crate::postgres::probe::Probe;
+use crate::state::AgentStatus;
+
+use super::command::{Invocation, Runner};
+use super::report::{Attempt, BackupReport, CheckResult, Running, Trigger};
+use super::schedule::Schedules;
+use super::BackupType;
+
+/// DCS key of the cluster-wide backup lock.
+pub const LOCK_KEY: &str = "backup_lock";
+/// DCS key recording the last schedule fire handled per backup type.
+pub const SCHEDULE_KEY: &str = "backup_schedule";
+
+/// Retry period of a failed stanza-create/check.
+const PREPARE_RETRY: Duration = Duration::from_secs(30);
+/// Period of `pgbackrest info` refreshes.
+const INFO_PERIOD: Duration = Duration::from_secs(60);
+/// Period of archive status polls.
+const ARCHIVE_PERIOD: Duration = Duration::from_secs(5);
+/// A segment waiting longer than this to be archived is a lag worth a warning.
+const ARCHIVE_LAG_WARN: Duration = Duration::from_secs(120);
+
+/// Requests from the REST API.
+#[derive(Debug)]
+pub enum Request {
+    Start {
+        kind: BackupType,
+        reply: oneshot::Sender<ApiReply>,
+    },
+}
+
+enum JobKind {
+    Prepare,
+    Backup {
+        running: Running,
+        fire: Option<DateTime<Utc>>,
+    },
+}
+
+struct Job {
+    kind: JobKind,
+    cancel: CancellationToken,
+    handle: JoinHandle<Result<(), String>>,
+}
+
+/// Per leadership term.
+struct Term {
+    /// `None` until the first stanza-create/check finished.
+    prepared: Option<bool>,
+    retry_at: Instant,
+}
+
+pub struct Service {
+    pub(super) name: String,
+    pub(super) stanza: String,
+    pub(super) data_dir: PathBuf,
+    pub(super) runner: Runner,
+    pub(super) dcs: Arc<dyn Dcs>,
+    pub(super) status: watch::Receiver<Arc<AgentStatus>>,
+    pub(super) probe: Arc<Probe>,
+    pub(super) report: watch::Sender<Arc<BackupReport>>,
+    pub(super) requests: mpsc::Receiver<Request>,
+    pub(super) schedules: Schedules,
+    pub(super) state: BackupReport,
+    term: Option<Term>,
+    job: Option<Job>,
+    next_archive_poll: Instant,
+    next_info: Instant,
+    archive_lagging: bool,
+    archive_failed_seen: u64,
+}
+
+impl Service {
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        name: String,
+        stanza: String,
+        data_dir: PathBuf,
+        runner: Runner,
+        dcs: Arc<dyn Dcs>,
+        status: watch::Receiver<Arc<AgentStatus>>,
+        probe: Arc<Probe>,
+        report: watch::Sender<Arc<BackupReport>>,
+        requests: mpsc::Receiver<Request>,
+        schedules: Schedules,
+    ) -> Service {
+        let now = Instant::now();
+        Service {
+            state: BackupReport {
+                stanza: stanza.clone(),
+                ..Default::default()
+            },
+            name,
+            stanza,
+            data_dir,
+            runner,
+            dcs,
+            status,
+            probe,
+            report,
+            requests,
+            schedules,
+            term: None,
+            job: None,
+            next_archive_poll: now,
+            next_info: now + Duration::from_secs(5),
+            archive_lagging: false,
+            archive_failed_seen: 0,
+        }
+    }
+
+    /// Runs until `shutdown`; a running pgBackRest command is killed with its group first.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        loop {
+            let job_done = async {
+                match self.job.as_mut() {
+                    Some(job) => (&mut job.handle).await,
+                    None => std::future::pending().await,
+                }
+            };
+            tokio::select! {
+                _ = shutdown.cancelled() => break,
+                Some(request) = self.requests.recv() => self.handle_request(request).await,
+                result = job_done => {
+                    let result = result.unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}")));
+                    self.job_finished(result).await;
+                }
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+            self.tick().await;
+            self.publish();
+        }
+        if let Some(job) = self.job.take() {
+            job.cancel.cancel();
+            let _ = tokio::time::timeout(Duration::from_secs(15), job.handle).await;
+            if let JobKind::Backup { .. } = job.kind {
+                let _ = self
+                    .dcs
+                    .release_lease_key(LOCK_KEY, &self.lock_value())
+                    .await;
+            }
+        }
+    }
+
+    fn publish(&mut self) {
+        self.state.next = self
+            .schedules
+            .next_fires()
+            .into_iter()
+            .map(|(k, t)| (k.as_str().to_owned(), t))
+            .collect();
+        let state = self.state.clone();
+        self.report.send_if_modified(|current| {
+            if **current == state {
+                false
+            } else {
+                *current = Arc::new(state);
+                true
+            }
+        });
+    }
+
+    fn lock_value(&self) -> String {
+        json!({"member": self.name}).to_string()
+    }
+
+    /// Leader with a writable postgres, and whether a switchover is pending.
+    fn role(&self) -> (bool, bool, Option<String>) {
+        let status = self.status.borrow().clone();
+        let leader = status.is_leader(Instant::now())
+            && status.postgres.as_ref().is_some_and(|p| !p.in_recovery);
+        let switchover = status
+            .cluster
+            .as_ref()
+            .is_some_and(|c| c.failover.is_some());
+        let leader_name = status
+            .cluster
+            .as_ref()
+            .and_then(|c| c.leader_name().map(str::to_owned));
+        (leader, switchover, leader_name)
+    }
+
+    async fn tick(&mut self) {
+        let (leader, switchover, _) = self.role();
+        let now = Instant::now();
+        let running_pg = self.status.borrow().postgres.is_some();
+
+        // Term bookkeeping, and stopping a backup that must not continue.
+        if !leader {
+            if self.term.take().is_some() {
+                info!("no longer the leader: backups and stanza checks stop here");
+            }
+            if let Some(job) = &self.job {
+                if !job.cancel.is_cancelled() {
+                    warn!("leadership lost: cancelling the running pgbackrest command");
+                    job.cancel.cancel();
+                }
+            }
+        } else if self.term.is_none() {
+            self.term = Some(Term {
+                prepared: None,
+                retry_at: now,
+            });
+        }
+        if switchover {
+            if let Some(job) = &self.job {
+                if matches!(job.kind, JobKind::Backup { .. }) && !job.cancel.is_cancelled() {
+                    warn!("a switchover was requested: cancelling the running backup");
+                    job.cancel.cancel();
+                }
+            }
+        }
+
+        if running_pg && now >= self.next_archive_poll {
+            self.next_archive_poll = now + ARCHIVE_PERIOD;
+            self.poll_archive().await;
+        }
+        if now >= self.next_info {
+            self.next_info = now + INFO_PERIOD;
+            self.refresh_info().await;
+        }
+
+        let due = self.schedules.due(Utc::now());
+        if !leader || self.job.is_some() {
+            return;
+        }
+        if let Some(term) = &self.term {
+            if term.prepared != Some(true) && now >= term.retry_at {
+                self.start_prepare();
+                return;
+            }
+            if term.prepared.is_none() {
+                return;
+            }
+        }
+        if switchover {
+            return;
+        }
+        if let Some((kind, fire)) = due {
+            self.try_scheduled(kind, fire).await;
+        }
+    }
+
+    fn start_prepare(&mut self) {
+        let timeline = self
+            .status
+            .borrow()
+            .postgres
+            .as_ref()
+            .and_then(|p| p.timeline)
+            .unwrap_or(1);
+        let runner = self.runner.clone();
+        let stanza = self.stanza.clone();
+        let data_dir = self.data_dir.clone();
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        info!(stanza = %self.stanza, "leader: pushing earlier timelines' WAL, then stanza-create and check");
+        let handle = tokio::spawn(async move {
+            let mut problems = Vec::new();
+            if timeline > 1 {
+                for segment in super::archive::earlier_timeline_segments(&data_dir, timeline) {
+                    let r = runner
+                        .run(
+                            Invocation {
+                                what: "archive-push",
+                                stanza: &stanza,
+                                args: vec![segment.display().to_string()],
+                                loud: false,
+                                capture: false,
+                            },
+                            &token,
+                        )
+                        .await;
+                    if let Err(e) = r {
+                        problems.push(crate::ha::error_chain(&e));
+                    }
+                }
+            }
+            for what in ["stanza-create", "check"] {
+                runner
+                    .run(
+                        Invocation {
+                            what,
+                            stanza: &stanza,
+                            args: vec![],
+                            loud: true,
+                            capture: false,
+                        },
+                        &token,
+                    )
+                    .await
+                    .map_err(|e| crate::ha::error_chain(&e))?;
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(format!(
+                    "stanza is ready, but pushing earlier timelines' WAL failed: {}",
+                    problems.join("; ")
+                ))
+            }
+        });
+        self.job = Some(Job {
+            kind: JobKind::Prepare,
+            cancel,
+            handle,
+        });
+    }
+
+    /// Takes the cluster-wide lock; `Err` is the reply for an on-demand request.
+    async fn take_lock(&self) -> Result<(), ApiReply> {
+        match self
+            .dcs
+            .acquire_lease_key(LOCK_KEY, &self.lock_value())
+            .await
+        {
+            Ok(true) => Ok(()),
+            Ok(false) => {
+                let holder = self
+                    .dcs
+                    .read_key(LOCK_KEY)
+                    .await
+                    .ok()
+                    .flatten()
+                    .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+                    .and_then(|v| v["member"].as_str().map(str::to_owned))
+                    .unwrap_or_else(|| "another member".into());
+                Err(ApiReply::new(
+                    409,
+                    format!("a backup is already running on {holder}"),
+                ))
+            }
+            Err(e) => Err(ApiReply::new(
+                503,
+                format!("cannot take the backup lock in the DCS: {e}"),
+            )),
+        }
+    }
+
+    async fn try_scheduled(&mut self, kind: BackupType, fire: DateTime<Utc>) {
+        // RFC 3339 keeps the log field one word.
+        let fire_text = fire.to_rfc3339();
+        if let Err(reply) = self.take_lock().await {
+            debug!(%kind, fire = %fire_text, reason = %reply.body, "scheduled backup waits");
+            return;
+        }
+        // Did a previous leader already run this fire?
+        let mut record: BTreeMap<String, DateTime<Utc>> =
+            match self.dcs.read_key(SCHEDULE_KEY).await {
+                Ok(v) => v
+                    .and_then(|v| serde_json::from_str(&v).ok())
+                    .unwrap_or_default(),
+                Err(e) => {
+                    warn!(error = %e, "cannot read the backup schedule record; trying again");
+                    let _ = self
+                        .dcs
+                        .release_lease_key(LOCK_KEY, &self.lock_value())
+                        .await;
+                    return;
+                }
+            };
+        if record.get(kind.as_str()).is_some_and(|done| *done >= fire) {
+            info!(%kind, fire = %fire_text, "this scheduled backup already ran on a previous leader");
+            self.schedules.settle(kind, fire);
+            let _ = self
+                .dcs
+                .release_lease_key(LOCK_KEY, &self.lock_value())
+                .await;
+            return;
+        }
+        record.insert(kind.as_str().to_owned(), fire);
+        if let Err(e) = self
+            .dcs
+            .write_key(
+                SCHEDULE_KEY,
+                &serde_json::to_string(&record).unwrap_or_default(),
+            )
+            .await
+        {
+            warn!(error = %e, "cannot record the scheduled backup; trying again");
+            let _ = self
+                .dcs
+                .release_lease_key(LOCK_KEY, &self.lock_value())
+                .await;
+            return;
+        }
+        info!(%kind, fire = %fire_text, "starting the scheduled backup");
+        self.start_backup(kind, Trigger::Scheduled, Some(fire));
+    }
+
+    fn start_backup(&mut self, kind: BackupType, trigger: Trigger, fire: Option<DateTime<Utc>>) {
+        let running = Running {
+            kind,
+            trigger,
+            started_at: Utc::now(),
+        };
+        let runner = self.runner.clone();
+        let stanza = self.stanza.clone();
+        let cancel = CancellationToken::new();
+        let token = cancel.clone();
+        let handle = tokio::spawn(async move {
+            runner
+                .run(
+                    Invocation {
+                        what: "backup",
+                        stanza: &stanza,
+                        args: vec![format!("--type={}", kind.as_str())],
+                        loud: true,
+                        capture: false,
+                    },
+                    &token,
+                )
+                .await
+                .map(drop)
+                .map_err(|e| crate::ha::error_chain(&e))
+        });
+        self.state.running = Some(running.clone());
+        self.job = Some(Job {
+            kind: JobKind::Backup { running, fire },
+            cancel,
+            handle,
+        });
+    }
+
+    async fn job_finished(&mut self, result: Result<(), String>) {
+        let Some(job) = self.job.take() else { return };
+        match job.kind {
+            JobKind::Prepare => {
+                let ok = result.is_ok();
+                match &result {
+                    Ok(()) => info!(stanza = %self.stanza, "stanza-create and check passed"),
+                    Err(e) => {
+                        error!(stanza = %self.stanza, error = %e, "the pgBackRest repository is not usable; WAL archiving and backups fail until it is fixed (postgres keeps running); retrying")
+                    }
+                }
+                self.state.check = Some(CheckResult {
+                    ok,
+                    at: Utc::now(),
+                    error: result.err(),
+                });
+                if let Some(term) = &mut self.term {
+                    term.prepared = Some(ok);
+                    term.retry_at = Instant::now() + PREPARE_RETRY;
+                }
+                self.next_info = Instant::now();
+            }
+            JobKind::Backup { running, fire } => {
+                if let Err(e) = self
+                    .dcs
+                    .release_lease_key(LOCK_KEY, &self.lock_value())
+                    .await
+                {
+                    warn!(error = %e, "could not release the backup lock; it expires with this agent's lease");
+                }
+                let duration = (Utc::now() - running.started_at)
+                    .to_std()
+                    .unwrap_or_default()
+                    .as_secs_f64();
+                match &result {
+                    Ok(()) => {
+                        info!(kind = %running.kind, trigger = ?running.trigger, duration_seconds = duration, "backup finished")
+                    }
+                    Err(e) => {
+                        self.state.failures += 1;
+                        error!(kind = %running.kind, trigger = ?running.trigger, error = %e, "backup failed; a scheduled backup is retried at its next fire");
+                    }
+                }
+                self.state.last = Some(Attempt {
+                    kind: running.kind,
+                    trigger: running.trigger,
+                    started_at: running.started_at,
+                    duration_seconds: duration,
+                    ok: result.is_ok(),
+                    error: result.err(),
+                });
+                self.state.running = None;
+                if let Some(fire) = fire {
+                    self.schedules.settle(running.kind, fire);
+                }
+                self.next_info = Instant::now();
+            }
+        }
+    }
+
+    async fn handle_request(&mut self, request: Request) {
+        let Request::Start { kind, reply } = request;
+        let (leader, switchover, leader_name) = self.role();
+        let answer = if !leader {
+            ApiReply::new(
+                503,
+                format!(
+                    "only the leader runs backups; the leader is {}",
+                    leader_name.unwrap_or_else(|| "unknown".into())
+                ),
+            )
+        } else if switchover {
+            ApiReply::new(503, "a switchover is in progress; try again after it")
+        } else if let Some(job) = &self.job {
+            match &job.kind {
+                JobKind::Backup { running, .. } => ApiReply::new(
+                    409,
+                    format!(
+                        "a {} backup is already running on {}",
+                        running.kind, self.name
+                    ),
+                ),
+                JobKind::Prepare => ApiReply::new(
+                    503,
+                    "the stanza is being created and checked; try again in a moment",
+                ),
+            }
+        } else {
+            match self.take_lock().await {
+                Err(reply) => reply,
+                Ok(()) => {
+                    info!(%kind, "starting an on-demand backup");
+                    self.start_backup(kind, Trigger::Manual, None);
+                    ApiReply::new(
+                        202,
+                        json!({"type": kind, "member": self.name, "started_at": Utc::now()})
+                            .to_string(),
+                    )
+                }
+            }
+        };
+        let _ = reply.send(answer);
+        self.publish();
+    }
+
+    async fn poll_archive(&mut self) {
+        match super::archive::status(&self.probe, &self.data_dir).await {
+            Ok(a) => {
+                let lagging = a.ready_count > 0
+                    && a.oldest_ready_age_seconds > ARCHIVE_LAG_WARN.as_secs_f64();
+                if lagging && !self.archive_lagging {
+                    warn!(ready_segments = a.ready_count, oldest_age_seconds = a.oldest_ready_age_seconds, last_failed_wal = ?a.last_failed_wal, "WAL archiving lags behind");
+                } else if !lagging && self.archive_lagging {
+                    info!("WAL archiving caught up");
+                }
+                if a.failed_count > self.archive_failed_seen && self.archive_failed_seen > 0 {
+                    debug!(failed_count = a.failed_count, last_failed_wal = ?a.last_failed_wal, "archive_command failures");
+                }
+                self.archive_failed_seen = a.failed_count;
+                self.archive_lagging = lagging;
+                self.state.archive = Some(a);
+            }
+            Err(e) => debug!(error = %e, "archive status unavailable"),
+        }
+    }
+
+    async fn refresh_info(&mut self) {
+        let runner = Runner {
+            timeout: Duration::from_secs(60),
+            ..self.runner.clone()
+        };
+        let result = runner
+            .run(
+                Invocation {
+                    what: "info",
+                    stanza: &self.stanza,
+                    args: vec!["--output=json".into()],
+                    loud: false,
+                    capture: true,
+                },
+                &CancellationToken::new(),
+            )
+            .await
+            .map_err(|e| crate::ha::error_chain(&e))
+            .and_then(|out| super::report::parse_info(&out, &self.stanza));
+        match result {
+            Ok(repos) => {
+                self.state.repos = repos;
+                self.state.info_error = None;
+            }
+            Err(e) => {
+                debug!(error = %e, "pgbackrest info failed");
+                self.state.info_error = Some(e);
+            }
+        }
+    }
+}

@@ -1,0 +1,593 @@
+//! The `pgbackrest` section of the configuration, `bootstrap.pgbackrest` (bootstrap from a
+//! backup) and their validation.
+//!
+//! The section is pgwarden's own (Patroni leaves pgBackRest to the user); the bootstrap section
+//! keeps Patroni's custom-bootstrap shape (`bootstrap.method: pgbackrest` with
+//! `recovery_conf`), except that pgwarden runs the restore itself instead of a `command`.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::{Config, FieldError, PgValue};
+
+/// `pgbackrest`: enables WAL archiving to, backups into and restores from pgBackRest
+/// repositories.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct PgBackRestConfig {
+    /// Stanza name; empty means the cluster's `scope`.
+    pub stanza: String,
+    /// The `pgbackrest` executable.
+    pub command: PathBuf,
+    /// Where the agent writes `pgbackrest.conf` and keeps pgBackRest's lock, log and spool
+    /// files; default `<parent of data_dir>/pgbackrest`. It must not be inside the data
+    /// directory: a delta restore would delete it.
+    pub config_dir: Option<PathBuf>,
+    /// Repositories, `repo1`, `repo2`, … in this order.
+    pub repos: Vec<RepoConfig>,
+    /// `compress-type`: `none`, `gz`, `lz4`, `zst`, `bz2`.
+    pub compress_type: Option<String>,
+    /// `compress-level`.
+    pub compress_level: Option<u32>,
+    /// `process-max`: parallel processes for backup, restore and async archiving.
+    pub process_max: Option<u32>,
+    /// `start-fast`: force a checkpoint at backup start instead of waiting for the next one.
+    pub start_fast: bool,
+    /// Cron schedules (5 fields, or 6 with seconds first; local time) per backup type.
+    pub schedule: ScheduleConfig,
+    /// A backup (or stanza-create/check/restore) running longer than this many seconds is
+    /// killed with its process group.
+    pub timeout: u64,
+    /// Extra `[global]` options passed to pgBackRest as they are (`key: value`).
+    pub options: BTreeMap<String, PgValue>,
+}
+
+impl Default for PgBackRestConfig {
+    fn default() -> Self {
+        PgBackRestConfig {
+            stanza: String::new(),
+            command: PathBuf::from("pgbackrest"),
+            config_dir: None,
+            repos: Vec::new(),
+            compress_type: None,
+            compress_level: None,
+            process_max: None,
+            start_fast: true,
+            schedule: ScheduleConfig::default(),
+            timeout: 6 * 3600,
+            options: BTreeMap::new(),
+        }
+    }
+}
+
+/// `pgbackrest.schedule`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct ScheduleConfig {
+    pub full: Option<String>,
+    pub diff: Option<String>,
+    pub incr: Option<String>,
+}
+
+/// Repository kinds.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RepoType {
+    #[default]
+    Posix,
+    S3,
+}
+
+/// One entry of `pgbackrest.repos`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct RepoConfig {
+    #[serde(rename = "type")]
+    pub kind: RepoType,
+    /// `repoN-path`: a directory for posix (required, absolute, writable by the user running
+    /// postgres), the prefix inside the bucket for S3.
+    pub path: Option<PathBuf>,
+    /// `repoN-retention-full` (count of full backups, or days with `retention_full_type: time`).
+    pub retention_full: Option<u32>,
+    pub retention_full_type: Option<String>,
+    pub retention_diff: Option<u32>,
+    pub retention_archive: Option<u32>,
+    pub retention_archive_type: Option<String>,
+    pub s3_bucket: Option<String>,
+    pub s3_endpoint: Option<String>,
+    pub s3_region: Option<String>,
+    pub s3_key: Option<String>,
+    pub s3_key_secret: Option<String>,
+    /// `host` or `path`.
+    pub s3_uri_style: Option<String>,
+    pub s3_verify_tls: Option<bool>,
+}
+
+/// `bootstrap.pgbackrest`: how a new cluster is restored from a repository.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct BootstrapFromBackup {
+    /// Stanza to restore from; default the configured `pgbackrest.stanza`. After promotion the
+    /// cluster archives into the configured stanza, so this may name an older cluster's.
+    pub stanza: Option<String>,
+    /// Backup set label (`--set`); default the latest one that can reach the target.
+    pub set: Option<String>,
+    /// Patroni's `recovery_conf`: `recovery_target_time`, `recovery_target_lsn`,
+    /// `recovery_target: immediate`, `recovery_target_inclusive`, `recovery_target_timeline`,
+    /// `recovery_target_action` (only `promote`). No target: recover to the end of the WAL.
+    pub recovery_conf: BTreeMap<String, PgValue>,
+    /// Patroni's custom command is not supported: pgwarden runs the restore itself.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub command: Option<String>,
+}
+
+/// Where to stop recovery when bootstrapping from a backup.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RecoveryTarget {
+    /// Replay all the WAL in the archive.
+    EndOfWal,
+    /// `recovery_target_time` (a timestamp postgres understands, with a time zone).
+    Time(String),
+    /// `recovery_target_lsn`.
+    Lsn(String),
+    /// `recovery_target: immediate`: stop at the end of the backup.
+    Immediate,
+}
+
+impl BootstrapFromBackup {
+    pub fn target(&self) -> RecoveryTarget {
+        let get = |k: &str| self.recovery_conf.get(k).map(PgValue::as_setting);
+        if let Some(t) = get("recovery_target_time") {
+            RecoveryTarget::Time(t)
+        } else if let Some(l) = get("recovery_target_lsn") {
+            RecoveryTarget::Lsn(l)
+        } else if get("recovery_target").as_deref() == Some("immediate") {
+            RecoveryTarget::Immediate
+        } else {
+            RecoveryTarget::EndOfWal
+        }
+    }
+
+    /// `recovery_target_inclusive` (default true, as postgres).
+    pub fn inclusive(&self) -> bool {
+        self.recovery_conf
+            .get("recovery_target_inclusive")
+            .map(|v| !matches!(v.as_setting().as_str(), "off" | "false" | "0"))
+            .unwrap_or(true)
+    }
+
+    pub fn timeline(&self) -> Option<String> {
+        self.recovery_conf
+            .get("recovery_target_timeline")
+            .map(PgValue::as_setting)
+    }
+}
+
+/// Replica creation methods pgwarden implements (`postgresql.create_replica_methods`).
+pub const REPLICA_METHODS: [&str; 2] = ["pgbackrest", "basebackup"];
+
+const RECOVERY_KEYS: [&str; 6] = [
+    "recovery_target_time",
+    "recovery_target_lsn",
+    "recovery_target",
+    "recovery_target_inclusive",
+    "recovery_target_timeline",
+    "recovery_target_action",
+];
+
+const COMPRESS_TYPES: [&str; 5] = ["none", "gz", "lz4", "zst", "bz2"];
+
+/// Resolved values the agent uses at run time.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolved {
+    pub stanza: String,
+    pub command: PathBuf,
+    pub config_dir: PathBuf,
+    pub config_file: PathBuf,
+    pub timeout: Duration,
+}
+
+impl PgBackRestConfig {
+    /// The stanza, the paths and the timeout, with defaults applied.
+    pub fn resolve(&self, config: &Config) -> Resolved {
+        let stanza = if self.stanza.trim().is_empty() {
+            config.scope.clone()
+        } else {
+            self.stanza.clone()
+        };
+        let config_dir = self.config_dir.clone().unwrap_or_else(|| {
+            let data = &config.postgresql.data_dir;
+            data.parent()
+                .unwrap_or_else(|| Path::new("/"))
+                .join("pgbackrest")
+        });
+        Resolved {
+            stanza,
+            command: self.command.clone(),
+            config_file: config_dir.join("pgbackrest.conf"),
+            config_dir,
+            timeout: Duration::from_secs(self.timeout.max(1)),
+        }
+    }
+}
+
+fn is_option_name(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+}
+
+/// Options pgwarden sets itself: passing them through would break archiving or restores.
+const MANAGED_OPTIONS: [&str; 6] = [
+    "pg1-path",
+    "pg1-port",
+    "pg1-socket-path",
+    "pg1-user",
+    "lock-path",
+    "stanza",
+];
+
+/// Checks `pgbackrest`, `bootstrap.pgbackrest` and `postgresql.create_replica_methods`,
+/// adding one error per bad field.
+pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
+    let mut err = |path: &str, reason: String| {
+        errors.push(FieldError {
+            path: path.to_owned(),
+            reason,
+        })
+    };
+    for (i, method) in config.postgresql.create_replica_methods.iter().enumerate() {
+        if !REPLICA_METHODS.contains(&method.as_str()) {
+            err(
+                &format!("postgresql.create_replica_methods[{i}]"),
+                format!("{method:?} is not a supported method (pgbackrest, basebackup)"),
+            );
+        } else if method == "pgbackrest" && config.pgbackrest.is_none() {
+            err(
+                &format!("postgresql.create_replica_methods[{i}]"),
+                "`pgbackrest` needs the pgbackrest section".into(),
+            );
+        }
+    }
+    match config.bootstrap.method.as_deref() {
+        None | Some("initdb") => {}
+        Some("pgbackrest") => {
+            if config.pgbackrest.is_none() {
+                err(
+                    "bootstrap.method",
+                    "`pgbackrest` needs the pgbackrest section (the repository to restore from)"
+                        .into(),
+                );
+            }
+            let boot = config.bootstrap.pgbackrest.clone().unwrap_or_default();
+            if boot.command.is_some() {
+                err(
+                    "bootstrap.pgbackrest.command",
+                    "is not supported: pgwarden runs `pgbackrest restore` itself; set \
+                     recovery_conf (and stanza) instead"
+                        .into(),
+                );
+            }
+            for key in boot.recovery_conf.keys() {
+                if !RECOVERY_KEYS.contains(&key.as_str()) {
+                    err(
+                        &format!("bootstrap.pgbackrest.recovery_conf.{key}"),
+                        format!(
+                            "is not a recovery target setting ({})",
+                            RECOVERY_KEYS.join(", ")
+                        ),
+                    );
+                }
+            }
+            if let Some(action) = boot.recovery_conf.get("recovery_target_action") {
+                if action.as_setting() != "promote" {
+                    err(
+                        "bootstrap.pgbackrest.recovery_conf.recovery_target_action",
+                        "only `promote` is supported: a bootstrapped cluster must become writable"
+                            .into(),
+                    );
+                }
+            }
+            if let Some(t) = boot.recovery_conf.get("recovery_target") {
+                if t.as_setting() != "immediate" {
+                    err(
+                        "bootstrap.pgbackrest.recovery_conf.recovery_target",
+                        "only `immediate` is valid".into(),
+                    );
+                }
+            }
+            if let RecoveryTarget::Lsn(lsn) = boot.target() {
+                if crate::postgres::controldata::parse_lsn(&lsn).is_none() {
+                    err(
+                        "bootstrap.pgbackrest.recovery_conf.recovery_target_lsn",
+                        format!("{lsn:?} is not an LSN such as 0/3000060"),
+                    );
+                }
+            }
+            if let RecoveryTarget::Time(t) = boot.target() {
+                if chrono::DateTime::parse_from_str(&t, "%Y-%m-%d %H:%M:%S%.f%#z").is_err()
+                    && chrono::DateTime::parse_from_rfc3339(&t).is_err()
+                {
+                    err(
+                        "bootstrap.pgbackrest.recovery_conf.recovery_target_time",
+                        format!(
+                            "{t:?} is not a timestamp with a time zone \
+                             (2024-05-01 12:00:00+00 or RFC 3339)"
+                        ),
+                    );
+                }
+            }
+        }
+        Some(other) => err(
+            "bootstrap.method",
+            format!("{other:?} is not supported (initdb, pgbackrest)"),
+        ),
+    }
+
+    let Some(pb) = &config.pgbackrest else { return };
+    let stanza = pb.resolve(config).stanza;
+    if stanza.is_empty()
+        || !stanza
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        err(
+            "pgbackrest.stanza",
+            format!("{stanza:?} is not a valid stanza name (letters, digits, -, _, .)"),
+        );
+    }
+    if let Some(dir) = &pb.config_dir {
+        if !dir.is_absolute() {
+            err("pgbackrest.config_dir", "must be an absolute path".into());
+        }
+        if dir.starts_with(&config.postgresql.data_dir)
+            && !config.postgresql.data_dir.as_os_str().is_empty()
+        {
+            err(
+                "pgbackrest.config_dir",
+                "must not be inside postgresql.data_dir: a delta restore would delete it".into(),
+            );
+        }
+    }
+    if pb.repos.is_empty() {
+        err(
+            "pgbackrest.repos",
+            "needs at least one repository (type: posix with a path)".into(),
+        );
+    }
+    if pb.repos.len() > 4 {
+        err(
+            "pgbackrest.repos",
+            "pgBackRest supports at most 4 repositories".into(),
+        );
+    }
+    for (i, repo) in pb.repos.iter().enumerate() {
+        let at = |k: &str| format!("pgbackrest.repos[{i}].{k}");
+        match (&repo.path, repo.kind) {
+            (None, RepoType::Posix) => {
+                err(&at("path"), "is required for a posix repository".into())
+            }
+            (Some(p), _) if !p.is_absolute() => err(&at("path"), "must be an absolute path".into()),
+            (Some(p), RepoType::Posix) if p.starts_with(&config.postgresql.data_dir) => {
+                err(&at("path"), "must not be inside postgresql.data_dir".into())
+            }
+            _ => {}
+        }
+        if repo.kind == RepoType::S3 {
+            for (key, value) in [
+                ("s3_bucket", &repo.s3_bucket),
+                ("s3_endpoint", &repo.s3_endpoint),
+                ("s3_region", &repo.s3_region),
+                ("s3_key", &repo.s3_key),
+                ("s3_key_secret", &repo.s3_key_secret),
+            ] {
+                if value.as_deref().is_none_or(|v| v.trim().is_empty()) {
+                    err(&at(key), "is required for an s3 repository".into());
+                }
+            }
+            if let Some(style) = &repo.s3_uri_style {
+                if style != "host" && style != "path" {
+                    err(
+                        &at("s3_uri_style"),
+                        format!("{style:?} is neither host nor path"),
+                    );
+                }
+            }
+        } else {
+            for (key, set) in [
+                ("s3_bucket", repo.s3_bucket.is_some()),
+                ("s3_endpoint", repo.s3_endpoint.is_some()),
+                ("s3_key", repo.s3_key.is_some()),
+            ] {
+                if set {
+                    err(&at(key), "only applies to `type: s3`".into());
+                }
+            }
+        }
+        for (key, value) in [
+            ("retention_full_type", &repo.retention_full_type),
+            ("retention_archive_type", &repo.retention_archive_type),
+        ] {
+            if let Some(v) = value {
+                let allowed: &[&str] = if key == "retention_full_type" {
+                    &["count", "time"]
+                } else {
+                    &["full", "diff", "incr"]
+                };
+                if !allowed.contains(&v.as_str()) {
+                    err(
+                        &at(key),
+                        format!("{v:?} is not one of {}", allowed.join(", ")),
+                    );
+                }
+            }
+        }
+        for (key, value) in [
+            ("retention_full", repo.retention_full),
+            ("retention_diff", repo.retention_diff),
+            ("retention_archive", repo.retention_archive),
+        ] {
+            if value == Some(0) {
+                err(&at(key), "must be at least 1".into());
+            }
+        }
+    }
+    if let Some(t) = &pb.compress_type {
+        if !COMPRESS_TYPES.contains(&t.as_str()) {
+            err(
+                "pgbackrest.compress_type",
+                format!("{t:?} is not one of {}", COMPRESS_TYPES.join(", ")),
+            );
+        }
+    }
+    if let Some(level) = pb.compress_level {
+        if level > 22 {
+            err(
+                "pgbackrest.compress_level",
+                format!("{level} is out of range (0–22, depending on compress_type)"),
+            );
+        }
+    }
+    if pb.process_max == Some(0) || pb.process_max.is_some_and(|p| p > 999) {
+        err("pgbackrest.process_max", "must be between 1 and 999".into());
+    }
+    if pb.timeout == 0 {
+        err("pgbackrest.timeout", "must be at least 1 second".into());
+    }
+    for (kind, expr) in [
+        ("full", &pb.schedule.full),
+        ("diff", &pb.schedule.diff),
+        ("incr", &pb.schedule.incr),
+    ] {
+        if let Some(expr) = expr {
+            if let Err(reason) = super::schedule::parse(expr) {
+                err(&format!("pgbackrest.schedule.{kind}"), reason);
+            }
+        }
+    }
+    for name in pb.options.keys() {
+        if !is_option_name(name) {
+            err(
+                &format!("pgbackrest.options.{name}"),
+                "is not a pgBackRest option name (lower case, digits and `-`)".into(),
+            );
+        } else if MANAGED_OPTIONS.contains(&name.as_str()) {
+            err(
+                &format!("pgbackrest.options.{name}"),
+                "is set by pgwarden from the postgresql section and cannot be overridden".into(),
+            );
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn base() -> Config {
+        let mut c = Config {
+            scope: "batman".into(),
+            ..Default::default()
+        };
+        c.postgresql.data_dir = "/pg/data".into();
+        c
+    }
+
+    fn errors(c: &Config) -> Vec<String> {
+        let mut e = Vec::new();
+        validate(c, &mut e);
+        e.into_iter().map(|e| e.path).collect()
+    }
+
+    #[test]
+    fn a_posix_repository_needs_an_absolute_path_outside_the_data_directory() {
+        let mut c = base();
+        let yaml = "repos:\n  - type: posix\n  - path: relative\n  - path: /pg/data/repo\n";
+        c.pgbackrest = Some(serde_yaml::from_str(yaml).expect("yaml"));
+        assert_eq!(
+            errors(&c),
+            vec![
+                "pgbackrest.repos[0].path",
+                "pgbackrest.repos[1].path",
+                "pgbackrest.repos[2].path"
+            ]
+        );
+    }
+
+    #[test]
+    fn defaults_resolve_stanza_to_scope_and_config_next_to_the_data_directory() {
+        let mut c = base();
+        c.pgbackrest = Some(serde_yaml::from_str("repos: [{path: /repo}]").expect("yaml"));
+        assert!(errors(&c).is_empty());
+        let r = c.pgbackrest.as_ref().expect("set").resolve(&c);
+        assert_eq!(r.stanza, "batman");
+        assert_eq!(
+            r.config_file,
+            PathBuf::from("/pg/pgbackrest/pgbackrest.conf")
+        );
+    }
+
+    #[test]
+    fn bad_values_are_reported_with_their_paths() {
+        let mut c = base();
+        let yaml = "repos: [{type: s3, path: /x, s3_bucket: b}]\ncompress_type: rar\n\
+                    process_max: 0\nschedule: {full: 'not cron'}\noptions: {pg1-path: /x, Bad: 1}\n";
+        c.pgbackrest = Some(serde_yaml::from_str(yaml).expect("yaml"));
+        c.postgresql.create_replica_methods = vec!["wal_e".into()];
+        let e = errors(&c);
+        for path in [
+            "pgbackrest.repos[0].s3_endpoint",
+            "pgbackrest.repos[0].s3_region",
+            "pgbackrest.repos[0].s3_key",
+            "pgbackrest.repos[0].s3_key_secret",
+            "pgbackrest.compress_type",
+            "pgbackrest.process_max",
+            "pgbackrest.schedule.full",
+            "pgbackrest.options.pg1-path",
+            "pgbackrest.options.Bad",
+            "postgresql.create_replica_methods[0]",
+        ] {
+            assert!(e.contains(&path.to_owned()), "{path} missing from {e:?}");
+        }
+    }
+
+    #[test]
+    fn bootstrap_targets_are_parsed_and_checked() {
+        let mut c = base();
+        c.pgbackrest = Some(serde_yaml::from_str("repos: [{path: /repo}]").expect("yaml"));
+        c.bootstrap.method = Some("pgbackrest".into());
+        c.bootstrap.pgbackrest = Some(
+            serde_yaml::from_str(
+                "recovery_conf: {recovery_target_time: '2026-01-02 03:04:05.123+00', \
+                 recovery_target_action: pause}",
+            )
+            .expect("yaml"),
+        );
+        assert_eq!(
+            errors(&c),
+            vec!["bootstrap.pgbackrest.recovery_conf.recovery_target_action"]
+        );
+        let boot = c.bootstrap.pgbackrest.as_ref().expect("set");
+        assert_eq!(
+            boot.target(),
+            RecoveryTarget::Time("2026-01-02 03:04:05.123+00".into())
+        );
+        let lsn: BootstrapFromBackup =
+            serde_yaml::from_str("recovery_conf: {recovery_target_lsn: 'x/y'}").expect("yaml");
+        c.bootstrap.pgbackrest = Some(lsn);
+        assert_eq!(
+            errors(&c),
+            vec!["bootstrap.pgbackrest.recovery_conf.recovery_target_lsn"]
+        );
+        c.bootstrap.pgbackrest = None;
+        assert!(errors(&c).is_empty());
+        assert_eq!(
+            BootstrapFromBackup::default().target(),
+            RecoveryTarget::EndOfWal
+        );
+    }
+}

@@ -1,0 +1,313 @@
+//! The backup service's rules with an in-memory DCS and a scripted `pgbackrest`: no backup
+//! starts while a switchover is pending, a running one is cancelled when a switchover is
+//! requested, the cluster-wide lock refuses a second backup, replicas refuse on-demand ones.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use crate::api::ApiReply;
+use crate::config::Config;
+use crate::dcs::{
+    ClusterView, Dcs, DcsError, FailoverRequest, HistoryLine, LeaderKey, LeaderStatus,
+    LeaseRenewal, MemberRecord, SyncState, Versioned, Wakeup,
+};
+use crate::postgres::probe::{LocalConnection, Probe};
+use crate::state::{AgentStatus, PostgresStatus};
+
+use super::command::Runner;
+use super::report::BackupReport;
+use super::schedule::Schedules;
+use super::service::{Request, Service, LOCK_KEY};
+use super::BackupType;
+
+/// Only the plain keys the backup service uses.
+#[derive(Default)]
+struct MemoryDcs {
+    keys: Mutex<BTreeMap<String, String>>,
+}
+
+fn refused<T>() -> Result<T, DcsError> {
+    Err(DcsError::Rejected("not part of this fake".into()))
+}
+
+#[async_trait]
+impl Dcs for MemoryDcs {
+    async fn cluster(&self) -> Result<ClusterView, DcsError> {
+        refused()
+    }
+    async fn race_initialize(&self, _: &str) -> Result<bool, DcsError> {
+        refused()
+    }
+    async fn set_initialize(&self, _: &str) -> Result<(), DcsError> {
+        refused()
+    }
+    async fn cancel_initialize(&self) -> Result<(), DcsError> {
+        refused()
+    }
+    async fn write_config(&self, _: &serde_json::Value, _: Option<i64>) -> Result<bool, DcsError> {
+        refused()
+    }
+    async fn acquire_leader(&self) -> Result<bool, DcsError> {
+        refused()
+    }
+    async fn renew_leader(&self) -> Result<LeaseRenewal, DcsError> {
+        refused()
+    }
+    async fn release_leader(&self) -> Result<(), DcsError> {
+        refused()
+    }
+    async fn touch_member(&self, _: &MemberRecord) -> Result<(), DcsError> {
+        refused()
+    }
+    async fn write_status(&self, _: &LeaderStatus) -> Result<(), DcsError> {
+        refused()
+    }
+    async fn write_history(&self, _: &[HistoryLine]) -> Result<(), DcsError> {
+        refused()
+    }
+    async fn write_failover(&self, _: &FailoverRequest, _: Option<i64>) -> Result<bool, DcsError> {
+        refused()
+    }
+    async fn write_sync(&self, _: Option<&SyncState>, _: Option<i64>) -> Result<bool, DcsError> {
+        refused()
+    }
+    async fn revoke_lease(&self) -> Result<(), DcsError> {
+        refused()
+    }
+    fn set_ttl(&self, _: Duration) {}
+    async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
+        tokio::time::sleep(timeout).await;
+        Wakeup::Timeout
+    }
+    async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {
+        let mut keys = self.keys.lock().expect("lock");
+        if keys.contains_key(key) {
+            return Ok(false);
+        }
+        keys.insert(key.to_owned(), value.to_owned());
+        Ok(true)
+    }
+    async fn release_lease_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        let mut keys = self.keys.lock().expect("lock");
+        if keys.get(key).map(String::as_str) == Some(value) {
+            keys.remove(key);
+        }
+        Ok(())
+    }
+    async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
+        Ok(self.keys.lock().expect("lock").get(key).cloned())
+    }
+    async fn write_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        self.keys
+            .lock()
+            .expect("lock")
+            .insert(key.to_owned(), value.to_owned());
+        Ok(())
+    }
+}
+
+/// A `pgbackrest` that logs its arguments, answers `info` with no stanza and takes 60 s for a
+/// backup.
+fn fake_pgbackrest(dir: &Path) -> Runner {
+    use std::os::unix::fs::PermissionsExt;
+    let path = dir.join("pgbackrest");
+    std::fs::write(
+        &path,
+        "#!/bin/sh\necho \"$@\" >> \"$(dirname \"$0\")/calls\"\ncase \"$*\" in\n  \
+         *' backup '*) exec sleep 60 ;;\n  *info*) echo '[]' ;;\nesac\n",
+    )
+    .expect("write the script");
+    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    Runner {
+        command: path,
+        config_file: dir.join("pgbackrest.conf"),
+        password: None,
+        timeout: Duration::from_secs(120),
+    }
+}
+
+fn calls(dir: &Path) -> String {
+    std::fs::read_to_string(dir.join("calls")).unwrap_or_default()
+}
+
+fn status(leader: bool, switchover: bool) -> AgentStatus {
+    let config = Config {
+        scope: "s".into(),
+        name: "pg0".into(),
+        ..Default::default()
+    };
+    let mut s = crate::ha::initial_status(&config);
+    s.leader_valid_until = leader.then(|| Instant::now() + Duration::from_secs(3600));
+    s.postgres = Some(PostgresStatus {
+        in_recovery: !leader,
+        server_version: 150000,
+        timeline: Some(1),
+        postmaster_start_time: None,
+        postmaster_start_epoch: None,
+        wal_flush_lsn: None,
+        receive_lsn: None,
+        replay_lsn: None,
+        replayed_timestamp: None,
+        replay_paused: false,
+        streaming: false,
+        system_identifier: None,
+        replication: vec![],
+        pending_restart: vec![],
+    });
+    s.cluster = Some(Arc::new(ClusterView {
+        leader: Some(LeaderKey {
+            name: if leader { "pg0" } else { "pg1" }.into(),
+            revision: 1,
+            lease: 0,
+        }),
+        failover: switchover.then(|| Versioned {
+            value: FailoverRequest {
+                leader: Some("pg0".into()),
+                member: Some("pg1".into()),
+                scheduled_at: None,
+            },
+            revision: 1,
+        }),
+        ..Default::default()
+    }));
+    s
+}
+
+struct Harness {
+    dir: tempfile::TempDir,
+    dcs: Arc<MemoryDcs>,
+    status: watch::Sender<Arc<AgentStatus>>,
+    report: watch::Receiver<Arc<BackupReport>>,
+    requests: mpsc::Sender<Request>,
+    shutdown: CancellationToken,
+}
+
+fn start(initial: AgentStatus, schedule: Option<&str>) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dcs = Arc::new(MemoryDcs::default());
+    let (status_tx, status_rx) = watch::channel(Arc::new(initial));
+    let (report_tx, report_rx) = watch::channel(Arc::new(BackupReport::default()));
+    let (req_tx, req_rx) = mpsc::channel(4);
+    let probe = Probe::new(LocalConnection {
+        host: "127.0.0.1".into(),
+        port: 1,
+        user: "postgres".into(),
+        password: None,
+        timeout: Duration::from_millis(200),
+    });
+    let schedules = Schedules::new(
+        &[(BackupType::Full, schedule.map(str::to_owned))],
+        chrono::Utc::now(),
+    );
+    let service = Service::new(
+        "pg0".into(),
+        "s".into(),
+        dir.path().join("data"),
+        fake_pgbackrest(dir.path()),
+        dcs.clone(),
+        status_rx,
+        probe,
+        report_tx,
+        req_rx,
+        schedules,
+    );
+    let shutdown = CancellationToken::new();
+    tokio::spawn(service.run(shutdown.clone()));
+    Harness {
+        dir,
+        dcs,
+        status: status_tx,
+        report: report_rx,
+        requests: req_tx,
+        shutdown,
+    }
+}
+
+async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+    for _ in 0..300 {
+        if check() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("timed out waiting until {what}");
+}
+
+async fn ask(h: &Harness, kind: BackupType) -> ApiReply {
+    let (reply, answer) = oneshot::channel();
+    h.requests
+        .send(Request::Start { kind, reply })
+        .await
+        .expect("service runs");
+    answer.await.expect("answered")
+}
+
+#[tokio::test]
+async fn no_backup_starts_during_a_switchover_and_a_requested_switchover_cancels_one() {
+    let h = start(status(true, true), Some("* * * * * *"));
+    eventually("the stanza was created and checked", || {
+        h.report.borrow().check.as_ref().is_some_and(|c| c.ok)
+    })
+    .await;
+    // Fires every second, but a switchover is pending.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert!(
+        !calls(h.dir.path()).contains(" backup "),
+        "{}",
+        calls(h.dir.path())
+    );
+    assert_eq!(
+        ask(&h, BackupType::Full).await.status,
+        503,
+        "on-demand backups wait for the switchover too"
+    );
+
+    h.status.send_replace(Arc::new(status(true, false)));
+    eventually("a scheduled backup runs", || {
+        h.report.borrow().running.is_some()
+    })
+    .await;
+    assert!(h.dcs.keys.lock().expect("lock").contains_key(LOCK_KEY));
+    assert_eq!(ask(&h, BackupType::Incr).await.status, 409);
+
+    h.status.send_replace(Arc::new(status(true, true)));
+    eventually("the backup was cancelled", || {
+        let r = h.report.borrow();
+        r.running.is_none()
+            && r.last.as_ref().is_some_and(|l| {
+                !l.ok && l.error.as_deref().is_some_and(|e| e.contains("cancelled"))
+            })
+    })
+    .await;
+    assert!(!h.dcs.keys.lock().expect("lock").contains_key(LOCK_KEY));
+    h.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn the_cluster_wide_lock_and_leadership_gate_on_demand_backups() {
+    let h = start(status(true, false), None);
+    eventually("the stanza was created and checked", || {
+        h.report.borrow().check.as_ref().is_some_and(|c| c.ok)
+    })
+    .await;
+    h.dcs
+        .write_key(LOCK_KEY, r#"{"member":"pg9"}"#)
+        .await
+        .expect("write");
+    let reply = ask(&h, BackupType::Full).await;
+    assert_eq!(reply.status, 409);
+    assert!(reply.body.contains("pg9"), "{}", reply.body);
+    assert!(!calls(h.dir.path()).contains(" backup "));
+
+    h.status.send_replace(Arc::new(status(false, false)));
+    let reply = ask(&h, BackupType::Full).await;
+    assert_eq!(reply.status, 503);
+    assert!(reply.body.contains("pg1"), "{}", reply.body);
+    h.shutdown.cancel();
+}

@@ -1,0 +1,470 @@
+//! pgBackRest under the agent, with Debian's real pgBackRest and a posix repository in the test
+//! directory: archiving and `check` on a fresh cluster, scheduled backups only on the leader
+//! and only once per fire across a failover, no WAL gap after a failover, replicas restored
+//! from the repository, point-in-time bootstrap of a new cluster, and a broken repository that
+//! is reported without touching postgres.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use pgwarden_tests::harness::{wait_until, ClusterOptions, Member, TestEnv};
+use serde_json::Value;
+
+const T: Duration = Duration::from_secs(180);
+
+fn yaml(text: &str) -> serde_yaml::Value {
+    serde_yaml::from_str(text).expect("valid YAML")
+}
+
+/// The `pgbackrest` section for a repository at `repo`.
+fn section(repo: &Path, stanza: &str, extra: &str) -> serde_yaml::Value {
+    yaml(&format!(
+        "stanza: {stanza}\nrepos:\n  - type: posix\n    path: {}\n    retention_full: 2\n\
+         compress_type: lz4\nprocess_max: 1\ntimeout: 300\noptions:\n  archive-timeout: 30\n{extra}",
+        repo.display()
+    ))
+}
+
+/// The `pgbackrest` object of a member's `/patroni`.
+async fn report(m: &Member) -> Value {
+    match m.api_get("/patroni").await {
+        Some((200, body)) => {
+            serde_json::from_str::<Value>(&body).unwrap_or(Value::Null)["pgbackrest"].clone()
+        }
+        _ => Value::Null,
+    }
+}
+
+fn member<'a>(env: &'a TestEnv, name: &str) -> &'a Member {
+    env.members
+        .iter()
+        .find(|m| m.name == name)
+        .expect("member exists")
+}
+
+/// `fire=` values of the scheduled backups a member started, from its log.
+fn scheduled_fires(m: &Member) -> Vec<String> {
+    m.log_text()
+        .lines()
+        .filter(|l| l.contains("starting the scheduled backup"))
+        .filter_map(|l| {
+            l.split_whitespace()
+                .find_map(|w| w.strip_prefix("fire=").map(str::to_owned))
+        })
+        .collect()
+}
+
+/// Complete WAL segments in the repository's archive: (timeline, segment number).
+fn archived_segments(repo: &Path) -> BTreeSet<(u32, u64)> {
+    fn walk(dir: &Path, out: &mut BTreeSet<(u32, u64)>) {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let path = e.path();
+            if path.is_dir() {
+                walk(&path, out);
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name.len() > 25
+                && name.as_bytes()[24] == b'-'
+                && name[..24].bytes().all(|b| b.is_ascii_hexdigit())
+            {
+                let tl = u32::from_str_radix(&name[..8], 16).expect("hex");
+                let log = u64::from_str_radix(&name[8..16], 16).expect("hex");
+                let seg = u64::from_str_radix(&name[16..24], 16).expect("hex");
+                out.insert((tl, log * 0x100 + seg));
+            }
+        }
+    }
+    let mut out = BTreeSet::new();
+    walk(&repo.join("archive"), &mut out);
+    out
+}
+
+fn segment_number(walfile: &str) -> u64 {
+    let log = u64::from_str_radix(&walfile[8..16], 16).expect("hex");
+    let seg = u64::from_str_radix(&walfile[16..24], 16).expect("hex");
+    log * 0x100 + seg
+}
+
+/// Switches to a new WAL segment on `m` and waits until the finished one is in the repository.
+async fn switch_and_wait_archived(m: &Member, repo: &Path) -> u64 {
+    let file = m
+        .sql("SELECT pg_walfile_name(pg_switch_wal())")
+        .await
+        .expect("switch WAL")[0]
+        .clone();
+    let segno = segment_number(&file);
+    wait_until(&format!("{file} is archived"), T, || async {
+        archived_segments(repo).iter().any(|(_, s)| *s == segno)
+    })
+    .await;
+    segno
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_whole() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "backrest".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    for name in ["pg0", "pg1", "pg2"] {
+        let i = env.add_member(name);
+        env.members[i].set(
+            "pgbackrest",
+            section(&repo, "main", "schedule:\n  incr: '*/20 * * * * *'\n"),
+        );
+        env.members[i].set(
+            "postgresql.create_replica_methods",
+            yaml("[pgbackrest, basebackup]"),
+        );
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("start");
+    }
+    let leader = env.wait_for_leader(T).await;
+
+    // A fresh cluster: stanza created and `pgbackrest check` passed on the leader, WAL archived.
+    wait_until("the leader's stanza check passed", T, || async {
+        report(member(&env, &leader)).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    switch_and_wait_archived(member(&env, &leader), &repo).await;
+    let first = archived_segments(&repo);
+    assert!(first.iter().any(|(tl, _)| *tl == 1), "{first:?}");
+
+    // The replicas were cloned before any backup existed: pgbackrest failed and basebackup
+    // took over, without a gap in the plan.
+    for m in env.members.iter().filter(|m| m.name != leader) {
+        wait_until(&format!("{} streams", m.name), T, || async {
+            m.is_streaming_replica().await
+        })
+        .await;
+        let log = m.log_text();
+        assert!(
+            log.lines()
+                .any(|l| l.contains("replica created") && l.contains("basebackup")),
+            "{}: no basebackup fallback in the log",
+            m.name
+        );
+    }
+
+    // A scheduled backup runs on the leader.
+    wait_until("a scheduled backup succeeded on the leader", T, || async {
+        let r = report(member(&env, &leader)).await;
+        r["last"]["ok"] == Value::Bool(true) && r["last"]["trigger"] == "scheduled"
+    })
+    .await;
+    for m in env.members.iter().filter(|m| m.name != leader) {
+        assert!(
+            scheduled_fires(m).is_empty(),
+            "{} ran a scheduled backup while not the leader",
+            m.name
+        );
+        assert!(report(m).await["running"].is_null());
+    }
+
+    // Re-created with a backup in the repository, a replica is restored from it, not cloned.
+    let replica = env
+        .members
+        .iter()
+        .find(|m| m.name != leader)
+        .expect("a replica")
+        .name
+        .clone();
+    let before = member(&env, &replica)
+        .log_text()
+        .matches("replica created")
+        .count();
+    let (code, body) = member(&env, &replica)
+        .api_request("POST", "/reinitialize", Some("{\"force\": true}"))
+        .await
+        .expect("reinitialize answers");
+    assert_eq!(code, 200, "{body}");
+    wait_until(
+        &format!("{replica} was restored by pgbackrest"),
+        T,
+        || async {
+            let log = member(&env, &replica).log_text();
+            log.lines()
+                .filter(|l| l.contains("replica created"))
+                .skip(before)
+                .any(|l| l.contains("pgbackrest"))
+        },
+    )
+    .await;
+    wait_until(&format!("{replica} streams again"), T, || async {
+        member(&env, &replica).is_streaming_replica().await
+    })
+    .await;
+
+    // Fail over by killing the leader's agent (its postgres dies with it).
+    let old = leader.clone();
+    let marker = member(&env, &old)
+        .sql("SELECT pg_walfile_name(pg_current_wal_lsn())")
+        .await
+        .expect("position")[0]
+        .clone();
+    env.member(&old).agent().kill9();
+    let deadline = std::time::Instant::now() + T;
+    let new_leader = loop {
+        if let Some(l) = env.leader().await.filter(|l| *l != old) {
+            if member(&env, &l).api_get("/primary").await.map(|r| r.0) == Some(200) {
+                break l;
+            }
+        }
+        assert!(std::time::Instant::now() < deadline, "no new leader");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let new = member(&env, &new_leader);
+    wait_until("the new leader's stanza check passed", T, || async {
+        report(new).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    let after = switch_and_wait_archived(new, &repo).await;
+    assert!(after >= segment_number(&marker));
+    let archived = archived_segments(&repo);
+    assert!(
+        archived.iter().any(|(tl, _)| *tl >= 2),
+        "no segment of the new timeline archived: {archived:?}"
+    );
+    let numbers: BTreeSet<u64> = archived.iter().map(|(_, s)| *s).collect();
+    let (lo, hi) = (
+        *numbers.first().expect("segments"),
+        *numbers.last().expect("segments"),
+    );
+    let missing: Vec<u64> = (lo..=hi).filter(|s| !numbers.contains(s)).collect();
+    assert!(
+        missing.is_empty(),
+        "WAL segments missing from the archive: {missing:?} (archived {archived:?})"
+    );
+
+    // The next scheduled backup runs on the new leader, and no fire ran twice.
+    let started = chrono::Utc::now();
+    wait_until(
+        "a scheduled backup succeeded on the new leader",
+        T,
+        || async {
+            let r = report(new).await;
+            r["last"]["ok"] == Value::Bool(true)
+                && r["last"]["trigger"] == "scheduled"
+                && r["last"]["started_at"]
+                    .as_str()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .is_some_and(|t| t > started)
+        },
+    )
+    .await;
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for m in &env.members {
+        for fire in scheduled_fires(m) {
+            if let Some(other) = seen.insert(fire.clone(), m.name.clone()) {
+                panic!("the fire {fire} ran on both {other} and {}", m.name);
+            }
+        }
+    }
+    let info = new.api_get("/backups").await.expect("/backups answers");
+    assert_eq!(info.0, 200, "{}", info.1);
+    let info: Value = serde_json::from_str(&info.1).expect("JSON");
+    assert!(
+        info[0]["backup"].as_array().is_some_and(|b| b.len() >= 2),
+        "{info}"
+    );
+    let metrics = new.api_get("/metrics").await.expect("metrics").1;
+    assert!(
+        metrics.contains("pgwarden_backup_last_success_time{"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("pgwarden_backup_repo_ok{"), "{metrics}");
+}
+
+/// Runs the CLI against the member's own config file.
+fn cli(m: &Member, args: &[&str]) -> std::process::Output {
+    std::process::Command::new(pgwarden_tests::harness::agent_binary())
+        .arg("-c")
+        .arg(m.config_path())
+        .args(args)
+        .output()
+        .expect("the CLI runs")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "origin".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    let i = env.add_member("a0");
+    env.members[i].set("pgbackrest", section(&repo, "origin", ""));
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let a = member(&env, "a0");
+    wait_until("the stanza check passed", T, || async {
+        report(a).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    a.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .expect("first rows");
+
+    // On-demand backup through the CLI, which waits for the end.
+    let out = cli(a, &["backup", "--type", "full"]);
+    assert!(
+        out.status.success(),
+        "pgwarden backup failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = cli(a, &["backups"]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("full"));
+
+    // pgBackRest records backup stop times in whole seconds: keep the target clearly after it.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    a.sql("INSERT INTO t SELECT generate_series(11, 20)")
+        .await
+        .expect("more rows");
+    let target = a
+        .sql("SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+        .await
+        .expect("time")[0]
+        .clone();
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    a.sql("INSERT INTO t SELECT generate_series(21, 30)")
+        .await
+        .expect("rows after the target");
+    switch_and_wait_archived(a, &repo).await;
+
+    // A new cluster, restored from the origin's stanza to the target, archiving into its own.
+    let j = env.add_member("b0");
+    let b = &mut env.members[j];
+    b.set("scope", "restored".into());
+    b.set("pgbackrest", section(&repo, "restored", ""));
+    b.set("bootstrap.method", "pgbackrest".into());
+    b.set(
+        "bootstrap.pgbackrest",
+        yaml(&format!(
+            "stanza: origin\nrecovery_conf:\n  recovery_target_time: '{target}'\n  \
+             recovery_target_action: promote\n"
+        )),
+    );
+    env.start_member(j).expect("start b0");
+    let b = member(&env, "b0");
+    // /primary answers 200 as soon as the lock is held (during the restore, as in Patroni):
+    // wait for a running primary that answers queries.
+    wait_until("the restored cluster is a running primary", T, || async {
+        b.api_get("/health").await.map(|r| r.0) == Some(200)
+            && b.api_get("/primary").await.map(|r| r.0) == Some(200)
+            && b.sql("SELECT pg_is_in_recovery()::text").await.ok() == Some(vec!["false".into()])
+    })
+    .await;
+    let rows = b
+        .sql("SELECT count(*)::text || ':' || min(id)::text || ':' || max(id)::text FROM t")
+        .await
+        .expect("rows");
+    assert_eq!(rows, vec!["20:1:20"], "exactly the rows before {target}");
+    wait_until("the restored cluster created its own stanza", T, || async {
+        report(b).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    let auto =
+        std::fs::read_to_string(b.data_dir().join("postgresql.auto.conf")).unwrap_or_default();
+    assert!(!auto.contains("recovery_target"), "{auto}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_broken_repository_is_reported_and_postgres_keeps_running() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "broken".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    // The repository's parent is a regular file: the path can neither exist nor be created,
+    // whichever user the agent runs as.
+    let dir = env.shared_dir("shared");
+    let blocker = dir.join("not-a-directory");
+    std::fs::write(&blocker, "").expect("write");
+    let repo: PathBuf = blocker.join("repo");
+    let i = env.add_member("pg0");
+    env.members[i].set("pgbackrest", section(&repo, "broken", ""));
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let m = member(&env, "pg0");
+    wait_until("the failed check is reported", T, || async {
+        report(m).await["check"]["ok"] == Value::Bool(false)
+    })
+    .await;
+    let r = report(m).await;
+    let error = r["check"]["error"].as_str().unwrap_or_default().to_owned();
+    assert!(error.contains("stanza-create"), "{error}");
+    assert!(error.contains(&repo.display().to_string()), "{error}");
+    let metrics = m.api_get("/metrics").await.expect("metrics").1;
+    assert!(
+        metrics.contains("pgwarden_backup_repo_ok{scope=\"broken\",name=\"pg0\"} 0"),
+        "{metrics}"
+    );
+    // Postgres keeps running as a healthy primary and accepts writes.
+    assert_eq!(m.api_get("/health").await.map(|r| r.0), Some(200));
+    m.sql("CREATE TABLE still_writable (x int)")
+        .await
+        .expect("write");
+    m.sql("SELECT pg_switch_wal()").await.expect("switch");
+    wait_until("the archive failure is counted", T, || async {
+        m.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_wal_archive_failed_count{")
+                    && !l.ends_with(" 0")
+                    && !l.ends_with(" 0.0")
+            })
+        })
+    })
+    .await;
+    // An on-demand backup is accepted, fails, and is reported; nothing crashes.
+    // (503 while the periodic stanza-create retry runs.)
+    wait_until("an on-demand backup is accepted", T, || async {
+        m.api_request("POST", "/backup", Some("{\"type\": \"full\"}"))
+            .await
+            .is_some_and(|(code, _)| code == 202)
+    })
+    .await;
+    wait_until("the failed backup is reported", T, || async {
+        report(m).await["last"]["ok"] == Value::Bool(false)
+    })
+    .await;
+    assert_eq!(m.api_get("/health").await.map(|r| r.0), Some(200));
+    let (code, body) = m
+        .api_request("POST", "/backup", Some("{\"type\": \"weekly\"}"))
+        .await
+        .expect("answers");
+    assert_eq!(code, 400, "{body}");
+}
+
+#[test]
+fn invalid_pgbackrest_settings_are_refused_with_the_field_and_exit_code_2() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("bad.yml");
+    std::fs::write(
+        &path,
+        "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\n\
+         postgresql:\n  listen: 127.0.0.1:5432\n  data_dir: /tmp/x/data\n  \
+         authentication: {superuser: {username: postgres}, replication: {username: r}}\n\
+         pgbackrest:\n  repos: [{type: posix}]\n  schedule: {full: 'at midnight'}\n",
+    )
+    .expect("write");
+    let out = std::process::Command::new(pgwarden_tests::harness::agent_binary())
+        .arg("validate-config")
+        .arg(&path)
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("pgbackrest.repos[0].path"), "{stderr}");
+    assert!(stderr.contains("pgbackrest.schedule.full"), "{stderr}");
+}
