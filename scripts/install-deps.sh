@@ -12,6 +12,7 @@ packages=(
   wrk                                  # HTTP load for the benchmark's REST figures
   protobuf-compiler libprotobuf-dev    # the etcd-client crate compiles etcd's protobufs
   build-essential pkg-config ca-certificates curl iproute2 procps
+  openssl                              # the Kubernetes test harness generates its service-account key
 )
 
 missing=()

@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/install-deps.sh
+# kube-apiserver and kube-controller-manager v1.20 for the Kubernetes-mode tests: built once from
+# Debian's source package (~8 minutes), cached in /var/cache/pgwarden/kubernetes-1.20/bin.
+scripts/build-kube.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 cargo build --workspace --all-targets --locked

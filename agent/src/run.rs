@@ -11,6 +11,7 @@ use tracing::{error, info, warn};
 use crate::api::{self, ApiContext};
 use crate::config::Config;
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
+use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::Dcs;
 use crate::ha::{self, HaLoop};
 use crate::postgres::conf::split_listen;
@@ -28,7 +29,7 @@ pub enum RunError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot set up the etcd client")]
+    #[error("cannot set up the DCS client")]
     Dcs(#[source] crate::dcs::DcsError),
     #[error("another member named {name:?} is already running (its REST API at {url} answers)")]
     DuplicateName { name: String, url: String },
@@ -84,24 +85,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
             addr: config.restapi.listen.clone(),
             source,
         })?;
-    let etcd = config.etcd3.clone().unwrap_or_default();
-    let mut endpoints = etcd.hosts.clone();
-    endpoints.extend(etcd.host.clone());
-    let dynamic = &config.bootstrap.dcs;
-    let dcs: Arc<dyn Dcs> = Arc::new(
-        EtcdDcs::connect(EtcdSettings {
-            endpoints,
-            username: etcd.username.clone(),
-            password: etcd.password.clone(),
-            namespace: config.namespace.clone(),
-            scope: config.scope.clone(),
-            name: config.name.clone(),
-            ttl: Duration::from_secs(dynamic.ttl.into()),
-            request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
-        })
-        .await
-        .map_err(RunError::Dcs)?,
-    );
+    let dcs = connect_dcs(&config).await?;
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
 
     crate::backup::write_config(&config).map_err(RunError::Backup)?;
@@ -202,6 +186,32 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         info!("the agent stopped cleanly");
     }
     result.map_err(RunError::from)
+}
+
+/// The DCS the configuration names: the Kubernetes API with a `kubernetes` section, else etcd.
+async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
+    if let Some(settings) = KubeSettings::from_config(config) {
+        let dcs = KubeDcs::connect(settings).await.map_err(RunError::Dcs)?;
+        info!(namespace = %dcs.namespace(), "Kubernetes mode: the leader is a Lease");
+        return Ok(Arc::new(dcs));
+    }
+    let etcd = config.etcd3.clone().unwrap_or_default();
+    let mut endpoints = etcd.hosts.clone();
+    endpoints.extend(etcd.host.clone());
+    let dynamic = &config.bootstrap.dcs;
+    let dcs = EtcdDcs::connect(EtcdSettings {
+        endpoints,
+        username: etcd.username.clone(),
+        password: etcd.password.clone(),
+        namespace: config.namespace.clone(),
+        scope: config.scope.clone(),
+        name: config.name.clone(),
+        ttl: Duration::from_secs(dynamic.ttl.into()),
+        request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+    })
+    .await
+    .map_err(RunError::Dcs)?;
+    Ok(Arc::new(dcs))
 }
 
 /// Starts the out-of-process fence; without it a frozen agent could not stop postgres in time,

@@ -3,7 +3,8 @@
 //! # Layout
 //! - [`harness`]: `TestEnv` (temp dir + etcd + members), `Member` (config, agent process, REST
 //!   and SQL helpers), `ProcessGuard` (kill by PID on drop, also on panic), free ports, a
-//!   cuttable TCP proxy for fault injection, `wait_until` polling.
+//!   cuttable TCP proxy for fault injection, `wait_until` polling; `kube` (a real kube-apiserver
+//!   v1.20 + kube-controller-manager, shared per test binary) and `kubelet` (agents in Pods).
 //! - `tests/*.rs`: one file per scenario family.
 //!
 //! Tests run as root in CI; agents (and so postgres) then run as the `postgres` user. Waits scale

@@ -5,7 +5,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-use super::schema::{Config, Credentials, Etcd3Config, LogFormat};
+use super::schema::{Config, Credentials, Etcd3Config, KubernetesConfig, LogFormat};
 use super::validate::FieldError;
 
 /// Values given on the command line; `None` = not given.
@@ -236,6 +236,7 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
             etcd.password = Some(v);
         }
     }
+    apply_kubernetes_env(config, env)?;
     if let Some(v) = get("POSTGRESQL_LISTEN") {
         config.postgresql.listen = v;
     }
@@ -278,6 +279,73 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
     }
     if let Some(v) = get("LOG_LEVEL") {
         config.log.level = v;
+    }
+    Ok(())
+}
+
+/// Patroni's `PATRONI_KUBERNETES_*` variables; any of them selects Kubernetes mode.
+fn apply_kubernetes_env(
+    config: &mut Config,
+    env: &BTreeMap<String, String>,
+) -> Result<(), ConfigError> {
+    let keys = [
+        "KUBERNETES_NAMESPACE",
+        "KUBERNETES_LABELS",
+        "KUBERNETES_SCOPE_LABEL",
+        "KUBERNETES_ROLE_LABEL",
+        "KUBERNETES_LEADER_LABEL_VALUE",
+        "KUBERNETES_FOLLOWER_LABEL_VALUE",
+        "KUBERNETES_STANDBY_LEADER_LABEL_VALUE",
+        "KUBERNETES_POD_IP",
+        "KUBERNETES_PORTS",
+        "KUBERNETES_USE_ENDPOINTS",
+        "KUBERNETES_LEADER_LEASE",
+    ];
+    if !keys.iter().any(|k| env_value(env, k).is_some()) {
+        return Ok(());
+    }
+    let get = |suffix: &str| env_value(env, suffix).map(|(v, _)| v.to_owned());
+    let k = config
+        .kubernetes
+        .get_or_insert_with(KubernetesConfig::default);
+    if let Some(v) = get("KUBERNETES_NAMESPACE") {
+        k.namespace = Some(v);
+    }
+    if let Some((v, key)) = env_value(env, "KUBERNETES_LABELS") {
+        k.labels = serde_json::from_str(v).map_err(|e| ConfigError::Parse {
+            path: key,
+            reason: format!("must be a JSON object of label names to values: {e}"),
+        })?;
+    }
+    if let Some(v) = get("KUBERNETES_SCOPE_LABEL") {
+        k.scope_label = v;
+    }
+    if let Some(v) = get("KUBERNETES_ROLE_LABEL") {
+        k.role_label = v;
+    }
+    if let Some(v) = get("KUBERNETES_LEADER_LABEL_VALUE") {
+        k.leader_label_value = v;
+    }
+    if let Some(v) = get("KUBERNETES_FOLLOWER_LABEL_VALUE") {
+        k.follower_label_value = v;
+    }
+    if let Some(v) = get("KUBERNETES_STANDBY_LEADER_LABEL_VALUE") {
+        k.standby_leader_label_value = Some(v);
+    }
+    if let Some(v) = get("KUBERNETES_POD_IP") {
+        k.pod_ip = Some(v);
+    }
+    if let Some(v) = get("KUBERNETES_LEADER_LEASE") {
+        k.leader_lease = Some(v);
+    }
+    if let Some((v, key)) = env_value(env, "KUBERNETES_PORTS") {
+        k.ports = serde_json::from_str(v).map_err(|e| ConfigError::Parse {
+            path: key,
+            reason: format!("must be a JSON list of ports: {e}"),
+        })?;
+    }
+    if let Some(v) = get("KUBERNETES_USE_ENDPOINTS") {
+        k.use_endpoints = matches!(v.to_ascii_lowercase().as_str(), "true" | "on" | "yes" | "1");
     }
     Ok(())
 }
@@ -341,6 +409,25 @@ fn apply_defaults(config: &mut Config) {
     }
     if config.restapi.listen.is_empty() {
         config.restapi.listen = "0.0.0.0:8008".into();
+    }
+    // In a Pod the wildcard listen addresses are reachable at the Pod's IP.
+    let pod_ip = config.kubernetes.as_ref().and_then(|k| k.pod_ip.clone());
+    if let Some(ip) = pod_ip.filter(|ip| !ip.is_empty()) {
+        let host = if ip.contains(':') {
+            format!("[{ip}]")
+        } else {
+            ip
+        };
+        if config.restapi.connect_address.is_empty() {
+            if let Some((_, port)) = config.restapi.listen.rsplit_once(':') {
+                config.restapi.connect_address = format!("{host}:{port}");
+            }
+        }
+        if config.postgresql.connect_address.is_empty() {
+            if let Some((_, port)) = config.postgresql.listen.rsplit_once(':') {
+                config.postgresql.connect_address = format!("{host}:{port}");
+            }
+        }
     }
     if config.restapi.connect_address.is_empty() {
         if let Some((host, _)) = config.restapi.listen.rsplit_once(':') {

@@ -20,6 +20,8 @@ pub struct Config {
     pub name: String,
     pub restapi: RestApiConfig,
     pub etcd3: Option<Etcd3Config>,
+    /// Kubernetes mode (`docs/kubernetes.md`): the DCS is the Kubernetes API.
+    pub kubernetes: Option<KubernetesConfig>,
     pub bootstrap: BootstrapConfig,
     pub postgresql: PostgresqlConfig,
     pub tags: Tags,
@@ -58,6 +60,60 @@ pub struct Etcd3Config {
     pub protocol: Option<String>,
     pub username: Option<String>,
     pub password: Option<String>,
+}
+
+/// `kubernetes`: Patroni's section where it applies (`docs/kubernetes.md`). The leader is a
+/// `coordination.k8s.io/v1` Lease instead of Patroni's Endpoints/ConfigMap annotations.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct KubernetesConfig {
+    /// Namespace of the Pods, the Lease and the ConfigMaps. Default: the service account's
+    /// namespace inside a Pod, else `default`.
+    pub namespace: Option<String>,
+    /// Labels every member Pod carries (and that the ConfigMaps get); with `scope_label` they
+    /// select the members.
+    pub labels: BTreeMap<String, String>,
+    /// Label whose value is the scope (default `cluster-name`).
+    pub scope_label: String,
+    /// Label the agent sets on its own Pod to its role (default `role`).
+    pub role_label: String,
+    /// Role label values: `primary` (Patroni ≥ 4; choose `master` for older Services),
+    /// `replica`, and the standby leader's (default: the leader's).
+    pub leader_label_value: String,
+    pub follower_label_value: String,
+    pub standby_leader_label_value: Option<String>,
+    /// The Pod's IP (`status.podIP`); the default host of `restapi.connect_address` and
+    /// `postgresql.connect_address` when those are unset.
+    pub pod_ip: Option<String>,
+    /// Accepted as Patroni's (ports of the leader Endpoints); pgwarden writes no Endpoints, so
+    /// they are not used.
+    pub ports: Vec<serde_json::Value>,
+    /// Name of the leader Lease (default `<scope>-leader`).
+    pub leader_lease: Option<String>,
+    /// Patroni's Endpoints-based leader; not supported (validation rejects `true`).
+    pub use_endpoints: bool,
+    /// Accepted for compatibility; the client always talks to the configured API server.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bypass_api_service: Option<bool>,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        KubernetesConfig {
+            namespace: None,
+            labels: BTreeMap::new(),
+            scope_label: "cluster-name".to_owned(),
+            role_label: "role".to_owned(),
+            leader_label_value: "primary".to_owned(),
+            follower_label_value: "replica".to_owned(),
+            standby_leader_label_value: None,
+            pod_ip: None,
+            ports: Vec::new(),
+            leader_lease: None,
+            use_endpoints: false,
+            bypass_api_service: None,
+        }
+    }
 }
 
 /// `bootstrap`.

@@ -313,3 +313,74 @@ fn missing_dcs_section_is_an_error() {
     let yaml = PATRONI_YML.replace("etcd3:\n  hosts: 127.0.0.1:2379\n", "");
     assert_error(&yaml, "etcd3", "is required");
 }
+
+#[test]
+fn kubernetes_mode_from_patronis_environment_with_connect_addresses_from_the_pod_ip() {
+    let yaml = PATRONI_YML
+        .replace("etcd3:\n  hosts: 127.0.0.1:2379\n", "")
+        .replace(
+            "  listen: 127.0.0.1:8008\n  connect_address: 127.0.0.1:8008\n",
+            "  listen: 0.0.0.0:8008\n",
+        )
+        .replace(
+            "  listen: 127.0.0.1:5432\n  connect_address: 127.0.0.1:5432\n",
+            "  listen: 0.0.0.0:5432\n",
+        );
+    let env: BTreeMap<String, String> = [
+        ("PATRONI_KUBERNETES_NAMESPACE", "db"),
+        ("PATRONI_KUBERNETES_POD_IP", "10.1.2.3"),
+        (
+            "PATRONI_KUBERNETES_LABELS",
+            r#"{"application": "pgwarden"}"#,
+        ),
+        ("PATRONI_KUBERNETES_LEADER_LABEL_VALUE", "master"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let c = load_str(&yaml, &env, &Overrides::default())
+        .expect("loads")
+        .config;
+    let k = c.kubernetes.expect("kubernetes mode");
+    assert_eq!(k.namespace.as_deref(), Some("db"));
+    assert_eq!(
+        k.labels.get("application").map(String::as_str),
+        Some("pgwarden")
+    );
+    assert_eq!(
+        (k.scope_label.as_str(), k.role_label.as_str()),
+        ("cluster-name", "role")
+    );
+    assert_eq!(k.leader_label_value, "master");
+    assert_eq!(c.restapi.connect_address, "10.1.2.3:8008");
+    assert_eq!(c.postgresql.connect_address, "10.1.2.3:5432");
+}
+
+#[test]
+fn kubernetes_section_errors_name_the_key() {
+    let base = PATRONI_YML.replace("etcd3:\n  hosts: 127.0.0.1:2379\n", "");
+    assert_error(
+        &format!("{base}\nkubernetes:\n  use_endpoints: true\n"),
+        "kubernetes.use_endpoints",
+        "not supported",
+    );
+    assert_error(
+        &format!("{base}\nkubernetes:\n  labels: {{cluster-name: x}}\n"),
+        "kubernetes.labels",
+        "scope label",
+    );
+    assert_error(
+        &format!("{PATRONI_YML}\nkubernetes:\n  namespace: db\n"),
+        "kubernetes",
+        "choose one",
+    );
+    let mut env = BTreeMap::new();
+    env.insert("PATRONI_KUBERNETES_LABELS".to_owned(), "app=x".to_owned());
+    match load_str(&base, &env, &Overrides::default()) {
+        Err(ConfigError::Parse { path, reason }) => {
+            assert_eq!(path, "PATRONI_KUBERNETES_LABELS");
+            assert!(reason.contains("JSON object"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+}

@@ -123,12 +123,46 @@ impl Config {
             }
         }
 
-        match &self.etcd3 {
-            None => err(
+        match (&self.etcd3, &self.kubernetes) {
+            (None, None) => err(
                 "etcd3",
-                "is required: pgwarden needs a DCS, and etcd v3 is the one supported here".into(),
+                "is required (or `kubernetes`): pgwarden needs a DCS".into(),
             ),
-            Some(etcd) => {
+            (Some(_), Some(_)) => err(
+                "kubernetes",
+                "and etcd3 are both configured: choose one DCS".into(),
+            ),
+            (None, Some(k)) => {
+                if k.use_endpoints {
+                    err(
+                        "kubernetes.use_endpoints",
+                        "is not supported: pgwarden elects its leader with a Lease".into(),
+                    );
+                }
+                for (key, value) in [
+                    ("kubernetes.scope_label", &k.scope_label),
+                    ("kubernetes.role_label", &k.role_label),
+                    ("kubernetes.leader_label_value", &k.leader_label_value),
+                    ("kubernetes.follower_label_value", &k.follower_label_value),
+                ] {
+                    if value.trim().is_empty() {
+                        err(key, "must not be empty".into());
+                    }
+                }
+                if k.labels.contains_key(&k.scope_label) {
+                    err(
+                        "kubernetes.labels",
+                        format!(
+                            "must not contain the scope label {:?}: its value is the scope",
+                            k.scope_label
+                        ),
+                    );
+                }
+                if k.namespace.as_deref().is_some_and(|n| n.trim().is_empty()) {
+                    err("kubernetes.namespace", "must not be empty".into());
+                }
+            }
+            (Some(etcd), None) => {
                 if etcd.hosts.is_empty() {
                     err("etcd3.hosts", "needs at least one host:port".into());
                 }

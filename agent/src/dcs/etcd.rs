@@ -18,7 +18,6 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
     WatchOptions,
 };
-use tokio::sync::Notify;
 use tracing::{debug, info, warn};
 
 use super::keys::{KeyKind, Keys};
@@ -26,6 +25,7 @@ use super::model::{
     ClusterView, FailoverRequest, HistoryLine, LeaderKey, LeaderStatus, Member, MemberRecord,
     SyncState, Versioned,
 };
+use super::wake::WakeSignal;
 use super::{Dcs, DcsError, LeaseRenewal, Wakeup};
 
 /// Connection settings for [`EtcdDcs::connect`].
@@ -50,28 +50,6 @@ struct LeaseState {
     last_keepalive: Option<Instant>,
     /// Member value last written and the lease it was attached to.
     last_member: Option<(String, i64)>,
-}
-
-/// Wakes the HA loop; a leader change outranks any other change.
-#[derive(Debug, Default)]
-struct WakeSignal {
-    pending: Mutex<Option<Wakeup>>,
-    notify: Notify,
-}
-
-impl WakeSignal {
-    fn raise(&self, wakeup: Wakeup) {
-        if let Ok(mut pending) = self.pending.lock() {
-            if *pending != Some(Wakeup::LeaderChanged) {
-                *pending = Some(wakeup);
-            }
-        }
-        self.notify.notify_one();
-    }
-
-    fn take(&self) -> Option<Wakeup> {
-        self.pending.lock().ok().and_then(|mut p| p.take())
-    }
 }
 
 /// Logs reachability once per change of state instead of once per failed request.
@@ -654,16 +632,7 @@ impl Dcs for EtcdDcs {
     }
 
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
-        let deadline = tokio::time::Instant::now() + timeout;
-        loop {
-            if let Some(w) = self.wake.take() {
-                return w;
-            }
-            tokio::select! {
-                _ = self.wake.notify.notified() => {}
-                _ = tokio::time::sleep_until(deadline) => return Wakeup::Timeout,
-            }
-        }
+        self.wake.wait(tokio::time::Instant::now() + timeout).await
     }
 }
 

@@ -1,5 +1,5 @@
-//! The distributed configuration store (DCS): one trait, implemented over etcd v3 ([`etcd`]) and,
-//! later, the Kubernetes API.
+//! The distributed configuration store (DCS): one trait, implemented over etcd v3 ([`etcd`]) and
+//! the Kubernetes API ([`kubernetes`]).
 //!
 //! The trait follows Patroni's `AbstractDCS` operation list. Every method talks to the store; the
 //! caller (the HA loop) decides what a failure means. A failed read is never "no leader": it is
@@ -7,7 +7,9 @@
 
 pub mod etcd;
 pub mod keys;
+pub mod kubernetes;
 pub mod model;
+mod wake;
 
 use std::time::{Duration, Instant};
 

@@ -18,6 +18,14 @@ pub struct Etcd {
 impl Etcd {
     /// Starts etcd with its data in `dir/etcd` and waits until it answers.
     pub async fn start(dir: &Path) -> anyhow::Result<Etcd> {
+        Self::start_with(dir, |_| {}).await
+    }
+
+    /// [`Etcd::start`], with `prepare` applied to the command before it is spawned.
+    pub async fn start_with(
+        dir: &Path,
+        prepare: impl FnOnce(&mut Command),
+    ) -> anyhow::Result<Etcd> {
         let binary = std::env::var("PGWARDEN_ETCD_BIN").unwrap_or_else(|_| "etcd".to_owned());
         let client_port = free_port();
         let peer_port = free_port();
@@ -42,6 +50,7 @@ impl Etcd {
             .arg("zap")
             .arg("--log-level")
             .arg("warn");
+        prepare(&mut cmd);
         let process = ProcessGuard::spawn("etcd", cmd, &dir.join("etcd.log"))?;
         let etcd = Etcd {
             process,

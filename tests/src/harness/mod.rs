@@ -3,6 +3,8 @@
 //! test panics (and then the tail of every log is printed).
 
 pub mod etcd;
+pub mod kube;
+pub mod kubelet;
 pub mod ports;
 pub mod process;
 pub mod proxy;
@@ -290,6 +292,9 @@ pub struct Member {
     pub config: Value,
     pub process: Option<ProcessGuard>,
     pub superuser_password: String,
+    /// Extra environment of the agent process (Kubernetes mode: pod name, namespace,
+    /// kubeconfig).
+    pub env: Vec<(String, String)>,
 }
 
 impl Member {
@@ -364,6 +369,7 @@ tags: {{}}
             config,
             process: None,
             superuser_password: "su-secret".into(),
+            env: Vec::new(),
         }
     }
 
@@ -407,7 +413,8 @@ tags: {{}}
         };
         cmd.arg(self.config_path())
             .env("RUST_LOG", "info,pgwarden=debug,tokio_postgres=info")
-            .env_remove("PGWARDEN_BIN");
+            .env_remove("PGWARDEN_BIN")
+            .envs(self.env.iter().cloned());
         if let Some(who) = run_as {
             cmd.uid(who.uid)
                 .gid(who.gid)
