@@ -103,6 +103,34 @@ impl Cluster {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+
+    /// After a failed repetition: starts again any member whose agent is not running (a
+    /// failover that failed half-way leaves the killed member down) and waits for a whole
+    /// cluster, so one bad repetition costs one figure, not the run.
+    async fn recover(&mut self) -> anyhow::Result<()> {
+        for m in self.env.members.iter_mut() {
+            if !m.process.as_mut().is_some_and(|p| p.is_running()) {
+                eprintln!("bench: restarting {} after a failed repetition", m.name);
+                m.restart()?;
+            }
+        }
+        self.wait_healthy().await.map(|_| ())
+    }
+}
+
+/// Records a failed repetition and tries to bring the cluster back; false when that failed too,
+/// and the cluster takes no further part in the run.
+async fn missed(report: &mut Report, c: &mut Cluster, what: String, error: anyhow::Error) -> bool {
+    eprintln!("bench: {what} ({}) failed: {error:#}", label(c.kind));
+    report.miss(label(c.kind), &what, &error);
+    match c.recover().await {
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("bench: the {} cluster did not recover: {e:#}", label(c.kind));
+            report.miss(label(c.kind), "recovery; later repetitions skipped", &e);
+            false
+        }
+    }
 }
 
 async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Result<(Cluster, f64)> {
@@ -563,15 +591,21 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     // Switchovers and failovers, alternating between the agents.
     let mut plots_switch = Vec::new();
     let mut plots_fail = Vec::new();
+    let mut alive = vec![true; clusters.len()];
     for rep in 0..args.reps {
-        for c in clusters.iter_mut() {
-            eprintln!(
-                "bench: switchover {} of {} ({})",
-                rep + 1,
-                args.reps,
-                label(c.kind)
-            );
-            let s = switchover(c).await?;
+        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+            if !*alive {
+                continue;
+            }
+            let what = format!("switchover {} of {}", rep + 1, args.reps);
+            eprintln!("bench: {what} ({})", label(c.kind));
+            let s = match switchover(c).await {
+                Ok(s) => s,
+                Err(e) => {
+                    *alive = missed(&mut report, c, what, e).await;
+                    continue;
+                }
+            };
             for (name, value) in [
                 ("switchover write gap", s.gap),
                 ("switchover total", s.total),
@@ -594,14 +628,19 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
                 });
             }
         }
-        for c in clusters.iter_mut() {
-            eprintln!(
-                "bench: failover {} of {} ({})",
-                rep + 1,
-                args.reps,
-                label(c.kind)
-            );
-            let o = failover(c).await?;
+        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+            if !*alive {
+                continue;
+            }
+            let what = format!("failover {} of {}", rep + 1, args.reps);
+            eprintln!("bench: {what} ({})", label(c.kind));
+            let o = match failover(c).await {
+                Ok(o) => o,
+                Err(e) => {
+                    *alive = missed(&mut report, c, what, e).await;
+                    continue;
+                }
+            };
             let mut figures = vec![
                 ("unplanned failover (kill → first write)", "s", o.failover),
                 ("lost acknowledged writes (async)", "writes", o.lost as f64),
@@ -645,15 +684,21 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
                     .0,
             );
         }
+        let mut alive = vec![true; sync_clusters.len()];
         for rep in 0..args.reps {
-            for c in sync_clusters.iter_mut() {
-                eprintln!(
-                    "bench: synchronous failover {} of {} ({})",
-                    rep + 1,
-                    args.reps,
-                    label(c.kind)
-                );
-                let o = failover(c).await?;
+            for (c, alive) in sync_clusters.iter_mut().zip(alive.iter_mut()) {
+                if !*alive {
+                    continue;
+                }
+                let what = format!("synchronous failover {} of {}", rep + 1, args.reps);
+                eprintln!("bench: {what} ({})", label(c.kind));
+                let o = match failover(c).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        *alive = missed(&mut report, c, what, e).await;
+                        continue;
+                    }
+                };
                 for (name, unit, value) in [
                     ("sync mode: unplanned failover", "s", o.failover),
                     (
@@ -679,7 +724,14 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
                     "bench: scale, {n} single-member clusters of {} on one etcd",
                     label(kind)
                 );
-                let (cpu, rps) = scale(kind, n, Duration::from_secs(30)).await?;
+                let (cpu, rps) = match scale(kind, n, Duration::from_secs(30)).await {
+                    Ok(figures) => figures,
+                    Err(e) => {
+                        eprintln!("bench: scale {n} ({}) failed: {e:#}", label(kind));
+                        report.miss(label(kind), &format!("scale {n}"), &e);
+                        continue;
+                    }
+                };
                 for (name, unit, value) in [
                     (
                         format!("scale {n:>2} members: idle CPU per member"),

@@ -64,6 +64,17 @@ pub struct Report {
     pub machine: String,
     pub started: String,
     pub settings: String,
+    /// Repetitions that failed, per agent: reported beside the figures, never hidden and never
+    /// allowed to abort the whole run.
+    pub misses: Vec<Miss>,
+}
+
+/// One repetition that produced no figure.
+#[derive(Debug, Clone, Serialize)]
+pub struct Miss {
+    pub agent: String,
+    pub what: String,
+    pub error: String,
 }
 
 impl Report {
@@ -75,6 +86,14 @@ impl Report {
                 lower_is_better,
                 ..Default::default()
             })
+    }
+
+    pub fn miss(&mut self, agent: &str, what: &str, error: &anyhow::Error) {
+        self.misses.push(Miss {
+            agent: agent.to_owned(),
+            what: what.to_owned(),
+            error: format!("{error:#}"),
+        });
     }
 
     /// A Markdown table: median (min–max) per agent and the ratio.
@@ -99,6 +118,12 @@ impl Report {
                     .map(|r| format!("{r:.3}"))
                     .unwrap_or_else(|| "n/a".into())
             ));
+        }
+        if !self.misses.is_empty() {
+            out.push_str("\nFailed repetitions (not in the figures above):\n\n");
+            for m in &self.misses {
+                out.push_str(&format!("- {}: {}: {}\n", m.agent, m.what, m.error));
+            }
         }
         out
     }
