@@ -126,7 +126,10 @@ async fn missed(report: &mut Report, c: &mut Cluster, what: String, error: anyho
     match c.recover().await {
         Ok(()) => true,
         Err(e) => {
-            eprintln!("bench: the {} cluster did not recover: {e:#}", label(c.kind));
+            eprintln!(
+                "bench: the {} cluster did not recover: {e:#}",
+                label(c.kind)
+            );
             report.miss(label(c.kind), "recovery; later repetitions skipped", &e);
             false
         }
