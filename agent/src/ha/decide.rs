@@ -470,6 +470,13 @@ fn decide_as_lock_holder(
                 status,
                 me.maximum_lag_on_failover,
             ) {
+                // A switchover requested right after our promotion may be handled before any
+                // healthy cycle ran: record our timeline switch first, or `history` would
+                // lose who led it.
+                let mut decision = decision;
+                if history_outdated(view, status) {
+                    decision.actions.insert(0, Action::WriteHistory);
+                }
                 return decision;
             }
         }
@@ -485,12 +492,8 @@ fn decide_as_lock_holder(
             }
             actions.push(Action::ApplyConfig { upstream: None });
             actions.push(Action::SyncSlots);
-            // Patroni records history when its last line is not the previous timeline.
-            let recorded = view.history.last().map(|l| l.timeline);
-            if let Some(tl) = status.timeline.filter(|t| *t > 1) {
-                if recorded != Some(tl - 1) {
-                    actions.insert(1, Action::WriteHistory);
-                }
+            if history_outdated(view, status) {
+                actions.insert(1, Action::WriteHistory);
             }
             (Outcome::LeaderHealthy, actions)
         }
@@ -519,6 +522,15 @@ fn decide_as_lock_holder(
     };
     actions.extend(housekeeping);
     Decision::new(outcome, actions)
+}
+
+/// Patroni records history when its last line is not the timeline before ours.
+fn history_outdated(view: &ClusterView, status: &crate::state::PostgresStatus) -> bool {
+    let recorded = view.history.last().map(|l| l.timeline);
+    status
+        .timeline
+        .filter(|t| *t > 1)
+        .is_some_and(|tl| recorded != Some(tl - 1))
 }
 
 /// How far in the past a scheduled switchover counts as stale (Patroni: 1.5 × loop_wait; we
@@ -1506,5 +1518,44 @@ mod tests {
         );
         o.checkpoint_after_promote_pending = true;
         assert!(decide(&o, &me()).actions.contains(&Action::Checkpoint));
+    }
+    /// A switchover handled in the first cycle after our promotion still records our
+    /// timeline switch before demoting (else `history` loses who led timeline 2).
+    #[test]
+    fn a_switchover_right_after_promotion_records_history_first() {
+        let dcs = match view(Some("pg0"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.failover = Some(Versioned {
+                    value: crate::dcs::FailoverRequest {
+                        leader: Some("pg0".into()),
+                        member: Some("pg1".into()),
+                        scheduled_at: None,
+                    },
+                    revision: 3,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let mut o = obs(
+            dcs,
+            renewed(),
+            initialized(),
+            PostgresView::Running(PostgresStatus {
+                timeline: Some(2),
+                ..pg(false)
+            }),
+        );
+        o.peers = Some(vec![peer("pg1", 100, false)]);
+        let d = decide(&o, &me());
+        assert_eq!(
+            d.outcome,
+            Outcome::SwitchoverDemoting {
+                candidate: Some("pg1".into())
+            }
+        );
+        assert_eq!(d.actions.first(), Some(&Action::WriteHistory));
+        assert!(d.actions.contains(&Action::StopPostgres(StopMode::Fast)));
     }
 }
