@@ -721,7 +721,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     }
 
     if !args.quick {
-        for n in [1usize, 5, 15] {
+        for n in [1usize, 10, 50] {
             for kind in kinds {
                 eprintln!(
                     "bench: scale, {n} single-member clusters of {} on one etcd",

@@ -85,8 +85,11 @@ async fn a_frozen_apiserver_makes_the_leader_demote_before_its_lease_can_expire(
     let acks = writer.stop().await;
     assert_no_split_brain(&acks);
     let log = l.log_text();
+    // Either the HA loop saw its renewal fail, or (when the renewal is still hanging on the
+    // frozen server, as under load) the supervisor's fence fired first: both stop postgres.
     assert!(
-        log.contains("could not renew the leader lease"),
+        log.contains("could not renew the leader lease")
+            || log.contains("fencing: the leader lease could not be confirmed in time"),
         "the leader noticed it could not renew"
     );
 }
