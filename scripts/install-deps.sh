@@ -13,6 +13,8 @@ packages=(
   protobuf-compiler libprotobuf-dev    # the etcd-client crate compiles etcd's protobufs
   build-essential pkg-config ca-certificates curl iproute2 procps
   openssl                              # the Kubernetes test harness generates its service-account key
+  socat                                # TLS in front of the S3 test server (tests/src/harness/s3.rs)
+  python3-venv                         # a virtualenv for moto, the S3 test server (from PyPI)
 )
 
 missing=()
@@ -39,6 +41,16 @@ if [ ${#missing[@]} -gt 0 ]; then
   trap '[ "$had_policy" -eq 0 ] && as_root rm -f "$policy"' EXIT
   as_root env DEBIAN_FRONTEND=noninteractive apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
+
+# moto (PyPI), an S3-compatible server for the pgBackRest S3 tests, in a virtualenv of Debian's
+# Python outside the repository (tests/src/harness/s3.rs expects it there).
+moto_venv=/var/cache/pgwarden/moto-venv
+if [ ! -x "$moto_venv/bin/moto_server" ]; then
+  echo "install-deps: installing moto into $moto_venv"
+  as_root mkdir -p /var/cache/pgwarden
+  as_root /usr/bin/python3 -m venv "$moto_venv"
+  as_root "$moto_venv/bin/pip" install -q 'moto[server]>=5.1,<6'
 fi
 
 if ! command -v cargo >/dev/null 2>&1; then

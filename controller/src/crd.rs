@@ -541,7 +541,9 @@ pub struct Condition {
     /// `True`, `False` or `Unknown`.
     pub status: String,
     pub reason: String,
-    #[serde(default)]
+    /// Omitted when empty. (Also keeps `default: ""` out of the schema: kube-apiserver 1.20
+    /// refuses the CRD with "default: Invalid value: null: must be of type string".)
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub message: String,
     /// RFC 3339 time of the last change of `status`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -687,6 +689,19 @@ impl PostgresClusterSpec {
                     err(
                         format!("backups.pgbackrest.repos[{i}].name"),
                         format!("{:?} is listed twice", repo.name),
+                    );
+                } else if repo.name != format!("repo{}", i + 1) {
+                    // The agent numbers repositories by position (pgBackRest's repo<n>).
+                    err(
+                        format!("backups.pgbackrest.repos[{i}].name"),
+                        format!("must be repo{} (repositories are listed in order)", i + 1),
+                    );
+                }
+                let s = &repo.schedules;
+                if i > 0 && (s.full.is_some() || s.diff.is_some() || s.incr.is_some()) {
+                    err(
+                        format!("backups.pgbackrest.repos[{i}].schedules"),
+                        "only the first repository has schedules (backups go to repo1)".to_owned(),
                     );
                 }
             }

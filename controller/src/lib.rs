@@ -13,6 +13,7 @@
 //! - [`reconcile`]: the kube-runtime controller: apply, status, rollout, cleanup.
 //! - [`agent_api`]: calls to an agent's REST API (switchover).
 //! - [`leader`]: the controller's own Lease-based leader election.
+//! - [`sql`]: the roles and databases of `spec.users`/`spec.databases`, on the primary.
 
 pub mod agent_api;
 pub mod crd;
@@ -20,4 +21,5 @@ pub mod leader;
 pub mod reconcile;
 pub mod render;
 pub mod rollout;
+pub mod sql;
 pub mod status;

@@ -15,6 +15,9 @@ use tracing::{error, info};
 
 #[derive(Debug, Parser)]
 #[command(name = "pgwarden-controller", version, about)]
+// `pgwarden-controller --watch-namespace x` and `pgwarden-controller run --watch-namespace x`
+// both work; flags before a subcommand would be ambiguous.
+#[command(args_conflicts_with_subcommands = true)]
 struct Cli {
     #[command(subcommand)]
     command: Option<Command>,
@@ -27,7 +30,7 @@ enum Command {
     /// Print the PostgresCluster CustomResourceDefinition as YAML (what deploy/crd.yaml holds).
     Crd,
     /// Run the controller (the default).
-    Run,
+    Run(RunArgs),
 }
 
 #[derive(Debug, clap::Args)]
@@ -65,21 +68,24 @@ fn main() -> ExitCode {
                 ExitCode::from(1)
             }
         },
-        Some(Command::Run) | None => {
-            init_logging(cli.run.log_json);
-            let runtime = match tokio::runtime::Builder::new_multi_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("pgwarden-controller: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
-            };
-            runtime.block_on(run(cli.run))
-        }
+        Some(Command::Run(args)) => run_main(args),
+        None => run_main(cli.run),
     }
+}
+
+fn run_main(args: RunArgs) -> ExitCode {
+    init_logging(args.log_json);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgwarden-controller: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    runtime.block_on(run(args))
 }
 
 fn init_logging(json: bool) {
@@ -151,4 +157,26 @@ fn nix_hostname() -> Option<String> {
         .ok()
         .map(|h| h.trim().to_owned())
         .filter(|h| !h.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn run_flags_are_accepted_with_and_without_the_subcommand() {
+        for argv in [
+            &["pgwarden-controller", "run", "--watch-namespace", "db"][..],
+            &["pgwarden-controller", "--watch-namespace", "db"][..],
+        ] {
+            let cli = Cli::try_parse_from(argv).expect("parses");
+            let args = match cli.command {
+                Some(Command::Run(args)) => args,
+                None => cli.run,
+                Some(Command::Crd) => panic!("not crd"),
+            };
+            assert_eq!(args.watch_namespace.as_deref(), Some("db"), "{argv:?}");
+        }
+        assert!(Cli::try_parse_from(["pgwarden-controller", "crd"]).is_ok());
+    }
 }

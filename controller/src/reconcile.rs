@@ -58,6 +58,9 @@ pub enum Error {
     /// The primary published no `api_url`, so the switchover cannot be requested.
     #[error("member {0} published no REST API address")]
     NoApiUrl(String),
+    /// Creating `spec.users`/`spec.databases` on the primary failed.
+    #[error("creating users and databases on the primary failed")]
+    Sql(#[source] crate::sql::SqlError),
 }
 
 impl Error {
@@ -67,6 +70,7 @@ impl Error {
             Error::Kube { .. } => "kube",
             Error::Switchover { .. } => "switchover",
             Error::NoApiUrl(_) => "no_api_url",
+            Error::Sql(_) => "sql",
         }
     }
 }
@@ -81,13 +85,21 @@ pub struct Context {
     pub client: Client,
     /// Consecutive failures per cluster, for the exponential requeue.
     failures: Mutex<HashMap<ObjectRef<PostgresCluster>, u32>>,
+    /// Per cluster, the (generation, primary) for which users and databases were last
+    /// ensured: the agents change their Pods every few seconds, and each change wakes a
+    /// reconcile that need not connect to postgres again.
+    ensured: Mutex<HashMap<ObjectRef<PostgresCluster>, Ensured>>,
 }
+
+/// The `metadata.generation` and the primary that users and databases were ensured for.
+type Ensured = (Option<i64>, String);
 
 impl Context {
     pub fn new(client: Client) -> Arc<Context> {
         Arc::new(Context {
             client,
             failures: Mutex::new(HashMap::new()),
+            ensured: Mutex::new(HashMap::new()),
         })
     }
 
@@ -220,6 +232,9 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     };
     write_status(pg, &clusters, &observed, &spec_errors, rollout_note).await?;
     execute_step(pg, &client, &observed, &step).await?;
+    if spec_errors.is_empty() {
+        ensure_users_and_databases(pg, ctx, &observed).await?;
+    }
 
     Ok(match step {
         Step::UpToDate if observed.all_ready(pg.spec.instances.replicas) => {
@@ -480,23 +495,100 @@ async fn restapi_credentials(
     client: &Client,
     names: &Names,
 ) -> Result<Option<ApiCredentials>, Error> {
+    let username = secret_field(client, names, &names.restapi_secret(), "username").await?;
+    let password = secret_field(client, names, &names.restapi_secret(), "password").await?;
+    Ok(username
+        .zip(password)
+        .map(|(username, password)| ApiCredentials { username, password }))
+}
+
+/// One key of a Secret in the cluster's namespace; `None` when the Secret or key is missing.
+async fn secret_field(
+    client: &Client,
+    names: &Names,
+    secret: &str,
+    key: &str,
+) -> Result<Option<String>, Error> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), &names.namespace);
     let secret = secrets
-        .get_opt(&names.restapi_secret())
+        .get_opt(secret)
         .await
-        .map_err(kube_err("reading the REST API secret"))?;
-    let field = |s: &Secret, key: &str| {
+        .map_err(kube_err(format!("reading the secret {secret}")))?;
+    Ok(secret.and_then(|s| {
         s.data
             .as_ref()
             .and_then(|d| d.get(key))
             .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-    };
-    Ok(secret.and_then(|s| {
-        Some(ApiCredentials {
-            username: field(&s, "username")?,
-            password: field(&s, "password")?,
-        })
     }))
+}
+
+/// `spec.users` and `spec.databases` on the running primary, once per generation and primary.
+/// Not for a standby cluster: its leader is read-only, the roles come from the source.
+async fn ensure_users_and_databases(
+    pg: &PostgresCluster,
+    ctx: &Context,
+    observed: &Observed,
+) -> Result<(), Error> {
+    let spec = &pg.spec;
+    if (spec.users.is_empty() && spec.databases.is_empty()) || spec.standby.is_some() {
+        return Ok(());
+    }
+    let Some(primary) = observed.lease_holder.as_deref() else {
+        return Ok(());
+    };
+    let Some(member) = observed
+        .pods
+        .iter()
+        .find(|p| p.name == primary && p.ready)
+        .and_then(|p| p.member.as_ref())
+        .filter(|m| m.state == "running" && m.is_primary_role())
+    else {
+        return Ok(());
+    };
+    let Some(conn_url) = member.conn_url.clone() else {
+        return Ok(());
+    };
+    let key = ObjectRef::from_obj(pg);
+    let done = (pg.meta().generation, primary.to_owned());
+    let already = ctx
+        .ensured
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        == Some(&done);
+    if already {
+        return Ok(());
+    }
+    let names = Names::of(pg);
+    let client = &ctx.client;
+    let Some(superuser) =
+        secret_field(client, &names, &names.superuser_secret(), "password").await?
+    else {
+        return Ok(());
+    };
+    let mut users = Vec::new();
+    for user in &spec.users {
+        let Some(password) =
+            secret_field(client, &names, &names.user_secret(&user.name), "password").await?
+        else {
+            return Ok(());
+        };
+        users.push(crate::sql::NewUser {
+            spec: user,
+            password,
+        });
+    }
+    let created = crate::sql::ensure(&conn_url, &superuser, &users, &spec.databases)
+        .await
+        .map_err(Error::Sql)?;
+    if !created.is_empty() {
+        info!(cluster = %names.cluster, primary = %primary, created = %created.join(", "), "created in PostgreSQL");
+    }
+    ctx.ensured
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, done);
+    Ok(())
 }
 
 /// Adds the PVC finalizer while `pvcRetention: Delete`, removes it otherwise.

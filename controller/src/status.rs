@@ -26,6 +26,9 @@ pub struct MemberRecord {
     pub pending_restart: bool,
     #[serde(default)]
     pub api_url: Option<String>,
+    /// `postgres://host:port/postgres` of the member's postgres.
+    #[serde(default)]
+    pub conn_url: Option<String>,
     #[serde(default)]
     pub replication_state: Option<String>,
 }

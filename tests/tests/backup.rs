@@ -2,12 +2,14 @@
 //! directory: archiving and `check` on a fresh cluster, scheduled backups only on the leader
 //! and only once per fire across a failover, no WAL gap after a failover, replicas restored
 //! from the repository, point-in-time bootstrap of a new cluster, and a broken repository that
-//! is reported without touching postgres.
+//! is reported without touching postgres; an S3 repository (moto, see the harness) for
+//! archiving, backups and replica restores.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use pgwarden_tests::harness::s3::S3Server;
 use pgwarden_tests::harness::{wait_until, ClusterOptions, Member, TestEnv};
 use serde_json::Value;
 
@@ -467,4 +469,94 @@ fn invalid_pgbackrest_settings_are_refused_with_the_field_and_exit_code_2() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("pgbackrest.repos[0].path"), "{stderr}");
     assert!(stderr.contains("pgbackrest.schedule.full"), "{stderr}");
+}
+
+/// An S3 repository (moto behind TLS, see the harness): the stanza is created in the bucket,
+/// WAL is archived there, an on-demand backup lands there, and a new replica is restored from
+/// it rather than cloned from the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_s3_repository_archives_backs_up_and_restores_a_replica() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "s3".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let s3 = S3Server::start(&env.shared_dir("s3"))
+        .await
+        .expect("the S3 test server starts");
+    s3.create_bucket("pgwarden").await.expect("bucket");
+    let pgbackrest = yaml(&format!(
+        "stanza: main\nrepos:\n  - type: s3\n    path: /cluster\n    retention_full: 2\n    \
+         s3_bucket: pgwarden\n    s3_endpoint: '127.0.0.1:{}'\n    s3_region: us-east-1\n    \
+         s3_key: test-key\n    s3_key_secret: test-secret\n    s3_uri_style: path\n    \
+         s3_verify_tls: false\ncompress_type: lz4\nprocess_max: 1\ntimeout: 300\n\
+         options:\n  archive-timeout: 30\n",
+        s3.tls_port
+    ));
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        env.members[i].set("pgbackrest", pgbackrest.clone());
+        env.members[i].set(
+            "postgresql.create_replica_methods",
+            yaml("[pgbackrest, basebackup]"),
+        );
+    }
+    env.start_member(0).expect("start");
+    let leader = env.wait_for_leader(T).await;
+    let m = member(&env, &leader);
+    wait_until("the stanza check passed against S3", T, || async {
+        report(m).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    let file = m
+        .sql("SELECT pg_walfile_name(pg_switch_wal())")
+        .await
+        .expect("switch WAL")[0]
+        .clone();
+    wait_until(&format!("{file} is in the bucket"), T, || async {
+        s3.list("pgwarden", "cluster/archive/main/")
+            .await
+            .iter()
+            .any(|k| k.contains(&file))
+    })
+    .await;
+    wait_until("an on-demand backup is accepted", T, || async {
+        m.api_request("POST", "/backup", Some("{\"type\": \"full\"}"))
+            .await
+            .is_some_and(|(code, _)| code == 202)
+    })
+    .await;
+    wait_until("the backup succeeded", T, || async {
+        report(m).await["last"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    let keys = s3.list("pgwarden", "cluster/backup/main/").await;
+    assert!(
+        keys.iter().any(|k| k.ends_with("backup.manifest")),
+        "no backup manifest in the bucket: {keys:?}"
+    );
+    let info = m.api_get("/backups").await.expect("/backups answers");
+    assert_eq!(info.0, 200, "{}", info.1);
+    let info: Value = serde_json::from_str(&info.1).expect("JSON");
+    assert_eq!(
+        info[0]["backup"].as_array().map(Vec::len),
+        Some(1),
+        "{info}"
+    );
+
+    // A new member is restored from the bucket, not cloned from the primary.
+    env.start_member(1).expect("start pg1");
+    let replica = member(&env, "pg1");
+    wait_until("pg1 streams", T, || async {
+        replica.is_streaming_replica().await
+    })
+    .await;
+    let log = replica.log_text();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("replica created") && l.contains("pgbackrest")),
+        "pg1 was not restored by pgbackrest:\n{}",
+        replica.log_tail(60)
+    );
 }

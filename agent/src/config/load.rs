@@ -237,6 +237,19 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
         }
     }
     apply_kubernetes_env(config, env)?;
+    // S3 credentials of a repository from a Secret (the controller's StatefulSet), so they
+    // need not be in the configuration file: PGWARDEN_PGBACKREST_REPO<n>_S3_KEY[_SECRET].
+    if let Some(backrest) = &mut config.pgbackrest {
+        for (i, repo) in backrest.repos.iter_mut().enumerate() {
+            let n = i + 1;
+            if let Some(v) = get(&format!("PGBACKREST_REPO{n}_S3_KEY")) {
+                repo.s3_key = Some(v);
+            }
+            if let Some(v) = get(&format!("PGBACKREST_REPO{n}_S3_KEY_SECRET")) {
+                repo.s3_key_secret = Some(v);
+            }
+        }
+    }
     if let Some(v) = get("POSTGRESQL_LISTEN") {
         config.postgresql.listen = v;
     }

@@ -108,26 +108,69 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
         },
         "log": {"type": "json", "level": "INFO"},
     });
-    if let Some(stanza) = stanza(names, spec) {
-        let params = &mut config["postgresql"]["parameters"];
-        params["archive_mode"] = json!("on");
-        params["archive_command"] = json!(format!("pgbackrest --stanza={stanza} archive-push %p"));
-        config["postgresql"]["recovery_conf"] = json!({"restore_command": format!("pgbackrest --stanza={stanza} archive-get %f \"%p\"")});
+    if let Some(backups) = &spec.backups {
+        // The agent runs pgBackRest itself (`docs/backup.md`): it writes pgbackrest.conf, sets
+        // archive_command/restore_command, creates the stanza and runs the scheduled backups
+        // on the leader. S3 keys are not in the file: the agent reads them from
+        // `PGWARDEN_PGBACKREST_REPO<n>_S3_KEY`/`_S3_KEY_SECRET`, which the StatefulSet sets
+        // from the Secret.
+        let repos: Vec<Value> = backups
+            .pgbackrest
+            .repos
+            .iter()
+            .map(|repo| {
+                let mut r = json!({"path": repo.path});
+                if let Some(s3) = &repo.s3 {
+                    r["type"] = json!("s3");
+                    r["s3_bucket"] = json!(s3.bucket);
+                    r["s3_endpoint"] = json!(s3.endpoint);
+                    r["s3_region"] = json!(s3.region);
+                } else {
+                    r["type"] = json!("posix");
+                }
+                if let Some(full) = repo.retention_full {
+                    r["retention_full"] = json!(full);
+                }
+                if let Some(diff) = repo.retention_diff {
+                    r["retention_diff"] = json!(diff);
+                }
+                r
+            })
+            .collect();
+        // One schedule per cluster in the agent; `validate` refuses schedules on other
+        // repositories than the first.
+        let schedules = backups
+            .pgbackrest
+            .repos
+            .first()
+            .map(|r| r.schedules.clone())
+            .unwrap_or_default();
+        let mut schedule = Map::new();
+        for (kind, cron) in [
+            ("full", &schedules.full),
+            ("diff", &schedules.diff),
+            ("incr", &schedules.incr),
+        ] {
+            if let Some(c) = cron {
+                schedule.insert(kind.to_owned(), json!(c));
+            }
+        }
+        config["pgbackrest"] = json!({
+            "stanza": stanza(names, spec).unwrap_or_else(|| names.cluster.clone()),
+            "repos": repos,
+            "schedule": schedule,
+        });
+        // New replicas restore from the repository when it has a backup, else stream one.
+        config["postgresql"]["create_replica_methods"] = json!(["pgbackrest", "basebackup"]);
         if let Some(restore) = &spec.restore {
-            // Patroni's custom bootstrap method: the first member restores instead of initdb.
-            let repo = restore.repo.trim_start_matches("repo");
-            let mut command = format!("pgbackrest --stanza={stanza} --repo={repo} restore --delta");
+            // Patroni's custom-bootstrap shape; the agent runs the restore itself.
+            let mut recovery_conf = Map::new();
             if let Some(t) = &restore.target_time {
-                command.push_str(&format!(
-                    " --type=time --target=\"{t}\" --target-action=promote"
-                ));
+                recovery_conf.insert("recovery_target_time".to_owned(), json!(t));
+                recovery_conf.insert("recovery_target_action".to_owned(), json!("promote"));
             }
             config["bootstrap"]["method"] = json!("pgbackrest");
-            config["bootstrap"]["pgbackrest"] = json!({
-                "command": command,
-                "keep_existing_recovery_conf": true,
-                "no_params": true,
-            });
+            config["bootstrap"]["pgbackrest"] = json!({"recovery_conf": recovery_conf});
         }
     }
     config
@@ -154,34 +197,4 @@ pub fn stanza(names: &Names, spec: &PostgresClusterSpec) -> Option<String> {
             .clone()
             .unwrap_or_else(|| names.cluster.clone()),
     )
-}
-
-/// `pgbackrest.conf` for the members (mounted beside the agent's file), in pgBackRest's INI
-/// format: one `[global]` section with the repositories and retention, one stanza section with
-/// the data directory. S3 credentials are not in the file: pgBackRest reads
-/// `PGBACKREST_REPO<n>_S3_KEY`/`_KEY_SECRET` from the environment the StatefulSet sets.
-pub fn pgbackrest_conf(names: &Names, spec: &PostgresClusterSpec) -> Option<String> {
-    let backups = spec.backups.as_ref()?;
-    let stanza = stanza(names, spec)?;
-    let mut out = String::from("[global]\nlog-level-console=info\nstart-fast=y\n");
-    for repo in &backups.pgbackrest.repos {
-        let n = repo.name.trim_start_matches("repo");
-        out.push_str(&format!("repo{n}-path={}\n", repo.path));
-        if let Some(s3) = &repo.s3 {
-            out.push_str(&format!(
-                "repo{n}-type=s3\nrepo{n}-s3-bucket={}\nrepo{n}-s3-endpoint={}\nrepo{n}-s3-region={}\n",
-                s3.bucket, s3.endpoint, s3.region
-            ));
-        }
-        if let Some(full) = repo.retention_full {
-            out.push_str(&format!("repo{n}-retention-full={full}\n"));
-        }
-        if let Some(diff) = repo.retention_diff {
-            out.push_str(&format!("repo{n}-retention-diff={diff}\n"));
-        }
-    }
-    out.push_str(&format!(
-        "\n[{stanza}]\npg1-path={DATA_DIR}\npg1-socket-path=/var/run/postgresql\n"
-    ));
-    Some(out)
 }

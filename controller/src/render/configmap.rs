@@ -1,5 +1,5 @@
-//! The ConfigMap the Pods mount at `/etc/pgwarden`: the agent's YAML, and `pgbackrest.conf`
-//! when backups are configured.
+//! The ConfigMap the Pods mount at `/etc/pgwarden`: one agent YAML per member (the agent writes
+//! `pgbackrest.conf` itself from its `pgbackrest` section).
 
 use std::collections::BTreeMap;
 
@@ -18,9 +18,6 @@ pub fn configmap(pg: &PostgresCluster) -> ConfigMap {
             agent_config::render(&names, &pg.spec, ordinal),
         );
     }
-    if let Some(conf) = agent_config::pgbackrest_conf(&names, &pg.spec) {
-        data.insert("pgbackrest.conf".to_owned(), conf);
-    }
     ConfigMap {
         metadata: child_meta(pg, names.agent_configmap()),
         data: Some(data),
@@ -36,7 +33,8 @@ pub fn config_hash(pg: &PostgresCluster) -> String {
     let mut all = serde_json::to_string(&agent_config::value(&names, &pg.spec)).unwrap_or_default();
     all.push('\0');
     all.push_str(&serde_json::to_string(&pg.spec.instances.failover_priority).unwrap_or_default());
+    // Where a pgbackrest.conf used to be hashed: kept, so the hash of clusters without backups
+    // (and so their Pod template) does not change with this controller version.
     all.push('\0');
-    all.push_str(&agent_config::pgbackrest_conf(&names, &pg.spec).unwrap_or_default());
     agent_config::content_hash(&all)
 }

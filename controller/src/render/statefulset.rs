@@ -18,7 +18,7 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
-use super::agent_config::{self, CONFIG_DIR, DATA_MOUNT};
+use super::agent_config::{CONFIG_DIR, DATA_MOUNT};
 use super::{
     child_meta, labels, selector_labels, Names, API_PORT, CONFIG_HASH_ANNOTATION, POSTGRES_PORT,
 };
@@ -160,25 +160,26 @@ fn agent_container(pg: &PostgresCluster) -> Container {
             "password",
         ),
     ];
-    if agent_config::stanza(&names, spec).is_some() {
-        env.push(plain_env(
-            "PGBACKREST_CONFIG",
-            &format!("{CONFIG_DIR}/pgbackrest.conf"),
-        ));
-        for repo in spec.backups.iter().flat_map(|b| b.pgbackrest.repos.iter()) {
-            if let Some(s3) = &repo.s3 {
-                let n = repo.name.trim_start_matches("repo");
-                env.push(secret_env(
-                    &format!("PGBACKREST_REPO{n}_S3_KEY"),
-                    &s3.credentials_secret,
-                    "key",
-                ));
-                env.push(secret_env(
-                    &format!("PGBACKREST_REPO{n}_S3_KEY_SECRET"),
-                    &s3.credentials_secret,
-                    "keySecret",
-                ));
-            }
+    // The agent's `pgbackrest.repos[n-1].s3_key`/`s3_key_secret` (`docs/backup.md`), kept out
+    // of the ConfigMap.
+    for (i, repo) in spec
+        .backups
+        .iter()
+        .flat_map(|b| b.pgbackrest.repos.iter())
+        .enumerate()
+    {
+        if let Some(s3) = &repo.s3 {
+            let n = i + 1;
+            env.push(secret_env(
+                &format!("PGWARDEN_PGBACKREST_REPO{n}_S3_KEY"),
+                &s3.credentials_secret,
+                "key",
+            ));
+            env.push(secret_env(
+                &format!("PGWARDEN_PGBACKREST_REPO{n}_S3_KEY_SECRET"),
+                &s3.credentials_secret,
+                "keySecret",
+            ));
         }
     }
     Container {

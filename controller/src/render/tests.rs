@@ -335,10 +335,16 @@ fn agent_config_is_patroni_yaml_in_kubernetes_mode() {
     let params = &v["postgresql"]["parameters"];
     assert_eq!(params["max_connections"], 300);
     assert_eq!(params["shared_buffers"], "2GB");
-    assert_eq!(
-        params["archive_command"],
-        "pgbackrest --stanza=orders archive-push %p"
-    );
+    // The agent owns archiving and the schedules (`docs/backup.md`); keys come from the env.
+    assert!(params.get("archive_command").is_none());
+    let backrest = &v["pgbackrest"];
+    assert_eq!(backrest["stanza"], "orders");
+    assert_eq!(backrest["repos"][0]["type"], "s3");
+    assert_eq!(backrest["repos"][0]["s3_bucket"], "backups");
+    assert_eq!(backrest["repos"][0]["retention_full"], 4);
+    assert!(backrest["repos"][0].get("s3_key").is_none());
+    assert_eq!(backrest["schedule"]["full"], "0 1 * * 0");
+    assert_eq!(backrest["schedule"]["diff"], "0 1 * * 1-6");
     assert_eq!(v["postgresql"]["bin_dir"], "/usr/lib/postgresql/15/bin");
     assert_eq!(
         v["postgresql"]["authentication"]["superuser"]["username"],
@@ -375,21 +381,16 @@ fn standby_and_restore_render_patroni_sections() {
 
     let pg = cluster(
         "r",
-        "instances: {replicas: 1, storage: {size: 1Gi}}\nbackups: {pgbackrest: {repos: [{name: repo2, path: /b}]}}\nrestore: {repo: repo2, targetTime: '2026-01-01 00:00:00+00'}",
+        "instances: {replicas: 1, storage: {size: 1Gi}}\nbackups: {pgbackrest: {repos: [{name: repo1, path: /b}]}}\nrestore: {repo: repo1, targetTime: '2026-01-01 00:00:00+00'}",
     );
     let v = agent_config::value(&Names::of(&pg), &pg.spec);
     assert_eq!(v["bootstrap"]["method"], "pgbackrest");
-    let cmd = v["bootstrap"]["pgbackrest"]["command"]
-        .as_str()
-        .expect("command");
-    assert!(cmd.contains("--repo=2 restore"), "{cmd}");
-    assert!(cmd.contains("--type=time"), "{cmd}");
-    let conf = agent_config::pgbackrest_conf(&Names::of(&pg), &pg.spec).expect("conf");
-    assert!(conf.contains("repo2-path=/b\n"), "{conf}");
-    assert!(
-        conf.contains("[r]\npg1-path=/var/lib/postgresql/data/pgdata\n"),
-        "{conf}"
-    );
+    let recovery = &v["bootstrap"]["pgbackrest"]["recovery_conf"];
+    assert_eq!(recovery["recovery_target_time"], "2026-01-01 00:00:00+00");
+    assert_eq!(recovery["recovery_target_action"], "promote");
+    assert!(v["bootstrap"]["pgbackrest"].get("command").is_none());
+    assert_eq!(v["pgbackrest"]["repos"][0]["path"], "/b");
+    assert_eq!(v["pgbackrest"]["stanza"], "r");
 }
 
 #[test]

@@ -59,6 +59,10 @@ pub const ADMIN_TOKEN: &str = "pgwarden-test-admin-token";
 /// [`KubeAccess::bind_agent_role`] authorizes.
 pub const AGENT_TOKEN: &str = "pgwarden-test-agent-token";
 pub const AGENT_USER: &str = "pgwarden-agent";
+/// Bearer token of [`CONTROLLER_USER`], which only the ClusterRole of `deploy/controller.yaml`
+/// authorizes (bound per namespace by `operator::bind_controller_role`).
+pub const CONTROLLER_TOKEN: &str = "pgwarden-test-controller-token";
+pub const CONTROLLER_USER: &str = "pgwarden-controller";
 /// The Node that test Pods are bound to (a Node object only: nothing runs it, and the node
 /// lifecycle and pod GC controllers are not started, so it is never marked unreachable).
 pub const TEST_NODE: &str = "pgwarden-test-node";
@@ -203,7 +207,7 @@ impl KubeCluster {
         std::fs::write(
             dir.join("tokens.csv"),
             format!(
-                "{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n{AGENT_TOKEN},{AGENT_USER},agent-uid\n"
+                "{ADMIN_TOKEN},admin,admin-uid,\"system:masters\"\n{AGENT_TOKEN},{AGENT_USER},agent-uid\n{CONTROLLER_TOKEN},{CONTROLLER_USER},controller-uid\n"
             ),
         )?;
         let cert_dir = dir.join("certs");

@@ -5,9 +5,11 @@
 pub mod etcd;
 pub mod kube;
 pub mod kubelet;
+pub mod operator;
 pub mod ports;
 pub mod process;
 pub mod proxy;
+pub mod s3;
 pub mod writer;
 
 use std::future::Future;

@@ -1,0 +1,910 @@
+//! The controller against a real kube-apiserver v1.20 and kube-controller-manager (shared by
+//! the tests of this file, one namespace each): the CRD from `deploy/crd.yaml`, the controller as
+//! a `pgwarden-controller` process authorized by exactly the ClusterRole of
+//! `deploy/controller.yaml`, clusters applied as `kubectl apply --server-side` would, the
+//! StatefulSet controller creating the Pods, and the harness playing the kubelet
+//! (`harness::operator::PodKubelet`: one real agent per Pod, from the Pod's own spec).
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Endpoints, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
+};
+use k8s_openapi::api::policy::v1beta1::PodDisruptionBudget;
+use k8s_openapi::api::rbac::v1::{Role, RoleBinding};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
+use kube::api::{Api, ApiResource, DeleteParams, PostParams};
+use kube::{Resource, ResourceExt};
+use pgwarden_controller::crd::PostgresCluster;
+use pgwarden_tests::harness::kube::{KubeAccess, KubeCluster};
+use pgwarden_tests::harness::operator::{
+    apply_manifest, bind_controller_role, install_crd, yaml_documents, ControllerProcess,
+    EventKind, PodKubelet,
+};
+use pgwarden_tests::harness::wait_until;
+use serde_json::{json, Value};
+
+const T: Duration = Duration::from_secs(120);
+
+struct Setup {
+    access: KubeAccess,
+    ns: String,
+    admin: kube::Client,
+    dir: tempfile::TempDir,
+}
+
+async fn setup(prefix: &str) -> Setup {
+    let access = KubeCluster::shared();
+    install_crd(&access).await.expect("install the CRD");
+    let ns = access.create_namespace(prefix).await.expect("namespace");
+    bind_controller_role(&access, &ns)
+        .await
+        .expect("bind the controller's ClusterRole");
+    let admin = access.admin_client().await.expect("admin client");
+    let dir = tempfile::Builder::new()
+        .prefix("pgw-ctl")
+        .tempdir()
+        .expect("tempdir");
+    Setup {
+        access,
+        ns,
+        admin,
+        dir,
+    }
+}
+
+impl Setup {
+    fn controller(&self, identity: &str) -> ControllerProcess {
+        ControllerProcess::start(&self.access, &self.ns, self.dir.path(), identity)
+            .expect("start pgwarden-controller")
+    }
+
+    fn clusters(&self) -> Api<PostgresCluster> {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    fn api<K>(&self) -> Api<K>
+    where
+        K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
+            + Clone
+            + serde::de::DeserializeOwned
+            + std::fmt::Debug,
+    {
+        Api::namespaced(self.admin.clone(), &self.ns)
+    }
+
+    async fn apply(&self, manifest: &Value) -> Result<(), kube::Error> {
+        apply_manifest(&self.admin, &self.ns, &pgc_resource(), manifest)
+            .await
+            .map(|_| ())
+    }
+
+    async fn cluster(&self, name: &str) -> PostgresCluster {
+        self.clusters().get(name).await.expect("read the cluster")
+    }
+}
+
+fn pgc_resource() -> ApiResource {
+    ApiResource::erase::<PostgresCluster>(&())
+}
+
+/// `deploy/examples/minimal.yaml` as JSON, renamed and edited.
+fn example(name: &str, edit: impl FnOnce(&mut Value)) -> Value {
+    let doc = yaml_documents("deploy/examples/minimal.yaml")
+        .expect("read the example")
+        .into_iter()
+        .next()
+        .expect("one document");
+    let mut v: Value = serde_json::to_value(doc).expect("YAML as JSON");
+    v["metadata"]["name"] = json!(name);
+    edit(&mut v);
+    v
+}
+
+fn condition<'a>(
+    pg: &'a PostgresCluster,
+    kind: &str,
+) -> Option<&'a pgwarden_controller::crd::Condition> {
+    pg.status
+        .as_ref()?
+        .conditions
+        .iter()
+        .find(|c| c.kind == kind)
+}
+
+fn owned_by(refs: &[OwnerReference], pg: &PostgresCluster) -> bool {
+    refs.iter().any(|r| {
+        r.kind == "PostgresCluster"
+            && r.api_version == "pgwarden.io/v1alpha1"
+            && Some(&r.uid) == pg.uid().as_ref()
+            && r.controller == Some(true)
+    })
+}
+
+async fn exists<K>(api: &Api<K>, name: &str) -> bool
+where
+    K: Resource + Clone + serde::de::DeserializeOwned + std::fmt::Debug,
+{
+    matches!(api.get_opt(name).await, Ok(Some(_)))
+}
+
+async fn secret_password(s: &Setup, name: &str) -> Option<String> {
+    let secret = s.api::<Secret>().get_opt(name).await.ok().flatten()?;
+    let data = secret.data?;
+    Some(String::from_utf8_lossy(&data.get("password")?.0).into_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_clusters_are_refused_by_the_schema_or_reported_and_the_controller_keeps_working()
+{
+    let s = setup("pgc-bad").await;
+    let mut ctl = s.controller("ctl-bad");
+
+    // The API server's validation, from the schema generated out of the Rust types.
+    let cases: Vec<(&str, Value, &str)> = vec![
+        (
+            "a storage size that is no quantity",
+            example("bad-size", |v| {
+                v["spec"]["instances"]["storage"]["size"] = json!("ten gigs")
+            }),
+            "spec.instances.storage.size",
+        ),
+        (
+            "negative replicas",
+            example("bad-replicas", |v| {
+                v["spec"]["instances"]["replicas"] = json!(-1)
+            }),
+            "spec.instances.replicas",
+        ),
+        (
+            "a list as a parameter value",
+            example("bad-param", |v| {
+                v["spec"]["postgresql"] = json!({"parameters": {"shared_buffers": [1, 2]}})
+            }),
+            "spec.postgresql.parameters.shared_buffers",
+        ),
+        (
+            "a boolean as a parameter value",
+            example("bad-bool", |v| {
+                v["spec"]["postgresql"] = json!({"parameters": {"fsync": true}})
+            }),
+            "spec.postgresql.parameters.fsync",
+        ),
+        (
+            "a ttl below the minimum",
+            example("bad-ttl", |v| v["spec"]["ha"] = json!({"ttl": 1})),
+            "spec.ha.ttl",
+        ),
+    ];
+    for (what, manifest, field) in &cases {
+        match s.apply(manifest).await {
+            Err(kube::Error::Api(e)) => {
+                assert_eq!(e.code, 422, "{what}: {e:?}");
+                assert!(e.message.contains(field), "{what}: {}", e.message);
+            }
+            other => panic!("{what} must be refused by the schema, got {other:?}"),
+        }
+    }
+
+    // Valid for the schema, not for the controller: reported, nothing created.
+    let invalid = example("odd", |v| {
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 5, "retryTimeout": 5});
+        v["spec"]["postgresql"] = json!({"parameters": {"port": 5433, "work_mem": "8MB"}});
+    });
+    s.apply(&invalid).await.expect("the schema accepts it");
+    wait_until("the invalid spec is reported", T, || async {
+        let pg = s.cluster("odd").await;
+        condition(&pg, "Degraded").is_some_and(|c| {
+            c.status == "True"
+                && c.reason == "InvalidSpec"
+                && c.message.contains("spec.ha")
+                && c.message.contains("spec.postgresql.parameters.port")
+        }) && condition(&pg, "Ready").is_some_and(|c| c.reason == "InvalidSpec")
+    })
+    .await;
+    assert!(
+        !exists(&s.api::<StatefulSet>(), "odd").await,
+        "nothing is created from an invalid spec"
+    );
+    assert!(!exists(&s.api::<ConfigMap>(), "odd-agent").await);
+    assert!(ctl.process.is_running(), "the controller survives");
+
+    // Fixed, the same cluster is reconciled.
+    let fixed = example("odd", |v| {
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+    });
+    s.apply(&fixed).await.expect("apply the fixed spec");
+    wait_until("the fixed cluster gets its StatefulSet", T, || async {
+        exists(&s.api::<StatefulSet>(), "odd").await
+    })
+    .await;
+    wait_until("the condition clears", T, || async {
+        let pg = s.cluster("odd").await;
+        let generation = pg.metadata.generation;
+        pg.status.as_ref().and_then(|st| st.observed_generation) == generation
+            && condition(&pg, "Degraded").is_some_and(|c| c.reason != "InvalidSpec")
+    })
+    .await;
+    assert!(ctl.process.is_running(), "the controller survives");
+    assert_eq!(ctl.stop().map(|st| st.success()), Some(true), "clean stop");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconcile_creates_owned_objects_updates_them_keeps_secrets_and_deletion_keeps_the_pvcs() {
+    let s = setup("pgc-objects").await;
+    // A Secret that exists before the cluster: used as is, never overwritten or adopted.
+    let kept: Secret = serde_json::from_value(json!({
+        "metadata": {"name": "minimal-superuser"},
+        "type": "kubernetes.io/basic-auth",
+        "stringData": {"username": "postgres", "password": "kept-password"},
+    }))
+    .expect("secret");
+    s.api::<Secret>()
+        .create(&PostParams::default(), &kept)
+        .await
+        .expect("create the existing secret");
+    let _ctl = s.controller("ctl-objects");
+
+    s.apply(&example("minimal", |_| {}))
+        .await
+        .expect("kubectl apply of the minimal example");
+    wait_until("the StatefulSet and its PDB exist", T, || async {
+        exists(&s.api::<StatefulSet>(), "minimal").await
+            && exists(&s.api::<PodDisruptionBudget>(), "minimal").await
+    })
+    .await;
+    let pg = s.cluster("minimal").await;
+
+    // Every child carries an owner reference to the cluster.
+    let mut owners: Vec<(String, Vec<OwnerReference>)> = Vec::new();
+    let meta = |kind: &str, m: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta| {
+        (
+            format!("{kind} {}", m.name.clone().unwrap_or_default()),
+            m.owner_references.clone().unwrap_or_default(),
+        )
+    };
+    let sts = s.api::<StatefulSet>().get("minimal").await.expect("sts");
+    owners.push(meta("StatefulSet", &sts.metadata));
+    for name in ["minimal-pods", "minimal-primary", "minimal-replicas"] {
+        let svc = s.api::<Service>().get(name).await.expect(name);
+        owners.push(meta("Service", &svc.metadata));
+    }
+    let cm = s.api::<ConfigMap>().get("minimal-agent").await.expect("cm");
+    owners.push(meta("ConfigMap", &cm.metadata));
+    for name in ["minimal-replication", "minimal-restapi"] {
+        let secret = s.api::<Secret>().get(name).await.expect(name);
+        owners.push(meta("Secret", &secret.metadata));
+    }
+    let sa = s
+        .api::<ServiceAccount>()
+        .get("minimal-agent")
+        .await
+        .expect("sa");
+    owners.push(meta("ServiceAccount", &sa.metadata));
+    let role = s.api::<Role>().get("minimal-agent").await.expect("role");
+    owners.push(meta("Role", &role.metadata));
+    let rb = s
+        .api::<RoleBinding>()
+        .get("minimal-agent")
+        .await
+        .expect("rb");
+    owners.push(meta("RoleBinding", &rb.metadata));
+    let pdb = s
+        .api::<PodDisruptionBudget>()
+        .get("minimal")
+        .await
+        .expect("pdb");
+    owners.push(meta("PodDisruptionBudget", &pdb.metadata));
+    for (what, refs) in &owners {
+        assert!(
+            owned_by(refs, &pg),
+            "{what} is owned by the cluster: {refs:?}"
+        );
+    }
+
+    // The agents' Role is exactly deploy/agent-rbac.yaml's.
+    let deployed = yaml_documents("deploy/agent-rbac.yaml")
+        .expect("agent rbac")
+        .into_iter()
+        .find(|d| d.get("kind").and_then(|k| k.as_str()) == Some("Role"))
+        .expect("a Role");
+    let deployed: Role = serde_yaml::from_value(deployed).expect("role");
+    assert_eq!(role.rules, deployed.rules);
+
+    // The existing Secret is untouched; the generated ones have 32-character passwords.
+    let superuser = s
+        .api::<Secret>()
+        .get("minimal-superuser")
+        .await
+        .expect("su");
+    assert_eq!(
+        secret_password(&s, "minimal-superuser").await.as_deref(),
+        Some("kept-password")
+    );
+    assert!(superuser.owner_references().is_empty(), "not adopted");
+    let replication = secret_password(&s, "minimal-replication")
+        .await
+        .expect("pw");
+    assert_eq!(replication.len(), 32);
+
+    // The StatefulSet controller creates a PVC and a Pod per member.
+    wait_until("three PVCs and three Pods exist", T, || async {
+        let pvcs = s
+            .api::<PersistentVolumeClaim>()
+            .list(&Default::default())
+            .await;
+        let pods = s.api::<Pod>().list(&Default::default()).await;
+        pvcs.is_ok_and(|l| l.items.len() == 3) && pods.is_ok_and(|l| l.items.len() == 3)
+    })
+    .await;
+    wait_until("the status describes the generation", T, || async {
+        let pg = s.cluster("minimal").await;
+        pg.status.as_ref().and_then(|st| st.observed_generation) == pg.metadata.generation
+            && condition(&pg, "Ready").is_some_and(|c| c.status == "False")
+    })
+    .await;
+
+    // A spec change updates the objects (and makes a new Pod template).
+    let hash_of = |sts: &StatefulSet| {
+        sts.spec
+            .as_ref()
+            .and_then(|s| s.template.metadata.as_ref())
+            .and_then(|m| m.annotations.as_ref())
+            .and_then(|a| a.get("pgwarden.io/config-hash").cloned())
+    };
+    let old_hash = hash_of(&sts).expect("a config hash");
+    s.apply(&example("minimal", |v| {
+        v["spec"]["services"] = json!({"primary": {"type": "NodePort"}});
+        v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+    }))
+    .await
+    .expect("apply the change");
+    wait_until(
+        "the change reaches the Service, ConfigMap and StatefulSet",
+        T,
+        || async {
+            let svc = s.api::<Service>().get("minimal-primary").await;
+            let cm = s.api::<ConfigMap>().get("minimal-agent").await;
+            let sts = s.api::<StatefulSet>().get("minimal").await;
+            svc.is_ok_and(|svc| svc.spec.and_then(|sp| sp.type_).as_deref() == Some("NodePort"))
+                && cm.is_ok_and(|cm| {
+                    cm.data
+                        .and_then(|d| d.get("minimal-0.yml").cloned())
+                        .is_some_and(|y| y.contains("work_mem: 8MB"))
+                })
+                && sts.is_ok_and(|sts| hash_of(&sts).is_some_and(|h| h != old_hash))
+        },
+    )
+    .await;
+    assert_eq!(
+        secret_password(&s, "minimal-replication").await.as_deref(),
+        Some(replication.as_str()),
+        "a generated password is never replaced"
+    );
+    // A hand edit of a field the controller sets is taken back (forced server-side apply).
+    s.api::<Service>()
+        .patch(
+            "minimal-primary",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&json!({"spec": {"selector": {"role": "replica"}}})),
+        )
+        .await
+        .expect("edit the selector");
+    wait_until(
+        "the controller restores the primary Service's selector",
+        T,
+        || async {
+            let svc = s.api::<Service>().get("minimal-primary").await;
+            svc.is_ok_and(|svc| {
+                svc.spec
+                    .and_then(|sp| sp.selector)
+                    .and_then(|sel| sel.get("role").cloned())
+                    .as_deref()
+                    == Some("primary")
+            })
+        },
+    )
+    .await;
+    assert_eq!(
+        secret_password(&s, "minimal-superuser").await.as_deref(),
+        Some("kept-password")
+    );
+
+    // A cluster whose PVCs go with it.
+    s.apply(&example("scratch", |v| {
+        v["spec"]["instances"]["replicas"] = json!(1);
+        v["spec"]["pvcRetention"] = json!("Delete");
+    }))
+    .await
+    .expect("apply scratch");
+    wait_until("scratch has its finalizer and PVC", T, || async {
+        let pg = s.cluster("scratch").await;
+        pg.finalizers()
+            .iter()
+            .any(|f| f == "pgwarden.io/delete-pvcs")
+            && exists(&s.api::<PersistentVolumeClaim>(), "data-scratch-0").await
+    })
+    .await;
+
+    // Deleting: the garbage collector removes the children, the PVCs stay.
+    s.clusters()
+        .delete("minimal", &DeleteParams::default())
+        .await
+        .expect("delete minimal");
+    wait_until(
+        "the garbage collector removed minimal's objects",
+        T,
+        || async {
+            !exists(&s.api::<StatefulSet>(), "minimal").await
+                && !exists(&s.api::<Service>(), "minimal-primary").await
+                && !exists(&s.api::<Service>(), "minimal-pods").await
+                && !exists(&s.api::<Service>(), "minimal-replicas").await
+                && !exists(&s.api::<ConfigMap>(), "minimal-agent").await
+                && !exists(&s.api::<Secret>(), "minimal-replication").await
+                && !exists(&s.api::<Secret>(), "minimal-restapi").await
+                && !exists(&s.api::<ServiceAccount>(), "minimal-agent").await
+                && !exists(&s.api::<Role>(), "minimal-agent").await
+                && !exists(&s.api::<RoleBinding>(), "minimal-agent").await
+                && !exists(&s.api::<PodDisruptionBudget>(), "minimal").await
+        },
+    )
+    .await;
+    wait_until("minimal's Pods are gone", T, || async {
+        let pods = s.api::<Pod>().list(&Default::default()).await;
+        pods.is_ok_and(|l| {
+            l.items
+                .iter()
+                .all(|p| !p.name_any().starts_with("minimal-"))
+        })
+    })
+    .await;
+    for i in 0..3 {
+        let pvc = s
+            .api::<PersistentVolumeClaim>()
+            .get(&format!("data-minimal-{i}"))
+            .await
+            .expect("the PVC is kept");
+        assert!(
+            pvc.metadata.deletion_timestamp.is_none(),
+            "not being deleted"
+        );
+    }
+    assert_eq!(
+        secret_password(&s, "minimal-superuser").await.as_deref(),
+        Some("kept-password"),
+        "a Secret the cluster does not own stays"
+    );
+
+    s.clusters()
+        .delete("scratch", &DeleteParams::default())
+        .await
+        .expect("delete scratch");
+    wait_until("scratch is gone and so is its PVC", T, || async {
+        let pvc = s
+            .api::<PersistentVolumeClaim>()
+            .get_opt("data-scratch-0")
+            .await;
+        // Without the pvc-protection controller a deleted PVC stays Terminating.
+        !exists(&s.clusters(), "scratch").await
+            && pvc.is_ok_and(|p| p.is_none_or(|p| p.metadata.deletion_timestamp.is_some()))
+    })
+    .await;
+}
+
+/// Shared by the last scenario: the state of the Pods and the cluster.
+async fn pod_uids(s: &Setup) -> BTreeMap<String, String> {
+    s.api::<Pod>()
+        .list(&Default::default())
+        .await
+        .expect("pods")
+        .items
+        .into_iter()
+        .map(|p| (p.name_any(), p.uid().unwrap_or_default()))
+        .collect()
+}
+
+async fn endpoint_pods(s: &Setup, service: &str) -> Vec<String> {
+    let Ok(Some(ep)) = s.api::<Endpoints>().get_opt(service).await else {
+        return Vec::new();
+    };
+    let mut pods: Vec<String> = ep
+        .subsets
+        .unwrap_or_default()
+        .into_iter()
+        .flat_map(|s| s.addresses.unwrap_or_default())
+        .filter_map(|a| a.target_ref.and_then(|r| r.name))
+        .collect();
+    pods.sort();
+    pods
+}
+
+/// The cluster is whole: the status names `primary` (if given, else anyone) with every member
+/// ready and Ready=True.
+async fn wait_until_whole(s: &Setup, name: &str, primary: Option<&str>) -> String {
+    let found = std::sync::Mutex::new(String::new());
+    wait_until(
+        &format!("{name} is whole with primary {primary:?}"),
+        Duration::from_secs(180),
+        || async {
+            let pg = s.cluster(name).await;
+            let Some(st) = pg.status.as_ref() else {
+                return false;
+            };
+            let Some(p) = st.primary.clone() else {
+                return false;
+            };
+            let ok = primary.is_none_or(|want| want == p)
+                && st.ready_members == 3
+                && st.members.len() == 3
+                && st
+                    .members
+                    .iter()
+                    .all(|m| m.ready && m.state == "running" && m.timeline.is_some())
+                && st
+                    .members
+                    .iter()
+                    .filter(|m| m.role == "primary" || m.role == "master")
+                    .map(|m| m.name.clone())
+                    .collect::<Vec<_>>()
+                    == vec![p.clone()]
+                && condition(&pg, "Ready").is_some_and(|c| c.status == "True");
+            if ok {
+                *found.lock().unwrap_or_else(|e| e.into_inner()) = p;
+            }
+            ok
+        },
+    )
+    .await;
+    found.into_inner().unwrap_or_else(|e| e.into_inner())
+}
+
+async fn lease_holder(s: &Setup, cluster: &str) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(s.admin.clone(), &s.ns)
+        .get_opt(&format!("{cluster}-leader"))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|sp| sp.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_comes_up_fails_over_without_the_controller_and_rolls_out_replicas_first() {
+    let s = setup("pgc-ha").await;
+    let kubelet = PodKubelet::start(s.access.clone(), &s.ns, "ha")
+        .await
+        .expect("kubelet");
+    let mut ctl = s.controller("ctl-ha");
+    s.apply(&example("ha", |v| {
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["users"] = json!([{"name": "app", "options": ["CREATEDB"]}]);
+        v["spec"]["databases"] = json!([{"name": "appdb", "owner": "app"}]);
+    }))
+    .await
+    .expect("apply the cluster");
+
+    // The whole cluster comes up from the StatefulSet's Pods.
+    let first = wait_until_whole(&s, "ha", None).await;
+    wait_until(
+        "the Services select the primary and the replicas",
+        T,
+        || async {
+            let mut replicas: Vec<String> = (0..3)
+                .map(|i| format!("ha-{i}"))
+                .filter(|p| *p != first)
+                .collect();
+            replicas.sort();
+            endpoint_pods(&s, "ha-primary").await == vec![first.clone()]
+                && endpoint_pods(&s, "ha-replicas").await == replicas
+        },
+    )
+    .await;
+    // spec.users and spec.databases exist in PostgreSQL, with the Secret's password.
+    let app_password = secret_password(&s, "ha-user-app")
+        .await
+        .expect("the user's Secret");
+    let app_port = kubelet
+        .state
+        .lock()
+        .await
+        .member(&first)
+        .expect("member")
+        .pg_port;
+    wait_until("the application user logs into its database", T, || async {
+        let mut cfg = tokio_postgres::Config::new();
+        cfg.host("127.0.0.1")
+            .port(app_port)
+            .user("app")
+            .password(&app_password)
+            .dbname("appdb")
+            .connect_timeout(Duration::from_secs(3));
+        let Ok((client, conn)) = cfg.connect(tokio_postgres::NoTls).await else {
+            return false;
+        };
+        tokio::spawn(conn);
+        client
+            .query_one(
+                "SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = current_database()",
+                &[],
+            )
+            .await
+            .is_ok_and(|row| row.get::<_, String>(0) == "app")
+    })
+    .await;
+    {
+        let k = kubelet.state.lock().await;
+        let primary = k.member(&first).expect("primary member");
+        primary
+            .sql("CREATE TABLE t (v int); INSERT INTO t VALUES (1)")
+            .await
+            .expect("write on the primary");
+    }
+    wait_until("the replicas have the row", T, || async {
+        let k = kubelet.state.lock().await;
+        for i in 0..3 {
+            let Some(m) = k.member(&format!("ha-{i}")) else {
+                return false;
+            };
+            if m.sql("SELECT count(*) FROM t").await.ok() != Some(vec!["1".to_owned()]) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+
+    // Not a single point of failure: no controller, the leader agent is killed, the agents
+    // fail over by themselves.
+    assert_eq!(ctl.stop().map(|st| st.success()), Some(true), "clean stop");
+    {
+        let mut k = kubelet.state.lock().await;
+        k.held.insert(first.clone());
+        k.member_mut(&first)
+            .and_then(|m| m.process.as_mut())
+            .expect("the leader's agent")
+            .kill9();
+    }
+    wait_until("another member takes the Lease", T, || async {
+        lease_holder(&s, "ha").await.is_some_and(|h| h != first)
+    })
+    .await;
+    let second = lease_holder(&s, "ha").await.expect("holder");
+    wait_until("the new leader accepts writes", T, || async {
+        let k = kubelet.state.lock().await;
+        let m = k.member(&second).expect("member");
+        m.sql("INSERT INTO t VALUES (2)").await.is_ok()
+    })
+    .await;
+    wait_until("the primary Service follows the new leader", T, || async {
+        endpoint_pods(&s, "ha-primary").await == vec![second.clone()]
+    })
+    .await;
+    // The kubelet restarts the killed container; it rejoins as a replica.
+    kubelet.state.lock().await.held.remove(&first);
+    wait_until(&format!("{first} rejoins as a replica"), T, || async {
+        let k = kubelet.state.lock().await;
+        let m = k.member(&first).expect("member");
+        m.api_get("/replica").await.map(|(c, _)| c) == Some(200)
+    })
+    .await;
+
+    // The controller comes back and converges without touching the running primary.
+    let postmaster = {
+        let k = kubelet.state.lock().await;
+        k.member(&second)
+            .and_then(|m| m.postmaster_pid())
+            .expect("postmaster")
+    };
+    let uids = pod_uids(&s).await;
+    let sts_generation = s
+        .api::<StatefulSet>()
+        .get("ha")
+        .await
+        .expect("sts")
+        .metadata
+        .generation;
+    let stops_before = kubelet
+        .events()
+        .await
+        .iter()
+        .filter(|e| e.kind == EventKind::Stopped)
+        .count();
+    let log_before = ctl.log_text().len();
+    let mut ctl = s.controller("ctl-ha");
+    wait_until_whole(&s, "ha", Some(&second)).await;
+    wait_until(
+        "the restarted controller completed reconciles",
+        T,
+        || async {
+            ctl.log_text()
+                .get(log_before..)
+                .is_some_and(|new| new.matches("reconciled").count() >= 2)
+        },
+    )
+    .await;
+    assert_eq!(
+        lease_holder(&s, "ha").await.as_deref(),
+        Some(second.as_str())
+    );
+    {
+        let k = kubelet.state.lock().await;
+        assert_eq!(
+            k.member(&second).and_then(|m| m.postmaster_pid()),
+            Some(postmaster),
+            "the primary's postmaster was not restarted"
+        );
+    }
+    assert_eq!(pod_uids(&s).await, uids, "no Pod was replaced");
+    assert_eq!(
+        s.api::<StatefulSet>()
+            .get("ha")
+            .await
+            .expect("sts")
+            .metadata
+            .generation,
+        sts_generation,
+        "the StatefulSet is unchanged"
+    );
+    let stops_after = kubelet
+        .events()
+        .await
+        .iter()
+        .filter(|e| e.kind == EventKind::Stopped)
+        .count();
+    assert_eq!(stops_after, stops_before, "no Pod was stopped");
+
+    // A change that needs restarts: replicas first, a switchover, the former primary last.
+    let events_before = kubelet.events().await.len();
+    s.apply(&example("ha", |v| {
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["users"] = json!([{"name": "app", "options": ["CREATEDB"]}]);
+        v["spec"]["databases"] = json!([{"name": "appdb", "owner": "app"}]);
+        v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+    }))
+    .await
+    .expect("apply the change");
+    wait_until(
+        "every member runs the new configuration",
+        Duration::from_secs(240),
+        || async {
+            let pg = s.cluster("ha").await;
+            let up_to_date = condition(&pg, "Progressing").is_some_and(|c| c.reason == "UpToDate")
+                && pg.status.as_ref().and_then(|st| st.observed_generation)
+                    == pg.metadata.generation;
+            if !up_to_date {
+                return false;
+            }
+            let k = kubelet.state.lock().await;
+            for i in 0..3 {
+                let Some(m) = k.member(&format!("ha-{i}")) else {
+                    return false;
+                };
+                if m.sql("SHOW work_mem").await.ok() != Some(vec!["8MB".to_owned()]) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let third = wait_until_whole(&s, "ha", None).await;
+    let stops: Vec<_> = kubelet.events().await[events_before..]
+        .iter()
+        .filter(|e| e.kind == EventKind::Stopped)
+        .cloned()
+        .collect();
+    let mut stopped: Vec<String> = stops.iter().map(|e| e.pod.clone()).collect();
+    stopped.sort();
+    assert_eq!(
+        stopped,
+        vec!["ha-0", "ha-1", "ha-2"],
+        "each Pod restarted once: {stops:?}"
+    );
+    for e in &stops {
+        assert_ne!(
+            e.leader.as_deref(),
+            Some(e.pod.as_str()),
+            "{} was stopped while it was the primary: {stops:?}",
+            e.pod
+        );
+    }
+    assert_eq!(
+        stops.last().map(|e| e.pod.as_str()),
+        Some(second.as_str()),
+        "the primary goes last, after a switchover: {stops:?}"
+    );
+    assert_ne!(third, second, "the former primary handed over");
+    assert!(
+        ctl.log_text()
+            .contains(&format!("switching over from {second} to ")),
+        "the controller requested the switchover"
+    );
+    eprintln!("rollout: {stops:?}");
+    for line in ctl.log_text().lines().filter(|l| l.contains("WARN")) {
+        eprintln!("controller: {line}");
+    }
+    {
+        let k = kubelet.state.lock().await;
+        let m = k.member(&third).expect("member");
+        assert_eq!(
+            m.sql("SELECT count(*) FROM t").await.expect("read"),
+            vec!["2".to_owned()],
+            "no write was lost"
+        );
+    }
+    assert!(ctl.process.is_running());
+}
+
+/// Every member configuration the controller renders for the example clusters is one the agent
+/// accepts (`pgwarden validate-config`), with the environment the StatefulSet gives its Pods.
+#[test]
+fn the_agent_accepts_the_configuration_rendered_for_every_example() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut clusters = Vec::new();
+    for example in ["minimal", "production", "standby"] {
+        let doc = yaml_documents(&format!("deploy/examples/{example}.yaml"))
+            .expect("example")
+            .into_iter()
+            .next()
+            .expect("a document");
+        let pg: PostgresCluster = serde_yaml::from_value(doc).expect("a PostgresCluster");
+        clusters.push((example.to_owned(), pg));
+    }
+    // Created from a backup, to a point in time.
+    let mut restored = clusters[1].1.clone();
+    restored.spec.restore = Some(pgwarden_controller::crd::RestoreSpec {
+        repo: "repo1".to_owned(),
+        target_time: Some("2026-01-02 03:04:05+00".to_owned()),
+    });
+    assert_eq!(restored.spec.validate(), Ok(()));
+    clusters.push(("production with restore".to_owned(), restored));
+    for (example, mut pg) in clusters {
+        pg.metadata.namespace = Some("db".to_owned());
+        let cm = pgwarden_controller::render::configmap::configmap(&pg);
+        let sts = pgwarden_controller::render::statefulset::statefulset(&pg, "hash");
+        let container = &sts
+            .spec
+            .expect("spec")
+            .template
+            .spec
+            .expect("pod")
+            .containers[0];
+        for (file, text) in cm.data.expect("data") {
+            if !file.ends_with(".yml") {
+                continue;
+            }
+            let path = dir.path().join(&file);
+            std::fs::write(&path, &text).expect("write");
+            let pod = file.trim_end_matches(".yml");
+            let mut cmd = std::process::Command::new(pgwarden_tests::harness::agent_binary());
+            cmd.arg("validate-config").arg(&path);
+            // The Pod's environment: downward API and Secret values stand-ins.
+            for e in container.env.iter().flatten() {
+                let value = match (&e.value, &e.value_from) {
+                    (Some(v), _) => v.replace("$(PATRONI_KUBERNETES_POD_IP)", "10.0.0.1"),
+                    (None, Some(from)) => {
+                        match from.field_ref.as_ref().map(|f| f.field_path.as_str()) {
+                            Some("metadata.name") => pod.to_owned(),
+                            Some("metadata.namespace") => "db".to_owned(),
+                            Some("status.podIP") => "10.0.0.1".to_owned(),
+                            _ => "secret-value".to_owned(),
+                        }
+                    }
+                    (None, None) => String::new(),
+                };
+                cmd.env(&e.name, value);
+            }
+            let out = cmd.output().expect("run pgwarden validate-config");
+            assert!(
+                out.status.success(),
+                "{example}/{file} is refused by the agent:\n{}{}\n--- the file ---\n{text}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+    }
+}
