@@ -113,6 +113,22 @@ impl Action {
     }
 }
 
+/// What to undo when a plan stops early (an action failed or lost a race) after `done` were
+/// carried out. A won bootstrap race whose lock or bootstrap did not follow is withdrawn, as
+/// Patroni's `cancel_initialization`: otherwise `initialize` stays claimed by a member that
+/// never bootstraps and every member waits forever (simulation seed 100, 3 members).
+pub fn compensation(done: &[Action]) -> Vec<Action> {
+    let won_bootstrap_race = done
+        .iter()
+        .any(|a| matches!(a, Action::RaceInitialize(v) if v.is_empty()));
+    let bootstrapping = done.iter().any(|a| matches!(a, Action::StartBootstrap));
+    if won_bootstrap_race && !bootstrapping {
+        vec![Action::CancelInitialize]
+    } else {
+        vec![]
+    }
+}
+
 /// Why a member did not race for a free lock.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum NotEligible {
@@ -375,10 +391,18 @@ pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
         }
         (DataDir::Empty, None) => Decision::new(Outcome::WaitingForBootstrap, vec![]),
         (DataDir::Empty, Some(l)) if l == me.name => {
-            // We hold the key but have no data (the bootstrap task is gone): give it back.
+            // We hold the key but have no data (the bootstrap task is gone, or it never started
+            // because the lease could not be confirmed): give it back, and if `initialize` is
+            // still our empty claim, withdraw it too, or every member waits for a bootstrap
+            // that nobody runs (Patroni's `cancel_initialization` after a failed take_leader).
+            let mut actions = Vec::new();
+            if view.initialize.as_deref().is_some_and(|i| !is_sysid(i)) {
+                actions.push(Action::CancelInitialize);
+            }
+            actions.push(Action::ReleaseLeader);
             Decision::new(
                 Outcome::LeaderStartFailed("no data directory".into()),
-                vec![Action::ReleaseLeader],
+                actions,
             )
         }
         (DataDir::Empty, Some(l)) => {
@@ -715,6 +739,12 @@ fn healthiest(
     }
     for peer in peers {
         let Some(p) = &peer.status else { continue };
+        // In synchronous mode only the recorded synchronous standby may take over (Patroni's
+        // `is_healthiest_node` filters the candidates by `sync`): deferring to a member that
+        // may not race would leave the cluster without a leader.
+        if !p.is_primary && !super::sync::may_race(me.synchronous_mode, &peer.name, view) {
+            continue;
+        }
         if p.nofailover && !p.is_primary {
             // Patroni ignores nofailover members' answers, except that a live primary is
             // always a reason not to race.
@@ -1557,5 +1587,105 @@ mod tests {
         );
         assert_eq!(d.actions.first(), Some(&Action::WriteHistory));
         assert!(d.actions.contains(&Action::StopPostgres(StopMode::Fast)));
+    }
+
+    fn with_sync(dcs: DcsView, leader: &str, standby: &str) -> DcsView {
+        match dcs {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.sync = Some(Versioned {
+                    value: crate::dcs::SyncState {
+                        leader: Some(leader.into()),
+                        sync_standby: Some(standby.into()),
+                        quorum: 0,
+                    },
+                    revision: 1,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        }
+    }
+
+    /// Patroni `is_healthiest_node`: in synchronous mode only the recorded synchronous standby
+    /// is a candidate, so it does not defer to an asynchronous peer that is as advanced with a
+    /// higher priority, or ahead (simulation seed 7, 3 members: nobody ever took over).
+    #[test]
+    fn sync_standby_does_not_defer_to_a_member_that_may_not_race() {
+        let mut o = obs(
+            with_sync(view(None, Some(SYSID)), "pg2", "pg0"),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        let mut p = peer("pg1", 100, false);
+        if let Some(s) = p.status.as_mut() {
+            s.failover_priority = 5;
+        }
+        o.peers = Some(vec![p, peer("pg2", 100, false)]);
+        let sync_on = MemberFacts {
+            synchronous_mode: true,
+            ..me()
+        };
+        assert_eq!(
+            decide(&o, &sync_on).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
+        // Without synchronous mode the higher priority still wins.
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::PeerHigherPriority("pg1".into()))
+        );
+        // A live primary is a reason not to race, synchronous or not.
+        o.peers = Some(vec![peer("pg1", 100, true)]);
+        assert_eq!(
+            decide(&o, &sync_on).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive("pg1".into()))
+        );
+    }
+
+    /// Patroni `cancel_initialization`: a member that won the `initialize` race but could not
+    /// confirm its lease before bootstrapping withdraws the empty claim along with the lock, or
+    /// every member waits forever for a bootstrap nobody runs (simulation seed 100, 3 members).
+    #[test]
+    fn lock_holder_without_data_withdraws_its_empty_initialize_claim() {
+        let d = decide(
+            &obs(
+                view(Some("pg0"), Some("")),
+                renewed(),
+                DataDir::Empty,
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::CancelInitialize, Action::ReleaseLeader]
+        );
+        let d = decide(
+            &obs(
+                view(Some("pg0"), Some(SYSID)),
+                renewed(),
+                DataDir::Empty,
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::ReleaseLeader]);
+    }
+
+    /// A bootstrap plan that stopped after winning `initialize` withdraws the claim; one that
+    /// lost the race, or started the bootstrap, leaves `initialize` alone.
+    #[test]
+    fn a_won_bootstrap_race_without_a_bootstrap_is_withdrawn() {
+        let race = Action::RaceInitialize(String::new());
+        assert_eq!(compensation(&[race.clone()]), vec![Action::CancelInitialize]);
+        assert_eq!(
+            compensation(&[race.clone(), Action::AcquireLeader]),
+            vec![Action::CancelInitialize]
+        );
+        assert!(compensation(&[]).is_empty());
+        assert!(compensation(&[race, Action::AcquireLeader, Action::StartBootstrap]).is_empty());
+        assert!(compensation(&[Action::RaceInitialize(SYSID.into())]).is_empty());
     }
 }

@@ -401,10 +401,10 @@ impl HaLoop {
             Some((TaskKind::Rewind, _)) => self.task_failed.clone(),
             _ => self.task_failed.take(),
         };
-        // In maintenance mode the operator owns postgres: Patroni disables its watchdog too.
-        if matches!(&dcs, DcsView::Known(v) if v.is_paused()) {
-            self.supervisor.set_fence(None);
-        }
+        // The fence stays armed in maintenance mode (Patroni disables its watchdog there): a
+        // paused leader that cannot renew would otherwise keep accepting writes after its lease
+        // expired, and once the cluster is resumed (which it may not even see) another member
+        // takes over. Simulation seed 8 (3 members) found two primaries that way.
         let task = match (&self.task, failed) {
             (_, Some((kind, reason))) => TaskView::Failed(kind, reason),
             (Some((kind, _)), None) => TaskView::Running(*kind),
@@ -666,11 +666,13 @@ impl HaLoop {
     }
 
     async fn execute(&mut self, obs: &Observation, decision: Decision) -> Result<Next, HaError> {
+        let mut done = Vec::new();
         for action in decision.actions {
             match self.execute_one(obs, &action).await {
-                Ok(true) => {}
+                Ok(true) => done.push(action),
                 Ok(false) => {
                     debug!(?action, "plan stopped: a race was lost");
+                    self.compensate(obs, &done).await;
                     return Ok(Next::Now);
                 }
                 Err(ActionError::Fatal(reason)) => return Err(HaError::Fatal(reason)),
@@ -679,11 +681,23 @@ impl HaLoop {
                 }
                 Err(ActionError::Failed(reason)) => {
                     warn!(?action, %reason, "action failed; retrying next cycle");
+                    self.compensate(obs, &done).await;
                     return Ok(Next::Wait);
                 }
             }
         }
         Ok(Next::Wait)
+    }
+
+    /// Undoes what a plan that stopped early must not leave behind (`decide::compensation`).
+    async fn compensate(&mut self, obs: &Observation, done: &[Action]) {
+        for action in decide::compensation(done) {
+            if let Err(ActionError::Failed(reason) | ActionError::Fatal(reason)) =
+                self.execute_one(obs, &action).await
+            {
+                warn!(?action, %reason, "could not undo the stopped plan");
+            }
+        }
     }
 
     /// Performs one action; `Ok(false)` means a race was lost and the plan must stop.
@@ -780,6 +794,15 @@ impl HaLoop {
             }
             Action::StartRewind { leader } => {
                 let upstream = self.upstream(obs, leader)?;
+                // As Patroni checks the leader before pg_rewind: an unreachable leader is
+                // retried next cycle, while a failed pg_rewind keeps the member down. Without
+                // this, a short partition left a former primary down for good (simulation
+                // seed 6, 3 members).
+                if !reachable(&upstream.host, upstream.port, Duration::from_secs(2)).await {
+                    return Err(ActionError::Failed(format!(
+                        "the leader {leader} is not reachable for pg_rewind; retrying next cycle"
+                    )));
+                }
                 let config = self.config.clone();
                 let bin_dir = self.bin_dir.clone();
                 let files = self.managed_files(true, Some(&upstream));
@@ -1332,6 +1355,14 @@ pub fn merge_history(
     out
 }
 
+/// A TCP connection to `host:port` succeeds within `timeout`.
+async fn reachable(host: &str, port: u16, timeout: Duration) -> bool {
+    matches!(
+        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await,
+        Ok(Ok(_))
+    )
+}
+
 /// An error with its sources, for log lines and fatal messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -1347,6 +1378,18 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The check before pg_rewind: a listening leader is reachable, a closed port is not.
+    #[tokio::test]
+    async fn rewind_precheck_tells_a_listening_leader_from_an_unreachable_one() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let port = listener.local_addr().expect("local address").port();
+        assert!(reachable("127.0.0.1", port, Duration::from_secs(2)).await);
+        drop(listener);
+        assert!(!reachable("127.0.0.1", port, Duration::from_secs(2)).await);
+    }
 
     #[test]
     fn history_merge_appends_new_timelines_with_timestamp_and_leader() {

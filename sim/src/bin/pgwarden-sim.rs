@@ -1,0 +1,70 @@
+//! Runs simulated schedules: one seed (`--seed N [--members M] [--trace]`) or a campaign
+//! (`--count N [--from SEED]`). Exit code 1 names the first failing seed and its replay command.
+
+use std::process::ExitCode;
+
+fn usage() -> ExitCode {
+    eprintln!(
+        "usage: pgwarden-sim --seed N [--members 3|5] [--trace]\n       pgwarden-sim --count N [--from SEED] [--members 3|5]"
+    );
+    ExitCode::from(2)
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut seed = None;
+    let mut count = None;
+    let mut from = None;
+    let mut members = None;
+    let mut trace = false;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        let mut num = || it.next().and_then(|v| v.parse::<u64>().ok());
+        match a.as_str() {
+            "--seed" => seed = num(),
+            "--count" => count = num(),
+            "--from" => from = num(),
+            "--members" => members = num().map(|m| m as usize),
+            "--trace" => trace = true,
+            _ => return usage(),
+        }
+    }
+    if let Some(seed) = seed {
+        let (result, lines) = pgwarden_sim::run(seed, members, trace);
+        for l in &lines {
+            println!("{l}");
+        }
+        return match result {
+            Ok(r) => {
+                println!(
+                    "seed {seed}: ok ({} steps, {} faults, {} promotions, {} acknowledged writes)",
+                    r.steps, r.faults, r.promotions, r.acked
+                );
+                ExitCode::SUCCESS
+            }
+            Err(v) => {
+                println!("FAILED: {v}");
+                ExitCode::FAILURE
+            }
+        };
+    }
+    let Some(count) = count else { return usage() };
+    let from = from.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs() * 1000)
+            .unwrap_or(0)
+    });
+    println!("campaign: {count} schedules from seed {from}");
+    let started = std::time::Instant::now();
+    match pgwarden_sim::campaign(from, count, members) {
+        Ok(r) => {
+            println!("ok: {r} in {:.1?}", started.elapsed());
+            ExitCode::SUCCESS
+        }
+        Err(v) => {
+            println!("FAILED: {v}");
+            ExitCode::FAILURE
+        }
+    }
+}

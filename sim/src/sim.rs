@@ -1,0 +1,771 @@
+//! One schedule: the cluster's settings and fault list drawn from a seed, the scheduler that
+//! runs the agents and the world, and the invariants checked after every step.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::Context;
+
+use pgwarden::dcs::FailoverRequest;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+
+use crate::agent::Agent;
+use crate::world::{
+    Clock, Event, Initial, Node, Pg, PgRun, Shared, Store, Tags, Trace, Us, World, MS, SEC, TICK,
+};
+
+/// A fault, or an operator's request, at an instant.
+#[derive(Debug, Clone)]
+pub enum Fault {
+    /// kill -9 of the agent (postgres dies with it); restarted after `down`.
+    Crash { node: usize, down: Us },
+    /// Postgres alone crashes.
+    PostgresCrash { node: usize },
+    /// SIGSTOP of the agent for `dur`; postgres and the fence guard keep running.
+    Freeze { node: usize, dur: Us },
+    /// The member cannot reach the DCS.
+    DcsCut { node: usize, dur: Us },
+    /// Nobody can reach the DCS.
+    DcsOutage { dur: Us },
+    /// Two members cannot reach each other (peer API and replication).
+    Partition { a: usize, b: usize, dur: Us },
+    /// The member's replication connections are cut.
+    ReplicationCut { node: usize, dur: Us },
+    /// `POST /switchover` (candidate optional), maybe scheduled a few seconds ahead.
+    Switchover {
+        candidate: Option<usize>,
+        ahead: Option<Us>,
+    },
+    /// `POST /failover` to a candidate.
+    Failover { candidate: usize },
+    /// Maintenance mode for `dur`.
+    Pause { dur: Us },
+    /// The end of a pause.
+    Resume,
+    /// `edit-config` of ttl and loop_wait.
+    Config { ttl: u64, loop_wait: u64 },
+}
+
+/// The settings and faults of one schedule.
+#[derive(Debug, Clone)]
+pub struct Schedule {
+    pub seed: u64,
+    pub members: usize,
+    pub initial: Initial,
+    pub tags: Vec<Tags>,
+    pub clocks: Vec<Clock>,
+    pub faults: Vec<(Us, Fault)>,
+    /// Faults have all ended by this instant.
+    pub quiet_at: Us,
+    /// Bound on reaching one leader followed by every member after `quiet_at`.
+    pub liveness_bound: Us,
+    pub end: Us,
+}
+
+/// Draws a schedule from `seed`; `members` overrides the member count (3 or 5 by the seed).
+pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed);
+    let members = members.unwrap_or(if rng.random_bool(0.5) { 3 } else { 5 });
+    let ttl = [10u64, 15, 20, 30][rng.random_range(0..4)];
+    let retry_timeout = rng.random_range(1..=3u64);
+    let loop_wait = rng.random_range(1..=(ttl - 2 * retry_timeout).min(5));
+    let synchronous_mode = rng.random_bool(0.4);
+    let initial = Initial {
+        ttl,
+        loop_wait,
+        retry_timeout,
+        maximum_lag_on_failover: [256 * 1024, 1024 * 1024, 16 * 1024 * 1024][rng.random_range(0..3)],
+        synchronous_mode,
+        strict: synchronous_mode && rng.random_bool(0.3),
+    };
+    let mut tags: Vec<Tags> = (0..members)
+        .map(|_| Tags {
+            nofailover: false,
+            failover_priority: if rng.random_bool(0.2) {
+                rng.random_range(2..4)
+            } else {
+                1
+            },
+        })
+        .collect();
+    if rng.random_bool(0.3) {
+        let n = rng.random_range(0..members);
+        tags[n].nofailover = true;
+    }
+    let clocks = (0..members)
+        .map(|_| Clock {
+            offset: rng.random_range(0..1000 * SEC),
+            // Within the fence policy's bound of 1 %.
+            drift: rng.random_range(-0.009..0.009),
+        })
+        .collect();
+    let start = 25 * SEC;
+    let span = rng.random_range(40..120u64) * SEC;
+    let count = rng.random_range(2..14);
+    let mut faults = Vec::new();
+    let mut ttl_max = ttl;
+    let mut loop_max = loop_wait;
+    let max_dur = |rng: &mut ChaCha8Rng| rng.random_range(SEC..(2 * ttl * SEC));
+    for _ in 0..count {
+        let at = start + rng.random_range(0..span);
+        let node = rng.random_range(0..members);
+        let fault = match rng.random_range(0..100) {
+            0..=14 => Fault::Crash {
+                node,
+                down: max_dur(&mut rng),
+            },
+            15..=22 => Fault::PostgresCrash { node },
+            23..=37 => Fault::Freeze {
+                node,
+                dur: max_dur(&mut rng),
+            },
+            38..=49 => Fault::DcsCut {
+                node,
+                dur: max_dur(&mut rng),
+            },
+            50..=54 => Fault::DcsOutage {
+                dur: max_dur(&mut rng),
+            },
+            55..=64 => {
+                let b = (node + rng.random_range(1..members)) % members;
+                Fault::Partition {
+                    a: node,
+                    b,
+                    dur: max_dur(&mut rng),
+                }
+            }
+            65..=72 => Fault::ReplicationCut {
+                node,
+                dur: max_dur(&mut rng),
+            },
+            73..=82 => Fault::Switchover {
+                candidate: rng.random_bool(0.7).then_some(node),
+                ahead: rng
+                    .random_bool(0.2)
+                    .then(|| rng.random_range(SEC..10 * SEC)),
+            },
+            83..=88 => Fault::Failover { candidate: node },
+            89..=93 => Fault::Pause {
+                dur: max_dur(&mut rng),
+            },
+            _ => {
+                let ttl = [10u64, 15, 20, 30][rng.random_range(0..4)];
+                let loop_wait = rng.random_range(1..=(ttl - 2 * retry_timeout).min(5));
+                ttl_max = ttl_max.max(ttl);
+                loop_max = loop_max.max(loop_wait);
+                Fault::Config { ttl, loop_wait }
+            }
+        };
+        faults.push((at, fault));
+    }
+    faults.sort_by_key(|(at, _)| *at);
+    let quiet_at = faults
+        .iter()
+        .map(|(at, f)| at + fault_len(f))
+        .max()
+        .unwrap_or(start)
+        .max(start)
+        + 5 * SEC;
+    // ttl for the old leader's lease to expire, loops to notice and race, request timeouts, and
+    // the slowest chain of postgres work (start, promote, rewind, clone, start again).
+    let liveness_bound = (ttl_max + 4 * loop_max + 4 * retry_timeout + 20) * SEC;
+    Schedule {
+        seed,
+        members,
+        initial,
+        tags,
+        clocks,
+        faults,
+        quiet_at,
+        liveness_bound,
+        end: quiet_at + liveness_bound + 15 * SEC,
+    }
+}
+
+fn fault_len(f: &Fault) -> Us {
+    match f {
+        Fault::Crash { down: d, .. }
+        | Fault::Freeze { dur: d, .. }
+        | Fault::DcsCut { dur: d, .. }
+        | Fault::DcsOutage { dur: d }
+        | Fault::Partition { dur: d, .. }
+        | Fault::ReplicationCut { dur: d, .. }
+        | Fault::Pause { dur: d } => *d,
+        Fault::Switchover { ahead, .. } => ahead.unwrap_or(0) + 10 * SEC,
+        _ => 10 * SEC,
+    }
+}
+
+/// What a schedule did.
+#[derive(Debug, Clone, Default)]
+pub struct Report {
+    pub steps: u64,
+    pub faults: usize,
+    /// Times a member opened postgres for writes as a new leader.
+    pub promotions: usize,
+    pub acked: usize,
+}
+
+/// An invariant that did not hold.
+#[derive(Debug, Clone)]
+pub struct Violation {
+    pub seed: u64,
+    pub members: usize,
+    pub step: u64,
+    pub at: Us,
+    pub message: String,
+}
+
+impl Violation {
+    /// The command that replays this schedule exactly, with a trace.
+    pub fn replay_command(&self) -> String {
+        format!(
+            "cargo run -p pgwarden-sim -- --seed {} --members {} --trace",
+            self.seed, self.members
+        )
+    }
+}
+
+impl std::fmt::Display for Violation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} ({} members), step {}, t={:.3}s: {}\n  replay: {}",
+            self.seed,
+            self.members,
+            self.step,
+            self.at as f64 / SEC as f64,
+            self.message,
+            self.replay_command()
+        )
+    }
+}
+
+type Task = Pin<Box<dyn Future<Output = ()>>>;
+
+/// Runs one schedule. With `trace`, the world's log is returned (and printed by the caller).
+pub fn run(seed: u64, members: Option<usize>, trace: bool) -> (Result<Report, Violation>, Vec<String>) {
+    let sched = schedule(seed, members);
+    let world = World {
+        now: 0,
+        base: std::time::Instant::now(),
+        rng: ChaCha8Rng::seed_from_u64(seed ^ 0x5eed_5eed_5eed_5eed),
+        store: Store::default(),
+        nodes: (0..sched.members)
+            .map(|i| Node {
+                name: format!("pg{i}"),
+                tags: sched.tags[i],
+                clock: sched.clocks[i],
+                pg: Pg::empty(),
+                alive: true,
+                restart_at: None,
+                frozen_until: 0,
+                fence: None,
+                dcs_cut_until: 0,
+                repl_cut_until: 0,
+                wake_at: i as Us * 37 * MS,
+                idle: false,
+                woken: false,
+                incarnation: 0,
+                published_primary: false,
+            })
+            .collect(),
+        partitions: Default::default(),
+        dcs_down_until: 0,
+        next_write: 1,
+        acked: Vec::new(),
+        trace: Trace {
+            enabled: trace,
+            lines: Vec::new(),
+        },
+        events: Vec::new(),
+        initial: sched.initial,
+    };
+    let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(world));
+    let mut sim = Sim {
+        tasks: (0..sched.members)
+            .map(|i| Some(Box::pin(Agent::new(shared.clone(), i).run()) as Task))
+            .collect(),
+        w: shared,
+        sched,
+        step: 0,
+        promotions: 0,
+        writable: Vec::new(),
+        live_since: None,
+    };
+    let result = sim.run();
+    let lines = std::mem::take(&mut sim.w.borrow_mut().trace.lines);
+    (result, lines)
+}
+
+struct Sim {
+    w: Shared,
+    tasks: Vec<Option<Task>>,
+    sched: Schedule,
+    step: u64,
+    promotions: usize,
+    /// Members writable after the previous step.
+    writable: Vec<usize>,
+    /// The liveness condition has held continuously since.
+    live_since: Option<Us>,
+}
+
+impl Sim {
+    fn violation(&self, message: String) -> Violation {
+        Violation {
+            seed: self.sched.seed,
+            members: self.sched.members,
+            step: self.step,
+            at: self.w.borrow().now,
+            message,
+        }
+    }
+
+    fn run(&mut self) -> Result<Report, Violation> {
+        let mut next_tick = 0;
+        let mut fault_idx = 0;
+        let mut quiet_done = false;
+        loop {
+            let t = self.next_time(next_tick, fault_idx);
+            if t > self.sched.end {
+                break;
+            }
+            {
+                let mut w = self.w.borrow_mut();
+                w.now = w.now.max(t);
+            }
+            while fault_idx < self.sched.faults.len()
+                && self.sched.faults[fault_idx].0 <= self.w.borrow().now
+            {
+                let fault = self.sched.faults[fault_idx].1.clone();
+                self.apply(&fault);
+                fault_idx += 1;
+            }
+            let now = self.w.borrow().now;
+            if !quiet_done && now >= self.sched.quiet_at {
+                quiet_done = true;
+                self.heal();
+            }
+            self.restarts();
+            self.fences();
+            {
+                let mut w = self.w.borrow_mut();
+                w.store.expire(now);
+                if now >= next_tick {
+                    w.tick();
+                    next_tick += TICK;
+                }
+            }
+            self.wake_watchers();
+            self.poll_agents();
+            self.check()?;
+            self.step += 1;
+        }
+        let w = self.w.borrow();
+        if self.live_since.is_none() {
+            return Err(self.violation(format!(
+                "liveness: {} s after the faults stopped there is still no single leader followed by every member: {}",
+                (w.now - self.sched.quiet_at) / SEC,
+                describe(&w)
+            )));
+        }
+        Ok(Report {
+            steps: self.step,
+            faults: self.sched.faults.len(),
+            promotions: self.promotions,
+            acked: w.acked.len(),
+        })
+    }
+
+    fn next_time(&self, next_tick: Us, fault_idx: usize) -> Us {
+        let w = self.w.borrow();
+        let mut t = next_tick;
+        if let Some((at, _)) = self.sched.faults.get(fault_idx) {
+            t = t.min(*at);
+        }
+        for n in &w.nodes {
+            if let Some(r) = n.restart_at {
+                t = t.min(r);
+            }
+            if !n.alive {
+                continue;
+            }
+            if let Some(f) = n.fence {
+                t = t.min(n.clock.global(f));
+            }
+            if w.now < n.frozen_until {
+                t = t.min(n.frozen_until);
+            } else {
+                t = t.min(n.wake_at.max(w.now));
+            }
+        }
+        t.max(w.now)
+    }
+
+    fn apply(&mut self, fault: &Fault) {
+        let mut w = self.w.borrow_mut();
+        let now = w.now;
+        w.log(|| format!("FAULT {fault:?}"));
+        match *fault {
+            Fault::Crash { node, down } => {
+                if w.nodes[node].alive {
+                    self.tasks[node] = None;
+                    let n = &mut w.nodes[node];
+                    n.alive = false;
+                    n.fence = None;
+                    n.restart_at = Some(now + down);
+                    if n.pg.is_up() {
+                        n.pg.stop(false);
+                    }
+                }
+            }
+            Fault::PostgresCrash { node } => {
+                let n = &mut w.nodes[node];
+                if n.pg.is_up() {
+                    n.pg.stop(false);
+                    n.pg.run = PgRun::Crashed;
+                    n.woken = n.idle;
+                }
+            }
+            Fault::Freeze { node, dur } => w.nodes[node].frozen_until = now + dur,
+            Fault::DcsCut { node, dur } => w.nodes[node].dcs_cut_until = now + dur,
+            Fault::DcsOutage { dur } => w.dcs_down_until = now + dur,
+            Fault::Partition { a, b, dur } => {
+                w.partitions.insert((a.min(b), a.max(b)), now + dur);
+            }
+            Fault::ReplicationCut { node, dur } => w.nodes[node].repl_cut_until = now + dur,
+            Fault::Switchover { candidate, ahead } => {
+                let leader = w.store.leader.as_ref().map(|l| l.name.clone());
+                let cand = candidate.map(|c| w.nodes[c].name.clone());
+                if let Some(leader) = leader {
+                    if api_allows(&w, cand.as_deref()) && cand.as_deref() != Some(leader.as_str()) {
+                        let scheduled_at = ahead.map(|a| w.wall(now + a).to_rfc3339());
+                        let req = FailoverRequest {
+                            leader: Some(leader),
+                            member: cand,
+                            scheduled_at,
+                        };
+                        w.store.put_failover(req, None);
+                    }
+                }
+            }
+            Fault::Failover { candidate } => {
+                let cand = w.nodes[candidate].name.clone();
+                let is_leader = w.store.leader.as_ref().is_some_and(|l| l.name == cand);
+                if api_allows(&w, Some(&cand)) && !is_leader {
+                    let req = FailoverRequest {
+                        leader: None,
+                        member: Some(cand),
+                        scheduled_at: None,
+                    };
+                    w.store.put_failover(req, None);
+                }
+            }
+            Fault::Pause { dur } => {
+                set_config(&mut w.store, "pause", serde_json::Value::Bool(true));
+                let resume_at = now + dur;
+                drop(w);
+                self.sched
+                    .faults
+                    .push((resume_at, Fault::Resume));
+                self.sched.faults.sort_by_key(|(at, _)| *at);
+            }
+            Fault::Resume => {
+                set_config(&mut w.store, "pause", serde_json::Value::Null);
+            }
+            Fault::Config { ttl, loop_wait } => {
+                set_config(&mut w.store, "ttl", ttl.into());
+                set_config(&mut w.store, "loop_wait", loop_wait.into());
+            }
+        }
+    }
+
+    /// Faults have stopped: everything heals and crashed agents come back.
+    fn heal(&mut self) {
+        let mut w = self.w.borrow_mut();
+        let now = w.now;
+        w.log(|| "QUIET: all faults healed".into());
+        w.partitions.clear();
+        w.dcs_down_until = 0;
+        if w.config_value("pause").is_some_and(|p| p.as_bool() == Some(true)) {
+            set_config(&mut w.store, "pause", serde_json::Value::Null);
+        }
+        for n in &mut w.nodes {
+            n.frozen_until = n.frozen_until.min(now);
+            n.dcs_cut_until = 0;
+            n.repl_cut_until = 0;
+            if !n.alive && n.restart_at.is_none() {
+                n.restart_at = Some(now);
+            }
+        }
+    }
+
+    fn restarts(&mut self) {
+        let now = self.w.borrow().now;
+        for i in 0..self.tasks.len() {
+            let due = self.w.borrow().nodes[i].restart_at.is_some_and(|r| r <= now);
+            if due {
+                {
+                    let mut w = self.w.borrow_mut();
+                    let n = &mut w.nodes[i];
+                    n.restart_at = None;
+                    n.alive = true;
+                    n.incarnation += 1;
+                    n.wake_at = now;
+                    n.idle = false;
+                    n.woken = false;
+                    if n.pg.run == PgRun::Crashed {
+                        n.pg.run = PgRun::Down;
+                    }
+                    let name = n.name.clone();
+                    w.log(|| format!("{name}: agent restarted"));
+                }
+                self.tasks[i] = Some(Box::pin(Agent::new(self.w.clone(), i).run()));
+            }
+        }
+    }
+
+    /// The supervisor's timer and the fence guard: postgres stops at the deadline, whatever
+    /// the agent is doing (even frozen).
+    fn fences(&mut self) {
+        let mut w = self.w.borrow_mut();
+        let now = w.now;
+        for i in 0..w.nodes.len() {
+            let local = w.nodes[i].local_now(now);
+            if w.nodes[i].fence.is_some_and(|f| local >= f) {
+                w.nodes[i].fence = None;
+                if w.nodes[i].pg.is_up() {
+                    w.nodes[i].pg.stop(false);
+                    let name = w.nodes[i].name.clone();
+                    w.log(|| format!("{name}: FENCE fired, postgres stopped"));
+                }
+            }
+        }
+    }
+
+    fn wake_watchers(&mut self) {
+        let mut w = self.w.borrow_mut();
+        if !w.store.changed {
+            return;
+        }
+        w.store.changed = false;
+        let now = w.now;
+        for i in 0..w.nodes.len() {
+            if w.nodes[i].idle && w.reaches_dcs(i) {
+                w.nodes[i].woken = true;
+                w.nodes[i].wake_at = now;
+            }
+        }
+    }
+
+    fn poll_agents(&mut self) {
+        let waker = futures::task::noop_waker();
+        let mut cx = Context::from_waker(&waker);
+        for i in 0..self.tasks.len() {
+            let runnable = {
+                let w = self.w.borrow();
+                let n = &w.nodes[i];
+                n.alive && w.now >= n.frozen_until && n.wake_at <= w.now
+            };
+            if !runnable {
+                continue;
+            }
+            if let Some(task) = self.tasks[i].as_mut() {
+                if task.as_mut().poll(&mut cx).is_ready() {
+                    self.tasks[i] = None;
+                }
+            }
+        }
+    }
+
+    /// The invariants, after every step.
+    fn check(&mut self) -> Result<(), Violation> {
+        let events = std::mem::take(&mut self.w.borrow_mut().events);
+        for event in events {
+            self.check_event(event)?;
+        }
+        let w = self.w.borrow();
+        let writable: Vec<usize> = (0..w.nodes.len())
+            .filter(|i| w.nodes[*i].pg.writable())
+            .collect();
+        if writable.len() > 1 {
+            let names: Vec<&str> = writable.iter().map(|i| w.nodes[*i].name.as_str()).collect();
+            return Err(self.violation(format!(
+                "split brain: {} would all acknowledge writes at this instant; {}",
+                names.join(" and "),
+                describe(&w)
+            )));
+        }
+        for &i in &writable {
+            if self.writable.contains(&i) {
+                continue;
+            }
+            // A member that newly accepts writes must have every write acknowledged through a
+            // synchronous standby.
+            let pg = &w.nodes[i].pg;
+            if let Some(lost) = w
+                .acked
+                .iter()
+                .find(|a| a.via_sync && pg.wal.get(a.index) != Some(&a.id))
+            {
+                return Err(self.violation(format!(
+                    "lost write: {} leads now but lacks write {} acknowledged by {} through a synchronous standby at t={:.3}s; {}",
+                    w.nodes[i].name,
+                    lost.id,
+                    w.nodes[lost.node].name,
+                    lost.at as f64 / SEC as f64,
+                    describe(&w)
+                )));
+            }
+        }
+        let now = w.now;
+        drop(w);
+        self.writable = writable;
+        if now >= self.sched.quiet_at {
+            let live = liveness_holds(&self.w.borrow());
+            match (live, self.live_since) {
+                (true, None) => self.live_since = Some(now),
+                (false, Some(_)) => self.live_since = None,
+                _ => {}
+            }
+            if !live && now >= self.sched.quiet_at + self.sched.liveness_bound {
+                let w = self.w.borrow();
+                return Err(self.violation(format!(
+                    "liveness: {:.1} s after the faults stopped (bound {} s) there is not exactly one leader followed by every member: {}",
+                    (now - self.sched.quiet_at) as f64 / SEC as f64,
+                    self.sched.liveness_bound / SEC,
+                    describe(&w)
+                )));
+            }
+        }
+        Ok(())
+    }
+
+    fn check_event(&mut self, event: Event) -> Result<(), Violation> {
+        let w = self.w.borrow();
+        match event {
+            Event::Fatal { node, reason } => Err(self.violation(format!(
+                "{} stopped with a fatal error: {reason}",
+                w.nodes[node].name
+            ))),
+            Event::OpensForWrites {
+                node,
+                automatic,
+                outcome,
+            } => {
+                self.promotions += 1;
+                let n = &w.nodes[node];
+                if !w.store.leader.as_ref().is_some_and(|l| l.name == n.name) {
+                    return Err(self.violation(format!(
+                        "{} opens postgres for writes without holding the leader key ({outcome}); {}",
+                        n.name,
+                        describe(&w)
+                    )));
+                }
+                if n.tags.nofailover || n.tags.failover_priority == 0 {
+                    return Err(self.violation(format!(
+                        "{} is tagged nofailover but opens postgres for writes ({outcome})",
+                        n.name
+                    )));
+                }
+                let max_lag = w
+                    .config_value("maximum_lag_on_failover")
+                    .and_then(|v| v.as_u64())
+                    .unwrap_or(w.initial.maximum_lag_on_failover);
+                let optime = w.store.status.as_ref().map(|s| s.optime).unwrap_or(0);
+                let lag = optime.saturating_sub(n.pg.position());
+                if automatic && outcome.starts_with("no leader") && lag > max_lag {
+                    return Err(self.violation(format!(
+                        "{} promotes while lagging {lag} bytes behind the last leader position (maximum_lag_on_failover {max_lag}) ({outcome})",
+                        n.name
+                    )));
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Patroni's API checks for a switchover or failover candidate.
+fn api_allows(w: &World, candidate: Option<&str>) -> bool {
+    let Some(c) = candidate else { return true };
+    let Some(i) = w.node_index(c) else {
+        return false;
+    };
+    if w.nodes[i].tags.nofailover || !w.store.members.contains_key(c) {
+        return false;
+    }
+    if w.synchronous_mode() {
+        return w.store.sync.as_ref().is_some_and(|s| s.value.lists(c));
+    }
+    true
+}
+
+fn set_config(store: &mut Store, key: &str, value: serde_json::Value) {
+    let mut config = store
+        .config
+        .as_ref()
+        .map(|c| c.value.clone())
+        .unwrap_or_else(|| serde_json::json!({}));
+    if let Some(map) = config.as_object_mut() {
+        if value.is_null() {
+            map.remove(key);
+        } else {
+            map.insert(key.to_owned(), value);
+        }
+    }
+    store.put_config(config);
+}
+
+/// One leader (holding the key, writable) and every other member streaming from it.
+fn liveness_holds(w: &World) -> bool {
+    let Some(leader) = w.store.leader.as_ref().and_then(|l| w.node_index(&l.name)) else {
+        return false;
+    };
+    w.nodes[leader].pg.writable()
+        && (0..w.nodes.len()).all(|i| {
+            i == leader
+                || (w.nodes[i].pg.run == PgRun::Running
+                    && w.nodes[i].pg.in_recovery
+                    && w.nodes[i].pg.streaming_from == Some(leader))
+        })
+}
+
+/// A one-line picture of the cluster for messages.
+pub fn describe(w: &World) -> String {
+    let leader = w
+        .store
+        .leader
+        .as_ref()
+        .map(|l| l.name.clone())
+        .unwrap_or_else(|| "none".into());
+    let nodes: Vec<String> = w
+        .nodes
+        .iter()
+        .map(|n| {
+            let pg = &n.pg;
+            let role = match pg.run {
+                PgRun::Running if !pg.in_recovery => "primary".to_owned(),
+                PgRun::Running => format!(
+                    "replica<-{}",
+                    pg.streaming_from
+                        .map(|s| w.nodes[s].name.clone())
+                        .unwrap_or_else(|| "none".into())
+                ),
+                PgRun::Starting { .. } => "starting".into(),
+                PgRun::Down => "down".into(),
+                PgRun::Crashed => "crashed".into(),
+            };
+            format!(
+                "{}[{}{}, tl{} wal{}{}]",
+                n.name,
+                role,
+                if n.alive { "" } else { ", agent dead" },
+                pg.timeline,
+                pg.wal.len(),
+                if n.tags.nofailover { ", nofailover" } else { "" }
+            )
+        })
+        .collect();
+    format!("leader key: {leader}; {}", nodes.join(" "))
+}
