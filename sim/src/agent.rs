@@ -106,6 +106,7 @@ pub struct Agent {
     lease: Option<i64>,
     last_keepalive: Option<Us>,
     believes_leader: bool,
+    lease_certain_until: Option<std::time::Instant>,
     task: Option<Task>,
     task_failed: Option<(TaskKind, String)>,
     following: Option<String>,
@@ -144,6 +145,7 @@ impl Agent {
             lease: None,
             last_keepalive: None,
             believes_leader: false,
+            lease_certain_until: None,
             task: None,
             task_failed: None,
             following: None,
@@ -166,6 +168,19 @@ impl Agent {
     fn local(&self) -> Us {
         let w = self.w.borrow();
         w.nodes[self.me].local_now(w.now)
+    }
+
+    fn instant_now(&self) -> std::time::Instant {
+        let local = self.local();
+        self.w.borrow().instant(local)
+    }
+
+    fn check_lease_for_writes(&self) -> Result<(), ActionError> {
+        if timing::may_open_for_writes(self.lease_certain_until, self.fence, self.instant_now()) {
+            Ok(())
+        } else {
+            Err(ActionError::Failed("lease not certain long enough".into()))
+        }
     }
 
     fn log(&self, line: impl FnOnce() -> String) {
@@ -281,8 +296,12 @@ impl Agent {
     /// `HaLoop::renew`.
     async fn renew(&mut self) -> LeaseCheck {
         match self.renew_leader().await {
+            Ok(renewal) if !timing::renewal_confirms(renewal, self.fence, self.instant_now()) => {
+                LeaseCheck::Unconfirmed
+            }
             Ok(renewal) => {
                 self.believes_leader = true;
+                self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
                 let deadline = timing::fence_deadline(renewal, self.fence);
                 let local = self.w.borrow().local_of_instant(deadline);
                 self.w.borrow_mut().nodes[self.me].fence = Some(local);
@@ -291,6 +310,7 @@ impl Agent {
             Err(DcsErr::Unreachable) => LeaseCheck::Unconfirmed,
             Err(_) => {
                 self.believes_leader = false;
+                self.lease_certain_until = None;
                 LeaseCheck::Lost
             }
         }
@@ -447,6 +467,7 @@ impl Agent {
             self.renew().await
         } else {
             self.believes_leader = false;
+            self.lease_certain_until = None;
             self.set_fence(None);
             LeaseCheck::NotHeld
         };
@@ -741,6 +762,7 @@ impl Agent {
                 })
                 .await?;
                 self.believes_leader = false;
+                self.lease_certain_until = None;
                 self.set_fence(None);
                 self.log(|| "released the leader lock".into());
                 Ok(true)
@@ -778,6 +800,7 @@ impl Agent {
                 };
                 self.following = upstream.clone();
                 if *primary {
+                    self.check_lease_for_writes()?;
                     let automatic = !matches!(outcome, Outcome::TakingOverAsCandidate);
                     self.w.borrow_mut().events.push(Event::OpensForWrites {
                         node: self.me,
@@ -825,6 +848,7 @@ impl Agent {
                 Ok(true)
             }
             Action::Promote => {
+                self.check_lease_for_writes()?;
                 let automatic = !matches!(outcome, Outcome::TakingOverAsCandidate);
                 let me = self.me;
                 let mut w = self.w.borrow_mut();

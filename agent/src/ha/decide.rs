@@ -190,6 +190,7 @@ pub enum Outcome {
     DemotingForOtherLeader { leader: String },
     RewindingToFollow { leader: String },
     WaitingForLeaderCheckpoint { leader: String },
+    DivergedFromLeader { leader: String },
     StartingAsReplica { leader: String },
     FollowingLeader { leader: String },
     NoLeaderRacing,
@@ -257,6 +258,10 @@ impl fmt::Display for Outcome {
             Outcome::WaitingForLeaderCheckpoint { leader } => write!(
                 f,
                 "waiting for {leader} to checkpoint after its promotion before pg_rewind"
+            ),
+            Outcome::DivergedFromLeader { leader } => write!(
+                f,
+                "this standby's timeline was abandoned before its position; stopping to rewind against {leader}"
             ),
             Outcome::StartingAsReplica { leader } => {
                 write!(f, "starting as a replica of {leader}")
@@ -683,9 +688,16 @@ fn decide_with_other_leader(
             let leader_checkpointed = view
                 .member(&leader)
                 .is_none_or(|m| m.record.checkpoint_after_promote != Some(false));
-            if obs.data_dir.was_primary() && me.use_pg_rewind && !leader_checkpointed {
+            let diverged = match &obs.data_dir {
+                DataDir::Initialized { control, .. } => {
+                    diverged_from(view, control.timeline, control.checkpoint_lsn)
+                }
+                _ => false,
+            };
+            let needs_rewind = obs.data_dir.was_primary() || diverged;
+            if needs_rewind && me.use_pg_rewind && !leader_checkpointed {
                 Decision::new(Outcome::WaitingForLeaderCheckpoint { leader }, vec![])
-            } else if obs.data_dir.was_primary() && me.use_pg_rewind {
+            } else if needs_rewind && me.use_pg_rewind {
                 Decision::new(
                     Outcome::RewindingToFollow {
                         leader: leader.clone(),
@@ -704,6 +716,23 @@ fn decide_with_other_leader(
                 )
             }
         }
+        // A standby on a timeline the cluster left before its position cannot stream from the
+        // leader ever again (Patroni `_check_timeline_and_lsn`): stop it, so that the next
+        // cycle rewinds it. Found by the simulation (seed 1002, 3 members): a replica that had
+        // streamed from a short-lived leader stayed stuck on its abandoned timeline.
+        PostgresView::Running(s)
+            if s.in_recovery
+                && !s.streaming
+                && me.use_pg_rewind
+                && diverged_from(view, s.timeline, s.wal_position()) =>
+        {
+            Decision::new(
+                Outcome::DivergedFromLeader {
+                    leader: leader.clone(),
+                },
+                vec![Action::StopPostgres(StopMode::Fast)],
+            )
+        }
         PostgresView::Running(_) => Decision::new(
             Outcome::FollowingLeader {
                 leader: leader.clone(),
@@ -718,12 +747,25 @@ fn decide_with_other_leader(
     }
 }
 
+/// Did the cluster leave `timeline` at a position before `position`? Then a member at that
+/// timeline and position has WAL the leader does not have and must be rewound to follow. Judged
+/// from the DCS `history` (each line: the timeline that ended and where).
+fn diverged_from(view: &ClusterView, timeline: Option<u32>, position: Option<u64>) -> bool {
+    let (Some(timeline), Some(position)) = (timeline, position) else {
+        return false;
+    };
+    view.history
+        .iter()
+        .any(|line| line.timeline == timeline && line.lsn < position)
+}
+
 /// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
 fn healthiest(
     view: &ClusterView,
     me: &MemberFacts,
     my_position: u64,
     peers: &[PeerAnswer],
+    wall_now: chrono::DateTime<chrono::Utc>,
 ) -> Result<(), NotEligible> {
     if !super::sync::may_race(me.synchronous_mode, &me.name, view) {
         return Err(NotEligible::NotSynchronous);
@@ -737,8 +779,12 @@ fn healthiest(
             });
         }
     }
+    let former = handed_over(view, wall_now);
     for peer in peers {
         let Some(p) = &peer.status else { continue };
+        if !p.is_primary && former == Some(peer.name.as_str()) {
+            continue;
+        }
         // In synchronous mode only the recorded synchronous standby may take over (Patroni's
         // `is_healthiest_node` filters the candidates by `sync`): deferring to a member that
         // may not race would leave the cluster without a leader.
@@ -764,6 +810,29 @@ fn healthiest(
         }
     }
     Ok(())
+}
+
+/// Could another member take the lock: a running replica that may race and is not tagged
+/// `nofailover`?
+fn others_may_take_over(view: &ClusterView, me: &MemberFacts, peers: &[PeerAnswer]) -> bool {
+    peers.iter().any(|p| {
+        p.name != me.name
+            && p.status.as_ref().is_some_and(|s| {
+                !s.nofailover && !s.is_primary && s.state == "running" && !s.watchdog_failed
+            })
+            && super::sync::may_race(me.synchronous_mode, &p.name, view)
+    })
+}
+
+/// The member that handed over in a due switchover: it stays out of the race, so others do
+/// not defer to it.
+fn handed_over(view: &ClusterView, wall_now: chrono::DateTime<chrono::Utc>) -> Option<&str> {
+    let request = &view.failover.as_ref()?.value;
+    let due = request.scheduled_at.as_deref().is_none_or(|at| {
+        chrono::DateTime::parse_from_rfc3339(at)
+            .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= wall_now)
+    });
+    due.then_some(request.leader.as_deref()).flatten()
 }
 
 fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts) -> Decision {
@@ -817,8 +886,13 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
                 }
                 _ => {}
             }
-            // The member that handed over does not race back for the lock.
-            if request.leader.as_deref() == Some(me.name.as_str()) {
+            // The member that handed over does not race back for the lock, unless nobody
+            // else could take it (Patroni: "All nodes are unhealthy, so the old primary
+            // should participate in the race"); in synchronous mode with no recorded standby
+            // the cluster stayed leaderless (simulation seeds 2024 and 2147).
+            if request.leader.as_deref() == Some(me.name.as_str())
+                && others_may_take_over(view, me, peers)
+            {
                 return Decision::new(
                     Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover),
                     vec![],
@@ -837,7 +911,7 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
         }
         PostgresView::Running(s) => {
             let position = s.wal_position().unwrap_or(0);
-            match healthiest(view, me, position, peers) {
+            match healthiest(view, me, position, peers, obs.wall_now) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
                     vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots],
@@ -851,7 +925,7 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
             if obs.data_dir.was_primary() =>
         {
             let position = obs.data_dir.checkpoint_lsn().unwrap_or(0);
-            match healthiest(view, me, position, peers) {
+            match healthiest(view, me, position, peers, obs.wall_now) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
                     vec![

@@ -466,6 +466,10 @@ impl HaLoop {
     /// Renews the lease and moves the fence forward on success.
     async fn renew(&mut self) -> LeaseCheck {
         match self.dcs.renew_leader().await {
+            Ok(renewal) if !timing::renewal_confirms(renewal, self.fence, Instant::now()) => {
+                warn!("the lease renewal was answered after its fence deadline; treating it as unconfirmed");
+                LeaseCheck::Unconfirmed
+            }
             Ok(renewal) => {
                 self.believes_leader = true;
                 self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
@@ -689,6 +693,19 @@ impl HaLoop {
         Ok(Next::Wait)
     }
 
+    /// Postgres may become writable only while the lease is certain for at least the stop
+    /// margin; a plan that runs late (the agent was frozen after deciding) must not open for
+    /// writes on a lease that may have expired.
+    fn check_lease_for_writes(&self) -> Result<(), ActionError> {
+        if timing::may_open_for_writes(self.lease_certain_until, self.fence, Instant::now()) {
+            Ok(())
+        } else {
+            Err(ActionError::Failed(
+                "the leader lease is not certain long enough to open postgres for writes".into(),
+            ))
+        }
+    }
+
     /// Undoes what a plan that stopped early must not leave behind (`decide::compensation`).
     async fn compensate(&mut self, obs: &Observation, done: &[Action]) {
         for action in decide::compensation(done) {
@@ -818,6 +835,9 @@ impl HaLoop {
                 Ok(true)
             }
             Action::StartPostgres { primary, upstream } => {
+                if *primary {
+                    self.check_lease_for_writes()?;
+                }
                 if let Some(wait) = self.restart_backoff() {
                     return Err(ActionError::Failed(format!(
                         "postgres crashed {} time(s) right after starting; next start in {:.0?}",
@@ -881,6 +901,7 @@ impl HaLoop {
                 Ok(true)
             }
             Action::Promote => {
+                self.check_lease_for_writes()?;
                 self.probe
                     .execute("SELECT pg_promote(false)")
                     .await

@@ -46,6 +46,25 @@ pub fn fence_deadline(renewal: LeaseRenewal, policy: FencePolicy) -> Instant {
         .max(renewal.sent_at)
 }
 
+/// Does a renewal answer still confirm the lease when it is read at `now`? An answer that
+/// arrives after its own fence deadline (the agent was frozen, or the request hung) proves
+/// nothing for the time ahead: the fence may already have fired and another member may hold
+/// the key by now. It counts as unconfirmed (simulation seed 2056, 3 members).
+pub fn renewal_confirms(renewal: LeaseRenewal, policy: FencePolicy, now: Instant) -> bool {
+    now < fence_deadline(renewal, policy)
+}
+
+/// May postgres be made writable (promoted, or started as a primary) at `now`, with the lease
+/// certain until `certain_until`? Only with at least the stop margin left: an action that runs
+/// late, after a freeze, must not open for writes on a lease that may have expired.
+pub fn may_open_for_writes(
+    certain_until: Option<Instant>,
+    policy: FencePolicy,
+    now: Instant,
+) -> bool {
+    certain_until.is_some_and(|until| now + policy.stop_margin < until)
+}
+
 /// When the next HA cycle starts: `loop_wait` after the previous start, or at once if the cycle
 /// overran (Patroni: "Loop time exceeded, rescheduling immediately").
 pub fn next_cycle(started: Instant, loop_wait: Duration, now: Instant) -> Instant {
@@ -89,6 +108,27 @@ mod tests {
             prop_assert!(deadline <= expiry_ours);
             prop_assert!(deadline >= t0);
         }
+    }
+
+    #[test]
+    fn a_renewal_read_after_its_fence_deadline_confirms_nothing() {
+        let t0 = Instant::now();
+        let policy = FencePolicy::default();
+        let r = renewal(t0, 30);
+        assert!(renewal_confirms(r, policy, t0 + Duration::from_secs(1)));
+        let deadline = fence_deadline(r, policy);
+        assert!(!renewal_confirms(r, policy, deadline));
+        assert!(!renewal_confirms(r, policy, t0 + Duration::from_secs(60)));
+    }
+
+    #[test]
+    fn postgres_opens_for_writes_only_on_a_lease_with_margin_left() {
+        let t0 = Instant::now();
+        let policy = FencePolicy::default();
+        let until = lease_certain_until(renewal(t0, 30), policy);
+        assert!(may_open_for_writes(Some(until), policy, t0));
+        assert!(!may_open_for_writes(Some(until), policy, until - policy.stop_margin));
+        assert!(!may_open_for_writes(None, policy, t0));
     }
 
     #[test]
