@@ -420,11 +420,7 @@ impl Agent {
                 let status = answers_api.then(|| PeerStatus {
                     name: m.name.clone(),
                     is_primary: n.pg.writable(),
-                    wal_position: if n.pg.initialized {
-                        n.pg.position()
-                    } else {
-                        0
-                    },
+                    wal_position: if n.pg.initialized { n.pg.position() } else { 0 },
                     nofailover: n.tags.nofailover || n.tags.failover_priority == 0,
                     failover_priority: n.tags.failover_priority,
                     watchdog_failed: false,
@@ -558,7 +554,9 @@ impl Agent {
             let (outcome, actions) = (decision.outcome.to_string(), decision.actions.clone());
             self.log(|| format!("{outcome} {actions:?}"));
         }
-        let next = self.execute(&obs, &decision.outcome, decision.actions).await?;
+        let next = self
+            .execute(&obs, &decision.outcome, decision.actions)
+            .await?;
         self.touch_member(&obs).await;
         Ok(next)
     }
@@ -651,7 +649,10 @@ impl Agent {
                         w.nodes[src].name.clone()
                     ));
                 }
-                let source = t.snapshot.clone().unwrap_or_else(|| w.nodes[src].pg.clone());
+                let source = t
+                    .snapshot
+                    .clone()
+                    .unwrap_or_else(|| w.nodes[src].pg.clone());
                 let pg = &mut w.nodes[me].pg;
                 pg.initialized = true;
                 pg.wal = source.wal;
@@ -979,7 +980,9 @@ impl Agent {
                 .dcs(move |s, _| s.put_sync(Some(st), Some(revision)))
                 .await?
             {
-                return Err(ActionError::Failed("the `sync` key changed under us".into()));
+                return Err(ActionError::Failed(
+                    "the `sync` key changed under us".into(),
+                ));
             }
             revision = -1;
         }
@@ -1013,12 +1016,20 @@ impl Agent {
             tags.insert("nofailover".into(), true.into());
         }
         if node.tags.failover_priority != 1 {
-            tags.insert("failover_priority".into(), node.tags.failover_priority.into());
+            tags.insert(
+                "failover_priority".into(),
+                node.tags.failover_priority.into(),
+            );
         }
         MemberRecord {
             conn_url: conn_url(self.me),
             api_url: api_url(self.me),
-            state: if status.is_some() { "running" } else { "stopped" }.into(),
+            state: if status.is_some() {
+                "running"
+            } else {
+                "stopped"
+            }
+            .into(),
             role: role.into(),
             version: pgwarden::dcs::PATRONI_API_VERSION.into(),
             xlog_location: status.as_ref().and_then(|p| p.wal_position()),
@@ -1074,4 +1085,3 @@ impl Agent {
         }
     }
 }
-

@@ -25,7 +25,11 @@ pub use sim::{run, schedule, Report, Violation};
 
 /// Runs `count` schedules from `first` on (seeds `first`, `first + 1`, …), alternating 3 and 5
 /// members unless `members` is given; returns the first violation.
-pub fn campaign(first: u64, count: u64, members: Option<usize>) -> Result<CampaignReport, Violation> {
+pub fn campaign(
+    first: u64,
+    count: u64,
+    members: Option<usize>,
+) -> Result<CampaignReport, Violation> {
     let mut report = CampaignReport::default();
     for seed in first..first.saturating_add(count) {
         let m = members.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });

@@ -74,7 +74,8 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
         ttl,
         loop_wait,
         retry_timeout,
-        maximum_lag_on_failover: [256 * 1024, 1024 * 1024, 16 * 1024 * 1024][rng.random_range(0..3)],
+        maximum_lag_on_failover: [256 * 1024, 1024 * 1024, 16 * 1024 * 1024]
+            [rng.random_range(0..3)],
         synchronous_mode,
         strict: synchronous_mode && rng.random_bool(0.3),
     };
@@ -244,7 +245,11 @@ impl std::fmt::Display for Violation {
 type Task = Pin<Box<dyn Future<Output = ()>>>;
 
 /// Runs one schedule. With `trace`, the world's log is returned (and printed by the caller).
-pub fn run(seed: u64, members: Option<usize>, trace: bool) -> (Result<Report, Violation>, Vec<String>) {
+pub fn run(
+    seed: u64,
+    members: Option<usize>,
+    trace: bool,
+) -> (Result<Report, Violation>, Vec<String>) {
     let sched = schedule(seed, members);
     let world = World {
         now: 0,
@@ -465,9 +470,7 @@ impl Sim {
                 set_config(&mut w.store, "pause", serde_json::Value::Bool(true));
                 let resume_at = now + dur;
                 drop(w);
-                self.sched
-                    .faults
-                    .push((resume_at, Fault::Resume));
+                self.sched.faults.push((resume_at, Fault::Resume));
                 self.sched.faults.sort_by_key(|(at, _)| *at);
             }
             Fault::Resume => {
@@ -487,7 +490,9 @@ impl Sim {
         w.log(|| "QUIET: all faults healed".into());
         w.partitions.clear();
         w.dcs_down_until = 0;
-        if w.config_value("pause").is_some_and(|p| p.as_bool() == Some(true)) {
+        if w.config_value("pause")
+            .is_some_and(|p| p.as_bool() == Some(true))
+        {
             set_config(&mut w.store, "pause", serde_json::Value::Null);
         }
         for n in &mut w.nodes {
@@ -503,7 +508,9 @@ impl Sim {
     fn restarts(&mut self) {
         let now = self.w.borrow().now;
         for i in 0..self.tasks.len() {
-            let due = self.w.borrow().nodes[i].restart_at.is_some_and(|r| r <= now);
+            let due = self.w.borrow().nodes[i]
+                .restart_at
+                .is_some_and(|r| r <= now);
             if due {
                 {
                     let mut w = self.w.borrow_mut();
@@ -763,7 +770,11 @@ pub fn describe(w: &World) -> String {
                 if n.alive { "" } else { ", agent dead" },
                 pg.timeline,
                 pg.wal.len(),
-                if n.tags.nofailover { ", nofailover" } else { "" }
+                if n.tags.nofailover {
+                    ", nofailover"
+                } else {
+                    ""
+                }
             )
         })
         .collect();

@@ -485,7 +485,9 @@ impl World {
 
     pub fn linked(&self, a: usize, b: usize) -> bool {
         let key = (a.min(b), a.max(b));
-        self.partitions.get(&key).is_none_or(|until| self.now >= *until)
+        self.partitions
+            .get(&key)
+            .is_none_or(|until| self.now >= *until)
     }
 
     /// Can `node` stream WAL from `from` right now?
@@ -680,7 +682,14 @@ impl World {
                 application_name: node.name.clone(),
                 client_addr: None,
                 state: "streaming".into(),
-                sync_state: if sync { "sync" } else if listed { "potential" } else { "async" }.into(),
+                sync_state: if sync {
+                    "sync"
+                } else if listed {
+                    "potential"
+                } else {
+                    "async"
+                }
+                .into(),
                 sync_priority: i32::from(listed),
             });
         }

@@ -31,7 +31,10 @@ fn random_schedules_pass() {
                 .map(|d| d.as_nanos() as u64 % 1_000_000_000_000)
                 .unwrap_or(0)
         });
-    println!("simulating {count} schedules, seeds {from}..{}", from + count);
+    println!(
+        "simulating {count} schedules, seeds {from}..{}",
+        from + count
+    );
     let started = std::time::Instant::now();
     match pgwarden_sim::campaign(from, count, None) {
         Ok(r) => println!("{r} in {:.1?}", started.elapsed()),

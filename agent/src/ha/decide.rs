@@ -690,7 +690,7 @@ fn decide_with_other_leader(
                 .is_none_or(|m| m.record.checkpoint_after_promote != Some(false));
             let diverged = match &obs.data_dir {
                 DataDir::Initialized { control, .. } => {
-                    diverged_from(view, control.timeline, control.checkpoint_lsn)
+                    diverged_from(view, &leader, control.timeline, control.checkpoint_lsn)
                 }
                 _ => false,
             };
@@ -724,7 +724,7 @@ fn decide_with_other_leader(
             if s.in_recovery
                 && !s.streaming
                 && me.use_pg_rewind
-                && diverged_from(view, s.timeline, s.wal_position()) =>
+                && diverged_from(view, &leader, s.timeline, s.wal_position()) =>
         {
             Decision::new(
                 Outcome::DivergedFromLeader {
@@ -750,13 +750,22 @@ fn decide_with_other_leader(
 /// Did the cluster leave `timeline` at a position before `position`? Then a member at that
 /// timeline and position has WAL the leader does not have and must be rewound to follow. Judged
 /// from the DCS `history` (each line: the timeline that ended and where).
-fn diverged_from(view: &ClusterView, timeline: Option<u32>, position: Option<u64>) -> bool {
+/// A timeline newer than the leader's is a branch the leader never had.
+fn diverged_from(
+    view: &ClusterView,
+    leader: &str,
+    timeline: Option<u32>,
+    position: Option<u64>,
+) -> bool {
     let (Some(timeline), Some(position)) = (timeline, position) else {
         return false;
     };
-    view.history
-        .iter()
-        .any(|line| line.timeline == timeline && line.lsn < position)
+    let leader_timeline = view.member(leader).and_then(|m| m.record.timeline);
+    leader_timeline.is_some_and(|lt| timeline > lt)
+        || view
+            .history
+            .iter()
+            .any(|line| line.timeline == timeline && line.lsn < position)
 }
 
 /// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
@@ -1753,7 +1762,10 @@ mod tests {
     #[test]
     fn a_won_bootstrap_race_without_a_bootstrap_is_withdrawn() {
         let race = Action::RaceInitialize(String::new());
-        assert_eq!(compensation(&[race.clone()]), vec![Action::CancelInitialize]);
+        assert_eq!(
+            compensation(&[race.clone()]),
+            vec![Action::CancelInitialize]
+        );
         assert_eq!(
             compensation(&[race.clone(), Action::AcquireLeader]),
             vec![Action::CancelInitialize]
@@ -1761,5 +1773,149 @@ mod tests {
         assert!(compensation(&[]).is_empty());
         assert!(compensation(&[race, Action::AcquireLeader, Action::StartBootstrap]).is_empty());
         assert!(compensation(&[Action::RaceInitialize(SYSID.into())]).is_empty());
+    }
+
+    /// Patroni `_check_timeline_and_lsn`: a standby whose timeline the cluster left before its
+    /// position, or that is on a timeline newer than the leader's, stops to be rewound; one at
+    /// or before the switch point keeps following (simulation seeds 1002 and 2013).
+    #[test]
+    fn a_standby_on_an_abandoned_timeline_stops_to_rewind() {
+        let with_history = |dcs: DcsView, leader_tl: u32| match dcs {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.history = vec![crate::dcs::HistoryLine {
+                    timeline: 1,
+                    lsn: 150,
+                    reason: String::new(),
+                    timestamp: None,
+                    new_leader: Some("pg1".into()),
+                }];
+                if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                    m.record.timeline = Some(leader_tl);
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let standby = |position: u64, timeline: u32| PostgresStatus {
+            timeline: Some(timeline),
+            streaming: false,
+            ..replica(position)
+        };
+        let d = decide(
+            &obs(
+                with_history(view(Some("pg1"), Some(SYSID)), 2),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby(200, 1)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+        let d = decide(
+            &obs(
+                with_history(view(Some("pg1"), Some(SYSID)), 2),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby(150, 1)),
+            ),
+            &me(),
+        );
+        assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+        let d = decide(
+            &obs(
+                with_history(view(Some("pg1"), Some(SYSID)), 2),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby(100, 3)),
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+        // Stopped, the diverged standby is rewound although it never was a primary.
+        let stopped_standby = DataDir::Initialized {
+            control: ControlData {
+                system_identifier: SYSID.into(),
+                state: ClusterState::ShutDownInRecovery,
+                timeline: Some(1),
+                checkpoint_lsn: Some(200),
+                raw: Default::default(),
+            },
+            standby_signal: true,
+        };
+        let d = decide(
+            &obs(
+                with_history(view(Some("pg1"), Some(SYSID)), 2),
+                LeaseCheck::NotHeld,
+                stopped_standby,
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::StartRewind {
+                leader: "pg1".into()
+            }]
+        );
+    }
+
+    /// Patroni `manual_failover_process_no_leader`: the member that handed over races when no
+    /// other member could take the lock (simulation seeds 2024, 2147); otherwise it stays out,
+    /// and the others do not defer to it.
+    #[test]
+    fn the_former_leader_of_a_switchover_races_only_when_nobody_else_can() {
+        let with_request = |dcs: DcsView| match dcs {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.failover = Some(Versioned {
+                    value: crate::dcs::FailoverRequest {
+                        leader: Some("pg0".into()),
+                        member: None,
+                        scheduled_at: None,
+                    },
+                    revision: 3,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let mut o = obs(
+            with_request(view(None, Some(SYSID))),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        o.peers = Some(vec![peer("pg1", 100, false)]);
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover)
+        );
+        // pg1 is tagged nofailover: nobody else can take over, so pg0 races.
+        let mut p = peer("pg1", 100, false);
+        if let Some(s) = p.status.as_mut() {
+            s.nofailover = true;
+        }
+        o.peers = Some(vec![p]);
+        assert_eq!(
+            decide(&o, &me()).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
+        // pg1 does not defer to pg0's higher priority: pg0 handed over.
+        let mut o1 = obs(
+            with_request(view(None, Some(SYSID))),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        let mut former = peer("pg0", 100, false);
+        if let Some(s) = former.status.as_mut() {
+            s.failover_priority = 9;
+        }
+        o1.peers = Some(vec![former]);
+        assert_eq!(
+            decide(&o1, &MemberFacts::named("pg1")).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
     }
 }

@@ -127,7 +127,11 @@ mod tests {
         let policy = FencePolicy::default();
         let until = lease_certain_until(renewal(t0, 30), policy);
         assert!(may_open_for_writes(Some(until), policy, t0));
-        assert!(!may_open_for_writes(Some(until), policy, until - policy.stop_margin));
+        assert!(!may_open_for_writes(
+            Some(until),
+            policy,
+            until - policy.stop_margin
+        ));
         assert!(!may_open_for_writes(None, policy, t0));
     }
 
