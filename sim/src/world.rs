@@ -589,13 +589,13 @@ impl World {
             if let Some(u) = streaming {
                 // Lag: most ticks a standby catches up fully, some ticks it stays behind.
                 if self.rng.random_bool(0.7) {
-                    let src = self.nodes[u].pg.wal.clone();
-                    let tl = self.nodes[u].pg.timeline;
-                    let hist = self.nodes[u].pg.tl_history.clone();
-                    let pg = &mut self.nodes[i].pg;
-                    pg.wal.extend_from_slice(&src[pg.wal.len()..]);
-                    pg.timeline = tl;
-                    pg.tl_history = hist;
+                    let (dst, src) = pair(&mut self.nodes, i, u);
+                    let from = dst.pg.wal.len();
+                    dst.pg.wal.extend_from_slice(&src.pg.wal[from..]);
+                    if dst.pg.timeline != src.pg.timeline {
+                        dst.pg.timeline = src.pg.timeline;
+                        dst.pg.tl_history = src.pg.tl_history.clone();
+                    }
                 }
             }
         }
@@ -694,6 +694,17 @@ impl World {
             });
         }
         rows
+    }
+}
+
+/// `nodes[i]` mutably and `nodes[u]` shared, for `i != u`.
+fn pair(nodes: &mut [Node], i: usize, u: usize) -> (&mut Node, &Node) {
+    if i < u {
+        let (l, r) = nodes.split_at_mut(u);
+        (&mut l[i], &r[0])
+    } else {
+        let (l, r) = nodes.split_at_mut(i);
+        (&mut r[0], &l[u])
     }
 }
 

@@ -498,6 +498,7 @@ fn decide_as_lock_holder(
                 &request.value,
                 status,
                 me.maximum_lag_on_failover,
+                me.synchronous_mode,
             ) {
                 // A switchover requested right after our promotion may be handled before any
                 // healthy cycle ran: record our timeline switch first, or `history` would
@@ -574,6 +575,7 @@ fn leader_handles_failover(
     request: &crate::dcs::FailoverRequest,
     status: &crate::state::PostgresStatus,
     maximum_lag: u64,
+    synchronous_mode: bool,
 ) -> Option<Decision> {
     let me = view.leader_name()?;
     if request.leader.as_deref().is_some_and(|l| l != me) {
@@ -620,14 +622,19 @@ fn leader_handles_failover(
     }
     let optime = status.wal_flush_lsn.unwrap_or(0);
     let peers = obs.peers.as_deref().unwrap_or_default();
+    // In synchronous mode only a synchronous standby can take over: handing over to another
+    // one would leave nobody allowed to race, and the old leader would take the lock back and
+    // hand over again, forever (simulation seed 4020, 3 members).
     let healthy = |p: &PeerAnswer| {
-        p.status.as_ref().is_some_and(|s| {
-            !s.nofailover
-                && !s.is_primary
-                && s.state == "running"
-                && !s.watchdog_failed
-                && optime.saturating_sub(s.wal_position) <= maximum_lag
-        }) && p.name != me
+        super::sync::may_race(synchronous_mode, &p.name, view)
+            && p.status.as_ref().is_some_and(|s| {
+                !s.nofailover
+                    && !s.is_primary
+                    && s.state == "running"
+                    && !s.watchdog_failed
+                    && optime.saturating_sub(s.wal_position) <= maximum_lag
+            })
+            && p.name != me
     };
     let candidate_ok = match &request.member {
         Some(candidate) => peers.iter().any(|p| &p.name == candidate && healthy(p)),
@@ -1917,5 +1924,46 @@ mod tests {
             decide(&o1, &MemberFacts::named("pg1")).actions,
             vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
         );
+    }
+
+    /// Patroni refuses a switchover to a member that is not a synchronous standby in
+    /// synchronous mode; the leader aborts it instead of handing over to nobody (seed 4020).
+    #[test]
+    fn a_sync_leader_hands_over_only_to_its_synchronous_standby() {
+        let dcs = match with_sync(view(Some("pg0"), Some(SYSID)), "pg0", "pg2") {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.failover = Some(Versioned {
+                    value: crate::dcs::FailoverRequest {
+                        leader: Some("pg0".into()),
+                        member: None,
+                        scheduled_at: None,
+                    },
+                    revision: 3,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let mut o = obs(
+            dcs,
+            renewed(),
+            initialized(),
+            PostgresView::Running(pg(false)),
+        );
+        o.peers = Some(vec![peer("pg1", 100, false)]);
+        let sync_on = MemberFacts {
+            synchronous_mode: true,
+            ..me()
+        };
+        assert!(matches!(
+            decide(&o, &sync_on).outcome,
+            Outcome::SwitchoverAborted(_)
+        ));
+        o.peers = Some(vec![peer("pg1", 100, false), peer("pg2", 100, false)]);
+        assert!(matches!(
+            decide(&o, &sync_on).outcome,
+            Outcome::SwitchoverDemoting { candidate: None }
+        ));
     }
 }
