@@ -456,8 +456,18 @@ fn decide_as_lock_holder(
 ) -> Decision {
     let paused = view.is_paused();
     if paused && !matches!(obs.lease, LeaseCheck::Lost) && !obs.postgres.is_writable_primary() {
-        // Patroni §5.9: a paused leader whose postgres is not a running primary gives the key
-        // up instead of starting or promoting anything.
+        // Patroni §5.9: a paused leader whose postgres is down gives the key up instead of
+        // starting anything. One whose postgres still runs keeps the key: it may be a
+        // promotion under way, and releasing would let another member lead while it opens for
+        // writes (simulation seed 351818649976, 3 members: two primaries).
+        if obs.postgres.is_up() {
+            return Decision::new(
+                Outcome::PausedNoAction(
+                    "postgres runs but is not a primary; keeping the lock".into(),
+                ),
+                vec![],
+            );
+        }
         return Decision::new(
             Outcome::PausedNoAction(
                 "postgres is not running as primary; releasing the lock".into(),
@@ -1965,5 +1975,28 @@ mod tests {
             decide(&o, &sync_on).outcome,
             Outcome::SwitchoverDemoting { candidate: None }
         ));
+    }
+
+    /// §5.9 with the simulation's correction: a paused leader releases the lock only when
+    /// postgres is down, never while it runs (a promotion may be completing) (seed
+    /// 351818649976).
+    #[test]
+    fn a_paused_leader_keeps_the_lock_while_postgres_runs() {
+        for postgres in [
+            PostgresView::Running(pg(true)),
+            PostgresView::Starting,
+            PostgresView::Unresponsive,
+        ] {
+            let d = decide(
+                &obs(
+                    paused(view(Some("pg0"), Some(SYSID))),
+                    renewed(),
+                    initialized(),
+                    postgres,
+                ),
+                &me(),
+            );
+            assert_eq!(d.actions, vec![], "{:?}", d.outcome);
+        }
     }
 }
