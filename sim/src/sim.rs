@@ -662,7 +662,7 @@ impl Sim {
             } => {
                 self.promotions += 1;
                 let n = &w.nodes[node];
-                if !w.store.leader.as_ref().is_some_and(|l| l.name == n.name) {
+                if w.store.leader.as_ref().is_none_or(|l| l.name != n.name) {
                     return Err(self.violation(format!(
                         "{} opens postgres for writes without holding the leader key ({outcome}); {}",
                         n.name,

@@ -1780,7 +1780,7 @@ mod tests {
     fn a_won_bootstrap_race_without_a_bootstrap_is_withdrawn() {
         let race = Action::RaceInitialize(String::new());
         assert_eq!(
-            compensation(&[race.clone()]),
+            compensation(std::slice::from_ref(&race)),
             vec![Action::CancelInitialize]
         );
         assert_eq!(
