@@ -897,10 +897,15 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
                     )
                 }
                 Some(c) if c != me.name => {
-                    // Others wait while the candidate answers.
-                    let candidate_alive = peers
-                        .iter()
-                        .any(|p| p.name == c && p.status.as_ref().is_some_and(|s| !s.nofailover));
+                    // Others wait while the candidate could take over: it answers, may fail
+                    // over and its postgres runs (Patroni's `failover_limitation`). Waiting for
+                    // a candidate whose postgres is down waits forever (simulation seed 6004).
+                    let candidate_alive = peers.iter().any(|p| {
+                        p.name == c
+                            && p.status.as_ref().is_some_and(|s| {
+                                !s.nofailover && s.state == "running" && !s.watchdog_failed
+                            })
+                    });
                     if candidate_alive {
                         return Decision::new(
                             Outcome::DeferringToCandidate {
@@ -1998,5 +2003,48 @@ mod tests {
             );
             assert_eq!(d.actions, vec![], "{:?}", d.outcome);
         }
+    }
+
+    /// Patroni `failover_limitation`: members defer to a manual failover candidate only while
+    /// its postgres runs; a stopped candidate cannot take over, so the others race (seed 6004).
+    #[test]
+    fn members_do_not_wait_for_a_failover_candidate_whose_postgres_is_down() {
+        let dcs = match view(None, Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.failover = Some(Versioned {
+                    value: crate::dcs::FailoverRequest {
+                        leader: None,
+                        member: Some("pg2".into()),
+                        scheduled_at: None,
+                    },
+                    revision: 3,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let mut o = obs(
+            dcs,
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        o.peers = Some(vec![peer("pg2", 50, false)]);
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::DeferringToCandidate {
+                candidate: "pg2".into()
+            }
+        );
+        let mut stopped = peer("pg2", 50, false);
+        if let Some(s) = stopped.status.as_mut() {
+            s.state = "stopped".into();
+        }
+        o.peers = Some(vec![stopped]);
+        assert_eq!(
+            decide(&o, &me()).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
     }
 }
