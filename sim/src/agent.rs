@@ -654,6 +654,17 @@ impl Agent {
                     .clone()
                     .unwrap_or_else(|| w.nodes[src].pg.clone());
                 let pg = &mut w.nodes[me].pg;
+                // pg_rewind against a source whose WAL this data directory already contains
+                // (same history, source behind): "no rewind required", our WAL stays.
+                let contained = pg.initialized
+                    && source.wal.len() <= pg.wal.len()
+                    && pg.wal[..source.wal.len()] == source.wal[..];
+                if t.kind == TaskKind::Rewind && contained {
+                    pg.standby_signal = true;
+                    pg.control = ClusterState::ShutDownInRecovery;
+                    pg.upstream = Some(src);
+                    return Ok(());
+                }
                 pg.initialized = true;
                 pg.wal = source.wal;
                 pg.timeline = source.timeline;

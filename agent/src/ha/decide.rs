@@ -257,7 +257,7 @@ impl fmt::Display for Outcome {
             }
             Outcome::WaitingForLeaderCheckpoint { leader } => write!(
                 f,
-                "waiting for {leader} to checkpoint after its promotion before pg_rewind"
+                "waiting for {leader} to run as a primary and checkpoint after its promotion before pg_rewind"
             ),
             Outcome::DivergedFromLeader { leader } => write!(
                 f,
@@ -702,9 +702,14 @@ fn decide_with_other_leader(
     }
     match &obs.postgres {
         PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => {
-            let leader_checkpointed = view
-                .member(&leader)
-                .is_none_or(|m| m.record.checkpoint_after_promote != Some(false));
+            // Patroni `check_leader_is_not_in_recovery`: rewind only against a leader that
+            // runs as a primary and has checkpointed after its promotion. A switchover
+            // candidate that took the key but could not promote yet is still a standby
+            // (simulation seed 3074).
+            let leader_checkpointed = view.member(&leader).is_none_or(|m| {
+                m.record.checkpoint_after_promote != Some(false)
+                    && matches!(m.record.role.as_str(), "primary" | "master" | "")
+            });
             let diverged = match &obs.data_dir {
                 DataDir::Initialized { control, .. } => {
                     diverged_from(view, &leader, control.timeline, control.checkpoint_lsn)
@@ -2045,6 +2050,53 @@ mod tests {
         assert_eq!(
             decide(&o, &me()).actions,
             vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
+    }
+
+    /// Patroni `check_leader_is_not_in_recovery`: a former primary does not pg_rewind against
+    /// a leader that still runs as a standby (a switchover candidate that took the key but has
+    /// not promoted yet); it waits (simulation seed 3074).
+    #[test]
+    fn rewind_waits_until_the_leader_runs_as_a_primary() {
+        let with_role = |role: &str| match view(Some("pg1"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                    m.record.role = role.into();
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let d = decide(
+            &obs(
+                with_role("replica"),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert_eq!(
+            d.outcome,
+            Outcome::WaitingForLeaderCheckpoint {
+                leader: "pg1".into()
+            }
+        );
+        let d = decide(
+            &obs(
+                with_role("primary"),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Down,
+            ),
+            &me(),
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::StartRewind {
+                leader: "pg1".into()
+            }]
         );
     }
 }
