@@ -782,12 +782,19 @@ fn diverged_from(
     let (Some(timeline), Some(position)) = (timeline, position) else {
         return false;
     };
-    let leader_timeline = view.member(leader).and_then(|m| m.record.timeline);
-    leader_timeline.is_some_and(|lt| timeline > lt)
-        || view
-            .history
-            .iter()
-            .any(|line| line.timeline == timeline && line.lsn < position)
+    // `history` may name a switch away from the timeline the leader is on again (a stopped
+    // former primary of the old timeline took over later): only a leader on a newer timeline
+    // makes a member of an old one diverged (simulation seed 7197, 5 members: endless
+    // rewinds).
+    let Some(leader_timeline) = view.member(leader).and_then(|m| m.record.timeline) else {
+        return false;
+    };
+    timeline > leader_timeline
+        || (timeline < leader_timeline
+            && view
+                .history
+                .iter()
+                .any(|line| line.timeline == timeline && line.lsn < position))
 }
 
 /// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
@@ -2098,5 +2105,44 @@ mod tests {
                 leader: "pg1".into()
             }]
         );
+    }
+
+    /// A standby on the leader's own timeline is never diverged, even when `history` records a
+    /// switch away from that timeline at an earlier position (the leader of the old timeline
+    /// took over again); rewinding it would loop forever (simulation seed 7197, 5 members).
+    #[test]
+    fn a_standby_on_the_leaders_timeline_is_not_diverged() {
+        let dcs = match view(Some("pg1"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.history = vec![crate::dcs::HistoryLine {
+                    timeline: 1,
+                    lsn: 150,
+                    reason: String::new(),
+                    timestamp: None,
+                    new_leader: Some("pg2".into()),
+                }];
+                if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                    m.record.timeline = Some(1);
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let standby = PostgresStatus {
+            timeline: Some(1),
+            streaming: false,
+            ..replica(200)
+        };
+        let d = decide(
+            &obs(
+                dcs,
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby),
+            ),
+            &me(),
+        );
+        assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
     }
 }
