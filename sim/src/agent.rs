@@ -218,7 +218,8 @@ impl Agent {
         let timeout = self.dynamic.retry_timeout * SEC;
         let latency = {
             let mut w = self.w.borrow_mut();
-            if w.chance(0.02) {
+            let slow = !w.quiet && w.chance(0.02);
+            if slow {
                 w.between(timeout / 2, timeout * 3 / 2)
             } else {
                 w.between(MS, 20 * MS)

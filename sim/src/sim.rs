@@ -285,6 +285,8 @@ pub fn run(
         },
         events: Vec::new(),
         initial: sched.initial,
+        quiet: false,
+        max_timeline: 1,
     };
     let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(world));
     let mut sim = Sim {
@@ -488,6 +490,7 @@ impl Sim {
         let mut w = self.w.borrow_mut();
         let now = w.now;
         w.log(|| "QUIET: all faults healed".into());
+        w.quiet = true;
         w.partitions.clear();
         w.dcs_down_until = 0;
         if w.config_value("pause")

@@ -418,6 +418,11 @@ pub struct World {
     pub events: Vec<Event>,
     /// The cluster's `bootstrap.dcs`.
     pub initial: Initial,
+    /// Faults have stopped: no more slow DCS requests either.
+    pub quiet: bool,
+    /// The highest timeline any member has used: a promotion takes the next one, as postgres
+    /// does when every history file reaches the WAL archive.
+    pub max_timeline: u32,
 }
 
 /// `bootstrap.dcs` of the simulated cluster.
@@ -551,7 +556,8 @@ impl World {
                 pg.control = ClusterState::InProduction;
                 let at = pg.position();
                 pg.tl_history.push((pg.timeline, at));
-                pg.timeline += 1;
+                self.max_timeline = self.max_timeline.max(pg.timeline) + 1;
+                pg.timeline = self.max_timeline;
                 pg.wal.push(MARKER | self.next_write);
                 self.next_write += 1;
                 let (name, tl) = (self.nodes[i].name.clone(), self.nodes[i].pg.timeline);
