@@ -789,12 +789,17 @@ fn diverged_from(
     let Some(leader_timeline) = view.member(leader).and_then(|m| m.record.timeline) else {
         return false;
     };
+    // On an older timeline, the member can follow only if `history` shows the cluster left
+    // that timeline at or after its position. No such line means it is on a branch that is not
+    // in the leader's lineage (a leader that died promoted it; simulation seeds 7233, 8083),
+    // or the new leader has not recorded its history yet: stopping and rewinding is safe in
+    // both cases (pg_rewind then finds nothing to do).
     timeline > leader_timeline
         || (timeline < leader_timeline
-            && view
+            && !view
                 .history
                 .iter()
-                .any(|line| line.timeline == timeline && line.lsn < position))
+                .any(|line| line.timeline == timeline && line.lsn >= position))
 }
 
 /// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
@@ -2144,5 +2149,45 @@ mod tests {
             &me(),
         );
         assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+    }
+
+    /// A standby on an older timeline that `history` does not show the leader's lineage
+    /// leaving at or after its position is on a branch the leader never had: it is stopped to
+    /// be rewound (simulation seeds 7233 and 8083, 5 members).
+    #[test]
+    fn a_standby_on_a_branch_outside_the_leaders_lineage_stops_to_rewind() {
+        let dcs = match view(Some("pg1"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                // The leader went 1 -> 3; timeline 2 was another member's branch.
+                v.history = vec![crate::dcs::HistoryLine {
+                    timeline: 1,
+                    lsn: 150,
+                    reason: String::new(),
+                    timestamp: None,
+                    new_leader: Some("pg1".into()),
+                }];
+                if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                    m.record.timeline = Some(3);
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let standby = PostgresStatus {
+            timeline: Some(2),
+            streaming: false,
+            ..replica(120)
+        };
+        let d = decide(
+            &obs(
+                dcs,
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby),
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
     }
 }
