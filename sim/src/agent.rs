@@ -851,6 +851,28 @@ impl Agent {
                 Ok(true)
             }
             Action::SyncSlots => Ok(true),
+            Action::ClaimSync => {
+                let DcsView::Known(view) = &obs.dcs else {
+                    return Err(ActionError::Failed("the DCS view is unknown".into()));
+                };
+                let current = view.sync.as_ref();
+                if current.is_some_and(|s| s.value.leader.as_deref() == Some(&self.name)) {
+                    return Ok(true);
+                }
+                let claim = SyncState {
+                    leader: Some(self.name.clone()),
+                    sync_standby: None,
+                    quorum: 0,
+                };
+                let revision = current.map(|s| s.revision).unwrap_or(0);
+                if !self
+                    .dcs(move |s, _| s.put_sync(Some(claim), Some(revision)))
+                    .await?
+                {
+                    return Err(ActionError::Failed("the `sync` key changed".into()));
+                }
+                Ok(true)
+            }
             Action::ManageSync => {
                 let (DcsView::Known(view), PostgresView::Running(status)) =
                     (&obs.dcs, &obs.postgres)

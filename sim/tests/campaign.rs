@@ -5,50 +5,21 @@
 
 /// Seeds that found a bug, with the fix they check. Each must pass forever.
 const REGRESSIONS: &[(u64, usize, &str)] = &[
+    (8, 3, "the fence stays armed in pause"),
     (
-        8,
+        2056,
         3,
-        "the fence stays armed in pause: a paused leader cut from the DCS was never fenced",
+        "a renewal answered after its fence deadline is unconfirmed",
+    ),
+    (
+        641023133062,
+        3,
+        "a synchronous leader claims `sync` before opening for writes",
     ),
     (
         7,
         3,
-        "sync mode: the sync standby deferred to an asynchronous peer that may not race",
-    ),
-    (
-        100,
-        3,
-        "a won bootstrap race whose lock could not be taken is withdrawn",
-    ),
-    (
-        6,
-        3,
-        "pg_rewind against an unreachable leader is retried, not a permanent failure",
-    ),
-    (
-        2056,
-        3,
-        "a renewal answered after its fence deadline is unconfirmed; no late opening for writes",
-    ),
-    (
-        1002,
-        3,
-        "a standby on a timeline newer than the leader's is stopped and rewound",
-    ),
-    (
-        2013,
-        5,
-        "a standby the cluster's timeline left behind is stopped and rewound",
-    ),
-    (
-        2024,
-        3,
-        "the former leader of a switchover races when nobody else can",
-    ),
-    (
-        2147,
-        5,
-        "switchover in sync mode with no recorded standby: the former leader takes over",
+        "sync mode: the sync standby does not defer to a peer that may not race",
     ),
     (
         4020,
@@ -56,9 +27,36 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
         "a sync leader hands over only to its synchronous standby",
     ),
     (
-        351818649976,
+        2024,
         3,
-        "a paused leader keeps the lock while postgres runs (promotion under way)",
+        "the former leader of a switchover races when nobody else can",
+    ),
+    (2147, 5, "switchover in sync mode with no recorded standby"),
+    (
+        6004,
+        3,
+        "no waiting for a failover candidate whose postgres is down",
+    ),
+    (
+        100,
+        3,
+        "a won bootstrap race whose lock could not be taken is withdrawn",
+    ),
+    (6, 3, "pg_rewind against an unreachable leader is retried"),
+    (
+        3074,
+        3,
+        "no pg_rewind against a leader that has not promoted yet",
+    ),
+    (
+        1002,
+        3,
+        "a standby on a timeline newer than the leader's is rewound",
+    ),
+    (
+        7197,
+        5,
+        "a member on the leader's own timeline is not diverged",
     ),
 ];
 

@@ -91,6 +91,11 @@ pub enum Action {
     SyncSlots,
     /// Maintain `synchronous_standby_names` and the `sync` key (see `ha::sync`).
     ManageSync,
+    /// Synchronous mode, before postgres opens for writes: record `sync` as
+    /// `{leader: me, sync_standby: null}` (compare-and-set) unless it already names us. Until
+    /// then the previous leader and its standbys stay eligible in `sync`, although they may
+    /// lack the writes our standbys acknowledge once we are primary.
+    ClaimSync,
     /// Stop the agent with an error; nothing is touched.
     Fatal(String),
 }
@@ -320,6 +325,25 @@ fn is_sysid(s: &str) -> bool {
 
 /// Decides what to do this cycle.
 pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
+    let mut decision = decide_inner(obs, me);
+    if me.synchronous_mode {
+        // A new primary claims `sync` first (simulation seed 641023133062, 3 members: a
+        // promoted leader acknowledged writes through an unrecorded standby, died, and the old
+        // leader, still named in `sync`, took over without them).
+        let opens = decision.actions.iter().position(|a| {
+            matches!(
+                a,
+                Action::Promote | Action::StartPostgres { primary: true, .. }
+            )
+        });
+        if let Some(i) = opens {
+            decision.actions.insert(i, Action::ClaimSync);
+        }
+    }
+    decision
+}
+
+fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
     match &obs.task {
         TaskView::Running(kind) => return Decision::new(Outcome::TaskInProgress(*kind), vec![]),
         TaskView::Failed(TaskKind::Bootstrap, reason) => {
@@ -711,9 +735,13 @@ fn decide_with_other_leader(
                     && matches!(m.record.role.as_str(), "primary" | "master" | "")
             });
             let diverged = match &obs.data_dir {
-                DataDir::Initialized { control, .. } => {
-                    diverged_from(view, &leader, control.timeline, control.checkpoint_lsn)
-                }
+                DataDir::Initialized { control, .. } => diverged_from(
+                    view,
+                    &leader,
+                    control.timeline,
+                    control.checkpoint_lsn,
+                    true,
+                ),
                 _ => false,
             };
             let needs_rewind = obs.data_dir.was_primary() || diverged;
@@ -746,7 +774,7 @@ fn decide_with_other_leader(
             if s.in_recovery
                 && !s.streaming
                 && me.use_pg_rewind
-                && diverged_from(view, &leader, s.timeline, s.wal_position()) =>
+                && diverged_from(view, &leader, s.timeline, s.wal_position(), false) =>
         {
             Decision::new(
                 Outcome::DivergedFromLeader {
@@ -773,11 +801,19 @@ fn decide_with_other_leader(
 /// timeline and position has WAL the leader does not have and must be rewound to follow. Judged
 /// from the DCS `history` (each line: the timeline that ended and where).
 /// A timeline newer than the leader's is a branch the leader never had.
+///
+/// `from_control_file`: `timeline` and `position` are the control file's checkpoint (a stopped
+/// member), so they belong together. A running standby reports `pg_control_checkpoint()`'s
+/// timeline while its wal receiver is down, which lags behind the position it has replayed:
+/// for it only the unambiguous case (a timeline newer than the leader's) counts, or a standby
+/// that followed a switch correctly would be stopped and rewound over and over (the e2e test
+/// `after_a_switchover_a_killed_leader_still_rejoins` caught that).
 fn diverged_from(
     view: &ClusterView,
     leader: &str,
     timeline: Option<u32>,
     position: Option<u64>,
+    from_control_file: bool,
 ) -> bool {
     let (Some(timeline), Some(position)) = (timeline, position) else {
         return false;
@@ -795,7 +831,8 @@ fn diverged_from(
     // or the new leader has not recorded its history yet: stopping and rewinding is safe in
     // both cases (pg_rewind then finds nothing to do).
     timeline > leader_timeline
-        || (timeline < leader_timeline
+        || (from_control_file
+            && timeline < leader_timeline
             && !view
                 .history
                 .iter()
@@ -1751,7 +1788,12 @@ mod tests {
         };
         assert_eq!(
             decide(&o, &sync_on).actions,
-            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+            vec![
+                Action::AcquireLeader,
+                Action::ClaimSync,
+                Action::Promote,
+                Action::SyncSlots
+            ]
         );
         // Without synchronous mode the higher priority still wins.
         assert_eq!(
@@ -1841,6 +1883,7 @@ mod tests {
             streaming: false,
             ..replica(position)
         };
+        // Running, its reported timeline may be a stale checkpoint's: no judgement.
         let d = decide(
             &obs(
                 with_history(view(Some("pg1"), Some(SYSID)), 2),
@@ -1850,7 +1893,7 @@ mod tests {
             ),
             &me(),
         );
-        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+        assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
         let d = decide(
             &obs(
                 with_history(view(Some("pg1"), Some(SYSID)), 2),
@@ -2151,11 +2194,11 @@ mod tests {
         assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
     }
 
-    /// A standby on an older timeline that `history` does not show the leader's lineage
-    /// leaving at or after its position is on a branch the leader never had: it is stopped to
-    /// be rewound (simulation seeds 7233 and 8083, 5 members).
+    /// A stopped standby on an older timeline that `history` does not show the cluster
+    /// leaving at or after its checkpoint is on a branch the leader never had: it is rewound
+    /// (simulation seeds 7233 and 8083, 5 members, once stopped).
     #[test]
-    fn a_standby_on_a_branch_outside_the_leaders_lineage_stops_to_rewind() {
+    fn a_stopped_standby_on_a_branch_outside_the_leaders_lineage_is_rewound() {
         let dcs = match view(Some("pg1"), Some(SYSID)) {
             DcsView::Known(v) => {
                 let mut v = (*v).clone();
@@ -2174,20 +2217,70 @@ mod tests {
             }
             other => other,
         };
-        let standby = PostgresStatus {
-            timeline: Some(2),
-            streaming: false,
-            ..replica(120)
+        let stopped = DataDir::Initialized {
+            control: ControlData {
+                system_identifier: SYSID.into(),
+                state: ClusterState::ShutDownInRecovery,
+                timeline: Some(2),
+                checkpoint_lsn: Some(120),
+                raw: Default::default(),
+            },
+            standby_signal: true,
         };
         let d = decide(
-            &obs(
-                dcs,
-                LeaseCheck::NotHeld,
-                initialized(),
-                PostgresView::Running(standby),
-            ),
+            &obs(dcs, LeaseCheck::NotHeld, stopped, PostgresView::Down),
             &me(),
         );
-        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+        assert_eq!(
+            d.actions,
+            vec![Action::StartRewind {
+                leader: "pg1".into()
+            }]
+        );
+    }
+
+    /// In synchronous mode every path that opens postgres for writes claims `sync` first
+    /// (seed 641023133062); without synchronous mode nothing changes.
+    #[test]
+    fn a_synchronous_leader_claims_sync_before_opening_for_writes() {
+        let o = obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        let sync_on = MemberFacts {
+            synchronous_mode: true,
+            ..me()
+        };
+        assert_eq!(
+            decide(&o, &sync_on).actions,
+            vec![
+                Action::AcquireLeader,
+                Action::ClaimSync,
+                Action::Promote,
+                Action::SyncSlots
+            ]
+        );
+        assert_eq!(
+            decide(&o, &me()).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
+        let crashed = obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Crashed,
+        );
+        assert_eq!(
+            decide(&crashed, &sync_on).actions[..2],
+            [
+                Action::ClaimSync,
+                Action::StartPostgres {
+                    primary: true,
+                    upstream: None
+                }
+            ]
+        );
     }
 }

@@ -900,6 +900,28 @@ impl HaLoop {
                 self.manage_sync(view, status).await?;
                 Ok(true)
             }
+            Action::ClaimSync => {
+                let DcsView::Known(view) = &obs.dcs else {
+                    return Err(ActionError::Failed("the DCS view is unknown".into()));
+                };
+                let current = view.sync.as_ref();
+                if current.is_some_and(|s| s.value.leader.as_deref() == Some(&self.facts.name)) {
+                    return Ok(true);
+                }
+                let claim = crate::dcs::SyncState {
+                    leader: Some(self.facts.name.clone()),
+                    sync_standby: None,
+                    quorum: 0,
+                };
+                let revision = current.map(|s| s.revision).unwrap_or(0);
+                if !self.dcs.write_sync(Some(&claim), Some(revision)).await? {
+                    return Err(ActionError::Failed(
+                        "the `sync` key changed under us; not opening for writes".into(),
+                    ));
+                }
+                info!("claimed `sync` before opening postgres for writes");
+                Ok(true)
+            }
             Action::Promote => {
                 self.check_lease_for_writes()?;
                 self.probe
