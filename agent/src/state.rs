@@ -138,6 +138,10 @@ pub struct PostgresStatus {
     pub replication: Vec<ReplicationRow>,
     /// Parameters changed in the configuration that only take effect after a restart.
     pub pending_restart: Vec<String>,
+    /// Standby: the minimum recovery point, `(timeline, LSN)` from `pg_control_recovery()`.
+    /// Pages on disk never reflect WAL past it, and unlike `timeline` (the last restartpoint's
+    /// while the wal receiver is down) the pair is consistent.
+    pub min_recovery: Option<(u32, u64)>,
 }
 
 impl PostgresStatus {

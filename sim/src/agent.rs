@@ -388,6 +388,7 @@ impl Agent {
                 w.replication_rows(self.me)
             },
             pending_restart: vec![],
+            min_recovery: pg.in_recovery.then_some((pg.timeline, pos)),
         })
     }
 

@@ -36,6 +36,7 @@ fn pg(in_recovery: bool) -> PostgresStatus {
         system_identifier: Some("7310000000000000001".into()),
         replication: vec![],
         pending_restart: vec![],
+        min_recovery: None,
     }
 }
 

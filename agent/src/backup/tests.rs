@@ -159,6 +159,7 @@ fn status(leader: bool, switchover: bool) -> AgentStatus {
         system_identifier: None,
         replication: vec![],
         pending_restart: vec![],
+        min_recovery: None,
     });
     s.cluster = Some(Arc::new(ClusterView {
         leader: Some(LeaderKey {

@@ -735,13 +735,17 @@ fn decide_with_other_leader(
                     && matches!(m.record.role.as_str(), "primary" | "master" | "")
             });
             let diverged = match &obs.data_dir {
-                DataDir::Initialized { control, .. } => diverged_from(
-                    view,
-                    &leader,
-                    control.timeline,
-                    control.checkpoint_lsn,
-                    true,
-                ),
+                DataDir::Initialized { control, .. } => {
+                    diverged_from(
+                        view,
+                        &leader,
+                        control.timeline,
+                        control.checkpoint_lsn,
+                        true,
+                    ) || control.min_recovery().is_some_and(|(tl, at)| {
+                        diverged_from(view, &leader, Some(tl), Some(at), true)
+                    })
+                }
                 _ => false,
             };
             let needs_rewind = obs.data_dir.was_primary() || diverged;
@@ -774,7 +778,10 @@ fn decide_with_other_leader(
             if s.in_recovery
                 && !s.streaming
                 && me.use_pg_rewind
-                && diverged_from(view, &leader, s.timeline, s.wal_position(), false) =>
+                && (diverged_from(view, &leader, s.timeline, s.wal_position(), false)
+                    || s.min_recovery.is_some_and(|(tl, at)| {
+                        diverged_from(view, &leader, Some(tl), Some(at), true)
+                    })) =>
         {
             Decision::new(
                 Outcome::DivergedFromLeader {
@@ -1072,6 +1079,7 @@ mod tests {
             system_identifier: Some(SYSID.into()),
             replication: vec![],
             pending_restart: vec![],
+            min_recovery: None,
         }
     }
 
@@ -2282,5 +2290,66 @@ mod tests {
                 }
             ]
         );
+    }
+
+    /// A running standby is judged by its minimum recovery point, a consistent (timeline, LSN)
+    /// pair: past the point where `history` shows its timeline ending, it stops to be rewound;
+    /// on the leader's timeline it follows, whatever its stale checkpoint timeline says
+    /// (simulation seeds 2013, 7233, 8083; the e2e rewind loop of the first attempt).
+    #[test]
+    fn a_running_standby_is_judged_by_its_minimum_recovery_point() {
+        let dcs = || match view(Some("pg1"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.history = vec![crate::dcs::HistoryLine {
+                    timeline: 1,
+                    lsn: 150,
+                    reason: String::new(),
+                    timestamp: None,
+                    new_leader: Some("pg1".into()),
+                }];
+                if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                    m.record.timeline = Some(2);
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let standby = |min_recovery: (u32, u64)| PostgresStatus {
+            timeline: Some(1),
+            streaming: false,
+            min_recovery: Some(min_recovery),
+            ..replica(200)
+        };
+        let d = decide(
+            &obs(
+                dcs(),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby((1, 200))),
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+        let d = decide(
+            &obs(
+                dcs(),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby((2, 200))),
+            ),
+            &me(),
+        );
+        assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+        let d = decide(
+            &obs(
+                dcs(),
+                LeaseCheck::NotHeld,
+                initialized(),
+                PostgresView::Running(standby((1, 140))),
+            ),
+            &me(),
+        );
+        assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
     }
 }

@@ -100,6 +100,23 @@ pub fn parse(output: &str) -> Result<ControlData, ControlDataError> {
     })
 }
 
+impl ControlData {
+    /// The minimum recovery point `(timeline, LSN)` a standby's control file records; `None`
+    /// when unset (`0/0`, a primary or a cleanly finished recovery).
+    pub fn min_recovery(&self) -> Option<(u32, u64)> {
+        let at = self
+            .raw
+            .get("Minimum recovery ending location")
+            .and_then(|v| parse_lsn(v))
+            .filter(|at| *at > 0)?;
+        let tl = self
+            .raw
+            .get("Min recovery ending loc's timeline")
+            .and_then(|v| v.trim().parse().ok())?;
+        Some((tl, at))
+    }
+}
+
 /// Runs `pg_controldata` on `data_dir`.
 pub async fn read(bin_dir: &Path, data_dir: &Path) -> Result<ControlData, ControlDataError> {
     let binary = bin_dir.join("pg_controldata");
@@ -124,6 +141,21 @@ pub async fn read(bin_dir: &Path, data_dir: &Path) -> Result<ControlData, Contro
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn minimum_recovery_point_is_read_from_the_control_file() {
+        let mut c = parse(
+            "Database system identifier:           7300000000000000001\n\
+             Database cluster state:               shut down in recovery\n\
+             Minimum recovery ending location:     0/3000060\n\
+             Min recovery ending loc's timeline:   2\n",
+        )
+        .expect("parses");
+        assert_eq!(c.min_recovery(), Some((2, 0x3000060)));
+        c.raw
+            .insert("Minimum recovery ending location".into(), "0/0".into());
+        assert_eq!(c.min_recovery(), None);
+    }
 
     const SAMPLE: &str = "pg_control version number:            1300
 Catalog version number:               202209061

@@ -52,7 +52,11 @@ SELECT pg_is_in_recovery(),
                           (SELECT timeline_id FROM pg_control_checkpoint()))
             ELSE ('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::int END,
        (SELECT system_identifier::text FROM pg_control_system()),
-       (SELECT coalesce(array_agg(name::text ORDER BY name), '{}') FROM pg_settings WHERE pending_restart)
+       (SELECT coalesce(array_agg(name::text ORDER BY name), '{}') FROM pg_settings WHERE pending_restart),
+       CASE WHEN pg_is_in_recovery()
+            THEN (SELECT min_recovery_end_timeline FROM pg_control_recovery()) END,
+       CASE WHEN pg_is_in_recovery()
+            THEN (SELECT (min_recovery_end_lsn - '0/0'::pg_lsn)::bigint FROM pg_control_recovery()) END
 ";
 
 const REPLICATION_QUERY: &str = "
@@ -177,6 +181,10 @@ impl Probe {
                         .and_then(|t| u32::try_from(t).ok()),
                     system_identifier: row.try_get(11)?,
                     pending_restart: row.try_get(12)?,
+                    min_recovery: match (row.try_get::<_, Option<i32>>(13)?, lsn(14)?) {
+                        (Some(tl), Some(at)) if at > 0 => u32::try_from(tl).ok().map(|tl| (tl, at)),
+                        _ => None,
+                    },
                     replication,
                 })
             }
