@@ -75,7 +75,7 @@ fn random_schedules_pass() {
     let count = std::env::var("PGWARDEN_SIM_SCHEDULES")
         .ok()
         .and_then(|v| v.parse().ok())
-        .unwrap_or(800u64);
+        .unwrap_or(500u64);
     let from = std::env::var("PGWARDEN_SIM_FROM")
         .ok()
         .and_then(|v| v.parse().ok())
