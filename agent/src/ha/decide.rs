@@ -189,6 +189,7 @@ pub enum Outcome {
     LeaderPromoting,
     LeaderStartingPostgres { after_crash: bool },
     LeaderWaitingForPostgres,
+    LeaderStartingReadOnly,
     LeaderStartFailed(String),
     LeaseUnconfirmed,
     LostLock,
@@ -243,6 +244,10 @@ impl fmt::Display for Outcome {
             Outcome::LeaderStartingPostgres { after_crash: false } => {
                 write!(f, "starting postgres as primary: I hold the lock")
             }
+            Outcome::LeaderStartingReadOnly => write!(
+                f,
+                "holding the lock with a standby's data; starting postgres read-only to promote it"
+            ),
             Outcome::LeaderWaitingForPostgres => {
                 write!(f, "holding the lock while postgres starts")
             }
@@ -562,6 +567,18 @@ fn decide_as_lock_holder(
             (Outcome::LeaderHealthy, actions)
         }
         PostgresView::Running(_) => (Outcome::LeaderPromoting, vec![Action::Promote]),
+        // A lock holder whose data directory was last a standby (it won the race, then its
+        // postgres went down before the promotion) comes back read-only and is promoted next
+        // cycle: started as a primary it would skip the timeline switch and continue the old
+        // timeline behind the former primary's WAL, which no member could follow any more
+        // (simulation seed 30394, 3 members).
+        PostgresView::Down | PostgresView::Crashed if !obs.data_dir.was_primary() => (
+            Outcome::LeaderStartingReadOnly,
+            vec![Action::StartPostgres {
+                primary: false,
+                upstream: None,
+            }],
+        ),
         PostgresView::Down => (
             Outcome::LeaderStartingPostgres { after_crash: false },
             vec![Action::StartPostgres {
@@ -2351,5 +2368,54 @@ mod tests {
             &me(),
         );
         assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+    }
+
+    /// A lock holder whose postgres went down before its promotion (data directory last a
+    /// standby) starts read-only, then promotes, so the timeline switches; a former primary
+    /// restarts as primary (seed 30394).
+    #[test]
+    fn a_lock_holder_that_was_a_standby_comes_back_read_only() {
+        let standby_dir = DataDir::Initialized {
+            control: ControlData {
+                system_identifier: SYSID.into(),
+                state: ClusterState::InArchiveRecovery,
+                timeline: Some(1),
+                checkpoint_lsn: Some(1),
+                raw: Default::default(),
+            },
+            standby_signal: true,
+        };
+        let d = decide(
+            &obs(
+                view(Some("pg0"), Some(SYSID)),
+                renewed(),
+                standby_dir,
+                PostgresView::Crashed,
+            ),
+            &me(),
+        );
+        assert_eq!(
+            d.actions[0],
+            Action::StartPostgres {
+                primary: false,
+                upstream: None
+            }
+        );
+        let d = decide(
+            &obs(
+                view(Some("pg0"), Some(SYSID)),
+                renewed(),
+                initialized(),
+                PostgresView::Crashed,
+            ),
+            &me(),
+        );
+        assert_eq!(
+            d.actions[0],
+            Action::StartPostgres {
+                primary: true,
+                upstream: None
+            }
+        );
     }
 }
