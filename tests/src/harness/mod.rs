@@ -73,14 +73,17 @@ pub fn agent_binary() -> PathBuf {
                 target.join("debug").join("pgwarden")
             }
         };
+        // Statics are never dropped, so the directory outlives this process: the next test
+        // process removes it (debug binaries are ~370 MB a copy; left alone they fill the disk).
+        remove_dirs_of_gone_processes("pgwarden-bin-");
         let dir = std::env::temp_dir().join(format!("pgwarden-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("bin dir");
         let copy = dir.join("pgwarden");
-        std::fs::copy(&built, &copy).expect("copy the agent binary");
+        link_or_copy(&built, &copy).expect("copy the agent binary");
         let guard = built.with_file_name("pgwarden-fence-guard");
         if guard.is_file() {
             let guard_copy = dir.join("pgwarden-fence-guard");
-            std::fs::copy(&guard, &guard_copy).expect("copy the fence guard");
+            link_or_copy(&guard, &guard_copy).expect("copy the fence guard");
             set_mode(&guard_copy, 0o755);
         }
         set_mode(&dir, 0o755);
@@ -88,6 +91,36 @@ pub fn agent_binary() -> PathBuf {
         copy
     })
     .clone()
+}
+
+/// A hard link costs no space and still gives a path outside a root-only checkout; a copy where
+/// the temp dir is on another filesystem.
+fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map(|_| ())
+}
+
+/// Removes `<temp dir>/<prefix><pid>` directories whose process is gone (left behind by test
+/// processes that ended, also by a panic or kill).
+pub fn remove_dirs_of_gone_processes(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !process::pid_alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) {
