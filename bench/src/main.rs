@@ -4,7 +4,7 @@
 //! both alike. Reports medians, min–max and the pgwarden/Patroni ratio of every figure.
 //!
 //! ```sh
-//! cargo run --release -p pgwarden-bench -- [--quick] [--reps N] [--idle-secs S] [--out DIR]
+//! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S] [--out DIR]
 //! ```
 
 mod load;

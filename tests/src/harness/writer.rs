@@ -5,7 +5,7 @@
 //! writable primaries at the same time: split brain. Every acknowledged id is kept, so a test can
 //! check that none is missing from the member that leads afterwards.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -57,6 +57,11 @@ async fn connect(t: &Target) -> Option<tokio_postgres::Client> {
 
 impl Writer {
     pub fn start(targets: Vec<Target>) -> Writer {
+        // Writers of one process share the table (the benchmark repeats failovers on one
+        // cluster): each writer gets its own id range, or a later writer's INSERTs would fail on
+        // the earlier rows' primary keys and look like refused writes.
+        static WRITERS: AtomicI64 = AtomicI64::new(0);
+        let base = WRITERS.fetch_add(1, Ordering::Relaxed) << 32;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -69,7 +74,7 @@ impl Writer {
                 let started = Instant::now();
                 let attempts = targets.iter().enumerate().map(|(i, t)| {
                     let slot = clients[i].clone();
-                    let id = i64::try_from(tick * 16 + i as u64).unwrap_or(i64::MAX);
+                    let id = base + i64::try_from(tick * 16 + i as u64).unwrap_or(i64::MAX >> 1);
                     async move {
                         let mut guard = slot.lock().await;
                         if guard.as_ref().is_none_or(|c| c.is_closed()) {
