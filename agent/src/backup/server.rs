@@ -1,0 +1,96 @@
+//! `pgbackrest server`, pgBackRest's TLS server, as the agent's child when
+//! `pgbackrest.tls_server` is set: the leader's backup from a standby reads this member's data
+//! directory through it (see [`super::standby`]).
+//!
+//! Supervised like the other pgBackRest children: its own process group with
+//! `PR_SET_PDEATHSIG`, its output folded into the agent's log (target `pgbackrest`, field
+//! `command = server`), its group killed on shutdown. It is restarted when it exits, with a
+//! backoff, because a member whose server is down silently stops being a usable standby.
+
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+use super::command::{collect, kill_group, set_parent_death_signal, CommandError, Runner};
+
+/// First restart delay; doubled per quick exit up to [`MAX_BACKOFF`].
+const MIN_BACKOFF: Duration = Duration::from_secs(1);
+const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// A server that ran this long before exiting was healthy: restart it without delay growth.
+const STABLE: Duration = Duration::from_secs(60);
+
+/// Runs the server until `shutdown`, restarting it when it exits.
+pub async fn supervise(runner: Runner, shutdown: CancellationToken) {
+    let mut backoff = MIN_BACKOFF;
+    loop {
+        let started = Instant::now();
+        let outcome = run_once(&runner, &shutdown).await;
+        if shutdown.is_cancelled() {
+            break;
+        }
+        if started.elapsed() >= STABLE {
+            backoff = MIN_BACKOFF;
+        }
+        match outcome {
+            Ok(status) => {
+                warn!(command = "server", exit = %status, retry_in = ?backoff, "pgbackrest server exited; this member cannot serve backups from a standby until it runs again")
+            }
+            Err(e) => {
+                warn!(command = "server", error = %e, retry_in = ?backoff, "cannot start pgbackrest server")
+            }
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(MAX_BACKOFF);
+    }
+}
+
+/// One server lifetime; returns when it exits or, after killing its group, at `shutdown`.
+async fn run_once(runner: &Runner, shutdown: &CancellationToken) -> Result<ExitStatus, CommandError> {
+    let mut cmd = Command::new(&runner.command);
+    cmd.arg(format!("--config={}", runner.config_file.display()))
+        .arg("--log-level-console=info")
+        .arg("server")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .kill_on_drop(true)
+        .env("LC_ALL", "C");
+    // The remote processes the server forks connect to the local postgres for the backup.
+    if let Some(pw) = &runner.password {
+        cmd.env("PGPASSWORD", pw);
+    }
+    set_parent_death_signal(&mut cmd);
+    let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
+        command: runner.command.display().to_string(),
+        source,
+    })?;
+    let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
+    info!(command = "server", pid = ?child.id(), "pgbackrest server started");
+    let stanza = String::new();
+    let out = tokio::spawn(collect(child.stdout.take(), "server".into(), stanza.clone(), false, false));
+    let err = tokio::spawn(collect(child.stderr.take(), "server".into(), stanza, true, false));
+    let status = tokio::select! {
+        status = child.wait() => status,
+        _ = shutdown.cancelled() => {
+            kill_group(pgid, &mut child).await;
+            let _ = tokio::join!(out, err);
+            info!(command = "server", "pgbackrest server stopped");
+            return child.wait().await.map_err(|source| CommandError::Spawn {
+                command: runner.command.display().to_string(),
+                source,
+            });
+        }
+    };
+    let _ = tokio::join!(out, err);
+    status.map_err(|source| CommandError::Spawn {
+        command: runner.command.display().to_string(),
+        source,
+    })
+}
