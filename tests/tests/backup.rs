@@ -675,22 +675,34 @@ async fn a_backup_from_a_standby_copies_the_files_from_the_chosen_replica() {
     let backups = info[0]["backup"].as_array().cloned().unwrap_or_default();
     assert_eq!(backups.len(), 1, "{info}");
     let label = backups[0]["label"].as_str().expect("label").to_owned();
-    let manifest = std::fs::read_to_string(repo.join("backup/main").join(&label).join("backup.manifest"))
-        .expect("the backup's manifest");
+    let manifest = std::fs::read_to_string(
+        repo.join("backup/main")
+            .join(&label)
+            .join("backup.manifest"),
+    )
+    .expect("the backup's manifest");
     assert!(
-        manifest.lines().any(|line| line == "option-backup-standby=true"),
+        manifest
+            .lines()
+            .any(|line| line == "option-backup-standby=true"),
         "the manifest of {label} does not say backup-standby:\n{}",
-        manifest.lines().filter(|l| l.starts_with("option-")).collect::<Vec<_>>().join("\n")
+        manifest
+            .lines()
+            .filter(|l| l.starts_with("option-"))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
     // pgBackRest waited for the standby to replay to the backup's start: it did talk to it.
     let log = l.log_text();
     assert!(
-        log.lines().any(|line| line.contains("replay on the standby reached")),
+        log.lines()
+            .any(|line| line.contains("replay on the standby reached")),
         "no standby replay wait in the leader's log:\n{}",
         l.log_tail(80)
     );
     assert!(
-        log.lines().any(|line| line.contains("backing up from the standby") && line.contains(&standby)),
+        log.lines()
+            .any(|line| line.contains("backing up from the standby") && line.contains(&standby)),
         "{}",
         l.log_tail(80)
     );

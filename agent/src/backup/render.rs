@@ -138,7 +138,10 @@ fn conf_with(
             "tls-server-key-file".into(),
             tls.key_file.display().to_string(),
         );
-        set("tls-server-ca-file".into(), tls.ca_file.display().to_string());
+        set(
+            "tls-server-ca-file".into(),
+            tls.ca_file.display().to_string(),
+        );
         set(
             "tls-server-auth".into(),
             format!("{}={}", tls.client_cn.trim(), resolved.stanza),
@@ -189,9 +192,7 @@ fn conf_with(
             socket = socket_dir(config),
             user = superuser,
         );
-        if let (Some(sb), Some(tls), true) =
-            (standby, &pb.tls_server, stanza == resolved.stanza)
-        {
+        if let (Some(sb), Some(tls), true) = (standby, &pb.tls_server, stanza == resolved.stanza) {
             let _ = write!(
                 out,
                 "backup-standby=y\npg2-host={host}\npg2-host-type=tls\npg2-host-port={tls_port}\n\
@@ -373,7 +374,10 @@ mod tests {
             "tls-server-auth=pgwarden=batman",
             "tls-server-ca-file=/tls/ca.pem",
         ] {
-            assert!(plain.lines().any(|l| l == line), "{line} missing in\n{plain}");
+            assert!(
+                plain.lines().any(|l| l == line),
+                "{line} missing in\n{plain}"
+            );
         }
         assert!(!plain.contains("pg2-"), "{plain}");
         assert!(!plain.contains("backup-standby"), "{plain}");
@@ -401,7 +405,10 @@ mod tests {
             "pg2-socket-path=/run/pg1",
             "pg2-user=postgres",
         ] {
-            assert!(section.lines().any(|l| l == line), "{line} missing in\n{text}");
+            assert!(
+                section.lines().any(|l| l == line),
+                "{line} missing in\n{text}"
+            );
         }
     }
 }

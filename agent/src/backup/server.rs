@@ -51,7 +51,10 @@ pub async fn supervise(runner: Runner, shutdown: CancellationToken) {
 }
 
 /// One server lifetime; returns when it exits or, after killing its group, at `shutdown`.
-async fn run_once(runner: &Runner, shutdown: &CancellationToken) -> Result<ExitStatus, CommandError> {
+async fn run_once(
+    runner: &Runner,
+    shutdown: &CancellationToken,
+) -> Result<ExitStatus, CommandError> {
     let mut cmd = Command::new(&runner.command);
     cmd.arg(format!("--config={}", runner.config_file.display()))
         .arg("--log-level-console=info")
@@ -74,8 +77,20 @@ async fn run_once(runner: &Runner, shutdown: &CancellationToken) -> Result<ExitS
     let pgid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
     info!(command = "server", pid = ?child.id(), "pgbackrest server started");
     let stanza = String::new();
-    let out = tokio::spawn(collect(child.stdout.take(), "server".into(), stanza.clone(), false, false));
-    let err = tokio::spawn(collect(child.stderr.take(), "server".into(), stanza, true, false));
+    let out = tokio::spawn(collect(
+        child.stdout.take(),
+        "server".into(),
+        stanza.clone(),
+        false,
+        false,
+    ));
+    let err = tokio::spawn(collect(
+        child.stderr.take(),
+        "server".into(),
+        stanza,
+        true,
+        false,
+    ));
     let status = tokio::select! {
         status = child.wait() => status,
         _ = shutdown.cancelled() => {
@@ -93,4 +108,79 @@ async fn run_once(runner: &Runner, shutdown: &CancellationToken) -> Result<ExitS
         command: runner.command.display().to_string(),
         source,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fake `pgbackrest` that counts its starts and leaves a grandchild in its group.
+    fn fake(dir: &std::path::Path, body: &str) -> Runner {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join("pgbackrest");
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho start >> \"$(dirname \"$0\")/starts\"\n{body}\n"),
+        )
+        .expect("write");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+        Runner {
+            command: path,
+            config_file: dir.join("pgbackrest.conf"),
+            password: None,
+            timeout: Duration::from_secs(1),
+        }
+    }
+
+    fn starts(dir: &std::path::Path) -> usize {
+        std::fs::read_to_string(dir.join("starts"))
+            .unwrap_or_default()
+            .lines()
+            .count()
+    }
+
+    fn alive(pid: i32) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| !s.contains(") Z "))
+            .unwrap_or(false)
+    }
+
+    #[tokio::test]
+    async fn an_exited_server_is_restarted_and_shutdown_kills_its_process_group() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        // The first start exits at once; later ones run with a grandchild until killed.
+        let runner = fake(
+            dir.path(),
+            "d=\"$(dirname \"$0\")\"\n[ \"$(wc -l < \"$d/starts\")\" -eq 1 ] && exit 3\n\
+             sleep 300 & echo $! > \"$d/grandchild\"; wait",
+        );
+        let shutdown = CancellationToken::new();
+        let task = tokio::spawn(supervise(runner, shutdown.clone()));
+        let grandchild = dir.path().join("grandchild");
+        for _ in 0..100 {
+            if grandchild.exists() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        assert_eq!(starts(dir.path()), 2, "restarted once after the exit");
+        let pid: i32 = std::fs::read_to_string(&grandchild)
+            .expect("pid")
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(alive(pid));
+        shutdown.cancel();
+        tokio::time::timeout(Duration::from_secs(15), task)
+            .await
+            .expect("supervise returns after shutdown")
+            .expect("no panic");
+        for _ in 0..50 {
+            if !alive(pid) {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the server's grandchild {pid} survived the shutdown");
+    }
 }

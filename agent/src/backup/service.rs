@@ -666,7 +666,8 @@ impl Service {
                     info!(%kind, "starting an on-demand backup");
                     match self.start_backup(kind, Trigger::Manual, None).await {
                         Ok(()) => {
-                            let standby = self.state.running.as_ref().and_then(|r| r.standby.clone());
+                            let standby =
+                                self.state.running.as_ref().and_then(|r| r.standby.clone());
                             ApiReply::new(
                                 202,
                                 json!({"type": kind, "member": self.name, "standby": standby, "started_at": Utc::now()})

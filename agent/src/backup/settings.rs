@@ -327,10 +327,7 @@ fn validate_standby(pb: &PgBackRestConfig, err: &mut impl FnMut(&str, String)) {
     }
     let Some(tls) = &pb.tls_server else { return };
     if tls.address.trim().is_empty() {
-        err(
-            "pgbackrest.tls_server.address",
-            "must not be empty".into(),
-        );
+        err("pgbackrest.tls_server.address", "must not be empty".into());
     }
     if tls.host().is_none() {
         err(
@@ -343,7 +340,10 @@ fn validate_standby(pb: &PgBackRestConfig, err: &mut impl FnMut(&str, String)) {
         );
     }
     if tls.port == 0 {
-        err("pgbackrest.tls_server.port", "must be between 1 and 65535".into());
+        err(
+            "pgbackrest.tls_server.port",
+            "must be between 1 and 65535".into(),
+        );
     }
     for (key, path) in [
         ("cert_file", &tls.cert_file),

@@ -250,9 +250,15 @@ mod tests {
         );
         assert!(e.to_string().contains("pg2: tagged nofailover"), "{e}");
         assert_eq!(choose(None, "pg0"), Err(NoStandby::NoView));
-        let alone = choose(Some(&view(vec![member("pg0", "primary", 1, Some(1))])), "pg0");
+        let alone = choose(
+            Some(&view(vec![member("pg0", "primary", 1, Some(1))])),
+            "pg0",
+        );
         assert!(
-            alone.expect_err("alone").to_string().contains("no other member"),
+            alone
+                .expect_err("alone")
+                .to_string()
+                .contains("no other member"),
             "single member"
         );
     }
@@ -267,7 +273,8 @@ mod tests {
         .expect("yaml");
         assert!(member_fields(&c).is_empty());
         if let Some(pb) = c.pgbackrest.as_mut() {
-            pb.tls_server = Some(serde_yaml::from_str("{address: db1.example, port: 8555}").expect("yaml"));
+            pb.tls_server =
+                Some(serde_yaml::from_str("{address: db1.example, port: 8555}").expect("yaml"));
         }
         let record = MemberRecord {
             extra: member_fields(&c),
@@ -276,7 +283,10 @@ mod tests {
         // Through the DCS encoding, as another member reads it.
         let parsed = MemberRecord::parse(&record.encode()).expect("parses");
         let e = endpoint_of(&parsed).expect("endpoint");
-        assert_eq!((e.tls_host.as_str(), e.tls_port, e.pg_port), ("db1.example", 8555, 5433));
+        assert_eq!(
+            (e.tls_host.as_str(), e.tls_port, e.pg_port),
+            ("db1.example", 8555, 5433)
+        );
         assert_eq!(e.pg_path, PathBuf::from("/pg/data"));
     }
 }

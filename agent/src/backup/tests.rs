@@ -432,7 +432,11 @@ async fn a_backup_from_a_standby_is_skipped_without_a_usable_replica_and_names_i
     .await;
     let reply = ask(&h, BackupType::Full).await;
     assert_eq!(reply.status, 503, "{}", reply.body);
-    assert!(reply.body.contains("pg1: no pgBackRest TLS server"), "{}", reply.body);
+    assert!(
+        reply.body.contains("pg1: no pgBackRest TLS server"),
+        "{}",
+        reply.body
+    );
     {
         let r = h.report.borrow();
         let last = r.last.as_ref().expect("reported");
@@ -462,7 +466,11 @@ async fn a_backup_from_a_standby_is_skipped_without_a_usable_replica_and_names_i
     assert!(file.contains("pg2-path=/pg1/data"), "{file}");
     assert!(file.contains("backup-standby=y"), "{file}");
     assert_eq!(
-        h.report.borrow().running.as_ref().and_then(|r| r.standby.clone()),
+        h.report
+            .borrow()
+            .running
+            .as_ref()
+            .and_then(|r| r.standby.clone()),
         Some("pg1".into())
     );
     h.shutdown.cancel();

@@ -28,7 +28,8 @@ pub(super) async fn backup(ctl: &Ctl, kind: &str, wait: bool) -> Result<(), CliE
     // switchover); follow its answer once.
     if status == 421 {
         let redirect: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
-        if let (Some(name), Some(url)) = (redirect["leader"].as_str(), redirect["api_url"].as_str()) {
+        if let (Some(name), Some(url)) = (redirect["leader"].as_str(), redirect["api_url"].as_str())
+        {
             leader = name.to_owned();
             api = url.to_owned();
             (status, body) = ctl.call(&api, "POST", "/backup", Some(&request)).await?;
@@ -42,7 +43,9 @@ pub(super) async fn backup(ctl: &Ctl, kind: &str, wait: bool) -> Result<(), CliE
         .as_str()
         .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
     match started["standby"].as_str() {
-        Some(standby) => println!("{leader}: {kind} backup started, copying from the standby {standby}"),
+        Some(standby) => {
+            println!("{leader}: {kind} backup started, copying from the standby {standby}")
+        }
         None => println!("{leader}: {kind} backup started"),
     }
     if !wait {
