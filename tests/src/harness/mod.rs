@@ -10,6 +10,7 @@ pub mod ports;
 pub mod process;
 pub mod proxy;
 pub mod s3;
+pub mod tls;
 pub mod writer;
 
 use std::future::Future;
