@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# Builds pgwarden's container images with no registry: the base image is made here from a Debian
+# 12 root filesystem (debootstrap, then `docker import`), so no `docker pull` is ever needed.
+#
+#   images/build.sh [--release|--debug] [--no-cargo] [--base-only]
+#
+# Images: pgwarden/base:<hash>, pgwarden/instance:latest, pgwarden/controller:latest,
+# pgwarden/etcd:latest. <hash> covers images/base/rootfs.sh (the package list and how the root
+# filesystem is made), so changing it makes a new base; the root filesystem tarball is cached in $PGWARDEN_IMAGE_CACHE
+# (/var/cache/pgwarden/images) so a rebuild, or a fresh clone on this machine, skips debootstrap.
+# The other images are ordinary `docker build`s whose layers Docker caches.
+set -euo pipefail
+
+here=$(cd "$(dirname "$0")" && pwd)
+repo=$(cd "$here/.." && pwd)
+cache=${PGWARDEN_IMAGE_CACHE:-/var/cache/pgwarden/images}
+mirror=${PGWARDEN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
+profile=release
+cargo_build=1
+base_only=0
+for arg in "$@"; do
+  case "$arg" in
+    --release) profile=release ;;
+    --debug) profile=debug ;;
+    --no-cargo) cargo_build=0 ;;
+    --base-only) base_only=1 ;;
+    *) echo "usage: $0 [--release|--debug] [--no-cargo] [--base-only]" >&2; exit 2 ;;
+  esac
+done
+
+log() { echo "images/build.sh: $*" >&2; }
+
+# The base image is named after its recipe, so editing this script does not rebuild it.
+hash=$(sha256sum "$here/base/rootfs.sh" | cut -c1-12)
+base="pgwarden/base:$hash"
+tarball="$cache/base-$hash.tar"
+
+mkdir -p "$cache"
+# Two builds at once (two test processes) would debootstrap twice and race on the tags.
+exec 9>"$cache/build.lock"
+flock 9
+if docker image inspect "$base" >/dev/null 2>&1; then
+  log "base image $base present"
+else
+  if [ ! -s "$tarball" ]; then
+    command -v debootstrap >/dev/null || { log "debootstrap is missing (scripts/install-deps.sh installs it)"; exit 1; }
+    "$here/base/rootfs.sh" "$tarball" "$mirror"
+  else
+    log "using the cached root filesystem $tarball"
+  fi
+  log "docker import $tarball as $base"
+  docker import --change 'ENV LANG=C.UTF-8' --change 'CMD ["/bin/bash"]' "$tarball" "$base" >/dev/null
+fi
+
+[ "$base_only" -eq 1 ] && { echo "$base"; exit 0; }
+
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
+if [ "$cargo_build" -eq 1 ]; then
+  flag=(); [ "$profile" = release ] && flag=(--release)
+  log "cargo build ${flag[*]} (pgwarden, pgwarden-fence-guard, pgwarden-controller)"
+  (cd "$repo" && cargo build "${flag[@]}" -p pgwarden --bins && cargo build "${flag[@]}" -p pgwarden-controller --bin pgwarden-controller)
+fi
+bin="$CARGO_TARGET_DIR/$profile"
+for b in pgwarden pgwarden-fence-guard pgwarden-controller; do
+  [ -x "$bin/$b" ] || { log "missing $bin/$b (build without --no-cargo)"; exit 1; }
+done
+
+# Each image is built from a small context of its own (the Containerfile, its files and the
+# binaries), never the repository: sending target/ to the daemon would take minutes.
+build_image() {
+  local name=$1; shift
+  local ctx
+  ctx=$(mktemp -d)
+  cp -a "$here/$name/." "$ctx/"
+  for b in "$@"; do cp "$bin/$b" "$ctx/$b"; done
+  # The legacy builder: BuildKit would want to pull its frontend, and this engine has no registry.
+  DOCKER_BUILDKIT=0 docker build -q -f "$ctx/Containerfile" --build-arg "BASE=$base" \
+    -t "pgwarden/$name:latest" "$ctx" >/dev/null
+  rm -rf "$ctx"
+  log "built pgwarden/$name:latest"
+}
+build_image instance pgwarden pgwarden-fence-guard
+build_image controller pgwarden-controller
+build_image etcd
+docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^pgwarden/' >&2
