@@ -2,7 +2,10 @@
 # Builds pgwarden's container images with no registry: the base image is made here from a Debian
 # 12 root filesystem (debootstrap, then `docker import`), so no `docker pull` is ever needed.
 #
-#   images/build.sh [--release|--debug] [--no-cargo] [--base-only]
+#   images/build.sh [--release|--debug] [--no-cargo] [--base-only] [instance|controller|etcd]...
+#
+# --no-cargo uses binaries already built (from $PGWARDEN_BIN_DIR if set, else target/<profile>);
+# naming images builds only those (the tests build instance and etcd).
 #
 # Images: pgwarden/base:<hash>, pgwarden/instance:latest, pgwarden/controller:latest,
 # pgwarden/etcd:latest. <hash> covers images/base/rootfs.sh (the package list and how the root
@@ -18,15 +21,20 @@ mirror=${PGWARDEN_DEBIAN_MIRROR:-http://deb.debian.org/debian}
 profile=release
 cargo_build=1
 base_only=0
+images=()
+usage="usage: $0 [--release|--debug] [--no-cargo] [--base-only] [instance|controller|etcd]..."
 for arg in "$@"; do
   case "$arg" in
     --release) profile=release ;;
     --debug) profile=debug ;;
     --no-cargo) cargo_build=0 ;;
     --base-only) base_only=1 ;;
-    *) echo "usage: $0 [--release|--debug] [--no-cargo] [--base-only]" >&2; exit 2 ;;
+    instance|controller|etcd) images+=("$arg") ;;
+    *) echo "$usage" >&2; exit 2 ;;
   esac
 done
+[ ${#images[@]} -gt 0 ] || images=(instance controller etcd)
+want() { [[ " ${images[*]} " == *" $1 "* ]]; }
 
 log() { echo "images/build.sh: $*" >&2; }
 
@@ -45,6 +53,8 @@ else
   if [ ! -s "$tarball" ]; then
     command -v debootstrap >/dev/null || { log "debootstrap is missing (scripts/install-deps.sh installs it)"; exit 1; }
     "$here/base/rootfs.sh" "$tarball" "$mirror"
+    # Root filesystems of older recipes are not needed any more.
+    find "$cache" -maxdepth 1 -name 'base-*.tar*' ! -name "base-$hash.tar*" -delete
   else
     log "using the cached root filesystem $tarball"
   fi
@@ -57,29 +67,31 @@ fi
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$repo/target}
 if [ "$cargo_build" -eq 1 ]; then
   flag=(); [ "$profile" = release ] && flag=(--release)
-  log "cargo build ${flag[*]} (pgwarden, pgwarden-fence-guard, pgwarden-controller)"
-  (cd "$repo" && cargo build "${flag[@]}" -p pgwarden --bins && cargo build "${flag[@]}" -p pgwarden-controller --bin pgwarden-controller)
+  log "cargo build ${flag[*]}"
+  if want instance; then (cd "$repo" && cargo build "${flag[@]}" -p pgwarden --bins); fi
+  if want controller; then (cd "$repo" && cargo build "${flag[@]}" -p pgwarden-controller --bin pgwarden-controller); fi
 fi
-bin="$CARGO_TARGET_DIR/$profile"
-for b in pgwarden pgwarden-fence-guard pgwarden-controller; do
-  [ -x "$bin/$b" ] || { log "missing $bin/$b (build without --no-cargo)"; exit 1; }
-done
+bin=${PGWARDEN_BIN_DIR:-$CARGO_TARGET_DIR/$profile}
 
 # Each image is built from a small context of its own (the Containerfile, its files and the
 # binaries), never the repository: sending target/ to the daemon would take minutes.
 build_image() {
   local name=$1; shift
-  local ctx
+  local ctx b
   ctx=$(mktemp -d)
   cp -a "$here/$name/." "$ctx/"
-  for b in "$@"; do cp "$bin/$b" "$ctx/$b"; done
+  for b in "$@"; do
+    [ -x "$bin/$b" ] || { log "missing $bin/$b (build it, or run without --no-cargo)"; rm -rf "$ctx"; return 1; }
+    # Debug information is most of a debug binary; the symbols stay for backtraces.
+    if command -v strip >/dev/null; then strip --strip-debug -o "$ctx/$b" "$bin/$b"; else cp "$bin/$b" "$ctx/$b"; fi
+  done
   # The legacy builder: BuildKit would want to pull its frontend, and this engine has no registry.
   DOCKER_BUILDKIT=0 docker build -q -f "$ctx/Containerfile" --build-arg "BASE=$base" \
     -t "pgwarden/$name:latest" "$ctx" >/dev/null
   rm -rf "$ctx"
   log "built pgwarden/$name:latest"
 }
-build_image instance pgwarden pgwarden-fence-guard
-build_image controller pgwarden-controller
-build_image etcd
+if want instance; then build_image instance pgwarden pgwarden-fence-guard; fi
+if want controller; then build_image controller pgwarden-controller; fi
+if want etcd; then build_image etcd; fi
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^pgwarden/' >&2
