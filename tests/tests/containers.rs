@@ -162,8 +162,7 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
             &format!("{} is healthy by its HEALTHCHECK", n.name),
             Duration::from_secs(90),
             || async {
-                c.inspect(&n.name, "{{.State.Health.Status}}").await.ok()
-                    == Some("healthy".into())
+                c.inspect(&n.name, "{{.State.Health.Status}}").await.ok() == Some("healthy".into())
             },
         )
         .await;
@@ -191,6 +190,12 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
         .await
         .expect("docker start");
     wait_for_replica(&c, &old).await;
+    // Rewound as the image's separate `rewinder` role, which needs its function grants.
+    let log = c.log_text(&old).await;
+    assert!(
+        log.contains("running pg_rewind") && !log.contains("rewind failed"),
+        "the killed primary was rewound"
+    );
     let acks = writer.stop().await;
     check_writes(&c, "kill", &acks, &leader).await;
 
@@ -199,12 +204,19 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
     let old = leader;
     let writer = Writer::start_at(c.writer_targets());
     tokio::time::sleep(Duration::from_secs(1)).await;
+    let remaining = c
+        .leader_lease_remaining()
+        .await
+        .expect("the leader's lease");
     let cut = Instant::now();
     c.disconnect(&old).await.expect("disconnect the primary");
+    // No renewal reaches etcd after the cut, so the lease ends by `expiry` (etcd rounds the
+    // remaining time up, so this errs late by under a second).
+    let expiry = cut + remaining;
     // Its REST API stays reachable over the client network: it stops claiming to be primary.
     wait_until(
         &format!("the isolated {old} stops answering /primary with 200"),
-        ttl,
+        ttl * 2,
         || async { c.api_get(&old, "/primary").await.map(|(s, _)| s) != Some(200) },
     )
     .await;
@@ -227,8 +239,9 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
         .min()
         .expect("the new leader acknowledged writes");
     assert!(
-        last_old_ack.saturating_duration_since(cut) < ttl,
-        "the isolated primary accepted writes {:?} after the cut (ttl {ttl:?})",
+        last_old_ack < expiry,
+        "the isolated primary accepted a write {:?} after the cut, its lease ended {remaining:?} \
+         after the cut",
         last_old_ack.saturating_duration_since(cut)
     );
     assert!(
@@ -236,8 +249,10 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
         "the isolated primary acknowledged a write after the new leader's first"
     );
     eprintln!(
-        "partition: {old} demoted {demoted_after:.1?} after the cut, {leader} leads after \
-         {new_leader_after:.1?} (ttl {ttl:?})"
+        "partition: {old}'s last write {:.1?} after the cut, its lease ended by {remaining:?}; \
+         /primary off after {demoted_after:.1?}; {leader} leads after {new_leader_after:.1?} \
+         (ttl {ttl:?})",
+        last_old_ack.saturating_duration_since(cut)
     );
     check_writes(&c, "partition", &acks, &leader).await;
 
@@ -271,7 +286,9 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
         .expect("the stop task")
         .expect("docker stop returns");
     assert_eq!(
-        c.inspect(&old, "{{.State.ExitCode}}").await.expect("inspect"),
+        c.inspect(&old, "{{.State.ExitCode}}")
+            .await
+            .expect("inspect"),
         "0",
         "the agent stopped cleanly on SIGTERM"
     );

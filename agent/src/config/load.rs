@@ -280,10 +280,14 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
     }
     // Patroni's PATRONI_REWIND_*: a container image sets the rewind role by environment too.
     if let Some(v) = get("REWIND_USERNAME") {
-        auth.rewind.get_or_insert_with(Credentials::default).username = v;
+        auth.rewind
+            .get_or_insert_with(Credentials::default)
+            .username = v;
     }
     if let Some(v) = get("REWIND_PASSWORD") {
-        auth.rewind.get_or_insert_with(Credentials::default).password = Some(v);
+        auth.rewind
+            .get_or_insert_with(Credentials::default)
+            .password = Some(v);
     }
     if let Some((v, key)) = env_value(env, "LOG_TYPE") {
         config.log.kind = match v.to_ascii_lowercase().as_str() {

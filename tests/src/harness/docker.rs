@@ -54,7 +54,10 @@ pub async fn docker(args: &[&str]) -> anyhow::Result<String> {
 
 /// The same, blocking: for [`Drop`], where no runtime may be available.
 fn docker_blocking(args: &[&str]) -> Option<String> {
-    let out = std::process::Command::new("docker").args(args).output().ok()?;
+    let out = std::process::Command::new("docker")
+        .args(args)
+        .output()
+        .ok()?;
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -104,8 +107,10 @@ impl Network {
             let third = (seed.wrapping_add(attempt.wrapping_mul(37))) % 250 + 2;
             let prefix = format!("10.213.{third}");
             let subnet = format!("{prefix}.0/24");
-            match docker(&["network", "create", "--driver", "bridge", "--subnet", &subnet, name])
-                .await
+            match docker(&[
+                "network", "create", "--driver", "bridge", "--subnet", &subnet, name,
+            ])
+            .await
             {
                 Ok(_) => {
                     return Ok(Network {
@@ -198,8 +203,11 @@ impl DockerCluster {
             _dir: tempfile::tempdir()?,
             prefix,
         };
-        cluster.client =
-            Network::create(&format!("{}-client", cluster.prefix), seed.wrapping_add(101)).await?;
+        cluster.client = Network::create(
+            &format!("{}-client", cluster.prefix),
+            seed.wrapping_add(101),
+        )
+        .await?;
         cluster.start_etcd().await?;
         let config = cluster.write_config()?;
         for i in 1..=members {
@@ -385,6 +393,17 @@ postgresql:
         Ok(r.kvs()
             .first()
             .map(|kv| String::from_utf8_lossy(kv.value()).into_owned()))
+    }
+
+    /// How long the leader key's lease has left, as etcd counts it (whole seconds, rounded up):
+    /// the instant another member may take over, which a fenced leader must beat.
+    pub async fn leader_lease_remaining(&self) -> anyhow::Result<Duration> {
+        let mut c = etcd_client::Client::connect([self.etcd_endpoint()], None).await?;
+        let r = c.get(self.key("leader"), None).await?;
+        let lease = r.kvs().first().context("no leader key")?.lease();
+        let ttl = c.lease_time_to_live(lease, None).await?.ttl();
+        let secs = u64::try_from(ttl).context("the leader's lease has expired")?;
+        Ok(Duration::from_secs(secs))
     }
 
     pub fn node(&self, name: &str) -> &Node {
