@@ -86,8 +86,14 @@ build_image() {
     if command -v strip >/dev/null; then strip --strip-debug -o "$ctx/$b" "$bin/$b"; else cp "$bin/$b" "$ctx/$b"; fi
   done
   # The legacy builder: BuildKit would want to pull its frontend, and this engine has no registry.
-  DOCKER_BUILDKIT=0 docker build -q -f "$ctx/Containerfile" --build-arg "BASE=$base" \
-    -t "pgwarden/$name:latest" "$ctx" >/dev/null
+  # Its output (and its deprecation notice) is shown only when the build fails.
+  local out
+  if ! out=$(DOCKER_BUILDKIT=0 docker build -q -f "$ctx/Containerfile" --build-arg "BASE=$base" \
+    -t "pgwarden/$name:latest" "$ctx" 2>&1); then
+    echo "$out" >&2
+    rm -rf "$ctx"
+    return 1
+  fi
   rm -rf "$ctx"
   log "built pgwarden/$name:latest"
 }
