@@ -87,7 +87,8 @@ build_image() {
   done
   # The legacy builder: BuildKit would want to pull its frontend, and this engine has no registry.
   # Its output (and its deprecation notice) is shown only when the build fails.
-  local out
+  local out old_id new_id
+  old_id=$(docker image inspect -f '{{.Id}}' "pgwarden/$name:latest" 2>/dev/null || true)
   if ! out=$(DOCKER_BUILDKIT=0 docker build -q -f "$ctx/Containerfile" --build-arg "BASE=$base" \
     -t "pgwarden/$name:latest" "$ctx" 2>&1); then
     echo "$out" >&2
@@ -95,6 +96,12 @@ build_image() {
     return 1
   fi
   rm -rf "$ctx"
+  # The image this tag named before (new binaries) is left untagged; remove it by its ID unless
+  # a container still uses it, so repeated test runs do not fill the disk.
+  new_id=$(docker image inspect -f '{{.Id}}' "pgwarden/$name:latest")
+  if [ -n "$old_id" ] && [ "$old_id" != "$new_id" ]; then
+    docker rmi "$old_id" >/dev/null 2>&1 || true
+  fi
   log "built pgwarden/$name:latest"
 }
 if want instance; then build_image instance pgwarden pgwarden-fence-guard; fi
