@@ -2,6 +2,7 @@
 //! loopback ports; every process is stopped by PID when the environment is dropped, also when a
 //! test panics (and then the tail of every log is printed).
 
+pub mod docker;
 pub mod etcd;
 pub mod kube;
 pub mod kubelet;
@@ -614,8 +615,19 @@ pub async fn https_request(
     (code != 0).then(|| (code, body.to_owned()))
 }
 
-/// A minimal HTTP/1.1 client (one request per connection).
+/// A minimal HTTP/1.1 client (one request per connection) to a loopback port.
 pub async fn http_request(
+    method: &str,
+    port: u16,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
+    http_request_to("127.0.0.1", method, port, path, body).await
+}
+
+/// [`http_request`] to any host (a container's address).
+pub async fn http_request_to(
+    host: &str,
     method: &str,
     port: u16,
     path: &str,
@@ -623,12 +635,10 @@ pub async fn http_request(
 ) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
         let body = body.unwrap_or("");
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await.ok()?;
