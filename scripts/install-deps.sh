@@ -15,6 +15,7 @@ packages=(
   openssl                              # the Kubernetes test harness generates its service-account key
   socat                                # TLS in front of the S3 test server (tests/src/harness/s3.rs)
   python3-venv                         # a virtualenv for moto, the S3 test server (from PyPI)
+  debootstrap                          # the container images' Debian root filesystem (images/build.sh)
 )
 
 missing=()

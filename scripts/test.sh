@@ -11,6 +11,10 @@ scripts/build-kube.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 cargo build --workspace --all-targets --locked
+# The end-to-end tests run these binaries; without the variables the harness builds them with
+# `cargo build -p …`, whose feature set differs from the workspace's and costs a rebuild.
+export PGWARDEN_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pgwarden"
+export PGWARDEN_CONTROLLER_BIN="${CARGO_TARGET_DIR:-$PWD/target}/debug/pgwarden-controller"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
 # The benchmark's quick mode (one repetition, short windows) as a smoke test that it still

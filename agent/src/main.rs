@@ -41,6 +41,14 @@ enum Command {
         #[command(flatten)]
         flags: Box<Flags>,
     },
+    /// Exit 0 if the local agent's REST API answers `GET /liveness` with 200, else 1 (a
+    /// container HEALTHCHECK without curl). Reads the same file and environment as the agent.
+    Healthcheck {
+        config: Option<PathBuf>,
+        /// Seconds to wait for the answer.
+        #[arg(long, default_value_t = 5)]
+        timeout: u64,
+    },
     /// Internal: the out-of-process fence the agent starts for itself.
     #[command(hide = true)]
     FenceGuard,
@@ -116,6 +124,7 @@ fn main() -> ExitCode {
             pgwarden::postgres::fence_guard::run_guard();
             ExitCode::SUCCESS
         }
+        Some(Command::Healthcheck { config, timeout }) => healthcheck(config.as_ref(), timeout),
         Some(Command::ValidateConfig { config, flags }) => match load(Some(&config), &flags) {
             Ok(loaded) => {
                 for warning in &loaded.warnings {
@@ -169,6 +178,35 @@ fn main() -> ExitCode {
     }
 }
 
+fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {
+    let loaded = match load(path, &Flags::default()) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let url = pgwarden::cli::healthcheck::liveness_url(&loaded.config);
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("pgwarden: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let timeout = std::time::Duration::from_secs(timeout);
+    match runtime.block_on(pgwarden::cli::healthcheck::check(&url, timeout)) {
+        Ok(()) => {
+            println!("{url}: alive");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgwarden: unhealthy: {}", pgwarden::ha::error_chain(&e));
+            ExitCode::from(1)
+        }
+    }
+}
+
 fn run_ctl(path: Option<PathBuf>, command: pgwarden::cli::CtlCommand) -> ExitCode {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let path = path.or_else(|| std::env::var_os("PGWARDEN_CONFIG_FILE").map(PathBuf::from));
@@ -218,6 +256,12 @@ mod tests {
         assert_eq!(cli.config, Some(PathBuf::from("/etc/patroni.yml")));
         let cli = Cli::try_parse_from(["pgwarden", "validate-config", "x.yml"]).expect("parses");
         assert!(matches!(cli.command, Some(Command::ValidateConfig { .. })));
+        let cli = Cli::try_parse_from(["pgwarden", "healthcheck", "/etc/pgwarden/pgwarden.yml"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Some(Command::Healthcheck { timeout: 5, .. })
+        ));
         let cli =
             Cli::try_parse_from(["pgwarden", "--etcd3-hosts", "a:1,b:2", "c.yml"]).expect("parses");
         assert_eq!(

@@ -4,7 +4,7 @@
 //! both alike. Reports medians, min–max and the pgwarden/Patroni ratio of every figure.
 //!
 //! ```sh
-//! cargo run --release -p pgwarden-bench -- [--quick] [--reps N] [--idle-secs S] [--out DIR]
+//! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S] [--out DIR]
 //! ```
 
 mod load;
@@ -264,7 +264,11 @@ async fn failover(c: &mut Cluster) -> anyhow::Result<FailoverOutcome> {
     let m = c.member(&old);
     let deadline = Instant::now() + TIMEOUT;
     while m.api_get("/replica").await.map(|(s, _)| s) != Some(200) {
-        anyhow::ensure!(Instant::now() < deadline, "{old} did not rejoin");
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "{old} did not rejoin; its log ends:\n{}",
+            m.log_tail(20)
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let rejoin = restarted.elapsed().as_secs_f64();
@@ -365,7 +369,12 @@ async fn scale(kind: AgentKind, n: usize, window: Duration) -> anyhow::Result<(f
     let deadline = Instant::now() + Duration::from_secs(60 + 10 * n as u64);
     for m in &env.members {
         while m.api_get("/health").await.map(|(s, _)| s) != Some(200) {
-            anyhow::ensure!(Instant::now() < deadline, "{} did not start", m.name);
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "{} did not start; its log ends:\n{}",
+                m.name,
+                m.log_tail(15)
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }

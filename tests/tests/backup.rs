@@ -560,3 +560,150 @@ async fn an_s3_repository_archives_backs_up_and_restores_a_replica() {
         replica.log_tail(60)
     );
 }
+
+/// Backups from a standby (`backup_standby`, pgBackRest's `backup-standby=y`): every member
+/// runs pgBackRest's TLS server under its agent and publishes it; the leader picks a streaming
+/// replica, runs the backup with that replica as `pg2-host`, and pgBackRest copies the files
+/// from it. A replica asked for a backup answers 421 with the leader's address.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_from_a_standby_copies_the_files_from_the_chosen_replica() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "bstandby".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    let tls_dir = env.shared_dir("tls");
+    // One certificate for all members, its own CA: server certificate (pgBackRest 2.45 checks
+    // the host name against DNS names only, hence `localhost`) and the leader's client
+    // certificate (its CN is what `tls-server-auth` admits).
+    let (cert, key) = pgwarden_tests::harness::tls::self_signed(
+        &tls_dir,
+        "pgbackrest",
+        "pgwarden-backup",
+        "DNS:localhost,IP:127.0.0.1",
+    )
+    .expect("certificate");
+    env.shared_dir("tls"); // hand the new files to the agents' user
+    for name in ["pg0", "pg1", "pg2"] {
+        let i = env.add_member(name);
+        let port = pgwarden_tests::harness::ports::free_port();
+        env.members[i].set(
+            "pgbackrest",
+            section(
+                &repo,
+                "main",
+                &format!(
+                    "backup_standby: true\ntls_server:\n  address: 127.0.0.1\n  \
+                     connect_address: localhost\n  port: {port}\n  cert_file: {c}\n  \
+                     key_file: {k}\n  ca_file: {c}\n  client_cn: pgwarden-backup\n",
+                    c = cert.display(),
+                    k = key.display()
+                ),
+            ),
+        );
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("start");
+    }
+    let leader = env.wait_for_leader(T).await;
+    let l = member(&env, &leader);
+    wait_until("the leader's stanza check passed", T, || async {
+        report(l).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    for m in env.members.iter().filter(|m| m.name != leader) {
+        wait_until(&format!("{} streams", m.name), T, || async {
+            m.is_streaming_replica().await
+        })
+        .await;
+    }
+
+    // A replica sends the client to the leader.
+    let replica = env
+        .members
+        .iter()
+        .find(|m| m.name != leader)
+        .expect("a replica");
+    let (code, body) = replica
+        .api_request("POST", "/backup", Some("{\"type\": \"full\"}"))
+        .await
+        .expect("answers");
+    assert_eq!(code, 421, "{body}");
+    let body: Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(body["leader"], leader.as_str(), "{body}");
+    assert!(
+        body["api_url"]
+            .as_str()
+            .is_some_and(|u| u.contains(&l.api_port.to_string())),
+        "{body}"
+    );
+
+    // The leader runs it from a replica (503 until the replicas' records show their servers).
+    let deadline = std::time::Instant::now() + T;
+    let accepted: Value = loop {
+        match l
+            .api_request("POST", "/backup", Some("{\"type\": \"full\"}"))
+            .await
+        {
+            Some((202, body)) => break serde_json::from_str(&body).expect("JSON"),
+            other => assert!(
+                std::time::Instant::now() < deadline,
+                "the leader never accepted a backup from a standby: {other:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    let standby = accepted["standby"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no standby named in {accepted}"))
+        .to_owned();
+    assert_ne!(standby, leader);
+    wait_until("the backup from the standby succeeded", T, || async {
+        let r = report(l).await;
+        r["running"].is_null() && r["last"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    let r = report(l).await;
+    assert_eq!(r["last"]["standby"], standby.as_str(), "{r}");
+
+    // `pgbackrest info` lists it, and pgBackRest recorded that it was taken from a standby.
+    let info = l.api_get("/backups").await.expect("/backups answers");
+    assert_eq!(info.0, 200, "{}", info.1);
+    let info: Value = serde_json::from_str(&info.1).expect("JSON");
+    let backups = info[0]["backup"].as_array().cloned().unwrap_or_default();
+    assert_eq!(backups.len(), 1, "{info}");
+    let label = backups[0]["label"].as_str().expect("label").to_owned();
+    let manifest = std::fs::read_to_string(
+        repo.join("backup/main")
+            .join(&label)
+            .join("backup.manifest"),
+    )
+    .expect("the backup's manifest");
+    assert!(
+        manifest
+            .lines()
+            .any(|line| line == "option-backup-standby=true"),
+        "the manifest of {label} does not say backup-standby:\n{}",
+        manifest
+            .lines()
+            .filter(|l| l.starts_with("option-"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    // pgBackRest waited for the standby to replay to the backup's start: it did talk to it.
+    let log = l.log_text();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("replay on the standby reached")),
+        "no standby replay wait in the leader's log:\n{}",
+        l.log_tail(80)
+    );
+    assert!(
+        log.lines()
+            .any(|line| line.contains("backing up from the standby") && line.contains(&standby)),
+        "{}",
+        l.log_tail(80)
+    );
+}

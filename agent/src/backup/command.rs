@@ -158,7 +158,7 @@ impl Runner {
 
 /// SIGTERM to the group (pgBackRest stops its workers and removes its locks), SIGKILL after
 /// 10 s.
-async fn kill_group(pgid: Option<nix::unistd::Pid>, child: &mut tokio::process::Child) {
+pub(super) async fn kill_group(pgid: Option<nix::unistd::Pid>, child: &mut tokio::process::Child) {
     use nix::sys::signal::{killpg, Signal};
     if let Some(pgid) = pgid {
         let _ = killpg(pgid, Signal::SIGTERM);
@@ -176,7 +176,7 @@ async fn kill_group(pgid: Option<nix::unistd::Pid>, child: &mut tokio::process::
 }
 
 /// Reads lines: logs them with context, keeps the last few, and the whole text if `capture`.
-async fn collect<R: AsyncRead + Unpin>(
+pub(super) async fn collect<R: AsyncRead + Unpin>(
     reader: Option<R>,
     what: String,
     stanza: String,
@@ -211,7 +211,7 @@ async fn collect<R: AsyncRead + Unpin>(
 }
 
 #[allow(unsafe_code)]
-fn set_parent_death_signal(cmd: &mut Command) {
+pub(super) fn set_parent_death_signal(cmd: &mut Command) {
     let parent = nix::unistd::getpid();
     // SAFETY: the closure runs in the forked child before exec and only calls async-signal-safe
     // functions (prctl, getppid, _exit).

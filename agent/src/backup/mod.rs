@@ -11,10 +11,14 @@
 //! - [`archive`]: archive status and the WAL catch-up after a promotion.
 //! - [`restore`]: `create_replica_methods` and `bootstrap.method: pgbackrest`.
 //! - [`report`]: what `/patroni` and `/metrics` show.
+//! - [`standby`]: backups from a standby: the endpoint each member publishes, the choice of
+//!   the replica (pure).
+//! - [`server`]: `pgbackrest server` (pgBackRest's TLS server) as a supervised child.
 //!
 //! Hooks elsewhere are small: `postgres::conf::parameters` adds the archive settings, the HA
 //! loop calls [`restore`] for replica creation and bootstrap, `run.rs` writes the config and
-//! spawns the service, the REST API routes `POST /backup` and `GET /backups` here.
+//! spawns the service, the REST API routes `POST /backup` and `GET /backups` here, the HA loop
+//! adds [`standby::member_fields`] to the member record.
 
 pub mod archive;
 pub mod command;
@@ -22,8 +26,12 @@ pub mod render;
 pub mod report;
 pub mod restore;
 pub mod schedule;
+pub mod server;
 pub mod service;
 pub mod settings;
+pub mod standby;
+
+pub use standby::member_fields;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -214,7 +222,7 @@ pub fn spawn(
         ],
         chrono::Utc::now(),
     );
-    let service = service::Service::new(
+    let mut service = service::Service::new(
         config.name.clone(),
         resolved.stanza.clone(),
         config.postgresql.data_dir.clone(),
@@ -226,7 +234,26 @@ pub fn spawn(
         req_rx,
         schedules,
     );
-    let task = tokio::spawn(service.run(shutdown));
+    if pb.backup_standby {
+        service = service.with_standby(service::StandbyBackup {
+            fallback: pb.backup_standby_fallback,
+            config: config.clone(),
+            pgbackrest: pb.clone(),
+            resolved: resolved.clone(),
+            file: resolved.config_dir.join("pgbackrest-standby.conf"),
+        });
+    }
+    // Every member runs the TLS server when configured: any replica may be chosen as the
+    // standby, and a leader may become a replica.
+    let server = pb.tls_server.is_some().then(|| runner.clone());
+    let task = tokio::spawn(async move {
+        let server = async {
+            if let Some(runner) = server {
+                server::supervise(runner, shutdown.clone()).await;
+            }
+        };
+        tokio::join!(service.run(shutdown.clone()), server);
+    });
     Some((
         BackupHandle {
             report: report_rx,

@@ -12,6 +12,7 @@ use std::path::Path;
 use crate::config::Config;
 
 use super::settings::{PgBackRestConfig, RepoType, Resolved};
+use super::standby::Endpoint;
 
 /// Quotes a word for `/bin/sh` (postgres runs archive and restore commands through it).
 pub fn shell_quote(word: &str) -> String {
@@ -48,6 +49,28 @@ fn yes_no(b: bool) -> &'static str {
 
 /// Renders `pgbackrest.conf`.
 pub fn conf(config: &Config, pb: &PgBackRestConfig, resolved: &Resolved) -> String {
+    conf_with(config, pb, resolved, None)
+}
+
+/// The file the leader's `pgbackrest backup` reads when it backs up from `standby`: the same
+/// as `pgbackrest.conf` plus `backup-standby=y` and the standby as `pg2-*`, reached through its
+/// TLS server with this member's certificate as the client certificate. A separate file, so
+/// that `archive_command` and the other commands never depend on which replica was chosen.
+pub fn standby_backup_conf(
+    config: &Config,
+    pb: &PgBackRestConfig,
+    resolved: &Resolved,
+    standby: &Endpoint,
+) -> String {
+    conf_with(config, pb, resolved, Some(standby))
+}
+
+fn conf_with(
+    config: &Config,
+    pb: &PgBackRestConfig,
+    resolved: &Resolved,
+    standby: Option<&Endpoint>,
+) -> String {
     let mut global: Vec<(String, String)> = Vec::new();
     let mut set = |k: String, v: String| global.push((k, v));
     for (i, repo) in pb.repos.iter().enumerate() {
@@ -103,6 +126,27 @@ pub fn conf(config: &Config, pb: &PgBackRestConfig, resolved: &Resolved) -> Stri
     // archive-push runs under postgres, whose log gets the console output: warnings only.
     set("log-level-console".into(), "warn".into());
     set("log-level-file".into(), "info".into());
+    if let Some(tls) = &pb.tls_server {
+        // Only `pgbackrest server` reads these; other commands ignore them in the file.
+        set("tls-server-address".into(), tls.address.clone());
+        set("tls-server-port".into(), tls.port.to_string());
+        set(
+            "tls-server-cert-file".into(),
+            tls.cert_file.display().to_string(),
+        );
+        set(
+            "tls-server-key-file".into(),
+            tls.key_file.display().to_string(),
+        );
+        set(
+            "tls-server-ca-file".into(),
+            tls.ca_file.display().to_string(),
+        );
+        set(
+            "tls-server-auth".into(),
+            format!("{}={}", tls.client_cn.trim(), resolved.stanza),
+        );
+    }
     // Pass-through options come last and win, except those pgwarden must own.
     let mut merged: BTreeMap<String, String> = BTreeMap::new();
     let mut order = Vec::new();
@@ -148,8 +192,30 @@ pub fn conf(config: &Config, pb: &PgBackRestConfig, resolved: &Resolved) -> Stri
             socket = socket_dir(config),
             user = superuser,
         );
+        if let (Some(sb), Some(tls), true) = (standby, &pb.tls_server, stanza == resolved.stanza) {
+            let _ = write!(
+                out,
+                "backup-standby=y\npg2-host={host}\npg2-host-type=tls\npg2-host-port={tls_port}\n\
+                 pg2-host-cert-file={cert}\npg2-host-key-file={key}\npg2-host-ca-file={ca}\n\
+                 pg2-path={path}\npg2-port={port}\npg2-socket-path={socket}\npg2-user={user}\n",
+                host = sb.tls_host,
+                tls_port = sb.tls_port,
+                cert = tls.cert_file.display(),
+                key = tls.key_file.display(),
+                ca = tls.ca_file.display(),
+                path = sb.pg_path.display(),
+                port = sb.pg_port,
+                socket = sb.pg_socket_path,
+                user = sb.pg_user,
+            );
+        }
     }
     out
+}
+
+/// Writes a rendered file next to `pgbackrest.conf` (mode 0600).
+pub fn write_file(path: &Path, text: &str) -> std::io::Result<()> {
+    write_private(path, text)
 }
 
 /// The `pgbackrest --config=… --stanza=…` prefix of the commands postgres runs.
@@ -283,5 +349,66 @@ mod tests {
         );
         assert!(p["restore_command"].ends_with("archive-get %f \"%p\""));
         assert_eq!(shell_quote("it's"), r"'it'\''s'");
+    }
+
+    #[test]
+    fn the_standby_backup_file_adds_the_tls_server_and_the_standby_as_pg2() {
+        let mut c = config();
+        if let Some(pb) = c.pgbackrest.as_mut() {
+            pb.backup_standby = true;
+            pb.tls_server = Some(
+                serde_yaml::from_str(
+                    "{address: 127.0.0.1, connect_address: localhost, port: 8555, \
+                     cert_file: /tls/m.pem, key_file: /tls/m.key, ca_file: /tls/ca.pem, \
+                     client_cn: pgwarden}",
+                )
+                .expect("yaml"),
+            );
+        }
+        let pb = c.pgbackrest.clone().expect("set");
+        let r = pb.resolve(&c);
+        let plain = conf(&c, &pb, &r);
+        for line in [
+            "tls-server-address=127.0.0.1",
+            "tls-server-port=8555",
+            "tls-server-auth=pgwarden=batman",
+            "tls-server-ca-file=/tls/ca.pem",
+        ] {
+            assert!(
+                plain.lines().any(|l| l == line),
+                "{line} missing in\n{plain}"
+            );
+        }
+        assert!(!plain.contains("pg2-"), "{plain}");
+        assert!(!plain.contains("backup-standby"), "{plain}");
+        let standby = Endpoint {
+            tls_host: "localhost".into(),
+            tls_port: 8556,
+            pg_path: "/srv/pg1/data".into(),
+            pg_port: 5434,
+            pg_socket_path: "/run/pg1".into(),
+            pg_user: "postgres".into(),
+        };
+        let text = standby_backup_conf(&c, &pb, &r, &standby);
+        let section = text.split("[batman]").nth(1).expect("stanza section");
+        for line in [
+            "backup-standby=y",
+            "pg1-path=/srv/pg/data",
+            "pg2-host=localhost",
+            "pg2-host-type=tls",
+            "pg2-host-port=8556",
+            "pg2-host-cert-file=/tls/m.pem",
+            "pg2-host-key-file=/tls/m.key",
+            "pg2-host-ca-file=/tls/ca.pem",
+            "pg2-path=/srv/pg1/data",
+            "pg2-port=5434",
+            "pg2-socket-path=/run/pg1",
+            "pg2-user=postgres",
+        ] {
+            assert!(
+                section.lines().any(|l| l == line),
+                "{line} missing in\n{text}"
+            );
+        }
     }
 }

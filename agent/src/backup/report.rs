@@ -41,6 +41,9 @@ pub struct Running {
     pub kind: BackupType,
     pub trigger: Trigger,
     pub started_at: DateTime<Utc>,
+    /// The replica the files are copied from (`backup_standby`); absent: from the primary.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
 }
 
 /// The last backup this member ran (or tried to).
@@ -52,6 +55,9 @@ pub struct Attempt {
     pub started_at: DateTime<Utc>,
     pub duration_seconds: f64,
     pub ok: bool,
+    /// As [`Running::standby`].
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
 }

@@ -34,7 +34,9 @@ use crate::state::AgentStatus;
 use super::command::{Invocation, Runner};
 use super::report::{Attempt, BackupReport, CheckResult, Running, Trigger};
 use super::schedule::Schedules;
+use super::settings::{PgBackRestConfig, Resolved};
 use super::BackupType;
+use crate::config::Config;
 
 /// DCS key of the cluster-wide backup lock.
 pub const LOCK_KEY: &str = "backup_lock";
@@ -73,6 +75,16 @@ struct Job {
     handle: JoinHandle<Result<(), String>>,
 }
 
+/// `pgbackrest.backup_standby`: what the leader needs to write the per-backup config file.
+pub struct StandbyBackup {
+    pub fallback: bool,
+    pub config: Config,
+    pub pgbackrest: PgBackRestConfig,
+    pub resolved: Resolved,
+    /// `<config_dir>/pgbackrest-standby.conf`, rewritten before each backup.
+    pub file: PathBuf,
+}
+
 /// Per leadership term.
 struct Term {
     /// `None` until the first stanza-create/check finished.
@@ -92,6 +104,7 @@ pub struct Service {
     pub(super) requests: mpsc::Receiver<Request>,
     pub(super) schedules: Schedules,
     pub(super) state: BackupReport,
+    standby: Option<StandbyBackup>,
     term: Option<Term>,
     job: Option<Job>,
     next_archive_poll: Instant,
@@ -130,6 +143,7 @@ impl Service {
             report,
             requests,
             schedules,
+            standby: None,
             term: None,
             job: None,
             next_archive_poll: now,
@@ -137,6 +151,12 @@ impl Service {
             archive_lagging: false,
             archive_failed_seen: 0,
         }
+    }
+
+    /// Backs up from a replica (`pgbackrest.backup_standby`).
+    pub fn with_standby(mut self, standby: StandbyBackup) -> Service {
+        self.standby = Some(standby);
+        self
     }
 
     /// Runs until `shutdown`; a running pgBackRest command is killed with its group first.
@@ -192,6 +212,17 @@ impl Service {
 
     fn lock_value(&self) -> String {
         json!({"member": self.name}).to_string()
+    }
+
+    /// The leader's REST URL, for a 421 answer on a replica.
+    fn leader_api_url(&self) -> Option<String> {
+        let status = self.status.borrow().clone();
+        let cluster = status.cluster.as_ref()?;
+        let leader = cluster.leader_name()?;
+        cluster
+            .member(leader)
+            .map(|m| m.record.api_url.clone())
+            .filter(|u| !u.is_empty())
     }
 
     /// Leader with a writable postgres, and whether a switchover is pending.
@@ -415,16 +446,88 @@ impl Service {
             return;
         }
         info!(%kind, fire = %fire_text, "starting the scheduled backup");
-        self.start_backup(kind, Trigger::Scheduled, Some(fire));
+        let _ = self
+            .start_backup(kind, Trigger::Scheduled, Some(fire))
+            .await;
     }
 
-    fn start_backup(&mut self, kind: BackupType, trigger: Trigger, fire: Option<DateTime<Utc>>) {
+    /// The runner for the next backup, and the replica it copies from. With `backup_standby`
+    /// this picks the replica and writes the per-backup config file naming it; `Err` is why
+    /// the backup must be skipped (no usable replica and no fallback, or the file could not be
+    /// written).
+    fn backup_source(&self) -> Result<(Runner, Option<String>), String> {
+        let Some(sb) = &self.standby else {
+            return Ok((self.runner.clone(), None));
+        };
+        let cluster = self.status.borrow().cluster.clone();
+        match super::standby::choose(cluster.as_deref(), &self.name) {
+            Ok(chosen) => {
+                let text = super::render::standby_backup_conf(
+                    &sb.config,
+                    &sb.pgbackrest,
+                    &sb.resolved,
+                    &chosen.endpoint,
+                );
+                super::render::write_file(&sb.file, &text)
+                    .map_err(|e| format!("cannot write {}: {e}", sb.file.display()))?;
+                info!(standby = %chosen.name, lag_bytes = ?chosen.lag, host = %chosen.endpoint.tls_host, port = chosen.endpoint.tls_port, "backing up from the standby");
+                Ok((
+                    Runner {
+                        config_file: sb.file.clone(),
+                        ..self.runner.clone()
+                    },
+                    Some(chosen.name),
+                ))
+            }
+            Err(e) if sb.fallback => {
+                warn!(reason = %e, "no usable standby: backing up from the primary (backup_standby_fallback)");
+                Ok((self.runner.clone(), None))
+            }
+            Err(e) => Err(format!(
+                "{e}; the backup is skipped (backup_standby_fallback is off)"
+            )),
+        }
+    }
+
+    /// Starts a backup under the lock this member already holds. On `Err` (see
+    /// [`Self::backup_source`]) the lock is released and the skip is reported like a failed
+    /// backup, so a scheduled one is retried at its next fire.
+    async fn start_backup(
+        &mut self,
+        kind: BackupType,
+        trigger: Trigger,
+        fire: Option<DateTime<Utc>>,
+    ) -> Result<(), String> {
+        let (runner, standby) = match self.backup_source() {
+            Ok(source) => source,
+            Err(reason) => {
+                let _ = self
+                    .dcs
+                    .release_lease_key(LOCK_KEY, &self.lock_value())
+                    .await;
+                self.state.failures += 1;
+                error!(%kind, ?trigger, error = %reason, "backup not started");
+                self.state.last = Some(Attempt {
+                    kind,
+                    trigger,
+                    started_at: Utc::now(),
+                    duration_seconds: 0.0,
+                    ok: false,
+                    standby: None,
+                    error: Some(reason.clone()),
+                });
+                if let Some(fire) = fire {
+                    self.schedules.settle(kind, fire);
+                }
+                return Err(reason);
+            }
+        };
         let running = Running {
             kind,
             trigger,
             started_at: Utc::now(),
+            standby,
         };
-        let runner = self.runner.clone();
         let stanza = self.stanza.clone();
         let cancel = CancellationToken::new();
         let token = cancel.clone();
@@ -450,6 +553,7 @@ impl Service {
             cancel,
             handle,
         });
+        Ok(())
     }
 
     async fn job_finished(&mut self, result: Result<(), String>) {
@@ -501,6 +605,7 @@ impl Service {
                     started_at: running.started_at,
                     duration_seconds: duration,
                     ok: result.is_ok(),
+                    standby: running.standby.clone(),
                     error: result.err(),
                 });
                 self.state.running = None;
@@ -516,13 +621,28 @@ impl Service {
         let Request::Start { kind, reply } = request;
         let (leader, switchover, leader_name) = self.role();
         let answer = if !leader {
-            ApiReply::new(
-                503,
-                format!(
-                    "only the leader runs backups; the leader is {}",
-                    leader_name.unwrap_or_else(|| "unknown".into())
+            // 421 Misdirected Request: the request is fine, this member is the wrong one. The
+            // body says where to send it (also with backup_standby: the leader runs the
+            // backup, the standby only serves files). Without a known leader nobody can take
+            // it now: 503.
+            match (leader_name, self.leader_api_url()) {
+                (Some(name), Some(url)) => ApiReply::new(
+                    421,
+                    json!({
+                        "message": format!("only the leader runs backups; send it to {name}"),
+                        "leader": name,
+                        "api_url": url,
+                    })
+                    .to_string(),
                 ),
-            )
+                (name, _) => ApiReply::new(
+                    503,
+                    format!(
+                        "only the leader runs backups; the leader is {}",
+                        name.unwrap_or_else(|| "unknown".into())
+                    ),
+                ),
+            }
         } else if switchover {
             ApiReply::new(503, "a switchover is in progress; try again after it")
         } else if let Some(job) = &self.job {
@@ -544,12 +664,18 @@ impl Service {
                 Err(reply) => reply,
                 Ok(()) => {
                     info!(%kind, "starting an on-demand backup");
-                    self.start_backup(kind, Trigger::Manual, None);
-                    ApiReply::new(
-                        202,
-                        json!({"type": kind, "member": self.name, "started_at": Utc::now()})
-                            .to_string(),
-                    )
+                    match self.start_backup(kind, Trigger::Manual, None).await {
+                        Ok(()) => {
+                            let standby =
+                                self.state.running.as_ref().and_then(|r| r.standby.clone());
+                            ApiReply::new(
+                                202,
+                                json!({"type": kind, "member": self.name, "standby": standby, "started_at": Utc::now()})
+                                    .to_string(),
+                            )
+                        }
+                        Err(reason) => ApiReply::new(503, reason),
+                    }
                 }
             }
         };

@@ -43,6 +43,69 @@ pub struct PgBackRestConfig {
     pub timeout: u64,
     /// Extra `[global]` options passed to pgBackRest as they are (`key: value`).
     pub options: BTreeMap<String, PgValue>,
+    /// Take backups from a streaming replica (pgBackRest's `backup-standby=y`): the leader
+    /// still runs `pgbackrest backup`, which copies the files from the chosen replica through
+    /// that replica's pgBackRest TLS server. Needs `tls_server` on every member.
+    pub backup_standby: bool,
+    /// With `backup_standby`, when no replica is usable: `true` backs up from the primary alone
+    /// (pgBackRest's later `prefer`), `false` (default, pgBackRest's `y`) skips the backup and
+    /// reports it as failed.
+    pub backup_standby_fallback: bool,
+    /// The `pgbackrest server` the agent runs beside postgres, so that the leader's backup can
+    /// read this member's data directory.
+    pub tls_server: Option<TlsServerConfig>,
+}
+
+/// `pgbackrest.tls_server`: pgBackRest's TLS server on this member (`pgbackrest server`,
+/// supervised by the agent). The same certificate is the client certificate the leader
+/// presents to the replicas' servers, so every member's certificate must be signed by
+/// `ca_file` and carry `client_cn` as its common name, and name `connect_address` (as a DNS
+/// name: pgBackRest 2.45 does not match IP addresses in certificates).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct TlsServerConfig {
+    /// `tls-server-address`: the address the server binds.
+    pub address: String,
+    /// The host name the leader connects to (`pgN-host`), published in the member record;
+    /// default `address` unless that is a wildcard.
+    pub connect_address: Option<String>,
+    /// `tls-server-port`.
+    pub port: u16,
+    /// PEM files: this member's certificate and key, and the CA that signed every member's.
+    pub cert_file: PathBuf,
+    pub key_file: PathBuf,
+    pub ca_file: PathBuf,
+    /// Common name of the client certificates the server accepts (`tls-server-auth`).
+    pub client_cn: String,
+}
+
+impl Default for TlsServerConfig {
+    fn default() -> Self {
+        TlsServerConfig {
+            address: "localhost".into(),
+            connect_address: None,
+            port: 8432,
+            cert_file: PathBuf::new(),
+            key_file: PathBuf::new(),
+            ca_file: PathBuf::new(),
+            client_cn: String::new(),
+        }
+    }
+}
+
+fn is_wildcard(address: &str) -> bool {
+    matches!(address, "" | "0.0.0.0" | "::" | "[::]" | "*")
+}
+
+impl TlsServerConfig {
+    /// The host the leader's backup connects to.
+    pub fn host(&self) -> Option<String> {
+        match &self.connect_address {
+            Some(h) if !h.trim().is_empty() => Some(h.trim().to_owned()),
+            _ if !is_wildcard(self.address.trim()) => Some(self.address.trim().to_owned()),
+            _ => None,
+        }
+    }
 }
 
 impl Default for PgBackRestConfig {
@@ -59,6 +122,9 @@ impl Default for PgBackRestConfig {
             schedule: ScheduleConfig::default(),
             timeout: 6 * 3600,
             options: BTreeMap::new(),
+            backup_standby: false,
+            backup_standby_fallback: false,
+            tls_server: None,
         }
     }
 }
@@ -222,14 +288,92 @@ fn is_option_name(name: &str) -> bool {
 }
 
 /// Options pgwarden sets itself: passing them through would break archiving or restores.
-const MANAGED_OPTIONS: [&str; 6] = [
+const MANAGED_OPTIONS: [&str; 7] = [
     "pg1-path",
     "pg1-port",
     "pg1-socket-path",
     "pg1-user",
     "lock-path",
     "stanza",
+    "backup-standby",
 ];
+
+/// Managed option families: the TLS server (`pgbackrest.tls_server`) and the other hosts
+/// (`pg2-…` to `pg8-…`, written for a backup from a standby).
+fn is_managed(name: &str) -> bool {
+    if MANAGED_OPTIONS.contains(&name) || name.starts_with("tls-server-") {
+        return true;
+    }
+    name.strip_prefix("pg")
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(n, _)| n.parse::<u32>().is_ok_and(|n| n >= 2))
+}
+
+/// `pgbackrest.backup_standby` and `pgbackrest.tls_server`.
+fn validate_standby(pb: &PgBackRestConfig, err: &mut impl FnMut(&str, String)) {
+    if pb.backup_standby && pb.tls_server.is_none() {
+        err(
+            "pgbackrest.tls_server",
+            "is required with backup_standby: the leader's backup reads the replica's data \
+             directory through the replica's pgBackRest TLS server"
+                .into(),
+        );
+    }
+    if pb.backup_standby_fallback && !pb.backup_standby {
+        err(
+            "pgbackrest.backup_standby_fallback",
+            "only applies with backup_standby: true".into(),
+        );
+    }
+    let Some(tls) = &pb.tls_server else { return };
+    if tls.address.trim().is_empty() {
+        err("pgbackrest.tls_server.address", "must not be empty".into());
+    }
+    if tls.host().is_none() {
+        err(
+            "pgbackrest.tls_server.connect_address",
+            format!(
+                "is required when address is the wildcard {:?}: the leader needs a host name \
+                 to connect to",
+                tls.address
+            ),
+        );
+    }
+    if tls.port == 0 {
+        err(
+            "pgbackrest.tls_server.port",
+            "must be between 1 and 65535".into(),
+        );
+    }
+    for (key, path) in [
+        ("cert_file", &tls.cert_file),
+        ("key_file", &tls.key_file),
+        ("ca_file", &tls.ca_file),
+    ] {
+        let at = format!("pgbackrest.tls_server.{key}");
+        if path.as_os_str().is_empty() {
+            err(&at, "is required (a PEM file)".into());
+        } else if !path.is_absolute() {
+            err(&at, "must be an absolute path".into());
+        } else if let Err(e) = std::fs::File::open(path) {
+            // Checked here so a typo stops the agent with the field named, instead of a
+            // server that keeps failing in the background.
+            err(&at, format!("cannot be read: {e}"));
+        }
+    }
+    let cn = tls.client_cn.trim();
+    if cn.is_empty() {
+        err(
+            "pgbackrest.tls_server.client_cn",
+            "is required: the common name of the members' certificates".into(),
+        );
+    } else if cn.contains(['=', ',', ' ']) {
+        err(
+            "pgbackrest.tls_server.client_cn",
+            format!("{cn:?} cannot contain `=`, `,` or spaces (pgBackRest's tls-server-auth)"),
+        );
+    }
+}
 
 /// Checks `pgbackrest`, `bootstrap.pgbackrest` and `postgresql.create_replica_methods`,
 /// adding one error per bad field.
@@ -475,13 +619,16 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
                 &format!("pgbackrest.options.{name}"),
                 "is not a pgBackRest option name (lower case, digits and `-`)".into(),
             );
-        } else if MANAGED_OPTIONS.contains(&name.as_str()) {
+        } else if is_managed(name) {
             err(
                 &format!("pgbackrest.options.{name}"),
-                "is set by pgwarden from the postgresql section and cannot be overridden".into(),
+                "is set by pgwarden (from the postgresql section, tls_server or \
+                 backup_standby) and cannot be overridden"
+                    .into(),
             );
         }
     }
+    validate_standby(pb, &mut err);
 }
 
 #[cfg(test)]
@@ -588,6 +735,57 @@ mod tests {
         assert_eq!(
             BootstrapFromBackup::default().target(),
             RecoveryTarget::EndOfWal
+        );
+    }
+
+    #[test]
+    fn backup_standby_needs_a_tls_server_and_its_fields_are_checked() {
+        let mut c = base();
+        c.pgbackrest = Some(
+            serde_yaml::from_str("repos: [{path: /repo}]\nbackup_standby: true").expect("yaml"),
+        );
+        assert_eq!(errors(&c), vec!["pgbackrest.tls_server"]);
+
+        let yaml = "repos: [{path: /repo}]\nbackup_standby_fallback: true\n\
+                    tls_server: {address: '0.0.0.0', port: 0, cert_file: relative.pem, \
+                    key_file: /nonexistent/key.pem, client_cn: 'a=b'}\n";
+        c.pgbackrest = Some(serde_yaml::from_str(yaml).expect("yaml"));
+        assert_eq!(
+            errors(&c),
+            vec![
+                "pgbackrest.backup_standby_fallback",
+                "pgbackrest.tls_server.connect_address",
+                "pgbackrest.tls_server.port",
+                "pgbackrest.tls_server.cert_file",
+                "pgbackrest.tls_server.key_file",
+                "pgbackrest.tls_server.ca_file",
+                "pgbackrest.tls_server.client_cn",
+            ]
+        );
+    }
+
+    #[test]
+    fn a_complete_tls_server_passes_and_its_options_cannot_be_passed_through() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pem = dir.path().join("m.pem");
+        std::fs::write(&pem, "x").expect("write");
+        let mut c = base();
+        let yaml = format!(
+            "repos: [{{path: /repo}}]\nbackup_standby: true\nbackup_standby_fallback: true\n\
+             tls_server: {{address: '0.0.0.0', connect_address: db1, cert_file: {p}, \
+             key_file: {p}, ca_file: {p}, client_cn: pgwarden}}\n\
+             options: {{pg2-host: x, tls-server-port: 1, backup-standby: y, pg1-host-type: ssh, \
+             archive-async: y}}\n",
+            p = pem.display()
+        );
+        c.pgbackrest = Some(serde_yaml::from_str(&yaml).expect("yaml"));
+        assert_eq!(
+            errors(&c),
+            vec![
+                "pgbackrest.options.backup-standby",
+                "pgbackrest.options.pg2-host",
+                "pgbackrest.options.tls-server-port",
+            ]
         );
     }
 }

@@ -312,3 +312,184 @@ async fn the_cluster_wide_lock_and_leadership_gate_on_demand_backups() {
     assert!(reply.body.contains("pg1"), "{}", reply.body);
     h.shutdown.cancel();
 }
+
+/// `POST /backup` on a replica names the leader and its REST URL (421 Misdirected Request).
+#[tokio::test]
+async fn a_replica_answers_misdirected_with_the_leaders_address() {
+    let mut s = status(false, false);
+    let mut view = (**s.cluster.as_ref().expect("view")).clone();
+    view.members.push(crate::dcs::Member {
+        name: "pg1".into(),
+        record: MemberRecord {
+            api_url: "http://127.0.0.1:8009/patroni".into(),
+            role: "primary".into(),
+            ..Default::default()
+        },
+        revision: 1,
+        lease: 1,
+    });
+    s.cluster = Some(Arc::new(view));
+    let h = start(s, None);
+    let reply = ask(&h, BackupType::Full).await;
+    assert_eq!(reply.status, 421, "{}", reply.body);
+    let body: serde_json::Value = serde_json::from_str(&reply.body).expect("JSON");
+    assert_eq!(body["leader"], "pg1");
+    assert_eq!(body["api_url"], "http://127.0.0.1:8009/patroni");
+    h.shutdown.cancel();
+}
+
+fn standby_settings(dir: &Path, fallback: bool) -> super::service::StandbyBackup {
+    let yaml = format!(
+        "scope: s\nname: pg0\npostgresql:\n  listen: 127.0.0.1:5433\n  data_dir: {d}/data\n  \
+         authentication: {{superuser: {{username: postgres}}, replication: {{username: r}}}}\n\
+         pgbackrest:\n  repos: [{{path: {d}/repo}}]\n  backup_standby: true\n  \
+         tls_server: {{address: localhost, cert_file: /c.pem, key_file: /k.pem, ca_file: /ca.pem, \
+         client_cn: pgwarden}}\n",
+        d = dir.display()
+    );
+    let config: Config = serde_yaml::from_str(&yaml).expect("yaml");
+    let pb = config.pgbackrest.clone().expect("section");
+    let resolved = pb.resolve(&config);
+    super::service::StandbyBackup {
+        fallback,
+        file: dir.join("pgbackrest-standby.conf"),
+        config,
+        pgbackrest: pb,
+        resolved,
+    }
+}
+
+fn with_replica(mut s: AgentStatus, tls: bool) -> AgentStatus {
+    let mut view = (**s.cluster.as_ref().expect("view")).clone();
+    let mut record = MemberRecord {
+        role: "replica".into(),
+        state: "running".into(),
+        replication_state: Some("streaming".into()),
+        ..Default::default()
+    };
+    if tls {
+        record.extra.insert(
+            super::standby::MEMBER_KEY.into(),
+            serde_json::json!({"tls_host": "localhost", "tls_port": 8555, "pg_path": "/pg1/data",
+                               "pg_port": 5434, "pg_socket_path": "/run/pg1", "pg_user": "postgres"}),
+        );
+    }
+    view.members.push(crate::dcs::Member {
+        name: "pg1".into(),
+        record,
+        revision: 1,
+        lease: 1,
+    });
+    s.cluster = Some(Arc::new(view));
+    s
+}
+
+fn start_standby(initial: AgentStatus, fallback: bool) -> Harness {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let dcs = Arc::new(MemoryDcs::default());
+    let (status_tx, status_rx) = watch::channel(Arc::new(initial));
+    let (report_tx, report_rx) = watch::channel(Arc::new(BackupReport::default()));
+    let (req_tx, req_rx) = mpsc::channel(4);
+    let probe = Probe::new(LocalConnection {
+        host: "127.0.0.1".into(),
+        port: 1,
+        user: "postgres".into(),
+        password: None,
+        timeout: Duration::from_millis(200),
+    });
+    let service = Service::new(
+        "pg0".into(),
+        "s".into(),
+        dir.path().join("data"),
+        fake_pgbackrest(dir.path()),
+        dcs.clone(),
+        status_rx,
+        probe,
+        report_tx,
+        req_rx,
+        Schedules::default(),
+    )
+    .with_standby(standby_settings(dir.path(), fallback));
+    let shutdown = CancellationToken::new();
+    tokio::spawn(service.run(shutdown.clone()));
+    Harness {
+        dir,
+        dcs,
+        status: status_tx,
+        report: report_rx,
+        requests: req_tx,
+        shutdown,
+    }
+}
+
+/// `backup_standby` without a usable replica and without the fallback: skipped, reported,
+/// the lock released; with one: the backup reads the per-backup file naming it as pg2.
+#[tokio::test]
+async fn a_backup_from_a_standby_is_skipped_without_a_usable_replica_and_names_it_otherwise() {
+    let h = start_standby(with_replica(status(true, false), false), false);
+    eventually("the stanza was created and checked", || {
+        h.report.borrow().check.as_ref().is_some_and(|c| c.ok)
+    })
+    .await;
+    let reply = ask(&h, BackupType::Full).await;
+    assert_eq!(reply.status, 503, "{}", reply.body);
+    assert!(
+        reply.body.contains("pg1: no pgBackRest TLS server"),
+        "{}",
+        reply.body
+    );
+    {
+        let r = h.report.borrow();
+        let last = r.last.as_ref().expect("reported");
+        assert!(!last.ok);
+        assert_eq!(r.failures, 1);
+    }
+    assert!(!h.dcs.keys.lock().expect("lock").contains_key(LOCK_KEY));
+    assert!(!calls(h.dir.path()).contains(" backup "));
+
+    h.status
+        .send_replace(Arc::new(with_replica(status(true, false), true)));
+    let reply = ask(&h, BackupType::Full).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    assert!(reply.body.contains("\"standby\":\"pg1\""), "{}", reply.body);
+    eventually("the backup runs", || {
+        calls(h.dir.path()).contains(" backup ")
+    })
+    .await;
+    let line = calls(h.dir.path())
+        .lines()
+        .find(|l| l.contains(" backup "))
+        .map(str::to_owned)
+        .expect("a backup call");
+    assert!(line.contains("pgbackrest-standby.conf"), "{line}");
+    let file = std::fs::read_to_string(h.dir.path().join("pgbackrest-standby.conf"))
+        .expect("the per-backup file");
+    assert!(file.contains("pg2-path=/pg1/data"), "{file}");
+    assert!(file.contains("backup-standby=y"), "{file}");
+    assert_eq!(
+        h.report
+            .borrow()
+            .running
+            .as_ref()
+            .and_then(|r| r.standby.clone()),
+        Some("pg1".into())
+    );
+    h.shutdown.cancel();
+}
+
+#[tokio::test]
+async fn with_the_fallback_a_backup_without_a_usable_replica_runs_from_the_primary() {
+    let h = start_standby(status(true, false), true);
+    eventually("the stanza was created and checked", || {
+        h.report.borrow().check.as_ref().is_some_and(|c| c.ok)
+    })
+    .await;
+    let reply = ask(&h, BackupType::Full).await;
+    assert_eq!(reply.status, 202, "{}", reply.body);
+    eventually("the backup runs", || {
+        calls(h.dir.path()).contains(" backup ")
+    })
+    .await;
+    assert!(!calls(h.dir.path()).contains("pgbackrest-standby.conf"));
+    h.shutdown.cancel();
+}

@@ -21,10 +21,20 @@ fn leader_api(view: &crate::dcs::ClusterView) -> Result<(String, String), CliErr
 /// Starts a backup on the leader; with `wait`, polls its `/patroni` until it finished.
 pub(super) async fn backup(ctl: &Ctl, kind: &str, wait: bool) -> Result<(), CliError> {
     let view = ctl.cluster().await?;
-    let (leader, api) = leader_api(&view)?;
-    let (status, body) = ctl
-        .call(&api, "POST", "/backup", Some(&json!({"type": kind})))
-        .await?;
+    let (mut leader, mut api) = leader_api(&view)?;
+    let request = json!({"type": kind});
+    let (mut status, mut body) = ctl.call(&api, "POST", "/backup", Some(&request)).await?;
+    // 421: the member we asked is no longer the leader (the DCS view was older than a
+    // switchover); follow its answer once.
+    if status == 421 {
+        let redirect: Value = serde_json::from_str(&body).unwrap_or(Value::Null);
+        if let (Some(name), Some(url)) = (redirect["leader"].as_str(), redirect["api_url"].as_str())
+        {
+            leader = name.to_owned();
+            api = url.to_owned();
+            (status, body) = ctl.call(&api, "POST", "/backup", Some(&request)).await?;
+        }
+    }
     if status != 202 {
         return Err(CliError::Failed(format!("{leader}: {body} ({status})")));
     }
@@ -32,7 +42,12 @@ pub(super) async fn backup(ctl: &Ctl, kind: &str, wait: bool) -> Result<(), CliE
     let started_at = started["started_at"]
         .as_str()
         .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
-    println!("{leader}: {kind} backup started");
+    match started["standby"].as_str() {
+        Some(standby) => {
+            println!("{leader}: {kind} backup started, copying from the standby {standby}")
+        }
+        None => println!("{leader}: {kind} backup started"),
+    }
     if !wait {
         return Ok(());
     }

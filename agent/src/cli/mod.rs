@@ -2,6 +2,7 @@
 //! acts through the members' REST APIs (or the DCS where Patroni's tool does too).
 
 pub mod backup;
+pub mod healthcheck;
 pub mod list;
 
 use std::io::{BufRead, Write};

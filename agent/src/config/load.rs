@@ -278,6 +278,17 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
     if let Some(v) = get("REPLICATION_PASSWORD") {
         auth.replication.password = Some(v);
     }
+    // Patroni's PATRONI_REWIND_*: a container image sets the rewind role by environment too.
+    if let Some(v) = get("REWIND_USERNAME") {
+        auth.rewind
+            .get_or_insert_with(Credentials::default)
+            .username = v;
+    }
+    if let Some(v) = get("REWIND_PASSWORD") {
+        auth.rewind
+            .get_or_insert_with(Credentials::default)
+            .password = Some(v);
+    }
     if let Some((v, key)) = env_value(env, "LOG_TYPE") {
         config.log.kind = match v.to_ascii_lowercase().as_str() {
             "plain" => LogFormat::Plain,

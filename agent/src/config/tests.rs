@@ -201,6 +201,24 @@ fn everything_can_come_from_the_environment() {
 }
 
 #[test]
+fn rewind_credentials_come_from_patroni_rewind_variables() {
+    let env: BTreeMap<String, String> = [
+        ("PATRONI_REWIND_USERNAME", "rewinder"),
+        ("PGWARDEN_REWIND_PASSWORD", "s3cret"),
+        ("PATRONI_REWIND_PASSWORD", "loses"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let c = load_str(PATRONI_YML, &env, &Overrides::default())
+        .expect("loads")
+        .config;
+    let rewind = c.postgresql.authentication.rewind.expect("rewind role set");
+    assert_eq!(rewind.username, "rewinder");
+    assert_eq!(rewind.password.as_deref(), Some("s3cret"), "PGWARDEN_ wins");
+}
+
+#[test]
 fn invalid_env_value_names_the_variable() {
     let mut env = BTreeMap::new();
     env.insert("PGWARDEN_LOG_TYPE".to_owned(), "xml".to_owned());

@@ -1218,7 +1218,9 @@ impl HaLoop {
             pause: paused.then_some(true),
             checkpoint_after_promote: self.checkpoint_after_promote_pending.then_some(false),
             pgwarden_version: Some(crate::VERSION.to_owned()),
-            extra: Default::default(),
+            // Where the leader's backup from a standby reaches this member (pgBackRest's TLS
+            // server); an extra field that Patroni's readers ignore.
+            extra: crate::backup::member_fields(&self.config),
         }
     }
 

@@ -128,6 +128,7 @@ pub async fn post_bootstrap(config: &Config, probe: &Probe) -> Result<(), Initdb
     if let Some(rewind) = &auth.rewind {
         if rewind.username != auth.superuser.username {
             role(&rewind.username, rewind.password.as_ref(), "LOGIN");
+            sql.push_str(&rewind_grants(&rewind.username));
         }
     }
     if sql.is_empty() {
@@ -139,9 +140,40 @@ pub async fn post_bootstrap(config: &Config, probe: &Probe) -> Result<(), Initdb
         .map_err(InitdbError::PostBootstrap)
 }
 
+/// The functions pg_rewind calls on the source server: without EXECUTE on them a rewind role
+/// that is not a superuser fails with "permission denied for function pg_read_binary_file".
+/// The same four grants as Patroni's `Bootstrap.create_or_update_role` for the rewind user.
+fn rewind_grants(username: &str) -> String {
+    [
+        "pg_ls_dir(text, boolean, boolean)",
+        "pg_stat_file(text, boolean)",
+        "pg_read_binary_file(text)",
+        "pg_read_binary_file(text, bigint, bigint, boolean)",
+    ]
+    .iter()
+    .map(|f| {
+        format!(
+            "GRANT EXECUTE ON FUNCTION pg_catalog.{f} TO {};\n",
+            quote_ident(username)
+        )
+    })
+    .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_rewind_role_may_read_the_files_pg_rewind_fetches() {
+        let sql = rewind_grants("rewinder");
+        assert_eq!(sql.lines().count(), 4);
+        assert!(sql.contains(
+            "GRANT EXECUTE ON FUNCTION pg_catalog.pg_read_binary_file(text, bigint, bigint, boolean) TO \"rewinder\";"
+        ));
+        assert!(sql.contains("pg_catalog.pg_ls_dir(text, boolean, boolean)"));
+        assert!(sql.contains("pg_catalog.pg_stat_file(text, boolean)"));
+    }
 
     #[test]
     fn patroni_initdb_options_become_flags() {

@@ -145,7 +145,7 @@ impl KubeCluster {
                         }
                     };
                     let started = runtime.block_on(async {
-                        remove_stale_shared_dirs();
+                        super::remove_dirs_of_gone_processes("pgw-kube-shared-");
                         let dir = std::env::temp_dir()
                             .join(format!("pgw-kube-shared-{}", std::process::id()));
                         std::fs::create_dir_all(&dir)?;
@@ -303,25 +303,6 @@ impl Drop for KubeCluster {
             if let Some(t) = self._tempdir.take() {
                 eprintln!("kept the kube directory {}", t.keep().display());
             }
-        }
-    }
-}
-
-/// Removes the directories of shared control planes whose test process is gone.
-fn remove_stale_shared_dirs() {
-    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(pid) = name
-            .strip_prefix("pgw-kube-shared-")
-            .and_then(|p| p.parse::<i32>().ok())
-        else {
-            continue;
-        };
-        if !super::process::pid_alive(pid) {
-            let _ = std::fs::remove_dir_all(e.path());
         }
     }
 }

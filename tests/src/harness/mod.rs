@@ -2,6 +2,7 @@
 //! loopback ports; every process is stopped by PID when the environment is dropped, also when a
 //! test panics (and then the tail of every log is printed).
 
+pub mod docker;
 pub mod etcd;
 pub mod kube;
 pub mod kubelet;
@@ -10,6 +11,7 @@ pub mod ports;
 pub mod process;
 pub mod proxy;
 pub mod s3;
+pub mod tls;
 pub mod writer;
 
 use std::future::Future;
@@ -73,14 +75,17 @@ pub fn agent_binary() -> PathBuf {
                 target.join("debug").join("pgwarden")
             }
         };
+        // Statics are never dropped, so the directory outlives this process: the next test
+        // process removes it (debug binaries are ~370 MB a copy; left alone they fill the disk).
+        remove_dirs_of_gone_processes("pgwarden-bin-");
         let dir = std::env::temp_dir().join(format!("pgwarden-bin-{}", std::process::id()));
         std::fs::create_dir_all(&dir).expect("bin dir");
         let copy = dir.join("pgwarden");
-        std::fs::copy(&built, &copy).expect("copy the agent binary");
+        link_or_copy(&built, &copy).expect("copy the agent binary");
         let guard = built.with_file_name("pgwarden-fence-guard");
         if guard.is_file() {
             let guard_copy = dir.join("pgwarden-fence-guard");
-            std::fs::copy(&guard, &guard_copy).expect("copy the fence guard");
+            link_or_copy(&guard, &guard_copy).expect("copy the fence guard");
             set_mode(&guard_copy, 0o755);
         }
         set_mode(&dir, 0o755);
@@ -88,6 +93,36 @@ pub fn agent_binary() -> PathBuf {
         copy
     })
     .clone()
+}
+
+/// A hard link costs no space and still gives a path outside a root-only checkout; a copy where
+/// the temp dir is on another filesystem.
+fn link_or_copy(from: &Path, to: &Path) -> std::io::Result<()> {
+    let _ = std::fs::remove_file(to);
+    if std::fs::hard_link(from, to).is_ok() {
+        return Ok(());
+    }
+    std::fs::copy(from, to).map(|_| ())
+}
+
+/// Removes `<temp dir>/<prefix><pid>` directories whose process is gone (left behind by test
+/// processes that ended, also by a panic or kill).
+pub fn remove_dirs_of_gone_processes(prefix: &str) {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(prefix)
+            .and_then(|p| p.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        if !process::pid_alive(pid) {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 fn set_mode(path: &Path, mode: u32) {
@@ -580,8 +615,19 @@ pub async fn https_request(
     (code != 0).then(|| (code, body.to_owned()))
 }
 
-/// A minimal HTTP/1.1 client (one request per connection).
+/// A minimal HTTP/1.1 client (one request per connection) to a loopback port.
 pub async fn http_request(
+    method: &str,
+    port: u16,
+    path: &str,
+    body: Option<&str>,
+) -> Option<(u16, String)> {
+    http_request_to("127.0.0.1", method, port, path, body).await
+}
+
+/// [`http_request`] to any host (a container's address).
+pub async fn http_request_to(
+    host: &str,
     method: &str,
     port: u16,
     path: &str,
@@ -589,12 +635,10 @@ pub async fn http_request(
 ) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let work = async {
-        let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-            .await
-            .ok()?;
+        let mut stream = tokio::net::TcpStream::connect((host, port)).await.ok()?;
         let body = body.unwrap_or("");
         let request = format!(
-            "{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
+            "{method} {path} HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\nContent-Length: {}\r\n\r\n{body}",
             body.len()
         );
         stream.write_all(request.as_bytes()).await.ok()?;

@@ -34,29 +34,7 @@ impl S3Server {
     pub async fn start(dir: &Path) -> anyhow::Result<S3Server> {
         let moto = moto_binary()?;
         std::fs::create_dir_all(dir)?;
-        let cert = dir.join("s3-cert.pem");
-        let key = dir.join("s3-key.pem");
-        let out = Command::new("openssl")
-            .args([
-                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2",
-            ])
-            .args([
-                "-subj",
-                "/CN=127.0.0.1",
-                "-addext",
-                "subjectAltName=IP:127.0.0.1",
-            ])
-            .arg("-keyout")
-            .arg(&key)
-            .arg("-out")
-            .arg(&cert)
-            .output()
-            .context("openssl runs")?;
-        anyhow::ensure!(
-            out.status.success(),
-            "openssl req: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (cert, key) = super::tls::self_signed(dir, "s3", "127.0.0.1", "IP:127.0.0.1")?;
         let http_port = free_port();
         let tls_port = free_port();
         let mut cmd = Command::new(&moto);

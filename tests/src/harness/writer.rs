@@ -5,7 +5,7 @@
 //! writable primaries at the same time: split brain. Every acknowledged id is kept, so a test can
 //! check that none is missing from the member that leads afterwards.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,9 +38,9 @@ pub struct Writer {
 pub const CREATE_TABLE: &str =
     "CREATE TABLE IF NOT EXISTS pgwarden_writer (id bigint PRIMARY KEY, member text NOT NULL)";
 
-async fn connect(t: &Target) -> Option<tokio_postgres::Client> {
+async fn connect(host: &str, t: &Target) -> Option<tokio_postgres::Client> {
     let mut cfg = tokio_postgres::Config::new();
-    cfg.host("127.0.0.1")
+    cfg.host(host)
         .port(t.port)
         .user("postgres")
         .password(&t.password)
@@ -56,7 +56,23 @@ async fn connect(t: &Target) -> Option<tokio_postgres::Client> {
 }
 
 impl Writer {
+    /// Writes to members on loopback ports.
     pub fn start(targets: Vec<Target>) -> Writer {
+        Writer::start_at(
+            targets
+                .into_iter()
+                .map(|t| ("127.0.0.1".to_owned(), t))
+                .collect(),
+        )
+    }
+
+    /// Writes to members at `(host, target)`: containers, each at its own address.
+    pub fn start_at(targets: Vec<(String, Target)>) -> Writer {
+        // Writers of one process share the table (the benchmark repeats failovers on one
+        // cluster): each writer gets its own id range, or a later writer's INSERTs would fail on
+        // the earlier rows' primary keys and look like refused writes.
+        static WRITERS: AtomicI64 = AtomicI64::new(0);
+        let base = WRITERS.fetch_add(1, Ordering::Relaxed) << 32;
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let task = tokio::spawn(async move {
@@ -67,13 +83,13 @@ impl Writer {
             while !flag.load(Ordering::Relaxed) {
                 tick += 1;
                 let started = Instant::now();
-                let attempts = targets.iter().enumerate().map(|(i, t)| {
+                let attempts = targets.iter().enumerate().map(|(i, (host, t))| {
                     let slot = clients[i].clone();
-                    let id = i64::try_from(tick * 16 + i as u64).unwrap_or(i64::MAX);
+                    let id = base + i64::try_from(tick * 16 + i as u64).unwrap_or(i64::MAX >> 1);
                     async move {
                         let mut guard = slot.lock().await;
                         if guard.as_ref().is_none_or(|c| c.is_closed()) {
-                            *guard = connect(t).await;
+                            *guard = connect(host, t).await;
                         }
                         let client = guard.as_ref()?;
                         let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =

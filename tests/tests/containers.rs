@@ -1,0 +1,306 @@
+//! The container images end to end: etcd and three `pgwarden/instance` containers on private
+//! Docker networks, each container at its own address, faults injected with Docker itself
+//! (`docker kill`, `docker network disconnect`, `docker stop`). A writer on the host records every
+//! acknowledged write through each scenario and the split-brain checker runs on its record.
+//!
+//! The scenarios run in sequence on one cluster: bootstrapping three containers is the slow part,
+//! and four clusters at once would not fit a small machine. Without a Docker engine the test says
+//! so and returns.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use pgwarden_tests::harness::docker::{self, DockerCluster, Timing};
+use pgwarden_tests::harness::writer::{assert_no_split_brain, Ack, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::{timeout_mult, wait_until};
+
+const T: Duration = Duration::from_secs(120);
+
+/// The member holding the leader key that also answers `/primary` and accepts writes; not `old`.
+async fn wait_for_leader(c: &DockerCluster, old: Option<&str>) -> String {
+    let deadline = Instant::now() + T.mul_f64(timeout_mult());
+    loop {
+        if let Ok(Some(l)) = c.leader().await {
+            if Some(l.as_str()) != old
+                && c.api_get(&l, "/primary").await.map(|(s, _)| s) == Some(200)
+                && c.sql(&l, "SELECT pg_is_in_recovery()::text").await.ok()
+                    == Some(vec!["false".into()])
+            {
+                return l;
+            }
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no leader (other than {old:?}) within {T:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn wait_for_replica(c: &DockerCluster, name: &str) {
+    wait_until(
+        &format!("{name} runs as a streaming replica"),
+        T,
+        || async {
+            c.api_get(name, "/replica").await.map(|(s, _)| s) == Some(200)
+                && c.is_streaming_replica(name).await
+        },
+    )
+    .await;
+}
+
+fn others<'a>(c: &'a DockerCluster, leader: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+    c.nodes
+        .iter()
+        .map(|n| n.name.as_str())
+        .filter(move |n| *n != leader)
+}
+
+/// Runs the split-brain check on a scenario's record, and checks that every write the final
+/// leader acknowledged is on every member once they catch up (the rejoined one streams from it).
+async fn check_writes(c: &DockerCluster, scenario: &str, acks: &[Ack], leader: &str) {
+    assert_no_split_brain(acks);
+    let mine: BTreeSet<i64> = acks
+        .iter()
+        .filter(|a| a.member == leader)
+        .map(|a| a.id)
+        .collect();
+    assert!(
+        !mine.is_empty(),
+        "{scenario}: writes resumed on the new leader {leader}"
+    );
+    let ids = mine
+        .iter()
+        .map(i64::to_string)
+        .collect::<Vec<_>>()
+        .join(",");
+    let query = format!("SELECT count(*)::text FROM pgwarden_writer WHERE id IN ({ids})");
+    for n in &c.nodes {
+        wait_until(
+            &format!(
+                "{scenario}: {} has the {} writes {leader} acknowledged",
+                n.name,
+                mine.len()
+            ),
+            T,
+            || async { c.sql(&n.name, &query).await.ok() == Some(vec![mine.len().to_string()]) },
+        )
+        .await;
+    }
+    eprintln!(
+        "{scenario}: {} acknowledged writes, {} by the leader {leader}, no split brain",
+        acks.len(),
+        mine.len()
+    );
+}
+
+/// The image's entrypoint is PID 1 and reaps orphans re-parented to it.
+async fn pid1_reaps_orphans(c: &DockerCluster, name: &str) {
+    let container = &c.node(name).container;
+    let comm = docker::docker(&["exec", container, "cat", "/proc/1/comm"])
+        .await
+        .expect("docker exec");
+    assert_eq!(comm, "pgwarden", "the agent is PID 1");
+    // The shell exits at once, orphaning its `sleep`, which the kernel hands to PID 1.
+    let pid = docker::docker(&["exec", container, "sh", "-c", "sleep 3 & echo $!"])
+        .await
+        .expect("docker exec");
+    let stat = docker::docker(&["exec", container, "cat", &format!("/proc/{pid}/stat")])
+        .await
+        .expect("the orphan is still running");
+    let ppid = stat
+        .rsplit_once(')')
+        .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+        .map(str::to_owned);
+    assert_eq!(ppid.as_deref(), Some("1"), "the orphan belongs to PID 1");
+    // Once it exits it is a zombie until PID 1 collects it.
+    wait_until(
+        "the agent reaps the orphan after it exits",
+        Duration::from_secs(20),
+        || async {
+            docker::docker(&["exec", container, "test", "-e", &format!("/proc/{pid}")])
+                .await
+                .is_err()
+        },
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn containerised_cluster_survives_kill_partition_and_stop() {
+    if let Some(why) = docker::unavailable().await {
+        eprintln!("SKIPPED the container tests: {why}");
+        return;
+    }
+    let started = Instant::now();
+    docker::build_images().await.expect("build the images");
+    let timing = Timing::default();
+    let ttl = Duration::from_secs(timing.ttl.into());
+    let c = DockerCluster::start(3, timing)
+        .await
+        .expect("start etcd and three instance containers");
+
+    // 1. Bootstrap: one leader, two streaming replicas, healthy by the image's HEALTHCHECK.
+    let leader = wait_for_leader(&c, None).await;
+    for r in others(&c, &leader) {
+        wait_for_replica(&c, r).await;
+        let (_, body) = c.api_get(r, "/patroni").await.expect("answers");
+        let j: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(j["role"], "replica");
+        assert_eq!(j["replication_state"], "streaming");
+    }
+    let slots = c
+        .sql(
+            &leader,
+            "SELECT slot_name FROM pg_replication_slots WHERE active ORDER BY 1",
+        )
+        .await
+        .expect("sql");
+    assert_eq!(slots.len(), 2, "one active slot per replica: {slots:?}");
+    for n in &c.nodes {
+        wait_until(
+            &format!("{} is healthy by its HEALTHCHECK", n.name),
+            Duration::from_secs(90),
+            || async {
+                c.inspect(&n.name, "{{.State.Health.Status}}").await.ok() == Some("healthy".into())
+            },
+        )
+        .await;
+    }
+    pid1_reaps_orphans(&c, &leader).await;
+    c.sql(&leader, CREATE_TABLE)
+        .await
+        .expect("create the writer table");
+    eprintln!("bootstrap: {leader} leads after {:.0?}", started.elapsed());
+
+    // 2. docker kill of the primary: failover; the killed one, started again, rejoins.
+    let old = leader;
+    let writer = Writer::start_at(c.writer_targets());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let killed = Instant::now();
+    docker::docker(&["kill", &c.node(&old).container])
+        .await
+        .expect("docker kill");
+    let leader = wait_for_leader(&c, Some(&old)).await;
+    eprintln!(
+        "kill: {leader} leads {:.1?} after the kill",
+        killed.elapsed()
+    );
+    docker::docker(&["start", &c.node(&old).container])
+        .await
+        .expect("docker start");
+    wait_for_replica(&c, &old).await;
+    // Rewound as the image's separate `rewinder` role, which needs its function grants.
+    let log = c.log_text(&old).await;
+    assert!(
+        log.contains("running pg_rewind") && !log.contains("rewind failed"),
+        "the killed primary was rewound"
+    );
+    let acks = writer.stop().await;
+    check_writes(&c, "kill", &acks, &leader).await;
+
+    // 3. docker network disconnect of the primary: it demotes itself before its lease can
+    // expire, another leads; reconnected, it rejoins as a replica.
+    let old = leader;
+    let writer = Writer::start_at(c.writer_targets());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let remaining = c
+        .leader_lease_remaining()
+        .await
+        .expect("the leader's lease");
+    let cut = Instant::now();
+    c.disconnect(&old).await.expect("disconnect the primary");
+    // No renewal reaches etcd after the cut, so the lease ends by `expiry` (etcd rounds the
+    // remaining time up, so this errs late by under a second).
+    let expiry = cut + remaining;
+    // Its REST API stays reachable over the client network: it stops claiming to be primary.
+    wait_until(
+        &format!("the isolated {old} stops answering /primary with 200"),
+        ttl * 2,
+        || async { c.api_get(&old, "/primary").await.map(|(s, _)| s) != Some(200) },
+    )
+    .await;
+    let demoted_after = cut.elapsed();
+    let leader = wait_for_leader(&c, Some(&old)).await;
+    let new_leader_after = cut.elapsed();
+    c.reconnect(&old).await.expect("reconnect");
+    wait_for_replica(&c, &old).await;
+    let acks = writer.stop().await;
+    let last_old_ack = acks
+        .iter()
+        .filter(|a| a.member == old)
+        .map(|a| a.at)
+        .max()
+        .expect("the old primary acknowledged writes before the cut");
+    let first_new_ack = acks
+        .iter()
+        .filter(|a| a.member == leader)
+        .map(|a| a.at)
+        .min()
+        .expect("the new leader acknowledged writes");
+    assert!(
+        last_old_ack < expiry,
+        "the isolated primary accepted a write {:?} after the cut, its lease ended {remaining:?} \
+         after the cut",
+        last_old_ack.saturating_duration_since(cut)
+    );
+    assert!(
+        last_old_ack < first_new_ack,
+        "the isolated primary acknowledged a write after the new leader's first"
+    );
+    eprintln!(
+        "partition: {old}'s last write {:.1?} after the cut, its lease ended by {remaining:?}; \
+         /primary off after {demoted_after:.1?}; {leader} leads after {new_leader_after:.1?} \
+         (ttl {ttl:?})",
+        last_old_ack.saturating_duration_since(cut)
+    );
+    check_writes(&c, "partition", &acks, &leader).await;
+
+    // 4. docker stop of the primary: a clean handover well before the ttl, the leader key
+    // released rather than left to expire.
+    let old = leader;
+    let writer = Writer::start_at(c.writer_targets());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let stop_started = Instant::now();
+    let container = c.node(&old).container.clone();
+    let stop = tokio::spawn(async move { docker::docker(&["stop", &container]).await });
+    let mut released_after = None;
+    while stop_started.elapsed() < ttl * 2 {
+        match c.leader().await {
+            Ok(Some(l)) if l == old => {}
+            Ok(_) => {
+                released_after = Some(stop_started.elapsed());
+                break;
+            }
+            Err(_) => {}
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let released_after = released_after.expect("the leader key changed hands");
+    assert!(
+        released_after < ttl / 2,
+        "the leader key of the stopped primary moved after {released_after:?}; a clean stop \
+         must not wait for the ttl ({ttl:?})"
+    );
+    stop.await
+        .expect("the stop task")
+        .expect("docker stop returns");
+    assert_eq!(
+        c.inspect(&old, "{{.State.ExitCode}}")
+            .await
+            .expect("inspect"),
+        "0",
+        "the agent stopped cleanly on SIGTERM"
+    );
+    let leader = wait_for_leader(&c, Some(&old)).await;
+    eprintln!(
+        "stop: the leader key left {old} after {released_after:.1?}, {leader} leads (ttl {ttl:?})"
+    );
+    docker::docker(&["start", &c.node(&old).container])
+        .await
+        .expect("docker start");
+    wait_for_replica(&c, &old).await;
+    let acks = writer.stop().await;
+    check_writes(&c, "stop", &acks, &leader).await;
+    eprintln!("all scenarios passed in {:.0?}", started.elapsed());
+}
