@@ -21,6 +21,8 @@ pub struct PeerStatus {
     pub failover_priority: i64,
     pub watchdog_failed: bool,
     pub state: String,
+    /// The timeline it runs on (a standby: the one it receives), when it says.
+    pub timeline: Option<u32>,
 }
 
 /// Errors talking to a peer.
@@ -270,6 +272,10 @@ pub fn parse_status(name: &str, body: &str) -> Result<PeerStatus, PeerError> {
             .and_then(|s| s.as_str())
             .unwrap_or("")
             .to_owned(),
+        timeline: json
+            .get("timeline")
+            .and_then(serde_json::Value::as_u64)
+            .and_then(|t| u32::try_from(t).ok()),
     })
 }
 

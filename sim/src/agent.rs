@@ -431,6 +431,7 @@ impl Agent {
                     } else {
                         "stopped".into()
                     },
+                    timeline: (n.pg.run == PgRun::Running).then_some(n.pg.timeline),
                 });
                 if status.is_none() {
                     slowest = 2 * SEC;

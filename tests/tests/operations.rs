@@ -96,8 +96,10 @@ fn pgwarden_ctl(env: &TestEnv, args: &[&str]) -> (bool, String) {
 
 async fn wait_replica(env: &TestEnv, name: &str) {
     let m = member(env, name);
+    // `/replica` answers 200 as soon as postgres runs in recovery (as Patroni's does); a
+    // failover to it is only accepted once it streams on the leader's timeline.
     wait_until(&format!("{name} streams as a replica"), T, || async {
-        m.api_get("/replica").await.map(|(s, _)| s) == Some(200)
+        m.api_get("/replica").await.map(|(s, _)| s) == Some(200) && m.is_streaming_replica().await
     })
     .await;
 }

@@ -614,6 +614,12 @@ fn history_outdated(view: &ClusterView, status: &crate::state::PostgresStatus) -
         .is_some_and(|tl| recorded != Some(tl - 1))
 }
 
+/// A peer known to run on a timeline older than ours (unknown counts as not behind, as in
+/// Patroni, whose members may not publish it).
+fn behind_on_timeline(peer: Option<u32>, ours: Option<u32>) -> bool {
+    matches!((peer, ours), (Some(p), Some(o)) if p < o)
+}
+
 /// How far in the past a scheduled switchover counts as stale (Patroni: 1.5 × loop_wait; we
 /// use a fixed minute, since loop_wait is not part of the facts).
 const STALE_SWITCHOVER: chrono::Duration = chrono::Duration::seconds(60);
@@ -684,6 +690,10 @@ fn leader_handles_failover(
                     && s.state == "running"
                     && !s.watchdog_failed
                     && optime.saturating_sub(s.wal_position) <= maximum_lag
+                    // A standby still on an older timeline (a demoted leader that has not
+                    // streamed from us yet) would promote to a timeline ID we already use: two
+                    // histories under one number, and nobody could follow it.
+                    && !behind_on_timeline(s.timeline, status.timeline)
             })
             && p.name != me
     };
@@ -1453,6 +1463,7 @@ mod tests {
                 failover_priority: 1,
                 watchdog_failed: false,
                 state: "running".into(),
+                timeline: None,
             }),
         }
     }
@@ -1771,6 +1782,62 @@ mod tests {
         );
         assert_eq!(d.actions.first(), Some(&Action::WriteHistory));
         assert!(d.actions.contains(&Action::StopPostgres(StopMode::Fast)));
+    }
+
+    /// A candidate still on an older timeline than the leader's (a demoted leader that has
+    /// not streamed from us yet) is refused: promoted, it would reuse our timeline ID.
+    #[test]
+    fn a_handover_to_a_standby_behind_on_timeline_is_refused() {
+        let dcs = match view(Some("pg0"), Some(SYSID)) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.failover = Some(Versioned {
+                    value: crate::dcs::FailoverRequest {
+                        leader: None,
+                        member: Some("pg1".into()),
+                        scheduled_at: None,
+                    },
+                    revision: 3,
+                });
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let running_on = |tl| {
+            PostgresView::Running(PostgresStatus {
+                timeline: Some(tl),
+                ..pg(false)
+            })
+        };
+        let candidate_on = |tl: Option<u32>| {
+            let mut p = peer("pg1", 100, false);
+            if let Some(s) = p.status.as_mut() {
+                s.timeline = tl;
+            }
+            p
+        };
+        let mut o = obs(dcs.clone(), renewed(), initialized(), running_on(2));
+        o.peers = Some(vec![candidate_on(Some(1))]);
+        let d = decide(&o, &me());
+        assert!(
+            matches!(d.outcome, Outcome::SwitchoverAborted(_)),
+            "{:?}",
+            d.outcome
+        );
+        assert!(d.actions.contains(&Action::ClearFailover));
+        assert!(!d.actions.contains(&Action::StopPostgres(StopMode::Fast)));
+
+        for same_or_unknown in [Some(2), None] {
+            let mut o = obs(dcs.clone(), renewed(), initialized(), running_on(2));
+            o.peers = Some(vec![candidate_on(same_or_unknown)]);
+            assert_eq!(
+                decide(&o, &me()).outcome,
+                Outcome::SwitchoverDemoting {
+                    candidate: Some("pg1".into())
+                },
+                "candidate on {same_or_unknown:?}"
+            );
+        }
     }
 
     fn with_sync(dcs: DcsView, leader: &str, standby: &str) -> DcsView {
