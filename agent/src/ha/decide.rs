@@ -702,8 +702,22 @@ fn leader_handles_failover(
         None => peers.iter().any(healthy),
     };
     if !candidate_ok {
+        let behind = |c: &str| {
+            peers
+                .iter()
+                .find(|p| p.name == c)
+                .and_then(|p| p.status.as_ref())
+                .and_then(|s| s.timeline)
+                .filter(|t| behind_on_timeline(Some(*t), status.timeline))
+        };
         let why = match &request.member {
-            Some(c) => format!("the candidate {c} is not healthy or not reachable"),
+            Some(c) => match (behind(c), status.timeline) {
+                (Some(theirs), Some(ours)) => format!(
+                    "the candidate {c} is still on timeline {theirs}, behind ours ({ours}); \
+                     retry once it streams from us"
+                ),
+                _ => format!("the candidate {c} is not healthy or not reachable"),
+            },
             None => "no healthy candidate was found".to_owned(),
         };
         return Some(Decision::new(
@@ -1820,7 +1834,7 @@ mod tests {
         o.peers = Some(vec![candidate_on(Some(1))]);
         let d = decide(&o, &me());
         assert!(
-            matches!(d.outcome, Outcome::SwitchoverAborted(_)),
+            matches!(&d.outcome, Outcome::SwitchoverAborted(why) if why.contains("timeline 1")),
             "{:?}",
             d.outcome
         );
