@@ -77,6 +77,21 @@ pub struct Invocation<'a> {
 const TAIL: usize = 8;
 
 impl Runner {
+    /// What every pgBackRest child gets: output piped into our log, its own process group
+    /// (killed as a whole), death with the agent, a fixed locale and the libpq password.
+    pub(crate) fn supervise(&self, cmd: &mut Command) {
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .kill_on_drop(true)
+            .env("LC_ALL", "C");
+        if let Some(pw) = &self.password {
+            cmd.env("PGPASSWORD", pw);
+        }
+        set_parent_death_signal(cmd);
+    }
+
     /// Runs one command to completion; returns its stdout when `capture` was asked.
     pub async fn run(
         &self,
@@ -89,18 +104,8 @@ impl Runner {
         if !inv.capture {
             cmd.arg("--log-level-console=info");
         }
-        cmd.arg(inv.what)
-            .args(&inv.args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .kill_on_drop(true)
-            .env("LC_ALL", "C");
-        if let Some(pw) = &self.password {
-            cmd.env("PGPASSWORD", pw);
-        }
-        set_parent_death_signal(&mut cmd);
+        cmd.arg(inv.what).args(&inv.args);
+        self.supervise(&mut cmd);
         debug!(command = inv.what, stanza = inv.stanza, args = ?inv.args, "running pgbackrest");
         let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
             command: self.command.display().to_string(),

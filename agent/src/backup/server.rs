@@ -7,14 +7,14 @@
 //! `command = server`), its group killed on shutdown. It is restarted when it exits, with a
 //! backoff, because a member whose server is down silently stops being a usable standby.
 
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
 use tokio::process::Command;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use super::command::{collect, kill_group, set_parent_death_signal, CommandError, Runner};
+use super::command::{collect, kill_group, CommandError, Runner};
 
 /// First restart delay; doubled per quick exit up to [`MAX_BACKOFF`].
 const MIN_BACKOFF: Duration = Duration::from_secs(1);
@@ -58,18 +58,9 @@ async fn run_once(
     let mut cmd = Command::new(&runner.command);
     cmd.arg(format!("--config={}", runner.config_file.display()))
         .arg("--log-level-console=info")
-        .arg("server")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true)
-        .env("LC_ALL", "C");
-    // The remote processes the server forks connect to the local postgres for the backup.
-    if let Some(pw) = &runner.password {
-        cmd.env("PGPASSWORD", pw);
-    }
-    set_parent_death_signal(&mut cmd);
+        .arg("server");
+    // The password: the remote processes the server forks connect to the local postgres.
+    runner.supervise(&mut cmd);
     let mut child = cmd.spawn().map_err(|source| CommandError::Spawn {
         command: runner.command.display().to_string(),
         source,

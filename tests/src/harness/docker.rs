@@ -482,15 +482,7 @@ postgresql:
         let rows = tokio::time::timeout(Duration::from_secs(10), client.simple_query(query))
             .await
             .context("query timed out")??;
-        Ok(rows
-            .iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => {
-                    Some(r.get(0).unwrap_or_default().to_owned())
-                }
-                _ => None,
-            })
-            .collect())
+        Ok(super::first_column(&rows))
     }
 
     /// The member is a hot standby whose WAL receiver streams.

@@ -570,17 +570,21 @@ tags: {{}}
     /// Runs a query and returns the first column of every row as text.
     pub async fn sql(&self, query: &str) -> anyhow::Result<Vec<String>> {
         let client = self.connect().await?;
-        let rows = client.simple_query(query).await?;
-        Ok(rows
-            .iter()
-            .filter_map(|m| match m {
-                tokio_postgres::SimpleQueryMessage::Row(r) => {
-                    Some(r.get(0).unwrap_or_default().to_owned())
-                }
-                _ => None,
-            })
-            .collect())
+        Ok(first_column(&client.simple_query(query).await?))
     }
+}
+
+/// The first column of every row of a simple query, as text.
+pub fn first_column(messages: &[tokio_postgres::SimpleQueryMessage]) -> Vec<String> {
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => {
+                Some(r.get(0).unwrap_or_default().to_owned())
+            }
+            _ => None,
+        })
+        .collect()
 }
 
 /// An HTTPS request through `curl -k` (the test certificates are self-signed).
