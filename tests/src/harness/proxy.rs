@@ -1,20 +1,35 @@
-//! A loopback TCP proxy that a test can cut and heal: the way to take a member off etcd
-//! without touching etcd itself.
+//! A loopback TCP proxy that a test can cut, black-hole and heal: the way to take a member off
+//! etcd, or a leader's replicas off its postgres, without touching either.
+//!
+//! A **cut** resets every open connection and refuses new ones, as a crashed peer or a firewall
+//! sending resets would. A **black hole** keeps every connection open but forwards nothing, in
+//! either direction, until healed, as a silent partition does: the other side sees no error,
+//! only requests that never complete, which is what its timeouts must handle. Data held back by
+//! a black hole is delivered, in order, after healing (TCP retransmits it on a real network).
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
-
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
 use super::ports::free_port;
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    Open,
+    Cut,
+    BlackHole,
+}
+
+/// The mode, and how many cuts there have been: a connection opened before a cut is dropped even
+/// when the proxy was healed before the connection noticed.
+type State = (Mode, u64);
+
 /// Forwards `127.0.0.1:port` to a target.
 #[derive(Debug)]
 pub struct TcpProxy {
     pub port: u16,
-    cut: Arc<AtomicBool>,
-    generation: watch::Sender<u64>,
+    state: watch::Sender<State>,
     task: tokio::task::JoinHandle<()>,
 }
 
@@ -23,15 +38,9 @@ impl TcpProxy {
     pub async fn start(target: String) -> anyhow::Result<TcpProxy> {
         let port = free_port();
         let listener = TcpListener::bind(("127.0.0.1", port)).await?;
-        let cut = Arc::new(AtomicBool::new(false));
-        let (generation, rx) = watch::channel(0u64);
-        let task = tokio::spawn(accept(listener, target, cut.clone(), rx));
-        Ok(TcpProxy {
-            port,
-            cut,
-            generation,
-            task,
-        })
+        let (state, rx) = watch::channel((Mode::Open, 0u64));
+        let task = tokio::spawn(accept(listener, target, rx));
+        Ok(TcpProxy { port, state, task })
     }
 
     pub fn endpoint(&self) -> String {
@@ -40,12 +49,19 @@ impl TcpProxy {
 
     /// Drops every open connection and refuses new ones (they are accepted and closed).
     pub fn cut(&self) {
-        self.cut.store(true, Ordering::SeqCst);
-        self.generation.send_modify(|g| *g += 1);
+        self.state.send_modify(|(mode, cuts)| {
+            *mode = Mode::Cut;
+            *cuts += 1;
+        });
+    }
+
+    /// Keeps connections open but forwards nothing until [`TcpProxy::heal`].
+    pub fn black_hole(&self) {
+        self.state.send_modify(|(mode, _)| *mode = Mode::BlackHole);
     }
 
     pub fn heal(&self) {
-        self.cut.store(false, Ordering::SeqCst);
+        self.state.send_modify(|(mode, _)| *mode = Mode::Open);
     }
 }
 
@@ -55,31 +71,81 @@ impl Drop for TcpProxy {
     }
 }
 
-async fn accept(
-    listener: TcpListener,
-    target: String,
-    cut: Arc<AtomicBool>,
-    generation: watch::Receiver<u64>,
-) {
+async fn accept(listener: TcpListener, target: String, state: watch::Receiver<State>) {
     while let Ok((inbound, _)) = listener.accept().await {
-        if cut.load(Ordering::SeqCst) {
+        let mut state = state.clone();
+        let (mode, epoch) = *state.borrow_and_update();
+        if mode == Mode::Cut {
             drop(inbound);
             continue;
         }
         let target = target.clone();
-        let mut generation = generation.clone();
-        generation.mark_unchanged();
         tokio::spawn(async move {
+            // A connection arriving in a black hole waits, unconnected, for the heal.
+            if !until_open(&mut state, epoch).await {
+                return;
+            }
             let Ok(outbound) = TcpStream::connect(&target).await else {
                 return;
             };
-            let (mut ri, mut wi) = inbound.into_split();
-            let (mut ro, mut wo) = outbound.into_split();
+            let (ri, wi) = inbound.into_split();
+            let (ro, wo) = outbound.into_split();
             tokio::select! {
-                _ = tokio::io::copy(&mut ri, &mut wo) => {}
-                _ = tokio::io::copy(&mut ro, &mut wi) => {}
-                _ = generation.changed() => {}
+                _ = pump(ri, wo, state.clone(), epoch) => {}
+                _ = pump(ro, wi, state, epoch) => {}
             }
         });
+    }
+}
+
+/// Waits while the proxy is a black hole; `false` when the connection must be dropped (a cut
+/// since it was opened, or the proxy is gone).
+async fn until_open(state: &mut watch::Receiver<State>, epoch: u64) -> bool {
+    loop {
+        let (mode, cuts) = *state.borrow_and_update();
+        if cuts != epoch || mode == Mode::Cut {
+            return false;
+        }
+        if mode == Mode::Open {
+            return true;
+        }
+        if state.changed().await.is_err() {
+            return false;
+        }
+    }
+}
+
+/// Copies one direction, holding data back while the proxy is a black hole.
+async fn pump(
+    mut from: OwnedReadHalf,
+    mut to: OwnedWriteHalf,
+    mut state: watch::Receiver<State>,
+    epoch: u64,
+) {
+    let mut buf = vec![0u8; 16 * 1024];
+    loop {
+        if !until_open(&mut state, epoch).await {
+            return;
+        }
+        // Reading stops while black-holed, so the sender's window fills as on a real network.
+        // `read` is cancel-safe: nothing is lost when a mode change wins the race.
+        let n = tokio::select! {
+            r = from.read(&mut buf) => match r {
+                Ok(0) | Err(_) => return,
+                Ok(n) => n,
+            },
+            changed = state.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                continue;
+            }
+        };
+        if !until_open(&mut state, epoch).await {
+            return;
+        }
+        if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
     }
 }

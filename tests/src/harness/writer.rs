@@ -48,10 +48,11 @@ async fn connect(host: &str, t: &Target) -> Option<tokio_postgres::Client> {
         .connect_timeout(Duration::from_millis(300));
     let (client, conn) = cfg.connect(tokio_postgres::NoTls).await.ok()?;
     tokio::spawn(conn);
-    client
-        .batch_execute("SET statement_timeout = '2s'")
-        .await
-        .ok()?;
+    // No statement_timeout: a timeout that fires while a COMMIT waits for the synchronous
+    // standby only cancels the wait, and PostgreSQL then reports success for a write that only
+    // the primary has (with a WARNING the client would have to parse), an acknowledgement that
+    // synchronous mode does not promise. The writer's own timeout drops the connection instead,
+    // which acknowledges nothing.
     Some(client)
 }
 
