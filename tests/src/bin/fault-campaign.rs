@@ -924,3 +924,44 @@ async fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_seed_always_draws_the_same_schedule() {
+        let a = serde_json::to_string(&Schedule::draw(42, ModeChoice::Both)).unwrap_or_default();
+        let b = serde_json::to_string(&Schedule::draw(42, ModeChoice::Both)).unwrap_or_default();
+        assert!(!a.is_empty());
+        assert_eq!(a, b);
+        assert_ne!(
+            a,
+            serde_json::to_string(&Schedule::draw(43, ModeChoice::Both)).unwrap_or_default()
+        );
+    }
+
+    #[test]
+    fn schedules_are_sorted_bounded_and_honour_the_mode() {
+        for seed in 0..200 {
+            let s = Schedule::draw(seed, ModeChoice::Sync);
+            assert!(s.synchronous);
+            assert!((1..=3).contains(&s.faults.len()));
+            assert!(s.faults.windows(2).all(|w| w[0].at_ms <= w[1].at_ms));
+            assert!(s.faults.iter().all(|f| f.hold_ms >= 1_000));
+            assert!(!Schedule::draw(seed, ModeChoice::Async).synchronous);
+        }
+    }
+
+    #[test]
+    fn a_failover_is_a_change_of_holder_through_an_empty_key_or_not() {
+        let h = |v: &[Option<&str>]| v.iter().map(|x| x.map(str::to_owned)).collect::<Vec<_>>();
+        assert_eq!(count_failovers(&h(&[Some("a")])), 0);
+        assert_eq!(count_failovers(&h(&[Some("a"), None, Some("a")])), 0);
+        assert_eq!(count_failovers(&h(&[Some("a"), None, Some("b")])), 1);
+        assert_eq!(
+            count_failovers(&h(&[Some("a"), Some("b"), None, Some("c")])),
+            2
+        );
+    }
+}

@@ -149,3 +149,66 @@ async fn pump(
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    /// An echo server on a free port.
+    async fn echo() -> String {
+        let listener = TcpListener::bind(("127.0.0.1", 0)).await.expect("bind");
+        let addr = listener.local_addr().expect("addr").to_string();
+        tokio::spawn(async move {
+            while let Ok((mut s, _)) = listener.accept().await {
+                tokio::spawn(async move {
+                    let (mut r, mut w) = s.split();
+                    let _ = tokio::io::copy(&mut r, &mut w).await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn roundtrip(s: &mut TcpStream, byte: u8, wait: Duration) -> Option<u8> {
+        s.write_all(&[byte]).await.ok()?;
+        let mut b = [0u8; 1];
+        match tokio::time::timeout(wait, s.read(&mut b)).await {
+            Ok(Ok(1)) => Some(b[0]),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_black_hole_holds_data_back_and_delivers_it_in_order_after_healing() {
+        let proxy = TcpProxy::start(echo().await).await.expect("proxy");
+        let mut s = TcpStream::connect(proxy.endpoint()).await.expect("connect");
+        assert_eq!(roundtrip(&mut s, 1, Duration::from_secs(5)).await, Some(1));
+        proxy.black_hole();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(roundtrip(&mut s, 2, Duration::from_millis(300)).await, None);
+        proxy.heal();
+        let mut b = [0u8; 1];
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(matches!(read, Ok(Ok(1))), "{read:?}");
+        assert_eq!(b[0], 2, "the held byte arrives after the heal");
+    }
+
+    #[tokio::test]
+    async fn a_cut_resets_open_connections_even_when_healed_at_once() {
+        let proxy = TcpProxy::start(echo().await).await.expect("proxy");
+        let mut s = TcpStream::connect(proxy.endpoint()).await.expect("connect");
+        assert_eq!(roundtrip(&mut s, 1, Duration::from_secs(5)).await, Some(1));
+        proxy.cut();
+        proxy.heal();
+        let mut b = [0u8; 1];
+        let _ = s.write_all(&[3]).await;
+        let read = tokio::time::timeout(Duration::from_secs(5), s.read(&mut b)).await;
+        assert!(matches!(read, Ok(Ok(0)) | Ok(Err(_))), "closed: {read:?}");
+        let mut fresh = TcpStream::connect(proxy.endpoint()).await.expect("connect");
+        assert_eq!(
+            roundtrip(&mut fresh, 4, Duration::from_secs(5)).await,
+            Some(4)
+        );
+    }
+}
