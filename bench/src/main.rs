@@ -91,7 +91,7 @@ impl Cluster {
                 for r in self.env.members.iter().filter(|r| r.name != leader) {
                     streaming &= r.is_streaming_replica().await;
                 }
-                if writable && streaming {
+                if writable && streaming && self.sync_standby_in_force(&leader).await {
                     return Ok(leader);
                 }
             }
@@ -102,6 +102,38 @@ impl Cluster {
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+    }
+
+    /// In synchronous mode, the `sync` key names a standby that the leader replicates to
+    /// synchronously. Until then no member may take over from a killed leader (that is the
+    /// promise of synchronous mode), so a kill in that window waits for the old leader's return
+    /// and measures no failover at all. Always true in asynchronous mode.
+    async fn sync_standby_in_force(&self, leader: &str) -> bool {
+        if !self.env.options.synchronous_mode {
+            return true;
+        }
+        let key = self
+            .env
+            .etcd
+            .get(&self.env.key("sync"))
+            .await
+            .ok()
+            .flatten();
+        let standby = key
+            .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+            .and_then(|v| v.get("sync_standby")?.as_str().map(str::to_owned));
+        let Some(standby) = standby else {
+            return false;
+        };
+        let query = format!(
+            "SELECT count(*)::text FROM pg_stat_replication \
+             WHERE application_name = '{}' AND sync_state = 'sync'",
+            standby.replace('\'', "")
+        );
+        self.member(leader)
+            .sql(&query)
+            .await
+            .is_ok_and(|r| r == vec!["1"])
     }
 
     /// After a failed repetition: starts again any member whose agent is not running (a
