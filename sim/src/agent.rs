@@ -823,6 +823,9 @@ impl Agent {
                         outcome: outcome.to_string(),
                     });
                 }
+                if !*primary {
+                    self.forget_sync_choice();
+                }
                 let names = self.primary_sync_names(!*primary);
                 let me = self.me;
                 let mut w = self.w.borrow_mut();
@@ -840,6 +843,9 @@ impl Agent {
                     Some(l) => Some(self.leader_index(obs, l)?),
                     None => None,
                 };
+                if upstream.is_some() {
+                    self.forget_sync_choice();
+                }
                 let names = self.primary_sync_names(upstream.is_some());
                 let me = self.me;
                 {
@@ -979,6 +985,15 @@ impl Agent {
             }
             Action::Fatal(reason) => Err(ActionError::Fatal(reason.clone())),
         }
+    }
+
+    /// As `ha/mod.rs`: a standby forgets the synchronous standbys it chose as a leader.
+    fn forget_sync_choice(&mut self) {
+        self.sync_standby_names = if self.facts.synchronous_mode && self.dynamic.strict {
+            "*".into()
+        } else {
+            String::new()
+        };
     }
 
     /// `synchronous_standby_names` for the files of a primary (`standby` false) or a standby.

@@ -326,6 +326,78 @@ async fn synchronous_mode_loses_no_acknowledged_write_on_kill9() {
     assert!(acks.iter().any(|a| a.member == old) && acks.iter().any(|a| a.member == new));
 }
 
+async fn switchover(env: &TestEnv, leader: &str, candidate: &str) {
+    let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
+    let (code, text) = member(env, leader)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_replica(env, leader).await;
+}
+
+async fn synchronous_standby_names(env: &TestEnv, name: &str) -> String {
+    member(env, name)
+        .sql("SHOW synchronous_standby_names")
+        .await
+        .expect("sql")
+        .concat()
+}
+
+/// Found by the fault campaign (seed 20261212): a member that had chosen a synchronous standby
+/// as leader, was demoted, and was promoted again after synchronous mode had been turned off,
+/// came back with the names it had chosen; nothing maintains them in asynchronous mode, so its
+/// commits would wait for that standby forever once it went away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_leader_promoted_after_synchronous_mode_is_off_names_no_synchronous_standby() {
+    let options = ClusterOptions {
+        synchronous_mode: true,
+        ..Default::default()
+    };
+    let env = cluster(options, |_, _| {}).await;
+    let first = streaming(&env, 2).await;
+    let key = env.key("sync");
+    let read_standby = || async {
+        let value = env.etcd.get(&key).await.ok().flatten().unwrap_or_default();
+        serde_json::from_str::<serde_json::Value>(&value)
+            .ok()
+            .and_then(|v| v["sync_standby"].as_str().map(str::to_owned))
+            .unwrap_or_default()
+    };
+    wait_until("a synchronous standby is published", T, || async {
+        !read_standby().await.is_empty()
+    })
+    .await;
+    let standby = read_standby().await;
+    let names = synchronous_standby_names(&env, &first).await;
+    assert!(names.contains(&standby), "{names:?} names {standby}");
+
+    // In synchronous mode only the synchronous standby may take over.
+    switchover(&env, &first, &standby).await;
+    let (code, text) = member(&env, &standby)
+        .api_request("PATCH", "/config", Some(r#"{"synchronous_mode": false}"#))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until("synchronous mode is off on the leader", T, || async {
+        env.etcd.get(&key).await.ok().flatten().is_none()
+            && synchronous_standby_names(&env, &standby).await.is_empty()
+    })
+    .await;
+
+    switchover(&env, &standby, &first).await;
+    assert_eq!(env.wait_for_leader(T).await, first);
+    assert_eq!(
+        synchronous_standby_names(&env, &first).await,
+        "",
+        "promoted in asynchronous mode, the former leader must not wait for a synchronous standby"
+    );
+    member(&env, &first)
+        .sql("CREATE TABLE after_async_promotion (id int)")
+        .await
+        .expect("a write commits");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_does_not_win_the_race() {
     let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;

@@ -623,6 +623,20 @@ impl HaLoop {
         }
     }
 
+    /// A member running as a standby forgets the synchronous standbys it chose as a leader and
+    /// starts again from what a standby's files hold (`*` in strict mode, else nothing). Kept,
+    /// they came back on its next promotion: promoted with synchronous mode off since, it would
+    /// run with `synchronous_standby_names` naming a standby, which nothing maintains in
+    /// asynchronous mode, and its commits would hang once that standby went away.
+    fn forget_sync_choice(&mut self) {
+        self.sync_standby_names =
+            if self.dynamic.synchronous_mode && self.dynamic.synchronous_mode_strict {
+                "*".into()
+            } else {
+                String::new()
+            };
+    }
+
     /// The files for a primary (`standby: false`) or a standby of `upstream` (`None`: a
     /// read-only standby with nowhere to stream from).
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
@@ -851,6 +865,9 @@ impl HaLoop {
                     None => None,
                 };
                 self.following = upstream.as_ref().map(|u| u.name.clone());
+                if !*primary {
+                    self.forget_sync_choice();
+                }
                 let files = self.managed_files(!*primary, upstream.as_ref());
                 conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
                     ActionError::Failed(format!("cannot write the configuration files: {e}"))
@@ -867,6 +884,9 @@ impl HaLoop {
                     Some(leader) => Some(self.upstream(obs, leader)?),
                     None => None,
                 };
+                if upstream.is_some() {
+                    self.forget_sync_choice();
+                }
                 let files = self.managed_files(upstream.is_some(), upstream.as_ref());
                 let changed =
                     conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
