@@ -796,7 +796,8 @@ impl Agent {
                 let src = self.leader_index(obs, leader)?;
                 let reachable = {
                     let w = self.w.borrow();
-                    w.linked(self.me, src) && w.nodes[src].pg.is_up()
+                    // As `ha/mod.rs`: the leader answers a query and runs as a primary.
+                    w.linked(self.me, src) && w.nodes[src].pg.writable()
                 };
                 if !reachable {
                     self.sleep(2 * SEC).await;

@@ -65,7 +65,7 @@ pub struct HaLoop {
     status_tx: watch::Sender<Arc<AgentStatus>>,
     pg_changed: Arc<Notify>,
     fence: FencePolicy,
-    task: Option<(TaskKind, JoinHandle<Result<(), String>>)>,
+    task: Option<(TaskKind, JoinHandle<Result<(), TaskError>>)>,
     task_failed: Option<(TaskKind, String)>,
     /// The member our standby configuration points at.
     following: Option<String>,
@@ -258,7 +258,10 @@ impl HaLoop {
                     self.task = None;
                     match r {
                         Some((kind, Ok(Ok(())))) => info!(task = %kind, "finished"),
-                        Some((kind, Ok(Err(e)))) => {
+                        Some((kind, Ok(Err(TaskError::NotStarted(e))))) => {
+                            warn!(task = %kind, error = %e, "could not start; deciding again next cycle");
+                        }
+                        Some((kind, Ok(Err(TaskError::Failed(e))))) => {
                             error!(task = %kind, error = %e, "failed");
                             self.task_failed = Some((kind, e));
                         }
@@ -677,7 +680,7 @@ impl HaLoop {
 
     fn spawn_task<F>(&mut self, kind: TaskKind, work: F)
     where
-        F: std::future::Future<Output = Result<(), String>> + Send + 'static,
+        F: std::future::Future<Output = Result<(), TaskError>> + Send + 'static,
     {
         info!(task = %kind, "starting");
         self.task = Some((kind, tokio::spawn(work)));
@@ -805,7 +808,7 @@ impl HaLoop {
                 let probe = self.probe.clone();
                 let files = self.managed_files(false, None);
                 self.spawn_task(TaskKind::Bootstrap, async move {
-                    bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await
+                    Ok(bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await?)
                 });
                 Ok(true)
             }
@@ -825,13 +828,21 @@ impl HaLoop {
             }
             Action::StartRewind { leader } => {
                 let upstream = self.upstream(obs, leader)?;
-                // As Patroni checks the leader before pg_rewind: an unreachable leader is
-                // retried next cycle, while a failed pg_rewind keeps the member down. Without
-                // this, a short partition left a former primary down for good (simulation
-                // seed 6, 3 members).
-                if !reachable(&upstream.host, upstream.port, Duration::from_secs(2)).await {
+                // As Patroni checks the leader before pg_rewind (`check_leader_is_not_in_recovery`,
+                // with pg_rewind's own credentials): a leader that does not answer is retried
+                // next cycle, while a failed pg_rewind keeps the member down. Without this, a
+                // short partition left a former primary down for good (simulation seed 6, 3
+                // members). A TCP connect is not enough: a proxy or a postgres that is shutting
+                // down accepts the connection and then closes it (fault campaign, seed 20261214).
+                if let Err(why) = replica::leader_ready_for_rewind(
+                    &self.config,
+                    &upstream,
+                    Duration::from_secs(3),
+                )
+                .await
+                {
                     return Err(ActionError::Failed(format!(
-                        "the leader {leader} is not reachable for pg_rewind; retrying next cycle"
+                        "the leader {leader} is not ready for pg_rewind ({why}); retrying next cycle"
                     )));
                 }
                 let config = self.config.clone();
@@ -1314,6 +1325,22 @@ impl From<DcsError> for ActionError {
     }
 }
 
+/// How a long task (bootstrap, replica creation, rewind) ended without success.
+#[derive(Debug)]
+enum TaskError {
+    /// It changed nothing (pg_rewind could not connect to the leader): the next cycle decides
+    /// again, as if it had not been started.
+    NotStarted(String),
+    /// It failed; a failed rewind keeps the member down until an operator acts.
+    Failed(String),
+}
+
+impl From<String> for TaskError {
+    fn from(reason: String) -> Self {
+        TaskError::Failed(reason)
+    }
+}
+
 /// The bootstrap task: initdb, configuration, first start, roles.
 async fn bootstrap(
     config: &Config,
@@ -1348,7 +1375,7 @@ async fn rewind(
     upstream: &Upstream,
     crashed: bool,
     files: &ManagedFiles,
-) -> Result<(), String> {
+) -> Result<(), TaskError> {
     let data_dir = &config.postgresql.data_dir;
     if crashed {
         info!("running crash recovery in single-user mode before pg_rewind");
@@ -1360,6 +1387,10 @@ async fn rewind(
     info!(leader = %upstream.name, "running pg_rewind");
     if let Err(e) = replica::rewind(config, bin_dir, upstream).await {
         let reason = error_chain(&e);
+        if e.is_connection_failure() {
+            // pg_rewind changes nothing before it has connected to the source.
+            return Err(TaskError::NotStarted(reason));
+        }
         if config.postgresql.remove_data_directory_on_rewind_failure
             || config
                 .postgresql
@@ -1370,10 +1401,10 @@ async fn rewind(
                 .map_err(|e| format!("cannot remove the data directory: {e}"))?;
             return Ok(());
         }
-        return Err(format!(
+        return Err(TaskError::Failed(format!(
             "{reason}; the member stays down. Set postgresql.remove_data_directory_on_rewind_failure \
              to re-create it from the leader, or reinitialise it"
-        ));
+        )));
     }
     conf::write(data_dir, files)
         .map_err(|e| format!("cannot write the configuration files: {e}"))?;
@@ -1420,14 +1451,6 @@ pub fn merge_history(
     out
 }
 
-/// A TCP connection to `host:port` succeeds within `timeout`.
-async fn reachable(host: &str, port: u16, timeout: Duration) -> bool {
-    matches!(
-        tokio::time::timeout(timeout, tokio::net::TcpStream::connect((host, port))).await,
-        Ok(Ok(_))
-    )
-}
-
 /// An error with its sources, for log lines and fatal messages.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
@@ -1443,18 +1466,6 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// The check before pg_rewind: a listening leader is reachable, a closed port is not.
-    #[tokio::test]
-    async fn rewind_precheck_tells_a_listening_leader_from_an_unreachable_one() {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind a local port");
-        let port = listener.local_addr().expect("local address").port();
-        assert!(reachable("127.0.0.1", port, Duration::from_secs(2)).await);
-        drop(listener);
-        assert!(!reachable("127.0.0.1", port, Duration::from_secs(2)).await);
-    }
 
     #[test]
     fn history_merge_appends_new_timelines_with_timestamp_and_leader() {

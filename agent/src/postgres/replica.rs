@@ -21,6 +21,60 @@ pub enum ReplicaError {
     Prepare(#[source] std::io::Error),
 }
 
+impl ReplicaError {
+    /// The tool could not connect to the source server, so it changed nothing (libpq's
+    /// connection errors begin "connection to server at …" or "… on socket …"; pg_rewind prints
+    /// nothing before it has connected).
+    pub fn is_connection_failure(&self) -> bool {
+        matches!(self, ReplicaError::Failed { stderr, .. }
+        if stderr.lines().next().is_some_and(|first| {
+            first.contains("error: connection to server") || first.contains("could not connect to server")
+        }))
+    }
+}
+
+/// Checks, as Patroni's `check_leader_is_not_in_recovery` does, that the leader answers a query
+/// with pg_rewind's credentials and runs as a primary: `Err` says why not.
+pub async fn leader_ready_for_rewind(
+    config: &Config,
+    upstream: &Upstream,
+    timeout: std::time::Duration,
+) -> Result<(), String> {
+    let auth = &config.postgresql.authentication;
+    let user = auth.rewind.as_ref().unwrap_or(&auth.superuser);
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&upstream.host)
+        .port(upstream.port)
+        .user(&user.username)
+        .dbname("postgres")
+        .application_name("pgwarden rewind check")
+        .connect_timeout(timeout);
+    if let Some(password) = &user.password {
+        pg.password(password);
+    }
+    let check = async {
+        let (client, connection) = pg
+            .connect(tokio_postgres::NoTls)
+            .await
+            .map_err(|e| format!("cannot connect: {e}"))?;
+        let connection = tokio::spawn(connection);
+        let answer = client
+            .query_one("SELECT pg_catalog.pg_is_in_recovery()", &[])
+            .await
+            .map_err(|e| format!("query failed: {e}"));
+        drop(client);
+        let _ = connection.await;
+        match answer?.try_get::<_, bool>(0) {
+            Ok(false) => Ok(()),
+            Ok(true) => Err("it is still in recovery".to_owned()),
+            Err(e) => Err(format!("unexpected answer: {e}")),
+        }
+    };
+    tokio::time::timeout(timeout * 2, check)
+        .await
+        .unwrap_or_else(|_| Err(format!("no answer within {:?}", timeout * 2)))
+}
+
 /// Where to reach the leader, from its member record.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Upstream {
@@ -192,6 +246,54 @@ pub async fn rewind(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_a_failed_connection_is_a_tool_that_changed_nothing() {
+        let failed = |stderr: &str| ReplicaError::Failed {
+            tool: "pg_rewind",
+            stderr: stderr.into(),
+        };
+        assert!(failed("pg_rewind: error: connection to server at \"127.0.0.1\", port 5432 failed: server closed the connection unexpectedly").is_connection_failure());
+        assert!(!failed("pg_rewind: servers diverged at WAL location 0/3000000 on timeline 1\npg_rewind: error: could not fetch remote file \"global/pg_control\"").is_connection_failure());
+        assert!(
+            !failed("pg_rewind: error: target server must be shut down cleanly")
+                .is_connection_failure()
+        );
+        assert!(!ReplicaError::NoLeaderAddress.is_connection_failure());
+    }
+
+    /// The check before pg_rewind: a port that accepts and closes (a proxy, a postgres going
+    /// down) is not a leader ready for pg_rewind, nor is a closed port.
+    #[tokio::test]
+    async fn a_leader_that_accepts_and_closes_is_not_ready_for_rewind() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind a local port");
+        let port = listener.local_addr().expect("local address").port();
+        tokio::spawn(async move {
+            while let Ok((s, _)) = listener.accept().await {
+                drop(s);
+            }
+        });
+        let up = Upstream {
+            name: "pg0".into(),
+            host: "127.0.0.1".into(),
+            port,
+        };
+        let config = Config::default();
+        let t = std::time::Duration::from_secs(2);
+        assert!(leader_ready_for_rewind(&config, &up, t).await.is_err());
+        let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let closed_port = closed.local_addr().expect("addr").port();
+        drop(closed);
+        let up = Upstream {
+            port: closed_port,
+            ..up
+        };
+        assert!(leader_ready_for_rewind(&config, &up, t).await.is_err());
+    }
 
     #[test]
     fn slot_names_follow_patroni_rules() {
