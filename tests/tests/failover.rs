@@ -336,3 +336,84 @@ async fn repeated_kill9_failovers_each_leave_a_whole_cluster() {
     let acks = writer.stop().await;
     assert_no_split_brain(&acks);
 }
+
+/// Found by the fault campaign (seed 20261214): a former primary rewinds against a new leader
+/// whose address accepts connections and closes them at once (a proxy there, or a postgres
+/// shutting down). Once that heals, the former primary must rejoin: the check before pg_rewind
+/// is a query, not a TCP connect, and a pg_rewind that could not connect is retried rather than
+/// keeping the member down for good.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_former_primary_rewinds_once_the_new_leader_is_reachable_again() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let mut to_postgres = Vec::new();
+    for name in ["pg0", "pg1", "pg2"] {
+        let i = env.add_member(name);
+        let proxy = TcpProxy::start(format!("127.0.0.1:{}", env.members[i].pg_port))
+            .await
+            .expect("proxy");
+        env.members[i].set("postgresql.connect_address", proxy.endpoint().into());
+        to_postgres.push(proxy);
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("start");
+    }
+    let old = env.wait_for_leader(T).await;
+    wait_for_streaming(&env, &old, 2).await;
+    let writer = start_writer(&env, &old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    let postmaster = env.member(&old).postmaster_pid();
+    env.member(&old).agent().kill9();
+    if let Some(pid) = postmaster {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGKILL,
+        );
+    }
+    let new = wait_for_new_leader(&env, &old).await;
+    let new_index = env
+        .members
+        .iter()
+        .position(|m| m.name == new)
+        .expect("index");
+    to_postgres[new_index].cut();
+    env.member(&old).restart().expect("restart the old leader");
+    wait_until(
+        "the former primary tries to rewind against the unreachable new leader",
+        T,
+        || async {
+            let log = log_of(&env, &old);
+            log.contains("not ready for pg_rewind") || log.contains("the member stays down")
+        },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    to_postgres[new_index].heal();
+    wait_for_replica(&env, &old).await;
+    wait_until(&format!("{old} streams from {new}"), T, || async {
+        env.members
+            .iter()
+            .find(|m| m.name == old)
+            .expect("member")
+            .is_streaming_replica()
+            .await
+    })
+    .await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    let log = log_of(&env, &old);
+    assert!(
+        !log.contains("the member stays down"),
+        "pg_rewind must not have failed for good:\n{log}"
+    );
+}
+
+fn log_of(env: &TestEnv, name: &str) -> String {
+    env.members
+        .iter()
+        .find(|m| m.name == name)
+        .map(|m| m.log_text())
+        .unwrap_or_default()
+}
