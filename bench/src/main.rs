@@ -43,6 +43,9 @@ struct Args {
     /// is then always killed just after a renewal, with nearly its whole ttl left.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     kill_jitter: bool,
+    /// Run the scale phase (1, 10 and 50 single-member clusters on one etcd; not with --quick).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    scale: bool,
     /// Where results.json, results.md and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -852,7 +855,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         }
     }
 
-    if !args.quick {
+    if args.scale && !args.quick {
         for n in [1usize, 10, 50] {
             for kind in kinds {
                 eprintln!(
