@@ -37,12 +37,33 @@ struct Args {
     /// Also measure failover with synchronous_mode on.
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync: bool,
+    /// Kill the leader at a random point of its 2 s loop_wait cycle. Without it, the kill
+    /// comes a fixed time after the switchover that precedes every failover; an agent whose
+    /// cycles keep the phase of its takeover (pgwarden: every loop_wait after the acquisition)
+    /// is then always killed just after a renewal, with nearly its whole ttl left.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    kill_jitter: bool,
+    /// Run the scale phase (1, 10 and 50 single-member clusters on one etcd; not with --quick).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+    scale: bool,
     /// Where results.json, results.md and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
+/// The clusters' loop_wait.
+const LOOP_WAIT: Duration = Duration::from_secs(2);
+
+/// A random duration in `[0, bound)` (std's randomly keyed hasher: no extra dependency).
+fn random_below(bound: Duration) -> Duration {
+    use std::hash::{BuildHasher, Hasher};
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    let nanos = u64::try_from(bound.as_nanos()).unwrap_or(u64::MAX).max(1);
+    Duration::from_nanos(random % nanos)
+}
 
 fn label(kind: AgentKind) -> &'static str {
     match kind {
@@ -222,6 +243,12 @@ fn curve(acks: &[Ack], origin: Instant, window: (f64, f64)) -> Vec<(f64, f64)> {
 struct FailoverOutcome {
     failover: f64,
     after_expiry: Option<f64>,
+    /// From the kill to the leader key's deletion by etcd.
+    kill_to_expiry: Option<f64>,
+    /// What etcd said the leader's lease had left just before the kill.
+    lease_left: Option<f64>,
+    /// Lease keepalives per second per member while the writer ran, before the kill.
+    renewals: f64,
     lost: usize,
     rejoin: f64,
     curve: Vec<(f64, f64)>,
@@ -229,13 +256,18 @@ struct FailoverOutcome {
 
 /// kill -9 of the leader's agent and postmaster; the time to the first acknowledged write on
 /// another member; lost acknowledged writes; then the killed member's rejoin time.
-async fn failover(c: &mut Cluster) -> anyhow::Result<FailoverOutcome> {
+async fn failover(c: &mut Cluster, jitter: bool) -> anyhow::Result<FailoverOutcome> {
     let old = c.wait_healthy().await?;
     let writer = Writer::start(c.targets());
+    let endpoint = c.env.etcd.endpoint();
+    let counters_before = EtcdCounters::read(&endpoint).await;
+    let counted_from = Instant::now();
     tokio::time::sleep(Duration::from_secs(2)).await;
+    if jitter {
+        tokio::time::sleep(random_below(LOOP_WAIT)).await;
+    }
     // Watch the leader key to learn when the lease expired in etcd.
     let key = c.env.key("leader");
-    let endpoint = c.env.etcd.endpoint();
     // A watch, not polling: the key may be re-acquired within milliseconds of its expiry.
     let mut client = etcd_client_connect(&endpoint).await.context("etcd")?;
     let mut stream = client
@@ -259,6 +291,13 @@ async fn failover(c: &mut Cluster) -> anyhow::Result<FailoverOutcome> {
         }
     });
     let postmaster = c.member(&old).postmaster_pid();
+    let renewals = EtcdCounters::read(&endpoint)
+        .await
+        .since(counters_before)
+        .renewed
+        / counted_from.elapsed().as_secs_f64()
+        / c.env.members.len() as f64;
+    let lease_left = leader_lease_left(&mut client, &key).await;
     let killed_at = Instant::now();
     let member = c.env.member(&old);
     member.agent().kill9();
@@ -307,6 +346,9 @@ async fn failover(c: &mut Cluster) -> anyhow::Result<FailoverOutcome> {
     Ok(FailoverOutcome {
         failover: first.duration_since(killed_at).as_secs_f64(),
         after_expiry: expired_at.map(|e| first.saturating_duration_since(e).as_secs_f64()),
+        kill_to_expiry: expired_at.map(|e| e.saturating_duration_since(killed_at).as_secs_f64()),
+        lease_left,
+        renewals,
         lost,
         rejoin,
         curve: curve(&acks, killed_at, (-2.0, 20.0)),
@@ -357,8 +399,8 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
     })
 }
 
-/// Sum of etcd's handled gRPC requests (the HTTP gateway Patroni uses is counted there too).
-async fn etcd_requests(endpoint: &str) -> f64 {
+/// Sum of the samples of one etcd metric family (all label sets), from its `/metrics`.
+async fn etcd_metric(endpoint: &str, family: &str) -> f64 {
     let Ok(out) = tokio::process::Command::new("curl")
         .args(["-s", &format!("http://{endpoint}/metrics")])
         .output()
@@ -368,13 +410,58 @@ async fn etcd_requests(endpoint: &str) -> f64 {
     };
     String::from_utf8_lossy(&out.stdout)
         .lines()
-        .filter(|l| l.starts_with("grpc_server_handled_total"))
+        .filter(|l| {
+            l.strip_prefix(family)
+                .is_some_and(|rest| rest.starts_with('{') || rest.starts_with(' '))
+        })
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
 
+/// etcd counters read at the start and the end of a window.
+#[derive(Debug, Clone, Copy, Default)]
+struct EtcdCounters {
+    /// gRPC calls etcd finished (the HTTP gateway Patroni uses is counted there too). A stream
+    /// counts once, when it closes: keepalives on a stream kept open are not in it.
+    handled: f64,
+    /// gRPC messages etcd received: one per unary call, one per message on a stream. This is
+    /// the request count that does not depend on how a client groups requests into streams.
+    received: f64,
+    /// Lease keepalives etcd applied.
+    renewed: f64,
+}
+
+impl EtcdCounters {
+    async fn read(endpoint: &str) -> EtcdCounters {
+        EtcdCounters {
+            handled: etcd_metric(endpoint, "grpc_server_handled_total").await,
+            received: etcd_metric(endpoint, "grpc_server_msg_received_total").await,
+            renewed: etcd_metric(endpoint, "etcd_debugging_lease_renewed_total").await,
+        }
+    }
+
+    fn since(self, before: EtcdCounters) -> EtcdCounters {
+        EtcdCounters {
+            handled: self.handled - before.handled,
+            received: self.received - before.received,
+            renewed: self.renewed - before.renewed,
+        }
+    }
+}
+
+/// Seconds the leader key's lease has left in etcd (whole seconds, as etcd reports them).
+async fn leader_lease_left(client: &mut etcd_client::Client, key: &str) -> Option<f64> {
+    let response = client.get(key, None).await.ok()?;
+    let lease = response.kvs().first()?.lease();
+    if lease == 0 {
+        return None;
+    }
+    let ttl = client.lease_time_to_live(lease, None).await.ok()?.ttl();
+    (ttl >= 0).then_some(ttl as f64)
+}
+
 /// `n` single-member clusters of one agent kind on one etcd: idle CPU per member (CPU s per
-/// 60 s) and etcd requests per second per member over `window`.
+/// 60 s) and etcd requests (received messages) per second per member over `window`.
 async fn scale(kind: AgentKind, n: usize, window: Duration) -> anyhow::Result<(f64, f64)> {
     let options = ClusterOptions {
         scope: "scale0".into(),
@@ -412,7 +499,7 @@ async fn scale(kind: AgentKind, n: usize, window: Duration) -> anyhow::Result<(f
     }
     tokio::time::sleep(Duration::from_secs(3)).await;
     let endpoint = env.etcd.endpoint();
-    let before = etcd_requests(&endpoint).await;
+    let before = EtcdCounters::read(&endpoint).await;
     let tasks: Vec<_> = env
         .members
         .iter()
@@ -427,11 +514,11 @@ async fn scale(kind: AgentKind, n: usize, window: Duration) -> anyhow::Result<(f
     for t in tasks {
         cpu += t.await?.0;
     }
-    let after = etcd_requests(&endpoint).await;
+    let etcd = EtcdCounters::read(&endpoint).await.since(before);
     let secs = window.as_secs_f64();
     Ok((
         cpu * 60.0 / secs / n as f64,
-        (after - before) / secs / n as f64,
+        etcd.received / secs / n as f64,
     ))
 }
 
@@ -517,6 +604,10 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     // Footprint over an idle window, both clusters at once.
     eprintln!("bench: idle window of {} s", args.idle_secs);
     let window = Duration::from_secs(args.idle_secs);
+    let mut etcd_before = Vec::new();
+    for c in &clusters {
+        etcd_before.push(EtcdCounters::read(&c.env.etcd.endpoint()).await);
+    }
     let mut idle = Vec::new();
     for c in &clusters {
         for m in &c.env.members {
@@ -541,6 +632,30 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         ] {
             let f = report.figure(name, unit, true);
             match kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+    // Each cluster has its own etcd: its counters are the cluster's requests alone.
+    for (c, before) in clusters.iter().zip(etcd_before) {
+        let etcd = EtcdCounters::read(&c.env.etcd.endpoint())
+            .await
+            .since(before);
+        let per_member = |v: f64| v / window.as_secs_f64() / c.env.members.len() as f64;
+        for (name, value) in [
+            (
+                "idle etcd requests/s per member (received)",
+                per_member(etcd.received),
+            ),
+            (
+                "idle etcd calls/s per member (handled)",
+                per_member(etcd.handled),
+            ),
+            ("idle lease renewals/s per member", per_member(etcd.renewed)),
+        ] {
+            let f = report.figure(name, "1/s", true);
+            match c.kind {
                 AgentKind::Pgwarden => f.pgwarden.push(value),
                 AgentKind::Patroni => f.patroni.push(value),
             }
@@ -678,7 +793,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             }
             let what = format!("failover {} of {}", rep + 1, args.reps);
             eprintln!("bench: {what} ({})", label(c.kind));
-            let o = match failover(c).await {
+            let o = match failover(c, args.kill_jitter).await {
                 Ok(o) => o,
                 Err(e) => {
                     *alive = missed(&mut report, c, what, e).await;
@@ -692,6 +807,17 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             ];
             if let Some(e) = o.after_expiry {
                 figures.push(("lease expiry → first write", "s", e));
+            }
+            figures.push((
+                "lease renewals/s per member under writes",
+                "1/s",
+                o.renewals,
+            ));
+            if let Some(e) = o.kill_to_expiry {
+                figures.push(("kill → lease expiry", "s", e));
+            }
+            if let Some(e) = o.lease_left {
+                figures.push(("leader lease left at the kill (etcd, whole s)", "s", e));
             }
             for (name, unit, value) in figures {
                 let f = report.figure(name, unit, true);
@@ -736,7 +862,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
                 }
                 let what = format!("synchronous failover {} of {}", rep + 1, args.reps);
                 eprintln!("bench: {what} ({})", label(c.kind));
-                let o = match failover(c).await {
+                let o = match failover(c, args.kill_jitter).await {
                     Ok(o) => o,
                     Err(e) => {
                         *alive = missed(&mut report, c, what, e).await;
@@ -761,7 +887,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         }
     }
 
-    if !args.quick {
+    if args.scale && !args.quick {
         for n in [1usize, 10, 50] {
             for kind in kinds {
                 eprintln!(

@@ -1,4 +1,10 @@
 //! Memory and CPU of an agent's processes (the agent and its helpers, not postgres), from /proc.
+//!
+//! CPU is the scheduler's run time in nanoseconds (`/proc/<pid>/task/<tid>/schedstat`, first
+//! field), summed over every thread. `utime + stime` from `/proc/<pid>/stat` counts 10 ms clock
+//! ticks, too coarse for an idle agent: 60 s of pgwarden were 3 or 4 ticks. A thread that exits
+//! during the window takes its run time with it, so the window is taken over the threads that
+//! exist at its end; both agents keep their threads (tokio workers, Python's threads) alive.
 
 use std::time::Duration;
 
@@ -7,7 +13,8 @@ use std::time::Duration;
 pub struct Sample {
     pub rss_kib: u64,
     pub hwm_kib: u64,
-    pub cpu_ticks: u64,
+    /// Run time of all threads, nanoseconds.
+    pub cpu_ns: u64,
 }
 
 fn status_field(text: &str, key: &str) -> u64 {
@@ -18,16 +25,15 @@ fn status_field(text: &str, key: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn stat(pid: i32) -> Option<(String, i32, u64)> {
+/// Command name and parent PID.
+fn stat(pid: i32) -> Option<(String, i32)> {
     let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     let open = text.find('(')?;
     let close = text.rfind(')')?;
     let comm = text[open + 1..close].to_owned();
     let fields: Vec<&str> = text[close + 2..].split_whitespace().collect();
     let ppid = fields.get(1)?.parse().ok()?;
-    let utime: u64 = fields.get(11)?.parse().ok()?;
-    let stime: u64 = fields.get(12)?.parse().ok()?;
-    Some((comm, ppid, utime + stime))
+    Some((comm, ppid))
 }
 
 /// The agent process and its descendants, except postgres and its children.
@@ -36,7 +42,7 @@ pub fn agent_tree(root: i32) -> Vec<i32> {
     if let Ok(entries) = std::fs::read_dir("/proc") {
         for e in entries.flatten() {
             if let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
-                if let Some((comm, ppid, _)) = stat(pid) {
+                if let Some((comm, ppid)) = stat(pid) {
                     all.push((pid, comm, ppid));
                 }
             }
@@ -63,18 +69,21 @@ pub fn sample(root: i32) -> Sample {
         let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
         s.rss_kib += status_field(&status, "VmRSS:");
         s.hwm_kib += status_field(&status, "VmHWM:");
-        s.cpu_ticks += stat(pid).map(|(_, _, t)| t).unwrap_or(0);
+        s.cpu_ns += run_time_ns(pid);
     }
     s
 }
 
-/// Clock ticks per second for converting CPU ticks.
-pub fn ticks_per_second() -> f64 {
-    nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK)
-        .ok()
+/// Sum of the run time of every thread of `pid`, nanoseconds.
+fn run_time_ns(pid: i32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
         .flatten()
-        .map(|t| t as f64)
-        .unwrap_or(100.0)
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|text| text.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
 }
 
 /// CPU seconds used by the tree over `window`.
@@ -83,7 +92,7 @@ pub async fn idle_cpu(root: i32, window: Duration) -> (f64, Sample) {
     tokio::time::sleep(window).await;
     let after = sample(root);
     (
-        after.cpu_ticks.saturating_sub(before.cpu_ticks) as f64 / ticks_per_second(),
+        after.cpu_ns.saturating_sub(before.cpu_ns) as f64 / 1e9,
         after,
     )
 }

@@ -113,6 +113,9 @@ pub struct Agent {
     checkpoint_after_promote_pending: bool,
     sync_standby_names: String,
     last_member: Option<(MemberRecord, i64)>,
+    /// `leader` (holder, lease) in this cycle's view, until a renewal has used it: the etcd
+    /// cache that vouches for the view confirms the renewal without a compare.
+    view_leader: Option<(String, i64)>,
 }
 
 impl Agent {
@@ -157,6 +160,7 @@ impl Agent {
                 String::new()
             },
             last_member: None,
+            view_leader: None,
             w,
         }
     }
@@ -259,7 +263,9 @@ impl Agent {
         Ok(id)
     }
 
-    /// `EtcdDcs::renew_leader`: keepalive, then confirm (or re-attach) the key in one compare.
+    /// `EtcdDcs::renew_leader`: keepalive, then, unless the view of this cycle already showed the
+    /// key with our name on our lease (the watch cache vouches for it), confirm (or re-attach)
+    /// the key in one compare.
     async fn renew_leader(&mut self) -> Result<LeaseRenewal, DcsErr> {
         let lease = self.ensure_lease().await?;
         let sent_local = self.local();
@@ -273,6 +279,16 @@ impl Agent {
             }
         };
         self.last_keepalive = Some(sent_local);
+        let vouched = self
+            .view_leader
+            .take()
+            .is_some_and(|(holder, held_on)| holder == self.name && held_on == lease);
+        if vouched {
+            return Ok(LeaseRenewal {
+                sent_at,
+                ttl: std::time::Duration::from_micros(ttl),
+            });
+        }
         let name = self.name.clone();
         let confirmed = self
             .dcs(move |s, _| {
@@ -448,8 +464,10 @@ impl Agent {
 
     async fn observe(&mut self) -> Observation {
         let now_local = self.local();
+        self.view_leader = None;
         let dcs = match self.dcs(|s, _| crate::world::view_arc(s)).await {
             Ok(view) => {
+                self.view_leader = view.leader.as_ref().map(|l| (l.name.clone(), l.lease));
                 if let Some(c) = &view.config {
                     let value = c.value.clone();
                     self.apply_dynamic_config(&value);

@@ -5,18 +5,27 @@
 //! `request_timeout` (the cluster's `retry_timeout`): a hung etcd can never hold the HA loop for
 //! longer than that, which is what the fencing arithmetic in `ha::timing` relies on.
 //!
-//! A background task watches the cluster prefix and wakes the HA loop when `leader`, `config`,
-//! `failover`, `sync` or `initialize` change, so a released or expired leader key is acted on at
-//! once rather than at the next tick.
+//! A background task reads the cluster prefix once, then watches it from just after that read.
+//! It keeps the HA loop's view of the cluster ([`Dcs::cluster_view`]) up to date without a read
+//! per cycle, and wakes the HA loop when `leader`, `config`, `failover`, `sync` or `initialize`
+//! change, so a released or expired leader key is acted on at once rather than at the next tick.
+//! When the cached view cannot be vouched for (the watch is down or lags behind our own writes,
+//! etcd did not answer our last request, no linearizable read for a ttl, or no leader, when a
+//! race may follow), the view is read from etcd as before (see [`CacheState::vouches`]).
+//!
+//! An idle member thus sends one request per cycle: a lease keepalive, on one keepalive stream
+//! kept open for the lease's lifetime. The leader's renewal is confirmed by the watched `leader`
+//! key (our name on our lease) instead of a transaction, whenever the view vouches for it.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, PutOptions, Txn, TxnOp,
-    WatchOptions,
+    Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
+    LeaseKeeper, PutOptions, ResponseHeader, Txn, TxnOp, WatchOptions,
 };
 use tracing::{debug, info, warn};
 
@@ -50,6 +59,119 @@ struct LeaseState {
     last_keepalive: Option<Instant>,
     /// Member value last written and the lease it was attached to.
     last_member: Option<(String, i64)>,
+    /// The keepalive stream of lease `id`, kept open between renewals. Opening a stream per
+    /// keepalive cost a stream setup and a second keepalive each time (the client's open sends
+    /// one and waits for its answer). Dropped after any failure, so an answer that arrives late
+    /// can never be taken for the answer to a later keepalive.
+    keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+}
+
+/// One key of the cluster prefix as last seen.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CachedKey {
+    value: String,
+    mod_revision: i64,
+    lease: i64,
+}
+
+impl CachedKey {
+    fn of(kv: &etcd_client::KeyValue) -> (String, CachedKey) {
+        (
+            text(kv.key()),
+            CachedKey {
+                value: text(kv.value()),
+                mod_revision: kv.mod_revision(),
+                lease: kv.lease(),
+            },
+        )
+    }
+}
+
+/// The cluster prefix as the watch task keeps it: a linearizable read, then every change after
+/// it, in revision order.
+#[derive(Debug, Default)]
+struct CacheState {
+    keys: BTreeMap<String, CachedKey>,
+    /// Every change of the prefix up to this revision is in `keys`.
+    revision: i64,
+    /// The watch stream is established on top of `keys` and has not failed since.
+    live: bool,
+    /// When `keys` last came from a linearizable read.
+    read_at: Option<Instant>,
+    /// The view last built from `keys` (an idle cluster's keys do not change between cycles,
+    /// and parsing every member's JSON each cycle was most of an idle cycle's work).
+    built: Option<ClusterView>,
+}
+
+impl CacheState {
+    /// Takes the result of a linearizable read at `revision`, unless the watch already brought
+    /// the cache further.
+    fn replace(
+        &mut self,
+        kvs: impl IntoIterator<Item = (String, CachedKey)>,
+        revision: i64,
+        at: Instant,
+    ) {
+        if revision < self.revision {
+            return;
+        }
+        self.keys = kvs.into_iter().collect();
+        self.revision = revision;
+        self.read_at = Some(at);
+        self.built = None;
+    }
+
+    /// Applies the events of one watch response (etcd never splits one revision's events across
+    /// responses). Events the cache already has, from a read at a later revision, are skipped.
+    /// `None` is a deletion; `revision` is the event's (for a deletion, the deleting revision).
+    fn apply(&mut self, events: impl IntoIterator<Item = (String, i64, Option<CachedKey>)>) {
+        let base = self.revision;
+        for (key, revision, put) in events {
+            if revision <= base {
+                continue;
+            }
+            self.built = None;
+            match put {
+                Some(entry) => {
+                    self.keys.insert(key, entry);
+                }
+                None => {
+                    self.keys.remove(&key);
+                }
+            }
+            self.revision = self.revision.max(revision);
+        }
+    }
+
+    /// May the HA loop decide on this cache instead of reading etcd? Only if
+    /// - the watch is established on it and has not failed since,
+    /// - it contains every write this agent made (`written`): a cycle must see its own
+    ///   acquisition, release and member updates,
+    /// - etcd answered our last request (`reachable`): in an outage the view is unknown, as
+    ///   with a failed read, rather than the last one seen,
+    /// - a linearizable read refreshed it less than `ttl` ago: a watch that stalled without an
+    ///   error is caught within one lease period, and so is any drift,
+    /// - and it shows a leader. Without one, members may race for the key, and they decide
+    ///   that (who is healthiest, is the lock free) on a linearizable read, as before.
+    fn vouches(
+        &self,
+        leader_key: &str,
+        written: i64,
+        reachable: bool,
+        ttl: Duration,
+        now: Instant,
+    ) -> bool {
+        self.live
+            && self.revision >= written
+            && reachable
+            && self
+                .read_at
+                .is_some_and(|at| now.saturating_duration_since(at) < ttl)
+            && self
+                .keys
+                .get(leader_key)
+                .is_some_and(|k| !k.value.is_empty())
+    }
 }
 
 /// Logs reachability once per change of state instead of once per failed request.
@@ -91,6 +213,10 @@ pub struct EtcdDcs {
     last_status: Mutex<Option<(String, Instant)>>,
     wake: Arc<WakeSignal>,
     reachability: Reachability,
+    /// The cluster prefix, kept by the watch task.
+    cache: Arc<Mutex<CacheState>>,
+    /// The highest revision this agent's own writes created.
+    written: Arc<AtomicI64>,
     watcher: tokio::task::JoinHandle<()>,
 }
 
@@ -157,7 +283,16 @@ impl EtcdDcs {
             .map_err(classify)?;
         let keys = Keys::new(&settings.namespace, &settings.scope);
         let wake = Arc::new(WakeSignal::default());
-        let watcher = tokio::spawn(watch_cluster(client.clone(), keys.clone(), wake.clone()));
+        let cache = Arc::new(Mutex::new(CacheState::default()));
+        let written = Arc::new(AtomicI64::new(0));
+        let watcher = tokio::spawn(watch_cluster(
+            client.clone(),
+            keys.clone(),
+            wake.clone(),
+            cache.clone(),
+            written.clone(),
+            settings.request_timeout,
+        ));
         Ok(EtcdDcs {
             client,
             keys,
@@ -170,6 +305,8 @@ impl EtcdDcs {
             reachability: Reachability {
                 reachable: AtomicBool::new(true),
             },
+            cache,
+            written,
             watcher,
         })
     }
@@ -217,22 +354,41 @@ impl EtcdDcs {
         state.id = Some(granted.id());
         state.last_keepalive = Some(Instant::now());
         state.last_member = None;
+        state.keeper = None;
         debug!(lease = granted.id(), ttl, "granted a new lease");
         Ok(granted.id())
     }
 
-    /// Sends one keepalive; `Ok(granted ttl)`, or `LeaseLost` when etcd no longer knows the lease.
-    async fn keepalive(&self, id: i64) -> Result<Duration, DcsError> {
-        let mut client = self.client.clone();
+    /// Sends one keepalive on the lease's kept stream (opened first if needed); `Ok(granted
+    /// ttl)`, or `LeaseLost` when etcd no longer knows the lease.
+    async fn keepalive(&self, state: &mut LeaseState, id: i64) -> Result<Duration, DcsError> {
+        let kept = match state.keeper.take() {
+            Some((kept_id, keeper, stream)) if kept_id == id => Some((keeper, stream)),
+            _ => None,
+        };
+        let (mut keeper, mut stream) = match kept {
+            Some(kept) => kept,
+            None => {
+                let mut client = self.client.clone();
+                self.call("lease keepalive", client.lease_keep_alive(id))
+                    .await?
+            }
+        };
         let response = self
-            .call("lease keepalive", async move {
-                let (mut keeper, mut stream) = client.lease_keep_alive(id).await?;
+            .call("lease keepalive", async {
                 keeper.keep_alive().await?;
                 stream.message().await
             })
             .await?;
         match response {
-            Some(r) if r.ttl() > 0 => Ok(Duration::from_secs(r.ttl().unsigned_abs())),
+            Some(r) if r.ttl() > 0 && r.id() == id => {
+                state.keeper = Some((id, keeper, stream));
+                Ok(Duration::from_secs(r.ttl().unsigned_abs()))
+            }
+            Some(r) if r.id() != id => Err(DcsError::Unreachable(format!(
+                "keepalive answer for lease {} instead of {id}",
+                r.id()
+            ))),
             Some(_) => Err(DcsError::LeaseLost),
             None => Err(DcsError::Unreachable(
                 "keepalive stream closed without an answer".into(),
@@ -240,9 +396,65 @@ impl EtcdDcs {
         }
     }
 
+    /// Records the revision one of our writes created: the cache must reach it before the HA
+    /// loop may decide on it.
+    fn wrote(&self, header: Option<&ResponseHeader>) {
+        if let Some(h) = header {
+            self.written.fetch_max(h.revision(), Ordering::Relaxed);
+        }
+    }
+
+    /// The cached view, if it may stand in for a read (`CacheState::vouches`).
+    fn cached_view(&self) -> Option<ClusterView> {
+        let mut cache = self.cache.lock().ok()?;
+        let vouches = cache.vouches(
+            &self.keys.leader(),
+            self.written.load(Ordering::Relaxed),
+            self.reachability.reachable.load(Ordering::Relaxed),
+            self.ttl(),
+            Instant::now(),
+        );
+        if !vouches {
+            return None;
+        }
+        if let Some(view) = &cache.built {
+            return Some(view.clone());
+        }
+        let view = build_view(
+            &self.keys,
+            cache
+                .keys
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.value.as_str(), v.mod_revision, v.lease)),
+            cache.revision,
+        );
+        cache.built = Some(view.clone());
+        Some(view)
+    }
+
+    /// Does the cache, as the HA loop may decide on it, show `leader` with our name on `lease`?
+    fn cache_confirms_leader(&self, lease: i64) -> bool {
+        let Ok(cache) = self.cache.lock() else {
+            return false;
+        };
+        let key = self.keys.leader();
+        cache.vouches(
+            &key,
+            self.written.load(Ordering::Relaxed),
+            self.reachability.reachable.load(Ordering::Relaxed),
+            self.ttl(),
+            Instant::now(),
+        ) && cache
+            .keys
+            .get(&key)
+            .is_some_and(|k| k.value == self.name && k.lease == lease)
+    }
+
     async fn put(&self, op: &str, key: String, value: String) -> Result<(), DcsError> {
         let mut client = self.client.clone();
-        self.call(op, client.put(key, value, None)).await.map(drop)
+        let response = self.call(op, client.put(key, value, None)).await?;
+        self.wrote(response.header());
+        Ok(())
     }
 
     /// Put (or delete when `value` is `None`) with an optional compare on the key's revision.
@@ -268,81 +480,89 @@ impl EtcdDcs {
             None => Txn::new().and_then([action]),
         };
         let response = self.call(op, client.txn(txn)).await?;
+        if response.succeeded() {
+            self.wrote(response.header());
+        }
         Ok(response.succeeded())
     }
+}
 
-    fn build_view(&self, kvs: &[etcd_client::KeyValue], revision: i64) -> ClusterView {
-        let mut view = ClusterView {
-            revision,
-            ..Default::default()
-        };
-        let mut legacy_optime = None;
-        for kv in kvs {
-            let key = text(kv.key());
-            let value = text(kv.value());
-            match self.keys.classify(&key) {
-                KeyKind::Initialize => view.initialize = Some(value),
-                KeyKind::Config => {
-                    view.config = serde_json::from_str::<serde_json::Value>(&value)
-                        .ok()
-                        .filter(|v| v.is_object())
-                        .map(|value| Versioned {
-                            value,
-                            revision: kv.mod_revision(),
-                        })
-                }
-                KeyKind::Leader if !value.is_empty() => {
-                    view.leader = Some(LeaderKey {
-                        name: value,
-                        revision: kv.mod_revision(),
-                        lease: kv.lease(),
-                    })
-                }
-                KeyKind::Status => view.status = LeaderStatus::parse(&value),
-                KeyKind::LegacyOptime => {
-                    legacy_optime = value.trim().parse::<u64>().ok();
-                }
-                KeyKind::Failover => {
-                    view.failover = FailoverRequest::parse(&value).map(|value| Versioned {
+/// The view of the cluster from its keys: `(key, value, mod_revision, lease)`.
+fn build_view<'a>(
+    keys: &Keys,
+    kvs: impl IntoIterator<Item = (&'a str, &'a str, i64, i64)>,
+    revision: i64,
+) -> ClusterView {
+    let mut view = ClusterView {
+        revision,
+        ..Default::default()
+    };
+    let mut legacy_optime = None;
+    for (key, value, mod_revision, lease) in kvs {
+        let value = value.to_owned();
+        match keys.classify(key) {
+            KeyKind::Initialize => view.initialize = Some(value),
+            KeyKind::Config => {
+                view.config = serde_json::from_str::<serde_json::Value>(&value)
+                    .ok()
+                    .filter(|v| v.is_object())
+                    .map(|value| Versioned {
                         value,
-                        revision: kv.mod_revision(),
+                        revision: mod_revision,
                     })
-                }
-                KeyKind::Sync => {
-                    view.sync = SyncState::parse(&value).map(|value| Versioned {
-                        value,
-                        revision: kv.mod_revision(),
-                    })
-                }
-                KeyKind::History => view.history = HistoryLine::parse_all(&value),
-                KeyKind::Member(name) => {
-                    if let Some(record) = MemberRecord::parse(&value) {
-                        view.members.push(Member {
-                            name: name.to_owned(),
-                            record,
-                            revision: kv.mod_revision(),
-                            lease: kv.lease(),
-                        });
-                    }
-                }
-                KeyKind::Leader | KeyKind::Failsafe | KeyKind::Other => {}
             }
+            KeyKind::Leader if !value.is_empty() => {
+                view.leader = Some(LeaderKey {
+                    name: value,
+                    revision: mod_revision,
+                    lease,
+                })
+            }
+            KeyKind::Status => view.status = LeaderStatus::parse(&value),
+            KeyKind::LegacyOptime => {
+                legacy_optime = value.trim().parse::<u64>().ok();
+            }
+            KeyKind::Failover => {
+                view.failover = FailoverRequest::parse(&value).map(|value| Versioned {
+                    value,
+                    revision: mod_revision,
+                })
+            }
+            KeyKind::Sync => {
+                view.sync = SyncState::parse(&value).map(|value| Versioned {
+                    value,
+                    revision: mod_revision,
+                })
+            }
+            KeyKind::History => view.history = HistoryLine::parse_all(&value),
+            KeyKind::Member(name) => {
+                if let Some(record) = MemberRecord::parse(&value) {
+                    view.members.push(Member {
+                        name: name.to_owned(),
+                        record,
+                        revision: mod_revision,
+                        lease,
+                    });
+                }
+            }
+            KeyKind::Leader | KeyKind::Failsafe | KeyKind::Other => {}
         }
-        if view.status.is_none() {
-            view.status = legacy_optime.map(|optime| LeaderStatus {
-                optime,
-                ..Default::default()
-            });
-        }
-        view.members.sort_by(|a, b| a.name.cmp(&b.name));
-        view
     }
+    if view.status.is_none() {
+        view.status = legacy_optime.map(|optime| LeaderStatus {
+            optime,
+            ..Default::default()
+        });
+    }
+    view.members.sort_by(|a, b| a.name.cmp(&b.name));
+    view
 }
 
 #[async_trait]
 impl Dcs for EtcdDcs {
     async fn cluster(&self) -> Result<ClusterView, DcsError> {
         let mut client = self.client.clone();
+        let read_at = Instant::now();
         let response = self
             .call(
                 "read cluster",
@@ -350,7 +570,34 @@ impl Dcs for EtcdDcs {
             )
             .await?;
         let revision = response.header().map(|h| h.revision()).unwrap_or(0);
-        Ok(self.build_view(response.kvs(), revision))
+        if let Ok(mut cache) = self.cache.lock() {
+            cache.replace(response.kvs().iter().map(CachedKey::of), revision, read_at);
+        }
+        let kvs: Vec<(String, String, i64, i64)> = response
+            .kvs()
+            .iter()
+            .map(|kv| {
+                (
+                    text(kv.key()),
+                    text(kv.value()),
+                    kv.mod_revision(),
+                    kv.lease(),
+                )
+            })
+            .collect();
+        Ok(build_view(
+            &self.keys,
+            kvs.iter()
+                .map(|(k, v, m, l)| (k.as_str(), v.as_str(), *m, *l)),
+            revision,
+        ))
+    }
+
+    async fn cluster_view(&self) -> Result<ClusterView, DcsError> {
+        match self.cached_view() {
+            Some(view) => Ok(view),
+            None => self.cluster().await,
+        }
     }
 
     async fn race_initialize(&self, value: &str) -> Result<bool, DcsError> {
@@ -370,12 +617,16 @@ impl Dcs for EtcdDcs {
 
     async fn cancel_initialize(&self) -> Result<(), DcsError> {
         let mut client = self.client.clone();
-        self.call(
-            "delete initialize",
-            client.delete(self.keys.initialize(), None),
-        )
-        .await
-        .map(drop)
+        let response = self
+            .call(
+                "delete initialize",
+                client.delete(self.keys.initialize(), None),
+            )
+            .await?;
+        if response.deleted() > 0 {
+            self.wrote(response.header());
+        }
+        Ok(())
     }
 
     async fn write_config(
@@ -409,6 +660,9 @@ impl Dcs for EtcdDcs {
             )]);
         let mut client = self.client.clone();
         let response = self.call("acquire leader", client.txn(txn)).await?;
+        if response.succeeded() {
+            self.wrote(response.header());
+        }
         Ok(response.succeeded())
     }
 
@@ -422,7 +676,7 @@ impl Dcs for EtcdDcs {
         // Taken before the request: etcd refreshes the lease no earlier than this instant, so
         // `sent_at + ttl` never overestimates how long the key is ours.
         let sent_at = Instant::now();
-        let ttl = match self.keepalive(lease).await {
+        let ttl = match self.keepalive(&mut state, lease).await {
             Ok(ttl) => ttl,
             Err(DcsError::LeaseLost) => {
                 state.id = None;
@@ -433,7 +687,15 @@ impl Dcs for EtcdDcs {
         };
         state.last_keepalive = Some(sent_at);
         // A live lease does not prove the key is still ours (it may have been deleted and
-        // re-acquired by another member): confirm holder and lease in one linearizable compare.
+        // re-acquired by another member). The watched key proves it when the cache vouches for
+        // it: it shows every change up to the watch's latency, so a deletion wakes the loop at
+        // once. That is as strong as the compare below, which only proves the key was ours at
+        // one instant within the cycle. Otherwise (watch down or behind our own writes, right
+        // after acquiring, a linearizable re-read due): confirm holder and lease in one
+        // linearizable compare.
+        if self.cache_confirms_leader(lease) {
+            return Ok(LeaseRenewal { sent_at, ttl });
+        }
         let key = self.keys.leader();
         let confirm = Txn::new().when([
             Compare::value(key.clone(), CompareOp::Equal, self.name.clone()),
@@ -461,11 +723,9 @@ impl Dcs for EtcdDcs {
                 Some(PutOptions::new().with_lease(lease)),
             )]);
         let mut client = self.client.clone();
-        if self
-            .call("re-attach leader", client.txn(takeover))
-            .await?
-            .succeeded()
-        {
+        let response = self.call("re-attach leader", client.txn(takeover)).await?;
+        if response.succeeded() {
+            self.wrote(response.header());
             info!(lease, "re-attached the leader key to this process's lease");
             return Ok(LeaseRenewal { sent_at, ttl });
         }
@@ -485,7 +745,11 @@ impl Dcs for EtcdDcs {
             )])
             .and_then([TxnOp::delete(key, None)]);
         let mut client = self.client.clone();
-        self.call("release leader", client.txn(txn)).await.map(drop)
+        let response = self.call("release leader", client.txn(txn)).await?;
+        if response.succeeded() {
+            self.wrote(response.header());
+        }
+        Ok(())
     }
 
     async fn touch_member(&self, record: &MemberRecord) -> Result<(), DcsError> {
@@ -502,7 +766,7 @@ impl Dcs for EtcdDcs {
             lease
         } else {
             let sent_at = Instant::now();
-            match self.keepalive(lease).await {
+            match self.keepalive(&mut state, lease).await {
                 Ok(_) => {
                     state.last_keepalive = Some(sent_at);
                     lease
@@ -522,15 +786,17 @@ impl Dcs for EtcdDcs {
             return Ok(());
         }
         let mut client = self.client.clone();
-        self.call(
-            "write member",
-            client.put(
-                self.keys.member(&self.name),
-                value.clone(),
-                Some(PutOptions::new().with_lease(lease)),
-            ),
-        )
-        .await?;
+        let response = self
+            .call(
+                "write member",
+                client.put(
+                    self.keys.member(&self.name),
+                    value.clone(),
+                    Some(PutOptions::new().with_lease(lease)),
+                ),
+            )
+            .await?;
+        self.wrote(response.header());
         state.last_member = Some((value, lease));
         Ok(())
     }
@@ -605,10 +871,11 @@ impl Dcs for EtcdDcs {
             return Ok(());
         };
         state.last_member = None;
+        state.keeper = None;
         let mut client = self.client.clone();
-        self.call("revoke lease", client.lease_revoke(id))
-            .await
-            .map(drop)
+        let response = self.call("revoke lease", client.lease_revoke(id)).await?;
+        self.wrote(response.header());
+        Ok(())
     }
 
     fn set_ttl(&self, ttl: Duration) {
@@ -633,6 +900,9 @@ impl Dcs for EtcdDcs {
             )]);
         let mut client = self.client.clone();
         let response = self.call("acquire lease key", client.txn(txn)).await?;
+        if response.succeeded() {
+            self.wrote(response.header());
+        }
         Ok(response.succeeded())
     }
 
@@ -646,9 +916,11 @@ impl Dcs for EtcdDcs {
             )])
             .and_then([TxnOp::delete(key, None)]);
         let mut client = self.client.clone();
-        self.call("release lease key", client.txn(txn))
-            .await
-            .map(drop)
+        let response = self.call("release lease key", client.txn(txn)).await?;
+        if response.succeeded() {
+            self.wrote(response.header());
+        }
+        Ok(())
     }
 
     async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
@@ -669,58 +941,126 @@ impl Dcs for EtcdDcs {
     }
 }
 
-/// Watches the cluster prefix forever, reconnecting with capped exponential backoff.
-async fn watch_cluster(client: Client, keys: Keys, wake: Arc<WakeSignal>) {
-    let mut backoff = Duration::from_millis(100);
-    let mut next_revision: Option<i64> = None;
-    loop {
-        let mut options = WatchOptions::new().with_prefix();
-        if let Some(rev) = next_revision {
-            options = options.with_start_revision(rev);
+/// Keeps `cache` and wakes the HA loop, forever: a linearizable read of the cluster prefix, then
+/// a watch from just after it, so no change is missed between the two. After a failed or
+/// cancelled watch (compaction included) the cache is not live until the next read and watch,
+/// retried with capped exponential backoff.
+async fn watch_cluster(
+    client: Client,
+    keys: Keys,
+    wake: Arc<WakeSignal>,
+    cache: Arc<Mutex<CacheState>>,
+    written: Arc<AtomicI64>,
+    request_timeout: Duration,
+) {
+    let set_live = |live: bool| {
+        if let Ok(mut c) = cache.lock() {
+            c.live = live;
         }
+    };
+    let mut backoff = Duration::from_millis(100);
+    let mut resynced = false;
+    loop {
         let mut c = client.clone();
-        match c.watch(keys.prefix(), Some(options)).await {
-            Ok(mut stream) => {
-                // Something may have changed while we were not watching.
-                if next_revision.is_some() {
-                    wake.raise(Wakeup::ClusterChanged);
+        let read_at = Instant::now();
+        let read = tokio::time::timeout(
+            request_timeout,
+            c.get(keys.prefix(), Some(GetOptions::new().with_prefix())),
+        )
+        .await;
+        let start = match read {
+            Ok(Ok(response)) => {
+                let revision = response.header().map(|h| h.revision()).unwrap_or(0);
+                if let Ok(mut cache) = cache.lock() {
+                    // The watch starts from this read, so the cache must be exactly this read,
+                    // even when etcd's revision went back (its data restored or replaced).
+                    if revision < cache.revision {
+                        info!(
+                            revision,
+                            cached = cache.revision,
+                            "etcd's revision went back; starting the cluster cache over"
+                        );
+                        cache.revision = 0;
+                        written.store(0, Ordering::Relaxed);
+                    }
+                    cache.replace(response.kvs().iter().map(CachedKey::of), revision, read_at);
                 }
-                loop {
-                    match stream.message().await {
-                        Ok(Some(response)) => {
-                            backoff = Duration::from_millis(100);
-                            if response.compact_revision() > 0 || response.canceled() {
-                                next_revision = None;
-                                wake.raise(Wakeup::ClusterChanged);
-                                break;
-                            }
-                            for event in response.events() {
-                                let Some(kv) = event.kv() else { continue };
-                                next_revision = Some(kv.mod_revision() + 1);
-                                let key = text(kv.key());
-                                match keys.classify(&key) {
-                                    KeyKind::Leader => wake.raise(Wakeup::LeaderChanged),
-                                    KeyKind::Config
-                                    | KeyKind::Failover
-                                    | KeyKind::Sync
-                                    | KeyKind::Initialize => wake.raise(Wakeup::ClusterChanged),
-                                    _ => {}
-                                }
-                                if event.event_type() == EventType::Delete {
-                                    debug!(key, "watched key deleted");
-                                }
-                            }
-                        }
-                        Ok(None) => break,
-                        Err(err) => {
-                            debug!(error = %err, "etcd watch stream failed");
+                revision
+            }
+            Ok(Err(err)) => {
+                debug!(error = %err, "cannot read the cluster for the watch");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+            Err(_) => {
+                debug!("no answer to the cluster read for the watch");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        // Something may have changed while we were not watching.
+        if resynced {
+            wake.raise(Wakeup::ClusterChanged);
+        }
+        resynced = true;
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(start + 1);
+        match c.watch(keys.prefix(), Some(options)).await {
+            Ok(mut stream) => loop {
+                match stream.message().await {
+                    Ok(Some(response)) => {
+                        backoff = Duration::from_millis(100);
+                        if response.compact_revision() > 0 || response.canceled() {
+                            debug!(
+                                compact_revision = response.compact_revision(),
+                                reason = response.cancel_reason(),
+                                "etcd cancelled the watch; reading the cluster again"
+                            );
                             break;
                         }
+                        if response.created() {
+                            set_live(true);
+                        }
+                        let events: Vec<_> = response
+                            .events()
+                            .iter()
+                            .filter_map(|e| e.kv().map(|kv| (e.event_type() == EventType::Put, kv)))
+                            .collect();
+                        // The cache first: a woken loop must find the change in it.
+                        if let Ok(mut cache) = cache.lock() {
+                            cache.apply(events.iter().map(|(put, kv)| {
+                                let (key, entry) = CachedKey::of(kv);
+                                (key, entry.mod_revision, put.then_some(entry))
+                            }));
+                        }
+                        for (put, kv) in events {
+                            let key = text(kv.key());
+                            match keys.classify(&key) {
+                                KeyKind::Leader => wake.raise(Wakeup::LeaderChanged),
+                                KeyKind::Config
+                                | KeyKind::Failover
+                                | KeyKind::Sync
+                                | KeyKind::Initialize => wake.raise(Wakeup::ClusterChanged),
+                                _ => {}
+                            }
+                            if !put {
+                                debug!(key, "watched key deleted");
+                            }
+                        }
+                    }
+                    Ok(None) => break,
+                    Err(err) => {
+                        debug!(error = %err, "etcd watch stream failed");
+                        break;
                     }
                 }
-            }
+            },
             Err(err) => debug!(error = %err, "cannot start etcd watch"),
         }
+        set_live(false);
         tokio::time::sleep(backoff).await;
         backoff = (backoff * 2).min(Duration::from_secs(5));
     }
@@ -729,6 +1069,65 @@ async fn watch_cluster(client: Client, keys: Keys, wake: Arc<WakeSignal>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn entry(value: &str, mod_revision: i64) -> CachedKey {
+        CachedKey {
+            value: value.into(),
+            mod_revision,
+            lease: 7,
+        }
+    }
+
+    #[test]
+    fn the_cache_applies_each_change_once_and_never_goes_back() {
+        let t0 = Instant::now();
+        let mut cache = CacheState::default();
+        cache.replace([("/s/leader".to_owned(), entry("a", 5))], 5, t0);
+        // One revision's events (a revoked lease deletes two keys at once) all apply.
+        cache.apply([
+            ("/s/members/a".to_owned(), 6, Some(entry("{}", 6))),
+            ("/s/leader".to_owned(), 7, None),
+            ("/s/members/a".to_owned(), 7, None),
+        ]);
+        assert_eq!(cache.revision, 7);
+        assert!(cache.keys.is_empty());
+        // A read at a later revision wins; events it already contains are skipped.
+        cache.replace([("/s/leader".to_owned(), entry("b", 9))], 9, t0);
+        cache.apply([("/s/leader".to_owned(), 8, Some(entry("c", 8)))]);
+        assert_eq!(cache.keys["/s/leader"].value, "b");
+        // A read older than the cache is ignored.
+        cache.replace(std::iter::empty(), 8, t0);
+        assert_eq!(cache.revision, 9);
+        assert_eq!(cache.keys.len(), 1);
+    }
+
+    #[test]
+    fn the_cache_vouches_only_when_live_current_reachable_recent_and_led() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(10);
+        let mut cache = CacheState::default();
+        cache.replace([("/s/leader".to_owned(), entry("a", 5))], 5, t0);
+        assert!(!cache.vouches("/s/leader", 5, true, ttl, t0), "not live");
+        cache.live = true;
+        assert!(cache.vouches("/s/leader", 5, true, ttl, t0));
+        assert!(
+            !cache.vouches("/s/leader", 6, true, ttl, t0),
+            "our own write at revision 6 is not in it yet"
+        );
+        assert!(
+            !cache.vouches("/s/leader", 5, false, ttl, t0),
+            "etcd did not answer"
+        );
+        assert!(
+            !cache.vouches("/s/leader", 5, true, ttl, t0 + ttl),
+            "no linearizable read for a ttl"
+        );
+        cache.apply([("/s/leader".to_owned(), 6, None)]);
+        assert!(
+            !cache.vouches("/s/leader", 5, true, ttl, t0),
+            "without a leader, a race may follow: read etcd"
+        );
+    }
 
     #[test]
     fn an_expired_lease_is_lost_not_unreachable() {

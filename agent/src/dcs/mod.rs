@@ -71,8 +71,18 @@ pub enum Wakeup {
 /// blocks the HA loop for longer than that.
 #[async_trait]
 pub trait Dcs: Send + Sync {
-    /// Reads the whole cluster.
+    /// Reads the whole cluster (linearizable: it reflects every change acknowledged before the
+    /// call).
     async fn cluster(&self) -> Result<ClusterView, DcsError>;
+
+    /// The view the HA loop decides on each cycle. It may come from a watch instead of a read
+    /// (etcd), but only when the implementation can vouch that it contains every write this
+    /// agent made, that the store answered our last request, and that it was refreshed by a
+    /// linearizable read within one `ttl`. It is read like [`Dcs::cluster`] whenever it shows no
+    /// leader, because members decide to race for the key on it. The default reads.
+    async fn cluster_view(&self) -> Result<ClusterView, DcsError> {
+        self.cluster().await
+    }
 
     /// Bootstrap race: creates `initialize` with `value` only if the key does not exist.
     /// `Ok(true)` means this member won.

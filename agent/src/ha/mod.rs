@@ -372,7 +372,7 @@ impl HaLoop {
 
     async fn observe(&mut self) -> Observation {
         let now = Instant::now();
-        let dcs = match self.dcs.cluster().await {
+        let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
                 let view = Arc::new(view);
                 self.last_view = Some(view.clone());

@@ -21,6 +21,37 @@ pub enum InitdbError {
     Failed(String),
     #[error("post-bootstrap SQL failed")]
     PostBootstrap(#[source] ProbeError),
+    #[error("cannot flush the new data directory to disk")]
+    Sync(#[source] std::io::Error),
+}
+
+/// Flushes every filesystem that holds part of `data_dir` (the directory itself, `pg_wal` and
+/// tablespaces, which may be symlinks to other filesystems) with one `syncfs(2)` each.
+///
+/// `initdb` and `pg_basebackup` run with `--no-sync` and this replaces their own flush, which
+/// fsyncs every file and directory one by one: on a busy disk that was most of a bootstrap.
+/// `syncfs` writes back all dirty data and metadata of the filesystem and commits its journal,
+/// and reports writeback errors (Linux ≥ 5.8), so afterwards the directory is as durable as
+/// after the tools' own flush. It runs before postgres is started on the new directory, so a
+/// member never reports itself ready on data that a crash could still lose.
+pub async fn sync_data_dir(data_dir: &Path) -> std::io::Result<()> {
+    let data_dir = data_dir.to_path_buf();
+    tokio::task::spawn_blocking(move || sync_filesystems(&data_dir))
+        .await
+        .map_err(std::io::Error::other)?
+}
+
+fn sync_filesystems(data_dir: &Path) -> std::io::Result<()> {
+    let mut paths = vec![data_dir.to_path_buf(), data_dir.join("pg_wal")];
+    if let Ok(entries) = std::fs::read_dir(data_dir.join("pg_tblspc")) {
+        paths.extend(entries.flatten().map(|e| e.path()));
+    }
+    for path in paths {
+        // Opening follows symlinks: the descriptor names the filesystem the data is on.
+        let dir = std::fs::File::open(&path)?;
+        nix::unistd::syncfs(&dir).map_err(std::io::Error::from)?;
+    }
+    Ok(())
 }
 
 /// initdb arguments from `bootstrap.initdb` (Patroni's list of flags and one-key maps).
@@ -70,6 +101,8 @@ pub async fn initdb(config: &Config, bin_dir: &Path) -> Result<(), InitdbError> 
         .arg(data_dir)
         .arg("--username")
         .arg(&superuser.username)
+        // One syncfs afterwards instead of an fsync per file (`sync_data_dir`).
+        .arg("--no-sync")
         .args(initdb_args(&config.bootstrap.initdb));
     // The password goes through a private temporary file, never the command line.
     let pwfile = match &superuser.password {
@@ -88,7 +121,7 @@ pub async fn initdb(config: &Config, bin_dir: &Path) -> Result<(), InitdbError> 
             String::from_utf8_lossy(&output.stderr).trim().to_owned(),
         ));
     }
-    Ok(())
+    sync_data_dir(data_dir).await.map_err(InitdbError::Sync)
 }
 
 fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
@@ -163,6 +196,22 @@ fn rewind_grants(username: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn the_data_directory_is_flushed_through_its_wal_and_tablespace_links() {
+        let data = tempfile::tempdir().expect("temp dir");
+        let elsewhere = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(data.path().join("pg_tblspc")).expect("pg_tblspc");
+        std::os::unix::fs::symlink(elsewhere.path(), data.path().join("pg_wal")).expect("link");
+        std::os::unix::fs::symlink(elsewhere.path(), data.path().join("pg_tblspc/16384"))
+            .expect("link");
+        sync_data_dir(data.path()).await.expect("flushed");
+        // A link to nowhere is not silently skipped: its data would not be durable.
+        std::os::unix::fs::symlink("/nonexistent", data.path().join("pg_tblspc/16385"))
+            .expect("link");
+        assert!(sync_data_dir(data.path()).await.is_err());
+        assert!(sync_data_dir(&data.path().join("missing")).await.is_err());
+    }
 
     #[test]
     fn a_rewind_role_may_read_the_files_pg_rewind_fetches() {

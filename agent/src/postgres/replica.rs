@@ -19,6 +19,8 @@ pub enum ReplicaError {
     Failed { tool: &'static str, stderr: String },
     #[error("cannot prepare the data directory")]
     Prepare(#[source] std::io::Error),
+    #[error("cannot flush the cloned data directory to disk")]
+    Sync(#[source] std::io::Error),
 }
 
 impl ReplicaError {
@@ -180,12 +182,19 @@ pub async fn basebackup(
         .arg(data_dir)
         .arg("--wal-method=stream")
         .arg("--checkpoint=fast")
+        // One syncfs afterwards instead of an fsync per file (`initdb::sync_data_dir`).
+        .arg("--no-sync")
         .arg("--no-password")
         .arg(format!("--dbname={}", primary_conninfo(config, upstream)));
     if let Some(pw) = &repl.password {
         cmd.env("PGPASSWORD", pw);
     }
-    let result = run("pg_basebackup", cmd).await;
+    let mut result = run("pg_basebackup", cmd).await;
+    if result.is_ok() {
+        result = super::initdb::sync_data_dir(data_dir)
+            .await
+            .map_err(ReplicaError::Sync);
+    }
     if result.is_err() {
         // A half-copied directory is ours (it was empty before): clear it so the next try can
         // start from scratch instead of being refused as "not empty".
