@@ -202,6 +202,7 @@ async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Resu
         let i = env.add_member(name);
         let m = &mut env.members[i];
         m.kind = kind;
+        agent_log_level(m);
         let pgpass = m.dir.join("pgpass");
         m.set("postgresql.pgpass", pgpass.display().to_string().into());
     }
@@ -214,6 +215,12 @@ async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Resu
     let secs = started.elapsed().as_secs_f64();
     cluster.member(&leader).sql(CREATE_TABLE).await?;
     Ok((cluster, secs))
+}
+
+/// Both agents log at INFO, as Patroni does by default: the test harness runs pgwarden at DEBUG
+/// (two lines per cycle), which is not what the footprint should be compared at.
+fn agent_log_level(m: &mut pgwarden_tests::harness::Member) {
+    m.env.push(("RUST_LOG".into(), "info".into()));
 }
 
 fn first_ack_after(acks: &[Ack], after: Instant, not_on: &str) -> Option<Instant> {
@@ -475,6 +482,7 @@ async fn scale(kind: AgentKind, n: usize, window: Duration) -> anyhow::Result<(f
         let idx = env.add_member(&format!("s{i}"));
         let m = &mut env.members[idx];
         m.kind = kind;
+        agent_log_level(m);
         // One cluster per member: each gets its own scope on the shared etcd.
         m.set("scope", format!("scale{i}").into());
         m.set(
