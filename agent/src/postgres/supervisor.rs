@@ -225,6 +225,10 @@ pub fn read_pidfile_status(data_dir: &Path) -> PidfileStatus {
     let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
         return PidfileStatus::Unknown;
     };
+    status_line(&text)
+}
+
+fn status_line(text: &str) -> PidfileStatus {
     match text.lines().nth(7).map(str::trim) {
         Some("ready") => PidfileStatus::Ready,
         Some("standby") => PidfileStatus::Standby,
@@ -232,6 +236,21 @@ pub fn read_pidfile_status(data_dir: &Path) -> PidfileStatus {
         Some("stopping") => PidfileStatus::Stopping,
         _ => PidfileStatus::Unknown,
     }
+}
+
+/// The status line of `postmaster.pid` if the file is that of postmaster `pid`, else
+/// `Unknown`. Until a new postmaster has replaced it, the file is its killed predecessor's, with
+/// whatever status that one last wrote: a "stopping" read there (a postmaster killed during its
+/// shutdown) ended the polling, and the agent waited for a start that had long finished (fault
+/// campaign, seed 20261297).
+pub fn read_pidfile_status_of(data_dir: &Path, pid: u32) -> PidfileStatus {
+    let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
+        return PidfileStatus::Unknown;
+    };
+    if text.lines().next().map(str::trim) != Some(pid.to_string().as_str()) {
+        return PidfileStatus::Unknown;
+    }
+    status_line(&text)
 }
 
 /// The PID in `postmaster.pid`, if that process is alive.
@@ -319,9 +338,9 @@ impl Actor {
                     self.escalate();
                 }
                 _ = ready_poll.tick(), if polling => {
-                    let status = read_pidfile_status(&self.settings.data_dir);
                     let current = self.state.borrow().clone();
                     if let Postmaster::Running { pid, since, status: old } = current {
+                        let status = read_pidfile_status_of(&self.settings.data_dir, pid);
                         if status != old && status != PidfileStatus::Unknown {
                             self.set(Postmaster::Running { pid, since, status });
                         }
@@ -482,5 +501,39 @@ fn set_parent_death_signal(cmd: &mut Command) {
             }
             Ok(())
         });
+    }
+}
+
+#[cfg(test)]
+mod pidfile_tests {
+    use super::*;
+
+    fn pidfile(pid: u32, status: &str) -> String {
+        format!("{pid}\n/data\n1700000000\n5432\n/tmp\n127.0.0.1\n  5432001  0\n{status}\n")
+    }
+
+    #[test]
+    fn a_predecessors_pidfile_says_nothing_about_the_new_postmaster() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("postmaster.pid");
+        std::fs::write(&path, pidfile(100, "stopping")).expect("write");
+        assert_eq!(
+            read_pidfile_status_of(dir.path(), 200),
+            PidfileStatus::Unknown
+        );
+        assert_eq!(
+            read_pidfile_status_of(dir.path(), 100),
+            PidfileStatus::Stopping
+        );
+        std::fs::write(&path, pidfile(200, "ready")).expect("write");
+        assert_eq!(
+            read_pidfile_status_of(dir.path(), 200),
+            PidfileStatus::Ready
+        );
+        std::fs::remove_file(&path).expect("remove");
+        assert_eq!(
+            read_pidfile_status_of(dir.path(), 200),
+            PidfileStatus::Unknown
+        );
     }
 }
