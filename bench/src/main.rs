@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use pgwarden_tests::harness::writer::{longest_gap, Ack, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{longest_gap, Ack, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{AgentKind, ClusterOptions, TestEnv};
 
 use report::Report;
@@ -84,18 +84,6 @@ impl Cluster {
             .iter()
             .find(|m| m.name == name)
             .expect("member exists")
-    }
-
-    fn targets(&self) -> Vec<Target> {
-        self.env
-            .members
-            .iter()
-            .map(|m| Target {
-                name: m.name.clone(),
-                port: m.pg_port,
-                password: m.superuser_password.clone(),
-            })
-            .collect()
     }
 
     /// Waits until a leader accepts writes and the other two stream from it.
@@ -265,7 +253,7 @@ struct FailoverOutcome {
 /// another member; lost acknowledged writes; then the killed member's rejoin time.
 async fn failover(c: &mut Cluster, jitter: bool) -> anyhow::Result<FailoverOutcome> {
     let old = c.wait_healthy().await?;
-    let writer = Writer::start(c.targets());
+    let writer = Writer::start(c.env.writer_targets());
     let endpoint = c.env.etcd.endpoint();
     let counters_before = EtcdCounters::read(&endpoint).await;
     let counted_from = Instant::now();
@@ -381,7 +369,7 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
         .map(|m| m.name.clone())
         .find(|n| *n != old)
         .context("a candidate")?;
-    let writer = Writer::start(c.targets());
+    let writer = Writer::start(c.env.writer_targets());
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use pgwarden_tests::harness::proxy::TcpProxy;
-use pgwarden_tests::harness::writer::{assert_no_split_brain, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{wait_until, ClusterOptions, TestEnv};
 
 const T: Duration = Duration::from_secs(90);
@@ -51,17 +51,6 @@ async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {
     .await;
 }
 
-fn targets(env: &TestEnv) -> Vec<Target> {
-    env.members
-        .iter()
-        .map(|m| Target {
-            name: m.name.clone(),
-            port: m.pg_port,
-            password: m.superuser_password.clone(),
-        })
-        .collect()
-}
-
 async fn start_writer(env: &TestEnv, leader: &str) -> Writer {
     let m = env
         .members
@@ -69,7 +58,7 @@ async fn start_writer(env: &TestEnv, leader: &str) -> Writer {
         .find(|m| m.name == leader)
         .expect("leader");
     m.sql(CREATE_TABLE).await.expect("create the writer table");
-    Writer::start(targets(env))
+    Writer::start(env.writer_targets())
 }
 
 /// Waits until a leader other than `old` answers and accepts writes.
@@ -134,15 +123,7 @@ async fn kill9_of_the_leader_fails_over_once_and_the_old_leader_rejoins_with_rew
     let writer = start_writer(&env, &old).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let postmaster = env.member(&old).postmaster_pid();
-    env.member(&old).agent().kill9();
-    if let Some(pid) = postmaster {
-        // The parent-death signal already stopped it; make sure, as the scenario says.
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    env.member(&old).kill9_with_postmaster();
     let new = wait_for_new_leader(&env, &old).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -251,14 +232,7 @@ async fn after_a_switchover_a_killed_leader_still_rejoins() {
 
     let writer = start_writer(&env, &candidate).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let postmaster = env.member(&candidate).postmaster_pid();
-    env.member(&candidate).agent().kill9();
-    if let Some(pid) = postmaster {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    env.member(&candidate).kill9_with_postmaster();
     let new = wait_for_new_leader(&env, &candidate).await;
     env.member(&candidate).restart().expect("restart");
     wait_for_replica(&env, &candidate).await;
@@ -275,14 +249,7 @@ async fn a_switchover_after_a_failover_and_rejoin_leaves_a_healthy_cluster() {
     };
     let (mut env, _) = three_members(options, false).await;
     let first = env.leader().await.expect("leader");
-    let postmaster = env.member(&first).postmaster_pid();
-    env.member(&first).agent().kill9();
-    if let Some(pid) = postmaster {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    env.member(&first).kill9_with_postmaster();
     let second = wait_for_new_leader(&env, &first).await;
     env.member(&first).restart().expect("restart");
     wait_for_replica(&env, &first).await;
@@ -319,14 +286,7 @@ async fn repeated_kill9_failovers_each_leave_a_whole_cluster() {
     let writer = start_writer(&env, &first).await;
     for round in 0..4 {
         let old = env.leader().await.expect("leader");
-        let postmaster = env.member(&old).postmaster_pid();
-        env.member(&old).agent().kill9();
-        if let Some(pid) = postmaster {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid),
-                nix::sys::signal::Signal::SIGKILL,
-            );
-        }
+        env.member(&old).kill9_with_postmaster();
         let new = wait_for_new_leader(&env, &old).await;
         env.member(&old).restart().expect("restart the old leader");
         wait_for_replica(&env, &old).await;
@@ -364,14 +324,7 @@ async fn a_former_primary_rewinds_once_the_new_leader_is_reachable_again() {
     let writer = start_writer(&env, &old).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
-    let postmaster = env.member(&old).postmaster_pid();
-    env.member(&old).agent().kill9();
-    if let Some(pid) = postmaster {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    env.member(&old).kill9_with_postmaster();
     let new = wait_for_new_leader(&env, &old).await;
     let new_index = env
         .members

@@ -10,7 +10,7 @@ use pgwarden::dcs::kubernetes::{KubeDcs, KubeSettings};
 use pgwarden::dcs::{Dcs, DcsError};
 use pgwarden_tests::harness::kube::{KubeCluster, AGENT_TOKEN};
 use pgwarden_tests::harness::kubelet::KubeMembers;
-use pgwarden_tests::harness::writer::{assert_no_split_brain, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{wait_until, ClusterOptions};
 
 const T: Duration = Duration::from_secs(120);
@@ -59,22 +59,10 @@ async fn wait_for_roles(k: &KubeMembers, leader: &str) {
     .await;
 }
 
-fn targets(k: &KubeMembers) -> Vec<Target> {
-    k.env
-        .members
-        .iter()
-        .map(|m| Target {
-            name: m.name.clone(),
-            port: m.pg_port,
-            password: m.superuser_password.clone(),
-        })
-        .collect()
-}
-
 async fn start_writer(k: &KubeMembers, leader: &str) -> Writer {
     let m = &k.env.members[k.index(leader)];
     m.sql(CREATE_TABLE).await.expect("create the writer table");
-    Writer::start(targets(k))
+    Writer::start(k.env.writer_targets())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use pgwarden_tests::harness::kube::{KubeCluster, KubeOptions};
 use pgwarden_tests::harness::kubelet::KubeMembers;
-use pgwarden_tests::harness::writer::{assert_no_split_brain, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{wait_until, ClusterOptions};
 
 const T: Duration = Duration::from_secs(120);
@@ -36,17 +36,7 @@ async fn a_frozen_apiserver_makes_the_leader_demote_before_its_lease_can_expire(
     wait_until("the replica streams", T, || replica.is_streaming_replica()).await;
     let l = &k.env.members[k.index(&leader)];
     l.sql(CREATE_TABLE).await.expect("table");
-    let writer = Writer::start(
-        k.env
-            .members
-            .iter()
-            .map(|m| Target {
-                name: m.name.clone(),
-                port: m.pg_port,
-                password: m.superuser_password.clone(),
-            })
-            .collect(),
-    );
+    let writer = Writer::start(k.env.writer_targets());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     cluster.apiserver.sigstop();

@@ -5,9 +5,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use pgwarden_tests::harness::writer::{
-    assert_no_split_brain, longest_gap, Target, Writer, CREATE_TABLE,
-};
+use pgwarden_tests::harness::writer::{assert_no_split_brain, longest_gap, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{agent_binary, wait_until, ClusterOptions, TestEnv};
 
 const T: Duration = Duration::from_secs(90);
@@ -50,17 +48,6 @@ async fn streaming(env: &TestEnv, replicas: usize) -> String {
 
 fn member<'a>(env: &'a TestEnv, name: &str) -> &'a pgwarden_tests::harness::Member {
     env.members.iter().find(|m| m.name == name).expect("member")
-}
-
-fn targets(env: &TestEnv) -> Vec<Target> {
-    env.members
-        .iter()
-        .map(|m| Target {
-            name: m.name.clone(),
-            port: m.pg_port,
-            password: m.superuser_password.clone(),
-        })
-        .collect()
 }
 
 fn ctl_config(env: &TestEnv) -> std::path::PathBuf {
@@ -109,7 +96,7 @@ async fn switchover_through_rest_and_cli_without_split_brain() {
     let env = cluster(ClusterOptions::default(), |_, _| {}).await;
     let old = streaming(&env, 2).await;
     member(&env, &old).sql(CREATE_TABLE).await.expect("table");
-    let writer = Writer::start(targets(&env));
+    let writer = Writer::start(env.writer_targets());
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let candidate = env
@@ -285,7 +272,7 @@ async fn synchronous_mode_loses_no_acknowledged_write_on_kill9() {
     })
     .await;
     member(&env, &old).sql(CREATE_TABLE).await.expect("table");
-    let writer = Writer::start(targets(&env));
+    let writer = Writer::start(env.writer_targets());
     tokio::time::sleep(Duration::from_secs(2)).await;
     env.member(&old).agent().kill9();
     let deadline = std::time::Instant::now() + T;

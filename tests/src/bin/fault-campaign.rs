@@ -35,7 +35,7 @@ use clap::{Parser, ValueEnum};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use pgwarden_tests::harness::proxy::TcpProxy;
-use pgwarden_tests::harness::writer::{split_brain_ticks, Ack, Target, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{split_brain_ticks, Ack, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{ClusterOptions, TestEnv};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -316,18 +316,6 @@ impl Cluster {
             .unwrap_or(0)
     }
 
-    fn targets(&self) -> Vec<Target> {
-        self.env
-            .members
-            .iter()
-            .map(|m| Target {
-                name: m.name.clone(),
-                port: m.pg_port,
-                password: m.superuser_password.clone(),
-            })
-            .collect()
-    }
-
     /// One leader that holds the key, answers `/primary` and commits a write (in synchronous
     /// mode that needs its synchronous standby), and both others streaming.
     async fn is_whole(&self) -> Result<String, String> {
@@ -454,13 +442,11 @@ impl Cluster {
         }
         match fault.kind {
             FaultKind::KillAgent | FaultKind::KillAgentAndPostmaster => {
-                let postmaster = self.env.members[i].postmaster_pid();
                 let m = &mut self.env.members[i];
-                m.agent().kill9();
                 if fault.kind == FaultKind::KillAgentAndPostmaster {
-                    if let Some(pid) = postmaster {
-                        let _ = kill(Pid::from_raw(pid), Signal::SIGKILL);
-                    }
+                    m.kill9_with_postmaster();
+                } else {
+                    m.agent().kill9();
                 }
                 self.process_fault[i] = true;
             }
@@ -606,7 +592,7 @@ impl Cluster {
         };
         self.set_synchronous(schedule.synchronous).await?;
         let leaders = watch_leader(&self.env).await?;
-        let writer = Writer::start(self.targets());
+        let writer = Writer::start(self.env.writer_targets());
         tokio::time::sleep(Duration::from_secs(1)).await;
 
         // Injections and heals in time order; the member a fault hits is chosen when it starts.

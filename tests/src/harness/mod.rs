@@ -259,6 +259,18 @@ impl TestEnv {
         self.etcd.get(&self.key("leader")).await.ok().flatten()
     }
 
+    /// Where the writer reaches each member's postgres (its real port, not a proxy).
+    pub fn writer_targets(&self) -> Vec<writer::Target> {
+        self.members
+            .iter()
+            .map(|m| writer::Target {
+                name: m.name.clone(),
+                port: m.pg_port,
+                password: m.superuser_password.clone(),
+            })
+            .collect()
+    }
+
     /// Waits until some member holds `leader`, answers `GET /primary` with 200 (lock-based, as
     /// in Patroni) and `GET /health` with 200 (postgres is running).
     pub async fn wait_for_leader(&self, timeout: Duration) -> String {
@@ -495,6 +507,19 @@ tags: {{}}
 
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// kill -9 of the agent and of its postmaster at once (the postmaster would go by the
+    /// parent-death signal anyway; the failover scenarios kill both, as a lost machine does).
+    pub fn kill9_with_postmaster(&mut self) {
+        let postmaster = self.postmaster_pid();
+        self.agent().kill9();
+        if let Some(pid) = postmaster {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
     }
 
     /// PID of the running postmaster, from `postmaster.pid`.
