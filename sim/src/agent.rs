@@ -352,6 +352,10 @@ impl Agent {
         self.facts.maximum_lag_on_failover = d.maximum_lag_on_failover;
         self.facts.use_pg_rewind = d.postgresql.use_pg_rewind;
         self.facts.synchronous_mode = d.synchronous_mode;
+        if !d.synchronous_mode {
+            // As `ha/mod.rs`: nothing maintains synchronous standbys in asynchronous mode.
+            self.sync_standby_names.clear();
+        }
         self.dynamic = Dynamic {
             ttl: u64::from(d.ttl.max(1)),
             loop_wait: u64::from(d.loop_wait.max(1)),

@@ -640,11 +640,12 @@ impl World {
                 pg.pending.push((pg.wal.len() - 1, id));
             }
             let sync_names = self.nodes[i].pg.sync_names.clone();
+            let sync_on = self.synchronous_mode();
             let pending = std::mem::take(&mut self.nodes[i].pg.pending);
             let mut still = Vec::new();
             for (index, id) in pending {
-                let via_sync = !sync_names.trim().is_empty();
-                let acked = !via_sync
+                let waits = !sync_names.trim().is_empty();
+                let acked = !waits
                     || (0..self.nodes.len()).any(|s| {
                         s != i
                             && self.nodes[s].pg.streaming_from == Some(i)
@@ -657,7 +658,8 @@ impl World {
                         index,
                         node: i,
                         at: self.now,
-                        via_sync,
+                        // Synchronous mode's promise covers writes acknowledged while it is on.
+                        via_sync: waits && sync_on,
                     });
                 } else {
                     still.push((index, id));

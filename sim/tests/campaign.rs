@@ -59,6 +59,21 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
         5,
         "a member on the leader's own timeline is not diverged",
     ),
+    (
+        1796307428762,
+        3,
+        "the former leader of a due switchover races when the others lag",
+    ),
+    (
+        1796307429462,
+        3,
+        "the former leader of a due switchover races when the others lag (nofailover peer)",
+    ),
+    (
+        1796307431127,
+        5,
+        "the former leader of a due switchover races when the others lag (5 members)",
+    ),
 ];
 
 #[test]

@@ -385,6 +385,72 @@ async fn a_former_leader_promoted_after_synchronous_mode_is_off_names_no_synchro
         .expect("a write commits");
 }
 
+/// Found by the simulation (seed 10242): an agent restarted after strict synchronous mode was
+/// turned off took strict mode's `*` from its bootstrap file, started its primary with it, and
+/// nothing cleared it in asynchronous mode, so every commit waited for a standby.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_restarted_after_strict_synchronous_mode_is_off_commits_without_standbys() {
+    let options = ClusterOptions {
+        synchronous_mode: true,
+        ..Default::default()
+    };
+    let mut env = cluster(options, |_, m| {
+        m.set("bootstrap.dcs.synchronous_mode_strict", true.into());
+    })
+    .await;
+    let leader = streaming(&env, 2).await;
+    let key = env.key("sync");
+    let (code, text) = member(&env, &leader)
+        .api_request("PATCH", "/config", Some(r#"{"synchronous_mode": false}"#))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until("synchronous mode is off on the leader", T, || async {
+        env.etcd.get(&key).await.ok().flatten().is_none()
+            && synchronous_standby_names(&env, &leader).await.is_empty()
+    })
+    .await;
+
+    // Restarted within its lease, the agent still holds the lock and starts postgres as a
+    // primary; if the lease ran out first, a switchover brings the lock back to it.
+    env.member(&leader).kill9_with_postmaster();
+    env.member(&leader).restart().expect("restart");
+    let now = env.wait_for_leader(T).await;
+    if now != leader {
+        wait_replica(&env, &leader).await;
+        switchover(&env, &now, &leader).await;
+        assert_eq!(env.wait_for_leader(T).await, leader);
+    }
+    wait_until("the restarted leader answers /primary", T, || async {
+        member(&env, &leader)
+            .api_get("/primary")
+            .await
+            .map(|(s, _)| s)
+            == Some(200)
+    })
+    .await;
+    assert_eq!(
+        synchronous_standby_names(&env, &leader).await,
+        "",
+        "in asynchronous mode the leader must not wait for a standby"
+    );
+    // With both standbys gone, a commit still returns (with `*` it would wait for ever).
+    for name in ["pg0", "pg1", "pg2"] {
+        if name != leader {
+            env.member(name).kill9_with_postmaster();
+        }
+    }
+    let commit = tokio::time::timeout(
+        T,
+        member(&env, &leader).sql("CREATE TABLE after_restart_without_standbys (id int)"),
+    )
+    .await;
+    assert!(
+        matches!(commit, Ok(Ok(_))),
+        "a commit without standbys returns in asynchronous mode: {commit:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_does_not_win_the_race() {
     let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;

@@ -940,13 +940,20 @@ fn healthiest(
     Ok(())
 }
 
-/// Could another member take the lock: a running replica that may race and is not tagged
-/// `nofailover`?
+/// Could another member take the lock: a running replica that may race, is not tagged
+/// `nofailover` and is within `maximum_lag_on_failover` of the last leader position (Patroni's
+/// `is_failover_possible`)? A lagging replica may not race, so deferring to it left a cluster
+/// without a leader (simulation seed 1796307428762).
 fn others_may_take_over(view: &ClusterView, me: &MemberFacts, peers: &[PeerAnswer]) -> bool {
+    let last_position = view.status.as_ref().map_or(0, |s| s.optime);
     peers.iter().any(|p| {
         p.name != me.name
             && p.status.as_ref().is_some_and(|s| {
-                !s.nofailover && !s.is_primary && s.state == "running" && !s.watchdog_failed
+                !s.nofailover
+                    && !s.is_primary
+                    && s.state == "running"
+                    && !s.watchdog_failed
+                    && last_position.saturating_sub(s.wal_position) <= me.maximum_lag_on_failover
             })
             && super::sync::may_race(me.synchronous_mode, &p.name, view)
     })
@@ -2087,6 +2094,20 @@ mod tests {
         o.peers = Some(vec![p]);
         assert_eq!(
             decide(&o, &me()).actions,
+            vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+        );
+        // pg1 lags beyond maximum_lag_on_failover behind the last leader position, so it may
+        // not race either: pg0, which never got to hand over, races (simulation seed
+        // 1796307428762: a scheduled switchover came due while the leader was cut off).
+        let mut lagging = obs(
+            with_request(with_status(view(None, Some(SYSID)), 5_000_000)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(5_000_000)),
+        );
+        lagging.peers = Some(vec![peer("pg1", 100, false)]);
+        assert_eq!(
+            decide(&lagging, &me()).actions,
             vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
         );
         // pg1 does not defer to pg0's higher priority: pg0 handed over.

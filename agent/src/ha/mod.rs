@@ -521,6 +521,18 @@ impl HaLoop {
                 self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
                 self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
                 self.facts.synchronous_mode = dynamic.synchronous_mode;
+                if !dynamic.synchronous_mode && !self.sync_standby_names.is_empty() {
+                    // Nothing maintains synchronous standbys in asynchronous mode (the leader
+                    // runs no ManageSync once `sync` is gone): a name kept here, such as strict
+                    // mode's `*` from the bootstrap file of an agent restarted after
+                    // synchronous mode was turned off, would make every commit wait for a
+                    // standby (simulation seed 10242). The next ApplyConfig writes it out.
+                    info!(
+                        synchronous_standby_names = %self.sync_standby_names,
+                        "synchronous mode is off; clearing synchronous_standby_names"
+                    );
+                    self.sync_standby_names.clear();
+                }
                 self.dynamic = dynamic;
             }
             Err(e) => warn!(error = %e, "ignoring an invalid `config` value in the DCS"),

@@ -1,11 +1,13 @@
 //! Runs simulated schedules: one seed (`--seed N [--members M] [--trace]`) or a campaign
-//! (`--count N [--from SEED]`). Exit code 1 names the first failing seed and its replay command.
+//! (`--count N [--from SEED] [--keep-going]`). Exit code 1 names the first failing seed and its
+//! replay command; with `--keep-going` every failing seed is printed and the campaign goes on, so
+//! a long local run measures how often schedules fail instead of stopping at the first.
 
 use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: pgwarden-sim --seed N [--members 3|5] [--trace]\n       pgwarden-sim --count N [--from SEED] [--members 3|5]"
+        "usage: pgwarden-sim --seed N [--members 3|5] [--trace]\n       pgwarden-sim --count N [--from SEED] [--members 3|5] [--keep-going]"
     );
     ExitCode::from(2)
 }
@@ -17,6 +19,7 @@ fn main() -> ExitCode {
     let mut from = None;
     let mut members = None;
     let mut trace = false;
+    let mut keep_going = false;
     let mut it = args.iter();
     while let Some(a) = it.next() {
         let mut num = || it.next().and_then(|v| v.parse::<u64>().ok());
@@ -26,6 +29,7 @@ fn main() -> ExitCode {
             "--from" => from = num(),
             "--members" => members = num().map(|m| m as usize),
             "--trace" => trace = true,
+            "--keep-going" => keep_going = true,
             _ => return usage(),
         }
     }
@@ -57,6 +61,9 @@ fn main() -> ExitCode {
     });
     println!("campaign: {count} schedules from seed {from}");
     let started = std::time::Instant::now();
+    if keep_going {
+        return keep_going_campaign(from, count, members, started);
+    }
     match pgwarden_sim::campaign(from, count, members) {
         Ok(r) => {
             println!("ok: {r} in {:.1?}", started.elapsed());
@@ -66,5 +73,33 @@ fn main() -> ExitCode {
             println!("FAILED: {v}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Runs every seed of the range, printing each failure as it happens and the failing seeds at
+/// the end.
+fn keep_going_campaign(
+    from: u64,
+    count: u64,
+    members: Option<usize>,
+    started: std::time::Instant,
+) -> ExitCode {
+    let mut failed = Vec::new();
+    for seed in from..from.saturating_add(count) {
+        let m = members.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });
+        if let (Err(v), _) = pgwarden_sim::run(seed, Some(m), false) {
+            println!("FAILED: {v}");
+            failed.push(seed);
+        }
+    }
+    println!(
+        "{count} schedules from seed {from} in {:.1?}: {} failed {failed:?}",
+        started.elapsed(),
+        failed.len()
+    );
+    if failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
