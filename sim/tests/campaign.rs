@@ -74,6 +74,11 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
         5,
         "the former leader of a due switchover races when the others lag (5 members)",
     ),
+    (
+        10242,
+        3,
+        "asynchronous mode clears strict mode's `*` kept by a restarted leader",
+    ),
 ];
 
 #[test]
