@@ -111,6 +111,9 @@ pub struct Agent {
     task_failed: Option<(TaskKind, String)>,
     following: Option<String>,
     checkpoint_after_promote_pending: bool,
+    /// As `ha/mod.rs`: since when (local clock) `initialize` has held an unfinished claim
+    /// with no `leader`.
+    unclaimed_bootstrap_since: Option<Us>,
     sync_standby_names: String,
     last_member: Option<(MemberRecord, i64)>,
     /// `leader` (holder, lease) in this cycle's view, until a renewal has used it: the etcd
@@ -153,6 +156,7 @@ impl Agent {
             task_failed: None,
             following: None,
             checkpoint_after_promote_pending: false,
+            unclaimed_bootstrap_since: None,
             sync_standby_names: if w.borrow().initial.strict && w.borrow().initial.synchronous_mode
             {
                 "*".into()
@@ -518,6 +522,18 @@ impl Agent {
             }
             _ => None,
         };
+        if let DcsView::Known(view) = &dcs {
+            self.unclaimed_bootstrap_since =
+                pgwarden::ha::decide::unfinished_bootstrap_claim_without_leader(view)
+                    .then(|| self.unclaimed_bootstrap_since.unwrap_or(now_local));
+        }
+        let bootstrap_claim_abandoned = self.unclaimed_bootstrap_since.is_some_and(|since| {
+            pgwarden::ha::timing::bootstrap_claim_abandoned(
+                std::time::Duration::from_micros(now_local.saturating_sub(since)),
+                std::time::Duration::from_secs(self.dynamic.ttl),
+                std::time::Duration::from_secs(self.dynamic.loop_wait),
+            )
+        });
         let w = self.w.borrow();
         Observation {
             now: w.instant(now_local),
@@ -530,6 +546,7 @@ impl Agent {
             peers,
             following: self.following.clone(),
             checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
+            bootstrap_claim_abandoned,
         }
     }
 

@@ -79,6 +79,11 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
         3,
         "asynchronous mode clears strict mode's `*` kept by a restarted leader",
     ),
+    (
+        1796308256532,
+        3,
+        "an `initialize` claim with no leader for a ttl is withdrawn",
+    ),
 ];
 
 #[test]

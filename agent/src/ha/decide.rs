@@ -183,6 +183,7 @@ pub enum Outcome {
     DcsUnknownWaiting { reason: String },
     TryingToBootstrap,
     WaitingForBootstrap,
+    WithdrawingAbandonedBootstrapClaim,
     CloningLeader { leader: String },
     WaitingForLeaderAddress { leader: String },
     LeaderHealthy,
@@ -227,6 +228,10 @@ impl fmt::Display for Outcome {
             Outcome::WaitingForBootstrap => {
                 write!(f, "waiting for the leader to bootstrap the cluster")
             }
+            Outcome::WithdrawingAbandonedBootstrapClaim => write!(
+                f,
+                "`initialize` was claimed for a bootstrap but nobody has held the leader key since; withdrawing the claim"
+            ),
             Outcome::CloningLeader { leader } => {
                 write!(f, "creating a replica from the leader {leader}")
             }
@@ -328,6 +333,12 @@ fn is_sysid(s: &str) -> bool {
     s.len() >= 10 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
+/// `initialize` claims a bootstrap that has not finished (no system identifier yet), and no
+/// member holds `leader`: the loop times how long this lasts (`Observation::bootstrap_claim_abandoned`).
+pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> bool {
+    view.leader.is_none() && view.initialize.as_deref().is_some_and(|i| !is_sysid(i))
+}
+
 /// Decides what to do this cycle.
 pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
     let mut decision = decide_inner(obs, me);
@@ -422,6 +433,18 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
                     ],
                 )
             }
+        }
+        // A claim nobody acts on is withdrawn, and the race runs again next cycle (simulation
+        // seed 1796308256532: the winner's create request timed out but was applied).
+        (DataDir::Empty, None)
+            if obs.bootstrap_claim_abandoned
+                && !me.nofailover
+                && unfinished_bootstrap_claim_without_leader(view) =>
+        {
+            Decision::new(
+                Outcome::WithdrawingAbandonedBootstrapClaim,
+                vec![Action::CancelInitialize],
+            )
         }
         (DataDir::Empty, None) => Decision::new(Outcome::WaitingForBootstrap, vec![]),
         (DataDir::Empty, Some(l)) if l == me.name => {
@@ -1202,7 +1225,45 @@ mod tests {
             peers: None,
             following: None,
             checkpoint_after_promote_pending: false,
+            bootstrap_claim_abandoned: false,
         }
+    }
+
+    /// An `initialize` claim that nobody has acted on (no `leader`) for long enough is
+    /// withdrawn so the race can run again (simulation seed 1796308256532); a fresh claim, a
+    /// finished bootstrap (a system identifier) or a `nofailover` member leaves it alone.
+    #[test]
+    fn an_abandoned_bootstrap_claim_is_withdrawn() {
+        let claimed = |initialize: &str| match view(None, None) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                v.initialize = Some(initialize.to_owned());
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+        let mut o = obs(
+            claimed(""),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        );
+        assert_eq!(decide(&o, &me()).outcome, Outcome::WaitingForBootstrap);
+        o.bootstrap_claim_abandoned = true;
+        let d = decide(&o, &me());
+        assert_eq!(d.outcome, Outcome::WithdrawingAbandonedBootstrapClaim);
+        assert_eq!(d.actions, vec![Action::CancelInitialize]);
+        let mut nofailover = me();
+        nofailover.nofailover = true;
+        assert_eq!(decide(&o, &nofailover).actions, vec![]);
+        let mut finished = obs(
+            claimed(SYSID),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        );
+        finished.bootstrap_claim_abandoned = true;
+        assert_eq!(decide(&finished, &me()).actions, vec![]);
     }
 
     /// Patroni `ha.py` bootstrap: empty PGDATA, no leader, no `initialize` ⇒ race, then bootstrap.

@@ -71,6 +71,8 @@ pub struct HaLoop {
     following: Option<String>,
     /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
     checkpoint_after_promote_pending: bool,
+    /// Since when `initialize` has held an unfinished claim with no `leader` (this agent's view).
+    unclaimed_bootstrap_since: Option<Instant>,
     /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
     /// tight loop; reset once postgres accepts connections.
     quick_crashes: u32,
@@ -156,6 +158,7 @@ impl HaLoop {
             task_failed: None,
             following: None,
             checkpoint_after_promote_pending: false,
+            unclaimed_bootstrap_since: None,
             quick_crashes: 0,
             last_start: None,
             crash_counted: false,
@@ -431,6 +434,14 @@ impl HaLoop {
             }
             _ => None,
         };
+        if let DcsView::Known(view) = &dcs {
+            self.unclaimed_bootstrap_since =
+                decide::unfinished_bootstrap_claim_without_leader(view)
+                    .then(|| self.unclaimed_bootstrap_since.unwrap_or(now));
+        }
+        let bootstrap_claim_abandoned = self.unclaimed_bootstrap_since.is_some_and(|since| {
+            timing::bootstrap_claim_abandoned(now - since, self.ttl(), self.loop_wait())
+        });
         Observation {
             now,
             wall_now: chrono::Utc::now(),
@@ -442,6 +453,7 @@ impl HaLoop {
             peers,
             following: self.following.clone(),
             checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
+            bootstrap_claim_abandoned,
         }
     }
 

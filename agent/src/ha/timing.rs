@@ -65,6 +65,19 @@ pub fn may_open_for_writes(
     certain_until.is_some_and(|until| now + policy.stop_margin < until)
 }
 
+/// Whether an unfinished bootstrap claim (`initialize` without a system identifier) seen with
+/// no `leader` for `unclaimed_for` is abandoned. A member that wins the `initialize` race takes
+/// `leader` right after, and holds it through the whole bootstrap; a claim that stays without a
+/// leader for a ttl and two cycles belongs to a member that died, or whose create request timed
+/// out but was applied, and without this every member would wait for it forever.
+pub fn bootstrap_claim_abandoned(
+    unclaimed_for: Duration,
+    ttl: Duration,
+    loop_wait: Duration,
+) -> bool {
+    unclaimed_for > ttl + 2 * loop_wait
+}
+
 /// When the next HA cycle starts: `loop_wait` after the previous start, or at once if the cycle
 /// overran (Patroni: "Loop time exceeded, rescheduling immediately").
 pub fn next_cycle(started: Instant, loop_wait: Duration, now: Instant) -> Instant {
@@ -75,6 +88,14 @@ pub fn next_cycle(started: Instant, loop_wait: Duration, now: Instant) -> Instan
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn a_bootstrap_claim_is_abandoned_after_a_ttl_and_two_cycles() {
+        let s = Duration::from_secs;
+        assert!(!bootstrap_claim_abandoned(s(13), s(10), s(2)));
+        assert!(!bootstrap_claim_abandoned(s(14), s(10), s(2)));
+        assert!(bootstrap_claim_abandoned(s(15), s(10), s(2)));
+    }
 
     fn renewal(sent_at: Instant, ttl_s: u64) -> LeaseRenewal {
         LeaseRenewal {
