@@ -904,7 +904,13 @@ impl Agent {
                     return Err(ActionError::Failed("the DCS view is unknown".into()));
                 };
                 let current = view.sync.as_ref();
-                if current.is_some_and(|s| s.value.leader.as_deref() == Some(&self.name)) {
+                if current.is_some_and(|s| {
+                    s.value.leader.as_deref() == Some(&self.name)
+                        && sync::acknowledges_only_through_recorded(
+                            &self.sync_standby_names,
+                            &s.value,
+                        )
+                }) {
                     return Ok(true);
                 }
                 let claim = SyncState {

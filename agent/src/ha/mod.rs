@@ -960,7 +960,18 @@ impl HaLoop {
                     return Err(ActionError::Failed("the DCS view is unknown".into()));
                 };
                 let current = view.sync.as_ref();
-                if current.is_some_and(|s| s.value.leader.as_deref() == Some(&self.facts.name)) {
+                // A key that names us stays only if postgres will not acknowledge through a
+                // standby it does not list: an agent restarted as lock holder has lost its
+                // chosen names and starts with strict mode's `*` (simulation seed
+                // 1796308787880: a write acknowledged by a standby not in `sync` was lost when
+                // the recorded one took over).
+                if current.is_some_and(|s| {
+                    s.value.leader.as_deref() == Some(&self.facts.name)
+                        && sync::acknowledges_only_through_recorded(
+                            &self.sync_standby_names,
+                            &s.value,
+                        )
+                }) {
                     return Ok(true);
                 }
                 let claim = crate::dcs::SyncState {

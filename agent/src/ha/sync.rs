@@ -11,6 +11,17 @@ use std::collections::BTreeSet;
 use crate::dcs::{ClusterView, SyncState};
 use crate::state::ReplicationRow;
 
+/// Whether postgres running with `standby_names` acknowledges commits only through standbys
+/// that `recorded` lists (or without waiting for any): then a `sync` key that already names us
+/// as leader stays true once we open for writes. `*` matches any standby, so it never is.
+pub fn acknowledges_only_through_recorded(standby_names: &str, recorded: &SyncState) -> bool {
+    standby_names
+        .split(',')
+        .map(|n| n.trim().trim_matches('"'))
+        .filter(|n| !n.is_empty())
+        .all(|n| n != "*" && recorded.lists(n))
+}
+
 /// The cluster's synchronous settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct SyncMode {
@@ -143,6 +154,22 @@ pub fn may_race(enabled: bool, me: &str, view: &ClusterView) -> bool {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn only_listed_names_keep_a_sync_key_true() {
+        let recorded = SyncState {
+            leader: Some("a".into()),
+            sync_standby: Some("b".into()),
+            quorum: 0,
+        };
+        assert!(acknowledges_only_through_recorded("", &recorded));
+        assert!(acknowledges_only_through_recorded("\"b\"", &recorded));
+        assert!(!acknowledges_only_through_recorded("*", &recorded));
+        assert!(!acknowledges_only_through_recorded(
+            "\"b\",\"c\"",
+            &recorded
+        ));
+    }
     use super::*;
     use crate::dcs::{Member, MemberRecord, Versioned};
 
