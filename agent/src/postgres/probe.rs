@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use tokio::sync::Mutex;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::{Client, NoTls, Statement};
 use tracing::debug;
 
 use crate::state::{LiveProbe, PostgresStatus, ReplicationRow};
@@ -59,6 +59,9 @@ SELECT pg_is_in_recovery(),
             THEN (SELECT (min_recovery_end_lsn - '0/0'::pg_lsn)::bigint FROM pg_control_recovery()) END
 ";
 
+const SLOTS_QUERY: &str = "SELECT slot_name::text, active FROM pg_replication_slots \
+                           WHERE slot_type = 'physical' AND NOT temporary";
+
 const REPLICATION_QUERY: &str = "
 SELECT usename::text, application_name, client_addr::text, state, sync_state, sync_priority
   FROM pg_stat_replication ORDER BY application_name
@@ -67,18 +70,43 @@ SELECT usename::text, application_name, client_addr::text, state, sync_state, sy
 /// The status query plus a reusable connection.
 pub struct Probe {
     conn: LocalConnection,
-    client: Mutex<Option<Client>>,
+    session: Mutex<Option<Session>>,
+}
+
+/// The kept connection and the statements prepared on it. The status queries run every cycle:
+/// prepared once per connection, each costs one round trip instead of two (parse and describe,
+/// then bind and execute) and postgres does not parse and plan them again.
+struct Session {
+    client: Client,
+    status: Option<Statement>,
+    replication: Option<Statement>,
+    slots: Option<Statement>,
+}
+
+impl Session {
+    async fn prepared(
+        client: &Client,
+        slot: &mut Option<Statement>,
+        sql: &str,
+    ) -> Result<Statement, tokio_postgres::Error> {
+        if let Some(statement) = slot {
+            return Ok(statement.clone());
+        }
+        let statement = client.prepare(sql).await?;
+        *slot = Some(statement.clone());
+        Ok(statement)
+    }
 }
 
 impl Probe {
     pub fn new(conn: LocalConnection) -> Arc<Self> {
         Arc::new(Probe {
             conn,
-            client: Mutex::new(None),
+            session: Mutex::new(None),
         })
     }
 
-    async fn connect(&self) -> Result<Client, ProbeError> {
+    async fn connect(&self) -> Result<Session, ProbeError> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.conn.host)
             .port(self.conn.port)
@@ -95,25 +123,30 @@ impl Probe {
                 debug!(error = %e, "local postgres connection closed");
             }
         });
-        Ok(client)
+        Ok(Session {
+            client,
+            status: None,
+            replication: None,
+            slots: None,
+        })
     }
 
     /// Runs `f` on the shared connection, reconnecting once if the connection is closed.
     async fn with_client<T, F, Fut>(&self, f: F) -> Result<T, ProbeError>
     where
-        F: Fn(Client) -> Fut,
-        Fut: std::future::Future<Output = (Client, Result<T, tokio_postgres::Error>)>,
+        F: Fn(Session) -> Fut,
+        Fut: std::future::Future<Output = (Session, Result<T, tokio_postgres::Error>)>,
     {
         let timeout = self.conn.timeout;
         let work = async {
-            let mut slot = self.client.lock().await;
-            let client = match slot.take() {
-                Some(c) if !c.is_closed() => c,
+            let mut slot = self.session.lock().await;
+            let session = match slot.take() {
+                Some(s) if !s.client.is_closed() => s,
                 _ => self.connect().await?,
             };
-            let (client, result) = f(client).await;
-            if !client.is_closed() {
-                *slot = Some(client);
+            let (session, result) = f(session).await;
+            if !session.client.is_closed() {
+                *slot = Some(session);
             }
             result.map_err(ProbeError::Query)
         };
@@ -121,7 +154,7 @@ impl Probe {
             Ok(r) => r,
             Err(_) => {
                 // The connection may be stuck mid-query: never reuse it.
-                if let Ok(mut slot) = self.client.try_lock() {
+                if let Ok(mut slot) = self.session.try_lock() {
                     *slot = None;
                 }
                 Err(ProbeError::Timeout(timeout))
@@ -131,20 +164,23 @@ impl Probe {
 
     /// Drops the cached connection (after postgres was stopped).
     pub async fn reset(&self) {
-        *self.client.lock().await = None;
+        *self.session.lock().await = None;
     }
 
     /// Queries the current status.
     pub async fn status(&self) -> Result<PostgresStatus, ProbeError> {
-        self.with_client(|client| async move {
+        self.with_client(|mut s| async move {
             let result = async {
-                let row = client.query_one(STATUS_QUERY, &[]).await?;
+                let status = Session::prepared(&s.client, &mut s.status, STATUS_QUERY).await?;
+                let row = s.client.query_one(&status, &[]).await?;
                 let in_recovery: bool = row.try_get(0)?;
                 let replication = if in_recovery {
                     Vec::new()
                 } else {
-                    client
-                        .query(REPLICATION_QUERY, &[])
+                    let replication =
+                        Session::prepared(&s.client, &mut s.replication, REPLICATION_QUERY).await?;
+                    s.client
+                        .query(&replication, &[])
                         .await?
                         .iter()
                         .map(|r| {
@@ -189,27 +225,25 @@ impl Probe {
                 })
             }
             .await;
-            (client, result)
+            (s, result)
         })
         .await
     }
 
     /// Physical, non-temporary replication slots: `(name, active)`.
     pub async fn slots(&self) -> Result<Vec<(String, bool)>, ProbeError> {
-        self.with_client(|client| async move {
-            let r = client
-                .query(
-                    "SELECT slot_name::text, active FROM pg_replication_slots \
-                     WHERE slot_type = 'physical' AND NOT temporary",
-                    &[],
-                )
-                .await
-                .and_then(|rows| {
-                    rows.iter()
-                        .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-                        .collect()
-                });
-            (client, r)
+        self.with_client(|mut s| async move {
+            let r = async {
+                let slots = Session::prepared(&s.client, &mut s.slots, SLOTS_QUERY).await?;
+                s.client.query(&slots, &[]).await
+            }
+            .await
+            .and_then(|rows| {
+                rows.iter()
+                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
+                    .collect()
+            });
+            (s, r)
         })
         .await
     }
@@ -218,10 +252,10 @@ impl Probe {
     /// empty vector.
     pub async fn query_row(&self, sql: &str) -> Result<Vec<Option<String>>, ProbeError> {
         let sql = sql.to_owned();
-        self.with_client(move |client| {
+        self.with_client(move |s| {
             let sql = sql.clone();
             async move {
-                let r = client.simple_query(&sql).await.map(|messages| {
+                let r = s.client.simple_query(&sql).await.map(|messages| {
                     messages
                         .iter()
                         .find_map(|m| match m {
@@ -234,7 +268,7 @@ impl Probe {
                         })
                         .unwrap_or_default()
                 });
-                (client, r)
+                (s, r)
             }
         })
         .await
@@ -243,11 +277,11 @@ impl Probe {
     /// Runs SQL statements (no results) as the superuser.
     pub async fn execute(&self, sql: &str) -> Result<(), ProbeError> {
         let sql = sql.to_owned();
-        self.with_client(move |client| {
+        self.with_client(move |s| {
             let sql = sql.clone();
             async move {
-                let r = client.batch_execute(&sql).await;
-                (client, r)
+                let r = s.client.batch_execute(&sql).await;
+                (s, r)
             }
         })
         .await
