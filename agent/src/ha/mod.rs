@@ -830,7 +830,12 @@ impl HaLoop {
                 let bin_dir = self.bin_dir.clone();
                 let supervisor = self.supervisor.clone();
                 let probe = self.probe.clone();
-                let files = self.managed_files(false, None);
+                let mut files = self.managed_files(false, None);
+                // The post-bootstrap SQL (roles for replication and rewind) must commit while no
+                // standby can exist yet: strict synchronous mode's `*` made it wait forever. The
+                // first cycle as leader writes the setting (Patroni, too, manages it only from
+                // the HA loop).
+                files.parameters.remove("synchronous_standby_names");
                 self.spawn_task(TaskKind::Bootstrap, async move {
                     Ok(bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await?)
                 });
