@@ -118,7 +118,11 @@ fn random_schedules_pass() {
                 .map(|d| d.as_nanos() as u64 % 1_000_000_000_000)
                 .unwrap_or(0)
         });
-    println!(
+    // Written to stderr directly, not with `println!`, which the test harness captures: the
+    // range shows in every CI log, passing or not.
+    use std::io::Write as _;
+    let _ = writeln!(
+        std::io::stderr(),
         "simulating {count} schedules, seeds {from}..{} (replay this range: PGWARDEN_SIM_FROM={from} PGWARDEN_SIM_SCHEDULES={count})",
         from + count
     );
