@@ -323,6 +323,22 @@ async fn switchover(env: &TestEnv, leader: &str, candidate: &str) {
     wait_replica(env, leader).await;
 }
 
+/// `PATCH /config` turning synchronous mode off, then waits until the leader has dropped the
+/// `sync` key and runs with no synchronous standby.
+async fn synchronous_mode_off(env: &TestEnv, leader: &str) {
+    let (code, text) = member(env, leader)
+        .api_request("PATCH", "/config", Some(r#"{"synchronous_mode": false}"#))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let key = env.key("sync");
+    wait_until("synchronous mode is off on the leader", T, || async {
+        env.etcd.get(&key).await.ok().flatten().is_none()
+            && synchronous_standby_names(env, leader).await.is_empty()
+    })
+    .await;
+}
+
 async fn synchronous_standby_names(env: &TestEnv, name: &str) -> String {
     member(env, name)
         .sql("SHOW synchronous_standby_names")
@@ -361,16 +377,7 @@ async fn a_former_leader_promoted_after_synchronous_mode_is_off_names_no_synchro
 
     // In synchronous mode only the synchronous standby may take over.
     switchover(&env, &first, &standby).await;
-    let (code, text) = member(&env, &standby)
-        .api_request("PATCH", "/config", Some(r#"{"synchronous_mode": false}"#))
-        .await
-        .expect("answers");
-    assert_eq!(code, 200, "{text}");
-    wait_until("synchronous mode is off on the leader", T, || async {
-        env.etcd.get(&key).await.ok().flatten().is_none()
-            && synchronous_standby_names(&env, &standby).await.is_empty()
-    })
-    .await;
+    synchronous_mode_off(&env, &standby).await;
 
     switchover(&env, &standby, &first).await;
     assert_eq!(env.wait_for_leader(T).await, first);
@@ -399,17 +406,7 @@ async fn a_leader_restarted_after_strict_synchronous_mode_is_off_commits_without
     })
     .await;
     let leader = streaming(&env, 2).await;
-    let key = env.key("sync");
-    let (code, text) = member(&env, &leader)
-        .api_request("PATCH", "/config", Some(r#"{"synchronous_mode": false}"#))
-        .await
-        .expect("answers");
-    assert_eq!(code, 200, "{text}");
-    wait_until("synchronous mode is off on the leader", T, || async {
-        env.etcd.get(&key).await.ok().flatten().is_none()
-            && synchronous_standby_names(&env, &leader).await.is_empty()
-    })
-    .await;
+    synchronous_mode_off(&env, &leader).await;
 
     // Restarted within its lease, the agent still holds the lock and starts postgres as a
     // primary; if the lease ran out first, a switchover brings the lock back to it.
