@@ -171,7 +171,16 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         Some(r) => ha.with_reload(r),
         None => ha,
     };
-    let result = ha.run(shutdown.clone()).await;
+    // A task rather than `block_on`'s own future: waking that one goes through the runtime's
+    // eventfd (a write and another epoll_wait), while a task woken by another task is only put
+    // on the run queue. The HA loop is woken several times per cycle by the DCS and postgres
+    // connection tasks.
+    let result = match tokio::spawn(ha.run(shutdown.clone())).await {
+        Ok(result) => result,
+        Err(e) => Err(ha::HaError::Fatal(format!(
+            "the HA loop ended abnormally: {e}"
+        ))),
+    };
     shutdown.cancel();
     drop(supervisor);
     let _ = tokio::time::timeout(Duration::from_secs(5), api_task).await;
@@ -207,6 +216,7 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
         scope: config.scope.clone(),
         name: config.name.clone(),
         ttl: Duration::from_secs(dynamic.ttl.into()),
+        loop_wait: Duration::from_secs(dynamic.loop_wait.max(1).into()),
         request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
     })
     .await

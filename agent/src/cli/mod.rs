@@ -139,6 +139,7 @@ impl Ctl {
             // The CLI never writes `leader` or member keys.
             name: "pgwarden-ctl".into(),
             ttl: Duration::from_secs(30),
+            loop_wait: Duration::from_secs(10),
             request_timeout: Duration::from_secs(5),
         })
         .await

@@ -49,6 +49,8 @@ pub struct EtcdSettings {
     /// This member's name (value of `leader`, suffix of `members/<name>`).
     pub name: String,
     pub ttl: Duration,
+    /// The HA loop's period, which sets how often a healthy agent hears from etcd.
+    pub loop_wait: Duration,
     /// Bound on every request (`retry_timeout`).
     pub request_timeout: Duration,
 }
@@ -100,7 +102,7 @@ struct CacheState {
     read_at: Option<Instant>,
     /// The view last built from `keys` (an idle cluster's keys do not change between cycles,
     /// and parsing every member's JSON each cycle was most of an idle cycle's work).
-    built: Option<ClusterView>,
+    built: Option<Arc<ClusterView>>,
 }
 
 impl CacheState {
@@ -251,6 +253,20 @@ fn classify(err: etcd_client::Error) -> DcsError {
     }
 }
 
+/// HTTP/2 pings find a connection that died silently (an etcd host that lost power answers
+/// nothing, not even a reset), so that the client moves to another endpoint and the watch is
+/// set up again. They are sent after `interval` without a frame from etcd; a healthy agent
+/// hears from etcd every `loop_wait` (a lease keepalive's answer), so an interval just above it
+/// sends pings only on a connection that went quiet. At a fixed 2 s with `loop_wait` 2 they came
+/// before every cycle of an idle agent: a round trip per cycle for nothing. A dead connection is
+/// found after `loop_wait` + 1 s + the ping timeout, 5 s at `loop_wait` 2, as before.
+fn keepalive_interval(loop_wait: Duration) -> Duration {
+    loop_wait + Duration::from_secs(1)
+}
+
+/// An HTTP/2 ping is answered by etcd's transport, not queued behind requests.
+const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -274,7 +290,10 @@ impl EtcdDcs {
         let mut options = ConnectOptions::new()
             .with_connect_timeout(settings.request_timeout)
             .with_timeout(settings.request_timeout)
-            .with_keep_alive(Duration::from_secs(2), settings.request_timeout);
+            .with_keep_alive(
+                keepalive_interval(settings.loop_wait),
+                settings.request_timeout.min(KEEPALIVE_TIMEOUT),
+            );
         if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
             options = options.with_user(user.clone(), password.clone());
         }
@@ -405,7 +424,7 @@ impl EtcdDcs {
     }
 
     /// The cached view, if it may stand in for a read (`CacheState::vouches`).
-    fn cached_view(&self) -> Option<ClusterView> {
+    fn cached_view(&self) -> Option<Arc<ClusterView>> {
         let mut cache = self.cache.lock().ok()?;
         let vouches = cache.vouches(
             &self.keys.leader(),
@@ -420,14 +439,14 @@ impl EtcdDcs {
         if let Some(view) = &cache.built {
             return Some(view.clone());
         }
-        let view = build_view(
+        let view = Arc::new(build_view(
             &self.keys,
             cache
                 .keys
                 .iter()
                 .map(|(k, v)| (k.as_str(), v.value.as_str(), v.mod_revision, v.lease)),
             cache.revision,
-        );
+        ));
         cache.built = Some(view.clone());
         Some(view)
     }
@@ -593,10 +612,10 @@ impl Dcs for EtcdDcs {
         ))
     }
 
-    async fn cluster_view(&self) -> Result<ClusterView, DcsError> {
+    async fn cluster_view(&self) -> Result<Arc<ClusterView>, DcsError> {
         match self.cached_view() {
             Some(view) => Ok(view),
-            None => self.cluster().await,
+            None => self.cluster().await.map(Arc::new),
         }
     }
 
@@ -782,7 +801,11 @@ impl Dcs for EtcdDcs {
             }
         };
         let value = record.encode();
-        if state.last_member.as_ref() == Some(&(value.clone(), lease)) {
+        if state
+            .last_member
+            .as_ref()
+            .is_some_and(|(v, l)| *v == value && *l == lease)
+        {
             return Ok(());
         }
         let mut client = self.client.clone();

@@ -13,6 +13,8 @@ mod wake;
 
 use std::time::{Duration, Instant};
 
+use std::sync::Arc;
+
 use async_trait::async_trait;
 
 pub use model::{
@@ -80,8 +82,9 @@ pub trait Dcs: Send + Sync {
     /// agent made, that the store answered our last request, and that it was refreshed by a
     /// linearizable read within one `ttl`. It is read like [`Dcs::cluster`] whenever it shows no
     /// leader, because members decide to race for the key on it. The default reads.
-    async fn cluster_view(&self) -> Result<ClusterView, DcsError> {
-        self.cluster().await
+    /// Shared, not copied: an idle cluster's view is the same cycle after cycle.
+    async fn cluster_view(&self) -> Result<Arc<ClusterView>, DcsError> {
+        self.cluster().await.map(Arc::new)
     }
 
     /// Bootstrap race: creates `initialize` with `value` only if the key does not exist.

@@ -29,6 +29,7 @@ use crate::postgres::initdb;
 use crate::postgres::probe::Probe;
 use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
 use crate::state::{AgentStatus, PgState, Role};
+use serde::Deserialize;
 
 use self::decide::{decide, Action, Decision, MemberFacts};
 use self::observe::{
@@ -73,6 +74,10 @@ pub struct HaLoop {
     checkpoint_after_promote_pending: bool,
     /// Since when `initialize` has held an unfinished claim with no `leader` (this agent's view).
     unclaimed_bootstrap_since: Option<Instant>,
+    /// The managed files as last written, so unchanged ones are not read back every cycle.
+    conf_written: conf::LastWrite,
+    /// The DCS `config` value last parsed into `dynamic`.
+    applied_config: Option<serde_json::Value>,
     /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
     /// tight loop; reset once postgres accepts connections.
     quick_crashes: u32,
@@ -94,7 +99,7 @@ pub struct HaLoop {
 }
 
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
-pub type ReloadFn = Box<dyn Fn() -> Result<Config, String> + Send>;
+pub type ReloadFn = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
 /// Builds the status an agent publishes before its first cycle.
 pub fn initial_status(config: &Config) -> AgentStatus {
@@ -159,6 +164,8 @@ impl HaLoop {
             following: None,
             checkpoint_after_promote_pending: false,
             unclaimed_bootstrap_since: None,
+            conf_written: conf::LastWrite::default(),
+            applied_config: None,
             quick_crashes: 0,
             last_start: None,
             crash_counted: false,
@@ -366,8 +373,9 @@ impl HaLoop {
         } else {
             debug!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
         }
+        let probe_changes = self.probe.changes();
         let next = self.execute(&obs, decision).await?;
-        self.refresh_postgres_after_actions().await;
+        self.refresh_postgres_after_actions(probe_changes).await;
         self.publish(&obs);
         self.touch_member(&obs).await;
         Ok(next)
@@ -377,7 +385,6 @@ impl HaLoop {
         let now = Instant::now();
         let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
-                let view = Arc::new(view);
                 self.last_view = Some(view.clone());
                 self.last_read_at = Some(now);
                 self.dcs_last_seen = Some(SystemTime::now());
@@ -507,7 +514,27 @@ impl HaLoop {
 
     fn apply_dynamic_config(&mut self, view: &ClusterView) {
         let Some(raw) = &view.config else { return };
-        match serde_json::from_value::<DynamicConfig>(raw.value.clone()) {
+        // Parsed once per change of the value, not once per cycle.
+        if self.applied_config.as_ref() != Some(&raw.value) {
+            self.applied_config = Some(raw.value.clone());
+            self.parse_dynamic_config(&raw.value);
+        }
+        if !self.dynamic.synchronous_mode && !self.sync_standby_names.is_empty() {
+            // Nothing maintains synchronous standbys in asynchronous mode (the leader runs no
+            // ManageSync once `sync` is gone): a name kept here, such as strict mode's `*` from
+            // the bootstrap file of an agent restarted after synchronous mode was turned off,
+            // would make every commit wait for a standby (simulation seed 10242). The next
+            // ApplyConfig writes it out.
+            info!(
+                synchronous_standby_names = %self.sync_standby_names,
+                "synchronous mode is off; clearing synchronous_standby_names"
+            );
+            self.sync_standby_names.clear();
+        }
+    }
+
+    fn parse_dynamic_config(&mut self, raw: &serde_json::Value) {
+        match DynamicConfig::deserialize(raw) {
             Ok(mut dynamic) => {
                 // Patroni ≥ 3.2 adjusts rather than rejects a DCS config that breaks the rule.
                 if dynamic.loop_wait + 2 * dynamic.retry_timeout > dynamic.ttl {
@@ -533,18 +560,6 @@ impl HaLoop {
                 self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
                 self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
                 self.facts.synchronous_mode = dynamic.synchronous_mode;
-                if !dynamic.synchronous_mode && !self.sync_standby_names.is_empty() {
-                    // Nothing maintains synchronous standbys in asynchronous mode (the leader
-                    // runs no ManageSync once `sync` is gone): a name kept here, such as strict
-                    // mode's `*` from the bootstrap file of an agent restarted after
-                    // synchronous mode was turned off, would make every commit wait for a
-                    // standby (simulation seed 10242). The next ApplyConfig writes it out.
-                    info!(
-                        synchronous_standby_names = %self.sync_standby_names,
-                        "synchronous mode is off; clearing synchronous_standby_names"
-                    );
-                    self.sync_standby_names.clear();
-                }
                 self.dynamic = dynamic;
             }
             Err(e) => warn!(error = %e, "ignoring an invalid `config` value in the DCS"),
@@ -553,6 +568,19 @@ impl HaLoop {
 
     async fn inspect_data_dir(&mut self) -> DataDir {
         let data_dir = &self.config.postgresql.data_dir;
+        // pg_controldata's state is only meaningful while postgres is down; while it runs, the
+        // identifier we read before is still right, and a directory postgres runs in is neither
+        // empty nor foreign: listing it and looking for PG_VERSION and pg_control each cycle
+        // was a sixth of an idle cycle's CPU. A directory removed under a running postgres
+        // shows once postgres has crashed on it.
+        if self.supervisor.state().is_running() {
+            if let Some(control) = &self.control {
+                return DataDir::Initialized {
+                    control: control.clone(),
+                    standby_signal: data_dir.join("standby.signal").exists(),
+                };
+            }
+        }
         if initdb::is_empty_dir(data_dir) {
             self.control = None;
             return DataDir::Empty;
@@ -563,16 +591,6 @@ impl HaLoop {
                  (no PG_VERSION or global/pg_control); refusing to touch it",
                 data_dir.display()
             ));
-        }
-        // pg_controldata's state is only meaningful while postgres is down; while it runs, the
-        // identifier we read before is still right.
-        if self.supervisor.state().is_running() {
-            if let Some(control) = &self.control {
-                return DataDir::Initialized {
-                    control: control.clone(),
-                    standby_signal: data_dir.join("standby.signal").exists(),
-                };
-            }
         }
         match controldata::read(&self.bin_dir, data_dir).await {
             Ok(control) => {
@@ -638,7 +656,13 @@ impl HaLoop {
         view
     }
 
-    async fn refresh_postgres_after_actions(&mut self) {
+    /// Reads the status again if this cycle's actions ran SQL or dropped the connection
+    /// (`probe_changes`: [`crate::postgres::probe::Probe::changes`] before them); otherwise the
+    /// read in `observe` stands, and an idle cycle costs one status query instead of two.
+    async fn refresh_postgres_after_actions(&mut self, probe_changes: u64) {
+        if self.probe.changes() == probe_changes && self.supervisor.state().is_running() {
+            return;
+        }
         if self.supervisor.state().accepts_connections() {
             if let Ok(status) = self.probe.status().await {
                 self.last_postgres = Some(status);
@@ -909,9 +933,11 @@ impl HaLoop {
                     self.forget_sync_choice();
                 }
                 let files = self.managed_files(!*primary, upstream.as_ref());
-                conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
-                    ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                })?;
+                self.conf_written
+                    .write(&self.config.postgresql.data_dir, &files)
+                    .map_err(|e| {
+                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
+                    })?;
                 self.probe.reset().await;
                 self.supervisor
                     .start()
@@ -928,8 +954,10 @@ impl HaLoop {
                     self.forget_sync_choice();
                 }
                 let files = self.managed_files(upstream.is_some(), upstream.as_ref());
-                let changed =
-                    conf::write(&self.config.postgresql.data_dir, &files).map_err(|e| {
+                let changed = self
+                    .conf_written
+                    .write(&self.config.postgresql.data_dir, &files)
+                    .map_err(|e| {
                         ActionError::Failed(format!("cannot write the configuration files: {e}"))
                     })?;
                 let following = upstream.as_ref().map(|u| u.name.clone());
@@ -1131,7 +1159,9 @@ impl HaLoop {
             info!(synchronous_standby_names = %plan.standby_names, "changing synchronous standbys");
             self.sync_standby_names = plan.standby_names.clone();
             let files = self.managed_files(false, None);
-            if conf::write(&self.config.postgresql.data_dir, &files)
+            if self
+                .conf_written
+                .write(&self.config.postgresql.data_dir, &files)
                 .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
             {
                 self.probe
@@ -1221,11 +1251,9 @@ impl HaLoop {
     }
 
     fn publish_due(&self, due: Instant) {
-        self.status_tx.send_modify(|s| {
-            let mut next = (**s).clone();
-            next.next_cycle_due = due;
-            *s = Arc::new(next);
-        });
+        // Copied only if a reader still holds the previous status.
+        self.status_tx
+            .send_modify(|s| Arc::make_mut(s).next_cycle_due = due);
     }
 
     fn publish(&self, obs: &Observation) {

@@ -7,7 +7,8 @@
 
 use std::collections::BTreeMap;
 use std::io;
-use std::path::Path;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
 
 use crate::config::{Config, DynamicConfig, PgValue};
 
@@ -159,6 +160,56 @@ pub fn write(data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
     Ok(changed)
 }
 
+/// What [`write`] last left in a data directory. The HA loop writes the same files every cycle
+/// to undo edits and apply changes; reading them back each time to compare was a sizeable part
+/// of an idle cycle. The files' metadata says whether anything touched them since.
+#[derive(Debug, Default)]
+pub struct LastWrite {
+    last: Option<(PathBuf, ManagedFiles, [Option<Stamp>; 4])>,
+}
+
+/// Size, inode and change time (which, unlike the modification time, cannot be set back): an
+/// edit in place changes the change time, an editor's replace-by-rename the inode.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    ino: u64,
+    ctime: (i64, i64),
+}
+
+fn stamps(data_dir: &Path) -> [Option<Stamp>; 4] {
+    [
+        "postgresql.conf",
+        "pg_hba.conf",
+        "postgresql.base.conf",
+        "standby.signal",
+    ]
+    .map(|name| {
+        std::fs::metadata(data_dir.join(name)).ok().map(|m| Stamp {
+            len: m.len(),
+            ino: m.ino(),
+            ctime: (m.ctime(), m.ctime_nsec()),
+        })
+    })
+}
+
+impl LastWrite {
+    /// [`write`], answered without reading the files when `files` are what was written last
+    /// and none of them was touched since.
+    pub fn write(&mut self, data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
+        let now = stamps(data_dir);
+        if let Some((dir, last, then)) = &self.last {
+            if dir == data_dir && last == files && *then == now {
+                return Ok(false);
+            }
+        }
+        self.last = None;
+        let changed = write(data_dir, files)?;
+        self.last = Some((data_dir.to_owned(), files.clone(), stamps(data_dir)));
+        Ok(changed)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -207,6 +258,48 @@ mod tests {
         assert!(text.contains("application_name = 'it''s'"));
         assert!(text.contains("include 'postgresql.base.conf'"));
         assert_eq!(render_pg_hba(&files), None);
+    }
+
+    #[test]
+    fn a_repeated_write_undoes_edits_made_since_the_last_one() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let files = ManagedFiles {
+            parameters: [("work_mem".to_owned(), "4MB".to_owned())].into(),
+            pg_hba: vec!["local all all trust".into()],
+            standby: Some(StandbySettings {
+                primary_conninfo: None,
+                primary_slot_name: None,
+                recovery_target_timeline: "latest".into(),
+            }),
+        };
+        let mut last = LastWrite::default();
+        assert!(last.write(dir.path(), &files).expect("first"));
+        assert!(!last.write(dir.path(), &files).expect("unchanged"));
+        let conf = dir.path().join("postgresql.conf");
+        let managed = std::fs::read_to_string(&conf).expect("read");
+
+        // Edited in place, same size.
+        std::fs::write(&conf, managed.replace("4MB", "8MB")).expect("edit");
+        assert!(last.write(dir.path(), &files).expect("after an edit"));
+        assert_eq!(std::fs::read_to_string(&conf).expect("read"), managed);
+
+        // Replaced by another file.
+        let other = dir.path().join("other");
+        std::fs::write(&other, "work_mem = '1MB'\n").expect("other");
+        std::fs::rename(&other, &conf).expect("rename");
+        assert!(last.write(dir.path(), &files).expect("after a replace"));
+        assert_eq!(std::fs::read_to_string(&conf).expect("read"), managed);
+
+        std::fs::remove_file(dir.path().join("standby.signal")).expect("remove");
+        assert!(last.write(dir.path(), &files).expect("after a removal"));
+        assert!(dir.path().join("standby.signal").exists());
+
+        // New files are written whatever the stamps say.
+        let mut primary = files.clone();
+        primary.standby = None;
+        assert!(last.write(dir.path(), &primary).expect("primary"));
+        assert!(!dir.path().join("standby.signal").exists());
+        assert!(!last.write(dir.path(), &primary).expect("unchanged"));
     }
 
     #[test]

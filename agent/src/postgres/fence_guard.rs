@@ -49,7 +49,15 @@ fn instant_to_ns(at: Instant) -> u128 {
 #[derive(Debug)]
 pub struct FenceGuard {
     child: Child,
-    stdin: Mutex<ChildStdin>,
+    pipe: Mutex<Pipe>,
+}
+
+#[derive(Debug)]
+struct Pipe {
+    stdin: ChildStdin,
+    /// What the guard was last told was a disarm (it starts disarmed): a repeated disarm would
+    /// only wake it.
+    disarmed: bool,
 }
 
 impl FenceGuard {
@@ -78,18 +86,29 @@ impl FenceGuard {
             .ok_or_else(|| std::io::Error::other("fence guard has no stdin"))?;
         Ok(FenceGuard {
             child,
-            stdin: Mutex::new(stdin),
+            pipe: Mutex::new(Pipe {
+                stdin,
+                disarmed: true,
+            }),
         })
     }
 
-    fn send(&self, line: &str) {
+    fn send(&self, line: &str, disarm: bool) {
         let result = self
-            .stdin
+            .pipe
             .lock()
             .map_err(|_| std::io::Error::other("poisoned"))
-            .and_then(|mut s| {
-                s.write_all(line.as_bytes())?;
-                s.flush()
+            .and_then(|mut pipe| {
+                if disarm && pipe.disarmed {
+                    return Ok(());
+                }
+                // Cleared before the attempt: after a failed write the guard's state is unknown,
+                // and the next disarm must be sent.
+                pipe.disarmed = false;
+                pipe.stdin.write_all(line.as_bytes())?;
+                pipe.stdin.flush()?;
+                pipe.disarmed = disarm;
+                Ok(())
             });
         if let Err(e) = result {
             warn!(error = %e, "cannot talk to the fence guard");
@@ -98,14 +117,14 @@ impl FenceGuard {
 
     /// Arms the guard to stop `postmaster_pid` at `deadline`.
     pub fn arm(&self, deadline: Instant, postmaster_pid: u32) {
-        self.send(&format!(
-            "arm {} {postmaster_pid}\n",
-            instant_to_ns(deadline)
-        ));
+        self.send(
+            &format!("arm {} {postmaster_pid}\n", instant_to_ns(deadline)),
+            false,
+        );
     }
 
     pub fn disarm(&self) {
-        self.send("disarm\n");
+        self.send("disarm\n", true);
     }
 }
 

@@ -3,6 +3,7 @@
 //! One connection is kept open and re-established when it breaks; every query is bounded by a
 //! timeout so a hung postgres cannot stall the HA loop or the REST API.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -30,9 +31,11 @@ pub enum ProbeError {
     #[error("cannot connect to the local postgres")]
     Connect(#[source] tokio_postgres::Error),
     #[error("query failed")]
-    Query(#[source] tokio_postgres::Error),
+    Query(#[from] tokio_postgres::Error),
     #[error("postgres did not answer within {0:?}")]
     Timeout(Duration),
+    #[error("unexpected answer: {0}")]
+    Decode(String),
 }
 
 const STATUS_QUERY: &str = "
@@ -56,21 +59,36 @@ SELECT pg_is_in_recovery(),
        CASE WHEN pg_is_in_recovery()
             THEN (SELECT min_recovery_end_timeline FROM pg_control_recovery()) END,
        CASE WHEN pg_is_in_recovery()
-            THEN (SELECT (min_recovery_end_lsn - '0/0'::pg_lsn)::bigint FROM pg_control_recovery()) END
+            THEN (SELECT (min_recovery_end_lsn - '0/0'::pg_lsn)::bigint FROM pg_control_recovery()) END,
+       CASE WHEN NOT pg_is_in_recovery()
+            THEN (SELECT coalesce(json_agg(json_build_array(usename::text, application_name,
+                                                            client_addr::text, state, sync_state,
+                                                            sync_priority)
+                                           ORDER BY application_name), '[]')::text
+                    FROM pg_stat_replication) END
 ";
+
+/// One row of the status query's last column (`pg_stat_replication` as a JSON array of arrays).
+type ReplicationTuple = (
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<String>,
+    Option<i32>,
+);
 
 const SLOTS_QUERY: &str = "SELECT slot_name::text, active FROM pg_replication_slots \
                            WHERE slot_type = 'physical' AND NOT temporary";
-
-const REPLICATION_QUERY: &str = "
-SELECT usename::text, application_name, client_addr::text, state, sync_state, sync_priority
-  FROM pg_stat_replication ORDER BY application_name
-";
 
 /// The status query plus a reusable connection.
 pub struct Probe {
     conn: LocalConnection,
     session: Mutex<Option<Session>>,
+    /// Counts the statements run through [`Probe::execute`] and the resets: while it stands
+    /// still, a status read earlier in the cycle still describes postgres as far as this agent
+    /// changed it.
+    changes: AtomicU64,
 }
 
 /// The kept connection and the statements prepared on it. The status queries run every cycle:
@@ -79,7 +97,6 @@ pub struct Probe {
 struct Session {
     client: Client,
     status: Option<Statement>,
-    replication: Option<Statement>,
     slots: Option<Statement>,
 }
 
@@ -103,6 +120,7 @@ impl Probe {
         Arc::new(Probe {
             conn,
             session: Mutex::new(None),
+            changes: AtomicU64::new(0),
         })
     }
 
@@ -126,7 +144,6 @@ impl Probe {
         Ok(Session {
             client,
             status: None,
-            replication: None,
             slots: None,
         })
     }
@@ -135,7 +152,7 @@ impl Probe {
     async fn with_client<T, F, Fut>(&self, f: F) -> Result<T, ProbeError>
     where
         F: Fn(Session) -> Fut,
-        Fut: std::future::Future<Output = (Session, Result<T, tokio_postgres::Error>)>,
+        Fut: std::future::Future<Output = (Session, Result<T, ProbeError>)>,
     {
         let timeout = self.conn.timeout;
         let work = async {
@@ -148,7 +165,7 @@ impl Probe {
             if !session.client.is_closed() {
                 *slot = Some(session);
             }
-            result.map_err(ProbeError::Query)
+            result
         };
         match tokio::time::timeout(timeout, work).await {
             Ok(r) => r,
@@ -164,7 +181,13 @@ impl Probe {
 
     /// Drops the cached connection (after postgres was stopped).
     pub async fn reset(&self) {
+        self.changes.fetch_add(1, Ordering::Relaxed);
         *self.session.lock().await = None;
+    }
+
+    /// See [`Probe::changes`]: compare two readings to learn whether anything was run between.
+    pub fn changes(&self) -> u64 {
+        self.changes.load(Ordering::Relaxed)
     }
 
     /// Queries the current status.
@@ -174,34 +197,20 @@ impl Probe {
                 let status = Session::prepared(&s.client, &mut s.status, STATUS_QUERY).await?;
                 let row = s.client.query_one(&status, &[]).await?;
                 let in_recovery: bool = row.try_get(0)?;
-                let replication = if in_recovery {
-                    Vec::new()
-                } else {
-                    let replication =
-                        Session::prepared(&s.client, &mut s.replication, REPLICATION_QUERY).await?;
-                    s.client
-                        .query(&replication, &[])
-                        .await?
-                        .iter()
-                        .map(|r| {
-                            Ok(ReplicationRow {
-                                usename: r.try_get::<_, Option<String>>(0)?.unwrap_or_default(),
-                                application_name: r
-                                    .try_get::<_, Option<String>>(1)?
-                                    .unwrap_or_default(),
-                                client_addr: r.try_get(2)?,
-                                state: r.try_get::<_, Option<String>>(3)?.unwrap_or_default(),
-                                sync_state: r.try_get::<_, Option<String>>(4)?.unwrap_or_default(),
-                                sync_priority: r.try_get::<_, Option<i32>>(5)?.unwrap_or_default(),
-                            })
-                        })
-                        .collect::<Result<Vec<_>, tokio_postgres::Error>>()?
-                };
+                // A primary's standbys come in the same row: asking for them in a second query
+                // cost a second round trip every cycle.
+                let standbys: Option<String> = row.try_get(15)?;
+                let replication = standbys
+                    .as_deref()
+                    .map(parse_replication)
+                    .transpose()
+                    .map_err(|e| ProbeError::Decode(format!("pg_stat_replication: {e}")))?
+                    .unwrap_or_default();
                 let lsn = |i: usize| -> Result<Option<u64>, tokio_postgres::Error> {
                     Ok(row.try_get::<_, Option<i64>>(i)?.map(|v| v.unsigned_abs()))
                 };
                 let receiver: Option<String> = row.try_get(9)?;
-                Ok(PostgresStatus {
+                Ok::<_, ProbeError>(PostgresStatus {
                     in_recovery,
                     server_version: row.try_get(1)?,
                     postmaster_start_time: row.try_get(2)?,
@@ -242,7 +251,8 @@ impl Probe {
                 rows.iter()
                     .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
                     .collect()
-            });
+            })
+            .map_err(ProbeError::Query);
             (s, r)
         })
         .await
@@ -268,7 +278,7 @@ impl Probe {
                         })
                         .unwrap_or_default()
                 });
-                (s, r)
+                (s, r.map_err(ProbeError::Query))
             }
         })
         .await
@@ -276,16 +286,38 @@ impl Probe {
 
     /// Runs SQL statements (no results) as the superuser.
     pub async fn execute(&self, sql: &str) -> Result<(), ProbeError> {
+        self.changes.fetch_add(1, Ordering::Relaxed);
         let sql = sql.to_owned();
         self.with_client(move |s| {
             let sql = sql.clone();
             async move {
                 let r = s.client.batch_execute(&sql).await;
-                (s, r)
+                (s, r.map_err(ProbeError::Query))
             }
         })
         .await
     }
+}
+
+/// The status query's `pg_stat_replication` column: `[[usename, application_name, client_addr,
+/// state, sync_state, sync_priority], ...]`.
+fn parse_replication(json: &str) -> Result<Vec<ReplicationRow>, serde_json::Error> {
+    let rows: Vec<ReplicationTuple> = serde_json::from_str(json)?;
+    Ok(rows
+        .into_iter()
+        .map(
+            |(usename, application_name, client_addr, state, sync_state, sync_priority)| {
+                ReplicationRow {
+                    usename: usename.unwrap_or_default(),
+                    application_name: application_name.unwrap_or_default(),
+                    client_addr,
+                    state: state.unwrap_or_default(),
+                    sync_state: sync_state.unwrap_or_default(),
+                    sync_priority: sync_priority.unwrap_or_default(),
+                }
+            },
+        )
+        .collect())
 }
 
 #[async_trait]
@@ -313,5 +345,23 @@ mod tests {
     fn quoting_escapes_embedded_quotes() {
         assert_eq!(quote_ident(r#"a"b"#), r#""a""b""#);
         assert_eq!(quote_literal("it's"), "'it''s'");
+    }
+
+    #[test]
+    fn standbys_are_read_from_the_status_row_json() {
+        let rows = parse_replication(
+            r#"[["replicator","pg1","127.0.0.1","streaming","sync",1],
+                ["replicator","pg2",null,"catchup","async",0]]"#,
+        )
+        .expect("parse");
+        assert_eq!(rows.len(), 2);
+        assert_eq!(rows[0].application_name, "pg1");
+        assert_eq!(rows[0].client_addr.as_deref(), Some("127.0.0.1"));
+        assert_eq!(rows[0].sync_state, "sync");
+        assert_eq!(rows[0].sync_priority, 1);
+        assert_eq!(rows[1].client_addr, None);
+        assert_eq!(rows[1].state, "catchup");
+        assert!(parse_replication("[]").expect("empty").is_empty());
+        assert!(parse_replication(r#"[["x"]]"#).is_err());
     }
 }
