@@ -31,7 +31,7 @@ use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
 use crate::state::{AgentStatus, PgState, Role};
 use serde::Deserialize;
 
-use self::decide::{decide, Action, Decision, MemberFacts};
+use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
@@ -52,6 +52,9 @@ enum Next {
     Wait,
     /// Something was lost or changed: run again at once.
     Now,
+    /// Waiting for the leader's member record (its address, its checkpoint after promotion),
+    /// whose changes do not wake the loop: look again shortly instead of after `loop_wait`.
+    Soon,
 }
 
 /// Everything the HA loop owns.
@@ -243,6 +246,7 @@ impl HaLoop {
             };
             let due = match next {
                 Next::Now => started.max(Instant::now()) + Duration::from_millis(50),
+                Next::Soon => started.max(Instant::now()) + Duration::from_millis(250),
                 Next::Wait => timing::next_cycle(started, self.loop_wait(), Instant::now()),
             };
             self.publish_due(due);
@@ -373,8 +377,18 @@ impl HaLoop {
         } else {
             debug!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
         }
+        // Member keys change every cycle somewhere in the cluster, so the watch does not wake
+        // the loop for them; a former primary waiting for the new leader's checkpoint waited a
+        // whole `loop_wait` after it was done (benchmark: 2.8 s instead of 0.8 s to rejoin).
+        let waits_for_leader_record = matches!(
+            decision.outcome,
+            Outcome::WaitingForLeaderAddress { .. } | Outcome::WaitingForLeaderCheckpoint { .. }
+        );
         let probe_changes = self.probe.changes();
-        let next = self.execute(&obs, decision).await?;
+        let mut next = self.execute(&obs, decision).await?;
+        if waits_for_leader_record && matches!(next, Next::Wait) {
+            next = Next::Soon;
+        }
         self.refresh_postgres_after_actions(probe_changes).await;
         self.publish(&obs);
         self.touch_member(&obs).await;
