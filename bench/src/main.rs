@@ -145,6 +145,24 @@ impl Cluster {
             .is_ok_and(|r| r == vec!["1"])
     }
 
+    /// What a failed repetition left: the `leader` and `sync` keys and each member's last log
+    /// lines, so that a miss in a long run can be explained without running it again.
+    async fn diagnosis(&self) -> String {
+        let mut out = String::new();
+        for key in ["leader", "sync"] {
+            let value = self.env.etcd.get(&self.env.key(key)).await.ok().flatten();
+            out.push_str(&format!("bench: key {key}: {value:?}\n"));
+        }
+        for m in &self.env.members {
+            out.push_str(&format!(
+                "----- {} (last 25 lines) -----\n{}\n",
+                m.name,
+                m.log_tail(25)
+            ));
+        }
+        out
+    }
+
     /// After a failed repetition: starts again any member whose agent is not running (a
     /// failover that failed half-way leaves the killed member down) and waits for a whole
     /// cluster, so one bad repetition costs one figure, not the run.
@@ -163,6 +181,7 @@ impl Cluster {
 /// and the cluster takes no further part in the run.
 async fn missed(report: &mut Report, c: &mut Cluster, what: String, error: anyhow::Error) -> bool {
     eprintln!("bench: {what} ({}) failed: {error:#}", label(c.kind));
+    eprintln!("{}", c.diagnosis().await);
     report.miss(label(c.kind), &what, &error);
     match c.recover().await {
         Ok(()) => true,
