@@ -10,7 +10,7 @@ use pgwarden::dcs::kubernetes::{KubeDcs, KubeSettings};
 use pgwarden::dcs::{Dcs, DcsError};
 use pgwarden_tests::harness::kube::{KubeCluster, AGENT_TOKEN};
 use pgwarden_tests::harness::kubelet::KubeMembers;
-use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer};
 use pgwarden_tests::harness::{wait_until, ClusterOptions};
 
 const T: Duration = Duration::from_secs(120);
@@ -60,8 +60,7 @@ async fn wait_for_roles(k: &KubeMembers, leader: &str) {
 }
 
 async fn start_writer(k: &KubeMembers, leader: &str) -> Writer {
-    let m = &k.env.members[k.index(leader)];
-    m.sql(CREATE_TABLE).await.expect("create the writer table");
+    k.env.create_writer_table(leader).await;
     Writer::start(k.env.writer_targets())
 }
 

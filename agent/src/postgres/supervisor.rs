@@ -14,8 +14,6 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncBufReadExt, BufReader};
@@ -123,9 +121,6 @@ enum Command_ {
 pub struct Supervisor {
     commands: mpsc::Sender<Command_>,
     state: watch::Receiver<Postmaster>,
-    /// The last fence sent was `None`: a replica disarms every cycle, and each disarm cost the
-    /// supervisor task a wakeup and the guard process another.
-    fence_cleared: Arc<AtomicBool>,
 }
 
 impl Supervisor {
@@ -151,7 +146,6 @@ impl Supervisor {
             Supervisor {
                 commands: tx,
                 state: state_rx,
-                fence_cleared: Arc::new(AtomicBool::new(true)),
             },
             task,
         )
@@ -192,14 +186,8 @@ impl Supervisor {
 
     /// Arms (`Some`) or disarms (`None`) the fence.
     pub fn set_fence(&self, deadline: Option<Instant>) {
-        let clearing = deadline.is_none();
-        if self.fence_cleared.swap(clearing, Ordering::Relaxed) && clearing {
-            return;
-        }
         // A full queue means commands are piling up; the fence matters more, so wait briefly.
         if let Err(e) = self.commands.try_send(Command_::Fence(deadline)) {
-            // Not sent: the next call must not be skipped as a repeat.
-            self.fence_cleared.store(false, Ordering::Relaxed);
             warn!(error = %e, "could not update the fence deadline");
         }
     }

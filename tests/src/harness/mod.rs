@@ -259,6 +259,36 @@ impl TestEnv {
         self.etcd.get(&self.key("leader")).await.ok().flatten()
     }
 
+    /// Creates the writer's table on `leader` and waits until every other member has replayed
+    /// it: a test that kills the leader right after would otherwise race the table's WAL, and
+    /// a new leader without the table acknowledges no write at all.
+    pub async fn create_writer_table(&self, leader: &str) {
+        let m = self
+            .members
+            .iter()
+            .find(|m| m.name == leader)
+            .expect("the leader is a member");
+        m.sql(writer::CREATE_TABLE)
+            .await
+            .expect("create the writer table");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        for other in self.members.iter().filter(|o| o.name != leader) {
+            while other
+                .sql("SELECT (to_regclass('pgwarden_writer') IS NOT NULL)::text")
+                .await
+                .ok()
+                != Some(vec!["true".to_owned()])
+            {
+                assert!(
+                    Instant::now() < deadline,
+                    "{} did not replay the writer table within 60 s",
+                    other.name
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+
     /// Where the writer reaches each member's postgres (its real port, not a proxy).
     pub fn writer_targets(&self) -> Vec<writer::Target> {
         self.members
