@@ -84,6 +84,9 @@ struct Task {
     snapshot: Option<crate::world::Pg>,
 }
 
+/// Patroni's default `primary_start_timeout` (seconds): the simulated configuration does not vary it.
+const PRIMARY_START_TIMEOUT: u64 = 300;
+
 /// The dynamic configuration the agent applies from `config`.
 #[derive(Debug, Clone, Copy)]
 struct Dynamic {
@@ -114,6 +117,8 @@ pub struct Agent {
     /// As `ha/mod.rs`: since when (local clock) `initialize` has held an unfinished claim
     /// with no `leader`.
     unclaimed_bootstrap_since: Option<Us>,
+    /// As `ha/mod.rs`: since when (local clock) we have held the lock with postgres down.
+    primary_down_since: Option<Us>,
     sync_standby_names: String,
     last_member: Option<(MemberRecord, i64)>,
     /// `leader` (holder, lease) in this cycle's view, until a renewal has used it: the etcd
@@ -157,6 +162,7 @@ impl Agent {
             following: None,
             checkpoint_after_promote_pending: false,
             unclaimed_bootstrap_since: None,
+            primary_down_since: None,
             sync_standby_names: if w.borrow().initial.strict && w.borrow().initial.synchronous_mode
             {
                 "*".into()
@@ -510,12 +516,30 @@ impl Agent {
         } else {
             (self.data_dir(), self.postgres_view())
         };
+        let holds_with_postgres_down = matches!(task, TaskView::Idle)
+            && self.believes_leader
+            && matches!(
+                postgres,
+                PostgresView::Down
+                    | PostgresView::Crashed
+                    | PostgresView::Starting
+                    | PostgresView::Unresponsive
+            );
+        self.primary_down_since =
+            holds_with_postgres_down.then(|| self.primary_down_since.unwrap_or(now_local));
+        let primary_start_overdue = self.primary_down_since.is_some_and(|since| {
+            pgwarden::ha::timing::primary_start_overdue(
+                std::time::Duration::from_micros(now_local.saturating_sub(since)),
+                std::time::Duration::from_secs(PRIMARY_START_TIMEOUT),
+            )
+        });
         let peers = match &dcs {
             DcsView::Known(view)
                 if (view.leader.is_none()
                     && !self.facts.nofailover
                     && matches!(data_dir, DataDir::Initialized { .. }))
-                    || (view.is_leader(&self.name) && view.failover.is_some()) =>
+                    || (view.is_leader(&self.name)
+                        && (view.failover.is_some() || primary_start_overdue)) =>
             {
                 let view = view.clone();
                 Some(self.ask_peers(&view).await)
@@ -547,6 +571,9 @@ impl Agent {
             following: self.following.clone(),
             checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
             bootstrap_claim_abandoned,
+            primary_start_overdue,
+            // The simulated postgres has no hot-standby parameters to outgrow.
+            replay_paused_for_parameters: false,
         }
     }
 

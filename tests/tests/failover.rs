@@ -370,3 +370,118 @@ fn log_of(env: &TestEnv, name: &str) -> String {
         .map(|m| m.log_text())
         .unwrap_or_default()
 }
+
+/// `primary_start_timeout: 0`: a leader whose postgres crashes (the agent alive) hands the lock
+/// to a healthy replica at once instead of restarting in place (Patroni §5.3), and rejoins as a
+/// replica of the new leader.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_fails_over_at_once_with_primary_start_timeout_0() {
+    let (mut env, _) = three_members(ClusterOptions::default(), false).await;
+    let old = env.leader().await.expect("leader");
+    let m = env.members.iter().find(|m| m.name == old).expect("leader");
+    let (code, body) = m
+        .api_request("PATCH", "/config", Some(r#"{"primary_start_timeout": 0}"#))
+        .await
+        .expect("PATCH /config answers");
+    assert_eq!(code, 200, "{body}");
+    // Every member applies the change from the `config` key within a cycle or two.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let postmaster = env.member(&old).postmaster_pid().expect("postmaster runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the postmaster");
+    let new = wait_for_new_leader(&env, &old).await;
+    assert_ne!(new, old);
+    wait_for_replica(&env, &old).await;
+    let log = log_of(&env, &old);
+    assert!(
+        log.contains("primary_start_timeout"),
+        "the former leader says why it released the lock"
+    );
+}
+
+/// With the default `primary_start_timeout` the same crash is a restart in place: the lock
+/// stays where it is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crashed_primary_restarts_in_place_within_primary_start_timeout() {
+    let (mut env, _) = three_members(ClusterOptions::default(), false).await;
+    let old = env.leader().await.expect("leader");
+    let postmaster = env.member(&old).postmaster_pid().expect("postmaster runs");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(postmaster),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .expect("kill -9 the postmaster");
+    let m = env.members.iter().find(|m| m.name == old).expect("leader");
+    wait_until("the old leader runs postgres again", T, || async {
+        m.postmaster_pid().is_some_and(|p| p != postmaster)
+            && m.api_get("/primary").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    assert_eq!(env.leader().await.as_deref(), Some(old.as_str()));
+}
+
+/// A standby whose WAL replay paused because the primary restarted with a higher
+/// `max_connections` ("insufficient parameter settings") is reported unhealthy with its real
+/// lag while paused, then restarted with the primary's value and replays again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_paused_by_the_primarys_higher_max_connections_replays_again() {
+    let (env, _) = three_members(ClusterOptions::default(), false).await;
+    let leader = env.leader().await.expect("leader");
+    let l = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    l.sql("CREATE TABLE paused_replay (id int)")
+        .await
+        .expect("create");
+    let (code, body) = l
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(r#"{"postgresql": {"parameters": {"max_connections": 150}}}"#),
+        )
+        .await
+        .expect("PATCH /config answers");
+    assert_eq!(code, 200, "{body}");
+    wait_until("the leader reports a pending restart", T, || async {
+        l.api_get("/patroni")
+            .await
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .is_some_and(|j| j["pending_restart"] == true)
+    })
+    .await;
+    // Only the primary restarts: its first WAL after the start records max_connections = 150,
+    // which the standbys (still at 100) cannot replay.
+    let (code, body) = l
+        .api_request("POST", "/restart", Some("{}"))
+        .await
+        .expect("POST /restart answers");
+    assert!(code == 200 || code == 202, "{code} {body}");
+    wait_until("the leader runs with max_connections 150", T, || async {
+        l.sql("SHOW max_connections").await.ok() == Some(vec!["150".into()])
+    })
+    .await;
+    l.sql("INSERT INTO paused_replay VALUES (1)")
+        .await
+        .expect("insert after the restart");
+    for m in env.members.iter().filter(|m| m.name != leader) {
+        wait_until(
+            &format!("{} replays the row written after the restart", m.name),
+            T,
+            || async {
+                m.sql("SELECT count(*)::text FROM paused_replay").await.ok()
+                    == Some(vec!["1".into()])
+            },
+        )
+        .await;
+        assert_eq!(
+            m.sql("SHOW max_connections").await.expect("sql"),
+            vec!["150"]
+        );
+        wait_for_replica(&env, &m.name).await;
+    }
+}

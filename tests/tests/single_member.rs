@@ -284,3 +284,50 @@ async fn reload_applies_parameters_and_restart_clears_pending_restart() {
     .await;
     assert_eq!(env.leader().await.as_deref(), Some("pg0"));
 }
+
+/// `/primary` (and `/leader`, `/read-write`) answer 200 only while postgres runs as a primary:
+/// never during the bootstrap, although the lock is taken before initdb.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_answers_200_only_while_postgres_takes_writes() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd starts");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("agent starts");
+    let m = &env.members[0];
+    let mut saw_bootstrap = false;
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no primary within {T:?}"
+        );
+        let leader_code = m.api_get("/leader").await.map(|(s, _)| s);
+        let code = m.api_get("/primary").await.map(|(s, _)| s);
+        let state = m
+            .api_get("/patroni")
+            .await
+            .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+            .map(|j| j["state"].as_str().unwrap_or_default().to_owned());
+        if state.as_deref() == Some("initializing new cluster") {
+            saw_bootstrap = true;
+        }
+        if code == Some(200) {
+            // The state cannot go back to bootstrapping: a 200 seen before `running` is a lie.
+            m.sql("CREATE TABLE primary_probe (id int)")
+                .await
+                .expect("a primary that says 200 takes writes");
+            break;
+        }
+        assert_ne!(
+            leader_code,
+            Some(200),
+            "/leader said 200 before /primary (state {state:?})"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(
+        saw_bootstrap,
+        "the poll saw the bootstrap (the check ran while the lock was held during initdb)"
+    );
+}

@@ -113,6 +113,10 @@ fn replica_ok(status: &AgentStatus, query: &BTreeMap<String, String>) -> bool {
         return false;
     }
     let pg = status.postgres.as_ref();
+    // Paused replay serves ever staler reads, whatever the WAL receiver still gets.
+    if pg.is_some_and(|p| p.replay_paused) {
+        return false;
+    }
     if let Some(lag) = query.get("lag") {
         let Some(max) = parse_size(lag) else {
             return false;
@@ -156,6 +160,12 @@ pub fn evaluate(
     } else {
         (false, false, false)
     };
+    // The lock alone is not enough: during bootstrap, a crash restart or a start that cannot
+    // finish (a full disk) the leader holds it while no write can succeed, and HAProxy must not
+    // send clients there (Patroni #2756). 200 only while postgres answers as a primary.
+    let writable = status.state == PgState::Running
+        && status.postgres.as_ref().is_some_and(|p| !p.in_recovery);
+    let (leader, primary) = (leader && writable, primary && writable);
     let with_tags = |ok: bool| ok && tags_match(status, query);
     let ok = match check {
         Check::StandbyLeader => standby_leader,

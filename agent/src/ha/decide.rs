@@ -192,12 +192,14 @@ pub enum Outcome {
     LeaderWaitingForPostgres,
     LeaderStartingReadOnly,
     LeaderStartFailed(String),
+    PrimaryStartTimedOut,
     LeaseUnconfirmed,
     LostLock,
     DemotingForOtherLeader { leader: String },
     RewindingToFollow { leader: String },
     WaitingForLeaderCheckpoint { leader: String },
     DivergedFromLeader { leader: String },
+    RestartingForPrimarySettings { leader: String },
     StartingAsReplica { leader: String },
     FollowingLeader { leader: String },
     NoLeaderRacing,
@@ -259,6 +261,10 @@ impl fmt::Display for Outcome {
             Outcome::LeaderStartFailed(r) => {
                 write!(f, "postgres failed to start ({r}); releasing the lock")
             }
+            Outcome::PrimaryStartTimedOut => write!(
+                f,
+                "postgres is not running as primary within primary_start_timeout and a healthy replica can take over; releasing the lock"
+            ),
             Outcome::LeaseUnconfirmed => write!(
                 f,
                 "lease renewal not confirmed; postgres is fenced if it stays unconfirmed"
@@ -277,6 +283,10 @@ impl fmt::Display for Outcome {
             Outcome::DivergedFromLeader { leader } => write!(
                 f,
                 "this standby's timeline was abandoned before its position; stopping to rewind against {leader}"
+            ),
+            Outcome::RestartingForPrimarySettings { leader } => write!(
+                f,
+                "WAL replay paused: {leader} runs with higher hot-standby settings; restarting with them"
             ),
             Outcome::StartingAsReplica { leader } => {
                 write!(f, "starting as a replica of {leader}")
@@ -573,6 +583,30 @@ fn decide_as_lock_holder(
             }
         }
     }
+    // Patroni §5.3: a primary that does not come back within `primary_start_timeout` (at once
+    // when it is 0) hands the lock to a healthy replica instead of keeping the cluster without
+    // a writable primary (a full disk kept one `unknown` for minutes while replicas waited).
+    let primary_down = matches!(
+        obs.postgres,
+        PostgresView::Down
+            | PostgresView::Crashed
+            | PostgresView::Starting
+            | PostgresView::Unresponsive
+    );
+    if primary_down
+        && obs.primary_start_overdue
+        && obs
+            .peers
+            .as_deref()
+            .is_some_and(|peers| others_may_take_over(view, me, peers))
+    {
+        let mut actions = Vec::new();
+        if obs.postgres.is_up() {
+            actions.push(Action::StopPostgres(StopMode::Immediate));
+        }
+        actions.push(Action::ReleaseLeader);
+        return Decision::new(Outcome::PrimaryStartTimedOut, actions);
+    }
     let (outcome, mut actions) = match &obs.postgres {
         PostgresView::Running(status) if !status.in_recovery => {
             let mut actions = vec![Action::WriteStatus];
@@ -849,6 +883,19 @@ fn decide_with_other_leader(
         {
             Decision::new(
                 Outcome::DivergedFromLeader {
+                    leader: leader.clone(),
+                },
+                vec![Action::StopPostgres(StopMode::Fast)],
+            )
+        }
+        // Replay stopped at the primary's raised `max_connections` (or a sibling parameter):
+        // the standby serves ever staler reads until it restarts with the primary's values,
+        // which the next start takes from the control file (Patroni restarts it too).
+        PostgresView::Running(s)
+            if s.in_recovery && obs.replay_paused_for_parameters && !paused =>
+        {
+            Decision::new(
+                Outcome::RestartingForPrimarySettings {
                     leader: leader.clone(),
                 },
                 vec![Action::StopPostgres(StopMode::Fast)],
@@ -1226,6 +1273,8 @@ mod tests {
             following: None,
             checkpoint_after_promote_pending: false,
             bootstrap_claim_abandoned: false,
+            primary_start_overdue: false,
+            replay_paused_for_parameters: false,
         }
     }
 
@@ -1378,6 +1427,80 @@ mod tests {
                 upstream: None
             }]
         );
+    }
+
+    /// Patroni §5.3: a primary that is not back within `primary_start_timeout` hands the lock
+    /// to a healthy replica (stopping a postgres that still hangs in its start), and keeps
+    /// waiting when no replica could take over.
+    #[test]
+    fn an_overdue_primary_start_releases_the_lock_only_for_a_healthy_replica() {
+        for (postgres, stops) in [
+            (PostgresView::Crashed, false),
+            (PostgresView::Down, false),
+            (PostgresView::Unresponsive, true),
+            (PostgresView::Starting, true),
+        ] {
+            let mut o = obs(
+                view(Some("pg0"), Some(SYSID)),
+                renewed(),
+                initialized(),
+                postgres.clone(),
+            );
+            o.primary_start_overdue = true;
+            o.peers = Some(vec![peer("pg1", 0, false)]);
+            let d = decide(&o, &me());
+            assert_eq!(d.outcome, Outcome::PrimaryStartTimedOut, "{postgres:?}");
+            let mut expected = vec![Action::ReleaseLeader];
+            if stops {
+                expected.insert(0, Action::StopPostgres(StopMode::Immediate));
+            }
+            assert_eq!(d.actions, expected, "{postgres:?}");
+
+            // Nobody to hand over to (a replica that is itself down): keep the lock.
+            let mut down = peer("pg1", 0, false);
+            if let Some(s) = down.status.as_mut() {
+                s.state = "stopped".into();
+            }
+            o.peers = Some(vec![down]);
+            assert_ne!(decide(&o, &me()).outcome, Outcome::PrimaryStartTimedOut);
+
+            // Not overdue yet: restart in place.
+            o.peers = Some(vec![peer("pg1", 0, false)]);
+            o.primary_start_overdue = false;
+            assert_ne!(decide(&o, &me()).outcome, Outcome::PrimaryStartTimedOut);
+        }
+    }
+
+    /// A standby whose replay paused for insufficient parameter settings restarts (with the
+    /// primary's values, taken from the control file at the next start); not in pause.
+    #[test]
+    fn a_standby_paused_for_the_primarys_settings_restarts() {
+        let standby = || {
+            PostgresView::Running(PostgresStatus {
+                replay_paused: true,
+                ..pg(true)
+            })
+        };
+        let mut o = obs(
+            view(Some("pg1"), Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            standby(),
+        );
+        o.replay_paused_for_parameters = true;
+        let d = decide(&o, &me());
+        assert_eq!(
+            d.outcome,
+            Outcome::RestartingForPrimarySettings {
+                leader: "pg1".into()
+            }
+        );
+        assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+
+        o.dcs = paused(view(Some("pg1"), Some(SYSID)));
+        assert!(!decide(&o, &me())
+            .actions
+            .contains(&Action::StopPostgres(StopMode::Fast)));
     }
 
     /// A healthy leader publishes its position; after bootstrap it records the sysid.

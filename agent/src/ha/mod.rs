@@ -26,7 +26,7 @@ use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
 use crate::postgres::initdb;
-use crate::postgres::probe::Probe;
+use crate::postgres::probe::{self, Probe};
 use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
 use crate::state::{AgentStatus, PgState, Role};
 use serde::Deserialize;
@@ -77,6 +77,8 @@ pub struct HaLoop {
     checkpoint_after_promote_pending: bool,
     /// Since when `initialize` has held an unfinished claim with no `leader` (this agent's view).
     unclaimed_bootstrap_since: Option<Instant>,
+    /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
+    primary_down_since: Option<Instant>,
     /// The managed files as last written, so unchanged ones are not read back every cycle.
     conf_written: conf::LastWrite,
     /// The DCS `config` value last parsed into `dynamic`.
@@ -167,6 +169,7 @@ impl HaLoop {
             following: None,
             checkpoint_after_promote_pending: false,
             unclaimed_bootstrap_since: None,
+            primary_down_since: None,
             conf_written: conf::LastWrite::default(),
             applied_config: None,
             quick_crashes: 0,
@@ -442,14 +445,39 @@ impl HaLoop {
         } else {
             (self.inspect_data_dir().await, self.inspect_postgres().await)
         };
-        // Peers are asked only when their answers matter: in a race for a free lock, and when
-        // the leader checks a switchover candidate.
+        let replay_paused_for_parameters = match &postgres {
+            PostgresView::Running(status) if status.in_recovery && status.replay_paused => {
+                self.replay_paused_for_parameters().await
+            }
+            _ => false,
+        };
+        let holds_with_postgres_down = matches!(task, TaskView::Idle)
+            && self.believes_leader
+            && matches!(
+                postgres,
+                PostgresView::Down
+                    | PostgresView::Crashed
+                    | PostgresView::Starting
+                    | PostgresView::Unresponsive
+            );
+        self.primary_down_since =
+            holds_with_postgres_down.then(|| self.primary_down_since.unwrap_or(now));
+        let primary_start_overdue = self.primary_down_since.is_some_and(|since| {
+            timing::primary_start_overdue(
+                now - since,
+                Duration::from_secs(self.dynamic.primary_start_timeout.into()),
+            )
+        });
+        // Peers are asked only when their answers matter: in a race for a free lock, when the
+        // leader checks a switchover candidate, and when it looks for a replica to hand over to
+        // because its postgres did not come back within `primary_start_timeout`.
         let peers = match &dcs {
             DcsView::Known(view)
                 if (view.leader.is_none()
                     && !self.facts.nofailover
                     && matches!(data_dir, DataDir::Initialized { .. }))
-                    || (view.is_leader(&self.facts.name) && view.failover.is_some()) =>
+                    || (view.is_leader(&self.facts.name)
+                        && (view.failover.is_some() || primary_start_overdue)) =>
             {
                 Some(self.ask_peers(view).await)
             }
@@ -475,7 +503,59 @@ impl HaLoop {
             following: self.following.clone(),
             checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
             bootstrap_claim_abandoned,
+            primary_start_overdue,
+            replay_paused_for_parameters,
         }
+    }
+
+    /// A standby whose replay is paused: is it because the primary runs with a parameter higher
+    /// than ours ("hot standby is not possible because of insufficient parameter settings")?
+    /// The control file records the primary's values as soon as replay reaches them.
+    async fn replay_paused_for_parameters(&mut self) -> bool {
+        let data_dir = &self.config.postgresql.data_dir;
+        let control = match controldata::read(&self.bin_dir, data_dir).await {
+            Ok(control) => control,
+            Err(e) => {
+                debug!(error = %e, "cannot read the control file of a paused standby");
+                return false;
+            }
+        };
+        let sql = format!(
+            "SELECT {}",
+            controldata::HOT_STANDBY_PARAMETERS
+                .iter()
+                .map(|(name, _)| format!("current_setting({})", probe::quote_literal(name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let running = match self.probe.query_row(&sql).await {
+            Ok(row) => row,
+            Err(e) => {
+                debug!(error = %e, "cannot read the settings of a paused standby");
+                return false;
+            }
+        };
+        let too_low: Vec<String> = controldata::HOT_STANDBY_PARAMETERS
+            .iter()
+            .zip(running)
+            .filter_map(|((name, _), value)| {
+                let ours: u64 = value?.trim().parse().ok()?;
+                let primary = control
+                    .hot_standby_minimums()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v)?;
+                (primary > ours).then(|| format!("{name} {ours} < {primary}"))
+            })
+            .collect();
+        self.control = Some(control);
+        if too_low.is_empty() {
+            return false;
+        }
+        warn!(
+            settings = %too_low.join(", "),
+            "WAL replay is paused: the primary runs with higher settings than this standby"
+        );
+        true
     }
 
     /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni).
@@ -707,6 +787,12 @@ impl HaLoop {
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
         let use_slots = self.dynamic.postgresql.use_slots;
         let mut parameters = conf::parameters(&self.config, &self.dynamic);
+        if let (true, Some(control)) = (standby, &self.control) {
+            let raised = conf::raise_to_primary_minimums(&mut parameters, control);
+            if !raised.is_empty() {
+                debug!(?raised, "raised to the primary's values for hot standby");
+            }
+        }
         if standby && self.dynamic.synchronous_mode && self.dynamic.synchronous_mode_strict {
             // Takes effect only if this standby is promoted: until the new leader has confirmed
             // a synchronous standby, commits wait instead of being acknowledged by one copy.
@@ -1314,7 +1400,15 @@ impl HaLoop {
             state: self.pg_state().as_str().to_owned(),
             role: self.role(obs).as_str().to_owned(),
             version: PATRONI_API_VERSION.to_owned(),
-            xlog_location: pg.and_then(|p| p.wal_position()),
+            // A standby whose replay is paused serves what it has replayed, however much it
+            // receives: its lag in `list` and `/cluster` is the replay lag.
+            xlog_location: pg.and_then(|p| {
+                if p.in_recovery && p.replay_paused {
+                    p.replay_lsn.or(p.wal_position())
+                } else {
+                    p.wal_position()
+                }
+            }),
             receive_lsn: pg.filter(|p| p.in_recovery).and_then(|p| p.receive_lsn),
             replay_lsn: pg.filter(|p| p.in_recovery).and_then(|p| p.replay_lsn),
             replication_state: pg.filter(|p| p.in_recovery).map(|p| {

@@ -163,4 +163,10 @@ pub struct Observation {
     /// `initialize` has held an unfinished bootstrap claim while no member held `leader` for
     /// longer than `timing::bootstrap_claim_abandoned` allows: whoever claimed it is gone.
     pub bootstrap_claim_abandoned: bool,
+    /// We hold the lock and our postgres has not run as a primary for longer than
+    /// `primary_start_timeout` allows (`timing::primary_start_overdue`).
+    pub primary_start_overdue: bool,
+    /// Our standby paused its replay because the primary runs with a higher `max_connections`
+    /// (or another hot-standby parameter) than ours: it must restart with the primary's values.
+    pub replay_paused_for_parameters: bool,
 }

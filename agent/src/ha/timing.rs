@@ -84,6 +84,13 @@ pub fn next_cycle(started: Instant, loop_wait: Duration, now: Instant) -> Instan
     (started + loop_wait).max(now)
 }
 
+/// Whether the lock holder's postgres, not running as a primary for `down_for`, has used up
+/// `primary_start_timeout` (Patroni §5.3: 0 means fail over as soon as the crash is seen). Only
+/// then may the lock be released for a healthy replica; until then postgres restarts in place.
+pub fn primary_start_overdue(down_for: Duration, primary_start_timeout: Duration) -> bool {
+    down_for >= primary_start_timeout
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -79,6 +79,24 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
     params
 }
 
+/// Raises the parameters a hot standby needs at least as high as its primary to the values the
+/// control file records (Patroni's "effective configuration"): a standby started below them
+/// pauses or stops its replay ("insufficient parameter settings"). Returns what was raised.
+pub fn raise_to_primary_minimums(
+    params: &mut BTreeMap<String, String>,
+    control: &crate::postgres::controldata::ControlData,
+) -> Vec<String> {
+    let mut raised = Vec::new();
+    for (name, minimum) in control.hot_standby_minimums() {
+        let current = params.get(name).and_then(|v| v.trim().parse::<u64>().ok());
+        if current.is_none_or(|c| c < minimum) {
+            params.insert(name.to_owned(), minimum.to_string());
+            raised.push(format!("{name}={minimum}"));
+        }
+    }
+    raised
+}
+
 fn quote(value: &str) -> String {
     format!("'{}'", value.replace('\'', "''"))
 }

@@ -103,7 +103,25 @@ pub fn parse(output: &str) -> Result<ControlData, ControlDataError> {
     })
 }
 
+/// The parameters a hot standby needs at least as high as its primary, with the
+/// `pg_controldata` line that records the primary's value (replayed from its WAL).
+pub const HOT_STANDBY_PARAMETERS: [(&str, &str); 5] = [
+    ("max_connections", "max_connections setting"),
+    ("max_worker_processes", "max_worker_processes setting"),
+    ("max_wal_senders", "max_wal_senders setting"),
+    ("max_prepared_transactions", "max_prepared_xacts setting"),
+    ("max_locks_per_transaction", "max_locks_per_xact setting"),
+];
+
 impl ControlData {
+    /// The primary's values of [`HOT_STANDBY_PARAMETERS`] as this control file records them.
+    pub fn hot_standby_minimums(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        HOT_STANDBY_PARAMETERS.iter().filter_map(|(param, line)| {
+            let value = self.raw.get(*line)?.trim().parse().ok()?;
+            Some((*param, value))
+        })
+    }
+
     /// The minimum recovery point `(timeline, LSN)` a standby's control file records; `None`
     /// when unset (`0/0`, a primary or a cleanly finished recovery).
     pub fn min_recovery(&self) -> Option<(u32, u64)> {
