@@ -598,7 +598,7 @@ mod tests {
         assert_eq!(names, ["pg0", "+ pg1", "  + pg2", "+ pg3"]);
         let table = render_table("batman", &v, true, false);
         assert!(table.contains("|   + pg2 | "), "{table}");
-        assert!(table.contains("| Tags "), "{table}");
+        assert!(table.contains(" Tags "), "{table}");
         assert!(table.contains("replicatefrom: pg1"), "{table}");
     }
 }
