@@ -50,12 +50,12 @@ pub enum CtlCommand {
     /// Run SQL on the leader, on a member with --role, or on --member.
     Query {
         /// The SQL to run.
-        #[arg(short = 'c', long, conflicts_with = "file")]
+        #[arg(short = 'c', long)]
         command: Option<String>,
         /// Run the SQL in this file.
         #[arg(short = 'f', long)]
         file: Option<std::path::PathBuf>,
-        #[arg(short = 'r', long, value_enum, conflicts_with = "member")]
+        #[arg(short = 'r', long, value_enum)]
         role: Option<CtlRole>,
         #[arg(short = 'm', long)]
         member: Option<String>,
@@ -322,6 +322,11 @@ pub async fn run(mut config: Config, command: CtlCommand) -> Result<(), CliError
                 (Some(c), None) => c,
                 (None, Some(f)) => std::fs::read_to_string(&f)
                     .map_err(|e| CliError::Failed(format!("{}: {e}", f.display())))?,
+                (Some(_), Some(_)) => {
+                    return Err(CliError::Usage(
+                        "--file and --command are mutually exclusive options".into(),
+                    ))
+                }
                 _ => {
                     return Err(CliError::Usage(
                         "You need to specify either --command or --file".into(),
