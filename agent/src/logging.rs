@@ -31,7 +31,9 @@ pub fn filter_for(level: &str) -> String {
         "DEBUG" => "debug".into(),
         "INFO" => "info".into(),
         "WARNING" | "WARN" => "warn".into(),
-        "ERROR" | "CRITICAL" | "FATAL" => "error".into(),
+        "ERROR" => "error".into(),
+        // Only the events that print CRITICAL, as Python's level filters out ERROR.
+        "CRITICAL" | "FATAL" => format!("off,{CRITICAL_TARGET}=error"),
         _ => level.to_owned(),
     }
 }
@@ -593,8 +595,80 @@ mod tests {
     #[test]
     fn patroni_levels_map_to_tracing() {
         assert_eq!(filter_for("WARNING"), "warn");
-        assert_eq!(filter_for("critical"), "error");
+        assert_eq!(filter_for("error"), "error");
+        assert_eq!(filter_for("critical"), "off,pgwarden::critical=error");
+        let filter = EnvFilter::try_new(filter_for("CRITICAL")).expect("a valid filter");
+        assert_eq!(
+            filter.max_level_hint(),
+            Some(tracing::level_filters::LevelFilter::ERROR)
+        );
         assert_eq!(filter_for("pgwarden=debug"), "pgwarden=debug");
+    }
+
+    /// A writer the test reads back.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+            if let Ok(mut buf) = self.0.lock() {
+                buf.extend_from_slice(data);
+            }
+            Ok(data.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn text(&self) -> String {
+            self.0
+                .lock()
+                .map(|b| String::from_utf8_lossy(&b).into_owned())
+                .unwrap_or_default()
+        }
+    }
+
+    #[test]
+    fn critical_events_say_critical_and_level_critical_keeps_only_them() {
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new(filter_for("CRITICAL")))
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .event_format(CriticalAware(tracing_format::format()))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!("an ordinary error");
+            tracing::error!(target: CRITICAL_TARGET, "cannot go on");
+        });
+        let text = out.text();
+        assert!(!text.contains("an ordinary error"), "{text}");
+        assert!(
+            text.contains("CRITICAL pgwarden::critical: cannot go on"),
+            "{text}"
+        );
+
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_env_filter(EnvFilter::new("info"))
+            .with_writer(move || writer.clone())
+            .fmt_fields(tracing_format::JsonFields::new())
+            .event_format(CriticalAware(
+                tracing_format::format().json().flatten_event(true),
+            ))
+            .finish();
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(target: CRITICAL_TARGET, "cannot go on");
+        });
+        assert!(
+            out.text().contains(r#""level":"CRITICAL""#),
+            "{}",
+            out.text()
+        );
     }
 
     fn record<'a>(level: Level, target: &'a str, message: &'a str) -> LogRecord<'a> {
