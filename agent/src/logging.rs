@@ -753,6 +753,29 @@ mod tests {
     }
 
     #[test]
+    fn format_from_patronis_environment_and_a_bad_one_names_the_key() {
+        let yaml = "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n";
+        let mut env = std::collections::BTreeMap::new();
+        env.insert(
+            "PATRONI_LOG_FORMAT".to_owned(),
+            "%(levelname)s %(message)s".to_owned(),
+        );
+        env.insert("PATRONI_LOG_DATEFORMAT".to_owned(), "%H:%M".to_owned());
+        let loaded = crate::config::load_str(yaml, &env, &Default::default()).expect("loads");
+        let (settings, warnings) = LogSettings::from_config(&loaded.config.log);
+        assert!(settings.layout.is_some() && warnings.is_empty());
+        env.insert("PATRONI_LOG_FORMAT".to_owned(), "%(when)s".to_owned());
+        let err = crate::config::load_str(yaml, &env, &Default::default())
+            .err()
+            .map(|e| e.to_string())
+            .unwrap_or_default();
+        assert!(
+            err.contains("`log.format`") && err.contains("%(when)s"),
+            "{err}"
+        );
+    }
+
+    #[test]
     fn json_keeps_its_fields_and_says_so() {
         let log = LogConfig {
             kind: LogFormat::Json,
