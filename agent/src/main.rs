@@ -9,6 +9,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use pgwarden::cli::CtlCommand;
 use pgwarden::config::{self, LogFormat, Overrides};
 
 #[derive(Parser, Debug)]
@@ -27,14 +28,15 @@ struct Cli {
     flags: Flags,
     /// Configuration file for the operator commands (`pgwarden -c FILE list`), as patronictl's
     /// `-c`; only `scope`, `namespace`, `etcd3` and `restapi.authentication` are needed.
-    #[arg(short = 'c', long = "config-file", global = true)]
+    /// Before the command, as patronictl's `-c` (`query` has its own `-c/--command`).
+    #[arg(short = 'c', long = "config-file")]
     ctl_config: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
 enum Command {
     #[command(flatten)]
-    Ctl(pgwarden::cli::CtlCommand),
+    Ctl(CtlCommand),
     /// Check a configuration file without starting anything.
     ValidateConfig {
         config: PathBuf,
@@ -136,12 +138,21 @@ fn main() -> ExitCode {
             Err(code) => code,
         },
         None => {
+            if let Some(word) = cli.config.as_deref().and_then(unknown_command) {
+                eprintln!(
+                    "pgwarden: unknown command {word:?} (and no configuration file of that name); commands: {}",
+                    command_names().join(", ")
+                );
+                return ExitCode::from(2);
+            }
             let loaded = match load(cli.config.as_ref(), &cli.flags) {
                 Ok(l) => l,
                 Err(code) => return code,
             };
-            pgwarden::logging::init(loaded.config.log.kind, &loaded.config.log.level);
-            for warning in &loaded.warnings {
+            let (log, log_warnings) =
+                pgwarden::logging::LogSettings::from_config(&loaded.config.log);
+            pgwarden::logging::init(log);
+            for warning in loaded.warnings.iter().chain(&log_warnings) {
                 tracing::warn!("{warning}");
             }
             // One thread: the agent is light, and the postmaster's parent-death signal is tied
@@ -178,6 +189,27 @@ fn main() -> ExitCode {
     }
 }
 
+/// The positional argument read as a mistyped command rather than a configuration file: it
+/// does not exist and looks like a word, not a path (no `/`, no extension).
+fn unknown_command(arg: &std::path::Path) -> Option<&str> {
+    let word = arg.to_str()?;
+    let looks_like_word = !word.is_empty()
+        && !word.contains(['/', '.'])
+        && word
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    (looks_like_word && !arg.exists()).then_some(word)
+}
+
+fn command_names() -> Vec<String> {
+    use clap::CommandFactory;
+    Cli::command()
+        .get_subcommands()
+        .filter(|c| !c.is_hide_set())
+        .map(|c| c.get_name().to_owned())
+        .collect()
+}
+
 fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {
     let loaded = match load(path, &Flags::default()) {
         Ok(l) => l,
@@ -207,11 +239,16 @@ fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {
     }
 }
 
-fn run_ctl(path: Option<PathBuf>, command: pgwarden::cli::CtlCommand) -> ExitCode {
+fn run_ctl(path: Option<PathBuf>, command: CtlCommand) -> ExitCode {
     let env: BTreeMap<String, String> = std::env::vars().collect();
     let path = path.or_else(|| std::env::var_os("PGWARDEN_CONFIG_FILE").map(PathBuf::from));
     let config = match config::load_ctl(path.as_deref(), &env) {
         Ok(c) => c,
+        // As `patronictl version` without a cluster: the CLI's own version needs no cluster.
+        Err(_) if matches!(command, CtlCommand::Version { cluster: None, .. }) => {
+            println!("{}", pgwarden::cli::version::cli_line());
+            return ExitCode::SUCCESS;
+        }
         Err(e) => {
             eprintln!("pgwarden: invalid configuration: {e}");
             return ExitCode::from(2);
@@ -262,6 +299,26 @@ mod tests {
             cli.command,
             Some(Command::Healthcheck { timeout: 5, .. })
         ));
+        let cli = Cli::try_parse_from([
+            "pgwarden", "-c", "ctl.yml", "query", "-c", "SELECT 1", "-U", "postgres",
+        ])
+        .expect("parses");
+        assert_eq!(cli.ctl_config, Some(PathBuf::from("ctl.yml")));
+        assert!(matches!(
+            cli.command,
+            Some(Command::Ctl(CtlCommand::Query {
+                command: Some(_),
+                ..
+            }))
+        ));
+        let cli = Cli::try_parse_from(["pgwarden", "topolgy"]).expect("parses");
+        assert_eq!(
+            cli.config.as_deref().and_then(unknown_command),
+            Some("topolgy")
+        );
+        assert_eq!(unknown_command(std::path::Path::new("patroni.yml")), None);
+        assert_eq!(unknown_command(std::path::Path::new("/etc/patroni")), None);
+        assert!(command_names().contains(&"topology".to_owned()));
         let cli =
             Cli::try_parse_from(["pgwarden", "--etcd3-hosts", "a:1,b:2", "c.yml"]).expect("parses");
         assert_eq!(

@@ -79,14 +79,16 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         return Err(RunError::Root);
     }
     let config = Arc::new(config);
+    let dcs = connect_dcs(&config).await?;
+    // Before binding the REST API, as Patroni: a second agent started by mistake with the same
+    // REST port hears about the name, not about the port.
+    refuse_duplicate_name(&config, dcs.as_ref()).await?;
     let listener = tokio::net::TcpListener::bind(&config.restapi.listen)
         .await
         .map_err(|source| RunError::Bind {
             addr: config.restapi.listen.clone(),
             source,
         })?;
-    let dcs = connect_dcs(&config).await?;
-    refuse_duplicate_name(&config, dcs.as_ref()).await?;
 
     crate::backup::write_config(&config).map_err(RunError::Backup)?;
     let shutdown = CancellationToken::new();
@@ -247,6 +249,11 @@ async fn refuse_duplicate_name(config: &Config, dcs: &dyn Dcs) -> Result<(), Run
     };
     let url = member.record.api_url.replace("/patroni", "/liveness");
     if crate::peer::probe_liveness(&url, Duration::from_secs(3)).await {
+        // Patroni's words and level (`logger.fatal`), which its users' alerting matches.
+        error!(
+            target: crate::logging::CRITICAL_TARGET,
+            "Can't start; there is already a node named '{}' running", config.name
+        );
         return Err(RunError::DuplicateName {
             name: config.name.clone(),
             url,

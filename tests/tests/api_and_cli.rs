@@ -261,3 +261,325 @@ async fn rest_api_over_tls_with_basic_auth_and_a_switchover_between_tls_members(
         (200, "Successfully switched over to \"pg1\"")
     );
 }
+
+#[test]
+fn an_unknown_command_is_refused_not_read_as_a_configuration_file() {
+    let out = run(&["topolgy"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("unknown command \"topolgy\"") && stderr.contains("topology"),
+        "{stderr}"
+    );
+}
+
+/// `pgwarden -c <ctl.yml> args` with `stdin` as its input: (success, stdout and stderr).
+fn ctl(env: &TestEnv, args: &[&str], stdin: &str, vars: &[(&str, &str)]) -> (bool, String) {
+    use std::io::Write;
+    let config = env.dir.path().join("ctl.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "scope: {}\nnamespace: /service/\netcd3:\n  hosts: ['{}']\n",
+            env.options.scope,
+            env.etcd.endpoint()
+        ),
+    )
+    .expect("write the ctl config");
+    let mut child = Command::new(agent_binary())
+        .arg("-c")
+        .arg(&config)
+        .args(args)
+        .envs(vars.iter().copied())
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("the binary runs");
+    if let Some(mut input) = child.stdin.take() {
+        let _ = input.write_all(stdin.as_bytes());
+    }
+    let out = child.wait_with_output().expect("the binary runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The cells of the table row whose first cell is `first`.
+fn table_row(table: &str, first: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .map(|l| {
+            l.split('|')
+                .map(|c| c.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|cells| cells.get(1).map(String::as_str) == Some(first))
+}
+
+/// pg0 leads and pg1 streams from it (with a `replicatefrom` tag, shown by `topology`).
+async fn leader_and_replica() -> TestEnv {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        if name == "pg1" {
+            env.members[i].set("tags.replicatefrom", "pg0".into());
+        }
+    }
+    env.start_member(0).expect("start");
+    env.wait_for_leader(T).await;
+    env.start_member(1).expect("start");
+    let replica = &env.members[1];
+    pgwarden_tests::harness::wait_until("pg1 streams", T, || async {
+        replica.api_get("/replica").await.map(|(s, _)| s) == Some(200)
+            && replica.is_streaming_replica().await
+    })
+    .await;
+    env
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_topology_dsn_query_version_and_remove() {
+    let env = leader_and_replica().await;
+    let (pg0_port, pg1_port) = (env.members[0].pg_port, env.members[1].pg_port);
+
+    let (ok, out) = ctl(&env, &["topology"], "", &[]);
+    assert!(ok, "{out}");
+    assert_eq!(
+        table_row(&out, "pg0").and_then(|r| r.get(3).cloned()),
+        Some("Leader".into()),
+        "{out}"
+    );
+    assert!(table_row(&out, "+ pg1").is_some(), "{out}");
+
+    let (ok, out) = ctl(&env, &["dsn"], "", &[]);
+    assert_eq!(
+        (ok, out.trim()),
+        (true, format!("host=127.0.0.1 port={pg0_port}").as_str())
+    );
+    let (ok, out) = ctl(&env, &["dsn", "--role", "replica"], "", &[]);
+    assert_eq!(
+        (ok, out.trim()),
+        (true, format!("host=127.0.0.1 port={pg1_port}").as_str())
+    );
+    let (ok, out) = ctl(&env, &["dsn", "-m", "pg1", "-r", "any"], "", &[]);
+    assert!(!ok && out.contains("mutually exclusive"), "{out}");
+
+    let (ok, out) = ctl(
+        &env,
+        &[
+            "query",
+            "-U",
+            "postgres",
+            "--password",
+            "-c",
+            "SELECT 6 * 7 AS answer",
+        ],
+        "su-secret\n",
+        &[],
+    );
+    assert!(ok && out.ends_with("answer\n42\n"), "{out}");
+    let (ok, out) = ctl(
+        &env,
+        &[
+            "query",
+            "-r",
+            "replica",
+            "-U",
+            "postgres",
+            "-d",
+            "postgres",
+            "--format",
+            "json",
+            "-c",
+            "SELECT pg_is_in_recovery() AS standby",
+        ],
+        "",
+        &[("PGPASSWORD", "su-secret")],
+    );
+    assert!(ok && out.contains(r#"[{"standby":"t"}]"#), "{out}");
+    let (ok, out) = ctl(
+        &env,
+        &[
+            "query",
+            "-m",
+            "pg0",
+            "-U",
+            "postgres",
+            "-c",
+            "SELECT * FROM no_such_table",
+        ],
+        "",
+        &[("PGPASSWORD", "su-secret")],
+    );
+    assert!(!ok && out.contains("ERROR, SQLSTATE: 42P01"), "{out}");
+
+    let (ok, out) = ctl(&env, &["version"], "", &[]);
+    assert!(ok && out.starts_with("pgwarden version "), "{out}");
+    for name in ["pg0", "pg1"] {
+        assert!(
+            out.lines()
+                .any(|l| l.starts_with(&format!("{name}: pgwarden "))
+                    && l.contains(" PostgreSQL 15.")),
+            "{out}"
+        );
+    }
+
+    // remove: a wrong answer changes nothing; the full dialogue wipes every key.
+    let (ok, out) = ctl(&env, &["remove", "test"], "nope\n", &[]);
+    assert!(
+        !ok && out.contains("Cluster names specified do not match"),
+        "{out}"
+    );
+    assert!(env.leader().await.is_some());
+    // Frozen agents write nothing while the keys go.
+    for m in &env.members {
+        m.process.as_ref().expect("started").sigstop();
+    }
+    let (ok, out) = ctl(
+        &env,
+        &["remove", "test"],
+        "test\nYes I am aware\npg0\n",
+        &[],
+    );
+    assert!(
+        ok && out.contains("please type: \"Yes I am aware\"")
+            && out.contains("Please specify the leader name to continue"),
+        "{out}"
+    );
+    let left = env.etcd.get_prefix("/service/test/").await.expect("etcd");
+    assert!(left.is_empty(), "{left:?}");
+    for m in &env.members {
+        m.process.as_ref().expect("started").sigcont();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn list_shows_a_paused_replays_lag_and_pending_restarts() {
+    let env = leader_and_replica().await;
+    let replica = &env.members[1];
+    // A replica whose replay is paused still receives: it must not look caught up.
+    replica
+        .sql("SELECT pg_wal_replay_pause()")
+        .await
+        .expect("pause replay");
+    env.members[0]
+        .sql("CREATE TABLE filler AS SELECT g, repeat('x', 100) AS pad FROM generate_series(1, 40000) g")
+        .await
+        .expect("write WAL");
+    let mut last = String::new();
+    pgwarden_tests::harness::wait_until("list shows pg1's replay lag", T, || {
+        let (ok, out) = ctl(&env, &["list", "--format", "json"], "", &[]);
+        last = out.clone();
+        async move {
+            let rows: serde_json::Value = serde_json::from_str(&out).unwrap_or_default();
+            ok && rows.as_array().is_some_and(|rows| {
+                rows.iter().any(|r| {
+                    r["member"] == "pg1"
+                        && r["replay_lag"].as_u64().unwrap_or(0) > 1024 * 1024
+                        && r["receive_lag"].as_u64().is_some_and(|l| l < 1024 * 1024)
+                })
+            })
+        }
+    })
+    .await;
+    let (ok, out) = ctl(&env, &["list"], "", &[]);
+    let row = table_row(&out, "pg1").unwrap_or_default();
+    // Member, Host, Role, State, TL, Receive LSN, Lag, Replay LSN, Lag.
+    assert!(
+        ok && row.get(9).is_some_and(|lag| lag != "0" && !lag.is_empty()),
+        "{out}\n{last}"
+    );
+    replica
+        .sql("SELECT pg_wal_replay_resume()")
+        .await
+        .expect("resume replay");
+
+    // A restart-only parameter shows up in the Pending restart column.
+    let (ok, out) = ctl(
+        &env,
+        &["edit-config", "--pg", "max_connections=60", "--force"],
+        "",
+        &[],
+    );
+    assert!(ok, "{out}");
+    pgwarden_tests::harness::wait_until("list shows the pending restart", T, || {
+        let (ok, out) = ctl(&env, &["list"], "", &[]);
+        async move {
+            ok && out.contains(" Pending restart ")
+                && ["pg0", "pg1"].iter().all(|m| {
+                    table_row(&out, m).is_some_and(|r| r.get(10).map(String::as_str) == Some("*"))
+                })
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_format_and_dateformat_lay_out_the_agent_lines() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    env.members[i].set(
+        "log.format",
+        "%(asctime)s %(levelname)-8s pid=%(process)d %(message)s".into(),
+    );
+    env.members[i].set("log.dateformat", "%Y/%m/%d %H.%M.%S".into());
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let pid = env.members[0].agent().pid();
+    let log = env.members[0].log_text();
+    // `2026/12/04 17.05.09 INFO     pid=4242 ...`
+    let patroni_layout = |line: &str| {
+        let b = line.as_bytes();
+        line.len() > 20
+            && b[4] == b'/'
+            && b[7] == b'/'
+            && b[13] == b'.'
+            && b[16] == b'.'
+            && line[19..].starts_with(&format!(" INFO     pid={pid} "))
+    };
+    assert!(log.lines().any(patroni_layout), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_with_the_same_name_is_refused_at_critical() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    // Another agent named pg0, even on pg0's REST port: refused, and pg0 keeps running.
+    let j = env.add_member("pg0-again");
+    let api_port = env.members[0].api_port;
+    let m = &mut env.members[j];
+    m.set("name", "pg0".into());
+    m.set("restapi.listen", format!("127.0.0.1:{api_port}").into());
+    env.start_member(j).expect("start");
+    let status = env.members[j]
+        .agent()
+        .wait_exit(Duration::from_secs(30))
+        .expect("the duplicate exits");
+    assert!(!status.success());
+    let log = env.members[j].log_text();
+    assert!(
+        log.lines().any(|l| l.contains("CRITICAL")
+            && l.contains("Can't start; there is already a node named 'pg0' running")),
+        "{log}"
+    );
+    assert!(env.members[0].agent().is_running());
+    assert_eq!(env.leader().await.as_deref(), Some("pg0"));
+    assert_eq!(
+        env.members[0].api_get("/primary").await.map(|(s, _)| s),
+        Some(200)
+    );
+}

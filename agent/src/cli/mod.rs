@@ -4,6 +4,11 @@
 pub mod backup;
 pub mod healthcheck;
 pub mod list;
+pub mod query;
+pub mod remove;
+pub mod version;
+
+pub use query::{CtlRole, QueryFormat};
 
 use std::io::{BufRead, Write};
 use std::sync::Arc;
@@ -27,8 +32,60 @@ pub enum Format {
 pub enum CtlCommand {
     /// List the members, their roles, states, timelines and lag.
     List {
+        #[arg(short = 'f', long, value_enum, default_value = "pretty")]
+        format: Format,
+        /// Show the pending restart, scheduled restart and tag columns even when empty.
+        #[arg(short = 'e', long)]
+        extended: bool,
+    },
+    /// List the members as a tree: each replica under the member it replicates from.
+    Topology,
+    /// Print a libpq DSN of the leader, of a member with --role, or of --member.
+    Dsn {
+        #[arg(short = 'r', long, value_enum)]
+        role: Option<CtlRole>,
+        #[arg(short = 'm', long)]
+        member: Option<String>,
+    },
+    /// Run SQL on the leader, on a member with --role, or on --member.
+    Query {
+        /// The SQL to run.
+        #[arg(short = 'c', long)]
+        command: Option<String>,
+        /// Run the SQL in this file.
+        #[arg(short = 'f', long)]
+        file: Option<std::path::PathBuf>,
+        #[arg(short = 'r', long, value_enum)]
+        role: Option<CtlRole>,
+        #[arg(short = 'm', long)]
+        member: Option<String>,
+        /// Database user (default: PGUSER, else the login name).
+        #[arg(short = 'U', long)]
+        username: Option<String>,
+        /// Ask for the password (read from stdin); otherwise PGPASSWORD is used.
+        #[arg(long)]
+        password: bool,
+        #[arg(short = 'd', long)]
+        dbname: Option<String>,
+        #[arg(long, value_enum, default_value = "tsv")]
+        format: QueryFormat,
+        /// Column delimiter of the tsv format.
+        #[arg(long, default_value = "\t")]
+        delimiter: String,
+    },
+    /// Remove the cluster's keys from the DCS (asks for the cluster name, `Yes I am aware` and
+    /// the leader's name; answer on stdin).
+    Remove {
+        cluster: String,
         #[arg(long, value_enum, default_value = "pretty")]
         format: Format,
+    },
+    /// Print the CLI's version and each member's agent and PostgreSQL versions.
+    Version {
+        /// The cluster (default: the configured scope).
+        cluster: Option<String>,
+        /// Only these members.
+        members: Vec<String>,
     },
     /// Hand the leader role over to another member, now or at a scheduled time.
     Switchover {
@@ -182,6 +239,17 @@ impl Ctl {
     }
 }
 
+/// Asks a question and reads one answer line from stdin, as click's `prompt`.
+fn prompt(question: &str) -> Result<String, CliError> {
+    print!("{question}: ");
+    let _ = std::io::stdout().flush();
+    let mut answer = String::new();
+    match std::io::stdin().lock().read_line(&mut answer) {
+        Ok(0) | Err(_) => Err(CliError::Failed("Aborted! (no answer on stdin)".into())),
+        Ok(_) => Ok(answer.trim_end_matches(['\r', '\n']).to_owned()),
+    }
+}
+
 fn confirm(question: &str, force: bool) -> Result<(), CliError> {
     if force {
         return Ok(());
@@ -209,14 +277,23 @@ fn print_reply(who: &str, (status, body): (u16, String)) -> Result<(), CliError>
 }
 
 /// Runs a CLI command.
-pub async fn run(config: Config, command: CtlCommand) -> Result<(), CliError> {
+pub async fn run(mut config: Config, command: CtlCommand) -> Result<(), CliError> {
+    // The commands that name a cluster act on it, whatever scope the configuration has.
+    match &command {
+        CtlCommand::Remove { cluster, .. }
+        | CtlCommand::Version {
+            cluster: Some(cluster),
+            ..
+        } => config.scope = cluster.clone(),
+        _ => {}
+    }
     let ctl = Ctl::connect(config).await?;
     let scope = ctl.config.scope.clone();
     match command {
-        CtlCommand::List { format } => {
+        CtlCommand::List { format, extended } => {
             let view = ctl.cluster().await?;
             match format {
-                Format::Pretty => print!("{}", list::render_table(&scope, &view)),
+                Format::Pretty => print!("{}", list::render_table(&scope, &view, false, extended)),
                 Format::Json => println!(
                     "{}",
                     serde_json::to_string_pretty(&list::rows(&view)).unwrap_or_default()
@@ -224,6 +301,58 @@ pub async fn run(config: Config, command: CtlCommand) -> Result<(), CliError> {
             }
             Ok(())
         }
+        CtlCommand::Topology => {
+            let view = ctl.cluster().await?;
+            print!("{}", list::render_table(&scope, &view, true, false));
+            Ok(())
+        }
+        CtlCommand::Dsn { role, member } => query::print_dsn(&ctl, role, member.as_deref()).await,
+        CtlCommand::Query {
+            command,
+            file,
+            role,
+            member,
+            username,
+            password,
+            dbname,
+            format,
+            delimiter,
+        } => {
+            let sql = match (command, file) {
+                (Some(c), None) => c,
+                (None, Some(f)) => std::fs::read_to_string(&f)
+                    .map_err(|e| CliError::Failed(format!("{}: {e}", f.display())))?,
+                (Some(_), Some(_)) => {
+                    return Err(CliError::Usage(
+                        "--file and --command are mutually exclusive options".into(),
+                    ))
+                }
+                _ => {
+                    return Err(CliError::Usage(
+                        "You need to specify either --command or --file".into(),
+                    ))
+                }
+            };
+            let password = if password {
+                Some(prompt("Password")?)
+            } else {
+                None
+            };
+            let args = query::QueryArgs {
+                sql,
+                role,
+                member,
+                username,
+                password,
+                dbname,
+                format,
+                delimiter: delimiter.replace("\\t", "\t"),
+            };
+            query::query(&ctl, args).await
+        }
+        // `main` connects with the named cluster as the scope.
+        CtlCommand::Remove { cluster, format } => remove::remove(&ctl, &cluster, format).await,
+        CtlCommand::Version { members, .. } => version::version(&ctl, &members).await,
         CtlCommand::Switchover {
             leader,
             candidate,

@@ -304,6 +304,12 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
     if let Some(v) = get("LOG_LEVEL") {
         config.log.level = v;
     }
+    if let Some(v) = get("LOG_FORMAT") {
+        config.log.format = Some(serde_yaml::Value::String(v));
+    }
+    if let Some(v) = get("LOG_DATEFORMAT") {
+        config.log.dateformat = Some(serde_yaml::Value::String(v));
+    }
     Ok(())
 }
 

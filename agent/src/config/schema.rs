@@ -288,7 +288,7 @@ pub struct Tags {
     pub custom: BTreeMap<String, serde_json::Value>,
 }
 
-/// `log`. Patroni's `log.format` is a Python logging format string: it is accepted and ignored.
+/// `log`. `format` and `dateformat` lay plain lines out as Patroni does (`crate::logging`).
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct LogConfig {
@@ -298,10 +298,10 @@ pub struct LogConfig {
     /// Patroni's level names (`DEBUG`, `INFO`, `WARNING`, `ERROR`, `CRITICAL`) or a tracing
     /// filter directive such as `pgwarden=debug`.
     pub level: String,
-    /// Accepted for compatibility with Patroni files; not used.
+    /// A Python logging format string for plain lines (Patroni's JSON field list is not used).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub format: Option<serde_yaml::Value>,
-    /// Accepted for compatibility with Patroni files; not used.
+    /// A `strftime` format for `%(asctime)s`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub dateformat: Option<serde_yaml::Value>,
 }

@@ -314,6 +314,7 @@ impl Config {
             );
         }
 
+        crate::logging::validate(&self.log, &mut errors);
         crate::backup::settings::validate(self, &mut errors);
 
         if errors.is_empty() {

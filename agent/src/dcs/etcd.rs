@@ -357,6 +357,22 @@ impl EtcdDcs {
         result
     }
 
+    /// Deletes every key of the cluster (`patronictl remove`: a delete-range of `<base>/`).
+    /// Returns how many keys were deleted.
+    pub async fn delete_cluster(&self) -> Result<i64, DcsError> {
+        let mut client = self.client.clone();
+        let response = self
+            .call(
+                "delete cluster",
+                client.delete(
+                    self.keys.prefix(),
+                    Some(etcd_client::DeleteOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        Ok(response.deleted())
+    }
+
     /// A change of leadership may have changed `status` behind our back: write it next time.
     fn forget_status(&self) {
         if let Ok(mut last) = self.last_status.lock() {
