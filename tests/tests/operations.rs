@@ -620,3 +620,137 @@ async fn edit_config_reinit_and_json_listing_through_the_cli() {
         .as_array()
         .is_some_and(|r| r.iter().any(|m| m["role"] == "Leader")));
 }
+
+/// The DCS loses every key of the cluster (`patronictl remove`, an etcd wiped and restarted
+/// empty) while it runs: the running primary keeps its role (no replica races ahead of it, no
+/// promotion, no rewind), `config` comes back as last edited (from the copy in the data
+/// directory, not from bootstrap.dcs), `history` keeps its earlier switch with its timestamp,
+/// and the replicas keep streaming.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_running_cluster_survives_the_loss_of_its_dcs_keys() {
+    let env = cluster(ClusterOptions::default(), |_, _| {}).await;
+    let first = streaming(&env, 2).await;
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != first)
+        .expect("candidate");
+    let body = format!(r#"{{"leader": "{first}", "candidate": "{candidate}"}}"#);
+    let (code, text) = member(&env, &first)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let leader = streaming(&env, 2).await;
+    assert_eq!(leader, candidate);
+    let history_before = env
+        .etcd
+        .get(&env.key("history"))
+        .await
+        .expect("etcd")
+        .expect("history after a switchover");
+
+    let (code, text) = member(&env, &leader)
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(r#"{"postgresql": {"parameters": {"work_mem": "8MB"}}}"#),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    for m in &env.members {
+        wait_until(&format!("{} applies work_mem", m.name), T, || async {
+            m.sql("SHOW work_mem").await.ok() == Some(vec!["8MB".into()])
+        })
+        .await;
+    }
+    let l = member(&env, &leader);
+    let postmaster = l.postmaster_pid().expect("the leader's postmaster");
+    let timeline = l
+        .sql("SELECT timeline_id::text FROM pg_control_checkpoint()")
+        .await
+        .expect("sql");
+
+    env.etcd
+        .delete_prefix(&env.key(""))
+        .await
+        .expect("wipe the cluster's keys");
+
+    wait_until("the keys are back", T, || async {
+        env.etcd
+            .get(&env.key("config"))
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+            && env.leader().await.is_some()
+            && env
+                .etcd
+                .get(&env.key("history"))
+                .await
+                .ok()
+                .flatten()
+                .is_some()
+            && env
+                .etcd
+                .get_prefix(&env.key("members/"))
+                .await
+                .map(|m| m.len())
+                .ok()
+                == Some(3)
+    })
+    .await;
+    assert_eq!(
+        env.leader().await.as_deref(),
+        Some(leader.as_str()),
+        "the running primary keeps the lock"
+    );
+    let config: serde_json::Value = serde_json::from_str(
+        &env.etcd
+            .get(&env.key("config"))
+            .await
+            .expect("etcd")
+            .expect("config"),
+    )
+    .expect("json");
+    assert_eq!(
+        config["postgresql"]["parameters"]["work_mem"], "8MB",
+        "config restored as last edited: {config}"
+    );
+    let history = env
+        .etcd
+        .get(&env.key("history"))
+        .await
+        .expect("etcd")
+        .expect("history");
+    assert_eq!(
+        history, history_before,
+        "history rebuilt with its timestamps"
+    );
+    assert_eq!(
+        l.postmaster_pid(),
+        Some(postmaster),
+        "the primary kept running"
+    );
+    assert_eq!(
+        l.sql("SELECT timeline_id::text FROM pg_control_checkpoint()")
+            .await
+            .expect("sql"),
+        timeline,
+        "nobody was promoted"
+    );
+    for r in env.members.iter().filter(|m| m.name != leader) {
+        assert_eq!(
+            r.sql("SELECT pg_is_in_recovery()::text")
+                .await
+                .expect("sql"),
+            vec!["true"]
+        );
+        wait_until(&format!("{} streams again", r.name), T, || async {
+            r.is_streaming_replica().await
+        })
+        .await;
+    }
+}

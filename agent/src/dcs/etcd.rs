@@ -787,6 +787,10 @@ impl Dcs for EtcdDcs {
         Ok(())
     }
 
+    async fn member_key_lost(&self) {
+        self.lease.lock().await.last_member = None;
+    }
+
     async fn touch_member(&self, record: &MemberRecord) -> Result<(), DcsError> {
         let mut state = self.lease.lock().await;
         let lease = match state.id {

@@ -118,6 +118,10 @@ pub trait Dcs: Send + Sync {
     /// Writes `members/<name>` attached to our lease, keeping the lease alive.
     async fn touch_member(&self, record: &MemberRecord) -> Result<(), DcsError>;
 
+    /// The cluster view lacks our member key although we wrote it (it was deleted: `patronictl
+    /// remove`, an emptied store): the next `touch_member` must write even an unchanged record.
+    async fn member_key_lost(&self) {}
+
     /// Writes `status`.
     async fn write_status(&self, status: &LeaderStatus) -> Result<(), DcsError>;
 

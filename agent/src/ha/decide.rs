@@ -964,8 +964,13 @@ fn healthiest(
     my_position: u64,
     peers: &[PeerAnswer],
     wall_now: chrono::DateTime<chrono::Utc>,
+    former_primary: bool,
 ) -> Result<(), NotEligible> {
-    if !super::sync::may_race(me.synchronous_mode, &me.name, view) {
+    // Without a `sync` key only the former primary is known to have every acknowledged write.
+    let sync_key_lost = me.synchronous_mode && view.sync.is_none();
+    let may_race = super::sync::may_race(me.synchronous_mode, &me.name, view)
+        || (former_primary && sync_key_lost);
+    if !may_race {
         return Err(NotEligible::NotSynchronous);
     }
     if let Some(status) = &view.status {
@@ -1121,7 +1126,7 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
         }
         PostgresView::Running(s) => {
             let position = s.wal_position().unwrap_or(0);
-            match healthiest(view, me, position, peers, obs.wall_now) {
+            match healthiest(view, me, position, peers, obs.wall_now, false) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
                     vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots],
@@ -1135,7 +1140,7 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
             if obs.data_dir.was_primary() =>
         {
             let position = obs.data_dir.checkpoint_lsn().unwrap_or(0);
-            match healthiest(view, me, position, peers, obs.wall_now) {
+            match healthiest(view, me, position, peers, obs.wall_now, true) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
                     vec![
@@ -2550,12 +2555,41 @@ mod tests {
         );
     }
 
+    /// Synchronous mode with the `sync` key lost: a running standby does not guess that it has
+    /// every acknowledged write; a stopped former primary may take the lock back.
+    #[test]
+    fn without_a_sync_key_only_the_former_primary_races_in_synchronous_mode() {
+        let sync_on = MemberFacts {
+            synchronous_mode: true,
+            ..me()
+        };
+        let standby = obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        assert_eq!(
+            decide(&standby, &sync_on).outcome,
+            Outcome::NoLeaderNotEligible(NotEligible::NotSynchronous)
+        );
+        let former_primary = obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        );
+        assert!(decide(&former_primary, &sync_on)
+            .actions
+            .contains(&Action::AcquireLeader));
+    }
+
     /// In synchronous mode every path that opens postgres for writes claims `sync` first
     /// (seed 641023133062); without synchronous mode nothing changes.
     #[test]
     fn a_synchronous_leader_claims_sync_before_opening_for_writes() {
         let o = obs(
-            view(None, Some(SYSID)),
+            with_sync(view(None, Some(SYSID)), "pg1", "pg0"),
             LeaseCheck::NotHeld,
             initialized(),
             PostgresView::Running(replica(100)),

@@ -8,6 +8,7 @@
 
 pub mod commands;
 pub mod decide;
+pub mod dynamic_copy;
 pub mod observe;
 pub mod sync;
 pub mod timing;
@@ -79,6 +80,12 @@ pub struct HaLoop {
     unclaimed_bootstrap_since: Option<Instant>,
     /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
     primary_down_since: Option<Instant>,
+    /// Members seen in recent views, with when they were last seen: a race asks them too, so
+    /// that keys wiped from the DCS (`patronictl remove`, an emptied etcd) do not hide a
+    /// running primary from the replicas.
+    known_members: Vec<(crate::dcs::Member, Instant)>,
+    /// The last non-empty `history` seen, to rebuild the key with its timestamps if it is lost.
+    known_history: Vec<crate::dcs::HistoryLine>,
     /// The managed files as last written, so unchanged ones are not read back every cycle.
     conf_written: conf::LastWrite,
     /// The DCS `config` value last parsed into `dynamic`.
@@ -170,6 +177,8 @@ impl HaLoop {
             checkpoint_after_promote_pending: false,
             unclaimed_bootstrap_since: None,
             primary_down_since: None,
+            known_members: Vec::new(),
+            known_history: Vec::new(),
             conf_written: conf::LastWrite::default(),
             applied_config: None,
             quick_crashes: 0,
@@ -402,6 +411,7 @@ impl HaLoop {
         let now = Instant::now();
         let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
+                self.remember(&view, now);
                 self.last_view = Some(view.clone());
                 self.last_read_at = Some(now);
                 self.dcs_last_seen = Some(SystemTime::now());
@@ -559,10 +569,30 @@ impl HaLoop {
     }
 
     /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni).
+    /// Keeps the members and `history` of `view` for when the DCS loses them; a member not seen
+    /// for a ttl is forgotten (it left, or its key expired with its agent).
+    fn remember(&mut self, view: &ClusterView, now: Instant) {
+        let ttl = self.ttl();
+        self.known_members.retain(|(m, seen)| {
+            now.saturating_duration_since(*seen) <= ttl && view.member(&m.name).is_none()
+        });
+        self.known_members
+            .extend(view.members.iter().map(|m| (m.clone(), now)));
+        if !view.history.is_empty() {
+            self.known_history.clone_from(&view.history);
+        }
+    }
+
     async fn ask_peers(&self, view: &ClusterView) -> Vec<PeerAnswer> {
+        let remembered = self
+            .known_members
+            .iter()
+            .map(|(m, _)| m)
+            .filter(|m| view.member(&m.name).is_none());
         let asks = view
             .members
             .iter()
+            .chain(remembered)
             .filter(|m| m.name != self.facts.name && !m.record.api_url.is_empty())
             .map(|m| async move {
                 let status =
@@ -655,6 +685,9 @@ impl HaLoop {
                 self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
                 self.facts.synchronous_mode = dynamic.synchronous_mode;
                 self.dynamic = dynamic;
+                if let Err(e) = dynamic_copy::save(&self.config.postgresql.data_dir, raw) {
+                    warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
+                }
             }
             Err(e) => warn!(error = %e, "ignoring an invalid `config` value in the DCS"),
         }
@@ -908,10 +941,21 @@ impl HaLoop {
                 Ok(true)
             }
             Action::SeedConfig => {
-                let value = serde_json::to_value(&self.config.bootstrap.dcs)
-                    .map_err(|e| ActionError::Failed(format!("cannot encode config: {e}")))?;
+                // The copy kept in the data directory is the cluster's configuration as last
+                // applied; bootstrap.dcs only describes a new cluster (Patroni restores from
+                // `patroni.dynamic.json` too). Re-seeding from the file after the key was lost
+                // undid every edit-config change.
+                let (value, source) = match dynamic_copy::load(&self.config.postgresql.data_dir) {
+                    Some(value) => (value, dynamic_copy::FILE_NAME),
+                    None => (
+                        serde_json::to_value(&self.config.bootstrap.dcs).map_err(|e| {
+                            ActionError::Failed(format!("cannot encode config: {e}"))
+                        })?,
+                        "bootstrap.dcs",
+                    ),
+                };
                 if self.dcs.write_config(&value, Some(0)).await? {
-                    info!("seeded the DCS `config` from bootstrap.dcs");
+                    info!(source, "seeded the DCS `config`");
                 }
                 Ok(true)
             }
@@ -1179,8 +1223,15 @@ impl HaLoop {
                         )))
                     }
                 };
+                // A lost `history` key is rebuilt from what this member saw last, so the
+                // timestamps and leaders of earlier switches survive.
+                let recorded = if view.history.is_empty() {
+                    &self.known_history
+                } else {
+                    &view.history
+                };
                 let history = merge_history(
-                    &view.history,
+                    recorded,
                     &text,
                     &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
                     &self.facts.name,
@@ -1432,8 +1483,11 @@ impl HaLoop {
     }
 
     async fn touch_member(&self, obs: &Observation) {
-        if matches!(obs.dcs, DcsView::Unknown(_)) {
+        let DcsView::Known(view) = &obs.dcs else {
             return;
+        };
+        if view.member(&self.facts.name).is_none() {
+            self.dcs.member_key_lost().await;
         }
         if let Err(e) = self.dcs.touch_member(&self.member_record(obs)).await {
             debug!(error = %e, "could not update the member key");

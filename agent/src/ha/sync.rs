@@ -136,13 +136,16 @@ pub fn plan(
 }
 
 /// May `me` race for the lock under synchronous mode? Only the `sync` leader and its listed
-/// standbys may; without a `sync` key anyone may (synchronous mode was just enabled).
+/// standbys may. Without a `sync` key nobody knows who has every acknowledged write (the key
+/// may have been lost with the DCS's state, not just be unwritten yet): no standby may, and
+/// the cluster waits for its former primary (`decide` lets a former primary race) or an
+/// operator, as Patroni does.
 pub fn may_race(enabled: bool, me: &str, view: &ClusterView) -> bool {
     if !enabled {
         return true;
     }
     match view.sync.as_ref().map(|s| &s.value) {
-        None => true,
+        None => false,
         Some(s) => {
             s.leader
                 .as_deref()
@@ -278,5 +281,9 @@ mod tests {
         assert!(may_race(true, "a", &v));
         assert!(!may_race(true, "c", &v));
         assert!(may_race(false, "c", &v));
+        // A lost (or not yet written) `sync` key names nobody.
+        let lost = view(None);
+        assert!(!may_race(true, "b", &lost));
+        assert!(may_race(false, "b", &lost));
     }
 }

@@ -116,4 +116,15 @@ impl Etcd {
         c.delete(key, None).await?;
         Ok(())
     }
+
+    /// Deletes every key under `prefix` (what `patronictl remove` does to a cluster).
+    pub async fn delete_prefix(&self, prefix: &str) -> anyhow::Result<()> {
+        let mut c = self.client().await?;
+        c.delete(
+            prefix,
+            Some(etcd_client::DeleteOptions::new().with_prefix()),
+        )
+        .await?;
+        Ok(())
+    }
 }
