@@ -412,6 +412,7 @@ postgresql:
   connect_address: 127.0.0.1:{pg_port}
   data_dir: {data}
   bin_dir: {bin}
+  pgpass: {dir}/pgpass
   parameters:
     unix_socket_directories: {dir}
   pg_hba:
