@@ -79,6 +79,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         return Err(RunError::Root);
     }
     let config = Arc::new(config);
+    api::raise_descriptor_limit();
     let listener = tokio::net::TcpListener::bind(&config.restapi.listen)
         .await
         .map_err(|source| RunError::Bind {

@@ -470,7 +470,10 @@ mod tests {
         auth.superuser.username = "postgres".into();
         auth.superuser.password = Some("su-pw-42".into());
         let file = pgpass(&config).expect("passwords given");
-        assert_eq!(file.content, "*:*:*:rep:a\\:b\\\\c\n*:*:*:postgres:su-pw-42\n");
+        assert_eq!(
+            file.content,
+            "*:*:*:rep:a\\:b\\\\c\n*:*:*:postgres:su-pw-42\n"
+        );
         assert!(!format!("{file:?}").contains("su-pw-42"));
         // Stale, world-readable content is replaced by a private file.
         std::fs::create_dir_all(dir.path().join("sub")).expect("mkdir");
