@@ -112,6 +112,26 @@ fn invalid_configuration_exits_2_naming_the_key() {
     let out = run(&["validate-config", "/nonexistent/patroni.yml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+
+    // A cafile the client cannot use is refused here, not at the first call to a peer.
+    let cafile = dir.path().join("ca.pem");
+    std::fs::write(&cafile, "a key, not a certificate\n").expect("write");
+    let file = dir.path().join("cafile.yml");
+    std::fs::write(
+        &file,
+        format!(
+            "scope: s\nname: n\nrestapi: {{listen: '127.0.0.1:8008', cafile: {}}}\netcd3: {{hosts: ['127.0.0.1:2379']}}\npostgresql: {{listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {{superuser: {{username: p}}, replication: {{username: r}}}}}}\n",
+            cafile.display()
+        ),
+    )
+    .expect("write");
+    let out = run(&["validate-config", file.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`restapi.cafile`") && stderr.contains("holds no PEM certificate"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
