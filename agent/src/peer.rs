@@ -1,9 +1,9 @@
 //! Calls to other members' REST APIs: `GET /patroni` during a leader race (Patroni asks every
 //! peer, 2 s timeout, §5.5 step 12) and `GET /liveness` to refuse a duplicate member name.
 
-use std::time::Duration;
-
+use std::collections::BTreeMap;
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
@@ -106,34 +106,169 @@ fn insecure_client() -> Result<Arc<rustls::ClientConfig>, String> {
     Ok(Arc::new(config))
 }
 
+/// Verifies peers' certificates against `restapi.cafile` as webpki does, and also accepts a
+/// certificate found in the file itself although webpki refuses it as an end entity: a
+/// self-signed certificate from `openssl req -x509` is marked as a CA, and OpenSSL (curl,
+/// patronictl, Patroni itself) trusts a certificate in its trust store as it is. Before this,
+/// such a `cafile` failed every member-to-member check (switchovers refused with 412) without a
+/// word. Its validity period (webpki checks it before the CA flag) and the host name in its
+/// subjectAltName are still checked, and the handshake still proves the peer holds its key.
+#[derive(Debug)]
+struct CafileVerifier {
+    webpki: Arc<rustls::client::WebPkiServerVerifier>,
+    pinned: Vec<rustls::pki_types::CertificateDer<'static>>,
+}
+
+impl rustls::client::danger::ServerCertVerifier for CafileVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &rustls::pki_types::CertificateDer<'_>,
+        intermediates: &[rustls::pki_types::CertificateDer<'_>],
+        server_name: &rustls::pki_types::ServerName<'_>,
+        ocsp_response: &[u8],
+        now: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        let verdict = self.webpki.verify_server_cert(
+            end_entity,
+            intermediates,
+            server_name,
+            ocsp_response,
+            now,
+        );
+        match verdict {
+            // webpki's untyped complaints about the certificate's form (a CA used as an end
+            // entity, an X.509 v1 certificate); dates, issuer and name errors are typed.
+            Err(rustls::Error::InvalidCertificate(rustls::CertificateError::Other(_)))
+                if self
+                    .pinned
+                    .iter()
+                    .any(|c| c.as_ref() == end_entity.as_ref()) =>
+            {
+                let cert = rustls::server::ParsedCertificate::try_from(end_entity)?;
+                rustls::client::verify_server_name(&cert, server_name)?;
+                Ok(rustls::client::danger::ServerCertVerified::assertion())
+            }
+            other => other,
+        }
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls12_signature(message, cert, dss)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &rustls::pki_types::CertificateDer<'_>,
+        dss: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        self.webpki.verify_tls13_signature(message, cert, dss)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.webpki.supported_verify_schemes()
+    }
+}
+
+/// The client configuration for `restapi.cafile`: an error says why the file cannot be used
+/// (`validate-config` reports it under `restapi.cafile`).
+pub fn cafile_client(path: &std::path::Path) -> Result<Arc<rustls::ClientConfig>, String> {
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    let mut pinned = Vec::new();
+    for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
+        .map_err(|e| format!("cannot read {}: {e}", path.display()))?
+    {
+        let cert = cert.map_err(|e| format!("bad PEM certificate in {}: {e}", path.display()))?;
+        roots
+            .add(cert.clone())
+            .map_err(|e| format!("unusable certificate in {}: {e}", path.display()))?;
+        pinned.push(cert);
+    }
+    if pinned.is_empty() {
+        return Err(format!(
+            "{} holds no PEM certificate (-----BEGIN CERTIFICATE-----)",
+            path.display()
+        ));
+    }
+    let webpki =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .map_err(|e| format!("cannot verify with {}: {e}", path.display()))?;
+    let config = rustls::ClientConfig::builder_with_provider(provider())
+        .with_safe_default_protocol_versions()
+        .map_err(|e| e.to_string())?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(CafileVerifier { webpki, pinned }))
+        .with_no_client_auth();
+    Ok(Arc::new(config))
+}
+
 /// Configures calls to `https` peers: verify against `cafile` when given, else accept any
 /// certificate.
 pub fn configure_client_tls(cafile: Option<&std::path::Path>) -> Result<(), String> {
-    use rustls::pki_types::pem::PemObject;
     let config = match cafile {
         None => insecure_client()?,
-        Some(path) => {
-            let mut roots = rustls::RootCertStore::empty();
-            for cert in rustls::pki_types::CertificateDer::pem_file_iter(path)
-                .map_err(|e| format!("cannot read {}: {e}", path.display()))?
-            {
-                let cert =
-                    cert.map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
-                roots
-                    .add(cert)
-                    .map_err(|e| format!("bad certificate in {}: {e}", path.display()))?;
-            }
-            Arc::new(
-                rustls::ClientConfig::builder_with_provider(provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| e.to_string())?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth(),
-            )
-        }
+        Some(path) => cafile_client(path)?,
     };
     let _ = CLIENT_TLS.set(config);
     Ok(())
+}
+
+/// The last TLS failure with each peer (`host:port`): a failure is logged when it starts or its
+/// reason changes, a recovery once, and not every check in between (a leader race asks every
+/// peer; a broken `cafile` used to fail them all without a line in the log).
+static TLS_FAILURES: std::sync::Mutex<BTreeMap<String, String>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn note_tls(peer: &str, failure: Option<&str>) {
+    let Ok(mut failures) = TLS_FAILURES.lock() else {
+        return;
+    };
+    match failure {
+        Some(reason) => {
+            if failures.get(peer).map(String::as_str) != Some(reason) {
+                tracing::warn!(peer, %reason, "TLS with a member's REST API fails");
+                failures.insert(peer.to_owned(), reason.to_owned());
+            }
+        }
+        None => {
+            if failures.remove(peer).is_some() {
+                tracing::info!(peer, "TLS with the member's REST API works again");
+            }
+        }
+    }
+}
+
+/// A TLS error with what to check, for the log and the caller.
+fn explain_tls(error: &std::io::Error, host: &str) -> String {
+    let hint = match error
+        .get_ref()
+        .and_then(|e| e.downcast_ref::<rustls::Error>())
+    {
+        Some(rustls::Error::InvalidCertificate(c)) => match c {
+            rustls::CertificateError::UnknownIssuer => {
+                " (the certificate is not signed by a CA in restapi.cafile)"
+            }
+            rustls::CertificateError::NotValidForName
+            | rustls::CertificateError::NotValidForNameContext { .. } => {
+                " (its subjectAltName does not name the host; the common name is not used)"
+            }
+            // webpki's error is untyped here; the text is only for the hint.
+            other if format!("{other:?}").contains("CaUsedAsEndEntity") => {
+                " (a certificate marked as a CA, such as a self-signed one, that is not itself \
+                 in restapi.cafile)"
+            }
+            _ => "",
+        },
+        _ => "",
+    };
+    format!("TLS with {host}: {error}{hint}")
 }
 
 async fn exchange<S>(
@@ -212,10 +347,21 @@ pub async fn request(
             };
             let name = rustls::pki_types::ServerName::try_from(host.clone())
                 .map_err(|_| PeerError::Url(url.to_owned()))?;
-            let tls = tokio_rustls::TlsConnector::from(config)
+            let peer = format!("{host}:{port}");
+            let tls = match tokio_rustls::TlsConnector::from(config)
                 .connect(name, tcp)
                 .await
-                .map_err(|e| PeerError::Request(format!("TLS: {e}")))?;
+            {
+                Ok(tls) => {
+                    note_tls(&peer, None);
+                    tls
+                }
+                Err(e) => {
+                    let reason = explain_tls(&e, &peer);
+                    note_tls(&peer, Some(&reason));
+                    return Err(PeerError::Request(reason));
+                }
+            };
             exchange(TokioIo::new(tls), request).await
         } else {
             exchange(TokioIo::new(tcp), request).await
@@ -313,6 +459,32 @@ mod tests {
             assert!(s.is_primary);
             assert_eq!(s.wal_position, 7);
         }
+    }
+
+    #[test]
+    fn a_cafile_without_certificates_is_refused_with_the_reason() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let empty = dir.path().join("empty.pem");
+        std::fs::write(&empty, "not a certificate\n").expect("write");
+        let why = cafile_client(&empty).expect_err("refused");
+        assert!(why.contains("holds no PEM certificate"), "{why}");
+        assert!(cafile_client(&dir.path().join("missing.pem")).is_err());
+    }
+
+    #[test]
+    fn a_tls_failure_is_logged_once_per_reason() {
+        note_tls("10.0.0.9:8008", Some("TLS with 10.0.0.9:8008: bad"));
+        note_tls("10.0.0.9:8008", Some("TLS with 10.0.0.9:8008: bad"));
+        let failures = || {
+            TLS_FAILURES
+                .lock()
+                .expect("lock")
+                .get("10.0.0.9:8008")
+                .cloned()
+        };
+        assert_eq!(failures().as_deref(), Some("TLS with 10.0.0.9:8008: bad"));
+        note_tls("10.0.0.9:8008", None);
+        assert_eq!(failures(), None);
     }
 
     #[test]

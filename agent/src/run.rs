@@ -83,6 +83,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     // Before binding the REST API, as Patroni: a second agent started by mistake with the same
     // REST port hears about the name, not about the port.
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
+    api::raise_descriptor_limit();
     let listener = tokio::net::TcpListener::bind(&config.restapi.listen)
         .await
         .map_err(|source| RunError::Bind {

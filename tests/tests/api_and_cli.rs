@@ -112,6 +112,26 @@ fn invalid_configuration_exits_2_naming_the_key() {
     let out = run(&["validate-config", "/nonexistent/patroni.yml"]);
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read"));
+
+    // A cafile the client cannot use is refused here, not at the first call to a peer.
+    let cafile = dir.path().join("ca.pem");
+    std::fs::write(&cafile, "a key, not a certificate\n").expect("write");
+    let file = dir.path().join("cafile.yml");
+    std::fs::write(
+        &file,
+        format!(
+            "scope: s\nname: n\nrestapi: {{listen: '127.0.0.1:8008', cafile: {}}}\netcd3: {{hosts: ['127.0.0.1:2379']}}\npostgresql: {{listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {{superuser: {{username: p}}, replication: {{username: r}}}}}}\n",
+            cafile.display()
+        ),
+    )
+    .expect("write");
+    let out = run(&["validate-config", file.to_str().expect("utf-8")]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("`restapi.cafile`") && stderr.contains("holds no PEM certificate"),
+        "{stderr}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -169,51 +189,38 @@ async fn patronictl_lists_the_member_as_leader() {
     panic!("patronictl list did not show pg0 as a running Leader on timeline 1:\n{last}");
 }
 
-/// A self-signed certificate for 127.0.0.1, readable by the agents' user.
-fn self_signed(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let cert = dir.join("api.crt");
-    let key = dir.join("api.key");
-    let out = Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "rsa:2048",
-            "-nodes",
-            "-days",
-            "1",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert)
-        .output()
-        .expect("openssl runs");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    use std::os::unix::fs::PermissionsExt;
-    for f in [&cert, &key] {
-        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
-    }
-    (cert, key)
-}
-
+/// Each member also has `restapi.cafile`: pg0 the self-signed certificate itself, as curl and
+/// patronictl accept it (rustls refuses it as is: `openssl req -x509` marks it as a CA), pg1
+/// another certificate, which cannot verify pg0. A TLS failure is logged once, with its reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rest_api_over_tls_with_basic_auth_and_a_switchover_between_tls_members() {
     let mut env = TestEnv::start(ClusterOptions::default())
         .await
         .expect("etcd");
-    let (cert, key) = self_signed(env.dir.path());
-    for name in ["pg0", "pg1"] {
+    let (cert, key) = pgwarden_tests::harness::tls::self_signed(
+        env.dir.path(),
+        "api",
+        "127.0.0.1",
+        "IP:127.0.0.1",
+    )
+    .expect("certificate");
+    let (other, _) = pgwarden_tests::harness::tls::self_signed(
+        env.dir.path(),
+        "other",
+        "127.0.0.1",
+        "IP:127.0.0.1",
+    )
+    .expect("certificate");
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&cert, &key, &other] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
+    for (name, cafile) in [("pg0", &cert), ("pg1", &other)] {
         let i = env.add_member(name);
         let m = &mut env.members[i];
         m.set("restapi.certfile", cert.display().to_string().into());
         m.set("restapi.keyfile", key.display().to_string().into());
+        m.set("restapi.cafile", cafile.display().to_string().into());
         m.set("restapi.authentication.username", "admin".into());
         m.set("restapi.authentication.password", "secret".into());
     }
@@ -260,6 +267,87 @@ async fn rest_api_over_tls_with_basic_auth_and_a_switchover_between_tls_members(
         (code, body.as_str()),
         (200, "Successfully switched over to \"pg1\"")
     );
+
+    // pg1 cannot verify pg0 with its cafile: no switchover back, and one log line saying why,
+    // however many checks fail the same way.
+    let pg0 = &env.members[0];
+    pgwarden_tests::harness::wait_until("pg0 streams from pg1", T, || async {
+        pg0.api_get("/replica").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    for _ in 0..2 {
+        let (code, body) = env.members[1]
+            .api_request(
+                "POST",
+                "/switchover",
+                Some(r#"{"leader":"pg1","candidate":"pg0"}"#),
+            )
+            .await
+            .expect("answers");
+        assert_eq!(code, 412, "{body}");
+    }
+    let log = env.members[1].log_text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("TLS with a member's REST API fails"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:#?}");
+    assert!(
+        lines[0].contains("that is not itself in restapi.cafile"),
+        "{}",
+        lines[0]
+    );
+}
+
+/// 3,000 idle connections to the REST port of an agent that may open 1,024 files (systemd's
+/// default soft limit): `GET /primary` is still answered. Before, the idle connections used up
+/// the agent's descriptors and health checks waited in the accept queue.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_idle_connections_does_not_keep_health_checks_out() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    env.members[i].launcher = vec!["prlimit".into(), "--nofile=1024:1024".into(), "--".into()];
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let m = &env.members[0];
+    pgwarden_tests::harness::wait_until("pg0 answers /primary", T, || async {
+        m.api_get("/primary").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    let mut flood = Vec::new();
+    for _ in 0..6 {
+        let mut batch = tokio::task::JoinSet::new();
+        for _ in 0..500 {
+            let port = m.api_port;
+            batch.spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_secs(2),
+                    tokio::net::TcpStream::connect(("127.0.0.1", port)),
+                )
+                .await
+            });
+        }
+        while let Some(done) = batch.join_next().await {
+            if let Ok(Ok(Ok(stream))) = done {
+                flood.push(stream);
+            }
+        }
+    }
+    assert!(
+        flood.len() > 1024,
+        "only {} connections opened",
+        flood.len()
+    );
+    assert_eq!(
+        m.api_get("/primary").await.map(|(s, _)| s),
+        Some(200),
+        "GET /primary under {} idle connections",
+        flood.len()
+    );
+    drop(flood);
+    assert_eq!(m.api_get("/patroni").await.map(|(s, _)| s), Some(200));
 }
 
 #[test]

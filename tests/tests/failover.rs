@@ -485,3 +485,138 @@ async fn a_standby_paused_by_the_primarys_higher_max_connections_replays_again()
         wait_for_replica(&env, &m.name).await;
     }
 }
+
+/// A `bin_dir` of links to the PostgreSQL binaries in which `pg_basebackup` and `pg_rewind` are
+/// scripts that append their command line (and any `PGPASSWORD` they were given) to
+/// `<dir>/argv.log` before running the real tool: what `ps` would show any local user.
+fn recording_bin_dir(env: &TestEnv) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let real = std::path::PathBuf::from(
+        std::env::var("PGWARDEN_PG_BIN_DIR")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+    );
+    let dir = env.shared_dir("bin");
+    let log = dir.join("argv.log");
+    std::fs::write(&log, "").expect("create the argv log");
+    for entry in std::fs::read_dir(&real)
+        .expect("the PostgreSQL bin dir")
+        .flatten()
+    {
+        let name = entry.file_name();
+        let target = dir.join(&name);
+        if name == "pg_basebackup" || name == "pg_rewind" {
+            let script = format!(
+                "#!/bin/sh\nprintf '%s\\n' \"$0 $* PGPASSWORD=${{PGPASSWORD-}}\" >> {log}\nexec {real} \"$@\"\n",
+                log = log.display(),
+                real = entry.path().display(),
+            );
+            std::fs::write(&target, script).expect("write the wrapper");
+            std::fs::set_permissions(&target, std::fs::Permissions::from_mode(0o755))
+                .expect("chmod");
+        } else {
+            std::os::unix::fs::symlink(entry.path(), &target).expect("link");
+        }
+    }
+    // Owned by the agents' user, so the wrappers may append to the log.
+    env.shared_dir("bin");
+    (dir, log)
+}
+
+/// Files under `dir` that users other than the owner may read and that contain `secret`.
+fn readable_files_containing(dir: &std::path::Path, secret: &str, found: &mut Vec<String>) {
+    use std::os::unix::fs::PermissionsExt;
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let Ok(meta) = std::fs::symlink_metadata(&path) else {
+            continue;
+        };
+        if meta.is_dir() {
+            readable_files_containing(&path, secret, found);
+        } else if meta.is_file() && meta.permissions().mode() & 0o044 != 0 {
+            let bytes = std::fs::read(&path).unwrap_or_default();
+            if String::from_utf8_lossy(&bytes).contains(secret) {
+                found.push(format!(
+                    "{} ({:o})",
+                    path.display(),
+                    meta.permissions().mode() & 0o777
+                ));
+            }
+        }
+    }
+}
+
+/// The replication and superuser passwords never appear on a command line (`ps`), in the
+/// agent's log (postgres' own lines included: it echoes a changed `primary_conninfo`) or in a
+/// file others may read, through a clone (pg_basebackup) and a rewind (pg_rewind): the agent
+/// writes a 0600 password file and names it with `passfile`/`PGPASSFILE`, as Patroni does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn passwords_stay_out_of_command_lines_logs_and_readable_files() {
+    const SECRETS: [&str; 2] = ["su-secret", "rep-secret"];
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let (bin, argv_log) = recording_bin_dir(&env);
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        env.members[i].set("postgresql.bin_dir", bin.display().to_string().into());
+    }
+    env.start_member(0).expect("start");
+    env.wait_for_leader(T).await;
+    env.start_member(1).expect("start");
+    wait_for_replica(&env, "pg1").await;
+
+    env.member("pg0").kill9_with_postmaster();
+    assert_eq!(wait_for_new_leader(&env, "pg0").await, "pg1");
+    env.member("pg0").restart().expect("restart pg0");
+    wait_for_replica(&env, "pg0").await;
+    assert!(log_of(&env, "pg0").contains("running pg_rewind"));
+
+    let argv = std::fs::read_to_string(&argv_log).expect("argv log");
+    assert!(
+        argv.contains("pg_basebackup") && argv.contains("pg_rewind"),
+        "{argv}"
+    );
+    for secret in SECRETS {
+        assert!(
+            !argv.contains(secret),
+            "a password on a command line:\n{argv}"
+        );
+        for m in &env.members {
+            let log = m.log_text();
+            if let Some(line) = log.lines().find(|l| l.contains(secret)) {
+                panic!("a password in {}'s log: {line}", m.name);
+            }
+            // Except the agent's own configuration, the test's file.
+            let mut found = Vec::new();
+            readable_files_containing(&m.dir, secret, &mut found);
+            found.retain(|f| !f.starts_with(&m.config_path().display().to_string()));
+            assert!(
+                found.is_empty(),
+                "readable files with a password: {found:?}"
+            );
+        }
+    }
+    use std::os::unix::fs::PermissionsExt;
+    for m in &env.members {
+        for file in [m.dir.join("pgpass"), m.data_dir().join("postgresql.conf")] {
+            let mode = std::fs::metadata(&file)
+                .unwrap_or_else(|e| panic!("{}: {e}", file.display()))
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o077,
+                0,
+                "{} is mode {:o}",
+                file.display(),
+                mode & 0o777
+            );
+        }
+        let conf = std::fs::read_to_string(m.data_dir().join("postgresql.conf")).expect("conf");
+        if m.name == "pg0" {
+            assert!(conf.contains("passfile="), "{conf}");
+        }
+    }
+}

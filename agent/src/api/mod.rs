@@ -90,10 +90,14 @@ pub async fn serve(
     ctx: ApiContext,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(ctx);
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move { shutdown.cancelled().await })
-        .await
+    serve_connections(
+        listener,
+        router(ctx),
+        None,
+        shutdown,
+        ConnectionLimits::for_process(),
+    )
+    .await
 }
 
 /// Loads the server certificate chain and key (PEM) for `restapi.certfile`/`keyfile`.
@@ -127,29 +131,215 @@ pub async fn serve_tls(
     tls: Arc<tokio_rustls::rustls::ServerConfig>,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
-    let app = router(ctx);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    serve_connections(
+        listener,
+        router(ctx),
+        Some(acceptor),
+        shutdown,
+        ConnectionLimits::for_process(),
+    )
+    .await
+}
+
+/// Bounds on the REST server's connections. Health checks (HAProxy, Kubernetes probes) open a
+/// connection per check: without these, ~20,000 idle connections used up the agent's file
+/// descriptors and `GET /primary` went unanswered for 50 s, taking the primary out of every
+/// pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConnectionLimits {
+    /// Connections open at once. A new connection beyond it closes the oldest idle one (no
+    /// request in progress), so a health check always gets in; when every connection is in a
+    /// request, the new one is closed instead.
+    pub max_connections: usize,
+    /// Time a connection has to complete the TLS handshake and each request's header, counted
+    /// from its opening or from its previous response: this is also its idle timeout.
+    pub header_timeout: Duration,
+}
+
+impl ConnectionLimits {
+    /// Most connections ever kept open: far above what health checks, peers and scrapers use.
+    const MAX: usize = 1000;
+
+    /// [`Self::MAX`] connections, or half of the file descriptors this process may open when
+    /// that is less (the other half is for etcd, postgres and the files).
+    pub fn for_process() -> Self {
+        let descriptors =
+            nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+                .map(|(soft, _)| usize::try_from(soft).unwrap_or(usize::MAX))
+                .unwrap_or(1024);
+        ConnectionLimits {
+            max_connections: (descriptors / 2).clamp(16, Self::MAX),
+            header_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+/// Raises this process's soft limit on open files to its hard limit (systemd's defaults are
+/// 1024 and 524288): the REST server's connection cap follows it.
+pub fn raise_descriptor_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        if soft < hard {
+            if let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+                tracing::debug!(error = %e, soft, hard, "cannot raise the open files limit");
+            }
+        }
+    }
+}
+
+/// An open connection, as the accept loop sees it.
+struct Tracked {
+    /// Requests in progress on it: 0 means idle, and so the first to go when the cap is hit.
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    close: CancellationToken,
+}
+
+type OpenConnections = Arc<std::sync::Mutex<BTreeMap<u64, Tracked>>>;
+
+/// Closes the oldest connection with no request in progress; false when there is none.
+fn close_oldest_idle(open: &mut BTreeMap<u64, Tracked>) -> bool {
+    use std::sync::atomic::Ordering;
+    let idle = open
+        .iter()
+        .find(|(_, t)| t.in_flight.load(Ordering::Acquire) == 0)
+        .map(|(id, _)| *id);
+    match idle.and_then(|id| open.remove(&id)) {
+        Some(t) => {
+            t.close.cancel();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Counts a request as in progress for as long as it lives.
+struct InFlight(Arc<std::sync::atomic::AtomicUsize>);
+
+impl InFlight {
+    fn enter(count: &Arc<std::sync::atomic::AtomicUsize>) -> Self {
+        count.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        InFlight(count.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// The accept loop of both servers: HTTP/1.1 (what Patroni serves) with a header timeout and
+/// a connection cap, TLS when `tls` is given.
+pub async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    shutdown: CancellationToken,
+    limits: ConnectionLimits,
+) -> std::io::Result<()> {
+    let open: OpenConnections = Arc::default();
+    let mut next_id: u64 = 0;
+    let mut refused_since_log: u64 = 0;
+    let mut last_refusal_log: Option<Instant> = None;
     loop {
-        let (tcp, _) = tokio::select! {
+        let tcp = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             accepted = listener.accept() => match accepted {
-                Ok(a) => a,
+                Ok((tcp, _)) => tcp,
                 Err(e) => {
+                    // Out of descriptors (EMFILE) or a connection reset before it was
+                    // accepted: make room and try again shortly rather than spin.
                     tracing::debug!(error = %e, "accept failed");
+                    if let Ok(mut open) = open.lock() {
+                        close_oldest_idle(&mut open);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
                     continue;
                 }
             },
         };
-        let acceptor = acceptor.clone();
-        let service = hyper_util::service::TowerToHyperService::new(app.clone());
+        let id = next_id;
+        next_id += 1;
+        let in_flight = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let close = shutdown.child_token();
+        {
+            let Ok(mut open) = open.lock() else {
+                return Err(std::io::Error::other("the connection table is poisoned"));
+            };
+            if open.len() >= limits.max_connections && !close_oldest_idle(&mut open) {
+                drop(tcp);
+                refused_since_log += 1;
+                // A flood must not flood the log as well: one line per minute at most.
+                if last_refusal_log.is_none_or(|t| t.elapsed() >= Duration::from_secs(60)) {
+                    tracing::warn!(
+                        max = limits.max_connections,
+                        refused = refused_since_log,
+                        "REST API: every connection is busy with a request; refusing new ones"
+                    );
+                    last_refusal_log = Some(Instant::now());
+                    refused_since_log = 0;
+                }
+                continue;
+            }
+            open.insert(
+                id,
+                Tracked {
+                    in_flight: in_flight.clone(),
+                    close: close.clone(),
+                },
+            );
+        }
+        let open = open.clone();
+        let app = app.clone();
+        let tls = tls.clone();
         tokio::spawn(async move {
-            let Ok(stream) = acceptor.accept(tcp).await else {
+            tokio::select! {
+                _ = close.cancelled() => {}
+                _ = serve_connection(tcp, tls, app, in_flight, limits.header_timeout) => {}
+            }
+            if let Ok(mut open) = open.lock() {
+                open.remove(&id);
+            }
+        });
+    }
+}
+
+async fn serve_connection(
+    tcp: tokio::net::TcpStream,
+    tls: Option<tokio_rustls::TlsAcceptor>,
+    app: Router,
+    in_flight: Arc<std::sync::atomic::AtomicUsize>,
+    header_timeout: Duration,
+) {
+    let app = hyper_util::service::TowerToHyperService::new(app);
+    let service = hyper::service::service_fn(move |request| {
+        let guard = InFlight::enter(&in_flight);
+        let response = hyper::service::Service::call(&app, request);
+        async move {
+            let response = response.await;
+            drop(guard);
+            response
+        }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    match tls {
+        Some(acceptor) => {
+            let Ok(Ok(stream)) = tokio::time::timeout(header_timeout, acceptor.accept(tcp)).await
+            else {
                 return;
             };
-            let _ = hyper::server::conn::http1::Builder::new()
+            let _ = http
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
                 .await;
-        });
+        }
+        None => {
+            let _ = http
+                .serve_connection(hyper_util::rt::TokioIo::new(tcp), service)
+                .await;
+        }
     }
 }
 

@@ -311,3 +311,75 @@ async fn cluster_document_lists_members_with_roles() {
         (200, "[]".to_owned())
     );
 }
+
+/// At the cap, the oldest connection with no request in progress makes room; one in a request
+/// is never closed.
+#[test]
+fn the_oldest_idle_connection_makes_room() {
+    use std::sync::atomic::AtomicUsize;
+    let tracked = |in_flight: usize| Tracked {
+        in_flight: Arc::new(AtomicUsize::new(in_flight)),
+        close: CancellationToken::new(),
+    };
+    let mut open: BTreeMap<u64, Tracked> = [(1, tracked(1)), (2, tracked(0)), (3, tracked(0))]
+        .into_iter()
+        .collect();
+    let second = open[&2].close.clone();
+    assert!(close_oldest_idle(&mut open));
+    assert!(second.is_cancelled());
+    assert_eq!(open.keys().copied().collect::<Vec<_>>(), vec![1, 3]);
+    assert!(close_oldest_idle(&mut open));
+    assert!(
+        !close_oldest_idle(&mut open),
+        "only a busy connection is left"
+    );
+    assert!(!open[&1].close.is_cancelled());
+}
+
+/// A server with a cap of 16 connections and a short header timeout: idle connections beyond
+/// the cap and a silent one past the timeout are closed, and a request still gets its answer.
+#[tokio::test]
+async fn idle_connections_beyond_the_cap_do_not_keep_a_request_out() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let port = listener.local_addr().expect("addr").port();
+    let shutdown = CancellationToken::new();
+    let app = axum::Router::new().fallback(|| async { "ok" });
+    let limits = ConnectionLimits {
+        max_connections: 16,
+        header_timeout: Duration::from_millis(300),
+    };
+    tokio::spawn(serve_connections(
+        listener,
+        app,
+        None,
+        shutdown.clone(),
+        limits,
+    ));
+    let mut idle = Vec::new();
+    for _ in 0..64 {
+        idle.push(
+            tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .expect("connect"),
+        );
+    }
+    let mut client = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .expect("connect");
+    client
+        .write_all(b"GET /primary HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .await
+        .expect("write");
+    let mut answer = String::new();
+    client.read_to_string(&mut answer).await.expect("read");
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    // The first idle connection was closed to make room (or by the header timeout).
+    let mut byte = [0u8; 1];
+    let read = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut byte))
+        .await
+        .expect("closed in time");
+    assert!(matches!(read, Ok(0) | Err(_)));
+    shutdown.cancel();
+}

@@ -119,6 +119,11 @@ impl Config {
             if let Some(f) = file {
                 if std::fs::metadata(f).is_err() {
                     err(key, format!("{} cannot be read", f.display()));
+                } else if key == "restapi.cafile" {
+                    // Refused here rather than failing every call to a peer at run time.
+                    if let Err(reason) = crate::peer::cafile_client(f) {
+                        err(key, reason);
+                    }
                 }
             }
         }

@@ -847,6 +847,7 @@ impl HaLoop {
                     .map(|_| replica::slot_name(&self.config.name)),
                 recovery_target_timeline: "latest".into(),
             }),
+            pgpass: replica::pgpass(&self.config),
         }
     }
 

@@ -30,6 +30,9 @@ pub struct ManagedFiles {
     pub parameters: BTreeMap<String, String>,
     pub pg_hba: Vec<String>,
     pub standby: Option<StandbySettings>,
+    /// The password file `primary_conninfo`, pg_basebackup and pg_rewind read: written with
+    /// the other files, so a standby finds it before postgres starts or reloads.
+    pub pgpass: Option<super::replica::Pgpass>,
 }
 
 /// Splits Patroni's `host[,host...]:port` listen value.
@@ -136,12 +139,39 @@ pub fn render_pg_hba(files: &ManagedFiles) -> Option<String> {
     Some(out)
 }
 
+/// Writes `content` to a new file readable by its owner only, as postgres keeps its own files.
+fn write_private(path: &Path, content: &str) -> io::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::remove_file(path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(e),
+        _ => {}
+    }
+    std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)?
+        .write_all(content.as_bytes())
+}
+
+/// Files written by older versions were world-readable (umask 022): take the others' bits away.
+fn make_private(path: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(path)?.permissions().mode();
+    if mode & 0o007 != 0 {
+        std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode & 0o770))?;
+    }
+    Ok(())
+}
+
 fn write_if_changed(path: &Path, content: &str) -> io::Result<bool> {
     if std::fs::read_to_string(path).ok().as_deref() == Some(content) {
+        make_private(path)?;
         return Ok(false);
     }
     let tmp = path.with_extension("pgwarden-tmp");
-    std::fs::write(&tmp, content)?;
+    write_private(&tmp, content)?;
     std::fs::rename(&tmp, path)?;
     Ok(true)
 }
@@ -150,13 +180,16 @@ fn write_if_changed(path: &Path, content: &str) -> io::Result<bool> {
 ///
 /// `standby.signal` is created or removed to match `files.standby`.
 pub fn write(data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
+    if let Some(pgpass) = &files.pgpass {
+        pgpass.write()?;
+    }
     let conf = data_dir.join("postgresql.conf");
     let base = data_dir.join("postgresql.base.conf");
     if !base.exists() {
         if conf.exists() {
             std::fs::rename(&conf, &base)?;
         } else {
-            std::fs::write(&base, "")?;
+            write_private(&base, "")?;
         }
     }
     let mut changed = write_if_changed(&conf, &render_postgresql_conf(files))?;
@@ -166,7 +199,7 @@ pub fn write(data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
     let signal = data_dir.join("standby.signal");
     match (&files.standby, signal.exists()) {
         (Some(_), false) => {
-            std::fs::write(&signal, "")?;
+            write_private(&signal, "")?;
             changed = true;
         }
         (None, true) => {
@@ -183,7 +216,7 @@ pub fn write(data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
 /// of an idle cycle. The files' metadata says whether anything touched them since.
 #[derive(Debug, Default)]
 pub struct LastWrite {
-    last: Option<(PathBuf, ManagedFiles, [Option<Stamp>; 4])>,
+    last: Option<(PathBuf, ManagedFiles, [Option<Stamp>; 5])>,
 }
 
 /// Size, inode and change time (which, unlike the modification time, cannot be set back): an
@@ -195,27 +228,28 @@ struct Stamp {
     ctime: (i64, i64),
 }
 
-fn stamps(data_dir: &Path) -> [Option<Stamp>; 4] {
-    [
-        "postgresql.conf",
-        "pg_hba.conf",
-        "postgresql.base.conf",
-        "standby.signal",
-    ]
-    .map(|name| {
-        std::fs::metadata(data_dir.join(name)).ok().map(|m| Stamp {
+fn stamps(data_dir: &Path, files: &ManagedFiles) -> [Option<Stamp>; 5] {
+    let stamp = |path: &Path| {
+        std::fs::symlink_metadata(path).ok().map(|m| Stamp {
             len: m.len(),
             ino: m.ino(),
             ctime: (m.ctime(), m.ctime_nsec()),
         })
-    })
+    };
+    [
+        stamp(&data_dir.join("postgresql.conf")),
+        stamp(&data_dir.join("pg_hba.conf")),
+        stamp(&data_dir.join("postgresql.base.conf")),
+        stamp(&data_dir.join("standby.signal")),
+        files.pgpass.as_ref().and_then(|p| stamp(&p.path)),
+    ]
 }
 
 impl LastWrite {
     /// [`write`], answered without reading the files when `files` are what was written last
     /// and none of them was touched since.
     pub fn write(&mut self, data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
-        let now = stamps(data_dir);
+        let now = stamps(data_dir, files);
         if let Some((dir, last, then)) = &self.last {
             if dir == data_dir && last == files && *then == now {
                 return Ok(false);
@@ -223,7 +257,7 @@ impl LastWrite {
         }
         self.last = None;
         let changed = write(data_dir, files)?;
-        self.last = Some((data_dir.to_owned(), files.clone(), stamps(data_dir)));
+        self.last = Some((data_dir.to_owned(), files.clone(), stamps(data_dir, files)));
         Ok(changed)
     }
 }
@@ -271,6 +305,7 @@ mod tests {
             parameters: [("application_name".to_owned(), "it's".to_owned())].into(),
             pg_hba: vec![],
             standby: None,
+            pgpass: None,
         };
         let text = render_postgresql_conf(&files);
         assert!(text.contains("application_name = 'it''s'"));
@@ -289,6 +324,7 @@ mod tests {
                 primary_slot_name: None,
                 recovery_target_timeline: "latest".into(),
             }),
+            pgpass: None,
         };
         let mut last = LastWrite::default();
         assert!(last.write(dir.path(), &files).expect("first"));
@@ -332,8 +368,27 @@ mod tests {
                 primary_slot_name: None,
                 recovery_target_timeline: "latest".into(),
             }),
+            pgpass: None,
         };
         assert!(write(dir.path(), &files).expect("write"));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = |name: &str| {
+            std::fs::metadata(dir.path().join(name))
+                .expect("written")
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        // primary_conninfo and pg_hba.conf are nobody else's business.
+        assert_eq!(mode("postgresql.conf"), 0o600);
+        assert_eq!(mode("pg_hba.conf"), 0o600);
+        std::fs::set_permissions(
+            dir.path().join("postgresql.conf"),
+            std::fs::Permissions::from_mode(0o644),
+        )
+        .expect("chmod");
+        assert!(!write(dir.path(), &files).expect("unchanged"));
+        assert_eq!(mode("postgresql.conf"), 0o640);
         assert!(
             std::fs::read_to_string(dir.path().join("postgresql.base.conf"))
                 .expect("base")

@@ -168,7 +168,7 @@ pub async fn post_bootstrap(config: &Config, probe: &Probe) -> Result<(), Initdb
         return Ok(());
     }
     probe
-        .execute(&sql)
+        .execute_unlogged(&sql)
         .await
         .map_err(InitdbError::PostBootstrap)
 }

@@ -297,6 +297,34 @@ impl Probe {
         })
         .await
     }
+
+    /// [`Probe::execute`] with postgres' statement logging off around it, on one session: for
+    /// statements that carry a password (`CREATE ROLE … PASSWORD`), which postgres would
+    /// otherwise write to its log (and so ours) under `log_statement`, a slow-statement log or
+    /// an error's context. As Patroni does for the roles it creates.
+    pub async fn execute_unlogged(&self, sql: &str) -> Result<(), ProbeError> {
+        const QUIET: &str = "SET log_statement TO none; SET log_min_duration_statement TO -1; \
+                             SET log_min_error_statement TO panic; SET log_min_messages TO panic";
+        const RESET: &str = "RESET log_statement; RESET log_min_duration_statement; \
+                             RESET log_min_error_statement; RESET log_min_messages";
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        let sql = sql.to_owned();
+        self.with_client(move |s| {
+            let sql = sql.clone();
+            async move {
+                // Separate round trips: postgres logs a multi-statement query as a whole
+                // before running its first statement.
+                let mut r = s.client.batch_execute(QUIET).await;
+                if r.is_ok() {
+                    r = s.client.batch_execute(&sql).await;
+                    let reset = s.client.batch_execute(RESET).await;
+                    r = r.and(reset);
+                }
+                (s, r.map_err(ProbeError::Query))
+            }
+        })
+        .await
+    }
 }
 
 /// The status query's `pg_stat_replication` column: `[[usename, application_name, client_addr,

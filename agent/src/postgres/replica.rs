@@ -1,7 +1,7 @@
 //! Making and re-pointing replicas: `pg_basebackup` from the leader, `pg_rewind` of a former
 //! primary, and the `primary_conninfo` a standby follows.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use crate::config::Config;
 use crate::dcs::MemberRecord;
@@ -21,6 +21,8 @@ pub enum ReplicaError {
     Prepare(#[source] std::io::Error),
     #[error("cannot flush the cloned data directory to disk")]
     Sync(#[source] std::io::Error),
+    #[error("cannot write the password file {0}")]
+    Pgpass(String, #[source] std::io::Error),
 }
 
 impl ReplicaError {
@@ -115,7 +117,116 @@ fn conninfo_quote(v: &str) -> String {
     format!("'{}'", v.replace('\\', "\\\\").replace('\'', "\\'"))
 }
 
-/// `primary_conninfo` for following `upstream` as the replication user.
+/// The password file the agent writes for libpq (`postgresql.pgpass`, Patroni's default
+/// `~/pgpass`), as an absolute path: postgres reads `passfile` from `primary_conninfo` with the
+/// data directory as its working directory.
+pub fn pgpass_path(config: &Config) -> PathBuf {
+    let path = config.postgresql.pgpass.clone().unwrap_or_else(|| {
+        let home = std::env::var_os("HOME")
+            .filter(|h| !h.is_empty())
+            .map(PathBuf::from)
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::getuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.dir)
+            })
+            .unwrap_or_else(std::env::temp_dir);
+        home.join("pgpass")
+    });
+    std::path::absolute(&path).unwrap_or(path)
+}
+
+/// The password file's path and content. The content is a secret: `Debug` never shows it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Pgpass {
+    pub path: PathBuf,
+    content: String,
+}
+
+impl std::fmt::Debug for Pgpass {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pgpass")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn pgpass_escape(v: &str) -> String {
+    v.replace('\\', "\\\\").replace(':', "\\:")
+}
+
+/// The lines for the replication user and the user pg_rewind connects as (the rewind user, else
+/// the superuser), for any host: the file then does not change when the leader does, so
+/// postgres never reads a file being replaced for another upstream. `None` when neither has a
+/// password (trust or certificate authentication).
+pub fn pgpass(config: &Config) -> Option<Pgpass> {
+    let auth = &config.postgresql.authentication;
+    let rewind = auth.rewind.as_ref().unwrap_or(&auth.superuser);
+    let mut content = String::new();
+    for user in [&auth.replication, rewind] {
+        if let Some(password) = &user.password {
+            let line = format!(
+                "*:*:*:{}:{}\n",
+                pgpass_escape(&user.username),
+                pgpass_escape(password)
+            );
+            if !content.contains(&line) {
+                content.push_str(&line);
+            }
+        }
+    }
+    (!content.is_empty()).then(|| Pgpass {
+        path: pgpass_path(config),
+        content,
+    })
+}
+
+impl Pgpass {
+    /// Writes the file, mode 0600 from its creation (libpq ignores a file others can read),
+    /// unless it already holds this content with that mode. Replaced by a rename, so a reader
+    /// never sees half a file and a symlink planted at the path is replaced, not followed.
+    pub fn write(&self) -> std::io::Result<()> {
+        use std::io::Write;
+        use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+        if let Ok(meta) = std::fs::symlink_metadata(&self.path) {
+            if meta.is_file()
+                && meta.permissions().mode() & 0o077 == 0
+                && std::fs::read_to_string(&self.path).ok().as_deref() == Some(&self.content)
+            {
+                return Ok(());
+            }
+            if meta.is_dir() {
+                return Err(std::io::Error::other(format!(
+                    "{} is a directory; check postgresql.pgpass",
+                    self.path.display()
+                )));
+            }
+        }
+        if let Some(dir) = self.path.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        let mut tmp = self.path.clone().into_os_string();
+        tmp.push(".pgwarden-tmp");
+        let tmp = PathBuf::from(tmp);
+        match std::fs::remove_file(&tmp) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+            _ => {}
+        }
+        let mut file = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
+        file.write_all(self.content.as_bytes())?;
+        file.sync_all()?;
+        std::fs::rename(&tmp, &self.path)
+    }
+}
+
+/// `primary_conninfo` for following `upstream` as the replication user. The password is never
+/// in it (postgres logs the setting when it changes, and it lands in `postgresql.conf`):
+/// `passfile` names the [`pgpass`] file instead, as Patroni does.
 pub fn primary_conninfo(config: &Config, upstream: &Upstream) -> String {
     let repl = &config.postgresql.authentication.replication;
     let mut parts = vec![
@@ -126,26 +237,40 @@ pub fn primary_conninfo(config: &Config, upstream: &Upstream) -> String {
         "sslmode=prefer".to_owned(),
         "target_session_attrs=any".to_owned(),
     ];
-    if let Some(pw) = &repl.password {
-        parts.push(format!("password={}", conninfo_quote(pw)));
+    if repl.password.is_some() {
+        parts.push(format!(
+            "passfile={}",
+            conninfo_quote(&pgpass_path(config).to_string_lossy())
+        ));
     }
     parts.join(" ")
 }
 
-/// Superuser (or rewind user) connection string to `upstream`, for pg_rewind.
+/// Superuser (or rewind user) connection string to `upstream`, for pg_rewind; its password
+/// comes from the [`pgpass`] file through `PGPASSFILE`.
 pub fn rewind_conninfo(config: &Config, upstream: &Upstream) -> String {
     let auth = &config.postgresql.authentication;
     let user = auth.rewind.as_ref().unwrap_or(&auth.superuser);
-    let mut parts = vec![
+    [
         format!("host={}", conninfo_quote(&upstream.host)),
         format!("port={}", upstream.port),
         format!("user={}", conninfo_quote(&user.username)),
         "dbname=postgres".to_owned(),
-    ];
-    if let Some(pw) = &user.password {
-        parts.push(format!("password={}", conninfo_quote(pw)));
+    ]
+    .join(" ")
+}
+
+/// Points a pg_basebackup or pg_rewind at the password file (written first), never a password
+/// on its command line or in its environment.
+fn use_pgpass(config: &Config, cmd: &mut tokio::process::Command) -> Result<(), ReplicaError> {
+    cmd.env_remove("PGPASSWORD");
+    if let Some(pgpass) = pgpass(config) {
+        pgpass
+            .write()
+            .map_err(|e| ReplicaError::Pgpass(pgpass.path.display().to_string(), e))?;
+        cmd.env("PGPASSFILE", &pgpass.path);
     }
-    parts.join(" ")
+    Ok(())
 }
 
 async fn run(tool: &'static str, mut cmd: tokio::process::Command) -> Result<(), ReplicaError> {
@@ -176,7 +301,6 @@ pub async fn basebackup(
     }
     std::fs::create_dir_all(data_dir).map_err(ReplicaError::Prepare)?;
     set_private(data_dir).map_err(ReplicaError::Prepare)?;
-    let repl = &config.postgresql.authentication.replication;
     let mut cmd = tokio::process::Command::new(bin_dir.join("pg_basebackup"));
     cmd.arg("--pgdata")
         .arg(data_dir)
@@ -186,9 +310,7 @@ pub async fn basebackup(
         .arg("--no-sync")
         .arg("--no-password")
         .arg(format!("--dbname={}", primary_conninfo(config, upstream)));
-    if let Some(pw) = &repl.password {
-        cmd.env("PGPASSWORD", pw);
-    }
+    use_pgpass(config, &mut cmd)?;
     let mut result = run("pg_basebackup", cmd).await;
     if result.is_ok() {
         result = super::initdb::sync_data_dir(data_dir)
@@ -249,6 +371,7 @@ pub async fn rewind(
             rewind_conninfo(config, upstream)
         ))
         .arg("--no-sync");
+    use_pgpass(config, &mut cmd)?;
     run("pg_rewind", cmd).await
 }
 
@@ -310,13 +433,15 @@ mod tests {
     }
 
     #[test]
-    fn conninfo_quotes_values() {
+    fn conninfo_quotes_values_and_names_the_password_file_not_the_password() {
         let mut config = Config {
             name: "pg1".into(),
             ..Default::default()
         };
+        config.postgresql.pgpass = Some("/var/lib/it's/pgpass".into());
         config.postgresql.authentication.replication.username = "rep".into();
-        config.postgresql.authentication.replication.password = Some("it's".into());
+        config.postgresql.authentication.replication.password = Some("s3cret".into());
+        config.postgresql.authentication.superuser.password = Some("su-s3cret".into());
         let up = Upstream {
             name: "pg0".into(),
             host: "10.0.0.1".into(),
@@ -324,8 +449,59 @@ mod tests {
         };
         let ci = primary_conninfo(&config, &up);
         assert!(ci.contains("host='10.0.0.1' port=5433 user='rep'"));
-        assert!(ci.contains(r"password='it\'s'"));
+        assert!(ci.contains(r"passfile='/var/lib/it\'s/pgpass'"), "{ci}");
         assert!(ci.contains("application_name='pg1'"));
+        for ci in [ci, rewind_conninfo(&config, &up)] {
+            assert!(!ci.contains("s3cret") && !ci.contains("password"), "{ci}");
+        }
+        // Without a password there is nothing to read.
+        config.postgresql.authentication.replication.password = None;
+        assert!(!primary_conninfo(&config, &up).contains("passfile"));
+    }
+
+    #[test]
+    fn the_password_file_has_a_line_per_user_escaped_and_private() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let mut config = Config::default();
+        config.postgresql.pgpass = Some(dir.path().join("sub/pgpass"));
+        let auth = &mut config.postgresql.authentication;
+        auth.replication.username = "rep".into();
+        auth.replication.password = Some(r"a:b\c".into());
+        auth.superuser.username = "postgres".into();
+        auth.superuser.password = Some("su-pw-42".into());
+        let file = pgpass(&config).expect("passwords given");
+        assert_eq!(
+            file.content,
+            "*:*:*:rep:a\\:b\\\\c\n*:*:*:postgres:su-pw-42\n"
+        );
+        assert!(!format!("{file:?}").contains("su-pw-42"));
+        // Stale, world-readable content is replaced by a private file.
+        std::fs::create_dir_all(dir.path().join("sub")).expect("mkdir");
+        std::fs::write(&file.path, "old").expect("seed");
+        file.write().expect("write");
+        file.write().expect("unchanged");
+        use std::os::unix::fs::PermissionsExt;
+        let meta = std::fs::metadata(&file.path).expect("written");
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        assert_eq!(
+            std::fs::read_to_string(&file.path).expect("read"),
+            file.content
+        );
+        // A rewind user replaces the superuser; no password, no file.
+        let auth = &mut config.postgresql.authentication;
+        auth.rewind = Some(crate::config::Credentials {
+            username: "rewinder".into(),
+            password: Some("rw".into()),
+        });
+        assert!(pgpass(&config)
+            .expect("passwords")
+            .content
+            .ends_with("*:*:*:rewinder:rw\n"));
+        let auth = &mut config.postgresql.authentication;
+        auth.rewind = None;
+        auth.replication.password = None;
+        auth.superuser.password = None;
+        assert_eq!(pgpass(&config), None);
     }
 
     #[test]

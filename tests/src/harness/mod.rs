@@ -374,6 +374,9 @@ pub struct Member {
     /// Extra environment of the agent process (Kubernetes mode: pod name, namespace,
     /// kubeconfig).
     pub env: Vec<(String, String)>,
+    /// A program and arguments the agent is run through, which must exec it in the same process
+    /// (`prlimit --nofile=1024:1024 --`).
+    pub launcher: Vec<String>,
 }
 
 impl Member {
@@ -412,6 +415,7 @@ postgresql:
   connect_address: 127.0.0.1:{pg_port}
   data_dir: {data}
   bin_dir: {bin}
+  pgpass: {dir}/pgpass
   parameters:
     unix_socket_directories: {dir}
   pg_hba:
@@ -449,6 +453,7 @@ tags: {{}}
             process: None,
             superuser_password: "su-secret".into(),
             env: Vec::new(),
+            launcher: Vec::new(),
         }
     }
 
@@ -486,9 +491,17 @@ tags: {{}}
 
     fn start(&mut self, run_as: Option<&RunAs>) -> anyhow::Result<()> {
         use std::os::unix::process::CommandExt;
-        let mut cmd = match self.kind {
-            AgentKind::Pgwarden => Command::new(agent_binary()),
-            AgentKind::Patroni => Command::new("patroni"),
+        let program = match self.kind {
+            AgentKind::Pgwarden => agent_binary(),
+            AgentKind::Patroni => PathBuf::from("patroni"),
+        };
+        let mut cmd = match self.launcher.split_first() {
+            Some((launcher, args)) => {
+                let mut cmd = Command::new(launcher);
+                cmd.args(args).arg(program);
+                cmd
+            }
+            None => Command::new(program),
         };
         cmd.arg(self.config_path())
             .env("RUST_LOG", "info,pgwarden=debug,tokio_postgres=info")
