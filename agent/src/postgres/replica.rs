@@ -123,9 +123,13 @@ pub fn primary_conninfo(config: &Config, upstream: &Upstream) -> String {
         format!("port={}", upstream.port),
         format!("user={}", conninfo_quote(&repl.username)),
         format!("application_name={}", conninfo_quote(&config.name)),
-        "sslmode=prefer".to_owned(),
         "target_session_attrs=any".to_owned(),
     ];
+    parts.extend(
+        repl.ssl_options()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", conninfo_quote(&v))),
+    );
     if let Some(pw) = &repl.password {
         parts.push(format!("password={}", conninfo_quote(pw)));
     }
@@ -142,6 +146,11 @@ pub fn rewind_conninfo(config: &Config, upstream: &Upstream) -> String {
         format!("user={}", conninfo_quote(&user.username)),
         "dbname=postgres".to_owned(),
     ];
+    parts.extend(
+        user.ssl_options()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", conninfo_quote(&v))),
+    );
     if let Some(pw) = &user.password {
         parts.push(format!("password={}", conninfo_quote(pw)));
     }
