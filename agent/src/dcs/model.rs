@@ -268,10 +268,11 @@ impl MemberRecord {
         }
     }
 
+    /// A boolean tag, written as Patroni accepts it (`true`, `"true"`, `"on"`, …).
     pub fn tag_bool(&self, tag: &str) -> bool {
         self.tags
             .get(tag)
-            .and_then(|v| v.as_bool())
+            .and_then(crate::config::flex::parse_bool)
             .unwrap_or(false)
     }
 }
