@@ -220,6 +220,14 @@ impl DynamicConfig {
             return (previous.clone(), warnings);
         };
         warnings.extend(config.unimplemented("config"));
+        warnings.extend(managed_warnings(
+            config
+                .postgresql
+                .parameters
+                .iter()
+                .map(|(k, v)| (k, v.as_setting())),
+            "config.postgresql.parameters",
+        ));
         warnings.extend(config.adjust_timeouts("config"));
         (config, warnings)
     }
@@ -276,6 +284,64 @@ fn insert(obj: &mut Map<String, Value>, path: &[String], value: Value) {
     if let Value::Object(inner) = entry {
         insert(inner, rest, value);
     }
+}
+
+/// Parameters replication depends on, with Patroni's lower bounds and the value used instead of
+/// one below it (Patroni's `CMDLINE_OPTIONS`): `(name, minimum or required value, default)`.
+const MANAGED: [(&str, Managed, &str); 10] = [
+    (
+        "wal_level",
+        Managed::OneOf(&["replica", "hot_standby", "logical"]),
+        "replica",
+    ),
+    ("hot_standby", Managed::On, "on"),
+    ("wal_log_hints", Managed::On, "on"),
+    ("max_connections", Managed::AtLeast(25), "100"),
+    ("max_wal_senders", Managed::AtLeast(3), "10"),
+    ("max_replication_slots", Managed::AtLeast(4), "10"),
+    ("max_worker_processes", Managed::AtLeast(2), "8"),
+    ("max_locks_per_transaction", Managed::AtLeast(32), "64"),
+    ("max_prepared_transactions", Managed::AtLeast(0), "0"),
+    ("wal_keep_segments", Managed::AtLeast(1), "8"),
+];
+
+enum Managed {
+    OneOf(&'static [&'static str]),
+    On,
+    AtLeast(i64),
+}
+
+/// The value postgres must run with instead of `value` for `name`, when Patroni would refuse
+/// it (`wal_level: minimal`, `hot_standby: off`, `max_wal_senders: 1`, …).
+pub fn managed_replacement(name: &str, value: &str) -> Option<&'static str> {
+    let (_, rule, default) = MANAGED
+        .iter()
+        .find(|(n, _, _)| n.eq_ignore_ascii_case(name))?;
+    let v = Value::String(value.to_owned());
+    let ok = match rule {
+        Managed::OneOf(allowed) => allowed.iter().any(|a| a.eq_ignore_ascii_case(value.trim())),
+        Managed::On => flex::parse_bool(&v) == Some(true),
+        Managed::AtLeast(min) => flex::parse_int(&v).is_some_and(|i| i >= *min),
+    };
+    (!ok).then_some(*default)
+}
+
+/// Warnings for parameters under `prefix` that [`managed_replacement`] overrides.
+pub fn managed_warnings<'a>(
+    params: impl IntoIterator<Item = (&'a String, String)>,
+    prefix: &str,
+) -> Vec<String> {
+    params
+        .into_iter()
+        .filter_map(|(name, value)| {
+            managed_replacement(name, &value).map(|default| {
+                format!(
+                    "`{prefix}.{name}` = {value:?} would break replication or failover; \
+                     {default} is used instead (as Patroni does)"
+                )
+            })
+        })
+        .collect()
 }
 
 /// Checks the keys a `PATCH /config` (or `PUT /config`) body sets; `Err` names the key and

@@ -79,6 +79,18 @@ pub fn load_str(
     config.validate().map_err(ConfigError::Invalid)?;
     warnings.extend(tls_warnings(&config));
     warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
+    for (prefix, params) in [
+        (
+            "bootstrap.dcs.postgresql.parameters",
+            &config.bootstrap.dcs.postgresql.parameters,
+        ),
+        ("postgresql.parameters", &config.postgresql.parameters),
+    ] {
+        warnings.extend(super::dynamic::managed_warnings(
+            params.iter().map(|(k, v)| (k, v.as_setting())),
+            prefix,
+        ));
+    }
     warnings.extend(config.bootstrap.dcs.adjust_timeouts("bootstrap.dcs"));
     Ok(Loaded { config, warnings })
 }

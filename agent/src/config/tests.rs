@@ -612,3 +612,30 @@ fn patroni_restapi_and_ssl_environment_variables_apply() {
         other => panic!("verify_client required must be refused: {other:?}"),
     }
 }
+
+#[test]
+fn parameters_replication_depends_on_are_kept_usable_with_a_warning() {
+    use super::dynamic::managed_replacement;
+    assert_eq!(managed_replacement("wal_level", "minimal"), Some("replica"));
+    assert_eq!(managed_replacement("wal_level", "logical"), None);
+    assert_eq!(managed_replacement("hot_standby", "off"), Some("on"));
+    assert_eq!(managed_replacement("hot_standby", "on"), None);
+    assert_eq!(managed_replacement("max_wal_senders", "1"), Some("10"));
+    assert_eq!(managed_replacement("max_connections", "50"), None);
+    assert_eq!(managed_replacement("work_mem", "1kB"), None);
+    let yaml = PATRONI_YML.replace(
+        "        hot_standby: \"on\"\n",
+        "        hot_standby: \"off\"\n",
+    );
+    let loaded = load_ok(&yaml);
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("`bootstrap.dcs.postgresql.parameters.hot_standby`")),
+        "{:?}",
+        loaded.warnings
+    );
+    let p = crate::postgres::conf::parameters(&loaded.config, &loaded.config.bootstrap.dcs);
+    assert_eq!(p["hot_standby"], "on");
+}

@@ -321,11 +321,7 @@ impl ClusterView {
         self.config
             .as_ref()
             .and_then(|c| c.value.get("pause"))
-            .map(|p| match p {
-                serde_json::Value::Bool(b) => *b,
-                serde_json::Value::String(s) => matches!(s.as_str(), "true" | "on" | "yes"),
-                _ => false,
-            })
+            .map(|p| crate::config::flex::parse_bool(p).unwrap_or(false))
             .unwrap_or(false)
     }
 

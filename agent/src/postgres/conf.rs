@@ -68,6 +68,12 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
     };
     params.extend(as_settings(&dynamic.postgresql.parameters));
     params.extend(as_settings(&config.postgresql.parameters));
+    // Values replication cannot work with are replaced (the loader and the DCS parser warn).
+    for (name, value) in params.iter_mut() {
+        if let Some(default) = crate::config::dynamic::managed_replacement(name, value) {
+            *value = default.to_owned();
+        }
+    }
     translate_for_version(&mut params, major_version(&config.postgresql.data_dir));
     let (hosts, port) = split_listen(&config.postgresql.listen);
     if !hosts.is_empty() {
