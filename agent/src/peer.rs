@@ -399,14 +399,17 @@ pub fn parse_status(name: &str, body: &str) -> Result<PeerStatus, PeerError> {
     };
     let tags = json.get("tags");
     let tag = |k: &str| tags.and_then(|t| t.get(k));
+    // Patroni publishes tags as written: `"1"` and `"true"` count as 1 and true.
     let failover_priority = tag("failover_priority")
-        .and_then(serde_json::Value::as_i64)
+        .and_then(crate::config::flex::parse_int)
         .unwrap_or(1);
     Ok(PeerStatus {
         name: name.to_owned(),
         is_primary,
         wal_position,
-        nofailover: tag("nofailover").and_then(|v| v.as_bool()).unwrap_or(false)
+        nofailover: tag("nofailover")
+            .and_then(crate::config::flex::parse_bool)
+            .unwrap_or(false)
             || failover_priority <= 0,
         failover_priority,
         watchdog_failed: json

@@ -349,13 +349,11 @@ impl Agent {
 
     /// `HaLoop::apply_dynamic_config`.
     fn apply_dynamic_config(&mut self, value: &serde_json::Value) {
-        let Ok(mut d) = serde_json::from_value::<pgwarden::config::DynamicConfig>(value.clone())
-        else {
-            return;
-        };
-        if d.loop_wait + 2 * d.retry_timeout > d.ttl {
-            d.loop_wait = d.ttl.saturating_sub(2 * d.retry_timeout).max(1);
-        }
+        // The agent's parser: value by value, Patroni's timeout adjustment.
+        let (d, _warnings) = pgwarden::config::DynamicConfig::from_dcs(
+            value,
+            &pgwarden::config::DynamicConfig::default(),
+        );
         if u64::from(d.ttl) != self.dynamic.ttl {
             self.lease_ttl = u64::from(d.ttl.max(1));
         }

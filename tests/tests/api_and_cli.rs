@@ -81,8 +81,9 @@ fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = [
         (
-            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {ttl: 20}}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n",
-            "bootstrap.dcs.loop_wait",
+            // Ignored, it would bootstrap an independent writable cluster: refused.
+            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {standby_cluster: {host: 10.0.0.1, port: 5432}}}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n",
+            "bootstrap.dcs.standby_cluster",
         ),
         (
             "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {ttl: oops}}\n",
@@ -669,5 +670,233 @@ async fn a_second_agent_with_the_same_name_is_refused_at_critical() {
     assert_eq!(
         env.members[0].api_get("/primary").await.map(|(s, _)| s),
         Some(200)
+    );
+}
+
+/// Patroni 4.1's `postgres0.yml`, with only the addresses, paths and DCS section (`etcd3`)
+/// changed for this machine: `wal_keep_segments` (renamed `wal_keep_size` in PostgreSQL 13),
+/// the pre-4.0 `master_start_timeout`, `pg_hba` in `bootstrap.dcs`, tags written as strings.
+fn patroni_sample(m: &pgwarden_tests::harness::Member, etcd: &str, bin: &str) -> String {
+    format!(
+        r#"
+scope: batman
+namespace: /service/
+name: {name}
+
+restapi:
+  listen: 127.0.0.1:{api}
+  connect_address: 127.0.0.1:{api}
+
+etcd3:
+  host: {etcd}
+
+bootstrap:
+  dcs:
+    ttl: 30
+    loop_wait: 10
+    retry_timeout: 10
+    maximum_lag_on_failover: 1048576
+    master_start_timeout: 300
+    postgresql:
+      use_pg_rewind: true
+      pg_hba:
+      - local all all trust
+      - host replication replicator 127.0.0.1/32 md5
+      - host all all 0.0.0.0/0 md5
+      parameters:
+        wal_keep_segments: 100
+        max_connections: 50
+  initdb:
+  - encoding: UTF8
+  - data-checksums
+
+postgresql:
+  listen: 127.0.0.1:{pg}
+  connect_address: 127.0.0.1:{pg}
+  data_dir: {dir}/data
+  bin_dir: {bin}
+  pgpass: {dir}/pgpass0
+  authentication:
+    replication:
+      username: replicator
+      password: rep-pass
+    superuser:
+      username: postgres
+      password: su-secret
+    rewind:
+      username: rewind_user
+      password: rewind_password
+  parameters:
+    unix_socket_directories: '..'
+
+tags:
+  nofailover: "false"
+  failover_priority: "1"
+  noloadbalance: false
+  clonefrom: "true"
+  nosync: false
+  nostream: false
+"#,
+        name = m.name,
+        api = m.api_port,
+        pg = m.pg_port,
+        dir = m.dir.display(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_patroni_sample_configuration_starts_unchanged_with_tls_from_the_environment() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "batman".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let (cert, key) = pgwarden_tests::harness::tls::self_signed(
+        env.dir.path(),
+        "api",
+        "127.0.0.1",
+        "IP:127.0.0.1",
+    )
+    .expect("certificate");
+    let i = env.add_member("postgresql0");
+    let bin = std::env::var("PGWARDEN_PG_BIN_DIR")
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let yaml = patroni_sample(&env.members[i], &env.etcd.endpoint(), &bin);
+    let m = &mut env.members[i];
+    m.config = serde_yaml::from_str(&yaml).expect("the sample is YAML");
+    // Patroni's variables for the REST API's TLS, as a container image sets them.
+    for (k, v) in [
+        ("PATRONI_RESTAPI_CERTFILE", cert.display().to_string()),
+        ("PATRONI_RESTAPI_KEYFILE", key.display().to_string()),
+        ("PATRONI_RESTAPI_CAFILE", cert.display().to_string()),
+        ("PATRONI_RESTAPI_VERIFY_CLIENT", "none".into()),
+    ] {
+        m.env.push((k.into(), v));
+    }
+    env.start_member(i).expect("start");
+    let m = &env.members[0];
+    // The harness's own wait asks /primary over http; the API serves https here.
+    pgwarden_tests::harness::wait_until("a writable leader", T, || async {
+        env.leader().await.as_deref() == Some("postgresql0")
+            && m.sql("SELECT pg_is_in_recovery()::text")
+                .await
+                .is_ok_and(|r| r == vec!["false"])
+    })
+    .await;
+    assert_eq!(
+        m.sql("SHOW wal_keep_size").await.expect("sql"),
+        vec!["1600MB"],
+        "wal_keep_segments 100 became wal_keep_size on PostgreSQL 15"
+    );
+    let key = env.key("members/postgresql0");
+    pgwarden_tests::harness::wait_until("the member record is written", T, || async {
+        env.etcd
+            .get(&key)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|r| r.contains("\"state\":\"running\""))
+    })
+    .await;
+    let record: serde_json::Value = serde_json::from_str(
+        &env.etcd
+            .get(&key)
+            .await
+            .expect("etcd")
+            .expect("member record"),
+    )
+    .expect("JSON");
+    assert_eq!(
+        record["tags"],
+        serde_json::json!({"nofailover": "false", "failover_priority": "1", "clonefrom": "true"}),
+        "tags are published as written"
+    );
+    assert_eq!(
+        record["api_url"],
+        format!("https://127.0.0.1:{}/patroni", m.api_port)
+    );
+    let (code, body) =
+        pgwarden_tests::harness::https_request("GET", m.api_port, "/patroni", None, None)
+            .await
+            .expect("the API answers over https");
+    assert_eq!(code, 200, "{body}");
+    assert!(body.contains("\"clonefrom\":\"true\""), "{body}");
+    let config = env
+        .etcd
+        .get(&env.key("config"))
+        .await
+        .expect("etcd")
+        .expect("config");
+    assert!(config.contains("\"primary_start_timeout\":300"), "{config}");
+    assert!(
+        !m.log_text().contains("` ignored"),
+        "nothing of the sample is ignored: {}",
+        m.log_tail(40)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn inconsistent_timeouts_are_adjusted_bad_patches_refused_and_a_bad_dcs_value_costs_only_itself(
+) {
+    let mut env = TestEnv::start(ClusterOptions {
+        ttl: 20,
+        loop_wait: 2,
+        retry_timeout: 10,
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("start");
+    assert_eq!(env.wait_for_leader(T).await, "pg0");
+    let m = &env.members[0];
+    let log = m.log_text();
+    assert!(
+        log.contains("adjusted as Patroni does: loop_wait = 1, retry_timeout = 9"),
+        "{}",
+        m.log_tail(40)
+    );
+
+    for (patch, key) in [
+        (r#"{"ttl":"abc"}"#, "`ttl`"),
+        (r#"{"ttl":-5}"#, "`ttl`"),
+        (r#"{"ttl":0}"#, "`ttl`"),
+        (r#"{"synchronous_mode":"quorum"}"#, "`synchronous_mode`"),
+    ] {
+        let (code, body) = m
+            .api_request("PATCH", "/config", Some(patch))
+            .await
+            .expect("the API answers");
+        assert_eq!(code, 400, "{patch}: {body}");
+        assert!(body.contains(key), "{patch}: {body}");
+    }
+    let config = env
+        .etcd
+        .get(&env.key("config"))
+        .await
+        .expect("etcd")
+        .expect("config");
+    assert!(
+        !config.contains("abc") && !config.contains("quorum"),
+        "{config}"
+    );
+
+    // One invalid value in the key; the change next to it still applies.
+    env.etcd
+        .put(
+            &env.key("config"),
+            r#"{"ttl":20,"loop_wait":"soon","retry_timeout":9,"postgresql":{"use_pg_rewind":true,"parameters":{"max_connections":50,"shared_buffers":"16MB","work_mem":"7MB"}}}"#,
+        )
+        .await
+        .expect("etcd put");
+    pgwarden_tests::harness::wait_until("work_mem from the DCS applies", T, || async {
+        m.sql("SHOW work_mem").await.is_ok_and(|r| r == vec!["7MB"])
+    })
+    .await;
+    assert!(
+        m.log_text().contains("`config.loop_wait`"),
+        "the invalid value is named: {}",
+        m.log_tail(40)
     );
 }

@@ -109,7 +109,12 @@ fn replica_ok(status: &AgentStatus, query: &BTreeMap<String, String>) -> bool {
     if status.effective_role() != Role::Replica || status.state != PgState::Running {
         return false;
     }
-    if status.tags.get("noloadbalance").and_then(|v| v.as_bool()) == Some(true) {
+    if status
+        .tags
+        .get("noloadbalance")
+        .and_then(crate::config::flex::parse_bool)
+        == Some(true)
+    {
         return false;
     }
     let pg = status.postgres.as_ref();

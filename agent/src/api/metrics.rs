@@ -157,13 +157,18 @@ pub fn render_metrics(status: &AgentStatus, now: Instant) -> String {
         "Numeric representation of Postgres state.",
         status.state.metric_value(),
     );
-    let priority = if status.tags.get("nofailover").and_then(|v| v.as_bool()) == Some(true) {
+    let priority = if status
+        .tags
+        .get("nofailover")
+        .and_then(crate::config::flex::parse_bool)
+        == Some(true)
+    {
         0
     } else {
         status
             .tags
             .get("failover_priority")
-            .and_then(|v| v.as_i64())
+            .and_then(crate::config::flex::parse_int)
             .unwrap_or(1)
     };
     int(

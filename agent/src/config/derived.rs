@@ -2,18 +2,49 @@
 
 use std::path::PathBuf;
 
-use super::schema::Config;
+use super::schema::{Config, Credentials};
+
+impl Credentials {
+    /// The role's libpq TLS options for a conninfo string, `sslmode` first (default `prefer`,
+    /// libpq's own default).
+    pub fn ssl_options(&self) -> Vec<(&'static str, String)> {
+        let mut out = vec![(
+            "sslmode",
+            self.sslmode.clone().unwrap_or_else(|| "prefer".into()),
+        )];
+        for (key, path) in [
+            ("sslcert", &self.sslcert),
+            ("sslkey", &self.sslkey),
+            ("sslrootcert", &self.sslrootcert),
+            ("sslcrl", &self.sslcrl),
+        ] {
+            if let Some(p) = path {
+                out.push((key, p.display().to_string()));
+            }
+        }
+        out
+    }
+}
 
 impl Config {
-    /// Tags as Patroni publishes them.
+    /// Tags as Patroni publishes them: predefined boolean tags only when true (`nofailover`
+    /// also with `failover_priority`), each as it was written (`"true"` stays a string).
     pub fn effective_tags(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut tags = serde_json::Map::new();
         let t = &self.tags;
+        let given =
+            |key: &str, parsed: serde_json::Value| t.given.get(key).cloned().unwrap_or(parsed);
         if t.nofailover || t.failover_priority.is_some() {
-            tags.insert("nofailover".into(), t.nofailover.into());
+            tags.insert(
+                "nofailover".into(),
+                given("nofailover", t.nofailover.into()),
+            );
         }
         if let Some(p) = t.failover_priority {
-            tags.insert("failover_priority".into(), p.into());
+            tags.insert(
+                "failover_priority".into(),
+                given("failover_priority", p.into()),
+            );
         }
         for (k, v) in [
             ("noloadbalance", t.noloadbalance),
@@ -22,7 +53,7 @@ impl Config {
             ("nostream", t.nostream),
         ] {
             if v {
-                tags.insert(k.into(), true.into());
+                tags.insert(k.into(), given(k, true.into()));
             }
         }
         if let Some(r) = &t.replicatefrom {

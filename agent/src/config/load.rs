@@ -72,12 +72,50 @@ pub fn load_str(
     env: &BTreeMap<String, String>,
     overrides: &Overrides,
 ) -> Result<Loaded, ConfigError> {
-    let (mut config, warnings) = parse_yaml(yaml)?;
+    let (mut config, mut warnings) = parse_yaml(yaml)?;
     apply_env(&mut config, env)?;
     apply_overrides(&mut config, overrides);
     apply_defaults(&mut config);
     config.validate().map_err(ConfigError::Invalid)?;
+    warnings.extend(tls_warnings(&config));
+    warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
+    for (prefix, params) in [
+        (
+            "bootstrap.dcs.postgresql.parameters",
+            &config.bootstrap.dcs.postgresql.parameters,
+        ),
+        ("postgresql.parameters", &config.postgresql.parameters),
+    ] {
+        warnings.extend(super::dynamic::managed_warnings(
+            params.iter().map(|(k, v)| (k, v.as_setting())),
+            prefix,
+        ));
+    }
+    warnings.extend(config.bootstrap.dcs.adjust_timeouts("bootstrap.dcs"));
     Ok(Loaded { config, warnings })
+}
+
+/// The roles' libpq TLS options reach replication, pg_basebackup and pg_rewind; the agent's
+/// own SQL sessions (status queries, the pre-rewind check) are made without TLS, which a user
+/// who asked for encryption must be told.
+fn tls_warnings(config: &Config) -> Vec<String> {
+    let auth = &config.postgresql.authentication;
+    [
+        ("superuser", Some(&auth.superuser)),
+        ("rewind", auth.rewind.as_ref()),
+    ]
+    .into_iter()
+    .filter_map(|(role, creds)| {
+        let mode = creds?.sslmode.as_deref()?;
+        matches!(mode, "require" | "verify-ca" | "verify-full").then(|| {
+            format!(
+                "`postgresql.authentication.{role}.sslmode` = {mode} applies to pg_rewind; \
+                 the agent's own SQL connections (to the local postgres, and its check of \
+                 the leader before a rewind) do not use TLS"
+            )
+        })
+    })
+    .collect()
 }
 
 /// Loads what the operator CLI needs (scope, namespace, etcd, REST credentials) without
@@ -121,19 +159,21 @@ fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
     if yaml.trim().is_empty() {
         return Ok((Config::default(), Vec::new()));
     }
-    let value: serde_yaml::Value = serde_yaml::from_str(yaml).map_err(|e| ConfigError::Parse {
-        path: e
-            .location()
-            .map(|l| format!("line {}, column {}", l.line(), l.column()))
-            .unwrap_or_else(|| "(document)".into()),
-        reason: e.to_string(),
-    })?;
+    let mut value: serde_yaml::Value =
+        serde_yaml::from_str(yaml).map_err(|e| ConfigError::Parse {
+            path: e
+                .location()
+                .map(|l| format!("line {}, column {}", l.line(), l.column()))
+                .unwrap_or_else(|| "(document)".into()),
+            reason: e.to_string(),
+        })?;
     if !value.is_mapping() {
         return Err(ConfigError::Parse {
             path: "(document)".into(),
             reason: "the configuration must be a mapping of keys to values".into(),
         });
     }
+    let mut normalized = normalize_bootstrap_dcs(&mut value);
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
     let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
@@ -141,18 +181,53 @@ fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
         unknown.push(path.to_string());
     });
     match result {
-        Ok(config) => Ok((
-            config,
-            unknown
-                .into_iter()
-                .map(|p| format!("unknown configuration key `{p}` ignored"))
-                .collect(),
-        )),
+        Ok(config) => {
+            let mut warnings: Vec<String> = unknown.iter().map(|p| unknown_key(p)).collect();
+            warnings.append(&mut normalized);
+            Ok((config, warnings))
+        }
         Err(e) => {
             let path = track.path().to_string();
             let reason = explain(&path, &e.to_string());
             Err(ConfigError::Parse { path, reason })
         }
+    }
+}
+
+/// Patroni's old names and spellings in `bootstrap.dcs` (`dynamic::normalize`), applied to the
+/// YAML before it is parsed.
+fn normalize_bootstrap_dcs(value: &mut serde_yaml::Value) -> Vec<String> {
+    let Some(dcs) = value
+        .get_mut("bootstrap")
+        .and_then(|b| b.get_mut("dcs"))
+        .filter(|d| d.is_mapping())
+    else {
+        return Vec::new();
+    };
+    // A mapping with keys JSON cannot hold is left for the parser to report.
+    let Ok(serde_json::Value::Object(mut obj)) = serde_json::to_value(&*dcs) else {
+        return Vec::new();
+    };
+    let warnings = super::dynamic::normalize(&mut obj, "bootstrap.dcs");
+    if let Ok(v) = serde_yaml::to_value(serde_json::Value::Object(obj)) {
+        *dcs = v;
+    }
+    warnings
+}
+
+/// The warning for a key the schema does not know; Patroni options get the reason.
+fn unknown_key(path: &str) -> String {
+    let top = path.split(['.', '[']).next().unwrap_or(path);
+    match top {
+        "watchdog" => format!(
+            "`{path}` ignored: pgwarden does not drive a watchdog device; its fence and the \
+             separate fence-guard process stop postgres before the leader lease can expire \
+             (docs/fencing.md)"
+        ),
+        "ctl" | "citus" | "raft" | "zookeeper" | "consul" | "etcd" | "exhibitor" => {
+            format!("`{path}` ignored: this Patroni option is not implemented by pgwarden")
+        }
+        _ => format!("unknown configuration key `{path}` ignored"),
     }
 }
 
@@ -203,6 +278,18 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
             .authentication
             .get_or_insert_with(Credentials::default)
             .username = v;
+    }
+    if let Some(v) = get("RESTAPI_CERTFILE") {
+        config.restapi.certfile = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("RESTAPI_KEYFILE") {
+        config.restapi.keyfile = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("RESTAPI_CAFILE") {
+        config.restapi.cafile = Some(PathBuf::from(v));
+    }
+    if let Some(v) = get("RESTAPI_VERIFY_CLIENT") {
+        config.restapi.verify_client = Some(v);
     }
     if let Some(v) = get("RESTAPI_PASSWORD") {
         config
@@ -288,6 +375,27 @@ fn apply_env(config: &mut Config, env: &BTreeMap<String, String>) -> Result<(), 
         auth.rewind
             .get_or_insert_with(Credentials::default)
             .password = Some(v);
+    }
+    // Patroni's PATRONI_<ROLE>_SSLMODE etc.: libpq TLS options of each postgres role.
+    for (role, creds) in [
+        ("SUPERUSER", Some(&mut auth.superuser)),
+        ("REPLICATION", Some(&mut auth.replication)),
+        ("REWIND", auth.rewind.as_mut()),
+    ] {
+        let Some(creds) = creds else { continue };
+        if let Some(v) = get(&format!("{role}_SSLMODE")) {
+            creds.sslmode = Some(v);
+        }
+        for (suffix, field) in [
+            ("SSLCERT", &mut creds.sslcert),
+            ("SSLKEY", &mut creds.sslkey),
+            ("SSLROOTCERT", &mut creds.sslrootcert),
+            ("SSLCRL", &mut creds.sslcrl),
+        ] {
+            if let Some(v) = get(&format!("{role}_{suffix}")) {
+                *field = Some(PathBuf::from(v));
+            }
+        }
     }
     if let Some((v, key)) = env_value(env, "LOG_TYPE") {
         config.log.kind = match v.to_ascii_lowercase().as_str() {

@@ -2,6 +2,8 @@
 //! overrides ([`load`]), validation with full key paths ([`validate`]).
 
 mod derived;
+pub mod dynamic;
+pub mod flex;
 pub mod load;
 pub mod schema;
 pub mod validate;

@@ -8,6 +8,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use super::flex;
+
 /// The whole local configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
@@ -45,6 +47,10 @@ pub struct RestApiConfig {
     /// CA (PEM) that other members' certificates are verified against when calling their
     /// `https` API; without it any certificate is accepted.
     pub cafile: Option<PathBuf>,
+    /// Patroni's client-certificate check: only `none` is supported (validation refuses
+    /// `optional` and `required` rather than serve without the check the user asked for).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub verify_client: Option<String>,
 }
 
 /// `etcd3`.
@@ -146,20 +152,34 @@ pub enum InitdbOption {
 #[serde(default)]
 pub struct DynamicConfig {
     /// Lease TTL in seconds (default 30).
+    #[serde(deserialize_with = "flex::u32")]
     pub ttl: u32,
     /// HA loop period in seconds (default 10).
+    #[serde(deserialize_with = "flex::u32")]
     pub loop_wait: u32,
     /// Deadline for one DCS operation or postgres query, in seconds (default 10).
+    #[serde(deserialize_with = "flex::u32")]
     pub retry_timeout: u32,
     /// Bytes a replica may lag and still race for leadership (default 1 MiB).
+    #[serde(deserialize_with = "flex::u64")]
     pub maximum_lag_on_failover: u64,
-    /// Seconds a crashed primary may take to restart in place (default 300).
+    /// Seconds a crashed primary may take to restart in place (default 300). Patroni's
+    /// pre-4.0 name `master_start_timeout` is renamed to it when loaded.
+    #[serde(deserialize_with = "flex::u32")]
     pub primary_start_timeout: u32,
+    /// `true`/`on`/… as Patroni spells booleans; `quorum` is turned into `true` with a warning
+    /// before parsing (`super::dynamic::normalize`).
+    #[serde(deserialize_with = "flex::bool")]
     pub synchronous_mode: bool,
+    #[serde(deserialize_with = "flex::bool")]
     pub synchronous_mode_strict: bool,
+    #[serde(deserialize_with = "flex::bool")]
     pub check_timeline: bool,
     pub postgresql: DynamicPostgresql,
-    #[serde(skip_serializing_if = "Option::is_none")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "flex::opt_bool"
+    )]
     pub pause: Option<bool>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
@@ -188,8 +208,14 @@ impl Default for DynamicConfig {
 #[serde(default)]
 pub struct DynamicPostgresql {
     pub parameters: BTreeMap<String, PgValue>,
+    #[serde(deserialize_with = "flex::bool")]
     pub use_pg_rewind: bool,
+    #[serde(deserialize_with = "flex::bool")]
     pub use_slots: bool,
+    /// Cluster-wide `pg_hba.conf` lines (Patroni's sample configuration puts them here); the
+    /// local `postgresql.pg_hba` wins when it is set.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub pg_hba: Option<Vec<String>>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -200,6 +226,7 @@ impl Default for DynamicPostgresql {
             parameters: BTreeMap::new(),
             use_pg_rewind: false,
             use_slots: true,
+            pg_hba: None,
             extra: BTreeMap::new(),
         }
     }
@@ -264,17 +291,29 @@ pub struct Authentication {
     pub rewind: Option<Credentials>,
 }
 
-/// A user name and password.
+/// A user name and password, and for the postgres roles Patroni's libpq TLS options
+/// (`sslmode`, `sslcert`, …), used in the connections made as that role.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct Credentials {
     pub username: String,
     pub password: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslmode: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslcert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslkey: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslrootcert: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub sslcrl: Option<PathBuf>,
 }
 
-/// `tags`.
+/// `tags`. Patroni accepts `"true"`/`"1"` where a boolean or a number is meant and publishes
+/// every tag as it was written, so `given` keeps the written values next to the parsed ones.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
-#[serde(default)]
+#[serde(default, try_from = "BTreeMap<String, serde_json::Value>")]
 pub struct Tags {
     pub nofailover: bool,
     pub failover_priority: Option<i64>,
@@ -286,6 +325,52 @@ pub struct Tags {
     /// Any other tag, published as is.
     #[serde(flatten)]
     pub custom: BTreeMap<String, serde_json::Value>,
+    /// The predefined tags as written in the file.
+    #[serde(skip)]
+    pub given: BTreeMap<String, serde_json::Value>,
+}
+
+impl TryFrom<BTreeMap<String, serde_json::Value>> for Tags {
+    type Error = String;
+
+    fn try_from(map: BTreeMap<String, serde_json::Value>) -> Result<Self, String> {
+        let mut tags = Tags::default();
+        for (key, value) in map {
+            let flag = |v: &serde_json::Value| {
+                flex::parse_bool(v).ok_or_else(|| {
+                    format!("`tags.{key}`: {v} is not a boolean (true/false, on/off, yes/no, 1/0)")
+                })
+            };
+            match key.as_str() {
+                "nofailover" => tags.nofailover = flag(&value)?,
+                "noloadbalance" => tags.noloadbalance = flag(&value)?,
+                "clonefrom" => tags.clonefrom = flag(&value)?,
+                "nosync" => tags.nosync = flag(&value)?,
+                "nostream" => tags.nostream = flag(&value)?,
+                "failover_priority" => {
+                    tags.failover_priority = match &value {
+                        serde_json::Value::Null => None,
+                        v => Some(flex::parse_int(v).ok_or_else(|| {
+                            format!("`tags.failover_priority`: {v} is not an integer")
+                        })?),
+                    }
+                }
+                "replicatefrom" => {
+                    tags.replicatefrom = match &value {
+                        serde_json::Value::Null => None,
+                        serde_json::Value::String(s) => Some(s.clone()),
+                        v => Some(v.to_string()),
+                    }
+                }
+                _ => {
+                    tags.custom.insert(key, value);
+                    continue;
+                }
+            }
+            tags.given.insert(key, value);
+        }
+        Ok(tags)
+    }
 }
 
 /// `log`. `format` and `dateformat` lay plain lines out as Patroni does (`crate::logging`).

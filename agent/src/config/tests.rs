@@ -239,11 +239,6 @@ fn invalid_configurations_name_the_key_and_the_reason() {
             "bootstrap.dcs.ttl",
             "invalid type",
         ),
-        (
-            edit("ttl: 30", "ttl: 20"),
-            "bootstrap.dcs.loop_wait",
-            "must not exceed ttl (20)",
-        ),
         (edit("ttl: 30", "ttl: 2"), "bootstrap.dcs.ttl", "too small"),
         (
             edit("maximum_lag_on_failover", "maximum_lag_on_failover: -1"),
@@ -299,8 +294,8 @@ fn invalid_configurations_name_the_key_and_the_reason() {
         ),
         (
             edit("nofailover: false", "nofailover: maybe"),
-            "tags.nofailover",
-            "invalid type",
+            "tags",
+            "`tags.nofailover`: \"maybe\" is not a boolean",
         ),
         (
             format!("{PATRONI_YML}\nlog: {{level: CHATTY}}\n"),
@@ -401,4 +396,246 @@ fn kubernetes_section_errors_name_the_key() {
         }
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn patroni_spellings_load_string_tags_old_names_and_wal_keep_segments() {
+    let yaml = PATRONI_YML
+        .replace(
+            "    maximum_lag_on_failover: 1048576\n",
+            "    maximum_lag_on_failover: 1048576\n    master_start_timeout: 120\n    synchronous_mode: \"on\"\n",
+        )
+        .replace("        max_connections: 100\n", "        max_connections: 100\n        wal_keep_segments: 100\n")
+        .replace("  nofailover: false\n", "  nofailover: \"true\"\n  failover_priority: \"1\"\n  zone: a\n");
+    let loaded = load_ok(&yaml);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let c = loaded.config;
+    assert_eq!(c.bootstrap.dcs.primary_start_timeout, 120);
+    assert!(c.bootstrap.dcs.synchronous_mode);
+    assert!(c.tags.nofailover);
+    assert_eq!(c.tags.failover_priority, Some(1));
+    let tags = c.effective_tags();
+    assert_eq!(tags["nofailover"], serde_json::json!("true"));
+    assert_eq!(tags["failover_priority"], serde_json::json!("1"));
+    assert_eq!(tags["zone"], serde_json::json!("a"));
+    assert!(
+        !tags.contains_key("clonefrom"),
+        "false tags are not published"
+    );
+}
+
+#[test]
+fn inconsistent_timeouts_are_adjusted_as_patroni_does_with_a_warning() {
+    let yaml = edit("ttl: 30", "ttl: 20").replace("loop_wait: 10", "loop_wait: 2");
+    let loaded = load_ok(&yaml);
+    let dcs = &loaded.config.bootstrap.dcs;
+    assert_eq!((dcs.ttl, dcs.loop_wait, dcs.retry_timeout), (20, 1, 9));
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("bootstrap.dcs") && w.contains("loop_wait = 1, retry_timeout = 9")),
+        "{:?}",
+        loaded.warnings
+    );
+    // Only loop_wait needs to give way here.
+    let mut d = DynamicConfig {
+        ttl: 30,
+        loop_wait: 15,
+        retry_timeout: 10,
+        ..Default::default()
+    };
+    d.adjust_timeouts("config");
+    assert_eq!((d.ttl, d.loop_wait, d.retry_timeout), (30, 10, 10));
+    // A ttl below Patroni's 20 s is kept, with a warning that says why.
+    let mut d = DynamicConfig {
+        ttl: 10,
+        loop_wait: 1,
+        retry_timeout: 3,
+        ..Default::default()
+    };
+    let w = d.adjust_timeouts("config");
+    assert_eq!(d.ttl, 10);
+    assert!(w.iter().any(|w| w.contains("fencing.md")), "{w:?}");
+}
+
+#[test]
+fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_refused() {
+    let yaml = PATRONI_YML.replace(
+        "    maximum_lag_on_failover: 1048576\n",
+        "    maximum_lag_on_failover: 1048576\n    failsafe_mode: true\n    synchronous_mode: quorum\n",
+    ) + "watchdog:\n  mode: required\n";
+    let loaded = load_ok(&yaml);
+    for path in [
+        "bootstrap.dcs.failsafe_mode",
+        "bootstrap.dcs.synchronous_mode",
+        "watchdog",
+    ] {
+        assert!(
+            loaded
+                .warnings
+                .iter()
+                .any(|w| w.contains(&format!("`{path}`"))),
+            "no warning for {path}: {:?}",
+            loaded.warnings
+        );
+    }
+    assert!(loaded.config.bootstrap.dcs.synchronous_mode);
+    let yaml = PATRONI_YML.replace(
+        "    maximum_lag_on_failover: 1048576\n",
+        "    maximum_lag_on_failover: 1048576\n    standby_cluster:\n      host: 10.0.0.1\n      port: 5432\n",
+    );
+    assert_error(&yaml, "bootstrap.dcs.standby_cluster", "independent");
+}
+
+#[test]
+fn an_invalid_value_in_the_dcs_config_costs_only_that_value() {
+    let previous = DynamicConfig {
+        ttl: 25,
+        ..Default::default()
+    };
+    let raw = serde_json::json!({
+        "ttl": "abc",
+        "loop_wait": 3,
+        "retry_timeout": "4",
+        "synchronous_mode": "quorum",
+        "master_start_timeout": 60,
+        "postgresql": {"use_slots": "maybe", "parameters": {"work_mem": "8MB", "bad": {"x": 1}}},
+        "maximum_lag_on_failover": 5
+    });
+    let (c, warnings) = DynamicConfig::from_dcs(&raw, &previous);
+    assert_eq!(c.ttl, 25, "the previous ttl is kept");
+    assert_eq!((c.loop_wait, c.retry_timeout), (3, 4));
+    assert!(c.synchronous_mode);
+    assert_eq!(c.primary_start_timeout, 60);
+    assert_eq!(c.maximum_lag_on_failover, 5);
+    assert!(c.postgresql.use_slots, "the default use_slots is kept");
+    assert_eq!(
+        c.postgresql.parameters.get("work_mem"),
+        Some(&PgValue::Text("8MB".into()))
+    );
+    assert!(!c.postgresql.parameters.contains_key("bad"));
+    for key in [
+        "config.ttl",
+        "config.postgresql.use_slots",
+        "config.postgresql.parameters.bad",
+        "config.synchronous_mode",
+    ] {
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!("`{key}`"))),
+            "no warning for {key}: {warnings:?}"
+        );
+    }
+    let (c, warnings) = DynamicConfig::from_dcs(&serde_json::json!([1]), &previous);
+    assert_eq!(c, previous);
+    assert_eq!(warnings.len(), 1);
+}
+
+#[test]
+fn patch_config_refuses_invalid_values_naming_the_key() {
+    use super::dynamic::check_patch;
+    let check = |v: serde_json::Value| check_patch(v.as_object().expect("object"));
+    for (patch, key) in [
+        (serde_json::json!({"ttl": "abc"}), "`ttl`"),
+        (serde_json::json!({"ttl": -5}), "`ttl`"),
+        (serde_json::json!({"ttl": 0}), "`ttl`"),
+        (
+            serde_json::json!({"synchronous_mode": "quorum"}),
+            "`synchronous_mode`",
+        ),
+        (
+            serde_json::json!({"standby_cluster": {"host": "a"}}),
+            "`standby_cluster`",
+        ),
+        (
+            serde_json::json!({"postgresql": {"use_slots": "maybe"}}),
+            "`postgresql.use_slots`",
+        ),
+        (
+            serde_json::json!({"failsafe_mode": true}),
+            "`failsafe_mode`",
+        ),
+    ] {
+        let e = check(patch.clone()).expect_err(&patch.to_string());
+        assert!(e.contains(key), "{patch}: {e}");
+    }
+    for ok in [
+        serde_json::json!({"ttl": 30, "loop_wait": "5", "pause": true}),
+        serde_json::json!({"pause": null, "standby_cluster": null}),
+        serde_json::json!({"master_start_timeout": 10, "synchronous_mode": "on"}),
+        serde_json::json!({"postgresql": {"parameters": {"work_mem": "8MB", "x": null}}}),
+    ] {
+        assert_eq!(check(ok.clone()), Ok(()), "{ok}");
+    }
+}
+
+#[test]
+fn patroni_restapi_and_ssl_environment_variables_apply() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cert = dir.path().join("c.pem");
+    std::fs::write(&cert, "x").expect("write");
+    let env: BTreeMap<String, String> = [
+        ("PATRONI_RESTAPI_CERTFILE", cert.to_str().expect("utf8")),
+        ("PATRONI_RESTAPI_KEYFILE", cert.to_str().expect("utf8")),
+        ("PATRONI_RESTAPI_CAFILE", cert.to_str().expect("utf8")),
+        ("PATRONI_RESTAPI_VERIFY_CLIENT", "none"),
+        ("PATRONI_REPLICATION_SSLMODE", "verify-ca"),
+        ("PATRONI_REPLICATION_SSLROOTCERT", "/ca.pem"),
+        ("PATRONI_SUPERUSER_SSLMODE", "require"),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect();
+    let c = load_str(PATRONI_YML, &env, &Overrides::default())
+        .expect("loads")
+        .config;
+    assert_eq!(c.restapi.certfile.as_deref(), Some(cert.as_path()));
+    assert_eq!(c.restapi.keyfile.as_deref(), Some(cert.as_path()));
+    assert_eq!(c.restapi.cafile.as_deref(), Some(cert.as_path()));
+    assert_eq!(c.api_url(), "https://127.0.0.1:8008/patroni");
+    let auth = &c.postgresql.authentication;
+    assert_eq!(auth.replication.sslmode.as_deref(), Some("verify-ca"));
+    assert_eq!(
+        auth.replication.sslrootcert.as_deref(),
+        Some(std::path::Path::new("/ca.pem"))
+    );
+    assert_eq!(auth.superuser.sslmode.as_deref(), Some("require"));
+    let mut env = env;
+    env.insert("PATRONI_RESTAPI_VERIFY_CLIENT".into(), "required".into());
+    match load_str(PATRONI_YML, &env, &Overrides::default()) {
+        Err(ConfigError::Invalid(errors)) => {
+            assert!(
+                errors.iter().any(|e| e.path == "restapi.verify_client"),
+                "{errors:?}"
+            )
+        }
+        other => panic!("verify_client required must be refused: {other:?}"),
+    }
+}
+
+#[test]
+fn parameters_replication_depends_on_are_kept_usable_with_a_warning() {
+    use super::dynamic::managed_replacement;
+    assert_eq!(managed_replacement("wal_level", "minimal"), Some("replica"));
+    assert_eq!(managed_replacement("wal_level", "logical"), None);
+    assert_eq!(managed_replacement("hot_standby", "off"), Some("on"));
+    assert_eq!(managed_replacement("hot_standby", "on"), None);
+    assert_eq!(managed_replacement("max_wal_senders", "1"), Some("10"));
+    assert_eq!(managed_replacement("max_connections", "50"), None);
+    assert_eq!(managed_replacement("work_mem", "1kB"), None);
+    let yaml = PATRONI_YML.replace(
+        "        hot_standby: \"on\"\n",
+        "        hot_standby: \"off\"\n",
+    );
+    let loaded = load_ok(&yaml);
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("`bootstrap.dcs.postgresql.parameters.hot_standby`")),
+        "{:?}",
+        loaded.warnings
+    );
+    let p = crate::postgres::conf::parameters(&loaded.config, &loaded.config.bootstrap.dcs);
+    assert_eq!(p["hot_standby"], "on");
 }

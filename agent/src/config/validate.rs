@@ -66,6 +66,15 @@ const HBA_TYPES: [&str; 9] = [
     "include_dir",
 ];
 
+const SSL_MODES: [&str; 6] = [
+    "disable",
+    "allow",
+    "prefer",
+    "require",
+    "verify-ca",
+    "verify-full",
+];
+
 const LOG_LEVELS: [&str; 7] = [
     "DEBUG", "INFO", "WARNING", "WARN", "ERROR", "CRITICAL", "FATAL",
 ];
@@ -125,6 +134,18 @@ impl Config {
                         err(key, reason);
                     }
                 }
+            }
+        }
+
+        if let Some(v) = &self.restapi.verify_client {
+            if !v.eq_ignore_ascii_case("none") {
+                err(
+                    "restapi.verify_client",
+                    format!(
+                        "{v:?} is not supported: pgwarden cannot check client certificates yet; \
+                         use none (and restapi.authentication to protect the write endpoints)"
+                    ),
+                );
             }
         }
 
@@ -213,15 +234,19 @@ impl Config {
                 "must be at least 1 second".into(),
             );
         }
-        let needed = u64::from(dcs.loop_wait) + 2 * u64::from(dcs.retry_timeout);
-        if needed > u64::from(dcs.ttl) {
+        // `loop_wait + 2 × retry_timeout ≤ ttl` is restored with a warning after validation
+        // (`DynamicConfig::adjust_timeouts`), as Patroni does, instead of refused.
+        if dcs
+            .extra
+            .get("standby_cluster")
+            .is_some_and(|v| !v.is_null())
+        {
             err(
-                "bootstrap.dcs.loop_wait",
-                format!(
-                    "loop_wait ({}) + 2 × retry_timeout ({}) = {needed} must not exceed ttl ({}): \
-                     otherwise the leader's lease can expire before it notices it cannot renew it",
-                    dcs.loop_wait, dcs.retry_timeout, dcs.ttl
-                ),
+                "bootstrap.dcs.standby_cluster",
+                "standby clusters are not implemented by pgwarden: started without it, this \
+                 member would bootstrap an independent, writable cluster instead of \
+                 replicating from the remote one; remove it to create a new cluster"
+                    .into(),
             );
         }
         for name in dcs.postgresql.parameters.keys() {
@@ -287,6 +312,21 @@ impl Config {
                     format!("{t:?} is not a pg_hba connection type (local, host, hostssl, …)"),
                 ),
                 Some(_) => {}
+            }
+        }
+        let auth = &pg.authentication;
+        for (role, creds) in [
+            ("superuser", Some(&auth.superuser)),
+            ("replication", Some(&auth.replication)),
+            ("rewind", auth.rewind.as_ref()),
+        ] {
+            if let Some(mode) = creds.and_then(|c| c.sslmode.as_deref()) {
+                if !SSL_MODES.contains(&mode) {
+                    err(
+                        &format!("postgresql.authentication.{role}.sslmode"),
+                        format!("{mode:?} is not one of {}", SSL_MODES.join(", ")),
+                    );
+                }
             }
         }
         if pg.authentication.superuser.username.trim().is_empty() {

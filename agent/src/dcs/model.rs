@@ -268,10 +268,11 @@ impl MemberRecord {
         }
     }
 
+    /// A boolean tag, written as Patroni accepts it (`true`, `"true"`, `"on"`, …).
     pub fn tag_bool(&self, tag: &str) -> bool {
         self.tags
             .get(tag)
-            .and_then(|v| v.as_bool())
+            .and_then(crate::config::flex::parse_bool)
             .unwrap_or(false)
     }
 }
@@ -320,11 +321,7 @@ impl ClusterView {
         self.config
             .as_ref()
             .and_then(|c| c.value.get("pause"))
-            .map(|p| match p {
-                serde_json::Value::Bool(b) => *b,
-                serde_json::Value::String(s) => matches!(s.as_str(), "true" | "on" | "yes"),
-                _ => false,
-            })
+            .map(|p| crate::config::flex::parse_bool(p).unwrap_or(false))
             .unwrap_or(false)
     }
 

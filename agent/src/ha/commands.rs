@@ -333,6 +333,9 @@ pub fn merge(target: &mut Map<String, Value>, patch: &Map<String, Value>) {
 }
 
 async fn patch_config(ctx: &CommandContext, patch: &Map<String, Value>) -> ApiReply {
+    if let Err(reason) = crate::config::dynamic::check_patch(patch) {
+        return ApiReply::new(400, reason);
+    }
     let view = match ctx.dcs.cluster().await {
         Ok(v) => v,
         Err(e) => return ApiReply::new(503, format!("cannot read the cluster: {e}")),
@@ -354,6 +357,9 @@ async fn patch_config(ctx: &CommandContext, patch: &Map<String, Value>) -> ApiRe
 }
 
 async fn put_config(ctx: &CommandContext, config: &Map<String, Value>) -> ApiReply {
+    if let Err(reason) = crate::config::dynamic::check_patch(config) {
+        return ApiReply::new(400, reason);
+    }
     let value = Value::Object(config.clone());
     match ctx.dcs.write_config(&value, None).await {
         Ok(_) => ApiReply::new(200, value.to_string()),

@@ -30,7 +30,6 @@ use crate::postgres::initdb;
 use crate::postgres::probe::{self, Probe};
 use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
 use crate::state::{AgentStatus, PgState, Role};
-use serde::Deserialize;
 
 use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
 use self::observe::{
@@ -658,38 +657,26 @@ impl HaLoop {
     }
 
     fn parse_dynamic_config(&mut self, raw: &serde_json::Value) {
-        match DynamicConfig::deserialize(raw) {
-            Ok(mut dynamic) => {
-                // Patroni ≥ 3.2 adjusts rather than rejects a DCS config that breaks the rule.
-                if dynamic.loop_wait + 2 * dynamic.retry_timeout > dynamic.ttl {
-                    let adjusted = dynamic.ttl.saturating_sub(2 * dynamic.retry_timeout).max(1);
-                    if adjusted != dynamic.loop_wait {
-                        warn!(
-                            loop_wait = dynamic.loop_wait,
-                            adjusted,
-                            "loop_wait + 2 × retry_timeout exceeds ttl; lowering loop_wait"
-                        );
-                        dynamic.loop_wait = adjusted;
-                    }
-                }
-                if dynamic.ttl != self.dynamic.ttl {
-                    info!(
-                        old = self.dynamic.ttl,
-                        new = dynamic.ttl,
-                        "ttl changed in the DCS config"
-                    );
-                    self.dcs
-                        .set_ttl(Duration::from_secs(dynamic.ttl.max(1).into()));
-                }
-                self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
-                self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
-                self.facts.synchronous_mode = dynamic.synchronous_mode;
-                self.dynamic = dynamic;
-                if let Err(e) = dynamic_copy::save(&self.config.postgresql.data_dir, raw) {
-                    warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
-                }
-            }
-            Err(e) => warn!(error = %e, "ignoring an invalid `config` value in the DCS"),
+        // One invalid value costs only that value (`DynamicConfig::from_dcs`).
+        let (dynamic, warnings) = DynamicConfig::from_dcs(raw, &self.dynamic);
+        for warning in &warnings {
+            warn!("{warning}");
+        }
+        if dynamic.ttl != self.dynamic.ttl {
+            info!(
+                old = self.dynamic.ttl,
+                new = dynamic.ttl,
+                "ttl changed in the DCS config"
+            );
+            self.dcs
+                .set_ttl(Duration::from_secs(dynamic.ttl.max(1).into()));
+        }
+        self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
+        self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
+        self.facts.synchronous_mode = dynamic.synchronous_mode;
+        self.dynamic = dynamic;
+        if let Err(e) = dynamic_copy::save(&self.config.postgresql.data_dir, raw) {
+            warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
         }
     }
 
@@ -839,7 +826,7 @@ impl HaLoop {
         }
         ManagedFiles {
             parameters,
-            pg_hba: self.config.postgresql.pg_hba.clone(),
+            pg_hba: conf::pg_hba(&self.config, &self.dynamic),
             standby: standby.then(|| StandbySettings {
                 primary_conninfo: upstream.map(|u| replica::primary_conninfo(&self.config, u)),
                 primary_slot_name: upstream

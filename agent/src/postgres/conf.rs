@@ -52,7 +52,6 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
         ("hot_standby", "on"),
         ("max_wal_senders", "10"),
         ("max_replication_slots", "10"),
-        ("wal_keep_size", "128MB"),
         ("wal_log_hints", "on"),
         ("max_connections", "100"),
     ]
@@ -72,6 +71,13 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
     };
     params.extend(as_settings(&dynamic.postgresql.parameters));
     params.extend(as_settings(&config.postgresql.parameters));
+    // Values replication cannot work with are replaced (the loader and the DCS parser warn).
+    for (name, value) in params.iter_mut() {
+        if let Some(default) = crate::config::dynamic::managed_replacement(name, value) {
+            *value = default.to_owned();
+        }
+    }
+    translate_for_version(&mut params, major_version(&config.postgresql.data_dir));
     let (hosts, port) = split_listen(&config.postgresql.listen);
     if !hosts.is_empty() {
         params.insert("listen_addresses".into(), hosts);
@@ -98,6 +104,71 @@ pub fn raise_to_primary_minimums(
         }
     }
     raised
+}
+
+/// The data directory's major version (`PG_VERSION`: `15`, `9.6`) as 150000 / 90600.
+fn major_version(data_dir: &Path) -> Option<u32> {
+    let text = std::fs::read_to_string(data_dir.join("PG_VERSION")).ok()?;
+    let mut parts = text.trim().split('.');
+    let major: u32 = parts.next()?.parse().ok()?;
+    let minor: u32 = parts.next().map_or(Ok(0), str::parse).ok()?;
+    Some(major * 10_000 + minor * 100)
+}
+
+/// Patroni's cross-version renames, so one configuration serves every major version:
+/// `wal_keep_segments` ↔ `wal_keep_size` (13 renamed it; 16 MB segments assumed, as Patroni
+/// does) and `wal_level` `hot_standby` ↔ `replica` (9.6). Without a known version (no data
+/// directory yet) the current names are used.
+fn translate_for_version(params: &mut BTreeMap<String, String>, major: Option<u32>) {
+    let major = major.unwrap_or(130_000);
+    if let Some(level) = params.get_mut("wal_level") {
+        match (level.as_str(), major >= 90_600) {
+            ("hot_standby", true) => *level = "replica".into(),
+            ("replica", false) => *level = "hot_standby".into(),
+            _ => {}
+        }
+    }
+    if major >= 130_000 {
+        let segments = params.remove("wal_keep_segments");
+        if !params.contains_key("wal_keep_size") {
+            let size = segments
+                .and_then(|s| s.trim().parse::<u64>().ok())
+                .map_or_else(|| "128MB".to_owned(), |n| format!("{}MB", n * 16));
+            params.insert("wal_keep_size".into(), size);
+        }
+    } else {
+        let size = params.remove("wal_keep_size");
+        if !params.contains_key("wal_keep_segments") {
+            let mb = size.as_deref().and_then(size_in_mb).unwrap_or(128);
+            params.insert("wal_keep_segments".into(), ((mb + 8) / 16).to_string());
+        }
+    }
+}
+
+/// A size setting (`128MB`, `1GB`, `512`: megabytes without a unit) in megabytes.
+fn size_in_mb(value: &str) -> Option<u64> {
+    let value = value.trim();
+    let digits = value
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(value.len());
+    let n: u64 = value[..digits].parse().ok()?;
+    match value[digits..].trim().to_ascii_uppercase().as_str() {
+        "" | "MB" => Some(n),
+        "KB" => Some(n / 1024),
+        "GB" => Some(n * 1024),
+        "TB" => Some(n * 1024 * 1024),
+        _ => None,
+    }
+}
+
+/// `pg_hba.conf` lines: the local `postgresql.pg_hba`, else the cluster-wide ones from the DCS
+/// (where Patroni's sample configuration puts them).
+pub fn pg_hba(config: &Config, dynamic: &DynamicConfig) -> Vec<String> {
+    if config.postgresql.pg_hba.is_empty() {
+        dynamic.postgresql.pg_hba.clone().unwrap_or_default()
+    } else {
+        config.postgresql.pg_hba.clone()
+    }
 }
 
 fn quote(value: &str) -> String {
@@ -297,6 +368,41 @@ mod tests {
         assert_eq!(p["listen_addresses"], "127.0.0.1,::1");
         assert_eq!(p["wal_level"], "replica");
         assert_eq!(p["cluster_name"], "batman");
+    }
+
+    #[test]
+    fn wal_keep_and_wal_level_follow_the_major_version() {
+        let params = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect()
+        };
+        let mut p = params(&[("wal_keep_segments", "100"), ("wal_level", "hot_standby")]);
+        translate_for_version(&mut p, Some(150_000));
+        assert_eq!(
+            p,
+            params(&[("wal_keep_size", "1600MB"), ("wal_level", "replica")])
+        );
+        // A wal_keep_size the user set wins over a translated wal_keep_segments.
+        let mut p = params(&[("wal_keep_segments", "100"), ("wal_keep_size", "1GB")]);
+        translate_for_version(&mut p, Some(130_000));
+        assert_eq!(p, params(&[("wal_keep_size", "1GB")]));
+        let mut p = params(&[]);
+        translate_for_version(&mut p, None);
+        assert_eq!(p, params(&[("wal_keep_size", "128MB")]));
+        let mut p = params(&[("wal_keep_size", "1GB"), ("wal_level", "replica")]);
+        translate_for_version(&mut p, Some(120_000));
+        assert_eq!(
+            p,
+            params(&[("wal_keep_segments", "64"), ("wal_level", "replica")])
+        );
+        let mut p = params(&[("wal_level", "replica")]);
+        translate_for_version(&mut p, Some(90_500));
+        assert_eq!(
+            p,
+            params(&[("wal_keep_segments", "8"), ("wal_level", "hot_standby")])
+        );
     }
 
     #[test]

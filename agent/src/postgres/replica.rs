@@ -234,9 +234,13 @@ pub fn primary_conninfo(config: &Config, upstream: &Upstream) -> String {
         format!("port={}", upstream.port),
         format!("user={}", conninfo_quote(&repl.username)),
         format!("application_name={}", conninfo_quote(&config.name)),
-        "sslmode=prefer".to_owned(),
         "target_session_attrs=any".to_owned(),
     ];
+    parts.extend(
+        repl.ssl_options()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", conninfo_quote(&v))),
+    );
     if repl.password.is_some() {
         parts.push(format!(
             "passfile={}",
@@ -251,13 +255,18 @@ pub fn primary_conninfo(config: &Config, upstream: &Upstream) -> String {
 pub fn rewind_conninfo(config: &Config, upstream: &Upstream) -> String {
     let auth = &config.postgresql.authentication;
     let user = auth.rewind.as_ref().unwrap_or(&auth.superuser);
-    [
+    let mut parts = vec![
         format!("host={}", conninfo_quote(&upstream.host)),
         format!("port={}", upstream.port),
         format!("user={}", conninfo_quote(&user.username)),
         "dbname=postgres".to_owned(),
-    ]
-    .join(" ")
+    ];
+    parts.extend(
+        user.ssl_options()
+            .into_iter()
+            .map(|(k, v)| format!("{k}={}", conninfo_quote(&v))),
+    );
+    parts.join(" ")
 }
 
 /// Points a pg_basebackup or pg_rewind at the password file (written first), never a password
@@ -492,6 +501,7 @@ mod tests {
         auth.rewind = Some(crate::config::Credentials {
             username: "rewinder".into(),
             password: Some("rw".into()),
+            ..Default::default()
         });
         assert!(pgpass(&config)
             .expect("passwords")

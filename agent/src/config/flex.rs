@@ -1,0 +1,72 @@
+//! Patroni's lenient value spellings: booleans as `on`/`yes`/`"true"`/`1`, integers as strings
+//! (`ttl: "30"`). Patroni parses configuration values with `parse_bool`/`parse_int`, so files and
+//! DCS values written for it use these forms.
+
+use serde::de::Error as _;
+use serde::{Deserialize, Deserializer};
+use serde_json::Value;
+
+/// Patroni's `parse_bool`: `true`/`on`/`yes`/`1` and `false`/`off`/`no`/`0`, any case.
+pub fn parse_bool(v: &Value) -> Option<bool> {
+    match v {
+        Value::Bool(b) => Some(*b),
+        Value::Number(n) => match n.as_i64() {
+            Some(1) => Some(true),
+            Some(0) => Some(false),
+            _ => None,
+        },
+        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
+            "true" | "on" | "yes" | "1" => Some(true),
+            "false" | "off" | "no" | "0" => Some(false),
+            _ => None,
+        },
+        _ => None,
+    }
+}
+
+/// An integer, or a string holding one (`"30"`).
+pub fn parse_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}
+
+fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let v = Value::deserialize(d)?;
+    parse_int(&v).ok_or_else(|| D::Error::custom(format!("invalid type: {v} is not an integer")))
+}
+
+pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let i = int(d)?;
+    u32::try_from(i)
+        .map_err(|_| D::Error::custom(format!("invalid value: {i} is negative or too large")))
+}
+
+pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let i = int(d)?;
+    u64::try_from(i).map_err(|_| D::Error::custom(format!("invalid value: {i} is negative")))
+}
+
+pub fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    let v = Value::deserialize(d)?;
+    parse_bool(&v).ok_or_else(|| {
+        D::Error::custom(format!(
+            "invalid type: {v} is not a boolean (true/false, on/off, yes/no, 1/0)"
+        ))
+    })
+}
+
+pub fn opt_bool<'de, D: Deserializer<'de>>(d: D) -> Result<Option<bool>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => parse_bool(&v).map(Some).ok_or_else(|| {
+            D::Error::custom(format!(
+                "invalid type: {v} is not a boolean (true/false, on/off, yes/no, 1/0)"
+            ))
+        }),
+    }
+}
