@@ -743,6 +743,15 @@ async fn scheduled_and_conditional_restarts() {
         record["scheduled_restart"]["postmaster_start_time"].is_string(),
         "{record}"
     );
+    wait_until("/patroni shows the scheduled restart", T, || async {
+        let Some((_, body)) = lm.api_get("/patroni").await else {
+            return false;
+        };
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        doc["scheduled_restart"]["schedule"] == in_an_hour.as_str()
+            && doc["scheduled_restart"]["postmaster_start_time"].is_null()
+    })
+    .await;
     if has_patronictl {
         let (ok, out) = patronictl(&env, &["list", &scope]);
         assert!(ok && out.contains("Scheduled restart"), "{out}");
