@@ -754,3 +754,285 @@ async fn a_running_cluster_survives_the_loss_of_its_dcs_keys() {
         .await;
     }
 }
+
+/// A member's record as written to etcd, through `GET /cluster` of any member (`null` when
+/// that member does not answer, e.g. while it restarts).
+async fn cluster_member(env: &TestEnv, via: &str, name: &str) -> serde_json::Value {
+    let Some((_, body)) = member(env, via).api_get("/cluster").await else {
+        return serde_json::Value::Null;
+    };
+    let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+    doc["members"]
+        .as_array()
+        .and_then(|ms| ms.iter().find(|m| m["name"] == name).cloned())
+        .unwrap_or_default()
+}
+
+async fn postmaster_start(env: &TestEnv, name: &str) -> Option<String> {
+    let (_, body) = member(env, name).api_get("/patroni").await?;
+    let doc: serde_json::Value = serde_json::from_str(&body).ok()?;
+    doc["postmaster_start_time"].as_str().map(str::to_owned)
+}
+
+/// Issue 17: `POST /restart` checks its body and honours `schedule`, `role`,
+/// `restart_pending`; `DELETE /restart` cancels; patronictl's `restart --scheduled`,
+/// `--pending` and `flush restart` and our CLI behave as under Patroni.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scheduled_and_conditional_restarts() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        env.start_member(i).expect("start");
+    }
+    let leader = streaming(&env, 1).await;
+    let replica = if leader == "pg0" { "pg1" } else { "pg0" }.to_owned();
+    let scope = env.options.scope.clone();
+    let lm = member(&env, &leader);
+
+    // Bad requests: Patroni's codes and messages.
+    for (body, code, text) in [
+        (
+            r#"{"when": 1}"#,
+            400,
+            "Unknown filter for the scheduled restart: when",
+        ),
+        (
+            r#"{"role": "boss"}"#,
+            400,
+            "PostgreSQL role should be either primary, standby_leader, or replica",
+        ),
+        (
+            r#"{"timeout": "soon"}"#,
+            400,
+            "Timeout should be a positive number of seconds",
+        ),
+        (
+            r#"{"schedule": "2030-01-01T00:00:00"}"#,
+            400,
+            "Timezone information is mandatory for the scheduled restart",
+        ),
+        (
+            r#"{"schedule": "2020-01-01T00:00:00+00:00"}"#,
+            422,
+            "Cannot schedule restart in the past",
+        ),
+        (
+            r#"{"restart_pending": true}"#,
+            503,
+            "restart conditions are not satisfied",
+        ),
+        (
+            r#"{"role": "replica"}"#,
+            503,
+            "restart conditions are not satisfied",
+        ),
+    ] {
+        let got = lm.api_request("POST", "/restart", Some(body)).await;
+        assert_eq!(got, Some((code, text.to_owned())), "POST /restart {body}");
+    }
+    let started = postmaster_start(&env, &leader).await.expect("start time");
+
+    let in_an_hour = (chrono::Utc::now() + chrono::Duration::hours(1))
+        .format("%Y-%m-%dT%H:%M:%S+00:00")
+        .to_string();
+    let has_patronictl = Command::new("patronictl").arg("--help").output().is_ok();
+    if has_patronictl {
+        let (ok, out) = patronictl(
+            &env,
+            &[
+                "restart",
+                &scope,
+                &leader,
+                "--scheduled",
+                &in_an_hour,
+                "--force",
+            ],
+        );
+        assert!(ok && out.contains("Success: restart scheduled"), "{out}");
+    } else {
+        eprintln!("SKIP (patronictl part): patronictl is not installed");
+        let body = format!(r#"{{"schedule": "{in_an_hour}"}}"#);
+        let got = lm.api_request("POST", "/restart", Some(&body)).await;
+        assert_eq!(got, Some((202, "Restart scheduled".to_owned())));
+    }
+    let body = format!(r#"{{"schedule": "{in_an_hour}"}}"#);
+    let got = lm.api_request("POST", "/restart", Some(&body)).await;
+    assert_eq!(
+        got,
+        Some((409, "Another restart is already scheduled".to_owned()))
+    );
+    wait_until(
+        "the member record shows the scheduled restart",
+        T,
+        || async {
+            cluster_member(&env, &leader, &leader).await["scheduled_restart"]["schedule"]
+                == in_an_hour.as_str()
+        },
+    )
+    .await;
+    let record = cluster_member(&env, &leader, &leader).await;
+    assert!(
+        record["scheduled_restart"]["postmaster_start_time"].is_string(),
+        "{record}"
+    );
+    wait_until("/patroni shows the scheduled restart", T, || async {
+        let Some((_, body)) = lm.api_get("/patroni").await else {
+            return false;
+        };
+        let doc: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        doc["scheduled_restart"]["schedule"] == in_an_hour.as_str()
+            && doc["scheduled_restart"]["postmaster_start_time"].is_null()
+    })
+    .await;
+    if has_patronictl {
+        let (ok, out) = patronictl(&env, &["list", &scope]);
+        assert!(ok && out.contains("Scheduled restart"), "{out}");
+        let (ok, out) = patronictl(&env, &["flush", &scope, "restart", "--force"]);
+        assert!(
+            ok && out.contains("Success: flush scheduled restart for member"),
+            "{out}"
+        );
+        assert!(
+            out.contains(&format!("No scheduled restart for member {replica}")),
+            "{out}"
+        );
+    } else {
+        let got = lm.api_request("DELETE", "/restart", None).await;
+        assert_eq!(got, Some((200, "scheduled restart deleted".to_owned())));
+    }
+    let got = lm.api_request("DELETE", "/restart", None).await;
+    assert_eq!(got, Some((404, "no restarts are scheduled".to_owned())));
+    wait_until(
+        "the scheduled restart leaves the member record",
+        T,
+        || async { cluster_member(&env, &leader, &leader).await["scheduled_restart"].is_null() },
+    )
+    .await;
+
+    // Our CLI: schedule; with --force a second one replaces the first (as patronictl's).
+    for _ in 0..2 {
+        let (ok, out) = pgwarden_ctl(
+            &env,
+            &["restart", &leader, "--scheduled", &in_an_hour, "--force"],
+        );
+        assert!(ok && out.contains("Success: restart scheduled"), "{out}");
+    }
+    wait_until("our CLI's schedule is published", T, || async {
+        !cluster_member(&env, &leader, &leader).await["scheduled_restart"].is_null()
+    })
+    .await;
+    let (ok, out) = pgwarden_ctl(&env, &["flush", &scope, "restart", "--force"]);
+    assert!(
+        ok && out.contains("Success: flush scheduled restart"),
+        "{out}"
+    );
+    let (ok, out) = pgwarden_ctl(&env, &["flush", "switchover", "--force"]);
+    assert!(
+        ok && out.contains("No pending scheduled switchover"),
+        "{out}"
+    );
+
+    // --pending restarts nobody while nothing is pending.
+    if has_patronictl {
+        let (_, out) = patronictl(&env, &["restart", &scope, &replica, "--pending", "--force"]);
+        assert!(
+            out.contains("restart conditions are not satisfied"),
+            "{out}"
+        );
+    }
+    let (ok, out) = pgwarden_ctl(&env, &["restart", "--pending", "--force"]);
+    assert!(ok && out.contains("No member needs a restart"), "{out}");
+    assert_eq!(postmaster_start(&env, &leader).await, Some(started.clone()));
+
+    // A restart-only parameter makes both pending; --pending restarts them.
+    let (ok, out) = pgwarden_ctl(
+        &env,
+        &["edit-config", "--pg", "shared_buffers=64MB", "--force"],
+    );
+    assert!(ok, "{out}");
+    for m in [&leader, &replica] {
+        wait_until(&format!("{m} is pending restart"), T, || async {
+            cluster_member(&env, &leader, m).await["pending_restart"] == true
+        })
+        .await;
+    }
+    let (_, out) = if has_patronictl {
+        patronictl(&env, &["restart", &scope, &replica, "--pending", "--force"])
+    } else {
+        pgwarden_ctl(&env, &["restart", &replica, "--pending", "--force"])
+    };
+    assert!(
+        out.contains(&format!("Success: restart on member {replica}")),
+        "{out}"
+    );
+
+    // A restart scheduled a few seconds ahead happens on time and then leaves the record.
+    let soon = (chrono::Utc::now() + chrono::Duration::seconds(3)).to_rfc3339();
+    let body = format!(r#"{{"schedule": "{soon}", "restart_pending": true}}"#);
+    let got = lm.api_request("POST", "/restart", Some(&body)).await;
+    assert_eq!(got, Some((202, "Restart scheduled".to_owned())));
+    wait_until("the scheduled restart happened", T, || async {
+        postmaster_start(&env, &leader)
+            .await
+            .is_some_and(|s| s != started)
+            && cluster_member(&env, &leader, &leader).await["scheduled_restart"].is_null()
+    })
+    .await;
+    for m in [&leader, &replica] {
+        wait_until(&format!("{m} no longer pending restart"), T, || async {
+            let r = cluster_member(&env, &leader, m).await;
+            // `/cluster` shows a replica's replication state.
+            (r["state"] == "running" || r["state"] == "streaming") && r["pending_restart"].is_null()
+        })
+        .await;
+    }
+    assert_eq!(env.leader().await.as_deref(), Some(leader.as_str()));
+}
+
+/// Issue 17: a promotion used to leave the new primary `pending_restart` (the standby-only
+/// `recovery_target_timeline` line was dropped, and postgres cannot unset a restart-only
+/// parameter without a restart): check_patroni's `node_is_pending_restart` went CRITICAL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn switchovers_leave_no_pending_restart() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        env.start_member(i).expect("start");
+    }
+    let mut leader = streaming(&env, 1).await;
+    for _ in 0..3 {
+        let candidate = if leader == "pg0" { "pg1" } else { "pg0" }.to_owned();
+        let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
+        let (code, text) = member(&env, &leader)
+            .api_request("POST", "/switchover", Some(&body))
+            .await
+            .expect("answers");
+        assert_eq!(code, 200, "{text}");
+        wait_replica(&env, &leader).await;
+        let new = member(&env, &candidate);
+        // The promoted member has reloaded its configuration by the time the old leader
+        // streams from it; wait for its record to show a cycle after the promotion.
+        wait_until("the new primary publishes its state", T, || async {
+            cluster_member(&env, &candidate, &candidate).await["role"] == "leader"
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let (_, body) = new.api_get("/patroni").await.expect("answers");
+        let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert!(doc["pending_restart"].is_null(), "{candidate}: {doc}");
+        let (_, metrics) = new.api_get("/metrics").await.expect("answers");
+        let line = format!(
+            "patroni_pending_restart{{scope=\"{}\",name=\"{candidate}\"}} 0",
+            env.options.scope
+        );
+        assert!(metrics.contains(&line), "{metrics}");
+        let record = cluster_member(&env, &candidate, &candidate).await;
+        assert_eq!(record["role"], "leader", "{record}");
+        assert!(record["pending_restart"].is_null(), "{record}");
+        leader = candidate;
+    }
+}

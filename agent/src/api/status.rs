@@ -90,6 +90,16 @@ pub fn patroni_json(status: &AgentStatus, pg: Option<&PostgresStatus>, now: Inst
     if status.pending_restart {
         o.insert("pending_restart".into(), json!(true));
     }
+    // From our own member record as last read (one cycle behind a change): the HA loop owns
+    // the schedule. Patroni leaves `postmaster_start_time` out here.
+    if let Some(Value::Object(mut scheduled)) = cluster
+        .and_then(|c| c.member(&status.name))
+        .and_then(|m| m.record.extra.get("scheduled_restart"))
+        .cloned()
+    {
+        scheduled.remove("postmaster_start_time");
+        o.insert("scheduled_restart".into(), Value::Object(scheduled));
+    }
     o.insert(
         "patroni".into(),
         json!({"version": PATRONI_API_VERSION, "scope": status.scope, "name": status.name}),
@@ -141,6 +151,9 @@ pub fn cluster_json(scope: &str, view: &ClusterView) -> Value {
             }
             if r.pending_restart == Some(true) {
                 o.insert("pending_restart".into(), json!(true));
+            }
+            if let Some(s) = r.extra.get("scheduled_restart") {
+                o.insert("scheduled_restart".into(), s.clone());
             }
             if !r.tags.is_empty() {
                 o.insert("tags".into(), Value::Object(r.tags.clone()));

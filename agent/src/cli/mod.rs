@@ -2,10 +2,12 @@
 //! acts through the members' REST APIs (or the DCS where Patroni's tool does too).
 
 pub mod backup;
+pub mod flush;
 pub mod healthcheck;
 pub mod list;
 pub mod query;
 pub mod remove;
+pub mod restart;
 pub mod version;
 
 pub use query::{CtlRole, QueryFormat};
@@ -106,9 +108,38 @@ pub enum CtlCommand {
         #[arg(long)]
         force: bool,
     },
-    /// Restart postgres on members (all when none is named).
+    /// Restart postgres on members (all when none is named), now or at a scheduled time, and
+    /// only where the conditions hold.
     Restart {
         members: Vec<String>,
+        /// Only members with this role (from the DCS).
+        #[arg(long, short = 'r', value_enum, default_value = "any")]
+        role: restart::RoleFilter,
+        /// Restart a single member only.
+        #[arg(long)]
+        any: bool,
+        /// ISO 8601 time (local time when it has no zone), or `now`.
+        #[arg(long)]
+        scheduled: Option<String>,
+        /// Only if the running PostgreSQL version is older (e.g. 15.8).
+        #[arg(long = "pg-version")]
+        pg_version: Option<String>,
+        /// Only members whose configuration waits for a restart.
+        #[arg(long)]
+        pending: bool,
+        /// Seconds (or e.g. `2min`) postgres may take to start again.
+        #[arg(long)]
+        timeout: Option<String>,
+        #[arg(long)]
+        force: bool,
+    },
+    /// Discard scheduled events: `flush [cluster] [members…] restart|switchover`.
+    Flush {
+        #[arg(required = true, num_args = 1..)]
+        words: Vec<String>,
+        /// Only members with this role (restart).
+        #[arg(long, short = 'r', value_enum, default_value = "any")]
+        role: restart::RoleFilter,
         #[arg(long)]
         force: bool,
     },
@@ -409,9 +440,29 @@ pub async fn run(mut config: Config, command: CtlCommand) -> Result<(), CliError
                 .await?;
             print_reply(&target.name, reply)
         }
-        CtlCommand::Restart { members, force } => {
-            each_member(&ctl, &members, force, "restart", "POST", "/restart", None).await
+        CtlCommand::Restart {
+            members,
+            role,
+            any,
+            scheduled,
+            pg_version,
+            pending,
+            timeout,
+            force,
+        } => {
+            let args = restart::RestartArgs {
+                members,
+                role,
+                any,
+                scheduled,
+                pg_version,
+                pending,
+                timeout,
+                force,
+            };
+            restart::restart(&ctl, args).await
         }
+        CtlCommand::Flush { words, role, force } => flush::flush(&ctl, &words, role, force).await,
         CtlCommand::Reload { members, force } => {
             each_member(&ctl, &members, force, "reload", "POST", "/reload", None).await
         }

@@ -1,7 +1,7 @@
 //! The write side of the REST API (`patroni-compat.md` §2.8, §2.9): switchover and failover
 //! requests become the `failover` key that the HA loops act on; `PATCH`/`PUT /config` change the
-//! dynamic configuration with a compare-and-set; restart and reinitialise are handed to the HA
-//! loop. Checks and messages are Patroni's, since `patronictl` prints them.
+//! dynamic configuration with a compare-and-set; restart (checked by [`super::restart`]) and
+//! reinitialise are handed to the HA loop. Checks and messages are Patroni's, since `patronictl` prints them.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -20,8 +20,13 @@ use crate::state::AgentStatus;
 pub enum LoopRequest {
     /// Re-read the local configuration file (`POST /reload`).
     Reload { reply: oneshot::Sender<ApiReply> },
-    /// Restart postgres now (`POST /restart`).
-    Restart { reply: oneshot::Sender<ApiReply> },
+    /// Restart postgres now, or schedule a restart (`POST /restart`).
+    Restart {
+        request: super::restart::RestartRequest,
+        reply: oneshot::Sender<ApiReply>,
+    },
+    /// Cancel the scheduled restart (`DELETE /restart`).
+    CancelScheduledRestart { reply: oneshot::Sender<ApiReply> },
     /// Remove the data directory and clone the leader again (`POST /reinitialize`).
     Reinitialize {
         force: bool,
@@ -69,12 +74,20 @@ async fn handle(
         ("DELETE", "/switchover") => delete_switchover(ctx).await,
         ("PATCH", "/config") => patch_config(ctx, body).await,
         ("PUT", "/config") => put_config(ctx, body).await,
-        ("POST", "/restart") => to_loop(ctx, |reply| LoopRequest::Restart { reply }).await,
+        ("POST", "/restart") => {
+            let paused = ctx.status.borrow().paused;
+            match super::restart::RestartRequest::parse(body, chrono::Utc::now(), paused) {
+                Ok(request) => to_loop(ctx, |reply| LoopRequest::Restart { request, reply }).await,
+                Err(reply) => reply,
+            }
+        }
         ("POST", "/reinitialize") => {
             let force = body.get("force").and_then(Value::as_bool).unwrap_or(false);
             to_loop(ctx, |reply| LoopRequest::Reinitialize { force, reply }).await
         }
-        ("DELETE", "/restart") => ApiReply::new(404, "no restarts are scheduled"),
+        ("DELETE", "/restart") => {
+            to_loop(ctx, |reply| LoopRequest::CancelScheduledRestart { reply }).await
+        }
         _ => ApiReply::new(501, format!("{method} {path} is not supported")),
     }
 }

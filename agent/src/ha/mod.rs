@@ -10,6 +10,7 @@ pub mod commands;
 pub mod decide;
 pub mod dynamic_copy;
 pub mod observe;
+pub mod restart;
 pub mod sync;
 pub mod timing;
 
@@ -107,6 +108,10 @@ pub struct HaLoop {
     last_outcome: String,
     requests: Option<tokio::sync::mpsc::Receiver<commands::LoopRequest>>,
     reload: Option<ReloadFn>,
+    /// `POST /restart {"schedule": …}` waiting for its time, with the postmaster start time
+    /// when it was scheduled: a restart in between makes it pointless (Patroni cancels it).
+    /// Kept in memory only, as Patroni does: an agent restart forgets it.
+    scheduled_restart: Option<(restart::RestartRequest, Option<String>)>,
 }
 
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
@@ -194,6 +199,7 @@ impl HaLoop {
             last_outcome: String::new(),
             requests: None,
             reload: None,
+            scheduled_restart: None,
         }
     }
 
@@ -251,6 +257,7 @@ impl HaLoop {
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), HaError> {
         let result = loop {
             let started = Instant::now();
+            self.run_scheduled_restart().await;
             let next = match self.cycle().await {
                 Ok(next) => next,
                 Err(e) => break Err(e),
@@ -259,6 +266,18 @@ impl HaLoop {
                 Next::Now => started.max(Instant::now()) + Duration::from_millis(50),
                 Next::Soon => started.max(Instant::now()) + Duration::from_millis(250),
                 Next::Wait => timing::next_cycle(started, self.loop_wait(), Instant::now()),
+            };
+            // Wake for a scheduled restart on time rather than up to `loop_wait` late.
+            let due = match self
+                .scheduled_restart
+                .as_ref()
+                .and_then(|(r, _)| r.schedule)
+            {
+                Some(at) => match restart::due(at, chrono::Utc::now(), self.loop_wait()) {
+                    restart::Due::Later(d) => due.min(Instant::now() + d),
+                    _ => due,
+                },
+                None => due,
             };
             self.publish_due(due);
             let wait = due.saturating_duration_since(Instant::now());
@@ -309,31 +328,46 @@ impl HaLoop {
                 // Apply at once rather than at the next tick.
                 let _ = self.cycle().await;
             }
-            commands::LoopRequest::Restart { reply } => {
-                if self.task.is_some() {
+            commands::LoopRequest::Restart { request, reply } => {
+                if request.schedule.is_some() {
+                    let answer = if self.scheduled_restart.is_some() {
+                        ApiReply::new(409, "Another restart is already scheduled")
+                    } else {
+                        let started = self
+                            .last_postgres
+                            .as_ref()
+                            .and_then(|p| p.postmaster_start_time.clone());
+                        info!(?request, "restart scheduled through the REST API");
+                        self.scheduled_restart = Some((request, started));
+                        ApiReply::new(202, "Restart scheduled")
+                    };
+                    let _ = reply.send(answer);
+                    // Publish it in the member record at once (patronictl list shows it).
+                    let _ = self.cycle().await;
+                    return;
+                }
+                if let Some(reason) = self.restart_unmet(&request) {
+                    info!(reason, "not proceeding with the restart");
                     let _ = reply.send(ApiReply::new(503, "restart conditions are not satisfied"));
                     return;
                 }
-                info!("restart requested through the REST API");
-                let stopped = self
-                    .supervisor
-                    .stop(StopMode::Fast, Duration::from_secs(60))
-                    .await;
-                self.probe.reset().await;
-                if let Err(e) = stopped {
-                    let _ = reply.send(ApiReply::new(503, format!("restart failed: {e}")));
+                if let Some((kind, _)) = &self.task {
+                    let _ = reply.send(ApiReply::new(503, format!("{kind} already in progress")));
                     return;
                 }
-                // The next cycle starts postgres in the role the cluster needs.
-                let started = match self.cycle().await {
-                    Ok(_) => self.supervisor.wait_ready(Duration::from_secs(60)).await,
-                    Err(_) => false,
-                };
-                let _ = reply.send(if started {
-                    ApiReply::new(200, "restarted successfully")
+                info!("restart requested through the REST API");
+                let answer = self.restart_postgres(request.timeout).await;
+                let _ = reply.send(answer);
+            }
+            commands::LoopRequest::CancelScheduledRestart { reply } => {
+                let answer = if self.scheduled_restart.take().is_some() {
+                    info!("scheduled restart cancelled through the REST API");
+                    ApiReply::new(200, "scheduled restart deleted")
                 } else {
-                    ApiReply::new(503, "restart failed")
-                });
+                    ApiReply::new(404, "no restarts are scheduled")
+                };
+                let _ = reply.send(answer);
+                let _ = self.cycle().await;
             }
             commands::LoopRequest::Reinitialize { force, reply } => {
                 let view = self.last_view.clone();
@@ -373,6 +407,100 @@ impl HaLoop {
                     },
                 };
                 let _ = reply.send(answer);
+            }
+        }
+    }
+
+    /// Why a restart's conditions do not hold now (role, version, pending flag).
+    fn restart_unmet(&self, request: &restart::RestartRequest) -> Option<&'static str> {
+        let role = self.status_tx.borrow().role;
+        let pg = self.last_postgres.as_ref();
+        request.unmet(
+            role.as_str(),
+            pg.map(|p| p.server_version),
+            pg.is_some_and(|p| !p.pending_restart.is_empty()),
+        )
+    }
+
+    /// Stops postgres; the cycle run next starts it in the role the cluster needs. Waits up
+    /// to `timeout` seconds (default 60) for it to accept connections again.
+    async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
+        use crate::api::ApiReply;
+        let stopped = self
+            .supervisor
+            .stop(StopMode::Fast, Duration::from_secs(60))
+            .await;
+        self.probe.reset().await;
+        if let Err(e) = stopped {
+            return ApiReply::new(503, format!("restart failed: {e}"));
+        }
+        if self.cycle().await.is_err() {
+            return ApiReply::new(503, "restart failed");
+        }
+        let wait = Duration::from_secs(timeout.unwrap_or(60));
+        if self.supervisor.wait_ready(wait).await {
+            ApiReply::new(200, "restarted successfully")
+        } else if self.supervisor.state().is_running() {
+            ApiReply::new(503, "postgres is still starting")
+        } else {
+            ApiReply::new(503, "restart failed")
+        }
+    }
+
+    /// Carries out a scheduled restart that is due (Patroni's `evaluate_scheduled_restart`):
+    /// not while paused or while a task runs; dropped when postgres restarted meanwhile, when
+    /// it is stale, or when its conditions do not hold at its time.
+    async fn run_scheduled_restart(&mut self) {
+        let Some((request, started)) = self.scheduled_restart.clone() else {
+            return;
+        };
+        let Some(at) = request.schedule else {
+            self.scheduled_restart = None;
+            return;
+        };
+        let paused = self.last_view.as_ref().is_some_and(|v| v.is_paused());
+        if self.task.is_some() || paused {
+            return;
+        }
+        let now_started = self
+            .last_postgres
+            .as_ref()
+            .and_then(|p| p.postmaster_start_time.clone());
+        if let (Some(then), Some(now)) = (&started, &now_started) {
+            if then != now {
+                info!(
+                    started = %now,
+                    "cancelling the scheduled restart: postgres has restarted since it was scheduled"
+                );
+                self.scheduled_restart = None;
+                return;
+            }
+        }
+        match restart::due(at, chrono::Utc::now(), self.loop_wait()) {
+            restart::Due::Later(_) => {}
+            restart::Due::Stale => {
+                warn!(schedule = %at, "dropping a stale scheduled restart");
+                self.scheduled_restart = None;
+            }
+            restart::Due::Now => {
+                self.scheduled_restart = None;
+                if let Some(reason) = self.restart_unmet(&request) {
+                    warn!(
+                        reason,
+                        "scheduled restart: restart conditions are not satisfied"
+                    );
+                    return;
+                }
+                info!(schedule = %at, "scheduled restart");
+                // Stopped here; the cycle that follows starts postgres again.
+                if let Err(e) = self
+                    .supervisor
+                    .stop(StopMode::Fast, Duration::from_secs(60))
+                    .await
+                {
+                    error!(error = %e, "scheduled restart: could not stop postgres");
+                }
+                self.probe.reset().await;
             }
         }
     }
@@ -832,7 +960,7 @@ impl HaLoop {
                 primary_slot_name: upstream
                     .filter(|_| use_slots)
                     .map(|_| replica::slot_name(&self.config.name)),
-                recovery_target_timeline: "latest".into(),
+                recovery_target_timeline: conf::DEFAULT_RECOVERY_TARGET_TIMELINE.into(),
             }),
             pgpass: replica::pgpass(&self.config),
         }
@@ -1466,7 +1594,16 @@ impl HaLoop {
             pgwarden_version: Some(crate::VERSION.to_owned()),
             // Where the leader's backup from a standby reaches this member (pgBackRest's TLS
             // server); an extra field that Patroni's readers ignore.
-            extra: crate::backup::member_fields(&self.config),
+            extra: {
+                let mut extra = crate::backup::member_fields(&self.config);
+                if let Some((request, started)) = &self.scheduled_restart {
+                    extra.insert(
+                        "scheduled_restart".into(),
+                        request.record_json(started.as_deref()),
+                    );
+                }
+                extra
+            },
         }
     }
 

@@ -16,6 +16,9 @@ use crate::config::{Config, DynamicConfig, PgValue};
 const HEADER: &str =
     "# Managed by pgwarden: edits are overwritten. Change the configuration instead.\n";
 
+/// `recovery_target_timeline` as replicas follow a leader (postgres' default since 12).
+pub const DEFAULT_RECOVERY_TARGET_TIMELINE: &str = "latest";
+
 /// Standby settings written when postgres runs as a replica.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StandbySettings {
@@ -189,11 +192,18 @@ pub fn render_postgresql_conf(files: &ManagedFiles) -> String {
         if let Some(slot) = &standby.primary_slot_name {
             out.push_str(&format!("primary_slot_name = {}\n", quote(slot)));
         }
-        out.push_str(&format!(
-            "recovery_target_timeline = {}\n",
-            quote(&standby.recovery_target_timeline)
-        ));
     }
+    // Written for a primary too: it is a restart-only parameter, and a line removed from the
+    // file marks it `pending_restart` even when the value does not change, so every promotion
+    // left the new primary "pending restart" (check_patroni CRITICAL). Outside recovery postgres
+    // ignores it.
+    let timeline = files
+        .standby
+        .as_ref()
+        .map_or(DEFAULT_RECOVERY_TARGET_TIMELINE, |s| {
+            s.recovery_target_timeline.as_str()
+        });
+    out.push_str(&format!("recovery_target_timeline = {}\n", quote(timeline)));
     out
 }
 
@@ -417,6 +427,30 @@ mod tests {
         assert!(text.contains("application_name = 'it''s'"));
         assert!(text.contains("include 'postgresql.base.conf'"));
         assert_eq!(render_pg_hba(&files), None);
+    }
+
+    /// A promotion must not remove the restart-only `recovery_target_timeline` line: postgres
+    /// would report it `pending_restart` although its value is the same.
+    #[test]
+    fn promotion_keeps_recovery_target_timeline_in_the_file() {
+        let standby = ManagedFiles {
+            parameters: BTreeMap::new(),
+            pg_hba: vec![],
+            pgpass: None,
+            standby: Some(StandbySettings {
+                primary_conninfo: Some("host=a".into()),
+                primary_slot_name: Some("pg1".into()),
+                recovery_target_timeline: DEFAULT_RECOVERY_TARGET_TIMELINE.into(),
+            }),
+        };
+        let primary = ManagedFiles {
+            standby: None,
+            ..standby.clone()
+        };
+        let line = "recovery_target_timeline = 'latest'\n";
+        assert!(render_postgresql_conf(&standby).contains(line));
+        assert!(render_postgresql_conf(&primary).contains(line));
+        assert!(!render_postgresql_conf(&primary).contains("primary_conninfo"));
     }
 
     #[test]
