@@ -89,6 +89,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
 
     crate::backup::write_config(&config).map_err(RunError::Backup)?;
+    crate::backup::restore::discard_unfinished_bootstrap(&config.postgresql.data_dir);
     let shutdown = CancellationToken::new();
     let pg_changed = Arc::new(Notify::new());
     let (supervisor, supervisor_task) = Supervisor::spawn(

@@ -343,20 +343,75 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         .expect("rows after the target");
     switch_and_wait_archived(a, &repo).await;
 
-    // A new cluster, restored from the origin's stanza to the target, archiving into its own.
+    // A new cluster restored from the origin's stanza must archive into a stanza of its own:
+    // one that names the source's stanza is refused by validate-config, with what to change.
     let j = env.add_member("b0");
-    let b = &mut env.members[j];
-    b.set("scope", "restored".into());
-    b.set("pgbackrest", section(&repo, "restored", ""));
-    b.set("bootstrap.method", "pgbackrest".into());
-    b.set(
-        "bootstrap.pgbackrest",
+    {
+        let b = &mut env.members[j];
+        b.set("scope", "restored".into());
+        b.set("pgbackrest", section(&repo, "origin", ""));
+        b.set("bootstrap.method", "pgbackrest".into());
+        b.set("bootstrap.pgbackrest", yaml("stanza: origin\n"));
+        b.write_config().expect("config");
+    }
+    let out = std::process::Command::new(pgwarden_tests::harness::agent_binary())
+        .arg("validate-config")
+        .arg(env.members[j].config_path())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bootstrap.pgbackrest.stanza"), "{stderr}");
+    assert!(
+        stderr.contains("set pgbackrest.stanza to a new name"),
+        "{stderr}"
+    );
+
+    // A target after the end of the archived WAL fails the bootstrap: the agent exits 1 and
+    // leaves neither a half-restored data directory nor its keys behind.
+    let bootstrap = |target: &str| {
         yaml(&format!(
             "stanza: origin\nrecovery_conf:\n  recovery_target_time: '{target}'\n  \
              recovery_target_action: promote\n"
-        )),
-    );
+        ))
+    };
+    env.members[j].set("pgbackrest", section(&repo, "restored", ""));
+    env.members[j].set("bootstrap.pgbackrest", bootstrap("2099-01-01 00:00:00+00"));
     env.start_member(j).expect("start b0");
+    let exit = env.members[j]
+        .agent()
+        .wait_exit(T)
+        .expect("the failed bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[j].log_tail(40));
+    let data = env.members[j].data_dir();
+    assert!(
+        std::fs::read_dir(&data).map_or(true, |mut d| d.next().is_none()),
+        "the failed restore left files in {}",
+        data.display()
+    );
+    for key in ["initialize", "leader"] {
+        assert_eq!(
+            env.etcd
+                .get(&format!("/service/restored/{key}"))
+                .await
+                .expect("etcd"),
+            None,
+            "`{key}` left behind by the failed bootstrap"
+        );
+    }
+    assert!(
+        env.members[j]
+            .log_text()
+            .contains("so the next start restores afresh"),
+        "{}",
+        env.members[j].log_tail(40)
+    );
+
+    // Started again with a corrected target, it restores afresh: a new cluster, restored to
+    // the target, archiving into its own stanza.
+    let log_before = env.members[j].log_text().len();
+    env.members[j].set("bootstrap.pgbackrest", bootstrap(&target));
+    env.start_member(j).expect("start b0 again");
     let b = member(&env, "b0");
     // /primary answers 200 as soon as the lock is held (during the restore, as in Patroni):
     // wait for a running primary that answers queries.
@@ -378,6 +433,104 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
     let auto =
         std::fs::read_to_string(b.data_dir().join("postgresql.auto.conf")).unwrap_or_default();
     assert!(!auto.contains("recovery_target"), "{auto}");
+
+    // Its first full backup runs right after the promotion, not at a first scheduled fire.
+    wait_until("the restored cluster's first full backup", T, || async {
+        let r = report(b).await;
+        r["last"]["trigger"] == "bootstrap" && r["last"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    assert_eq!(report(b).await["last"]["type"], "full");
+    // Then an incremental one: the full one's metrics stay.
+    wait_until("an incremental backup is accepted", T, || async {
+        b.api_request("POST", "/backup", Some("{\"type\": \"incr\"}"))
+            .await
+            .is_some_and(|(code, _)| code == 202)
+    })
+    .await;
+    wait_until("the incremental backup succeeded", T, || async {
+        let r = report(b).await;
+        r["last"]["type"] == "incr" && r["last"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    wait_until("metrics for both backup types", T, || async {
+        let text = b.api_get("/metrics").await.map(|r| r.1).unwrap_or_default();
+        ["full", "incr"].iter().all(|t| {
+            text.contains(&format!(
+                "pgwarden_backup_last_size_bytes{{scope=\"restored\",name=\"b0\",repo=\"1\",type=\"{t}\"}}"
+            ))
+        })
+    })
+    .await;
+    // No ERROR on a successful point-in-time bootstrap (WAL pushed before the new stanza
+    // existed used to log one).
+    let log = b.log_text();
+    let errors: Vec<&str> = log[log_before..]
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("ERROR"))
+        .collect();
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+
+    // A postgres that exits right after each start does not keep the leader key: after a few
+    // failed starts in a row the lock is released, with the reason in the log.
+    env.members[j]
+        .agent()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    env.members[j].agent().wait_exit(T).expect("b0 stops");
+    let auto_path = env.members[j].data_dir().join("postgresql.auto.conf");
+    let auto = std::fs::read_to_string(&auto_path).expect("postgresql.auto.conf");
+    std::fs::write(&auto_path, format!("{auto}shared_buffers = 'nonsense'\n")).expect("write");
+    env.start_member(j).expect("start b0 with a broken setting");
+    wait_until("the failing member released the leader key", T, || async {
+        env.members[j]
+            .log_text()
+            .contains("releasing the leader lock instead of restarting postgres again")
+            && env
+                .etcd
+                .get("/service/restored/leader")
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+    })
+    .await;
+    std::fs::write(&auto_path, auto).expect("write");
+    let b = member(&env, "b0");
+    wait_until("b0 leads again once postgres starts", T, || async {
+        b.api_get("/primary").await.map(|r| r.0) == Some(200)
+            && b.sql("SELECT pg_is_in_recovery()::text").await.ok() == Some(vec!["false".into()])
+    })
+    .await;
+
+    // Bootstrapping again into the now existing stanza (the same scope reused after the
+    // cluster was lost) is refused: pgBackRest would take the new timeline into the old
+    // cluster's archive, since both have the same system identifier.
+    env.members[j]
+        .agent()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    env.members[j].agent().wait_exit(T).expect("b0 stops");
+    std::fs::remove_dir_all(env.members[j].data_dir()).expect("remove the data directory");
+    for (key, _) in env
+        .etcd
+        .get_prefix("/service/restored/")
+        .await
+        .expect("etcd")
+    {
+        env.etcd.delete(&key).await.expect("delete");
+    }
+    env.start_member(j).expect("start b0 on an empty directory");
+    let exit = env.members[j]
+        .agent()
+        .wait_exit(T)
+        .expect("the refused bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[j].log_tail(40));
+    assert!(
+        env.members[j]
+            .log_text()
+            .contains("already holds the backups or WAL of system"),
+        "{}",
+        env.members[j].log_tail(40)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
