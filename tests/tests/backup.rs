@@ -113,11 +113,19 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
     .await
     .expect("etcd");
     let repo = env.shared_dir("repo");
+    let (wrapper, slow) = slow_backup_wrapper(&env);
     for name in ["pg0", "pg1", "pg2"] {
         let i = env.add_member(name);
         env.members[i].set(
             "pgbackrest",
-            section(&repo, "main", "schedule:\n  incr: '*/20 * * * * *'\n"),
+            section(
+                &repo,
+                "main",
+                &format!(
+                    "schedule:\n  incr: '*/20 * * * * *'\ncommand: {}\n",
+                    wrapper.display()
+                ),
+            ),
         );
         env.members[i].set(
             "postgresql.create_replica_methods",
@@ -281,6 +289,138 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
         "{metrics}"
     );
     assert!(metrics.contains("pgwarden_backup_repo_ok{"), "{metrics}");
+
+    // A switchover scheduled for later does not stop the schedules meanwhile.
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != new_leader && *n != old)
+        .expect("a candidate");
+    let c = member(&env, &candidate);
+    wait_until(
+        &format!("{candidate} streams from {new_leader}"),
+        T,
+        || async { c.is_streaming_replica().await },
+    )
+    .await;
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(600)).to_rfc3339();
+    let body = format!(
+        r#"{{"leader": "{new_leader}", "candidate": "{candidate}", "scheduled_at": "{at}"}}"#
+    );
+    let (code, text) = new
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 202, "{text}");
+    let scheduled = chrono::Utc::now();
+    wait_until(
+        "a scheduled backup ran while the switchover was pending",
+        T,
+        || async {
+            let r = report(new).await;
+            r["last"]["ok"] == Value::Bool(true)
+                && r["last"]["trigger"] == "scheduled"
+                && r["last"]["started_at"]
+                    .as_str()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .is_some_and(|t| t > scheduled)
+        },
+    )
+    .await;
+    let (code, text) = new
+        .api_request("DELETE", "/switchover", None)
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+
+    // A backup running when a switchover is requested is interrupted, and its run is not
+    // lost: the new leader runs it (it used to skip it as "already ran on a previous leader").
+    std::fs::write(&slow, "").expect("slow backups on");
+    let slow_from = chrono::Utc::now();
+    wait_until("a slow scheduled backup runs on the leader", T, || async {
+        let r = report(new).await;
+        r["running"]["trigger"] == "scheduled"
+            && r["running"]["started_at"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .is_some_and(|t| t > slow_from)
+    })
+    .await;
+    let fire = scheduled_fires(new).last().cloned().expect("its fire");
+    std::fs::remove_file(&slow).expect("slow backups off");
+    let body = format!(r#"{{"leader": "{new_leader}", "candidate": "{candidate}"}}"#);
+    let (code, text) = new
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until(
+        &format!("{candidate} ran the interrupted run of {fire}"),
+        T,
+        || async {
+            scheduled_fires(c)
+                .iter()
+                .any(|f| f.as_str() >= fire.as_str())
+                && report(c).await["last"]["ok"] == Value::Bool(true)
+        },
+    )
+    .await;
+    assert!(
+        !c.log_text()
+            .lines()
+            .any(|l| l.contains("already ran on a previous leader") && l.contains(&fire)),
+        "{candidate} skipped the interrupted run:\n{}",
+        c.log_tail(60)
+    );
+    wait_until("the former leader reported the interruption", T, || async {
+        new.log_text()
+            .contains("backup interrupted by a switchover")
+            && report(new).await["running"].is_null()
+    })
+    .await;
+
+    // A fire missed while a backup still runs is logged with its reason and counted.
+    std::fs::write(&slow, "").expect("slow backups on");
+    wait_until("a missed scheduled backup is counted", T, || async {
+        c.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_backup_missed{")
+                    && l.contains("type=\"incr\"")
+                    && !l.ends_with(" 0")
+                    && !l.ends_with(" 0.0")
+            })
+        })
+    })
+    .await;
+    assert!(
+        c.log_text()
+            .lines()
+            .any(|l| l.contains("scheduled backup missed") && l.contains("backup was running")),
+        "{}",
+        c.log_tail(40)
+    );
+    std::fs::remove_file(&slow).expect("slow backups off");
+}
+
+/// A `pgbackrest` wrapper whose backups sleep (until killed) while the returned flag file
+/// exists: a backup that is surely still running when the test acts.
+fn slow_backup_wrapper(env: &TestEnv) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env.shared_dir("bin");
+    let flag = dir.join("slow-backups");
+    let wrapper = dir.join("pgbackrest");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = backup ] && [ -e {} ]; then sleep 120; fi\n\
+             done\nexec pgbackrest \"$@\"\n",
+            flag.display()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    (wrapper, flag)
 }
 
 /// Runs the CLI against the member's own config file.
