@@ -671,6 +671,56 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         "{}",
         env.members[j].log_tail(40)
     );
+
+    // WAL that cannot reach the repository turns repo_ok to 0, with one WARN (not a line per
+    // attempt), and back to 1 once archiving works again.
+    use std::os::unix::fs::PermissionsExt;
+    let a = member(&env, "a0");
+    let archive_dir = repo.join("archive/origin");
+    let repo_ok = |value: f64| async move {
+        a.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_backup_repo_ok{")
+                    && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(value)
+            })
+        })
+    };
+    assert!(repo_ok(1.0).await);
+    std::fs::set_permissions(&archive_dir, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    a.sql("INSERT INTO t VALUES (100); SELECT pg_switch_wal()")
+        .await
+        .expect("switch");
+    wait_until("repo_ok shows the archive failure", T, || repo_ok(0.0)).await;
+    wait_until("postgres retried the archive command", T, || async {
+        a.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_wal_archive_failed_count{")
+                    && l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| v >= 3.0)
+            })
+        })
+    })
+    .await;
+    let log = a.log_text();
+    assert_eq!(
+        log.matches("WAL archiving fails").count(),
+        1,
+        "{}",
+        a.log_tail(40)
+    );
+    assert!(
+        !log.contains("archive command failed"),
+        "{}",
+        a.log_tail(40)
+    );
+    std::fs::set_permissions(&archive_dir, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    a.sql("INSERT INTO t VALUES (101); SELECT pg_switch_wal()")
+        .await
+        .expect("switch");
+    wait_until("repo_ok is back once archiving works", T, || repo_ok(1.0)).await;
+    assert!(a.log_text().contains("WAL archiving works again"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
