@@ -430,5 +430,38 @@ mod tests {
             text.contains("pgwarden_backup_last_run_ok{scope=\"s\",name=\"pg0\"} -1"),
             "{text}"
         );
+        assert!(
+            text.contains("pgwarden_backup_missed{scope=\"s\",name=\"pg0\",type=\"full\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn repo_ok_is_zero_while_the_last_archive_attempt_failed() {
+        let mut report = BackupReport {
+            check: Some(CheckResult {
+                ok: true,
+                at: Utc::now(),
+                error: None,
+            }),
+            archive: Some(ArchiveStatus {
+                last_archived_time: Some(100.0),
+                last_failed_time: Some(90.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ok = |r: &BackupReport| {
+            render_metrics(r, "s", "pg0")
+                .lines()
+                .find(|l| l.starts_with("pgwarden_backup_repo_ok{"))
+                .and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        };
+        assert_eq!(ok(&report), Some(1.0));
+        if let Some(a) = report.archive.as_mut() {
+            a.last_failed_time = Some(110.0);
+        }
+        assert!(report.archive_failing());
+        assert_eq!(ok(&report), Some(0.0));
     }
 }

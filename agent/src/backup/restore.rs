@@ -465,6 +465,33 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_restore_is_removed_when_created_and_moved_aside_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        assert!(prepare_empty(&data).expect("prepare"));
+        std::fs::write(data.join("PG_VERSION"), "15").expect("write");
+        assert!(set_aside(&data, true).contains("removed"));
+        assert!(!data.exists());
+
+        std::fs::create_dir(&data).expect("mkdir");
+        assert!(!prepare_empty(&data).expect("prepare"));
+        std::fs::write(data.join("PG_VERSION"), "15").expect("write");
+        std::fs::write(data.join(UNFINISHED_MARKER), "").expect("write");
+        // At start, an unfinished bootstrap's directory is set aside too.
+        let what = discard_unfinished_bootstrap(&data).expect("set aside");
+        assert!(what.contains("moved aside"), "{what}");
+        assert!(crate::postgres::initdb::is_empty_dir(&data));
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("data.failed-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(aside[0].path().join("PG_VERSION").exists());
+        assert!(discard_unfinished_bootstrap(&data).is_none());
+    }
+
+    #[test]
     fn bootstrap_arguments_follow_the_recovery_target() {
         let mut c: Config = serde_yaml::from_str(
             "scope: new\npostgresql: {data_dir: /d, listen: '127.0.0.1:5432'}\n\

@@ -153,6 +153,12 @@ mod tests {
         assert_eq!(s.due(at(12)), Some((BackupType::Incr, at(10))));
         // Missed entirely: the newest fire replaces the older one, no burst of catch-up runs.
         assert_eq!(s.due(at(35)), Some((BackupType::Incr, at(30))));
+        // The replaced fires are reported as missed, once.
+        assert_eq!(
+            s.take_missed(),
+            vec![(BackupType::Incr, at(10)), (BackupType::Incr, at(20))]
+        );
+        assert!(s.take_missed().is_empty());
         s.settle(BackupType::Incr, at(30));
         assert_eq!(s.due(at(36)), None);
         assert_eq!(s.next_wakeup(), Some(at(40)));
