@@ -721,6 +721,26 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         .expect("switch");
     wait_until("repo_ok is back once archiving works", T, || repo_ok(1.0)).await;
     assert!(a.log_text().contains("WAL archiving works again"));
+
+    // A new cluster (initdb) configured with a stanza that holds another system's backups is
+    // refused before initdb, with what to change.
+    let k = env.add_member("c0");
+    env.members[k].set("scope", "other".into());
+    env.members[k].set("pgbackrest", section(&repo, "origin", ""));
+    env.start_member(k).expect("start c0");
+    let exit = env.members[k]
+        .agent()
+        .wait_exit(T)
+        .expect("the refused bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[k].log_tail(40));
+    let log = env.members[k].log_text();
+    assert!(
+        log.contains("already holds the backups or WAL of system")
+            && log.contains("set pgbackrest.stanza to a new name"),
+        "{}",
+        env.members[k].log_tail(40)
+    );
+    assert!(!env.members[k].data_dir().join("PG_VERSION").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

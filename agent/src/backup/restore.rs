@@ -269,12 +269,62 @@ fn bootstrap_args(config: &Config) -> Result<(String, Vec<String>), String> {
 /// and backups into the source's (or an earlier restore's) history. A repository that cannot
 /// be read is not a reason to refuse here: the restore itself then fails with pgBackRest's
 /// error.
-async fn refuse_existing_stanza(config: &Config) -> Result<(), String> {
-    let Some((runner, resolved)) = runner(config) else {
+pub async fn refuse_existing_stanza(config: &Config) -> Result<(), String> {
+    let Some((_, resolved)) = runner(config) else {
         return Ok(());
     };
+    match stanza_system_ids(config).await {
+        ids if ids.is_empty() => Ok(()),
+        ids => Err(format!(
+            "the stanza {stanza:?} (pgbackrest.stanza) already holds the backups or WAL of \
+             system {ids}; a new cluster (initdb, or restored from a backup) must archive into \
+             a stanza of its own: set pgbackrest.stanza to a new name (for example \
+             {stanza}-restored), or delete the old stanza with `pgbackrest stanza-delete` if \
+             it is no longer needed",
+            stanza = resolved.stanza,
+            ids = ids.join(", ")
+        )),
+    }
+}
+
+/// At start, with a data directory: refuses a stanza that holds another system's backups or
+/// WAL (pgBackRest would refuse every segment and backup of this cluster; the agent would run
+/// without any). Nothing is refused when the repository cannot be read.
+pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), String> {
+    let Some((_, resolved)) = runner(config) else {
+        return Ok(());
+    };
+    let data_dir = &config.postgresql.data_dir;
+    if !data_dir.join("global/pg_control").exists() {
+        return Ok(());
+    }
+    let Ok(control) =
+        crate::postgres::controldata::read(&config.postgres_bin_dir(), data_dir).await
+    else {
+        return Ok(());
+    };
+    let ids = stanza_system_ids(config).await;
+    if ids.is_empty() || ids.contains(&control.system_identifier) {
+        return Ok(());
+    }
+    Err(format!(
+        "the stanza {stanza:?} (pgbackrest.stanza) holds the backups or WAL of system {ids}, \
+         but this data directory is system {ours}: set pgbackrest.stanza to this cluster's \
+         own stanza (a new name creates one)",
+        stanza = resolved.stanza,
+        ids = ids.join(", "),
+        ours = control.system_identifier
+    ))
+}
+
+/// The system identifiers `pgbackrest.stanza` holds backups or WAL of; empty when it does not
+/// exist or the repository cannot be read.
+async fn stanza_system_ids(config: &Config) -> Vec<String> {
+    let Some((runner, resolved)) = runner(config) else {
+        return Vec::new();
+    };
     let runner = super::command::Runner {
-        timeout: Duration::from_secs(60),
+        timeout: Duration::from_secs(10),
         ..runner
     };
     let out = match runner
@@ -292,21 +342,11 @@ async fn refuse_existing_stanza(config: &Config) -> Result<(), String> {
     {
         Ok(out) => out,
         Err(e) => {
-            warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot read the stanza this cluster will archive into; continuing with the restore");
-            return Ok(());
+            warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot read the stanza this cluster archives into; not checking whose it is");
+            return Vec::new();
         }
     };
-    match super::report::stanza_system_ids(&out, &resolved.stanza) {
-        ids if ids.is_empty() => Ok(()),
-        ids => Err(format!(
-            "the stanza {stanza:?} (pgbackrest.stanza) already holds the backups or WAL of \
-             system {ids}; a cluster restored from a backup must archive into a stanza of its \
-             own: set pgbackrest.stanza to a new name (for example {stanza}-restored), or \
-             delete the old stanza with `pgbackrest stanza-delete` if it is no longer needed",
-            stanza = resolved.stanza,
-            ids = ids.join(", ")
-        )),
-    }
+    super::report::stanza_system_ids(&out, &resolved.stanza)
 }
 
 /// The bootstrap task for `bootstrap.method: pgbackrest`: restore, recover to the target,

@@ -1497,6 +1497,8 @@ async fn bootstrap(
     if config.bootstrap.method.as_deref() == Some("pgbackrest") {
         return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
     }
+    // A new system must not archive into a stanza that holds another one's backups.
+    crate::backup::restore::refuse_existing_stanza(config).await?;
     info!("running initdb");
     initdb::initdb(config, bin_dir)
         .await
