@@ -92,6 +92,10 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         })?;
 
     crate::backup::write_config(&config).map_err(RunError::Backup)?;
+    crate::backup::restore::discard_unfinished_bootstrap(&config.postgresql.data_dir);
+    crate::backup::restore::refuse_foreign_stanza(&config)
+        .await
+        .map_err(RunError::Backup)?;
     let shutdown = CancellationToken::new();
     let pg_changed = Arc::new(Notify::new());
     let (supervisor, supervisor_task) = Supervisor::spawn(

@@ -113,11 +113,19 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
     .await
     .expect("etcd");
     let repo = env.shared_dir("repo");
+    let (wrapper, slow) = slow_backup_wrapper(&env);
     for name in ["pg0", "pg1", "pg2"] {
         let i = env.add_member(name);
         env.members[i].set(
             "pgbackrest",
-            section(&repo, "main", "schedule:\n  incr: '*/20 * * * * *'\n"),
+            section(
+                &repo,
+                "main",
+                &format!(
+                    "schedule:\n  incr: '*/20 * * * * *'\ncommand: {}\n",
+                    wrapper.display()
+                ),
+            ),
         );
         env.members[i].set(
             "postgresql.create_replica_methods",
@@ -281,6 +289,138 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
         "{metrics}"
     );
     assert!(metrics.contains("pgwarden_backup_repo_ok{"), "{metrics}");
+
+    // A switchover scheduled for later does not stop the schedules meanwhile.
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != new_leader && *n != old)
+        .expect("a candidate");
+    let c = member(&env, &candidate);
+    wait_until(
+        &format!("{candidate} streams from {new_leader}"),
+        T,
+        || async { c.is_streaming_replica().await },
+    )
+    .await;
+    let at = (chrono::Utc::now() + chrono::Duration::seconds(600)).to_rfc3339();
+    let body = format!(
+        r#"{{"leader": "{new_leader}", "candidate": "{candidate}", "scheduled_at": "{at}"}}"#
+    );
+    let (code, text) = new
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 202, "{text}");
+    let scheduled = chrono::Utc::now();
+    wait_until(
+        "a scheduled backup ran while the switchover was pending",
+        T,
+        || async {
+            let r = report(new).await;
+            r["last"]["ok"] == Value::Bool(true)
+                && r["last"]["trigger"] == "scheduled"
+                && r["last"]["started_at"]
+                    .as_str()
+                    .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                    .is_some_and(|t| t > scheduled)
+        },
+    )
+    .await;
+    let (code, text) = new
+        .api_request("DELETE", "/switchover", None)
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+
+    // A backup running when a switchover is requested is interrupted, and its run is not
+    // lost: the new leader runs it (it used to skip it as "already ran on a previous leader").
+    std::fs::write(&slow, "").expect("slow backups on");
+    let slow_from = chrono::Utc::now();
+    wait_until("a slow scheduled backup runs on the leader", T, || async {
+        let r = report(new).await;
+        r["running"]["trigger"] == "scheduled"
+            && r["running"]["started_at"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .is_some_and(|t| t > slow_from)
+    })
+    .await;
+    let fire = scheduled_fires(new).last().cloned().expect("its fire");
+    std::fs::remove_file(&slow).expect("slow backups off");
+    let body = format!(r#"{{"leader": "{new_leader}", "candidate": "{candidate}"}}"#);
+    let (code, text) = new
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until(
+        &format!("{candidate} ran the interrupted run of {fire}"),
+        T,
+        || async {
+            scheduled_fires(c)
+                .iter()
+                .any(|f| f.as_str() >= fire.as_str())
+                && report(c).await["last"]["ok"] == Value::Bool(true)
+        },
+    )
+    .await;
+    assert!(
+        !c.log_text()
+            .lines()
+            .any(|l| l.contains("already ran on a previous leader") && l.contains(&fire)),
+        "{candidate} skipped the interrupted run:\n{}",
+        c.log_tail(60)
+    );
+    wait_until("the former leader reported the interruption", T, || async {
+        new.log_text()
+            .contains("backup interrupted by a switchover")
+            && report(new).await["running"].is_null()
+    })
+    .await;
+
+    // A fire missed while a backup still runs is logged with its reason and counted.
+    std::fs::write(&slow, "").expect("slow backups on");
+    wait_until("a missed scheduled backup is counted", T, || async {
+        c.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_backup_missed{")
+                    && l.contains("type=\"incr\"")
+                    && !l.ends_with(" 0")
+                    && !l.ends_with(" 0.0")
+            })
+        })
+    })
+    .await;
+    assert!(
+        c.log_text()
+            .lines()
+            .any(|l| l.contains("scheduled backup missed") && l.contains("backup was running")),
+        "{}",
+        c.log_tail(40)
+    );
+    std::fs::remove_file(&slow).expect("slow backups off");
+}
+
+/// A `pgbackrest` wrapper whose backups sleep (until killed) while the returned flag file
+/// exists: a backup that is surely still running when the test acts.
+fn slow_backup_wrapper(env: &TestEnv) -> (PathBuf, PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env.shared_dir("bin");
+    let flag = dir.join("slow-backups");
+    let wrapper = dir.join("pgbackrest");
+    std::fs::write(
+        &wrapper,
+        format!(
+            "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = backup ] && [ -e {} ]; then sleep 120; fi\n\
+             done\nexec pgbackrest \"$@\"\n",
+            flag.display()
+        ),
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    (wrapper, flag)
 }
 
 /// Runs the CLI against the member's own config file.
@@ -343,20 +483,75 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         .expect("rows after the target");
     switch_and_wait_archived(a, &repo).await;
 
-    // A new cluster, restored from the origin's stanza to the target, archiving into its own.
+    // A new cluster restored from the origin's stanza must archive into a stanza of its own:
+    // one that names the source's stanza is refused by validate-config, with what to change.
     let j = env.add_member("b0");
-    let b = &mut env.members[j];
-    b.set("scope", "restored".into());
-    b.set("pgbackrest", section(&repo, "restored", ""));
-    b.set("bootstrap.method", "pgbackrest".into());
-    b.set(
-        "bootstrap.pgbackrest",
+    {
+        let b = &mut env.members[j];
+        b.set("scope", "restored".into());
+        b.set("pgbackrest", section(&repo, "origin", ""));
+        b.set("bootstrap.method", "pgbackrest".into());
+        b.set("bootstrap.pgbackrest", yaml("stanza: origin\n"));
+        b.write_config().expect("config");
+    }
+    let out = std::process::Command::new(pgwarden_tests::harness::agent_binary())
+        .arg("validate-config")
+        .arg(env.members[j].config_path())
+        .output()
+        .expect("runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("bootstrap.pgbackrest.stanza"), "{stderr}");
+    assert!(
+        stderr.contains("set pgbackrest.stanza to a new name"),
+        "{stderr}"
+    );
+
+    // A target after the end of the archived WAL fails the bootstrap: the agent exits 1 and
+    // leaves neither a half-restored data directory nor its keys behind.
+    let bootstrap = |target: &str| {
         yaml(&format!(
             "stanza: origin\nrecovery_conf:\n  recovery_target_time: '{target}'\n  \
              recovery_target_action: promote\n"
-        )),
-    );
+        ))
+    };
+    env.members[j].set("pgbackrest", section(&repo, "restored", ""));
+    env.members[j].set("bootstrap.pgbackrest", bootstrap("2099-01-01 00:00:00+00"));
     env.start_member(j).expect("start b0");
+    let exit = env.members[j]
+        .agent()
+        .wait_exit(T)
+        .expect("the failed bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[j].log_tail(40));
+    let data = env.members[j].data_dir();
+    assert!(
+        std::fs::read_dir(&data).map_or(true, |mut d| d.next().is_none()),
+        "the failed restore left files in {}",
+        data.display()
+    );
+    for key in ["initialize", "leader"] {
+        assert_eq!(
+            env.etcd
+                .get(&format!("/service/restored/{key}"))
+                .await
+                .expect("etcd"),
+            None,
+            "`{key}` left behind by the failed bootstrap"
+        );
+    }
+    assert!(
+        env.members[j]
+            .log_text()
+            .contains("so the next start restores afresh"),
+        "{}",
+        env.members[j].log_tail(40)
+    );
+
+    // Started again with a corrected target, it restores afresh: a new cluster, restored to
+    // the target, archiving into its own stanza.
+    let log_before = env.members[j].log_text().len();
+    env.members[j].set("bootstrap.pgbackrest", bootstrap(&target));
+    env.start_member(j).expect("start b0 again");
     let b = member(&env, "b0");
     // /primary answers 200 as soon as the lock is held (during the restore, as in Patroni):
     // wait for a running primary that answers queries.
@@ -378,6 +573,174 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
     let auto =
         std::fs::read_to_string(b.data_dir().join("postgresql.auto.conf")).unwrap_or_default();
     assert!(!auto.contains("recovery_target"), "{auto}");
+
+    // Its first full backup runs right after the promotion, not at a first scheduled fire.
+    wait_until("the restored cluster's first full backup", T, || async {
+        let r = report(b).await;
+        r["last"]["trigger"] == "bootstrap" && r["last"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    assert_eq!(report(b).await["last"]["type"], "full");
+    // Then an incremental one: the full one's metrics stay.
+    wait_until("an incremental backup is accepted", T, || async {
+        b.api_request("POST", "/backup", Some("{\"type\": \"incr\"}"))
+            .await
+            .is_some_and(|(code, _)| code == 202)
+    })
+    .await;
+    wait_until("the incremental backup succeeded", T, || async {
+        let r = report(b).await;
+        r["last"]["type"] == "incr" && r["last"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    wait_until("metrics for both backup types", T, || async {
+        let text = b.api_get("/metrics").await.map(|r| r.1).unwrap_or_default();
+        ["full", "incr"].iter().all(|t| {
+            text.contains(&format!(
+                "pgwarden_backup_last_size_bytes{{scope=\"restored\",name=\"b0\",repo=\"1\",type=\"{t}\"}}"
+            ))
+        })
+    })
+    .await;
+    // No ERROR on a successful point-in-time bootstrap (WAL pushed before the new stanza
+    // existed used to log one).
+    let log = b.log_text();
+    let errors: Vec<&str> = log[log_before..]
+        .lines()
+        .filter(|l| l.split_whitespace().nth(1) == Some("ERROR"))
+        .collect();
+    assert!(errors.is_empty(), "{}", errors.join("\n"));
+
+    // A postgres that exits right after each start does not keep the leader key: after a few
+    // failed starts in a row the lock is released, with the reason in the log.
+    env.members[j]
+        .agent()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    env.members[j].agent().wait_exit(T).expect("b0 stops");
+    let auto_path = env.members[j].data_dir().join("postgresql.auto.conf");
+    let auto = std::fs::read_to_string(&auto_path).expect("postgresql.auto.conf");
+    std::fs::write(&auto_path, format!("{auto}shared_buffers = 'nonsense'\n")).expect("write");
+    env.start_member(j).expect("start b0 with a broken setting");
+    wait_until("the failing member released the leader key", T, || async {
+        env.members[j]
+            .log_text()
+            .contains("releasing the leader lock instead of restarting postgres again")
+            && env
+                .etcd
+                .get("/service/restored/leader")
+                .await
+                .ok()
+                .flatten()
+                .is_none()
+    })
+    .await;
+    std::fs::write(&auto_path, auto).expect("write");
+    let b = member(&env, "b0");
+    wait_until("b0 leads again once postgres starts", T, || async {
+        b.api_get("/primary").await.map(|r| r.0) == Some(200)
+            && b.sql("SELECT pg_is_in_recovery()::text").await.ok() == Some(vec!["false".into()])
+    })
+    .await;
+
+    // Bootstrapping again into the now existing stanza (the same scope reused after the
+    // cluster was lost) is refused: pgBackRest would take the new timeline into the old
+    // cluster's archive, since both have the same system identifier.
+    env.members[j]
+        .agent()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    env.members[j].agent().wait_exit(T).expect("b0 stops");
+    std::fs::remove_dir_all(env.members[j].data_dir()).expect("remove the data directory");
+    for (key, _) in env
+        .etcd
+        .get_prefix("/service/restored/")
+        .await
+        .expect("etcd")
+    {
+        env.etcd.delete(&key).await.expect("delete");
+    }
+    env.start_member(j).expect("start b0 on an empty directory");
+    let exit = env.members[j]
+        .agent()
+        .wait_exit(T)
+        .expect("the refused bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[j].log_tail(40));
+    assert!(
+        env.members[j]
+            .log_text()
+            .contains("already holds the backups or WAL of system"),
+        "{}",
+        env.members[j].log_tail(40)
+    );
+
+    // WAL that cannot reach the repository turns repo_ok to 0, with one WARN (not a line per
+    // attempt), and back to 1 once archiving works again.
+    use std::os::unix::fs::PermissionsExt;
+    let a = member(&env, "a0");
+    let archive_dir = repo.join("archive/origin");
+    let repo_ok = |value: f64| async move {
+        a.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_backup_repo_ok{")
+                    && l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()) == Some(value)
+            })
+        })
+    };
+    assert!(repo_ok(1.0).await);
+    std::fs::set_permissions(&archive_dir, std::fs::Permissions::from_mode(0o000)).expect("chmod");
+    a.sql("INSERT INTO t VALUES (100); SELECT pg_switch_wal()")
+        .await
+        .expect("switch");
+    wait_until("repo_ok shows the archive failure", T, || repo_ok(0.0)).await;
+    wait_until("postgres retried the archive command", T, || async {
+        a.api_get("/metrics").await.is_some_and(|(_, text)| {
+            text.lines().any(|l| {
+                l.starts_with("pgwarden_wal_archive_failed_count{")
+                    && l.rsplit(' ')
+                        .next()
+                        .and_then(|v| v.parse::<f64>().ok())
+                        .is_some_and(|v| v >= 3.0)
+            })
+        })
+    })
+    .await;
+    let log = a.log_text();
+    assert_eq!(
+        log.matches("WAL archiving fails").count(),
+        1,
+        "{}",
+        a.log_tail(40)
+    );
+    assert!(
+        !log.contains("archive command failed"),
+        "{}",
+        a.log_tail(40)
+    );
+    std::fs::set_permissions(&archive_dir, std::fs::Permissions::from_mode(0o750)).expect("chmod");
+    a.sql("INSERT INTO t VALUES (101); SELECT pg_switch_wal()")
+        .await
+        .expect("switch");
+    wait_until("repo_ok is back once archiving works", T, || repo_ok(1.0)).await;
+    assert!(a.log_text().contains("WAL archiving works again"));
+
+    // A new cluster (initdb) configured with a stanza that holds another system's backups is
+    // refused before initdb, with what to change.
+    let k = env.add_member("c0");
+    env.members[k].set("scope", "other".into());
+    env.members[k].set("pgbackrest", section(&repo, "origin", ""));
+    env.start_member(k).expect("start c0");
+    let exit = env.members[k]
+        .agent()
+        .wait_exit(T)
+        .expect("the refused bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[k].log_tail(40));
+    let log = env.members[k].log_text();
+    assert!(
+        log.contains("already holds the backups or WAL of system")
+            && log.contains("set pgbackrest.stanza to a new name"),
+        "{}",
+        env.members[k].log_tail(40)
+    );
+    assert!(!env.members[k].data_dir().join("PG_VERSION").exists());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

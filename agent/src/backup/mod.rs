@@ -234,6 +234,7 @@ pub fn spawn(
         req_rx,
         schedules,
     );
+    service = service.restored(config.bootstrap.method.as_deref() == Some("pgbackrest"));
     if pb.backup_standby {
         service = service.with_standby(service::StandbyBackup {
             fallback: pb.backup_standby_fallback,

@@ -22,6 +22,8 @@ use super::BackupType;
 pub enum Trigger {
     Scheduled,
     Manual,
+    /// The first full backup of a cluster restored from a backup, right after promotion.
+    Bootstrap,
 }
 
 /// The result of `stanza-create` + `check` (or of the WAL catch-up before them).
@@ -111,13 +113,28 @@ pub struct BackupReport {
     pub archive: Option<ArchiveStatus>,
     /// Next scheduled fire per type.
     pub next: BTreeMap<String, DateTime<Utc>>,
+    /// Scheduled fires this member missed as the leader, per type (logged with the reason).
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub missed: BTreeMap<String, u64>,
+}
+
+impl BackupReport {
+    /// Postgres' last archive attempt failed (`pg_stat_archiver`): WAL is not reaching the
+    /// repository.
+    pub fn archive_failing(&self) -> bool {
+        self.archive.as_ref().is_some_and(|a| {
+            a.last_failed_time
+                .is_some_and(|f| f > a.last_archived_time.unwrap_or(0.0))
+        })
+    }
 }
 
 fn u(v: Option<&Value>) -> u64 {
     v.and_then(Value::as_u64).unwrap_or(0)
 }
 
-/// The newest backup per repository from `pgbackrest info --output=json` of one stanza.
+/// The newest backup per repository and type from `pgbackrest info --output=json` of one
+/// stanza: the newest full stays listed (and in the metrics) after incrementals follow it.
 pub fn parse_info(json: &str, stanza: &str) -> Result<Vec<RepoBackup>, String> {
     let doc: Value =
         serde_json::from_str(json).map_err(|e| format!("pgbackrest info is not JSON: {e}"))?;
@@ -127,7 +144,7 @@ pub fn parse_info(json: &str, stanza: &str) -> Result<Vec<RepoBackup>, String> {
     else {
         return Ok(Vec::new());
     };
-    let mut newest: BTreeMap<u32, RepoBackup> = BTreeMap::new();
+    let mut newest: BTreeMap<(u32, u8, String), RepoBackup> = BTreeMap::new();
     for b in entry["backup"].as_array().into_iter().flatten() {
         if b["error"].as_bool() == Some(true) {
             continue;
@@ -142,14 +159,39 @@ pub fn parse_info(json: &str, stanza: &str) -> Result<Vec<RepoBackup>, String> {
             size: u(b["info"].get("size")),
             repo_size: u(b["info"]["repository"].get("size")),
         };
-        match newest.get(&repo) {
+        let rank = BackupType::parse(&candidate.kind).map_or(3, BackupType::rank);
+        let key = (repo, rank, candidate.kind.clone());
+        match newest.get(&key) {
             Some(old) if old.stop >= candidate.stop => {}
             _ => {
-                newest.insert(repo, candidate);
+                newest.insert(key, candidate);
             }
         }
     }
     Ok(newest.into_values().collect())
+}
+
+/// The system identifiers a stanza holds backups or WAL of, from `pgbackrest info
+/// --output=json` (pgBackRest's `db` list: one entry per database the stanza has served, more
+/// than one after `stanza-upgrade`); empty when the stanza does not exist.
+pub fn stanza_system_ids(json: &str, stanza: &str) -> Vec<String> {
+    let Ok(doc) = serde_json::from_str::<Value>(json) else {
+        return Vec::new();
+    };
+    let Some(entry) = doc
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"].as_str() == Some(stanza)))
+    else {
+        return Vec::new();
+    };
+    let mut ids: Vec<String> = entry["db"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|db| db["system-id"].as_u64().map(|id| id.to_string()))
+        .collect();
+    ids.dedup();
+    ids
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -163,6 +205,14 @@ struct RepoLabels {
     scope: String,
     name: String,
     repo: String,
+    #[prometheus(flatten)]
+    kind: TypeLabel,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RepoTypeLabels {
+    scope: String,
+    name: String,
     #[prometheus(flatten)]
     kind: TypeLabel,
 }
@@ -188,8 +238,29 @@ pub fn render_metrics(report: &BackupReport, scope: &str, name: &str) -> String 
     float(
         &mut registry,
         "pgwarden_backup_repo_ok",
-        "1 if the last stanza-create and check of the repository succeeded, 0 if it failed, -1 if not run (replicas).",
-        report.check.as_ref().map(|c| b(c.ok)).unwrap_or(-1.0),
+        "1 if the last stanza-create and check of the repository succeeded and postgres' last archive attempt did not fail, 0 otherwise, -1 if not run (replicas).",
+        report
+            .check
+            .as_ref()
+            .map(|c| b(c.ok && !report.archive_failing()))
+            .unwrap_or(-1.0),
+    );
+    let missed = Family::<RepoTypeLabels, Gauge<f64, AtomicU64>>::default();
+    for kind in ["full", "diff", "incr"] {
+        missed
+            .get_or_create(&RepoTypeLabels {
+                scope: scope.to_owned(),
+                name: name.to_owned(),
+                kind: TypeLabel {
+                    r#type: kind.to_owned(),
+                },
+            })
+            .set(report.missed.get(kind).copied().unwrap_or(0) as f64);
+    }
+    registry.register(
+        "pgwarden_backup_missed",
+        "Scheduled backups this member missed as the leader since the agent started (the log says why).",
+        missed,
     );
     float(
         &mut registry,
@@ -309,16 +380,27 @@ mod tests {
     ]},{"name":"other","backup":[]}]"#;
 
     #[test]
-    fn info_gives_the_newest_backup_per_repository() {
+    fn info_gives_the_newest_backup_per_repository_and_type() {
         let repos = parse_info(INFO, "batman").expect("parses");
-        assert_eq!(repos.len(), 2);
-        assert_eq!(repos[0].repo, 1);
-        assert_eq!(repos[0].kind, "incr");
-        assert_eq!(repos[0].repo_size, 20);
-        assert_eq!(repos[1].repo, 2);
-        assert_eq!(repos[1].stop, 170);
+        assert_eq!(repos.len(), 3);
+        assert_eq!((repos[0].repo, repos[0].kind.as_str()), (1, "full"));
+        assert_eq!(repos[0].stop, 160);
+        assert_eq!((repos[1].repo, repos[1].kind.as_str()), (1, "incr"));
+        assert_eq!(repos[1].repo_size, 20);
+        assert_eq!(repos[2].repo, 2);
+        assert_eq!(repos[2].stop, 170);
         assert!(parse_info(INFO, "missing").expect("parses").is_empty());
         assert!(parse_info("ERROR", "batman").is_err());
+    }
+
+    #[test]
+    fn stanza_system_ids_are_read_from_info() {
+        let info = r#"[{"name":"old","status":{"code":0},"db":[{"id":1,"system-id":7301,"version":"15"}]},
+                       {"name":"new","status":{"code":1,"message":"missing stanza path"},"db":[]}]"#;
+        assert_eq!(stanza_system_ids(info, "old"), vec!["7301".to_owned()]);
+        assert!(stanza_system_ids(info, "new").is_empty());
+        assert!(stanza_system_ids(info, "absent").is_empty());
+        assert!(stanza_system_ids("not json", "old").is_empty());
     }
 
     #[test]
@@ -336,6 +418,10 @@ mod tests {
         assert!(text.contains(
             "pgwarden_backup_last_success_time{scope=\"s\",name=\"pg0\",repo=\"1\",type=\"incr\"} 210"
         ), "{text}");
+        // The full backup's figures stay once an incremental follows it.
+        assert!(text.contains(
+            "pgwarden_backup_last_size_bytes{scope=\"s\",name=\"pg0\",repo=\"1\",type=\"full\"} 1000"
+        ), "{text}");
         assert!(
             text.contains("pgwarden_backup_repo_ok{scope=\"s\",name=\"pg0\"} 0"),
             "{text}"
@@ -344,5 +430,38 @@ mod tests {
             text.contains("pgwarden_backup_last_run_ok{scope=\"s\",name=\"pg0\"} -1"),
             "{text}"
         );
+        assert!(
+            text.contains("pgwarden_backup_missed{scope=\"s\",name=\"pg0\",type=\"full\"} 0"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn repo_ok_is_zero_while_the_last_archive_attempt_failed() {
+        let mut report = BackupReport {
+            check: Some(CheckResult {
+                ok: true,
+                at: Utc::now(),
+                error: None,
+            }),
+            archive: Some(ArchiveStatus {
+                last_archived_time: Some(100.0),
+                last_failed_time: Some(90.0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let ok = |r: &BackupReport| {
+            render_metrics(r, "s", "pg0")
+                .lines()
+                .find(|l| l.starts_with("pgwarden_backup_repo_ok{"))
+                .and_then(|l| l.rsplit(' ').next().and_then(|v| v.parse::<f64>().ok()))
+        };
+        assert_eq!(ok(&report), Some(1.0));
+        if let Some(a) = report.archive.as_mut() {
+            a.last_failed_time = Some(110.0);
+        }
+        assert!(report.archive_failing());
+        assert_eq!(ok(&report), Some(0.0));
     }
 }

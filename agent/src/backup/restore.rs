@@ -51,7 +51,9 @@ pub fn strip_recovery_settings(data_dir: &Path) -> std::io::Result<bool> {
     Ok(true)
 }
 
-fn prepare_empty(data_dir: &Path) -> Result<(), String> {
+/// Makes sure `data_dir` is an empty 0700 directory; returns whether it had to be created (a
+/// failed bootstrap then removes it instead of moving it aside).
+fn prepare_empty(data_dir: &Path) -> Result<bool, String> {
     use std::os::unix::fs::PermissionsExt;
     if !crate::postgres::initdb::is_empty_dir(data_dir) {
         return Err(format!(
@@ -59,9 +61,77 @@ fn prepare_empty(data_dir: &Path) -> Result<(), String> {
             data_dir.display()
         ));
     }
+    let created = !data_dir.exists();
     std::fs::create_dir_all(data_dir)
         .and_then(|()| std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700)))
-        .map_err(|e| format!("cannot prepare {}: {e}", data_dir.display()))
+        .map_err(|e| format!("cannot prepare {}: {e}", data_dir.display()))?;
+    Ok(created)
+}
+
+/// Marks a data directory whose bootstrap from a backup has not finished: an agent killed in
+/// the middle leaves it behind, and the next start sets the directory aside instead of taking
+/// a half-recovered cluster for a real one.
+pub const UNFINISHED_MARKER: &str = "pgwarden.bootstrap-unfinished";
+
+/// Gets a failed bootstrap's data directory out of the way, so that the next start restores
+/// afresh: removed when the agent created it, otherwise renamed to
+/// `<data_dir>.failed-<UTC time>` and replaced by an empty directory (a mount point that
+/// cannot be renamed is emptied). Returns what was done, for the error message.
+pub fn set_aside(data_dir: &Path, created: bool) -> String {
+    use std::os::unix::fs::PermissionsExt;
+    if created {
+        return match std::fs::remove_dir_all(data_dir) {
+            Ok(()) => format!("the data directory {} was removed", data_dir.display()),
+            Err(e) => {
+                clear_dir(data_dir);
+                format!(
+                    "the data directory {} was emptied ({e})",
+                    data_dir.display()
+                )
+            }
+        };
+    }
+    let mut aside = data_dir.as_os_str().to_owned();
+    aside.push(format!(
+        ".failed-{}",
+        chrono::Utc::now().format("%Y%m%dT%H%M%SZ")
+    ));
+    let aside = std::path::PathBuf::from(aside);
+    match std::fs::rename(data_dir, &aside) {
+        Ok(()) => {
+            let _ = std::fs::create_dir(data_dir).and_then(|()| {
+                std::fs::set_permissions(data_dir, std::fs::Permissions::from_mode(0o700))
+            });
+            format!(
+                "the data directory was moved aside to {} (delete it when no longer needed)",
+                aside.display()
+            )
+        }
+        Err(e) => {
+            clear_dir(data_dir);
+            format!(
+                "the data directory {} was emptied (it could not be moved aside: {e})",
+                data_dir.display()
+            )
+        }
+    }
+}
+
+/// At start: a data directory still marked by an interrupted bootstrap from a backup (the
+/// agent died during recovery) is set aside, so the bootstrap runs again from the start.
+pub fn discard_unfinished_bootstrap(data_dir: &Path) -> Option<String> {
+    if !data_dir.join(UNFINISHED_MARKER).exists() {
+        return None;
+    }
+    if data_dir.join("postmaster.pid").exists() {
+        // A postgres may still run on it (its agent died without PDEATHSIG reaching it):
+        // leave the directory alone and let postgres' own lock file protect it.
+        warn!(data_dir = %data_dir.display(), "the data directory is from an unfinished bootstrap, but postmaster.pid exists; leaving it");
+        return None;
+    }
+    let what = set_aside(data_dir, false);
+    warn!(data_dir = %data_dir.display(), outcome = %what, "the data directory is from a bootstrap from a backup that did not finish; it is set aside and the bootstrap runs again");
+    Some(what)
 }
 
 fn clear_dir(dir: &Path) {
@@ -194,22 +264,140 @@ fn bootstrap_args(config: &Config) -> Result<(String, Vec<String>), String> {
     Ok((source, args))
 }
 
+/// Refuses to bootstrap a cluster that would archive into a stanza that already exists: a
+/// restored cluster has its source's system identifier, so pgBackRest would accept its WAL
+/// and backups into the source's (or an earlier restore's) history. A repository that cannot
+/// be read is not a reason to refuse here: the restore itself then fails with pgBackRest's
+/// error.
+pub async fn refuse_existing_stanza(config: &Config) -> Result<(), String> {
+    let Some((_, resolved)) = runner(config) else {
+        return Ok(());
+    };
+    match stanza_system_ids(config).await {
+        ids if ids.is_empty() => Ok(()),
+        ids => Err(format!(
+            "the stanza {stanza:?} (pgbackrest.stanza) already holds the backups or WAL of \
+             system {ids}; a new cluster (initdb, or restored from a backup) must archive into \
+             a stanza of its own: set pgbackrest.stanza to a new name (for example \
+             {stanza}-restored), or delete the old stanza with `pgbackrest stanza-delete` if \
+             it is no longer needed",
+            stanza = resolved.stanza,
+            ids = ids.join(", ")
+        )),
+    }
+}
+
+/// At start, with a data directory: refuses a stanza that holds another system's backups or
+/// WAL (pgBackRest would refuse every segment and backup of this cluster; the agent would run
+/// without any). Nothing is refused when the repository cannot be read.
+pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), String> {
+    let Some((_, resolved)) = runner(config) else {
+        return Ok(());
+    };
+    let data_dir = &config.postgresql.data_dir;
+    if !data_dir.join("global/pg_control").exists() {
+        return Ok(());
+    }
+    let Ok(control) =
+        crate::postgres::controldata::read(&config.postgres_bin_dir(), data_dir).await
+    else {
+        return Ok(());
+    };
+    let ids = stanza_system_ids(config).await;
+    if ids.is_empty() || ids.contains(&control.system_identifier) {
+        return Ok(());
+    }
+    Err(format!(
+        "the stanza {stanza:?} (pgbackrest.stanza) holds the backups or WAL of system {ids}, \
+         but this data directory is system {ours}: set pgbackrest.stanza to this cluster's \
+         own stanza (a new name creates one)",
+        stanza = resolved.stanza,
+        ids = ids.join(", "),
+        ours = control.system_identifier
+    ))
+}
+
+/// The system identifiers `pgbackrest.stanza` holds backups or WAL of; empty when it does not
+/// exist or the repository cannot be read.
+async fn stanza_system_ids(config: &Config) -> Vec<String> {
+    let Some((runner, resolved)) = runner(config) else {
+        return Vec::new();
+    };
+    let runner = super::command::Runner {
+        timeout: Duration::from_secs(10),
+        ..runner
+    };
+    let out = match runner
+        .run(
+            Invocation {
+                what: "info",
+                stanza: &resolved.stanza,
+                args: vec!["--output=json".into()],
+                loud: false,
+                capture: true,
+            },
+            &CancellationToken::new(),
+        )
+        .await
+    {
+        Ok(out) => out,
+        Err(e) => {
+            warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot read the stanza this cluster archives into; not checking whose it is");
+            return Vec::new();
+        }
+    };
+    super::report::stanza_system_ids(&out, &resolved.stanza)
+}
+
 /// The bootstrap task for `bootstrap.method: pgbackrest`: restore, recover to the target,
 /// promote, then restart once without the recovery settings and create the roles.
+///
+/// A failure at any step leaves nothing a restart would take for a cluster: postgres is
+/// stopped and the data directory set aside ([`set_aside`]); the HA loop then withdraws
+/// `initialize` and `leader` and exits, and a restart (with a corrected target) restores
+/// afresh.
 pub async fn bootstrap(
     config: &Config,
     supervisor: &Supervisor,
     probe: &Probe,
     files: &ManagedFiles,
 ) -> Result<(), String> {
-    let Some((runner, _)) = runner(config) else {
+    let data_dir = &config.postgresql.data_dir;
+    let created = prepare_empty(data_dir)?;
+    if let Err(e) = refuse_existing_stanza(config).await {
+        if created {
+            let _ = std::fs::remove_dir(data_dir);
+        }
+        return Err(e);
+    }
+    match restore_and_promote(config, supervisor, probe, files).await {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            if supervisor.state().is_running() {
+                let _ = supervisor
+                    .stop(StopMode::Immediate, Duration::from_secs(30))
+                    .await;
+            }
+            probe.reset().await;
+            let what = set_aside(data_dir, created);
+            Err(format!("{e}; {what}, so the next start restores afresh"))
+        }
+    }
+}
+
+async fn restore_and_promote(
+    config: &Config,
+    supervisor: &Supervisor,
+    probe: &Probe,
+    files: &ManagedFiles,
+) -> Result<(), String> {
+    let Some((runner, resolved)) = runner(config) else {
         return Err("the pgbackrest section is not configured".into());
     };
     let data_dir = &config.postgresql.data_dir;
-    prepare_empty(data_dir)?;
     let (source, args) = bootstrap_args(config)?;
     info!(stanza = %source, ?args, "restoring a new cluster from the repository");
-    if let Err(e) = runner
+    runner
         .run(
             Invocation {
                 what: "restore",
@@ -221,10 +409,9 @@ pub async fn bootstrap(
             &CancellationToken::new(),
         )
         .await
-    {
-        clear_dir(data_dir);
-        return Err(crate::ha::error_chain(&e));
-    }
+        .map_err(|e| crate::ha::error_chain(&e))?;
+    std::fs::write(data_dir.join(UNFINISHED_MARKER), "")
+        .map_err(|e| format!("cannot mark the restored data directory: {e}"))?;
     conf::write(data_dir, files)
         .map_err(|e| format!("cannot write the configuration files: {e}"))?;
     supervisor
@@ -252,7 +439,25 @@ pub async fn bootstrap(
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    info!("recovery from the backup reached its target and promoted; restarting without the recovery settings");
+    info!("recovery from the backup reached its target and promoted; creating this cluster's stanza, then restarting without the recovery settings");
+    // The new timeline's first segments and history file are archived right away: with the
+    // stanza not created yet, each attempt failed with an ERROR in the log until the leader's
+    // stanza-create ran. A failure here is not fatal: the leader retries it.
+    if let Err(e) = runner
+        .run(
+            Invocation {
+                what: "stanza-create",
+                stanza: &resolved.stanza,
+                args: vec![],
+                loud: true,
+                capture: false,
+            },
+            &CancellationToken::new(),
+        )
+        .await
+    {
+        warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot create this cluster's stanza yet; the leader retries");
+    }
     supervisor
         .stop(StopMode::Fast, Duration::from_secs(120))
         .await
@@ -271,6 +476,8 @@ pub async fn bootstrap(
     crate::postgres::initdb::post_bootstrap(config, probe)
         .await
         .map_err(|e| crate::ha::error_chain(&e))?;
+    std::fs::remove_file(data_dir.join(UNFINISHED_MARKER))
+        .map_err(|e| format!("cannot remove {UNFINISHED_MARKER}: {e}"))?;
     Ok(())
 }
 
@@ -295,6 +502,33 @@ mod tests {
         assert!(!text.contains("restore_command"));
         assert!(!text.contains("recovery_target"));
         assert!(!strip_recovery_settings(dir.path()).expect("strip again"));
+    }
+
+    #[test]
+    fn a_failed_restore_is_removed_when_created_and_moved_aside_otherwise() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = dir.path().join("data");
+        assert!(prepare_empty(&data).expect("prepare"));
+        std::fs::write(data.join("PG_VERSION"), "15").expect("write");
+        assert!(set_aside(&data, true).contains("removed"));
+        assert!(!data.exists());
+
+        std::fs::create_dir(&data).expect("mkdir");
+        assert!(!prepare_empty(&data).expect("prepare"));
+        std::fs::write(data.join("PG_VERSION"), "15").expect("write");
+        std::fs::write(data.join(UNFINISHED_MARKER), "").expect("write");
+        // At start, an unfinished bootstrap's directory is set aside too.
+        let what = discard_unfinished_bootstrap(&data).expect("set aside");
+        assert!(what.contains("moved aside"), "{what}");
+        assert!(crate::postgres::initdb::is_empty_dir(&data));
+        let aside: Vec<_> = std::fs::read_dir(dir.path())
+            .expect("read")
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().starts_with("data.failed-"))
+            .collect();
+        assert_eq!(aside.len(), 1);
+        assert!(aside[0].path().join("PG_VERSION").exists());
+        assert!(discard_unfinished_bootstrap(&data).is_none());
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub struct Entry {
     pub next: Option<DateTime<Utc>>,
     /// A fire time that was reached and not yet run (or given up).
     pub pending: Option<DateTime<Utc>>,
+    /// Pending fires replaced by a newer one before they ran.
+    missed: Vec<DateTime<Utc>>,
 }
 
 /// All configured schedules.
@@ -58,6 +60,7 @@ impl Schedules {
                     expr: expr.clone(),
                     cron,
                     pending: None,
+                    missed: Vec::new(),
                 })
             })
             .collect();
@@ -73,7 +76,11 @@ impl Schedules {
             // long pause (a suspended machine) jump to now instead of walking forever.
             let mut steps = 0;
             while let Some(next) = e.next.filter(|n| *n <= now) {
-                e.pending = Some(next);
+                if let Some(old) = e.pending.replace(next) {
+                    if e.missed.len() < 100 {
+                        e.missed.push(old);
+                    }
+                }
                 steps += 1;
                 e.next = next_after(&e.cron, if steps < 10_000 { next } else { now });
             }
@@ -95,6 +102,15 @@ impl Schedules {
                 e.pending = None;
             }
         }
+    }
+
+    /// Fires replaced by a newer one before they ran, since the last call.
+    pub fn take_missed(&mut self) -> Vec<(BackupType, DateTime<Utc>)> {
+        let mut out = Vec::new();
+        for e in &mut self.entries {
+            out.extend(e.missed.drain(..).map(|t| (e.kind, t)));
+        }
+        out
     }
 
     /// The earliest instant something may become due.
@@ -137,6 +153,12 @@ mod tests {
         assert_eq!(s.due(at(12)), Some((BackupType::Incr, at(10))));
         // Missed entirely: the newest fire replaces the older one, no burst of catch-up runs.
         assert_eq!(s.due(at(35)), Some((BackupType::Incr, at(30))));
+        // The replaced fires are reported as missed, once.
+        assert_eq!(
+            s.take_missed(),
+            vec![(BackupType::Incr, at(10)), (BackupType::Incr, at(20))]
+        );
+        assert!(s.take_missed().is_empty());
         s.settle(BackupType::Incr, at(30));
         assert_eq!(s.due(at(36)), None);
         assert_eq!(s.next_wakeup(), Some(at(40)));

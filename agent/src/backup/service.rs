@@ -66,6 +66,9 @@ enum JobKind {
     Backup {
         running: Running,
         fire: Option<DateTime<Utc>>,
+        /// What `backup_schedule` said for this type before this run was recorded: put back
+        /// when the run is cancelled (switchover, lost leadership), so the next leader runs it.
+        previous: Option<DateTime<Utc>>,
     },
 }
 
@@ -111,6 +114,12 @@ pub struct Service {
     next_info: Instant,
     archive_lagging: bool,
     archive_failed_seen: u64,
+    archive_failing: bool,
+    /// The cluster was bootstrapped from a backup: its first full backup runs right after
+    /// the stanza is ready, not at the first scheduled fire.
+    first_full_pending: bool,
+    /// Why this member could not run a due scheduled backup, for the "missed" log line.
+    blocked: Option<String>,
 }
 
 impl Service {
@@ -150,7 +159,16 @@ impl Service {
             next_info: now + Duration::from_secs(5),
             archive_lagging: false,
             archive_failed_seen: 0,
+            archive_failing: false,
+            first_full_pending: false,
+            blocked: None,
         }
+    }
+
+    /// The cluster was bootstrapped from a backup (`bootstrap.method: pgbackrest`).
+    pub fn restored(mut self, restored: bool) -> Service {
+        self.first_full_pending = restored;
+        self
     }
 
     /// Backs up from a replica (`pgbackrest.backup_standby`).
@@ -230,10 +248,17 @@ impl Service {
         let status = self.status.borrow().clone();
         let leader = status.is_leader(Instant::now())
             && status.postgres.as_ref().is_some_and(|p| !p.in_recovery);
-        let switchover = status
-            .cluster
-            .as_ref()
-            .is_some_and(|c| c.failover.is_some());
+        // A switchover scheduled for later does not stop backups: only one that is due (or
+        // has no time) does. Blocking from the request on, a switchover scheduled 10 minutes
+        // ahead skipped every backup in between.
+        let now = Utc::now();
+        let switchover = status.cluster.as_ref().is_some_and(|c| {
+            c.failover.as_ref().is_some_and(|f| {
+                f.value.scheduled_at.as_deref().is_none_or(|at| {
+                    DateTime::parse_from_rfc3339(at).map_or(true, |t| t.with_timezone(&Utc) <= now)
+                })
+            })
+        });
         let leader_name = status
             .cluster
             .as_ref()
@@ -282,7 +307,16 @@ impl Service {
         }
 
         let due = self.schedules.due(Utc::now());
-        if !leader || self.job.is_some() {
+        self.report_missed(leader);
+        if !leader {
+            self.blocked = Some("this member was not the leader".into());
+            return;
+        }
+        if let Some(job) = &self.job {
+            self.blocked = Some(match &job.kind {
+                JobKind::Backup { running, .. } => format!("a {} backup was running", running.kind),
+                JobKind::Prepare => "the stanza was being created and checked".into(),
+            });
             return;
         }
         if let Some(term) = &self.term {
@@ -291,14 +325,56 @@ impl Service {
                 return;
             }
             if term.prepared.is_none() {
+                self.blocked = Some("the stanza was being created and checked".into());
                 return;
             }
         }
         if switchover {
+            self.blocked = Some("a switchover or failover is due".into());
             return;
+        }
+        if self.first_full_pending {
+            self.first_full_pending = false;
+            self.refresh_info().await;
+            if self.state.info_error.is_none() && self.state.repos.is_empty() {
+                match self.take_lock().await {
+                    Ok(()) => {
+                        info!(stanza = %self.stanza, "restored from a backup: taking this cluster's first full backup now");
+                        let _ = self
+                            .start_backup(BackupType::Full, Trigger::Bootstrap, None, None)
+                            .await;
+                        return;
+                    }
+                    Err(reply) => {
+                        debug!(reason = %reply.body, "the first full backup waits");
+                        self.first_full_pending = true;
+                    }
+                }
+            }
         }
         if let Some((kind, fire)) = due {
             self.try_scheduled(kind, fire).await;
+        }
+    }
+
+    /// Logs and counts scheduled fires that were replaced by a newer one before they ran.
+    fn report_missed(&mut self, leader: bool) {
+        let missed = self.schedules.take_missed();
+        if !leader {
+            // Every member computes the fires; only the leader's misses are the cluster's.
+            return;
+        }
+        for (kind, fire) in missed {
+            let reason = self
+                .blocked
+                .clone()
+                .unwrap_or_else(|| "another backup was running".into());
+            warn!(%kind, fire = %fire.to_rfc3339(), %reason, "scheduled backup missed");
+            *self
+                .state
+                .missed
+                .entry(kind.as_str().to_owned())
+                .or_default() += 1;
         }
     }
 
@@ -318,6 +394,21 @@ impl Service {
         info!(stanza = %self.stanza, "leader: pushing earlier timelines' WAL, then stanza-create and check");
         let handle = tokio::spawn(async move {
             let mut problems = Vec::new();
+            // The stanza first: a segment pushed before it exists fails (a cluster restored
+            // from a backup logged a spurious ERROR each time).
+            runner
+                .run(
+                    Invocation {
+                        what: "stanza-create",
+                        stanza: &stanza,
+                        args: vec![],
+                        loud: true,
+                        capture: false,
+                    },
+                    &token,
+                )
+                .await
+                .map_err(|e| crate::ha::error_chain(&e))?;
             if timeline > 1 {
                 for segment in super::archive::earlier_timeline_segments(&data_dir, timeline) {
                     let r = runner
@@ -337,7 +428,7 @@ impl Service {
                     }
                 }
             }
-            for what in ["stanza-create", "check"] {
+            for what in ["check"] {
                 runner
                     .run(
                         Invocation {
@@ -429,7 +520,7 @@ impl Service {
                 .await;
             return;
         }
-        record.insert(kind.as_str().to_owned(), fire);
+        let previous = record.insert(kind.as_str().to_owned(), fire);
         if let Err(e) = self
             .dcs
             .write_key(
@@ -446,8 +537,9 @@ impl Service {
             return;
         }
         info!(%kind, fire = %fire_text, "starting the scheduled backup");
+        self.blocked = None;
         let _ = self
-            .start_backup(kind, Trigger::Scheduled, Some(fire))
+            .start_backup(kind, Trigger::Scheduled, Some(fire), previous)
             .await;
     }
 
@@ -497,6 +589,7 @@ impl Service {
         kind: BackupType,
         trigger: Trigger,
         fire: Option<DateTime<Utc>>,
+        previous: Option<DateTime<Utc>>,
     ) -> Result<(), String> {
         let (runner, standby) = match self.backup_source() {
             Ok(source) => source,
@@ -549,7 +642,11 @@ impl Service {
         });
         self.state.running = Some(running.clone());
         self.job = Some(Job {
-            kind: JobKind::Backup { running, fire },
+            kind: JobKind::Backup {
+                running,
+                fire,
+                previous,
+            },
             cancel,
             handle,
         });
@@ -578,7 +675,23 @@ impl Service {
                 }
                 self.next_info = Instant::now();
             }
-            JobKind::Backup { running, fire } => {
+            JobKind::Backup {
+                running,
+                fire,
+                previous,
+            } => {
+                // Stopped for a switchover or a lost leadership, by our cancellation or by
+                // postgres' shutdown that came first: not a failure of the backup. Its fire is
+                // handed back (before the lock goes, so the next leader sees it) and retried
+                // by the next leader.
+                let (leader, switchover, _) = self.role();
+                let interrupted =
+                    result.is_err() && (job.cancel.is_cancelled() || !leader || switchover);
+                if interrupted {
+                    if let Some(fire) = fire {
+                        self.hand_back(running.kind, fire, previous).await;
+                    }
+                }
                 if let Err(e) = self
                     .dcs
                     .release_lease_key(LOCK_KEY, &self.lock_value())
@@ -593,6 +706,9 @@ impl Service {
                 match &result {
                     Ok(()) => {
                         info!(kind = %running.kind, trigger = ?running.trigger, duration_seconds = duration, "backup finished")
+                    }
+                    Err(e) if interrupted => {
+                        warn!(kind = %running.kind, trigger = ?running.trigger, error = %e, "backup interrupted by a switchover or a change of leader; a scheduled one is run again by the next leader");
                     }
                     Err(e) => {
                         self.state.failures += 1;
@@ -613,6 +729,51 @@ impl Service {
                     self.schedules.settle(running.kind, fire);
                 }
                 self.next_info = Instant::now();
+            }
+        }
+    }
+
+    /// Undoes the record of a cancelled scheduled run in `backup_schedule`, so the next leader
+    /// does not take it for done ("already ran on a previous leader") and runs it again.
+    async fn hand_back(
+        &mut self,
+        kind: BackupType,
+        fire: DateTime<Utc>,
+        previous: Option<DateTime<Utc>>,
+    ) {
+        let mut record: BTreeMap<String, DateTime<Utc>> = match self
+            .dcs
+            .read_key(SCHEDULE_KEY)
+            .await
+        {
+            Ok(v) => v
+                .and_then(|v| serde_json::from_str(&v).ok())
+                .unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %e, %kind, "cannot read the backup schedule record; the cancelled backup is not retried by the next leader");
+                return;
+            }
+        };
+        if record.get(kind.as_str()) != Some(&fire) {
+            return;
+        }
+        match previous {
+            Some(p) => record.insert(kind.as_str().to_owned(), p),
+            None => record.remove(kind.as_str()),
+        };
+        match self
+            .dcs
+            .write_key(
+                SCHEDULE_KEY,
+                &serde_json::to_string(&record).unwrap_or_default(),
+            )
+            .await
+        {
+            Ok(()) => {
+                info!(%kind, fire = %fire.to_rfc3339(), "the cancelled scheduled backup is left to the next leader")
+            }
+            Err(e) => {
+                warn!(error = %e, %kind, "cannot hand the cancelled backup back; the next leader skips it")
             }
         }
     }
@@ -664,7 +825,7 @@ impl Service {
                 Err(reply) => reply,
                 Ok(()) => {
                     info!(%kind, "starting an on-demand backup");
-                    match self.start_backup(kind, Trigger::Manual, None).await {
+                    match self.start_backup(kind, Trigger::Manual, None, None).await {
                         Ok(()) => {
                             let standby =
                                 self.state.running.as_ref().and_then(|r| r.standby.clone());
@@ -693,9 +854,20 @@ impl Service {
                 } else if !lagging && self.archive_lagging {
                     info!("WAL archiving caught up");
                 }
-                if a.failed_count > self.archive_failed_seen && self.archive_failed_seen > 0 {
+                // Once per change of state: postgres retries every few seconds, and each
+                // failure logged at INFO made 816 lines a minute during an outage.
+                let failing = a
+                    .last_failed_time
+                    .is_some_and(|f| f > a.last_archived_time.unwrap_or(0.0));
+                if failing && !self.archive_failing {
+                    warn!(last_failed_wal = ?a.last_failed_wal, failed_count = a.failed_count, "WAL archiving fails: postgres' archive_command does not reach the repository (its segments wait in pg_wal; see pgbackrest's lines)");
+                } else if !failing && self.archive_failing {
+                    info!(last_archived_wal = ?a.last_archived_wal, "WAL archiving works again");
+                } else if a.failed_count > self.archive_failed_seen && self.archive_failed_seen > 0
+                {
                     debug!(failed_count = a.failed_count, last_failed_wal = ?a.last_failed_wal, "archive_command failures");
                 }
+                self.archive_failing = failing;
                 self.archive_failed_seen = a.failed_count;
                 self.archive_lagging = lagging;
                 self.state.archive = Some(a);

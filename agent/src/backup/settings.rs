@@ -408,6 +408,29 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
                 );
             }
             let boot = config.bootstrap.pgbackrest.clone().unwrap_or_default();
+            if let Some(pb) = &config.pgbackrest {
+                // A restored cluster has its source's system identifier: pgBackRest would
+                // accept its new timeline into the source's archive.
+                let own = pb.resolve(config).stanza;
+                let source = boot.stanza.clone().unwrap_or_else(|| own.clone());
+                if source == own {
+                    err(
+                        "bootstrap.pgbackrest.stanza",
+                        format!(
+                            "restores from {source:?}, the stanza this cluster archives into \
+                             (pgbackrest.stanza{}): the restored cluster would write its WAL \
+                             and backups into its source's archive; set pgbackrest.stanza to a \
+                             new name (for example {own}-restored) and \
+                             bootstrap.pgbackrest.stanza to {source:?}",
+                            if pb.stanza.trim().is_empty() {
+                                ", which defaults to the scope"
+                            } else {
+                                ""
+                            }
+                        ),
+                    );
+                }
+            }
             if boot.command.is_some() {
                 err(
                     "bootstrap.pgbackrest.command",
@@ -709,7 +732,7 @@ mod tests {
         c.bootstrap.method = Some("pgbackrest".into());
         c.bootstrap.pgbackrest = Some(
             serde_yaml::from_str(
-                "recovery_conf: {recovery_target_time: '2026-01-02 03:04:05.123+00', \
+                "stanza: old\nrecovery_conf: {recovery_target_time: '2026-01-02 03:04:05.123+00', \
                  recovery_target_action: pause}",
             )
             .expect("yaml"),
@@ -724,13 +747,19 @@ mod tests {
             RecoveryTarget::Time("2026-01-02 03:04:05.123+00".into())
         );
         let lsn: BootstrapFromBackup =
-            serde_yaml::from_str("recovery_conf: {recovery_target_lsn: 'x/y'}").expect("yaml");
+            serde_yaml::from_str("stanza: old\nrecovery_conf: {recovery_target_lsn: 'x/y'}")
+                .expect("yaml");
         c.bootstrap.pgbackrest = Some(lsn);
         assert_eq!(
             errors(&c),
             vec!["bootstrap.pgbackrest.recovery_conf.recovery_target_lsn"]
         );
+        // Restoring from the stanza the cluster archives into (the default) is refused.
         c.bootstrap.pgbackrest = None;
+        assert_eq!(errors(&c), vec!["bootstrap.pgbackrest.stanza"]);
+        c.bootstrap.pgbackrest = Some(serde_yaml::from_str("stanza: batman").expect("yaml"));
+        assert_eq!(errors(&c), vec!["bootstrap.pgbackrest.stanza"]);
+        c.bootstrap.pgbackrest = Some(serde_yaml::from_str("stanza: old").expect("yaml"));
         assert!(errors(&c).is_empty());
         assert_eq!(
             BootstrapFromBackup::default().target(),

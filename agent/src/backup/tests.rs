@@ -290,6 +290,30 @@ async fn no_backup_starts_during_a_switchover_and_a_requested_switchover_cancels
     h.shutdown.cancel();
 }
 
+/// A switchover scheduled for later stops nothing before its time: scheduled and on-demand
+/// backups run meanwhile.
+#[tokio::test]
+async fn a_switchover_scheduled_for_later_does_not_stop_backups() {
+    let mut later = status(true, true);
+    let cluster = later.cluster.as_deref().cloned().expect("cluster");
+    let mut cluster = cluster;
+    if let Some(f) = cluster.failover.as_mut() {
+        f.value.scheduled_at = Some((chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339());
+    }
+    later.cluster = Some(Arc::new(cluster));
+    let h = start(later, Some("* * * * * *"));
+    eventually("a scheduled backup runs", || {
+        h.report.borrow().running.is_some() || h.report.borrow().last.is_some()
+    })
+    .await;
+    assert!(
+        calls(h.dir.path()).contains(" backup "),
+        "{}",
+        calls(h.dir.path())
+    );
+    h.shutdown.cancel();
+}
+
 #[tokio::test]
 async fn the_cluster_wide_lock_and_leadership_gate_on_demand_backups() {
     let h = start(status(true, false), None);

@@ -139,13 +139,19 @@ pub fn compensation(done: &[Action]) -> Vec<Action> {
 pub enum NotEligible {
     NoFailoverTag,
     PostgresNotReady,
-    Lagging { lag: u64, maximum: u64 },
+    Lagging {
+        lag: u64,
+        maximum: u64,
+    },
     PrimaryStillAlive(String),
     PeerAhead(String),
     PeerHigherPriority(String),
     FormerLeaderInSwitchover,
     NotSynchronous,
     Paused,
+    /// Postgres exited soon after each of the last starts: the lock is not taken until the
+    /// next start is due (`HaLoop::hold_back_failing_starts`).
+    StartsFailing(String),
 }
 
 impl fmt::Display for NotEligible {
@@ -160,6 +166,7 @@ impl fmt::Display for NotEligible {
             NotEligible::PrimaryStillAlive(n) => write!(f, "primary {n} is still alive"),
             NotEligible::PeerAhead(n) => write!(f, "{n} has a higher WAL position"),
             NotEligible::Paused => write!(f, "the cluster is paused (maintenance mode)"),
+            NotEligible::StartsFailing(why) => write!(f, "{why}"),
             NotEligible::NotSynchronous => {
                 write!(f, "synchronous mode is on and this member is not a synchronous standby")
             }
@@ -333,7 +340,7 @@ pub struct Decision {
 }
 
 impl Decision {
-    fn new(outcome: Outcome, actions: Vec<Action>) -> Self {
+    pub(super) fn new(outcome: Outcome, actions: Vec<Action>) -> Self {
         Decision { outcome, actions }
     }
 }

@@ -32,12 +32,18 @@ use crate::postgres::probe::{self, Probe};
 use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
 use crate::state::{AgentStatus, PgState, Role};
 
-use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
+use self::decide::{decide, Action, Decision, MemberFacts, NotEligible, Outcome};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
 use self::timing::FencePolicy;
 use crate::postgres::replica::{self, Upstream};
+
+/// A postgres that exits within this time of its start counts as a failed start.
+const QUICK_CRASH_WINDOW: Duration = Duration::from_secs(30);
+/// Failed starts in a row after which the leader key is released instead of holding it
+/// through another restart.
+const FAILED_STARTS_LIMIT: u32 = 3;
 
 /// Why the HA loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -508,7 +514,7 @@ impl HaLoop {
     /// Observes, decides, executes.
     async fn cycle(&mut self) -> Result<Next, HaError> {
         let obs = self.observe().await;
-        let decision = decide(&obs, &self.facts);
+        let decision = self.hold_back_failing_starts(&obs, decide(&obs, &self.facts));
         let sentence = decision.outcome.to_string();
         if sentence != self.last_outcome {
             info!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
@@ -862,6 +868,53 @@ impl HaLoop {
         (since < wait).then(|| wait - since)
     }
 
+    /// After [`FAILED_STARTS_LIMIT`] starts in a row that postgres did not survive, the leader
+    /// key is not held across the wait for the next start: a lock holder releases it (and
+    /// says why), and a member without it does not race for it until its next start is due.
+    /// Another member can lead meanwhile; the failing one tries again after the backoff.
+    fn hold_back_failing_starts(&self, obs: &Observation, decision: Decision) -> Decision {
+        if self.quick_crashes < FAILED_STARTS_LIMIT
+            || !matches!(obs.postgres, PostgresView::Crashed)
+        {
+            return decision;
+        }
+        let starts = |d: &Decision| {
+            d.actions
+                .iter()
+                .any(|a| matches!(a, Action::StartPostgres { .. }))
+        };
+        let last_exit = match self.supervisor.state() {
+            Postmaster::Crashed { exit, .. } => exit,
+            _ => "unknown".into(),
+        };
+        let why = format!(
+            "postgres exited {} times in a row within {QUICK_CRASH_WINDOW:?} of starting (last: {last_exit}; see the postgres log lines)",
+            self.quick_crashes
+        );
+        let holds = matches!(obs.lease, LeaseCheck::Renewed(_));
+        if holds && starts(&decision) {
+            if self.last_outcome.starts_with("postgres failed to start") {
+                debug!(%why, "releasing the leader lock");
+            } else {
+                error!(%why, "releasing the leader lock instead of restarting postgres again");
+            }
+            return Decision::new(Outcome::LeaderStartFailed(why), vec![Action::ReleaseLeader]);
+        }
+        let races = decision
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::AcquireLeader));
+        match self.restart_backoff() {
+            Some(wait) if races && starts(&decision) => Decision::new(
+                Outcome::NoLeaderNotEligible(NotEligible::StartsFailing(format!(
+                    "{why}; next start in {wait:.0?}"
+                ))),
+                vec![],
+            ),
+            _ => decision,
+        }
+    }
+
     async fn inspect_postgres(&mut self) -> PostgresView {
         let view = match self.supervisor.state() {
             Postmaster::NotRunning => PostgresView::Down,
@@ -883,12 +936,22 @@ impl HaLoop {
             _ => None,
         };
         match &view {
-            PostgresView::Running(_) => self.quick_crashes = 0,
+            // Counted from a start until postgres has run for a while, not until it first
+            // accepts connections: a data directory recovering towards a target it cannot
+            // reach opens read-only, then exits, and reset at each opening the loop restarted
+            // it 132 times in 30 s while holding the leader key.
+            PostgresView::Running(_)
+                if self
+                    .last_start
+                    .is_none_or(|t| t.elapsed() >= QUICK_CRASH_WINDOW) =>
+            {
+                self.quick_crashes = 0
+            }
             PostgresView::Crashed if !self.crash_counted => {
                 self.crash_counted = true;
                 if self
                     .last_start
-                    .is_some_and(|t| t.elapsed() < Duration::from_secs(30))
+                    .is_some_and(|t| t.elapsed() < QUICK_CRASH_WINDOW)
                 {
                     self.quick_crashes += 1;
                 }
@@ -1707,6 +1770,8 @@ async fn bootstrap(
     if config.bootstrap.method.as_deref() == Some("pgbackrest") {
         return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
     }
+    // A new system must not archive into a stanza that holds another one's backups.
+    crate::backup::restore::refuse_existing_stanza(config).await?;
     info!("running initdb");
     initdb::initdb(config, bin_dir)
         .await

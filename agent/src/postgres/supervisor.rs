@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
-use tracing::{error, info, warn};
+use tracing::{debug, error, info, warn};
 
 /// How to stop postgres (`pg_ctl stop -m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -482,7 +482,16 @@ impl Actor {
 async fn forward_lines<R: tokio::io::AsyncRead + Unpin>(reader: R) {
     let mut lines = BufReader::new(reader).lines();
     while let Ok(Some(line)) = lines.next_line().await {
-        info!(target: "postgres", "{line}");
+        // Postgres retries a failing archive_command every few seconds: 816 lines a minute
+        // during a repository outage. The backup service logs one WARN per change of state
+        // (from pg_stat_archiver) instead.
+        if line.contains("archive command failed")
+            || line.contains("The failed archive command was")
+        {
+            debug!(target: "postgres", "{line}");
+        } else {
+            info!(target: "postgres", "{line}");
+        }
     }
 }
 

@@ -155,8 +155,17 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
                 schedule.insert(kind.to_owned(), json!(c));
             }
         }
+        let source = stanza(names, spec).unwrap_or_else(|| names.cluster.clone());
+        // A cluster restored from a backup has its source's system identifier: it archives into
+        // a stanza of its own, or its WAL would join the source's history (the agent refuses
+        // restoring from the stanza it archives into).
+        let own = if spec.restore.is_some() {
+            format!("{source}-restored")
+        } else {
+            source.clone()
+        };
         config["pgbackrest"] = json!({
-            "stanza": stanza(names, spec).unwrap_or_else(|| names.cluster.clone()),
+            "stanza": own,
             "repos": repos,
             "schedule": schedule,
         });
@@ -170,7 +179,8 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
                 recovery_conf.insert("recovery_target_action".to_owned(), json!("promote"));
             }
             config["bootstrap"]["method"] = json!("pgbackrest");
-            config["bootstrap"]["pgbackrest"] = json!({"recovery_conf": recovery_conf});
+            config["bootstrap"]["pgbackrest"] =
+                json!({"stanza": source, "recovery_conf": recovery_conf});
         }
     }
     config

@@ -390,7 +390,8 @@ fn standby_and_restore_render_patroni_sections() {
     assert_eq!(recovery["recovery_target_action"], "promote");
     assert!(v["bootstrap"]["pgbackrest"].get("command").is_none());
     assert_eq!(v["pgbackrest"]["repos"][0]["path"], "/b");
-    assert_eq!(v["pgbackrest"]["stanza"], "r");
+    assert_eq!(v["bootstrap"]["pgbackrest"]["stanza"], "r");
+    assert_eq!(v["pgbackrest"]["stanza"], "r-restored");
 }
 
 #[test]
