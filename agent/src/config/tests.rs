@@ -573,7 +573,24 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
 fn patroni_restapi_and_ssl_environment_variables_apply() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cert = dir.path().join("c.pem");
-    std::fs::write(&cert, "x").expect("write");
+    // `restapi.cafile` is validated (it must hold a usable certificate): a real self-signed one.
+    let made = std::process::Command::new("openssl")
+        .args([
+            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+        ])
+        .args([
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(dir.path().join("k.pem"))
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("openssl runs (scripts/install-deps.sh installs it)");
+    assert!(made.status.success(), "{made:?}");
     let env: BTreeMap<String, String> = [
         ("PATRONI_RESTAPI_CERTFILE", cert.to_str().expect("utf8")),
         ("PATRONI_RESTAPI_KEYFILE", cert.to_str().expect("utf8")),
