@@ -759,6 +759,11 @@ async fn a_patroni_sample_configuration_starts_unchanged_with_tls_from_the_envir
         "IP:127.0.0.1",
     )
     .expect("certificate");
+    // Readable by the agents' user.
+    use std::os::unix::fs::PermissionsExt;
+    for f in [&cert, &key] {
+        std::fs::set_permissions(f, std::fs::Permissions::from_mode(0o644)).expect("chmod");
+    }
     let i = env.add_member("postgresql0");
     let bin = std::env::var("PGWARDEN_PG_BIN_DIR")
         .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());

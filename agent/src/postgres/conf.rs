@@ -100,8 +100,10 @@ pub fn raise_to_primary_minimums(
 ) -> Vec<String> {
     let mut raised = Vec::new();
     for (name, minimum) in control.hot_standby_minimums() {
+        // Only parameters we render: adding a restart-only line a primary's file lacks would
+        // leave every promoted standby `pending_restart` (its removal needs a restart too).
         let current = params.get(name).and_then(|v| v.trim().parse::<u64>().ok());
-        if current.is_none_or(|c| c < minimum) {
+        if current.is_some_and(|c| c < minimum) {
             params.insert(name.to_owned(), minimum.to_string());
             raised.push(format!("{name}={minimum}"));
         }
