@@ -138,7 +138,9 @@ fn invalid_configuration_exits_2_naming_the_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn patronictl_lists_the_member_as_leader() {
     if Command::new("patronictl").arg("--help").output().is_err() {
-        eprintln!("SKIP: patronictl is not installed (scripts/install-deps.sh installs it)");
+        pgwarden_tests::harness::missing_tool(
+            "patronictl is not installed (scripts/install-deps.sh installs it)",
+        );
         return;
     }
     let mut env = TestEnv::start(ClusterOptions::default())

@@ -129,7 +129,7 @@ async fn pid1_reaps_orphans(c: &DockerCluster, name: &str) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn containerised_cluster_survives_kill_partition_and_stop() {
     if let Some(why) = docker::unavailable().await {
-        eprintln!("SKIPPED the container tests: {why}");
+        pgwarden_tests::harness::missing_tool(&format!("the container tests cannot run: {why}"));
         return;
     }
     let started = Instant::now();

@@ -518,7 +518,9 @@ fn patronictl(env: &TestEnv, args: &[&str]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unmodified_patronictl_drives_the_cluster() {
     if Command::new("patronictl").arg("--help").output().is_err() {
-        eprintln!("SKIP: patronictl is not installed (scripts/install-deps.sh installs it)");
+        pgwarden_tests::harness::missing_tool(
+            "patronictl is not installed (scripts/install-deps.sh installs it)",
+        );
         return;
     }
     let env = cluster(ClusterOptions::default(), |_, _| {}).await;
@@ -852,7 +854,9 @@ async fn scheduled_and_conditional_restarts() {
         );
         assert!(ok && out.contains("Success: restart scheduled"), "{out}");
     } else {
-        eprintln!("SKIP (patronictl part): patronictl is not installed");
+        pgwarden_tests::harness::missing_tool(
+            "patronictl is not installed; the patronictl part is skipped",
+        );
         let body = format!(r#"{{"schedule": "{in_an_hour}"}}"#);
         let got = lm.api_request("POST", "/restart", Some(&body)).await;
         assert_eq!(got, Some((202, "Restart scheduled".to_owned())));

@@ -35,6 +35,16 @@ pub fn timeout_mult() -> f64 {
         .unwrap_or(1.0)
 }
 
+/// A tool a test needs is missing: outside CI the test says so and passes; under CI (where
+/// `scripts/test.sh` installs every tool) that is a broken install and the test fails.
+pub fn missing_tool(why: &str) {
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{why} (under CI the test command installs it)"
+    );
+    eprintln!("SKIP: {why}");
+}
+
 /// Polls `check` every 100 ms until it returns true; panics naming `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
