@@ -374,9 +374,7 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
         c.log_tail(60)
     );
     wait_until("the former leader reported the interruption", T, || async {
-        new.log_text()
-            .contains("backup interrupted by a switchover")
-            && report(new).await["running"].is_null()
+        new.log_text().contains("backup interrupted") && report(new).await["running"].is_null()
     })
     .await;
 
@@ -421,6 +419,152 @@ fn slow_backup_wrapper(env: &TestEnv) -> (PathBuf, PathBuf) {
     .expect("write the wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     (wrapper, flag)
+}
+
+/// A `pgbackrest` wrapper whose backups compress with zstd at level 19 in one process: a real
+/// backup of a small cluster lasts tens of seconds, while `archive-push` and the other
+/// commands keep the member's fast settings (postgres' shutdown waits for its archiver).
+fn slow_compression_wrapper(env: &TestEnv) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env.shared_dir("slow-bin");
+    let wrapper = dir.join("pgbackrest");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = backup ]; then\n    \
+         exec pgbackrest \"$@\" --compress-type=zst --compress-level=19 --process-max=1\n  fi\n\
+         done\nexec pgbackrest \"$@\"\n",
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    wrapper
+}
+
+/// Where `needle` first occurs in `log` after byte `from`.
+fn position(log: &str, from: usize, needle: &str) -> Option<usize> {
+    log[from..].find(needle).map(|p| p + from)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_running_at_a_switchover_ends_before_postgres_stops_and_the_new_leader_reruns_it()
+{
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "interrupt".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    let slow = slow_compression_wrapper(&env);
+    // Every minute at one second: the same fires on both members. The backup lock, held here
+    // as if another member ran a backup, keeps the fire waiting until the data is in place.
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(20)).format("%S");
+    env.etcd
+        .put(&env.key("backup_lock"), r#"{"member":"the test"}"#)
+        .await
+        .expect("hold the backup lock");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        let command = if name == "pg0" {
+            format!("command: {}\n", slow.display())
+        } else {
+            String::new()
+        };
+        env.members[i].set(
+            "pgbackrest",
+            section(
+                &repo,
+                "interrupt",
+                &format!("schedule:\n  full: '{second} * * * * *'\n{command}"),
+            ),
+        );
+    }
+    env.start_member(0).expect("start pg0");
+    wait_until("pg0 leads", T, || async {
+        env.leader().await.as_deref() == Some("pg0")
+    })
+    .await;
+    env.start_member(1).expect("start pg1");
+    let (old, new) = (member(&env, "pg0"), member(&env, "pg1"));
+    wait_until("pg0's stanza check passed", T, || async {
+        report(old).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    old.sql(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g + 1)::text) AS t \
+         FROM generate_series(1, 200000) g",
+    )
+    .await
+    .expect("filler rows");
+    wait_until("pg1 streams from pg0", T, || async {
+        new.is_streaming_replica().await
+    })
+    .await;
+
+    // The scheduled full backup starts on pg0 (zstd level 19: it runs for a while).
+    env.etcd
+        .delete(&env.key("backup_lock"))
+        .await
+        .expect("release the backup lock");
+    wait_until("the scheduled backup runs on pg0", T, || async {
+        report(old).await["running"]["trigger"] == "scheduled"
+    })
+    .await;
+    let fire = scheduled_fires(old).last().cloned().expect("its fire");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let from = old.log_text().len();
+    let (code, text) = old
+        .api_request(
+            "POST",
+            "/switchover",
+            Some(r#"{"leader": "pg0", "candidate": "pg1"}"#),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until("pg1 leads", T, || async {
+        env.leader().await.as_deref() == Some("pg1")
+            && new.api_get("/primary").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+
+    // pg0 ended its backup before it stopped postgres, and recorded it as interrupted.
+    let log = old.log_text();
+    let ended = position(&log, from, "backup interrupted");
+    let stopped = position(&log, from, "stopping postgres");
+    assert!(
+        ended.is_some() && stopped.is_some() && ended < stopped,
+        "the backup did not end before postgres stopped (ended at {ended:?}, stop at \
+         {stopped:?}):\n{}",
+        &log[from..]
+    );
+    assert!(!log[from..].contains("backup failed"), "{}", &log[from..]);
+    wait_until("pg0 reports the run as interrupted", T, || async {
+        let r = report(old).await;
+        r["last"]["interrupted"] == Value::Bool(true)
+            && r["last"]["trigger"] == "scheduled"
+            && r["failures"] == 0
+    })
+    .await;
+
+    // pg1 runs the interrupted fire (or a newer one), and it completes.
+    wait_until(
+        &format!("pg1 ran the interrupted run of {fire}"),
+        T,
+        || async {
+            scheduled_fires(new)
+                .iter()
+                .any(|f| f.as_str() >= fire.as_str())
+                && report(new).await["last"]["ok"] == Value::Bool(true)
+        },
+    )
+    .await;
+    assert!(
+        !new.log_text()
+            .lines()
+            .any(|l| l.contains("already ran on a previous leader") && l.contains(&fire)),
+        "pg1 skipped the interrupted run:\n{}",
+        new.log_tail(60)
+    );
 }
 
 /// Runs the CLI against the member's own config file.

@@ -7,9 +7,12 @@
 //! group gets SIGTERM (SIGKILL after 10 s, see [`super::command`]), the service records the run
 //! as interrupted (not failed), hands a scheduled fire back in `backup_schedule` and releases
 //! `backup_lock`, and only then does the call return; it waits at most [`MAX_WAIT`] (less when
-//! the leader lease would not last that long), then postgres is stopped anyway.
+//! the leader lease would not last that long), then postgres is stopped anyway. For [`HOLD`]
+//! after such a call no backup or stanza check starts: the status the service follows still
+//! shows a running primary while postgres goes down, and a handed-back fire was started again
+//! against the stopping postgres (and failed) in the moment before the new leader took over.
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
@@ -19,6 +22,9 @@ use tracing::{info, warn};
 /// The longest the HA loop waits for a backup to end before stopping postgres anyway:
 /// pgBackRest's SIGKILL comes 10 s after SIGTERM, then the lock and the hand-back.
 pub const MAX_WAIT: Duration = Duration::from_secs(15);
+
+/// How long no backup starts after a planned stop of postgres began.
+pub const HOLD: Duration = Duration::from_secs(30);
 
 /// Margin kept before the leader lease's certain end: a member that waited for its backup
 /// must still hold the lease while postgres stops.
@@ -37,12 +43,15 @@ struct Current {
 #[derive(Debug, Clone)]
 pub struct Interrupter {
     current: Arc<watch::Sender<Option<Current>>>,
+    /// No backup starts before this instant (a planned stop of postgres is under way).
+    hold_until: Arc<Mutex<Option<Instant>>>,
 }
 
 impl Default for Interrupter {
     fn default() -> Self {
         Interrupter {
             current: Arc::new(watch::channel(None).0),
+            hold_until: Arc::default(),
         }
     }
 }
@@ -70,6 +79,12 @@ impl Interrupter {
         self.current.send_replace(None);
     }
 
+    /// Whether a planned stop of postgres began less than [`HOLD`] ago: nothing starts now.
+    pub(super) fn held(&self) -> bool {
+        let until = *self.hold_until.lock().unwrap_or_else(|e| e.into_inner());
+        until.is_some_and(|u| Instant::now() < u)
+    }
+
     /// Whether a backup runs now.
     pub fn is_running(&self) -> bool {
         self.current.borrow().is_some()
@@ -78,6 +93,7 @@ impl Interrupter {
     /// Ends the running backup, if any, and waits until the service recorded it as
     /// interrupted, at most `budget`. Returns at once when no backup runs.
     pub async fn end_running_backup(&self, why: &str, budget: Duration) {
+        *self.hold_until.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + HOLD);
         let mut rx = self.current.subscribe();
         let mut signalled = false;
         self.current.send_if_modified(|c| match c {
@@ -99,11 +115,11 @@ impl Interrupter {
             .await
             .is_ok_and(|r| r.is_ok());
         if ended {
-            info!("the backup ended; stopping postgres");
+            info!("the backup ended; postgres stops now");
         } else {
             warn!(
                 waited_seconds = budget.as_secs_f64(),
-                "the backup did not end in time; stopping postgres anyway"
+                "the backup did not end in time; postgres stops anyway"
             );
         }
     }
@@ -154,6 +170,7 @@ mod tests {
             .await;
         assert!(t.elapsed() >= Duration::from_millis(200));
         assert!(!i.is_running());
+        assert!(i.held(), "nothing starts while postgres stops");
         service.await.expect("service");
     }
 

@@ -347,6 +347,10 @@ impl Service {
             });
             return;
         }
+        if self.interrupter.held() {
+            self.blocked = Some("postgres was being stopped on purpose".into());
+            return;
+        }
         if let Some(term) = &self.term {
             if term.prepared != Some(true) && now >= term.retry_at {
                 self.start_prepare();
@@ -851,6 +855,11 @@ impl Service {
             }
         } else if switchover {
             ApiReply::new(503, "a switchover is in progress; try again after it")
+        } else if self.interrupter.held() {
+            ApiReply::new(
+                503,
+                "postgres is being stopped (switchover, restart or shutdown); try again after it",
+            )
         } else if let Some(job) = &self.job {
             match &job.kind {
                 JobKind::Backup { running, .. } => ApiReply::new(
