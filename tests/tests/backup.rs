@@ -660,7 +660,13 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         ))
     };
     env.members[j].set("pgbackrest", section(&repo, "restored", ""));
-    env.members[j].set("bootstrap.pgbackrest", bootstrap("2099-01-01 00:00:00+00"));
+    // A day ahead, not 2099: pgBackRest 2.45 refuses a target after 2038 before restoring
+    // ("unable to find backup set with stop time less than …"), so postgres' own end of WAL
+    // was never reached here.
+    let past_the_end = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d %H:%M:%S+00")
+        .to_string();
+    env.members[j].set("bootstrap.pgbackrest", bootstrap(&past_the_end));
     env.start_member(j).expect("start b0");
     let exit = env.members[j]
         .agent()
@@ -686,7 +692,10 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
     assert!(
         env.members[j]
             .log_text()
-            .contains("so the next start restores afresh"),
+            .contains("so the next start restores afresh")
+            && env.members[j]
+                .log_text()
+                .contains("recovery ended before configured recovery target was reached"),
         "{}",
         env.members[j].log_tail(40)
     );
