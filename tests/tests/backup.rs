@@ -444,6 +444,10 @@ fn position(log: &str, from: usize, needle: &str) -> Option<usize> {
     log[from..].find(needle).map(|p| p + from)
 }
 
+/// A real backup (slowed down) running when postgres is stopped on purpose is ended first and
+/// recorded as interrupted, not failed: at `POST /restart` of the leader (which then runs the
+/// fire again itself), and at a switchover (the new leader runs it). Main's agent stopped
+/// postgres under the running backup.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_running_at_a_switchover_ends_before_postgres_stops_and_the_new_leader_reruns_it()
 {
@@ -507,6 +511,40 @@ async fn a_backup_running_at_a_switchover_ends_before_postgres_stops_and_the_new
         .expect("release the backup lock");
     wait_until("the scheduled backup runs on pg0", T, || async {
         report(old).await["running"]["trigger"] == "scheduled"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // `POST /restart` of the leader ends it first too; pg0 stays the leader and runs the
+    // handed-back fire again once postgres is back (after the 30 s hold).
+    let from = old.log_text().len();
+    let restarted_at = chrono::Utc::now();
+    let (code, text) = old
+        .api_request("POST", "/restart", Some("{}"))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let log = old.log_text();
+    let ending = position(
+        &log,
+        from,
+        "ending the running backup before postgres stops",
+    );
+    let ended = position(&log, from, "backup interrupted");
+    assert!(
+        ending.is_some() && ended.is_some() && log[from..].contains("a restart of postgres"),
+        "{}",
+        &log[from..]
+    );
+    assert_eq!(report(old).await["last"]["interrupted"], Value::Bool(true));
+    assert_eq!(report(old).await["failures"], 0);
+    wait_until("pg0 runs the interrupted fire again", T, || async {
+        let r = report(old).await;
+        r["running"]["trigger"] == "scheduled"
+            && r["running"]["started_at"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .is_some_and(|t| t > restarted_at)
     })
     .await;
     let fire = scheduled_fires(old).last().cloned().expect("its fire");
