@@ -14,6 +14,7 @@ use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::Dcs;
 use crate::ha::{self, HaLoop};
+use crate::postgres::callbacks::Callbacks;
 use crate::postgres::conf::split_listen;
 use crate::postgres::probe::{LocalConnection, Probe};
 use crate::postgres::supervisor::{Supervisor, SupervisorSettings};
@@ -98,12 +99,27 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         .map_err(RunError::Backup)?;
     let shutdown = CancellationToken::new();
     let pg_changed = Arc::new(Notify::new());
+    let callbacks = Callbacks::new(&config.scope, config.postgresql.callbacks.clone());
+    // A reload that re-reads the file also replaces the callbacks; one the loop refuses
+    // (another name or scope) leaves them as they were.
+    let reload = reload.map(|reload| -> ha::ReloadFn {
+        let callbacks = callbacks.clone();
+        let (name, scope) = (config.name.clone(), config.scope.clone());
+        Box::new(move || {
+            let new = reload()?;
+            if new.name == name && new.scope == scope {
+                callbacks.set_commands(new.postgresql.callbacks.clone());
+            }
+            Ok(new)
+        })
+    });
     let (supervisor, supervisor_task) = Supervisor::spawn(
         SupervisorSettings {
             bin_dir: config.postgres_bin_dir(),
             data_dir: config.postgresql.data_dir.clone(),
             stop_with_agent: true,
             guard: spawn_fence_guard(),
+            callbacks,
         },
         pg_changed.clone(),
     );

@@ -453,7 +453,7 @@ impl HaLoop {
         self.end_backup("a restart of postgres").await;
         let stopped = self
             .supervisor
-            .stop(StopMode::Fast, Duration::from_secs(60))
+            .stop_for_restart(StopMode::Fast, Duration::from_secs(60))
             .await;
         self.probe.reset().await;
         if let Err(e) = stopped {
@@ -521,7 +521,7 @@ impl HaLoop {
                 // Stopped here; the cycle that follows starts postgres again.
                 if let Err(e) = self
                     .supervisor
-                    .stop(StopMode::Fast, Duration::from_secs(60))
+                    .stop_for_restart(StopMode::Fast, Duration::from_secs(60))
                     .await
                 {
                     error!(error = %e, "scheduled restart: could not stop postgres");
@@ -1306,8 +1306,8 @@ impl HaLoop {
                 let following = upstream.as_ref().map(|u| u.name.clone());
                 if changed {
                     info!(upstream = ?following, "configuration changed; reloading postgres");
-                    self.probe
-                        .execute("SELECT pg_reload_conf()")
+                    self.supervisor
+                        .reload()
                         .await
                         .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
                 }
@@ -1371,6 +1371,7 @@ impl HaLoop {
                     .await
                     .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
                 info!("promotion requested");
+                self.supervisor.promoted().await;
                 self.checkpoint_after_promote_pending = true;
                 Ok(true)
             }
@@ -1382,7 +1383,7 @@ impl HaLoop {
                 }
                 warn!(?mode, "stopping postgres");
                 self.supervisor
-                    .stop(*mode, Duration::from_secs(30))
+                    .demote(*mode, Duration::from_secs(30))
                     .await
                     .map_err(|e| ActionError::Failed(e.to_string()))?;
                 self.probe.reset().await;
@@ -1519,8 +1520,8 @@ impl HaLoop {
                 .write(&self.config.postgresql.data_dir, &files)
                 .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
             {
-                self.probe
-                    .execute("SELECT pg_reload_conf()")
+                self.supervisor
+                    .reload()
                     .await
                     .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
             }
