@@ -14,6 +14,7 @@
 //! - A callback that has exited is never signalled: its leftover children keep running, as in
 //!   Patroni, and a recycled process id cannot be hit.
 //! - The commands can be replaced at any time ([`Callbacks::set_commands`], on reload).
+//! - A callback gets the agent's environment without the variables that hold a password.
 
 use std::process::Stdio;
 use std::sync::{Arc, Mutex};
@@ -159,6 +160,13 @@ impl Callbacks {
             // and a Ctrl-C meant for the agent does not reach it.
             .process_group(0)
             .kill_on_drop(false);
+        // The agent's environment may carry passwords (`PATRONI_SUPERUSER_PASSWORD`,
+        // `PGPASSWORD`, …); a script for a VIP or DNS has no use for them.
+        for (name, _) in std::env::vars_os() {
+            if is_secret_variable(&name.to_string_lossy()) {
+                cmd.env_remove(&name);
+            }
+        }
         let mut child = match cmd.spawn() {
             Ok(child) => child,
             Err(e) => {
@@ -213,6 +221,11 @@ fn kill_group(running: &Running) {
         Err(nix::errno::Errno::ESRCH) => {}
         Err(e) => warn!(argv = ?running.argv, error = %e, "cannot kill the previous callback"),
     }
+}
+
+/// An environment variable a callback does not get: one that holds a password.
+fn is_secret_variable(name: &str) -> bool {
+    name.to_ascii_uppercase().contains("PASSWORD")
 }
 
 /// The command line of a callback: the configured words, then action, role and scope.
@@ -273,6 +286,21 @@ mod tests {
         )
         .is_none());
         assert!(super::argv("  ", CallbackAction::OnStart, CallbackRole::Replica, "s").is_none());
+    }
+
+    #[test]
+    fn passwords_in_the_environment_are_not_passed_on() {
+        for name in [
+            "PGPASSWORD",
+            "PATRONI_SUPERUSER_PASSWORD",
+            "PGWARDEN_REPLICATION_PASSWORD",
+            "PATRONI_RESTAPI_PASSWORD",
+        ] {
+            assert!(is_secret_variable(name), "{name}");
+        }
+        for name in ["PATH", "HOME", "PATRONI_SCOPE", "PGPASSFILE"] {
+            assert!(!is_secret_variable(name), "{name}");
+        }
     }
 
     fn config(start: &str, reload: &str) -> CallbacksConfig {

@@ -472,7 +472,11 @@ impl Actor {
                 let _ = reply.send(result);
             }
             Command_::Promoted => {
-                self.role = Some(CallbackRole::Primary);
+                // Promotion is requested again while a first request is still in progress;
+                // Patroni's `promote` returns early then too.
+                if self.role.replace(CallbackRole::Primary) == Some(CallbackRole::Primary) {
+                    return;
+                }
                 self.settings
                     .callbacks
                     .call(CallbackAction::OnRoleChange, CallbackRole::Primary);
@@ -493,13 +497,17 @@ impl Actor {
         Ok(())
     }
 
-    /// Postgres accepts connections for the first time since it was started: `status` tells
-    /// the role it runs in (`ready`: a primary; `standby`: a hot standby).
+    /// Postgres accepts connections for the first time since it was started.
     fn after_ready(&mut self, status: PidfileStatus) {
-        let role = match status {
-            PidfileStatus::Ready => CallbackRole::Primary,
-            PidfileStatus::Standby => CallbackRole::Replica,
-            _ => return,
+        if !matches!(status, PidfileStatus::Ready | PidfileStatus::Standby) {
+            return;
+        }
+        // A hot standby writes `ready` too: the role is told by `standby.signal`, which we
+        // write for a replica and postgres removes when it promotes.
+        let role = if self.settings.data_dir.join("standby.signal").exists() {
+            CallbackRole::Replica
+        } else {
+            CallbackRole::Primary
         };
         let Some(pending) = self.pending.take() else {
             return;
