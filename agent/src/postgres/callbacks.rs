@@ -266,7 +266,7 @@ mod tests {
             CallbackRole::Primary,
             "batman",
         )
-        .unwrap();
+        .expect("splits");
         assert_eq!(
             argv,
             [
@@ -325,7 +325,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_new_callback_kills_the_running_one_but_not_a_reload() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let out = dir.path().join("out");
         let slow = format!(
             "sh -c 'echo begin \"$@\" >> {0}; sleep 30; echo end \"$@\" >> {0}' cb",
@@ -336,8 +336,13 @@ mod tests {
         callbacks.call(CallbackAction::OnReload, CallbackRole::Replica);
         wait_for(&out, "begin on_start replica batman").await;
         wait_for(&out, "begin on_reload replica batman").await;
-        let reload_pid = callbacks.lock().reload.as_ref().unwrap().pid;
-        let start_pid = callbacks.lock().main.as_ref().unwrap().pid;
+        let reload_pid = callbacks
+            .lock()
+            .reload
+            .as_ref()
+            .expect("on_reload runs")
+            .pid;
+        let start_pid = callbacks.lock().main.as_ref().expect("a callback runs").pid;
 
         callbacks.call(CallbackAction::OnStop, CallbackRole::Replica);
         wait_for(&out, "begin on_stop replica batman").await;
@@ -351,13 +356,18 @@ mod tests {
         }
         assert!(alive(start_pid).is_err(), "the on_start group still runs");
         assert!(alive(reload_pid).is_ok(), "on_reload was killed too");
-        assert!(!std::fs::read_to_string(&out).unwrap().contains("end"));
+        assert!(!std::fs::read_to_string(&out)
+            .expect("the output")
+            .contains("end"));
 
         callbacks.set_commands(CallbacksConfig::default());
         callbacks.call(CallbackAction::OnReload, CallbackRole::Replica);
         // No command any more: nothing runs, and the old one is left alone.
         assert!(alive(reload_pid).is_ok());
-        for pid in [reload_pid, callbacks.lock().main.as_ref().unwrap().pid] {
+        for pid in [
+            reload_pid,
+            callbacks.lock().main.as_ref().expect("a callback runs").pid,
+        ] {
             let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGKILL,
@@ -367,7 +377,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_finished_callback_is_forgotten() {
-        let dir = tempfile::tempdir().unwrap();
+        let dir = tempfile::tempdir().expect("a temporary directory");
         let out = dir.path().join("out");
         let quick = format!("sh -c 'echo \"$@\" >> {}' cb", out.display());
         let callbacks = Callbacks::new("batman", config(&quick, &quick));
