@@ -326,8 +326,5 @@ async fn primary_answers_200_only_while_postgres_takes_writes() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        saw_bootstrap,
-        "the poll saw the bootstrap"
-    );
+    assert!(saw_bootstrap, "the poll saw the bootstrap");
 }
