@@ -1008,7 +1008,10 @@ async fn switchovers_leave_no_pending_restart() {
         env.start_member(i).expect("start");
     }
     let mut leader = streaming(&env, 1).await;
-    for _ in 0..3 {
+    // The issue's acceptance: 5 switchovers in a row (check_patroni's node_is_pending_restart
+    // stays OK); check_patroni itself is a PyPI package install-deps does not install, so its
+    // source, `pending_restart` in /patroni, is checked on every member after each.
+    for round in 0..5 {
         let candidate = if leader == "pg0" { "pg1" } else { "pg0" }.to_owned();
         let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
         let (code, text) = member(&env, &leader)
@@ -1037,6 +1040,16 @@ async fn switchovers_leave_no_pending_restart() {
         let record = cluster_member(&env, &candidate, &candidate).await;
         assert_eq!(record["role"], "leader", "{record}");
         assert!(record["pending_restart"].is_null(), "{record}");
+        for m in &env.members {
+            let (_, body) = m.api_get("/patroni").await.expect("answers");
+            let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+            assert!(
+                doc["pending_restart"].is_null() || doc["pending_restart"] == false,
+                "switchover {}: {} is pending restart: {doc}",
+                round + 1,
+                m.name
+            );
+        }
         leader = candidate;
     }
 }
