@@ -586,12 +586,15 @@ where
     }
 }
 
+/// Replaces the running subscriber's filter.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
 /// What a reload of the configuration may change in the running subscriber.
 struct Reloader {
     kind: LogFormat,
     /// `RUST_LOG` was set at startup: it keeps overriding `log.level`.
     env_filter: bool,
-    set_filter: Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
+    set_filter: SetFilter,
     layout: SwitchableLayout,
 }
 
@@ -622,10 +625,7 @@ pub fn init(settings: LogSettings) {
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let layout = SwitchableLayout::default();
-    let (installed, set_filter): (
-        bool,
-        Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>,
-    ) = match settings.kind {
+    let (installed, set_filter): (bool, SetFilter) = match settings.kind {
         LogFormat::Plain => {
             *layout.0.write().unwrap_or_else(|e| e.into_inner()) = settings.layout;
             let builder = builder.event_format(layout.clone()).with_filter_reloading();
