@@ -920,3 +920,36 @@ fn the_agent_accepts_the_configuration_rendered_for_every_example() {
         }
     }
 }
+
+async fn controller_lease_holder(s: &Setup) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(s.admin.clone(), &s.ns)
+        .get_opt("pgwarden-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|sp| sp.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// A controller stopped by SIGTERM gives its election Lease up on the way out, so a waiting
+/// replica takes over at its next round instead of after a whole lease duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_stopped_by_sigterm_releases_its_lease() {
+    let s = setup("pgc-rel").await;
+    let mut first = s.controller("ctl-first");
+    wait_until("ctl-first holds the controller Lease", T, || async {
+        controller_lease_holder(&s).await.as_deref() == Some("ctl-first")
+            && first.log_text().contains("became the active controller")
+    })
+    .await;
+    let status = first.stop().expect("ctl-first exits");
+    assert!(status.success(), "clean stop: {status:?}");
+    assert_eq!(
+        controller_lease_holder(&s).await,
+        None,
+        "the Lease is released on SIGTERM; log:\n{}",
+        first.log_text()
+    );
+    assert!(first.log_text().contains("released the controller lease"));
+}

@@ -5,10 +5,11 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use pgwarden::dcs::kubernetes::members::RoleLabels;
 use pgwarden::dcs::kubernetes::{KubeDcs, KubeSettings};
 use pgwarden::dcs::{Dcs, DcsError};
-use pgwarden_tests::harness::kube::{KubeCluster, AGENT_TOKEN};
+use pgwarden_tests::harness::kube::{KubeCluster, AGENT_ROLE, AGENT_TOKEN};
 use pgwarden_tests::harness::kubelet::KubeMembers;
 use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer};
 use pgwarden_tests::harness::{wait_until, ClusterOptions};
@@ -156,6 +157,14 @@ async fn kill9_of_the_leader_agent_fails_over_after_the_lease_and_it_rejoins() {
     let i = k.index(&old);
     k.env.members[i].agent().kill9();
     let new = k.wait_for_leader(T, Some(&old)).await;
+    // The dead leader's Pod still exists (no kubelet deletes it); the new leader clears its
+    // role label, so a Service selecting `role=primary` no longer lists it.
+    wait_until(
+        &format!("the dead leader {old}'s Pod loses role=primary"),
+        Duration::from_secs(10),
+        || async { k.role_label(&old).await.as_deref() != Some("primary") },
+    )
+    .await;
 
     // The kubelet restarts the container.
     k.env.members[i].restart().expect("restart");
@@ -284,4 +293,53 @@ async fn racing_lease_updates_get_409_and_the_loser_backs_off() {
     }
     let lease = other.cluster().await.expect("read");
     assert_eq!(lease.leader_name(), Some(other_name));
+}
+
+/// A 403 on the leader's renewal (the agents' RoleBinding missing for a few seconds, as while
+/// it is replaced) says nothing about who holds the Lease: the renewal is unconfirmed, the
+/// leader keeps leading within its fence deadline, the next renewal succeeds, and nothing
+/// logs the lease as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_403_on_renewal_does_not_cost_the_leadership() {
+    let k = members(&["pg0", "pg1"]).await;
+    let leader = k.wait_for_leader(T, None).await;
+    wait_for_streaming(&k, &leader, 1).await;
+    let bindings: kube::Api<RoleBinding> = kube::Api::namespaced(k.admin.clone(), &k.namespace);
+    let mut binding = bindings
+        .get(AGENT_ROLE)
+        .await
+        .expect("the agents' RoleBinding");
+    bindings
+        .delete(AGENT_ROLE, &Default::default())
+        .await
+        .expect("delete the RoleBinding");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    binding.metadata.resource_version = None;
+    binding.metadata.uid = None;
+    bindings
+        .create(&Default::default(), &binding)
+        .await
+        .expect("recreate the RoleBinding");
+    let m = &k.env.members[k.index(&leader)];
+    wait_until(&format!("{leader} renews again"), T, || async {
+        m.log_text().contains("could not renew the leader lease")
+            && m.api_get("/primary").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    // A few more renewals.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(k.holder().await.as_deref(), Some(leader.as_str()));
+    assert_eq!(m.api_get("/primary").await.map(|(s, _)| s), Some(200));
+    for member in &k.env.members {
+        let log = member.log_text();
+        assert!(
+            !log.contains("the leader lease is lost"),
+            "{}: a transient 403 was taken for a lost lease",
+            member.name
+        );
+    }
+    assert!(
+        !m.log_text().contains("demot"),
+        "the leader must not demote"
+    );
 }
