@@ -12,7 +12,7 @@ use pgwarden::dcs::{Dcs, DcsError};
 use pgwarden_tests::harness::kube::{KubeCluster, AGENT_ROLE, AGENT_TOKEN};
 use pgwarden_tests::harness::kubelet::KubeMembers;
 use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer};
-use pgwarden_tests::harness::{wait_until, ClusterOptions};
+use pgwarden_tests::harness::{agent_binary, wait_until, ClusterOptions};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -341,5 +341,158 @@ async fn a_transient_403_on_renewal_does_not_cost_the_leadership() {
     assert!(
         !m.log_text().contains("demot"),
         "the leader must not demote"
+    );
+}
+
+/// `pgwarden -c ctl.yml args` against `k`'s cluster from a kubeconfig, as an operator outside
+/// the cluster runs it (here with the agents' token: reading and `config` edits need nothing
+/// more): (success, stdout and stderr).
+fn kube_ctl(k: &KubeMembers, args: &[&str]) -> (bool, String) {
+    let dir = k.env.dir.path();
+    let config = dir.join("ctl.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "scope: {}\nkubernetes:\n  namespace: {}\n  labels: {{application: pgwarden-test}}\n  scope_label: cluster-name\n  role_label: role\n",
+            k.env.options.scope, k.namespace
+        ),
+    )
+    .expect("write the ctl config");
+    let kubeconfig = dir.join("ctl.kubeconfig");
+    std::fs::write(&kubeconfig, k.access.kubeconfig(AGENT_TOKEN, None)).expect("kubeconfig");
+    let out = std::process::Command::new(agent_binary())
+        .arg("-c")
+        .arg(&config)
+        .args(args)
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The cells of the table row whose first cell is `first`.
+fn table_row(table: &str, first: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .map(|l| {
+            l.split('|')
+                .map(|c| c.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|cells| cells.get(1).map(String::as_str) == Some(first))
+}
+
+/// The operator's commands work on a Kubernetes-mode cluster from a kubeconfig, with the
+/// output of etcd mode: list, edit-config, pause/resume, switchover, history, reload, restart,
+/// reinit, failover; `remove` is refused with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_operates_a_kubernetes_mode_cluster_from_a_kubeconfig() {
+    let k = members(&["pg0", "pg1", "pg2"]).await;
+    let leader = k.wait_for_leader(T, None).await;
+    wait_for_streaming(&k, &leader, 2).await;
+    let replicas: Vec<String> = ["pg0", "pg1", "pg2"]
+        .iter()
+        .map(|n| n.to_string())
+        .filter(|n| *n != leader)
+        .collect();
+
+    // list: patronictl's table, the same as in etcd mode.
+    let mut out = String::new();
+    wait_until(
+        "list shows the leader and two streaming replicas",
+        T,
+        || {
+            let (ok, text) = kube_ctl(&k, &["list"]);
+            let whole = ok
+                && text.contains("+ Cluster: test (")
+                && table_row(&text, &leader).is_some_and(|r| r[3] == "Leader" && r[4] == "running")
+                && replicas.iter().all(|m| {
+                    table_row(&text, m).is_some_and(|r| r[3] == "Replica" && r[4] == "streaming")
+                });
+            out = text;
+            async move { whole }
+        },
+    )
+    .await;
+    assert!(
+        out.contains("| Member |") && out.contains("|  Role   |"),
+        "{out}"
+    );
+    let (ok, json) = kube_ctl(&k, &["list", "--format", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    assert!(ok && rows.as_array().map(Vec::len) == Some(3), "{json}");
+
+    // edit-config writes the `config` the agents apply (a reload parameter).
+    let (ok, text) = kube_ctl(&k, &["edit-config", "--pg", "work_mem=7MB", "--force"]);
+    assert!(ok && text.contains("Configuration changed"), "{text}");
+    wait_until("every member runs with work_mem 7MB", T, || async {
+        for m in &k.env.members {
+            if m.sql("SHOW work_mem").await.ok().as_deref() != Some(&["7MB".to_owned()][..]) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let (ok, text) = kube_ctl(&k, &["show-config"]);
+    assert!(ok && text.contains("work_mem: 7MB"), "{text}");
+
+    // pause/resume.
+    let (ok, text) = kube_ctl(&k, &["pause", "--wait"]);
+    assert!(
+        ok && text.contains("cluster management is paused"),
+        "{text}"
+    );
+    let (ok, text) = kube_ctl(&k, &["list"]);
+    assert!(ok && text.contains("Maintenance mode: on"), "{text}");
+    let (ok, text) = kube_ctl(&k, &["resume", "--wait"]);
+    assert!(
+        ok && text.contains("cluster management is resumed"),
+        "{text}"
+    );
+
+    // switchover, then history shows it.
+    let candidate = replicas[0].clone();
+    let (ok, text) = kube_ctl(&k, &["switchover", "--candidate", &candidate, "--force"]);
+    assert!(ok, "{text}");
+    let new = k.wait_for_leader(T, Some(&leader)).await;
+    assert_eq!(new, candidate);
+    wait_for_streaming(&k, &new, 2).await;
+    let (ok, text) = kube_ctl(&k, &["history"]);
+    assert!(ok && text.contains("| New Leader"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_end().ends_with(candidate.as_str())),
+        "{text}"
+    );
+
+    // reload, restart and reinit of a replica.
+    let replica = leader.clone();
+    let (ok, text) = kube_ctl(&k, &["reload", &replica, "--force"]);
+    assert!(ok, "{text}");
+    let (ok, text) = kube_ctl(&k, &["restart", &replica, "--force"]);
+    assert!(ok, "{text}");
+    let (ok, text) = kube_ctl(&k, &["reinit", &replica, "--force"]);
+    assert!(ok, "{text}");
+    wait_for_streaming(&k, &new, 2).await;
+
+    // failover back to the first leader.
+    let (ok, text) = kube_ctl(&k, &["failover", "--candidate", &leader, "--force"]);
+    assert!(ok, "{text}");
+    let back = k.wait_for_leader(T, Some(&new)).await;
+    assert_eq!(back, leader);
+
+    let (ok, text) = kube_ctl(&k, &["remove", "test"]);
+    assert!(
+        !ok && text.contains("not supported for a cluster in Kubernetes"),
+        "{text}"
     );
 }
