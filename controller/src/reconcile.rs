@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent_api::{self, ApiCredentials};
 use crate::crd::{PostgresCluster, PostgresClusterStatus, PvcRetention, SpecError};
+use crate::dcs_config;
 use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
 use crate::status::{self, MemberRecord, PodView, StatusInput, MEMBER_ANNOTATION};
@@ -220,6 +221,9 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
         warn!(cluster = %names.cluster, errors = %spec_errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "), "invalid spec");
     }
 
+    if spec_errors.is_empty() {
+        sync_dcs_parameters(pg, &client).await?;
+    }
     let observed = observe(pg, &client).await?;
     let step = if spec_errors.is_empty() {
         rollout::next_step(&observed.pods, observed.lease_holder.as_deref())
@@ -265,6 +269,51 @@ async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Err
     apply(client, ns, &render::pdb::pdb(pg)).await?;
     apply(client, ns, &render::statefulset::statefulset(pg, &hash)).await?;
     Ok(())
+}
+
+/// Writes the spec's parameters into the agents' DCS `config` (`crate::dcs_config`), compare
+/// and set on the ConfigMap's `resourceVersion`: a concurrent write by an agent (a 409) is
+/// retried by the next reconcile.
+async fn sync_dcs_parameters(pg: &PostgresCluster, client: &Client) -> Result<(), Error> {
+    let names = Names::of(pg);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &names.namespace);
+    let name = dcs_config::configmap_name(&names.cluster);
+    let Some(map) = maps
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading the ConfigMap {name}")))?
+    else {
+        return Ok(());
+    };
+    let wanted = pg
+        .spec
+        .postgresql
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_yaml()))
+        .collect();
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let Some(annotations) = dcs_config::update(&map, &wanted, &now) else {
+        return Ok(());
+    };
+    let changed = annotations.contains_key(dcs_config::CONFIG_ANNOTATION);
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": map.resource_version(),
+        "annotations": annotations,
+    }});
+    match maps
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            if changed {
+                info!(cluster = %names.cluster, "wrote the parameters into the DCS config; the members reload them");
+            }
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(kube_err(format!("writing the DCS config in {name}"))(e)),
+    }
 }
 
 /// Server-side apply with our field manager. `force`: fields another manager took over (a
@@ -359,6 +408,12 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         .map_err(kube_err("reading the statefulset"))?
         .and_then(|s| s.status)
         .and_then(|s| s.update_revision);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let dcs_map = maps
+        .get_opt(&dcs_config::configmap_name(&names.cluster))
+        .await
+        .map_err(kube_err("reading the agents' config ConfigMap"))?;
+    let parameters_changed_at = dcs_config::changed_at(dcs_map.as_ref());
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let lease_holder = leases
         .get_opt(&names.leader_lease())
@@ -371,7 +426,11 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
     let mut views = Vec::new();
     let mut raw = HashMap::new();
     for pod in pods.items {
-        views.push(pod_view(&pod, update_revision.as_deref()));
+        views.push(pod_view(
+            &pod,
+            update_revision.as_deref(),
+            parameters_changed_at,
+        ));
         raw.insert(pod.name_any(), pod);
     }
     Ok(Observed {
@@ -381,24 +440,38 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
     })
 }
 
-/// A Pod as status and rollout see it.
-pub fn pod_view(pod: &Pod, update_revision: Option<&str>) -> PodView {
+/// A Pod as status and rollout see it. A Pod that runs the current template but started
+/// before the parameters last changed (`parameters_changed_at`) and whose member reports
+/// `pending_restart` is outdated too: the rollout restarts it like one of an older revision.
+pub fn pod_view(
+    pod: &Pod,
+    update_revision: Option<&str>,
+    parameters_changed_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> PodView {
     let ready = pod
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let revision = pod.labels().get("controller-revision-hash");
+    let member = MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str));
+    let started_before_change = match (parameters_changed_at, &pod.meta().creation_timestamp) {
+        (Some(changed), Some(created)) => created.0 < changed,
+        _ => false,
+    };
+    let pending_restart =
+        started_before_change && member.as_ref().is_some_and(|m| m.pending_restart);
     PodView {
         name: pod.name_any(),
         ready,
         // Before the StatefulSet controller reports a revision there is nothing to roll.
-        current_revision: match (update_revision, revision) {
-            (Some(want), Some(have)) => want == have,
-            _ => true,
-        },
+        current_revision: !pending_restart
+            && match (update_revision, revision) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            },
         terminating: pod.meta().deletion_timestamp.is_some(),
-        member: MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str)),
+        member,
     }
 }
 
@@ -578,11 +651,11 @@ async fn ensure_users_and_databases(
             password,
         });
     }
-    let created = crate::sql::ensure(&conn_url, &superuser, &users, &spec.databases)
+    let changed = crate::sql::ensure(&conn_url, &superuser, &users, &spec.databases)
         .await
         .map_err(Error::Sql)?;
-    if !created.is_empty() {
-        info!(cluster = %names.cluster, primary = %primary, created = %created.join(", "), "created in PostgreSQL");
+    if !changed.is_empty() {
+        info!(cluster = %names.cluster, primary = %primary, changed = %changed.join(", "), "applied spec.users/spec.databases in PostgreSQL");
     }
     ctx.ensured
         .lock()
