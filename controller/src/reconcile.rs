@@ -236,6 +236,9 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     };
     write_status(pg, &clusters, &observed, &spec_errors, rollout_note).await?;
     execute_step(pg, &client, &observed, &step).await?;
+    if spec_errors.is_empty() && pg.spec.pvc_retention == PvcRetention::Delete {
+        delete_departed_pvcs(pg, &client, &observed).await?;
+    }
     if spec_errors.is_empty() {
         ensure_users_and_databases(pg, ctx, &observed).await?;
     }
@@ -664,6 +667,67 @@ async fn ensure_users_and_databases(
     Ok(())
 }
 
+/// The ordinal of a member's data PVC (`data-<statefulset>-<n>`), if `name` is one.
+pub fn pvc_ordinal(name: &str, statefulset: &str) -> Option<i32> {
+    name.strip_prefix("data-")?
+        .strip_prefix(statefulset)?
+        .strip_prefix('-')?
+        .parse()
+        .ok()
+        .filter(|n: &i32| *n >= 0)
+}
+
+/// After a scale-down with `pvcRetention: Delete`: the data PVCs of the ordinals at or above
+/// `instances.replicas` whose Pod is gone. (A departed member's record leaves with its Pod: it is
+/// an annotation of the Pod.) With `Retain` they stay, and a scale-up reuses them.
+async fn delete_departed_pvcs(
+    pg: &PostgresCluster,
+    client: &Client,
+    observed: &Observed,
+) -> Result<(), Error> {
+    let names = Names::of(pg);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &names.namespace);
+    let selector = render::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = pvcs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("listing the PVCs"))?;
+    let statefulset = names.statefulset();
+    for pvc in list.items {
+        let name = pvc.name_any();
+        let Some(ordinal) = pvc_ordinal(&name, &statefulset) else {
+            continue;
+        };
+        if ordinal < pg.spec.instances.replicas
+            || pvc.meta().deletion_timestamp.is_some()
+            || observed
+                .raw
+                .contains_key(&format!("{statefulset}-{ordinal}"))
+        {
+            continue;
+        }
+        let params = DeleteParams {
+            preconditions: pvc.uid().map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match pvcs.delete(&name, &params).await {
+            Ok(_) => {
+                info!(cluster = %names.cluster, pvc = %name, "deleted a departed member's data volume (pvcRetention: Delete)")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(kube_err(format!("deleting the PVC {name}"))(e)),
+        }
+    }
+    Ok(())
+}
+
 /// Adds the PVC finalizer while `pvcRetention: Delete`, removes it otherwise.
 async fn sync_finalizer(
     pg: &PostgresCluster,
@@ -750,4 +814,19 @@ async fn cleanup(pg: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
         .collect();
     patch_finalizers(pg, &clusters, remaining).await?;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pvc_ordinal;
+
+    #[test]
+    fn only_the_statefulsets_data_pvcs_have_an_ordinal() {
+        assert_eq!(pvc_ordinal("data-pg-2", "pg"), Some(2));
+        assert_eq!(pvc_ordinal("data-pg-10", "pg"), Some(10));
+        assert_eq!(pvc_ordinal("data-pg-x-2", "pg"), None);
+        assert_eq!(pvc_ordinal("data-pgx-2", "pg"), None);
+        assert_eq!(pvc_ordinal("wal-pg-2", "pg"), None);
+        assert_eq!(pvc_ordinal("data-pg-", "pg"), None);
+    }
 }

@@ -1022,3 +1022,72 @@ async fn a_controller_stopped_by_sigterm_releases_its_lease() {
     );
     assert!(first.log_text().contains("released the controller lease"));
 }
+
+async fn pvc_names(s: &Setup) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .api::<PersistentVolumeClaim>()
+        .list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| p.name_any())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Scaling down removes the departed members' Pods (and with them their member records, which
+/// are Pod annotations); with `pvcRetention: Delete` their data PVCs go too, with `Retain` they
+/// stay for a later scale-up. (No kubelet: the Pods need not run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_down_deletes_the_departed_members_pvcs_only_with_pvc_retention_delete() {
+    let s = setup("pgc-scale").await;
+    let _ctl = s.controller("ctl-scale");
+    for (name, retention) in [("gone", "Delete"), ("kept", "Retain")] {
+        s.apply(&example(name, |v| {
+            v["spec"]["instances"]["replicas"] = json!(3);
+            v["spec"]["pvcRetention"] = json!(retention);
+        }))
+        .await
+        .expect("apply");
+    }
+    wait_until("six PVCs exist", T, || async {
+        pvc_names(&s).await.len() == 6
+    })
+    .await;
+    for name in ["gone", "kept"] {
+        s.apply(&example(name, |v| {
+            v["spec"]["instances"]["replicas"] = json!(1);
+            v["spec"]["pvcRetention"] = json!(if name == "gone" { "Delete" } else { "Retain" });
+        }))
+        .await
+        .expect("scale down");
+    }
+    wait_until("the departed members' Pods are gone", T, || async {
+        let pods = s.api::<Pod>().list(&Default::default()).await;
+        pods.is_ok_and(|l| {
+            let mut names: Vec<String> = l.items.iter().map(|p| p.name_any()).collect();
+            names.sort();
+            names == vec!["gone-0", "kept-0"]
+        })
+    })
+    .await;
+    wait_until(
+        "the Delete cluster's departed PVCs are deleted",
+        T,
+        || async {
+            pvc_names(&s).await == vec!["data-gone-0", "data-kept-0", "data-kept-1", "data-kept-2"]
+        },
+    )
+    .await;
+    // And they stay so: the Retain cluster's are not deleted later either.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pvc_names(&s).await,
+        vec!["data-gone-0", "data-kept-0", "data-kept-1", "data-kept-2"]
+    );
+}
