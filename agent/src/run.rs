@@ -124,6 +124,10 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         probe.clone(),
         shutdown.child_token(),
     );
+    let interrupter = backup
+        .as_ref()
+        .map(|(handle, _)| handle.interrupter())
+        .unwrap_or_default();
     let (backup, backup_task) = match backup {
         Some((handle, task)) => (Some(handle), Some(task)),
         None => (None, None),
@@ -173,7 +177,8 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         status_tx,
         pg_changed,
     )
-    .with_requests(loop_rx);
+    .with_requests(loop_rx)
+    .with_backups(interrupter);
     let ha = match reload {
         // The log settings take effect at once, as Patroni's logger reloads them.
         Some(r) => ha.with_reload(Box::new(move || {
