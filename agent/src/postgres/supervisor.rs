@@ -310,6 +310,21 @@ struct Actor {
     restart_next: bool,
 }
 
+/// The callback owed when postgres, started with `pending` owed, accepts connections in
+/// role `now` after it last ran in `before`. Patroni's `follow`: coming back in another role
+/// (a demoted primary as a replica) is a role change, reported instead of the start or
+/// restart.
+fn ready_callback(
+    before: Option<CallbackRole>,
+    now: CallbackRole,
+    pending: CallbackAction,
+) -> CallbackAction {
+    match before {
+        Some(before) if before != now => CallbackAction::OnRoleChange,
+        _ => pending,
+    }
+}
+
 /// Reads the status line (line 8) of `postmaster.pid`.
 pub fn read_pidfile_status(data_dir: &Path) -> PidfileStatus {
     let Ok(text) = std::fs::read_to_string(data_dir.join("postmaster.pid")) else {
@@ -512,12 +527,7 @@ impl Actor {
         let Some(pending) = self.pending.take() else {
             return;
         };
-        // Patroni's `follow`: coming back in another role than the one it ran in is a role
-        // change, reported instead of the start or restart.
-        let action = match self.role {
-            Some(before) if before != role => CallbackAction::OnRoleChange,
-            _ => pending,
-        };
+        let action = ready_callback(self.role, role, pending);
         self.role = Some(role);
         self.settings.callbacks.call(action, role);
     }
@@ -718,6 +728,38 @@ mod pidfile_tests {
         assert_eq!(
             read_pidfile_status_of(dir.path(), 200),
             PidfileStatus::Unknown
+        );
+    }
+}
+
+#[cfg(test)]
+mod callback_tests {
+    use super::*;
+    use CallbackAction::{OnRestart, OnRoleChange, OnStart};
+    use CallbackRole::{Demoted, Primary, Replica};
+
+    /// Patroni's `Postgresql.follow` (`change_role`) and `check_startup_state_changed`
+    /// (`__cb_pending or ON_START`).
+    #[test]
+    fn the_start_callback_is_a_role_change_only_in_another_role() {
+        // First start of the agent's life, a crash restart, a restart in the same role.
+        assert_eq!(ready_callback(None, Replica, OnStart), OnStart);
+        assert_eq!(ready_callback(None, Primary, OnStart), OnStart);
+        assert_eq!(ready_callback(Some(Replica), Replica, OnStart), OnStart);
+        assert_eq!(ready_callback(Some(Primary), Primary, OnRestart), OnRestart);
+        // A demoted primary back as a replica, restarted or not.
+        assert_eq!(
+            ready_callback(Some(Demoted), Replica, OnStart),
+            OnRoleChange
+        );
+        assert_eq!(
+            ready_callback(Some(Primary), Replica, OnRestart),
+            OnRoleChange
+        );
+        // A crashed primary that lost its lock meanwhile.
+        assert_eq!(
+            ready_callback(Some(Primary), Replica, OnStart),
+            OnRoleChange
         );
     }
 }
