@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiContext};
-use crate::config::Config;
+use crate::config::{Config, Timing};
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::Dcs;
@@ -79,7 +79,9 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         return Err(RunError::Root);
     }
     let config = Arc::new(config);
-    let dcs = connect_dcs(&config).await?;
+    // The HA loop derives the timing from the DCS `config` key; the DCS client follows it.
+    let (timing_tx, timing_rx) = watch::channel(Timing::bootstrap(&config));
+    let dcs = connect_dcs(&config, timing_rx).await?;
     // Before binding the REST API, as Patroni: a second agent started by mistake with the same
     // REST port hears about the name, not about the port.
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
@@ -173,7 +175,8 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         status_tx,
         pg_changed,
     )
-    .with_requests(loop_rx);
+    .with_requests(loop_rx)
+    .with_timing(timing_tx);
     let ha = match reload {
         Some(r) => ha.with_reload(r),
         None => ha,
@@ -205,8 +208,11 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
 }
 
 /// The DCS the configuration names: the Kubernetes API with a `kubernetes` section, else etcd.
-async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
-    if let Some(settings) = KubeSettings::from_config(config) {
+async fn connect_dcs(
+    config: &Config,
+    timing: watch::Receiver<Timing>,
+) -> Result<Arc<dyn Dcs>, RunError> {
+    if let Some(settings) = KubeSettings::from_config(config, timing.clone()) {
         let dcs = KubeDcs::connect(settings).await.map_err(RunError::Dcs)?;
         info!(namespace = %dcs.namespace(), "Kubernetes mode: the leader is a Lease");
         return Ok(Arc::new(dcs));
@@ -214,7 +220,6 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
     let etcd = config.etcd3.clone().unwrap_or_default();
     let mut endpoints = etcd.hosts.clone();
     endpoints.extend(etcd.host.clone());
-    let dynamic = &config.bootstrap.dcs;
     let dcs = EtcdDcs::connect(EtcdSettings {
         endpoints,
         username: etcd.username.clone(),
@@ -222,9 +227,7 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
         namespace: config.namespace.clone(),
         scope: config.scope.clone(),
         name: config.name.clone(),
-        ttl: Duration::from_secs(dynamic.ttl.into()),
-        loop_wait: Duration::from_secs(dynamic.loop_wait.max(1).into()),
-        request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+        timing,
     })
     .await
     .map_err(RunError::Dcs)?;

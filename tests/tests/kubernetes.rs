@@ -214,8 +214,13 @@ fn race_settings(namespace: &str, name: &str, ttl: Duration) -> KubeSettings {
             standby_leader: "primary".into(),
         },
         lease_name: "race-leader".into(),
-        ttl,
-        request_timeout: Duration::from_secs(5),
+        timing: pgwarden::config::Timing {
+            ttl,
+            loop_wait: Duration::from_secs(1),
+            retry_timeout: Duration::from_secs(5),
+            fence: Default::default(),
+        }
+        .fixed(),
         // No watches: each member's view of the Lease changes only through its own requests,
         // which makes the stale `resourceVersion` below deterministic.
         watch: false,

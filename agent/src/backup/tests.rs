@@ -80,7 +80,6 @@ impl Dcs for MemoryDcs {
     async fn revoke_lease(&self) -> Result<(), DcsError> {
         refused()
     }
-    fn set_ttl(&self, _: Duration) {}
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
         tokio::time::sleep(timeout).await;
         Wakeup::Timeout

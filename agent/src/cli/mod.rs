@@ -226,9 +226,13 @@ impl Ctl {
             scope: config.scope.clone(),
             // The CLI never writes `leader` or member keys.
             name: "pgwarden-ctl".into(),
-            ttl: Duration::from_secs(30),
-            loop_wait: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(5),
+            timing: crate::config::Timing {
+                ttl: Duration::from_secs(30),
+                loop_wait: Duration::from_secs(10),
+                retry_timeout: Duration::from_secs(5),
+                fence: Default::default(),
+            }
+            .fixed(),
         })
         .await
         .map_err(CliError::Dcs)?;

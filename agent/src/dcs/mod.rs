@@ -145,9 +145,6 @@ pub trait Dcs: Send + Sync {
     /// Revokes our lease: our member key (and `leader`, if still attached) disappear at once.
     async fn revoke_lease(&self) -> Result<(), DcsError>;
 
-    /// Changes the TTL of future leases (a new lease is granted on next use).
-    fn set_ttl(&self, ttl: Duration);
-
     /// Waits until a watched key changes or `timeout` elapses.
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup;
 

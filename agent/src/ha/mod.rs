@@ -23,7 +23,7 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, DynamicConfig};
+use crate::config::{Config, DynamicConfig, Timing};
 use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
@@ -75,6 +75,8 @@ pub struct HaLoop {
     bin_dir: PathBuf,
     status_tx: watch::Sender<Arc<AgentStatus>>,
     pg_changed: Arc<Notify>,
+    /// The timing of `dynamic`, derived once per change and read by the DCS client.
+    timing: watch::Sender<Timing>,
     fence: FencePolicy,
     task: Option<(TaskKind, JoinHandle<Result<(), TaskError>>)>,
     task_failed: Option<(TaskKind, String)>,
@@ -170,6 +172,7 @@ impl HaLoop {
         } else {
             String::new()
         };
+        let timing = Timing::bootstrap(&config);
         HaLoop {
             dynamic: config.bootstrap.dcs.clone(),
             bin_dir: config.postgres_bin_dir(),
@@ -180,7 +183,8 @@ impl HaLoop {
             probe,
             status_tx,
             pg_changed,
-            fence: FencePolicy::default(),
+            fence: timing.fence,
+            timing: watch::channel(timing).0,
             task: None,
             task_failed: None,
             following: None,
@@ -250,12 +254,20 @@ impl HaLoop {
         self
     }
 
+    /// Where the loop sends the timing it derives from the DCS `config` key: the DCS client
+    /// holds the receiving end.
+    pub fn with_timing(mut self, timing: watch::Sender<Timing>) -> Self {
+        timing.send_replace(*self.timing.borrow());
+        self.timing = timing;
+        self
+    }
+
     fn loop_wait(&self) -> Duration {
-        Duration::from_secs(self.dynamic.loop_wait.max(1).into())
+        self.timing.borrow().loop_wait
     }
 
     fn ttl(&self) -> Duration {
-        Duration::from_secs(self.dynamic.ttl.max(1).into())
+        self.timing.borrow().ttl
     }
 
     /// Runs until `shutdown` is cancelled (then stops postgres and releases the lock) or a fatal
@@ -796,14 +808,19 @@ impl HaLoop {
         for warning in &warnings {
             warn!("{warning}");
         }
-        if dynamic.ttl != self.dynamic.ttl {
+        let timing = Timing::of(&dynamic);
+        let old = *self.timing.borrow();
+        if timing != old {
             info!(
-                old = self.dynamic.ttl,
-                new = dynamic.ttl,
-                "ttl changed in the DCS config"
+                ttl = ?timing.ttl,
+                loop_wait = ?timing.loop_wait,
+                retry_timeout = ?timing.retry_timeout,
+                old_ttl = ?old.ttl,
+                old_loop_wait = ?old.loop_wait,
+                old_retry_timeout = ?old.retry_timeout,
+                "timing changed in the DCS config"
             );
-            self.dcs
-                .set_ttl(Duration::from_secs(dynamic.ttl.max(1).into()));
+            self.timing.send_replace(timing);
         }
         self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
         self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;

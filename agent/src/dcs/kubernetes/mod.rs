@@ -55,9 +55,9 @@ pub struct KubeSettings {
     pub role: RoleLabels,
     /// Lease name (default `<scope>-leader`).
     pub lease_name: String,
-    pub ttl: Duration,
-    /// Bound on every request (`retry_timeout`).
-    pub request_timeout: Duration,
+    /// The cluster's timing as the HA loop last derived it: the Lease duration (`ttl`) and the
+    /// bound on every request (`retry_timeout`).
+    pub timing: tokio::sync::watch::Receiver<crate::config::Timing>,
     /// Run the watches (the agent does; one-shot callers need not). Without them the Lease is
     /// observed only by this client's own reads and writes.
     pub watch: bool,
@@ -65,9 +65,11 @@ pub struct KubeSettings {
 
 impl KubeSettings {
     /// Builds the settings from a validated configuration in Kubernetes mode.
-    pub fn from_config(config: &crate::config::Config) -> Option<KubeSettings> {
+    pub fn from_config(
+        config: &crate::config::Config,
+        timing: tokio::sync::watch::Receiver<crate::config::Timing>,
+    ) -> Option<KubeSettings> {
         let k = config.kubernetes.as_ref()?;
-        let dynamic = &config.bootstrap.dcs;
         Some(KubeSettings {
             namespace: k.namespace.clone().filter(|n| !n.is_empty()),
             scope: config.scope.clone(),
@@ -87,8 +89,7 @@ impl KubeSettings {
                 .leader_lease
                 .clone()
                 .unwrap_or_else(|| format!("{}-leader", config.scope)),
-            ttl: Duration::from_secs(dynamic.ttl.into()),
-            request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+            timing,
             watch: true,
         })
     }
@@ -200,7 +201,6 @@ pub struct KubeDcs {
     leases: Api<Lease>,
     pods: Api<Pod>,
     configmaps: Api<ConfigMap>,
-    ttl: Mutex<Duration>,
     /// Shared with the Lease watch, which keeps the observation fresh between reads.
     tracker: Arc<Mutex<LeaseTracker>>,
     /// The Lease object from our last read or write.
@@ -272,7 +272,6 @@ impl KubeDcs {
             Vec::new()
         };
         KubeDcs {
-            ttl: Mutex::new(settings.ttl),
             settings,
             namespace,
             leases,
@@ -296,10 +295,7 @@ impl KubeDcs {
     }
 
     fn ttl(&self) -> Duration {
-        self.ttl
-            .lock()
-            .map(|t| *t)
-            .unwrap_or(Duration::from_secs(30))
+        self.settings.timing.borrow().ttl
     }
 
     fn observe_lease(&self, lease: Option<&Lease>) {
@@ -357,7 +353,7 @@ impl KubeDcs {
     where
         F: std::future::Future<Output = Result<T, kube::Error>>,
     {
-        let timeout = self.settings.request_timeout;
+        let timeout = self.settings.timing.borrow().retry_timeout;
         let result = match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => match status_code(&err) {
@@ -880,12 +876,6 @@ impl Dcs for KubeDcs {
         match result {
             Ok(_) | Err(Failure::NotFound) => Ok(()),
             Err(f) => Err(f.into()),
-        }
-    }
-
-    fn set_ttl(&self, ttl: Duration) {
-        if let Ok(mut current) = self.ttl.lock() {
-            *current = ttl;
         }
     }
 
