@@ -15,8 +15,8 @@
 //!   the replica (pure).
 //! - [`server`]: `pgbackrest server` (pgBackRest's TLS server) as a supervised child.
 //!
-//! Hooks elsewhere are small: `postgres::conf::parameters` adds the archive settings, the HA
-//! loop calls [`restore`] for replica creation and bootstrap, `run.rs` writes the config and
+//! Hooks elsewhere are small: the HA loop passes [`archive_parameters`] to
+//! `postgres::conf::parameters` (postgres/ does not depend on backup/), calls [`restore`] for replica creation and bootstrap, `run.rs` writes the config and
 //! spawns the service, the REST API routes `POST /backup` and `GET /backups` here, the HA loop
 //! adds [`standby::member_fields`] to the member record.
 
@@ -110,6 +110,16 @@ pub fn runner(config: &Config) -> Option<(Runner, Resolved)> {
 }
 
 /// Writes `pgbackrest.conf` (before postgres can run `archive_command`).
+/// The postgres parameters that archive into the configured stanza (none without a
+/// `pgbackrest` section), for `postgres::conf::parameters`.
+pub fn archive_parameters(config: &Config) -> std::collections::BTreeMap<String, String> {
+    config
+        .pgbackrest
+        .as_ref()
+        .map(|pb| render::archive_parameters(&pb.resolve(config)))
+        .unwrap_or_default()
+}
+
 pub fn write_config(config: &Config) -> Result<(), String> {
     let Some(pb) = &config.pgbackrest else {
         return Ok(());
@@ -194,7 +204,7 @@ impl BackupHandle {
             .await;
         match result {
             Ok(out) => ApiReply::new(200, out.trim().to_owned()),
-            Err(e) => ApiReply::new(503, crate::ha::error_chain(&e)),
+            Err(e) => ApiReply::new(503, crate::error::error_chain(&e)),
         }
     }
 }

@@ -166,7 +166,7 @@ async fn restore_standby(config: &Config) -> Result<(), String> {
             &CancellationToken::new(),
         )
         .await
-        .map_err(|e| crate::ha::error_chain(&e));
+        .map_err(|e| crate::error::error_chain(&e));
     if let Err(e) = result {
         clear_dir(data_dir);
         return Err(e);
@@ -199,7 +199,7 @@ pub async fn create_replica(
             "basebackup" => replica::basebackup(config, bin_dir, upstream)
                 .await
                 .map(|()| "basebackup")
-                .map_err(|e| crate::ha::error_chain(&e)),
+                .map_err(|e| crate::error::error_chain(&e)),
             other => Err(format!("unknown replica creation method {other:?}")),
         };
         match result {
@@ -342,7 +342,7 @@ async fn stanza_system_ids(config: &Config) -> Vec<String> {
     {
         Ok(out) => out,
         Err(e) => {
-            warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot read the stanza this cluster archives into; not checking whose it is");
+            warn!(stanza = %resolved.stanza, error = %crate::error::error_chain(&e), "cannot read the stanza this cluster archives into; not checking whose it is");
             return Vec::new();
         }
     };
@@ -409,7 +409,7 @@ async fn restore_and_promote(
             &CancellationToken::new(),
         )
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     std::fs::write(data_dir.join(UNFINISHED_MARKER), "")
         .map_err(|e| format!("cannot mark the restored data directory: {e}"))?;
     conf::write(data_dir, files)
@@ -417,7 +417,7 @@ async fn restore_and_promote(
     supervisor
         .start()
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     let deadline = Instant::now() + runner.timeout;
     loop {
         if Instant::now() > deadline {
@@ -456,12 +456,12 @@ async fn restore_and_promote(
         )
         .await
     {
-        warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot create this cluster's stanza yet; the leader retries");
+        warn!(stanza = %resolved.stanza, error = %crate::error::error_chain(&e), "cannot create this cluster's stanza yet; the leader retries");
     }
     supervisor
         .stop(StopMode::Fast, Duration::from_secs(120))
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     probe.reset().await;
     strip_recovery_settings(data_dir)
         .map_err(|e| format!("cannot clean postgresql.auto.conf: {e}"))?;
@@ -469,13 +469,13 @@ async fn restore_and_promote(
     supervisor
         .start()
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     if !supervisor.wait_ready(Duration::from_secs(120)).await {
         return Err("postgres did not accept connections after the restore".into());
     }
     crate::postgres::initdb::post_bootstrap(config, probe)
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(|e| crate::error::error_chain(&e))?;
     std::fs::remove_file(data_dir.join(UNFINISHED_MARKER))
         .map_err(|e| format!("cannot remove {UNFINISHED_MARKER}: {e}"))?;
     Ok(())

@@ -408,7 +408,7 @@ impl Service {
                     &token,
                 )
                 .await
-                .map_err(|e| crate::ha::error_chain(&e))?;
+                .map_err(|e| crate::error::error_chain(&e))?;
             if timeline > 1 {
                 for segment in super::archive::earlier_timeline_segments(&data_dir, timeline) {
                     let r = runner
@@ -424,7 +424,7 @@ impl Service {
                         )
                         .await;
                     if let Err(e) = r {
-                        problems.push(crate::ha::error_chain(&e));
+                        problems.push(crate::error::error_chain(&e));
                     }
                 }
             }
@@ -441,7 +441,7 @@ impl Service {
                         &token,
                     )
                     .await
-                    .map_err(|e| crate::ha::error_chain(&e))?;
+                    .map_err(|e| crate::error::error_chain(&e))?;
             }
             if problems.is_empty() {
                 Ok(())
@@ -638,7 +638,7 @@ impl Service {
                 )
                 .await
                 .map(drop)
-                .map_err(|e| crate::ha::error_chain(&e))
+                .map_err(|e| crate::error::error_chain(&e))
         });
         self.state.running = Some(running.clone());
         self.job = Some(Job {
@@ -893,7 +893,7 @@ impl Service {
                 &CancellationToken::new(),
             )
             .await
-            .map_err(|e| crate::ha::error_chain(&e))
+            .map_err(|e| crate::error::error_chain(&e))
             .and_then(|out| super::report::parse_info(&out, &self.stanza));
         match result {
             Ok(repos) => {

@@ -24,6 +24,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, DynamicConfig, Timing};
+use crate::error::error_chain;
 use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
@@ -1014,7 +1015,11 @@ impl HaLoop {
     /// read-only standby with nowhere to stream from).
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
         let use_slots = self.dynamic.postgresql.use_slots;
-        let mut parameters = conf::parameters(&self.config, &self.dynamic);
+        let mut parameters = conf::parameters(
+            &self.config,
+            &self.dynamic,
+            &crate::backup::archive_parameters(&self.config),
+        );
         if let (true, Some(control)) = (standby, &self.control) {
             let raised = conf::raise_to_primary_minimums(&mut parameters, control);
             if !raised.is_empty() {
@@ -1888,17 +1893,6 @@ pub fn merge_history(
     out
 }
 
-/// An error with its sources, for log lines and fatal messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
-}
 
 #[cfg(test)]
 mod tests {
