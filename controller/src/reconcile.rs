@@ -26,7 +26,7 @@ use crate::agent_api::{self, ApiCredentials};
 use crate::crd::{PostgresCluster, PostgresClusterStatus, PvcRetention, SpecError};
 use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
-use crate::status::{self, MemberRecord, PodView, StatusInput, MEMBER_ANNOTATION};
+use crate::status::{self, member_of, PodView, StatusInput, MEMBER_ANNOTATION};
 
 /// Finalizer present only while `spec.pvcRetention: Delete`: the PVCs are nobody's children,
 /// so deleting them needs the controller. With the default `Retain` no finalizer is set, and
@@ -398,7 +398,7 @@ pub fn pod_view(pod: &Pod, update_revision: Option<&str>) -> PodView {
             _ => true,
         },
         terminating: pod.meta().deletion_timestamp.is_some(),
-        member: MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str)),
+        member: member_of(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str)),
     }
 }
 
@@ -467,10 +467,9 @@ async fn execute_step(
             let api_url = observed
                 .raw
                 .get(primary)
-                .and_then(|p| {
-                    MemberRecord::parse(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str))
-                })
-                .and_then(|m| m.api_url)
+                .and_then(|p| member_of(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str)))
+                .map(|m| m.api_url)
+                .filter(|u| !u.is_empty())
                 .ok_or_else(|| Error::NoApiUrl(primary.clone()))?;
             let credentials = restapi_credentials(client, &names).await?;
             agent_api::switchover(
@@ -545,9 +544,10 @@ async fn ensure_users_and_databases(
     else {
         return Ok(());
     };
-    let Some(conn_url) = member.conn_url.clone() else {
+    let conn_url = member.conn_url.clone();
+    if conn_url.is_empty() {
         return Ok(());
-    };
+    }
     let key = ObjectRef::from_obj(pg);
     let done = (pg.meta().generation, primary.to_owned());
     let already = ctx

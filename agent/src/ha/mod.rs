@@ -24,8 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
 use crate::config::{Config, DynamicConfig, Timing};
-use crate::error::error_chain;
 use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
+use crate::error::error_chain;
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
 use crate::postgres::initdb;
@@ -1892,7 +1892,6 @@ pub fn merge_history(
     out.sort_by_key(|l| l.timeline);
     out
 }
-
 
 #[cfg(test)]
 mod tests {

@@ -13,7 +13,8 @@
 //! dies: its Lease is judged expired by the others' clocks, and its member record stays on its
 //! Pod until the Pod goes away or the agent stops cleanly.
 
-pub mod lease;
+/// The Lease expiry rule, shared with the controller's election.
+pub use pgwarden_api::lease;
 pub mod members;
 pub mod state;
 mod watch;
