@@ -33,7 +33,8 @@ pub enum RunError {
     Dcs(#[source] crate::dcs::DcsError),
     #[error("another member named {name:?} is already running (its REST API at {url} answers)")]
     DuplicateName { name: String, url: String },
-    #[error("{0}")]
+    /// The message is the HA error's own (transparent: printed once, not as "x: x").
+    #[error(transparent)]
     Ha(#[from] ha::HaError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
@@ -187,9 +188,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     // connection tasks.
     let result = match tokio::spawn(ha.run(shutdown.clone())).await {
         Ok(result) => result,
-        Err(e) => Err(ha::HaError::Fatal(format!(
-            "the HA loop ended abnormally: {e}"
-        ))),
+        Err(e) => Err(ha::HaError::Aborted(e)),
     };
     shutdown.cancel();
     drop(supervisor);
@@ -349,5 +348,21 @@ async fn reap_orphans() {
             );
         }
         previous = zombies;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ha_error_is_reported_once() {
+        let e = RunError::from(ha::HaError::Fatal(
+            "data directory belongs to another cluster".into(),
+        ));
+        assert_eq!(
+            crate::error::error_chain(&e),
+            "data directory belongs to another cluster"
+        );
     }
 }

@@ -52,6 +52,9 @@ pub enum HaError {
     /// The agent must not continue (foreign data directory, failed bootstrap, ...).
     #[error("{0}")]
     Fatal(String),
+    /// The loop's task panicked or was cancelled.
+    #[error("the HA loop ended abnormally")]
+    Aborted(#[source] tokio::task::JoinError),
 }
 
 /// How a cycle ended, for scheduling the next one.
@@ -324,7 +327,8 @@ impl HaLoop {
                         Some((kind, Ok(Err(TaskError::NotStarted(e))))) => {
                             warn!(task = %kind, error = %e, "could not start; deciding again next cycle");
                         }
-                        Some((kind, Ok(Err(TaskError::Failed(e))))) => {
+                        Some((kind, Ok(Err(e)))) => {
+                            let e = error_chain(&e);
                             error!(task = %kind, error = %e, "failed");
                             self.task_failed = Some((kind, e));
                         }
@@ -1079,10 +1083,12 @@ impl HaLoop {
                     return Ok(Next::Now);
                 }
                 Err(ActionError::Fatal(reason)) => return Err(HaError::Fatal(reason)),
-                Err(ActionError::Failed(reason)) if action.is_housekeeping() => {
+                Err(e) if action.is_housekeeping() => {
+                    let reason = error_chain(&e);
                     warn!(?action, %reason, "housekeeping failed; retrying next cycle");
                 }
-                Err(ActionError::Failed(reason)) => {
+                Err(e) => {
+                    let reason = error_chain(&e);
                     warn!(?action, %reason, "action failed; retrying next cycle");
                     self.compensate(obs, &done).await;
                     return Ok(Next::Wait);
@@ -1108,9 +1114,8 @@ impl HaLoop {
     /// Undoes what a plan that stopped early must not leave behind (`decide::compensation`).
     async fn compensate(&mut self, obs: &Observation, done: &[Action]) {
         for action in decide::compensation(done) {
-            if let Err(ActionError::Failed(reason) | ActionError::Fatal(reason)) =
-                self.execute_one(obs, &action).await
-            {
+            if let Err(e) = self.execute_one(obs, &action).await {
+                let reason = error_chain(&e);
                 warn!(?action, %reason, "could not undo the stopped plan");
             }
         }
@@ -1149,9 +1154,8 @@ impl HaLoop {
                 let (value, source) = match dynamic_copy::load(&self.config.postgresql.data_dir) {
                     Some(value) => (value, dynamic_copy::FILE_NAME),
                     None => (
-                        serde_json::to_value(&self.config.bootstrap.dcs).map_err(|e| {
-                            ActionError::Failed(format!("cannot encode config: {e}"))
-                        })?,
+                        serde_json::to_value(&self.config.bootstrap.dcs)
+                            .map_err(ActionError::caused("cannot encode config"))?,
                         "bootstrap.dcs",
                     ),
                 };
@@ -1280,14 +1284,12 @@ impl HaLoop {
                 let files = self.managed_files(!*primary, upstream.as_ref());
                 self.conf_written
                     .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
+                    .map_err(ActionError::caused("cannot write the configuration files"))?;
                 self.probe.reset().await;
                 self.supervisor
                     .start()
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(|e| ActionError::Failed(error_chain(&e)))?;
                 Ok(true)
             }
             Action::ApplyConfig { upstream } => {
@@ -1302,16 +1304,14 @@ impl HaLoop {
                 let changed = self
                     .conf_written
                     .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
+                    .map_err(ActionError::caused("cannot write the configuration files"))?;
                 let following = upstream.as_ref().map(|u| u.name.clone());
                 if changed {
                     info!(upstream = ?following, "configuration changed; reloading postgres");
                     self.probe
                         .execute("SELECT pg_reload_conf()")
                         .await
-                        .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+                        .map_err(ActionError::caused("reload failed"))?;
                 }
                 self.following = following;
                 Ok(true)
@@ -1371,7 +1371,7 @@ impl HaLoop {
                 self.probe
                     .execute("SELECT pg_promote(false)")
                     .await
-                    .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
+                    .map_err(ActionError::caused("pg_promote failed"))?;
                 info!("promotion requested");
                 self.checkpoint_after_promote_pending = true;
                 Ok(true)
@@ -1381,7 +1381,7 @@ impl HaLoop {
                 self.supervisor
                     .stop(*mode, Duration::from_secs(30))
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(|e| ActionError::Failed(error_chain(&e)))?;
                 self.probe.reset().await;
                 Ok(true)
             }
@@ -1445,7 +1445,7 @@ impl HaLoop {
                 self.probe
                     .execute("CHECKPOINT")
                     .await
-                    .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
+                    .map_err(ActionError::caused("CHECKPOINT failed"))?;
                 if self.checkpoint_after_promote_pending
                     && matches!(&obs.postgres, PostgresView::Running(s) if !s.in_recovery)
                 {
@@ -1514,12 +1514,12 @@ impl HaLoop {
             if self
                 .conf_written
                 .write(&self.config.postgresql.data_dir, &files)
-                .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
+                .map_err(ActionError::caused("cannot write configuration"))?
             {
                 self.probe
                     .execute("SELECT pg_reload_conf()")
                     .await
-                    .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+                    .map_err(ActionError::caused("reload failed"))?;
             }
         }
         if let (Some(state), true) = (&plan.key_after, revision >= 0) {
@@ -1543,7 +1543,7 @@ impl HaLoop {
             .probe
             .slots()
             .await
-            .map_err(|e| ActionError::Failed(format!("cannot list replication slots: {e}")))?;
+            .map_err(ActionError::caused("cannot list replication slots"))?;
         let mut sql = String::new();
         for slot in wanted
             .iter()
@@ -1568,7 +1568,7 @@ impl HaLoop {
             self.probe
                 .execute(&sql)
                 .await
-                .map_err(|e| ActionError::Failed(format!("cannot manage slots: {e}")))?;
+                .map_err(ActionError::caused("cannot manage slots"))?;
         }
         Ok(())
     }
@@ -1752,27 +1752,56 @@ impl HaLoop {
 }
 
 /// How an action failed.
+#[derive(Debug, thiserror::Error)]
 enum ActionError {
     /// Retry in the next cycle.
+    #[error("{0}")]
     Failed(String),
+    /// Retry in the next cycle: `context`, because of `source`.
+    #[error("{context}")]
+    Caused {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A DCS request failed: retry in the next cycle.
+    #[error(transparent)]
+    Dcs(#[from] DcsError),
     /// Stop the agent.
+    #[error("{0}")]
     Fatal(String),
 }
 
-impl From<DcsError> for ActionError {
-    fn from(e: DcsError) -> Self {
-        ActionError::Failed(e.to_string())
+impl ActionError {
+    /// `map_err(ActionError::caused("cannot …"))`: the error becomes the source.
+    fn caused<E>(context: &'static str) -> impl FnOnce(E) -> ActionError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        move |source| ActionError::Caused {
+            context,
+            source: Box::new(source),
+        }
     }
 }
 
 /// How a long task (bootstrap, replica creation, rewind) ended without success.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum TaskError {
     /// It changed nothing (pg_rewind could not connect to the leader): the next cycle decides
     /// again, as if it had not been started.
+    #[error("{0}")]
     NotStarted(String),
     /// It failed; a failed rewind keeps the member down until an operator acts.
+    #[error("{0}")]
     Failed(String),
+    /// It failed (as `Failed`): `context`, because of `source`.
+    #[error("{context}")]
+    Caused {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
 }
 
 impl From<String> for TaskError {
@@ -1839,8 +1868,10 @@ async fn rewind(
                 .remove_data_directory_on_diverged_timelines
         {
             warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
-            std::fs::remove_dir_all(data_dir)
-                .map_err(|e| format!("cannot remove the data directory: {e}"))?;
+            std::fs::remove_dir_all(data_dir).map_err(|e| TaskError::Caused {
+                context: "cannot remove the data directory",
+                source: e.into(),
+            })?;
             return Ok(());
         }
         return Err(TaskError::Failed(format!(
@@ -1848,8 +1879,10 @@ async fn rewind(
              to re-create it from the leader, or reinitialise it"
         )));
     }
-    conf::write(data_dir, files)
-        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    conf::write(data_dir, files).map_err(|e| TaskError::Caused {
+        context: "cannot write the configuration files",
+        source: e.into(),
+    })?;
     Ok(())
 }
 
