@@ -284,7 +284,10 @@ async fn racing_lease_updates_get_409_and_the_loser_backs_off() {
     assert!(other.acquire_leader().await.expect("answered"));
     other.renew_leader().await.expect("the new holder renews");
     match holder.renew_leader().await {
-        Err(e @ DcsError::Rejected(_)) => assert!(e.to_string().contains(other_name), "{e}"),
+        Err(e @ DcsError::Rejected(_)) => {
+            let e = pgwarden::error::error_chain(&e);
+            assert!(e.contains(other_name), "{e}")
+        }
         other => panic!("the old holder's renewal must be refused, got {other:?}"),
     }
     let lease = other.cluster().await.expect("read");

@@ -484,7 +484,10 @@ impl Service {
             }
             Err(e) => Err(ApiReply::new(
                 503,
-                format!("cannot take the backup lock in the DCS: {e}"),
+                format!(
+                    "cannot take the backup lock in the DCS: {}",
+                    crate::error::error_chain(&e)
+                ),
             )),
         }
     }
@@ -497,20 +500,23 @@ impl Service {
             return;
         }
         // Did a previous leader already run this fire?
-        let mut record: BTreeMap<String, DateTime<Utc>> =
-            match self.dcs.read_key(SCHEDULE_KEY).await {
-                Ok(v) => v
-                    .and_then(|v| serde_json::from_str(&v).ok())
-                    .unwrap_or_default(),
-                Err(e) => {
-                    warn!(error = %e, "cannot read the backup schedule record; trying again");
-                    let _ = self
-                        .dcs
-                        .release_lease_key(LOCK_KEY, &self.lock_value())
-                        .await;
-                    return;
-                }
-            };
+        let mut record: BTreeMap<String, DateTime<Utc>> = match self
+            .dcs
+            .read_key(SCHEDULE_KEY)
+            .await
+        {
+            Ok(v) => v
+                .and_then(|v| serde_json::from_str(&v).ok())
+                .unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %crate::error::error_chain(&e), "cannot read the backup schedule record; trying again");
+                let _ = self
+                    .dcs
+                    .release_lease_key(LOCK_KEY, &self.lock_value())
+                    .await;
+                return;
+            }
+        };
         if record.get(kind.as_str()).is_some_and(|done| *done >= fire) {
             info!(%kind, fire = %fire_text, "this scheduled backup already ran on a previous leader");
             self.schedules.settle(kind, fire);
@@ -529,7 +535,7 @@ impl Service {
             )
             .await
         {
-            warn!(error = %e, "cannot record the scheduled backup; trying again");
+            warn!(error = %crate::error::error_chain(&e), "cannot record the scheduled backup; trying again");
             let _ = self
                 .dcs
                 .release_lease_key(LOCK_KEY, &self.lock_value())
@@ -697,7 +703,7 @@ impl Service {
                     .release_lease_key(LOCK_KEY, &self.lock_value())
                     .await
                 {
-                    warn!(error = %e, "could not release the backup lock; it expires with this agent's lease");
+                    warn!(error = %crate::error::error_chain(&e), "could not release the backup lock; it expires with this agent's lease");
                 }
                 let duration = (Utc::now() - running.started_at)
                     .to_std()
@@ -750,7 +756,7 @@ impl Service {
                 .and_then(|v| serde_json::from_str(&v).ok())
                 .unwrap_or_default(),
             Err(e) => {
-                warn!(error = %e, %kind, "cannot read the backup schedule record; the cancelled backup is not retried by the next leader");
+                warn!(error = %crate::error::error_chain(&e), %kind, "cannot read the backup schedule record; the cancelled backup is not retried by the next leader");
                 return;
             }
         };
@@ -773,7 +779,7 @@ impl Service {
                 info!(%kind, fire = %fire.to_rfc3339(), "the cancelled scheduled backup is left to the next leader")
             }
             Err(e) => {
-                warn!(error = %e, %kind, "cannot hand the cancelled backup back; the next leader skips it")
+                warn!(error = %crate::error::error_chain(&e), %kind, "cannot hand the cancelled backup back; the next leader skips it")
             }
         }
     }

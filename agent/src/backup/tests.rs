@@ -33,7 +33,7 @@ struct MemoryDcs {
 }
 
 fn refused<T>() -> Result<T, DcsError> {
-    Err(DcsError::Rejected("not part of this fake".into()))
+    Err(DcsError::rejected("not part of this fake"))
 }
 
 #[async_trait]

@@ -189,12 +189,12 @@ impl Reachability {
     fn failed(&self, op: &str, err: &DcsError) {
         if err.is_transient() {
             if self.reachable.swap(false, Ordering::Relaxed) {
-                warn!(operation = op, error = %err, "etcd became unreachable; retrying with backoff");
+                warn!(operation = op, error = %crate::error::error_chain(err), "etcd became unreachable; retrying with backoff");
             } else {
-                debug!(operation = op, error = %err, "etcd still unreachable");
+                debug!(operation = op, error = %crate::error::error_chain(err), "etcd still unreachable");
             }
         } else {
-            debug!(operation = op, error = %err, "etcd refused the operation");
+            debug!(operation = op, error = %crate::error::error_chain(err), "etcd refused the operation");
         }
     }
 
@@ -245,17 +245,17 @@ fn classify(err: etcd_client::Error) -> DcsError {
                 | Code::DeadlineExceeded
                 | Code::Cancelled
                 | Code::Unknown
-                | Code::Aborted => DcsError::Unreachable(message),
+                | Code::Aborted => DcsError::unreachable(message),
                 _ if message.contains("lease not found") => DcsError::LeaseLost,
-                _ => DcsError::Rejected(message),
+                _ => DcsError::rejected(message),
             }
         }
-        E::TransportError(e) => DcsError::Unreachable(e.to_string()),
-        E::IoError(e) => DcsError::Unreachable(e.to_string()),
+        E::TransportError(e) => DcsError::unreachable(e),
+        E::IoError(e) => DcsError::unreachable(e),
         // etcd answered: the lease expired (keys attached to it are gone). Re-grant, don't retry.
         E::LeaseKeepAliveError(e) if e.contains("not found") => DcsError::LeaseLost,
-        E::LeaseKeepAliveError(e) | E::WatchError(e) => DcsError::Unreachable(e),
-        other => DcsError::Rejected(other.to_string()),
+        E::LeaseKeepAliveError(e) | E::WatchError(e) => DcsError::unreachable(e),
+        other => DcsError::rejected(other),
     }
 }
 
@@ -341,7 +341,7 @@ async fn follow_timing(
                 );
             }
             Err(e) => {
-                warn!(error = %e, "cannot rebuild the etcd client for the new timing; keeping the previous one");
+                warn!(error = %crate::error::error_chain(&e), "cannot rebuild the etcd client for the new timing; keeping the previous one");
                 tokio::time::sleep(current.retry_timeout).await;
             }
         }
@@ -429,7 +429,7 @@ impl EtcdDcs {
         let result = match tokio::time::timeout(request_timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(classify(err)),
-            Err(_) => Err(DcsError::Unreachable(format!(
+            Err(_) => Err(DcsError::unreachable(format!(
                 "no answer within {request_timeout:?}"
             ))),
         };
@@ -508,13 +508,13 @@ impl EtcdDcs {
                 state.keeper = Some((id, generation, keeper, stream));
                 Ok(Duration::from_secs(r.ttl().unsigned_abs()))
             }
-            Some(r) if r.id() != id => Err(DcsError::Unreachable(format!(
+            Some(r) if r.id() != id => Err(DcsError::unreachable(format!(
                 "keepalive answer for lease {} instead of {id}",
                 r.id()
             ))),
             Some(_) => Err(DcsError::LeaseLost),
-            None => Err(DcsError::Unreachable(
-                "keepalive stream closed without an answer".into(),
+            None => Err(DcsError::unreachable(
+                "keepalive stream closed without an answer",
             )),
         }
     }
@@ -852,8 +852,8 @@ impl Dcs for EtcdDcs {
             info!(lease, "re-attached the leader key to this process's lease");
             return Ok(LeaseRenewal { sent_at, ttl });
         }
-        Err(DcsError::Rejected(
-            "the leader key is no longer held by this member".into(),
+        Err(DcsError::rejected(
+            "the leader key is no longer held by this member",
         ))
     }
 
@@ -934,7 +934,7 @@ impl Dcs for EtcdDcs {
 
     async fn write_status(&self, status: &LeaderStatus) -> Result<(), DcsError> {
         let value = serde_json::to_string(status)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode status: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode status: {e}")))?;
         // Unchanged values are still rewritten once per ttl, so a key deleted or overwritten
         // behind our back is repaired within one lease period.
         let refresh = self.ttl();
@@ -969,7 +969,7 @@ impl Dcs for EtcdDcs {
         expected_revision: Option<i64>,
     ) -> Result<bool, DcsError> {
         let value = serde_json::to_string(request)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode failover: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode failover: {e}")))?;
         self.compare_and_set(
             "write failover",
             self.keys.failover(),
@@ -987,7 +987,7 @@ impl Dcs for EtcdDcs {
         let value = sync
             .map(serde_json::to_string)
             .transpose()
-            .map_err(|e| DcsError::Rejected(format!("cannot encode sync: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode sync: {e}")))?;
         self.compare_and_set("write sync", self.keys.sync(), value, expected_revision)
             .await
     }

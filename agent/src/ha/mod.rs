@@ -568,7 +568,7 @@ impl HaLoop {
                 self.apply_dynamic_config(&view);
                 DcsView::Known(view)
             }
-            Err(e) => DcsView::Unknown(e.to_string()),
+            Err(e) => DcsView::Unknown(error_chain(&e)),
         };
         let holds = match &dcs {
             DcsView::Known(view) => view.is_leader(&self.facts.name),
@@ -778,7 +778,7 @@ impl HaLoop {
                 LeaseCheck::Unconfirmed
             }
             Err(e) => {
-                error!(error = %e, "the leader lease is lost");
+                error!(error = %error_chain(&e), "the leader lease is lost");
                 self.believes_leader = false;
                 self.lease_certain_until = None;
                 LeaseCheck::Lost
@@ -1142,7 +1142,7 @@ impl HaLoop {
             }
             Action::CancelInitialize => {
                 if let Err(e) = self.dcs.cancel_initialize().await {
-                    warn!(error = %e, "could not delete `initialize` after the failed bootstrap");
+                    warn!(error = %error_chain(&e), "could not delete `initialize` after the failed bootstrap");
                 }
                 Ok(true)
             }
@@ -1187,7 +1187,7 @@ impl HaLoop {
                             ..Default::default()
                         };
                         if let Err(e) = self.dcs.write_status(&status).await {
-                            debug!(error = %e, "could not write the final status");
+                            debug!(error = %error_chain(&e), "could not write the final status");
                         }
                     }
                 }
@@ -1700,7 +1700,7 @@ impl HaLoop {
             self.dcs.member_key_lost().await;
         }
         if let Err(e) = self.dcs.touch_member(&self.member_record(obs)).await {
-            debug!(error = %e, "could not update the member key");
+            debug!(error = %error_chain(&e), "could not update the member key");
         }
     }
 
@@ -1730,7 +1730,9 @@ impl HaLoop {
                     }
                     match self.dcs.release_leader().await {
                         Ok(()) => info!("released the leader lock"),
-                        Err(e) => warn!(error = %e, "could not release the leader lock"),
+                        Err(e) => {
+                            warn!(error = %error_chain(&e), "could not release the leader lock")
+                        }
                     }
                 }
             }
@@ -1739,7 +1741,7 @@ impl HaLoop {
             Err(e) => error!(error = %e, "postgres did not stop; leaving the leader key to expire"),
         }
         if let Err(e) = self.dcs.revoke_lease().await {
-            warn!(error = %e, "could not revoke the lease; the member key expires with it");
+            warn!(error = %error_chain(&e), "could not revoke the lease; the member key expires with it");
         }
     }
 

@@ -113,12 +113,12 @@ impl Reachability {
     fn failed(&self, op: &str, err: &DcsError) {
         if err.is_transient() {
             if self.reachable.swap(false, Ordering::Relaxed) {
-                warn!(operation = op, error = %err, "the Kubernetes API became unreachable");
+                warn!(operation = op, error = %crate::error::error_chain(err), "the Kubernetes API became unreachable");
             } else {
-                debug!(operation = op, error = %err, "the Kubernetes API is still unreachable");
+                debug!(operation = op, error = %crate::error::error_chain(err), "the Kubernetes API is still unreachable");
             }
         } else {
-            debug!(operation = op, error = %err, "the Kubernetes API refused the operation");
+            debug!(operation = op, error = %crate::error::error_chain(err), "the Kubernetes API refused the operation");
         }
     }
 
@@ -142,16 +142,16 @@ fn status_code(err: &kube::Error) -> Option<u16> {
 fn classify(err: kube::Error) -> DcsError {
     match err {
         kube::Error::Api(response) if response.code == 429 || response.code >= 500 => {
-            DcsError::Unreachable(format!("{} {}", response.code, response.message))
+            DcsError::unreachable(format!("{} {}", response.code, response.message))
         }
-        kube::Error::Api(response) => DcsError::Rejected(format!(
+        kube::Error::Api(response) => DcsError::rejected(format!(
             "{} {}: {}",
             response.code, response.reason, response.message
         )),
-        kube::Error::HyperError(e) => DcsError::Unreachable(e.to_string()),
-        kube::Error::Service(e) => DcsError::Unreachable(e.to_string()),
-        kube::Error::ReadEvents(e) => DcsError::Unreachable(e.to_string()),
-        other => DcsError::Rejected(other.to_string()),
+        kube::Error::HyperError(e) => DcsError::unreachable(e),
+        kube::Error::Service(e) => DcsError::unreachable(e),
+        kube::Error::ReadEvents(e) => DcsError::unreachable(e),
+        other => DcsError::rejected(other),
     }
 }
 
@@ -165,8 +165,8 @@ enum Failure {
 impl From<Failure> for DcsError {
     fn from(f: Failure) -> Self {
         match f {
-            Failure::Conflict => DcsError::Rejected("409 Conflict".into()),
-            Failure::NotFound => DcsError::Rejected("404 Not Found".into()),
+            Failure::Conflict => DcsError::rejected("409 Conflict"),
+            Failure::NotFound => DcsError::rejected("404 Not Found"),
             Failure::Other(e) => e,
         }
     }
@@ -230,13 +230,13 @@ impl KubeDcs {
     pub async fn connect(settings: KubeSettings) -> Result<Self, DcsError> {
         let config = kube::Config::infer()
             .await
-            .map_err(|e| DcsError::Rejected(format!("no usable Kubernetes client configuration (in-cluster service account or kubeconfig): {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("no usable Kubernetes client configuration (in-cluster service account or kubeconfig): {e}")))?;
         let namespace = settings
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
         let client = kube::Client::try_from(config)
-            .map_err(|e| DcsError::Rejected(format!("cannot build the Kubernetes client: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot build the Kubernetes client: {e}")))?;
         Ok(Self::with_client(client, namespace, settings))
     }
 
@@ -362,7 +362,7 @@ impl KubeDcs {
                 Some(404) => Err(Failure::NotFound),
                 _ => Err(Failure::Other(classify(err))),
             },
-            Err(_) => Err(Failure::Other(DcsError::Unreachable(format!(
+            Err(_) => Err(Failure::Other(DcsError::unreachable(format!(
                 "no answer within {timeout:?}"
             )))),
         };
@@ -427,7 +427,7 @@ impl KubeDcs {
                 Ok(Some(written))
             }
             Err(Failure::Conflict) => Ok(None),
-            Err(Failure::NotFound) => Err(DcsError::Rejected(format!(
+            Err(Failure::NotFound) => Err(DcsError::rejected(format!(
                 "the leader Lease {} no longer exists",
                 self.settings.lease_name
             ))),
@@ -484,7 +484,7 @@ impl KubeDcs {
                 Err(Failure::Other(e)) => return Err(e),
             }
         }
-        Err(DcsError::Rejected(format!(
+        Err(DcsError::rejected(format!(
             "{op}: ConfigMap {name} kept changing under concurrent writers"
         )))
     }
@@ -690,7 +690,7 @@ impl Dcs for KubeDcs {
             None => {
                 self.get_lease().await?;
                 self.lease_record().ok_or_else(|| {
-                    DcsError::Rejected(format!(
+                    DcsError::rejected(format!(
                         "the leader Lease {} does not exist",
                         self.settings.lease_name
                     ))
@@ -701,7 +701,7 @@ impl Dcs for KubeDcs {
         // (our own earlier write whose answer was lost, or an edit by someone else).
         for attempt in 0..2 {
             if current.holder.as_deref() != Some(self.settings.name.as_str()) {
-                return Err(DcsError::Rejected(format!(
+                return Err(DcsError::rejected(format!(
                     "the leader Lease is held by {}",
                     current.holder.as_deref().unwrap_or("nobody")
                 )));
@@ -728,8 +728,8 @@ impl Dcs for KubeDcs {
                 }
             }
         }
-        Err(DcsError::Rejected(
-            "the leader Lease changed under us; it is no longer certain to be ours".into(),
+        Err(DcsError::rejected(
+            "the leader Lease changed under us; it is no longer certain to be ours",
         ))
     }
 
@@ -752,8 +752,8 @@ impl Dcs for KubeDcs {
                 return Ok(());
             }
         }
-        Err(DcsError::Rejected(
-            "the leader Lease kept changing while releasing it".into(),
+        Err(DcsError::rejected(
+            "the leader Lease kept changing while releasing it",
         ))
     }
 
@@ -785,7 +785,7 @@ impl Dcs for KubeDcs {
                 *written = Some(mark);
                 Ok(())
             }
-            Err(Failure::NotFound) => Err(DcsError::Rejected(format!(
+            Err(Failure::NotFound) => Err(DcsError::rejected(format!(
                 "our Pod {}/{} does not exist (the member name must be the Pod's name)",
                 self.namespace, self.settings.name
             ))),
@@ -798,7 +798,7 @@ impl Dcs for KubeDcs {
 
     async fn write_status(&self, status: &LeaderStatus) -> Result<(), DcsError> {
         let value = serde_json::to_string(status)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode status: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode status: {e}")))?;
         self.write_state(
             "write status",
             StateMap::Status,
@@ -828,7 +828,7 @@ impl Dcs for KubeDcs {
         expected_revision: Option<i64>,
     ) -> Result<bool, DcsError> {
         let value = serde_json::to_string(request)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode failover: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode failover: {e}")))?;
         self.write_state(
             "write failover",
             StateMap::Failover,
@@ -847,7 +847,7 @@ impl Dcs for KubeDcs {
         let value = sync
             .map(serde_json::to_string)
             .transpose()
-            .map_err(|e| DcsError::Rejected(format!("cannot encode sync: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode sync: {e}")))?;
         self.write_state(
             "write sync",
             StateMap::Sync,
