@@ -40,8 +40,8 @@ pub enum RunError {
     Signals(#[source] std::io::Error),
     #[error("REST API TLS: {0}")]
     Tls(String),
-    #[error("pgBackRest: {0}")]
-    Backup(String),
+    #[error("pgBackRest")]
+    Backup(#[source] crate::backup::BackupError),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {

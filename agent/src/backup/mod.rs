@@ -110,6 +110,56 @@ pub fn runner(config: &Config) -> Option<(Runner, Resolved)> {
 }
 
 /// Writes `pgbackrest.conf` (before postgres can run `archive_command`).
+/// How a backup-layer operation failed: a reason, or a context with the error that caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{context}")]
+    Caused {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another layer's error, as it is.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BackupError {
+    /// `map_err(BackupError::caused_by)`: another layer's error, kept whole.
+    pub fn caused_by<E>(source: E) -> BackupError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        BackupError::Other(Box::new(source))
+    }
+
+    /// `map_err(BackupError::caused("cannot …"))`: the error becomes the source.
+    pub fn caused<E>(context: impl Into<String>) -> impl FnOnce(E) -> BackupError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let context = context.into();
+        move |source| BackupError::Caused {
+            context,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<String> for BackupError {
+    fn from(reason: String) -> Self {
+        BackupError::Failed(reason)
+    }
+}
+
+impl From<&str> for BackupError {
+    fn from(reason: &str) -> Self {
+        BackupError::Failed(reason.to_owned())
+    }
+}
+
 /// The postgres parameters that archive into the configured stanza (none without a
 /// `pgbackrest` section), for `postgres::conf::parameters`.
 pub fn archive_parameters(config: &Config) -> std::collections::BTreeMap<String, String> {
@@ -120,17 +170,17 @@ pub fn archive_parameters(config: &Config) -> std::collections::BTreeMap<String,
         .unwrap_or_default()
 }
 
-pub fn write_config(config: &Config) -> Result<(), String> {
+pub fn write_config(config: &Config) -> Result<(), crate::backup::BackupError> {
     let Some(pb) = &config.pgbackrest else {
         return Ok(());
     };
     let resolved = pb.resolve(config);
-    render::write(&resolved, &render::conf(config, pb, &resolved)).map_err(|e| {
+    render::write(&resolved, &render::conf(config, pb, &resolved)).map_err(BackupError::caused(
         format!(
-            "cannot write {} (pgbackrest.config_dir must be writable by the agent's user): {e}",
+            "cannot write {} (pgbackrest.config_dir must be writable by the agent's user)",
             resolved.config_file.display()
-        )
-    })
+        ),
+    ))
 }
 
 /// What the REST API uses.

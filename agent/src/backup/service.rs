@@ -75,7 +75,7 @@ enum JobKind {
 struct Job {
     kind: JobKind,
     cancel: CancellationToken,
-    handle: JoinHandle<Result<(), String>>,
+    handle: JoinHandle<Result<(), crate::backup::BackupError>>,
 }
 
 /// `pgbackrest.backup_standby`: what the leader needs to write the per-backup config file.
@@ -190,7 +190,7 @@ impl Service {
                 _ = shutdown.cancelled() => break,
                 Some(request) = self.requests.recv() => self.handle_request(request).await,
                 result = job_done => {
-                    let result = result.unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}")));
+                    let result = result.unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}").into()));
                     self.job_finished(result).await;
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -408,7 +408,7 @@ impl Service {
                     &token,
                 )
                 .await
-                .map_err(|e| crate::error::error_chain(&e))?;
+                .map_err(crate::backup::BackupError::caused_by)?;
             if timeline > 1 {
                 for segment in super::archive::earlier_timeline_segments(&data_dir, timeline) {
                     let r = runner
@@ -441,7 +441,7 @@ impl Service {
                         &token,
                     )
                     .await
-                    .map_err(|e| crate::error::error_chain(&e))?;
+                    .map_err(crate::backup::BackupError::caused_by)?;
             }
             if problems.is_empty() {
                 Ok(())
@@ -449,7 +449,8 @@ impl Service {
                 Err(format!(
                     "stanza is ready, but pushing earlier timelines' WAL failed: {}",
                     problems.join("; ")
-                ))
+                )
+                .into())
             }
         });
         self.job = Some(Job {
@@ -596,7 +597,7 @@ impl Service {
         trigger: Trigger,
         fire: Option<DateTime<Utc>>,
         previous: Option<DateTime<Utc>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::backup::BackupError> {
         let (runner, standby) = match self.backup_source() {
             Ok(source) => source,
             Err(reason) => {
@@ -618,7 +619,7 @@ impl Service {
                 if let Some(fire) = fire {
                     self.schedules.settle(kind, fire);
                 }
-                return Err(reason);
+                return Err(reason.into());
             }
         };
         let running = Running {
@@ -644,7 +645,7 @@ impl Service {
                 )
                 .await
                 .map(drop)
-                .map_err(|e| crate::error::error_chain(&e))
+                .map_err(crate::backup::BackupError::caused_by)
         });
         self.state.running = Some(running.clone());
         self.job = Some(Job {
@@ -659,7 +660,7 @@ impl Service {
         Ok(())
     }
 
-    async fn job_finished(&mut self, result: Result<(), String>) {
+    async fn job_finished(&mut self, result: Result<(), crate::backup::BackupError>) {
         let Some(job) = self.job.take() else { return };
         match job.kind {
             JobKind::Prepare => {
@@ -673,7 +674,7 @@ impl Service {
                 self.state.check = Some(CheckResult {
                     ok,
                     at: Utc::now(),
-                    error: result.err(),
+                    error: result.err().map(|e| crate::error::error_chain(&e)),
                 });
                 if let Some(term) = &mut self.term {
                     term.prepared = Some(ok);
@@ -728,7 +729,7 @@ impl Service {
                     duration_seconds: duration,
                     ok: result.is_ok(),
                     standby: running.standby.clone(),
-                    error: result.err(),
+                    error: result.err().map(|e| crate::error::error_chain(&e)),
                 });
                 self.state.running = None;
                 if let Some(fire) = fire {
@@ -841,7 +842,7 @@ impl Service {
                                     .to_string(),
                             )
                         }
-                        Err(reason) => ApiReply::new(503, reason),
+                        Err(reason) => ApiReply::new(503, crate::error::error_chain(&reason)),
                     }
                 }
             }
@@ -899,8 +900,8 @@ impl Service {
                 &CancellationToken::new(),
             )
             .await
-            .map_err(|e| crate::error::error_chain(&e))
-            .and_then(|out| super::report::parse_info(&out, &self.stanza));
+            .map_err(crate::backup::BackupError::caused_by)
+            .and_then(|out| Ok(super::report::parse_info(&out, &self.stanza)?));
         match result {
             Ok(repos) => {
                 self.state.repos = repos;
@@ -908,7 +909,7 @@ impl Service {
             }
             Err(e) => {
                 debug!(error = %e, "pgbackrest info failed");
-                self.state.info_error = Some(e);
+                self.state.info_error = Some(crate::error::error_chain(&e));
             }
         }
     }

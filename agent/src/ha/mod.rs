@@ -1804,6 +1804,9 @@ enum TaskError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// It failed (as `Failed`) in pgBackRest.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 impl From<String> for TaskError {
@@ -1821,10 +1824,14 @@ async fn bootstrap(
     files: &ManagedFiles,
 ) -> Result<(), String> {
     if config.bootstrap.method.as_deref() == Some("pgbackrest") {
-        return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
+        return crate::backup::restore::bootstrap(config, supervisor, probe, files)
+            .await
+            .map_err(|e| error_chain(&e));
     }
     // A new system must not archive into a stanza that holds another one's backups.
-    crate::backup::restore::refuse_existing_stanza(config).await?;
+    crate::backup::restore::refuse_existing_stanza(config)
+        .await
+        .map_err(|e| error_chain(&e))?;
     info!("running initdb");
     initdb::initdb(config, bin_dir)
         .await
