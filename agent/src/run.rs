@@ -127,6 +127,10 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         probe.clone(),
         shutdown.child_token(),
     );
+    let interrupter = backup
+        .as_ref()
+        .map(|(handle, _)| handle.interrupter())
+        .unwrap_or_default();
     let (backup, backup_task) = match backup {
         Some((handle, task)) => (Some(handle), Some(task)),
         None => (None, None),
@@ -177,6 +181,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         pg_changed,
     )
     .with_requests(loop_rx)
+    .with_backups(interrupter)
     .with_timing(timing_tx);
     let ha = match reload {
         Some(r) => ha.with_reload(r),

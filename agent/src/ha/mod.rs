@@ -124,6 +124,8 @@ pub struct HaLoop {
     /// when it was scheduled: a restart in between makes it pointless (Patroni cancels it).
     /// Kept in memory only, as Patroni does: an agent restart forgets it.
     scheduled_restart: Option<(restart::RestartRequest, Option<String>)>,
+    /// Ends a running pgBackRest backup before a planned stop of postgres.
+    backups: crate::backup::Interrupter,
 }
 
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
@@ -214,7 +216,23 @@ impl HaLoop {
             requests: None,
             reload: None,
             scheduled_restart: None,
+            backups: crate::backup::Interrupter::default(),
         }
+    }
+
+    /// The backup service's handle: a planned stop of postgres ends its running backup first.
+    pub fn with_backups(mut self, backups: crate::backup::Interrupter) -> Self {
+        self.backups = backups;
+        self
+    }
+
+    /// Before a planned stop of postgres (switchover, demotion, restart, shutdown): a running
+    /// backup is ended and recorded as interrupted first, instead of being killed by the
+    /// shutdown and counted as failed. Waits at most 15 s, within the lease.
+    async fn end_backup(&self, why: &str) {
+        let budget =
+            crate::backup::interrupt::wait_budget(self.lease_certain_until, Instant::now());
+        self.backups.end_running_backup(why, budget).await;
     }
 
     /// How to re-read the local configuration on `POST /reload`.
@@ -449,6 +467,7 @@ impl HaLoop {
     /// to `timeout` seconds (default 60) for it to accept connections again.
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
         use crate::api::ApiReply;
+        self.end_backup("a restart of postgres").await;
         let stopped = self
             .supervisor
             .stop(StopMode::Fast, Duration::from_secs(60))
@@ -515,6 +534,7 @@ impl HaLoop {
                     return;
                 }
                 info!(schedule = %at, "scheduled restart");
+                self.end_backup("a scheduled restart of postgres").await;
                 // Stopped here; the cycle that follows starts postgres again.
                 if let Err(e) = self
                     .supervisor
@@ -1377,6 +1397,11 @@ impl HaLoop {
                 Ok(true)
             }
             Action::StopPostgres(mode) => {
+                // A fast stop is a planned one (switchover, demotion); an immediate one fences
+                // and must not wait.
+                if *mode == StopMode::Fast {
+                    self.end_backup("a switchover or planned demotion").await;
+                }
                 warn!(?mode, "stopping postgres");
                 self.supervisor
                     .stop(*mode, Duration::from_secs(30))
@@ -1711,6 +1736,7 @@ impl HaLoop {
         if let Some((_, task)) = self.task.take() {
             task.abort();
         }
+        self.end_backup("the agent shuts down").await;
         let stopped = self
             .supervisor
             .stop(StopMode::Fast, Duration::from_secs(60))
