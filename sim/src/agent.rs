@@ -1146,7 +1146,15 @@ impl Agent {
         MemberRecord {
             conn_url: conn_url(self.me),
             api_url: api_url(self.me),
-            state: if status.is_some() {
+            // As the agent's `pg_state`: a bootstrap in progress says so, which keeps its
+            // `initialize` claim from being judged abandoned before the lock is taken.
+            state: if self
+                .task
+                .as_ref()
+                .is_some_and(|t| t.kind == TaskKind::Bootstrap)
+            {
+                "initializing new cluster"
+            } else if status.is_some() {
                 "running"
             } else {
                 "stopped"

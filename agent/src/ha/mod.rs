@@ -92,6 +92,9 @@ pub struct HaLoop {
     unclaimed_bootstrap_since: Option<Instant>,
     /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
     primary_down_since: Option<Instant>,
+    /// `POST /restart`'s `timeout`: replaces `primary_start_timeout` for the start that follows
+    /// that restart (Patroni's `set_start_timeout`), until postgres runs again.
+    restart_start_timeout: Option<Duration>,
     /// Members seen in recent views, with when they were last seen: a race asks them too, so
     /// that keys wiped from the DCS (`patronictl remove`, an emptied etcd) do not hide a
     /// running primary from the replicas.
@@ -197,6 +200,7 @@ impl HaLoop {
             checkpoint_after_promote_pending: false,
             unclaimed_bootstrap_since: None,
             primary_down_since: None,
+            restart_start_timeout: None,
             known_members: Vec::new(),
             known_history: Vec::new(),
             conf_written: conf::LastWrite::default(),
@@ -464,9 +468,12 @@ impl HaLoop {
     }
 
     /// Stops postgres; the cycle run next starts it in the role the cluster needs. Waits up
-    /// to `timeout` seconds (default 60) for it to accept connections again.
+    /// to `timeout` seconds (default 60) for it to accept connections again. On the leader the
+    /// `timeout` also replaces `primary_start_timeout` for this start, as in Patroni: a primary
+    /// that is not back in time hands the lock to a healthy replica.
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
         use crate::api::ApiReply;
+        self.restart_start_timeout = timeout.map(Duration::from_secs);
         self.end_backup("a restart of postgres").await;
         let stopped = self
             .supervisor
@@ -642,12 +649,15 @@ impl HaLoop {
             );
         self.primary_down_since =
             holds_with_postgres_down.then(|| self.primary_down_since.unwrap_or(now));
-        let primary_start_overdue = self.primary_down_since.is_some_and(|since| {
-            timing::primary_start_overdue(
-                now - since,
-                Duration::from_secs(self.dynamic.primary_start_timeout.into()),
-            )
-        });
+        if !holds_with_postgres_down {
+            self.restart_start_timeout = None;
+        }
+        let start_timeout = self.restart_start_timeout.unwrap_or(Duration::from_secs(
+            self.dynamic.primary_start_timeout.into(),
+        ));
+        let primary_start_overdue = self
+            .primary_down_since
+            .is_some_and(|since| timing::primary_start_overdue(now - since, start_timeout));
         // Peers are asked only when their answers matter: in a race for a free lock, when the
         // leader checks a switchover candidate, and when it looks for a replica to hand over to
         // because its postgres did not come back within `primary_start_timeout`.
