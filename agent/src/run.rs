@@ -9,7 +9,7 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiContext};
-use crate::config::Config;
+use crate::config::{Config, Timing};
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::Dcs;
@@ -34,14 +34,15 @@ pub enum RunError {
     Dcs(#[source] crate::dcs::DcsError),
     #[error("another member named {name:?} is already running (its REST API at {url} answers)")]
     DuplicateName { name: String, url: String },
-    #[error("{0}")]
+    /// The message is the HA error's own (transparent: printed once, not as "x: x").
+    #[error(transparent)]
     Ha(#[from] ha::HaError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("REST API TLS: {0}")]
     Tls(String),
-    #[error("pgBackRest: {0}")]
-    Backup(String),
+    #[error("pgBackRest")]
+    Backup(#[source] crate::backup::BackupError),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {
@@ -80,7 +81,9 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         return Err(RunError::Root);
     }
     let config = Arc::new(config);
-    let dcs = connect_dcs(&config).await?;
+    // The HA loop derives the timing from the DCS `config` key; the DCS client follows it.
+    let (timing_tx, timing_rx) = watch::channel(Timing::bootstrap(&config));
+    let dcs = connect_dcs(&config, timing_rx).await?;
     // Before binding the REST API, as Patroni: a second agent started by mistake with the same
     // REST port hears about the name, not about the port.
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
@@ -194,7 +197,8 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         pg_changed,
     )
     .with_requests(loop_rx)
-    .with_backups(interrupter);
+    .with_backups(interrupter)
+    .with_timing(timing_tx);
     let ha = match reload {
         // The log settings take effect at once, as Patroni's logger reloads them.
         Some(r) => ha.with_reload(Box::new(move || {
@@ -212,9 +216,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     // connection tasks.
     let result = match tokio::spawn(ha.run(shutdown.clone())).await {
         Ok(result) => result,
-        Err(e) => Err(ha::HaError::Fatal(format!(
-            "the HA loop ended abnormally: {e}"
-        ))),
+        Err(e) => Err(ha::HaError::Aborted(e)),
     };
     shutdown.cancel();
     drop(supervisor);
@@ -233,8 +235,11 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
 }
 
 /// The DCS the configuration names: the Kubernetes API with a `kubernetes` section, else etcd.
-async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
-    if let Some(settings) = KubeSettings::from_config(config) {
+async fn connect_dcs(
+    config: &Config,
+    timing: watch::Receiver<Timing>,
+) -> Result<Arc<dyn Dcs>, RunError> {
+    if let Some(settings) = KubeSettings::from_config(config, timing.clone()) {
         let dcs = KubeDcs::connect(settings).await.map_err(RunError::Dcs)?;
         info!(namespace = %dcs.namespace(), "Kubernetes mode: the leader is a Lease");
         return Ok(Arc::new(dcs));
@@ -242,7 +247,6 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
     let etcd = config.etcd3.clone().unwrap_or_default();
     let mut endpoints = etcd.hosts.clone();
     endpoints.extend(etcd.host.clone());
-    let dynamic = &config.bootstrap.dcs;
     let dcs = EtcdDcs::connect(EtcdSettings {
         endpoints,
         username: etcd.username.clone(),
@@ -250,9 +254,7 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
         namespace: config.namespace.clone(),
         scope: config.scope.clone(),
         name: config.name.clone(),
-        ttl: Duration::from_secs(dynamic.ttl.into()),
-        loop_wait: Duration::from_secs(dynamic.loop_wait.max(1).into()),
-        request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+        timing,
     })
     .await
     .map_err(RunError::Dcs)?;
@@ -374,5 +376,21 @@ async fn reap_orphans() {
             );
         }
         previous = zombies;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ha_error_is_reported_once() {
+        let e = RunError::from(ha::HaError::Fatal(
+            "data directory belongs to another cluster".into(),
+        ));
+        assert_eq!(
+            crate::error::error_chain(&e),
+            "data directory belongs to another cluster"
+        );
     }
 }

@@ -368,3 +368,40 @@ async fn parameters_of_other_major_versions_are_dropped_and_postgres_starts() {
     let conf = std::fs::read_to_string(m.data_dir().join("postgresql.conf")).expect("conf");
     assert!(!conf.contains("stats_temp_directory"), "{conf}");
 }
+
+/// `loop_wait` and `retry_timeout` changed with `PATCH /config` (edit-config) reach the etcd
+/// client: it is rebuilt with the new HTTP/2 keepalive interval (`loop_wait` + 1 s) and request
+/// timeout, and the member keeps its lease on the rebuilt client. Before, the client kept its
+/// bootstrap values until the agent restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_config_timing_reaches_the_etcd_client() {
+    let env = one_member().await;
+    let m = &env.members[0];
+    let (code, body) = m
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(r#"{"loop_wait": 2, "retry_timeout": 4}"#),
+        )
+        .await
+        .expect("PATCH /config answers");
+    assert_eq!(code, 200, "{body}");
+    wait_until(
+        "the etcd client is rebuilt with the new timing",
+        T,
+        || async {
+            m.log_text().lines().any(|l| {
+                l.contains("etcd client rebuilt")
+                    && l.contains("request_timeout=4s")
+                    && l.contains("keepalive_interval=3s")
+            })
+        },
+    )
+    .await;
+    // The rebuilt client carries the lease: the leader keeps its key over several ttl-long
+    // stretches of renewals, and its member record keeps being written.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(env.leader().await.as_deref(), Some("pg0"));
+    let log = m.log_text();
+    assert!(!log.contains("the leader lease is lost"), "{log}");
+}

@@ -653,7 +653,11 @@ fn parameters_replication_depends_on_are_kept_usable_with_a_warning() {
         "{:?}",
         loaded.warnings
     );
-    let p = crate::postgres::conf::parameters(&loaded.config, &loaded.config.bootstrap.dcs);
+    let p = crate::postgres::conf::parameters(
+        &loaded.config,
+        &loaded.config.bootstrap.dcs,
+        &Default::default(),
+    );
     assert_eq!(p["hot_standby"], "on");
 }
 

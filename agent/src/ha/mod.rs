@@ -23,8 +23,9 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, DynamicConfig};
+use crate::config::{Config, DynamicConfig, Timing};
 use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
+use crate::error::error_chain;
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
 use crate::postgres::initdb;
@@ -51,6 +52,9 @@ pub enum HaError {
     /// The agent must not continue (foreign data directory, failed bootstrap, ...).
     #[error("{0}")]
     Fatal(String),
+    /// The loop's task panicked or was cancelled.
+    #[error("the HA loop ended abnormally")]
+    Aborted(#[source] tokio::task::JoinError),
 }
 
 /// How a cycle ended, for scheduling the next one.
@@ -75,6 +79,8 @@ pub struct HaLoop {
     bin_dir: PathBuf,
     status_tx: watch::Sender<Arc<AgentStatus>>,
     pg_changed: Arc<Notify>,
+    /// The timing of `dynamic`, derived once per change and read by the DCS client.
+    timing: watch::Sender<Timing>,
     fence: FencePolicy,
     task: Option<(TaskKind, JoinHandle<Result<(), TaskError>>)>,
     task_failed: Option<(TaskKind, String)>,
@@ -175,6 +181,7 @@ impl HaLoop {
         } else {
             String::new()
         };
+        let timing = Timing::bootstrap(&config);
         HaLoop {
             dynamic: config.bootstrap.dcs.clone(),
             bin_dir: config.postgres_bin_dir(),
@@ -185,7 +192,8 @@ impl HaLoop {
             probe,
             status_tx,
             pg_changed,
-            fence: FencePolicy::default(),
+            fence: timing.fence,
+            timing: watch::channel(timing).0,
             task: None,
             task_failed: None,
             following: None,
@@ -272,12 +280,20 @@ impl HaLoop {
         self
     }
 
+    /// Where the loop sends the timing it derives from the DCS `config` key: the DCS client
+    /// holds the receiving end.
+    pub fn with_timing(mut self, timing: watch::Sender<Timing>) -> Self {
+        timing.send_replace(*self.timing.borrow());
+        self.timing = timing;
+        self
+    }
+
     fn loop_wait(&self) -> Duration {
-        Duration::from_secs(self.dynamic.loop_wait.max(1).into())
+        self.timing.borrow().loop_wait
     }
 
     fn ttl(&self) -> Duration {
-        Duration::from_secs(self.dynamic.ttl.max(1).into())
+        self.timing.borrow().ttl
     }
 
     /// Runs until `shutdown` is cancelled (then stops postgres and releases the lock) or a fatal
@@ -333,7 +349,8 @@ impl HaLoop {
                         Some((kind, Ok(Err(TaskError::NotStarted(e))))) => {
                             warn!(task = %kind, error = %e, "could not start; deciding again next cycle");
                         }
-                        Some((kind, Ok(Err(TaskError::Failed(e))))) => {
+                        Some((kind, Ok(Err(e)))) => {
+                            let e = error_chain(&e);
                             error!(task = %kind, error = %e, "failed");
                             self.task_failed = Some((kind, e));
                         }
@@ -578,7 +595,7 @@ impl HaLoop {
                 self.apply_dynamic_config(&view);
                 DcsView::Known(view)
             }
-            Err(e) => DcsView::Unknown(e.to_string()),
+            Err(e) => DcsView::Unknown(error_chain(&e)),
         };
         let holds = match &dcs {
             DcsView::Known(view) => view.is_leader(&self.facts.name),
@@ -791,7 +808,7 @@ impl HaLoop {
                 LeaseCheck::Unconfirmed
             }
             Err(e) => {
-                error!(error = %e, "the leader lease is lost");
+                error!(error = %error_chain(&e), "the leader lease is lost");
                 self.believes_leader = false;
                 self.lease_certain_until = None;
                 LeaseCheck::Lost
@@ -826,14 +843,19 @@ impl HaLoop {
         for warning in &warnings {
             warn!("{warning}");
         }
-        if dynamic.ttl != self.dynamic.ttl {
+        let timing = Timing::of(&dynamic);
+        let old = *self.timing.borrow();
+        if timing != old {
             info!(
-                old = self.dynamic.ttl,
-                new = dynamic.ttl,
-                "ttl changed in the DCS config"
+                ttl = ?timing.ttl,
+                loop_wait = ?timing.loop_wait,
+                retry_timeout = ?timing.retry_timeout,
+                old_ttl = ?old.ttl,
+                old_loop_wait = ?old.loop_wait,
+                old_retry_timeout = ?old.retry_timeout,
+                "timing changed in the DCS config"
             );
-            self.dcs
-                .set_ttl(Duration::from_secs(dynamic.ttl.max(1).into()));
+            self.timing.send_replace(timing);
         }
         self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
         self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
@@ -1027,7 +1049,11 @@ impl HaLoop {
     /// read-only standby with nowhere to stream from).
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
         let use_slots = self.dynamic.postgresql.use_slots;
-        let mut parameters = conf::parameters(&self.config, &self.dynamic);
+        let mut parameters = conf::parameters(
+            &self.config,
+            &self.dynamic,
+            &crate::backup::archive_parameters(&self.config),
+        );
         if let (true, Some(control)) = (standby, &self.control) {
             let raised = conf::raise_to_primary_minimums(&mut parameters, control);
             if !raised.is_empty() {
@@ -1087,10 +1113,12 @@ impl HaLoop {
                     return Ok(Next::Now);
                 }
                 Err(ActionError::Fatal(reason)) => return Err(HaError::Fatal(reason)),
-                Err(ActionError::Failed(reason)) if action.is_housekeeping() => {
+                Err(e) if action.is_housekeeping() => {
+                    let reason = error_chain(&e);
                     warn!(?action, %reason, "housekeeping failed; retrying next cycle");
                 }
-                Err(ActionError::Failed(reason)) => {
+                Err(e) => {
+                    let reason = error_chain(&e);
                     warn!(?action, %reason, "action failed; retrying next cycle");
                     self.compensate(obs, &done).await;
                     return Ok(Next::Wait);
@@ -1116,9 +1144,8 @@ impl HaLoop {
     /// Undoes what a plan that stopped early must not leave behind (`decide::compensation`).
     async fn compensate(&mut self, obs: &Observation, done: &[Action]) {
         for action in decide::compensation(done) {
-            if let Err(ActionError::Failed(reason) | ActionError::Fatal(reason)) =
-                self.execute_one(obs, &action).await
-            {
+            if let Err(e) = self.execute_one(obs, &action).await {
+                let reason = error_chain(&e);
                 warn!(?action, %reason, "could not undo the stopped plan");
             }
         }
@@ -1145,7 +1172,7 @@ impl HaLoop {
             }
             Action::CancelInitialize => {
                 if let Err(e) = self.dcs.cancel_initialize().await {
-                    warn!(error = %e, "could not delete `initialize` after the failed bootstrap");
+                    warn!(error = %error_chain(&e), "could not delete `initialize` after the failed bootstrap");
                 }
                 Ok(true)
             }
@@ -1157,9 +1184,8 @@ impl HaLoop {
                 let (value, source) = match dynamic_copy::load(&self.config.postgresql.data_dir) {
                     Some(value) => (value, dynamic_copy::FILE_NAME),
                     None => (
-                        serde_json::to_value(&self.config.bootstrap.dcs).map_err(|e| {
-                            ActionError::Failed(format!("cannot encode config: {e}"))
-                        })?,
+                        serde_json::to_value(&self.config.bootstrap.dcs)
+                            .map_err(ActionError::caused("cannot encode config"))?,
                         "bootstrap.dcs",
                     ),
                 };
@@ -1191,7 +1217,7 @@ impl HaLoop {
                             ..Default::default()
                         };
                         if let Err(e) = self.dcs.write_status(&status).await {
-                            debug!(error = %e, "could not write the final status");
+                            debug!(error = %error_chain(&e), "could not write the final status");
                         }
                     }
                 }
@@ -1288,14 +1314,12 @@ impl HaLoop {
                 let files = self.managed_files(!*primary, upstream.as_ref());
                 self.conf_written
                     .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
+                    .map_err(ActionError::caused("cannot write the configuration files"))?;
                 self.probe.reset().await;
                 self.supervisor
                     .start()
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(|e| ActionError::Failed(error_chain(&e)))?;
                 Ok(true)
             }
             Action::ApplyConfig { upstream } => {
@@ -1310,16 +1334,14 @@ impl HaLoop {
                 let changed = self
                     .conf_written
                     .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
+                    .map_err(ActionError::caused("cannot write the configuration files"))?;
                 let following = upstream.as_ref().map(|u| u.name.clone());
                 if changed {
                     info!(upstream = ?following, "configuration changed; reloading postgres");
                     self.supervisor
                         .reload()
                         .await
-                        .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+                        .map_err(ActionError::caused("reload failed"))?;
                 }
                 self.following = following;
                 Ok(true)
@@ -1379,7 +1401,7 @@ impl HaLoop {
                 self.probe
                     .execute("SELECT pg_promote(false)")
                     .await
-                    .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
+                    .map_err(ActionError::caused("pg_promote failed"))?;
                 info!("promotion requested");
                 self.supervisor.promoted().await;
                 self.checkpoint_after_promote_pending = true;
@@ -1395,7 +1417,7 @@ impl HaLoop {
                 self.supervisor
                     .demote(*mode, Duration::from_secs(30))
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(|e| ActionError::Failed(error_chain(&e)))?;
                 self.probe.reset().await;
                 Ok(true)
             }
@@ -1459,7 +1481,7 @@ impl HaLoop {
                 self.probe
                     .execute("CHECKPOINT")
                     .await
-                    .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
+                    .map_err(ActionError::caused("CHECKPOINT failed"))?;
                 if self.checkpoint_after_promote_pending
                     && matches!(&obs.postgres, PostgresView::Running(s) if !s.in_recovery)
                 {
@@ -1528,12 +1550,12 @@ impl HaLoop {
             if self
                 .conf_written
                 .write(&self.config.postgresql.data_dir, &files)
-                .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
+                .map_err(ActionError::caused("cannot write configuration"))?
             {
                 self.supervisor
                     .reload()
                     .await
-                    .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+                    .map_err(ActionError::caused("reload failed"))?;
             }
         }
         if let (Some(state), true) = (&plan.key_after, revision >= 0) {
@@ -1557,7 +1579,7 @@ impl HaLoop {
             .probe
             .slots()
             .await
-            .map_err(|e| ActionError::Failed(format!("cannot list replication slots: {e}")))?;
+            .map_err(ActionError::caused("cannot list replication slots"))?;
         let mut sql = String::new();
         for slot in wanted
             .iter()
@@ -1582,7 +1604,7 @@ impl HaLoop {
             self.probe
                 .execute(&sql)
                 .await
-                .map_err(|e| ActionError::Failed(format!("cannot manage slots: {e}")))?;
+                .map_err(ActionError::caused("cannot manage slots"))?;
         }
         Ok(())
     }
@@ -1714,7 +1736,7 @@ impl HaLoop {
             self.dcs.member_key_lost().await;
         }
         if let Err(e) = self.dcs.touch_member(&self.member_record(obs)).await {
-            debug!(error = %e, "could not update the member key");
+            debug!(error = %error_chain(&e), "could not update the member key");
         }
     }
 
@@ -1745,7 +1767,9 @@ impl HaLoop {
                     }
                     match self.dcs.release_leader().await {
                         Ok(()) => info!("released the leader lock"),
-                        Err(e) => warn!(error = %e, "could not release the leader lock"),
+                        Err(e) => {
+                            warn!(error = %error_chain(&e), "could not release the leader lock")
+                        }
                     }
                 }
             }
@@ -1754,7 +1778,7 @@ impl HaLoop {
             Err(e) => error!(error = %e, "postgres did not stop; leaving the leader key to expire"),
         }
         if let Err(e) = self.dcs.revoke_lease().await {
-            warn!(error = %e, "could not revoke the lease; the member key expires with it");
+            warn!(error = %error_chain(&e), "could not revoke the lease; the member key expires with it");
         }
     }
 
@@ -1767,27 +1791,59 @@ impl HaLoop {
 }
 
 /// How an action failed.
+#[derive(Debug, thiserror::Error)]
 enum ActionError {
     /// Retry in the next cycle.
+    #[error("{0}")]
     Failed(String),
+    /// Retry in the next cycle: `context`, because of `source`.
+    #[error("{context}")]
+    Caused {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A DCS request failed: retry in the next cycle.
+    #[error(transparent)]
+    Dcs(#[from] DcsError),
     /// Stop the agent.
+    #[error("{0}")]
     Fatal(String),
 }
 
-impl From<DcsError> for ActionError {
-    fn from(e: DcsError) -> Self {
-        ActionError::Failed(e.to_string())
+impl ActionError {
+    /// `map_err(ActionError::caused("cannot …"))`: the error becomes the source.
+    fn caused<E>(context: &'static str) -> impl FnOnce(E) -> ActionError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        move |source| ActionError::Caused {
+            context,
+            source: Box::new(source),
+        }
     }
 }
 
 /// How a long task (bootstrap, replica creation, rewind) ended without success.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
 enum TaskError {
     /// It changed nothing (pg_rewind could not connect to the leader): the next cycle decides
     /// again, as if it had not been started.
+    #[error("{0}")]
     NotStarted(String),
     /// It failed; a failed rewind keeps the member down until an operator acts.
+    #[error("{0}")]
     Failed(String),
+    /// It failed (as `Failed`): `context`, because of `source`.
+    #[error("{context}")]
+    Caused {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// It failed (as `Failed`) in pgBackRest.
+    #[error(transparent)]
+    Backup(#[from] crate::backup::BackupError),
 }
 
 impl From<String> for TaskError {
@@ -1805,10 +1861,14 @@ async fn bootstrap(
     files: &ManagedFiles,
 ) -> Result<(), String> {
     if config.bootstrap.method.as_deref() == Some("pgbackrest") {
-        return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
+        return crate::backup::restore::bootstrap(config, supervisor, probe, files)
+            .await
+            .map_err(|e| error_chain(&e));
     }
     // A new system must not archive into a stanza that holds another one's backups.
-    crate::backup::restore::refuse_existing_stanza(config).await?;
+    crate::backup::restore::refuse_existing_stanza(config)
+        .await
+        .map_err(|e| error_chain(&e))?;
     info!("running initdb");
     initdb::initdb(config, bin_dir)
         .await
@@ -1854,8 +1914,10 @@ async fn rewind(
                 .remove_data_directory_on_diverged_timelines
         {
             warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
-            std::fs::remove_dir_all(data_dir)
-                .map_err(|e| format!("cannot remove the data directory: {e}"))?;
+            std::fs::remove_dir_all(data_dir).map_err(|e| TaskError::Caused {
+                context: "cannot remove the data directory",
+                source: e.into(),
+            })?;
             return Ok(());
         }
         return Err(TaskError::Failed(format!(
@@ -1863,8 +1925,10 @@ async fn rewind(
              to re-create it from the leader, or reinitialise it"
         )));
     }
-    conf::write(data_dir, files)
-        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    conf::write(data_dir, files).map_err(|e| TaskError::Caused {
+        context: "cannot write the configuration files",
+        source: e.into(),
+    })?;
     Ok(())
 }
 
@@ -1906,18 +1970,6 @@ pub fn merge_history(
     }
     out.sort_by_key(|l| l.timeline);
     out
-}
-
-/// An error with its sources, for log lines and fatal messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

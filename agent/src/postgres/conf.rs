@@ -48,8 +48,13 @@ pub fn split_listen(listen: &str) -> (String, Option<u16>) {
     }
 }
 
-/// The parameters postgres runs with, in precedence order.
-pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, String> {
+/// The parameters postgres runs with, in precedence order. `archive` holds the archiving
+/// settings of the backup layer (`crate::backup::archive_parameters`), empty without one.
+pub fn parameters(
+    config: &Config,
+    dynamic: &DynamicConfig,
+    archive: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut params: BTreeMap<String, String> = [
         ("wal_level", "replica"),
         ("hot_standby", "on"),
@@ -62,11 +67,7 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     params.insert("cluster_name".into(), config.scope.clone());
-    if let Some(pb) = &config.pgbackrest {
-        params.extend(crate::backup::render::archive_parameters(
-            &pb.resolve(config),
-        ));
-    }
+    params.extend(archive.iter().map(|(k, v)| (k.clone(), v.clone())));
     let as_settings = |m: &BTreeMap<String, PgValue>| {
         m.iter()
             .map(|(k, v)| (k.clone(), v.as_setting()))
@@ -413,7 +414,7 @@ mod tests {
             .postgresql
             .parameters
             .insert("max_connections".into(), PgValue::Int(50));
-        let p = parameters(&config, &dynamic);
+        let p = parameters(&config, &dynamic, &BTreeMap::new());
         assert_eq!(p["work_mem"], "8MB");
         assert_eq!(p["max_connections"], "50");
         assert_eq!(p["port"], "5433");
