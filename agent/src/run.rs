@@ -168,8 +168,9 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     let ha = HaLoop::new(
         config.clone(),
         dcs,
-        supervisor.clone(),
-        probe,
+        ha::local::LocalPostgres::new(&config, supervisor.clone(), probe),
+        ha::local::HttpPeers,
+        ha::local::SystemRuntime,
         status_tx,
         pg_changed,
     )

@@ -9,17 +9,17 @@
 pub mod commands;
 pub mod decide;
 pub mod dynamic_copy;
+pub mod local;
 pub mod observe;
+pub mod ports;
 pub mod restart;
 pub mod sync;
 pub mod timing;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
@@ -27,15 +27,14 @@ use crate::config::{Config, DynamicConfig};
 use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
-use crate::postgres::initdb;
-use crate::postgres::probe::{self, Probe};
-use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
+use crate::postgres::supervisor::{Postmaster, StopMode};
 use crate::state::{AgentStatus, PgState, Role};
 
 use self::decide::{decide, Action, Decision, MemberFacts, NotEligible, Outcome};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
+use self::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
 use self::timing::FencePolicy;
 use crate::postgres::replica::{self, Upstream};
 
@@ -64,19 +63,20 @@ enum Next {
     Soon,
 }
 
-/// Everything the HA loop owns.
-pub struct HaLoop {
+/// Everything the HA loop owns: its ports (`D`: the DCS, `P`: postgres, `N`: the peers'
+/// APIs, `R`: clocks) and what it remembers between cycles.
+pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     config: Arc<Config>,
     dynamic: DynamicConfig,
     facts: MemberFacts,
-    dcs: Arc<dyn Dcs>,
-    supervisor: Supervisor,
-    probe: Arc<Probe>,
-    bin_dir: PathBuf,
+    dcs: Arc<D>,
+    pg: P,
+    peers: N,
+    rt: R,
     status_tx: watch::Sender<Arc<AgentStatus>>,
     pg_changed: Arc<Notify>,
     fence: FencePolicy,
-    task: Option<(TaskKind, JoinHandle<Result<(), TaskError>>)>,
+    task: Option<(TaskKind, P::Task)>,
     task_failed: Option<(TaskKind, String)>,
     /// The member our standby configuration points at.
     following: Option<String>,
@@ -92,8 +92,6 @@ pub struct HaLoop {
     known_members: Vec<(crate::dcs::Member, Instant)>,
     /// The last non-empty `history` seen, to rebuild the key with its timestamps if it is lost.
     known_history: Vec<crate::dcs::HistoryLine>,
-    /// The managed files as last written, so unchanged ones are not read back every cycle.
-    conf_written: conf::LastWrite,
     /// The DCS `config` value last parsed into `dynamic`.
     applied_config: Option<serde_json::Value>,
     /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
@@ -147,13 +145,14 @@ pub fn initial_status(config: &Config) -> AgentStatus {
     }
 }
 
-impl HaLoop {
+impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
-        dcs: Arc<dyn Dcs>,
-        supervisor: Supervisor,
-        probe: Arc<Probe>,
+        dcs: Arc<D>,
+        pg: P,
+        peers: N,
+        rt: R,
         status_tx: watch::Sender<Arc<AgentStatus>>,
         pg_changed: Arc<Notify>,
     ) -> Self {
@@ -172,12 +171,12 @@ impl HaLoop {
         };
         HaLoop {
             dynamic: config.bootstrap.dcs.clone(),
-            bin_dir: config.postgres_bin_dir(),
             facts,
             config,
             dcs,
-            supervisor,
-            probe,
+            pg,
+            peers,
+            rt,
             status_tx,
             pg_changed,
             fence: FencePolicy::default(),
@@ -189,7 +188,6 @@ impl HaLoop {
             primary_down_since: None,
             known_members: Vec::new(),
             known_history: Vec::new(),
-            conf_written: conf::LastWrite::default(),
             applied_config: None,
             quick_crashes: 0,
             last_start: None,
@@ -262,16 +260,16 @@ impl HaLoop {
     /// condition is met.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), HaError> {
         let result = loop {
-            let started = Instant::now();
+            let started = self.rt.now();
             self.run_scheduled_restart().await;
             let next = match self.cycle().await {
                 Ok(next) => next,
                 Err(e) => break Err(e),
             };
             let due = match next {
-                Next::Now => started.max(Instant::now()) + Duration::from_millis(50),
-                Next::Soon => started.max(Instant::now()) + Duration::from_millis(250),
-                Next::Wait => timing::next_cycle(started, self.loop_wait(), Instant::now()),
+                Next::Now => started.max(self.rt.now()) + Duration::from_millis(50),
+                Next::Soon => started.max(self.rt.now()) + Duration::from_millis(250),
+                Next::Wait => timing::next_cycle(started, self.loop_wait(), self.rt.now()),
             };
             // Wake for a scheduled restart on time rather than up to `loop_wait` late.
             let due = match self
@@ -279,14 +277,14 @@ impl HaLoop {
                 .as_ref()
                 .and_then(|(r, _)| r.schedule)
             {
-                Some(at) => match restart::due(at, chrono::Utc::now(), self.loop_wait()) {
-                    restart::Due::Later(d) => due.min(Instant::now() + d),
+                Some(at) => match restart::due(at, self.rt.wall_now(), self.loop_wait()) {
+                    restart::Due::Later(d) => due.min(self.rt.now() + d),
                     _ => due,
                 },
                 None => due,
             };
             self.publish_due(due);
-            let wait = due.saturating_duration_since(Instant::now());
+            let wait = due.saturating_duration_since(self.rt.now());
             let task_done = async {
                 match self.task.as_mut() {
                     Some((kind, t)) => Some((*kind, t.await)),
@@ -299,7 +297,10 @@ impl HaLoop {
                     None => std::future::pending().await,
                 }
             };
+            // Biased: the branches are polled in this order, so that a simulated run is the
+            // same every time (the order matters only when several are ready at once).
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(r) = request => self.handle_request(r).await,
                 w = self.dcs.wait_for_change(wait) => debug!(wakeup = ?w, "HA loop woken"),
@@ -315,7 +316,7 @@ impl HaLoop {
                             error!(task = %kind, error = %e, "failed");
                             self.task_failed = Some((kind, e));
                         }
-                        Some((kind, Err(e))) => self.task_failed = Some((kind, format!("task panicked or was cancelled: {e}"))),
+                        Some((kind, Err(e))) => self.task_failed = Some((kind, e)),
                         None => {}
                     }
                 }
@@ -394,20 +395,14 @@ impl HaLoop {
                             }
                             warn!("reinitialize requested: removing the data directory to clone the leader again");
                             let _ = self
-                                .supervisor
+                                .pg
                                 .stop(StopMode::Immediate, Duration::from_secs(30))
                                 .await;
-                            self.probe.reset().await;
+                            self.pg.reset().await;
                             self.task_failed = None;
-                            match std::fs::remove_dir_all(&self.config.postgresql.data_dir) {
+                            match self.pg.remove_data_dir().await {
                                 Ok(()) => ApiReply::new(200, "reinitialize started"),
-                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                                    ApiReply::new(200, "reinitialize started")
-                                }
-                                Err(e) => ApiReply::new(
-                                    503,
-                                    format!("cannot remove the data directory: {e}"),
-                                ),
+                                Err(e) => ApiReply::new(503, e),
                             }
                         }
                     },
@@ -432,11 +427,8 @@ impl HaLoop {
     /// to `timeout` seconds (default 60) for it to accept connections again.
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
         use crate::api::ApiReply;
-        let stopped = self
-            .supervisor
-            .stop(StopMode::Fast, Duration::from_secs(60))
-            .await;
-        self.probe.reset().await;
+        let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
+        self.pg.reset().await;
         if let Err(e) = stopped {
             return ApiReply::new(503, format!("restart failed: {e}"));
         }
@@ -444,9 +436,9 @@ impl HaLoop {
             return ApiReply::new(503, "restart failed");
         }
         let wait = Duration::from_secs(timeout.unwrap_or(60));
-        if self.supervisor.wait_ready(wait).await {
+        if self.pg.wait_ready(wait).await {
             ApiReply::new(200, "restarted successfully")
-        } else if self.supervisor.state().is_running() {
+        } else if self.pg.state().is_running() {
             ApiReply::new(503, "postgres is still starting")
         } else {
             ApiReply::new(503, "restart failed")
@@ -482,7 +474,7 @@ impl HaLoop {
                 return;
             }
         }
-        match restart::due(at, chrono::Utc::now(), self.loop_wait()) {
+        match restart::due(at, self.rt.wall_now(), self.loop_wait()) {
             restart::Due::Later(_) => {}
             restart::Due::Stale => {
                 warn!(schedule = %at, "dropping a stale scheduled restart");
@@ -499,14 +491,10 @@ impl HaLoop {
                 }
                 info!(schedule = %at, "scheduled restart");
                 // Stopped here; the cycle that follows starts postgres again.
-                if let Err(e) = self
-                    .supervisor
-                    .stop(StopMode::Fast, Duration::from_secs(60))
-                    .await
-                {
+                if let Err(e) = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await {
                     error!(error = %e, "scheduled restart: could not stop postgres");
                 }
-                self.probe.reset().await;
+                self.pg.reset().await;
             }
         }
     }
@@ -529,7 +517,7 @@ impl HaLoop {
             decision.outcome,
             Outcome::WaitingForLeaderAddress { .. } | Outcome::WaitingForLeaderCheckpoint { .. }
         );
-        let probe_changes = self.probe.changes();
+        let probe_changes = self.pg.changes();
         let mut next = self.execute(&obs, decision).await?;
         if waits_for_leader_record && matches!(next, Next::Wait) {
             next = Next::Soon;
@@ -541,13 +529,13 @@ impl HaLoop {
     }
 
     async fn observe(&mut self) -> Observation {
-        let now = Instant::now();
+        let now = self.rt.now();
         let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
                 self.remember(&view, now);
                 self.last_view = Some(view.clone());
                 self.last_read_at = Some(now);
-                self.dcs_last_seen = Some(SystemTime::now());
+                self.dcs_last_seen = Some(self.rt.system_now());
                 self.apply_dynamic_config(&view);
                 DcsView::Known(view)
             }
@@ -565,7 +553,7 @@ impl HaLoop {
             }
             self.believes_leader = false;
             self.lease_certain_until = None;
-            self.supervisor.set_fence(None);
+            self.pg.set_fence(None);
             LeaseCheck::NotHeld
         };
         // A failed rewind keeps the member down until an operator acts (reinit), instead of
@@ -636,7 +624,7 @@ impl HaLoop {
         });
         Observation {
             now,
-            wall_now: chrono::Utc::now(),
+            wall_now: self.rt.wall_now(),
             dcs,
             lease,
             data_dir,
@@ -655,41 +643,9 @@ impl HaLoop {
     /// than ours ("hot standby is not possible because of insufficient parameter settings")?
     /// The control file records the primary's values as soon as replay reaches them.
     async fn replay_paused_for_parameters(&mut self) -> bool {
-        let data_dir = &self.config.postgresql.data_dir;
-        let control = match controldata::read(&self.bin_dir, data_dir).await {
-            Ok(control) => control,
-            Err(e) => {
-                debug!(error = %e, "cannot read the control file of a paused standby");
-                return false;
-            }
+        let Some((control, too_low)) = self.pg.hot_standby_shortfall().await else {
+            return false;
         };
-        let sql = format!(
-            "SELECT {}",
-            controldata::HOT_STANDBY_PARAMETERS
-                .iter()
-                .map(|(name, _)| format!("current_setting({})", probe::quote_literal(name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let running = match self.probe.query_row(&sql).await {
-            Ok(row) => row,
-            Err(e) => {
-                debug!(error = %e, "cannot read the settings of a paused standby");
-                return false;
-            }
-        };
-        let too_low: Vec<String> = controldata::HOT_STANDBY_PARAMETERS
-            .iter()
-            .zip(running)
-            .filter_map(|((name, _), value)| {
-                let ours: u64 = value?.trim().parse().ok()?;
-                let primary = control
-                    .hot_standby_minimums()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| v)?;
-                (primary > ours).then(|| format!("{name} {ours} < {primary}"))
-            })
-            .collect();
         self.control = Some(control);
         if too_low.is_empty() {
             return false;
@@ -727,37 +683,27 @@ impl HaLoop {
             .iter()
             .chain(remembered)
             .filter(|m| m.name != self.facts.name && !m.record.api_url.is_empty())
-            .map(|m| async move {
-                let status =
-                    crate::peer::fetch_status(&m.name, &m.record.api_url, Duration::from_secs(2))
-                        .await;
-                if let Err(e) = &status {
-                    debug!(peer = %m.name, error = %e, "peer did not answer usably");
-                }
-                PeerAnswer {
-                    name: m.name.clone(),
-                    status: status.ok(),
-                }
-            });
-        futures::future::join_all(asks).await
+            .map(|m| (m.name.clone(), m.record.api_url.clone()))
+            .collect();
+        self.peers.ask(asks, Duration::from_secs(2)).await
     }
 
     /// Renews the lease and moves the fence forward on success.
     async fn renew(&mut self) -> LeaseCheck {
         match self.dcs.renew_leader().await {
-            Ok(renewal) if !timing::renewal_confirms(renewal, self.fence, Instant::now()) => {
+            Ok(renewal) if !timing::renewal_confirms(renewal, self.fence, self.rt.now()) => {
                 warn!("the lease renewal was answered after its fence deadline; treating it as unconfirmed");
                 LeaseCheck::Unconfirmed
             }
             Ok(renewal) => {
                 self.believes_leader = true;
                 self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
-                self.supervisor
+                self.pg
                     .set_fence(Some(timing::fence_deadline(renewal, self.fence)));
                 LeaseCheck::Renewed(renewal)
             }
             Err(DcsError::Unreachable(reason)) => {
-                warn!(%reason, certain_until = ?self.lease_certain_until.map(|u| u.saturating_duration_since(Instant::now())), "could not renew the leader lease");
+                warn!(%reason, certain_until = ?self.lease_certain_until.map(|u| u.saturating_duration_since(self.rt.now())), "could not renew the leader lease");
                 LeaseCheck::Unconfirmed
             }
             Err(e) => {
@@ -809,50 +755,32 @@ impl HaLoop {
         self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
         self.facts.synchronous_mode = dynamic.synchronous_mode;
         self.dynamic = dynamic;
-        if let Err(e) = dynamic_copy::save(&self.config.postgresql.data_dir, raw) {
+        if let Err(e) = self.pg.save_dynamic_copy(raw) {
             warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
         }
     }
 
     async fn inspect_data_dir(&mut self) -> DataDir {
-        let data_dir = &self.config.postgresql.data_dir;
         // pg_controldata's state is only meaningful while postgres is down; while it runs, the
         // identifier we read before is still right, and a directory postgres runs in is neither
         // empty nor foreign: listing it and looking for PG_VERSION and pg_control each cycle
         // was a sixth of an idle cycle's CPU. A directory removed under a running postgres
         // shows once postgres has crashed on it.
-        if self.supervisor.state().is_running() {
+        if self.pg.state().is_running() {
             if let Some(control) = &self.control {
                 return DataDir::Initialized {
                     control: control.clone(),
-                    standby_signal: data_dir.join("standby.signal").exists(),
+                    standby_signal: self.pg.standby_signal(),
                 };
             }
         }
-        if initdb::is_empty_dir(data_dir) {
-            self.control = None;
-            return DataDir::Empty;
+        let data_dir = self.pg.inspect_data_dir().await;
+        match &data_dir {
+            DataDir::Empty => self.control = None,
+            DataDir::Initialized { control, .. } => self.control = Some(control.clone()),
+            DataDir::Unusable(_) => {}
         }
-        if !data_dir.join("PG_VERSION").exists() || !data_dir.join("global/pg_control").exists() {
-            return DataDir::Unusable(format!(
-                "data directory {} is not empty but is not a PostgreSQL data directory \
-                 (no PG_VERSION or global/pg_control); refusing to touch it",
-                data_dir.display()
-            ));
-        }
-        match controldata::read(&self.bin_dir, data_dir).await {
-            Ok(control) => {
-                self.control = Some(control.clone());
-                DataDir::Initialized {
-                    control,
-                    standby_signal: data_dir.join("standby.signal").exists(),
-                }
-            }
-            Err(e) => DataDir::Unusable(format!(
-                "cannot read the control file of {}: {e}; refusing to touch it",
-                data_dir.display()
-            )),
-        }
+        data_dir
     }
 
     /// How long to wait before the next start, if postgres keeps crashing right after starting:
@@ -864,7 +792,11 @@ impl HaLoop {
         }
         let wait =
             Duration::from_secs(1 << (self.quick_crashes - 2).min(6)).min(Duration::from_secs(60));
-        let since = self.last_start.map(|t| t.elapsed()).unwrap_or(wait);
+        let now = self.rt.now();
+        let since = self
+            .last_start
+            .map(|t| now.saturating_duration_since(t))
+            .unwrap_or(wait);
         (since < wait).then(|| wait - since)
     }
 
@@ -883,7 +815,7 @@ impl HaLoop {
                 .iter()
                 .any(|a| matches!(a, Action::StartPostgres { .. }))
         };
-        let last_exit = match self.supervisor.state() {
+        let last_exit = match self.pg.state() {
             Postmaster::Crashed { exit, .. } => exit,
             _ => "unknown".into(),
         };
@@ -916,14 +848,14 @@ impl HaLoop {
     }
 
     async fn inspect_postgres(&mut self) -> PostgresView {
-        let view = match self.supervisor.state() {
+        let view = match self.pg.state() {
             Postmaster::NotRunning => PostgresView::Down,
             Postmaster::Crashed { .. } => PostgresView::Crashed,
             Postmaster::StartFailed { reason } => PostgresView::StartFailed(reason),
-            Postmaster::Running { .. } if !self.supervisor.state().accepts_connections() => {
+            Postmaster::Running { .. } if !self.pg.state().accepts_connections() => {
                 PostgresView::Starting
             }
-            Postmaster::Running { .. } => match self.probe.status().await {
+            Postmaster::Running { .. } => match self.pg.status().await {
                 Ok(status) => PostgresView::Running(status),
                 Err(e) => {
                     debug!(error = %e, "postgres status query failed");
@@ -935,6 +867,7 @@ impl HaLoop {
             PostgresView::Running(s) => Some(s.clone()),
             _ => None,
         };
+        let now = self.rt.now();
         match &view {
             // Counted from a start until postgres has run for a while, not until it first
             // accepts connections: a data directory recovering towards a target it cannot
@@ -943,7 +876,7 @@ impl HaLoop {
             PostgresView::Running(_)
                 if self
                     .last_start
-                    .is_none_or(|t| t.elapsed() >= QUICK_CRASH_WINDOW) =>
+                    .is_none_or(|t| now.saturating_duration_since(t) >= QUICK_CRASH_WINDOW) =>
             {
                 self.quick_crashes = 0
             }
@@ -951,7 +884,7 @@ impl HaLoop {
                 self.crash_counted = true;
                 if self
                     .last_start
-                    .is_some_and(|t| t.elapsed() < QUICK_CRASH_WINDOW)
+                    .is_some_and(|t| now.saturating_duration_since(t) < QUICK_CRASH_WINDOW)
                 {
                     self.quick_crashes += 1;
                 }
@@ -965,16 +898,16 @@ impl HaLoop {
     /// (`probe_changes`: [`crate::postgres::probe::Probe::changes`] before them); otherwise the
     /// read in `observe` stands, and an idle cycle costs one status query instead of two.
     async fn refresh_postgres_after_actions(&mut self, probe_changes: u64) {
-        if self.probe.changes() == probe_changes && self.supervisor.state().is_running() {
+        if self.pg.changes() == probe_changes && self.pg.state().is_running() {
             return;
         }
-        if self.supervisor.state().accepts_connections() {
-            if let Ok(status) = self.probe.status().await {
+        if self.pg.state().accepts_connections() {
+            if let Ok(status) = self.pg.status().await {
                 self.last_postgres = Some(status);
                 return;
             }
         }
-        if !self.supervisor.state().is_running() {
+        if !self.pg.state().is_running() {
             self.last_postgres = None;
         }
     }
@@ -1038,12 +971,9 @@ impl HaLoop {
             .ok_or_else(|| ActionError::Failed(format!("no address for the leader {leader}")))
     }
 
-    fn spawn_task<F>(&mut self, kind: TaskKind, work: F)
-    where
-        F: std::future::Future<Output = Result<(), TaskError>> + Send + 'static,
-    {
+    fn spawn_task(&mut self, kind: TaskKind, task: P::Task) {
         info!(task = %kind, "starting");
-        self.task = Some((kind, tokio::spawn(work)));
+        self.task = Some((kind, task));
     }
 
     async fn execute(&mut self, obs: &Observation, decision: Decision) -> Result<Next, HaError> {
@@ -1074,7 +1004,7 @@ impl HaLoop {
     /// margin; a plan that runs late (the agent was frozen after deciding) must not open for
     /// writes on a lease that may have expired.
     fn check_lease_for_writes(&self) -> Result<(), ActionError> {
-        if timing::may_open_for_writes(self.lease_certain_until, self.fence, Instant::now()) {
+        if timing::may_open_for_writes(self.lease_certain_until, self.fence, self.rt.now()) {
             Ok(())
         } else {
             Err(ActionError::Failed(
@@ -1124,7 +1054,7 @@ impl HaLoop {
                 // applied; bootstrap.dcs only describes a new cluster (Patroni restores from
                 // `patroni.dynamic.json` too). Re-seeding from the file after the key was lost
                 // undid every edit-config change.
-                let (value, source) = match dynamic_copy::load(&self.config.postgresql.data_dir) {
+                let (value, source) = match self.pg.load_dynamic_copy() {
                     Some(value) => (value, dynamic_copy::FILE_NAME),
                     None => (
                         serde_json::to_value(&self.config.bootstrap.dcs).map_err(|e| {
@@ -1154,8 +1084,8 @@ impl HaLoop {
             Action::ReleaseLeader => {
                 // After a stop, publish the shutdown checkpoint so replicas' lag checks compare
                 // against the final position.
-                if !self.supervisor.state().is_running() {
-                    if let Some(optime) = self.control_checkpoint().await {
+                if !self.pg.state().is_running() {
+                    if let Some(optime) = self.pg.control_checkpoint().await {
                         let status = LeaderStatus {
                             optime,
                             ..Default::default()
@@ -1168,38 +1098,27 @@ impl HaLoop {
                 self.dcs.release_leader().await?;
                 self.believes_leader = false;
                 self.lease_certain_until = None;
-                self.supervisor.set_fence(None);
+                self.pg.set_fence(None);
                 info!("released the leader lock");
                 Ok(true)
             }
             Action::StartBootstrap => {
-                let config = self.config.clone();
-                let bin_dir = self.bin_dir.clone();
-                let supervisor = self.supervisor.clone();
-                let probe = self.probe.clone();
                 let mut files = self.managed_files(false, None);
                 // The post-bootstrap SQL (roles for replication and rewind) must commit while no
                 // standby can exist yet: strict synchronous mode's `*` made it wait forever. The
                 // first cycle as leader writes the setting (Patroni, too, manages it only from
                 // the HA loop).
                 files.parameters.remove("synchronous_standby_names");
-                self.spawn_task(TaskKind::Bootstrap, async move {
-                    Ok(bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await?)
-                });
+                let task = self.pg.bootstrap(self.config.clone(), files);
+                self.spawn_task(TaskKind::Bootstrap, task);
                 Ok(true)
             }
             Action::StartCreateReplica { leader } => {
                 let upstream = self.upstream(obs, leader)?;
-                let config = self.config.clone();
-                let bin_dir = self.bin_dir.clone();
                 let files = self.managed_files(true, Some(&upstream));
                 self.following = Some(leader.clone());
-                self.spawn_task(TaskKind::CreateReplica, async move {
-                    crate::backup::restore::create_replica(&config, &bin_dir, &upstream).await?;
-                    conf::write(&config.postgresql.data_dir, &files)
-                        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
-                    Ok(())
-                });
+                let task = self.pg.create_replica(self.config.clone(), upstream, files);
+                self.spawn_task(TaskKind::CreateReplica, task);
                 Ok(true)
             }
             Action::StartRewind { leader } => {
@@ -1210,19 +1129,15 @@ impl HaLoop {
                 // short partition left a former primary down for good (simulation seed 6, 3
                 // members). A TCP connect is not enough: a proxy or a postgres that is shutting
                 // down accepts the connection and then closes it (fault campaign, seed 20261214).
-                if let Err(why) = replica::leader_ready_for_rewind(
-                    &self.config,
-                    &upstream,
-                    Duration::from_secs(3),
-                )
-                .await
+                if let Err(why) = self
+                    .pg
+                    .leader_ready_for_rewind(&self.config, &upstream)
+                    .await
                 {
                     return Err(ActionError::Failed(format!(
                         "the leader {leader} is not ready for pg_rewind ({why}); retrying next cycle"
                     )));
                 }
-                let config = self.config.clone();
-                let bin_dir = self.bin_dir.clone();
                 let files = self.managed_files(true, Some(&upstream));
                 let crashed = matches!(
                     &obs.data_dir,
@@ -1230,9 +1145,10 @@ impl HaLoop {
                         if control.state == controldata::ClusterState::InProduction
                 );
                 self.following = Some(leader.clone());
-                self.spawn_task(TaskKind::Rewind, async move {
-                    rewind(&config, &bin_dir, &upstream, crashed, &files).await
-                });
+                let task = self
+                    .pg
+                    .rewind(self.config.clone(), upstream, crashed, files);
+                self.spawn_task(TaskKind::Rewind, task);
                 Ok(true)
             }
             Action::StartPostgres { primary, upstream } => {
@@ -1245,7 +1161,7 @@ impl HaLoop {
                         self.quick_crashes, wait
                     )));
                 }
-                self.last_start = Some(Instant::now());
+                self.last_start = Some(self.rt.now());
                 self.crash_counted = false;
                 let upstream = match upstream {
                     Some(leader) => Some(self.upstream(obs, leader)?),
@@ -1256,16 +1172,12 @@ impl HaLoop {
                     self.forget_sync_choice();
                 }
                 let files = self.managed_files(!*primary, upstream.as_ref());
-                self.conf_written
-                    .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
-                self.probe.reset().await;
-                self.supervisor
-                    .start()
+                self.pg
+                    .write_conf(&files)
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(ActionError::Failed)?;
+                self.pg.reset().await;
+                self.pg.start().await.map_err(ActionError::Failed)?;
                 Ok(true)
             }
             Action::ApplyConfig { upstream } => {
@@ -1278,16 +1190,15 @@ impl HaLoop {
                 }
                 let files = self.managed_files(upstream.is_some(), upstream.as_ref());
                 let changed = self
-                    .conf_written
-                    .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
+                    .pg
+                    .write_conf(&files)
+                    .await
+                    .map_err(ActionError::Failed)?;
                 let following = upstream.as_ref().map(|u| u.name.clone());
                 if changed {
                     info!(upstream = ?following, "configuration changed; reloading postgres");
-                    self.probe
-                        .execute("SELECT pg_reload_conf()")
+                    self.pg
+                        .reload()
                         .await
                         .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
                 }
@@ -1346,8 +1257,8 @@ impl HaLoop {
             }
             Action::Promote => {
                 self.check_lease_for_writes()?;
-                self.probe
-                    .execute("SELECT pg_promote(false)")
+                self.pg
+                    .promote()
                     .await
                     .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
                 info!("promotion requested");
@@ -1356,11 +1267,11 @@ impl HaLoop {
             }
             Action::StopPostgres(mode) => {
                 warn!(?mode, "stopping postgres");
-                self.supervisor
+                self.pg
                     .stop(*mode, Duration::from_secs(30))
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
-                self.probe.reset().await;
+                    .map_err(ActionError::Failed)?;
+                self.pg.reset().await;
                 Ok(true)
             }
             Action::WriteStatus => {
@@ -1387,21 +1298,11 @@ impl HaLoop {
                 let Some(timeline) = status.timeline else {
                     return Ok(true);
                 };
-                let file = self
-                    .config
-                    .postgresql
-                    .data_dir
-                    .join("pg_wal")
-                    .join(format!("{timeline:08X}.history"));
-                let text = match std::fs::read_to_string(&file) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        return Err(ActionError::Failed(format!(
-                            "cannot read {}: {e}",
-                            file.display()
-                        )))
-                    }
-                };
+                let text = self
+                    .pg
+                    .timeline_history(timeline)
+                    .await
+                    .map_err(ActionError::Failed)?;
                 // A lost `history` key is rebuilt from what this member saw last, so the
                 // timestamps and leaders of earlier switches survive.
                 let recorded = if view.history.is_empty() {
@@ -1412,7 +1313,10 @@ impl HaLoop {
                 let history = merge_history(
                     recorded,
                     &text,
-                    &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                    &self
+                        .rt
+                        .wall_now()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
                     &self.facts.name,
                 );
                 self.dcs.write_history(&history).await?;
@@ -1420,8 +1324,8 @@ impl HaLoop {
                 Ok(true)
             }
             Action::Checkpoint => {
-                self.probe
-                    .execute("CHECKPOINT")
+                self.pg
+                    .checkpoint()
                     .await
                     .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
                 if self.checkpoint_after_promote_pending
@@ -1490,12 +1394,13 @@ impl HaLoop {
             self.sync_standby_names = plan.standby_names.clone();
             let files = self.managed_files(false, None);
             if self
-                .conf_written
-                .write(&self.config.postgresql.data_dir, &files)
-                .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
+                .pg
+                .write_conf(&files)
+                .await
+                .map_err(ActionError::Failed)?
             {
-                self.probe
-                    .execute("SELECT pg_reload_conf()")
+                self.pg
+                    .reload()
                     .await
                     .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
             }
@@ -1517,38 +1422,10 @@ impl HaLoop {
             .filter(|m| m.name != self.facts.name)
             .map(|m| replica::slot_name(&m.name))
             .collect();
-        let existing = self
-            .probe
-            .slots()
+        self.pg
+            .sync_slots(&wanted)
             .await
-            .map_err(|e| ActionError::Failed(format!("cannot list replication slots: {e}")))?;
-        let mut sql = String::new();
-        for slot in wanted
-            .iter()
-            .filter(|w| !existing.iter().any(|(n, _)| n == *w))
-        {
-            info!(slot, "creating a physical replication slot");
-            sql.push_str(&format!(
-                "SELECT pg_create_physical_replication_slot({});\n",
-                crate::postgres::probe::quote_literal(slot)
-            ));
-        }
-        for (slot, active) in &existing {
-            if !wanted.contains(slot) && !active {
-                info!(slot, "dropping the slot of a departed member");
-                sql.push_str(&format!(
-                    "SELECT pg_drop_replication_slot({});\n",
-                    crate::postgres::probe::quote_literal(slot)
-                ));
-            }
-        }
-        if !sql.is_empty() {
-            self.probe
-                .execute(&sql)
-                .await
-                .map_err(|e| ActionError::Failed(format!("cannot manage slots: {e}")))?;
-        }
-        Ok(())
+            .map_err(ActionError::Failed)
     }
 
     fn pg_state(&self) -> PgState {
@@ -1558,14 +1435,12 @@ impl HaLoop {
             Some((TaskKind::Rewind, _)) => return PgState::Stopped,
             None => {}
         }
-        match self.supervisor.state() {
+        match self.pg.state() {
             Postmaster::NotRunning => PgState::Stopped,
             Postmaster::Crashed { .. } => PgState::Crashed,
             Postmaster::StartFailed { .. } => PgState::StartFailed,
             Postmaster::Running { .. } if self.last_postgres.is_some() => PgState::Running,
-            Postmaster::Running { .. } if self.supervisor.state().accepts_connections() => {
-                PgState::Unknown
-            }
+            Postmaster::Running { .. } if self.pg.state().accepts_connections() => PgState::Unknown,
             Postmaster::Running { .. } => PgState::Starting,
         }
     }
@@ -1587,7 +1462,7 @@ impl HaLoop {
     }
 
     fn publish(&self, obs: &Observation) {
-        let now = Instant::now();
+        let now = self.rt.now();
         let status = AgentStatus {
             scope: self.config.scope.clone(),
             name: self.config.name.clone(),
@@ -1689,15 +1564,12 @@ impl HaLoop {
         if let Some((_, task)) = self.task.take() {
             task.abort();
         }
-        let stopped = self
-            .supervisor
-            .stop(StopMode::Fast, Duration::from_secs(60))
-            .await;
-        self.supervisor.set_fence(None);
+        let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
+        self.pg.set_fence(None);
         match stopped {
             Ok(()) => {
                 if self.believes_leader {
-                    if let Some(optime) = self.control_checkpoint().await {
+                    if let Some(optime) = self.pg.control_checkpoint().await {
                         let _ = self
                             .dcs
                             .write_status(&LeaderStatus {
@@ -1720,13 +1592,6 @@ impl HaLoop {
             warn!(error = %e, "could not revoke the lease; the member key expires with it");
         }
     }
-
-    async fn control_checkpoint(&self) -> Option<u64> {
-        controldata::read(&self.bin_dir, &self.config.postgresql.data_dir)
-            .await
-            .ok()
-            .and_then(|c| c.checkpoint_lsn)
-    }
 }
 
 /// How an action failed.
@@ -1741,94 +1606,6 @@ impl From<DcsError> for ActionError {
     fn from(e: DcsError) -> Self {
         ActionError::Failed(e.to_string())
     }
-}
-
-/// How a long task (bootstrap, replica creation, rewind) ended without success.
-#[derive(Debug)]
-enum TaskError {
-    /// It changed nothing (pg_rewind could not connect to the leader): the next cycle decides
-    /// again, as if it had not been started.
-    NotStarted(String),
-    /// It failed; a failed rewind keeps the member down until an operator acts.
-    Failed(String),
-}
-
-impl From<String> for TaskError {
-    fn from(reason: String) -> Self {
-        TaskError::Failed(reason)
-    }
-}
-
-/// The bootstrap task: initdb, configuration, first start, roles.
-async fn bootstrap(
-    config: &Config,
-    bin_dir: &std::path::Path,
-    supervisor: &Supervisor,
-    probe: &Probe,
-    files: &ManagedFiles,
-) -> Result<(), String> {
-    if config.bootstrap.method.as_deref() == Some("pgbackrest") {
-        return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
-    }
-    // A new system must not archive into a stanza that holds another one's backups.
-    crate::backup::restore::refuse_existing_stanza(config).await?;
-    info!("running initdb");
-    initdb::initdb(config, bin_dir)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    conf::write(&config.postgresql.data_dir, files)
-        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
-    supervisor.start().await.map_err(|e| error_chain(&e))?;
-    if !supervisor.wait_ready(Duration::from_secs(120)).await {
-        return Err("postgres did not accept connections after initdb".into());
-    }
-    initdb::post_bootstrap(config, probe)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    Ok(())
-}
-
-/// The rewind task: crash recovery if needed, pg_rewind, then the standby configuration.
-async fn rewind(
-    config: &Config,
-    bin_dir: &std::path::Path,
-    upstream: &Upstream,
-    crashed: bool,
-    files: &ManagedFiles,
-) -> Result<(), TaskError> {
-    let data_dir = &config.postgresql.data_dir;
-    if crashed {
-        info!("running crash recovery in single-user mode before pg_rewind");
-        // The conf must not start a standby for single-user recovery: write the primary form.
-        replica::single_user_recovery(bin_dir, data_dir)
-            .await
-            .map_err(|e| error_chain(&e))?;
-    }
-    info!(leader = %upstream.name, "running pg_rewind");
-    if let Err(e) = replica::rewind(config, bin_dir, upstream).await {
-        let reason = error_chain(&e);
-        if e.is_connection_failure() {
-            // pg_rewind changes nothing before it has connected to the source.
-            return Err(TaskError::NotStarted(reason));
-        }
-        if config.postgresql.remove_data_directory_on_rewind_failure
-            || config
-                .postgresql
-                .remove_data_directory_on_diverged_timelines
-        {
-            warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
-            std::fs::remove_dir_all(data_dir)
-                .map_err(|e| format!("cannot remove the data directory: {e}"))?;
-            return Ok(());
-        }
-        return Err(TaskError::Failed(format!(
-            "{reason}; the member stays down. Set postgresql.remove_data_directory_on_rewind_failure \
-             to re-create it from the leader, or reinitialise it"
-        )));
-    }
-    conf::write(data_dir, files)
-        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
-    Ok(())
 }
 
 /// Merges postgres' timeline history file (`tli<TAB>lsn<TAB>reason` lines) into the DCS
