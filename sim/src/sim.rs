@@ -9,7 +9,6 @@ use pgwarden::dcs::FailoverRequest;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::agent::Agent;
 use crate::world::{
     Clock, Event, Initial, Node, Pg, PgRun, Shared, Store, Tags, Trace, Us, World, MS, SEC, TICK,
 };
@@ -284,7 +283,7 @@ pub fn run(
                 idle: false,
                 woken: false,
                 incarnation: 0,
-                published_primary: false,
+                last_decision: (true, String::new()),
             })
             .collect(),
         partitions: Default::default(),
@@ -300,10 +299,10 @@ pub fn run(
         quiet: false,
         max_timeline: 1,
     };
-    let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(world));
+    let shared = Shared::new(world);
     let mut sim = Sim {
         tasks: (0..sched.members)
-            .map(|i| Some(Box::pin(Agent::new(shared.clone(), i).run()) as Task))
+            .map(|i| Some(Box::pin(crate::agent::run(shared.clone(), i)) as Task))
             .collect(),
         w: shared,
         sched,
@@ -556,7 +555,7 @@ impl Sim {
                     let name = n.name.clone();
                     w.log(|| format!("{name}: agent restarted"));
                 }
-                self.tasks[i] = Some(Box::pin(Agent::new(self.w.clone(), i).run()));
+                self.tasks[i] = Some(Box::pin(crate::agent::run(self.w.clone(), i)));
             }
         }
     }
@@ -607,6 +606,12 @@ impl Sim {
                 continue;
             }
             if let Some(task) = self.tasks[i].as_mut() {
+                // Each sleep the agent is pending on lowers these again.
+                {
+                    let mut w = self.w.borrow_mut();
+                    w.nodes[i].wake_at = Us::MAX;
+                    w.nodes[i].idle = false;
+                }
                 if task.as_mut().poll(&mut cx).is_ready() {
                     self.tasks[i] = None;
                 }

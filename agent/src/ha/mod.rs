@@ -510,6 +510,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         } else {
             debug!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
         }
+        self.rt.decided(&decision);
         // Member keys change every cycle somewhere in the cluster, so the watch does not wake
         // the loop for them; a former primary waiting for the new leader's checkpoint waited a
         // whole `loop_wait` after it was done (benchmark: 2.8 s instead of 0.8 s to rejoin).
