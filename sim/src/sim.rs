@@ -310,6 +310,7 @@ pub fn run(
         promotions: 0,
         writable: Vec::new(),
         live_since: None,
+        now: 0,
     };
     let result = sim.run();
     let lines = std::mem::take(&mut sim.w.borrow_mut().trace.lines);
@@ -326,6 +327,8 @@ struct Sim {
     writable: Vec<usize>,
     /// The liveness condition has held continuously since.
     live_since: Option<Us>,
+    /// The world's time at this step (read without locking the world).
+    now: Us,
 }
 
 impl Sim {
@@ -334,7 +337,7 @@ impl Sim {
             seed: self.sched.seed,
             members: self.sched.members,
             step: self.step,
-            at: self.w.borrow().now,
+            at: self.now,
             message,
         }
     }
@@ -351,6 +354,7 @@ impl Sim {
             {
                 let mut w = self.w.borrow_mut();
                 w.now = w.now.max(t);
+                self.now = w.now;
             }
             while fault_idx < self.sched.faults.len()
                 && self.sched.faults[fault_idx].0 <= self.w.borrow().now

@@ -7,6 +7,7 @@
 //! - this file: the executor, the published status, the member record, shutdown.
 
 pub mod commands;
+pub mod core;
 pub mod decide;
 pub mod dynamic_copy;
 pub mod local;
@@ -30,19 +31,13 @@ use crate::postgres::controldata;
 use crate::postgres::supervisor::{Postmaster, StopMode};
 use crate::state::{AgentStatus, PgState, Role};
 
-use self::decide::{decide, Action, Decision, MemberFacts, NotEligible, Outcome};
+use self::core::HaCore;
+use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
 use self::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
-use self::timing::FencePolicy;
 use crate::postgres::replica::{self, Upstream};
-
-/// A postgres that exits within this time of its start counts as a failed start.
-const QUICK_CRASH_WINDOW: Duration = Duration::from_secs(30);
-/// Failed starts in a row after which the leader key is released instead of holding it
-/// through another restart.
-const FAILED_STARTS_LIMIT: u32 = 3;
 
 /// Why the HA loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -75,47 +70,19 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     rt: R,
     status_tx: watch::Sender<Arc<AgentStatus>>,
     pg_changed: Arc<Notify>,
-    fence: FencePolicy,
     task: Option<(TaskKind, P::Task)>,
     task_failed: Option<(TaskKind, String)>,
-    /// The member our standby configuration points at.
-    following: Option<String>,
-    /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
-    checkpoint_after_promote_pending: bool,
-    /// Since when `initialize` has held an unfinished claim with no `leader` (this agent's view).
-    unclaimed_bootstrap_since: Option<Instant>,
-    /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
-    primary_down_since: Option<Instant>,
-    /// Members seen in recent views, with when they were last seen: a race asks them too, so
-    /// that keys wiped from the DCS (`patronictl remove`, an emptied etcd) do not hide a
-    /// running primary from the replicas.
-    known_members: Vec<(crate::dcs::Member, Instant)>,
-    /// The last non-empty `history` seen, to rebuild the key with its timestamps if it is lost.
-    known_history: Vec<crate::dcs::HistoryLine>,
     /// The DCS `config` value last parsed into `dynamic`.
     applied_config: Option<serde_json::Value>,
-    /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
-    /// tight loop; reset once postgres accepts connections.
-    quick_crashes: u32,
-    last_start: Option<Instant>,
-    crash_counted: bool,
-    /// `synchronous_standby_names` as the sync planner last decided (leader only).
-    sync_standby_names: String,
-    /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
-    believes_leader: bool,
-    lease_certain_until: Option<Instant>,
+    /// What the loop remembers between cycles, and the rules over it.
+    core: HaCore,
     last_view: Option<Arc<ClusterView>>,
     last_read_at: Option<Instant>,
     dcs_last_seen: Option<SystemTime>,
     last_postgres: Option<crate::state::PostgresStatus>,
     control: Option<controldata::ControlData>,
-    last_outcome: String,
     requests: Option<tokio::sync::mpsc::Receiver<commands::LoopRequest>>,
     reload: Option<ReloadFn>,
-    /// `POST /restart {"schedule": …}` waiting for its time, with the postmaster start time
-    /// when it was scheduled: a restart in between makes it pointless (Patroni cancels it).
-    /// Kept in memory only, as Patroni does: an agent restart forgets it.
-    scheduled_restart: Option<(restart::RestartRequest, Option<String>)>,
 }
 
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
@@ -179,31 +146,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             rt,
             status_tx,
             pg_changed,
-            fence: FencePolicy::default(),
             task: None,
             task_failed: None,
-            following: None,
-            checkpoint_after_promote_pending: false,
-            unclaimed_bootstrap_since: None,
-            primary_down_since: None,
-            known_members: Vec::new(),
-            known_history: Vec::new(),
             applied_config: None,
-            quick_crashes: 0,
-            last_start: None,
-            crash_counted: false,
-            sync_standby_names: strict_placeholder,
-            believes_leader: false,
-            lease_certain_until: None,
+            core: HaCore::new(strict_placeholder),
             last_view: None,
             last_read_at: None,
             dcs_last_seen: None,
             last_postgres: None,
             control: None,
-            last_outcome: String::new(),
             requests: None,
             reload: None,
-            scheduled_restart: None,
         }
     }
 
@@ -273,6 +226,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             };
             // Wake for a scheduled restart on time rather than up to `loop_wait` late.
             let due = match self
+                .core
                 .scheduled_restart
                 .as_ref()
                 .and_then(|(r, _)| r.schedule)
@@ -337,7 +291,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             }
             commands::LoopRequest::Restart { request, reply } => {
                 if request.schedule.is_some() {
-                    let answer = if self.scheduled_restart.is_some() {
+                    let answer = if self.core.scheduled_restart.is_some() {
                         ApiReply::new(409, "Another restart is already scheduled")
                     } else {
                         let started = self
@@ -345,7 +299,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                             .as_ref()
                             .and_then(|p| p.postmaster_start_time.clone());
                         info!(?request, "restart scheduled through the REST API");
-                        self.scheduled_restart = Some((request, started));
+                        self.core.scheduled_restart = Some((request, started));
                         ApiReply::new(202, "Restart scheduled")
                     };
                     let _ = reply.send(answer);
@@ -367,7 +321,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 let _ = reply.send(answer);
             }
             commands::LoopRequest::CancelScheduledRestart { reply } => {
-                let answer = if self.scheduled_restart.take().is_some() {
+                let answer = if self.core.scheduled_restart.take().is_some() {
                     info!("scheduled restart cancelled through the REST API");
                     ApiReply::new(200, "scheduled restart deleted")
                 } else {
@@ -449,11 +403,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// not while paused or while a task runs; dropped when postgres restarted meanwhile, when
     /// it is stale, or when its conditions do not hold at its time.
     async fn run_scheduled_restart(&mut self) {
-        let Some((request, started)) = self.scheduled_restart.clone() else {
+        let Some((request, started)) = self.core.scheduled_restart.clone() else {
             return;
         };
         let Some(at) = request.schedule else {
-            self.scheduled_restart = None;
+            self.core.scheduled_restart = None;
             return;
         };
         let paused = self.last_view.as_ref().is_some_and(|v| v.is_paused());
@@ -470,7 +424,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     started = %now,
                     "cancelling the scheduled restart: postgres has restarted since it was scheduled"
                 );
-                self.scheduled_restart = None;
+                self.core.scheduled_restart = None;
                 return;
             }
         }
@@ -478,10 +432,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             restart::Due::Later(_) => {}
             restart::Due::Stale => {
                 warn!(schedule = %at, "dropping a stale scheduled restart");
-                self.scheduled_restart = None;
+                self.core.scheduled_restart = None;
             }
             restart::Due::Now => {
-                self.scheduled_restart = None;
+                self.core.scheduled_restart = None;
                 if let Some(reason) = self.restart_unmet(&request) {
                     warn!(
                         reason,
@@ -504,9 +458,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         let obs = self.observe().await;
         let decision = self.hold_back_failing_starts(&obs, decide(&obs, &self.facts));
         let sentence = decision.outcome.to_string();
-        if sentence != self.last_outcome {
+        if sentence != self.core.last_outcome {
             info!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
-            self.last_outcome = sentence;
+            self.core.last_outcome = sentence;
         } else {
             debug!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
         }
@@ -533,7 +487,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         let now = self.rt.now();
         let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
-                self.remember(&view, now);
+                self.core.remember(&view, now, self.ttl());
                 self.last_view = Some(view.clone());
                 self.last_read_at = Some(now);
                 self.dcs_last_seen = Some(self.rt.system_now());
@@ -544,16 +498,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         };
         let holds = match &dcs {
             DcsView::Known(view) => view.is_leader(&self.facts.name),
-            DcsView::Unknown(_) => self.believes_leader,
+            DcsView::Unknown(_) => self.core.believes_leader,
         };
         let lease = if holds {
             self.renew().await
         } else {
-            if self.believes_leader {
+            if self.core.believes_leader {
                 info!("the leader key no longer names this member");
             }
-            self.believes_leader = false;
-            self.lease_certain_until = None;
+            self.core.lease_dropped();
             self.pg.set_fence(None);
             LeaseCheck::NotHeld
         };
@@ -584,7 +537,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             _ => false,
         };
         let holds_with_postgres_down = matches!(task, TaskView::Idle)
-            && self.believes_leader
+            && self.core.believes_leader
             && matches!(
                 postgres,
                 PostgresView::Down
@@ -592,14 +545,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     | PostgresView::Starting
                     | PostgresView::Unresponsive
             );
-        self.primary_down_since =
-            holds_with_postgres_down.then(|| self.primary_down_since.unwrap_or(now));
-        let primary_start_overdue = self.primary_down_since.is_some_and(|since| {
-            timing::primary_start_overdue(
-                now - since,
-                Duration::from_secs(self.dynamic.primary_start_timeout.into()),
-            )
-        });
+        let primary_start_overdue = self.core.primary_start_overdue(
+            holds_with_postgres_down,
+            now,
+            Duration::from_secs(self.dynamic.primary_start_timeout.into()),
+        );
         // Peers are asked only when their answers matter: in a race for a free lock, when the
         // leader checks a switchover candidate, and when it looks for a replica to hand over to
         // because its postgres did not come back within `primary_start_timeout`.
@@ -615,14 +565,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             }
             _ => None,
         };
-        if let DcsView::Known(view) = &dcs {
-            self.unclaimed_bootstrap_since =
-                decide::unfinished_bootstrap_claim_without_leader(view)
-                    .then(|| self.unclaimed_bootstrap_since.unwrap_or(now));
-        }
-        let bootstrap_claim_abandoned = self.unclaimed_bootstrap_since.is_some_and(|since| {
-            timing::bootstrap_claim_abandoned(now - since, self.ttl(), self.loop_wait())
-        });
+        let known = match &dcs {
+            DcsView::Known(view) => Some(view.as_ref()),
+            DcsView::Unknown(_) => None,
+        };
+        let bootstrap_claim_abandoned =
+            self.core
+                .bootstrap_claim_abandoned(known, now, self.ttl(), self.loop_wait());
         Observation {
             now,
             wall_now: self.rt.wall_now(),
@@ -632,8 +581,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             postgres,
             task,
             peers,
-            following: self.following.clone(),
-            checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
+            following: self.core.following.clone(),
+            checkpoint_after_promote_pending: self.core.checkpoint_after_promote_pending,
             bootstrap_claim_abandoned,
             primary_start_overdue,
             replay_paused_for_parameters,
@@ -658,27 +607,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         true
     }
 
-    /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni).
-    /// Keeps the members and `history` of `view` for when the DCS loses them; a member not seen
-    /// for a ttl is forgotten (it left, or its key expired with its agent).
-    fn remember(&mut self, view: &ClusterView, now: Instant) {
-        let ttl = self.ttl();
-        self.known_members.retain(|(m, seen)| {
-            now.saturating_duration_since(*seen) <= ttl && view.member(&m.name).is_none()
-        });
-        self.known_members
-            .extend(view.members.iter().map(|m| (m.clone(), now)));
-        if !view.history.is_empty() {
-            self.known_history.clone_from(&view.history);
-        }
-    }
-
+    /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni), those
+    /// missing from `view` but seen recently too.
     async fn ask_peers(&self, view: &ClusterView) -> Vec<PeerAnswer> {
-        let remembered = self
-            .known_members
-            .iter()
-            .map(|(m, _)| m)
-            .filter(|m| view.member(&m.name).is_none());
+        let remembered = self.core.remembered_members(view);
         let asks = view
             .members
             .iter()
@@ -692,25 +624,22 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// Renews the lease and moves the fence forward on success.
     async fn renew(&mut self) -> LeaseCheck {
         match self.dcs.renew_leader().await {
-            Ok(renewal) if !timing::renewal_confirms(renewal, self.fence, self.rt.now()) => {
+            Ok(renewal) if !timing::renewal_confirms(renewal, self.core.fence, self.rt.now()) => {
                 warn!("the lease renewal was answered after its fence deadline; treating it as unconfirmed");
                 LeaseCheck::Unconfirmed
             }
             Ok(renewal) => {
-                self.believes_leader = true;
-                self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
-                self.pg
-                    .set_fence(Some(timing::fence_deadline(renewal, self.fence)));
+                let deadline = self.core.lease_renewed(renewal);
+                self.pg.set_fence(Some(deadline));
                 LeaseCheck::Renewed(renewal)
             }
             Err(DcsError::Unreachable(reason)) => {
-                warn!(%reason, certain_until = ?self.lease_certain_until.map(|u| u.saturating_duration_since(self.rt.now())), "could not renew the leader lease");
+                warn!(%reason, certain_until = ?self.core.lease_certain_until.map(|u| u.saturating_duration_since(self.rt.now())), "could not renew the leader lease");
                 LeaseCheck::Unconfirmed
             }
             Err(e) => {
                 error!(error = %e, "the leader lease is lost");
-                self.believes_leader = false;
-                self.lease_certain_until = None;
+                self.core.lease_dropped();
                 LeaseCheck::Lost
             }
         }
@@ -723,17 +652,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             self.applied_config = Some(raw.value.clone());
             self.parse_dynamic_config(&raw.value);
         }
-        if !self.dynamic.synchronous_mode && !self.sync_standby_names.is_empty() {
+        if !self.dynamic.synchronous_mode && !self.core.sync_standby_names.is_empty() {
             // Nothing maintains synchronous standbys in asynchronous mode (the leader runs no
             // ManageSync once `sync` is gone): a name kept here, such as strict mode's `*` from
             // the bootstrap file of an agent restarted after synchronous mode was turned off,
             // would make every commit wait for a standby (simulation seed 10242). The next
             // ApplyConfig writes it out.
             info!(
-                synchronous_standby_names = %self.sync_standby_names,
+                synchronous_standby_names = %self.core.sync_standby_names,
                 "synchronous mode is off; clearing synchronous_standby_names"
             );
-            self.sync_standby_names.clear();
+            self.core.sync_standby_names.clear();
         }
     }
 
@@ -784,68 +713,23 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         data_dir
     }
 
-    /// How long to wait before the next start, if postgres keeps crashing right after starting:
-    /// 1 s, 2 s, 4 s, … up to a minute. The first crash restarts at once (a primary's crash
-    /// restart must be fast).
-    fn restart_backoff(&self) -> Option<Duration> {
-        if self.quick_crashes < 2 {
-            return None;
-        }
-        let wait =
-            Duration::from_secs(1 << (self.quick_crashes - 2).min(6)).min(Duration::from_secs(60));
-        let now = self.rt.now();
-        let since = self
-            .last_start
-            .map(|t| now.saturating_duration_since(t))
-            .unwrap_or(wait);
-        (since < wait).then(|| wait - since)
-    }
-
-    /// After [`FAILED_STARTS_LIMIT`] starts in a row that postgres did not survive, the leader
-    /// key is not held across the wait for the next start: a lock holder releases it (and
-    /// says why), and a member without it does not race for it until its next start is due.
-    /// Another member can lead meanwhile; the failing one tries again after the backoff.
+    /// [`HaCore::hold_back_failing_starts`] with how postgres last exited; logs the release.
     fn hold_back_failing_starts(&self, obs: &Observation, decision: Decision) -> Decision {
-        if self.quick_crashes < FAILED_STARTS_LIMIT
-            || !matches!(obs.postgres, PostgresView::Crashed)
-        {
-            return decision;
-        }
-        let starts = |d: &Decision| {
-            d.actions
-                .iter()
-                .any(|a| matches!(a, Action::StartPostgres { .. }))
-        };
         let last_exit = match self.pg.state() {
             Postmaster::Crashed { exit, .. } => exit,
             _ => "unknown".into(),
         };
-        let why = format!(
-            "postgres exited {} times in a row within {QUICK_CRASH_WINDOW:?} of starting (last: {last_exit}; see the postgres log lines)",
-            self.quick_crashes
-        );
-        let holds = matches!(obs.lease, LeaseCheck::Renewed(_));
-        if holds && starts(&decision) {
-            if self.last_outcome.starts_with("postgres failed to start") {
-                debug!(%why, "releasing the leader lock");
-            } else {
-                error!(%why, "releasing the leader lock instead of restarting postgres again");
+        let (decision, release) =
+            self.core
+                .hold_back_failing_starts(obs, decision, &last_exit, self.rt.now());
+        match release {
+            Some((true, why)) => {
+                error!(%why, "releasing the leader lock instead of restarting postgres again")
             }
-            return Decision::new(Outcome::LeaderStartFailed(why), vec![Action::ReleaseLeader]);
+            Some((false, why)) => debug!(%why, "releasing the leader lock"),
+            None => {}
         }
-        let races = decision
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::AcquireLeader));
-        match self.restart_backoff() {
-            Some(wait) if races && starts(&decision) => Decision::new(
-                Outcome::NoLeaderNotEligible(NotEligible::StartsFailing(format!(
-                    "{why}; next start in {wait:.0?}"
-                ))),
-                vec![],
-            ),
-            _ => decision,
-        }
+        decision
     }
 
     async fn inspect_postgres(&mut self) -> PostgresView {
@@ -868,30 +752,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             PostgresView::Running(s) => Some(s.clone()),
             _ => None,
         };
-        let now = self.rt.now();
-        match &view {
-            // Counted from a start until postgres has run for a while, not until it first
-            // accepts connections: a data directory recovering towards a target it cannot
-            // reach opens read-only, then exits, and reset at each opening the loop restarted
-            // it 132 times in 30 s while holding the leader key.
-            PostgresView::Running(_)
-                if self
-                    .last_start
-                    .is_none_or(|t| now.saturating_duration_since(t) >= QUICK_CRASH_WINDOW) =>
-            {
-                self.quick_crashes = 0
-            }
-            PostgresView::Crashed if !self.crash_counted => {
-                self.crash_counted = true;
-                if self
-                    .last_start
-                    .is_some_and(|t| now.saturating_duration_since(t) < QUICK_CRASH_WINDOW)
-                {
-                    self.quick_crashes += 1;
-                }
-            }
-            _ => {}
-        }
+        self.core.observed_postgres(&view, self.rt.now());
         view
     }
 
@@ -913,18 +774,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
     }
 
-    /// A member running as a standby forgets the synchronous standbys it chose as a leader and
-    /// starts again from what a standby's files hold (`*` in strict mode, else nothing). Kept,
-    /// they came back on its next promotion: promoted with synchronous mode off since, it would
-    /// run with `synchronous_standby_names` naming a standby, which nothing maintains in
-    /// asynchronous mode, and its commits would hang once that standby went away.
     fn forget_sync_choice(&mut self) {
-        self.sync_standby_names =
-            if self.dynamic.synchronous_mode && self.dynamic.synchronous_mode_strict {
-                "*".into()
-            } else {
-                String::new()
-            };
+        self.core.forget_sync_choice(
+            self.dynamic.synchronous_mode,
+            self.dynamic.synchronous_mode_strict,
+        );
     }
 
     /// The files for a primary (`standby: false`) or a standby of `upstream` (`None`: a
@@ -942,11 +796,12 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             // Takes effect only if this standby is promoted: until the new leader has confirmed
             // a synchronous standby, commits wait instead of being acknowledged by one copy.
             parameters.insert("synchronous_standby_names".into(), "*".into());
-        } else if !standby && (self.dynamic.synchronous_mode || !self.sync_standby_names.is_empty())
+        } else if !standby
+            && (self.dynamic.synchronous_mode || !self.core.sync_standby_names.is_empty())
         {
             parameters.insert(
                 "synchronous_standby_names".into(),
-                self.sync_standby_names.clone(),
+                self.core.sync_standby_names.clone(),
             );
         }
         ManagedFiles {
@@ -1005,7 +860,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// margin; a plan that runs late (the agent was frozen after deciding) must not open for
     /// writes on a lease that may have expired.
     fn check_lease_for_writes(&self) -> Result<(), ActionError> {
-        if timing::may_open_for_writes(self.lease_certain_until, self.fence, self.rt.now()) {
+        if self.core.may_open_for_writes(self.rt.now()) {
             Ok(())
         } else {
             Err(ActionError::Failed(
@@ -1097,8 +952,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     }
                 }
                 self.dcs.release_leader().await?;
-                self.believes_leader = false;
-                self.lease_certain_until = None;
+                self.core.lease_dropped();
                 self.pg.set_fence(None);
                 info!("released the leader lock");
                 Ok(true)
@@ -1117,7 +971,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             Action::StartCreateReplica { leader } => {
                 let upstream = self.upstream(obs, leader)?;
                 let files = self.managed_files(true, Some(&upstream));
-                self.following = Some(leader.clone());
+                self.core.following = Some(leader.clone());
                 let task = self.pg.create_replica(self.config.clone(), upstream, files);
                 self.spawn_task(TaskKind::CreateReplica, task);
                 Ok(true)
@@ -1145,7 +999,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     DataDir::Initialized { control, .. }
                         if control.state == controldata::ClusterState::InProduction
                 );
-                self.following = Some(leader.clone());
+                self.core.following = Some(leader.clone());
                 let task = self
                     .pg
                     .rewind(self.config.clone(), upstream, crashed, files);
@@ -1156,19 +1010,18 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 if *primary {
                     self.check_lease_for_writes()?;
                 }
-                if let Some(wait) = self.restart_backoff() {
+                if let Some(wait) = self.core.restart_backoff(self.rt.now()) {
                     return Err(ActionError::Failed(format!(
                         "postgres crashed {} time(s) right after starting; next start in {:.0?}",
-                        self.quick_crashes, wait
+                        self.core.quick_crashes, wait
                     )));
                 }
-                self.last_start = Some(self.rt.now());
-                self.crash_counted = false;
+                self.core.starting(self.rt.now());
                 let upstream = match upstream {
                     Some(leader) => Some(self.upstream(obs, leader)?),
                     None => None,
                 };
-                self.following = upstream.as_ref().map(|u| u.name.clone());
+                self.core.following = upstream.as_ref().map(|u| u.name.clone());
                 if !*primary {
                     self.forget_sync_choice();
                 }
@@ -1203,7 +1056,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                         .await
                         .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
                 }
-                self.following = following;
+                self.core.following = following;
                 Ok(true)
             }
             Action::SyncSlots => {
@@ -1236,7 +1089,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 if current.is_some_and(|s| {
                     s.value.leader.as_deref() == Some(&self.facts.name)
                         && sync::acknowledges_only_through_recorded(
-                            &self.sync_standby_names,
+                            &self.core.sync_standby_names,
                             &s.value,
                         )
                 }) {
@@ -1263,7 +1116,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     .await
                     .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
                 info!("promotion requested");
-                self.checkpoint_after_promote_pending = true;
+                self.core.checkpoint_after_promote_pending = true;
                 Ok(true)
             }
             Action::StopPostgres(mode) => {
@@ -1307,7 +1160,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 // A lost `history` key is rebuilt from what this member saw last, so the
                 // timestamps and leaders of earlier switches survive.
                 let recorded = if view.history.is_empty() {
-                    &self.known_history
+                    &self.core.known_history
                 } else {
                     &view.history
                 };
@@ -1329,11 +1182,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     .checkpoint()
                     .await
                     .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
-                if self.checkpoint_after_promote_pending
+                if self.core.checkpoint_after_promote_pending
                     && matches!(&obs.postgres, PostgresView::Running(s) if !s.in_recovery)
                 {
                     info!("checkpoint after promotion done: replicas may rewind against us");
-                    self.checkpoint_after_promote_pending = false;
+                    self.core.checkpoint_after_promote_pending = false;
                 }
                 Ok(true)
             }
@@ -1390,9 +1243,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             // The next compare must be against the revision we just wrote: re-read next cycle.
             revision = -1;
         }
-        if plan.standby_names != self.sync_standby_names {
+        if plan.standby_names != self.core.sync_standby_names {
             info!(synchronous_standby_names = %plan.standby_names, "changing synchronous standbys");
-            self.sync_standby_names = plan.standby_names.clone();
+            self.core.sync_standby_names = plan.standby_names.clone();
             let files = self.managed_files(false, None);
             if self
                 .pg
@@ -1451,7 +1304,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             (Some(pg), _) if !pg.in_recovery => Role::Primary,
             (Some(_), _) => Role::Replica,
             (None, DataDir::Empty) => Role::Uninitialized,
-            (None, _) if self.believes_leader => Role::Primary,
+            (None, _) if self.core.believes_leader => Role::Primary,
             (None, _) => Role::Demoted,
         }
     }
@@ -1470,8 +1323,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             state: self.pg_state(),
             role: self.role(obs),
             postgres: self.last_postgres.clone(),
-            leader_valid_until: if self.believes_leader {
-                self.lease_certain_until
+            leader_valid_until: if self.core.believes_leader {
+                self.core.lease_certain_until
             } else {
                 None
             },
@@ -1529,13 +1382,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             tags: self.config.effective_tags(),
             pending_restart: pg.filter(|p| !p.pending_restart.is_empty()).map(|_| true),
             pause: paused.then_some(true),
-            checkpoint_after_promote: self.checkpoint_after_promote_pending.then_some(false),
+            checkpoint_after_promote: self.core.checkpoint_after_promote_pending.then_some(false),
             pgwarden_version: Some(crate::VERSION.to_owned()),
             // Where the leader's backup from a standby reaches this member (pgBackRest's TLS
             // server); an extra field that Patroni's readers ignore.
             extra: {
                 let mut extra = crate::backup::member_fields(&self.config);
-                if let Some((request, started)) = &self.scheduled_restart {
+                if let Some((request, started)) = &self.core.scheduled_restart {
                     extra.insert(
                         "scheduled_restart".into(),
                         request.record_json(started.as_deref()),
@@ -1569,7 +1422,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         self.pg.set_fence(None);
         match stopped {
             Ok(()) => {
-                if self.believes_leader {
+                if self.core.believes_leader {
                     if let Some(optime) = self.pg.control_checkpoint().await {
                         let _ = self
                             .dcs
