@@ -124,6 +124,10 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         probe.clone(),
         shutdown.child_token(),
     );
+    let interrupter = backup
+        .as_ref()
+        .map(|(handle, _)| handle.interrupter())
+        .unwrap_or_default();
     let (backup, backup_task) = match backup {
         Some((handle, task)) => (Some(handle), Some(task)),
         None => (None, None),
@@ -168,7 +172,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     let ha = HaLoop::new(
         config.clone(),
         dcs,
-        ha::local::LocalPostgres::new(&config, supervisor.clone(), probe),
+        ha::local::LocalPostgres::new(&config, supervisor.clone(), probe).with_backups(interrupter),
         ha::local::HttpPeers,
         ha::local::SystemRuntime,
         status_tx,

@@ -374,9 +374,7 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
         c.log_tail(60)
     );
     wait_until("the former leader reported the interruption", T, || async {
-        new.log_text()
-            .contains("backup interrupted by a switchover")
-            && report(new).await["running"].is_null()
+        new.log_text().contains("backup interrupted") && report(new).await["running"].is_null()
     })
     .await;
 
@@ -421,6 +419,190 @@ fn slow_backup_wrapper(env: &TestEnv) -> (PathBuf, PathBuf) {
     .expect("write the wrapper");
     std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
     (wrapper, flag)
+}
+
+/// A `pgbackrest` wrapper whose backups compress with zstd at level 19 in one process: a real
+/// backup of a small cluster lasts tens of seconds, while `archive-push` and the other
+/// commands keep the member's fast settings (postgres' shutdown waits for its archiver).
+fn slow_compression_wrapper(env: &TestEnv) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = env.shared_dir("slow-bin");
+    let wrapper = dir.join("pgbackrest");
+    std::fs::write(
+        &wrapper,
+        "#!/bin/sh\nfor a in \"$@\"; do\n  if [ \"$a\" = backup ]; then\n    \
+         exec pgbackrest \"$@\" --compress-type=zst --compress-level=19 --process-max=1\n  fi\n\
+         done\nexec pgbackrest \"$@\"\n",
+    )
+    .expect("write the wrapper");
+    std::fs::set_permissions(&wrapper, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    wrapper
+}
+
+/// Where `needle` first occurs in `log` after byte `from`.
+fn position(log: &str, from: usize, needle: &str) -> Option<usize> {
+    log[from..].find(needle).map(|p| p + from)
+}
+
+/// A real backup (slowed down) running when postgres is stopped on purpose is ended first and
+/// recorded as interrupted, not failed: at `POST /restart` of the leader (which then runs the
+/// fire again itself), and at a switchover (the new leader runs it). Main's agent stopped
+/// postgres under the running backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_running_at_a_switchover_ends_before_postgres_stops_and_the_new_leader_reruns_it()
+{
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "interrupt".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    let slow = slow_compression_wrapper(&env);
+    // Every minute at one second: the same fires on both members. The backup lock, held here
+    // as if another member ran a backup, keeps the fire waiting until the data is in place.
+    let second = (chrono::Utc::now() + chrono::Duration::seconds(20)).format("%S");
+    env.etcd
+        .put(&env.key("backup_lock"), r#"{"member":"the test"}"#)
+        .await
+        .expect("hold the backup lock");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        let command = if name == "pg0" {
+            format!("command: {}\n", slow.display())
+        } else {
+            String::new()
+        };
+        env.members[i].set(
+            "pgbackrest",
+            section(
+                &repo,
+                "interrupt",
+                &format!("schedule:\n  full: '{second} * * * * *'\n{command}"),
+            ),
+        );
+    }
+    env.start_member(0).expect("start pg0");
+    wait_until("pg0 leads", T, || async {
+        env.leader().await.as_deref() == Some("pg0")
+    })
+    .await;
+    env.start_member(1).expect("start pg1");
+    let (old, new) = (member(&env, "pg0"), member(&env, "pg1"));
+    wait_until("pg0's stanza check passed", T, || async {
+        report(old).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    old.sql(
+        "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g + 1)::text) AS t \
+         FROM generate_series(1, 200000) g",
+    )
+    .await
+    .expect("filler rows");
+    wait_until("pg1 streams from pg0", T, || async {
+        new.is_streaming_replica().await
+    })
+    .await;
+
+    // The scheduled full backup starts on pg0 (zstd level 19: it runs for a while).
+    env.etcd
+        .delete(&env.key("backup_lock"))
+        .await
+        .expect("release the backup lock");
+    wait_until("the scheduled backup runs on pg0", T, || async {
+        report(old).await["running"]["trigger"] == "scheduled"
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+
+    // `POST /restart` of the leader ends it first too; pg0 stays the leader and runs the
+    // handed-back fire again once postgres is back (after the 30 s hold).
+    let from = old.log_text().len();
+    let restarted_at = chrono::Utc::now();
+    let (code, text) = old
+        .api_request("POST", "/restart", Some("{}"))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let log = old.log_text();
+    let ending = position(
+        &log,
+        from,
+        "ending the running backup before postgres stops",
+    );
+    let ended = position(&log, from, "backup interrupted");
+    assert!(
+        ending.is_some() && ended.is_some() && log[from..].contains("a restart of postgres"),
+        "{}",
+        &log[from..]
+    );
+    assert_eq!(report(old).await["last"]["interrupted"], Value::Bool(true));
+    assert_eq!(report(old).await["failures"], 0);
+    wait_until("pg0 runs the interrupted fire again", T, || async {
+        let r = report(old).await;
+        r["running"]["trigger"] == "scheduled"
+            && r["running"]["started_at"]
+                .as_str()
+                .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok())
+                .is_some_and(|t| t > restarted_at)
+    })
+    .await;
+    let fire = scheduled_fires(old).last().cloned().expect("its fire");
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let from = old.log_text().len();
+    let (code, text) = old
+        .api_request(
+            "POST",
+            "/switchover",
+            Some(r#"{"leader": "pg0", "candidate": "pg1"}"#),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until("pg1 leads", T, || async {
+        env.leader().await.as_deref() == Some("pg1")
+            && new.api_get("/primary").await.map(|r| r.0) == Some(200)
+    })
+    .await;
+
+    // pg0 ended its backup before it stopped postgres, and recorded it as interrupted.
+    let log = old.log_text();
+    let ended = position(&log, from, "backup interrupted");
+    let stopped = position(&log, from, "stopping postgres");
+    assert!(
+        ended.is_some() && stopped.is_some() && ended < stopped,
+        "the backup did not end before postgres stopped (ended at {ended:?}, stop at \
+         {stopped:?}):\n{}",
+        &log[from..]
+    );
+    assert!(!log[from..].contains("backup failed"), "{}", &log[from..]);
+    wait_until("pg0 reports the run as interrupted", T, || async {
+        let r = report(old).await;
+        r["last"]["interrupted"] == Value::Bool(true)
+            && r["last"]["trigger"] == "scheduled"
+            && r["failures"] == 0
+    })
+    .await;
+
+    // pg1 runs the interrupted fire (or a newer one), and it completes.
+    wait_until(
+        &format!("pg1 ran the interrupted run of {fire}"),
+        T,
+        || async {
+            scheduled_fires(new)
+                .iter()
+                .any(|f| f.as_str() >= fire.as_str())
+                && report(new).await["last"]["ok"] == Value::Bool(true)
+        },
+    )
+    .await;
+    assert!(
+        !new.log_text()
+            .lines()
+            .any(|l| l.contains("already ran on a previous leader") && l.contains(&fire)),
+        "pg1 skipped the interrupted run:\n{}",
+        new.log_tail(60)
+    );
 }
 
 /// Runs the CLI against the member's own config file.
@@ -516,7 +698,13 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         ))
     };
     env.members[j].set("pgbackrest", section(&repo, "restored", ""));
-    env.members[j].set("bootstrap.pgbackrest", bootstrap("2099-01-01 00:00:00+00"));
+    // A day ahead, not 2099: pgBackRest 2.45 refuses a target after 2038 before restoring
+    // ("unable to find backup set with stop time less than …"), so postgres' own end of WAL
+    // was never reached here.
+    let past_the_end = (chrono::Utc::now() + chrono::Duration::days(1))
+        .format("%Y-%m-%d %H:%M:%S+00")
+        .to_string();
+    env.members[j].set("bootstrap.pgbackrest", bootstrap(&past_the_end));
     env.start_member(j).expect("start b0");
     let exit = env.members[j]
         .agent()
@@ -542,7 +730,10 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
     assert!(
         env.members[j]
             .log_text()
-            .contains("so the next start restores afresh"),
+            .contains("so the next start restores afresh")
+            && env.members[j]
+                .log_text()
+                .contains("recovery ended before configured recovery target was reached"),
         "{}",
         env.members[j].log_tail(40)
     );
@@ -741,6 +932,240 @@ async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
         env.members[k].log_tail(40)
     );
     assert!(!env.members[k].data_dir().join("PG_VERSION").exists());
+}
+
+/// `SELECT count, min, max` of `t` as `count:min:max`.
+async fn rows(m: &Member) -> String {
+    m.sql("SELECT count(*)::text || ':' || min(id)::text || ':' || max(id)::text FROM t")
+        .await
+        .map(|r| r.concat())
+        .unwrap_or_default()
+}
+
+/// The time on `m`'s clock, as a recovery target.
+async fn now_on(m: &Member) -> String {
+    m.sql(
+        "SELECT to_char(clock_timestamp() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'",
+    )
+    .await
+    .expect("time")[0]
+        .clone()
+}
+
+/// The runbook of `docs/backup.md` ("a disaster-recovery drill") end to end, every step done
+/// by the agents: a full backup, writes, a switchover, more writes; restores into new clusters
+/// (own scope and stanza) to a time before the switchover and to one after it (on the new
+/// timeline), with exact row counts; a replica created from the repository; a restore with a
+/// target past the end of the WAL that fails cleanly, then the corrected retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_disaster_recovery_drill_runs_without_a_manual_step() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "drill".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        env.members[i].set("pgbackrest", section(&repo, "drill", ""));
+    }
+    env.start_member(0).expect("start pg0");
+    wait_until("pg0 leads", T, || async {
+        env.leader().await.as_deref() == Some("pg0")
+    })
+    .await;
+    env.start_member(1).expect("start pg1");
+    let (pg0, pg1) = (member(&env, "pg0"), member(&env, "pg1"));
+    wait_until("pg0's stanza check passed", T, || async {
+        report(pg0).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+
+    // 1. A full backup (the CLI waits for its end), then writes.
+    pg0.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .expect("rows 1-10");
+    let out = cli(pg0, &["backup", "--type", "full"]);
+    assert!(
+        out.status.success(),
+        "pgwarden backup failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // pgBackRest records backup stop times in whole seconds: keep the targets clearly apart.
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    pg0.sql("INSERT INTO t SELECT generate_series(11, 20)")
+        .await
+        .expect("rows 11-20");
+    let before_switchover = now_on(pg0).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+
+    // 2. A switchover to pg1 (timeline 2), then more writes.
+    wait_until("pg1 streams from pg0", T, || async {
+        pg1.is_streaming_replica().await
+    })
+    .await;
+    let (code, text) = pg0
+        .api_request(
+            "POST",
+            "/switchover",
+            Some(r#"{"leader": "pg0", "candidate": "pg1"}"#),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until("pg1 is a writable leader", T, || async {
+        env.leader().await.as_deref() == Some("pg1")
+            && pg1.sql("SELECT pg_is_in_recovery()::text").await.ok() == Some(vec!["false".into()])
+    })
+    .await;
+    pg1.sql("INSERT INTO t SELECT generate_series(21, 30)")
+        .await
+        .expect("rows 21-30");
+    let after_switchover = now_on(pg1).await;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    pg1.sql("INSERT INTO t SELECT generate_series(31, 40)")
+        .await
+        .expect("rows 31-40");
+    switch_and_wait_archived(pg1, &repo).await;
+    let timeline = pg1
+        .sql("SELECT timeline_id::text FROM pg_control_checkpoint()")
+        .await
+        .expect("timeline");
+    assert_eq!(timeline, vec!["2"], "the switchover made timeline 2");
+    // A day ahead: past the end of the WAL. (A target after 2038 is refused by pgBackRest
+    // 2.45 before it restores anything, "unable to find backup set with stop time less
+    // than …", so postgres' own end-of-WAL failure would not be exercised.)
+    let past_the_end = pg1
+        .sql(
+            "SELECT to_char((clock_timestamp() + interval '1 day') AT TIME ZONE 'UTC', \
+             'YYYY-MM-DD HH24:MI:SS') || '+00'",
+        )
+        .await
+        .expect("time")[0]
+        .clone();
+
+    // 3. A replica created from the repository (it restores, then streams from pg1); it runs
+    // while the restores below do.
+    let k = env.add_member("pg2");
+    env.members[k].set("pgbackrest", section(&repo, "drill", ""));
+    env.members[k].set(
+        "postgresql.create_replica_methods",
+        yaml("[pgbackrest, basebackup]"),
+    );
+    env.start_member(k).expect("start pg2");
+
+    // 4. Restores into new clusters, each with its own scope and stanza: to the time before
+    // the switchover, and (first with a target past the end of the WAL) to the time after it.
+    let bootstrap = |target: &str| {
+        yaml(&format!(
+            "stanza: drill\nrecovery_conf:\n  recovery_target_time: '{target}'\n  \
+             recovery_target_timeline: latest\n  recovery_target_action: promote\n"
+        ))
+    };
+    let mut restored = Vec::new();
+    for (name, scope, target) in [
+        ("r1", "drill-before", before_switchover.as_str()),
+        ("r2", "drill-after", past_the_end.as_str()),
+    ] {
+        let j = env.add_member(name);
+        let m = &mut env.members[j];
+        m.set("scope", scope.into());
+        m.set("pgbackrest", section(&repo, scope, ""));
+        m.set("bootstrap.method", "pgbackrest".into());
+        m.set("bootstrap.pgbackrest", bootstrap(target));
+        env.start_member(j).expect("start a restore");
+        restored.push(j);
+    }
+    let (r1, r2) = (restored[0], restored[1]);
+
+    // 5. The target past the end of the WAL: the agent exits 1, leaving no data directory and
+    // no keys behind.
+    let exit = env.members[r2]
+        .agent()
+        .wait_exit(T)
+        .expect("the failed bootstrap stops the agent");
+    assert_eq!(exit.code(), Some(1), "{}", env.members[r2].log_tail(40));
+    let log = env.members[r2].log_text();
+    assert!(
+        log.contains("recovery ended before configured recovery target was reached")
+            && log.contains("so the next start restores afresh"),
+        "{}",
+        env.members[r2].log_tail(40)
+    );
+    assert!(
+        std::fs::read_dir(env.members[r2].data_dir()).map_or(true, |mut d| d.next().is_none()),
+        "the failed restore left files behind"
+    );
+    for key in ["initialize", "leader"] {
+        assert_eq!(
+            env.etcd
+                .get(&format!("/service/drill-after/{key}"))
+                .await
+                .expect("etcd"),
+            None,
+            "`{key}` left behind by the failed bootstrap"
+        );
+    }
+    // The corrected retry restores afresh.
+    env.members[r2].set("bootstrap.pgbackrest", bootstrap(&after_switchover));
+    env.start_member(r2).expect("retry the restore");
+
+    // Exact rows: before the switchover 1-20 (timeline 1), after it 1-30 (timeline 2).
+    for (j, expected, target) in [
+        (r1, "20:1:20", &before_switchover),
+        (r2, "30:1:30", &after_switchover),
+    ] {
+        let m = &env.members[j];
+        wait_until(
+            &format!("{} is a restored, running primary", m.name),
+            T,
+            || async {
+                m.api_get("/primary").await.map(|r| r.0) == Some(200)
+                    && m.sql("SELECT pg_is_in_recovery()::text").await.ok()
+                        == Some(vec!["false".into()])
+            },
+        )
+        .await;
+        assert_eq!(
+            rows(m).await,
+            expected,
+            "{}: exactly the rows before {target}",
+            m.name
+        );
+    }
+    let timeline = env.members[r2]
+        .sql("SELECT timeline_id::text FROM pg_control_checkpoint()")
+        .await
+        .expect("timeline");
+    assert_eq!(
+        timeline,
+        vec!["3"],
+        "the restore after the switchover followed timeline 2 and promoted onto 3"
+    );
+    for j in [r1, r2] {
+        env.members[j]
+            .agent()
+            .signal(nix::sys::signal::Signal::SIGTERM);
+    }
+
+    // 6. The replica restored from the repository streams from pg1 with every row.
+    let pg2 = member(&env, "pg2");
+    wait_until("pg2 streams from pg1 with every row", T, || async {
+        pg2.is_streaming_replica().await && rows(pg2).await == "40:1:40"
+    })
+    .await;
+    assert!(
+        pg2.log_text()
+            .lines()
+            .any(|l| l.contains("replica created") && l.contains("pgbackrest")),
+        "pg2 was not restored from the repository:\n{}",
+        pg2.log_tail(40)
+    );
+    for j in [r1, r2] {
+        env.members[j].agent().wait_exit(T).expect("stops");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

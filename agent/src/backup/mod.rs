@@ -5,6 +5,7 @@
 //! - [`render`]: `pgbackrest.conf` and the `archive_command`/`restore_command` postgres runs
 //!   (pure).
 //! - [`command`]: running pgBackRest as a supervised child (process group, timeout, logs).
+//! - [`interrupt`]: ending a running backup before the HA loop stops postgres on purpose.
 //! - [`schedule`]: cron schedules (pure).
 //! - [`service`]: the task that runs stanza-create/check, backups under the DCS lock, archive
 //!   status polls.
@@ -16,12 +17,14 @@
 //! - [`server`]: `pgbackrest server` (pgBackRest's TLS server) as a supervised child.
 //!
 //! Hooks elsewhere are small: `postgres::conf::parameters` adds the archive settings, the HA
-//! loop calls [`restore`] for replica creation and bootstrap, `run.rs` writes the config and
+//! loop calls [`restore`] for replica creation and bootstrap and
+//! [`Interrupter::end_running_backup`] before a planned stop of postgres, `run.rs` writes the config and
 //! spawns the service, the REST API routes `POST /backup` and `GET /backups` here, the HA loop
 //! adds [`standby::member_fields`] to the member record.
 
 pub mod archive;
 pub mod command;
+pub mod interrupt;
 pub mod render;
 pub mod report;
 pub mod restore;
@@ -31,6 +34,7 @@ pub mod service;
 pub mod settings;
 pub mod standby;
 
+pub use interrupt::Interrupter;
 pub use standby::member_fields;
 
 use std::sync::Arc;
@@ -128,6 +132,7 @@ pub fn write_config(config: &Config) -> Result<(), String> {
 pub struct BackupHandle {
     report: watch::Receiver<Arc<BackupReport>>,
     requests: mpsc::Sender<service::Request>,
+    interrupter: Interrupter,
     runner: Runner,
     stanza: String,
     scope: String,
@@ -135,6 +140,11 @@ pub struct BackupHandle {
 }
 
 impl BackupHandle {
+    /// What the HA loop uses to end a running backup before it stops postgres.
+    pub fn interrupter(&self) -> Interrupter {
+        self.interrupter.clone()
+    }
+
     pub fn report(&self) -> Arc<BackupReport> {
         self.report.borrow().clone()
     }
@@ -234,7 +244,10 @@ pub fn spawn(
         req_rx,
         schedules,
     );
-    service = service.restored(config.bootstrap.method.as_deref() == Some("pgbackrest"));
+    let interrupter = Interrupter::default();
+    service = service
+        .restored(config.bootstrap.method.as_deref() == Some("pgbackrest"))
+        .with_interrupter(interrupter.clone());
     if pb.backup_standby {
         service = service.with_standby(service::StandbyBackup {
             fallback: pb.backup_standby_fallback,
@@ -259,6 +272,7 @@ pub fn spawn(
         BackupHandle {
             report: report_rx,
             requests: req_tx,
+            interrupter,
             runner,
             stanza: resolved.stanza,
             scope: config.scope.clone(),

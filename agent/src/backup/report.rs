@@ -57,6 +57,10 @@ pub struct Attempt {
     pub started_at: DateTime<Utc>,
     pub duration_seconds: f64,
     pub ok: bool,
+    /// Ended by the agent for a switchover, a restart, a shutdown or a lost leadership: not a
+    /// failure (`ok` is false, `failures` does not count it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub interrupted: bool,
     /// As [`Running::standby`].
     #[serde(skip_serializing_if = "Option::is_none")]
     pub standby: Option<String>,

@@ -11,7 +11,9 @@
 //!   recorded in `backup_schedule` (no lease), so a new leader does not repeat a fire its
 //!   predecessor already ran, and does run one the predecessor missed.
 //! - A backup is cancelled (its process group killed) when leadership is lost or a switchover
-//!   is requested, and no backup starts while one is pending.
+//!   is due, and no backup starts while one is due. Before a planned stop of postgres the HA
+//!   loop ends it first and waits (see [`super::interrupt`]); such a run is interrupted, not
+//!   failed, and its fire is handed back.
 //! - Archive status is polled on every member; a lag is logged once and shown in `/metrics`.
 
 use std::collections::BTreeMap;
@@ -32,6 +34,7 @@ use crate::postgres::probe::Probe;
 use crate::state::AgentStatus;
 
 use super::command::{Invocation, Runner};
+use super::interrupt::Interrupter;
 use super::report::{Attempt, BackupReport, CheckResult, Running, Trigger};
 use super::schedule::Schedules;
 use super::settings::{PgBackRestConfig, Resolved};
@@ -108,6 +111,8 @@ pub struct Service {
     pub(super) schedules: Schedules,
     pub(super) state: BackupReport,
     standby: Option<StandbyBackup>,
+    /// Shared with the HA loop, which ends a running backup before it stops postgres.
+    interrupter: Interrupter,
     term: Option<Term>,
     job: Option<Job>,
     next_archive_poll: Instant,
@@ -153,6 +158,7 @@ impl Service {
             requests,
             schedules,
             standby: None,
+            interrupter: Interrupter::default(),
             term: None,
             job: None,
             next_archive_poll: now,
@@ -168,6 +174,12 @@ impl Service {
     /// The cluster was bootstrapped from a backup (`bootstrap.method: pgbackrest`).
     pub fn restored(mut self, restored: bool) -> Service {
         self.first_full_pending = restored;
+        self
+    }
+
+    /// Shares `interrupter` with the HA loop.
+    pub fn with_interrupter(mut self, interrupter: Interrupter) -> Service {
+        self.interrupter = interrupter;
         self
     }
 
@@ -198,16 +210,32 @@ impl Service {
             self.tick().await;
             self.publish();
         }
-        if let Some(job) = self.job.take() {
+        // The agent stops: a running backup is interrupted like before a switchover (its fire
+        // handed back, the lock released) while the HA loop waits to stop postgres.
+        if let Some(job) = self.job.as_mut() {
             job.cancel.cancel();
-            let _ = tokio::time::timeout(Duration::from_secs(15), job.handle).await;
-            if let JobKind::Backup { .. } = job.kind {
-                let _ = self
-                    .dcs
-                    .release_lease_key(LOCK_KEY, &self.lock_value())
-                    .await;
+            match tokio::time::timeout(super::interrupt::MAX_WAIT, &mut job.handle).await {
+                Ok(result) => {
+                    let result = result
+                        .unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}")));
+                    self.job_finished(result).await;
+                }
+                Err(_) => {
+                    if let Some(Job {
+                        kind: JobKind::Backup { .. },
+                        ..
+                    }) = self.job.take()
+                    {
+                        let _ = self
+                            .dcs
+                            .release_lease_key(LOCK_KEY, &self.lock_value())
+                            .await;
+                    }
+                }
             }
+            self.publish();
         }
+        self.interrupter.ended();
     }
 
     fn publish(&mut self) {
@@ -317,6 +345,10 @@ impl Service {
                 JobKind::Backup { running, .. } => format!("a {} backup was running", running.kind),
                 JobKind::Prepare => "the stanza was being created and checked".into(),
             });
+            return;
+        }
+        if self.interrupter.held() {
+            self.blocked = Some("postgres was being stopped on purpose".into());
             return;
         }
         if let Some(term) = &self.term {
@@ -606,6 +638,7 @@ impl Service {
                     started_at: Utc::now(),
                     duration_seconds: 0.0,
                     ok: false,
+                    interrupted: false,
                     standby: None,
                     error: Some(reason.clone()),
                 });
@@ -641,6 +674,7 @@ impl Service {
                 .map_err(|e| crate::ha::error_chain(&e))
         });
         self.state.running = Some(running.clone());
+        self.interrupter.started(cancel.clone());
         self.job = Some(Job {
             kind: JobKind::Backup {
                 running,
@@ -680,11 +714,21 @@ impl Service {
                 fire,
                 previous,
             } => {
-                // Stopped for a switchover or a lost leadership, by our cancellation or by
-                // postgres' shutdown that came first: not a failure of the backup. Its fire is
-                // handed back (before the lock goes, so the next leader sees it) and retried
-                // by the next leader.
+                // Stopped for a switchover, a restart or a shutdown of postgres (the HA loop
+                // ended it and waits, see `interrupt`), or a lost leadership, by our
+                // cancellation or by postgres' shutdown that came first: not a failure of the
+                // backup. Its fire is handed back (before the lock goes, so the next leader
+                // sees it) and retried by the next leader.
                 let (leader, switchover, _) = self.role();
+                let reason = self.interrupter.reason().unwrap_or_else(|| {
+                    if switchover {
+                        "a switchover or failover is due".into()
+                    } else if !leader {
+                        "this member is no longer the leader".into()
+                    } else {
+                        "the agent stops".into()
+                    }
+                });
                 let interrupted =
                     result.is_err() && (job.cancel.is_cancelled() || !leader || switchover);
                 if interrupted {
@@ -708,7 +752,7 @@ impl Service {
                         info!(kind = %running.kind, trigger = ?running.trigger, duration_seconds = duration, "backup finished")
                     }
                     Err(e) if interrupted => {
-                        warn!(kind = %running.kind, trigger = ?running.trigger, error = %e, "backup interrupted by a switchover or a change of leader; a scheduled one is run again by the next leader");
+                        warn!(kind = %running.kind, trigger = ?running.trigger, %reason, error = %e, "backup interrupted (not failed) by a switchover, a restart, a shutdown or a change of leader; a scheduled one is run again by the leader");
                     }
                     Err(e) => {
                         self.state.failures += 1;
@@ -721,14 +765,19 @@ impl Service {
                     started_at: running.started_at,
                     duration_seconds: duration,
                     ok: result.is_ok(),
+                    interrupted,
                     standby: running.standby.clone(),
                     error: result.err(),
                 });
                 self.state.running = None;
-                if let Some(fire) = fire {
+                // An interrupted fire stays pending here too: if this member is (again) the
+                // leader, for example after `POST /restart`, it runs it once postgres is back.
+                if let Some(fire) = fire.filter(|_| !interrupted) {
                     self.schedules.settle(running.kind, fire);
                 }
                 self.next_info = Instant::now();
+                self.publish();
+                self.interrupter.ended();
             }
         }
     }
@@ -806,6 +855,11 @@ impl Service {
             }
         } else if switchover {
             ApiReply::new(503, "a switchover is in progress; try again after it")
+        } else if self.interrupter.held() {
+            ApiReply::new(
+                503,
+                "postgres is being stopped (switchover, restart or shutdown); try again after it",
+            )
         } else if let Some(job) = &self.job {
             match &job.kind {
                 JobKind::Backup { running, .. } => ApiReply::new(

@@ -186,6 +186,7 @@ struct Harness {
     status: watch::Sender<Arc<AgentStatus>>,
     report: watch::Receiver<Arc<BackupReport>>,
     requests: mpsc::Sender<Request>,
+    interrupter: super::Interrupter,
     shutdown: CancellationToken,
 }
 
@@ -218,6 +219,8 @@ fn start(initial: AgentStatus, schedule: Option<&str>) -> Harness {
         req_rx,
         schedules,
     );
+    let interrupter = super::Interrupter::default();
+    let service = service.with_interrupter(interrupter.clone());
     let shutdown = CancellationToken::new();
     tokio::spawn(service.run(shutdown.clone()));
     Harness {
@@ -226,6 +229,7 @@ fn start(initial: AgentStatus, schedule: Option<&str>) -> Harness {
         status: status_tx,
         report: report_rx,
         requests: req_tx,
+        interrupter,
         shutdown,
     }
 }
@@ -302,15 +306,12 @@ async fn a_switchover_scheduled_for_later_does_not_stop_backups() {
     }
     later.cluster = Some(Arc::new(cluster));
     let h = start(later, Some("* * * * * *"));
+    // The fake pgbackrest records its call once it runs, a moment after `running` is
+    // published: wait for the call itself (checking it right after `running` was flaky).
     eventually("a scheduled backup runs", || {
-        h.report.borrow().running.is_some() || h.report.borrow().last.is_some()
+        calls(h.dir.path()).contains(" backup ")
     })
     .await;
-    assert!(
-        calls(h.dir.path()).contains(" backup "),
-        "{}",
-        calls(h.dir.path())
-    );
     h.shutdown.cancel();
 }
 
@@ -434,6 +435,8 @@ fn start_standby(initial: AgentStatus, fallback: bool) -> Harness {
         Schedules::default(),
     )
     .with_standby(standby_settings(dir.path(), fallback));
+    let interrupter = super::Interrupter::default();
+    let service = service.with_interrupter(interrupter.clone());
     let shutdown = CancellationToken::new();
     tokio::spawn(service.run(shutdown.clone()));
     Harness {
@@ -442,6 +445,7 @@ fn start_standby(initial: AgentStatus, fallback: bool) -> Harness {
         status: status_tx,
         report: report_rx,
         requests: req_tx,
+        interrupter,
         shutdown,
     }
 }
@@ -515,5 +519,43 @@ async fn with_the_fallback_a_backup_without_a_usable_replica_runs_from_the_prima
     })
     .await;
     assert!(!calls(h.dir.path()).contains("pgbackrest-standby.conf"));
+    h.shutdown.cancel();
+}
+
+/// Before the HA loop stops postgres on purpose it ends the running backup and waits: the run
+/// is recorded as interrupted (not failed), its fire is handed back in `backup_schedule` and
+/// the lock is released before the call returns.
+#[tokio::test]
+async fn a_backup_ended_before_postgres_stops_is_interrupted_handed_back_and_unlocked() {
+    let h = start(status(true, false), Some("*/2 * * * * *"));
+    eventually("a scheduled backup runs", || {
+        calls(h.dir.path()).contains(" backup ")
+    })
+    .await;
+    let recorded = h
+        .dcs
+        .read_key(super::service::SCHEDULE_KEY)
+        .await
+        .expect("read")
+        .expect("the fire is recorded");
+    let t = Instant::now();
+    h.interrupter
+        .end_running_backup("a switchover", Duration::from_secs(15))
+        .await;
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    assert!(!h.interrupter.is_running());
+    let report = h.report.borrow().clone();
+    let last = report.last.as_ref().expect("the run is reported");
+    assert!(last.interrupted && !last.ok, "{last:?}");
+    assert_eq!(report.failures, 0);
+    assert!(report.running.is_none());
+    assert_eq!(h.dcs.read_key(LOCK_KEY).await.expect("read"), None);
+    let after = h
+        .dcs
+        .read_key(super::service::SCHEDULE_KEY)
+        .await
+        .expect("read")
+        .unwrap_or_default();
+    assert_ne!(after, recorded, "the fire was not handed back");
     h.shutdown.cancel();
 }

@@ -38,6 +38,8 @@ pub struct LocalPostgres {
     data_dir: PathBuf,
     /// The managed files as last written, so unchanged ones are not read back every cycle.
     conf_written: Mutex<conf::LastWrite>,
+    /// Ends a running pgBackRest backup before a planned stop of postgres.
+    backups: crate::backup::Interrupter,
 }
 
 impl LocalPostgres {
@@ -48,7 +50,14 @@ impl LocalPostgres {
             bin_dir: config.postgres_bin_dir(),
             data_dir: config.postgresql.data_dir.clone(),
             conf_written: Mutex::new(conf::LastWrite::default()),
+            backups: crate::backup::Interrupter::default(),
         }
+    }
+
+    /// The backup service's handle: a planned stop of postgres ends its running backup first.
+    pub fn with_backups(mut self, backups: crate::backup::Interrupter) -> Self {
+        self.backups = backups;
+        self
     }
 }
 
@@ -95,6 +104,10 @@ impl Postgres for LocalPostgres {
 
     async fn wait_ready(&self, timeout: Duration) -> bool {
         self.supervisor.wait_ready(timeout).await
+    }
+
+    async fn end_backup(&self, why: &str, budget: Duration) {
+        self.backups.end_running_backup(why, budget).await;
     }
 
     async fn status(&self) -> Result<PostgresStatus, String> {

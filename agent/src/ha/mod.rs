@@ -160,6 +160,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
     }
 
+    /// Before a planned stop of postgres (switchover, demotion, restart, shutdown): a running
+    /// backup is ended and recorded as interrupted first, instead of being killed by the
+    /// shutdown and counted as failed. Waits at most 15 s, within the lease.
+    async fn end_backup(&self, why: &str) {
+        let budget =
+            crate::backup::interrupt::wait_budget(self.core.lease_certain_until, self.rt.now());
+        self.pg.end_backup(why, budget).await;
+    }
+
     /// How to re-read the local configuration on `POST /reload`.
     pub fn with_reload(mut self, reload: ReloadFn) -> Self {
         self.reload = Some(reload);
@@ -381,6 +390,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// to `timeout` seconds (default 60) for it to accept connections again.
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
         use crate::api::ApiReply;
+        self.end_backup("a restart of postgres").await;
         let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
         self.pg.reset().await;
         if let Err(e) = stopped {
@@ -444,6 +454,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     return;
                 }
                 info!(schedule = %at, "scheduled restart");
+                self.end_backup("a scheduled restart of postgres").await;
                 // Stopped here; the cycle that follows starts postgres again.
                 if let Err(e) = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await {
                     error!(error = %e, "scheduled restart: could not stop postgres");
@@ -1120,6 +1131,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 Ok(true)
             }
             Action::StopPostgres(mode) => {
+                // A fast stop is a planned one (switchover, demotion); an immediate one fences
+                // and must not wait.
+                if *mode == StopMode::Fast {
+                    self.end_backup("a switchover or planned demotion").await;
+                }
                 warn!(?mode, "stopping postgres");
                 self.pg
                     .stop(*mode, Duration::from_secs(30))
@@ -1418,6 +1434,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         if let Some((_, task)) = self.task.take() {
             task.abort();
         }
+        self.end_backup("the agent shuts down").await;
         let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
         self.pg.set_fence(None);
         match stopped {

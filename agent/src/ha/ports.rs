@@ -70,6 +70,11 @@ pub trait Postgres: Send + Sync + 'static {
     fn set_fence(&self, deadline: Option<Instant>);
     /// Waits up to `timeout` for postgres to accept connections.
     async fn wait_ready(&self, timeout: Duration) -> bool;
+    /// Before a planned stop: ends a running backup (recorded as interrupted), waiting at most
+    /// `budget`. Without backups, nothing to do.
+    async fn end_backup(&self, why: &str, budget: Duration) {
+        let _ = (why, budget);
+    }
 
     // The probe.
 
