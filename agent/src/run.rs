@@ -180,7 +180,14 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     )
     .with_requests(loop_rx);
     let ha = match reload {
-        Some(r) => ha.with_reload(r),
+        // The log settings take effect at once, as Patroni's logger reloads them.
+        Some(r) => ha.with_reload(Box::new(move || {
+            let config = r()?;
+            for warning in crate::logging::reload(&config.log) {
+                warn!("{warning}");
+            }
+            Ok(config)
+        })),
         None => ha,
     };
     // A task rather than `block_on`'s own future: waking that one goes through the runtime's

@@ -106,7 +106,7 @@ pub fn runner(config: &Config) -> Option<(Runner, Resolved)> {
         Runner {
             command: resolved.command.clone(),
             config_file: resolved.config_file.clone(),
-            password: config.postgresql.authentication.superuser.password.clone(),
+            pgpass: crate::postgres::replica::pgpass(config),
             timeout: resolved.timeout,
         },
         resolved,

@@ -127,7 +127,7 @@ fn fake_pgbackrest(dir: &Path) -> Runner {
     Runner {
         command: path,
         config_file: dir.join("pgbackrest.conf"),
-        password: None,
+        pgpass: None,
         timeout: Duration::from_secs(120),
     }
 }

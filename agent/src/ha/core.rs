@@ -34,6 +34,9 @@ pub struct HaCore {
     unclaimed_bootstrap_since: Option<Instant>,
     /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
     primary_down_since: Option<Instant>,
+    /// `POST /restart`'s `timeout`: replaces `primary_start_timeout` for the start that follows
+    /// that restart (Patroni's `set_start_timeout`), until postgres runs again.
+    pub restart_start_timeout: Option<Duration>,
     /// Members seen in recent views, with when they were last seen: a race asks them too, so
     /// that keys wiped from the DCS (`patronictl remove`, an emptied etcd) do not hide a
     /// running primary from the replicas.
@@ -128,15 +131,20 @@ impl HaCore {
             .is_some_and(|since| timing::bootstrap_claim_abandoned(now - since, ttl, loop_wait))
     }
 
-    /// Has the lock holder's postgres been down for longer than `primary_start_timeout`?
+    /// Has the lock holder's postgres been down for longer than `primary_start_timeout` (or
+    /// the `timeout` of the `POST /restart` that stopped it)?
     pub fn primary_start_overdue(
         &mut self,
         holds_with_postgres_down: bool,
         now: Instant,
-        timeout: Duration,
+        primary_start_timeout: Duration,
     ) -> bool {
         self.primary_down_since =
             holds_with_postgres_down.then(|| self.primary_down_since.unwrap_or(now));
+        if !holds_with_postgres_down {
+            self.restart_start_timeout = None;
+        }
+        let timeout = self.restart_start_timeout.unwrap_or(primary_start_timeout);
         self.primary_down_since
             .is_some_and(|since| timing::primary_start_overdue(now - since, timeout))
     }

@@ -350,10 +350,25 @@ fn is_sysid(s: &str) -> bool {
     s.len() >= 10 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// `initialize` claims a bootstrap that has not finished (no system identifier yet), and no
-/// member holds `leader`: the loop times how long this lasts (`Observation::bootstrap_claim_abandoned`).
+/// The member states of a bootstrap in progress (Patroni's names).
+pub const BOOTSTRAPPING_STATES: [&str; 2] = [
+    "initializing new cluster",
+    "running custom bootstrap script",
+];
+
+/// `initialize` claims a bootstrap that has not finished (no system identifier yet), no member
+/// holds `leader` and no member says it is bootstrapping: the loop times how long this lasts
+/// (`Observation::bootstrap_claim_abandoned`). The leader lock is taken only after the bootstrap
+/// (as Patroni does), so a slow initdb or restore must not count as abandoned while its member
+/// keeps a record saying so: that record vanishes with the member's lease when it dies, and
+/// only then may another member withdraw the claim and bootstrap (never two at once).
 pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> bool {
-    view.leader.is_none() && view.initialize.as_deref().is_some_and(|i| !is_sysid(i))
+    view.leader.is_none()
+        && view.initialize.as_deref().is_some_and(|i| !is_sysid(i))
+        && !view
+            .members
+            .iter()
+            .any(|m| BOOTSTRAPPING_STATES.contains(&m.record.state.as_str()))
 }
 
 /// Decides what to do this cycle.
@@ -443,9 +458,11 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
             } else {
                 Decision::new(
                     Outcome::TryingToBootstrap,
+                    // The leader lock follows the bootstrap (Patroni's `post_bootstrap`):
+                    // `/primary` and the lock never name a member whose postgres does not
+                    // exist yet; the `initialize` claim keeps the others waiting meanwhile.
                     vec![
                         Action::RaceInitialize(String::new()),
-                        Action::AcquireLeader,
                         Action::StartBootstrap,
                     ],
                 )
@@ -1344,6 +1361,24 @@ mod tests {
         assert_eq!(decide(&finished, &me()).actions, vec![]);
     }
 
+    /// The leader lock follows the bootstrap, so a slow bootstrap has no leader for a long
+    /// time: its claim is not abandoned while the bootstrapping member's record says so (it
+    /// vanishes with the member's lease when that member dies).
+    #[test]
+    fn a_claim_whose_member_is_still_bootstrapping_is_not_abandoned() {
+        let mut v = match view(None, Some("")) {
+            DcsView::Known(v) => (*v).clone(),
+            DcsView::Unknown(_) => unreachable!(),
+        };
+        assert!(unfinished_bootstrap_claim_without_leader(&v));
+        v.members[1].record.state = "initializing new cluster".into();
+        assert!(!unfinished_bootstrap_claim_without_leader(&v));
+        v.members[1].record.state = "running custom bootstrap script".into();
+        assert!(!unfinished_bootstrap_claim_without_leader(&v));
+        v.members.remove(1);
+        assert!(unfinished_bootstrap_claim_without_leader(&v));
+    }
+
     /// Patroni `ha.py` bootstrap: empty PGDATA, no leader, no `initialize` ⇒ race, then bootstrap.
     #[test]
     fn empty_member_of_new_cluster_races_for_initialize_then_bootstraps() {
@@ -1361,7 +1396,6 @@ mod tests {
             d.actions,
             vec![
                 Action::RaceInitialize(String::new()),
-                Action::AcquireLeader,
                 Action::StartBootstrap
             ]
         );

@@ -387,9 +387,12 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     }
 
     /// Stops postgres; the cycle run next starts it in the role the cluster needs. Waits up
-    /// to `timeout` seconds (default 60) for it to accept connections again.
+    /// to `timeout` seconds (default 60) for it to accept connections again. On the leader the
+    /// `timeout` also replaces `primary_start_timeout` for this start, as in Patroni: a primary
+    /// that is not back in time hands the lock to a healthy replica.
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
         use crate::api::ApiReply;
+        self.core.restart_start_timeout = timeout.map(Duration::from_secs);
         self.end_backup("a restart of postgres").await;
         let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
         self.pg.reset().await;

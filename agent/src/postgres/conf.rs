@@ -80,7 +80,11 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
             *value = default.to_owned();
         }
     }
-    translate_for_version(&mut params, major_version(&config.postgresql.data_dir));
+    let major = major_version(&config.postgresql.data_dir);
+    translate_for_version(&mut params, major);
+    if let Some(major) = major {
+        drop_unavailable(&mut params, major);
+    }
     let (hosts, port) = split_listen(&config.postgresql.listen);
     if !hosts.is_empty() {
         params.insert("listen_addresses".into(), hosts);
@@ -89,6 +93,27 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
         params.insert("port".into(), port.to_string());
     }
     params
+}
+
+/// Removes the parameters major version `major` does not have, with a warning naming each:
+/// postgres refuses to start on a parameter it does not know.
+fn drop_unavailable(params: &mut BTreeMap<String, String>, major: u32) {
+    for (name, why) in super::versioned_params::drop_unavailable(params, major) {
+        warn_once(&format!(
+            "dropping parameter {name}: PostgreSQL {} does not have it ({why})",
+            super::versioned_params::version_name(major)
+        ));
+    }
+}
+
+/// Logs a warning the first time this process sees it (the parameters are rendered every cycle).
+fn warn_once(message: &str) {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.insert(message.to_owned()) {
+        tracing::warn!("{message}");
+    }
 }
 
 /// Raises the parameters a hot standby needs at least as high as its primary to the values the
@@ -273,6 +298,21 @@ pub fn write(data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
             std::fs::rename(&conf, &base)?;
         } else {
             write_private(&base, "")?;
+        }
+    }
+    // The parameters were chosen before initdb when bootstrapping: only now is the major
+    // version certain.
+    let checked;
+    let mut files = files;
+    if let Some(major) = major_version(data_dir) {
+        let mut parameters = files.parameters.clone();
+        drop_unavailable(&mut parameters, major);
+        if parameters != files.parameters {
+            checked = ManagedFiles {
+                parameters,
+                ..files.clone()
+            };
+            files = &checked;
         }
     }
     let mut changed = write_if_changed(&conf, &render_postgresql_conf(files))?;

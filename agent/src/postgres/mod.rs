@@ -8,3 +8,4 @@ pub mod initdb;
 pub mod probe;
 pub mod replica;
 pub mod supervisor;
+pub mod versioned_params;
