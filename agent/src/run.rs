@@ -191,13 +191,13 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     let ha = HaLoop::new(
         config.clone(),
         dcs,
-        supervisor.clone(),
-        probe,
+        ha::local::LocalPostgres::new(&config, supervisor.clone(), probe).with_backups(interrupter),
+        ha::local::HttpPeers,
+        ha::local::SystemRuntime,
         status_tx,
         pg_changed,
     )
     .with_requests(loop_rx)
-    .with_backups(interrupter)
     .with_timing(timing_tx);
     let ha = match reload {
         // The log settings take effect at once, as Patroni's logger reloads them.

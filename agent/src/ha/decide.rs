@@ -764,19 +764,13 @@ fn leader_handles_failover(
     // one would leave nobody allowed to race, and the old leader would take the lock back and
     // hand over again, forever (simulation seed 4020, 3 members).
     let healthy = |p: &PeerAnswer| {
-        super::sync::may_race(synchronous_mode, &p.name, view)
-            && p.status.as_ref().is_some_and(|s| {
-                !s.nofailover
-                    && !s.is_primary
-                    && s.state == "running"
-                    && !s.watchdog_failed
-                    && optime.saturating_sub(s.wal_position) <= maximum_lag
-                    // A standby still on an older timeline (a demoted leader that has not
-                    // streamed from us yet) would promote to a timeline ID we already use: two
-                    // histories under one number, and nobody could follow it.
-                    && !behind_on_timeline(s.timeline, status.timeline)
-            })
-            && p.name != me
+        may_take_over(p, me, view, synchronous_mode, optime, maximum_lag)
+            // A standby still on an older timeline (a demoted leader that has not streamed
+            // from us yet) would promote to a timeline ID we already use: two histories under
+            // one number, and nobody could follow it.
+            && p.status
+                .as_ref()
+                .is_some_and(|s| !behind_on_timeline(s.timeline, status.timeline))
     };
     let candidate_ok = match &request.member {
         Some(candidate) => peers.iter().any(|p| &p.name == candidate && healthy(p)),
@@ -1046,16 +1040,42 @@ fn healthiest(
 fn others_may_take_over(view: &ClusterView, me: &MemberFacts, peers: &[PeerAnswer]) -> bool {
     let last_position = view.status.as_ref().map_or(0, |s| s.optime);
     peers.iter().any(|p| {
-        p.name != me.name
-            && p.status.as_ref().is_some_and(|s| {
-                !s.nofailover
-                    && !s.is_primary
-                    && s.state == "running"
-                    && !s.watchdog_failed
-                    && last_position.saturating_sub(s.wal_position) <= me.maximum_lag_on_failover
-            })
-            && super::sync::may_race(me.synchronous_mode, &p.name, view)
+        may_take_over(
+            p,
+            &me.name,
+            view,
+            me.synchronous_mode,
+            last_position,
+            me.maximum_lag_on_failover,
+        )
     })
+}
+
+/// The one eligibility rule for another member taking the lock (Patroni's
+/// `is_failover_possible`): not `me`, allowed to race (in synchronous mode: listed in `sync`),
+/// able to take over ([`able_to_take_over`]), a standby, and within `maximum_lag` of
+/// `last_position`.
+fn may_take_over(
+    p: &PeerAnswer,
+    me: &str,
+    view: &ClusterView,
+    synchronous_mode: bool,
+    last_position: u64,
+    maximum_lag: u64,
+) -> bool {
+    p.name != me
+        && super::sync::may_race(synchronous_mode, &p.name, view)
+        && p.status.as_ref().is_some_and(|s| {
+            able_to_take_over(s)
+                && !s.is_primary
+                && last_position.saturating_sub(s.wal_position) <= maximum_lag
+        })
+}
+
+/// A member that answered could take over at all: not tagged `nofailover`, its postgres runs
+/// and its watchdog works (Patroni's `failover_limitation`).
+fn able_to_take_over(s: &crate::peer::PeerStatus) -> bool {
+    !s.nofailover && s.state == "running" && !s.watchdog_failed
 }
 
 /// The member that handed over in a due switchover: it stays out of the race, so others do
@@ -1108,12 +1128,9 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
                     // Others wait while the candidate could take over: it answers, may fail
                     // over and its postgres runs (Patroni's `failover_limitation`). Waiting for
                     // a candidate whose postgres is down waits forever (simulation seed 6004).
-                    let candidate_alive = peers.iter().any(|p| {
-                        p.name == c
-                            && p.status.as_ref().is_some_and(|s| {
-                                !s.nofailover && s.state == "running" && !s.watchdog_failed
-                            })
-                    });
+                    let candidate_alive = peers
+                        .iter()
+                        .any(|p| p.name == c && p.status.as_ref().is_some_and(able_to_take_over));
                     if candidate_alive {
                         return Decision::new(
                             Outcome::DeferringToCandidate {
