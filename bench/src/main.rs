@@ -46,9 +46,29 @@ struct Args {
     /// Run the scale phase (1, 10 and 50 single-member clusters on one etcd; not with --quick).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     scale: bool,
+    /// Run only these scenarios (comma-separated; the clusters are always bootstrapped):
+    /// footprint, rest, switchover, haproxy, failover, sync, scale, or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenarios: Vec<String>,
     /// Where results.json, results.md and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+const SCENARIOS: [&str; 7] = [
+    "footprint",
+    "rest",
+    "switchover",
+    "haproxy",
+    "failover",
+    "sync",
+    "scale",
+];
+
+impl Args {
+    fn runs(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == "all" || s == scenario)
+    }
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -442,6 +462,86 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
     })
 }
 
+/// A client's longest write gap through HAProxy across a switchover: pgwarden behind our
+/// deploy/haproxy/haproxy.cfg, Patroni behind its stock example (`inter 3s fall 3 rise 2`).
+async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<f64> {
+    use pgwarden_tests::harness::haproxy::{self, reached, Backend, HaProxy};
+    let old = c.wait_healthy().await?;
+    let (template, section) = match c.kind {
+        AgentKind::Pgwarden => (
+            std::fs::read_to_string(haproxy::shipped_config_path())
+                .context("read deploy/haproxy/haproxy.cfg")?,
+            "primary",
+        ),
+        AgentKind::Patroni => (haproxy::patroni_stock_config(), "batman"),
+    };
+    let backends: Vec<Backend> = c
+        .env
+        .members
+        .iter()
+        .map(|m| Backend {
+            name: m.name.clone(),
+            pg_port: m.pg_port,
+            api_port: m.api_port,
+        })
+        .collect();
+    let name = format!("haproxy-{}", label(c.kind).to_lowercase());
+    let proxy = HaProxy::start(c.env.dir.path(), &name, &template, &backends).await?;
+    let port = proxy.port(section);
+    let password = c.member(&old).superuser_password.clone();
+    let routed_to = |member: String| {
+        let password = password.clone();
+        let pg_port = c.member(&member).pg_port;
+        async move {
+            let deadline = Instant::now() + TIMEOUT;
+            while reached(port, &password).await != Some((pg_port, false)) {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "HAProxy did not route to {member}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        }
+    };
+    routed_to(old.clone()).await?;
+    let candidate = c
+        .env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .context("a candidate")?;
+    let writer = Writer::start(vec![pgwarden_tests::harness::writer::Target {
+        name: "haproxy".into(),
+        port,
+        password: password.clone(),
+    }]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
+    let (code, text) = c
+        .member(&old)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .context("switchover request")?;
+    anyhow::ensure!(code == 200, "switchover answered {code}: {text}");
+    routed_to(candidate).await?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let acks = writer.stop().await;
+    drop(proxy);
+    anyhow::ensure!(
+        acks.iter().any(|a| a.at > started),
+        "no write through HAProxy after the switchover"
+    );
+    let window: Vec<Ack> = acks
+        .iter()
+        .filter(|a| a.at + Duration::from_secs(1) >= started)
+        .cloned()
+        .collect();
+    Ok(longest_gap(&window).as_secs_f64())
+}
+
 /// Sum of the samples of one etcd metric family (all label sets), from its `/metrics`.
 async fn etcd_metric(endpoint: &str, family: &str) -> f64 {
     let Ok(out) = tokio::process::Command::new("curl")
@@ -615,6 +715,13 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             std::env::set_var("PGWARDEN_BIN", release);
         }
     }
+    for s in &args.scenarios {
+        anyhow::ensure!(
+            s == "all" || SCENARIOS.contains(&s.as_str()),
+            "unknown scenario {s:?}; known: all, {}",
+            SCENARIOS.join(", ")
+        );
+    }
     if args.quick {
         args.reps = 1;
         args.idle_secs = 5;
@@ -646,149 +753,11 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     }
 
     // Footprint over an idle window, both clusters at once.
-    eprintln!("bench: idle window of {} s", args.idle_secs);
-    let window = Duration::from_secs(args.idle_secs);
-    let mut etcd_before = Vec::new();
-    for c in &clusters {
-        etcd_before.push(EtcdCounters::read(&c.env.etcd.endpoint()).await);
+    if args.runs("footprint") {
+        footprint(&mut report, &clusters, Duration::from_secs(args.idle_secs)).await?;
     }
-    let mut idle = Vec::new();
-    for c in &clusters {
-        for m in &c.env.members {
-            let pid = m.process.as_ref().map(|p| p.pid()).unwrap_or(0);
-            idle.push((c.kind, tokio::spawn(procstat::idle_cpu(pid, window))));
-        }
-    }
-    for (kind, task) in idle {
-        let (cpu, sample) = task.await?;
-        for (name, unit, value) in [
-            ("agent RSS", "MiB", sample.rss_kib as f64 / 1024.0),
-            (
-                "agent peak RSS (VmHWM)",
-                "MiB",
-                sample.hwm_kib as f64 / 1024.0,
-            ),
-            (
-                "agent idle CPU",
-                "CPU s per 60 s",
-                cpu * 60.0 / window.as_secs_f64(),
-            ),
-        ] {
-            let f = report.figure(name, unit, true);
-            match kind {
-                AgentKind::Pgwarden => f.pgwarden.push(value),
-                AgentKind::Patroni => f.patroni.push(value),
-            }
-        }
-    }
-    // Each cluster has its own etcd: its counters are the cluster's requests alone.
-    for (c, before) in clusters.iter().zip(etcd_before) {
-        let etcd = EtcdCounters::read(&c.env.etcd.endpoint())
-            .await
-            .since(before);
-        let per_member = |v: f64| v / window.as_secs_f64() / c.env.members.len() as f64;
-        for (name, value) in [
-            (
-                "idle etcd requests/s per member (received)",
-                per_member(etcd.received),
-            ),
-            (
-                "idle etcd calls/s per member (handled)",
-                per_member(etcd.handled),
-            ),
-            ("idle lease renewals/s per member", per_member(etcd.renewed)),
-        ] {
-            let f = report.figure(name, "1/s", true);
-            match c.kind {
-                AgentKind::Pgwarden => f.pgwarden.push(value),
-                AgentKind::Patroni => f.patroni.push(value),
-            }
-        }
-    }
-
-    // REST throughput and latency of GET /primary on the leader.
-    let load_secs = if args.quick { 2 } else { 10 };
-    for c in &clusters {
-        let leader = c.wait_healthy().await?;
-        let port = c.member(&leader).api_port;
-        eprintln!("bench: GET /primary load on the {} leader", label(c.kind));
-        let duration = Duration::from_secs(load_secs);
-        let r = match load::run_wrk(port, "/primary", 8, duration).await {
-            Some(r) => r,
-            None => {
-                eprintln!(
-                    "bench: wrk not found; using the built-in load generator (slower than wrk)"
-                );
-                load::run(port, "/primary", 8, duration).await
-            }
-        };
-        eprintln!(
-            "bench: {} requests, {} errors, p50 {:.2} ms",
-            r.requests, r.errors, r.p50_ms
-        );
-        for (name, unit, lower, value) in [
-            ("GET /primary throughput", "req/s", false, r.per_second),
-            ("GET /primary p99 latency", "ms", true, r.p99_ms),
-        ] {
-            let f = report.figure(name, unit, lower);
-            match c.kind {
-                AgentKind::Pgwarden => f.pgwarden.push(value),
-                AgentKind::Patroni => f.patroni.push(value),
-            }
-        }
-    }
-
-    // GET /primary latency while postgres is busy with pgbench (a member must keep answering
-    // health checks fast when the database is loaded).
-    for c in &clusters {
-        let leader = c.wait_healthy().await?;
-        let m = c.member(&leader);
-        let pgbench = "/usr/lib/postgresql/15/bin/pgbench";
-        let conn = [
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &m.pg_port.to_string(),
-            "-U",
-            "postgres",
-            "postgres",
-        ];
-        let init = tokio::process::Command::new(pgbench)
-            .arg("-i")
-            .arg("-s")
-            .arg("2")
-            .args(conn)
-            .env("PGPASSWORD", &m.superuser_password)
-            .output()
-            .await?;
-        anyhow::ensure!(
-            init.status.success(),
-            "pgbench -i: {}",
-            String::from_utf8_lossy(&init.stderr)
-        );
-        let load = tokio::process::Command::new(pgbench)
-            .args(["-c", "4", "-j", "1", "-T", &load_secs.to_string()])
-            .args(conn)
-            .env("PGPASSWORD", &m.superuser_password)
-            .kill_on_drop(true)
-            .spawn()?;
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let duration = Duration::from_secs(load_secs.saturating_sub(1).max(1));
-        let r = match load::run_wrk(m.api_port, "/primary", 2, duration).await {
-            Some(r) => r,
-            None => load::run(m.api_port, "/primary", 2, duration).await,
-        };
-        let _ = load.wait_with_output().await;
-        for (name, value) in [
-            ("GET /primary p50 under pgbench", r.p50_ms),
-            ("GET /primary p99 under pgbench", r.p99_ms),
-        ] {
-            let f = report.figure(name, "ms", true);
-            match c.kind {
-                AgentKind::Pgwarden => f.pgwarden.push(value),
-                AgentKind::Patroni => f.patroni.push(value),
-            }
-        }
+    if args.runs("rest") {
+        rest(&mut report, &clusters, args.quick).await?;
     }
 
     // Switchovers and failovers, alternating between the agents.
@@ -797,7 +766,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     let mut alive = vec![true; clusters.len()];
     for rep in 0..args.reps {
         for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
-            if !*alive {
+            if !*alive || !args.runs("switchover") {
                 continue;
             }
             let what = format!("switchover {} of {}", rep + 1, args.reps);
@@ -832,7 +801,28 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             }
         }
         for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
-            if !*alive {
+            if !*alive || !args.runs("haproxy") {
+                continue;
+            }
+            let what = format!("switchover through HAProxy {} of {}", rep + 1, args.reps);
+            eprintln!("bench: {what} ({})", label(c.kind));
+            match haproxy_switchover(c).await {
+                Ok(gap) => {
+                    let f = report.figure(
+                        "switchover write gap through HAProxy (pgwarden: deploy/haproxy, Patroni: stock)",
+                        "s",
+                        true,
+                    );
+                    match c.kind {
+                        AgentKind::Pgwarden => f.pgwarden.push(gap),
+                        AgentKind::Patroni => f.patroni.push(gap),
+                    }
+                }
+                Err(e) => *alive = missed(&mut report, c, what, e).await,
+            }
+        }
+        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+            if !*alive || !args.runs("failover") {
                 continue;
             }
             let what = format!("failover {} of {}", rep + 1, args.reps);
@@ -889,7 +879,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     }
     drop(clusters);
 
-    if args.sync {
+    if args.sync && args.runs("sync") {
         let mut sync_clusters = Vec::new();
         for (i, kind) in kinds.iter().enumerate() {
             eprintln!(
@@ -935,7 +925,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         }
     }
 
-    if args.scale && !args.quick {
+    if args.scale && !args.quick && args.runs("scale") {
         for n in [1usize, 10, 50] {
             for kind in kinds {
                 eprintln!(
@@ -972,14 +962,18 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
         }
     }
 
-    std::fs::write(
-        args.out.join("switchover.svg"),
-        plot::svg("Acknowledged writes across a switchover", &plots_switch),
-    )?;
-    std::fs::write(
-        args.out.join("failover.svg"),
-        plot::svg("Acknowledged writes across a kill -9 failover", &plots_fail),
-    )?;
+    if !plots_switch.is_empty() {
+        std::fs::write(
+            args.out.join("switchover.svg"),
+            plot::svg("Acknowledged writes across a switchover", &plots_switch),
+        )?;
+    }
+    if !plots_fail.is_empty() {
+        std::fs::write(
+            args.out.join("failover.svg"),
+            plot::svg("Acknowledged writes across a kill -9 failover", &plots_fail),
+        )?;
+    }
     std::fs::write(
         args.out.join("results.json"),
         serde_json::to_string_pretty(&report)?,
@@ -994,5 +988,161 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     )?;
     println!("{table}");
     println!("results in {}", args.out.display());
+    Ok(())
+}
+
+/// Agent memory and idle CPU, and etcd requests, over an idle window, both clusters at once.
+async fn footprint(
+    report: &mut Report,
+    clusters: &[Cluster],
+    window: Duration,
+) -> anyhow::Result<()> {
+    eprintln!("bench: idle window of {} s", window.as_secs());
+    let mut etcd_before = Vec::new();
+    for c in clusters {
+        etcd_before.push(EtcdCounters::read(&c.env.etcd.endpoint()).await);
+    }
+    let mut idle = Vec::new();
+    for c in clusters {
+        for m in &c.env.members {
+            let pid = m.process.as_ref().map(|p| p.pid()).unwrap_or(0);
+            idle.push((c.kind, tokio::spawn(procstat::idle_cpu(pid, window))));
+        }
+    }
+    for (kind, task) in idle {
+        let (cpu, sample) = task.await?;
+        for (name, unit, value) in [
+            ("agent RSS", "MiB", sample.rss_kib as f64 / 1024.0),
+            (
+                "agent peak RSS (VmHWM)",
+                "MiB",
+                sample.hwm_kib as f64 / 1024.0,
+            ),
+            (
+                "agent idle CPU",
+                "CPU s per 60 s",
+                cpu * 60.0 / window.as_secs_f64(),
+            ),
+        ] {
+            let f = report.figure(name, unit, true);
+            match kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+    // Each cluster has its own etcd: its counters are the cluster's requests alone.
+    for (c, before) in clusters.iter().zip(etcd_before) {
+        let etcd = EtcdCounters::read(&c.env.etcd.endpoint())
+            .await
+            .since(before);
+        let per_member = |v: f64| v / window.as_secs_f64() / c.env.members.len() as f64;
+        for (name, value) in [
+            (
+                "idle etcd requests/s per member (received)",
+                per_member(etcd.received),
+            ),
+            (
+                "idle etcd calls/s per member (handled)",
+                per_member(etcd.handled),
+            ),
+            ("idle lease renewals/s per member", per_member(etcd.renewed)),
+        ] {
+            let f = report.figure(name, "1/s", true);
+            match c.kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Throughput and latency of `GET /primary`, idle and under pgbench.
+async fn rest(report: &mut Report, clusters: &[Cluster], quick: bool) -> anyhow::Result<()> {
+    // REST throughput and latency of GET /primary on the leader.
+    let load_secs = if quick { 2 } else { 10 };
+    for c in clusters {
+        let leader = c.wait_healthy().await?;
+        let port = c.member(&leader).api_port;
+        eprintln!("bench: GET /primary load on the {} leader", label(c.kind));
+        let duration = Duration::from_secs(load_secs);
+        let r = match load::run_wrk(port, "/primary", 8, duration).await {
+            Some(r) => r,
+            None => {
+                eprintln!(
+                    "bench: wrk not found; using the built-in load generator (slower than wrk)"
+                );
+                load::run(port, "/primary", 8, duration).await
+            }
+        };
+        eprintln!(
+            "bench: {} requests, {} errors, p50 {:.2} ms",
+            r.requests, r.errors, r.p50_ms
+        );
+        for (name, unit, lower, value) in [
+            ("GET /primary throughput", "req/s", false, r.per_second),
+            ("GET /primary p99 latency", "ms", true, r.p99_ms),
+        ] {
+            let f = report.figure(name, unit, lower);
+            match c.kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
+
+    // GET /primary latency while postgres is busy with pgbench (a member must keep answering
+    // health checks fast when the database is loaded).
+    for c in clusters {
+        let leader = c.wait_healthy().await?;
+        let m = c.member(&leader);
+        let pgbench = "/usr/lib/postgresql/15/bin/pgbench";
+        let conn = [
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &m.pg_port.to_string(),
+            "-U",
+            "postgres",
+            "postgres",
+        ];
+        let init = tokio::process::Command::new(pgbench)
+            .arg("-i")
+            .arg("-s")
+            .arg("2")
+            .args(conn)
+            .env("PGPASSWORD", &m.superuser_password)
+            .output()
+            .await?;
+        anyhow::ensure!(
+            init.status.success(),
+            "pgbench -i: {}",
+            String::from_utf8_lossy(&init.stderr)
+        );
+        let load = tokio::process::Command::new(pgbench)
+            .args(["-c", "4", "-j", "1", "-T", &load_secs.to_string()])
+            .args(conn)
+            .env("PGPASSWORD", &m.superuser_password)
+            .kill_on_drop(true)
+            .spawn()?;
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let duration = Duration::from_secs(load_secs.saturating_sub(1).max(1));
+        let r = match load::run_wrk(m.api_port, "/primary", 2, duration).await {
+            Some(r) => r,
+            None => load::run(m.api_port, "/primary", 2, duration).await,
+        };
+        let _ = load.wait_with_output().await;
+        for (name, value) in [
+            ("GET /primary p50 under pgbench", r.p50_ms),
+            ("GET /primary p99 under pgbench", r.p99_ms),
+        ] {
+            let f = report.figure(name, "ms", true);
+            match c.kind {
+                AgentKind::Pgwarden => f.pgwarden.push(value),
+                AgentKind::Patroni => f.patroni.push(value),
+            }
+        }
+    }
     Ok(())
 }
