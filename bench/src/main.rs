@@ -464,7 +464,9 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
 
 /// A client's longest write gap through HAProxy across a switchover: pgwarden behind our
 /// deploy/haproxy/haproxy.cfg, Patroni behind its stock example (`inter 3s fall 3 rise 2`).
-async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<f64> {
+/// Returns the gap and the time from the switchover request until a new connection through
+/// HAProxy reaches the new primary.
+async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64)> {
     use pgwarden_tests::harness::haproxy::{self, reached, Backend, HaProxy};
     let old = c.wait_healthy().await?;
     let (template, section) = match c.kind {
@@ -505,6 +507,7 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<f64> {
         }
     };
     routed_to(old.clone()).await?;
+    proxy.wait_settled(section, &old, TIMEOUT).await?;
     let candidate = c
         .env
         .members
@@ -527,6 +530,7 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<f64> {
         .context("switchover request")?;
     anyhow::ensure!(code == 200, "switchover answered {code}: {text}");
     routed_to(candidate).await?;
+    let routed = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let acks = writer.stop().await;
     drop(proxy);
@@ -539,7 +543,7 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<f64> {
         .filter(|a| a.at + Duration::from_secs(1) >= started)
         .cloned()
         .collect();
-    Ok(longest_gap(&window).as_secs_f64())
+    Ok((longest_gap(&window).as_secs_f64(), routed))
 }
 
 /// Sum of the samples of one etcd metric family (all label sets), from its `/metrics`.
@@ -807,15 +811,16 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             let what = format!("switchover through HAProxy {} of {}", rep + 1, args.reps);
             eprintln!("bench: {what} ({})", label(c.kind));
             match haproxy_switchover(c).await {
-                Ok(gap) => {
-                    let f = report.figure(
-                        "switchover write gap through HAProxy (pgwarden: deploy/haproxy, Patroni: stock)",
-                        "s",
-                        true,
-                    );
-                    match c.kind {
-                        AgentKind::Pgwarden => f.pgwarden.push(gap),
-                        AgentKind::Patroni => f.patroni.push(gap),
+                Ok((gap, routed)) => {
+                    for (name, value) in [
+                        ("HAProxy: switchover write gap (pgwarden: deploy/haproxy, Patroni: stock)", gap),
+                        ("HAProxy: switchover request → new connections reach the new primary", routed),
+                    ] {
+                        let f = report.figure(name, "s", true);
+                        match c.kind {
+                            AgentKind::Pgwarden => f.pgwarden.push(value),
+                            AgentKind::Patroni => f.patroni.push(value),
+                        }
                     }
                 }
                 Err(e) => *alive = missed(&mut report, c, what, e).await,

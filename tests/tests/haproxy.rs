@@ -66,6 +66,10 @@ async fn haproxy_takes_writers_to_the_new_primary_after_a_switchover() {
         reached(port, &password).await == Some((old_port, false))
     })
     .await;
+    proxy
+        .wait_settled("primary", &old, T)
+        .await
+        .expect("only the leader is up in the primary section");
     // The replicas port reaches a replica.
     let replica_port = proxy.port("replicas");
     wait_until("HAProxy's replicas port reaches a replica", T, || async {
@@ -102,6 +106,10 @@ async fn haproxy_takes_writers_to_the_new_primary_after_a_switchover() {
     )
     .await;
     let routed = Instant::now();
+    proxy
+        .wait_settled("primary", &candidate, T)
+        .await
+        .expect("only the new primary is up in the primary section");
     // Let the writer go on through HAProxy for a while (a window, not a bound).
     wait_until("the old primary is a streaming replica", T, || async {
         member(&env, &old).is_streaming_replica().await

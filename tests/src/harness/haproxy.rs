@@ -160,6 +160,20 @@ pub async fn reached(port: u16, password: &str) -> Option<(u16, bool)> {
     Some((u16::try_from(port).ok()?, row.get(1)))
 }
 
+/// The body of a chunked HTTP response (HAProxy's stats page answers chunked even to HTTP/1.0).
+fn dechunk(mut body: &str) -> Option<String> {
+    let mut out = String::new();
+    loop {
+        let (size, rest) = body.split_once("\r\n")?;
+        let size = usize::from_str_radix(size.split(';').next()?.trim(), 16).ok()?;
+        if size == 0 {
+            return Some(out);
+        }
+        out.push_str(rest.get(..size)?);
+        body = rest.get(size..)?.strip_prefix("\r\n")?;
+    }
+}
+
 /// A running HAProxy; dropping it stops it by PID.
 pub struct HaProxy {
     /// Listening port of each section with a `bind` (`primary`, `replicas`, `batman`, `stats`).
@@ -201,6 +215,81 @@ impl HaProxy {
         Ok(HaProxy { ports, process })
     }
 
+    /// The state HAProxy's health checks give each server of `section` (`UP`, `DOWN`, or a
+    /// transition such as `UP 1/2`), from the `stats` section's CSV page.
+    pub async fn server_states(&self, section: &str) -> Option<BTreeMap<String, String>> {
+        let port = *self.ports.get("stats")?;
+        // HTTP/1.0, so that HAProxy answers without chunked encoding.
+        let fetch = async {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .ok()?;
+            stream.write_all(b"GET /;csv HTTP/1.0\r\n\r\n").await.ok()?;
+            let mut response = Vec::new();
+            stream.read_to_end(&mut response).await.ok()?;
+            Some(String::from_utf8_lossy(&response).into_owned())
+        };
+        let response = tokio::time::timeout(Duration::from_secs(5), fetch)
+            .await
+            .ok()??;
+        let (head, body) = response.split_once("\r\n\r\n")?;
+        if head.split_whitespace().nth(1) != Some("200") {
+            return None;
+        }
+        let csv = if head
+            .to_ascii_lowercase()
+            .contains("transfer-encoding: chunked")
+        {
+            dechunk(body)?
+        } else {
+            body.to_owned()
+        };
+        let mut lines = csv.lines();
+        let header: Vec<&str> = lines.next()?.trim_start_matches("# ").split(',').collect();
+        let col = |name: &str| header.iter().position(|h| *h == name);
+        let (px, sv, status) = (col("pxname")?, col("svname")?, col("status")?);
+        let mut states = BTreeMap::new();
+        for line in lines {
+            let fields: Vec<&str> = line.split(',').collect();
+            if fields.get(px) == Some(&section)
+                && !matches!(fields.get(sv), Some(&"FRONTEND") | Some(&"BACKEND"))
+            {
+                states.insert(fields.get(sv)?.to_string(), fields.get(status)?.to_string());
+            }
+        }
+        Some(states)
+    }
+
+    /// Waits until HAProxy's checks have settled on `section`: `up` is the only server `UP`,
+    /// every other one `DOWN`. HAProxy starts every server as up and takes it out only after
+    /// `fall` failed checks (9 s with Patroni's example), so a measurement must wait for this.
+    pub async fn wait_settled(
+        &self,
+        section: &str,
+        up: &str,
+        timeout: Duration,
+    ) -> anyhow::Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let states = self.server_states(section).await;
+            if let Some(states) = &states {
+                if !states.is_empty()
+                    && states.iter().all(|(name, state)| {
+                        (name == up) == (state == "UP") && (name == up || state == "DOWN")
+                    })
+                {
+                    return Ok(());
+                }
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "HAProxy's checks did not settle on {up} alone in {section}: {states:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// The port of section `section`.
     pub fn port(&self, section: &str) -> u16 {
         self.ports[section]
@@ -210,6 +299,15 @@ impl HaProxy {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn chunked_bodies_are_joined() {
+        assert_eq!(
+            dechunk("5\r\nhello\r\n7\r\n, world\r\n0\r\n\r\n").as_deref(),
+            Some("hello, world")
+        );
+        assert_eq!(dechunk("5\r\nhel"), None);
+    }
 
     #[test]
     fn servers_and_binds_are_rewritten() {
