@@ -4,7 +4,8 @@
 //! both alike. Reports medians, min–max and the pgwarden/Patroni ratio of every figure.
 //!
 //! ```sh
-//! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S] [--out DIR]
+//! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S]
+//!     [--scenarios footprint,rest,switchover,haproxy,failover,sync,scale] [--out DIR]
 //! ```
 
 mod load;
@@ -464,9 +465,9 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
 
 /// A client's longest write gap through HAProxy across a switchover: pgwarden behind our
 /// deploy/haproxy/haproxy.cfg, Patroni behind its stock example (`inter 3s fall 3 rise 2`).
-/// Returns the gap and the time from the switchover request until a new connection through
-/// HAProxy reaches the new primary.
-async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64)> {
+/// Returns the gap, the time from the switchover request until a new connection through HAProxy
+/// reaches the new primary, and until the new leader's own `GET /primary` answered 200.
+async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64, Option<f64>)> {
     use pgwarden_tests::harness::haproxy::{self, reached, Backend, HaProxy};
     let old = c.wait_healthy().await?;
     let (template, section) = match c.kind {
@@ -522,6 +523,22 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64)> {
     }]);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
+    // When the new leader's own `GET /primary` turns 200: what HAProxy can see at the soonest.
+    let api_port = c.member(&candidate).api_port;
+    let primary_ok = tokio::spawn(async move {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            if pgwarden_tests::harness::http_request("GET", api_port, "/primary", None)
+                .await
+                .map(|(s, _)| s)
+                == Some(200)
+            {
+                return Some(started.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    });
     let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
     let (code, text) = c
         .member(&old)
@@ -529,13 +546,62 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64)> {
         .await
         .context("switchover request")?;
     anyhow::ensure!(code == 200, "switchover answered {code}: {text}");
-    routed_to(candidate).await?;
+    routed_to(candidate.clone()).await?;
     let routed = started.elapsed().as_secs_f64();
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The writer's own connection may still sit on the demoted primary (refused writes) until
+    // HAProxy closes it: wait until its writes land on the new primary again, so that the gap
+    // is measured to its end.
+    let new = c.member(&candidate);
+    let floor = new
+        .sql("SELECT coalesce(max(id), 0)::text FROM pgwarden_writer")
+        .await?
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let resumed = format!("SELECT count(*)::text FROM pgwarden_writer WHERE id > {floor}");
+    let deadline = Instant::now() + TIMEOUT;
+    while new
+        .sql(&resumed)
+        .await
+        .ok()
+        .and_then(|r| r.first()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        < 5
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "writes through HAProxy did not resume on {candidate}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let acks = writer.stop().await;
+    let primary_ok = primary_ok.await.ok().flatten();
     drop(proxy);
+    let offset = |a: &Ack| {
+        if a.at >= started {
+            a.at.duration_since(started).as_secs_f64()
+        } else {
+            -started.duration_since(a.at).as_secs_f64()
+        }
+    };
+    let before = acks.iter().filter(|a| a.at < started).count();
+    let after: Vec<f64> = acks
+        .iter()
+        .filter(|a| a.at >= started)
+        .map(offset)
+        .collect();
+    eprintln!(
+        "bench: through HAProxy: {before} writes before the switchover (last at {:?} s), {} after \
+         (first at {:?} s, last at {:?} s); new connections reached the new primary at {routed:.3} s; \
+         its GET /primary answered 200 at {primary_ok:?} s",
+        acks.iter().filter(|a| a.at < started).map(offset).last(),
+        after.len(),
+        after.first(),
+        after.last()
+    );
+    anyhow::ensure!(before > 0, "no write through HAProxy before the switchover");
     anyhow::ensure!(
-        acks.iter().any(|a| a.at > started),
+        !after.is_empty(),
         "no write through HAProxy after the switchover"
     );
     let window: Vec<Ack> = acks
@@ -543,7 +609,7 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64)> {
         .filter(|a| a.at + Duration::from_secs(1) >= started)
         .cloned()
         .collect();
-    Ok((longest_gap(&window).as_secs_f64(), routed))
+    Ok((longest_gap(&window).as_secs_f64(), routed, primary_ok))
 }
 
 /// Sum of the samples of one etcd metric family (all label sets), from its `/metrics`.
@@ -811,11 +877,18 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             let what = format!("switchover through HAProxy {} of {}", rep + 1, args.reps);
             eprintln!("bench: {what} ({})", label(c.kind));
             match haproxy_switchover(c).await {
-                Ok((gap, routed)) => {
-                    for (name, value) in [
+                Ok((gap, routed, primary_ok)) => {
+                    let mut figures = vec![
                         ("HAProxy: switchover write gap (pgwarden: deploy/haproxy, Patroni: stock)", gap),
                         ("HAProxy: switchover request → new connections reach the new primary", routed),
-                    ] {
+                    ];
+                    if let Some(t) = primary_ok {
+                        figures.push((
+                            "HAProxy: switchover request → GET /primary 200 on the new leader",
+                            t,
+                        ));
+                    }
+                    for (name, value) in figures {
                         let f = report.figure(name, "s", true);
                         match c.kind {
                             AgentKind::Pgwarden => f.pgwarden.push(value),
