@@ -594,7 +594,7 @@ async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64, Option<f64
         "bench: through HAProxy: {before} writes before the switchover (last at {:?} s), {} after \
          (first at {:?} s, last at {:?} s); new connections reached the new primary at {routed:.3} s; \
          its GET /primary answered 200 at {primary_ok:?} s",
-        acks.iter().filter(|a| a.at < started).map(offset).last(),
+        acks.iter().filter(|a| a.at < started).map(offset).next_back(),
         after.len(),
         after.first(),
         after.last()
