@@ -249,6 +249,15 @@ pub enum RoleOption {
 }
 
 impl RoleOption {
+    /// Every attribute, with its `pg_roles` column.
+    pub const ALL: [(RoleOption, &'static str); 5] = [
+        (RoleOption::Superuser, "rolsuper"),
+        (RoleOption::Createdb, "rolcreatedb"),
+        (RoleOption::Createrole, "rolcreaterole"),
+        (RoleOption::Replication, "rolreplication"),
+        (RoleOption::Bypassrls, "rolbypassrls"),
+    ];
+
     pub fn as_sql(self) -> &'static str {
         match self {
             RoleOption::Superuser => "SUPERUSER",

@@ -106,6 +106,14 @@ impl Elector {
         }
     }
 
+    /// A handle that releases our lease when the controller stops cleanly.
+    pub fn releaser(&self) -> Releaser {
+        Releaser {
+            api: self.api.clone(),
+            config: self.config.clone(),
+        }
+    }
+
     /// One round: `Ok(true)` when we hold the lease after it.
     async fn try_acquire_or_renew(&mut self, now: Instant) -> Result<bool, kube::Error> {
         let duration = i32::try_from(self.config.lease_duration.as_secs()).unwrap_or(i32::MAX);
@@ -179,6 +187,41 @@ impl Elector {
                 self.sighting = None;
                 Ok(true)
             }
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// Gives up the controller Lease on a clean stop, as client-go's `ReleaseOnCancel`: the holder
+/// is cleared (with the `resourceVersion` read, so a lease another replica took meanwhile is
+/// left alone), and a waiting replica takes over at its next round instead of after a whole
+/// `leaseDurationSeconds`.
+pub struct Releaser {
+    api: Api<Lease>,
+    config: ElectionConfig,
+}
+
+impl Releaser {
+    /// `Ok(true)`: we held the lease and released it. Call it only once nothing renews it any
+    /// more (the [`Elector`] task is stopped) and nothing acts for this replica.
+    pub async fn release(&self) -> Result<bool, kube::Error> {
+        let Some(mut lease) = self.api.get_opt(&self.config.lease_name).await? else {
+            return Ok(false);
+        };
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.config.identity.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        spec.lease_duration_seconds = Some(1);
+        spec.renew_time = Some(MicroTime(Utc::now()));
+        match self
+            .api
+            .replace(&self.config.lease_name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),
             Err(e) => Err(e),
         }

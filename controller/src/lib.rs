@@ -11,12 +11,14 @@
 //! - [`status`]: status from the leader Lease and the member records on the Pods.
 //! - [`rollout`]: which Pod to restart next, or which switchover to request (pure).
 //! - [`reconcile`]: the kube-runtime controller: apply, status, rollout, cleanup.
+//! - [`dcs_config`]: the spec's parameters in the agents' DCS `config` (reload, not restart).
 //! - [`agent_api`]: calls to an agent's REST API (switchover).
 //! - [`leader`]: the controller's own Lease-based leader election.
 //! - [`sql`]: the roles and databases of `spec.users`/`spec.databases`, on the primary.
 
 pub mod agent_api;
 pub mod crd;
+pub mod dcs_config;
 pub mod leader;
 pub mod reconcile;
 pub mod render;

@@ -11,7 +11,7 @@ use kube::CustomResourceExt;
 use pgwarden_controller::crd::PostgresCluster;
 use pgwarden_controller::leader::{ElectionConfig, Elector};
 use pgwarden_controller::reconcile;
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 #[derive(Debug, Parser)]
 #[command(name = "pgwarden-controller", version, about)]
@@ -118,7 +118,8 @@ async fn run(args: RunArgs) -> ExitCode {
         retry_period: Duration::from_secs((args.lease_duration / 3).max(1)),
     };
     let (elector, mut is_leader) = Elector::new(client.clone(), config);
-    let election = tokio::spawn(elector.run());
+    let releaser = elector.releaser();
+    let mut election = tokio::spawn(elector.run());
     info!(identity = %identity, "waiting to become the active controller");
     loop {
         if *is_leader.borrow_and_update() {
@@ -131,10 +132,20 @@ async fn run(args: RunArgs) -> ExitCode {
     }
     tokio::select! {
         () = reconcile::run(client, args.watch_namespace) => {
+            // Stopped by SIGTERM/SIGINT: nothing acts any more; stop renewing and hand the
+            // lease over at once.
+            election.abort();
+            let _ = (&mut election).await;
+            match tokio::time::timeout(Duration::from_secs(5), releaser.release()).await {
+                Ok(Ok(true)) => info!("released the controller lease"),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => warn!(error = %e, "could not release the controller lease; another replica takes over when it expires"),
+                Err(_) => warn!("no answer releasing the controller lease; another replica takes over when it expires"),
+            }
             info!("stopped");
             ExitCode::SUCCESS
         }
-        _ = election => {
+        _ = &mut election => {
             error!("lost the controller lease; exiting so that another replica takes over");
             ExitCode::from(1)
         }

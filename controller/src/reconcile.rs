@@ -12,7 +12,7 @@ use std::time::Duration;
 use futures::StreamExt;
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::{PersistentVolumeClaim, Pod, Secret};
+use k8s_openapi::api::core::v1::{ConfigMap, PersistentVolumeClaim, Pod, Secret};
 use kube::api::{DeleteParams, ListParams, Patch, PatchParams, PostParams, Preconditions};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::reflector::ObjectRef;
@@ -24,6 +24,7 @@ use tracing::{debug, info, warn};
 
 use crate::agent_api::{self, ApiCredentials};
 use crate::crd::{PostgresCluster, PostgresClusterStatus, PvcRetention, SpecError};
+use crate::dcs_config;
 use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
 use crate::status::{self, MemberRecord, PodView, StatusInput, MEMBER_ANNOTATION};
@@ -220,6 +221,9 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
         warn!(cluster = %names.cluster, errors = %spec_errors.iter().map(ToString::to_string).collect::<Vec<_>>().join("; "), "invalid spec");
     }
 
+    if spec_errors.is_empty() {
+        sync_dcs_parameters(pg, &client).await?;
+    }
     let observed = observe(pg, &client).await?;
     let step = if spec_errors.is_empty() {
         rollout::next_step(&observed.pods, observed.lease_holder.as_deref())
@@ -232,6 +236,9 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     };
     write_status(pg, &clusters, &observed, &spec_errors, rollout_note).await?;
     execute_step(pg, &client, &observed, &step).await?;
+    if spec_errors.is_empty() && pg.spec.pvc_retention == PvcRetention::Delete {
+        delete_departed_pvcs(pg, &client, &observed).await?;
+    }
     if spec_errors.is_empty() {
         ensure_users_and_databases(pg, ctx, &observed).await?;
     }
@@ -265,6 +272,51 @@ async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Err
     apply(client, ns, &render::pdb::pdb(pg)).await?;
     apply(client, ns, &render::statefulset::statefulset(pg, &hash)).await?;
     Ok(())
+}
+
+/// Writes the spec's parameters into the agents' DCS `config` (`crate::dcs_config`), compare
+/// and set on the ConfigMap's `resourceVersion`: a concurrent write by an agent (a 409) is
+/// retried by the next reconcile.
+async fn sync_dcs_parameters(pg: &PostgresCluster, client: &Client) -> Result<(), Error> {
+    let names = Names::of(pg);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &names.namespace);
+    let name = dcs_config::configmap_name(&names.cluster);
+    let Some(map) = maps
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading the ConfigMap {name}")))?
+    else {
+        return Ok(());
+    };
+    let wanted = pg
+        .spec
+        .postgresql
+        .parameters
+        .iter()
+        .map(|(k, v)| (k.clone(), v.to_yaml()))
+        .collect();
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let Some(annotations) = dcs_config::update(&map, &wanted, &now) else {
+        return Ok(());
+    };
+    let changed = annotations.contains_key(dcs_config::CONFIG_ANNOTATION);
+    let patch = serde_json::json!({"metadata": {
+        "resourceVersion": map.resource_version(),
+        "annotations": annotations,
+    }});
+    match maps
+        .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+        .await
+    {
+        Ok(_) => {
+            if changed {
+                info!(cluster = %names.cluster, "wrote the parameters into the DCS config; the members reload them");
+            }
+            Ok(())
+        }
+        Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+        Err(e) => Err(kube_err(format!("writing the DCS config in {name}"))(e)),
+    }
 }
 
 /// Server-side apply with our field manager. `force`: fields another manager took over (a
@@ -359,6 +411,12 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         .map_err(kube_err("reading the statefulset"))?
         .and_then(|s| s.status)
         .and_then(|s| s.update_revision);
+    let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
+    let dcs_map = maps
+        .get_opt(&dcs_config::configmap_name(&names.cluster))
+        .await
+        .map_err(kube_err("reading the agents' config ConfigMap"))?;
+    let parameters_changed_at = dcs_config::changed_at(dcs_map.as_ref());
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let lease_holder = leases
         .get_opt(&names.leader_lease())
@@ -371,7 +429,11 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
     let mut views = Vec::new();
     let mut raw = HashMap::new();
     for pod in pods.items {
-        views.push(pod_view(&pod, update_revision.as_deref()));
+        views.push(pod_view(
+            &pod,
+            update_revision.as_deref(),
+            parameters_changed_at,
+        ));
         raw.insert(pod.name_any(), pod);
     }
     Ok(Observed {
@@ -381,24 +443,38 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
     })
 }
 
-/// A Pod as status and rollout see it.
-pub fn pod_view(pod: &Pod, update_revision: Option<&str>) -> PodView {
+/// A Pod as status and rollout see it. A Pod that runs the current template but started
+/// before the parameters last changed (`parameters_changed_at`) and whose member reports
+/// `pending_restart` is outdated too: the rollout restarts it like one of an older revision.
+pub fn pod_view(
+    pod: &Pod,
+    update_revision: Option<&str>,
+    parameters_changed_at: Option<chrono::DateTime<chrono::Utc>>,
+) -> PodView {
     let ready = pod
         .status
         .as_ref()
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let revision = pod.labels().get("controller-revision-hash");
+    let member = MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str));
+    let started_before_change = match (parameters_changed_at, &pod.meta().creation_timestamp) {
+        (Some(changed), Some(created)) => created.0 < changed,
+        _ => false,
+    };
+    let pending_restart =
+        started_before_change && member.as_ref().is_some_and(|m| m.pending_restart);
     PodView {
         name: pod.name_any(),
         ready,
         // Before the StatefulSet controller reports a revision there is nothing to roll.
-        current_revision: match (update_revision, revision) {
-            (Some(want), Some(have)) => want == have,
-            _ => true,
-        },
+        current_revision: !pending_restart
+            && match (update_revision, revision) {
+                (Some(want), Some(have)) => want == have,
+                _ => true,
+            },
         terminating: pod.meta().deletion_timestamp.is_some(),
-        member: MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str)),
+        member,
     }
 }
 
@@ -578,16 +654,77 @@ async fn ensure_users_and_databases(
             password,
         });
     }
-    let created = crate::sql::ensure(&conn_url, &superuser, &users, &spec.databases)
+    let changed = crate::sql::ensure(&conn_url, &superuser, &users, &spec.databases)
         .await
         .map_err(Error::Sql)?;
-    if !created.is_empty() {
-        info!(cluster = %names.cluster, primary = %primary, created = %created.join(", "), "created in PostgreSQL");
+    if !changed.is_empty() {
+        info!(cluster = %names.cluster, primary = %primary, changed = %changed.join(", "), "applied spec.users/spec.databases in PostgreSQL");
     }
     ctx.ensured
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, done);
+    Ok(())
+}
+
+/// The ordinal of a member's data PVC (`data-<statefulset>-<n>`), if `name` is one.
+pub fn pvc_ordinal(name: &str, statefulset: &str) -> Option<i32> {
+    name.strip_prefix("data-")?
+        .strip_prefix(statefulset)?
+        .strip_prefix('-')?
+        .parse()
+        .ok()
+        .filter(|n: &i32| *n >= 0)
+}
+
+/// After a scale-down with `pvcRetention: Delete`: the data PVCs of the ordinals at or above
+/// `instances.replicas` whose Pod is gone. (A departed member's record leaves with its Pod: it is
+/// an annotation of the Pod.) With `Retain` they stay, and a scale-up reuses them.
+async fn delete_departed_pvcs(
+    pg: &PostgresCluster,
+    client: &Client,
+    observed: &Observed,
+) -> Result<(), Error> {
+    let names = Names::of(pg);
+    let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &names.namespace);
+    let selector = render::selector_labels(&names)
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let list = pvcs
+        .list(&ListParams::default().labels(&selector))
+        .await
+        .map_err(kube_err("listing the PVCs"))?;
+    let statefulset = names.statefulset();
+    for pvc in list.items {
+        let name = pvc.name_any();
+        let Some(ordinal) = pvc_ordinal(&name, &statefulset) else {
+            continue;
+        };
+        if ordinal < pg.spec.instances.replicas
+            || pvc.meta().deletion_timestamp.is_some()
+            || observed
+                .raw
+                .contains_key(&format!("{statefulset}-{ordinal}"))
+        {
+            continue;
+        }
+        let params = DeleteParams {
+            preconditions: pvc.uid().map(|uid| Preconditions {
+                uid: Some(uid),
+                resource_version: None,
+            }),
+            ..DeleteParams::default()
+        };
+        match pvcs.delete(&name, &params).await {
+            Ok(_) => {
+                info!(cluster = %names.cluster, pvc = %name, "deleted a departed member's data volume (pvcRetention: Delete)")
+            }
+            Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => {}
+            Err(e) => return Err(kube_err(format!("deleting the PVC {name}"))(e)),
+        }
+    }
     Ok(())
 }
 
@@ -677,4 +814,19 @@ async fn cleanup(pg: &PostgresCluster, ctx: &Context) -> Result<Action, Error> {
         .collect();
     patch_finalizers(pg, &clusters, remaining).await?;
     Ok(Action::await_change())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::pvc_ordinal;
+
+    #[test]
+    fn only_the_statefulsets_data_pvcs_have_an_ordinal() {
+        assert_eq!(pvc_ordinal("data-pg-2", "pg"), Some(2));
+        assert_eq!(pvc_ordinal("data-pg-10", "pg"), Some(10));
+        assert_eq!(pvc_ordinal("data-pg-x-2", "pg"), None);
+        assert_eq!(pvc_ordinal("data-pgx-2", "pg"), None);
+        assert_eq!(pvc_ordinal("wal-pg-2", "pg"), None);
+        assert_eq!(pvc_ordinal("data-pg-", "pg"), None);
+    }
 }

@@ -359,6 +359,7 @@ async fn reconcile_creates_owned_objects_updates_them_keeps_secrets_and_deletion
     s.apply(&example("minimal", |v| {
         v["spec"]["services"] = json!({"primary": {"type": "NodePort"}});
         v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+        v["spec"]["ha"] = json!({"ttl": 31});
     }))
     .await
     .expect("apply the change");
@@ -757,39 +758,106 @@ async fn a_cluster_comes_up_fails_over_without_the_controller_and_rolls_out_repl
         .count();
     assert_eq!(stops_after, stops_before, "no Pod was stopped");
 
-    // A change that needs restarts: replicas first, a switchover, the former primary last.
-    let events_before = kubelet.events().await.len();
-    s.apply(&example("ha", |v| {
-        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
-        v["spec"]["users"] = json!([{"name": "app", "options": ["CREATEDB"]}]);
-        v["spec"]["databases"] = json!([{"name": "appdb", "owner": "app"}]);
-        v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
-    }))
+    // Waits until every member shows `setting = value` and the rollout is done.
+    let all_show = |setting: &'static str, value: &'static str| {
+        let s = &s;
+        let kubelet = &kubelet;
+        async move {
+            wait_until(
+                &format!("every member runs with {setting} = {value}"),
+                Duration::from_secs(240),
+                || async {
+                    let pg = s.cluster("ha").await;
+                    let up_to_date = condition(&pg, "Progressing")
+                        .is_some_and(|c| c.reason == "UpToDate")
+                        && pg.status.as_ref().and_then(|st| st.observed_generation)
+                            == pg.metadata.generation;
+                    if !up_to_date {
+                        return false;
+                    }
+                    let k = kubelet.state.lock().await;
+                    for i in 0..3 {
+                        let Some(m) = k.member(&format!("ha-{i}")) else {
+                            return false;
+                        };
+                        if m.sql(&format!("SHOW {setting}")).await.ok()
+                            != Some(vec![value.to_owned()])
+                        {
+                            return false;
+                        }
+                    }
+                    true
+                },
+            )
+            .await
+        }
+    };
+    let spec = |parameters: Value, users: Value, owner: &str| {
+        example("ha", |v| {
+            v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+            v["spec"]["users"] = users;
+            v["spec"]["databases"] = json!([{"name": "appdb", "owner": owner}]);
+            v["spec"]["postgresql"] = json!({ "parameters": parameters });
+        })
+    };
+    // What the primary has of `spec.users`/`spec.databases`.
+    let roles = || async {
+        let primary = lease_holder(&s, "ha").await.unwrap_or_default();
+        let k = kubelet.state.lock().await;
+        let Some(m) = k.member(&primary) else {
+            return Vec::new();
+        };
+        m.sql(
+            "SELECT string_agg(rolname || ':' || rolcreatedb || rolcreaterole, ',' ORDER BY rolname) \
+             || '/' || (SELECT pg_get_userbyid(datdba) FROM pg_database WHERE datname = 'appdb') \
+             FROM pg_roles WHERE rolname LIKE 'app%'",
+        )
+        .await
+        .unwrap_or_default()
+    };
+
+    // A parameter a reload takes goes through the DCS `config`: every member reloads it, no
+    // Pod restarts. Users: changed options, a new one owning the database.
+    let uids = pod_uids(&s).await;
+    s.apply(&spec(
+        json!({"work_mem": "8MB"}),
+        json!([{"name": "app", "options": ["CREATEROLE"]}, {"name": "app2"}]),
+        "app2",
+    ))
     .await
     .expect("apply the change");
-    wait_until(
-        "every member runs the new configuration",
-        Duration::from_secs(240),
-        || async {
-            let pg = s.cluster("ha").await;
-            let up_to_date = condition(&pg, "Progressing").is_some_and(|c| c.reason == "UpToDate")
-                && pg.status.as_ref().and_then(|st| st.observed_generation)
-                    == pg.metadata.generation;
-            if !up_to_date {
-                return false;
-            }
-            let k = kubelet.state.lock().await;
-            for i in 0..3 {
-                let Some(m) = k.member(&format!("ha-{i}")) else {
-                    return false;
-                };
-                if m.sql("SHOW work_mem").await.ok() != Some(vec!["8MB".to_owned()]) {
-                    return false;
-                }
-            }
-            true
-        },
-    )
+    all_show("work_mem", "8MB").await;
+    wait_until("the users and the owner follow the spec", T, || async {
+        roles().await == vec!["app:falsetrue,app2:falsefalse/app2".to_owned()]
+    })
+    .await;
+    assert_eq!(pod_uids(&s).await, uids, "no Pod was replaced for a reload");
+    let stops_after_reload = kubelet
+        .events()
+        .await
+        .iter()
+        .filter(|e| e.kind == EventKind::Stopped)
+        .count();
+    assert_eq!(stops_after_reload, stops_before, "no Pod was stopped");
+    assert!(ctl
+        .log_text()
+        .contains("wrote the parameters into the DCS config"));
+
+    // One that needs a restart: the members report pending_restart, and only then are the
+    // replicas restarted first, then a switchover; the former primary restarts as a replica.
+    let events_before = kubelet.events().await.len();
+    // The removed user is dropped once the database went back to its first owner.
+    s.apply(&spec(
+        json!({"work_mem": "8MB", "shared_buffers": "64MB"}),
+        json!([{"name": "app", "options": ["CREATEROLE"]}]),
+        "app",
+    ))
+    .await
+    .expect("apply the change");
+    all_show("shared_buffers", "64MB").await;
+    wait_until("the removed user is dropped", T, || async {
+        roles().await == vec!["app:falsetrue/app".to_owned()]
+    })
     .await;
     let third = wait_until_whole(&s, "ha", None).await;
     let stops: Vec<_> = kubelet.events().await[events_before..]
@@ -799,10 +867,16 @@ async fn a_cluster_comes_up_fails_over_without_the_controller_and_rolls_out_repl
         .collect();
     let mut stopped: Vec<String> = stops.iter().map(|e| e.pod.clone()).collect();
     stopped.sort();
-    assert_eq!(
-        stopped,
-        vec!["ha-0", "ha-1", "ha-2"],
-        "each Pod restarted once: {stops:?}"
+    let mut replicas: Vec<String> = (0..3)
+        .map(|i| format!("ha-{i}"))
+        .filter(|p| *p != second)
+        .collect();
+    replicas.sort();
+    // The former primary restarted postgres when it demoted: its Pod stays unless it still
+    // reports pending_restart.
+    assert!(
+        stopped == replicas || stopped == vec!["ha-0", "ha-1", "ha-2"],
+        "each replica's Pod restarted once: {stops:?}"
     );
     for e in &stops {
         assert_ne!(
@@ -812,11 +886,6 @@ async fn a_cluster_comes_up_fails_over_without_the_controller_and_rolls_out_repl
             e.pod
         );
     }
-    assert_eq!(
-        stops.last().map(|e| e.pod.as_str()),
-        Some(second.as_str()),
-        "the primary goes last, after a switchover: {stops:?}"
-    );
     assert_ne!(third, second, "the former primary handed over");
     assert!(
         ctl.log_text()
@@ -919,4 +988,106 @@ fn the_agent_accepts_the_configuration_rendered_for_every_example() {
             );
         }
     }
+}
+
+async fn controller_lease_holder(s: &Setup) -> Option<String> {
+    Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(s.admin.clone(), &s.ns)
+        .get_opt("pgwarden-controller")
+        .await
+        .ok()
+        .flatten()
+        .and_then(|l| l.spec)
+        .and_then(|sp| sp.holder_identity)
+        .filter(|h| !h.is_empty())
+}
+
+/// A controller stopped by SIGTERM gives its election Lease up on the way out, so a waiting
+/// replica takes over at its next round instead of after a whole lease duration.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_controller_stopped_by_sigterm_releases_its_lease() {
+    let s = setup("pgc-rel").await;
+    let mut first = s.controller("ctl-first");
+    wait_until("ctl-first holds the controller Lease", T, || async {
+        controller_lease_holder(&s).await.as_deref() == Some("ctl-first")
+            && first.log_text().contains("became the active controller")
+    })
+    .await;
+    let status = first.stop().expect("ctl-first exits");
+    assert!(status.success(), "clean stop: {status:?}");
+    assert_eq!(
+        controller_lease_holder(&s).await,
+        None,
+        "the Lease is released on SIGTERM; log:\n{}",
+        first.log_text()
+    );
+    assert!(first.log_text().contains("released the controller lease"));
+}
+
+async fn pvc_names(s: &Setup) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .api::<PersistentVolumeClaim>()
+        .list(&Default::default())
+        .await
+        .map(|l| {
+            l.items
+                .into_iter()
+                .filter(|p| p.metadata.deletion_timestamp.is_none())
+                .map(|p| p.name_any())
+                .collect()
+        })
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Scaling down removes the departed members' Pods (and with them their member records, which
+/// are Pod annotations); with `pvcRetention: Delete` their data PVCs go too, with `Retain` they
+/// stay for a later scale-up. (No kubelet: the Pods need not run.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_down_deletes_the_departed_members_pvcs_only_with_pvc_retention_delete() {
+    let s = setup("pgc-scale").await;
+    let _ctl = s.controller("ctl-scale");
+    for (name, retention) in [("gone", "Delete"), ("kept", "Retain")] {
+        s.apply(&example(name, |v| {
+            v["spec"]["instances"]["replicas"] = json!(3);
+            v["spec"]["pvcRetention"] = json!(retention);
+        }))
+        .await
+        .expect("apply");
+    }
+    wait_until("six PVCs exist", T, || async {
+        pvc_names(&s).await.len() == 6
+    })
+    .await;
+    for name in ["gone", "kept"] {
+        s.apply(&example(name, |v| {
+            v["spec"]["instances"]["replicas"] = json!(1);
+            v["spec"]["pvcRetention"] = json!(if name == "gone" { "Delete" } else { "Retain" });
+        }))
+        .await
+        .expect("scale down");
+    }
+    wait_until("the departed members' Pods are gone", T, || async {
+        let pods = s.api::<Pod>().list(&Default::default()).await;
+        pods.is_ok_and(|l| {
+            let mut names: Vec<String> = l.items.iter().map(|p| p.name_any()).collect();
+            names.sort();
+            names == vec!["gone-0", "kept-0"]
+        })
+    })
+    .await;
+    wait_until(
+        "the Delete cluster's departed PVCs are deleted",
+        T,
+        || async {
+            pvc_names(&s).await == vec!["data-gone-0", "data-kept-0", "data-kept-1", "data-kept-2"]
+        },
+    )
+    .await;
+    // And they stay so: the Retain cluster's are not deleted later either.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(
+        pvc_names(&s).await,
+        vec!["data-gone-0", "data-kept-0", "data-kept-1", "data-kept-2"]
+    );
 }

@@ -5,13 +5,14 @@
 
 use std::time::Duration;
 
+use k8s_openapi::api::rbac::v1::RoleBinding;
 use pgwarden::dcs::kubernetes::members::RoleLabels;
 use pgwarden::dcs::kubernetes::{KubeDcs, KubeSettings};
 use pgwarden::dcs::{Dcs, DcsError};
-use pgwarden_tests::harness::kube::{KubeCluster, AGENT_TOKEN};
+use pgwarden_tests::harness::kube::{KubeCluster, AGENT_ROLE, AGENT_TOKEN};
 use pgwarden_tests::harness::kubelet::KubeMembers;
 use pgwarden_tests::harness::writer::{assert_no_split_brain, Writer};
-use pgwarden_tests::harness::{wait_until, ClusterOptions};
+use pgwarden_tests::harness::{agent_binary, wait_until, ClusterOptions};
 
 const T: Duration = Duration::from_secs(120);
 
@@ -156,6 +157,14 @@ async fn kill9_of_the_leader_agent_fails_over_after_the_lease_and_it_rejoins() {
     let i = k.index(&old);
     k.env.members[i].agent().kill9();
     let new = k.wait_for_leader(T, Some(&old)).await;
+    // The dead leader's Pod still exists (no kubelet deletes it); the new leader clears its
+    // role label, so a Service selecting `role=primary` no longer lists it.
+    wait_until(
+        &format!("the dead leader {old}'s Pod loses role=primary"),
+        Duration::from_secs(10),
+        || async { k.role_label(&old).await.as_deref() != Some("primary") },
+    )
+    .await;
 
     // The kubelet restarts the container.
     k.env.members[i].restart().expect("restart");
@@ -284,4 +293,206 @@ async fn racing_lease_updates_get_409_and_the_loser_backs_off() {
     }
     let lease = other.cluster().await.expect("read");
     assert_eq!(lease.leader_name(), Some(other_name));
+}
+
+/// A 403 on the leader's renewal (the agents' RoleBinding missing for a few seconds, as while
+/// it is replaced) says nothing about who holds the Lease: the renewal is unconfirmed, the
+/// leader keeps leading within its fence deadline, the next renewal succeeds, and nothing
+/// logs the lease as lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transient_403_on_renewal_does_not_cost_the_leadership() {
+    let k = members(&["pg0", "pg1"]).await;
+    let leader = k.wait_for_leader(T, None).await;
+    wait_for_streaming(&k, &leader, 1).await;
+    let bindings: kube::Api<RoleBinding> = kube::Api::namespaced(k.admin.clone(), &k.namespace);
+    let mut binding = bindings
+        .get(AGENT_ROLE)
+        .await
+        .expect("the agents' RoleBinding");
+    bindings
+        .delete(AGENT_ROLE, &Default::default())
+        .await
+        .expect("delete the RoleBinding");
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    binding.metadata.resource_version = None;
+    binding.metadata.uid = None;
+    bindings
+        .create(&Default::default(), &binding)
+        .await
+        .expect("recreate the RoleBinding");
+    let m = &k.env.members[k.index(&leader)];
+    wait_until(&format!("{leader} renews again"), T, || async {
+        m.log_text().contains("could not renew the leader lease")
+            && m.api_get("/primary").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    // A few more renewals.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(k.holder().await.as_deref(), Some(leader.as_str()));
+    assert_eq!(m.api_get("/primary").await.map(|(s, _)| s), Some(200));
+    for member in &k.env.members {
+        let log = member.log_text();
+        assert!(
+            !log.contains("the leader lease is lost"),
+            "{}: a transient 403 was taken for a lost lease",
+            member.name
+        );
+    }
+    assert!(
+        !m.log_text().contains("demot"),
+        "the leader must not demote"
+    );
+}
+
+/// `pgwarden -c ctl.yml args` against `k`'s cluster from a kubeconfig, as an operator outside
+/// the cluster runs it (here with the agents' token: reading and `config` edits need nothing
+/// more): (success, stdout and stderr).
+fn kube_ctl(k: &KubeMembers, args: &[&str]) -> (bool, String) {
+    let dir = k.env.dir.path();
+    let config = dir.join("ctl.yml");
+    std::fs::write(
+        &config,
+        format!(
+            "scope: {}\nkubernetes:\n  namespace: {}\n  labels: {{application: pgwarden-test}}\n  scope_label: cluster-name\n  role_label: role\n",
+            k.env.options.scope, k.namespace
+        ),
+    )
+    .expect("write the ctl config");
+    let kubeconfig = dir.join("ctl.kubeconfig");
+    std::fs::write(&kubeconfig, k.access.kubeconfig(AGENT_TOKEN, None)).expect("kubeconfig");
+    let out = std::process::Command::new(agent_binary())
+        .arg("-c")
+        .arg(&config)
+        .args(args)
+        .env("KUBECONFIG", &kubeconfig)
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("the binary runs");
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The cells of the table row whose first cell is `first`.
+fn table_row(table: &str, first: &str) -> Option<Vec<String>> {
+    table
+        .lines()
+        .map(|l| {
+            l.split('|')
+                .map(|c| c.trim().to_owned())
+                .collect::<Vec<_>>()
+        })
+        .find(|cells| cells.get(1).map(String::as_str) == Some(first))
+}
+
+/// The operator's commands work on a Kubernetes-mode cluster from a kubeconfig, with the
+/// output of etcd mode: list, edit-config, pause/resume, switchover, history, reload, restart,
+/// reinit, failover; `remove` is refused with a clear message.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cli_operates_a_kubernetes_mode_cluster_from_a_kubeconfig() {
+    let k = members(&["pg0", "pg1", "pg2"]).await;
+    let leader = k.wait_for_leader(T, None).await;
+    wait_for_streaming(&k, &leader, 2).await;
+    let replicas: Vec<String> = ["pg0", "pg1", "pg2"]
+        .iter()
+        .map(|n| n.to_string())
+        .filter(|n| *n != leader)
+        .collect();
+
+    // list: patronictl's table, the same as in etcd mode.
+    let mut out = String::new();
+    wait_until(
+        "list shows the leader and two streaming replicas",
+        T,
+        || {
+            let (ok, text) = kube_ctl(&k, &["list"]);
+            let whole = ok
+                && text.contains("+ Cluster: test (")
+                && table_row(&text, &leader).is_some_and(|r| r[3] == "Leader" && r[4] == "running")
+                && replicas.iter().all(|m| {
+                    table_row(&text, m).is_some_and(|r| r[3] == "Replica" && r[4] == "streaming")
+                });
+            out = text;
+            async move { whole }
+        },
+    )
+    .await;
+    assert!(
+        out.contains("| Member |") && out.contains("|  Role   |"),
+        "{out}"
+    );
+    let (ok, json) = kube_ctl(&k, &["list", "--format", "json"]);
+    let rows: serde_json::Value = serde_json::from_str(&json).unwrap_or_default();
+    assert!(ok && rows.as_array().map(Vec::len) == Some(3), "{json}");
+
+    // edit-config writes the `config` the agents apply (a reload parameter).
+    let (ok, text) = kube_ctl(&k, &["edit-config", "--pg", "work_mem=7MB", "--force"]);
+    assert!(ok && text.contains("Configuration changed"), "{text}");
+    wait_until("every member runs with work_mem 7MB", T, || async {
+        for m in &k.env.members {
+            if m.sql("SHOW work_mem").await.ok().as_deref() != Some(&["7MB".to_owned()][..]) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    let (ok, text) = kube_ctl(&k, &["show-config"]);
+    assert!(ok && text.contains("work_mem: 7MB"), "{text}");
+
+    // pause/resume.
+    let (ok, text) = kube_ctl(&k, &["pause", "--wait"]);
+    assert!(
+        ok && text.contains("cluster management is paused"),
+        "{text}"
+    );
+    let (ok, text) = kube_ctl(&k, &["list"]);
+    assert!(ok && text.contains("Maintenance mode: on"), "{text}");
+    let (ok, text) = kube_ctl(&k, &["resume", "--wait"]);
+    assert!(
+        ok && text.contains("cluster management is resumed"),
+        "{text}"
+    );
+
+    // switchover, then history shows it.
+    let candidate = replicas[0].clone();
+    let (ok, text) = kube_ctl(&k, &["switchover", "--candidate", &candidate, "--force"]);
+    assert!(ok, "{text}");
+    let new = k.wait_for_leader(T, Some(&leader)).await;
+    assert_eq!(new, candidate);
+    wait_for_streaming(&k, &new, 2).await;
+    let (ok, text) = kube_ctl(&k, &["history"]);
+    assert!(ok && text.contains("| New Leader"), "{text}");
+    assert!(
+        text.lines()
+            .any(|l| l.trim_end().ends_with(candidate.as_str())),
+        "{text}"
+    );
+
+    // reload, restart and reinit of a replica.
+    let replica = leader.clone();
+    let (ok, text) = kube_ctl(&k, &["reload", &replica, "--force"]);
+    assert!(ok, "{text}");
+    let (ok, text) = kube_ctl(&k, &["restart", &replica, "--force"]);
+    assert!(ok, "{text}");
+    let (ok, text) = kube_ctl(&k, &["reinit", &replica, "--force"]);
+    assert!(ok, "{text}");
+    wait_for_streaming(&k, &new, 2).await;
+
+    // failover back to the first leader.
+    let (ok, text) = kube_ctl(&k, &["failover", "--candidate", &leader, "--force"]);
+    assert!(ok, "{text}");
+    let back = k.wait_for_leader(T, Some(&new)).await;
+    assert_eq!(back, leader);
+
+    let (ok, text) = kube_ctl(&k, &["remove", "test"]);
+    assert!(
+        !ok && text.contains("not supported for a cluster in Kubernetes"),
+        "{text}"
+    );
 }

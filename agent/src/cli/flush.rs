@@ -5,7 +5,7 @@
 
 use super::restart::{select, RoleFilter};
 use super::{confirm, CliError, Ctl};
-use crate::dcs::{Dcs, FailoverRequest};
+use crate::dcs::FailoverRequest;
 
 /// What `flush` discards.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,6 @@
-//! The operator's CLI, `pgwarden <command>`, like `patronictl`: reads the cluster from etcd and
-//! acts through the members' REST APIs (or the DCS where Patroni's tool does too).
+//! The operator's CLI, `pgwarden <command>`, like `patronictl`: reads the cluster from the DCS
+//! (etcd, or the Kubernetes API with the kubeconfig when the configuration has a `kubernetes`
+//! section) and acts through the members' REST APIs (or the DCS where Patroni's tool does too).
 
 pub mod backup;
 pub mod flush;
@@ -20,6 +21,7 @@ use serde_json::{json, Value};
 
 use crate::config::Config;
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
+use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::{ClusterView, Dcs};
 
 /// Output format of read commands.
@@ -200,7 +202,7 @@ pub enum CtlCommand {
 /// Errors of CLI commands.
 #[derive(Debug, thiserror::Error)]
 pub enum CliError {
-    #[error("cannot reach etcd")]
+    #[error("cannot reach the DCS")]
     Dcs(#[source] crate::dcs::DcsError),
     #[error("{0}")]
     Usage(String),
@@ -210,31 +212,50 @@ pub enum CliError {
 
 struct Ctl {
     config: Config,
-    dcs: Arc<EtcdDcs>,
+    /// The cluster's store, whichever it is: every command but `remove` goes through the trait.
+    dcs: Arc<dyn Dcs>,
+    /// The same store when it is etcd (`remove` deletes keys, which only etcd mode has).
+    etcd: Option<Arc<EtcdDcs>>,
 }
 
 impl Ctl {
     async fn connect(config: Config) -> Result<Ctl, CliError> {
         crate::peer::configure_client_tls(config.restapi.cafile.as_deref())
             .map_err(CliError::Failed)?;
+        if let Some(mut settings) = KubeSettings::from_config(&config) {
+            // The CLI never takes the Lease or writes member records: it reads, and writes
+            // only `config` (edit-config). One read per command needs no watches.
+            settings.name = "pgwarden-ctl".into();
+            settings.watch = false;
+            settings.request_timeout = Duration::from_secs(5);
+            let dcs = KubeDcs::connect(settings).await.map_err(CliError::Dcs)?;
+            return Ok(Ctl {
+                config,
+                dcs: Arc::new(dcs),
+                etcd: None,
+            });
+        }
         let etcd = config.etcd3.clone().unwrap_or_default();
-        let dcs = EtcdDcs::connect(EtcdSettings {
-            endpoints: etcd.hosts.clone(),
-            username: etcd.username.clone(),
-            password: etcd.password.clone(),
-            namespace: config.namespace.clone(),
-            scope: config.scope.clone(),
-            // The CLI never writes `leader` or member keys.
-            name: "pgwarden-ctl".into(),
-            ttl: Duration::from_secs(30),
-            loop_wait: Duration::from_secs(10),
-            request_timeout: Duration::from_secs(5),
-        })
-        .await
-        .map_err(CliError::Dcs)?;
+        let dcs = Arc::new(
+            EtcdDcs::connect(EtcdSettings {
+                endpoints: etcd.hosts.clone(),
+                username: etcd.username.clone(),
+                password: etcd.password.clone(),
+                namespace: config.namespace.clone(),
+                scope: config.scope.clone(),
+                // The CLI never writes `leader` or member keys.
+                name: "pgwarden-ctl".into(),
+                ttl: Duration::from_secs(30),
+                loop_wait: Duration::from_secs(10),
+                request_timeout: Duration::from_secs(5),
+            })
+            .await
+            .map_err(CliError::Dcs)?,
+        );
         Ok(Ctl {
             config,
-            dcs: Arc::new(dcs),
+            dcs: dcs.clone(),
+            etcd: Some(dcs),
         })
     }
 

@@ -5,6 +5,13 @@
 use super::{list, prompt, CliError, Ctl, Format};
 
 pub(super) async fn remove(ctl: &Ctl, cluster: &str, format: Format) -> Result<(), CliError> {
+    let Some(etcd) = &ctl.etcd else {
+        return Err(CliError::Failed(format!(
+            "remove is not supported for a cluster in Kubernetes: delete its objects instead \
+             (the PostgresCluster, or the StatefulSet, the `{cluster}-*` ConfigMaps and the \
+             `{cluster}-leader` Lease)"
+        )));
+    };
     let view = ctl.cluster().await?;
     match format {
         Format::Pretty => print!("{}", list::render_table(cluster, &view, false, false)),
@@ -37,7 +44,7 @@ pub(super) async fn remove(ctl: &Ctl, cluster: &str, format: Format) -> Result<(
             ));
         }
     }
-    let deleted = ctl.dcs.delete_cluster().await.map_err(CliError::Dcs)?;
+    let deleted = etcd.delete_cluster().await.map_err(CliError::Dcs)?;
     eprintln!("Removed {deleted} keys of cluster {cluster}");
     Ok(())
 }

@@ -171,7 +171,15 @@ pub(super) async fn restart(ctl: &Ctl, args: RestartArgs) -> Result<(), CliError
                 }
             }
         }
-        match ctl.call(api, "POST", "/restart", Some(&body)).await? {
+        let mut reply = ctl.call(api, "POST", "/restart", Some(&body)).await?;
+        if reply.0 == 409 && scheduled.is_some() && args.force {
+            // The member record did not show the schedule yet (the agent publishes it on its
+            // next cycle): --force replaces it all the same.
+            if let (200 | 404, _) = ctl.call(api, "DELETE", "/restart", None).await? {
+                reply = ctl.call(api, "POST", "/restart", Some(&body)).await?;
+            }
+        }
+        match reply {
             (200, _) => println!("Success: restart on member {}", m.name),
             (202, _) => println!("Success: restart scheduled on member {}", m.name),
             (409, _) => {

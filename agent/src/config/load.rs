@@ -141,11 +141,22 @@ pub fn load_ctl(
             reason: "is required to find the cluster".into(),
         });
     }
-    if config.etcd3.as_ref().is_none_or(|e| e.hosts.is_empty()) {
-        errors.push(FieldError {
-            path: "etcd3.hosts".into(),
-            reason: "is required to reach the cluster's etcd".into(),
-        });
+    match (&config.etcd3, &config.kubernetes) {
+        (Some(_), Some(_)) => errors.push(FieldError {
+            path: "kubernetes".into(),
+            reason: "and etcd3 are both configured: choose one DCS".into(),
+        }),
+        // Kubernetes mode: the API server and credentials come from the kubeconfig
+        // (`KUBECONFIG`, `~/.kube/config`) or the Pod's service account, as patronictl's.
+        (None, Some(_)) => {}
+        (etcd, None) => {
+            if etcd.as_ref().is_none_or(|e| e.hosts.is_empty()) {
+                errors.push(FieldError {
+                    path: "etcd3.hosts".into(),
+                    reason: "is required to reach the cluster's etcd (or `kubernetes` for a cluster in Kubernetes)".into(),
+                });
+            }
+        }
     }
     if errors.is_empty() {
         Ok(config)

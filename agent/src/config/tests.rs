@@ -656,3 +656,23 @@ fn parameters_replication_depends_on_are_kept_usable_with_a_warning() {
     let p = crate::postgres::conf::parameters(&loaded.config, &loaded.config.bootstrap.dcs);
     assert_eq!(p["hot_standby"], "on");
 }
+
+#[test]
+fn the_cli_reaches_etcd_or_kubernetes_never_both() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let load = |text: &str| {
+        let path = dir.path().join("ctl.yml");
+        std::fs::write(&path, text).expect("write");
+        load_ctl(Some(&path), &no_env())
+    };
+    let kube = load("scope: pg\nkubernetes:\n  namespace: db\n").expect("kubernetes mode");
+    assert_eq!(
+        kube.kubernetes.and_then(|k| k.namespace).as_deref(),
+        Some("db")
+    );
+    assert!(load("scope: pg\netcd3:\n  hosts: 127.0.0.1:2379\n").is_ok());
+    let both = load("scope: pg\netcd3:\n  hosts: 127.0.0.1:2379\nkubernetes: {}\n");
+    assert!(both.is_err_and(|e| e.to_string().contains("choose one DCS")));
+    let none = load("scope: pg\n");
+    assert!(none.is_err_and(|e| e.to_string().contains("etcd3.hosts")));
+}

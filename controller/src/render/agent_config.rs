@@ -61,6 +61,12 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
             "use_slots": true,
         },
     });
+    // The parameters are dynamic configuration, not the members' local files: the bootstrap
+    // writes them into the DCS `config`, and later changes go there too (`dcs_config`), where
+    // each agent reloads what a reload takes. Local parameters would override `config`.
+    if !parameters.is_empty() {
+        dcs["postgresql"]["parameters"] = Value::Object(parameters);
+    }
     if let Some(standby) = &spec.standby {
         let mut standby_cluster = json!({"host": standby.host, "port": standby.port});
         if let Some(slot) = &standby.primary_slot_name {
@@ -98,7 +104,7 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
             "listen": format!("0.0.0.0:{POSTGRES_PORT}"),
             "data_dir": DATA_DIR,
             "bin_dir": format!("/usr/lib/postgresql/{}/bin", spec.postgres_version),
-            "parameters": parameters,
+            "parameters": {},
             "pg_hba": pg_hba,
             "use_unix_socket": true,
             "authentication": {

@@ -27,10 +27,17 @@ pub fn configmap(pg: &PostgresCluster) -> ConfigMap {
 
 /// Hash of what the Pods read from the ConfigMap: goes into the Pod template, so a changed
 /// configuration is a new StatefulSet revision. Not a hash of the ConfigMap itself: scaling
-/// adds a member file, and that must not restart the existing members.
+/// adds a member file, and that must not restart the existing members. Nor of the parameters:
+/// they reach the members through the DCS `config` (`crate::dcs_config`), and only those that
+/// need a restart restart Pods; the hash is computed as if there were none, so it is the same
+/// as before for a cluster without parameters.
 pub fn config_hash(pg: &PostgresCluster) -> String {
     let names = Names::of(pg);
-    let mut all = serde_json::to_string(&agent_config::value(&names, &pg.spec)).unwrap_or_default();
+    let mut value = agent_config::value(&names, &pg.spec);
+    if let Some(dcs_pg) = value["bootstrap"]["dcs"]["postgresql"].as_object_mut() {
+        dcs_pg.remove("parameters");
+    }
+    let mut all = serde_json::to_string(&value).unwrap_or_default();
     all.push('\0');
     all.push_str(&serde_json::to_string(&pg.spec.instances.failover_priority).unwrap_or_default());
     // Where a pgbackrest.conf used to be hashed: kept, so the hash of clusters without backups

@@ -17,7 +17,8 @@ pub fn service_account(pg: &PostgresCluster) -> ServiceAccount {
 }
 
 /// What an agent does through the API: elect its leader with a Lease, publish its member
-/// record and role label on its own Pod and read the other members' Pods, keep the cluster
+/// record and role label on its own Pod, read the other members' Pods (and, holding the Lease,
+/// remove the leader's role label from a former leader's), keep the cluster
 /// state (`config`, `initialize`, `history`, `failover`, `sync`) in ConfigMaps.
 pub fn agent_rules() -> Vec<PolicyRule> {
     let rule = |group: &str, resource: &str, verbs: &[&str]| PolicyRule {

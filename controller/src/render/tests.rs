@@ -332,7 +332,9 @@ fn agent_config_is_patroni_yaml_in_kubernetes_mode() {
     assert_eq!(dcs["ttl"], 30);
     assert_eq!(dcs["synchronous_mode"], true);
     assert_eq!(dcs["maximum_lag_on_failover"], 16_777_216);
-    let params = &v["postgresql"]["parameters"];
+    // Parameters are dynamic configuration (the DCS `config`), none in the local file.
+    assert_eq!(v["postgresql"]["parameters"], serde_json::json!({}));
+    let params = &dcs["postgresql"]["parameters"];
     assert_eq!(params["max_connections"], 300);
     assert_eq!(params["shared_buffers"], "2GB");
     // The agent owns archiving and the schedules (`docs/backup.md`); keys come from the env.
@@ -395,7 +397,7 @@ fn standby_and_restore_render_patroni_sections() {
 }
 
 #[test]
-fn a_parameter_change_changes_the_config_hash_and_so_the_pod_template() {
+fn a_parameter_change_keeps_the_config_hash_other_changes_do_not() {
     let a = minimal();
     let mut b = minimal();
     b.spec.postgresql.parameters.insert(
@@ -404,7 +406,11 @@ fn a_parameter_change_changes_the_config_hash_and_so_the_pod_template() {
     );
     let ha = configmap::config_hash(&a);
     let hb = configmap::config_hash(&b);
-    assert_ne!(ha, hb);
+    // Parameters reach the members through the DCS `config`, not by rolling the Pods.
+    assert_eq!(ha, hb);
+    let mut ttl = minimal();
+    ttl.spec.ha.ttl += 1;
+    assert_ne!(ha, configmap::config_hash(&ttl));
     assert_eq!(ha, configmap::config_hash(&minimal()), "stable");
     // Changes that do not touch the running members keep the hash: the retention policy,
     // and scaling (a new member gets its own file).

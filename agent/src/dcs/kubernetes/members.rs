@@ -79,6 +79,43 @@ pub fn mark_of(pod: &Pod, role_key: &str) -> PodMark {
     )
 }
 
+/// Pods other than `own` that still carry the leader's (or standby leader's) role label: while
+/// `own` holds the Lease they are former leaders, dead or not yet demoted, and a Service
+/// selecting the label must stop sending clients to them. Returns each Pod's name and the
+/// `resourceVersion` the label was seen at.
+pub fn stale_leader_pods(pods: &[Pod], role: &RoleLabels, own: &str) -> Vec<(String, String)> {
+    let leader_values = [role.leader.as_str(), role.standby_leader.as_str()];
+    if leader_values.contains(&role.follower.as_str()) {
+        // A label that does not tell leaders from followers is not ours to clear.
+        return Vec::new();
+    }
+    pods.iter()
+        .filter(|p| p.metadata.name.as_deref() != Some(own))
+        .filter(|p| {
+            p.metadata
+                .labels
+                .as_ref()
+                .and_then(|l| l.get(&role.key))
+                .is_some_and(|v| leader_values.contains(&v.as_str()))
+        })
+        .filter_map(|p| {
+            Some((
+                p.metadata.name.clone()?,
+                p.metadata.resource_version.clone()?,
+            ))
+        })
+        .collect()
+}
+
+/// JSON merge patch removing the role label from a Pod, only if the Pod is still at
+/// `resource_version` (409 otherwise: its agent wrote meanwhile and knows better).
+pub fn unlabel_patch(role_key: &str, resource_version: &str) -> serde_json::Value {
+    json!({"metadata": {
+        "resourceVersion": resource_version,
+        "labels": {role_key: null},
+    }})
+}
+
 /// JSON merge patch setting (or, with `None`, removing) the record and the role label.
 pub fn mark_patch(role_key: &str, mark: &PodMark) -> serde_json::Value {
     json!({"metadata": {
@@ -120,6 +157,33 @@ mod tests {
         assert_eq!((m.name.as_str(), m.revision), ("pg-0", 42));
         pod.metadata.annotations = None;
         assert!(member_of(&pod).is_none());
+    }
+
+    #[test]
+    fn only_other_pods_labelled_leader_are_stale() {
+        let pod = |name: &str, role: Option<&str>| -> Pod {
+            serde_json::from_value(json!({"metadata": {"name": name, "resourceVersion": "7",
+                "labels": role.map(|r| json!({"role": r})).unwrap_or(json!({}))}}))
+            .expect("pod")
+        };
+        let pods = [
+            pod("pg-0", Some("master")),
+            pod("pg-1", Some("master")),
+            pod("pg-2", Some("replica")),
+            pod("pg-3", Some("standby")),
+            pod("pg-4", None),
+        ];
+        let stale = stale_leader_pods(&pods, &labels(), "pg-0");
+        assert_eq!(
+            stale,
+            vec![("pg-1".into(), "7".into()), ("pg-3".into(), "7".into())]
+        );
+        let mut same = labels();
+        same.follower = "master".into();
+        assert!(stale_leader_pods(&pods, &same, "pg-0").is_empty());
+        let patch = unlabel_patch("role", "7");
+        assert_eq!(patch["metadata"]["resourceVersion"], json!("7"));
+        assert_eq!(patch["metadata"]["labels"]["role"], json!(null));
     }
 
     #[test]

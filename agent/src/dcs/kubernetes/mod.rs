@@ -153,10 +153,14 @@ fn classify(err: kube::Error) -> DcsError {
     }
 }
 
-/// A request's outcome before classification: 409/404 matter to the callers.
+/// A request's outcome before classification: 409/404 matter to the callers, and so do 401/403
+/// to the leader's renewal.
 enum Failure {
     Conflict,
     NotFound,
+    /// 401 Unauthorized or 403 Forbidden: the server refused to look at the object (an
+    /// authorizer still filling its cache after a restart, a RoleBinding being replaced).
+    Forbidden(DcsError),
     Other(DcsError),
 }
 
@@ -165,7 +169,23 @@ impl From<Failure> for DcsError {
         match f {
             Failure::Conflict => DcsError::Rejected("409 Conflict".into()),
             Failure::NotFound => DcsError::Rejected("404 Not Found".into()),
-            Failure::Other(e) => e,
+            Failure::Forbidden(e) | Failure::Other(e) => e,
+        }
+    }
+}
+
+impl Failure {
+    /// For the leader's own renewal: a 401/403 says nothing about who holds the Lease (the
+    /// server did not read it), so the renewal is unconfirmed, as when the server is out of
+    /// reach. The HA loop then keeps the fence deadline of the last confirmed renewal: a refusal
+    /// that lasts demotes the leader at that deadline, a transient one is survived by the next
+    /// renewal instead of losing the leadership at once.
+    fn unconfirmed_if_forbidden(self) -> Failure {
+        match self {
+            Failure::Forbidden(e) => Failure::Other(DcsError::Unreachable(format!(
+                "refused by the API server, which did not read the Lease: {e}"
+            ))),
+            other => other,
         }
     }
 }
@@ -193,6 +213,50 @@ fn record_of(lease: &Lease) -> LeaseRecord {
     }
 }
 
+/// Removes the role label of the Pods in `stale` ([`members::stale_leader_pods`]; with `None`,
+/// lists the members first). Runs beside the HA loop, never delaying it.
+async fn unlabel_former_leaders(
+    pods: Api<Pod>,
+    selector: String,
+    role: RoleLabels,
+    own: String,
+    stale: Option<Vec<(String, String)>>,
+    timeout: Duration,
+) {
+    let stale = match stale {
+        Some(s) => s,
+        None => {
+            let lp = ListParams::default().labels(&selector);
+            match tokio::time::timeout(timeout, pods.list(&lp)).await {
+                Ok(Ok(list)) => members::stale_leader_pods(&list.items, &role, &own),
+                Ok(Err(e)) => {
+                    debug!(error = %e, "could not list the member Pods to clear former leaders' role labels");
+                    return;
+                }
+                Err(_) => return,
+            }
+        }
+    };
+    for (name, resource_version) in stale {
+        let patch = Patch::Merge(members::unlabel_patch(&role.key, &resource_version));
+        let params = PatchParams::default();
+        let request = pods.patch(&name, &params, &patch);
+        match tokio::time::timeout(timeout, request).await {
+            Ok(Ok(_)) => info!(
+                pod = %name,
+                label = %role.key,
+                "removed the leader's role label from a Pod that does not hold the leader Lease"
+            ),
+            // Its agent rewrote the Pod meanwhile: it labels itself, the next read tells.
+            Ok(Err(e)) if matches!(status_code(&e), Some(404 | 409)) => {}
+            Ok(Err(e)) => {
+                warn!(pod = %name, error = %e, "could not remove a former leader's role label")
+            }
+            Err(_) => warn!(pod = %name, "no answer removing a former leader's role label"),
+        }
+    }
+}
+
 /// [`Dcs`] over the Kubernetes API.
 pub struct KubeDcs {
     settings: KubeSettings,
@@ -212,6 +276,8 @@ pub struct KubeDcs {
     wake: Arc<WakeSignal>,
     reachability: Reachability,
     watchers: Vec<tokio::task::JoinHandle<()>>,
+    /// A task clearing former leaders' role labels is running.
+    unlabelling: Arc<AtomicBool>,
 }
 
 impl Drop for KubeDcs {
@@ -287,7 +353,39 @@ impl KubeDcs {
                 reachable: AtomicBool::new(true),
             },
             watchers,
+            unlabelling: Arc::new(AtomicBool::new(false)),
         }
+    }
+
+    /// While we hold the Lease, no other Pod may keep the leader's role label: a dead leader's
+    /// Pod would otherwise stay behind the primary Service until it is deleted. Clears the
+    /// label of those in `listed` (or of those found by a fresh list), in the background.
+    fn unlabel_former_leaders(&self, listed: Option<&[Pod]>) {
+        let stale = listed
+            .map(|pods| members::stale_leader_pods(pods, &self.settings.role, &self.settings.name));
+        if stale.as_ref().is_some_and(Vec::is_empty) {
+            return;
+        }
+        if self.unlabelling.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let busy = self.unlabelling.clone();
+        let task = unlabel_former_leaders(
+            self.pods.clone(),
+            members::label_selector(&self.settings.selector_labels()),
+            self.settings.role.clone(),
+            self.settings.name.clone(),
+            stale,
+            self.settings.request_timeout,
+        );
+        tokio::spawn(async move {
+            task.await;
+            busy.store(false, Ordering::Release);
+        });
+    }
+
+    fn holds_lease(&self) -> bool {
+        matches!(self.lease_state(), LeaseState::Held { holder, .. } if holder == self.settings.name)
     }
 
     /// The namespace everything lives in.
@@ -363,6 +461,7 @@ impl KubeDcs {
             Ok(Err(err)) => match status_code(&err) {
                 Some(409) => Err(Failure::Conflict),
                 Some(404) => Err(Failure::NotFound),
+                Some(401 | 403) => Err(Failure::Forbidden(classify(err))),
                 _ => Err(Failure::Other(classify(err))),
             },
             Err(_) => Err(Failure::Other(DcsError::Unreachable(format!(
@@ -373,12 +472,18 @@ impl KubeDcs {
             Ok(_) | Err(Failure::Conflict) | Err(Failure::NotFound) => {
                 self.reachability.succeeded()
             }
-            Err(Failure::Other(err)) => self.reachability.failed(op, err),
+            Err(Failure::Forbidden(err)) | Err(Failure::Other(err)) => {
+                self.reachability.failed(op, err)
+            }
         }
         result
     }
 
     async fn get_lease(&self) -> Result<Option<Lease>, DcsError> {
+        Ok(self.read_lease().await?)
+    }
+
+    async fn read_lease(&self) -> Result<Option<Lease>, Failure> {
         let name = &self.settings.lease_name;
         let lease = self
             .call("read the leader lease", self.leases.get_opt(name))
@@ -417,6 +522,11 @@ impl KubeDcs {
 
     /// Replace with `lease`'s `resourceVersion`; `Ok(None)` on 409.
     async fn replace_lease(&self, op: &str, lease: &Lease) -> Result<Option<Lease>, DcsError> {
+        Ok(self.try_replace_lease(op, lease).await?)
+    }
+
+    /// [`Self::replace_lease`], keeping a 401/403 apart.
+    async fn try_replace_lease(&self, op: &str, lease: &Lease) -> Result<Option<Lease>, Failure> {
         match self
             .call(
                 op,
@@ -430,17 +540,18 @@ impl KubeDcs {
                 Ok(Some(written))
             }
             Err(Failure::Conflict) => Ok(None),
-            Err(Failure::NotFound) => Err(DcsError::Rejected(format!(
+            Err(Failure::NotFound) => Err(Failure::Other(DcsError::Rejected(format!(
                 "the leader Lease {} no longer exists",
                 self.settings.lease_name
-            ))),
+            )))),
+            Err(Failure::Forbidden(e)) => Err(Failure::Forbidden(e)),
             Err(Failure::Other(e)) => {
                 // The write may or may not have been applied: re-read before trusting the
                 // observation again.
                 if let Ok(mut t) = self.tracker.lock() {
                     t.forget();
                 }
-                Err(e)
+                Err(Failure::Other(e))
             }
         }
     }
@@ -484,7 +595,7 @@ impl KubeDcs {
                     return Ok(false)
                 }
                 Err(Failure::Conflict) | Err(Failure::NotFound) => continue,
-                Err(Failure::Other(e)) => return Err(e),
+                Err(f) => return Err(f.into()),
             }
         }
         Err(DcsError::Rejected(format!(
@@ -575,6 +686,9 @@ impl Dcs for KubeDcs {
         let maps = maps?;
         let pods = pods?;
         self.observe_lease(lease.as_ref());
+        if self.holds_lease() {
+            self.unlabel_former_leaders(Some(&pods.items));
+        }
         // Someone else may have changed our Pod: rewrite the mark on the next touch.
         if let Some(own) = pods
             .items
@@ -661,6 +775,7 @@ impl Dcs for KubeDcs {
                 {
                     Ok(written) => {
                         self.observe_lease(Some(&written));
+                        self.unlabel_former_leaders(None);
                         Ok(true)
                     }
                     // Another member created it first.
@@ -676,10 +791,14 @@ impl Dcs for KubeDcs {
                 let base = self.lease_base(&current);
                 let lease = self.held_lease(Some(&base), true);
                 // 409: the holder renewed, or another member took it first.
-                Ok(self
+                let won = self
                     .replace_lease("take over the leader lease", &lease)
                     .await?
-                    .is_some())
+                    .is_some();
+                if won {
+                    self.unlabel_former_leaders(None);
+                }
+                Ok(won)
             }
             LeaseState::Held { holder, .. } if holder == self.settings.name => Ok(true),
             LeaseState::Held { .. } | LeaseState::Unknown => Ok(false),
@@ -691,7 +810,9 @@ impl Dcs for KubeDcs {
         let mut current = match self.lease_record() {
             Some(r) => r,
             None => {
-                self.get_lease().await?;
+                self.read_lease()
+                    .await
+                    .map_err(|f| DcsError::from(f.unconfirmed_if_forbidden()))?;
                 self.lease_record().ok_or_else(|| {
                     DcsError::Rejected(format!(
                         "the leader Lease {} does not exist",
@@ -716,15 +837,18 @@ impl Dcs for KubeDcs {
             // only after this instant (see `lease`).
             let sent_at = Instant::now();
             if self
-                .replace_lease("renew the leader lease", &lease)
-                .await?
+                .try_replace_lease("renew the leader lease", &lease)
+                .await
+                .map_err(|f| DcsError::from(f.unconfirmed_if_forbidden()))?
                 .is_some()
             {
                 return Ok(LeaseRenewal { sent_at, ttl });
             }
             if attempt == 0 {
                 debug!("renewal got 409 Conflict; re-reading the leader lease");
-                self.get_lease().await?;
+                self.read_lease()
+                    .await
+                    .map_err(|f| DcsError::from(f.unconfirmed_if_forbidden()))?;
                 match self.lease_record() {
                     Some(r) => current = r,
                     None => break,
