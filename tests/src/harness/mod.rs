@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod etcd;
+pub mod haproxy;
 pub mod kube;
 pub mod kubelet;
 pub mod operator;
