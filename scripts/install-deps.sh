@@ -55,6 +55,16 @@ if [ ! -x "$moto_venv/bin/moto_server" ]; then
   as_root "$moto_venv/bin/pip" install -q 'moto[server]>=5.1,<6'
 fi
 
+# check_patroni (PyPI), the Nagios checks Patroni users run against the REST API; the
+# pending-restart test runs it (tests/tests/operations.rs).
+check_patroni_venv=/var/cache/pgwarden/check-patroni-venv
+if [ ! -x "$check_patroni_venv/bin/check_patroni" ]; then
+  echo "install-deps: installing check_patroni into $check_patroni_venv"
+  as_root mkdir -p /var/cache/pgwarden
+  as_root /usr/bin/python3 -m venv "$check_patroni_venv"
+  as_root "$check_patroni_venv/bin/pip" install -q 'check_patroni>=2.2,<3'
+fi
+
 if ! command -v cargo >/dev/null 2>&1; then
   if [ -x "$HOME/.cargo/bin/cargo" ]; then
     export PATH="$HOME/.cargo/bin:$PATH"

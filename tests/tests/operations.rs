@@ -1008,9 +1008,15 @@ async fn switchovers_leave_no_pending_restart() {
         env.start_member(i).expect("start");
     }
     let mut leader = streaming(&env, 1).await;
-    // The issue's acceptance: 5 switchovers in a row (check_patroni's node_is_pending_restart
-    // stays OK); check_patroni itself is a PyPI package install-deps does not install, so its
-    // source, `pending_restart` in /patroni, is checked on every member after each.
+    // The issue's acceptance: 5 switchovers in a row and check_patroni's
+    // node_is_pending_restart stays OK on every member (scripts/install-deps.sh installs it).
+    let check_patroni = "/var/cache/pgwarden/check-patroni-venv/bin/check_patroni";
+    let have_check_patroni = std::path::Path::new(check_patroni).exists();
+    if !have_check_patroni {
+        pgwarden_tests::harness::missing_tool(
+            "check_patroni is not installed (scripts/install-deps.sh installs it)",
+        );
+    }
     for round in 0..5 {
         let candidate = if leader == "pg0" { "pg1" } else { "pg0" }.to_owned();
         let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
@@ -1049,6 +1055,21 @@ async fn switchovers_leave_no_pending_restart() {
                 round + 1,
                 m.name
             );
+            if have_check_patroni {
+                let out = Command::new(check_patroni)
+                    .args(["-e", &format!("http://127.0.0.1:{}", m.api_port)])
+                    .arg("node_is_pending_restart")
+                    .output()
+                    .expect("check_patroni runs");
+                let stdout = String::from_utf8_lossy(&out.stdout);
+                assert!(
+                    out.status.success() && stdout.contains("OK"),
+                    "switchover {}: check_patroni on {}: {stdout} {}",
+                    round + 1,
+                    m.name,
+                    String::from_utf8_lossy(&out.stderr)
+                );
+            }
         }
         leader = candidate;
     }
