@@ -78,11 +78,18 @@ pub fn progress(
     now: DateTime<Utc>,
 ) -> Option<ManualBackupStatus> {
     let ours = DateTime::parse_from_rfc3339(&current.started_at).ok()?;
+    // Agents before the 202 answer carried `running.started_at` answered with their clock a
+    // moment later: a manual run started within 2 s before the answer is the same one.
     let same = |v: &Value| {
         v["started_at"]
             .as_str()
             .and_then(|s| DateTime::parse_from_rfc3339(s).ok())
-            == Some(ours)
+            .is_some_and(|t| {
+                t == ours
+                    || (v["trigger"].as_str() == Some("manual")
+                        && t <= ours
+                        && (ours - t).num_milliseconds() <= 2000)
+            })
     };
     let report = &patroni["pgbackrest"];
     if same(&report["running"]) {
