@@ -1246,6 +1246,27 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
         .await
         .expect("kubelet");
     restored.state.lock().await.volume_root = Some(volumes.clone());
+    // The restored data has the source's roles and passwords: its Secrets are the source's
+    // (a Secret that exists before the cluster is used as is).
+    for kind in ["superuser", "replication"] {
+        let from = s
+            .api::<Secret>()
+            .get(&format!("src-{kind}"))
+            .await
+            .expect("the source's secret");
+        let copy = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("dst-{kind}")),
+                ..Default::default()
+            },
+            data: from.data,
+            ..Default::default()
+        };
+        s.api::<Secret>()
+            .create(&PostParams::default(), &copy)
+            .await
+            .expect("create the restored cluster's secret");
+    }
     s.apply(&example("dst", |v| {
         v["spec"]["instances"]["replicas"] = json!(1);
         v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});

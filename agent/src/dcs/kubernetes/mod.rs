@@ -1049,23 +1049,31 @@ impl Dcs for KubeDcs {
             return Ok(());
         };
         if ours {
-            self.write_state(op, StateMap::Status, &[(key, None)], key, Expect::Revision(rev))
-                .await?;
+            self.write_state(
+                op,
+                StateMap::Status,
+                &[(key, None)],
+                key,
+                Expect::Revision(rev),
+            )
+            .await?;
         }
         Ok(())
     }
 
     async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
         let name = StateMap::Status.name(&self.settings.scope);
-        let current = self.call("read key", self.configmaps.get_opt(&name)).await?;
+        let current = self
+            .call("read key", self.configmaps.get_opt(&name))
+            .await?;
         let lease = self.lease_record();
         Ok(
-            state::annotation_of(current.as_ref(), key).and_then(|raw| {
-                match state::live_lease_key(raw, lease.as_ref()) {
+            state::annotation_of(current.as_ref(), key).and_then(
+                |raw| match state::live_lease_key(raw, lease.as_ref()) {
                     Some(live) => live,
                     None => Some(raw.to_owned()),
-                }
-            }),
+                },
+            ),
         )
     }
 
