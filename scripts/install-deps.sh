@@ -10,6 +10,7 @@ packages=(
   patroni python3-etcd                 # patronictl, for compatibility tests and the benchmark
   prometheus                           # promtool checks deploy/monitoring (scrape config, alert rules)
   wrk                                  # HTTP load for the benchmark's REST figures
+  haproxy                              # deploy/haproxy: its e2e test and the benchmark
   protobuf-compiler libprotobuf-dev    # the etcd-client crate compiles etcd's protobufs
   build-essential pkg-config ca-certificates curl iproute2 procps
   openssl                              # the Kubernetes test harness generates its service-account key

@@ -14,12 +14,14 @@
 //! - [`run`]: wiring of the long-running tasks, signals and shutdown; PID-1 reaping.
 //! - [`cli`]: the operator's commands (`pgwarden list`, `switchover`, …), like `patronictl`.
 //! - [`peer`]: HTTP calls to other members' REST APIs.
+//! - [`error`]: reporting an error with its sources ([`error::error_chain`]).
 
 pub mod api;
 pub mod backup;
 pub mod cli;
 pub mod config;
 pub mod dcs;
+pub mod error;
 pub mod ha;
 pub mod logging;
 pub mod peer;

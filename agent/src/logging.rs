@@ -562,29 +562,125 @@ impl LogSettings {
     }
 }
 
+/// The plain layout in use: Patroni's (`log.format`/`log.dateformat`) or pgwarden's own; a
+/// reload swaps it.
+#[derive(Clone, Default)]
+struct SwitchableLayout(std::sync::Arc<std::sync::RwLock<Option<PatroniLayout>>>);
+
+impl<S, N> FormatEvent<S, N> for SwitchableLayout
+where
+    S: Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        writer: Writer<'_>,
+        event: &Event<'_>,
+    ) -> fmt::Result {
+        let layout = self.0.read().unwrap_or_else(|e| e.into_inner());
+        match layout.as_ref() {
+            Some(layout) => layout.format_event(ctx, writer, event),
+            None => CriticalAware(tracing_format::format()).format_event(ctx, writer, event),
+        }
+    }
+}
+
+/// Replaces the running subscriber's filter.
+type SetFilter = Box<dyn Fn(EnvFilter) -> Result<(), String> + Send + Sync>;
+
+/// What a reload of the configuration may change in the running subscriber.
+struct Reloader {
+    kind: LogFormat,
+    /// `RUST_LOG` was set at startup: it keeps overriding `log.level`.
+    env_filter: bool,
+    set_filter: SetFilter,
+    layout: SwitchableLayout,
+}
+
+static RELOADER: std::sync::OnceLock<Reloader> = std::sync::OnceLock::new();
+
+/// `RUST_LOG`, unless unset or blank.
+fn env_directives() -> Option<String> {
+    std::env::var("RUST_LOG")
+        .ok()
+        .filter(|v| !v.trim().is_empty())
+}
+
+fn level_filter(level: &str) -> EnvFilter {
+    EnvFilter::try_new(filter_for(level)).unwrap_or_else(|_| EnvFilter::new("info"))
+}
+
 /// Installs the global subscriber. Safe to call more than once (later calls are ignored).
 pub fn init(settings: LogSettings) {
-    let filter = EnvFilter::try_from_default_env()
-        .or_else(|_| EnvFilter::try_new(filter_for(&settings.level)))
-        .unwrap_or_else(|_| EnvFilter::new("info"));
+    let env = env_directives();
+    let filter = env
+        .as_deref()
+        .and_then(|d| EnvFilter::try_new(d).ok())
+        .unwrap_or_else(|| level_filter(&settings.level));
     use std::io::IsTerminal;
     // Colours only for a person at a terminal: journald and log files get plain text.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
-    let _ = match (settings.kind, settings.layout) {
-        (LogFormat::Plain, Some(layout)) => builder.event_format(layout).try_init(),
-        (LogFormat::Plain, None) => builder
-            .event_format(CriticalAware(tracing_format::format()))
-            .try_init(),
-        (LogFormat::Json, _) => builder
-            .fmt_fields(tracing_format::JsonFields::new())
-            .event_format(CriticalAware(
-                tracing_format::format().json().flatten_event(true),
-            ))
-            .try_init(),
+    let layout = SwitchableLayout::default();
+    let (installed, set_filter): (bool, SetFilter) = match settings.kind {
+        LogFormat::Plain => {
+            *layout.0.write().unwrap_or_else(|e| e.into_inner()) = settings.layout;
+            let builder = builder.event_format(layout.clone()).with_filter_reloading();
+            let handle = builder.reload_handle();
+            (
+                builder.try_init().is_ok(),
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+            )
+        }
+        LogFormat::Json => {
+            let builder = builder
+                .fmt_fields(tracing_format::JsonFields::new())
+                .event_format(CriticalAware(
+                    tracing_format::format().json().flatten_event(true),
+                ))
+                .with_filter_reloading();
+            let handle = builder.reload_handle();
+            (
+                builder.try_init().is_ok(),
+                Box::new(move |f| handle.reload(f).map_err(|e| e.to_string())),
+            )
+        }
     };
+    if installed {
+        let _ = RELOADER.set(Reloader {
+            kind: settings.kind,
+            env_filter: env.is_some(),
+            set_filter,
+            layout,
+        });
+    }
+}
+
+/// Applies `log.level`, `log.format` and `log.dateformat` from a reloaded configuration to the
+/// running subscriber (SIGHUP, `POST /reload`), as Patroni's logger does on reload. Returns
+/// what it could not apply, to log as warnings: `log.type` is kept until the agent restarts,
+/// and `RUST_LOG`, when set, keeps overriding `log.level`.
+pub fn reload(log: &LogConfig) -> Vec<String> {
+    let (settings, mut warnings) = LogSettings::from_config(log);
+    let Some(reloader) = RELOADER.get() else {
+        return warnings;
+    };
+    if settings.kind != reloader.kind {
+        warnings.push("log.type changes only when the agent restarts".into());
+        return warnings;
+    }
+    if !reloader.env_filter {
+        if let Err(e) = (reloader.set_filter)(level_filter(&settings.level)) {
+            warnings.push(format!("log.level: {e}"));
+        }
+    }
+    if settings.kind == LogFormat::Plain {
+        *reloader.layout.0.write().unwrap_or_else(|e| e.into_inner()) = settings.layout;
+    }
+    warnings
 }
 
 #[cfg(test)]

@@ -180,7 +180,7 @@ fn main() -> ExitCode {
                 Err(e) => {
                     eprintln!(
                         "pgwarden: {}",
-                        pgwarden::ha::error_chain(&e as &dyn std::error::Error)
+                        pgwarden::error::error_chain(&e as &dyn std::error::Error)
                     );
                     ExitCode::from(1)
                 }
@@ -233,7 +233,7 @@ fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("pgwarden: unhealthy: {}", pgwarden::ha::error_chain(&e));
+            eprintln!("pgwarden: unhealthy: {}", pgwarden::error::error_chain(&e));
             ExitCode::from(1)
         }
     }
@@ -271,7 +271,7 @@ fn run_ctl(path: Option<PathBuf>, command: CtlCommand) -> ExitCode {
             ExitCode::from(2)
         }
         Err(e) => {
-            eprintln!("pgwarden: {}", pgwarden::ha::error_chain(&e));
+            eprintln!("pgwarden: {}", pgwarden::error::error_chain(&e));
             ExitCode::from(1)
         }
     }

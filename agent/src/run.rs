@@ -9,11 +9,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::{error, info, warn};
 
 use crate::api::{self, ApiContext};
-use crate::config::Config;
+use crate::config::{Config, Timing};
 use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::Dcs;
 use crate::ha::{self, HaLoop};
+use crate::postgres::callbacks::Callbacks;
 use crate::postgres::conf::split_listen;
 use crate::postgres::probe::{LocalConnection, Probe};
 use crate::postgres::supervisor::{Supervisor, SupervisorSettings};
@@ -33,14 +34,15 @@ pub enum RunError {
     Dcs(#[source] crate::dcs::DcsError),
     #[error("another member named {name:?} is already running (its REST API at {url} answers)")]
     DuplicateName { name: String, url: String },
-    #[error("{0}")]
+    /// The message is the HA error's own (transparent: printed once, not as "x: x").
+    #[error(transparent)]
     Ha(#[from] ha::HaError),
     #[error("cannot install signal handlers")]
     Signals(#[source] std::io::Error),
     #[error("REST API TLS: {0}")]
     Tls(String),
-    #[error("pgBackRest: {0}")]
-    Backup(String),
+    #[error("pgBackRest")]
+    Backup(#[source] crate::backup::BackupError),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {
@@ -79,7 +81,9 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         return Err(RunError::Root);
     }
     let config = Arc::new(config);
-    let dcs = connect_dcs(&config).await?;
+    // The HA loop derives the timing from the DCS `config` key; the DCS client follows it.
+    let (timing_tx, timing_rx) = watch::channel(Timing::bootstrap(&config));
+    let dcs = connect_dcs(&config, timing_rx).await?;
     // Before binding the REST API, as Patroni: a second agent started by mistake with the same
     // REST port hears about the name, not about the port.
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
@@ -98,12 +102,27 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         .map_err(RunError::Backup)?;
     let shutdown = CancellationToken::new();
     let pg_changed = Arc::new(Notify::new());
+    let callbacks = Callbacks::new(&config.scope, config.postgresql.callbacks.clone());
+    // A reload that re-reads the file also replaces the callbacks; one the loop refuses
+    // (another name or scope) leaves them as they were.
+    let reload = reload.map(|reload| -> ha::ReloadFn {
+        let callbacks = callbacks.clone();
+        let (name, scope) = (config.name.clone(), config.scope.clone());
+        Box::new(move || {
+            let new = reload()?;
+            if new.name == name && new.scope == scope {
+                callbacks.set_commands(new.postgresql.callbacks.clone());
+            }
+            Ok(new)
+        })
+    });
     let (supervisor, supervisor_task) = Supervisor::spawn(
         SupervisorSettings {
             bin_dir: config.postgres_bin_dir(),
             data_dir: config.postgresql.data_dir.clone(),
             stop_with_agent: true,
             guard: spawn_fence_guard(),
+            callbacks,
         },
         pg_changed.clone(),
     );
@@ -172,15 +191,23 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     let ha = HaLoop::new(
         config.clone(),
         dcs,
-        supervisor.clone(),
-        probe,
+        ha::local::LocalPostgres::new(&config, supervisor.clone(), probe).with_backups(interrupter),
+        ha::local::HttpPeers,
+        ha::local::SystemRuntime,
         status_tx,
         pg_changed,
     )
     .with_requests(loop_rx)
-    .with_backups(interrupter);
+    .with_timing(timing_tx);
     let ha = match reload {
-        Some(r) => ha.with_reload(r),
+        // The log settings take effect at once, as Patroni's logger reloads them.
+        Some(r) => ha.with_reload(Box::new(move || {
+            let config = r()?;
+            for warning in crate::logging::reload(&config.log) {
+                warn!("{warning}");
+            }
+            Ok(config)
+        })),
         None => ha,
     };
     // A task rather than `block_on`'s own future: waking that one goes through the runtime's
@@ -189,9 +216,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     // connection tasks.
     let result = match tokio::spawn(ha.run(shutdown.clone())).await {
         Ok(result) => result,
-        Err(e) => Err(ha::HaError::Fatal(format!(
-            "the HA loop ended abnormally: {e}"
-        ))),
+        Err(e) => Err(ha::HaError::Aborted(e)),
     };
     shutdown.cancel();
     drop(supervisor);
@@ -210,8 +235,11 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
 }
 
 /// The DCS the configuration names: the Kubernetes API with a `kubernetes` section, else etcd.
-async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
-    if let Some(settings) = KubeSettings::from_config(config) {
+async fn connect_dcs(
+    config: &Config,
+    timing: watch::Receiver<Timing>,
+) -> Result<Arc<dyn Dcs>, RunError> {
+    if let Some(settings) = KubeSettings::from_config(config, timing.clone()) {
         let dcs = KubeDcs::connect(settings).await.map_err(RunError::Dcs)?;
         info!(namespace = %dcs.namespace(), "Kubernetes mode: the leader is a Lease");
         return Ok(Arc::new(dcs));
@@ -219,7 +247,6 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
     let etcd = config.etcd3.clone().unwrap_or_default();
     let mut endpoints = etcd.hosts.clone();
     endpoints.extend(etcd.host.clone());
-    let dynamic = &config.bootstrap.dcs;
     let dcs = EtcdDcs::connect(EtcdSettings {
         endpoints,
         username: etcd.username.clone(),
@@ -227,9 +254,7 @@ async fn connect_dcs(config: &Config) -> Result<Arc<dyn Dcs>, RunError> {
         namespace: config.namespace.clone(),
         scope: config.scope.clone(),
         name: config.name.clone(),
-        ttl: Duration::from_secs(dynamic.ttl.into()),
-        loop_wait: Duration::from_secs(dynamic.loop_wait.max(1).into()),
-        request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+        timing,
     })
     .await
     .map_err(RunError::Dcs)?;
@@ -351,5 +376,21 @@ async fn reap_orphans() {
             );
         }
         previous = zombies;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_ha_error_is_reported_once() {
+        let e = RunError::from(ha::HaError::Fatal(
+            "data directory belongs to another cluster".into(),
+        ));
+        assert_eq!(
+            crate::error::error_chain(&e),
+            "data directory belongs to another cluster"
+        );
     }
 }

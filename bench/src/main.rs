@@ -4,7 +4,8 @@
 //! both alike. Reports medians, min–max and the pgwarden/Patroni ratio of every figure.
 //!
 //! ```sh
-//! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S] [--out DIR]
+//! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S]
+//!     [--scenarios footprint,rest,switchover,haproxy,failover,sync,scale] [--out DIR]
 //! ```
 
 mod load;
@@ -46,9 +47,29 @@ struct Args {
     /// Run the scale phase (1, 10 and 50 single-member clusters on one etcd; not with --quick).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     scale: bool,
+    /// Run only these scenarios (comma-separated; the clusters are always bootstrapped):
+    /// footprint, rest, switchover, haproxy, failover, sync, scale, or all.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    scenarios: Vec<String>,
     /// Where results.json, results.md and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
+}
+
+const SCENARIOS: [&str; 7] = [
+    "footprint",
+    "rest",
+    "switchover",
+    "haproxy",
+    "failover",
+    "sync",
+    "scale",
+];
+
+impl Args {
+    fn runs(&self, scenario: &str) -> bool {
+        self.scenarios.iter().any(|s| s == "all" || s == scenario)
+    }
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
@@ -143,6 +164,32 @@ impl Cluster {
             .sql(&query)
             .await
             .is_ok_and(|r| r == vec!["1"])
+    }
+
+    /// `replica`'s WAL receiver streams from `leader`: seen on the replica
+    /// (`pg_stat_wal_receiver` in state `streaming`, connected to the leader's port) or on the
+    /// leader (`pg_stat_replication` lists `replica` as `streaming`), whichever shows it first.
+    async fn streams_from(&self, replica: &str, leader: &str) -> bool {
+        let leader = self.member(leader);
+        let on_replica = format!(
+            "SELECT count(*)::text FROM pg_stat_wal_receiver \
+             WHERE status = 'streaming' AND sender_port = {}",
+            leader.pg_port
+        );
+        if self
+            .member(replica)
+            .sql(&on_replica)
+            .await
+            .is_ok_and(|r| r == vec!["1"])
+        {
+            return true;
+        }
+        let on_leader = format!(
+            "SELECT count(*)::text FROM pg_stat_replication \
+             WHERE application_name = '{}' AND state = 'streaming'",
+            replica.replace('\'', "")
+        );
+        leader.sql(&on_leader).await.is_ok_and(|r| r == vec!["1"])
     }
 
     /// What a failed repetition left: the `leader` and `sync` keys and each member's last log
@@ -348,13 +395,16 @@ async fn failover(c: &mut Cluster, jitter: bool) -> anyhow::Result<FailoverOutco
     c.env.member(&old).restart()?;
     let m = c.member(&old);
     let deadline = Instant::now() + TIMEOUT;
-    while m.api_get("/replica").await.map(|(s, _)| s) != Some(200) {
+    // Rejoined means replicating again: its WAL receiver streams from the new leader. A member
+    // whose postgres runs (and answers `GET /replica`) may still be waiting for a replication
+    // slot or retrying its connection every wal_retrieve_retry_interval.
+    while !c.streams_from(&old, &new).await {
         anyhow::ensure!(
             Instant::now() < deadline,
-            "{old} did not rejoin; its log ends:\n{}",
+            "{old} did not stream from {new} in time; its log ends:\n{}",
             m.log_tail(20)
         );
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let rejoin = restarted.elapsed().as_secs_f64();
     Ok(FailoverOutcome {
@@ -411,6 +461,155 @@ async fn switchover(c: &Cluster) -> anyhow::Result<SwitchoverOutcome> {
         total,
         curve: curve(&acks, started, (-2.0, 6.0)),
     })
+}
+
+/// A client's longest write gap through HAProxy across a switchover: pgwarden behind our
+/// deploy/haproxy/haproxy.cfg, Patroni behind its stock example (`inter 3s fall 3 rise 2`).
+/// Returns the gap, the time from the switchover request until a new connection through HAProxy
+/// reaches the new primary, and until the new leader's own `GET /primary` answered 200.
+async fn haproxy_switchover(c: &Cluster) -> anyhow::Result<(f64, f64, Option<f64>)> {
+    use pgwarden_tests::harness::haproxy::{self, reached, Backend, HaProxy};
+    let old = c.wait_healthy().await?;
+    let (template, section) = match c.kind {
+        AgentKind::Pgwarden => (
+            std::fs::read_to_string(haproxy::shipped_config_path())
+                .context("read deploy/haproxy/haproxy.cfg")?,
+            "primary",
+        ),
+        AgentKind::Patroni => (haproxy::patroni_stock_config(), "batman"),
+    };
+    let backends: Vec<Backend> = c
+        .env
+        .members
+        .iter()
+        .map(|m| Backend {
+            name: m.name.clone(),
+            pg_port: m.pg_port,
+            api_port: m.api_port,
+        })
+        .collect();
+    let name = format!("haproxy-{}", label(c.kind).to_lowercase());
+    let proxy = HaProxy::start(c.env.dir.path(), &name, &template, &backends).await?;
+    let port = proxy.port(section);
+    let password = c.member(&old).superuser_password.clone();
+    let routed_to = |member: String| {
+        let password = password.clone();
+        let pg_port = c.member(&member).pg_port;
+        async move {
+            let deadline = Instant::now() + TIMEOUT;
+            while reached(port, &password).await != Some((pg_port, false)) {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "HAProxy did not route to {member}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            Ok(())
+        }
+    };
+    routed_to(old.clone()).await?;
+    proxy.wait_settled(section, &old, TIMEOUT).await?;
+    let candidate = c
+        .env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .context("a candidate")?;
+    let writer = Writer::start(vec![pgwarden_tests::harness::writer::Target {
+        name: "haproxy".into(),
+        port,
+        password: password.clone(),
+    }]);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    // When the new leader's own `GET /primary` turns 200: what HAProxy can see at the soonest.
+    let api_port = c.member(&candidate).api_port;
+    let primary_ok = tokio::spawn(async move {
+        let deadline = Instant::now() + TIMEOUT;
+        while Instant::now() < deadline {
+            if pgwarden_tests::harness::http_request("GET", api_port, "/primary", None)
+                .await
+                .map(|(s, _)| s)
+                == Some(200)
+            {
+                return Some(started.elapsed().as_secs_f64());
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        None
+    });
+    let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
+    let (code, text) = c
+        .member(&old)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .context("switchover request")?;
+    anyhow::ensure!(code == 200, "switchover answered {code}: {text}");
+    routed_to(candidate.clone()).await?;
+    let routed = started.elapsed().as_secs_f64();
+    // The writer's own connection may still sit on the demoted primary (refused writes) until
+    // HAProxy closes it: wait until its writes land on the new primary again, so that the gap
+    // is measured to its end.
+    let new = c.member(&candidate);
+    let floor = new
+        .sql("SELECT coalesce(max(id), 0)::text FROM pgwarden_writer")
+        .await?
+        .first()
+        .cloned()
+        .unwrap_or_default();
+    let resumed = format!("SELECT count(*)::text FROM pgwarden_writer WHERE id > {floor}");
+    let deadline = Instant::now() + TIMEOUT;
+    while new
+        .sql(&resumed)
+        .await
+        .ok()
+        .and_then(|r| r.first()?.parse::<u64>().ok())
+        .unwrap_or(0)
+        < 5
+    {
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "writes through HAProxy did not resume on {candidate}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let acks = writer.stop().await;
+    let primary_ok = primary_ok.await.ok().flatten();
+    drop(proxy);
+    let offset = |a: &Ack| {
+        if a.at >= started {
+            a.at.duration_since(started).as_secs_f64()
+        } else {
+            -started.duration_since(a.at).as_secs_f64()
+        }
+    };
+    let before = acks.iter().filter(|a| a.at < started).count();
+    let after: Vec<f64> = acks
+        .iter()
+        .filter(|a| a.at >= started)
+        .map(offset)
+        .collect();
+    eprintln!(
+        "bench: through HAProxy: {before} writes before the switchover (last at {:?} s), {} after \
+         (first at {:?} s, last at {:?} s); new connections reached the new primary at {routed:.3} s; \
+         its GET /primary answered 200 at {primary_ok:?} s",
+        acks.iter().filter(|a| a.at < started).map(offset).next_back(),
+        after.len(),
+        after.first(),
+        after.last()
+    );
+    anyhow::ensure!(before > 0, "no write through HAProxy before the switchover");
+    anyhow::ensure!(
+        !after.is_empty(),
+        "no write through HAProxy after the switchover"
+    );
+    let window: Vec<Ack> = acks
+        .iter()
+        .filter(|a| a.at + Duration::from_secs(1) >= started)
+        .cloned()
+        .collect();
+    Ok((longest_gap(&window).as_secs_f64(), routed, primary_ok))
 }
 
 /// Sum of the samples of one etcd metric family (all label sets), from its `/metrics`.
@@ -586,6 +785,13 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             std::env::set_var("PGWARDEN_BIN", release);
         }
     }
+    for s in &args.scenarios {
+        anyhow::ensure!(
+            s == "all" || SCENARIOS.contains(&s.as_str()),
+            "unknown scenario {s:?}; known: all, {}",
+            SCENARIOS.join(", ")
+        );
+    }
     if args.quick {
         args.reps = 1;
         args.idle_secs = 5;
@@ -617,14 +823,265 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     }
 
     // Footprint over an idle window, both clusters at once.
-    eprintln!("bench: idle window of {} s", args.idle_secs);
-    let window = Duration::from_secs(args.idle_secs);
+    if args.runs("footprint") {
+        footprint(&mut report, &clusters, Duration::from_secs(args.idle_secs)).await?;
+    }
+    if args.runs("rest") {
+        rest(&mut report, &clusters, args.quick).await?;
+    }
+
+    // Switchovers and failovers, alternating between the agents.
+    let mut plots_switch = Vec::new();
+    let mut plots_fail = Vec::new();
+    let mut alive = vec![true; clusters.len()];
+    for rep in 0..args.reps {
+        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+            if !*alive || !args.runs("switchover") {
+                continue;
+            }
+            let what = format!("switchover {} of {}", rep + 1, args.reps);
+            eprintln!("bench: {what} ({})", label(c.kind));
+            let s = match switchover(c).await {
+                Ok(s) => s,
+                Err(e) => {
+                    *alive = missed(&mut report, c, what, e).await;
+                    continue;
+                }
+            };
+            for (name, value) in [
+                ("switchover write gap", s.gap),
+                ("switchover total", s.total),
+            ] {
+                let f = report.figure(name, "s", true);
+                match c.kind {
+                    AgentKind::Pgwarden => f.pgwarden.push(value),
+                    AgentKind::Patroni => f.patroni.push(value),
+                }
+            }
+            if rep == 0 {
+                plots_switch.push(plot::Line {
+                    label: label(c.kind).to_owned(),
+                    colour: if c.kind == AgentKind::Pgwarden {
+                        "#1f77b4"
+                    } else {
+                        "#d62728"
+                    },
+                    points: s.curve,
+                });
+            }
+        }
+        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+            if !*alive || !args.runs("haproxy") {
+                continue;
+            }
+            let what = format!("switchover through HAProxy {} of {}", rep + 1, args.reps);
+            eprintln!("bench: {what} ({})", label(c.kind));
+            match haproxy_switchover(c).await {
+                Ok((gap, routed, primary_ok)) => {
+                    let mut figures = vec![
+                        ("HAProxy: switchover write gap (pgwarden: deploy/haproxy, Patroni: stock)", gap),
+                        ("HAProxy: switchover request → new connections reach the new primary", routed),
+                    ];
+                    if let Some(t) = primary_ok {
+                        figures.push((
+                            "HAProxy: switchover request → GET /primary 200 on the new leader",
+                            t,
+                        ));
+                    }
+                    for (name, value) in figures {
+                        let f = report.figure(name, "s", true);
+                        match c.kind {
+                            AgentKind::Pgwarden => f.pgwarden.push(value),
+                            AgentKind::Patroni => f.patroni.push(value),
+                        }
+                    }
+                }
+                Err(e) => *alive = missed(&mut report, c, what, e).await,
+            }
+        }
+        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+            if !*alive || !args.runs("failover") {
+                continue;
+            }
+            let what = format!("failover {} of {}", rep + 1, args.reps);
+            eprintln!("bench: {what} ({})", label(c.kind));
+            let o = match failover(c, args.kill_jitter).await {
+                Ok(o) => o,
+                Err(e) => {
+                    *alive = missed(&mut report, c, what, e).await;
+                    continue;
+                }
+            };
+            let mut figures = vec![
+                ("unplanned failover (kill → first write)", "s", o.failover),
+                ("lost acknowledged writes (async)", "writes", o.lost as f64),
+                (
+                    "rejoin of the killed member (restart → streaming)",
+                    "s",
+                    o.rejoin,
+                ),
+            ];
+            if let Some(e) = o.after_expiry {
+                figures.push(("lease expiry → first write", "s", e));
+            }
+            figures.push((
+                "lease renewals/s per member under writes",
+                "1/s",
+                o.renewals,
+            ));
+            if let Some(e) = o.kill_to_expiry {
+                figures.push(("kill → lease expiry", "s", e));
+            }
+            if let Some(e) = o.lease_left {
+                figures.push(("leader lease left at the kill (etcd, whole s)", "s", e));
+            }
+            for (name, unit, value) in figures {
+                let f = report.figure(name, unit, true);
+                match c.kind {
+                    AgentKind::Pgwarden => f.pgwarden.push(value),
+                    AgentKind::Patroni => f.patroni.push(value),
+                }
+            }
+            if rep == 0 {
+                plots_fail.push(plot::Line {
+                    label: label(c.kind).to_owned(),
+                    colour: if c.kind == AgentKind::Pgwarden {
+                        "#1f77b4"
+                    } else {
+                        "#d62728"
+                    },
+                    points: o.curve,
+                });
+            }
+        }
+    }
+    drop(clusters);
+
+    if args.sync && args.runs("sync") {
+        let mut sync_clusters = Vec::new();
+        for (i, kind) in kinds.iter().enumerate() {
+            eprintln!(
+                "bench: bootstrapping the synchronous {} cluster",
+                label(*kind)
+            );
+            sync_clusters.push(
+                start_cluster(*kind, &format!("benchsync{i}"), true)
+                    .await?
+                    .0,
+            );
+        }
+        let mut alive = vec![true; sync_clusters.len()];
+        for rep in 0..args.reps {
+            for (c, alive) in sync_clusters.iter_mut().zip(alive.iter_mut()) {
+                if !*alive {
+                    continue;
+                }
+                let what = format!("synchronous failover {} of {}", rep + 1, args.reps);
+                eprintln!("bench: {what} ({})", label(c.kind));
+                let o = match failover(c, args.kill_jitter).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        *alive = missed(&mut report, c, what, e).await;
+                        continue;
+                    }
+                };
+                for (name, unit, value) in [
+                    ("sync mode: unplanned failover", "s", o.failover),
+                    (
+                        "sync mode: lost acknowledged writes",
+                        "writes",
+                        o.lost as f64,
+                    ),
+                ] {
+                    let f = report.figure(name, unit, true);
+                    match c.kind {
+                        AgentKind::Pgwarden => f.pgwarden.push(value),
+                        AgentKind::Patroni => f.patroni.push(value),
+                    }
+                }
+            }
+        }
+    }
+
+    if args.scale && !args.quick && args.runs("scale") {
+        for n in [1usize, 10, 50] {
+            for kind in kinds {
+                eprintln!(
+                    "bench: scale, {n} single-member clusters of {} on one etcd",
+                    label(kind)
+                );
+                let (cpu, rps) = match scale(kind, n, Duration::from_secs(30)).await {
+                    Ok(figures) => figures,
+                    Err(e) => {
+                        eprintln!("bench: scale {n} ({}) failed: {e:#}", label(kind));
+                        report.miss(label(kind), &format!("scale {n}"), &e);
+                        continue;
+                    }
+                };
+                for (name, unit, value) in [
+                    (
+                        format!("scale {n:>2} members: idle CPU per member"),
+                        "CPU s per 60 s",
+                        cpu,
+                    ),
+                    (
+                        format!("scale {n:>2} members: etcd requests/s per member"),
+                        "req/s",
+                        rps,
+                    ),
+                ] {
+                    let f = report.figure(&name, unit, true);
+                    match kind {
+                        AgentKind::Pgwarden => f.pgwarden.push(value),
+                        AgentKind::Patroni => f.patroni.push(value),
+                    }
+                }
+            }
+        }
+    }
+
+    if !plots_switch.is_empty() {
+        std::fs::write(
+            args.out.join("switchover.svg"),
+            plot::svg("Acknowledged writes across a switchover", &plots_switch),
+        )?;
+    }
+    if !plots_fail.is_empty() {
+        std::fs::write(
+            args.out.join("failover.svg"),
+            plot::svg("Acknowledged writes across a kill -9 failover", &plots_fail),
+        )?;
+    }
+    std::fs::write(
+        args.out.join("results.json"),
+        serde_json::to_string_pretty(&report)?,
+    )?;
+    let table = report.table();
+    std::fs::write(
+        args.out.join("results.md"),
+        format!(
+            "Machine: {}\n\nSettings: {}\n\nStarted: {}\n\n{table}",
+            report.machine, report.settings, report.started
+        ),
+    )?;
+    println!("{table}");
+    println!("results in {}", args.out.display());
+    Ok(())
+}
+
+/// Agent memory and idle CPU, and etcd requests, over an idle window, both clusters at once.
+async fn footprint(
+    report: &mut Report,
+    clusters: &[Cluster],
+    window: Duration,
+) -> anyhow::Result<()> {
+    eprintln!("bench: idle window of {} s", window.as_secs());
     let mut etcd_before = Vec::new();
-    for c in &clusters {
+    for c in clusters {
         etcd_before.push(EtcdCounters::read(&c.env.etcd.endpoint()).await);
     }
     let mut idle = Vec::new();
-    for c in &clusters {
+    for c in clusters {
         for m in &c.env.members {
             let pid = m.process.as_ref().map(|p| p.pid()).unwrap_or(0);
             idle.push((c.kind, tokio::spawn(procstat::idle_cpu(pid, window))));
@@ -676,10 +1133,14 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             }
         }
     }
+    Ok(())
+}
 
+/// Throughput and latency of `GET /primary`, idle and under pgbench.
+async fn rest(report: &mut Report, clusters: &[Cluster], quick: bool) -> anyhow::Result<()> {
     // REST throughput and latency of GET /primary on the leader.
-    let load_secs = if args.quick { 2 } else { 10 };
-    for c in &clusters {
+    let load_secs = if quick { 2 } else { 10 };
+    for c in clusters {
         let leader = c.wait_healthy().await?;
         let port = c.member(&leader).api_port;
         eprintln!("bench: GET /primary load on the {} leader", label(c.kind));
@@ -711,7 +1172,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
 
     // GET /primary latency while postgres is busy with pgbench (a member must keep answering
     // health checks fast when the database is loaded).
-    for c in &clusters {
+    for c in clusters {
         let leader = c.wait_healthy().await?;
         let m = c.member(&leader);
         let pgbench = "/usr/lib/postgresql/15/bin/pgbench";
@@ -761,205 +1222,5 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             }
         }
     }
-
-    // Switchovers and failovers, alternating between the agents.
-    let mut plots_switch = Vec::new();
-    let mut plots_fail = Vec::new();
-    let mut alive = vec![true; clusters.len()];
-    for rep in 0..args.reps {
-        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
-            if !*alive {
-                continue;
-            }
-            let what = format!("switchover {} of {}", rep + 1, args.reps);
-            eprintln!("bench: {what} ({})", label(c.kind));
-            let s = match switchover(c).await {
-                Ok(s) => s,
-                Err(e) => {
-                    *alive = missed(&mut report, c, what, e).await;
-                    continue;
-                }
-            };
-            for (name, value) in [
-                ("switchover write gap", s.gap),
-                ("switchover total", s.total),
-            ] {
-                let f = report.figure(name, "s", true);
-                match c.kind {
-                    AgentKind::Pgwarden => f.pgwarden.push(value),
-                    AgentKind::Patroni => f.patroni.push(value),
-                }
-            }
-            if rep == 0 {
-                plots_switch.push(plot::Line {
-                    label: label(c.kind).to_owned(),
-                    colour: if c.kind == AgentKind::Pgwarden {
-                        "#1f77b4"
-                    } else {
-                        "#d62728"
-                    },
-                    points: s.curve,
-                });
-            }
-        }
-        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
-            if !*alive {
-                continue;
-            }
-            let what = format!("failover {} of {}", rep + 1, args.reps);
-            eprintln!("bench: {what} ({})", label(c.kind));
-            let o = match failover(c, args.kill_jitter).await {
-                Ok(o) => o,
-                Err(e) => {
-                    *alive = missed(&mut report, c, what, e).await;
-                    continue;
-                }
-            };
-            let mut figures = vec![
-                ("unplanned failover (kill → first write)", "s", o.failover),
-                ("lost acknowledged writes (async)", "writes", o.lost as f64),
-                ("rejoin of the killed member", "s", o.rejoin),
-            ];
-            if let Some(e) = o.after_expiry {
-                figures.push(("lease expiry → first write", "s", e));
-            }
-            figures.push((
-                "lease renewals/s per member under writes",
-                "1/s",
-                o.renewals,
-            ));
-            if let Some(e) = o.kill_to_expiry {
-                figures.push(("kill → lease expiry", "s", e));
-            }
-            if let Some(e) = o.lease_left {
-                figures.push(("leader lease left at the kill (etcd, whole s)", "s", e));
-            }
-            for (name, unit, value) in figures {
-                let f = report.figure(name, unit, true);
-                match c.kind {
-                    AgentKind::Pgwarden => f.pgwarden.push(value),
-                    AgentKind::Patroni => f.patroni.push(value),
-                }
-            }
-            if rep == 0 {
-                plots_fail.push(plot::Line {
-                    label: label(c.kind).to_owned(),
-                    colour: if c.kind == AgentKind::Pgwarden {
-                        "#1f77b4"
-                    } else {
-                        "#d62728"
-                    },
-                    points: o.curve,
-                });
-            }
-        }
-    }
-    drop(clusters);
-
-    if args.sync {
-        let mut sync_clusters = Vec::new();
-        for (i, kind) in kinds.iter().enumerate() {
-            eprintln!(
-                "bench: bootstrapping the synchronous {} cluster",
-                label(*kind)
-            );
-            sync_clusters.push(
-                start_cluster(*kind, &format!("benchsync{i}"), true)
-                    .await?
-                    .0,
-            );
-        }
-        let mut alive = vec![true; sync_clusters.len()];
-        for rep in 0..args.reps {
-            for (c, alive) in sync_clusters.iter_mut().zip(alive.iter_mut()) {
-                if !*alive {
-                    continue;
-                }
-                let what = format!("synchronous failover {} of {}", rep + 1, args.reps);
-                eprintln!("bench: {what} ({})", label(c.kind));
-                let o = match failover(c, args.kill_jitter).await {
-                    Ok(o) => o,
-                    Err(e) => {
-                        *alive = missed(&mut report, c, what, e).await;
-                        continue;
-                    }
-                };
-                for (name, unit, value) in [
-                    ("sync mode: unplanned failover", "s", o.failover),
-                    (
-                        "sync mode: lost acknowledged writes",
-                        "writes",
-                        o.lost as f64,
-                    ),
-                ] {
-                    let f = report.figure(name, unit, true);
-                    match c.kind {
-                        AgentKind::Pgwarden => f.pgwarden.push(value),
-                        AgentKind::Patroni => f.patroni.push(value),
-                    }
-                }
-            }
-        }
-    }
-
-    if args.scale && !args.quick {
-        for n in [1usize, 10, 50] {
-            for kind in kinds {
-                eprintln!(
-                    "bench: scale, {n} single-member clusters of {} on one etcd",
-                    label(kind)
-                );
-                let (cpu, rps) = match scale(kind, n, Duration::from_secs(30)).await {
-                    Ok(figures) => figures,
-                    Err(e) => {
-                        eprintln!("bench: scale {n} ({}) failed: {e:#}", label(kind));
-                        report.miss(label(kind), &format!("scale {n}"), &e);
-                        continue;
-                    }
-                };
-                for (name, unit, value) in [
-                    (
-                        format!("scale {n:>2} members: idle CPU per member"),
-                        "CPU s per 60 s",
-                        cpu,
-                    ),
-                    (
-                        format!("scale {n:>2} members: etcd requests/s per member"),
-                        "req/s",
-                        rps,
-                    ),
-                ] {
-                    let f = report.figure(&name, unit, true);
-                    match kind {
-                        AgentKind::Pgwarden => f.pgwarden.push(value),
-                        AgentKind::Patroni => f.patroni.push(value),
-                    }
-                }
-            }
-        }
-    }
-
-    std::fs::write(
-        args.out.join("switchover.svg"),
-        plot::svg("Acknowledged writes across a switchover", &plots_switch),
-    )?;
-    std::fs::write(
-        args.out.join("failover.svg"),
-        plot::svg("Acknowledged writes across a kill -9 failover", &plots_fail),
-    )?;
-    std::fs::write(
-        args.out.join("results.json"),
-        serde_json::to_string_pretty(&report)?,
-    )?;
-    let table = report.table();
-    std::fs::write(
-        args.out.join("results.md"),
-        format!(
-            "Machine: {}\n\nSettings: {}\n\nStarted: {}\n\n{table}",
-            report.machine, report.settings, report.started
-        ),
-    )?;
-    println!("{table}");
-    println!("results in {}", args.out.display());
     Ok(())
 }

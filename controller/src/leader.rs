@@ -4,7 +4,8 @@
 //! replace with the last seen `resourceVersion` (a 409 means someone else wrote it: re-read,
 //! never retry blindly). Another holder's lease is judged expired by *our* clock: only after
 //! we have seen the same holder and the same `renewTime` for a whole `leaseDurationSeconds`,
-//! never by comparing its `renewTime` with our wall clock.
+//! never by comparing its `renewTime` with our wall clock. The rule is the agents' own
+//! ([`pgwarden_api::lease::LeaseTracker`]), shared through `pgwarden-api`.
 //!
 //! This election is about who applies objects; failover of PostgreSQL never depends on it.
 //! A controller that cannot renew in time stops acting ([`Elector::run`] returns) before
@@ -17,6 +18,7 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use kube::api::PostParams;
 use kube::{Api, Client};
+use pgwarden_api::lease::{LeaseRecord, LeaseState, LeaseTracker};
 use tokio::sync::watch;
 use tokio::time::Instant;
 use tracing::{info, warn};
@@ -33,19 +35,12 @@ pub struct ElectionConfig {
     pub retry_period: Duration,
 }
 
-/// What we last saw of another holder, measured by our clock.
-#[derive(Debug, Clone, PartialEq)]
-struct Sighting {
-    holder: String,
-    renew_time: Option<String>,
-    since: Instant,
-}
-
 /// Participates in the election; `is_leader` reports whether this replica may act.
 pub struct Elector {
     api: Api<Lease>,
     config: ElectionConfig,
-    sighting: Option<Sighting>,
+    /// What we saw of the Lease, and since when by our clock.
+    tracker: LeaseTracker,
     is_leader: watch::Sender<bool>,
 }
 
@@ -57,7 +52,7 @@ impl Elector {
             Elector {
                 api,
                 config,
-                sighting: None,
+                tracker: LeaseTracker::default(),
                 is_leader: tx,
             },
             rx,
@@ -143,26 +138,25 @@ impl Elector {
         let holder = spec.holder_identity.clone().unwrap_or_default();
         let ours = holder == self.config.identity;
         if !ours && !holder.is_empty() {
-            let renew = spec.renew_time.as_ref().map(|t| t.0.to_rfc3339());
-            let seen = Sighting {
-                holder: holder.clone(),
-                renew_time: renew,
-                since: now,
-            };
             let observed_duration = Duration::from_secs(
                 u64::try_from(spec.lease_duration_seconds.unwrap_or(duration).max(1)).unwrap_or(1),
             );
-            match &self.sighting {
-                Some(s) if s.holder == seen.holder && s.renew_time == seen.renew_time => {
-                    if now.duration_since(s.since) < observed_duration {
-                        return Ok(false);
-                    }
+            self.tracker.observe(
+                Some(LeaseRecord {
+                    resource_version: lease.metadata.resource_version.clone().unwrap_or_default(),
+                    holder: Some(holder.clone()),
+                    renew_time: spec.renew_time.as_ref().map(|t| t.0.to_rfc3339()),
+                    duration: observed_duration,
+                    transitions: spec.lease_transitions.unwrap_or(0),
+                    acquire_time: None,
+                }),
+                now.into_std(),
+            );
+            match self.tracker.state(&self.config.identity, now.into_std()) {
+                LeaseState::Expired { .. } => {
                     info!(previous = %holder, "the controller lease expired; taking over");
                 }
-                _ => {
-                    self.sighting = Some(seen);
-                    return Ok(false);
-                }
+                _ => return Ok(false),
             }
         }
         let transitions = spec.lease_transitions.unwrap_or(0);
@@ -184,7 +178,7 @@ impl Elector {
             .await
         {
             Ok(_) => {
-                self.sighting = None;
+                self.tracker.forget();
                 Ok(true)
             }
             Err(kube::Error::Api(e)) if e.code == 409 => Ok(false),

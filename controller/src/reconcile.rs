@@ -28,7 +28,7 @@ use crate::dcs_config;
 use crate::manual_backup::{self, Need};
 use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
-use crate::status::{self, MemberRecord, PodView, StatusInput, MEMBER_ANNOTATION};
+use crate::status::{self, member_of, PodView, StatusInput, MEMBER_ANNOTATION};
 
 /// Finalizer present only while `spec.pvcRetention: Delete`: the PVCs are nobody's children,
 /// so deleting them needs the controller. With the default `Retain` no finalizer is set, and
@@ -470,13 +470,15 @@ pub fn pod_view(
         .and_then(|s| s.conditions.as_ref())
         .is_some_and(|cs| cs.iter().any(|c| c.type_ == "Ready" && c.status == "True"));
     let revision = pod.labels().get("controller-revision-hash");
-    let member = MemberRecord::parse(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str));
+    let member = member_of(pod.annotations().get(MEMBER_ANNOTATION).map(String::as_str));
     let started_before_change = match (parameters_changed_at, &pod.meta().creation_timestamp) {
         (Some(changed), Some(created)) => created.0 < changed,
         _ => false,
     };
-    let pending_restart =
-        started_before_change && member.as_ref().is_some_and(|m| m.pending_restart);
+    let pending_restart = started_before_change
+        && member
+            .as_ref()
+            .is_some_and(|m| m.pending_restart == Some(true));
     PodView {
         name: pod.name_any(),
         ready,
@@ -556,10 +558,9 @@ async fn execute_step(
             let api_url = observed
                 .raw
                 .get(primary)
-                .and_then(|p| {
-                    MemberRecord::parse(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str))
-                })
-                .and_then(|m| m.api_url)
+                .and_then(|p| member_of(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str)))
+                .map(|m| m.api_url)
+                .filter(|u| !u.is_empty())
                 .ok_or_else(|| Error::NoApiUrl(primary.clone()))?;
             let credentials = restapi_credentials(client, &names).await?;
             agent_api::switchover(
@@ -598,10 +599,9 @@ async fn sync_manual_backup(
         observed
             .raw
             .get(pod)
-            .and_then(|p| {
-                MemberRecord::parse(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str))
-            })
-            .and_then(|m| m.api_url)
+            .and_then(|p| member_of(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str)))
+            .map(|m| m.api_url)
+            .filter(|u| !u.is_empty())
     };
     let update = match manual_backup::need(pg) {
         Need::Nothing => return Ok(false),
@@ -756,9 +756,10 @@ async fn ensure_users_and_databases(
     else {
         return Ok(());
     };
-    let Some(conn_url) = member.conn_url.clone() else {
+    let conn_url = member.conn_url.clone();
+    if conn_url.is_empty() {
         return Ok(());
-    };
+    }
     let key = ObjectRef::from_obj(pg);
     let done = (pg.meta().generation, primary.to_owned());
     let already = ctx

@@ -2,47 +2,19 @@
 //! leader Lease and each member's record (Patroni's member JSON) in its Pod's annotation.
 //! A pure function of its inputs; the reconciler gathers them and writes the result.
 
-use serde::Deserialize;
-
 use crate::crd::{Condition, MemberStatus, PostgresClusterStatus, SpecError};
 
 /// Annotation on each member Pod holding its member record, as Patroni's Kubernetes DCS writes
 /// it.
 pub const MEMBER_ANNOTATION: &str = "status";
 
-/// The fields of a member record the status needs; unknown fields are ignored, as Patroni's
-/// readers do.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
-pub struct MemberRecord {
-    #[serde(default)]
-    pub role: String,
-    #[serde(default)]
-    pub state: String,
-    #[serde(default)]
-    pub timeline: Option<i64>,
-    #[serde(default)]
-    pub xlog_location: Option<i64>,
-    #[serde(default)]
-    pub pending_restart: bool,
-    #[serde(default)]
-    pub api_url: Option<String>,
-    /// `postgres://host:port/postgres` of the member's postgres.
-    #[serde(default)]
-    pub conn_url: Option<String>,
-    #[serde(default)]
-    pub replication_state: Option<String>,
-}
+/// The member record agents publish (shared with the agent: `pgwarden-api`).
+pub use pgwarden_api::MemberRecord;
 
-impl MemberRecord {
-    /// The record from a Pod's annotation; `None` when it is missing or unreadable (a Pod
-    /// whose agent has not published yet).
-    pub fn parse(annotation: Option<&str>) -> Option<MemberRecord> {
-        serde_json::from_str(annotation?).ok()
-    }
-
-    pub fn is_primary_role(&self) -> bool {
-        matches!(self.role.as_str(), "primary" | "master" | "standby_leader")
-    }
+/// The member record in a Pod's annotation; `None` when it is missing or unreadable (a Pod
+/// whose agent has not published yet).
+pub fn member_of(annotation: Option<&str>) -> Option<MemberRecord> {
+    annotation.and_then(MemberRecord::parse)
 }
 
 /// One member Pod as the reconciler saw it.
@@ -110,7 +82,9 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
             let record = pod.member.clone().unwrap_or_default();
             let is_primary = primary.as_deref() == Some(pod.name.as_str());
             let lag_bytes = match (is_primary, primary_position, record.xlog_location) {
-                (false, Some(p), Some(own)) => Some((p - own).max(0)),
+                (false, Some(p), Some(own)) => {
+                    Some(i64::try_from(p.saturating_sub(own)).unwrap_or(i64::MAX))
+                }
                 (true, _, _) => Some(0),
                 _ => None,
             };
@@ -126,10 +100,10 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
                 } else {
                     "unknown".to_owned()
                 },
-                timeline: record.timeline,
+                timeline: record.timeline.map(i64::from),
                 lag_bytes,
                 ready: pod.ready,
-                pending_restart: record.pending_restart,
+                pending_restart: record.pending_restart.unwrap_or(false),
             }
         })
         .collect();

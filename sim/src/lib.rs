@@ -1,8 +1,8 @@
 //! Deterministic simulation of pgwarden clusters (issue 9).
 //!
-//! N members run the agent's real HA decision ([`pgwarden::ha::decide::decide`], the sync
-//! planner and the fence arithmetic) against a simulated DCS, simulated postgres instances,
-//! a simulated network and per-member clocks. One seed fixes everything: the cluster's
+//! N members run the agent's real HA loop ([`pgwarden::ha::HaLoop`]: observation, the pure
+//! decision, the executor, the sync planner and the fence arithmetic) over simulated ports: a
+//! simulated DCS, simulated postgres instances, a simulated network and per-member clocks. One seed fixes everything: the cluster's
 //! settings, the fault schedule, every latency and every replication delay, so a failing seed
 //! replays exactly (`cargo run -p pgwarden-sim -- --seed N --members M --trace`).
 //!
@@ -10,8 +10,9 @@
 //! - [`world`]: the DCS store (leases with a TTL, revisions, compare-and-set, watches),
 //!   postgres (WAL as entry lists, replication with lag, synchronous commit, promote, stop,
 //!   crash), clocks with bounded drift, the network (partitions, DCS cuts).
-//! - [`agent`]: one member's HA loop, as `agent/src/ha/mod.rs` runs it, as an async task whose
-//!   every request takes simulated time; dropping it is kill -9, not polling it is SIGSTOP.
+//! - [`agent`]: the ports ([`pgwarden::ha::ports`]) one member's real HA loop runs with, so
+//!   that every request takes simulated time; dropping the loop is kill -9, not polling it is
+//!   SIGSTOP.
 //! - [`sim`]: the seeded schedule (settings and faults), the scheduler, and the invariants
 //!   checked after every step.
 //!

@@ -9,7 +9,6 @@ use pgwarden::dcs::FailoverRequest;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
-use crate::agent::Agent;
 use crate::world::{
     Clock, Event, Initial, Node, Pg, PgRun, Shared, Store, Tags, Trace, Us, World, MS, SEC, TICK,
 };
@@ -284,7 +283,7 @@ pub fn run(
                 idle: false,
                 woken: false,
                 incarnation: 0,
-                published_primary: false,
+                last_decision: (true, String::new()),
             })
             .collect(),
         partitions: Default::default(),
@@ -300,10 +299,10 @@ pub fn run(
         quiet: false,
         max_timeline: 1,
     };
-    let shared: Shared = std::rc::Rc::new(std::cell::RefCell::new(world));
+    let shared = Shared::new(world);
     let mut sim = Sim {
         tasks: (0..sched.members)
-            .map(|i| Some(Box::pin(Agent::new(shared.clone(), i).run()) as Task))
+            .map(|i| Some(Box::pin(crate::agent::run(shared.clone(), i)) as Task))
             .collect(),
         w: shared,
         sched,
@@ -311,6 +310,7 @@ pub fn run(
         promotions: 0,
         writable: Vec::new(),
         live_since: None,
+        now: 0,
     };
     let result = sim.run();
     let lines = std::mem::take(&mut sim.w.borrow_mut().trace.lines);
@@ -327,6 +327,8 @@ struct Sim {
     writable: Vec<usize>,
     /// The liveness condition has held continuously since.
     live_since: Option<Us>,
+    /// The world's time at this step (read without locking the world).
+    now: Us,
 }
 
 impl Sim {
@@ -335,7 +337,7 @@ impl Sim {
             seed: self.sched.seed,
             members: self.sched.members,
             step: self.step,
-            at: self.w.borrow().now,
+            at: self.now,
             message,
         }
     }
@@ -352,6 +354,7 @@ impl Sim {
             {
                 let mut w = self.w.borrow_mut();
                 w.now = w.now.max(t);
+                self.now = w.now;
             }
             while fault_idx < self.sched.faults.len()
                 && self.sched.faults[fault_idx].0 <= self.w.borrow().now
@@ -556,7 +559,7 @@ impl Sim {
                     let name = n.name.clone();
                     w.log(|| format!("{name}: agent restarted"));
                 }
-                self.tasks[i] = Some(Box::pin(Agent::new(self.w.clone(), i).run()));
+                self.tasks[i] = Some(Box::pin(crate::agent::run(self.w.clone(), i)));
             }
         }
     }
@@ -607,6 +610,12 @@ impl Sim {
                 continue;
             }
             if let Some(task) = self.tasks[i].as_mut() {
+                // Each sleep the agent is pending on lowers these again.
+                {
+                    let mut w = self.w.borrow_mut();
+                    w.nodes[i].wake_at = Us::MAX;
+                    w.nodes[i].idle = false;
+                }
                 if task.as_mut().poll(&mut cx).is_ready() {
                     self.tasks[i] = None;
                 }

@@ -374,8 +374,8 @@ pub struct Node {
     pub woken: bool,
     /// Incremented on every agent start, so a restarted agent's lease is a new one.
     pub incarnation: u32,
-    /// Published for peers (`GET /patroni`): the agent's last view of postgres.
-    pub published_primary: bool,
+    /// The agent's last decision: automatic (not a requested switchover), and its sentence.
+    pub last_decision: (bool, String),
 }
 
 impl Node {
@@ -717,7 +717,31 @@ fn pair(nodes: &mut [Node], i: usize, u: usize) -> (&mut Node, &Node) {
 }
 
 /// Shared handle on the world for the agents.
-pub type Shared = std::rc::Rc<std::cell::RefCell<World>>;
+///
+/// A mutex because the agent's ports must be `Send + Sync`; one schedule runs on one thread,
+/// so the lock is never contended, and taking it twice is a bug reported where it happens.
+#[derive(Clone)]
+pub struct Shared(Arc<std::sync::Mutex<World>>);
+
+impl Shared {
+    pub fn new(world: World) -> Self {
+        Shared(Arc::new(std::sync::Mutex::new(world)))
+    }
+
+    #[track_caller]
+    pub fn borrow(&self) -> std::sync::MutexGuard<'_, World> {
+        match self.0.try_lock() {
+            Ok(guard) => guard,
+            Err(std::sync::TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) => panic!("the world is already borrowed"),
+        }
+    }
+
+    #[track_caller]
+    pub fn borrow_mut(&self) -> std::sync::MutexGuard<'_, World> {
+        self.borrow()
+    }
+}
 
 /// A member's record as the agent publishes it.
 pub fn conn_url(i: usize) -> String {

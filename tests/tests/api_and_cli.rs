@@ -641,6 +641,71 @@ async fn log_format_and_dateformat_lay_out_the_agent_lines() {
     assert!(log.lines().any(patroni_layout), "{log}");
 }
 
+/// Issue 17: `log.level`, `log.format` and `log.dateformat` take effect on reload
+/// (`POST /reload` and SIGHUP), as Patroni's logger reloads them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn log_settings_are_applied_on_reload() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    // No RUST_LOG override: `log.level` decides.
+    env.members[i].env.push(("RUST_LOG".into(), String::new()));
+    env.members[i].set("log.level", "INFO".into());
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    // POST /reload: a new layout at once.
+    env.members[0].set("log.format", "RELOADED %(levelname)s %(message)s".into());
+    env.members[0].write_config().expect("write");
+    let m = &env.members[0];
+    let got = m.api_request("POST", "/reload", None).await;
+    assert_eq!(got.map(|(s, _)| s), Some(202));
+    pgwarden_tests::harness::wait_until("the reloaded layout is used", T, || async {
+        m.log_text()
+            .lines()
+            .any(|l| l == "RELOADED INFO local configuration reloaded")
+    })
+    .await;
+
+    // SIGHUP: level WARNING, another layout. INFO lines stop, warnings use the new layout.
+    env.members[0].set("log.format", "HUP %(levelname)s %(message)s".into());
+    env.members[0].set("log.level", "WARNING".into());
+    env.members[0].write_config().expect("write");
+    env.members[0]
+        .agent()
+        .signal(nix::sys::signal::Signal::SIGHUP);
+    pgwarden_tests::harness::wait_until("the SIGHUP is handled", T, || async {
+        env.members[0]
+            .log_text()
+            .contains("RELOADED INFO SIGHUP: reloading the configuration")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    // An invalid file is refused with a warning, in the new layout.
+    std::fs::write(env.members[0].config_path(), "ttl: [not, a, config\n").expect("write");
+    let m = &env.members[0];
+    let got = m.api_request("POST", "/reload", None).await;
+    assert_eq!(got.map(|(s, _)| s), Some(400));
+    pgwarden_tests::harness::wait_until("the warning uses the SIGHUP layout", T, || async {
+        m.log_text()
+            .lines()
+            .any(|l| l.starts_with("HUP WARNING reload refused"))
+    })
+    .await;
+    let log = env.members[0].log_text();
+    let mark = "RELOADED INFO SIGHUP: reloading the configuration";
+    let after: Vec<&str> = log[log.rfind(mark).expect("the mark")..]
+        .lines()
+        .skip(1)
+        .collect();
+    assert!(
+        !after
+            .iter()
+            .any(|l| l.contains(" INFO ") || l.contains("RELOADED ")),
+        "INFO lines after the reload to WARNING: {after:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_agent_with_the_same_name_is_refused_at_critical() {
     let mut env = TestEnv::start(ClusterOptions::default())

@@ -116,6 +116,92 @@ async fn three_members_bootstrap_and_both_replicas_stream() {
     assert_eq!(slots.len(), 2, "{slots:?}");
 }
 
+/// Patroni claims `initialize` first and takes the leader lock only once the bootstrap is done
+/// (`post_bootstrap`): the lock never names a member whose postgres does not run yet. The other
+/// members wait on the claim; a bootstrap slower than `ttl + 2·loop_wait` keeps it while its
+/// member record says "initializing new cluster", so nobody bootstraps a second cluster.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_lock_is_taken_after_bootstrap_and_a_slow_bootstrap_keeps_its_claim() {
+    let options = ClusterOptions::default();
+    // The abandoned-claim rule would withdraw an unfinished claim after ttl + 2·loop_wait.
+    let abandon_after = Duration::from_secs((options.ttl + 2 * options.loop_wait).into());
+    let mut env = TestEnv::start(options).await.expect("etcd");
+    let p0 = env.add_member("pg0");
+    let p1 = env.add_member("pg1");
+    env.members[p0].wrap_pg_bin_dir().expect("wrappers");
+    env.members[p0]
+        .delay_tool("initdb", abandon_after.as_secs() + 8)
+        .expect("slow initdb");
+    env.start_member(p0).expect("start pg0");
+    let initialize = env.key("initialize");
+    wait_until("pg0 claims the bootstrap", T, || async {
+        env.etcd.get(&initialize).await.ok().flatten().as_deref() == Some("")
+    })
+    .await;
+    let claimed_at = std::time::Instant::now();
+    env.start_member(p1).expect("start pg1");
+    let deadline = claimed_at + T;
+    let mut pg0_said_bootstrapping = false;
+    loop {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "pg0 took no lock within {T:?}"
+        );
+        let state = |i: usize| {
+            let m = &env.members[i];
+            async move {
+                m.api_get("/patroni")
+                    .await
+                    .and_then(|(_, b)| serde_json::from_str::<serde_json::Value>(&b).ok())
+                    .map(|j| j["state"].as_str().unwrap_or_default().to_owned())
+            }
+        };
+        if state(p0).await.as_deref() == Some("initializing new cluster") {
+            pg0_said_bootstrapping = true;
+        }
+        assert_ne!(
+            state(p1).await.as_deref(),
+            Some("initializing new cluster"),
+            "pg1 bootstrapped a second cluster while pg0's bootstrap ran"
+        );
+        if let Some(leader) = env.leader().await {
+            assert_eq!(
+                leader, "pg0",
+                "only the bootstrapping member takes the lock"
+            );
+            let primary = env.members[p0]
+                .sql("SELECT pg_is_in_recovery()::text")
+                .await
+                .ok();
+            assert_eq!(
+                primary,
+                Some(vec!["false".to_owned()]),
+                "the lock was taken before the bootstrapped postgres ran as a primary"
+            );
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(pg0_said_bootstrapping, "pg0 published its bootstrap");
+    assert!(
+        claimed_at.elapsed() > abandon_after,
+        "the bootstrap outlasted ttl + 2·loop_wait ({:?})",
+        claimed_at.elapsed()
+    );
+    wait_for_replica(&env, "pg1").await;
+    let sysid = env.etcd.get(&initialize).await.ok().flatten();
+    assert!(
+        sysid
+            .as_deref()
+            .is_some_and(|s| s.len() >= 10 && s.bytes().all(|b| b.is_ascii_digit())),
+        "`initialize` holds the system identifier: {sysid:?}"
+    );
+    assert!(
+        !env.members[p1].log_text().contains("withdrawing the claim"),
+        "pg1 withdrew a live bootstrap claim"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_leader_fails_over_once_and_the_old_leader_rejoins_with_rewind() {
     let (mut env, _) = three_members(ClusterOptions::default(), false).await;

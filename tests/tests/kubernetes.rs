@@ -223,8 +223,13 @@ fn race_settings(namespace: &str, name: &str, ttl: Duration) -> KubeSettings {
             standby_leader: "primary".into(),
         },
         lease_name: "race-leader".into(),
-        ttl,
-        request_timeout: Duration::from_secs(5),
+        timing: pgwarden::config::Timing {
+            ttl,
+            loop_wait: Duration::from_secs(1),
+            retry_timeout: Duration::from_secs(5),
+            fence: Default::default(),
+        }
+        .fixed(),
         // No watches: each member's view of the Lease changes only through its own requests,
         // which makes the stale `resourceVersion` below deterministic.
         watch: false,
@@ -288,7 +293,10 @@ async fn racing_lease_updates_get_409_and_the_loser_backs_off() {
     assert!(other.acquire_leader().await.expect("answered"));
     other.renew_leader().await.expect("the new holder renews");
     match holder.renew_leader().await {
-        Err(e @ DcsError::Rejected(_)) => assert!(e.to_string().contains(other_name), "{e}"),
+        Err(e @ DcsError::Rejected(_)) => {
+            let e = pgwarden::error::error_chain(&e);
+            assert!(e.contains(other_name), "{e}")
+        }
         other => panic!("the old holder's renewal must be refused, got {other:?}"),
     }
     let lease = other.cluster().await.expect("read");

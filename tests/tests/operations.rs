@@ -1008,7 +1008,10 @@ async fn switchovers_leave_no_pending_restart() {
         env.start_member(i).expect("start");
     }
     let mut leader = streaming(&env, 1).await;
-    for _ in 0..3 {
+    // The issue's acceptance: 5 switchovers in a row (check_patroni's node_is_pending_restart
+    // stays OK); check_patroni itself is a PyPI package install-deps does not install, so its
+    // source, `pending_restart` in /patroni, is checked on every member after each.
+    for round in 0..5 {
         let candidate = if leader == "pg0" { "pg1" } else { "pg0" }.to_owned();
         let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
         let (code, text) = member(&env, &leader)
@@ -1037,6 +1040,51 @@ async fn switchovers_leave_no_pending_restart() {
         let record = cluster_member(&env, &candidate, &candidate).await;
         assert_eq!(record["role"], "leader", "{record}");
         assert!(record["pending_restart"].is_null(), "{record}");
+        for m in &env.members {
+            let (_, body) = m.api_get("/patroni").await.expect("answers");
+            let doc: serde_json::Value = serde_json::from_str(&body).expect("json");
+            assert!(
+                doc["pending_restart"].is_null() || doc["pending_restart"] == false,
+                "switchover {}: {} is pending restart: {doc}",
+                round + 1,
+                m.name
+            );
+        }
         leader = candidate;
     }
+}
+
+/// Issue 17: `POST /restart`'s `timeout` replaces `primary_start_timeout` for that restart, as
+/// in Patroni: a primary whose postgres is not back in time hands the lock to a healthy
+/// replica (here at 5 s, where `primary_start_timeout` would wait 300 s).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_whose_timeout_passes_fails_over() {
+    let env = cluster(ClusterOptions::default(), |_, m| {
+        m.wrap_pg_bin_dir().expect("wrappers");
+    })
+    .await;
+    let leader = streaming(&env, 2).await;
+    let lm = member(&env, &leader);
+    // Every later start of postgres on the leader hangs for a minute.
+    lm.delay_tool("postgres", 60).expect("slow start");
+    let started = std::time::Instant::now();
+    let got = lm
+        .api_request("POST", "/restart", Some(r#"{"timeout": 5}"#))
+        .await
+        .expect("answers");
+    assert_eq!(got.0, 503, "the restart did not complete in time: {got:?}");
+    wait_until(
+        "a replica takes over once the restart's timeout passed",
+        Duration::from_secs(40),
+        || async { env.leader().await.is_some_and(|l| l != leader) },
+    )
+    .await;
+    let new = env.leader().await.expect("a new leader");
+    assert!(
+        started.elapsed() < Duration::from_secs(60),
+        "the failover came from the timeout, not from the start finishing"
+    );
+    lm.delay_tool("postgres", 0).expect("normal start");
+    wait_replica(&env, &leader).await;
+    assert_eq!(env.leader().await, Some(new));
 }

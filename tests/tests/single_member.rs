@@ -286,7 +286,7 @@ async fn reload_applies_parameters_and_restart_clears_pending_restart() {
 }
 
 /// `/primary` (and `/leader`, `/read-write`) answer 200 only while postgres runs as a primary:
-/// never during the bootstrap, although the lock is taken before initdb.
+/// never during the bootstrap (the lock is taken only once it is done).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn primary_answers_200_only_while_postgres_takes_writes() {
     let mut env = TestEnv::start(ClusterOptions::default())
@@ -326,8 +326,82 @@ async fn primary_answers_200_only_while_postgres_takes_writes() {
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    assert!(
-        saw_bootstrap,
-        "the poll saw the bootstrap (the check ran while the lock was held during initdb)"
+    assert!(saw_bootstrap, "the poll saw the bootstrap");
+}
+
+/// Issue 17: parameters the running major version does not have (Patroni's parameter tables)
+/// are dropped with a warning naming the parameter and the version, so a configuration written
+/// for another PostgreSQL version still starts: postgres refuses an unknown parameter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_of_other_major_versions_are_dropped_and_postgres_starts() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let i = env.add_member("pg0");
+    let m = &mut env.members[i];
+    // Removed in 15, removed in 14, added in 17; work_mem is kept.
+    m.set(
+        "bootstrap.dcs.postgresql.parameters.stats_temp_directory",
+        "pg_stat_tmp".into(),
     );
+    m.set(
+        "bootstrap.dcs.postgresql.parameters.operator_precedence_warning",
+        "off".into(),
+    );
+    m.set("postgresql.parameters.allow_alter_system", "on".into());
+    m.set("postgresql.parameters.work_mem", "5MB".into());
+    env.start_member(i).expect("agent starts");
+    env.wait_for_leader(T).await;
+    let m = &env.members[0];
+    assert_eq!(
+        m.sql("SHOW work_mem").await.expect("sql"),
+        vec!["5MB".to_owned()]
+    );
+    let log = m.log_text();
+    for expected in [
+        "dropping parameter stats_temp_directory: PostgreSQL 15 does not have it (removed in PostgreSQL 15)",
+        "dropping parameter operator_precedence_warning: PostgreSQL 15 does not have it (removed in PostgreSQL 14)",
+        "dropping parameter allow_alter_system: PostgreSQL 15 does not have it (added in PostgreSQL 17)",
+    ] {
+        assert!(log.contains(expected), "{expected}\n{log}");
+    }
+    let conf = std::fs::read_to_string(m.data_dir().join("postgresql.conf")).expect("conf");
+    assert!(!conf.contains("stats_temp_directory"), "{conf}");
+}
+
+/// `loop_wait` and `retry_timeout` changed with `PATCH /config` (edit-config) reach the etcd
+/// client: it is rebuilt with the new HTTP/2 keepalive interval (`loop_wait` + 1 s) and request
+/// timeout, and the member keeps its lease on the rebuilt client. Before, the client kept its
+/// bootstrap values until the agent restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edit_config_timing_reaches_the_etcd_client() {
+    let env = one_member().await;
+    let m = &env.members[0];
+    let (code, body) = m
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(r#"{"loop_wait": 2, "retry_timeout": 4}"#),
+        )
+        .await
+        .expect("PATCH /config answers");
+    assert_eq!(code, 200, "{body}");
+    wait_until(
+        "the etcd client is rebuilt with the new timing",
+        T,
+        || async {
+            m.log_text().lines().any(|l| {
+                l.contains("etcd client rebuilt")
+                    && l.contains("request_timeout=4s")
+                    && l.contains("keepalive_interval=3s")
+            })
+        },
+    )
+    .await;
+    // The rebuilt client carries the lease: the leader keeps its key over several ttl-long
+    // stretches of renewals, and its member record keeps being written.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(env.leader().await.as_deref(), Some("pg0"));
+    let log = m.log_text();
+    assert!(!log.contains("the leader lease is lost"), "{log}");
 }

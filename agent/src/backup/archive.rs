@@ -19,7 +19,10 @@ const ARCHIVER_SQL: &str = "SELECT archived_count::text, last_archived_wal, \
      extract(epoch FROM last_failed_time)::text FROM pg_stat_archiver";
 
 /// Reads `pg_stat_archiver` and scans `pg_wal/archive_status` for `.ready` files.
-pub async fn status(probe: &Probe, data_dir: &Path) -> Result<ArchiveStatus, String> {
+pub async fn status(
+    probe: &Probe,
+    data_dir: &Path,
+) -> Result<ArchiveStatus, crate::backup::BackupError> {
     let row = probe
         .query_row(ARCHIVER_SQL)
         .await

@@ -54,8 +54,10 @@ impl CommandError {
 pub struct Runner {
     pub command: PathBuf,
     pub config_file: PathBuf,
-    /// The superuser's password for pgBackRest's libpq connection (backup, check).
-    pub password: Option<String>,
+    /// The agent's password file (0600, with the superuser's line) for pgBackRest's libpq
+    /// connection (backup, check): passed as `PGPASSFILE`, never the password itself, which
+    /// any process of the same user could read from the environment.
+    pub pgpass: Option<crate::postgres::replica::Pgpass>,
     pub timeout: Duration,
 }
 
@@ -78,7 +80,7 @@ const TAIL: usize = 8;
 
 impl Runner {
     /// What every pgBackRest child gets: output piped into our log, its own process group
-    /// (killed as a whole), death with the agent, a fixed locale and the libpq password.
+    /// (killed as a whole), death with the agent, a fixed locale and the libpq password file.
     pub(crate) fn supervise(&self, cmd: &mut Command) {
         cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -86,8 +88,18 @@ impl Runner {
             .process_group(0)
             .kill_on_drop(true)
             .env("LC_ALL", "C");
-        if let Some(pw) = &self.password {
-            cmd.env("PGPASSWORD", pw);
+        cmd.env_remove("PGPASSWORD");
+        if let Some(pgpass) = &self.pgpass {
+            match pgpass.write() {
+                Ok(()) => {
+                    cmd.env("PGPASSFILE", &pgpass.path);
+                }
+                Err(e) => warn!(
+                    path = %pgpass.path.display(),
+                    error = %e,
+                    "cannot write the password file for pgbackrest"
+                ),
+            }
         }
         set_parent_death_signal(cmd);
     }
@@ -246,7 +258,7 @@ mod tests {
         let runner = Runner {
             command: path,
             config_file: dir.path().join("c.conf"),
-            password: None,
+            pgpass: None,
             timeout,
         };
         (dir, runner)
@@ -276,6 +288,43 @@ mod tests {
         assert!(text.contains("exit code Some(41)"), "{text}");
         assert!(text.contains("unable to open missing file"), "{text}");
         assert!(!text.contains("command begin"), "{text}");
+    }
+
+    /// Issue 17: pgBackRest finds the superuser's password in the agent's 0600 password file
+    /// (`PGPASSFILE`); no `PGPASSWORD` in its environment, where processes of the same user
+    /// could read it.
+    #[tokio::test]
+    async fn pgbackrest_gets_the_password_file_not_the_password() {
+        let (dir, mut r) = runner("env", Duration::from_secs(10));
+        let mut config = crate::config::Config::default();
+        config.postgresql.pgpass = Some(dir.path().join("pgpass"));
+        config.pgbackrest = Some(Default::default());
+        let auth = &mut config.postgresql.authentication;
+        auth.superuser.username = "postgres".into();
+        auth.superuser.password = Some("su-pw-42".into());
+        auth.rewind = Some(crate::config::Credentials {
+            username: "rewinder".into(),
+            password: Some("rw".into()),
+            ..Default::default()
+        });
+        r.pgpass = crate::postgres::replica::pgpass(&config);
+        let out = r
+            .run(inv(true), &CancellationToken::new())
+            .await
+            .expect("runs");
+        assert!(!out.contains("PGPASSWORD"), "{out}");
+        assert!(!out.contains("su-pw-42"), "{out}");
+        let file = dir.path().join("pgpass");
+        assert!(
+            out.lines()
+                .any(|l| l == format!("PGPASSFILE={}", file.display())),
+            "{out}"
+        );
+        let content = std::fs::read_to_string(&file).expect("written");
+        assert!(content.contains("*:*:*:postgres:su-pw-42\n"), "{content}");
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&file).expect("file").permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
     }
 
     #[tokio::test]

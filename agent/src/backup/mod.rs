@@ -16,9 +16,10 @@
 //!   the replica (pure).
 //! - [`server`]: `pgbackrest server` (pgBackRest's TLS server) as a supervised child.
 //!
-//! Hooks elsewhere are small: `postgres::conf::parameters` adds the archive settings, the HA
-//! loop calls [`restore`] for replica creation and bootstrap and
-//! [`Interrupter::end_running_backup`] before a planned stop of postgres, `run.rs` writes the config and
+//! Hooks elsewhere are small: the HA loop passes [`archive_parameters`] to
+//! `postgres::conf::parameters` (postgres/ does not depend on backup/), calls [`restore`] for
+//! replica creation and bootstrap and [`Interrupter::end_running_backup`] before a planned stop
+//! of postgres, `run.rs` writes the config and
 //! spawns the service, the REST API routes `POST /backup` and `GET /backups` here, the HA loop
 //! adds [`standby::member_fields`] to the member record.
 
@@ -106,7 +107,7 @@ pub fn runner(config: &Config) -> Option<(Runner, Resolved)> {
         Runner {
             command: resolved.command.clone(),
             config_file: resolved.config_file.clone(),
-            password: config.postgresql.authentication.superuser.password.clone(),
+            pgpass: crate::postgres::replica::pgpass(config),
             timeout: resolved.timeout,
         },
         resolved,
@@ -114,17 +115,77 @@ pub fn runner(config: &Config) -> Option<(Runner, Resolved)> {
 }
 
 /// Writes `pgbackrest.conf` (before postgres can run `archive_command`).
-pub fn write_config(config: &Config) -> Result<(), String> {
+/// How a backup-layer operation failed: a reason, or a context with the error that caused it.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Failed(String),
+    #[error("{context}")]
+    Caused {
+        context: String,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Another layer's error, as it is.
+    #[error(transparent)]
+    Other(Box<dyn std::error::Error + Send + Sync>),
+}
+
+impl BackupError {
+    /// `map_err(BackupError::caused_by)`: another layer's error, kept whole.
+    pub fn caused_by<E>(source: E) -> BackupError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        BackupError::Other(Box::new(source))
+    }
+
+    /// `map_err(BackupError::caused("cannot …"))`: the error becomes the source.
+    pub fn caused<E>(context: impl Into<String>) -> impl FnOnce(E) -> BackupError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        let context = context.into();
+        move |source| BackupError::Caused {
+            context,
+            source: Box::new(source),
+        }
+    }
+}
+
+impl From<String> for BackupError {
+    fn from(reason: String) -> Self {
+        BackupError::Failed(reason)
+    }
+}
+
+impl From<&str> for BackupError {
+    fn from(reason: &str) -> Self {
+        BackupError::Failed(reason.to_owned())
+    }
+}
+
+/// The postgres parameters that archive into the configured stanza (none without a
+/// `pgbackrest` section), for `postgres::conf::parameters`.
+pub fn archive_parameters(config: &Config) -> std::collections::BTreeMap<String, String> {
+    config
+        .pgbackrest
+        .as_ref()
+        .map(|pb| render::archive_parameters(&pb.resolve(config)))
+        .unwrap_or_default()
+}
+
+pub fn write_config(config: &Config) -> Result<(), crate::backup::BackupError> {
     let Some(pb) = &config.pgbackrest else {
         return Ok(());
     };
     let resolved = pb.resolve(config);
-    render::write(&resolved, &render::conf(config, pb, &resolved)).map_err(|e| {
+    render::write(&resolved, &render::conf(config, pb, &resolved)).map_err(BackupError::caused(
         format!(
-            "cannot write {} (pgbackrest.config_dir must be writable by the agent's user): {e}",
+            "cannot write {} (pgbackrest.config_dir must be writable by the agent's user)",
             resolved.config_file.display()
-        )
-    })
+        ),
+    ))
 }
 
 /// What the REST API uses.
@@ -204,7 +265,7 @@ impl BackupHandle {
             .await;
         match result {
             Ok(out) => ApiReply::new(200, out.trim().to_owned()),
-            Err(e) => ApiReply::new(503, crate::ha::error_chain(&e)),
+            Err(e) => ApiReply::new(503, crate::error::error_chain(&e)),
         }
     }
 }

@@ -53,13 +53,14 @@ pub fn strip_recovery_settings(data_dir: &Path) -> std::io::Result<bool> {
 
 /// Makes sure `data_dir` is an empty 0700 directory; returns whether it had to be created (a
 /// failed bootstrap then removes it instead of moving it aside).
-fn prepare_empty(data_dir: &Path) -> Result<bool, String> {
+fn prepare_empty(data_dir: &Path) -> Result<bool, crate::backup::BackupError> {
     use std::os::unix::fs::PermissionsExt;
     if !crate::postgres::initdb::is_empty_dir(data_dir) {
         return Err(format!(
             "data directory {} is not empty; refusing to restore over existing files",
             data_dir.display()
-        ));
+        )
+        .into());
     }
     let created = !data_dir.exists();
     std::fs::create_dir_all(data_dir)
@@ -148,7 +149,7 @@ fn clear_dir(dir: &Path) {
 }
 
 /// Restores the newest backup as a standby (`restore --type=standby --delta`).
-async fn restore_standby(config: &Config) -> Result<(), String> {
+async fn restore_standby(config: &Config) -> Result<(), crate::backup::BackupError> {
     let Some((runner, resolved)) = runner(config) else {
         return Err("the pgbackrest section is not configured".into());
     };
@@ -166,7 +167,7 @@ async fn restore_standby(config: &Config) -> Result<(), String> {
             &CancellationToken::new(),
         )
         .await
-        .map_err(|e| crate::ha::error_chain(&e));
+        .map_err(crate::backup::BackupError::caused_by);
     if let Err(e) = result {
         clear_dir(data_dir);
         return Err(e);
@@ -181,7 +182,7 @@ pub async fn create_replica(
     config: &Config,
     bin_dir: &Path,
     upstream: &Upstream,
-) -> Result<&'static str, String> {
+) -> Result<&'static str, crate::backup::BackupError> {
     let methods: Vec<&str> = if config.postgresql.create_replica_methods.is_empty() {
         vec!["basebackup"]
     } else {
@@ -199,8 +200,8 @@ pub async fn create_replica(
             "basebackup" => replica::basebackup(config, bin_dir, upstream)
                 .await
                 .map(|()| "basebackup")
-                .map_err(|e| crate::ha::error_chain(&e)),
-            other => Err(format!("unknown replica creation method {other:?}")),
+                .map_err(crate::backup::BackupError::caused_by),
+            other => Err(format!("unknown replica creation method {other:?}").into()),
         };
         match result {
             Ok(used) => {
@@ -208,6 +209,7 @@ pub async fn create_replica(
                 return Ok(used);
             }
             Err(e) => {
+                let e = crate::error::error_chain(&e);
                 warn!(method, error = %e, "replica creation method failed; trying the next one");
                 failures.push(format!("{method}: {e}"));
             }
@@ -216,7 +218,8 @@ pub async fn create_replica(
     Err(format!(
         "every replica creation method failed ({})",
         failures.join("; ")
-    ))
+    )
+    .into())
 }
 
 /// The `pgbackrest restore` arguments for a bootstrap.
@@ -272,7 +275,7 @@ fn bootstrap_args(config: &Config) -> Result<(String, Vec<String>), String> {
 /// and backups into the source's (or an earlier restore's) history. A repository that cannot
 /// be read is not a reason to refuse here: the restore itself then fails with pgBackRest's
 /// error.
-pub async fn refuse_existing_stanza(config: &Config) -> Result<(), String> {
+pub async fn refuse_existing_stanza(config: &Config) -> Result<(), crate::backup::BackupError> {
     let Some((_, resolved)) = runner(config) else {
         return Ok(());
     };
@@ -286,14 +289,15 @@ pub async fn refuse_existing_stanza(config: &Config) -> Result<(), String> {
              it is no longer needed",
             stanza = resolved.stanza,
             ids = ids.join(", ")
-        )),
+        )
+        .into()),
     }
 }
 
 /// At start, with a data directory: refuses a stanza that holds another system's backups or
 /// WAL (pgBackRest would refuse every segment and backup of this cluster; the agent would run
 /// without any). Nothing is refused when the repository cannot be read.
-pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), String> {
+pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), crate::backup::BackupError> {
     let Some((_, resolved)) = runner(config) else {
         return Ok(());
     };
@@ -317,7 +321,8 @@ pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), String> {
         stanza = resolved.stanza,
         ids = ids.join(", "),
         ours = control.system_identifier
-    ))
+    )
+    .into())
 }
 
 /// The system identifiers `pgbackrest.stanza` holds backups or WAL of; empty when it does not
@@ -345,7 +350,7 @@ async fn stanza_system_ids(config: &Config) -> Vec<String> {
     {
         Ok(out) => out,
         Err(e) => {
-            warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot read the stanza this cluster archives into; not checking whose it is");
+            warn!(stanza = %resolved.stanza, error = %crate::error::error_chain(&e), "cannot read the stanza this cluster archives into; not checking whose it is");
             return Vec::new();
         }
     };
@@ -364,7 +369,7 @@ pub async fn bootstrap(
     supervisor: &Supervisor,
     probe: &Probe,
     files: &ManagedFiles,
-) -> Result<(), String> {
+) -> Result<(), crate::backup::BackupError> {
     let data_dir = &config.postgresql.data_dir;
     let created = prepare_empty(data_dir)?;
     if let Err(e) = refuse_existing_stanza(config).await {
@@ -383,7 +388,7 @@ pub async fn bootstrap(
             }
             probe.reset().await;
             let what = set_aside(data_dir, created);
-            Err(format!("{e}; {what}, so the next start restores afresh"))
+            Err(format!("{e}; {what}, so the next start restores afresh").into())
         }
     }
 }
@@ -393,7 +398,7 @@ async fn restore_and_promote(
     supervisor: &Supervisor,
     probe: &Probe,
     files: &ManagedFiles,
-) -> Result<(), String> {
+) -> Result<(), crate::backup::BackupError> {
     let Some((runner, resolved)) = runner(config) else {
         return Err("the pgbackrest section is not configured".into());
     };
@@ -412,7 +417,7 @@ async fn restore_and_promote(
             &CancellationToken::new(),
         )
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(crate::backup::BackupError::caused_by)?;
     std::fs::write(data_dir.join(UNFINISHED_MARKER), "")
         .map_err(|e| format!("cannot mark the restored data directory: {e}"))?;
     conf::write(data_dir, files)
@@ -420,7 +425,7 @@ async fn restore_and_promote(
     supervisor
         .start()
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(crate::backup::BackupError::caused_by)?;
     let deadline = Instant::now() + runner.timeout;
     loop {
         if Instant::now() > deadline {
@@ -459,12 +464,12 @@ async fn restore_and_promote(
         )
         .await
     {
-        warn!(stanza = %resolved.stanza, error = %crate::ha::error_chain(&e), "cannot create this cluster's stanza yet; the leader retries");
+        warn!(stanza = %resolved.stanza, error = %crate::error::error_chain(&e), "cannot create this cluster's stanza yet; the leader retries");
     }
     supervisor
         .stop(StopMode::Fast, Duration::from_secs(120))
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(crate::backup::BackupError::caused_by)?;
     probe.reset().await;
     strip_recovery_settings(data_dir)
         .map_err(|e| format!("cannot clean postgresql.auto.conf: {e}"))?;
@@ -472,13 +477,13 @@ async fn restore_and_promote(
     supervisor
         .start()
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(crate::backup::BackupError::caused_by)?;
     if !supervisor.wait_ready(Duration::from_secs(120)).await {
         return Err("postgres did not accept connections after the restore".into());
     }
     crate::postgres::initdb::post_bootstrap(config, probe)
         .await
-        .map_err(|e| crate::ha::error_chain(&e))?;
+        .map_err(crate::backup::BackupError::caused_by)?;
     std::fs::remove_file(data_dir.join(UNFINISHED_MARKER))
         .map_err(|e| format!("cannot remove {UNFINISHED_MARKER}: {e}"))?;
     Ok(())

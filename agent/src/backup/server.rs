@@ -118,7 +118,7 @@ mod tests {
         Runner {
             command: path,
             config_file: dir.join("pgbackrest.conf"),
-            password: None,
+            pgpass: None,
             timeout: Duration::from_secs(1),
         }
     }

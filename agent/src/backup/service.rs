@@ -78,7 +78,7 @@ enum JobKind {
 struct Job {
     kind: JobKind,
     cancel: CancellationToken,
-    handle: JoinHandle<Result<(), String>>,
+    handle: JoinHandle<Result<(), crate::backup::BackupError>>,
 }
 
 /// `pgbackrest.backup_standby`: what the leader needs to write the per-backup config file.
@@ -202,7 +202,7 @@ impl Service {
                 _ = shutdown.cancelled() => break,
                 Some(request) = self.requests.recv() => self.handle_request(request).await,
                 result = job_done => {
-                    let result = result.unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}")));
+                    let result = result.unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}").into()));
                     self.job_finished(result).await;
                 }
                 _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -216,8 +216,9 @@ impl Service {
             job.cancel.cancel();
             match tokio::time::timeout(super::interrupt::MAX_WAIT, &mut job.handle).await {
                 Ok(result) => {
-                    let result = result
-                        .unwrap_or_else(|e| Err(format!("the job panicked or was aborted: {e}")));
+                    let result = result.unwrap_or_else(|e| {
+                        Err(format!("the job panicked or was aborted: {e}").into())
+                    });
                     self.job_finished(result).await;
                 }
                 Err(_) => {
@@ -440,7 +441,7 @@ impl Service {
                     &token,
                 )
                 .await
-                .map_err(|e| crate::ha::error_chain(&e))?;
+                .map_err(crate::backup::BackupError::caused_by)?;
             if timeline > 1 {
                 for segment in super::archive::earlier_timeline_segments(&data_dir, timeline) {
                     let r = runner
@@ -456,7 +457,7 @@ impl Service {
                         )
                         .await;
                     if let Err(e) = r {
-                        problems.push(crate::ha::error_chain(&e));
+                        problems.push(crate::error::error_chain(&e));
                     }
                 }
             }
@@ -473,7 +474,7 @@ impl Service {
                         &token,
                     )
                     .await
-                    .map_err(|e| crate::ha::error_chain(&e))?;
+                    .map_err(crate::backup::BackupError::caused_by)?;
             }
             if problems.is_empty() {
                 Ok(())
@@ -481,7 +482,8 @@ impl Service {
                 Err(format!(
                     "stanza is ready, but pushing earlier timelines' WAL failed: {}",
                     problems.join("; ")
-                ))
+                )
+                .into())
             }
         });
         self.job = Some(Job {
@@ -516,7 +518,10 @@ impl Service {
             }
             Err(e) => Err(ApiReply::new(
                 503,
-                format!("cannot take the backup lock in the DCS: {e}"),
+                format!(
+                    "cannot take the backup lock in the DCS: {}",
+                    crate::error::error_chain(&e)
+                ),
             )),
         }
     }
@@ -529,20 +534,23 @@ impl Service {
             return;
         }
         // Did a previous leader already run this fire?
-        let mut record: BTreeMap<String, DateTime<Utc>> =
-            match self.dcs.read_key(SCHEDULE_KEY).await {
-                Ok(v) => v
-                    .and_then(|v| serde_json::from_str(&v).ok())
-                    .unwrap_or_default(),
-                Err(e) => {
-                    warn!(error = %e, "cannot read the backup schedule record; trying again");
-                    let _ = self
-                        .dcs
-                        .release_lease_key(LOCK_KEY, &self.lock_value())
-                        .await;
-                    return;
-                }
-            };
+        let mut record: BTreeMap<String, DateTime<Utc>> = match self
+            .dcs
+            .read_key(SCHEDULE_KEY)
+            .await
+        {
+            Ok(v) => v
+                .and_then(|v| serde_json::from_str(&v).ok())
+                .unwrap_or_default(),
+            Err(e) => {
+                warn!(error = %crate::error::error_chain(&e), "cannot read the backup schedule record; trying again");
+                let _ = self
+                    .dcs
+                    .release_lease_key(LOCK_KEY, &self.lock_value())
+                    .await;
+                return;
+            }
+        };
         if record.get(kind.as_str()).is_some_and(|done| *done >= fire) {
             info!(%kind, fire = %fire_text, "this scheduled backup already ran on a previous leader");
             self.schedules.settle(kind, fire);
@@ -561,7 +569,7 @@ impl Service {
             )
             .await
         {
-            warn!(error = %e, "cannot record the scheduled backup; trying again");
+            warn!(error = %crate::error::error_chain(&e), "cannot record the scheduled backup; trying again");
             let _ = self
                 .dcs
                 .release_lease_key(LOCK_KEY, &self.lock_value())
@@ -622,7 +630,7 @@ impl Service {
         trigger: Trigger,
         fire: Option<DateTime<Utc>>,
         previous: Option<DateTime<Utc>>,
-    ) -> Result<(), String> {
+    ) -> Result<(), crate::backup::BackupError> {
         let (runner, standby) = match self.backup_source() {
             Ok(source) => source,
             Err(reason) => {
@@ -645,7 +653,7 @@ impl Service {
                 if let Some(fire) = fire {
                     self.schedules.settle(kind, fire);
                 }
-                return Err(reason);
+                return Err(reason.into());
             }
         };
         let running = Running {
@@ -671,7 +679,7 @@ impl Service {
                 )
                 .await
                 .map(drop)
-                .map_err(|e| crate::ha::error_chain(&e))
+                .map_err(crate::backup::BackupError::caused_by)
         });
         self.state.running = Some(running.clone());
         self.interrupter.started(cancel.clone());
@@ -687,7 +695,7 @@ impl Service {
         Ok(())
     }
 
-    async fn job_finished(&mut self, result: Result<(), String>) {
+    async fn job_finished(&mut self, result: Result<(), crate::backup::BackupError>) {
         let Some(job) = self.job.take() else { return };
         match job.kind {
             JobKind::Prepare => {
@@ -701,7 +709,7 @@ impl Service {
                 self.state.check = Some(CheckResult {
                     ok,
                     at: Utc::now(),
-                    error: result.err(),
+                    error: result.err().map(|e| crate::error::error_chain(&e)),
                 });
                 if let Some(term) = &mut self.term {
                     term.prepared = Some(ok);
@@ -741,7 +749,7 @@ impl Service {
                     .release_lease_key(LOCK_KEY, &self.lock_value())
                     .await
                 {
-                    warn!(error = %e, "could not release the backup lock; it expires with this agent's lease");
+                    warn!(error = %crate::error::error_chain(&e), "could not release the backup lock; it expires with this agent's lease");
                 }
                 let duration = (Utc::now() - running.started_at)
                     .to_std()
@@ -767,7 +775,7 @@ impl Service {
                     ok: result.is_ok(),
                     interrupted,
                     standby: running.standby.clone(),
-                    error: result.err(),
+                    error: result.err().map(|e| crate::error::error_chain(&e)),
                 });
                 self.state.running = None;
                 // An interrupted fire stays pending here too: if this member is (again) the
@@ -799,7 +807,7 @@ impl Service {
                 .and_then(|v| serde_json::from_str(&v).ok())
                 .unwrap_or_default(),
             Err(e) => {
-                warn!(error = %e, %kind, "cannot read the backup schedule record; the cancelled backup is not retried by the next leader");
+                warn!(error = %crate::error::error_chain(&e), %kind, "cannot read the backup schedule record; the cancelled backup is not retried by the next leader");
                 return;
             }
         };
@@ -822,7 +830,7 @@ impl Service {
                 info!(%kind, fire = %fire.to_rfc3339(), "the cancelled scheduled backup is left to the next leader")
             }
             Err(e) => {
-                warn!(error = %e, %kind, "cannot hand the cancelled backup back; the next leader skips it")
+                warn!(error = %crate::error::error_chain(&e), %kind, "cannot hand the cancelled backup back; the next leader skips it")
             }
         }
     }
@@ -896,7 +904,7 @@ impl Service {
                                     .to_string(),
                             )
                         }
-                        Err(reason) => ApiReply::new(503, reason),
+                        Err(reason) => ApiReply::new(503, crate::error::error_chain(&reason)),
                     }
                 }
             }
@@ -954,8 +962,8 @@ impl Service {
                 &CancellationToken::new(),
             )
             .await
-            .map_err(|e| crate::ha::error_chain(&e))
-            .and_then(|out| super::report::parse_info(&out, &self.stanza));
+            .map_err(crate::backup::BackupError::caused_by)
+            .and_then(|out| Ok(super::report::parse_info(&out, &self.stanza)?));
         match result {
             Ok(repos) => {
                 self.state.repos = repos;
@@ -963,7 +971,7 @@ impl Service {
             }
             Err(e) => {
                 debug!(error = %e, "pgbackrest info failed");
-                self.state.info_error = Some(e);
+                self.state.info_error = Some(crate::error::error_chain(&e));
             }
         }
     }

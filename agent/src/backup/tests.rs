@@ -33,7 +33,7 @@ struct MemoryDcs {
 }
 
 fn refused<T>() -> Result<T, DcsError> {
-    Err(DcsError::Rejected("not part of this fake".into()))
+    Err(DcsError::rejected("not part of this fake"))
 }
 
 #[async_trait]
@@ -80,7 +80,6 @@ impl Dcs for MemoryDcs {
     async fn revoke_lease(&self) -> Result<(), DcsError> {
         refused()
     }
-    fn set_ttl(&self, _: Duration) {}
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
         tokio::time::sleep(timeout).await;
         Wakeup::Timeout
@@ -127,7 +126,7 @@ fn fake_pgbackrest(dir: &Path) -> Runner {
     Runner {
         command: path,
         config_file: dir.join("pgbackrest.conf"),
-        password: None,
+        pgpass: None,
         timeout: Duration::from_secs(120),
     }
 }

@@ -222,12 +222,15 @@ impl Ctl {
     async fn connect(config: Config) -> Result<Ctl, CliError> {
         crate::peer::configure_client_tls(config.restapi.cafile.as_deref())
             .map_err(CliError::Failed)?;
-        if let Some(mut settings) = KubeSettings::from_config(&config) {
+        let timing = crate::config::Timing {
+            retry_timeout: Duration::from_secs(5),
+            ..crate::config::Timing::bootstrap(&config)
+        };
+        if let Some(mut settings) = KubeSettings::from_config(&config, timing.fixed()) {
             // The CLI never takes the Lease or writes member records: it reads, and writes
             // only `config` (edit-config). One read per command needs no watches.
             settings.name = "pgwarden-ctl".into();
             settings.watch = false;
-            settings.request_timeout = Duration::from_secs(5);
             let dcs = KubeDcs::connect(settings).await.map_err(CliError::Dcs)?;
             return Ok(Ctl {
                 config,
@@ -245,9 +248,13 @@ impl Ctl {
                 scope: config.scope.clone(),
                 // The CLI never writes `leader` or member keys.
                 name: "pgwarden-ctl".into(),
-                ttl: Duration::from_secs(30),
-                loop_wait: Duration::from_secs(10),
-                request_timeout: Duration::from_secs(5),
+                timing: crate::config::Timing {
+                    ttl: Duration::from_secs(30),
+                    loop_wait: Duration::from_secs(10),
+                    retry_timeout: Duration::from_secs(5),
+                    fence: Default::default(),
+                }
+                .fixed(),
             })
             .await
             .map_err(CliError::Dcs)?,

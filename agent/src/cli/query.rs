@@ -162,7 +162,7 @@ pub(super) async fn query(ctl: &Ctl, args: QueryArgs) -> Result<(), CliError> {
         CliError::Failed(format!(
             "{}: cannot connect to {host}:{port}: {}",
             member.name,
-            crate::ha::error_chain(&e)
+            crate::error::error_chain(&e)
         ))
     })?;
     let connection = tokio::spawn(connection);
@@ -172,7 +172,11 @@ pub(super) async fn query(ctl: &Ctl, args: QueryArgs) -> Result<(), CliError> {
             db.code().code(),
             db.message()
         )),
-        None => CliError::Failed(format!("{}: {}", member.name, crate::ha::error_chain(&e))),
+        None => CliError::Failed(format!(
+            "{}: {}",
+            member.name,
+            crate::error::error_chain(&e)
+        )),
     };
     // For a role other than any or leader, check what postgres says, not only the DCS.
     if matches!(

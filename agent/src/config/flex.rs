@@ -6,23 +6,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-/// Patroni's `parse_bool`: `true`/`on`/`yes`/`1` and `false`/`off`/`no`/`0`, any case.
-pub fn parse_bool(v: &Value) -> Option<bool> {
-    match v {
-        Value::Bool(b) => Some(*b),
-        Value::Number(n) => match n.as_i64() {
-            Some(1) => Some(true),
-            Some(0) => Some(false),
-            _ => None,
-        },
-        Value::String(s) => match s.trim().to_ascii_lowercase().as_str() {
-            "true" | "on" | "yes" | "1" => Some(true),
-            "false" | "off" | "no" | "0" => Some(false),
-            _ => None,
-        },
-        _ => None,
-    }
-}
+pub use pgwarden_api::parse_bool;
 
 /// An integer, or a string holding one (`"30"`).
 pub fn parse_int(v: &Value) -> Option<i64> {

@@ -6,10 +6,12 @@ pub mod dynamic;
 pub mod flex;
 pub mod load;
 pub mod schema;
+pub mod timing;
 pub mod validate;
 
 pub use load::{load, load_ctl, load_str, ConfigError, Loaded, Overrides};
 pub use schema::*;
+pub use timing::{FencePolicy, Timing};
 pub use validate::FieldError;
 
 #[cfg(test)]

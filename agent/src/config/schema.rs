@@ -280,6 +280,55 @@ pub struct PostgresqlConfig {
     /// How a new replica gets its data, tried in order (Patroni's list): `pgbackrest` (restore
     /// from the repository), `basebackup`. Empty: `basebackup` only.
     pub create_replica_methods: Vec<String>,
+    /// Scripts run on postgres' start, stop, restart, reload and role change (Patroni's
+    /// `postgresql.callbacks`, see [`crate::postgres::callbacks`]).
+    #[serde(skip_serializing_if = "CallbacksConfig::is_empty")]
+    pub callbacks: CallbacksConfig,
+}
+
+/// `postgresql.callbacks`: one command line per action, split as a POSIX shell would.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct CallbacksConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_start: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_stop: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_restart: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_reload: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_role_change: Option<String>,
+}
+
+impl CallbacksConfig {
+    pub fn is_empty(&self) -> bool {
+        self == &CallbacksConfig::default()
+    }
+
+    /// The command configured for `action`.
+    pub fn command(&self, action: crate::postgres::callbacks::CallbackAction) -> Option<&str> {
+        use crate::postgres::callbacks::CallbackAction as A;
+        match action {
+            A::OnStart => self.on_start.as_deref(),
+            A::OnStop => self.on_stop.as_deref(),
+            A::OnRestart => self.on_restart.as_deref(),
+            A::OnReload => self.on_reload.as_deref(),
+            A::OnRoleChange => self.on_role_change.as_deref(),
+        }
+    }
+
+    /// Each configured command with its key.
+    pub fn entries(&self) -> [(&'static str, Option<&str>); 5] {
+        [
+            ("on_start", self.on_start.as_deref()),
+            ("on_stop", self.on_stop.as_deref()),
+            ("on_restart", self.on_restart.as_deref()),
+            ("on_reload", self.on_reload.as_deref()),
+            ("on_role_change", self.on_role_change.as_deref()),
+        ]
+    }
 }
 
 /// `postgresql.authentication`.

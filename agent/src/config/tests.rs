@@ -653,8 +653,46 @@ fn parameters_replication_depends_on_are_kept_usable_with_a_warning() {
         "{:?}",
         loaded.warnings
     );
-    let p = crate::postgres::conf::parameters(&loaded.config, &loaded.config.bootstrap.dcs);
+    let p = crate::postgres::conf::parameters(
+        &loaded.config,
+        &loaded.config.bootstrap.dcs,
+        &Default::default(),
+    );
     assert_eq!(p["hot_standby"], "on");
+}
+
+#[test]
+fn callbacks_load_without_warnings_and_bad_commands_are_refused_by_path() {
+    // Patroni's `postgresql.callbacks`: one command line per action.
+    let yaml = PATRONI_YML.replace(
+        "  pgpass: /tmp/pgpass0",
+        "  pgpass: /tmp/pgpass0\n  callbacks:\n    on_role_change: /usr/local/bin/vip.sh --dev 'eth 0'\n    on_start: /bin/true\n    on_reload:",
+    );
+    let loaded = load_ok(&yaml);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let cb = &loaded.config.postgresql.callbacks;
+    assert_eq!(
+        cb.on_role_change.as_deref(),
+        Some("/usr/local/bin/vip.sh --dev 'eth 0'")
+    );
+    assert_eq!(cb.on_start.as_deref(), Some("/bin/true"));
+    assert_eq!(
+        (cb.on_stop.as_deref(), cb.on_reload.as_deref()),
+        (None, None)
+    );
+
+    let bad = PATRONI_YML.replace(
+        "  pgpass: /tmp/pgpass0",
+        "  pgpass: /tmp/pgpass0\n  callbacks:\n    on_stop: ''\n    on_restart: \"/bin/x 'open\"",
+    );
+    assert_error(&bad, "postgresql.callbacks.on_stop", "program");
+    assert_error(&bad, "postgresql.callbacks.on_restart", "quote");
+    let unknown = PATRONI_YML.replace(
+        "  pgpass: /tmp/pgpass0",
+        "  pgpass: /tmp/pgpass0\n  callbacks:\n    on_failover: /bin/true",
+    );
+    let w = load_ok(&unknown).warnings.join("\n");
+    assert!(w.contains("`postgresql.callbacks.on_failover`"), "{w}");
 }
 
 #[test]

@@ -302,6 +302,20 @@ impl Config {
                 );
             }
         }
+        for (key, command) in pg.callbacks.entries() {
+            let Some(command) = command else { continue };
+            match shlex::split(command) {
+                None => err(
+                    &format!("postgresql.callbacks.{key}"),
+                    "cannot be split into words: a quote is not closed or a `\\` ends it".into(),
+                ),
+                Some(words) if words.iter().all(|w| w.is_empty()) => err(
+                    &format!("postgresql.callbacks.{key}"),
+                    "must name the program to run".into(),
+                ),
+                Some(_) => {}
+            }
+        }
         for (i, line) in pg.pg_hba.iter().enumerate() {
             let first = line.split_whitespace().next();
             match first {

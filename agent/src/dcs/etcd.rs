@@ -27,7 +27,10 @@ use etcd_client::{
     Client, Compare, CompareOp, ConnectOptions, EventType, GetOptions, LeaseKeepAliveStream,
     LeaseKeeper, PutOptions, ResponseHeader, Txn, TxnOp, WatchOptions,
 };
+use tokio::sync::watch;
 use tracing::{debug, info, warn};
+
+use crate::config::Timing;
 
 use super::keys::{KeyKind, Keys};
 use super::model::{
@@ -48,11 +51,10 @@ pub struct EtcdSettings {
     pub scope: String,
     /// This member's name (value of `leader`, suffix of `members/<name>`).
     pub name: String,
-    pub ttl: Duration,
-    /// The HA loop's period, which sets how often a healthy agent hears from etcd.
-    pub loop_wait: Duration,
-    /// Bound on every request (`retry_timeout`).
-    pub request_timeout: Duration,
+    /// The cluster's timing as the HA loop last derived it: the lease TTL, the request timeout
+    /// (`retry_timeout`) and the HTTP/2 keepalive interval (from `loop_wait`). The client is
+    /// rebuilt when `loop_wait` or `retry_timeout` change (`edit-config`).
+    pub timing: watch::Receiver<Timing>,
 }
 
 #[derive(Debug, Default)]
@@ -64,8 +66,9 @@ struct LeaseState {
     /// The keepalive stream of lease `id`, kept open between renewals. Opening a stream per
     /// keepalive cost a stream setup and a second keepalive each time (the client's open sends
     /// one and waits for its answer). Dropped after any failure, so an answer that arrives late
-    /// can never be taken for the answer to a later keepalive.
-    keeper: Option<(i64, LeaseKeeper, LeaseKeepAliveStream)>,
+    /// can never be taken for the answer to a later keepalive, and when the client is rebuilt
+    /// (the stream runs on the client of that generation).
+    keeper: Option<(i64, u64, LeaseKeeper, LeaseKeepAliveStream)>,
 }
 
 /// One key of the cluster prefix as last seen.
@@ -186,12 +189,12 @@ impl Reachability {
     fn failed(&self, op: &str, err: &DcsError) {
         if err.is_transient() {
             if self.reachable.swap(false, Ordering::Relaxed) {
-                warn!(operation = op, error = %err, "etcd became unreachable; retrying with backoff");
+                warn!(operation = op, error = %crate::error::error_chain(err), "etcd became unreachable; retrying with backoff");
             } else {
-                debug!(operation = op, error = %err, "etcd still unreachable");
+                debug!(operation = op, error = %crate::error::error_chain(err), "etcd still unreachable");
             }
         } else {
-            debug!(operation = op, error = %err, "etcd refused the operation");
+            debug!(operation = op, error = %crate::error::error_chain(err), "etcd refused the operation");
         }
     }
 
@@ -204,11 +207,11 @@ impl Reachability {
 
 /// [`Dcs`] over etcd v3.
 pub struct EtcdDcs {
-    client: Client,
+    /// The client for the timing in force, with its generation (bumped on each rebuild).
+    client: watch::Receiver<(u64, Client)>,
     keys: Keys,
     name: String,
-    request_timeout: Duration,
-    ttl: Mutex<Duration>,
+    timing: watch::Receiver<Timing>,
     lease: tokio::sync::Mutex<LeaseState>,
     /// The `status` value this agent last wrote and when: an idle leader's optime does not
     /// change, and rewriting it every cycle was a third of an idle cluster's etcd requests.
@@ -220,11 +223,14 @@ pub struct EtcdDcs {
     /// The highest revision this agent's own writes created.
     written: Arc<AtomicI64>,
     watcher: tokio::task::JoinHandle<()>,
+    /// Rebuilds the client when the timing changes.
+    reconfigurer: tokio::task::JoinHandle<()>,
 }
 
 impl Drop for EtcdDcs {
     fn drop(&mut self) {
         self.watcher.abort();
+        self.reconfigurer.abort();
     }
 }
 
@@ -239,17 +245,17 @@ fn classify(err: etcd_client::Error) -> DcsError {
                 | Code::DeadlineExceeded
                 | Code::Cancelled
                 | Code::Unknown
-                | Code::Aborted => DcsError::Unreachable(message),
+                | Code::Aborted => DcsError::unreachable(message),
                 _ if message.contains("lease not found") => DcsError::LeaseLost,
-                _ => DcsError::Rejected(message),
+                _ => DcsError::rejected(message),
             }
         }
-        E::TransportError(e) => DcsError::Unreachable(e.to_string()),
-        E::IoError(e) => DcsError::Unreachable(e.to_string()),
+        E::TransportError(e) => DcsError::unreachable(e),
+        E::IoError(e) => DcsError::unreachable(e),
         // etcd answered: the lease expired (keys attached to it are gone). Re-grant, don't retry.
         E::LeaseKeepAliveError(e) if e.contains("not found") => DcsError::LeaseLost,
-        E::LeaseKeepAliveError(e) | E::WatchError(e) => DcsError::Unreachable(e),
-        other => DcsError::Rejected(other.to_string()),
+        E::LeaseKeepAliveError(e) | E::WatchError(e) => DcsError::unreachable(e),
+        other => DcsError::rejected(other),
     }
 }
 
@@ -266,6 +272,81 @@ fn keepalive_interval(loop_wait: Duration) -> Duration {
 
 /// An HTTP/2 ping is answered by etcd's transport, not queued behind requests.
 const KEEPALIVE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// What the client is built from: the endpoints and credentials, fixed for the process.
+#[derive(Debug, Clone)]
+struct Endpoints {
+    endpoints: Vec<String>,
+    user: Option<(String, String)>,
+}
+
+/// The client options of a timing: connect and request timeouts (`retry_timeout`) and the
+/// HTTP/2 keepalive (`loop_wait`). Only these two values of the timing shape the client.
+fn client_options(timing: &Timing, user: Option<&(String, String)>) -> ConnectOptions {
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(timing.retry_timeout)
+        .with_timeout(timing.retry_timeout)
+        .with_keep_alive(
+            keepalive_interval(timing.loop_wait),
+            timing.retry_timeout.min(KEEPALIVE_TIMEOUT),
+        );
+    if let Some((user, password)) = user {
+        options = options.with_user(user.clone(), password.clone());
+    }
+    options
+}
+
+/// The part of a timing the client is built with.
+fn client_shape(timing: &Timing) -> (Duration, Duration) {
+    (timing.loop_wait, timing.retry_timeout)
+}
+
+async fn build_client(at: &Endpoints, timing: &Timing) -> Result<Client, DcsError> {
+    Client::connect(
+        &at.endpoints,
+        Some(client_options(timing, at.user.as_ref())),
+    )
+    .await
+    .map_err(classify)
+}
+
+/// Rebuilds the client whenever `loop_wait` or `retry_timeout` change, so that an `edit-config`
+/// reaches the keepalive interval and the request timeout (they are options of the gRPC
+/// channel). A rebuild that fails (authentication against an unreachable etcd) keeps the
+/// previous client and is tried again.
+async fn follow_timing(
+    at: Endpoints,
+    mut timing: watch::Receiver<Timing>,
+    client: watch::Sender<(u64, Client)>,
+) {
+    let mut built = client_shape(&timing.borrow_and_update());
+    let mut generation = 0;
+    loop {
+        let current = *timing.borrow_and_update();
+        if client_shape(&current) == built {
+            if timing.changed().await.is_err() {
+                return;
+            }
+            continue;
+        }
+        match build_client(&at, &current).await {
+            Ok(new) => {
+                generation += 1;
+                built = client_shape(&current);
+                client.send_replace((generation, new));
+                info!(
+                    keepalive_interval = ?keepalive_interval(current.loop_wait),
+                    request_timeout = ?current.retry_timeout,
+                    "etcd client rebuilt for the new loop_wait and retry_timeout"
+                );
+            }
+            Err(e) => {
+                warn!(error = %crate::error::error_chain(&e), "cannot rebuild the etcd client for the new timing; keeping the previous one");
+                tokio::time::sleep(current.retry_timeout).await;
+            }
+        }
+    }
+}
 
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
@@ -287,19 +368,15 @@ impl EtcdDcs {
                 }
             })
             .collect();
-        let mut options = ConnectOptions::new()
-            .with_connect_timeout(settings.request_timeout)
-            .with_timeout(settings.request_timeout)
-            .with_keep_alive(
-                keepalive_interval(settings.loop_wait),
-                settings.request_timeout.min(KEEPALIVE_TIMEOUT),
-            );
-        if let (Some(user), Some(password)) = (&settings.username, &settings.password) {
-            options = options.with_user(user.clone(), password.clone());
-        }
-        let client = Client::connect(&endpoints, Some(options))
-            .await
-            .map_err(classify)?;
+        let at = Endpoints {
+            endpoints,
+            user: settings.username.clone().zip(settings.password.clone()),
+        };
+        let timing = settings.timing;
+        let initial = *timing.borrow();
+        let client = build_client(&at, &initial).await?;
+        let (client_tx, client) = watch::channel((0, client));
+        let reconfigurer = tokio::spawn(follow_timing(at, timing.clone(), client_tx));
         let keys = Keys::new(&settings.namespace, &settings.scope);
         let wake = Arc::new(WakeSignal::default());
         let cache = Arc::new(Mutex::new(CacheState::default()));
@@ -310,14 +387,13 @@ impl EtcdDcs {
             wake.clone(),
             cache.clone(),
             written.clone(),
-            settings.request_timeout,
+            timing.clone(),
         ));
         Ok(EtcdDcs {
             client,
             keys,
             name: settings.name,
-            request_timeout: settings.request_timeout,
-            ttl: Mutex::new(settings.ttl),
+            timing,
             lease: tokio::sync::Mutex::new(LeaseState::default()),
             last_status: Mutex::new(None),
             wake,
@@ -327,14 +403,21 @@ impl EtcdDcs {
             cache,
             written,
             watcher,
+            reconfigurer,
         })
     }
 
     fn ttl(&self) -> Duration {
-        self.ttl
-            .lock()
-            .map(|t| *t)
-            .unwrap_or(Duration::from_secs(30))
+        self.timing.borrow().ttl
+    }
+
+    fn request_timeout(&self) -> Duration {
+        self.timing.borrow().retry_timeout
+    }
+
+    /// The client built for the timing in force.
+    fn client(&self) -> Client {
+        self.client.borrow().1.clone()
     }
 
     /// Runs one request bounded by the request timeout, classifying and logging failures.
@@ -342,12 +425,12 @@ impl EtcdDcs {
     where
         F: std::future::Future<Output = Result<T, etcd_client::Error>>,
     {
-        let result = match tokio::time::timeout(self.request_timeout, fut).await {
+        let request_timeout = self.request_timeout();
+        let result = match tokio::time::timeout(request_timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => Err(classify(err)),
-            Err(_) => Err(DcsError::Unreachable(format!(
-                "no answer within {:?}",
-                self.request_timeout
+            Err(_) => Err(DcsError::unreachable(format!(
+                "no answer within {request_timeout:?}"
             ))),
         };
         match &result {
@@ -360,7 +443,7 @@ impl EtcdDcs {
     /// Deletes every key of the cluster (`patronictl remove`: a delete-range of `<base>/`).
     /// Returns how many keys were deleted.
     pub async fn delete_cluster(&self) -> Result<i64, DcsError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self
             .call(
                 "delete cluster",
@@ -382,7 +465,7 @@ impl EtcdDcs {
 
     async fn grant_lease(&self, state: &mut LeaseState) -> Result<i64, DcsError> {
         let ttl = i64::try_from(self.ttl().as_secs()).unwrap_or(30).max(1);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let granted = self
             .call("lease grant", client.lease_grant(ttl, None))
             .await?;
@@ -397,14 +480,19 @@ impl EtcdDcs {
     /// Sends one keepalive on the lease's kept stream (opened first if needed); `Ok(granted
     /// ttl)`, or `LeaseLost` when etcd no longer knows the lease.
     async fn keepalive(&self, state: &mut LeaseState, id: i64) -> Result<Duration, DcsError> {
+        let generation = self.client.borrow().0;
         let kept = match state.keeper.take() {
-            Some((kept_id, keeper, stream)) if kept_id == id => Some((keeper, stream)),
+            Some((kept_id, kept_gen, keeper, stream))
+                if kept_id == id && kept_gen == generation =>
+            {
+                Some((keeper, stream))
+            }
             _ => None,
         };
         let (mut keeper, mut stream) = match kept {
             Some(kept) => kept,
             None => {
-                let mut client = self.client.clone();
+                let mut client = self.client();
                 self.call("lease keepalive", client.lease_keep_alive(id))
                     .await?
             }
@@ -417,16 +505,16 @@ impl EtcdDcs {
             .await?;
         match response {
             Some(r) if r.ttl() > 0 && r.id() == id => {
-                state.keeper = Some((id, keeper, stream));
+                state.keeper = Some((id, generation, keeper, stream));
                 Ok(Duration::from_secs(r.ttl().unsigned_abs()))
             }
-            Some(r) if r.id() != id => Err(DcsError::Unreachable(format!(
+            Some(r) if r.id() != id => Err(DcsError::unreachable(format!(
                 "keepalive answer for lease {} instead of {id}",
                 r.id()
             ))),
             Some(_) => Err(DcsError::LeaseLost),
-            None => Err(DcsError::Unreachable(
-                "keepalive stream closed without an answer".into(),
+            None => Err(DcsError::unreachable(
+                "keepalive stream closed without an answer",
             )),
         }
     }
@@ -486,7 +574,7 @@ impl EtcdDcs {
     }
 
     async fn put(&self, op: &str, key: String, value: String) -> Result<(), DcsError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call(op, client.put(key, value, None)).await?;
         self.wrote(response.header());
         Ok(())
@@ -504,7 +592,7 @@ impl EtcdDcs {
             Some(v) => TxnOp::put(key.clone(), v, None),
             None => TxnOp::delete(key.clone(), None),
         };
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let txn = match expected_revision {
             Some(0) => Txn::new()
                 .when([Compare::create_revision(key, CompareOp::Equal, 0)])
@@ -596,7 +684,7 @@ fn build_view<'a>(
 #[async_trait]
 impl Dcs for EtcdDcs {
     async fn cluster(&self) -> Result<ClusterView, DcsError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let read_at = Instant::now();
         let response = self
             .call(
@@ -651,7 +739,7 @@ impl Dcs for EtcdDcs {
     }
 
     async fn cancel_initialize(&self) -> Result<(), DcsError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self
             .call(
                 "delete initialize",
@@ -693,7 +781,7 @@ impl Dcs for EtcdDcs {
                 self.name.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call("acquire leader", client.txn(txn)).await?;
         if response.succeeded() {
             self.wrote(response.header());
@@ -736,7 +824,7 @@ impl Dcs for EtcdDcs {
             Compare::value(key.clone(), CompareOp::Equal, self.name.clone()),
             Compare::lease(key.clone(), CompareOp::Equal, lease),
         ]);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         if self
             .call("confirm leader", client.txn(confirm))
             .await?
@@ -757,15 +845,15 @@ impl Dcs for EtcdDcs {
                 self.name.clone(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call("re-attach leader", client.txn(takeover)).await?;
         if response.succeeded() {
             self.wrote(response.header());
             info!(lease, "re-attached the leader key to this process's lease");
             return Ok(LeaseRenewal { sent_at, ttl });
         }
-        Err(DcsError::Rejected(
-            "the leader key is no longer held by this member".into(),
+        Err(DcsError::rejected(
+            "the leader key is no longer held by this member",
         ))
     }
 
@@ -779,7 +867,7 @@ impl Dcs for EtcdDcs {
                 self.name.clone(),
             )])
             .and_then([TxnOp::delete(key, None)]);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call("release leader", client.txn(txn)).await?;
         if response.succeeded() {
             self.wrote(response.header());
@@ -828,7 +916,7 @@ impl Dcs for EtcdDcs {
         {
             return Ok(());
         }
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self
             .call(
                 "write member",
@@ -846,14 +934,10 @@ impl Dcs for EtcdDcs {
 
     async fn write_status(&self, status: &LeaderStatus) -> Result<(), DcsError> {
         let value = serde_json::to_string(status)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode status: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode status: {e}")))?;
         // Unchanged values are still rewritten once per ttl, so a key deleted or overwritten
         // behind our back is repaired within one lease period.
-        let refresh = self
-            .ttl
-            .lock()
-            .map(|t| *t)
-            .unwrap_or(Duration::from_secs(10));
+        let refresh = self.ttl();
         let unchanged = self.last_status.lock().is_ok_and(|last| {
             last.as_ref()
                 .is_some_and(|(v, at)| *v == value && at.elapsed() < refresh)
@@ -885,7 +969,7 @@ impl Dcs for EtcdDcs {
         expected_revision: Option<i64>,
     ) -> Result<bool, DcsError> {
         let value = serde_json::to_string(request)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode failover: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode failover: {e}")))?;
         self.compare_and_set(
             "write failover",
             self.keys.failover(),
@@ -903,7 +987,7 @@ impl Dcs for EtcdDcs {
         let value = sync
             .map(serde_json::to_string)
             .transpose()
-            .map_err(|e| DcsError::Rejected(format!("cannot encode sync: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode sync: {e}")))?;
         self.compare_and_set("write sync", self.keys.sync(), value, expected_revision)
             .await
     }
@@ -915,16 +999,10 @@ impl Dcs for EtcdDcs {
         };
         state.last_member = None;
         state.keeper = None;
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call("revoke lease", client.lease_revoke(id)).await?;
         self.wrote(response.header());
         Ok(())
-    }
-
-    fn set_ttl(&self, ttl: Duration) {
-        if let Ok(mut current) = self.ttl.lock() {
-            *current = ttl;
-        }
     }
 
     async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {
@@ -941,7 +1019,7 @@ impl Dcs for EtcdDcs {
                 value.to_owned(),
                 Some(PutOptions::new().with_lease(lease)),
             )]);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call("acquire lease key", client.txn(txn)).await?;
         if response.succeeded() {
             self.wrote(response.header());
@@ -958,7 +1036,7 @@ impl Dcs for EtcdDcs {
                 value.to_owned(),
             )])
             .and_then([TxnOp::delete(key, None)]);
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self.call("release lease key", client.txn(txn)).await?;
         if response.succeeded() {
             self.wrote(response.header());
@@ -967,7 +1045,7 @@ impl Dcs for EtcdDcs {
     }
 
     async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
-        let mut client = self.client.clone();
+        let mut client = self.client();
         let response = self
             .call("read key", client.get(self.keys.key(key), None))
             .await?;
@@ -989,12 +1067,12 @@ impl Dcs for EtcdDcs {
 /// cancelled watch (compaction included) the cache is not live until the next read and watch,
 /// retried with capped exponential backoff.
 async fn watch_cluster(
-    client: Client,
+    mut client: watch::Receiver<(u64, Client)>,
     keys: Keys,
     wake: Arc<WakeSignal>,
     cache: Arc<Mutex<CacheState>>,
     written: Arc<AtomicI64>,
-    request_timeout: Duration,
+    timing: watch::Receiver<Timing>,
 ) {
     let set_live = |live: bool| {
         if let Ok(mut c) = cache.lock() {
@@ -1004,7 +1082,8 @@ async fn watch_cluster(
     let mut backoff = Duration::from_millis(100);
     let mut resynced = false;
     loop {
-        let mut c = client.clone();
+        let mut c = client.borrow_and_update().1.clone();
+        let request_timeout = timing.borrow().retry_timeout;
         let read_at = Instant::now();
         let read = tokio::time::timeout(
             request_timeout,
@@ -1053,7 +1132,15 @@ async fn watch_cluster(
             .with_start_revision(start + 1);
         match c.watch(keys.prefix(), Some(options)).await {
             Ok(mut stream) => loop {
-                match stream.message().await {
+                let message = tokio::select! {
+                    m = stream.message() => m,
+                    // A rebuilt client (new timing): watch on it, read again first.
+                    Ok(()) = client.changed() => {
+                        debug!("etcd client rebuilt; moving the watch to it");
+                        break;
+                    }
+                };
+                match message {
                     Ok(Some(response)) => {
                         backoff = Duration::from_millis(100);
                         if response.compact_revision() > 0 || response.canceled() {

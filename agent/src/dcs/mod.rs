@@ -22,16 +22,19 @@ pub use model::{
     SyncState, Versioned, PATRONI_API_VERSION,
 };
 
+/// The cause of a DCS failure: the client's own error, or a message when there is none.
+pub type Cause = Box<dyn std::error::Error + Send + Sync>;
+
 /// How a DCS operation failed. The split matters for fencing (`patroni-compat.md` §5.4).
 #[derive(Debug, thiserror::Error)]
 pub enum DcsError {
     /// The store did not answer in time, or the connection failed. The operation may or may not
     /// have been applied.
-    #[error("DCS unreachable: {0}")]
-    Unreachable(String),
+    #[error("DCS unreachable")]
+    Unreachable(#[source] Cause),
     /// The store answered and refused (compare failed, lease unknown, permission denied, ...).
-    #[error("DCS refused the operation: {0}")]
-    Rejected(String),
+    #[error("DCS refused the operation")]
+    Rejected(#[source] Cause),
     /// Our lease is gone in the store: keys attached to it have been deleted.
     #[error("the agent's lease no longer exists")]
     LeaseLost,
@@ -41,6 +44,16 @@ impl DcsError {
     /// True when the store may simply have been out of reach: retrying may help.
     pub fn is_transient(&self) -> bool {
         matches!(self, DcsError::Unreachable(_))
+    }
+
+    /// `Unreachable`, caused by `cause` (an error, or a message).
+    pub fn unreachable(cause: impl Into<Cause>) -> DcsError {
+        DcsError::Unreachable(cause.into())
+    }
+
+    /// `Rejected`, caused by `cause` (an error, or a message).
+    pub fn rejected(cause: impl Into<Cause>) -> DcsError {
+        DcsError::Rejected(cause.into())
     }
 }
 
@@ -145,9 +158,6 @@ pub trait Dcs: Send + Sync {
     /// Revokes our lease: our member key (and `leader`, if still attached) disappear at once.
     async fn revoke_lease(&self) -> Result<(), DcsError>;
 
-    /// Changes the TTL of future leases (a new lease is granted on next use).
-    fn set_ttl(&self, ttl: Duration);
-
     /// Waits until a watched key changes or `timeout` elapses.
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup;
 
@@ -157,7 +167,7 @@ pub trait Dcs: Send + Sync {
     /// runs no backups rather than risking two at once.
     async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {
         let _ = value;
-        Err(DcsError::Rejected(format!(
+        Err(DcsError::rejected(format!(
             "this DCS does not support the `{key}` lock"
         )))
     }
@@ -165,14 +175,14 @@ pub trait Dcs: Send + Sync {
     /// Deletes `<base>/<key>` if and only if it still holds `value`.
     async fn release_lease_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
         let _ = value;
-        Err(DcsError::Rejected(format!(
+        Err(DcsError::rejected(format!(
             "this DCS does not support the `{key}` lock"
         )))
     }
 
     /// Reads `<base>/<key>` (`None`: absent).
     async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
-        Err(DcsError::Rejected(format!(
+        Err(DcsError::rejected(format!(
             "this DCS does not support reading `{key}`"
         )))
     }
@@ -180,7 +190,7 @@ pub trait Dcs: Send + Sync {
     /// Writes `<base>/<key>` (no lease: it outlives the writer).
     async fn write_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
         let _ = value;
-        Err(DcsError::Rejected(format!(
+        Err(DcsError::rejected(format!(
             "this DCS does not support writing `{key}`"
         )))
     }

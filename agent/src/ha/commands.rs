@@ -173,7 +173,12 @@ async fn switchover(ctx: &CommandContext, body: &Map<String, Value>, failover: b
     }
     let view = match ctx.dcs.cluster().await {
         Ok(v) => v,
-        Err(e) => return ApiReply::new(503, format!("cannot read the cluster: {e}")),
+        Err(e) => {
+            return ApiReply::new(
+                503,
+                format!("cannot read the cluster: {}", crate::error::error_chain(&e)),
+            )
+        }
     };
     if scheduled_at.is_none() {
         if let Err(reply) =
@@ -191,7 +196,7 @@ async fn switchover(ctx: &CommandContext, body: &Map<String, Value>, failover: b
         scheduled_at: scheduled_at.clone(),
     };
     if let Err(e) = ctx.dcs.write_failover(&request, None).await {
-        info!(error = %e, "could not write the failover key");
+        info!(error = %crate::error::error_chain(&e), "could not write the failover key");
         return ApiReply::new(503, "failed to write failover key into DCS");
     }
     info!(?request, "wrote the failover key");
@@ -312,7 +317,12 @@ async fn wait_for_outcome(
 async fn delete_switchover(ctx: &CommandContext) -> ApiReply {
     let view = match ctx.dcs.cluster().await {
         Ok(v) => v,
-        Err(e) => return ApiReply::new(503, format!("cannot read the cluster: {e}")),
+        Err(e) => {
+            return ApiReply::new(
+                503,
+                format!("cannot read the cluster: {}", crate::error::error_chain(&e)),
+            )
+        }
     };
     match &view.failover {
         Some(f) if f.value.scheduled_at.is_some() => {
@@ -323,7 +333,13 @@ async fn delete_switchover(ctx: &CommandContext) -> ApiReply {
             {
                 Ok(true) => ApiReply::new(200, "scheduled switchover deleted"),
                 Ok(false) => ApiReply::new(409, "the switchover changed while deleting it"),
-                Err(e) => ApiReply::new(503, format!("cannot delete the switchover: {e}")),
+                Err(e) => ApiReply::new(
+                    503,
+                    format!(
+                        "cannot delete the switchover: {}",
+                        crate::error::error_chain(&e)
+                    ),
+                ),
             }
         }
         _ => ApiReply::new(404, "no switchover is scheduled"),
@@ -351,7 +367,12 @@ async fn patch_config(ctx: &CommandContext, patch: &Map<String, Value>) -> ApiRe
     }
     let view = match ctx.dcs.cluster().await {
         Ok(v) => v,
-        Err(e) => return ApiReply::new(503, format!("cannot read the cluster: {e}")),
+        Err(e) => {
+            return ApiReply::new(
+                503,
+                format!("cannot read the cluster: {}", crate::error::error_chain(&e)),
+            )
+        }
     };
     let Some(current) = view.config else {
         return ApiReply::new(503, "The cluster has no configuration in the DCS");
@@ -365,7 +386,13 @@ async fn patch_config(ctx: &CommandContext, patch: &Map<String, Value>) -> ApiRe
             ApiReply::new(200, merged.to_string())
         }
         Ok(false) => ApiReply::new(409, "the configuration changed concurrently; retry"),
-        Err(e) => ApiReply::new(503, format!("cannot write the configuration: {e}")),
+        Err(e) => ApiReply::new(
+            503,
+            format!(
+                "cannot write the configuration: {}",
+                crate::error::error_chain(&e)
+            ),
+        ),
     }
 }
 
@@ -376,7 +403,13 @@ async fn put_config(ctx: &CommandContext, config: &Map<String, Value>) -> ApiRep
     let value = Value::Object(config.clone());
     match ctx.dcs.write_config(&value, None).await {
         Ok(_) => ApiReply::new(200, value.to_string()),
-        Err(e) => ApiReply::new(502, format!("cannot write the configuration: {e}")),
+        Err(e) => ApiReply::new(
+            502,
+            format!(
+                "cannot write the configuration: {}",
+                crate::error::error_chain(&e)
+            ),
+        ),
     }
 }
 

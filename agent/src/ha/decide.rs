@@ -350,10 +350,25 @@ fn is_sysid(s: &str) -> bool {
     s.len() >= 10 && s.bytes().all(|b| b.is_ascii_digit())
 }
 
-/// `initialize` claims a bootstrap that has not finished (no system identifier yet), and no
-/// member holds `leader`: the loop times how long this lasts (`Observation::bootstrap_claim_abandoned`).
+/// The member states of a bootstrap in progress (Patroni's names).
+pub const BOOTSTRAPPING_STATES: [&str; 2] = [
+    "initializing new cluster",
+    "running custom bootstrap script",
+];
+
+/// `initialize` claims a bootstrap that has not finished (no system identifier yet), no member
+/// holds `leader` and no member says it is bootstrapping: the loop times how long this lasts
+/// (`Observation::bootstrap_claim_abandoned`). The leader lock is taken only after the bootstrap
+/// (as Patroni does), so a slow initdb or restore must not count as abandoned while its member
+/// keeps a record saying so: that record vanishes with the member's lease when it dies, and
+/// only then may another member withdraw the claim and bootstrap (never two at once).
 pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> bool {
-    view.leader.is_none() && view.initialize.as_deref().is_some_and(|i| !is_sysid(i))
+    view.leader.is_none()
+        && view.initialize.as_deref().is_some_and(|i| !is_sysid(i))
+        && !view
+            .members
+            .iter()
+            .any(|m| BOOTSTRAPPING_STATES.contains(&m.record.state.as_str()))
 }
 
 /// Decides what to do this cycle.
@@ -443,9 +458,11 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
             } else {
                 Decision::new(
                     Outcome::TryingToBootstrap,
+                    // The leader lock follows the bootstrap (Patroni's `post_bootstrap`):
+                    // `/primary` and the lock never name a member whose postgres does not
+                    // exist yet; the `initialize` claim keeps the others waiting meanwhile.
                     vec![
                         Action::RaceInitialize(String::new()),
-                        Action::AcquireLeader,
                         Action::StartBootstrap,
                     ],
                 )
@@ -747,19 +764,13 @@ fn leader_handles_failover(
     // one would leave nobody allowed to race, and the old leader would take the lock back and
     // hand over again, forever (simulation seed 4020, 3 members).
     let healthy = |p: &PeerAnswer| {
-        super::sync::may_race(synchronous_mode, &p.name, view)
-            && p.status.as_ref().is_some_and(|s| {
-                !s.nofailover
-                    && !s.is_primary
-                    && s.state == "running"
-                    && !s.watchdog_failed
-                    && optime.saturating_sub(s.wal_position) <= maximum_lag
-                    // A standby still on an older timeline (a demoted leader that has not
-                    // streamed from us yet) would promote to a timeline ID we already use: two
-                    // histories under one number, and nobody could follow it.
-                    && !behind_on_timeline(s.timeline, status.timeline)
-            })
-            && p.name != me
+        may_take_over(p, me, view, synchronous_mode, optime, maximum_lag)
+            // A standby still on an older timeline (a demoted leader that has not streamed
+            // from us yet) would promote to a timeline ID we already use: two histories under
+            // one number, and nobody could follow it.
+            && p.status
+                .as_ref()
+                .is_some_and(|s| !behind_on_timeline(s.timeline, status.timeline))
     };
     let candidate_ok = match &request.member {
         Some(candidate) => peers.iter().any(|p| &p.name == candidate && healthy(p)),
@@ -1029,16 +1040,42 @@ fn healthiest(
 fn others_may_take_over(view: &ClusterView, me: &MemberFacts, peers: &[PeerAnswer]) -> bool {
     let last_position = view.status.as_ref().map_or(0, |s| s.optime);
     peers.iter().any(|p| {
-        p.name != me.name
-            && p.status.as_ref().is_some_and(|s| {
-                !s.nofailover
-                    && !s.is_primary
-                    && s.state == "running"
-                    && !s.watchdog_failed
-                    && last_position.saturating_sub(s.wal_position) <= me.maximum_lag_on_failover
-            })
-            && super::sync::may_race(me.synchronous_mode, &p.name, view)
+        may_take_over(
+            p,
+            &me.name,
+            view,
+            me.synchronous_mode,
+            last_position,
+            me.maximum_lag_on_failover,
+        )
     })
+}
+
+/// The one eligibility rule for another member taking the lock (Patroni's
+/// `is_failover_possible`): not `me`, allowed to race (in synchronous mode: listed in `sync`),
+/// able to take over ([`able_to_take_over`]), a standby, and within `maximum_lag` of
+/// `last_position`.
+fn may_take_over(
+    p: &PeerAnswer,
+    me: &str,
+    view: &ClusterView,
+    synchronous_mode: bool,
+    last_position: u64,
+    maximum_lag: u64,
+) -> bool {
+    p.name != me
+        && super::sync::may_race(synchronous_mode, &p.name, view)
+        && p.status.as_ref().is_some_and(|s| {
+            able_to_take_over(s)
+                && !s.is_primary
+                && last_position.saturating_sub(s.wal_position) <= maximum_lag
+        })
+}
+
+/// A member that answered could take over at all: not tagged `nofailover`, its postgres runs
+/// and its watchdog works (Patroni's `failover_limitation`).
+fn able_to_take_over(s: &crate::peer::PeerStatus) -> bool {
+    !s.nofailover && s.state == "running" && !s.watchdog_failed
 }
 
 /// The member that handed over in a due switchover: it stays out of the race, so others do
@@ -1091,12 +1128,9 @@ fn decide_without_leader(obs: &Observation, view: &ClusterView, me: &MemberFacts
                     // Others wait while the candidate could take over: it answers, may fail
                     // over and its postgres runs (Patroni's `failover_limitation`). Waiting for
                     // a candidate whose postgres is down waits forever (simulation seed 6004).
-                    let candidate_alive = peers.iter().any(|p| {
-                        p.name == c
-                            && p.status.as_ref().is_some_and(|s| {
-                                !s.nofailover && s.state == "running" && !s.watchdog_failed
-                            })
-                    });
+                    let candidate_alive = peers
+                        .iter()
+                        .any(|p| p.name == c && p.status.as_ref().is_some_and(able_to_take_over));
                     if candidate_alive {
                         return Decision::new(
                             Outcome::DeferringToCandidate {
@@ -1327,6 +1361,24 @@ mod tests {
         assert_eq!(decide(&finished, &me()).actions, vec![]);
     }
 
+    /// The leader lock follows the bootstrap, so a slow bootstrap has no leader for a long
+    /// time: its claim is not abandoned while the bootstrapping member's record says so (it
+    /// vanishes with the member's lease when that member dies).
+    #[test]
+    fn a_claim_whose_member_is_still_bootstrapping_is_not_abandoned() {
+        let mut v = match view(None, Some("")) {
+            DcsView::Known(v) => (*v).clone(),
+            DcsView::Unknown(_) => unreachable!(),
+        };
+        assert!(unfinished_bootstrap_claim_without_leader(&v));
+        v.members[1].record.state = "initializing new cluster".into();
+        assert!(!unfinished_bootstrap_claim_without_leader(&v));
+        v.members[1].record.state = "running custom bootstrap script".into();
+        assert!(!unfinished_bootstrap_claim_without_leader(&v));
+        v.members.remove(1);
+        assert!(unfinished_bootstrap_claim_without_leader(&v));
+    }
+
     /// Patroni `ha.py` bootstrap: empty PGDATA, no leader, no `initialize` ⇒ race, then bootstrap.
     #[test]
     fn empty_member_of_new_cluster_races_for_initialize_then_bootstraps() {
@@ -1344,7 +1396,6 @@ mod tests {
             d.actions,
             vec![
                 Action::RaceInitialize(String::new()),
-                Action::AcquireLeader,
                 Action::StartBootstrap
             ]
         );

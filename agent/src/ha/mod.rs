@@ -7,43 +7,38 @@
 //! - this file: the executor, the published status, the member record, shutdown.
 
 pub mod commands;
+pub mod core;
 pub mod decide;
 pub mod dynamic_copy;
+pub mod local;
 pub mod observe;
+pub mod ports;
 pub mod restart;
 pub mod sync;
 pub mod timing;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{watch, Notify};
-use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::config::{Config, DynamicConfig};
+use crate::config::{Config, DynamicConfig, Timing};
 use crate::dcs::{ClusterView, Dcs, DcsError, LeaderStatus, MemberRecord, PATRONI_API_VERSION};
+use crate::error::error_chain;
 use crate::postgres::conf::{self, ManagedFiles, StandbySettings};
 use crate::postgres::controldata;
-use crate::postgres::initdb;
-use crate::postgres::probe::{self, Probe};
-use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
+use crate::postgres::supervisor::{Postmaster, StopMode};
 use crate::state::{AgentStatus, PgState, Role};
 
-use self::decide::{decide, Action, Decision, MemberFacts, NotEligible, Outcome};
+use self::core::HaCore;
+use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
-use self::timing::FencePolicy;
+use self::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
 use crate::postgres::replica::{self, Upstream};
-
-/// A postgres that exits within this time of its start counts as a failed start.
-const QUICK_CRASH_WINDOW: Duration = Duration::from_secs(30);
-/// Failed starts in a row after which the leader key is released instead of holding it
-/// through another restart.
-const FAILED_STARTS_LIMIT: u32 = 3;
 
 /// Why the HA loop stopped.
 #[derive(Debug, thiserror::Error)]
@@ -51,6 +46,9 @@ pub enum HaError {
     /// The agent must not continue (foreign data directory, failed bootstrap, ...).
     #[error("{0}")]
     Fatal(String),
+    /// The loop's task panicked or was cancelled.
+    #[error("the HA loop ended abnormally")]
+    Aborted(#[source] tokio::task::JoinError),
 }
 
 /// How a cycle ended, for scheduling the next one.
@@ -64,62 +62,33 @@ enum Next {
     Soon,
 }
 
-/// Everything the HA loop owns.
-pub struct HaLoop {
+/// Everything the HA loop owns: its ports (`D`: the DCS, `P`: postgres, `N`: the peers'
+/// APIs, `R`: clocks) and what it remembers between cycles.
+pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     config: Arc<Config>,
     dynamic: DynamicConfig,
     facts: MemberFacts,
-    dcs: Arc<dyn Dcs>,
-    supervisor: Supervisor,
-    probe: Arc<Probe>,
-    bin_dir: PathBuf,
+    dcs: Arc<D>,
+    pg: P,
+    peers: N,
+    rt: R,
     status_tx: watch::Sender<Arc<AgentStatus>>,
     pg_changed: Arc<Notify>,
-    fence: FencePolicy,
-    task: Option<(TaskKind, JoinHandle<Result<(), TaskError>>)>,
+    /// The timing of `dynamic`, derived once per change and read by the DCS client.
+    timing: watch::Sender<Timing>,
+    task: Option<(TaskKind, P::Task)>,
     task_failed: Option<(TaskKind, String)>,
-    /// The member our standby configuration points at.
-    following: Option<String>,
-    /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
-    checkpoint_after_promote_pending: bool,
-    /// Since when `initialize` has held an unfinished claim with no `leader` (this agent's view).
-    unclaimed_bootstrap_since: Option<Instant>,
-    /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
-    primary_down_since: Option<Instant>,
-    /// Members seen in recent views, with when they were last seen: a race asks them too, so
-    /// that keys wiped from the DCS (`patronictl remove`, an emptied etcd) do not hide a
-    /// running primary from the replicas.
-    known_members: Vec<(crate::dcs::Member, Instant)>,
-    /// The last non-empty `history` seen, to rebuild the key with its timestamps if it is lost.
-    known_history: Vec<crate::dcs::HistoryLine>,
-    /// The managed files as last written, so unchanged ones are not read back every cycle.
-    conf_written: conf::LastWrite,
     /// The DCS `config` value last parsed into `dynamic`.
     applied_config: Option<serde_json::Value>,
-    /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
-    /// tight loop; reset once postgres accepts connections.
-    quick_crashes: u32,
-    last_start: Option<Instant>,
-    crash_counted: bool,
-    /// `synchronous_standby_names` as the sync planner last decided (leader only).
-    sync_standby_names: String,
-    /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
-    believes_leader: bool,
-    lease_certain_until: Option<Instant>,
+    /// What the loop remembers between cycles, and the rules over it.
+    core: HaCore,
     last_view: Option<Arc<ClusterView>>,
     last_read_at: Option<Instant>,
     dcs_last_seen: Option<SystemTime>,
     last_postgres: Option<crate::state::PostgresStatus>,
     control: Option<controldata::ControlData>,
-    last_outcome: String,
     requests: Option<tokio::sync::mpsc::Receiver<commands::LoopRequest>>,
     reload: Option<ReloadFn>,
-    /// `POST /restart {"schedule": …}` waiting for its time, with the postmaster start time
-    /// when it was scheduled: a restart in between makes it pointless (Patroni cancels it).
-    /// Kept in memory only, as Patroni does: an agent restart forgets it.
-    scheduled_restart: Option<(restart::RestartRequest, Option<String>)>,
-    /// Ends a running pgBackRest backup before a planned stop of postgres.
-    backups: crate::backup::Interrupter,
 }
 
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
@@ -149,13 +118,14 @@ pub fn initial_status(config: &Config) -> AgentStatus {
     }
 }
 
-impl HaLoop {
+impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         config: Arc<Config>,
-        dcs: Arc<dyn Dcs>,
-        supervisor: Supervisor,
-        probe: Arc<Probe>,
+        dcs: Arc<D>,
+        pg: P,
+        peers: N,
+        rt: R,
         status_tx: watch::Sender<Arc<AgentStatus>>,
         pg_changed: Arc<Notify>,
     ) -> Self {
@@ -172,50 +142,32 @@ impl HaLoop {
         } else {
             String::new()
         };
+        let timing = Timing::bootstrap(&config);
+        let mut core = HaCore::new(strict_placeholder);
+        core.fence = timing.fence;
         HaLoop {
             dynamic: config.bootstrap.dcs.clone(),
-            bin_dir: config.postgres_bin_dir(),
             facts,
             config,
             dcs,
-            supervisor,
-            probe,
+            pg,
+            peers,
+            rt,
             status_tx,
             pg_changed,
-            fence: FencePolicy::default(),
+            timing: watch::channel(timing).0,
             task: None,
             task_failed: None,
-            following: None,
-            checkpoint_after_promote_pending: false,
-            unclaimed_bootstrap_since: None,
-            primary_down_since: None,
-            known_members: Vec::new(),
-            known_history: Vec::new(),
-            conf_written: conf::LastWrite::default(),
             applied_config: None,
-            quick_crashes: 0,
-            last_start: None,
-            crash_counted: false,
-            sync_standby_names: strict_placeholder,
-            believes_leader: false,
-            lease_certain_until: None,
+            core,
             last_view: None,
             last_read_at: None,
             dcs_last_seen: None,
             last_postgres: None,
             control: None,
-            last_outcome: String::new(),
             requests: None,
             reload: None,
-            scheduled_restart: None,
-            backups: crate::backup::Interrupter::default(),
         }
-    }
-
-    /// The backup service's handle: a planned stop of postgres ends its running backup first.
-    pub fn with_backups(mut self, backups: crate::backup::Interrupter) -> Self {
-        self.backups = backups;
-        self
     }
 
     /// Before a planned stop of postgres (switchover, demotion, restart, shutdown): a running
@@ -223,8 +175,8 @@ impl HaLoop {
     /// shutdown and counted as failed. Waits at most 15 s, within the lease.
     async fn end_backup(&self, why: &str) {
         let budget =
-            crate::backup::interrupt::wait_budget(self.lease_certain_until, Instant::now());
-        self.backups.end_running_backup(why, budget).await;
+            crate::backup::interrupt::wait_budget(self.core.lease_certain_until, self.rt.now());
+        self.pg.end_backup(why, budget).await;
     }
 
     /// How to re-read the local configuration on `POST /reload`.
@@ -268,43 +220,52 @@ impl HaLoop {
         self
     }
 
+    /// Where the loop sends the timing it derives from the DCS `config` key: the DCS client
+    /// holds the receiving end.
+    pub fn with_timing(mut self, timing: watch::Sender<Timing>) -> Self {
+        timing.send_replace(*self.timing.borrow());
+        self.timing = timing;
+        self
+    }
+
     fn loop_wait(&self) -> Duration {
-        Duration::from_secs(self.dynamic.loop_wait.max(1).into())
+        self.timing.borrow().loop_wait
     }
 
     fn ttl(&self) -> Duration {
-        Duration::from_secs(self.dynamic.ttl.max(1).into())
+        self.timing.borrow().ttl
     }
 
     /// Runs until `shutdown` is cancelled (then stops postgres and releases the lock) or a fatal
     /// condition is met.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), HaError> {
         let result = loop {
-            let started = Instant::now();
+            let started = self.rt.now();
             self.run_scheduled_restart().await;
             let next = match self.cycle().await {
                 Ok(next) => next,
                 Err(e) => break Err(e),
             };
             let due = match next {
-                Next::Now => started.max(Instant::now()) + Duration::from_millis(50),
-                Next::Soon => started.max(Instant::now()) + Duration::from_millis(250),
-                Next::Wait => timing::next_cycle(started, self.loop_wait(), Instant::now()),
+                Next::Now => started.max(self.rt.now()) + Duration::from_millis(50),
+                Next::Soon => started.max(self.rt.now()) + Duration::from_millis(250),
+                Next::Wait => timing::next_cycle(started, self.loop_wait(), self.rt.now()),
             };
             // Wake for a scheduled restart on time rather than up to `loop_wait` late.
             let due = match self
+                .core
                 .scheduled_restart
                 .as_ref()
                 .and_then(|(r, _)| r.schedule)
             {
-                Some(at) => match restart::due(at, chrono::Utc::now(), self.loop_wait()) {
-                    restart::Due::Later(d) => due.min(Instant::now() + d),
+                Some(at) => match restart::due(at, self.rt.wall_now(), self.loop_wait()) {
+                    restart::Due::Later(d) => due.min(self.rt.now() + d),
                     _ => due,
                 },
                 None => due,
             };
             self.publish_due(due);
-            let wait = due.saturating_duration_since(Instant::now());
+            let wait = due.saturating_duration_since(self.rt.now());
             let task_done = async {
                 match self.task.as_mut() {
                     Some((kind, t)) => Some((*kind, t.await)),
@@ -317,7 +278,10 @@ impl HaLoop {
                     None => std::future::pending().await,
                 }
             };
+            // Biased: the branches are polled in this order, so that a simulated run is the
+            // same every time (the order matters only when several are ready at once).
             tokio::select! {
+                biased;
                 _ = shutdown.cancelled() => break Ok(()),
                 Some(r) = request => self.handle_request(r).await,
                 w = self.dcs.wait_for_change(wait) => debug!(wakeup = ?w, "HA loop woken"),
@@ -329,11 +293,12 @@ impl HaLoop {
                         Some((kind, Ok(Err(TaskError::NotStarted(e))))) => {
                             warn!(task = %kind, error = %e, "could not start; deciding again next cycle");
                         }
-                        Some((kind, Ok(Err(TaskError::Failed(e))))) => {
+                        Some((kind, Ok(Err(e)))) => {
+                            let e = error_chain(&e);
                             error!(task = %kind, error = %e, "failed");
                             self.task_failed = Some((kind, e));
                         }
-                        Some((kind, Err(e))) => self.task_failed = Some((kind, format!("task panicked or was cancelled: {e}"))),
+                        Some((kind, Err(e))) => self.task_failed = Some((kind, e)),
                         None => {}
                     }
                 }
@@ -354,7 +319,7 @@ impl HaLoop {
             }
             commands::LoopRequest::Restart { request, reply } => {
                 if request.schedule.is_some() {
-                    let answer = if self.scheduled_restart.is_some() {
+                    let answer = if self.core.scheduled_restart.is_some() {
                         ApiReply::new(409, "Another restart is already scheduled")
                     } else {
                         let started = self
@@ -362,7 +327,7 @@ impl HaLoop {
                             .as_ref()
                             .and_then(|p| p.postmaster_start_time.clone());
                         info!(?request, "restart scheduled through the REST API");
-                        self.scheduled_restart = Some((request, started));
+                        self.core.scheduled_restart = Some((request, started));
                         ApiReply::new(202, "Restart scheduled")
                     };
                     let _ = reply.send(answer);
@@ -384,7 +349,7 @@ impl HaLoop {
                 let _ = reply.send(answer);
             }
             commands::LoopRequest::CancelScheduledRestart { reply } => {
-                let answer = if self.scheduled_restart.take().is_some() {
+                let answer = if self.core.scheduled_restart.take().is_some() {
                     info!("scheduled restart cancelled through the REST API");
                     ApiReply::new(200, "scheduled restart deleted")
                 } else {
@@ -412,20 +377,14 @@ impl HaLoop {
                             }
                             warn!("reinitialize requested: removing the data directory to clone the leader again");
                             let _ = self
-                                .supervisor
+                                .pg
                                 .stop(StopMode::Immediate, Duration::from_secs(30))
                                 .await;
-                            self.probe.reset().await;
+                            self.pg.reset().await;
                             self.task_failed = None;
-                            match std::fs::remove_dir_all(&self.config.postgresql.data_dir) {
+                            match self.pg.remove_data_dir().await {
                                 Ok(()) => ApiReply::new(200, "reinitialize started"),
-                                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                                    ApiReply::new(200, "reinitialize started")
-                                }
-                                Err(e) => ApiReply::new(
-                                    503,
-                                    format!("cannot remove the data directory: {e}"),
-                                ),
+                                Err(e) => ApiReply::new(503, e),
                             }
                         }
                     },
@@ -447,15 +406,18 @@ impl HaLoop {
     }
 
     /// Stops postgres; the cycle run next starts it in the role the cluster needs. Waits up
-    /// to `timeout` seconds (default 60) for it to accept connections again.
+    /// to `timeout` seconds (default 60) for it to accept connections again. On the leader the
+    /// `timeout` also replaces `primary_start_timeout` for this start, as in Patroni: a primary
+    /// that is not back in time hands the lock to a healthy replica.
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
         use crate::api::ApiReply;
+        self.core.restart_start_timeout = timeout.map(Duration::from_secs);
         self.end_backup("a restart of postgres").await;
         let stopped = self
-            .supervisor
-            .stop(StopMode::Fast, Duration::from_secs(60))
+            .pg
+            .stop_for_restart(StopMode::Fast, Duration::from_secs(60))
             .await;
-        self.probe.reset().await;
+        self.pg.reset().await;
         if let Err(e) = stopped {
             return ApiReply::new(503, format!("restart failed: {e}"));
         }
@@ -463,9 +425,9 @@ impl HaLoop {
             return ApiReply::new(503, "restart failed");
         }
         let wait = Duration::from_secs(timeout.unwrap_or(60));
-        if self.supervisor.wait_ready(wait).await {
+        if self.pg.wait_ready(wait).await {
             ApiReply::new(200, "restarted successfully")
-        } else if self.supervisor.state().is_running() {
+        } else if self.pg.state().is_running() {
             ApiReply::new(503, "postgres is still starting")
         } else {
             ApiReply::new(503, "restart failed")
@@ -476,11 +438,11 @@ impl HaLoop {
     /// not while paused or while a task runs; dropped when postgres restarted meanwhile, when
     /// it is stale, or when its conditions do not hold at its time.
     async fn run_scheduled_restart(&mut self) {
-        let Some((request, started)) = self.scheduled_restart.clone() else {
+        let Some((request, started)) = self.core.scheduled_restart.clone() else {
             return;
         };
         let Some(at) = request.schedule else {
-            self.scheduled_restart = None;
+            self.core.scheduled_restart = None;
             return;
         };
         let paused = self.last_view.as_ref().is_some_and(|v| v.is_paused());
@@ -497,18 +459,18 @@ impl HaLoop {
                     started = %now,
                     "cancelling the scheduled restart: postgres has restarted since it was scheduled"
                 );
-                self.scheduled_restart = None;
+                self.core.scheduled_restart = None;
                 return;
             }
         }
-        match restart::due(at, chrono::Utc::now(), self.loop_wait()) {
+        match restart::due(at, self.rt.wall_now(), self.loop_wait()) {
             restart::Due::Later(_) => {}
             restart::Due::Stale => {
                 warn!(schedule = %at, "dropping a stale scheduled restart");
-                self.scheduled_restart = None;
+                self.core.scheduled_restart = None;
             }
             restart::Due::Now => {
-                self.scheduled_restart = None;
+                self.core.scheduled_restart = None;
                 if let Some(reason) = self.restart_unmet(&request) {
                     warn!(
                         reason,
@@ -520,13 +482,13 @@ impl HaLoop {
                 self.end_backup("a scheduled restart of postgres").await;
                 // Stopped here; the cycle that follows starts postgres again.
                 if let Err(e) = self
-                    .supervisor
-                    .stop(StopMode::Fast, Duration::from_secs(60))
+                    .pg
+                    .stop_for_restart(StopMode::Fast, Duration::from_secs(60))
                     .await
                 {
                     error!(error = %e, "scheduled restart: could not stop postgres");
                 }
-                self.probe.reset().await;
+                self.pg.reset().await;
             }
         }
     }
@@ -536,12 +498,13 @@ impl HaLoop {
         let obs = self.observe().await;
         let decision = self.hold_back_failing_starts(&obs, decide(&obs, &self.facts));
         let sentence = decision.outcome.to_string();
-        if sentence != self.last_outcome {
+        if sentence != self.core.last_outcome {
             info!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
-            self.last_outcome = sentence;
+            self.core.last_outcome = sentence;
         } else {
             debug!(outcome = %sentence, actions = ?decision.actions, "HA cycle");
         }
+        self.rt.decided(&decision);
         // Member keys change every cycle somewhere in the cluster, so the watch does not wake
         // the loop for them; a former primary waiting for the new leader's checkpoint waited a
         // whole `loop_wait` after it was done (benchmark: 2.8 s instead of 0.8 s to rejoin).
@@ -549,7 +512,7 @@ impl HaLoop {
             decision.outcome,
             Outcome::WaitingForLeaderAddress { .. } | Outcome::WaitingForLeaderCheckpoint { .. }
         );
-        let probe_changes = self.probe.changes();
+        let probe_changes = self.pg.changes();
         let mut next = self.execute(&obs, decision).await?;
         if waits_for_leader_record && matches!(next, Next::Wait) {
             next = Next::Soon;
@@ -561,31 +524,30 @@ impl HaLoop {
     }
 
     async fn observe(&mut self) -> Observation {
-        let now = Instant::now();
+        let now = self.rt.now();
         let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
-                self.remember(&view, now);
+                self.core.remember(&view, now, self.ttl());
                 self.last_view = Some(view.clone());
                 self.last_read_at = Some(now);
-                self.dcs_last_seen = Some(SystemTime::now());
+                self.dcs_last_seen = Some(self.rt.system_now());
                 self.apply_dynamic_config(&view);
                 DcsView::Known(view)
             }
-            Err(e) => DcsView::Unknown(e.to_string()),
+            Err(e) => DcsView::Unknown(error_chain(&e)),
         };
         let holds = match &dcs {
             DcsView::Known(view) => view.is_leader(&self.facts.name),
-            DcsView::Unknown(_) => self.believes_leader,
+            DcsView::Unknown(_) => self.core.believes_leader,
         };
         let lease = if holds {
             self.renew().await
         } else {
-            if self.believes_leader {
+            if self.core.believes_leader {
                 info!("the leader key no longer names this member");
             }
-            self.believes_leader = false;
-            self.lease_certain_until = None;
-            self.supervisor.set_fence(None);
+            self.core.lease_dropped();
+            self.pg.set_fence(None);
             LeaseCheck::NotHeld
         };
         // A failed rewind keeps the member down until an operator acts (reinit), instead of
@@ -615,7 +577,7 @@ impl HaLoop {
             _ => false,
         };
         let holds_with_postgres_down = matches!(task, TaskView::Idle)
-            && self.believes_leader
+            && self.core.believes_leader
             && matches!(
                 postgres,
                 PostgresView::Down
@@ -623,14 +585,11 @@ impl HaLoop {
                     | PostgresView::Starting
                     | PostgresView::Unresponsive
             );
-        self.primary_down_since =
-            holds_with_postgres_down.then(|| self.primary_down_since.unwrap_or(now));
-        let primary_start_overdue = self.primary_down_since.is_some_and(|since| {
-            timing::primary_start_overdue(
-                now - since,
-                Duration::from_secs(self.dynamic.primary_start_timeout.into()),
-            )
-        });
+        let primary_start_overdue = self.core.primary_start_overdue(
+            holds_with_postgres_down,
+            now,
+            Duration::from_secs(self.dynamic.primary_start_timeout.into()),
+        );
         // Peers are asked only when their answers matter: in a race for a free lock, when the
         // leader checks a switchover candidate, and when it looks for a replica to hand over to
         // because its postgres did not come back within `primary_start_timeout`.
@@ -646,25 +605,24 @@ impl HaLoop {
             }
             _ => None,
         };
-        if let DcsView::Known(view) = &dcs {
-            self.unclaimed_bootstrap_since =
-                decide::unfinished_bootstrap_claim_without_leader(view)
-                    .then(|| self.unclaimed_bootstrap_since.unwrap_or(now));
-        }
-        let bootstrap_claim_abandoned = self.unclaimed_bootstrap_since.is_some_and(|since| {
-            timing::bootstrap_claim_abandoned(now - since, self.ttl(), self.loop_wait())
-        });
+        let known = match &dcs {
+            DcsView::Known(view) => Some(view.as_ref()),
+            DcsView::Unknown(_) => None,
+        };
+        let bootstrap_claim_abandoned =
+            self.core
+                .bootstrap_claim_abandoned(known, now, self.ttl(), self.loop_wait());
         Observation {
             now,
-            wall_now: chrono::Utc::now(),
+            wall_now: self.rt.wall_now(),
             dcs,
             lease,
             data_dir,
             postgres,
             task,
             peers,
-            following: self.following.clone(),
-            checkpoint_after_promote_pending: self.checkpoint_after_promote_pending,
+            following: self.core.following.clone(),
+            checkpoint_after_promote_pending: self.core.checkpoint_after_promote_pending,
             bootstrap_claim_abandoned,
             primary_start_overdue,
             replay_paused_for_parameters,
@@ -675,41 +633,9 @@ impl HaLoop {
     /// than ours ("hot standby is not possible because of insufficient parameter settings")?
     /// The control file records the primary's values as soon as replay reaches them.
     async fn replay_paused_for_parameters(&mut self) -> bool {
-        let data_dir = &self.config.postgresql.data_dir;
-        let control = match controldata::read(&self.bin_dir, data_dir).await {
-            Ok(control) => control,
-            Err(e) => {
-                debug!(error = %e, "cannot read the control file of a paused standby");
-                return false;
-            }
+        let Some((control, too_low)) = self.pg.hot_standby_shortfall().await else {
+            return false;
         };
-        let sql = format!(
-            "SELECT {}",
-            controldata::HOT_STANDBY_PARAMETERS
-                .iter()
-                .map(|(name, _)| format!("current_setting({})", probe::quote_literal(name)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        );
-        let running = match self.probe.query_row(&sql).await {
-            Ok(row) => row,
-            Err(e) => {
-                debug!(error = %e, "cannot read the settings of a paused standby");
-                return false;
-            }
-        };
-        let too_low: Vec<String> = controldata::HOT_STANDBY_PARAMETERS
-            .iter()
-            .zip(running)
-            .filter_map(|((name, _), value)| {
-                let ours: u64 = value?.trim().parse().ok()?;
-                let primary = control
-                    .hot_standby_minimums()
-                    .find(|(n, _)| n == name)
-                    .map(|(_, v)| v)?;
-                (primary > ours).then(|| format!("{name} {ours} < {primary}"))
-            })
-            .collect();
         self.control = Some(control);
         if too_low.is_empty() {
             return false;
@@ -721,69 +647,39 @@ impl HaLoop {
         true
     }
 
-    /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni).
-    /// Keeps the members and `history` of `view` for when the DCS loses them; a member not seen
-    /// for a ttl is forgotten (it left, or its key expired with its agent).
-    fn remember(&mut self, view: &ClusterView, now: Instant) {
-        let ttl = self.ttl();
-        self.known_members.retain(|(m, seen)| {
-            now.saturating_duration_since(*seen) <= ttl && view.member(&m.name).is_none()
-        });
-        self.known_members
-            .extend(view.members.iter().map(|m| (m.clone(), now)));
-        if !view.history.is_empty() {
-            self.known_history.clone_from(&view.history);
-        }
-    }
-
+    /// Asks every other member's `/patroni` in parallel (2 s timeout, as Patroni), those
+    /// missing from `view` but seen recently too.
     async fn ask_peers(&self, view: &ClusterView) -> Vec<PeerAnswer> {
-        let remembered = self
-            .known_members
-            .iter()
-            .map(|(m, _)| m)
-            .filter(|m| view.member(&m.name).is_none());
+        let remembered = self.core.remembered_members(view);
         let asks = view
             .members
             .iter()
             .chain(remembered)
             .filter(|m| m.name != self.facts.name && !m.record.api_url.is_empty())
-            .map(|m| async move {
-                let status =
-                    crate::peer::fetch_status(&m.name, &m.record.api_url, Duration::from_secs(2))
-                        .await;
-                if let Err(e) = &status {
-                    debug!(peer = %m.name, error = %e, "peer did not answer usably");
-                }
-                PeerAnswer {
-                    name: m.name.clone(),
-                    status: status.ok(),
-                }
-            });
-        futures::future::join_all(asks).await
+            .map(|m| (m.name.clone(), m.record.api_url.clone()))
+            .collect();
+        self.peers.ask(asks, Duration::from_secs(2)).await
     }
 
     /// Renews the lease and moves the fence forward on success.
     async fn renew(&mut self) -> LeaseCheck {
         match self.dcs.renew_leader().await {
-            Ok(renewal) if !timing::renewal_confirms(renewal, self.fence, Instant::now()) => {
+            Ok(renewal) if !timing::renewal_confirms(renewal, self.core.fence, self.rt.now()) => {
                 warn!("the lease renewal was answered after its fence deadline; treating it as unconfirmed");
                 LeaseCheck::Unconfirmed
             }
             Ok(renewal) => {
-                self.believes_leader = true;
-                self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
-                self.supervisor
-                    .set_fence(Some(timing::fence_deadline(renewal, self.fence)));
+                let deadline = self.core.lease_renewed(renewal);
+                self.pg.set_fence(Some(deadline));
                 LeaseCheck::Renewed(renewal)
             }
             Err(DcsError::Unreachable(reason)) => {
-                warn!(%reason, certain_until = ?self.lease_certain_until.map(|u| u.saturating_duration_since(Instant::now())), "could not renew the leader lease");
+                warn!(%reason, certain_until = ?self.core.lease_certain_until.map(|u| u.saturating_duration_since(self.rt.now())), "could not renew the leader lease");
                 LeaseCheck::Unconfirmed
             }
             Err(e) => {
-                error!(error = %e, "the leader lease is lost");
-                self.believes_leader = false;
-                self.lease_certain_until = None;
+                error!(error = %error_chain(&e), "the leader lease is lost");
+                self.core.lease_dropped();
                 LeaseCheck::Lost
             }
         }
@@ -796,17 +692,17 @@ impl HaLoop {
             self.applied_config = Some(raw.value.clone());
             self.parse_dynamic_config(&raw.value);
         }
-        if !self.dynamic.synchronous_mode && !self.sync_standby_names.is_empty() {
+        if !self.dynamic.synchronous_mode && !self.core.sync_standby_names.is_empty() {
             // Nothing maintains synchronous standbys in asynchronous mode (the leader runs no
             // ManageSync once `sync` is gone): a name kept here, such as strict mode's `*` from
             // the bootstrap file of an agent restarted after synchronous mode was turned off,
             // would make every commit wait for a standby (simulation seed 10242). The next
             // ApplyConfig writes it out.
             info!(
-                synchronous_standby_names = %self.sync_standby_names,
+                synchronous_standby_names = %self.core.sync_standby_names,
                 "synchronous mode is off; clearing synchronous_standby_names"
             );
-            self.sync_standby_names.clear();
+            self.core.sync_standby_names.clear();
         }
     }
 
@@ -816,134 +712,80 @@ impl HaLoop {
         for warning in &warnings {
             warn!("{warning}");
         }
-        if dynamic.ttl != self.dynamic.ttl {
+        let timing = Timing::of(&dynamic);
+        let old = *self.timing.borrow();
+        if timing != old {
             info!(
-                old = self.dynamic.ttl,
-                new = dynamic.ttl,
-                "ttl changed in the DCS config"
+                ttl = ?timing.ttl,
+                loop_wait = ?timing.loop_wait,
+                retry_timeout = ?timing.retry_timeout,
+                old_ttl = ?old.ttl,
+                old_loop_wait = ?old.loop_wait,
+                old_retry_timeout = ?old.retry_timeout,
+                "timing changed in the DCS config"
             );
-            self.dcs
-                .set_ttl(Duration::from_secs(dynamic.ttl.max(1).into()));
+            self.timing.send_replace(timing);
         }
         self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
         self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
         self.facts.synchronous_mode = dynamic.synchronous_mode;
         self.dynamic = dynamic;
-        if let Err(e) = dynamic_copy::save(&self.config.postgresql.data_dir, raw) {
+        if let Err(e) = self.pg.save_dynamic_copy(raw) {
             warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
         }
     }
 
     async fn inspect_data_dir(&mut self) -> DataDir {
-        let data_dir = &self.config.postgresql.data_dir;
         // pg_controldata's state is only meaningful while postgres is down; while it runs, the
         // identifier we read before is still right, and a directory postgres runs in is neither
         // empty nor foreign: listing it and looking for PG_VERSION and pg_control each cycle
         // was a sixth of an idle cycle's CPU. A directory removed under a running postgres
         // shows once postgres has crashed on it.
-        if self.supervisor.state().is_running() {
+        if self.pg.state().is_running() {
             if let Some(control) = &self.control {
                 return DataDir::Initialized {
                     control: control.clone(),
-                    standby_signal: data_dir.join("standby.signal").exists(),
+                    standby_signal: self.pg.standby_signal(),
                 };
             }
         }
-        if initdb::is_empty_dir(data_dir) {
-            self.control = None;
-            return DataDir::Empty;
+        let data_dir = self.pg.inspect_data_dir().await;
+        match &data_dir {
+            DataDir::Empty => self.control = None,
+            DataDir::Initialized { control, .. } => self.control = Some(control.clone()),
+            DataDir::Unusable(_) => {}
         }
-        if !data_dir.join("PG_VERSION").exists() || !data_dir.join("global/pg_control").exists() {
-            return DataDir::Unusable(format!(
-                "data directory {} is not empty but is not a PostgreSQL data directory \
-                 (no PG_VERSION or global/pg_control); refusing to touch it",
-                data_dir.display()
-            ));
-        }
-        match controldata::read(&self.bin_dir, data_dir).await {
-            Ok(control) => {
-                self.control = Some(control.clone());
-                DataDir::Initialized {
-                    control,
-                    standby_signal: data_dir.join("standby.signal").exists(),
-                }
-            }
-            Err(e) => DataDir::Unusable(format!(
-                "cannot read the control file of {}: {e}; refusing to touch it",
-                data_dir.display()
-            )),
-        }
+        data_dir
     }
 
-    /// How long to wait before the next start, if postgres keeps crashing right after starting:
-    /// 1 s, 2 s, 4 s, … up to a minute. The first crash restarts at once (a primary's crash
-    /// restart must be fast).
-    fn restart_backoff(&self) -> Option<Duration> {
-        if self.quick_crashes < 2 {
-            return None;
-        }
-        let wait =
-            Duration::from_secs(1 << (self.quick_crashes - 2).min(6)).min(Duration::from_secs(60));
-        let since = self.last_start.map(|t| t.elapsed()).unwrap_or(wait);
-        (since < wait).then(|| wait - since)
-    }
-
-    /// After [`FAILED_STARTS_LIMIT`] starts in a row that postgres did not survive, the leader
-    /// key is not held across the wait for the next start: a lock holder releases it (and
-    /// says why), and a member without it does not race for it until its next start is due.
-    /// Another member can lead meanwhile; the failing one tries again after the backoff.
+    /// [`HaCore::hold_back_failing_starts`] with how postgres last exited; logs the release.
     fn hold_back_failing_starts(&self, obs: &Observation, decision: Decision) -> Decision {
-        if self.quick_crashes < FAILED_STARTS_LIMIT
-            || !matches!(obs.postgres, PostgresView::Crashed)
-        {
-            return decision;
-        }
-        let starts = |d: &Decision| {
-            d.actions
-                .iter()
-                .any(|a| matches!(a, Action::StartPostgres { .. }))
-        };
-        let last_exit = match self.supervisor.state() {
+        let last_exit = match self.pg.state() {
             Postmaster::Crashed { exit, .. } => exit,
             _ => "unknown".into(),
         };
-        let why = format!(
-            "postgres exited {} times in a row within {QUICK_CRASH_WINDOW:?} of starting (last: {last_exit}; see the postgres log lines)",
-            self.quick_crashes
-        );
-        let holds = matches!(obs.lease, LeaseCheck::Renewed(_));
-        if holds && starts(&decision) {
-            if self.last_outcome.starts_with("postgres failed to start") {
-                debug!(%why, "releasing the leader lock");
-            } else {
-                error!(%why, "releasing the leader lock instead of restarting postgres again");
+        let (decision, release) =
+            self.core
+                .hold_back_failing_starts(obs, decision, &last_exit, self.rt.now());
+        match release {
+            Some((true, why)) => {
+                error!(%why, "releasing the leader lock instead of restarting postgres again")
             }
-            return Decision::new(Outcome::LeaderStartFailed(why), vec![Action::ReleaseLeader]);
+            Some((false, why)) => debug!(%why, "releasing the leader lock"),
+            None => {}
         }
-        let races = decision
-            .actions
-            .iter()
-            .any(|a| matches!(a, Action::AcquireLeader));
-        match self.restart_backoff() {
-            Some(wait) if races && starts(&decision) => Decision::new(
-                Outcome::NoLeaderNotEligible(NotEligible::StartsFailing(format!(
-                    "{why}; next start in {wait:.0?}"
-                ))),
-                vec![],
-            ),
-            _ => decision,
-        }
+        decision
     }
 
     async fn inspect_postgres(&mut self) -> PostgresView {
-        let view = match self.supervisor.state() {
+        let view = match self.pg.state() {
             Postmaster::NotRunning => PostgresView::Down,
             Postmaster::Crashed { .. } => PostgresView::Crashed,
             Postmaster::StartFailed { reason } => PostgresView::StartFailed(reason),
-            Postmaster::Running { .. } if !self.supervisor.state().accepts_connections() => {
+            Postmaster::Running { .. } if !self.pg.state().accepts_connections() => {
                 PostgresView::Starting
             }
-            Postmaster::Running { .. } => match self.probe.status().await {
+            Postmaster::Running { .. } => match self.pg.status().await {
                 Ok(status) => PostgresView::Running(status),
                 Err(e) => {
                     debug!(error = %e, "postgres status query failed");
@@ -955,29 +797,7 @@ impl HaLoop {
             PostgresView::Running(s) => Some(s.clone()),
             _ => None,
         };
-        match &view {
-            // Counted from a start until postgres has run for a while, not until it first
-            // accepts connections: a data directory recovering towards a target it cannot
-            // reach opens read-only, then exits, and reset at each opening the loop restarted
-            // it 132 times in 30 s while holding the leader key.
-            PostgresView::Running(_)
-                if self
-                    .last_start
-                    .is_none_or(|t| t.elapsed() >= QUICK_CRASH_WINDOW) =>
-            {
-                self.quick_crashes = 0
-            }
-            PostgresView::Crashed if !self.crash_counted => {
-                self.crash_counted = true;
-                if self
-                    .last_start
-                    .is_some_and(|t| t.elapsed() < QUICK_CRASH_WINDOW)
-                {
-                    self.quick_crashes += 1;
-                }
-            }
-            _ => {}
-        }
+        self.core.observed_postgres(&view, self.rt.now());
         view
     }
 
@@ -985,39 +805,36 @@ impl HaLoop {
     /// (`probe_changes`: [`crate::postgres::probe::Probe::changes`] before them); otherwise the
     /// read in `observe` stands, and an idle cycle costs one status query instead of two.
     async fn refresh_postgres_after_actions(&mut self, probe_changes: u64) {
-        if self.probe.changes() == probe_changes && self.supervisor.state().is_running() {
+        if self.pg.changes() == probe_changes && self.pg.state().is_running() {
             return;
         }
-        if self.supervisor.state().accepts_connections() {
-            if let Ok(status) = self.probe.status().await {
+        if self.pg.state().accepts_connections() {
+            if let Ok(status) = self.pg.status().await {
                 self.last_postgres = Some(status);
                 return;
             }
         }
-        if !self.supervisor.state().is_running() {
+        if !self.pg.state().is_running() {
             self.last_postgres = None;
         }
     }
 
-    /// A member running as a standby forgets the synchronous standbys it chose as a leader and
-    /// starts again from what a standby's files hold (`*` in strict mode, else nothing). Kept,
-    /// they came back on its next promotion: promoted with synchronous mode off since, it would
-    /// run with `synchronous_standby_names` naming a standby, which nothing maintains in
-    /// asynchronous mode, and its commits would hang once that standby went away.
     fn forget_sync_choice(&mut self) {
-        self.sync_standby_names =
-            if self.dynamic.synchronous_mode && self.dynamic.synchronous_mode_strict {
-                "*".into()
-            } else {
-                String::new()
-            };
+        self.core.forget_sync_choice(
+            self.dynamic.synchronous_mode,
+            self.dynamic.synchronous_mode_strict,
+        );
     }
 
     /// The files for a primary (`standby: false`) or a standby of `upstream` (`None`: a
     /// read-only standby with nowhere to stream from).
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
         let use_slots = self.dynamic.postgresql.use_slots;
-        let mut parameters = conf::parameters(&self.config, &self.dynamic);
+        let mut parameters = conf::parameters(
+            &self.config,
+            &self.dynamic,
+            &crate::backup::archive_parameters(&self.config),
+        );
         if let (true, Some(control)) = (standby, &self.control) {
             let raised = conf::raise_to_primary_minimums(&mut parameters, control);
             if !raised.is_empty() {
@@ -1028,11 +845,12 @@ impl HaLoop {
             // Takes effect only if this standby is promoted: until the new leader has confirmed
             // a synchronous standby, commits wait instead of being acknowledged by one copy.
             parameters.insert("synchronous_standby_names".into(), "*".into());
-        } else if !standby && (self.dynamic.synchronous_mode || !self.sync_standby_names.is_empty())
+        } else if !standby
+            && (self.dynamic.synchronous_mode || !self.core.sync_standby_names.is_empty())
         {
             parameters.insert(
                 "synchronous_standby_names".into(),
-                self.sync_standby_names.clone(),
+                self.core.sync_standby_names.clone(),
             );
         }
         ManagedFiles {
@@ -1058,12 +876,9 @@ impl HaLoop {
             .ok_or_else(|| ActionError::Failed(format!("no address for the leader {leader}")))
     }
 
-    fn spawn_task<F>(&mut self, kind: TaskKind, work: F)
-    where
-        F: std::future::Future<Output = Result<(), TaskError>> + Send + 'static,
-    {
+    fn spawn_task(&mut self, kind: TaskKind, task: P::Task) {
         info!(task = %kind, "starting");
-        self.task = Some((kind, tokio::spawn(work)));
+        self.task = Some((kind, task));
     }
 
     async fn execute(&mut self, obs: &Observation, decision: Decision) -> Result<Next, HaError> {
@@ -1077,10 +892,12 @@ impl HaLoop {
                     return Ok(Next::Now);
                 }
                 Err(ActionError::Fatal(reason)) => return Err(HaError::Fatal(reason)),
-                Err(ActionError::Failed(reason)) if action.is_housekeeping() => {
+                Err(e) if action.is_housekeeping() => {
+                    let reason = error_chain(&e);
                     warn!(?action, %reason, "housekeeping failed; retrying next cycle");
                 }
-                Err(ActionError::Failed(reason)) => {
+                Err(e) => {
+                    let reason = error_chain(&e);
                     warn!(?action, %reason, "action failed; retrying next cycle");
                     self.compensate(obs, &done).await;
                     return Ok(Next::Wait);
@@ -1094,7 +911,7 @@ impl HaLoop {
     /// margin; a plan that runs late (the agent was frozen after deciding) must not open for
     /// writes on a lease that may have expired.
     fn check_lease_for_writes(&self) -> Result<(), ActionError> {
-        if timing::may_open_for_writes(self.lease_certain_until, self.fence, Instant::now()) {
+        if self.core.may_open_for_writes(self.rt.now()) {
             Ok(())
         } else {
             Err(ActionError::Failed(
@@ -1106,9 +923,8 @@ impl HaLoop {
     /// Undoes what a plan that stopped early must not leave behind (`decide::compensation`).
     async fn compensate(&mut self, obs: &Observation, done: &[Action]) {
         for action in decide::compensation(done) {
-            if let Err(ActionError::Failed(reason) | ActionError::Fatal(reason)) =
-                self.execute_one(obs, &action).await
-            {
+            if let Err(e) = self.execute_one(obs, &action).await {
+                let reason = error_chain(&e);
                 warn!(?action, %reason, "could not undo the stopped plan");
             }
         }
@@ -1135,7 +951,7 @@ impl HaLoop {
             }
             Action::CancelInitialize => {
                 if let Err(e) = self.dcs.cancel_initialize().await {
-                    warn!(error = %e, "could not delete `initialize` after the failed bootstrap");
+                    warn!(error = %error_chain(&e), "could not delete `initialize` after the failed bootstrap");
                 }
                 Ok(true)
             }
@@ -1144,12 +960,11 @@ impl HaLoop {
                 // applied; bootstrap.dcs only describes a new cluster (Patroni restores from
                 // `patroni.dynamic.json` too). Re-seeding from the file after the key was lost
                 // undid every edit-config change.
-                let (value, source) = match dynamic_copy::load(&self.config.postgresql.data_dir) {
+                let (value, source) = match self.pg.load_dynamic_copy() {
                     Some(value) => (value, dynamic_copy::FILE_NAME),
                     None => (
-                        serde_json::to_value(&self.config.bootstrap.dcs).map_err(|e| {
-                            ActionError::Failed(format!("cannot encode config: {e}"))
-                        })?,
+                        serde_json::to_value(&self.config.bootstrap.dcs)
+                            .map_err(ActionError::caused("cannot encode config"))?,
                         "bootstrap.dcs",
                     ),
                 };
@@ -1174,52 +989,40 @@ impl HaLoop {
             Action::ReleaseLeader => {
                 // After a stop, publish the shutdown checkpoint so replicas' lag checks compare
                 // against the final position.
-                if !self.supervisor.state().is_running() {
-                    if let Some(optime) = self.control_checkpoint().await {
+                if !self.pg.state().is_running() {
+                    if let Some(optime) = self.pg.control_checkpoint().await {
                         let status = LeaderStatus {
                             optime,
                             ..Default::default()
                         };
                         if let Err(e) = self.dcs.write_status(&status).await {
-                            debug!(error = %e, "could not write the final status");
+                            debug!(error = %error_chain(&e), "could not write the final status");
                         }
                     }
                 }
                 self.dcs.release_leader().await?;
-                self.believes_leader = false;
-                self.lease_certain_until = None;
-                self.supervisor.set_fence(None);
+                self.core.lease_dropped();
+                self.pg.set_fence(None);
                 info!("released the leader lock");
                 Ok(true)
             }
             Action::StartBootstrap => {
-                let config = self.config.clone();
-                let bin_dir = self.bin_dir.clone();
-                let supervisor = self.supervisor.clone();
-                let probe = self.probe.clone();
                 let mut files = self.managed_files(false, None);
                 // The post-bootstrap SQL (roles for replication and rewind) must commit while no
                 // standby can exist yet: strict synchronous mode's `*` made it wait forever. The
                 // first cycle as leader writes the setting (Patroni, too, manages it only from
                 // the HA loop).
                 files.parameters.remove("synchronous_standby_names");
-                self.spawn_task(TaskKind::Bootstrap, async move {
-                    Ok(bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await?)
-                });
+                let task = self.pg.bootstrap(self.config.clone(), files);
+                self.spawn_task(TaskKind::Bootstrap, task);
                 Ok(true)
             }
             Action::StartCreateReplica { leader } => {
                 let upstream = self.upstream(obs, leader)?;
-                let config = self.config.clone();
-                let bin_dir = self.bin_dir.clone();
                 let files = self.managed_files(true, Some(&upstream));
-                self.following = Some(leader.clone());
-                self.spawn_task(TaskKind::CreateReplica, async move {
-                    crate::backup::restore::create_replica(&config, &bin_dir, &upstream).await?;
-                    conf::write(&config.postgresql.data_dir, &files)
-                        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
-                    Ok(())
-                });
+                self.core.following = Some(leader.clone());
+                let task = self.pg.create_replica(self.config.clone(), upstream, files);
+                self.spawn_task(TaskKind::CreateReplica, task);
                 Ok(true)
             }
             Action::StartRewind { leader } => {
@@ -1230,62 +1033,54 @@ impl HaLoop {
                 // short partition left a former primary down for good (simulation seed 6, 3
                 // members). A TCP connect is not enough: a proxy or a postgres that is shutting
                 // down accepts the connection and then closes it (fault campaign, seed 20261214).
-                if let Err(why) = replica::leader_ready_for_rewind(
-                    &self.config,
-                    &upstream,
-                    Duration::from_secs(3),
-                )
-                .await
+                if let Err(why) = self
+                    .pg
+                    .leader_ready_for_rewind(&self.config, &upstream)
+                    .await
                 {
                     return Err(ActionError::Failed(format!(
                         "the leader {leader} is not ready for pg_rewind ({why}); retrying next cycle"
                     )));
                 }
-                let config = self.config.clone();
-                let bin_dir = self.bin_dir.clone();
                 let files = self.managed_files(true, Some(&upstream));
                 let crashed = matches!(
                     &obs.data_dir,
                     DataDir::Initialized { control, .. }
                         if control.state == controldata::ClusterState::InProduction
                 );
-                self.following = Some(leader.clone());
-                self.spawn_task(TaskKind::Rewind, async move {
-                    rewind(&config, &bin_dir, &upstream, crashed, &files).await
-                });
+                self.core.following = Some(leader.clone());
+                let task = self
+                    .pg
+                    .rewind(self.config.clone(), upstream, crashed, files);
+                self.spawn_task(TaskKind::Rewind, task);
                 Ok(true)
             }
             Action::StartPostgres { primary, upstream } => {
                 if *primary {
                     self.check_lease_for_writes()?;
                 }
-                if let Some(wait) = self.restart_backoff() {
+                if let Some(wait) = self.core.restart_backoff(self.rt.now()) {
                     return Err(ActionError::Failed(format!(
                         "postgres crashed {} time(s) right after starting; next start in {:.0?}",
-                        self.quick_crashes, wait
+                        self.core.quick_crashes, wait
                     )));
                 }
-                self.last_start = Some(Instant::now());
-                self.crash_counted = false;
+                self.core.starting(self.rt.now());
                 let upstream = match upstream {
                     Some(leader) => Some(self.upstream(obs, leader)?),
                     None => None,
                 };
-                self.following = upstream.as_ref().map(|u| u.name.clone());
+                self.core.following = upstream.as_ref().map(|u| u.name.clone());
                 if !*primary {
                     self.forget_sync_choice();
                 }
                 let files = self.managed_files(!*primary, upstream.as_ref());
-                self.conf_written
-                    .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
-                self.probe.reset().await;
-                self.supervisor
-                    .start()
+                self.pg
+                    .write_conf(&files)
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
+                    .map_err(ActionError::Failed)?;
+                self.pg.reset().await;
+                self.pg.start().await.map_err(ActionError::Failed)?;
                 Ok(true)
             }
             Action::ApplyConfig { upstream } => {
@@ -1298,20 +1093,19 @@ impl HaLoop {
                 }
                 let files = self.managed_files(upstream.is_some(), upstream.as_ref());
                 let changed = self
-                    .conf_written
-                    .write(&self.config.postgresql.data_dir, &files)
-                    .map_err(|e| {
-                        ActionError::Failed(format!("cannot write the configuration files: {e}"))
-                    })?;
+                    .pg
+                    .write_conf(&files)
+                    .await
+                    .map_err(ActionError::Failed)?;
                 let following = upstream.as_ref().map(|u| u.name.clone());
                 if changed {
                     info!(upstream = ?following, "configuration changed; reloading postgres");
-                    self.probe
-                        .execute("SELECT pg_reload_conf()")
+                    self.pg
+                        .reload()
                         .await
                         .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
                 }
-                self.following = following;
+                self.core.following = following;
                 Ok(true)
             }
             Action::SyncSlots => {
@@ -1344,7 +1138,7 @@ impl HaLoop {
                 if current.is_some_and(|s| {
                     s.value.leader.as_deref() == Some(&self.facts.name)
                         && sync::acknowledges_only_through_recorded(
-                            &self.sync_standby_names,
+                            &self.core.sync_standby_names,
                             &s.value,
                         )
                 }) {
@@ -1366,12 +1160,12 @@ impl HaLoop {
             }
             Action::Promote => {
                 self.check_lease_for_writes()?;
-                self.probe
-                    .execute("SELECT pg_promote(false)")
+                self.pg
+                    .promote()
                     .await
                     .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
                 info!("promotion requested");
-                self.checkpoint_after_promote_pending = true;
+                self.core.checkpoint_after_promote_pending = true;
                 Ok(true)
             }
             Action::StopPostgres(mode) => {
@@ -1381,11 +1175,11 @@ impl HaLoop {
                     self.end_backup("a switchover or planned demotion").await;
                 }
                 warn!(?mode, "stopping postgres");
-                self.supervisor
-                    .stop(*mode, Duration::from_secs(30))
+                self.pg
+                    .demote(*mode, Duration::from_secs(30))
                     .await
-                    .map_err(|e| ActionError::Failed(e.to_string()))?;
-                self.probe.reset().await;
+                    .map_err(ActionError::Failed)?;
+                self.pg.reset().await;
                 Ok(true)
             }
             Action::WriteStatus => {
@@ -1412,32 +1206,25 @@ impl HaLoop {
                 let Some(timeline) = status.timeline else {
                     return Ok(true);
                 };
-                let file = self
-                    .config
-                    .postgresql
-                    .data_dir
-                    .join("pg_wal")
-                    .join(format!("{timeline:08X}.history"));
-                let text = match std::fs::read_to_string(&file) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        return Err(ActionError::Failed(format!(
-                            "cannot read {}: {e}",
-                            file.display()
-                        )))
-                    }
-                };
+                let text = self
+                    .pg
+                    .timeline_history(timeline)
+                    .await
+                    .map_err(ActionError::Failed)?;
                 // A lost `history` key is rebuilt from what this member saw last, so the
                 // timestamps and leaders of earlier switches survive.
                 let recorded = if view.history.is_empty() {
-                    &self.known_history
+                    &self.core.known_history
                 } else {
                     &view.history
                 };
                 let history = merge_history(
                     recorded,
                     &text,
-                    &chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+                    &self
+                        .rt
+                        .wall_now()
+                        .to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
                     &self.facts.name,
                 );
                 self.dcs.write_history(&history).await?;
@@ -1445,15 +1232,15 @@ impl HaLoop {
                 Ok(true)
             }
             Action::Checkpoint => {
-                self.probe
-                    .execute("CHECKPOINT")
+                self.pg
+                    .checkpoint()
                     .await
                     .map_err(|e| ActionError::Failed(format!("CHECKPOINT failed: {e}")))?;
-                if self.checkpoint_after_promote_pending
+                if self.core.checkpoint_after_promote_pending
                     && matches!(&obs.postgres, PostgresView::Running(s) if !s.in_recovery)
                 {
                     info!("checkpoint after promotion done: replicas may rewind against us");
-                    self.checkpoint_after_promote_pending = false;
+                    self.core.checkpoint_after_promote_pending = false;
                 }
                 Ok(true)
             }
@@ -1510,17 +1297,18 @@ impl HaLoop {
             // The next compare must be against the revision we just wrote: re-read next cycle.
             revision = -1;
         }
-        if plan.standby_names != self.sync_standby_names {
+        if plan.standby_names != self.core.sync_standby_names {
             info!(synchronous_standby_names = %plan.standby_names, "changing synchronous standbys");
-            self.sync_standby_names = plan.standby_names.clone();
+            self.core.sync_standby_names = plan.standby_names.clone();
             let files = self.managed_files(false, None);
             if self
-                .conf_written
-                .write(&self.config.postgresql.data_dir, &files)
-                .map_err(|e| ActionError::Failed(format!("cannot write configuration: {e}")))?
+                .pg
+                .write_conf(&files)
+                .await
+                .map_err(ActionError::Failed)?
             {
-                self.probe
-                    .execute("SELECT pg_reload_conf()")
+                self.pg
+                    .reload()
                     .await
                     .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
             }
@@ -1542,38 +1330,10 @@ impl HaLoop {
             .filter(|m| m.name != self.facts.name)
             .map(|m| replica::slot_name(&m.name))
             .collect();
-        let existing = self
-            .probe
-            .slots()
+        self.pg
+            .sync_slots(&wanted)
             .await
-            .map_err(|e| ActionError::Failed(format!("cannot list replication slots: {e}")))?;
-        let mut sql = String::new();
-        for slot in wanted
-            .iter()
-            .filter(|w| !existing.iter().any(|(n, _)| n == *w))
-        {
-            info!(slot, "creating a physical replication slot");
-            sql.push_str(&format!(
-                "SELECT pg_create_physical_replication_slot({});\n",
-                crate::postgres::probe::quote_literal(slot)
-            ));
-        }
-        for (slot, active) in &existing {
-            if !wanted.contains(slot) && !active {
-                info!(slot, "dropping the slot of a departed member");
-                sql.push_str(&format!(
-                    "SELECT pg_drop_replication_slot({});\n",
-                    crate::postgres::probe::quote_literal(slot)
-                ));
-            }
-        }
-        if !sql.is_empty() {
-            self.probe
-                .execute(&sql)
-                .await
-                .map_err(|e| ActionError::Failed(format!("cannot manage slots: {e}")))?;
-        }
-        Ok(())
+            .map_err(ActionError::Failed)
     }
 
     fn pg_state(&self) -> PgState {
@@ -1583,14 +1343,12 @@ impl HaLoop {
             Some((TaskKind::Rewind, _)) => return PgState::Stopped,
             None => {}
         }
-        match self.supervisor.state() {
+        match self.pg.state() {
             Postmaster::NotRunning => PgState::Stopped,
             Postmaster::Crashed { .. } => PgState::Crashed,
             Postmaster::StartFailed { .. } => PgState::StartFailed,
             Postmaster::Running { .. } if self.last_postgres.is_some() => PgState::Running,
-            Postmaster::Running { .. } if self.supervisor.state().accepts_connections() => {
-                PgState::Unknown
-            }
+            Postmaster::Running { .. } if self.pg.state().accepts_connections() => PgState::Unknown,
             Postmaster::Running { .. } => PgState::Starting,
         }
     }
@@ -1600,7 +1358,7 @@ impl HaLoop {
             (Some(pg), _) if !pg.in_recovery => Role::Primary,
             (Some(_), _) => Role::Replica,
             (None, DataDir::Empty) => Role::Uninitialized,
-            (None, _) if self.believes_leader => Role::Primary,
+            (None, _) if self.core.believes_leader => Role::Primary,
             (None, _) => Role::Demoted,
         }
     }
@@ -1612,15 +1370,15 @@ impl HaLoop {
     }
 
     fn publish(&self, obs: &Observation) {
-        let now = Instant::now();
+        let now = self.rt.now();
         let status = AgentStatus {
             scope: self.config.scope.clone(),
             name: self.config.name.clone(),
             state: self.pg_state(),
             role: self.role(obs),
             postgres: self.last_postgres.clone(),
-            leader_valid_until: if self.believes_leader {
-                self.lease_certain_until
+            leader_valid_until: if self.core.believes_leader {
+                self.core.lease_certain_until
             } else {
                 None
             },
@@ -1678,13 +1436,13 @@ impl HaLoop {
             tags: self.config.effective_tags(),
             pending_restart: pg.filter(|p| !p.pending_restart.is_empty()).map(|_| true),
             pause: paused.then_some(true),
-            checkpoint_after_promote: self.checkpoint_after_promote_pending.then_some(false),
+            checkpoint_after_promote: self.core.checkpoint_after_promote_pending.then_some(false),
             pgwarden_version: Some(crate::VERSION.to_owned()),
             // Where the leader's backup from a standby reaches this member (pgBackRest's TLS
             // server); an extra field that Patroni's readers ignore.
             extra: {
                 let mut extra = crate::backup::member_fields(&self.config);
-                if let Some((request, started)) = &self.scheduled_restart {
+                if let Some((request, started)) = &self.core.scheduled_restart {
                     extra.insert(
                         "scheduled_restart".into(),
                         request.record_json(started.as_deref()),
@@ -1703,7 +1461,7 @@ impl HaLoop {
             self.dcs.member_key_lost().await;
         }
         if let Err(e) = self.dcs.touch_member(&self.member_record(obs)).await {
-            debug!(error = %e, "could not update the member key");
+            debug!(error = %error_chain(&e), "could not update the member key");
         }
     }
 
@@ -1715,15 +1473,12 @@ impl HaLoop {
             task.abort();
         }
         self.end_backup("the agent shuts down").await;
-        let stopped = self
-            .supervisor
-            .stop(StopMode::Fast, Duration::from_secs(60))
-            .await;
-        self.supervisor.set_fence(None);
+        let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
+        self.pg.set_fence(None);
         match stopped {
             Ok(()) => {
-                if self.believes_leader {
-                    if let Some(optime) = self.control_checkpoint().await {
+                if self.core.believes_leader {
+                    if let Some(optime) = self.pg.control_checkpoint().await {
                         let _ = self
                             .dcs
                             .write_status(&LeaderStatus {
@@ -1734,7 +1489,9 @@ impl HaLoop {
                     }
                     match self.dcs.release_leader().await {
                         Ok(()) => info!("released the leader lock"),
-                        Err(e) => warn!(error = %e, "could not release the leader lock"),
+                        Err(e) => {
+                            warn!(error = %error_chain(&e), "could not release the leader lock")
+                        }
                     }
                 }
             }
@@ -1743,118 +1500,43 @@ impl HaLoop {
             Err(e) => error!(error = %e, "postgres did not stop; leaving the leader key to expire"),
         }
         if let Err(e) = self.dcs.revoke_lease().await {
-            warn!(error = %e, "could not revoke the lease; the member key expires with it");
+            warn!(error = %error_chain(&e), "could not revoke the lease; the member key expires with it");
         }
-    }
-
-    async fn control_checkpoint(&self) -> Option<u64> {
-        controldata::read(&self.bin_dir, &self.config.postgresql.data_dir)
-            .await
-            .ok()
-            .and_then(|c| c.checkpoint_lsn)
     }
 }
 
 /// How an action failed.
+#[derive(Debug, thiserror::Error)]
 enum ActionError {
     /// Retry in the next cycle.
+    #[error("{0}")]
     Failed(String),
+    /// Retry in the next cycle: `context`, because of `source`.
+    #[error("{context}")]
+    Caused {
+        context: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// A DCS request failed: retry in the next cycle.
+    #[error(transparent)]
+    Dcs(#[from] DcsError),
     /// Stop the agent.
+    #[error("{0}")]
     Fatal(String),
 }
 
-impl From<DcsError> for ActionError {
-    fn from(e: DcsError) -> Self {
-        ActionError::Failed(e.to_string())
-    }
-}
-
-/// How a long task (bootstrap, replica creation, rewind) ended without success.
-#[derive(Debug)]
-enum TaskError {
-    /// It changed nothing (pg_rewind could not connect to the leader): the next cycle decides
-    /// again, as if it had not been started.
-    NotStarted(String),
-    /// It failed; a failed rewind keeps the member down until an operator acts.
-    Failed(String),
-}
-
-impl From<String> for TaskError {
-    fn from(reason: String) -> Self {
-        TaskError::Failed(reason)
-    }
-}
-
-/// The bootstrap task: initdb, configuration, first start, roles.
-async fn bootstrap(
-    config: &Config,
-    bin_dir: &std::path::Path,
-    supervisor: &Supervisor,
-    probe: &Probe,
-    files: &ManagedFiles,
-) -> Result<(), String> {
-    if config.bootstrap.method.as_deref() == Some("pgbackrest") {
-        return crate::backup::restore::bootstrap(config, supervisor, probe, files).await;
-    }
-    // A new system must not archive into a stanza that holds another one's backups.
-    crate::backup::restore::refuse_existing_stanza(config).await?;
-    info!("running initdb");
-    initdb::initdb(config, bin_dir)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    conf::write(&config.postgresql.data_dir, files)
-        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
-    supervisor.start().await.map_err(|e| error_chain(&e))?;
-    if !supervisor.wait_ready(Duration::from_secs(120)).await {
-        return Err("postgres did not accept connections after initdb".into());
-    }
-    initdb::post_bootstrap(config, probe)
-        .await
-        .map_err(|e| error_chain(&e))?;
-    Ok(())
-}
-
-/// The rewind task: crash recovery if needed, pg_rewind, then the standby configuration.
-async fn rewind(
-    config: &Config,
-    bin_dir: &std::path::Path,
-    upstream: &Upstream,
-    crashed: bool,
-    files: &ManagedFiles,
-) -> Result<(), TaskError> {
-    let data_dir = &config.postgresql.data_dir;
-    if crashed {
-        info!("running crash recovery in single-user mode before pg_rewind");
-        // The conf must not start a standby for single-user recovery: write the primary form.
-        replica::single_user_recovery(bin_dir, data_dir)
-            .await
-            .map_err(|e| error_chain(&e))?;
-    }
-    info!(leader = %upstream.name, "running pg_rewind");
-    if let Err(e) = replica::rewind(config, bin_dir, upstream).await {
-        let reason = error_chain(&e);
-        if e.is_connection_failure() {
-            // pg_rewind changes nothing before it has connected to the source.
-            return Err(TaskError::NotStarted(reason));
+impl ActionError {
+    /// `map_err(ActionError::caused("cannot …"))`: the error becomes the source.
+    fn caused<E>(context: &'static str) -> impl FnOnce(E) -> ActionError
+    where
+        E: std::error::Error + Send + Sync + 'static,
+    {
+        move |source| ActionError::Caused {
+            context,
+            source: Box::new(source),
         }
-        if config.postgresql.remove_data_directory_on_rewind_failure
-            || config
-                .postgresql
-                .remove_data_directory_on_diverged_timelines
-        {
-            warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
-            std::fs::remove_dir_all(data_dir)
-                .map_err(|e| format!("cannot remove the data directory: {e}"))?;
-            return Ok(());
-        }
-        return Err(TaskError::Failed(format!(
-            "{reason}; the member stays down. Set postgresql.remove_data_directory_on_rewind_failure \
-             to re-create it from the leader, or reinitialise it"
-        )));
     }
-    conf::write(data_dir, files)
-        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
-    Ok(())
 }
 
 /// Merges postgres' timeline history file (`tli<TAB>lsn<TAB>reason` lines) into the DCS
@@ -1895,18 +1577,6 @@ pub fn merge_history(
     }
     out.sort_by_key(|l| l.timeline);
     out
-}
-
-/// An error with its sources, for log lines and fatal messages.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -13,23 +13,7 @@ use std::time::{Duration, Instant};
 
 use crate::dcs::LeaseRenewal;
 
-/// Safety parameters of the fence.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct FencePolicy {
-    /// Bound on the relative clock rate difference between us and etcd (e.g. 0.01 = 1 %).
-    pub max_clock_drift: f64,
-    /// Time reserved for the immediate stop to take effect before the lease may expire.
-    pub stop_margin: Duration,
-}
-
-impl Default for FencePolicy {
-    fn default() -> Self {
-        FencePolicy {
-            max_clock_drift: 0.01,
-            stop_margin: Duration::from_millis(1500),
-        }
-    }
-}
+pub use crate::config::FencePolicy;
 
 /// The last instant (our clock) at which the lease is certainly still valid.
 pub fn lease_certain_until(renewal: LeaseRenewal, policy: FencePolicy) -> Instant {

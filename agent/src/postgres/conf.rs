@@ -48,8 +48,13 @@ pub fn split_listen(listen: &str) -> (String, Option<u16>) {
     }
 }
 
-/// The parameters postgres runs with, in precedence order.
-pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, String> {
+/// The parameters postgres runs with, in precedence order. `archive` holds the archiving
+/// settings of the backup layer (`crate::backup::archive_parameters`), empty without one.
+pub fn parameters(
+    config: &Config,
+    dynamic: &DynamicConfig,
+    archive: &BTreeMap<String, String>,
+) -> BTreeMap<String, String> {
     let mut params: BTreeMap<String, String> = [
         ("wal_level", "replica"),
         ("hot_standby", "on"),
@@ -62,11 +67,7 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
     .collect();
     params.insert("cluster_name".into(), config.scope.clone());
-    if let Some(pb) = &config.pgbackrest {
-        params.extend(crate::backup::render::archive_parameters(
-            &pb.resolve(config),
-        ));
-    }
+    params.extend(archive.iter().map(|(k, v)| (k.clone(), v.clone())));
     let as_settings = |m: &BTreeMap<String, PgValue>| {
         m.iter()
             .map(|(k, v)| (k.clone(), v.as_setting()))
@@ -80,7 +81,11 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
             *value = default.to_owned();
         }
     }
-    translate_for_version(&mut params, major_version(&config.postgresql.data_dir));
+    let major = major_version(&config.postgresql.data_dir);
+    translate_for_version(&mut params, major);
+    if let Some(major) = major {
+        drop_unavailable(&mut params, major);
+    }
     let (hosts, port) = split_listen(&config.postgresql.listen);
     if !hosts.is_empty() {
         params.insert("listen_addresses".into(), hosts);
@@ -89,6 +94,27 @@ pub fn parameters(config: &Config, dynamic: &DynamicConfig) -> BTreeMap<String, 
         params.insert("port".into(), port.to_string());
     }
     params
+}
+
+/// Removes the parameters major version `major` does not have, with a warning naming each:
+/// postgres refuses to start on a parameter it does not know.
+fn drop_unavailable(params: &mut BTreeMap<String, String>, major: u32) {
+    for (name, why) in super::versioned_params::drop_unavailable(params, major) {
+        warn_once(&format!(
+            "dropping parameter {name}: PostgreSQL {} does not have it ({why})",
+            super::versioned_params::version_name(major)
+        ));
+    }
+}
+
+/// Logs a warning the first time this process sees it (the parameters are rendered every cycle).
+fn warn_once(message: &str) {
+    static SEEN: std::sync::Mutex<std::collections::BTreeSet<String>> =
+        std::sync::Mutex::new(std::collections::BTreeSet::new());
+    let mut seen = SEEN.lock().unwrap_or_else(|e| e.into_inner());
+    if seen.insert(message.to_owned()) {
+        tracing::warn!("{message}");
+    }
 }
 
 /// Raises the parameters a hot standby needs at least as high as its primary to the values the
@@ -275,6 +301,21 @@ pub fn write(data_dir: &Path, files: &ManagedFiles) -> io::Result<bool> {
             write_private(&base, "")?;
         }
     }
+    // The parameters were chosen before initdb when bootstrapping: only now is the major
+    // version certain.
+    let checked;
+    let mut files = files;
+    if let Some(major) = major_version(data_dir) {
+        let mut parameters = files.parameters.clone();
+        drop_unavailable(&mut parameters, major);
+        if parameters != files.parameters {
+            checked = ManagedFiles {
+                parameters,
+                ..files.clone()
+            };
+            files = &checked;
+        }
+    }
     let mut changed = write_if_changed(&conf, &render_postgresql_conf(files))?;
     if let Some(hba) = render_pg_hba(files) {
         changed |= write_if_changed(&data_dir.join("pg_hba.conf"), &hba)?;
@@ -373,7 +414,7 @@ mod tests {
             .postgresql
             .parameters
             .insert("max_connections".into(), PgValue::Int(50));
-        let p = parameters(&config, &dynamic);
+        let p = parameters(&config, &dynamic, &BTreeMap::new());
         assert_eq!(p["work_mem"], "8MB");
         assert_eq!(p["max_connections"], "50");
         assert_eq!(p["port"], "5433");

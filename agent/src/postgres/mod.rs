@@ -1,6 +1,7 @@
 //! The local postgres: its supervisor, the files we manage in its data directory, the control
 //! file, the status query and cluster creation.
 
+pub mod callbacks;
 pub mod conf;
 pub mod controldata;
 pub mod fence_guard;
@@ -8,3 +9,4 @@ pub mod initdb;
 pub mod probe;
 pub mod replica;
 pub mod supervisor;
+pub mod versioned_params;

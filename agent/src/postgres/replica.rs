@@ -157,14 +157,19 @@ fn pgpass_escape(v: &str) -> String {
 }
 
 /// The lines for the replication user and the user pg_rewind connects as (the rewind user, else
-/// the superuser), for any host: the file then does not change when the leader does, so
-/// postgres never reads a file being replaced for another upstream. `None` when neither has a
+/// the superuser), and the superuser when pgBackRest is configured (it connects as the
+/// superuser), for any host: the file then does not change when the leader does, so
+/// postgres never reads a file being replaced for another upstream. `None` when none has a
 /// password (trust or certificate authentication).
 pub fn pgpass(config: &Config) -> Option<Pgpass> {
     let auth = &config.postgresql.authentication;
     let rewind = auth.rewind.as_ref().unwrap_or(&auth.superuser);
+    let backrest = config.pgbackrest.is_some().then_some(&auth.superuser);
     let mut content = String::new();
-    for user in [&auth.replication, rewind] {
+    for user in [Some(&auth.replication), Some(rewind), backrest]
+        .into_iter()
+        .flatten()
+    {
         if let Some(password) = &user.password {
             let line = format!(
                 "*:*:*:{}:{}\n",

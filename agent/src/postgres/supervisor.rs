@@ -11,6 +11,14 @@
 //!   loop is doing (it may be blocked on a DCS call). The HA loop arms it with the instant its
 //!   lease might expire, minus a margin, and pushes it forward on every confirmed renewal.
 //! - An exit we did not ask for is reported as a crash and wakes the HA loop at once.
+//! - The callbacks (`postgresql.callbacks`) are called from here, where starts, stops and
+//!   reloads happen, as Patroni calls them from its `Postgresql` class: `on_start` (or
+//!   `on_restart` after [`Supervisor::stop_for_restart`]) when postgres first accepts
+//!   connections, `on_role_change` instead when it comes up in another role than it last ran
+//!   in (a demoted primary back as a replica), `on_stop` after a stop we ordered (with the role
+//!   `demoted` for [`Supervisor::demote`] of a primary), `on_reload` after a reload, and
+//!   `on_role_change` with `primary` when told of a promotion ([`Supervisor::promoted`]).
+//!   None of them is waited for ([`super::callbacks`]).
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
@@ -20,6 +28,8 @@ use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::{Child, Command};
 use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tracing::{debug, error, info, warn};
+
+use super::callbacks::{CallbackAction, CallbackRole, Callbacks};
 
 /// How to stop postgres (`pg_ctl stop -m`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,6 +99,8 @@ pub struct SupervisorSettings {
     pub stop_with_agent: bool,
     /// The out-of-process fence (see [`super::fence_guard`]); `None` disables it.
     pub guard: Option<std::sync::Arc<super::fence_guard::FenceGuard>>,
+    /// The user's callbacks (none configured: nothing runs).
+    pub callbacks: Callbacks,
 }
 
 /// Errors the supervisor reports to callers.
@@ -102,6 +114,23 @@ pub enum SupervisorError {
     StopTimeout(Duration),
     #[error("the supervisor task has ended")]
     Gone,
+    /// A reload was asked for while no postmaster runs.
+    #[error("postgres is not running")]
+    NotRunning,
+    /// The postmaster could not be signalled.
+    #[error("cannot signal postgres")]
+    Signal(#[source] nix::errno::Errno),
+}
+
+/// Why postgres is stopped: decides the callback that follows.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StopPurpose {
+    /// `on_stop` with the current role.
+    Stop,
+    /// No `on_stop`; the next start reports `on_restart`.
+    Restart,
+    /// `on_stop` with the role `demoted` if postgres ran as a primary.
+    Demote,
 }
 
 enum Command_ {
@@ -111,9 +140,14 @@ enum Command_ {
     Stop {
         mode: StopMode,
         timeout: Duration,
+        purpose: StopPurpose,
         reply: oneshot::Sender<Result<(), SupervisorError>>,
     },
     Fence(Option<Instant>),
+    Reload {
+        reply: oneshot::Sender<Result<(), SupervisorError>>,
+    },
+    Promoted,
 }
 
 /// Handle to the supervisor task.
@@ -139,6 +173,9 @@ impl Supervisor {
                 changed,
                 stopping: None,
                 fence: None,
+                role: None,
+                pending: None,
+                restart_next: false,
             }
             .run(rx),
         );
@@ -172,16 +209,62 @@ impl Supervisor {
     /// Stops the postmaster and waits for it to exit. Escalates to immediate after `timeout`,
     /// then to SIGKILL.
     pub async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), SupervisorError> {
+        self.stop_for(mode, timeout, StopPurpose::Stop).await
+    }
+
+    /// [`Self::stop`] as the first half of a restart: no `on_stop`, and the next start that
+    /// reaches readiness in the same role calls `on_restart` instead of `on_start`.
+    pub async fn stop_for_restart(
+        &self,
+        mode: StopMode,
+        timeout: Duration,
+    ) -> Result<(), SupervisorError> {
+        self.stop_for(mode, timeout, StopPurpose::Restart).await
+    }
+
+    /// [`Self::stop`] of a member that must not stay primary: `on_stop` gets the role
+    /// `demoted` (Patroni's role during a demotion), and the next start as a replica
+    /// calls `on_role_change`.
+    pub async fn demote(&self, mode: StopMode, timeout: Duration) -> Result<(), SupervisorError> {
+        self.stop_for(mode, timeout, StopPurpose::Demote).await
+    }
+
+    async fn stop_for(
+        &self,
+        mode: StopMode,
+        timeout: Duration,
+        purpose: StopPurpose,
+    ) -> Result<(), SupervisorError> {
         let (reply, rx) = oneshot::channel();
         self.commands
             .send(Command_::Stop {
                 mode,
                 timeout,
+                purpose,
                 reply,
             })
             .await
             .map_err(|_| SupervisorError::Gone)?;
         rx.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Makes the postmaster re-read its configuration files (SIGHUP, as `pg_ctl reload`),
+    /// then calls `on_reload`.
+    pub async fn reload(&self) -> Result<(), SupervisorError> {
+        let (reply, rx) = oneshot::channel();
+        self.commands
+            .send(Command_::Reload { reply })
+            .await
+            .map_err(|_| SupervisorError::Gone)?;
+        rx.await.map_err(|_| SupervisorError::Gone)?
+    }
+
+    /// Postgres was asked to promote: it runs as a primary from now on; calls
+    /// `on_role_change` with `primary` at once, as Patroni does right after `pg_ctl promote`.
+    pub async fn promoted(&self) {
+        if self.commands.send(Command_::Promoted).await.is_err() {
+            debug!("the supervisor task has ended; promotion not recorded");
+        }
     }
 
     /// Arms (`Some`) or disarms (`None`) the fence.
@@ -207,6 +290,7 @@ impl Supervisor {
 
 struct Stopping {
     mode: StopMode,
+    purpose: StopPurpose,
     escalate_at: Instant,
     waiters: Vec<oneshot::Sender<Result<(), SupervisorError>>>,
 }
@@ -218,6 +302,27 @@ struct Actor {
     changed: std::sync::Arc<Notify>,
     stopping: Option<Stopping>,
     fence: Option<Instant>,
+    /// The role postgres last ran in (as last seen ready or told), for the callbacks.
+    role: Option<CallbackRole>,
+    /// The callback to call when the starting postgres becomes ready.
+    pending: Option<CallbackAction>,
+    /// The last stop was the first half of a restart.
+    restart_next: bool,
+}
+
+/// The callback owed when postgres, started with `pending` owed, accepts connections in
+/// role `now` after it last ran in `before`. Patroni's `follow`: coming back in another role
+/// (a demoted primary as a replica) is a role change, reported instead of the start or
+/// restart.
+fn ready_callback(
+    before: Option<CallbackRole>,
+    now: CallbackRole,
+    pending: CallbackAction,
+) -> CallbackAction {
+    match before {
+        Some(before) if before != now => CallbackAction::OnRoleChange,
+        _ => pending,
+    }
 }
 
 /// Reads the status line (line 8) of `postmaster.pid`.
@@ -318,6 +423,7 @@ impl Actor {
                     match self.stopping.take() {
                         Some(stopping) => {
                             info!(%exit, "postgres stopped");
+                            self.after_stop(stopping.purpose);
                             self.set(Postmaster::NotRunning);
                             for w in stopping.waiters {
                                 let _ = w.send(Ok(()));
@@ -332,7 +438,7 @@ impl Actor {
                 _ = tokio::time::sleep_until(fence.unwrap_or_else(Instant::now).into()), if fence.is_some() => {
                     error!("fencing: the leader lease could not be confirmed in time; stopping postgres immediately so it cannot accept writes after the lease may have expired");
                     self.fence = None;
-                    self.begin_stop(StopMode::Immediate, Duration::from_secs(5), None);
+                    self.begin_stop(StopMode::Immediate, Duration::from_secs(5), StopPurpose::Demote, None);
                 }
                 _ = tokio::time::sleep_until(escalate.unwrap_or_else(Instant::now).into()), if escalate.is_some() => {
                     self.escalate();
@@ -343,6 +449,7 @@ impl Actor {
                         let status = read_pidfile_status_of(&self.settings.data_dir, pid);
                         if status != old && status != PidfileStatus::Unknown {
                             self.set(Postmaster::Running { pid, since, status });
+                            self.after_ready(status);
                         }
                     }
                 }
@@ -358,6 +465,7 @@ impl Actor {
             Command_::Stop {
                 mode,
                 timeout,
+                purpose,
                 reply,
             } => {
                 if self.child.is_none() {
@@ -367,12 +475,78 @@ impl Actor {
                         self.set(Postmaster::NotRunning);
                     }
                 } else {
-                    self.begin_stop(mode, timeout, Some(reply));
+                    self.begin_stop(mode, timeout, purpose, Some(reply));
                 }
             }
             Command_::Fence(deadline) => {
                 self.fence = deadline;
                 self.sync_guard();
+            }
+            Command_::Reload { reply } => {
+                let result = self.reload();
+                let _ = reply.send(result);
+            }
+            Command_::Promoted => {
+                // Promotion is requested again while a first request is still in progress;
+                // Patroni's `promote` returns early then too.
+                if self.role.replace(CallbackRole::Primary) == Some(CallbackRole::Primary) {
+                    return;
+                }
+                self.settings
+                    .callbacks
+                    .call(CallbackAction::OnRoleChange, CallbackRole::Primary);
+            }
+        }
+    }
+
+    fn reload(&self) -> Result<(), SupervisorError> {
+        let Some(pid) = self.child.as_ref().and_then(Child::id) else {
+            return Err(SupervisorError::NotRunning);
+        };
+        let pid = nix::unistd::Pid::from_raw(i32::try_from(pid).unwrap_or(i32::MAX));
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP)
+            .map_err(SupervisorError::Signal)?;
+        if let Some(role) = self.role {
+            self.settings.callbacks.call(CallbackAction::OnReload, role);
+        }
+        Ok(())
+    }
+
+    /// Postgres accepts connections for the first time since it was started.
+    fn after_ready(&mut self, status: PidfileStatus) {
+        if !matches!(status, PidfileStatus::Ready | PidfileStatus::Standby) {
+            return;
+        }
+        // A hot standby writes `ready` too: the role is told by `standby.signal`, which we
+        // write for a replica and postgres removes when it promotes.
+        let role = if self.settings.data_dir.join("standby.signal").exists() {
+            CallbackRole::Replica
+        } else {
+            CallbackRole::Primary
+        };
+        let Some(pending) = self.pending.take() else {
+            return;
+        };
+        let action = ready_callback(self.role, role, pending);
+        self.role = Some(role);
+        self.settings.callbacks.call(action, role);
+    }
+
+    /// Postgres exited after we asked it to.
+    fn after_stop(&mut self, purpose: StopPurpose) {
+        // Not yet ready (a start that failed, a restart's stop): no start callback is owed.
+        let was_ready = self.pending.take().is_none();
+        match purpose {
+            StopPurpose::Restart => self.restart_next = true,
+            StopPurpose::Stop | StopPurpose::Demote => {
+                let demoted =
+                    purpose == StopPurpose::Demote && self.role == Some(CallbackRole::Primary);
+                if demoted {
+                    self.role = Some(CallbackRole::Demoted);
+                }
+                if let (true, Some(role)) = (was_ready, self.role) {
+                    self.settings.callbacks.call(CallbackAction::OnStop, role);
+                }
             }
         }
     }
@@ -392,10 +566,12 @@ impl Actor {
         &mut self,
         mode: StopMode,
         timeout: Duration,
+        purpose: StopPurpose,
         reply: Option<oneshot::Sender<Result<(), SupervisorError>>>,
     ) {
         let stopping = self.stopping.get_or_insert(Stopping {
             mode,
+            purpose,
             escalate_at: Instant::now() + timeout,
             waiters: Vec::new(),
         });
@@ -403,6 +579,10 @@ impl Actor {
         if mode as u8 >= stopping.mode as u8 {
             stopping.mode = mode;
             stopping.escalate_at = stopping.escalate_at.min(Instant::now() + timeout);
+        }
+        // A plain stop or a demotion asked for during a restart's stop ends the restart.
+        if purpose != StopPurpose::Restart {
+            stopping.purpose = purpose;
         }
         stopping.waiters.extend(reply);
         let current = self.state.borrow().clone();
@@ -468,6 +648,11 @@ impl Actor {
         info!(pid, "postgres started");
         self.child = Some(child);
         self.stopping = None;
+        self.pending = Some(if std::mem::take(&mut self.restart_next) {
+            CallbackAction::OnRestart
+        } else {
+            CallbackAction::OnStart
+        });
         self.sync_guard();
         self.set(Postmaster::Running {
             pid,
@@ -543,6 +728,38 @@ mod pidfile_tests {
         assert_eq!(
             read_pidfile_status_of(dir.path(), 200),
             PidfileStatus::Unknown
+        );
+    }
+}
+
+#[cfg(test)]
+mod callback_tests {
+    use super::*;
+    use CallbackAction::{OnRestart, OnRoleChange, OnStart};
+    use CallbackRole::{Demoted, Primary, Replica};
+
+    /// Patroni's `Postgresql.follow` (`change_role`) and `check_startup_state_changed`
+    /// (`__cb_pending or ON_START`).
+    #[test]
+    fn the_start_callback_is_a_role_change_only_in_another_role() {
+        // First start of the agent's life, a crash restart, a restart in the same role.
+        assert_eq!(ready_callback(None, Replica, OnStart), OnStart);
+        assert_eq!(ready_callback(None, Primary, OnStart), OnStart);
+        assert_eq!(ready_callback(Some(Replica), Replica, OnStart), OnStart);
+        assert_eq!(ready_callback(Some(Primary), Primary, OnRestart), OnRestart);
+        // A demoted primary back as a replica, restarted or not.
+        assert_eq!(
+            ready_callback(Some(Demoted), Replica, OnStart),
+            OnRoleChange
+        );
+        assert_eq!(
+            ready_callback(Some(Primary), Replica, OnRestart),
+            OnRoleChange
+        );
+        // A crashed primary that lost its lock meanwhile.
+        assert_eq!(
+            ready_callback(Some(Primary), Replica, OnStart),
+            OnRoleChange
         );
     }
 }

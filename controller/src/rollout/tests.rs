@@ -1,7 +1,7 @@
 use super::*;
 use crate::status::MemberRecord;
 
-fn pod(name: &str, current: bool, xlog: i64) -> PodView {
+fn pod(name: &str, current: bool, xlog: u64) -> PodView {
     PodView {
         name: name.to_owned(),
         ready: true,

@@ -4,6 +4,7 @@
 
 pub mod docker;
 pub mod etcd;
+pub mod haproxy;
 pub mod kube;
 pub mod kubelet;
 pub mod operator;
@@ -491,6 +492,49 @@ tags: {{}}
             }
             node = map.get_mut(&key).expect("just inserted");
         }
+    }
+
+    /// Runs the member's PostgreSQL programs through wrapper scripts in its own `bin`
+    /// directory (before start), so a test can slow one down with [`Member::delay_tool`]. The
+    /// wrappers exec the real programs, which find their siblings and share files as usual.
+    pub fn wrap_pg_bin_dir(&mut self) -> anyhow::Result<PathBuf> {
+        use std::os::unix::fs::PermissionsExt;
+        let real = PathBuf::from(
+            self.config["postgresql"]["bin_dir"]
+                .as_str()
+                .context("postgresql.bin_dir is set")?,
+        );
+        let wrap = self.dir.join("bin");
+        std::fs::create_dir_all(&wrap)?;
+        for entry in std::fs::read_dir(&real)? {
+            let name = entry?.file_name().to_string_lossy().into_owned();
+            let script = format!(
+                "#!/bin/sh\nd=$(cat '{w}/{name}.delay' 2>/dev/null)\n[ -n \"$d\" ] && sleep \"$d\"\nexec '{r}/{name}' \"$@\"\n",
+                w = wrap.display(),
+                r = real.display(),
+            );
+            let path = wrap.join(&name);
+            std::fs::write(&path, script)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        }
+        self.set(
+            "postgresql.bin_dir",
+            Value::String(wrap.display().to_string()),
+        );
+        Ok(wrap)
+    }
+
+    /// Makes every later run of `tool` (through [`Member::wrap_pg_bin_dir`]'s wrappers) sleep
+    /// `seconds` first; 0 removes the delay.
+    pub fn delay_tool(&self, tool: &str, seconds: u64) -> anyhow::Result<()> {
+        let marker = self.dir.join("bin").join(format!("{tool}.delay"));
+        if seconds == 0 {
+            let _ = std::fs::remove_file(marker);
+        } else {
+            std::fs::create_dir_all(self.dir.join("bin"))?;
+            std::fs::write(marker, format!("{seconds}\n"))?;
+        }
+        Ok(())
     }
 
     pub fn write_config(&self) -> anyhow::Result<()> {

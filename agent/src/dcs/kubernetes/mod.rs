@@ -13,7 +13,8 @@
 //! dies: its Lease is judged expired by the others' clocks, and its member record stays on its
 //! Pod until the Pod goes away or the agent stops cleanly.
 
-pub mod lease;
+/// The Lease expiry rule, shared with the controller's election.
+pub use pgwarden_api::lease;
 pub mod members;
 pub mod state;
 mod watch;
@@ -55,9 +56,9 @@ pub struct KubeSettings {
     pub role: RoleLabels,
     /// Lease name (default `<scope>-leader`).
     pub lease_name: String,
-    pub ttl: Duration,
-    /// Bound on every request (`retry_timeout`).
-    pub request_timeout: Duration,
+    /// The cluster's timing as the HA loop last derived it: the Lease duration (`ttl`) and the
+    /// bound on every request (`retry_timeout`).
+    pub timing: tokio::sync::watch::Receiver<crate::config::Timing>,
     /// Run the watches (the agent does; one-shot callers need not). Without them the Lease is
     /// observed only by this client's own reads and writes.
     pub watch: bool,
@@ -65,9 +66,11 @@ pub struct KubeSettings {
 
 impl KubeSettings {
     /// Builds the settings from a validated configuration in Kubernetes mode.
-    pub fn from_config(config: &crate::config::Config) -> Option<KubeSettings> {
+    pub fn from_config(
+        config: &crate::config::Config,
+        timing: tokio::sync::watch::Receiver<crate::config::Timing>,
+    ) -> Option<KubeSettings> {
         let k = config.kubernetes.as_ref()?;
-        let dynamic = &config.bootstrap.dcs;
         Some(KubeSettings {
             namespace: k.namespace.clone().filter(|n| !n.is_empty()),
             scope: config.scope.clone(),
@@ -87,8 +90,7 @@ impl KubeSettings {
                 .leader_lease
                 .clone()
                 .unwrap_or_else(|| format!("{}-leader", config.scope)),
-            ttl: Duration::from_secs(dynamic.ttl.into()),
-            request_timeout: Duration::from_secs(dynamic.retry_timeout.max(1).into()),
+            timing,
             watch: true,
         })
     }
@@ -111,12 +113,12 @@ impl Reachability {
     fn failed(&self, op: &str, err: &DcsError) {
         if err.is_transient() {
             if self.reachable.swap(false, Ordering::Relaxed) {
-                warn!(operation = op, error = %err, "the Kubernetes API became unreachable");
+                warn!(operation = op, error = %crate::error::error_chain(err), "the Kubernetes API became unreachable");
             } else {
-                debug!(operation = op, error = %err, "the Kubernetes API is still unreachable");
+                debug!(operation = op, error = %crate::error::error_chain(err), "the Kubernetes API is still unreachable");
             }
         } else {
-            debug!(operation = op, error = %err, "the Kubernetes API refused the operation");
+            debug!(operation = op, error = %crate::error::error_chain(err), "the Kubernetes API refused the operation");
         }
     }
 
@@ -140,16 +142,16 @@ fn status_code(err: &kube::Error) -> Option<u16> {
 fn classify(err: kube::Error) -> DcsError {
     match err {
         kube::Error::Api(response) if response.code == 429 || response.code >= 500 => {
-            DcsError::Unreachable(format!("{} {}", response.code, response.message))
+            DcsError::unreachable(format!("{} {}", response.code, response.message))
         }
-        kube::Error::Api(response) => DcsError::Rejected(format!(
+        kube::Error::Api(response) => DcsError::rejected(format!(
             "{} {}: {}",
             response.code, response.reason, response.message
         )),
-        kube::Error::HyperError(e) => DcsError::Unreachable(e.to_string()),
-        kube::Error::Service(e) => DcsError::Unreachable(e.to_string()),
-        kube::Error::ReadEvents(e) => DcsError::Unreachable(e.to_string()),
-        other => DcsError::Rejected(other.to_string()),
+        kube::Error::HyperError(e) => DcsError::unreachable(e),
+        kube::Error::Service(e) => DcsError::unreachable(e),
+        kube::Error::ReadEvents(e) => DcsError::unreachable(e),
+        other => DcsError::rejected(other),
     }
 }
 
@@ -167,8 +169,8 @@ enum Failure {
 impl From<Failure> for DcsError {
     fn from(f: Failure) -> Self {
         match f {
-            Failure::Conflict => DcsError::Rejected("409 Conflict".into()),
-            Failure::NotFound => DcsError::Rejected("404 Not Found".into()),
+            Failure::Conflict => DcsError::rejected("409 Conflict"),
+            Failure::NotFound => DcsError::rejected("404 Not Found"),
             Failure::Forbidden(e) | Failure::Other(e) => e,
         }
     }
@@ -182,8 +184,9 @@ impl Failure {
     /// renewal instead of losing the leadership at once.
     fn unconfirmed_if_forbidden(self) -> Failure {
         match self {
-            Failure::Forbidden(e) => Failure::Other(DcsError::Unreachable(format!(
-                "refused by the API server, which did not read the Lease: {e}"
+            Failure::Forbidden(e) => Failure::Other(DcsError::unreachable(format!(
+                "refused by the API server, which did not read the Lease: {}",
+                crate::error::error_chain(&e)
             ))),
             other => other,
         }
@@ -264,7 +267,6 @@ pub struct KubeDcs {
     leases: Api<Lease>,
     pods: Api<Pod>,
     configmaps: Api<ConfigMap>,
-    ttl: Mutex<Duration>,
     /// Shared with the Lease watch, which keeps the observation fresh between reads.
     tracker: Arc<Mutex<LeaseTracker>>,
     /// The Lease object from our last read or write.
@@ -295,13 +297,13 @@ impl KubeDcs {
     pub async fn connect(settings: KubeSettings) -> Result<Self, DcsError> {
         let config = kube::Config::infer()
             .await
-            .map_err(|e| DcsError::Rejected(format!("no usable Kubernetes client configuration (in-cluster service account or kubeconfig): {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("no usable Kubernetes client configuration (in-cluster service account or kubeconfig): {e}")))?;
         let namespace = settings
             .namespace
             .clone()
             .unwrap_or_else(|| config.default_namespace.clone());
         let client = kube::Client::try_from(config)
-            .map_err(|e| DcsError::Rejected(format!("cannot build the Kubernetes client: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot build the Kubernetes client: {e}")))?;
         Ok(Self::with_client(client, namespace, settings))
     }
 
@@ -338,7 +340,6 @@ impl KubeDcs {
             Vec::new()
         };
         KubeDcs {
-            ttl: Mutex::new(settings.ttl),
             settings,
             namespace,
             leases,
@@ -376,7 +377,7 @@ impl KubeDcs {
             self.settings.role.clone(),
             self.settings.name.clone(),
             stale,
-            self.settings.request_timeout,
+            self.settings.timing.borrow().retry_timeout,
         );
         tokio::spawn(async move {
             task.await;
@@ -394,10 +395,7 @@ impl KubeDcs {
     }
 
     fn ttl(&self) -> Duration {
-        self.ttl
-            .lock()
-            .map(|t| *t)
-            .unwrap_or(Duration::from_secs(30))
+        self.settings.timing.borrow().ttl
     }
 
     fn observe_lease(&self, lease: Option<&Lease>) {
@@ -455,7 +453,7 @@ impl KubeDcs {
     where
         F: std::future::Future<Output = Result<T, kube::Error>>,
     {
-        let timeout = self.settings.request_timeout;
+        let timeout = self.settings.timing.borrow().retry_timeout;
         let result = match tokio::time::timeout(timeout, fut).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(err)) => match status_code(&err) {
@@ -464,7 +462,7 @@ impl KubeDcs {
                 Some(401 | 403) => Err(Failure::Forbidden(classify(err))),
                 _ => Err(Failure::Other(classify(err))),
             },
-            Err(_) => Err(Failure::Other(DcsError::Unreachable(format!(
+            Err(_) => Err(Failure::Other(DcsError::unreachable(format!(
                 "no answer within {timeout:?}"
             )))),
         };
@@ -540,7 +538,7 @@ impl KubeDcs {
                 Ok(Some(written))
             }
             Err(Failure::Conflict) => Ok(None),
-            Err(Failure::NotFound) => Err(Failure::Other(DcsError::Rejected(format!(
+            Err(Failure::NotFound) => Err(Failure::Other(DcsError::rejected(format!(
                 "the leader Lease {} no longer exists",
                 self.settings.lease_name
             )))),
@@ -598,7 +596,7 @@ impl KubeDcs {
                 Err(f) => return Err(f.into()),
             }
         }
-        Err(DcsError::Rejected(format!(
+        Err(DcsError::rejected(format!(
             "{op}: ConfigMap {name} kept changing under concurrent writers"
         )))
     }
@@ -814,7 +812,7 @@ impl Dcs for KubeDcs {
                     .await
                     .map_err(|f| DcsError::from(f.unconfirmed_if_forbidden()))?;
                 self.lease_record().ok_or_else(|| {
-                    DcsError::Rejected(format!(
+                    DcsError::rejected(format!(
                         "the leader Lease {} does not exist",
                         self.settings.lease_name
                     ))
@@ -825,7 +823,7 @@ impl Dcs for KubeDcs {
         // (our own earlier write whose answer was lost, or an edit by someone else).
         for attempt in 0..2 {
             if current.holder.as_deref() != Some(self.settings.name.as_str()) {
-                return Err(DcsError::Rejected(format!(
+                return Err(DcsError::rejected(format!(
                     "the leader Lease is held by {}",
                     current.holder.as_deref().unwrap_or("nobody")
                 )));
@@ -855,8 +853,8 @@ impl Dcs for KubeDcs {
                 }
             }
         }
-        Err(DcsError::Rejected(
-            "the leader Lease changed under us; it is no longer certain to be ours".into(),
+        Err(DcsError::rejected(
+            "the leader Lease changed under us; it is no longer certain to be ours",
         ))
     }
 
@@ -879,8 +877,8 @@ impl Dcs for KubeDcs {
                 return Ok(());
             }
         }
-        Err(DcsError::Rejected(
-            "the leader Lease kept changing while releasing it".into(),
+        Err(DcsError::rejected(
+            "the leader Lease kept changing while releasing it",
         ))
     }
 
@@ -912,7 +910,7 @@ impl Dcs for KubeDcs {
                 *written = Some(mark);
                 Ok(())
             }
-            Err(Failure::NotFound) => Err(DcsError::Rejected(format!(
+            Err(Failure::NotFound) => Err(DcsError::rejected(format!(
                 "our Pod {}/{} does not exist (the member name must be the Pod's name)",
                 self.namespace, self.settings.name
             ))),
@@ -925,7 +923,7 @@ impl Dcs for KubeDcs {
 
     async fn write_status(&self, status: &LeaderStatus) -> Result<(), DcsError> {
         let value = serde_json::to_string(status)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode status: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode status: {e}")))?;
         self.write_state(
             "write status",
             StateMap::Status,
@@ -955,7 +953,7 @@ impl Dcs for KubeDcs {
         expected_revision: Option<i64>,
     ) -> Result<bool, DcsError> {
         let value = serde_json::to_string(request)
-            .map_err(|e| DcsError::Rejected(format!("cannot encode failover: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode failover: {e}")))?;
         self.write_state(
             "write failover",
             StateMap::Failover,
@@ -974,7 +972,7 @@ impl Dcs for KubeDcs {
         let value = sync
             .map(serde_json::to_string)
             .transpose()
-            .map_err(|e| DcsError::Rejected(format!("cannot encode sync: {e}")))?;
+            .map_err(|e| DcsError::rejected(format!("cannot encode sync: {e}")))?;
         self.write_state(
             "write sync",
             StateMap::Sync,
@@ -1004,12 +1002,6 @@ impl Dcs for KubeDcs {
         match result {
             Ok(_) | Err(Failure::NotFound) => Ok(()),
             Err(f) => Err(f.into()),
-        }
-    }
-
-    fn set_ttl(&self, ttl: Duration) {
-        if let Ok(mut current) = self.ttl.lock() {
-            *current = ttl;
         }
     }
 

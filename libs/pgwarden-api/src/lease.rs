@@ -12,8 +12,8 @@
 //! The holder sends a renewal at `s` (its clock). The API server stores it after `s`, and we can
 //! only see it after that, so our "first seen" instant is after `s`. We take over no earlier than
 //! `first seen + leaseDurationSeconds` by our clock, which — with the relative clock-rate bound
-//! of `ha::timing` — is after `s + ttl·(1 − drift)` by the holder's clock, the instant its fence
-//! is computed from (`docs/fencing.md`). A takeover is a replace with the `resourceVersion` we
+//! of the agent's `ha::timing` — is after `s + ttl·(1 − drift)` by the holder's clock, the
+//! instant its fence is computed from (`docs/fencing.md`). A takeover is a replace with the `resourceVersion` we
 //! judged expired; if the holder renewed meanwhile the server answers 409 and nobody takes over.
 //!
 //! Everything here is pure: time comes in as an argument.

@@ -1,0 +1,459 @@
+//! The ports of the HA loop as the agent runs it ([`super::ports`]): the real postgres
+//! supervisor, probe and data directory, HTTP peers and the system clocks. The DCS port is the
+//! `Arc<dyn Dcs>` of etcd or Kubernetes, chosen at start.
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime};
+
+use async_trait::async_trait;
+use tokio::task::JoinHandle;
+use tracing::{debug, info, warn};
+
+use crate::config::Config;
+use crate::postgres::conf::{self, ManagedFiles};
+use crate::postgres::controldata::{self, ControlData};
+use crate::postgres::initdb;
+use crate::postgres::probe::{self, Probe};
+use crate::postgres::replica::{self, Upstream};
+use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
+use crate::state::PostgresStatus;
+
+use super::dynamic_copy;
+use super::error_chain;
+use super::observe::{DataDir, PeerAnswer};
+use super::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
+
+/// The HA loop of the agent binary.
+pub type AgentLoop = super::HaLoop<dyn crate::dcs::Dcs, LocalPostgres, HttpPeers, SystemRuntime>;
+
+/// The local postgres: its supervisor, its probe and its data directory.
+pub struct LocalPostgres {
+    supervisor: Supervisor,
+    probe: Arc<Probe>,
+    bin_dir: PathBuf,
+    data_dir: PathBuf,
+    /// The managed files as last written, so unchanged ones are not read back every cycle.
+    conf_written: Mutex<conf::LastWrite>,
+    /// Ends a running pgBackRest backup before a planned stop of postgres.
+    backups: crate::backup::Interrupter,
+}
+
+impl LocalPostgres {
+    pub fn new(config: &Config, supervisor: Supervisor, probe: Arc<Probe>) -> Self {
+        LocalPostgres {
+            supervisor,
+            probe,
+            bin_dir: config.postgres_bin_dir(),
+            data_dir: config.postgresql.data_dir.clone(),
+            conf_written: Mutex::new(conf::LastWrite::default()),
+            backups: crate::backup::Interrupter::default(),
+        }
+    }
+
+    /// The backup service's handle: a planned stop of postgres ends its running backup first.
+    pub fn with_backups(mut self, backups: crate::backup::Interrupter) -> Self {
+        self.backups = backups;
+        self
+    }
+}
+
+/// A long task spawned on the tokio runtime.
+pub struct SpawnedTask(JoinHandle<Result<(), TaskError>>);
+
+impl std::future::Future for SpawnedTask {
+    type Output = Result<Result<(), TaskError>, String>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map(|r| r.map_err(|e| format!("task panicked or was cancelled: {e}")))
+    }
+}
+
+impl LongTask for SpawnedTask {
+    fn abort(&self) {
+        self.0.abort();
+    }
+}
+
+#[async_trait]
+impl Postgres for LocalPostgres {
+    type Task = SpawnedTask;
+
+    fn state(&self) -> Postmaster {
+        self.supervisor.state()
+    }
+
+    async fn start(&self) -> Result<(), String> {
+        self.supervisor.start().await.map_err(|e| e.to_string())
+    }
+
+    async fn stop(&self, mode: StopMode, timeout: Duration) -> Result<(), String> {
+        self.supervisor
+            .stop(mode, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn stop_for_restart(&self, mode: StopMode, timeout: Duration) -> Result<(), String> {
+        self.supervisor
+            .stop_for_restart(mode, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn demote(&self, mode: StopMode, timeout: Duration) -> Result<(), String> {
+        self.supervisor
+            .demote(mode, timeout)
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    fn set_fence(&self, deadline: Option<Instant>) {
+        self.supervisor.set_fence(deadline);
+    }
+
+    async fn wait_ready(&self, timeout: Duration) -> bool {
+        self.supervisor.wait_ready(timeout).await
+    }
+
+    async fn end_backup(&self, why: &str, budget: Duration) {
+        self.backups.end_running_backup(why, budget).await;
+    }
+
+    async fn status(&self) -> Result<PostgresStatus, String> {
+        self.probe.status().await.map_err(|e| e.to_string())
+    }
+
+    fn changes(&self) -> u64 {
+        self.probe.changes()
+    }
+
+    async fn reset(&self) {
+        self.probe.reset().await;
+    }
+
+    async fn promote(&self) -> Result<(), String> {
+        self.probe
+            .execute("SELECT pg_promote(false)")
+            .await
+            .map_err(|e| e.to_string())?;
+        // Runs `on_role_change` with `primary` at once, as Patroni does after `pg_ctl promote`.
+        self.supervisor.promoted().await;
+        Ok(())
+    }
+
+    async fn checkpoint(&self) -> Result<(), String> {
+        self.probe
+            .execute("CHECKPOINT")
+            .await
+            .map_err(|e| e.to_string())
+    }
+
+    async fn reload(&self) -> Result<(), String> {
+        // SIGHUP from the supervisor, as `pg_ctl reload`, which then runs `on_reload`.
+        self.supervisor.reload().await.map_err(|e| e.to_string())
+    }
+
+    async fn sync_slots(&self, wanted: &BTreeSet<String>) -> Result<(), String> {
+        let existing = self
+            .probe
+            .slots()
+            .await
+            .map_err(|e| format!("cannot list replication slots: {e}"))?;
+        let mut sql = String::new();
+        for slot in wanted
+            .iter()
+            .filter(|w| !existing.iter().any(|(n, _)| n == *w))
+        {
+            info!(slot, "creating a physical replication slot");
+            sql.push_str(&format!(
+                "SELECT pg_create_physical_replication_slot({});\n",
+                probe::quote_literal(slot)
+            ));
+        }
+        for (slot, active) in &existing {
+            if !wanted.contains(slot) && !active {
+                info!(slot, "dropping the slot of a departed member");
+                sql.push_str(&format!(
+                    "SELECT pg_drop_replication_slot({});\n",
+                    probe::quote_literal(slot)
+                ));
+            }
+        }
+        if !sql.is_empty() {
+            self.probe
+                .execute(&sql)
+                .await
+                .map_err(|e| format!("cannot manage slots: {e}"))?;
+        }
+        Ok(())
+    }
+
+    async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)> {
+        let control = match controldata::read(&self.bin_dir, &self.data_dir).await {
+            Ok(control) => control,
+            Err(e) => {
+                debug!(error = %e, "cannot read the control file of a paused standby");
+                return None;
+            }
+        };
+        let sql = format!(
+            "SELECT {}",
+            controldata::HOT_STANDBY_PARAMETERS
+                .iter()
+                .map(|(name, _)| format!("current_setting({})", probe::quote_literal(name)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        );
+        let running = match self.probe.query_row(&sql).await {
+            Ok(row) => row,
+            Err(e) => {
+                debug!(error = %e, "cannot read the settings of a paused standby");
+                return None;
+            }
+        };
+        let too_low: Vec<String> = controldata::HOT_STANDBY_PARAMETERS
+            .iter()
+            .zip(running)
+            .filter_map(|((name, _), value)| {
+                let ours: u64 = value?.trim().parse().ok()?;
+                let primary = control
+                    .hot_standby_minimums()
+                    .find(|(n, _)| n == name)
+                    .map(|(_, v)| v)?;
+                (primary > ours).then(|| format!("{name} {ours} < {primary}"))
+            })
+            .collect();
+        Some((control, too_low))
+    }
+
+    async fn inspect_data_dir(&self) -> DataDir {
+        let data_dir = &self.data_dir;
+        if initdb::is_empty_dir(data_dir) {
+            return DataDir::Empty;
+        }
+        if !data_dir.join("PG_VERSION").exists() || !data_dir.join("global/pg_control").exists() {
+            return DataDir::Unusable(format!(
+                "data directory {} is not empty but is not a PostgreSQL data directory \
+                 (no PG_VERSION or global/pg_control); refusing to touch it",
+                data_dir.display()
+            ));
+        }
+        match controldata::read(&self.bin_dir, data_dir).await {
+            Ok(control) => DataDir::Initialized {
+                control,
+                standby_signal: self.standby_signal(),
+            },
+            Err(e) => DataDir::Unusable(format!(
+                "cannot read the control file of {}: {e}; refusing to touch it",
+                data_dir.display()
+            )),
+        }
+    }
+
+    fn standby_signal(&self) -> bool {
+        self.data_dir.join("standby.signal").exists()
+    }
+
+    async fn control_checkpoint(&self) -> Option<u64> {
+        controldata::read(&self.bin_dir, &self.data_dir)
+            .await
+            .ok()
+            .and_then(|c| c.checkpoint_lsn)
+    }
+
+    async fn write_conf(&self, files: &ManagedFiles) -> Result<bool, String> {
+        let mut last = self
+            .conf_written
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        last.write(&self.data_dir, files)
+            .map_err(|e| format!("cannot write the configuration files: {e}"))
+    }
+
+    async fn remove_data_dir(&self) -> Result<(), String> {
+        match std::fs::remove_dir_all(&self.data_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(format!("cannot remove the data directory: {e}")),
+        }
+    }
+
+    async fn timeline_history(&self, timeline: u32) -> Result<String, String> {
+        let file = self
+            .data_dir
+            .join("pg_wal")
+            .join(format!("{timeline:08X}.history"));
+        std::fs::read_to_string(&file).map_err(|e| format!("cannot read {}: {e}", file.display()))
+    }
+
+    fn load_dynamic_copy(&self) -> Option<serde_json::Value> {
+        dynamic_copy::load(&self.data_dir)
+    }
+
+    fn save_dynamic_copy(&self, value: &serde_json::Value) -> Result<(), String> {
+        dynamic_copy::save(&self.data_dir, value).map_err(|e| e.to_string())
+    }
+
+    async fn leader_ready_for_rewind(
+        &self,
+        config: &Config,
+        upstream: &Upstream,
+    ) -> Result<(), String> {
+        replica::leader_ready_for_rewind(config, upstream, Duration::from_secs(3)).await
+    }
+
+    fn bootstrap(&self, config: Arc<Config>, files: ManagedFiles) -> SpawnedTask {
+        let bin_dir = self.bin_dir.clone();
+        let supervisor = self.supervisor.clone();
+        let probe = self.probe.clone();
+        SpawnedTask(tokio::spawn(async move {
+            Ok(bootstrap(&config, &bin_dir, &supervisor, &probe, &files).await?)
+        }))
+    }
+
+    fn create_replica(
+        &self,
+        config: Arc<Config>,
+        upstream: Upstream,
+        files: ManagedFiles,
+    ) -> SpawnedTask {
+        let bin_dir = self.bin_dir.clone();
+        SpawnedTask(tokio::spawn(async move {
+            crate::backup::restore::create_replica(&config, &bin_dir, &upstream).await?;
+            conf::write(&config.postgresql.data_dir, &files)
+                .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+            Ok(())
+        }))
+    }
+
+    fn rewind(
+        &self,
+        config: Arc<Config>,
+        upstream: Upstream,
+        crashed: bool,
+        files: ManagedFiles,
+    ) -> SpawnedTask {
+        let bin_dir = self.bin_dir.clone();
+        SpawnedTask(tokio::spawn(async move {
+            rewind(&config, &bin_dir, &upstream, crashed, &files).await
+        }))
+    }
+}
+
+/// The bootstrap task: initdb, configuration, first start, roles.
+async fn bootstrap(
+    config: &Config,
+    bin_dir: &Path,
+    supervisor: &Supervisor,
+    probe: &Probe,
+    files: &ManagedFiles,
+) -> Result<(), String> {
+    if config.bootstrap.method.as_deref() == Some("pgbackrest") {
+        return crate::backup::restore::bootstrap(config, supervisor, probe, files)
+            .await
+            .map_err(|e| crate::error::error_chain(&e));
+    }
+    // A new system must not archive into a stanza that holds another one's backups.
+    crate::backup::restore::refuse_existing_stanza(config)
+        .await
+        .map_err(|e| crate::error::error_chain(&e))?;
+    info!("running initdb");
+    initdb::initdb(config, bin_dir)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    conf::write(&config.postgresql.data_dir, files)
+        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    supervisor.start().await.map_err(|e| error_chain(&e))?;
+    if !supervisor.wait_ready(Duration::from_secs(120)).await {
+        return Err("postgres did not accept connections after initdb".into());
+    }
+    initdb::post_bootstrap(config, probe)
+        .await
+        .map_err(|e| error_chain(&e))?;
+    Ok(())
+}
+
+/// The rewind task: crash recovery if needed, pg_rewind, then the standby configuration.
+async fn rewind(
+    config: &Config,
+    bin_dir: &Path,
+    upstream: &Upstream,
+    crashed: bool,
+    files: &ManagedFiles,
+) -> Result<(), TaskError> {
+    let data_dir = &config.postgresql.data_dir;
+    if crashed {
+        info!("running crash recovery in single-user mode before pg_rewind");
+        // The conf must not start a standby for single-user recovery: write the primary form.
+        replica::single_user_recovery(bin_dir, data_dir)
+            .await
+            .map_err(|e| error_chain(&e))?;
+    }
+    info!(leader = %upstream.name, "running pg_rewind");
+    if let Err(e) = replica::rewind(config, bin_dir, upstream).await {
+        let reason = error_chain(&e);
+        if e.is_connection_failure() {
+            // pg_rewind changes nothing before it has connected to the source.
+            return Err(TaskError::NotStarted(reason));
+        }
+        if config.postgresql.remove_data_directory_on_rewind_failure
+            || config
+                .postgresql
+                .remove_data_directory_on_diverged_timelines
+        {
+            warn!(%reason, "pg_rewind failed; removing the data directory to clone the leader again, as configured");
+            std::fs::remove_dir_all(data_dir)
+                .map_err(|e| format!("cannot remove the data directory: {e}"))?;
+            return Ok(());
+        }
+        return Err(TaskError::Failed(format!(
+            "{reason}; the member stays down. Set postgresql.remove_data_directory_on_rewind_failure \
+             to re-create it from the leader, or reinitialise it"
+        )));
+    }
+    conf::write(data_dir, files)
+        .map_err(|e| format!("cannot write the configuration files: {e}"))?;
+    Ok(())
+}
+
+/// Peers over HTTP(S): `GET /patroni`.
+pub struct HttpPeers;
+
+#[async_trait]
+impl Peers for HttpPeers {
+    async fn ask(&self, members: Vec<(String, String)>, timeout: Duration) -> Vec<PeerAnswer> {
+        let asks = members.into_iter().map(|(name, api_url)| async move {
+            let status = crate::peer::fetch_status(&name, &api_url, timeout).await;
+            if let Err(e) = &status {
+                debug!(peer = %name, error = %e, "peer did not answer usably");
+            }
+            PeerAnswer {
+                name,
+                status: status.ok(),
+            }
+        });
+        futures::future::join_all(asks).await
+    }
+}
+
+/// The system's clocks (tokio's paused clock in tests, through `tokio::time::Instant`).
+pub struct SystemRuntime;
+
+impl Runtime for SystemRuntime {
+    fn now(&self) -> Instant {
+        tokio::time::Instant::now().into_std()
+    }
+
+    fn wall_now(&self) -> chrono::DateTime<chrono::Utc> {
+        chrono::Utc::now()
+    }
+
+    fn system_now(&self) -> SystemTime {
+        SystemTime::now()
+    }
+}
