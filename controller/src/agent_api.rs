@@ -1,5 +1,6 @@
-//! Calls to an agent's REST API (Patroni's endpoints). The controller uses exactly one:
-//! `POST /switchover` on the primary during a rollout. Plain HTTP: the controller renders the
+//! Calls to an agent's REST API (Patroni's endpoints): `POST /switchover` on the primary
+//! during a rollout, `POST /backup` on the leader for an on-demand backup and `GET /patroni`
+//! to follow it. Plain HTTP: the controller renders the
 //! agents' configuration without TLS on the API; the write endpoint is protected by basic auth
 //! with the credentials from the cluster's `-restapi` Secret.
 
@@ -66,7 +67,47 @@ pub async fn switchover(
     post(api_url, "/switchover", body, credentials, timeout).await
 }
 
+/// Asks the leader for a backup of `kind` (`full`, `diff`, `incr`; `None`: the agent's
+/// default). The agent answers 202 with `{"type", "member", "started_at"}`.
+pub async fn backup(
+    api_url: &str,
+    kind: Option<&str>,
+    credentials: Option<&ApiCredentials>,
+    timeout: Duration,
+) -> Result<String, AgentApiError> {
+    let body = match kind {
+        Some(k) => serde_json::json!({ "type": k }),
+        None => serde_json::json!({}),
+    };
+    request(
+        "POST",
+        api_url,
+        "/backup",
+        body.to_string(),
+        credentials,
+        timeout,
+    )
+    .await
+}
+
+/// `GET /patroni` of a member (no credentials needed).
+pub async fn patroni(api_url: &str, timeout: Duration) -> Result<String, AgentApiError> {
+    request("GET", api_url, "/patroni", String::new(), None, timeout).await
+}
+
 async fn post(
+    api_url: &str,
+    path: &str,
+    body: String,
+    credentials: Option<&ApiCredentials>,
+    timeout: Duration,
+) -> Result<String, AgentApiError> {
+    request("POST", api_url, path, body, credentials, timeout).await
+}
+
+/// One exchange; any 2xx answer is a success (`POST /backup` answers 202).
+async fn request(
+    method: &str,
     api_url: &str,
     path: &str,
     body: String,
@@ -80,7 +121,9 @@ async fn post(
         let (mut sender, connection) =
             hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
         tokio::spawn(connection);
-        let mut request = hyper::Request::post(path)
+        let mut request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
             .header(hyper::header::HOST, authority.as_str())
             .header(hyper::header::CONTENT_TYPE, "application/json");
         if let Some(c) = credentials {
@@ -101,7 +144,7 @@ async fn post(
     match tokio::time::timeout(timeout, exchange).await {
         Err(_) => Err(AgentApiError::Timeout(url, timeout)),
         Ok(Err(source)) => Err(AgentApiError::Request { url, source }),
-        Ok(Ok((200, body))) => Ok(body),
+        Ok(Ok((status, body))) if (200..300).contains(&status) => Ok(body),
         Ok(Ok((status, body))) => Err(AgentApiError::Refused { url, status, body }),
     }
 }

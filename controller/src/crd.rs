@@ -346,7 +346,24 @@ impl Default for HaSpec {
 #[serde(rename_all = "camelCase")]
 pub struct BackupsSpec {
     pub pgbackrest: PgBackRestSpec,
+    /// The on-demand backup that the annotation `pgwarden.io/backup: <id>` starts (once per
+    /// id), as PGO's `spec.backups.pgbackrest.manual` with its `pgbackrest-backup` annotation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<ManualBackupSpec>,
 }
+
+/// `spec.backups.manual`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManualBackupSpec {
+    /// `full`, `diff` or `incr` (default, as pgBackRest: a full one when none exists).
+    #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^(full|diff|incr)$"))]
+    pub kind: Option<String>,
+}
+
+/// The annotation that asks for an on-demand backup; its value identifies the request.
+pub const BACKUP_ANNOTATION: &str = "pgwarden.io/backup";
 
 /// `spec.backups.pgbackrest`.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
@@ -516,6 +533,34 @@ pub struct PostgresClusterStatus {
     /// Hash of the Pod template the rollout last completed for.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub current_revision: Option<String>,
+    /// The last on-demand backup (`pgwarden.io/backup` annotation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual_backup: Option<ManualBackupStatus>,
+}
+
+/// `status.manualBackup`: the backup started for one value of the `pgwarden.io/backup`
+/// annotation. An id recorded here is never started again.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ManualBackupStatus {
+    /// The annotation's value.
+    pub id: String,
+    /// `full`, `diff` or `incr`, as the agent runs it.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The member (the leader) that runs it.
+    pub member: String,
+    /// As the agent reported it (RFC 3339).
+    pub started_at: String,
+    /// The backup ended (successfully or not).
+    #[serde(default)]
+    pub finished: bool,
+    /// It ended successfully.
+    #[serde(default)]
+    pub succeeded: bool,
+    /// The agent's error, or why it is not known how it ended.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
 }
 
 /// One member as its agent published it on its Pod.

@@ -12,7 +12,8 @@
 //! - [`rollout`]: which Pod to restart next, or which switchover to request (pure).
 //! - [`reconcile`]: the kube-runtime controller: apply, status, rollout, cleanup.
 //! - [`dcs_config`]: the spec's parameters in the agents' DCS `config` (reload, not restart).
-//! - [`agent_api`]: calls to an agent's REST API (switchover).
+//! - [`agent_api`]: calls to an agent's REST API (switchover, backup).
+//! - [`manual_backup`]: the `pgwarden.io/backup` annotation against `status.manualBackup`.
 //! - [`leader`]: the controller's own Lease-based leader election.
 //! - [`sql`]: the roles and databases of `spec.users`/`spec.databases`, on the primary.
 
@@ -20,6 +21,7 @@ pub mod agent_api;
 pub mod crd;
 pub mod dcs_config;
 pub mod leader;
+pub mod manual_backup;
 pub mod reconcile;
 pub mod render;
 pub mod rollout;

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn};
 use crate::agent_api::{self, ApiCredentials};
 use crate::crd::{PostgresCluster, PostgresClusterStatus, PvcRetention, SpecError};
 use crate::dcs_config;
+use crate::manual_backup::{self, Need};
 use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
 use crate::status::{self, member_of, PodView, StatusInput, MEMBER_ANNOTATION};
@@ -36,6 +37,9 @@ pub const PVC_FINALIZER: &str = "pgwarden.io/delete-pvcs";
 
 /// How long a switchover request may take (the agent answers when the new leader took over).
 const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How long `POST /backup` and `GET /patroni` may take (the agent answers at once).
+const BACKUP_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Failures of one reconcile. Each is retried with exponential backoff by [`error_policy`].
 #[derive(Debug, thiserror::Error)]
@@ -90,6 +94,10 @@ pub struct Context {
     /// ensured: the agents change their Pods every few seconds, and each change wakes a
     /// reconcile that need not connect to postgres again.
     ensured: Mutex<HashMap<ObjectRef<PostgresCluster>, Ensured>>,
+    /// Per cluster, the last on-demand backup id this process had the agent accept: a
+    /// reconcile woken before the watch delivered the new `status.manualBackup` must not ask
+    /// for the same id again.
+    backups_started: Mutex<HashMap<ObjectRef<PostgresCluster>, String>>,
 }
 
 /// The `metadata.generation` and the primary that users and databases were ensured for.
@@ -101,6 +109,7 @@ impl Context {
             client,
             failures: Mutex::new(HashMap::new()),
             ensured: Mutex::new(HashMap::new()),
+            backups_started: Mutex::new(HashMap::new()),
         })
     }
 
@@ -242,8 +251,12 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     if spec_errors.is_empty() {
         ensure_users_and_databases(pg, ctx, &observed).await?;
     }
+    let backup_pending =
+        spec_errors.is_empty() && sync_manual_backup(pg, ctx, &clusters, &observed).await?;
 
     Ok(match step {
+        // An on-demand backup is being asked for or followed.
+        _ if backup_pending => Action::requeue(Duration::from_secs(5)),
         Step::UpToDate if observed.all_ready(pg.spec.instances.replicas) => {
             Action::requeue(Duration::from_secs(300))
         }
@@ -566,6 +579,127 @@ async fn execute_step(
             Ok(())
         }
     }
+}
+
+/// The on-demand backup of the `pgwarden.io/backup` annotation ([`manual_backup`]): asks the
+/// leader for it once per id and follows it into `status.manualBackup`. Returns whether a
+/// backup is still to be started or followed (the reconcile then looks again soon). An agent
+/// that refuses (409 a backup runs, 503 a switchover is due, 421 not the leader any more) or
+/// does not answer is asked again at the next reconcile; only an accepted id is recorded.
+async fn sync_manual_backup(
+    pg: &PostgresCluster,
+    ctx: &Context,
+    clusters: &Api<PostgresCluster>,
+    observed: &Observed,
+) -> Result<bool, Error> {
+    let names = Names::of(pg);
+    let client = &ctx.client;
+    let key = ObjectRef::from_obj(pg);
+    let api_url_of = |pod: &str| {
+        observed
+            .raw
+            .get(pod)
+            .and_then(|p| member_of(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str)))
+            .map(|m| m.api_url)
+            .filter(|u| !u.is_empty())
+    };
+    let update = match manual_backup::need(pg) {
+        Need::Nothing => return Ok(false),
+        Need::Start { id, kind } => {
+            let started = ctx
+                .backups_started
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .cloned();
+            if started.as_deref() == Some(id.as_str()) {
+                // Accepted, but this object predates our status write: wait for the watch.
+                return Ok(true);
+            }
+            let Some(leader) = &observed.lease_holder else {
+                debug!(cluster = %names.cluster, %id, "on-demand backup waits for a leader");
+                return Ok(true);
+            };
+            let Some(api_url) = api_url_of(leader) else {
+                return Ok(true);
+            };
+            let credentials = restapi_credentials(client, &names).await?;
+            match agent_api::backup(
+                &api_url,
+                kind.as_deref(),
+                credentials.as_ref(),
+                BACKUP_CALL_TIMEOUT,
+            )
+            .await
+            {
+                Ok(body) => match manual_backup::accepted(&id, &body) {
+                    Some(status) => {
+                        info!(cluster = %names.cluster, %id, member = %status.member, kind = %status.kind, "on-demand backup started");
+                        status
+                    }
+                    None => {
+                        warn!(cluster = %names.cluster, %id, %body, "the agent accepted the backup with an answer the controller does not understand");
+                        return Ok(true);
+                    }
+                },
+                Err(agent_api::AgentApiError::Refused {
+                    status: 400, body, ..
+                }) => {
+                    // A request the agent will never accept: record it, do not retry.
+                    warn!(cluster = %names.cluster, %id, %body, "on-demand backup refused");
+                    crate::crd::ManualBackupStatus {
+                        id,
+                        kind: kind.unwrap_or_default(),
+                        member: leader.clone(),
+                        finished: true,
+                        message: body,
+                        ..Default::default()
+                    }
+                }
+                Err(e) => {
+                    info!(cluster = %names.cluster, %id, error = %e, "on-demand backup not started yet; retrying");
+                    return Ok(true);
+                }
+            }
+        }
+        Need::Follow => {
+            let Some(current) = pg.status.as_ref().and_then(|s| s.manual_backup.clone()) else {
+                return Ok(false);
+            };
+            let Some(api_url) = api_url_of(&current.member) else {
+                return Ok(true);
+            };
+            let report = match agent_api::patroni(&api_url, BACKUP_CALL_TIMEOUT).await {
+                Ok(body) => serde_json::from_str(&body).unwrap_or_default(),
+                Err(e) => {
+                    debug!(cluster = %names.cluster, error = %e, "cannot read the backup's progress");
+                    return Ok(true);
+                }
+            };
+            match manual_backup::progress(&current, &report, chrono::Utc::now()) {
+                None => return Ok(true),
+                Some(done) => {
+                    info!(cluster = %names.cluster, id = %done.id, succeeded = done.succeeded, message = %done.message, "on-demand backup ended");
+                    done
+                }
+            }
+        }
+    };
+    let pending = !update.finished;
+    ctx.backups_started
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(key, update.id.clone());
+    let patch = serde_json::json!({ "status": { "manualBackup": update } });
+    clusters
+        .patch_status(
+            &pg.name_any(),
+            &PatchParams::default(),
+            &Patch::Merge(&patch),
+        )
+        .await
+        .map_err(kube_err("writing the on-demand backup's status"))?;
+    Ok(pending)
 }
 
 async fn restapi_credentials(

@@ -234,6 +234,7 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
         members,
         conditions,
         current_revision: input.previous.and_then(|p| p.current_revision.clone()),
+        manual_backup: input.previous.and_then(|p| p.manual_backup.clone()),
     }
 }
 

@@ -525,6 +525,16 @@ async fn endpoint_pods(s: &Setup, service: &str) -> Vec<String> {
 /// The cluster is whole: the status names `primary` (if given, else anyone) with every member
 /// ready and Ready=True.
 async fn wait_until_whole(s: &Setup, name: &str, primary: Option<&str>) -> String {
+    wait_until_members_ready(s, name, primary, 3).await
+}
+
+/// `name`'s status names a primary (`primary` when given) and `members` ready running members.
+async fn wait_until_members_ready(
+    s: &Setup,
+    name: &str,
+    primary: Option<&str>,
+    members: usize,
+) -> String {
     let found = std::sync::Mutex::new(String::new());
     wait_until(
         &format!("{name} is whole with primary {primary:?}"),
@@ -538,8 +548,8 @@ async fn wait_until_whole(s: &Setup, name: &str, primary: Option<&str>) -> Strin
                 return false;
             };
             let ok = primary.is_none_or(|want| want == p)
-                && st.ready_members == 3
-                && st.members.len() == 3
+                && usize::try_from(st.ready_members) == Ok(members)
+                && st.members.len() == members
                 && st
                     .members
                     .iter()
@@ -1090,4 +1100,201 @@ async fn scaling_down_deletes_the_departed_members_pvcs_only_with_pvc_retention_
         pvc_names(&s).await,
         vec!["data-gone-0", "data-kept-0", "data-kept-1", "data-kept-2"]
     );
+}
+
+/// Full backups (`…F` labels) of `stanza` in a posix repository.
+fn full_backups(repo: &std::path::Path, stanza: &str) -> Vec<String> {
+    let mut out: Vec<String> = std::fs::read_dir(repo.join("backup").join(stanza))
+        .map(|d| {
+            d.filter_map(Result::ok)
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.ends_with('F'))
+                .collect()
+        })
+        .unwrap_or_default();
+    out.sort();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_point_in_time() {
+    let s = setup("pgc-bk").await;
+    let source = PodKubelet::start(s.access.clone(), &s.ns, "src")
+        .await
+        .expect("kubelet");
+    // One directory shared by both clusters' Pods, as a network volume would be.
+    let volumes = {
+        let mut k = source.state.lock().await;
+        k.env.shared_dir("volumes/pgbackrest");
+        let root = k.env.dir.path().join("volumes");
+        k.volume_root = Some(root.clone());
+        root
+    };
+    let repo = volumes.join("pgbackrest");
+    let _ctl = s.controller("ctl-bk");
+    let backups = json!({
+        "pgbackrest": {"repos": [{"name": "repo1", "path": "/pgbackrest"}]},
+        "manual": {"type": "full"},
+    });
+    s.apply(&example("src", |v| {
+        v["spec"]["instances"]["replicas"] = json!(2);
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["backups"] = backups.clone();
+    }))
+    .await
+    .expect("apply the source cluster");
+    let primary = wait_until_members_ready(&s, "src", None, 2).await;
+    let sql = |q: &'static str| {
+        let state = source.state.clone();
+        let primary = primary.clone();
+        async move {
+            let k = state.lock().await;
+            k.member(&primary)
+                .expect("primary member")
+                .sql(q)
+                .await
+                .unwrap_or_else(|e| panic!("{q}: {e:#}"))
+        }
+    };
+    sql("CREATE TABLE t (v int); INSERT INTO t SELECT generate_series(1, 100)").await;
+    assert!(
+        full_backups(&repo, "src").is_empty(),
+        "no backup before the annotation"
+    );
+
+    // The annotation asks for a backup; status follows it to its end.
+    let annotate = |id: &'static str| {
+        let clusters = s.clusters();
+        async move {
+            let patch = json!({"metadata": {"annotations": {"pgwarden.io/backup": id}}});
+            clusters
+                .patch(
+                    "src",
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .expect("annotate the cluster");
+        }
+    };
+    annotate("b1").await;
+    wait_until("status reports the on-demand backup b1 done", T, || async {
+        let pg = s.cluster("src").await;
+        pg.status
+            .and_then(|st| st.manual_backup)
+            .is_some_and(|b| b.id == "b1" && b.finished)
+    })
+    .await;
+    let b1 = s
+        .cluster("src")
+        .await
+        .status
+        .and_then(|st| st.manual_backup)
+        .expect("manualBackup");
+    assert!(b1.succeeded, "b1 failed: {b1:?}");
+    assert_eq!(b1.kind, "full");
+    assert_eq!(b1.member, primary, "the leader ran it");
+    assert_eq!(full_backups(&repo, "src").len(), 1);
+
+    // Writes after the backup, a point in time, more writes; the WAL past it is archived.
+    sql("INSERT INTO t SELECT generate_series(101, 150)").await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let target =
+        sql("SELECT to_char(now() AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS.US') || '+00'")
+            .await
+            .remove(0);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    sql("INSERT INTO t SELECT generate_series(151, 175)").await;
+    let segment = sql("SELECT pg_walfile_name(pg_switch_wal())")
+        .await
+        .remove(0);
+    wait_until("the WAL past the target is archived", T, || async {
+        let k = source.state.lock().await;
+        let last = k
+            .member(&primary)
+            .expect("primary")
+            .sql("SELECT coalesce(last_archived_wal, '') FROM pg_stat_archiver")
+            .await
+            .ok()
+            .and_then(|mut v| v.pop())
+            .unwrap_or_default();
+        last.as_str() >= segment.as_str()
+    })
+    .await;
+
+    // The same id again (any reconcile, a spec change) starts nothing.
+    s.apply(&example("src", |v| {
+        v["spec"]["instances"]["replicas"] = json!(2);
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["backups"] = backups.clone();
+        v["metadata"]["labels"] = json!({"touched": "yes"});
+    }))
+    .await
+    .expect("re-apply the source cluster");
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    assert_eq!(full_backups(&repo, "src").len(), 1, "b1 ran once");
+    assert_eq!(
+        s.cluster("src")
+            .await
+            .status
+            .and_then(|st| st.manual_backup),
+        Some(b1.clone())
+    );
+
+    // A new cluster restored from repo1 at the point in time has exactly the rows before it.
+    let restored = PodKubelet::start(s.access.clone(), &s.ns, "dst")
+        .await
+        .expect("kubelet");
+    restored.state.lock().await.volume_root = Some(volumes.clone());
+    // The restored data has the source's roles and passwords: its Secrets are the source's
+    // (a Secret that exists before the cluster is used as is).
+    for kind in ["superuser", "replication"] {
+        let from = s
+            .api::<Secret>()
+            .get(&format!("src-{kind}"))
+            .await
+            .expect("the source's secret");
+        let copy = Secret {
+            metadata: kube::api::ObjectMeta {
+                name: Some(format!("dst-{kind}")),
+                ..Default::default()
+            },
+            data: from.data,
+            ..Default::default()
+        };
+        s.api::<Secret>()
+            .create(&PostParams::default(), &copy)
+            .await
+            .expect("create the restored cluster's secret");
+    }
+    s.apply(&example("dst", |v| {
+        v["spec"]["instances"]["replicas"] = json!(1);
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["backups"] = json!({"pgbackrest": {
+            "stanza": "src",
+            "repos": [{"name": "repo1", "path": "/pgbackrest"}],
+        }});
+        v["spec"]["restore"] = json!({"repo": "repo1", "targetTime": target});
+    }))
+    .await
+    .expect("apply the restored cluster");
+    let restored_primary = wait_until_members_ready(&s, "dst", None, 1).await;
+    {
+        let k = restored.state.lock().await;
+        let m = k.member(&restored_primary).expect("member");
+        assert_eq!(
+            m.sql("SELECT count(*)::text || ' ' || max(v)::text FROM t")
+                .await
+                .expect("count"),
+            vec!["150 150".to_owned()],
+            "restored to {target}"
+        );
+    }
+    // It archives into a stanza of its own, with its own first full backup; the source's
+    // stanza keeps its one backup.
+    wait_until("the restored cluster's first full backup", T, || async {
+        full_backups(&repo, "src-restored").len() == 1
+    })
+    .await;
+    assert_eq!(full_backups(&repo, "src").len(), 1);
 }

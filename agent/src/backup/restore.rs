@@ -258,6 +258,9 @@ fn bootstrap_args(config: &Config) -> Result<(String, Vec<String>), String> {
     if let Some(set) = &boot.set {
         args.push(format!("--set={set}"));
     }
+    if let Some(repo) = boot.repo {
+        args.push(format!("--repo={repo}"));
+    }
     // During recovery WAL comes from the source stanza; after promotion our managed
     // restore_command (the configured stanza) takes over.
     args.push(format!(
@@ -540,8 +543,8 @@ mod tests {
     fn bootstrap_arguments_follow_the_recovery_target() {
         let mut c: Config = serde_yaml::from_str(
             "scope: new\npostgresql: {data_dir: /d, listen: '127.0.0.1:5432'}\n\
-             pgbackrest: {repos: [{path: /r}]}\nbootstrap:\n  method: pgbackrest\n  pgbackrest:\n    \
-             stanza: old\n    recovery_conf: {recovery_target_time: '2026-01-01 00:00:00+00', \
+             pgbackrest: {repos: [{path: /r}, {path: /r2}]}\nbootstrap:\n  method: pgbackrest\n  \
+             pgbackrest:\n    stanza: old\n    repo: 2\n    recovery_conf: {recovery_target_time: '2026-01-01 00:00:00+00', \
              recovery_target_inclusive: false}\n",
         )
         .expect("yaml");
@@ -551,6 +554,7 @@ mod tests {
         assert!(args.contains(&"--target=2026-01-01 00:00:00+00".to_owned()));
         assert!(args.contains(&"--target-action=promote".to_owned()));
         assert!(args.contains(&"--target-exclusive".to_owned()));
+        assert!(args.contains(&"--repo=2".to_owned()));
         assert!(args
             .iter()
             .any(|a| a.starts_with("--recovery-option=restore_command=")

@@ -891,9 +891,16 @@ impl Service {
                         Ok(()) => {
                             let standby =
                                 self.state.running.as_ref().and_then(|r| r.standby.clone());
+                            // The same instant as `running`/`last` in `/patroni`, so a caller
+                            // can follow this backup there.
+                            let started_at = self
+                                .state
+                                .running
+                                .as_ref()
+                                .map_or_else(Utc::now, |r| r.started_at);
                             ApiReply::new(
                                 202,
-                                json!({"type": kind, "member": self.name, "standby": standby, "started_at": Utc::now()})
+                                json!({"type": kind, "member": self.name, "standby": standby, "started_at": started_at})
                                     .to_string(),
                             )
                         }

@@ -181,6 +181,9 @@ pub struct BootstrapFromBackup {
     pub stanza: Option<String>,
     /// Backup set label (`--set`); default the latest one that can reach the target.
     pub set: Option<String>,
+    /// Repository to restore from (`--repo`, 1 = the first of `pgbackrest.repos`); default:
+    /// pgBackRest searches the repositories in order.
+    pub repo: Option<u32>,
     /// Patroni's `recovery_conf`: `recovery_target_time`, `recovery_target_lsn`,
     /// `recovery_target: immediate`, `recovery_target_inclusive`, `recovery_target_timeline`,
     /// `recovery_target_action` (only `promote`). No target: recover to the end of the WAL.
@@ -429,6 +432,18 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
                             }
                         ),
                     );
+                }
+                if let Some(n) = boot.repo {
+                    if n == 0 || n as usize > pb.repos.len() {
+                        err(
+                            "bootstrap.pgbackrest.repo",
+                            format!(
+                                "is {n}, but pgbackrest.repos has {} repositories (repo numbers \
+                                 start at 1)",
+                                pb.repos.len()
+                            ),
+                        );
+                    }
                 }
             }
             if boot.command.is_some() {

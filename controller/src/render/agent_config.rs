@@ -187,6 +187,16 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
             config["bootstrap"]["method"] = json!("pgbackrest");
             config["bootstrap"]["pgbackrest"] =
                 json!({"stanza": source, "recovery_conf": recovery_conf});
+            // `restore.repo` names a repository of `spec.backups` (`validate` checks it): the
+            // agent passes its number to `pgbackrest restore --repo`.
+            if let Some(i) = backups
+                .pgbackrest
+                .repos
+                .iter()
+                .position(|r| r.name == restore.repo)
+            {
+                config["bootstrap"]["pgbackrest"]["repo"] = json!(i + 1);
+            }
         }
     }
     config

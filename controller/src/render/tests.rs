@@ -383,7 +383,7 @@ fn standby_and_restore_render_patroni_sections() {
 
     let pg = cluster(
         "r",
-        "instances: {replicas: 1, storage: {size: 1Gi}}\nbackups: {pgbackrest: {repos: [{name: repo1, path: /b}]}}\nrestore: {repo: repo1, targetTime: '2026-01-01 00:00:00+00'}",
+        "instances: {replicas: 1, storage: {size: 1Gi}}\nbackups: {pgbackrest: {repos: [{name: repo1, path: /b}, {name: repo2, path: /c}]}}\nrestore: {repo: repo2, targetTime: '2026-01-01 00:00:00+00'}",
     );
     let v = agent_config::value(&Names::of(&pg), &pg.spec);
     assert_eq!(v["bootstrap"]["method"], "pgbackrest");
@@ -394,6 +394,7 @@ fn standby_and_restore_render_patroni_sections() {
     assert_eq!(v["pgbackrest"]["repos"][0]["path"], "/b");
     assert_eq!(v["bootstrap"]["pgbackrest"]["stanza"], "r");
     assert_eq!(v["pgbackrest"]["stanza"], "r-restored");
+    assert_eq!(v["bootstrap"]["pgbackrest"]["repo"], 2);
 }
 
 #[test]

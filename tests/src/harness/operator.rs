@@ -278,6 +278,10 @@ pub struct KubeletState {
     running: HashMap<String, RunningPod>,
     /// Errors of the last tick per Pod (a Secret not created yet, ...), printed on change.
     last_error: HashMap<String, String>,
+    /// A volume shared by every Pod (and by other kubelets given the same directory), like a
+    /// network file system mounted at `/`: a posix pgBackRest repository at `/pgbackrest` is
+    /// `<volume_root>/pgbackrest` for the agents. `None`: repository paths are left as they are.
+    pub volume_root: Option<std::path::PathBuf>,
 }
 
 impl KubeletState {
@@ -315,6 +319,7 @@ impl PodKubelet {
             events: Vec::new(),
             running: HashMap::new(),
             last_error: HashMap::new(),
+            volume_root: None,
         }));
         let client = access.admin_client().await?;
         let task = tokio::spawn({
@@ -738,6 +743,22 @@ async fn start_container(
     let member = &mut s.env.members[i];
     std::fs::create_dir_all(&member.dir)?;
     member.config = serde_yaml::from_str(&config_text).context("the agent config is YAML")?;
+    if let Some(root) = &s.volume_root {
+        let repos = member
+            .config
+            .get_mut("pgbackrest")
+            .and_then(|p| p.get_mut("repos"))
+            .and_then(|r| r.as_sequence_mut());
+        for repo in repos.into_iter().flatten() {
+            if repo.get("type").and_then(|t| t.as_str()) == Some("s3") {
+                continue;
+            }
+            if let Some(path) = repo.get("path").and_then(|p| p.as_str()) {
+                let mapped = root.join(path.trim_start_matches('/'));
+                repo["path"] = serde_yaml::Value::from(mapped.display().to_string());
+            }
+        }
+    }
     // The agent runs as `postgres`: its own copy of the CA, inside its directory.
     let ca = member.dir.join("kube-ca.crt");
     std::fs::copy(&access.ca_file, &ca).context("copy the apiserver CA")?;

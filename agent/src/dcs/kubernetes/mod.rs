@@ -1005,6 +1005,82 @@ impl Dcs for KubeDcs {
         }
     }
 
+    /// The lock is an annotation of `<scope>-status` that counts only while its taker holds
+    /// the same term of the leader Lease ([`state::live_lease_key`]); only the Lease holder
+    /// takes it. Compare-and-set on the ConfigMap's `resourceVersion`.
+    async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {
+        let op = "acquire lease key";
+        let Some(lease) = self.lease_record().filter(|_| self.holds_lease()) else {
+            return Ok(false);
+        };
+        let name = StateMap::Status.name(&self.settings.scope);
+        let current = self.call(op, self.configmaps.get_opt(&name)).await?;
+        let held = state::annotation_of(current.as_ref(), key)
+            .and_then(|raw| state::live_lease_key(raw, Some(&lease)))
+            .is_some_and(|live| live.is_some());
+        if held {
+            return Ok(false);
+        }
+        let expect = match current.as_ref().and_then(state::revision_of) {
+            Some(rev) => Expect::Revision(rev),
+            None => Expect::Absent,
+        };
+        let record = state::lease_key_record(value, &self.settings.name, &lease);
+        self.write_state(op, StateMap::Status, &[(key, Some(record))], key, expect)
+            .await
+    }
+
+    async fn release_lease_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        let op = "release lease key";
+        let name = StateMap::Status.name(&self.settings.scope);
+        let current = self.call(op, self.configmaps.get_opt(&name)).await?;
+        let ours = state::annotation_of(current.as_ref(), key)
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(raw).ok())
+            .is_some_and(|v| v["value"].as_str() == Some(value));
+        let Some(rev) = current.as_ref().and_then(state::revision_of) else {
+            return Ok(());
+        };
+        if ours {
+            self.write_state(
+                op,
+                StateMap::Status,
+                &[(key, None)],
+                key,
+                Expect::Revision(rev),
+            )
+            .await?;
+        }
+        Ok(())
+    }
+
+    async fn read_key(&self, key: &str) -> Result<Option<String>, DcsError> {
+        let name = StateMap::Status.name(&self.settings.scope);
+        let current = self
+            .call("read key", self.configmaps.get_opt(&name))
+            .await?;
+        let lease = self.lease_record();
+        Ok(
+            state::annotation_of(current.as_ref(), key).and_then(
+                |raw| match state::live_lease_key(raw, lease.as_ref()) {
+                    Some(live) => live,
+                    None => Some(raw.to_owned()),
+                },
+            ),
+        )
+    }
+
+    async fn write_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        self.write_state(
+            "write key",
+            StateMap::Status,
+            &[(key, Some(value.to_owned()))],
+            key,
+            Expect::Any,
+        )
+        .await
+        .map(drop)
+    }
+
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
         let now = Instant::now();
         let mut deadline = tokio::time::Instant::now() + timeout;

@@ -131,6 +131,36 @@ pub fn updated(
     map
 }
 
+/// A lock "attached to the leader lease" (the etcd keys of `Dcs::acquire_lease_key`) as an
+/// annotation: the value with the Lease holder and its `leaseTransitions`/`acquireTime` when it
+/// was taken. It counts only while that same holder still holds that same term of the Lease, so
+/// it disappears with the leadership as an etcd key disappears with its lease.
+pub fn lease_key_record(value: &str, holder: &str, lease: &super::lease::LeaseRecord) -> String {
+    serde_json::json!({
+        "value": value,
+        "lease_holder": holder,
+        "lease_transitions": lease.transitions,
+        "lease_acquire_time": lease.acquire_time,
+    })
+    .to_string()
+}
+
+/// `Some(Some(value))`: a lease-attached lock still held; `Some(None)`: one whose lease term
+/// ended (free); `None`: the annotation is a plain value.
+pub fn live_lease_key(
+    raw: &str,
+    lease: Option<&super::lease::LeaseRecord>,
+) -> Option<Option<String>> {
+    let v: serde_json::Value = serde_json::from_str(raw).ok()?;
+    let holder = v.get("lease_holder")?.as_str()?;
+    let live = lease.is_some_and(|l| {
+        l.holder.as_deref() == Some(holder)
+            && v["lease_transitions"].as_i64() == Some(i64::from(l.transitions))
+            && v["lease_acquire_time"].as_str() == l.acquire_time.as_deref()
+    });
+    Some(live.then(|| v["value"].as_str().unwrap_or_default().to_owned()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -179,5 +209,36 @@ mod tests {
         assert_eq!(u.metadata.resource_version.as_deref(), Some("3"));
         assert_eq!(u.metadata.labels, Some(labels));
         assert_eq!(StateMap::Failover.name("pg"), "pg-failover");
+    }
+
+    #[test]
+    fn a_lease_attached_lock_lives_only_for_its_lease_term() {
+        let lease = super::super::lease::LeaseRecord {
+            resource_version: "1".into(),
+            holder: Some("pg-0".into()),
+            renew_time: None,
+            duration: std::time::Duration::from_secs(30),
+            transitions: 3,
+            acquire_time: Some("2026-12-05T08:00:00.000000Z".into()),
+        };
+        let raw = lease_key_record("{\"member\":\"pg-0\"}", "pg-0", &lease);
+        assert_eq!(
+            live_lease_key(&raw, Some(&lease)),
+            Some(Some("{\"member\":\"pg-0\"}".to_owned()))
+        );
+        // A new term (even of the same holder) or another holder frees it.
+        let next = super::super::lease::LeaseRecord {
+            transitions: 4,
+            ..lease.clone()
+        };
+        assert_eq!(live_lease_key(&raw, Some(&next)), Some(None));
+        let other = super::super::lease::LeaseRecord {
+            holder: Some("pg-1".into()),
+            ..lease.clone()
+        };
+        assert_eq!(live_lease_key(&raw, Some(&other)), Some(None));
+        assert_eq!(live_lease_key(&raw, None), Some(None));
+        assert_eq!(live_lease_key("{\"fire\":1}", Some(&lease)), None);
+        assert_eq!(live_lease_key("plain", Some(&lease)), None);
     }
 }
