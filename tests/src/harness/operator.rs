@@ -780,6 +780,12 @@ async fn start_container(
         "PATRONI_POSTGRESQL_DATA_DIR".into(),
         member.data_dir().display().to_string(),
     );
+    // Each container has its own home; on one test host the default `~/pgpass` would be
+    // shared by every member of every cluster, each writing its own cluster's password.
+    env.insert(
+        "PATRONI_POSTGRESQL_PGPASS".into(),
+        member.dir.join("pgpass").display().to_string(),
+    );
     env.insert("KUBECONFIG".into(), kubeconfig.display().to_string());
     member.env = env.into_iter().collect();
     if let Some(p) = vars.get("PATRONI_SUPERUSER_PASSWORD") {
