@@ -110,6 +110,13 @@ pub struct BackupReport {
     pub last: Option<Attempt>,
     /// Backups that failed on this member since the agent started.
     pub failures: u64,
+    /// Backups the agent ended for a switchover, a restart, a shutdown or a lost leadership.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub interrupted: u64,
+    /// Whether the last backup that ran to its end (not interrupted) succeeded: an interrupted
+    /// run is retried, so it neither clears a failure nor raises a "last backup failed" alert.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub last_finished_ok: Option<bool>,
     pub repos: Vec<RepoBackup>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub info_error: Option<String>,
@@ -120,6 +127,10 @@ pub struct BackupReport {
     /// Scheduled fires this member missed as the leader, per type (logged with the reason).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub missed: BTreeMap<String, u64>,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl BackupReport {
@@ -275,8 +286,14 @@ pub fn render_metrics(report: &BackupReport, scope: &str, name: &str) -> String 
     float(
         &mut registry,
         "pgwarden_backup_last_run_ok",
-        "1 if the last backup this member ran succeeded, 0 if it failed, -1 if none ran.",
-        report.last.as_ref().map(|l| b(l.ok)).unwrap_or(-1.0),
+        "1 if the last backup this member ran to its end succeeded, 0 if it failed, -1 if none did (interrupted runs leave it as it was).",
+        report.last_finished_ok.map(b).unwrap_or(-1.0),
+    );
+    float(
+        &mut registry,
+        "pgwarden_backup_interrupted",
+        "Backups this member ended for a switchover, a restart, a shutdown or a lost leadership since the agent started (a scheduled one is run again).",
+        report.interrupted as f64,
     );
     float(
         &mut registry,
@@ -432,6 +449,31 @@ mod tests {
         );
         assert!(
             text.contains("pgwarden_backup_last_run_ok{scope=\"s\",name=\"pg0\"} -1"),
+            "{text}"
+        );
+        // An interrupted run after a successful one leaves the alert's input at 1.
+        let interrupted = BackupReport {
+            last: Some(Attempt {
+                kind: BackupType::Full,
+                trigger: Trigger::Scheduled,
+                started_at: Utc::now(),
+                duration_seconds: 1.0,
+                ok: false,
+                interrupted: true,
+                standby: None,
+                error: Some("ended for a switchover".into()),
+            }),
+            last_finished_ok: Some(true),
+            interrupted: 1,
+            ..Default::default()
+        };
+        let text = render_metrics(&interrupted, "s", "pg0");
+        assert!(
+            text.contains("pgwarden_backup_last_run_ok{scope=\"s\",name=\"pg0\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("pgwarden_backup_interrupted{scope=\"s\",name=\"pg0\"} 1"),
             "{text}"
         );
         assert!(

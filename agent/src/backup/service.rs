@@ -639,6 +639,7 @@ impl Service {
                     .release_lease_key(LOCK_KEY, &self.lock_value())
                     .await;
                 self.state.failures += 1;
+                self.state.last_finished_ok = Some(false);
                 error!(%kind, ?trigger, error = %reason, "backup not started");
                 self.state.last = Some(Attempt {
                     kind,
@@ -766,6 +767,11 @@ impl Service {
                         self.state.failures += 1;
                         error!(kind = %running.kind, trigger = ?running.trigger, error = %e, "backup failed; a scheduled backup is retried at its next fire");
                     }
+                }
+                if interrupted {
+                    self.state.interrupted += 1;
+                } else {
+                    self.state.last_finished_ok = Some(result.is_ok());
                 }
                 self.state.last = Some(Attempt {
                     kind: running.kind,

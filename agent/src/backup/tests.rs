@@ -547,6 +547,9 @@ async fn a_backup_ended_before_postgres_stops_is_interrupted_handed_back_and_unl
     let last = report.last.as_ref().expect("the run is reported");
     assert!(last.interrupted && !last.ok, "{last:?}");
     assert_eq!(report.failures, 0);
+    assert_eq!(report.interrupted, 1);
+    // The interrupted run is not a failed one for the "last backup failed" alert.
+    assert_ne!(report.last_finished_ok, Some(false));
     assert!(report.running.is_none());
     assert_eq!(h.dcs.read_key(LOCK_KEY).await.expect("read"), None);
     let after = h
