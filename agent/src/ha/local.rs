@@ -387,6 +387,14 @@ async fn rewind(
     files: &ManagedFiles,
 ) -> Result<(), TaskError> {
     let data_dir = &config.postgresql.data_dir;
+    if let Some(pid) = crate::postgres::supervisor::live_postmaster_pid(data_dir) {
+        // A postmaster still shutting down (seen under load): single-user mode and pg_rewind
+        // would both refuse the directory, and that refusal must not stick; the next cycle
+        // tries again once it is gone.
+        return Err(TaskError::NotStarted(format!(
+            "postgres (PID {pid}) still runs in the data directory"
+        )));
+    }
     if crashed {
         info!("running crash recovery in single-user mode before pg_rewind");
         // The conf must not start a standby for single-user recovery: write the primary form.
