@@ -173,9 +173,9 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     };
     let (loop_tx, loop_rx) = mpsc::channel(4);
     let loop_tx_signals = loop_tx.clone();
-    tokio::spawn(ha::commands::serve(
+    tokio::spawn(api::commands::serve(
         commands_rx,
-        Arc::new(ha::commands::CommandContext {
+        Arc::new(api::commands::CommandContext {
             dcs: dcs.clone(),
             status: status_rx_commands,
             to_loop: loop_tx,

@@ -10,6 +10,7 @@
 //! Modules: [`health`] (health-check, liveness and readiness rules), [`status`] (`/patroni`,
 //! `/cluster`, `/history` documents), [`metrics`] (`/metrics`).
 
+pub mod commands;
 pub mod health;
 pub mod metrics;
 pub mod status;

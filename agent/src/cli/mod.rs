@@ -696,7 +696,7 @@ async fn edit_config(
         );
     }
     let mut merged = current.value.as_object().cloned().unwrap_or_default();
-    crate::ha::commands::merge(&mut merged, &patch);
+    crate::api::commands::merge(&mut merged, &patch);
     let merged = Value::Object(merged);
     println!("{}", serde_yaml::to_string(&merged).unwrap_or_default());
     confirm("Apply these changes?", force)?;

@@ -32,6 +32,7 @@ use crate::postgres::controldata;
 use crate::postgres::supervisor::{Postmaster, StopMode};
 use crate::state::{AgentStatus, PgState, Role};
 
+use self::commands::{CancelRestartReply, ReinitializeReply, ReloadReply, RestartReply};
 use self::core::HaCore;
 use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
 use self::observe::{
@@ -187,29 +188,25 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
 
     /// Applies a re-read local configuration: parameters and tags take effect in the next
     /// cycle (the managed files are rewritten and postgres reloaded when they changed).
-    fn reload_config(&mut self) -> crate::api::ApiReply {
-        use crate::api::ApiReply;
+    fn reload_config(&mut self) -> ReloadReply {
         let Some(reload) = &self.reload else {
-            return ApiReply::new(202, "reload scheduled");
+            return ReloadReply::Scheduled;
         };
         match reload() {
             Ok(config) => {
                 if config.name != self.config.name || config.scope != self.config.scope {
-                    return ApiReply::new(
-                        400,
-                        "name and scope cannot change on reload; restart the agent",
-                    );
+                    return ReloadReply::NameOrScopeChanged;
                 }
                 self.facts.nofailover =
                     config.tags.nofailover || config.tags.failover_priority == Some(0);
                 self.facts.failover_priority = config.tags.failover_priority.unwrap_or(1);
                 self.config = Arc::new(config);
                 info!("local configuration reloaded");
-                ApiReply::new(202, "reload scheduled")
+                ReloadReply::Scheduled
             }
             Err(e) => {
                 warn!(error = %e, "reload refused: the configuration file is invalid");
-                ApiReply::new(400, format!("the configuration is invalid: {e}"))
+                ReloadReply::Invalid(e.to_string())
             }
         }
     }
@@ -309,7 +306,6 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     }
 
     async fn handle_request(&mut self, request: commands::LoopRequest) {
-        use crate::api::ApiReply;
         match request {
             commands::LoopRequest::Reload { reply } => {
                 let answer = self.reload_config();
@@ -320,7 +316,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             commands::LoopRequest::Restart { request, reply } => {
                 if request.schedule.is_some() {
                     let answer = if self.core.scheduled_restart.is_some() {
-                        ApiReply::new(409, "Another restart is already scheduled")
+                        RestartReply::AlreadyScheduled
                     } else {
                         let started = self
                             .last_postgres
@@ -328,7 +324,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                             .and_then(|p| p.postmaster_start_time.clone());
                         info!(?request, "restart scheduled through the REST API");
                         self.core.scheduled_restart = Some((request, started));
-                        ApiReply::new(202, "Restart scheduled")
+                        RestartReply::Scheduled
                     };
                     let _ = reply.send(answer);
                     // Publish it in the member record at once (patronictl list shows it).
@@ -337,11 +333,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 }
                 if let Some(reason) = self.restart_unmet(&request) {
                     info!(reason, "not proceeding with the restart");
-                    let _ = reply.send(ApiReply::new(503, "restart conditions are not satisfied"));
+                    let _ = reply.send(RestartReply::ConditionsNotSatisfied);
                     return;
                 }
                 if let Some((kind, _)) = &self.task {
-                    let _ = reply.send(ApiReply::new(503, format!("{kind} already in progress")));
+                    let _ = reply.send(RestartReply::TaskInProgress(*kind));
                     return;
                 }
                 info!("restart requested through the REST API");
@@ -351,9 +347,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             commands::LoopRequest::CancelScheduledRestart { reply } => {
                 let answer = if self.core.scheduled_restart.take().is_some() {
                     info!("scheduled restart cancelled through the REST API");
-                    ApiReply::new(200, "scheduled restart deleted")
+                    CancelRestartReply::Cancelled
                 } else {
-                    ApiReply::new(404, "no restarts are scheduled")
+                    CancelRestartReply::NoneScheduled
                 };
                 let _ = reply.send(answer);
                 let _ = self.cycle().await;
@@ -361,16 +357,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             commands::LoopRequest::Reinitialize { force, reply } => {
                 let view = self.last_view.clone();
                 let answer = match view.as_deref().map(|v| v.leader_name()) {
-                    None | Some(None) => {
-                        ApiReply::new(503, "Cluster has no leader, can not reinitialize")
-                    }
-                    Some(Some(l)) if l == self.facts.name => {
-                        ApiReply::new(503, "I am the leader, can not reinitialize")
-                    }
+                    None | Some(None) => ReinitializeReply::NoLeader,
+                    Some(Some(l)) if l == self.facts.name => ReinitializeReply::IsLeader,
                     Some(Some(_)) => match &self.task {
-                        Some((kind, _)) if !force => {
-                            ApiReply::new(503, format!("{kind} already in progress"))
-                        }
+                        Some((kind, _)) if !force => ReinitializeReply::TaskInProgress(*kind),
                         _ => {
                             if let Some((_, t)) = self.task.take() {
                                 t.abort();
@@ -383,8 +373,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                             self.pg.reset().await;
                             self.task_failed = None;
                             match self.pg.remove_data_dir().await {
-                                Ok(()) => ApiReply::new(200, "reinitialize started"),
-                                Err(e) => ApiReply::new(503, e),
+                                Ok(()) => ReinitializeReply::Started,
+                                Err(e) => ReinitializeReply::RemoveFailed(e),
                             }
                         }
                     },
@@ -409,8 +399,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// to `timeout` seconds (default 60) for it to accept connections again. On the leader the
     /// `timeout` also replaces `primary_start_timeout` for this start, as in Patroni: a primary
     /// that is not back in time hands the lock to a healthy replica.
-    async fn restart_postgres(&mut self, timeout: Option<u64>) -> crate::api::ApiReply {
-        use crate::api::ApiReply;
+    async fn restart_postgres(&mut self, timeout: Option<u64>) -> RestartReply {
         self.core.restart_start_timeout = timeout.map(Duration::from_secs);
         self.end_backup("a restart of postgres").await;
         let stopped = self
@@ -419,18 +408,18 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             .await;
         self.pg.reset().await;
         if let Err(e) = stopped {
-            return ApiReply::new(503, format!("restart failed: {e}"));
+            return RestartReply::StopFailed(e);
         }
         if self.cycle().await.is_err() {
-            return ApiReply::new(503, "restart failed");
+            return RestartReply::Failed;
         }
         let wait = Duration::from_secs(timeout.unwrap_or(60));
         if self.pg.wait_ready(wait).await {
-            ApiReply::new(200, "restarted successfully")
+            RestartReply::Restarted
         } else if self.pg.state().is_running() {
-            ApiReply::new(503, "postgres is still starting")
+            RestartReply::StillStarting
         } else {
-            ApiReply::new(503, "restart failed")
+            RestartReply::Failed
         }
     }
 

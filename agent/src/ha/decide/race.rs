@@ -1,0 +1,251 @@
+//! The leader race: nobody holds the lock. Who may take over (the one eligibility rule,
+//! [`may_take_over`]) and whether we are the healthiest candidate (Patroni
+//! `is_healthiest_node`, `is_failover_possible`).
+
+use crate::dcs::ClusterView;
+use crate::postgres::supervisor::StopMode;
+
+use super::{Action, Decision, MemberFacts, NotEligible, Outcome};
+use crate::ha::observe::{Observation, PeerAnswer, PostgresView};
+
+/// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
+fn healthiest(
+    view: &ClusterView,
+    me: &MemberFacts,
+    my_position: u64,
+    peers: &[PeerAnswer],
+    wall_now: chrono::DateTime<chrono::Utc>,
+    former_primary: bool,
+) -> Result<(), NotEligible> {
+    // Without a `sync` key only the former primary is known to have every acknowledged write.
+    let sync_key_lost = me.synchronous_mode && view.sync.is_none();
+    let may_race = super::sync::may_race(me.synchronous_mode, &me.name, view)
+        || (former_primary && sync_key_lost);
+    if !may_race {
+        return Err(NotEligible::NotSynchronous);
+    }
+    if let Some(status) = &view.status {
+        let lag = status.optime.saturating_sub(my_position);
+        if lag > me.maximum_lag_on_failover {
+            return Err(NotEligible::Lagging {
+                lag,
+                maximum: me.maximum_lag_on_failover,
+            });
+        }
+    }
+    let former = handed_over(view, wall_now);
+    for peer in peers {
+        let Some(p) = &peer.status else { continue };
+        if !p.is_primary && former == Some(peer.name.as_str()) {
+            continue;
+        }
+        // In synchronous mode only the recorded synchronous standby may take over (Patroni's
+        // `is_healthiest_node` filters the candidates by `sync`): deferring to a member that
+        // may not race would leave the cluster without a leader.
+        if !p.is_primary && !super::sync::may_race(me.synchronous_mode, &peer.name, view) {
+            continue;
+        }
+        if p.nofailover && !p.is_primary {
+            // Patroni ignores nofailover members' answers, except that a live primary is
+            // always a reason not to race.
+            continue;
+        }
+        if p.is_primary {
+            return Err(NotEligible::PrimaryStillAlive(p.name.clone()));
+        }
+        if p.watchdog_failed {
+            continue;
+        }
+        if p.wal_position > my_position {
+            return Err(NotEligible::PeerAhead(p.name.clone()));
+        }
+        if p.wal_position == my_position && p.failover_priority > me.failover_priority {
+            return Err(NotEligible::PeerHigherPriority(p.name.clone()));
+        }
+    }
+    Ok(())
+}
+
+/// Could another member take the lock: a running replica that may race, is not tagged
+/// `nofailover` and is within `maximum_lag_on_failover` of the last leader position (Patroni's
+/// `is_failover_possible`)? A lagging replica may not race, so deferring to it left a cluster
+/// without a leader (simulation seed 1796307428762).
+pub(super) fn others_may_take_over(
+    view: &ClusterView,
+    me: &MemberFacts,
+    peers: &[PeerAnswer],
+) -> bool {
+    let last_position = view.status.as_ref().map_or(0, |s| s.optime);
+    peers.iter().any(|p| {
+        may_take_over(
+            p,
+            &me.name,
+            view,
+            me.synchronous_mode,
+            last_position,
+            me.maximum_lag_on_failover,
+        )
+    })
+}
+
+/// The one eligibility rule for another member taking the lock (Patroni's
+/// `is_failover_possible`): not `me`, allowed to race (in synchronous mode: listed in `sync`),
+/// able to take over ([`able_to_take_over`]), a standby, and within `maximum_lag` of
+/// `last_position`.
+pub(super) fn may_take_over(
+    p: &PeerAnswer,
+    me: &str,
+    view: &ClusterView,
+    synchronous_mode: bool,
+    last_position: u64,
+    maximum_lag: u64,
+) -> bool {
+    p.name != me
+        && super::sync::may_race(synchronous_mode, &p.name, view)
+        && p.status.as_ref().is_some_and(|s| {
+            able_to_take_over(s)
+                && !s.is_primary
+                && last_position.saturating_sub(s.wal_position) <= maximum_lag
+        })
+}
+
+/// A member that answered could take over at all: not tagged `nofailover`, its postgres runs
+/// and its watchdog works (Patroni's `failover_limitation`).
+fn able_to_take_over(s: &crate::peer::PeerStatus) -> bool {
+    !s.nofailover && s.state == "running" && !s.watchdog_failed
+}
+
+/// The member that handed over in a due switchover: it stays out of the race, so others do
+/// not defer to it.
+fn handed_over(view: &ClusterView, wall_now: chrono::DateTime<chrono::Utc>) -> Option<&str> {
+    let request = &view.failover.as_ref()?.value;
+    let due = request.scheduled_at.as_deref().is_none_or(|at| {
+        chrono::DateTime::parse_from_rfc3339(at)
+            .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= wall_now)
+    });
+    due.then_some(request.leader.as_deref()).flatten()
+}
+
+pub(super) fn decide_without_leader(
+    obs: &Observation,
+    view: &ClusterView,
+    me: &MemberFacts,
+) -> Decision {
+    if me.nofailover {
+        let actions = if obs.postgres.is_writable_primary() {
+            vec![Action::StopPostgres(StopMode::Immediate)]
+        } else {
+            vec![]
+        };
+        return Decision::new(
+            Outcome::NoLeaderNotEligible(NotEligible::NoFailoverTag),
+            actions,
+        );
+    }
+    let peers = obs.peers.as_deref().unwrap_or_default();
+    if let Some(request) = view.failover.as_ref().map(|r| &r.value) {
+        // A scheduled request counts once its time has come (the leader acted on it).
+        let due = request.scheduled_at.as_deref().is_none_or(|at| {
+            chrono::DateTime::parse_from_rfc3339(at)
+                .is_ok_and(|t| t.with_timezone(&chrono::Utc) <= obs.wall_now)
+        });
+        if due {
+            let running_replica =
+                matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery);
+            match request.member.as_deref() {
+                // The named candidate takes over without the lag and peer checks (§5.6).
+                Some(c) if c == me.name && running_replica => {
+                    return Decision::new(
+                        Outcome::TakingOverAsCandidate,
+                        vec![
+                            Action::AcquireLeader,
+                            Action::Promote,
+                            Action::SyncSlots,
+                            Action::ClearFailover,
+                        ],
+                    )
+                }
+                Some(c) if c != me.name => {
+                    // Others wait while the candidate could take over: it answers, may fail
+                    // over and its postgres runs (Patroni's `failover_limitation`). Waiting for
+                    // a candidate whose postgres is down waits forever (simulation seed 6004).
+                    let candidate_alive = peers
+                        .iter()
+                        .any(|p| p.name == c && p.status.as_ref().is_some_and(able_to_take_over));
+                    if candidate_alive {
+                        return Decision::new(
+                            Outcome::DeferringToCandidate {
+                                candidate: c.to_owned(),
+                            },
+                            vec![],
+                        );
+                    }
+                }
+                _ => {}
+            }
+            // The member that handed over does not race back for the lock, unless nobody
+            // else could take it (Patroni: "All nodes are unhealthy, so the old primary
+            // should participate in the race"); in synchronous mode with no recorded standby
+            // the cluster stayed leaderless (simulation seeds 2024 and 2147).
+            if request.leader.as_deref() == Some(me.name.as_str())
+                && others_may_take_over(view, me, peers)
+            {
+                return Decision::new(
+                    Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover),
+                    vec![],
+                );
+            }
+        }
+    }
+    if view.is_paused() {
+        return Decision::new(Outcome::NoLeaderNotEligible(NotEligible::Paused), vec![]);
+    }
+    match &obs.postgres {
+        // A running primary (our agent restarted) takes the lock without asking peers
+        // (Patroni §5.5 step 4).
+        PostgresView::Running(s) if !s.in_recovery => {
+            Decision::new(Outcome::NoLeaderRacing, vec![Action::AcquireLeader])
+        }
+        PostgresView::Running(s) => {
+            let position = s.wal_position().unwrap_or(0);
+            match healthiest(view, me, position, peers, obs.wall_now, false) {
+                Ok(()) => Decision::new(
+                    Outcome::NoLeaderRacing,
+                    vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots],
+                ),
+                Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
+            }
+        }
+        // A stopped former primary is the most advanced copy unless a peer says otherwise: the
+        // lock comes first, so it is never opened for writes without holding the key.
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_)
+            if obs.data_dir.was_primary() =>
+        {
+            let position = obs.data_dir.checkpoint_lsn().unwrap_or(0);
+            match healthiest(view, me, position, peers, obs.wall_now, true) {
+                Ok(()) => Decision::new(
+                    Outcome::NoLeaderRacing,
+                    vec![
+                        Action::AcquireLeader,
+                        Action::StartPostgres {
+                            primary: true,
+                            upstream: None,
+                        },
+                    ],
+                ),
+                Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
+            }
+        }
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_) => Decision::new(
+            Outcome::NoLeaderStartingReadOnly,
+            vec![Action::StartPostgres {
+                primary: false,
+                upstream: None,
+            }],
+        ),
+        PostgresView::Starting | PostgresView::Unresponsive => Decision::new(
+            Outcome::NoLeaderNotEligible(NotEligible::PostgresNotReady),
+            vec![],
+        ),
+    }
+}

@@ -1,0 +1,1581 @@
+//! Each test names the rule it checks and where Patroni states it.
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::dcs::{ClusterView, LeaderKey, LeaseRenewal, Member, MemberRecord, Versioned};
+use crate::ha::observe::{LeaseCheck, PeerAnswer, PostgresView};
+use crate::peer::PeerStatus;
+use crate::postgres::controldata::{ClusterState, ControlData};
+use crate::state::PostgresStatus;
+
+const SYSID: &str = "7310000000000000001";
+
+fn me() -> MemberFacts {
+    MemberFacts::named("pg0")
+}
+
+fn pg(in_recovery: bool) -> PostgresStatus {
+    PostgresStatus {
+        in_recovery,
+        server_version: 150018,
+        timeline: Some(1),
+        postmaster_start_time: None,
+        postmaster_start_epoch: None,
+        wal_flush_lsn: (!in_recovery).then_some(100),
+        receive_lsn: None,
+        replay_lsn: None,
+        replayed_timestamp: None,
+        replay_paused: false,
+        streaming: false,
+        system_identifier: Some(SYSID.into()),
+        replication: vec![],
+        pending_restart: vec![],
+        min_recovery: None,
+    }
+}
+
+fn initialized() -> DataDir {
+    DataDir::Initialized {
+        control: ControlData {
+            system_identifier: SYSID.into(),
+            state: ClusterState::InProduction,
+            timeline: Some(1),
+            checkpoint_lsn: Some(1),
+            raw: Default::default(),
+        },
+        standby_signal: false,
+    }
+}
+
+fn member(name: &str, port: u16) -> Member {
+    Member {
+        name: name.into(),
+        record: MemberRecord {
+            conn_url: format!("postgres://127.0.0.1:{port}/postgres"),
+            api_url: format!("http://127.0.0.1:{}/patroni", port + 1000),
+            ..Default::default()
+        },
+        revision: 1,
+        lease: 1,
+    }
+}
+
+fn view(leader: Option<&str>, initialize: Option<&str>) -> DcsView {
+    DcsView::Known(Arc::new(ClusterView {
+        members: vec![
+            member("pg0", 5000),
+            member("pg1", 5001),
+            member("pg2", 5002),
+        ],
+        initialize: initialize.map(str::to_owned),
+        leader: leader.map(|name| LeaderKey {
+            name: name.into(),
+            revision: 1,
+            lease: 1,
+        }),
+        config: Some(Versioned {
+            value: serde_json::json!({"ttl": 30}),
+            revision: 1,
+        }),
+        ..Default::default()
+    }))
+}
+
+fn renewed() -> LeaseCheck {
+    LeaseCheck::Renewed(LeaseRenewal {
+        sent_at: Instant::now(),
+        ttl: Duration::from_secs(30),
+    })
+}
+
+fn obs(dcs: DcsView, lease: LeaseCheck, data_dir: DataDir, postgres: PostgresView) -> Observation {
+    Observation {
+        now: Instant::now(),
+        wall_now: chrono::Utc::now(),
+        dcs,
+        lease,
+        data_dir,
+        postgres,
+        task: TaskView::Idle,
+        peers: None,
+        following: None,
+        checkpoint_after_promote_pending: false,
+        bootstrap_claim_abandoned: false,
+        primary_start_overdue: false,
+        replay_paused_for_parameters: false,
+    }
+}
+
+/// An `initialize` claim that nobody has acted on (no `leader`) for long enough is
+/// withdrawn so the race can run again (simulation seed 1796308256532); a fresh claim, a
+/// finished bootstrap (a system identifier) or a `nofailover` member leaves it alone.
+#[test]
+fn an_abandoned_bootstrap_claim_is_withdrawn() {
+    let claimed = |initialize: &str| match view(None, None) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.initialize = Some(initialize.to_owned());
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let mut o = obs(
+        claimed(""),
+        LeaseCheck::NotHeld,
+        DataDir::Empty,
+        PostgresView::Down,
+    );
+    assert_eq!(decide(&o, &me()).outcome, Outcome::WaitingForBootstrap);
+    o.bootstrap_claim_abandoned = true;
+    let d = decide(&o, &me());
+    assert_eq!(d.outcome, Outcome::WithdrawingAbandonedBootstrapClaim);
+    assert_eq!(d.actions, vec![Action::CancelInitialize]);
+    let mut nofailover = me();
+    nofailover.nofailover = true;
+    assert_eq!(decide(&o, &nofailover).actions, vec![]);
+    let mut finished = obs(
+        claimed(SYSID),
+        LeaseCheck::NotHeld,
+        DataDir::Empty,
+        PostgresView::Down,
+    );
+    finished.bootstrap_claim_abandoned = true;
+    assert_eq!(decide(&finished, &me()).actions, vec![]);
+}
+
+/// The leader lock follows the bootstrap, so a slow bootstrap has no leader for a long
+/// time: its claim is not abandoned while the bootstrapping member's record says so (it
+/// vanishes with the member's lease when that member dies).
+#[test]
+fn a_claim_whose_member_is_still_bootstrapping_is_not_abandoned() {
+    let mut v = match view(None, Some("")) {
+        DcsView::Known(v) => (*v).clone(),
+        DcsView::Unknown(_) => unreachable!(),
+    };
+    assert!(unfinished_bootstrap_claim_without_leader(&v));
+    v.members[1].record.state = "initializing new cluster".into();
+    assert!(!unfinished_bootstrap_claim_without_leader(&v));
+    v.members[1].record.state = "running custom bootstrap script".into();
+    assert!(!unfinished_bootstrap_claim_without_leader(&v));
+    v.members.remove(1);
+    assert!(unfinished_bootstrap_claim_without_leader(&v));
+}
+
+/// Patroni `ha.py` bootstrap: empty PGDATA, no leader, no `initialize` ⇒ race, then bootstrap.
+#[test]
+fn empty_member_of_new_cluster_races_for_initialize_then_bootstraps() {
+    let d = decide(
+        &obs(
+            view(None, None),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(d.outcome, Outcome::TryingToBootstrap);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RaceInitialize(String::new()),
+            Action::StartBootstrap
+        ]
+    );
+}
+
+/// A `nofailover` member never bootstraps (patroni-compat §1.3 `initialize` (a)).
+#[test]
+fn nofailover_member_waits_for_someone_else_to_bootstrap() {
+    let d = decide(
+        &obs(
+            view(None, None),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &MemberFacts {
+            nofailover: true,
+            ..me()
+        },
+    );
+    assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
+    assert!(d.actions.is_empty());
+}
+
+/// Someone is bootstrapping (`initialize` = "") ⇒ wait.
+#[test]
+fn bootstrapping_elsewhere_means_wait() {
+    let d = decide(
+        &obs(
+            view(None, Some("")),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
+}
+
+/// A data directory from another cluster is refused and untouched.
+#[test]
+fn foreign_data_directory_is_refused() {
+    let d = decide(
+        &obs(
+            view(None, Some("7399999999999999999")),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert!(matches!(d.outcome, Outcome::Refused(_)));
+    assert_eq!(d.actions.len(), 1);
+    assert!(matches!(&d.actions[0], Action::Fatal(r) if r.contains("another cluster")));
+}
+
+/// A non-postgres, non-empty directory is refused (never initdb over it).
+#[test]
+fn unusable_data_directory_is_refused_before_anything_else() {
+    let d = decide(
+        &obs(
+            view(None, None),
+            LeaseCheck::NotHeld,
+            DataDir::Unusable("junk".into()),
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(d.actions, vec![Action::Fatal("junk".into())]);
+}
+
+/// The leader keeps its lock and restarts a crashed postmaster in place (patroni-compat §5.3.3).
+#[test]
+fn leader_restarts_crashed_postgres_and_keeps_the_lock() {
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Crashed,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.outcome,
+        Outcome::LeaderStartingPostgres { after_crash: true }
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartPostgres {
+            primary: true,
+            upstream: None
+        }]
+    );
+}
+
+/// Patroni §5.3: a primary that is not back within `primary_start_timeout` hands the lock
+/// to a healthy replica (stopping a postgres that still hangs in its start), and keeps
+/// waiting when no replica could take over.
+#[test]
+fn an_overdue_primary_start_releases_the_lock_only_for_a_healthy_replica() {
+    for (postgres, stops) in [
+        (PostgresView::Crashed, false),
+        (PostgresView::Down, false),
+        (PostgresView::Unresponsive, true),
+        (PostgresView::Starting, true),
+    ] {
+        let mut o = obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            postgres.clone(),
+        );
+        o.primary_start_overdue = true;
+        o.peers = Some(vec![peer("pg1", 0, false)]);
+        let d = decide(&o, &me());
+        assert_eq!(d.outcome, Outcome::PrimaryStartTimedOut, "{postgres:?}");
+        let mut expected = vec![Action::ReleaseLeader];
+        if stops {
+            expected.insert(0, Action::StopPostgres(StopMode::Immediate));
+        }
+        assert_eq!(d.actions, expected, "{postgres:?}");
+
+        // Nobody to hand over to (a replica that is itself down): keep the lock.
+        let mut down = peer("pg1", 0, false);
+        if let Some(s) = down.status.as_mut() {
+            s.state = "stopped".into();
+        }
+        o.peers = Some(vec![down]);
+        assert_ne!(decide(&o, &me()).outcome, Outcome::PrimaryStartTimedOut);
+
+        // Not overdue yet: restart in place.
+        o.peers = Some(vec![peer("pg1", 0, false)]);
+        o.primary_start_overdue = false;
+        assert_ne!(decide(&o, &me()).outcome, Outcome::PrimaryStartTimedOut);
+    }
+}
+
+/// A standby whose replay paused for insufficient parameter settings restarts (with the
+/// primary's values, taken from the control file at the next start); not in pause.
+#[test]
+fn a_standby_paused_for_the_primarys_settings_restarts() {
+    let standby = || {
+        PostgresView::Running(PostgresStatus {
+            replay_paused: true,
+            ..pg(true)
+        })
+    };
+    let mut o = obs(
+        view(Some("pg1"), Some(SYSID)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        standby(),
+    );
+    o.replay_paused_for_parameters = true;
+    let d = decide(&o, &me());
+    assert_eq!(
+        d.outcome,
+        Outcome::RestartingForPrimarySettings {
+            leader: "pg1".into()
+        }
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+
+    o.dcs = paused(view(Some("pg1"), Some(SYSID)));
+    assert!(!decide(&o, &me())
+        .actions
+        .contains(&Action::StopPostgres(StopMode::Fast)));
+}
+
+/// A healthy leader publishes its position; after bootstrap it records the sysid.
+#[test]
+fn healthy_leader_writes_status_and_records_sysid_after_bootstrap() {
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some("")),
+            renewed(),
+            initialized(),
+            PostgresView::Running(pg(false)),
+        ),
+        &me(),
+    );
+    assert_eq!(d.outcome, Outcome::LeaderHealthy);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::WriteStatus,
+            Action::ApplyConfig { upstream: None },
+            Action::SyncSlots,
+            Action::SetInitialize(SYSID.into())
+        ]
+    );
+}
+
+/// The store said the key or lease is gone ⇒ demote immediately, without releasing
+/// (patroni-compat §5.4 `immediate-nolock`).
+#[test]
+fn lost_lock_demotes_immediately() {
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            LeaseCheck::Lost,
+            initialized(),
+            PostgresView::Running(pg(false)),
+        ),
+        &me(),
+    );
+    assert_eq!(d.outcome, Outcome::LostLock);
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
+}
+
+/// Another holder ⇒ a writable primary stops at once.
+#[test]
+fn primary_demotes_when_another_member_holds_the_lock() {
+    let d = decide(
+        &obs(
+            view(Some("pg1"), Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(pg(false)),
+        ),
+        &me(),
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
+}
+
+/// An unreachable DCS is not "no leader": nothing is raced or started.
+#[test]
+fn unknown_dcs_never_races_or_starts_postgres() {
+    for postgres in [PostgresView::Down, PostgresView::Running(pg(false))] {
+        let d = decide(
+            &obs(
+                DcsView::Unknown("timeout".into()),
+                LeaseCheck::Unconfirmed,
+                initialized(),
+                postgres,
+            ),
+            &me(),
+        );
+        assert!(d.actions.is_empty(), "{:?}", d);
+    }
+}
+
+/// An existing primary data directory without a leader: lock first, then start as primary.
+#[test]
+fn adopted_data_directory_takes_the_lock_before_opening_for_writes() {
+    let d = decide(
+        &obs(
+            view(None, None),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RaceInitialize(SYSID.into()),
+            Action::AcquireLeader,
+            Action::StartPostgres {
+                primary: true,
+                upstream: None
+            }
+        ]
+    );
+}
+
+/// A standby-signalled directory that wins the lock promotes.
+#[test]
+fn replica_that_wins_the_lock_promotes() {
+    let d = decide(
+        &obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(pg(true)),
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+}
+
+/// A failed bootstrap removes `initialize` and stops (Patroni deletes the key and exits).
+#[test]
+fn failed_bootstrap_cancels_initialize_and_stops() {
+    let mut o = obs(
+        view(Some("pg0"), Some("")),
+        renewed(),
+        DataDir::Empty,
+        PostgresView::Down,
+    );
+    o.task = TaskView::Failed(TaskKind::Bootstrap, "initdb: boom".into());
+    let d = decide(&o, &me());
+    assert_eq!(d.actions[0], Action::CancelInitialize);
+    assert_eq!(d.actions[1], Action::ReleaseLeader);
+    assert!(matches!(d.actions[2], Action::Fatal(_)));
+}
+
+fn replica(receive: u64) -> PostgresStatus {
+    PostgresStatus {
+        receive_lsn: Some(receive),
+        replay_lsn: Some(receive),
+        ..pg(true)
+    }
+}
+
+fn with_status(dcs: DcsView, optime: u64) -> DcsView {
+    match dcs {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.status = Some(crate::dcs::LeaderStatus {
+                optime,
+                ..Default::default()
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    }
+}
+
+fn peer(name: &str, position: u64, is_primary: bool) -> PeerAnswer {
+    PeerAnswer {
+        name: name.into(),
+        status: Some(PeerStatus {
+            name: name.into(),
+            is_primary,
+            wal_position: position,
+            nofailover: false,
+            failover_priority: 1,
+            watchdog_failed: false,
+            state: "running".into(),
+            timeline: None,
+        }),
+    }
+}
+
+/// An empty member clones the leader (Patroni `clone`, basebackup method).
+#[test]
+fn empty_member_clones_the_leader() {
+    let d = decide(
+        &obs(
+            view(Some("pg1"), Some(SYSID)),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartCreateReplica {
+            leader: "pg1".into()
+        }]
+    );
+}
+
+/// A running replica keeps following whoever holds the lock.
+#[test]
+fn running_replica_follows_the_current_leader() {
+    let d = decide(
+        &obs(
+            view(Some("pg2"), Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(10)),
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::ApplyConfig {
+            upstream: Some("pg2".into())
+        }]
+    );
+}
+
+/// A stopped former primary is rewound before it follows a new leader (Patroni
+/// `_rewind`/`use_pg_rewind`).
+#[test]
+fn stopped_former_primary_rewinds_before_following() {
+    let d = decide(
+        &obs(
+            view(Some("pg1"), Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartRewind {
+            leader: "pg1".into()
+        }]
+    );
+    let no_rewind = MemberFacts {
+        use_pg_rewind: false,
+        ..me()
+    };
+    let d = decide(
+        &obs(
+            view(Some("pg1"), Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        ),
+        &no_rewind,
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartPostgres {
+            primary: false,
+            upstream: Some("pg1".into())
+        }]
+    );
+}
+
+/// §5.5 step 10: a replica further behind `status.optime` than maximum_lag_on_failover
+/// does not race.
+#[test]
+fn lagging_replica_does_not_race() {
+    let d = decide(
+        &obs(
+            with_status(view(None, Some(SYSID)), 10_000_000),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        ),
+        &me(),
+    );
+    assert!(matches!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::Lagging { .. })
+    ));
+    assert!(d.actions.is_empty());
+}
+
+/// §5.5 step 12: a peer with a higher WAL position, or a live primary, stops the race.
+#[test]
+fn replica_behind_a_peer_or_with_a_live_primary_does_not_race() {
+    let mut o = obs(
+        view(None, Some(SYSID)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    o.peers = Some(vec![peer("pg1", 200, false)]);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PeerAhead("pg1".into()))
+    );
+    o.peers = Some(vec![peer("pg1", 50, true)]);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive("pg1".into()))
+    );
+    o.peers = Some(vec![
+        peer("pg1", 100, false),
+        PeerAnswer {
+            name: "pg2".into(),
+            status: None,
+        },
+    ]);
+    assert_eq!(
+        decide(&o, &me()).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+}
+
+/// Equal positions: the higher failover_priority wins; a nofailover peer's answer is ignored.
+#[test]
+fn failover_priority_breaks_ties() {
+    let mut o = obs(
+        view(None, Some(SYSID)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    let mut p = peer("pg1", 100, false);
+    if let Some(s) = p.status.as_mut() {
+        s.failover_priority = 5;
+    }
+    o.peers = Some(vec![p]);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PeerHigherPriority("pg1".into()))
+    );
+    let mut q = peer("pg1", 500, false);
+    if let Some(s) = q.status.as_mut() {
+        s.nofailover = true;
+    }
+    o.peers = Some(vec![q]);
+    assert_eq!(
+        decide(&o, &me()).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+}
+
+fn paused(dcs: DcsView) -> DcsView {
+    match dcs {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.config = Some(Versioned {
+                value: serde_json::json!({"ttl": 30, "pause": true}),
+                revision: 2,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    }
+}
+
+/// §5.9: no automatic failover while paused.
+#[test]
+fn paused_replicas_do_not_race() {
+    let d = decide(
+        &obs(
+            paused(view(None, Some(SYSID))),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        ),
+        &me(),
+    );
+    assert_eq!(d.outcome, Outcome::NoLeaderNotEligible(NotEligible::Paused));
+    assert!(d.actions.is_empty());
+}
+
+/// §5.9: a paused leader never restarts postgres; it releases the lock instead.
+#[test]
+fn paused_leader_does_not_restart_crashed_postgres() {
+    let d = decide(
+        &obs(
+            paused(view(Some("pg0"), Some(SYSID))),
+            renewed(),
+            initialized(),
+            PostgresView::Crashed,
+        ),
+        &me(),
+    );
+    assert_eq!(d.actions, vec![Action::ReleaseLeader]);
+}
+
+/// §5.6: a manual failover to a named candidate works while paused.
+#[test]
+fn paused_cluster_still_fails_over_to_a_named_candidate() {
+    let dcs = match paused(view(None, Some(SYSID))) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: None,
+                    member: Some("pg0".into()),
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let d = decide(
+        &obs(
+            dcs,
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(1)),
+        ),
+        &me(),
+    );
+    assert_eq!(d.outcome, Outcome::TakingOverAsCandidate);
+}
+
+/// Patroni's `checkpoint_after_promote`: no pg_rewind against a leader whose control file
+/// still names the old timeline.
+#[test]
+fn rewind_waits_for_the_new_leaders_checkpoint_after_promotion() {
+    let dcs = match view(Some("pg1"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                m.record.checkpoint_after_promote = Some(false);
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let d = decide(
+        &obs(dcs, LeaseCheck::NotHeld, initialized(), PostgresView::Down),
+        &me(),
+    );
+    assert_eq!(
+        d.outcome,
+        Outcome::WaitingForLeaderCheckpoint {
+            leader: "pg1".into()
+        }
+    );
+    assert!(d.actions.is_empty());
+}
+
+/// A freshly promoted leader checkpoints at once.
+#[test]
+fn a_promoted_leader_checkpoints() {
+    let mut o = obs(
+        view(Some("pg0"), Some(SYSID)),
+        renewed(),
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    o.checkpoint_after_promote_pending = true;
+    assert!(decide(&o, &me()).actions.contains(&Action::Checkpoint));
+}
+/// A switchover handled in the first cycle after our promotion still records our
+/// timeline switch before demoting (else `history` loses who led timeline 2).
+#[test]
+fn a_switchover_right_after_promotion_records_history_first() {
+    let dcs = match view(Some("pg0"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: Some("pg0".into()),
+                    member: Some("pg1".into()),
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let mut o = obs(
+        dcs,
+        renewed(),
+        initialized(),
+        PostgresView::Running(PostgresStatus {
+            timeline: Some(2),
+            ..pg(false)
+        }),
+    );
+    o.peers = Some(vec![peer("pg1", 100, false)]);
+    let d = decide(&o, &me());
+    assert_eq!(
+        d.outcome,
+        Outcome::SwitchoverDemoting {
+            candidate: Some("pg1".into())
+        }
+    );
+    assert_eq!(d.actions.first(), Some(&Action::WriteHistory));
+    assert!(d.actions.contains(&Action::StopPostgres(StopMode::Fast)));
+}
+
+/// A candidate still on an older timeline than the leader's (a demoted leader that has
+/// not streamed from us yet) is refused: promoted, it would reuse our timeline ID.
+#[test]
+fn a_handover_to_a_standby_behind_on_timeline_is_refused() {
+    let dcs = match view(Some("pg0"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: None,
+                    member: Some("pg1".into()),
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let running_on = |tl| {
+        PostgresView::Running(PostgresStatus {
+            timeline: Some(tl),
+            ..pg(false)
+        })
+    };
+    let candidate_on = |tl: Option<u32>| {
+        let mut p = peer("pg1", 100, false);
+        if let Some(s) = p.status.as_mut() {
+            s.timeline = tl;
+        }
+        p
+    };
+    let mut o = obs(dcs.clone(), renewed(), initialized(), running_on(2));
+    o.peers = Some(vec![candidate_on(Some(1))]);
+    let d = decide(&o, &me());
+    assert!(
+        matches!(&d.outcome, Outcome::SwitchoverAborted(why) if why.contains("timeline 1")),
+        "{:?}",
+        d.outcome
+    );
+    assert!(d.actions.contains(&Action::ClearFailover));
+    assert!(!d.actions.contains(&Action::StopPostgres(StopMode::Fast)));
+
+    for same_or_unknown in [Some(2), None] {
+        let mut o = obs(dcs.clone(), renewed(), initialized(), running_on(2));
+        o.peers = Some(vec![candidate_on(same_or_unknown)]);
+        assert_eq!(
+            decide(&o, &me()).outcome,
+            Outcome::SwitchoverDemoting {
+                candidate: Some("pg1".into())
+            },
+            "candidate on {same_or_unknown:?}"
+        );
+    }
+}
+
+fn with_sync(dcs: DcsView, leader: &str, standby: &str) -> DcsView {
+    match dcs {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.sync = Some(Versioned {
+                value: crate::dcs::SyncState {
+                    leader: Some(leader.into()),
+                    sync_standby: Some(standby.into()),
+                    quorum: 0,
+                },
+                revision: 1,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    }
+}
+
+/// Patroni `is_healthiest_node`: in synchronous mode only the recorded synchronous standby
+/// is a candidate, so it does not defer to an asynchronous peer that is as advanced with a
+/// higher priority, or ahead (simulation seed 7, 3 members: nobody ever took over).
+#[test]
+fn sync_standby_does_not_defer_to_a_member_that_may_not_race() {
+    let mut o = obs(
+        with_sync(view(None, Some(SYSID)), "pg2", "pg0"),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    let mut p = peer("pg1", 100, false);
+    if let Some(s) = p.status.as_mut() {
+        s.failover_priority = 5;
+    }
+    o.peers = Some(vec![p, peer("pg2", 100, false)]);
+    let sync_on = MemberFacts {
+        synchronous_mode: true,
+        ..me()
+    };
+    assert_eq!(
+        decide(&o, &sync_on).actions,
+        vec![
+            Action::AcquireLeader,
+            Action::ClaimSync,
+            Action::Promote,
+            Action::SyncSlots
+        ]
+    );
+    // Without synchronous mode the higher priority still wins.
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PeerHigherPriority("pg1".into()))
+    );
+    // A live primary is a reason not to race, synchronous or not.
+    o.peers = Some(vec![peer("pg1", 100, true)]);
+    assert_eq!(
+        decide(&o, &sync_on).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive("pg1".into()))
+    );
+}
+
+/// Patroni `cancel_initialization`: a member that won the `initialize` race but could not
+/// confirm its lease before bootstrapping withdraws the empty claim along with the lock, or
+/// every member waits forever for a bootstrap nobody runs (simulation seed 100, 3 members).
+#[test]
+fn lock_holder_without_data_withdraws_its_empty_initialize_claim() {
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some("")),
+            renewed(),
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::CancelInitialize, Action::ReleaseLeader]
+    );
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(d.actions, vec![Action::ReleaseLeader]);
+}
+
+/// A bootstrap plan that stopped after winning `initialize` withdraws the claim; one that
+/// lost the race, or started the bootstrap, leaves `initialize` alone.
+#[test]
+fn a_won_bootstrap_race_without_a_bootstrap_is_withdrawn() {
+    let race = Action::RaceInitialize(String::new());
+    assert_eq!(
+        compensation(std::slice::from_ref(&race)),
+        vec![Action::CancelInitialize]
+    );
+    assert_eq!(
+        compensation(&[race.clone(), Action::AcquireLeader]),
+        vec![Action::CancelInitialize]
+    );
+    assert!(compensation(&[]).is_empty());
+    assert!(compensation(&[race, Action::AcquireLeader, Action::StartBootstrap]).is_empty());
+    assert!(compensation(&[Action::RaceInitialize(SYSID.into())]).is_empty());
+}
+
+/// Patroni `_check_timeline_and_lsn`: a standby whose timeline the cluster left before its
+/// position, or that is on a timeline newer than the leader's, stops to be rewound; one at
+/// or before the switch point keeps following (simulation seeds 1002 and 2013).
+#[test]
+fn a_standby_on_an_abandoned_timeline_stops_to_rewind() {
+    let with_history = |dcs: DcsView, leader_tl: u32| match dcs {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.history = vec![crate::dcs::HistoryLine {
+                timeline: 1,
+                lsn: 150,
+                reason: String::new(),
+                timestamp: None,
+                new_leader: Some("pg1".into()),
+            }];
+            if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                m.record.timeline = Some(leader_tl);
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let standby = |position: u64, timeline: u32| PostgresStatus {
+        timeline: Some(timeline),
+        streaming: false,
+        ..replica(position)
+    };
+    // Running, its reported timeline may be a stale checkpoint's: no judgement.
+    let d = decide(
+        &obs(
+            with_history(view(Some("pg1"), Some(SYSID)), 2),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby(200, 1)),
+        ),
+        &me(),
+    );
+    assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+    let d = decide(
+        &obs(
+            with_history(view(Some("pg1"), Some(SYSID)), 2),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby(150, 1)),
+        ),
+        &me(),
+    );
+    assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+    let d = decide(
+        &obs(
+            with_history(view(Some("pg1"), Some(SYSID)), 2),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby(100, 3)),
+        ),
+        &me(),
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+    // Stopped, the diverged standby is rewound although it never was a primary.
+    let stopped_standby = DataDir::Initialized {
+        control: ControlData {
+            system_identifier: SYSID.into(),
+            state: ClusterState::ShutDownInRecovery,
+            timeline: Some(1),
+            checkpoint_lsn: Some(200),
+            raw: Default::default(),
+        },
+        standby_signal: true,
+    };
+    let d = decide(
+        &obs(
+            with_history(view(Some("pg1"), Some(SYSID)), 2),
+            LeaseCheck::NotHeld,
+            stopped_standby,
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartRewind {
+            leader: "pg1".into()
+        }]
+    );
+}
+
+/// Patroni `manual_failover_process_no_leader`: the member that handed over races when no
+/// other member could take the lock (simulation seeds 2024, 2147); otherwise it stays out,
+/// and the others do not defer to it.
+#[test]
+fn the_former_leader_of_a_switchover_races_only_when_nobody_else_can() {
+    let with_request = |dcs: DcsView| match dcs {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: Some("pg0".into()),
+                    member: None,
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let mut o = obs(
+        with_request(view(None, Some(SYSID))),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    o.peers = Some(vec![peer("pg1", 100, false)]);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover)
+    );
+    // pg1 is tagged nofailover: nobody else can take over, so pg0 races.
+    let mut p = peer("pg1", 100, false);
+    if let Some(s) = p.status.as_mut() {
+        s.nofailover = true;
+    }
+    o.peers = Some(vec![p]);
+    assert_eq!(
+        decide(&o, &me()).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+    // pg1 lags beyond maximum_lag_on_failover behind the last leader position, so it may
+    // not race either: pg0, which never got to hand over, races (simulation seed
+    // 1796307428762: a scheduled switchover came due while the leader was cut off).
+    let mut lagging = obs(
+        with_request(with_status(view(None, Some(SYSID)), 5_000_000)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(5_000_000)),
+    );
+    lagging.peers = Some(vec![peer("pg1", 100, false)]);
+    assert_eq!(
+        decide(&lagging, &me()).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+    // pg1 does not defer to pg0's higher priority: pg0 handed over.
+    let mut o1 = obs(
+        with_request(view(None, Some(SYSID))),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    let mut former = peer("pg0", 100, false);
+    if let Some(s) = former.status.as_mut() {
+        s.failover_priority = 9;
+    }
+    o1.peers = Some(vec![former]);
+    assert_eq!(
+        decide(&o1, &MemberFacts::named("pg1")).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+}
+
+/// Patroni refuses a switchover to a member that is not a synchronous standby in
+/// synchronous mode; the leader aborts it instead of handing over to nobody (seed 4020).
+#[test]
+fn a_sync_leader_hands_over_only_to_its_synchronous_standby() {
+    let dcs = match with_sync(view(Some("pg0"), Some(SYSID)), "pg0", "pg2") {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: Some("pg0".into()),
+                    member: None,
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let mut o = obs(
+        dcs,
+        renewed(),
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    o.peers = Some(vec![peer("pg1", 100, false)]);
+    let sync_on = MemberFacts {
+        synchronous_mode: true,
+        ..me()
+    };
+    assert!(matches!(
+        decide(&o, &sync_on).outcome,
+        Outcome::SwitchoverAborted(_)
+    ));
+    o.peers = Some(vec![peer("pg1", 100, false), peer("pg2", 100, false)]);
+    assert!(matches!(
+        decide(&o, &sync_on).outcome,
+        Outcome::SwitchoverDemoting { candidate: None }
+    ));
+}
+
+/// §5.9 with the simulation's correction: a paused leader releases the lock only when
+/// postgres is down, never while it runs (a promotion may be completing) (seed
+/// 351818649976).
+#[test]
+fn a_paused_leader_keeps_the_lock_while_postgres_runs() {
+    for postgres in [
+        PostgresView::Running(pg(true)),
+        PostgresView::Starting,
+        PostgresView::Unresponsive,
+    ] {
+        let d = decide(
+            &obs(
+                paused(view(Some("pg0"), Some(SYSID))),
+                renewed(),
+                initialized(),
+                postgres,
+            ),
+            &me(),
+        );
+        assert_eq!(d.actions, vec![], "{:?}", d.outcome);
+    }
+}
+
+/// Patroni `failover_limitation`: members defer to a manual failover candidate only while
+/// its postgres runs; a stopped candidate cannot take over, so the others race (seed 6004).
+#[test]
+fn members_do_not_wait_for_a_failover_candidate_whose_postgres_is_down() {
+    let dcs = match view(None, Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: None,
+                    member: Some("pg2".into()),
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let mut o = obs(
+        dcs,
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    o.peers = Some(vec![peer("pg2", 50, false)]);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::DeferringToCandidate {
+            candidate: "pg2".into()
+        }
+    );
+    let mut stopped = peer("pg2", 50, false);
+    if let Some(s) = stopped.status.as_mut() {
+        s.state = "stopped".into();
+    }
+    o.peers = Some(vec![stopped]);
+    assert_eq!(
+        decide(&o, &me()).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+}
+
+/// Patroni `check_leader_is_not_in_recovery`: a former primary does not pg_rewind against
+/// a leader that still runs as a standby (a switchover candidate that took the key but has
+/// not promoted yet); it waits (simulation seed 3074).
+#[test]
+fn rewind_waits_until_the_leader_runs_as_a_primary() {
+    let with_role = |role: &str| match view(Some("pg1"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                m.record.role = role.into();
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let d = decide(
+        &obs(
+            with_role("replica"),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.outcome,
+        Outcome::WaitingForLeaderCheckpoint {
+            leader: "pg1".into()
+        }
+    );
+    let d = decide(
+        &obs(
+            with_role("primary"),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Down,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartRewind {
+            leader: "pg1".into()
+        }]
+    );
+}
+
+/// A standby on the leader's own timeline is never diverged, even when `history` records a
+/// switch away from that timeline at an earlier position (the leader of the old timeline
+/// took over again); rewinding it would loop forever (simulation seed 7197, 5 members).
+#[test]
+fn a_standby_on_the_leaders_timeline_is_not_diverged() {
+    let dcs = match view(Some("pg1"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.history = vec![crate::dcs::HistoryLine {
+                timeline: 1,
+                lsn: 150,
+                reason: String::new(),
+                timestamp: None,
+                new_leader: Some("pg2".into()),
+            }];
+            if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                m.record.timeline = Some(1);
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let standby = PostgresStatus {
+        timeline: Some(1),
+        streaming: false,
+        ..replica(200)
+    };
+    let d = decide(
+        &obs(
+            dcs,
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby),
+        ),
+        &me(),
+    );
+    assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+}
+
+/// A stopped standby on an older timeline that `history` does not show the cluster
+/// leaving at or after its checkpoint is on a branch the leader never had: it is rewound
+/// (simulation seeds 7233 and 8083, 5 members, once stopped).
+#[test]
+fn a_stopped_standby_on_a_branch_outside_the_leaders_lineage_is_rewound() {
+    let dcs = match view(Some("pg1"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            // The leader went 1 -> 3; timeline 2 was another member's branch.
+            v.history = vec![crate::dcs::HistoryLine {
+                timeline: 1,
+                lsn: 150,
+                reason: String::new(),
+                timestamp: None,
+                new_leader: Some("pg1".into()),
+            }];
+            if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                m.record.timeline = Some(3);
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let stopped = DataDir::Initialized {
+        control: ControlData {
+            system_identifier: SYSID.into(),
+            state: ClusterState::ShutDownInRecovery,
+            timeline: Some(2),
+            checkpoint_lsn: Some(120),
+            raw: Default::default(),
+        },
+        standby_signal: true,
+    };
+    let d = decide(
+        &obs(dcs, LeaseCheck::NotHeld, stopped, PostgresView::Down),
+        &me(),
+    );
+    assert_eq!(
+        d.actions,
+        vec![Action::StartRewind {
+            leader: "pg1".into()
+        }]
+    );
+}
+
+/// Synchronous mode with the `sync` key lost: a running standby does not guess that it has
+/// every acknowledged write; a stopped former primary may take the lock back.
+#[test]
+fn without_a_sync_key_only_the_former_primary_races_in_synchronous_mode() {
+    let sync_on = MemberFacts {
+        synchronous_mode: true,
+        ..me()
+    };
+    let standby = obs(
+        view(None, Some(SYSID)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    assert_eq!(
+        decide(&standby, &sync_on).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::NotSynchronous)
+    );
+    let former_primary = obs(
+        view(None, Some(SYSID)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Down,
+    );
+    assert!(decide(&former_primary, &sync_on)
+        .actions
+        .contains(&Action::AcquireLeader));
+}
+
+/// In synchronous mode every path that opens postgres for writes claims `sync` first
+/// (seed 641023133062); without synchronous mode nothing changes.
+#[test]
+fn a_synchronous_leader_claims_sync_before_opening_for_writes() {
+    let o = obs(
+        with_sync(view(None, Some(SYSID)), "pg1", "pg0"),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    let sync_on = MemberFacts {
+        synchronous_mode: true,
+        ..me()
+    };
+    assert_eq!(
+        decide(&o, &sync_on).actions,
+        vec![
+            Action::AcquireLeader,
+            Action::ClaimSync,
+            Action::Promote,
+            Action::SyncSlots
+        ]
+    );
+    assert_eq!(
+        decide(&o, &me()).actions,
+        vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
+    );
+    let crashed = obs(
+        view(Some("pg0"), Some(SYSID)),
+        renewed(),
+        initialized(),
+        PostgresView::Crashed,
+    );
+    assert_eq!(
+        decide(&crashed, &sync_on).actions[..2],
+        [
+            Action::ClaimSync,
+            Action::StartPostgres {
+                primary: true,
+                upstream: None
+            }
+        ]
+    );
+}
+
+/// A running standby is judged by its minimum recovery point, a consistent (timeline, LSN)
+/// pair: past the point where `history` shows its timeline ending, it stops to be rewound;
+/// on the leader's timeline it follows, whatever its stale checkpoint timeline says
+/// (simulation seeds 2013, 7233, 8083; the e2e rewind loop of the first attempt).
+#[test]
+fn a_running_standby_is_judged_by_its_minimum_recovery_point() {
+    let dcs = || match view(Some("pg1"), Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.history = vec![crate::dcs::HistoryLine {
+                timeline: 1,
+                lsn: 150,
+                reason: String::new(),
+                timestamp: None,
+                new_leader: Some("pg1".into()),
+            }];
+            if let Some(m) = v.members.iter_mut().find(|m| m.name == "pg1") {
+                m.record.timeline = Some(2);
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let standby = |min_recovery: (u32, u64)| PostgresStatus {
+        timeline: Some(1),
+        streaming: false,
+        min_recovery: Some(min_recovery),
+        ..replica(200)
+    };
+    let d = decide(
+        &obs(
+            dcs(),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby((1, 200))),
+        ),
+        &me(),
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+    let d = decide(
+        &obs(
+            dcs(),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby((2, 200))),
+        ),
+        &me(),
+    );
+    assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+    let d = decide(
+        &obs(
+            dcs(),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby((1, 140))),
+        ),
+        &me(),
+    );
+    assert!(matches!(d.outcome, Outcome::FollowingLeader { .. }));
+}
+
+/// A lock holder whose postgres went down before its promotion (data directory last a
+/// standby) starts read-only, then promotes, so the timeline switches; a former primary
+/// restarts as primary (seed 30394).
+#[test]
+fn a_lock_holder_that_was_a_standby_comes_back_read_only() {
+    let standby_dir = DataDir::Initialized {
+        control: ControlData {
+            system_identifier: SYSID.into(),
+            state: ClusterState::InArchiveRecovery,
+            timeline: Some(1),
+            checkpoint_lsn: Some(1),
+            raw: Default::default(),
+        },
+        standby_signal: true,
+    };
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            standby_dir,
+            PostgresView::Crashed,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions[0],
+        Action::StartPostgres {
+            primary: false,
+            upstream: None
+        }
+    );
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Crashed,
+        ),
+        &me(),
+    );
+    assert_eq!(
+        d.actions[0],
+        Action::StartPostgres {
+            primary: true,
+            upstream: None
+        }
+    );
+}
