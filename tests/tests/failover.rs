@@ -706,3 +706,88 @@ async fn passwords_stay_out_of_command_lines_logs_and_readable_files() {
         }
     }
 }
+
+/// Issue 20 item 5: the new leader's `GET /primary` and its member record follow the promotion
+/// as soon as postgres leaves recovery, not on its next tick: with `loop_wait` 10 s both used
+/// to lag the first successful write by up to 10 s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_new_leader_publishes_its_promotion_before_the_next_loop_wait_tick() {
+    let options = ClusterOptions {
+        ttl: 30,
+        loop_wait: 10,
+        retry_timeout: 5,
+        ..Default::default()
+    };
+    let mut env = TestEnv::start(options).await.expect("etcd");
+    for name in ["pg0", "pg1"] {
+        env.add_member(name);
+    }
+    for i in 0..2 {
+        env.start_member(i).expect("start");
+    }
+    let old = env.wait_for_leader(T).await;
+    wait_for_streaming(&env, &old, 1).await;
+    let candidate = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .expect("candidate");
+    let writer = start_writer(&env, &old).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
+    let leader = env.members.iter().find(|m| m.name == old).expect("leader");
+    let new = env
+        .members
+        .iter()
+        .find(|m| m.name == candidate)
+        .expect("candidate");
+    let member_key = env.key(&format!("members/{candidate}"));
+    let switchover = leader.api_request("POST", "/switchover", Some(&body));
+    let published = async {
+        let (mut primary_at, mut record_at) = (None, None);
+        let deadline = std::time::Instant::now() + T;
+        while std::time::Instant::now() < deadline && (primary_at.is_none() || record_at.is_none())
+        {
+            if primary_at.is_none() && new.api_get("/primary").await.map(|(s, _)| s) == Some(200) {
+                primary_at = Some(std::time::Instant::now());
+            }
+            if record_at.is_none() {
+                let record = env.etcd.get(&member_key).await.ok().flatten();
+                let role = record
+                    .and_then(|r| serde_json::from_str::<serde_json::Value>(&r).ok())
+                    .and_then(|v| v["role"].as_str().map(str::to_owned));
+                if role.as_deref() == Some("primary") {
+                    record_at = Some(std::time::Instant::now());
+                }
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        (primary_at, record_at)
+    };
+    let (answer, (primary_at, record_at)) = tokio::join!(switchover, published);
+    let (code, text) = answer.expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    let first_write = acks
+        .iter()
+        .filter(|a| a.member == candidate)
+        .map(|a| a.at)
+        .min()
+        .unwrap_or_else(|| panic!("no write was acknowledged by {candidate}"));
+    // Half of `loop_wait`: the tick after the promotion comes 10 s after it.
+    let limit = Duration::from_secs(5);
+    let primary_at = primary_at.expect("the new leader's /primary answers 200");
+    let behind = primary_at.saturating_duration_since(first_write);
+    assert!(
+        behind < limit,
+        "{candidate}'s /primary answered 200 {behind:?} after its first write (loop_wait 10 s)"
+    );
+    let record_at = record_at.expect("the new leader's member record says primary");
+    let behind = record_at.saturating_duration_since(first_write);
+    assert!(
+        behind < limit,
+        "{candidate}'s member record said primary {behind:?} after its first write (loop_wait 10 s)"
+    );
+}

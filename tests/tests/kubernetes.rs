@@ -147,6 +147,79 @@ async fn three_members_elect_through_a_lease_and_the_primary_service_follows_a_s
     );
 }
 
+/// The first write the writer saw acknowledged by `member`.
+fn first_write_on(
+    acks: &[pgwarden_tests::harness::writer::Ack],
+    member: &str,
+) -> std::time::Instant {
+    acks.iter()
+        .filter(|a| a.member == member)
+        .map(|a| a.at)
+        .min()
+        .unwrap_or_else(|| panic!("no write was acknowledged by {member}"))
+}
+
+/// Issue 20 item 5: the new leader labels its Pod as soon as postgres leaves recovery, not on
+/// its next tick. With `loop_wait` 10 s the primary Service used to have no endpoint for up to
+/// 10 s after the new primary accepted writes; it must now follow well before that tick.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_primary_service_follows_a_promotion_before_the_next_loop_wait_tick() {
+    let options = ClusterOptions {
+        ttl: 30,
+        loop_wait: 10,
+        retry_timeout: 5,
+        ..Default::default()
+    };
+    let k = KubeMembers::start(KubeCluster::shared(), options, &["pg0", "pg1"])
+        .await
+        .expect("start the members");
+    k.create_role_service("test-primary", "primary")
+        .await
+        .expect("service");
+    let old = k.wait_for_leader(T, None).await;
+    wait_for_streaming(&k, &old, 1).await;
+    wait_for_roles(&k, &old).await;
+    wait_until(
+        "the primary Service's endpoints are the leader's Pod",
+        T,
+        || async { k.endpoint_pods("test-primary").await == vec![old.clone()] },
+    )
+    .await;
+    let writer = start_writer(&k, &old).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let candidate = k
+        .env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .expect("candidate");
+    let body = format!(r#"{{"leader": "{old}", "candidate": "{candidate}"}}"#);
+    let switchover = k.env.members[k.index(&old)].api_request("POST", "/switchover", Some(&body));
+    let followed = async {
+        let deadline = std::time::Instant::now() + T;
+        while std::time::Instant::now() < deadline {
+            if k.endpoint_pods("test-primary").await == vec![candidate.clone()] {
+                return Some(std::time::Instant::now());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        None
+    };
+    let (answer, followed) = tokio::join!(switchover, followed);
+    let (code, text) = answer.expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let followed = followed.expect("the primary Service follows the new leader");
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    let behind = followed.saturating_duration_since(first_write_on(&acks, &candidate));
+    // Half of `loop_wait`: the tick after the promotion comes 10 s after it.
+    assert!(
+        behind < Duration::from_secs(5),
+        "the primary Service followed {candidate} {behind:?} after its first write (loop_wait 10 s)"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kill9_of_the_leader_agent_fails_over_after_the_lease_and_it_rejoins() {
     let mut k = members(&["pg0", "pg1"]).await;

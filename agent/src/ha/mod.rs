@@ -52,6 +52,9 @@ pub enum HaError {
     Aborted(#[source] tokio::task::JoinError),
 }
 
+/// How often the loop asks postgres whether a requested promotion has completed.
+const PROMOTION_POLL: Duration = Duration::from_millis(50);
+
 /// How a cycle ended, for scheduling the next one.
 enum Next {
     /// Wait for `loop_wait` or an event.
@@ -263,6 +266,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             };
             self.publish_due(due);
             let wait = due.saturating_duration_since(self.rt.now());
+            let promoting = self.promotion_in_flight();
             let task_done = async {
                 match self.task.as_mut() {
                     Some((kind, t)) => Some((*kind, t.await)),
@@ -275,6 +279,23 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     None => std::future::pending().await,
                 }
             };
+            // Nothing wakes the loop when a requested promotion completes: without this, the
+            // member record, role label, `status`, `history`, the checkpoint and the health
+            // endpoints would wait for the next tick, up to `loop_wait` after postgres
+            // already accepts writes.
+            let promoted = async {
+                if !promoting {
+                    return std::future::pending().await;
+                }
+                loop {
+                    tokio::time::sleep(PROMOTION_POLL).await;
+                    if let Ok(status) = self.pg.status().await {
+                        if !status.in_recovery {
+                            return status;
+                        }
+                    }
+                }
+            };
             // Biased: the branches are polled in this order, so that a simulated run is the
             // same every time (the order matters only when several are ready at once).
             tokio::select! {
@@ -283,6 +304,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 Some(r) = request => self.handle_request(r).await,
                 w = self.dcs.wait_for_change(wait) => debug!(wakeup = ?w, "HA loop woken"),
                 _ = self.pg_changed.notified() => debug!("postgres state changed"),
+                status = promoted => {
+                    info!("postgres left recovery: running a cycle now");
+                    self.publish_promoted(status);
+                }
                 r = task_done => {
                     self.task = None;
                     match r {
@@ -1350,6 +1375,28 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             (None, _) if self.core.believes_leader => Role::Primary,
             (None, _) => Role::Demoted,
         }
+    }
+
+    /// Promotion was requested and postgres was last seen in recovery: the loop polls it every
+    /// [`PROMOTION_POLL`] until it leaves recovery (or the next tick).
+    fn promotion_in_flight(&self) -> bool {
+        self.core.believes_leader
+            && self.core.checkpoint_after_promote_pending
+            && self.task.is_none()
+            && self.pg.state().accepts_connections()
+            && self.last_postgres.as_ref().is_some_and(|p| p.in_recovery)
+    }
+
+    /// Publishes at once that postgres left recovery, before the cycle that follows (its
+    /// DCS writes and checkpoint take a while): `GET /primary` answers 200 as soon as writes
+    /// succeed. The lease still decides it (`leader_valid_until` is unchanged).
+    fn publish_promoted(&mut self, status: crate::state::PostgresStatus) {
+        self.last_postgres = Some(status.clone());
+        self.status_tx.send_modify(|s| {
+            let s = Arc::make_mut(s);
+            s.postgres = Some(status);
+            s.role = Role::Primary;
+        });
     }
 
     fn publish_due(&self, due: Instant) {
