@@ -945,6 +945,7 @@ pub struct SimRuntime {
     me: usize,
 }
 
+#[async_trait]
 impl Runtime for SimRuntime {
     fn now(&self) -> Instant {
         let local = local_now(&self.w, self.me);
@@ -958,6 +959,10 @@ impl Runtime for SimRuntime {
 
     fn system_now(&self) -> SystemTime {
         SystemTime::from(self.wall_now())
+    }
+
+    async fn sleep(&self, duration: Duration) {
+        sleep_local(&self.w, self.me, duration.as_micros() as Us).await;
     }
 
     fn decided(&self, decision: &Decision) {

@@ -452,6 +452,7 @@ impl Peers for HttpPeers {
 /// The system's clocks (tokio's paused clock in tests, through `tokio::time::Instant`).
 pub struct SystemRuntime;
 
+#[async_trait]
 impl Runtime for SystemRuntime {
     fn now(&self) -> Instant {
         tokio::time::Instant::now().into_std()
@@ -463,5 +464,9 @@ impl Runtime for SystemRuntime {
 
     fn system_now(&self) -> SystemTime {
         SystemTime::now()
+    }
+
+    async fn sleep(&self, duration: Duration) {
+        tokio::time::sleep(duration).await
     }
 }

@@ -288,7 +288,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     return std::future::pending().await;
                 }
                 loop {
-                    tokio::time::sleep(PROMOTION_POLL).await;
+                    self.rt.sleep(PROMOTION_POLL).await;
                     if let Ok(status) = self.pg.status().await {
                         if !status.in_recovery {
                             return status;

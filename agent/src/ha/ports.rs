@@ -174,6 +174,7 @@ pub trait Peers: Send + Sync + 'static {
 }
 
 /// Time as the loop sees it, and where its decisions are reported.
+#[async_trait]
 pub trait Runtime: Send + Sync + 'static {
     /// The monotonic clock.
     fn now(&self) -> Instant;
@@ -181,6 +182,8 @@ pub trait Runtime: Send + Sync + 'static {
     fn wall_now(&self) -> chrono::DateTime<chrono::Utc>;
     /// Wall-clock time as published in the status (`dcs_last_seen`).
     fn system_now(&self) -> SystemTime;
+    /// Waits `duration` on the monotonic clock (a simulation advances its own time).
+    async fn sleep(&self, duration: Duration);
     /// Each cycle's decision, after it was logged; a simulation records it.
     fn decided(&self, decision: &Decision) {
         let _ = decision;
