@@ -233,6 +233,72 @@ async fn kill9_of_the_leader_fails_over_once_and_the_old_leader_rejoins_with_rew
     );
 }
 
+/// `member_slots_ttl` (Patroni 4): the leader publishes the member slots it keeps as
+/// `retain_slots` in `status`, its own included, and a new leader keeps those of members whose
+/// keys are gone. The killed leader comes back to a slot that is already there, instead of
+/// `replication slot "pg0" does not exist` and postgres' 5 s retry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leader_finds_its_slot_on_the_new_leader_when_it_comes_back() {
+    let (mut env, _) = three_members(ClusterOptions::default(), false).await;
+    let old = env.leader().await.expect("leader");
+    let status_lists = |raw: Option<String>, slot: &str| {
+        raw.and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|j| j["retain_slots"].as_array().cloned())
+            .is_some_and(|a| a.iter().any(|v| v == slot))
+    };
+    wait_until(
+        "the leader lists its own slot in retain_slots",
+        T,
+        || async { status_lists(env.etcd.get(&env.key("status")).await.ok().flatten(), &old) },
+    )
+    .await;
+
+    env.member(&old).kill9_with_postmaster();
+    let new = wait_for_new_leader(&env, &old).await;
+    let member_key = env.key(&format!("members/{old}"));
+    wait_until(
+        &format!("{old}'s member key expired, its slot kept on {new} and in retain_slots"),
+        T,
+        || async {
+            let gone = env.etcd.get(&member_key).await.is_ok_and(|v| v.is_none());
+            let listed = status_lists(env.etcd.get(&env.key("status")).await.ok().flatten(), &old);
+            let slot = env
+                .members
+                .iter()
+                .find(|m| m.name == new)
+                .expect("new leader")
+                .sql(&format!(
+                    "SELECT slot_name FROM pg_replication_slots WHERE slot_name = '{old}'"
+                ))
+                .await
+                .is_ok_and(|r| r.len() == 1);
+            gone && listed && slot
+        },
+    )
+    .await;
+
+    env.member(&old).restart().expect("restart the old leader");
+    wait_for_replica(&env, &old).await;
+    let new_leader = env
+        .members
+        .iter()
+        .find(|m| m.name == new)
+        .expect("new leader");
+    wait_until(
+        &format!("{old} streams through its slot on {new}"),
+        T,
+        || async {
+            new_leader
+                .sql(&format!(
+                    "SELECT active::text FROM pg_replication_slots WHERE slot_name = '{old}'"
+                ))
+                .await
+                .is_ok_and(|r| r == vec!["true"])
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_before_its_lease_expires() {
     let (mut env, _) = three_members(ClusterOptions::default(), false).await;

@@ -22,12 +22,13 @@ pub const MIN_TTL: u32 = 5;
 pub const PATRONI_MIN_TTL: u32 = 20;
 
 /// Top-level options pgwarden implements.
-const IMPLEMENTED: [&str; 10] = [
+const IMPLEMENTED: [&str; 11] = [
     "ttl",
     "loop_wait",
     "retry_timeout",
     "maximum_lag_on_failover",
     "primary_start_timeout",
+    "member_slots_ttl",
     "synchronous_mode",
     "synchronous_mode_strict",
     "check_timeline",
@@ -359,7 +360,9 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
         match key {
             "ttl" => check_int(key, value, i64::from(MIN_TTL))?,
             "loop_wait" | "retry_timeout" => check_int(key, value, 1)?,
-            "maximum_lag_on_failover" | "primary_start_timeout" => check_int(key, value, 0)?,
+            "maximum_lag_on_failover" | "primary_start_timeout" | "member_slots_ttl" => {
+                check_int(key, value, 0)?
+            }
             "synchronous_mode" => {
                 if value
                     .as_str()

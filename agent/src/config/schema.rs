@@ -169,6 +169,10 @@ pub struct DynamicConfig {
     pub primary_start_timeout: u32,
     /// `true`/`on`/… as Patroni spells booleans; `quorum` is turned into `true` with a warning
     /// before parsing (`super::dynamic::normalize`).
+    /// Seconds the leader keeps the replication slot of a member whose key is gone
+    /// (default 1800; 0 drops it at once), published as `retain_slots` in `status`.
+    #[serde(deserialize_with = "flex::u32")]
+    pub member_slots_ttl: u32,
     #[serde(deserialize_with = "flex::bool")]
     pub synchronous_mode: bool,
     #[serde(deserialize_with = "flex::bool")]
@@ -193,6 +197,7 @@ impl Default for DynamicConfig {
             retry_timeout: 10,
             maximum_lag_on_failover: 1_048_576,
             primary_start_timeout: 300,
+            member_slots_ttl: 1800,
             synchronous_mode: false,
             synchronous_mode_strict: false,
             check_timeline: false,

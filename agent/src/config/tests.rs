@@ -540,6 +540,10 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
         (serde_json::json!({"ttl": -5}), "`ttl`"),
         (serde_json::json!({"ttl": 0}), "`ttl`"),
         (
+            serde_json::json!({"member_slots_ttl": -1}),
+            "`member_slots_ttl`",
+        ),
+        (
             serde_json::json!({"synchronous_mode": "quorum"}),
             "`synchronous_mode`",
         ),
@@ -563,6 +567,7 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
         serde_json::json!({"ttl": 30, "loop_wait": "5", "pause": true}),
         serde_json::json!({"pause": null, "standby_cluster": null}),
         serde_json::json!({"master_start_timeout": 10, "synchronous_mode": "on"}),
+        serde_json::json!({"member_slots_ttl": 0}),
         serde_json::json!({"postgresql": {"parameters": {"work_mem": "8MB", "x": null}}}),
     ] {
         assert_eq!(check(ok.clone()), Ok(()), "{ok}");

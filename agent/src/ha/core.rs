@@ -7,6 +7,7 @@
 //! The loop ([`super::HaLoop`]) owns one [`HaCore`]; it feeds it what it observed and asks it
 //! what the observation and the decision must include.
 
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::{Duration, Instant};
 
 use crate::dcs::{ClusterView, HistoryLine, LeaseRenewal, Member};
@@ -41,6 +42,11 @@ pub struct HaCore {
     /// that keys wiped from the DCS (`patronictl remove`, an emptied etcd) do not hide a
     /// running primary from the replicas.
     known_members: Vec<(Member, Instant)>,
+    /// Member replication slots the leader keeps, with when their member was last seen
+    /// (Patroni's `retain_slots`): a member whose key is gone (killed, or the former leader
+    /// after a failover) finds its slot when it comes back within `member_slots_ttl`, so it
+    /// streams at once instead of after postgres' retry interval.
+    retained_slots: BTreeMap<String, Instant>,
     /// The last non-empty `history` seen, to rebuild the key with its timestamps if it is lost.
     pub known_history: Vec<HistoryLine>,
     /// Starts of postgres that crashed soon after, for backing off instead of restarting in a
@@ -100,6 +106,44 @@ impl HaCore {
         if !view.history.is_empty() {
             self.known_history.clone_from(&view.history);
         }
+    }
+
+    /// The leader's member slots: `members`' slot names (ours included, so that a new leader
+    /// keeps one for us) are seen `now`; a slot not seen for `member_slots_ttl` is dropped.
+    /// Returns the slots to keep, published as `retain_slots` in `status`.
+    pub fn retain_member_slots(
+        &mut self,
+        members: impl IntoIterator<Item = String>,
+        now: Instant,
+        member_slots_ttl: Duration,
+    ) -> BTreeSet<String> {
+        for slot in members {
+            self.retained_slots.insert(slot, now);
+        }
+        self.retained_slots.retain(|slot, seen| {
+            let keep = now.saturating_duration_since(*seen) < member_slots_ttl;
+            if !keep {
+                tracing::info!(
+                    slot,
+                    ttl_s = member_slots_ttl.as_secs(),
+                    "replication slot of an absent member expired (member_slots_ttl)"
+                );
+            }
+            keep
+        });
+        self.retained_slots.keys().cloned().collect()
+    }
+
+    /// On taking the lock: the slots the former leader retained (its `retain_slots`) are
+    /// kept for a whole `member_slots_ttl` from now, as Patroni resets their retention on
+    /// promotion.
+    pub fn inherit_retained_slots(&mut self, retain_slots: &[String], now: Instant) {
+        self.retained_slots = retain_slots.iter().map(|s| (s.clone(), now)).collect();
+    }
+
+    /// The slots retained as last computed, for the final `status` before the lock is let go.
+    pub fn retained_slot_names(&self) -> Vec<String> {
+        self.retained_slots.keys().cloned().collect()
     }
 
     /// Members remembered but missing from `view`.
@@ -270,6 +314,31 @@ mod tests {
     fn crashed_after(core: &mut HaCore, start: Instant, after: Duration) {
         core.starting(start);
         core.observed_postgres(&PostgresView::Crashed, start + after);
+    }
+
+    #[test]
+    fn an_absent_members_slot_is_kept_for_member_slots_ttl_and_inherited_on_promotion() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(1800);
+        let mut core = HaCore::default();
+        let names = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let kept = core.retain_member_slots(names(&["node1", "node2", "node3"]), t0, ttl);
+        assert_eq!(kept.len(), 3);
+        // node3's key is gone: its slot stays until member_slots_ttl after it was last seen.
+        let later = t0 + Duration::from_secs(1799);
+        let kept = core.retain_member_slots(names(&["node1", "node2"]), later, ttl);
+        assert!(kept.contains("node3"));
+        let kept = core.retain_member_slots(names(&["node1", "node2"]), t0 + ttl, ttl);
+        assert!(!kept.contains("node3"));
+        assert!(kept.contains("node1"));
+        // A new leader keeps what the former one retained for a whole ttl from its promotion.
+        let mut successor = HaCore::default();
+        successor.inherit_retained_slots(&names(&["node1", "node2", "node3"]), t0 + ttl);
+        let kept = successor.retain_member_slots(names(&["node2"]), t0 + ttl + ttl / 2, ttl);
+        assert_eq!(kept, ["node1", "node2", "node3"].map(String::from).into());
+        // member_slots_ttl 0: only the members present now.
+        let kept = successor.retain_member_slots(names(&["node2"]), t0 + ttl * 2, Duration::ZERO);
+        assert!(kept.is_empty());
     }
 
     #[test]

@@ -992,6 +992,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     return Ok(false);
                 }
                 info!("acquired the leader lock");
+                if let DcsView::Known(view) = &obs.dcs {
+                    let retained = view.status.as_ref().map(|s| s.retain_slots.as_slice());
+                    self.core
+                        .inherit_retained_slots(retained.unwrap_or_default(), self.rt.now());
+                }
                 // Confirm at once so the fence is armed before postgres can be made writable.
                 match self.renew().await {
                     LeaseCheck::Renewed(_) => Ok(true),
@@ -1007,6 +1012,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     if let Some(optime) = self.pg.control_checkpoint().await {
                         let status = LeaderStatus {
                             optime,
+                            retain_slots: self.core.retained_slot_names(),
                             ..Default::default()
                         };
                         if let Err(e) = self.dcs.write_status(&status).await {
@@ -1199,8 +1205,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             Action::WriteStatus => {
                 if let PostgresView::Running(status) = &obs.postgres {
                     if let Some(optime) = status.wal_flush_lsn {
+                        let retain_slots = match &obs.dcs {
+                            DcsView::Known(view) => self.member_slots(view).into_iter().collect(),
+                            DcsView::Unknown(_) => self.core.retained_slot_names(),
+                        };
                         let status = LeaderStatus {
                             optime,
+                            retain_slots,
                             ..Default::default()
                         };
                         let unchanged = matches!(&obs.dcs, DcsView::Known(v) if v.status.as_ref() == Some(&status));
@@ -1337,17 +1348,32 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
 
     /// Keeps one physical slot per other member so a replica's WAL is retained while it is
     /// away; drops inactive slots of members that left.
-    async fn sync_slots(&self, view: &ClusterView) -> Result<(), ActionError> {
-        let wanted: std::collections::BTreeSet<String> = view
-            .members
-            .iter()
-            .filter(|m| m.name != self.facts.name)
-            .map(|m| replica::slot_name(&m.name))
-            .collect();
+    async fn sync_slots(&mut self, view: &ClusterView) -> Result<(), ActionError> {
+        let own = replica::slot_name(&self.facts.name);
+        let mut wanted = self.member_slots(view);
+        wanted.extend(view.members.iter().map(|m| replica::slot_name(&m.name)));
+        wanted.remove(&own);
         self.pg
             .sync_slots(&wanted)
             .await
             .map_err(ActionError::Failed)
+    }
+
+    /// The member slots the leader keeps (ours included, for the next leader): the members
+    /// in `view` and those gone for less than `member_slots_ttl`; none without `use_slots`.
+    fn member_slots(&mut self, view: &ClusterView) -> std::collections::BTreeSet<String> {
+        if !self.dynamic.postgresql.use_slots {
+            return Default::default();
+        }
+        let members = view
+            .members
+            .iter()
+            .map(|m| m.name.as_str())
+            .chain([self.facts.name.as_str()])
+            .map(replica::slot_name)
+            .collect::<Vec<_>>();
+        let ttl = Duration::from_secs(self.dynamic.member_slots_ttl.into());
+        self.core.retain_member_slots(members, self.rt.now(), ttl)
     }
 
     fn pg_state(&self) -> PgState {
@@ -1519,6 +1545,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                             .dcs
                             .write_status(&LeaderStatus {
                                 optime,
+                                retain_slots: self.core.retained_slot_names(),
                                 ..Default::default()
                             })
                             .await;
