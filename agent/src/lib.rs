@@ -12,6 +12,8 @@
 //!   replicas and bootstrap.
 //! - [`state`]: the status the HA loop publishes for the API.
 //! - [`run`]: wiring of the long-running tasks, signals and shutdown; PID-1 reaping.
+//! - [`init`]: `pgwarden-init`, the container's PID 1 that runs the agent, forwards signals,
+//!   reaps orphans and lets the fence guard outlive a crashed agent.
 //! - [`cli`]: the operator's commands (`pgwarden list`, `switchover`, …), like `patronictl`.
 //! - [`peer`]: HTTP calls to other members' REST APIs.
 //! - [`error`]: reporting an error with its sources ([`error::error_chain`]).
@@ -23,6 +25,7 @@ pub mod config;
 pub mod dcs;
 pub mod error;
 pub mod ha;
+pub mod init;
 pub mod logging;
 pub mod peer;
 pub mod postgres;
