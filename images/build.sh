@@ -69,7 +69,7 @@ if [ "$cargo_build" -eq 1 ]; then
   flag=(); [ "$profile" = release ] && flag=(--release)
   log "cargo build ${flag[*]}"
   if [ "$profile" = release ]; then
-    # The same release binaries as the benchmark's (statically linked fence guard).
+    # The same release binaries as the benchmark's (statically linked fence guard and init).
     "$repo/scripts/build-release.sh"
   else
     if want instance; then (cd "$repo" && cargo build "${flag[@]}" -p pgwarden --bins); fi
@@ -109,7 +109,7 @@ build_image() {
   fi
   log "built pgwarden/$name:latest"
 }
-if want instance; then build_image instance pgwarden pgwarden-fence-guard; fi
+if want instance; then build_image instance pgwarden pgwarden-fence-guard pgwarden-init; fi
 if want controller; then build_image controller pgwarden-controller; fi
 if want etcd; then build_image etcd; fi
 docker image ls --format '{{.Repository}}:{{.Tag}} {{.Size}}' | grep '^pgwarden/' >&2

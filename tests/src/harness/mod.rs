@@ -93,11 +93,14 @@ pub fn agent_binary() -> PathBuf {
         std::fs::create_dir_all(&dir).expect("bin dir");
         let copy = dir.join("pgwarden");
         link_or_copy(&built, &copy).expect("copy the agent binary");
-        let guard = built.with_file_name("pgwarden-fence-guard");
-        if guard.is_file() {
-            let guard_copy = dir.join("pgwarden-fence-guard");
-            link_or_copy(&guard, &guard_copy).expect("copy the fence guard");
-            set_mode(&guard_copy, 0o755);
+        // The fence guard the agent spawns, and the init of the container image.
+        for helper in ["pgwarden-fence-guard", "pgwarden-init"] {
+            let from = built.with_file_name(helper);
+            if from.is_file() {
+                let to = dir.join(helper);
+                link_or_copy(&from, &to).unwrap_or_else(|e| panic!("copy {helper}: {e}"));
+                set_mode(&to, 0o755);
+            }
         }
         set_mode(&dir, 0o755);
         set_mode(&copy, 0o755);
