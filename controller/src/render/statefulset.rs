@@ -191,7 +191,11 @@ fn agent_container(pg: &PostgresCluster) -> Container {
                 .as_str()
                 .to_owned(),
         ),
+        // The image's init as PID 1 with the agent as its child (as the image's ENTRYPOINT): a
+        // crashed agent then leaves its fence guard running to release the leader key.
         command: Some(vec![
+            "pgwarden-init".to_owned(),
+            "--".to_owned(),
             "pgwarden".to_owned(),
             // Kubernetes expands $(PATRONI_NAME) from the env: each member reads its own file.
             format!("{CONFIG_DIR}/$(PATRONI_NAME).yml"),

@@ -205,6 +205,8 @@ fn statefulset_runs_the_agent_with_probes_downward_api_and_a_claim_template() {
         c.command.as_deref(),
         Some(
             &[
+                "pgwarden-init".to_owned(),
+                "--".to_owned(),
                 "pgwarden".to_owned(),
                 "/etc/pgwarden/$(PATRONI_NAME).yml".to_owned()
             ][..]

@@ -662,11 +662,12 @@ async fn config_file(
         .flatten()
         .map(|c| expand(c, vars))
         .collect();
+    // The agent runs here as a process of its own; in a container, under the image's init.
     anyhow::ensure!(
-        command.len() == 2 && command[0] == "pgwarden",
-        "the container runs {command:?}, not `pgwarden <config file>`"
+        command.len() == 4 && command[..3] == ["pgwarden-init", "--", "pgwarden"],
+        "the container runs {command:?}, not `pgwarden-init -- pgwarden <config file>`"
     );
-    let path = Path::new(&command[1]);
+    let path = Path::new(&command[3]);
     let mount = container
         .volume_mounts
         .iter()
