@@ -1,6 +1,7 @@
 //! The container images end to end: etcd and three `pgwarden/instance` containers on private
 //! Docker networks, each container at its own address, faults injected with Docker itself
-//! (`docker kill`, `docker network disconnect`, `docker stop`). A writer on the host records every
+//! (`docker kill`, `docker network disconnect`, `docker stop`, and `kill -9` of the agent inside
+//! its container). A writer on the host records every
 //! acknowledged write through each scenario and the split-brain checker runs on its record.
 //!
 //! The scenarios run in sequence on one cluster: bootstrapping three containers is the slow part,
@@ -94,13 +95,27 @@ async fn check_writes(c: &DockerCluster, scenario: &str, acks: &[Ack], leader: &
     );
 }
 
-/// The image's entrypoint is PID 1 and reaps orphans re-parented to it.
+/// The agent's PID inside `container`: the child of PID 1 (`pgwarden-init`) named `pgwarden`.
+async fn agent_pid(container: &str) -> String {
+    let script = "for p in $(cat /proc/1/task/1/children); do \
+                  [ \"$(cat /proc/$p/comm 2>/dev/null)\" = pgwarden ] && echo $p; done; true";
+    let pids = docker::docker(&["exec", container, "sh", "-c", script])
+        .await
+        .expect("docker exec");
+    let pids: Vec<&str> = pids.split_whitespace().collect();
+    assert_eq!(pids.len(), 1, "one agent under PID 1: {pids:?}");
+    pids[0].to_owned()
+}
+
+/// The image's entrypoint, PID 1, is `pgwarden-init` with the agent as its child, and it reaps
+/// orphans re-parented to it.
 async fn pid1_reaps_orphans(c: &DockerCluster, name: &str) {
     let container = &c.node(name).container;
     let comm = docker::docker(&["exec", container, "cat", "/proc/1/comm"])
         .await
         .expect("docker exec");
-    assert_eq!(comm, "pgwarden", "the agent is PID 1");
+    assert_eq!(comm, "pgwarden-init", "the image's init is PID 1");
+    agent_pid(container).await;
     // The shell exits at once, orphaning its `sleep`, which the kernel hands to PID 1.
     let pid = docker::docker(&["exec", container, "sh", "-c", "sleep 3 & echo $!"])
         .await
@@ -115,7 +130,7 @@ async fn pid1_reaps_orphans(c: &DockerCluster, name: &str) {
     assert_eq!(ppid.as_deref(), Some("1"), "the orphan belongs to PID 1");
     // Once it exits it is a zombie until PID 1 collects it.
     wait_until(
-        "the agent reaps the orphan after it exits",
+        "PID 1 reaps the orphan after it exits",
         Duration::from_secs(20),
         || async {
             docker::docker(&["exec", container, "test", "-e", &format!("/proc/{pid}")])
@@ -127,7 +142,7 @@ async fn pid1_reaps_orphans(c: &DockerCluster, name: &str) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn containerised_cluster_survives_kill_partition_and_stop() {
+async fn containerised_cluster_survives_kill_partition_stop_and_agent_crash() {
     if let Some(why) = docker::unavailable().await {
         pgwarden_tests::harness::missing_tool(&format!("the container tests cannot run: {why}"));
         return;
@@ -302,5 +317,62 @@ async fn containerised_cluster_survives_kill_partition_and_stop() {
     wait_for_replica(&c, &old).await;
     let acks = writer.stop().await;
     check_writes(&c, "stop", &acks, &leader).await;
+
+    // 5. The agent of the primary crashes (SIGKILL inside the container): PID 1 is not the
+    // agent, so the container lives on while postgres stops (its parent-death signal) and the
+    // orphaned fence guard releases the leader key; then pgwarden-init exits with the agent's
+    // status. Started again, the member rejoins as a replica.
+    let old = leader;
+    let writer = Writer::start_at(c.writer_targets());
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let container = c.node(&old).container.clone();
+    let agent = agent_pid(&container).await;
+    let crashed = Instant::now();
+    docker::docker(&["exec", &container, "sh", "-c", &format!("kill -9 {agent}")])
+        .await
+        .expect("kill the agent");
+    let failover = async {
+        let leader = wait_for_leader(&c, Some(&old)).await;
+        (leader, crashed.elapsed())
+    };
+    // The guard's work is bounded by pgwarden-init's grace period (30 s).
+    let exit = async {
+        wait_until(
+            &format!("the container of {old} exits after its agent crashed"),
+            Duration::from_secs(90),
+            || async { c.inspect(&old, "{{.State.Running}}").await.ok() == Some("false".into()) },
+        )
+        .await;
+        crashed.elapsed()
+    };
+    let ((leader, new_leader_after), exited_after) = tokio::join!(failover, exit);
+    assert_eq!(
+        c.inspect(&old, "{{.State.ExitCode}}")
+            .await
+            .expect("inspect"),
+        "137",
+        "pgwarden-init exits with the agent's status: killed by SIGKILL"
+    );
+    let log = c.log_text(&old).await;
+    let init_said: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("pgwarden-init:"))
+        .collect();
+    eprintln!(
+        "crash: {leader} leads {new_leader_after:.1?} after the agent of {old} was killed \
+         (ttl {ttl:?}); its container exited after {exited_after:.1?}; pgwarden-init: \
+         {init_said:?}"
+    );
+    docker::docker(&["start", &container])
+        .await
+        .expect("docker start");
+    wait_for_replica(&c, &old).await;
+    let acks = writer.stop().await;
+    check_writes(&c, "crash", &acks, &leader).await;
+    // The guard outlived the agent and released the key (its stderr is the container's log).
+    assert!(
+        log.contains("released the leader"),
+        "the fence guard of {old} released the leader key after its agent crashed"
+    );
     eprintln!("all scenarios passed in {:.0?}", started.elapsed());
 }
