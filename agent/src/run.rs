@@ -332,7 +332,8 @@ async fn signals(shutdown: CancellationToken, to_loop: mpsc::Sender<ha::commands
     }
 }
 
-/// As PID 1 (a container's entrypoint) orphans are re-parented to us and must be reaped. Reaping
+/// As PID 1 (a container's entrypoint without `pgwarden-init`, which the image uses; see
+/// [`crate::init`]) orphans are re-parented to us and must be reaped. Reaping
 /// with `waitpid(-1)` would steal the exit status of children tokio waits for (postgres, initdb),
 /// so only zombies that stayed unreaped across two scans — i.e. nobody is waiting for them — are
 /// collected, by PID.
