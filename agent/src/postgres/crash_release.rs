@@ -93,10 +93,25 @@ pub fn release_after_crash(
     }
 }
 
-/// Processes whose working directory is `dir` (postgres' processes `chdir` to the data
+/// Postgres processes whose working directory is `dir` (postgres' processes `chdir` to the data
 /// directory). Processes of other users cannot be inspected and are not postgres's: the agent
-/// runs postgres as itself.
+/// runs postgres as itself. Other programs there (an administrator's shell) are left alone.
 pub fn processes_in(dir: &Path) -> Result<Vec<i32>, std::io::Error> {
+    processes_in_matching(dir, is_postgres)
+}
+
+/// The process runs the `postgres` executable (the postmaster and every backend it forks).
+fn is_postgres(proc: &Path) -> bool {
+    std::fs::read_link(proc.join("exe")).is_ok_and(|exe| {
+        exe.file_name()
+            .is_some_and(|n| n == "postgres" || n == "postmaster")
+    })
+}
+
+fn processes_in_matching(
+    dir: &Path,
+    matches: impl Fn(&Path) -> bool,
+) -> Result<Vec<i32>, std::io::Error> {
     let own = std::process::id();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc")? {
@@ -112,7 +127,9 @@ pub fn processes_in(dir: &Path) -> Result<Vec<i32>, std::io::Error> {
             continue;
         }
         // A zombie has no working directory any more: it is dead.
-        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == dir) {
+        if std::fs::read_link(entry.path().join("cwd")).is_ok_and(|cwd| cwd == dir)
+            && matches(&entry.path())
+        {
             if let Ok(pid) = i32::try_from(pid) {
                 pids.push(pid);
             }
@@ -135,10 +152,13 @@ pub fn prove_postgres_stopped(
     let mut kill_sent = false;
     loop {
         let mut pids = processes_in(&dir).map_err(ProofError::Proc)?;
-        // The postmaster the agent last armed the fence for, wherever it runs now.
-        if let Some(pid) = postmaster_hint.filter(|p| !pids.contains(p)) {
-            if is_alive_postmaster(pid, &dir) {
-                pids.push(pid);
+        // The postmaster the agent last armed the fence for and its children, wherever they
+        // run (a `data_directory` setting may have moved them elsewhere).
+        if let Some(pid) = postmaster_hint.filter(|p| is_postgres(&proc_dir(*p))) {
+            for p in std::iter::once(pid).chain(children_of(pid)) {
+                if !pids.contains(&p) {
+                    pids.push(p);
+                }
             }
         }
         if pids.is_empty() {
@@ -166,14 +186,24 @@ pub fn prove_postgres_stopped(
     }
 }
 
-/// `pid` is still a postgres of `dir` (not a recycled pid): its working directory says so, or
-/// it cannot be read although the process exists and is not a zombie.
-fn is_alive_postmaster(pid: i32, dir: &Path) -> bool {
-    let proc = PathBuf::from(format!("/proc/{pid}"));
-    match std::fs::read_link(proc.join("cwd")) {
-        Ok(cwd) => cwd == dir,
-        Err(_) => false,
-    }
+fn proc_dir(pid: i32) -> PathBuf {
+    PathBuf::from(format!("/proc/{pid}"))
+}
+
+/// The children of `pid`, over all its threads.
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(proc_dir(pid).join("task")) else {
+        return Vec::new();
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|text| {
+            text.split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<i32>>()
+        })
+        .collect()
 }
 
 /// Runs the release command with `token` on its standard input; its exit code.
@@ -214,7 +244,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_process_in_the_directory_is_found_and_stopped() {
+    fn only_postgres_processes_in_the_directory_count() {
         let dir = tempfile::tempdir().expect("temp dir");
         let mut child = Command::new("sleep")
             .arg("30")
@@ -223,11 +253,17 @@ mod tests {
             .expect("sleep");
         let canonical = std::fs::canonicalize(dir.path()).expect("canonical");
         let pid = i32::try_from(child.id()).expect("pid");
-        assert!(processes_in(&canonical).expect("proc").contains(&pid));
-        // The reaper: the test process is its parent, and a zombie has no working directory.
-        let reaper = std::thread::spawn(move || child.wait());
-        prove_postgres_stopped(dir.path(), None, Duration::from_secs(10)).expect("stopped");
-        assert!(reaper.join().expect("join").is_ok());
+        assert!(processes_in_matching(&canonical, |_| true)
+            .expect("proc")
+            .contains(&pid));
+        // Not a postgres: never signalled (an administrator's shell in the data directory).
+        assert!(!processes_in(&canonical).expect("proc").contains(&pid));
+        prove_postgres_stopped(dir.path(), None, Duration::ZERO).expect("nothing of postgres");
+        assert!(child.try_wait().expect("alive").is_none());
+        // As the postmaster hint: signalled only when its executable is postgres.
+        prove_postgres_stopped(dir.path(), Some(pid), Duration::ZERO).expect("not postgres");
+        let _ = child.kill();
+        let _ = child.wait();
     }
 
     #[test]
