@@ -330,8 +330,8 @@ pub async fn release_dead_leader(config: &Config, token: &str) -> Result<bool, R
     if !replaceable(config, dcs.as_ref()).await {
         info!(
             name = %config.name,
-            "no other member can take over now; the leader record is kept, so that this \
-             member's agent, restarted, can resume (else its lease runs out)"
+            "no other member can take over now (or the cluster is paused); the leader record \
+             is kept, so that this member's agent, restarted, can resume (else its lease runs out)"
         );
         return Ok(false);
     }
@@ -354,6 +354,10 @@ async fn replaceable(config: &Config, dcs: &dyn Dcs) -> bool {
     let Ok(view) = dcs.cluster().await else {
         return true;
     };
+    // Paused: nobody takes over automatically, and the restarted agent resumes with the key.
+    if view.is_paused() {
+        return false;
+    }
     let dynamic = match view.config.as_ref() {
         Some(raw) => crate::config::DynamicConfig::from_dcs(&raw.value, &config.bootstrap.dcs).0,
         None => config.bootstrap.dcs.clone(),
