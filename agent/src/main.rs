@@ -170,15 +170,9 @@ fn main() -> ExitCode {
             }
             // One thread: the agent is light, and the postmaster's parent-death signal is tied
             // to the thread that spawned it, which must live as long as the process.
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match current_thread_runtime("pgwarden") {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("pgwarden: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(code) => return code,
             };
             let path = cli.config.clone();
             let overrides = cli.flags.overrides();
@@ -202,6 +196,17 @@ fn main() -> ExitCode {
     }
 }
 
+/// A single-threaded runtime (see `main` for why one thread), or exit code 1.
+fn current_thread_runtime(who: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{who}: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
 /// `pgwarden release-leader`: see [`Command::ReleaseLeader`].
 fn release_leader(path: Option<&PathBuf>, flags: &Flags) -> ExitCode {
     let loaded = match load(path, flags) {
@@ -215,15 +220,9 @@ fn release_leader(path: Option<&PathBuf>, flags: &Flags) -> ExitCode {
         eprintln!("pgwarden release-leader: cannot read the token: {e}");
         return ExitCode::from(2);
     }
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime("pgwarden release-leader") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgwarden release-leader: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(pgwarden::run::release_dead_leader(
         &loaded.config,
@@ -270,15 +269,9 @@ fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {
         Err(code) => return code,
     };
     let url = pgwarden::cli::healthcheck::liveness_url(&loaded.config);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime("pgwarden") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgwarden: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let timeout = std::time::Duration::from_secs(timeout);
     match runtime.block_on(pgwarden::cli::healthcheck::check(&url, timeout)) {
@@ -308,15 +301,9 @@ fn run_ctl(path: Option<PathBuf>, command: CtlCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime("pgwarden") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgwarden: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(pgwarden::cli::run(config, command)) {
         Ok(()) => ExitCode::SUCCESS,
