@@ -53,7 +53,19 @@ enum Command {
     },
     /// Internal: the out-of-process fence the agent starts for itself.
     #[command(hide = true)]
-    FenceGuard,
+    FenceGuard {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
+    /// Internal: run by the fence guard after the agent died and postgres was proven stopped;
+    /// releases the leader record named by the token on standard input if it is still ours.
+    /// Takes the agent's own arguments. Exit 0 released, 3 not ours, 1 DCS error.
+    #[command(hide = true)]
+    ReleaseLeader {
+        config: Option<PathBuf>,
+        #[command(flatten)]
+        flags: Box<Flags>,
+    },
 }
 
 /// Overrides of configuration values; they win over the file and the environment.
@@ -122,10 +134,11 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Some(Command::Ctl(command)) => run_ctl(cli.ctl_config.or(cli.config), command),
-        Some(Command::FenceGuard) => {
-            pgwarden::postgres::fence_guard::run_guard();
+        Some(Command::FenceGuard { args }) => {
+            pgwarden::postgres::fence_guard::run_guard(args);
             ExitCode::SUCCESS
         }
+        Some(Command::ReleaseLeader { config, flags }) => release_leader(config.as_ref(), &flags),
         Some(Command::Healthcheck { config, timeout }) => healthcheck(config.as_ref(), timeout),
         Some(Command::ValidateConfig { config, flags }) => match load(Some(&config), &flags) {
             Ok(loaded) => {
@@ -157,15 +170,9 @@ fn main() -> ExitCode {
             }
             // One thread: the agent is light, and the postmaster's parent-death signal is tied
             // to the thread that spawned it, which must live as long as the process.
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            let runtime = match current_thread_runtime("pgwarden") {
                 Ok(rt) => rt,
-                Err(e) => {
-                    eprintln!("pgwarden: cannot start the runtime: {e}");
-                    return ExitCode::from(1);
-                }
+                Err(code) => return code,
             };
             let path = cli.config.clone();
             let overrides = cli.flags.overrides();
@@ -185,6 +192,52 @@ fn main() -> ExitCode {
                     ExitCode::from(1)
                 }
             }
+        }
+    }
+}
+
+/// A single-threaded runtime (see `main` for why one thread), or exit code 1.
+fn current_thread_runtime(who: &str) -> Result<tokio::runtime::Runtime, ExitCode> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| {
+            eprintln!("{who}: cannot start the runtime: {e}");
+            ExitCode::from(1)
+        })
+}
+
+/// `pgwarden release-leader`: see [`Command::ReleaseLeader`].
+fn release_leader(path: Option<&PathBuf>, flags: &Flags) -> ExitCode {
+    let loaded = match load(path, flags) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let (log, _) = pgwarden::logging::LogSettings::from_config(&loaded.config.log);
+    pgwarden::logging::init(log);
+    let mut token = String::new();
+    if let Err(e) = std::io::stdin().read_line(&mut token) {
+        eprintln!("pgwarden release-leader: cannot read the token: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match current_thread_runtime("pgwarden release-leader") {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    match runtime.block_on(pgwarden::run::release_dead_leader(
+        &loaded.config,
+        token.trim(),
+    )) {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => ExitCode::from(
+            u8::try_from(pgwarden::postgres::crash_release::EXIT_NOT_OURS).unwrap_or(3),
+        ),
+        Err(e) => {
+            eprintln!(
+                "pgwarden release-leader: {}",
+                pgwarden::error::error_chain(&e as &dyn std::error::Error)
+            );
+            ExitCode::from(1)
         }
     }
 }
@@ -216,15 +269,9 @@ fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {
         Err(code) => return code,
     };
     let url = pgwarden::cli::healthcheck::liveness_url(&loaded.config);
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime("pgwarden") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgwarden: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     let timeout = std::time::Duration::from_secs(timeout);
     match runtime.block_on(pgwarden::cli::healthcheck::check(&url, timeout)) {
@@ -254,15 +301,9 @@ fn run_ctl(path: Option<PathBuf>, command: CtlCommand) -> ExitCode {
             return ExitCode::from(2);
         }
     };
-    let runtime = match tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-    {
+    let runtime = match current_thread_runtime("pgwarden") {
         Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("pgwarden: cannot start the runtime: {e}");
-            return ExitCode::from(1);
-        }
+        Err(code) => return code,
     };
     match runtime.block_on(pgwarden::cli::run(config, command)) {
         Ok(()) => ExitCode::SUCCESS,

@@ -14,8 +14,10 @@ use crate::dcs::etcd::{EtcdDcs, EtcdSettings};
 use crate::dcs::kubernetes::{KubeDcs, KubeSettings};
 use crate::dcs::Dcs;
 use crate::ha::{self, HaLoop};
+use crate::postgres::agent_lock::AgentLock;
 use crate::postgres::callbacks::Callbacks;
 use crate::postgres::conf::split_listen;
+use crate::postgres::fence_guard::GuardSpawn;
 use crate::postgres::probe::{LocalConnection, Probe};
 use crate::postgres::supervisor::{Supervisor, SupervisorSettings};
 
@@ -43,6 +45,8 @@ pub enum RunError {
     Tls(String),
     #[error("pgBackRest")]
     Backup(#[source] crate::backup::BackupError),
+    #[error("the data directory's lock")]
+    Lock(#[source] crate::postgres::agent_lock::LockError),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {
@@ -87,6 +91,11 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     // Before binding the REST API, as Patroni: a second agent started by mistake with the same
     // REST port hears about the name, not about the port.
     refuse_duplicate_name(&config, dcs.as_ref()).await?;
+    // Before anything touches postgres: a predecessor's fence guard may still be proving its
+    // postgres stopped and releasing the leader.
+    let data_lock = AgentLock::acquire(&config.postgresql.data_dir, LOCK_PATIENCE)
+        .await
+        .map_err(RunError::Lock)?;
     api::raise_descriptor_limit();
     let listener = tokio::net::TcpListener::bind(&config.restapi.listen)
         .await
@@ -116,12 +125,16 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
             Ok(new)
         })
     });
+    let guard = spawn_fence_guard(&config, &data_lock);
+    if let Some(guard) = &guard {
+        tokio::spawn(forward_release_token(dcs.release_token(), guard.clone()));
+    }
     let (supervisor, supervisor_task) = Supervisor::spawn(
         SupervisorSettings {
             bin_dir: config.postgres_bin_dir(),
             data_dir: config.postgresql.data_dir.clone(),
             stop_with_agent: true,
-            guard: spawn_fence_guard(),
+            guard: guard.clone(),
             callbacks,
         },
         pg_changed.clone(),
@@ -227,10 +240,16 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     }
     supervisor_task.abort();
     if let Err(e) = &result {
+        // The guard's crash path releases the leader, if we still hold it, once postgres is
+        // gone (it dies with this process).
         error!(error = %e, "the agent stops");
     } else {
+        if let Some(guard) = &guard {
+            guard.clean_exit();
+        }
         info!("the agent stopped cleanly");
     }
+    drop(data_lock);
     result.map_err(RunError::from)
 }
 
@@ -261,17 +280,106 @@ async fn connect_dcs(
     Ok(Arc::new(dcs))
 }
 
+/// How long a starting agent waits for the data directory's lock (a predecessor's fence guard
+/// needs at most its proof and release deadlines, about 25 s).
+const LOCK_PATIENCE: Duration = Duration::from_secs(60);
+
 /// Starts the out-of-process fence; without it a frozen agent could not stop postgres in time,
-/// so failing to start it is logged as an error but does not stop the agent.
-fn spawn_fence_guard() -> Option<Arc<crate::postgres::fence_guard::FenceGuard>> {
+/// so failing to start it is logged as an error but does not stop the agent. After a crash it
+/// releases the leader by running this executable as `release-leader` with our own arguments.
+fn spawn_fence_guard(
+    config: &Config,
+    lock: &AgentLock,
+) -> Option<Arc<crate::postgres::fence_guard::FenceGuard>> {
     let exe = std::env::current_exe().ok()?;
-    match crate::postgres::fence_guard::FenceGuard::spawn(&exe) {
+    let mut release = vec![exe.clone().into_os_string(), "release-leader".into()];
+    release.extend(std::env::args_os().skip(1));
+    let spawn = GuardSpawn {
+        data_dir: &config.postgresql.data_dir,
+        lock: Some(lock.file()),
+        release,
+    };
+    match crate::postgres::fence_guard::FenceGuard::spawn(&exe, spawn) {
         Ok(guard) => Some(Arc::new(guard)),
         Err(e) => {
             error!(error = %e, "cannot start the fence guard; a frozen agent would not be fenced");
             None
         }
     }
+}
+
+/// Tells the guard which leader record to release if we die.
+async fn forward_release_token(
+    mut token: watch::Receiver<Option<String>>,
+    guard: Arc<crate::postgres::fence_guard::FenceGuard>,
+) {
+    loop {
+        let current = token.borrow_and_update().clone();
+        guard.set_release_token(current.as_deref());
+        if token.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// After our agent died (run by its fence guard, see `crate::postgres::crash_release`):
+/// releases the leader record `token` names if it is still ours.
+pub async fn release_dead_leader(config: &Config, token: &str) -> Result<bool, RunError> {
+    let (_timing_tx, timing_rx) = watch::channel(Timing::bootstrap(config));
+    let dcs = connect_dcs(config, timing_rx).await?;
+    if !replaceable(config, dcs.as_ref()).await {
+        info!(
+            name = %config.name,
+            "no other member can take over now (or the cluster is paused); the leader record \
+             is kept, so that this member's agent, restarted, can resume (else its lease runs out)"
+        );
+        return Ok(false);
+    }
+    let released = dcs
+        .release_dead_leader(token)
+        .await
+        .map_err(RunError::Dcs)?;
+    if released {
+        info!(name = %config.name, "released the leader record of this member's dead agent");
+    } else {
+        info!(name = %config.name, "the leader record was no longer this member's dead agent's");
+    }
+    Ok(released)
+}
+
+/// Whether another member could take the lock now, by the race's own eligibility rule over
+/// the members' `/patroni` answers. A read that fails counts as "yes": the release stays
+/// conditional, and the lease would run out anyway.
+async fn replaceable(config: &Config, dcs: &dyn Dcs) -> bool {
+    let Ok(view) = dcs.cluster().await else {
+        return true;
+    };
+    // Paused: nobody takes over automatically, and the restarted agent resumes with the key.
+    if view.is_paused() {
+        return false;
+    }
+    let dynamic = match view.config.as_ref() {
+        Some(raw) => crate::config::DynamicConfig::from_dcs(&raw.value, &config.bootstrap.dcs).0,
+        None => config.bootstrap.dcs.clone(),
+    };
+    let mut peers = Vec::new();
+    for member in view.members.iter().filter(|m| m.name != config.name) {
+        let status =
+            crate::peer::fetch_status(&member.name, &member.record.api_url, Duration::from_secs(2))
+                .await
+                .ok();
+        peers.push(ha::observe::PeerAnswer {
+            name: member.name.clone(),
+            status,
+        });
+    }
+    ha::decide::someone_else_may_take_over(
+        &view,
+        &config.name,
+        &peers,
+        dynamic.synchronous_mode,
+        dynamic.maximum_lag_on_failover,
+    )
 }
 
 /// Patroni refuses to start when a member with our name answers its REST API (§2.10).

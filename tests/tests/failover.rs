@@ -857,3 +857,154 @@ async fn the_new_leader_publishes_its_promotion_before_the_next_loop_wait_tick()
         "{candidate}'s member record said primary {behind:?} after its first write (loop_wait 10 s)"
     );
 }
+
+/// Every write `from` acknowledged is on `on` (synchronous mode promises it across a failover).
+async fn assert_acks_kept(
+    env: &TestEnv,
+    acks: &[pgwarden_tests::harness::writer::Ack],
+    from: &str,
+    on: &str,
+) {
+    let ids: Vec<String> = acks
+        .iter()
+        .filter(|a| a.member == from)
+        .map(|a| a.id.to_string())
+        .collect();
+    assert!(
+        !ids.is_empty(),
+        "{from} acknowledged writes before the crash"
+    );
+    let m = env.members.iter().find(|m| m.name == on).expect("member");
+    let found = m
+        .sql(&format!(
+            "SELECT count(*)::text FROM pgwarden_writer WHERE id IN ({})",
+            ids.join(",")
+        ))
+        .await
+        .expect("count");
+    assert_eq!(
+        found,
+        vec![ids.len().to_string()],
+        "every write {from} acknowledged is on {on}"
+    );
+}
+
+/// Proof-of-death release (issue 20): kill -9 of the leader's agent alone. Its postgres dies
+/// with it (parent-death signal); the fence guard, which outlives the agent, proves postgres
+/// stopped and releases the leader key, so the others fail over without waiting for the lease.
+/// The agent, restarted at once on the same data directory, waits for its guard and comes back
+/// as a streaming replica, never as a second primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_guard_releases_the_leader_once_postgres_is_proven_stopped() {
+    // A ttl far longer than the failover: the old leader's lease cannot be what ends it.
+    let options = ClusterOptions {
+        ttl: 60,
+        synchronous_mode: true,
+        ..ClusterOptions::default()
+    };
+    let (mut env, _) = three_members(options, false).await;
+    let old = env.leader().await.expect("leader");
+    // Until `sync` names a standby nobody may take over (and the guard keeps the record).
+    wait_until("`sync` names a synchronous standby", T, || async {
+        env.etcd
+            .get(&env.key("sync"))
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .is_some_and(|j| j["sync_standby"].as_str().is_some_and(|s| !s.is_empty()))
+    })
+    .await;
+    let writer = start_writer(&env, &old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let old_postmaster = env.member(&old).postmaster_pid().expect("postmaster");
+
+    env.member(&old).agent().kill9();
+    // At once, as systemd's Restart= would: it must wait for the guard.
+    env.member(&old).restart().expect("restart the agent");
+    let new = wait_for_new_leader(&env, &old).await;
+    assert!(
+        !pgwarden_tests::harness::process::pid_alive(old_postmaster),
+        "the killed agent's postmaster is gone"
+    );
+    wait_for_replica(&env, &old).await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert!(
+        acks.iter().any(|a| a.member == new),
+        "writes resumed on {new}"
+    );
+    assert_acks_kept(&env, &acks, &old, &new).await;
+    let log = env.member(&old).log_text();
+    assert!(
+        log.contains("released the leader"),
+        "the guard released the leader after proving postgres stopped:\n{log}"
+    );
+}
+
+/// Never on silence alone: when the guard cannot reach etcd, it releases nothing and the lease
+/// runs out as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agents_guard_that_cannot_reach_etcd_releases_nothing() {
+    let (mut env, proxies) = three_members(ClusterOptions::default(), true).await;
+    let old = env.leader().await.expect("leader");
+    let i = env
+        .members
+        .iter()
+        .position(|m| m.name == old)
+        .expect("leader");
+    proxies[i].black_hole();
+    env.member(&old).agent().kill9();
+    let new = wait_for_new_leader(&env, &old).await;
+    wait_until("the guard gave up on the release", T, || async {
+        env.members[i].log_text().contains("runs out instead")
+    })
+    .await;
+    let log = env.member(&old).log_text();
+    assert!(
+        !log.contains("released the leader"),
+        "nothing was released without etcd:\n{log}"
+    );
+    proxies[i].heal();
+    env.member(&old).restart().expect("restart the agent");
+    wait_for_replica(&env, &old).await;
+    assert_ne!(new, old);
+}
+
+/// Item 3 of the proof-of-death release: when no other member could take over (here the only
+/// replica is tagged `nofailover`), the guard keeps the leader record, and the agent restarted
+/// on the same data directory within the ttl resumes as leader after crash recovery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_agent_nobody_can_replace_resumes_as_leader_after_its_restart() {
+    let options = ClusterOptions {
+        ttl: 60,
+        ..ClusterOptions::default()
+    };
+    let mut env = TestEnv::start(options).await.expect("etcd");
+    env.add_member("pg0");
+    let i = env.add_member("pg1");
+    env.members[i].set("tags.nofailover", serde_yaml::Value::Bool(true));
+    env.start_member(0).expect("start pg0");
+    let old = env.wait_for_leader(T).await;
+    assert_eq!(old, "pg0");
+    env.start_member(i).expect("start pg1");
+    wait_for_streaming(&env, &old, 1).await;
+
+    env.member(&old).agent().kill9();
+    env.member(&old).restart().expect("restart the agent");
+    wait_until("pg0 leads again and accepts writes", T, || async {
+        env.leader().await.as_deref() == Some("pg0")
+            && env.members[0]
+                .sql("SELECT pg_is_in_recovery()::text")
+                .await
+                .ok()
+                == Some(vec!["false".into()])
+    })
+    .await;
+    wait_for_replica(&env, "pg1").await;
+    let log = env.members[0].log_text();
+    assert!(
+        log.contains("no other member can take over") && !log.contains("released the leader"),
+        "the guard kept the record:\n{log}"
+    );
+}

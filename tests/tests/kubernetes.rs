@@ -221,7 +221,7 @@ async fn the_primary_service_follows_a_promotion_before_the_next_loop_wait_tick(
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn kill9_of_the_leader_agent_fails_over_after_the_lease_and_it_rejoins() {
+async fn kill9_of_the_leader_agent_fails_over_by_its_guards_release_and_it_rejoins() {
     let mut k = members(&["pg0", "pg1"]).await;
     let old = k.wait_for_leader(T, None).await;
     wait_for_streaming(&k, &old, 1).await;
@@ -253,6 +253,13 @@ async fn kill9_of_the_leader_agent_fails_over_after_the_lease_and_it_rejoins() {
         "writes resumed on {new}"
     );
     assert_eq!(k.holder().await.as_deref(), Some(new.as_str()));
+    // Not the lease running out: the fence guard proved postgres stopped and released the
+    // Lease at the resourceVersion of the dead agent's last renewal.
+    let log = k.env.members[i].log_text();
+    assert!(
+        log.contains("released the leader"),
+        "the guard released the Lease:\n{log}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -3,5 +3,5 @@
 //! falls back to `pgwarden fence-guard` when this file is not installed next to it.
 
 fn main() {
-    pgwarden::postgres::fence_guard::run_guard();
+    pgwarden::postgres::fence_guard::run_guard(std::env::args_os().skip(1));
 }

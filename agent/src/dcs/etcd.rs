@@ -206,6 +206,9 @@ impl Reachability {
 }
 
 /// [`Dcs`] over etcd v3.
+/// How an etcd release token starts (the rest is the lease id).
+const ETCD_TOKEN_PREFIX: &str = "etcd-lease:";
+
 pub struct EtcdDcs {
     /// The client for the timing in force, with its generation (bumped on each rebuild).
     client: watch::Receiver<(u64, Client)>,
@@ -225,6 +228,8 @@ pub struct EtcdDcs {
     watcher: tokio::task::JoinHandle<()>,
     /// Rebuilds the client when the timing changes.
     reconfigurer: tokio::task::JoinHandle<()>,
+    /// The lease our `leader` key hangs on, for the fence guard's crash release.
+    release_token: watch::Sender<Option<String>>,
 }
 
 impl Drop for EtcdDcs {
@@ -404,6 +409,7 @@ impl EtcdDcs {
             written,
             watcher,
             reconfigurer,
+            release_token: watch::channel(None).0,
         })
     }
 
@@ -454,6 +460,16 @@ impl EtcdDcs {
             )
             .await?;
         Ok(response.deleted())
+    }
+
+    /// The crash-release token: the lease `leader` hangs on while it is ours.
+    fn leader_on_lease(&self, lease: Option<i64>) {
+        let token = lease.map(|id| format!("{ETCD_TOKEN_PREFIX}{id}"));
+        self.release_token.send_if_modified(|t| {
+            let changed = *t != token;
+            *t = token;
+            changed
+        });
     }
 
     /// A change of leadership may have changed `status` behind our back: write it next time.
@@ -785,6 +801,7 @@ impl Dcs for EtcdDcs {
         let response = self.call("acquire leader", client.txn(txn)).await?;
         if response.succeeded() {
             self.wrote(response.header());
+            self.leader_on_lease(Some(lease));
         }
         Ok(response.succeeded())
     }
@@ -804,6 +821,7 @@ impl Dcs for EtcdDcs {
             Err(DcsError::LeaseLost) => {
                 state.id = None;
                 state.last_member = None;
+                self.leader_on_lease(None);
                 return Err(DcsError::LeaseLost);
             }
             Err(e) => return Err(e),
@@ -817,6 +835,7 @@ impl Dcs for EtcdDcs {
         // after acquiring, a linearizable re-read due): confirm holder and lease in one
         // linearizable compare.
         if self.cache_confirms_leader(lease) {
+            self.leader_on_lease(Some(lease));
             return Ok(LeaseRenewal { sent_at, ttl });
         }
         let key = self.keys.leader();
@@ -830,6 +849,7 @@ impl Dcs for EtcdDcs {
             .await?
             .succeeded()
         {
+            self.leader_on_lease(Some(lease));
             return Ok(LeaseRenewal { sent_at, ttl });
         }
         // The key names us but hangs on another lease (our previous process's): re-attach it to
@@ -850,8 +870,10 @@ impl Dcs for EtcdDcs {
         if response.succeeded() {
             self.wrote(response.header());
             info!(lease, "re-attached the leader key to this process's lease");
+            self.leader_on_lease(Some(lease));
             return Ok(LeaseRenewal { sent_at, ttl });
         }
+        self.leader_on_lease(None);
         Err(DcsError::rejected(
             "the leader key is no longer held by this member",
         ))
@@ -859,6 +881,9 @@ impl Dcs for EtcdDcs {
 
     async fn release_leader(&self) -> Result<(), DcsError> {
         self.forget_status();
+        // Before the request: if its answer is lost the key may be gone, and the guard must not
+        // release a key someone else may hold by then (its compare would protect it anyway).
+        self.leader_on_lease(None);
         let key = self.keys.leader();
         let txn = Txn::new()
             .when([Compare::value(
@@ -997,12 +1022,49 @@ impl Dcs for EtcdDcs {
         let Some(id) = state.id.take() else {
             return Ok(());
         };
+        self.leader_on_lease(None);
         state.last_member = None;
         state.keeper = None;
         let mut client = self.client();
         let response = self.call("revoke lease", client.lease_revoke(id)).await?;
         self.wrote(response.header());
         Ok(())
+    }
+
+    fn release_token(&self) -> watch::Receiver<Option<String>> {
+        self.release_token.subscribe()
+    }
+
+    async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
+        let lease: i64 = token
+            .strip_prefix(ETCD_TOKEN_PREFIX)
+            .and_then(|id| id.parse().ok())
+            .ok_or_else(|| DcsError::rejected(format!("not an etcd release token: {token:?}")))?;
+        // The key only if it still names us on the dead agent's lease: a restarted agent may
+        // have re-attached it to its own lease meanwhile, or another member may hold it.
+        let key = self.keys.leader();
+        let txn = Txn::new()
+            .when([
+                Compare::value(key.clone(), CompareOp::Equal, self.name.clone()),
+                Compare::lease(key.clone(), CompareOp::Equal, lease),
+            ])
+            .and_then([TxnOp::delete(key, None)]);
+        let mut client = self.client();
+        let released = self
+            .call("release the dead leader", client.txn(txn))
+            .await?
+            .succeeded();
+        // The member key hangs on the same lease and names a member that is gone; a lease that
+        // ran out already is not an error.
+        let mut client = self.client();
+        match self
+            .call("revoke the dead agent's lease", client.lease_revoke(lease))
+            .await
+        {
+            Ok(_) | Err(DcsError::LeaseLost) => {}
+            Err(e) => warn!(error = %e, lease, "cannot revoke the dead agent's lease"),
+        }
+        Ok(released)
     }
 
     async fn acquire_lease_key(&self, key: &str, value: &str) -> Result<bool, DcsError> {

@@ -16,6 +16,7 @@ use std::time::{Duration, Instant};
 use std::sync::Arc;
 
 use async_trait::async_trait;
+use tokio::sync::watch;
 
 pub use model::{
     ClusterView, FailoverRequest, HistoryLine, LeaderKey, LeaderStatus, Member, MemberRecord,
@@ -192,6 +193,22 @@ pub trait Dcs: Send + Sync {
         let _ = value;
         Err(DcsError::rejected(format!(
             "this DCS does not support writing `{key}`"
+        )))
+    }
+
+    /// The leader record as this client last wrote or confirmed it, as a token the fence guard
+    /// keeps for a crash release (`crate::postgres::crash_release`): `None` while we do not
+    /// hold the leader. The default never has one (no crash release).
+    fn release_token(&self) -> watch::Receiver<Option<String>> {
+        watch::channel(None).1
+    }
+
+    /// After this member's agent died and its postgres was proven stopped: releases the leader
+    /// record only if it is still the one `token` names. `Ok(false)`: it was not (another
+    /// member leads, or it ran out), nothing was changed.
+    async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
+        Err(DcsError::rejected(format!(
+            "this DCS cannot release the leader record {token}"
         )))
     }
 }

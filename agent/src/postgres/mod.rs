@@ -1,9 +1,11 @@
 //! The local postgres: its supervisor, the files we manage in its data directory, the control
 //! file, the status query and cluster creation.
 
+pub mod agent_lock;
 pub mod callbacks;
 pub mod conf;
 pub mod controldata;
+pub mod crash_release;
 pub mod fence_guard;
 pub mod initdb;
 pub mod probe;

@@ -81,6 +81,9 @@ enum FaultKind {
     KillAgent,
     /// kill -9 of the agent and of its postmaster.
     KillAgentAndPostmaster,
+    /// Host loss: kill -9 of every process of the member at once (agent, fence guard,
+    /// postgres): nothing is left to release the leader.
+    KillHost,
     /// kill -9 of the postmaster alone: the agent must restart or fail over.
     KillPostmaster,
     /// SIGSTOP of the agent for `hold_ms`, then SIGCONT.
@@ -103,7 +106,10 @@ impl FaultKind {
     fn is_process_fault(self) -> bool {
         matches!(
             self,
-            FaultKind::KillAgent | FaultKind::KillAgentAndPostmaster | FaultKind::FreezeAgent
+            FaultKind::KillAgent
+                | FaultKind::KillAgentAndPostmaster
+                | FaultKind::KillHost
+                | FaultKind::FreezeAgent
         )
     }
 }
@@ -140,9 +146,10 @@ impl Schedule {
             ModeChoice::Both => rng.random_bool(0.5),
         };
         // Weights: leader kills and silent partitions are what failover is for; the rest mix in.
-        const KINDS: [(FaultKind, u32); 10] = [
-            (FaultKind::KillAgentAndPostmaster, 3),
-            (FaultKind::KillAgent, 2),
+        const KINDS: [(FaultKind, u32); 11] = [
+            (FaultKind::KillAgentAndPostmaster, 2),
+            (FaultKind::KillAgent, 3),
+            (FaultKind::KillHost, 2),
             (FaultKind::KillPostmaster, 2),
             (FaultKind::FreezeAgent, 3),
             (FaultKind::DcsCut, 2),
@@ -441,12 +448,12 @@ impl Cluster {
             return Err(format!("{name} is already killed or frozen"));
         }
         match fault.kind {
-            FaultKind::KillAgent | FaultKind::KillAgentAndPostmaster => {
+            FaultKind::KillAgent | FaultKind::KillAgentAndPostmaster | FaultKind::KillHost => {
                 let m = &mut self.env.members[i];
-                if fault.kind == FaultKind::KillAgentAndPostmaster {
-                    m.kill9_with_postmaster();
-                } else {
-                    m.agent().kill9();
+                match fault.kind {
+                    FaultKind::KillAgentAndPostmaster => m.kill9_with_postmaster(),
+                    FaultKind::KillHost => m.kill9_host(),
+                    _ => m.agent().kill9(),
                 }
                 self.process_fault[i] = true;
             }
@@ -510,7 +517,10 @@ impl Cluster {
                     self.dcs_faults[i].apply(&self.dcs[i]);
                 }
             }
-            (FaultKind::KillAgent | FaultKind::KillAgentAndPostmaster, Some(i)) => {
+            (
+                FaultKind::KillAgent | FaultKind::KillAgentAndPostmaster | FaultKind::KillHost,
+                Some(i),
+            ) => {
                 self.env.members[i].restart()?;
                 self.process_fault[i] = false;
             }

@@ -622,6 +622,23 @@ tags: {{}}
         }
     }
 
+    /// Host loss: kill -9 of every process of the member at once — the agent, its children
+    /// (the fence guard among them) and every process running in the data directory (postgres
+    /// and its backends). Nothing survives to release the leader: its lease must run out.
+    pub fn kill9_host(&mut self) {
+        let agent = self.agent().pid();
+        let mut pids = process::children_of(agent);
+        pids.push(agent);
+        pids.extend(process::running_in(&self.data_dir()));
+        for pid in &pids {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(*pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        let _ = self.agent().wait_exit(Duration::from_secs(10));
+    }
+
     /// PID of the running postmaster, from `postmaster.pid`.
     pub fn postmaster_pid(&self) -> Option<i32> {
         let text = std::fs::read_to_string(self.data_dir().join("postmaster.pid")).ok()?;

@@ -280,7 +280,12 @@ pub struct KubeDcs {
     watchers: Vec<tokio::task::JoinHandle<()>>,
     /// A task clearing former leaders' role labels is running.
     unlabelling: Arc<AtomicBool>,
+    /// The Lease's resourceVersion while it names us, for the fence guard's crash release.
+    release_token: tokio::sync::watch::Sender<Option<String>>,
 }
+
+/// How a Kubernetes release token starts (the rest is the Lease's resourceVersion).
+const KUBE_TOKEN_PREFIX: &str = "k8s-lease-rv:";
 
 impl Drop for KubeDcs {
     fn drop(&mut self) {
@@ -355,6 +360,7 @@ impl KubeDcs {
             },
             watchers,
             unlabelling: Arc::new(AtomicBool::new(false)),
+            release_token: tokio::sync::watch::channel(None).0,
         }
     }
 
@@ -399,8 +405,18 @@ impl KubeDcs {
     }
 
     fn observe_lease(&self, lease: Option<&Lease>) {
+        let record = lease.map(record_of);
+        let token = record
+            .as_ref()
+            .filter(|r| r.holder.as_deref() == Some(self.settings.name.as_str()))
+            .map(|r| format!("{KUBE_TOKEN_PREFIX}{}", r.resource_version));
+        self.release_token.send_if_modified(|t| {
+            let changed = *t != token;
+            *t = token;
+            changed
+        });
         if let Ok(mut t) = self.tracker.lock() {
-            t.observe(lease.map(record_of), Instant::now());
+            t.observe(record, Instant::now());
         }
         if let Ok(mut last) = self.last_lease.lock() {
             *last = lease.cloned();
@@ -880,6 +896,35 @@ impl Dcs for KubeDcs {
         Err(DcsError::rejected(
             "the leader Lease kept changing while releasing it",
         ))
+    }
+
+    fn release_token(&self) -> tokio::sync::watch::Receiver<Option<String>> {
+        self.release_token.subscribe()
+    }
+
+    async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
+        let version = token.strip_prefix(KUBE_TOKEN_PREFIX).ok_or_else(|| {
+            DcsError::rejected(format!("not a Kubernetes release token: {token:?}"))
+        })?;
+        let _writes = self.lease_writes.lock().await;
+        let Some(mut lease) = self.get_lease().await? else {
+            return Ok(false);
+        };
+        // Only the Lease exactly as the dead agent last wrote it: any later write (a restarted
+        // agent's renewal, another member's takeover) means it is not ours to release.
+        if lease.metadata.resource_version.as_deref() != Some(version) {
+            return Ok(false);
+        }
+        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
+        if spec.holder_identity.as_deref() != Some(self.settings.name.as_str()) {
+            return Ok(false);
+        }
+        spec.holder_identity = None;
+        // The replace carries `version`: 409 if anything wrote the Lease since the read.
+        Ok(self
+            .replace_lease("release the dead leader's lease", &lease)
+            .await?
+            .is_some())
     }
 
     async fn touch_member(&self, record: &MemberRecord) -> Result<(), DcsError> {

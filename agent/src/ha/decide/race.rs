@@ -75,17 +75,29 @@ pub(super) fn others_may_take_over(
     me: &MemberFacts,
     peers: &[PeerAnswer],
 ) -> bool {
+    someone_else_may_take_over(
+        view,
+        &me.name,
+        peers,
+        me.synchronous_mode,
+        me.maximum_lag_on_failover,
+    )
+}
+
+/// Could any member but `me` take the lock on these answers ([`may_take_over`])? Asked by the
+/// crash release (`crate::run::release_dead_leader`): releasing the record of a leader nobody
+/// can replace would only stop its own agent, restarted, from resuming.
+pub fn someone_else_may_take_over(
+    view: &ClusterView,
+    me: &str,
+    peers: &[PeerAnswer],
+    synchronous_mode: bool,
+    maximum_lag: u64,
+) -> bool {
     let last_position = view.status.as_ref().map_or(0, |s| s.optime);
-    peers.iter().any(|p| {
-        may_take_over(
-            p,
-            &me.name,
-            view,
-            me.synchronous_mode,
-            last_position,
-            me.maximum_lag_on_failover,
-        )
-    })
+    peers
+        .iter()
+        .any(|p| may_take_over(p, me, view, synchronous_mode, last_position, maximum_lag))
 }
 
 /// The one eligibility rule for another member taking the lock (Patroni's
