@@ -34,7 +34,9 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{alarm, getpid, Pid};
 
-/// The grace period when neither `--grace` nor `PGWARDEN_INIT_GRACE` sets one.
+/// The grace period when neither `--grace` nor `PGWARDEN_INIT_GRACE` sets one: more than the
+/// fence guard's crash release may take (12 s to prove postgres stopped, 10 s for the release;
+/// [`crate::postgres::crash_release`]).
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(30);
 
 /// The signals passed on to COMMAND.
