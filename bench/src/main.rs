@@ -384,7 +384,7 @@ async fn failover(c: &mut Cluster, fault: Fault, jitter: bool) -> anyhow::Result
         set_primary_start_timeout(c, primary_start_timeout).await?;
     }
     let old = c.wait_healthy().await?;
-    let writer = Writer::start(c.env.writer_targets());
+    let writer = Writer::start_independent(c.env.writer_targets());
     // Whatever fails, the writer stops: left running it would write on through the next
     // repetitions.
     let run = async {
@@ -486,30 +486,19 @@ async fn failover(c: &mut Cluster, fault: Fault, jitter: bool) -> anyhow::Result
     let (killed_at, new, primary_at, moved, rejoin, expiry, renewals, lease_left) = run?;
     let expired_at = expiry.await.ok().flatten();
     // After a restart in place, the first write of the restarted postgres: the first after a
-    // tick without any acknowledged write (a backend of the killed postmaster may still
-    // acknowledge in the first milliseconds).
-    let after_tick = if moved {
-        0
-    } else {
-        let ticks: std::collections::BTreeSet<u64> = acks.iter().map(|a| a.tick).collect();
-        let mut t = acks
-            .iter()
-            .filter(|a| a.at <= killed_at)
-            .map(|a| a.tick)
-            .max()
-            .unwrap_or(0)
-            + 1;
-        while ticks.contains(&t) {
-            t += 1;
+    // pause of its writes (a backend of the killed postmaster may still acknowledge in the
+    // first milliseconds).
+    let mut previous: Option<Instant> = None;
+    let mut first = None;
+    for a in acks.iter().filter(|a| a.member == new) {
+        let paused = previous.is_none_or(|p| a.at.duration_since(p) > Duration::from_millis(100));
+        if a.at > killed_at && (moved || paused) {
+            first = Some(a.at);
+            break;
         }
-        t
-    };
-    let first = acks
-        .iter()
-        .filter(|a| a.at > killed_at && a.member == new && a.tick > after_tick)
-        .map(|a| a.at)
-        .min()
-        .context("no write after the fault")?;
+        previous = Some(a.at);
+    }
+    let first = first.context("no write after the fault")?;
     let on_new: std::collections::BTreeSet<i64> = c
         .member(&new)
         .sql("SELECT id::text FROM pgwarden_writer")
