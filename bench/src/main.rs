@@ -5,9 +5,16 @@
 //!
 //! ```sh
 //! scripts/build-release.sh && target/release/pgwarden-bench [--quick] [--reps N] [--idle-secs S]
-//!     [--scenarios footprint,rest,switchover,haproxy,failover,sync,scale] [--out DIR]
+//!     [--scenarios footprint,rest,switchover,haproxy,failover,sync,scale]
+//!     [--profile fast|defaults|both] [--faults agent-crash,host-loss,host-freeze,postgres-crash]
+//!     [--out DIR]
 //! ```
+//!
+//! The `failover` phase runs the failure scenarios of [`faults`] on the leader (agent crash,
+//! host loss, host freeze, postgres crash at `primary_start_timeout` 300 and 0) at each timing
+//! profile; `sync` runs the agent crash in synchronous mode.
 
+mod faults;
 mod load;
 mod plot;
 mod procstat;
@@ -18,9 +25,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use pgwarden_tests::harness::writer::{longest_gap, Ack, Writer, CREATE_TABLE};
+use pgwarden_tests::harness::writer::{longest_gap, split_brain_ticks, Ack, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{AgentKind, ClusterOptions, TestEnv};
 
+use faults::{Fault, Profile, DEFAULTS, FAST};
 use report::Report;
 
 #[derive(Parser, Debug)]
@@ -29,13 +37,13 @@ struct Args {
     /// One repetition, short windows: a smoke test of the benchmark itself (used in CI).
     #[arg(long)]
     quick: bool,
-    /// Repetitions of failover and switchover per agent.
+    /// Repetitions of every switchover and failure scenario, per agent and profile.
     #[arg(long, default_value_t = 5)]
     reps: usize,
     /// Idle window for the CPU measurement, seconds.
     #[arg(long, default_value_t = 60)]
     idle_secs: u64,
-    /// Also measure failover with synchronous_mode on.
+    /// Also run the agent crash with synchronous_mode on (the `sync` scenario).
     #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
     sync: bool,
     /// Kill the leader at a random point of its 2 s loop_wait cycle. Without it, the kill
@@ -51,6 +59,16 @@ struct Args {
     /// footprint, rest, switchover, haproxy, failover, sync, scale, or all.
     #[arg(long, value_delimiter = ',', default_value = "all")]
     scenarios: Vec<String>,
+    /// Timing profile of the failure scenarios: fast (ttl 10, loop_wait 2, retry_timeout 3,
+    /// the clusters of every other scenario), defaults (Patroni's: ttl 30, loop_wait 10,
+    /// retry_timeout 10) or both. `--quick` runs fast only.
+    #[arg(long, default_value = "both", value_parser = ["fast", "defaults", "both"])]
+    profile: String,
+    /// Failure scenarios of the `failover` and `sync` phases (comma-separated): agent-crash,
+    /// host-loss, host-freeze, postgres-crash (primary_start_timeout 300 and 0), or all.
+    /// `sync` runs the agent crash only. `--quick` skips those that wait for a whole lease.
+    #[arg(long, value_delimiter = ',', default_value = "all")]
+    faults: Vec<String>,
     /// Where results.json, results.md and the plots go.
     #[arg(long, default_value = "target/bench")]
     out: PathBuf,
@@ -73,8 +91,6 @@ impl Args {
 }
 
 const TIMEOUT: Duration = Duration::from_secs(120);
-/// The clusters' loop_wait.
-const LOOP_WAIT: Duration = Duration::from_secs(2);
 
 /// A random duration in `[0, bound)` (std's randomly keyed hasher: no extra dependency).
 fn random_below(bound: Duration) -> Duration {
@@ -96,6 +112,9 @@ fn label(kind: AgentKind) -> &'static str {
 struct Cluster {
     env: TestEnv,
     kind: AgentKind,
+    profile: Profile,
+    /// The `primary_start_timeout` in the cluster's dynamic configuration.
+    primary_start_timeout: u32,
 }
 
 impl Cluster {
@@ -243,12 +262,17 @@ async fn missed(report: &mut Report, c: &mut Cluster, what: String, error: anyho
     }
 }
 
-async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Result<(Cluster, f64)> {
+async fn start_cluster(
+    kind: AgentKind,
+    scope: &str,
+    sync: bool,
+    profile: Profile,
+) -> anyhow::Result<(Cluster, f64)> {
     let options = ClusterOptions {
         scope: scope.to_owned(),
-        ttl: 10,
-        loop_wait: 2,
-        retry_timeout: 3,
+        ttl: profile.ttl,
+        loop_wait: profile.loop_wait,
+        retry_timeout: profile.retry_timeout,
         synchronous_mode: sync,
     };
     let mut env = TestEnv::start(options).await?;
@@ -264,7 +288,12 @@ async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Resu
     for i in 0..3 {
         env.start_member(i)?;
     }
-    let cluster = Cluster { env, kind };
+    let cluster = Cluster {
+        env,
+        kind,
+        profile,
+        primary_start_timeout: 300,
+    };
     let leader = cluster.wait_healthy().await?;
     let secs = started.elapsed().as_secs_f64();
     cluster.member(&leader).sql(CREATE_TABLE).await?;
@@ -275,13 +304,6 @@ async fn start_cluster(kind: AgentKind, scope: &str, sync: bool) -> anyhow::Resu
 /// (two lines per cycle), which is not what the footprint should be compared at.
 fn agent_log_level(m: &mut pgwarden_tests::harness::Member) {
     m.env.push(("RUST_LOG".into(), "info".into()));
-}
-
-fn first_ack_after(acks: &[Ack], after: Instant, not_on: &str) -> Option<Instant> {
-    acks.iter()
-        .filter(|a| a.at > after && a.member != not_on)
-        .map(|a| a.at)
-        .min()
 }
 
 fn curve(acks: &[Ack], origin: Instant, window: (f64, f64)) -> Vec<(f64, f64)> {
@@ -302,87 +324,181 @@ fn curve(acks: &[Ack], origin: Instant, window: (f64, f64)) -> Vec<(f64, f64)> {
 }
 
 struct FailoverOutcome {
+    /// From the fault to the first acknowledged write on the member that leads afterwards
+    /// (another member, or the same one when postgres was restarted in place).
     failover: f64,
+    /// From the fault to the first 200 of `GET /primary` on the member that leads afterwards.
+    primary_ok: Option<f64>,
+    /// The leader moved to another member.
+    moved: bool,
     after_expiry: Option<f64>,
-    /// From the kill to the leader key's deletion by etcd.
+    /// From the fault to the leader key's deletion (by etcd at lease expiry, or released).
     kill_to_expiry: Option<f64>,
-    /// What etcd said the leader's lease had left just before the kill.
+    /// What etcd said the leader's lease had left just before the fault.
     lease_left: Option<f64>,
-    /// Lease keepalives per second per member while the writer ran, before the kill.
+    /// Lease keepalives per second per member while the writer ran, before the fault.
     renewals: f64,
     lost: usize,
-    rejoin: f64,
+    /// Writer ticks in which two members acknowledged: two writable primaries at once.
+    two_primaries_ticks: usize,
+    /// How long the old leader kept acknowledging writes after the new leader's first.
+    old_acked_after_new: f64,
+    /// From the recovery of the member (restart, SIGCONT) to streaming from the new leader.
+    rejoin: Option<f64>,
     curve: Vec<(f64, f64)>,
 }
 
-/// kill -9 of the leader's agent and postmaster; the time to the first acknowledged write on
-/// another member; lost acknowledged writes; then the killed member's rejoin time.
-async fn failover(c: &mut Cluster, jitter: bool) -> anyhow::Result<FailoverOutcome> {
+/// How long the writer keeps writing once another member leads, before the old leader's member
+/// is brought back: an orphaned primary (Patroni's postgres after a kill of Patroni) keeps
+/// acknowledging writes until then.
+const OBSERVE: Duration = Duration::from_secs(2);
+
+/// Sets `primary_start_timeout` in the cluster's dynamic configuration (`PATCH /config`) and
+/// waits until every member has read it.
+async fn set_primary_start_timeout(c: &mut Cluster, value: u32) -> anyhow::Result<()> {
+    if c.primary_start_timeout == value {
+        return Ok(());
+    }
+    let leader = c.wait_healthy().await?;
+    let body = format!(r#"{{"primary_start_timeout": {value}}}"#);
+    let (code, text) = c
+        .member(&leader)
+        .api_request("PATCH", "/config", Some(&body))
+        .await
+        .context("PATCH /config")?;
+    anyhow::ensure!(code == 200, "PATCH /config answered {code}: {text}");
+    c.primary_start_timeout = value;
+    // Every member applies the change from the `config` key within a cycle.
+    tokio::time::sleep(Duration::from_secs(u64::from(c.profile.loop_wait) + 1)).await;
+    Ok(())
+}
+
+/// The fault on the leader, the time to the first acknowledged write on the member that leads
+/// afterwards and to its `GET /primary` 200, lost acknowledged writes, two writable primaries,
+/// then the old leader's rejoin.
+async fn failover(c: &mut Cluster, fault: Fault, jitter: bool) -> anyhow::Result<FailoverOutcome> {
+    if let Fault::PostgresCrash {
+        primary_start_timeout,
+    } = fault
+    {
+        set_primary_start_timeout(c, primary_start_timeout).await?;
+    }
     let old = c.wait_healthy().await?;
-    let writer = Writer::start(c.env.writer_targets());
-    let endpoint = c.env.etcd.endpoint();
-    let counters_before = EtcdCounters::read(&endpoint).await;
-    let counted_from = Instant::now();
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    if jitter {
-        tokio::time::sleep(random_below(LOOP_WAIT)).await;
-    }
-    // Watch the leader key to learn when the lease expired in etcd.
-    let key = c.env.key("leader");
-    // A watch, not polling: the key may be re-acquired within milliseconds of its expiry.
-    let mut client = etcd_client_connect(&endpoint).await.context("etcd")?;
-    let mut stream = client
-        .watch(key.as_str(), None)
-        .await
-        .context("watch the leader key")?;
-    let expiry = tokio::spawn(async move {
-        let deadline = tokio::time::Instant::now() + TIMEOUT;
-        loop {
-            let message = tokio::time::timeout_at(deadline, stream.message())
-                .await
-                .ok()?;
-            let response = message.ok()??;
-            if response
-                .events()
-                .iter()
-                .any(|e| e.event_type() == etcd_client::EventType::Delete)
-            {
-                return Some(Instant::now());
+    let writer = Writer::start_independent(c.env.writer_targets());
+    // Whatever fails, the writer stops: left running it would write on through the next
+    // repetitions.
+    let run = async {
+        let endpoint = c.env.etcd.endpoint();
+        let counters_before = EtcdCounters::read(&endpoint).await;
+        let counted_from = Instant::now();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        if jitter {
+            tokio::time::sleep(random_below(Duration::from_secs(u64::from(
+                c.profile.loop_wait,
+            ))))
+            .await;
+        }
+        // Watch the leader key to learn when the lease expired in etcd.
+        let key = c.env.key("leader");
+        // A watch, not polling: the key may be re-acquired within milliseconds of its expiry.
+        let mut client = etcd_client_connect(&endpoint).await.context("etcd")?;
+        let mut stream = client
+            .watch(key.as_str(), None)
+            .await
+            .context("watch the leader key")?;
+        let expiry = tokio::spawn(async move {
+            let deadline = tokio::time::Instant::now() + TIMEOUT;
+            loop {
+                let message = tokio::time::timeout_at(deadline, stream.message())
+                    .await
+                    .ok()?;
+                let response = message.ok()??;
+                if response
+                    .events()
+                    .iter()
+                    .any(|e| e.event_type() == etcd_client::EventType::Delete)
+                {
+                    return Some(Instant::now());
+                }
+            }
+        });
+        let postmaster = c.member(&old).postmaster_pid();
+        let renewals = EtcdCounters::read(&endpoint)
+            .await
+            .since(counters_before)
+            .renewed
+            / counted_from.elapsed().as_secs_f64()
+            / c.env.members.len() as f64;
+        let lease_left = leader_lease_left(&mut client, &key).await;
+        let killed_at = Instant::now();
+        let mut frozen = Vec::new();
+        match fault {
+            Fault::AgentCrash => c.env.member(&old).agent().kill9(),
+            Fault::HostLoss => c.env.member(&old).kill9_host(),
+            Fault::HostFreeze => frozen = faults::freeze(c.member(&old)),
+            Fault::PostgresCrash { .. } => {
+                if let Some(pid) = postmaster {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
             }
         }
-    });
-    let postmaster = c.member(&old).postmaster_pid();
-    let renewals = EtcdCounters::read(&endpoint)
-        .await
-        .since(counters_before)
-        .renewed
-        / counted_from.elapsed().as_secs_f64()
-        / c.env.members.len() as f64;
-    let lease_left = leader_lease_left(&mut client, &key).await;
-    let killed_at = Instant::now();
-    let member = c.env.member(&old);
-    member.agent().kill9();
-    if let Some(pid) = postmaster {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
-        if let Some(l) = c.env.leader().await.filter(|l| *l != old) {
-            if c.member(&l).sql("SELECT 1").await.is_ok() {
-                break;
-            }
+        let waited = wait_new_primary(c, &old, postmaster, killed_at, fault).await;
+        if waited.is_err() && !frozen.is_empty() {
+            faults::thaw(&frozen);
         }
-        anyhow::ensure!(Instant::now() < deadline, "no failover");
-        tokio::time::sleep(Duration::from_millis(50)).await;
+        let (new, primary_at) = waited?;
+        let moved = new != old;
+        tokio::time::sleep(OBSERVE).await;
+        let recovered_at = Instant::now();
+        match fault {
+            Fault::AgentCrash | Fault::HostLoss => c.env.member(&old).restart()?,
+            Fault::HostFreeze => faults::thaw(&frozen),
+            Fault::PostgresCrash { .. } => {}
+        }
+        let mut rejoin = None;
+        if moved {
+            let deadline = Instant::now() + TIMEOUT;
+            // Rejoined means replicating again: its WAL receiver streams from the new leader. A
+            // member whose postgres runs (and answers `GET /replica`) may still be waiting for a
+            // replication slot or retrying its connection every wal_retrieve_retry_interval.
+            while !c.streams_from(&old, &new).await {
+                anyhow::ensure!(
+                    Instant::now() < deadline,
+                    "{old} did not stream from {new} in time; its log ends:\n{}",
+                    c.member(&old).log_tail(20)
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            rejoin = Some(recovered_at.elapsed().as_secs_f64());
+        }
+        // Keep writing a little after the rejoin: a thawed or restarted old leader that still
+        // acknowledges writes shows here.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        anyhow::Ok((
+            killed_at, new, primary_at, moved, rejoin, expiry, renewals, lease_left,
+        ))
     }
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    .await;
     let acks = writer.stop().await;
+    let (killed_at, new, primary_at, moved, rejoin, expiry, renewals, lease_left) = run?;
     let expired_at = expiry.await.ok().flatten();
-    let first = first_ack_after(&acks, killed_at, &old).context("no write after the kill")?;
-    let new = c.env.leader().await.context("a leader")?;
+    // After a restart in place, the first write of the restarted postgres: the first after a
+    // pause of its writes (a backend of the killed postmaster may still acknowledge in the
+    // first milliseconds).
+    let mut previous: Option<Instant> = None;
+    let mut first = None;
+    for a in acks.iter().filter(|a| a.member == new) {
+        let paused = previous.is_none_or(|p| a.at.duration_since(p) > Duration::from_millis(100));
+        if a.at > killed_at && (moved || paused) {
+            first = Some(a.at);
+            break;
+        }
+        previous = Some(a.at);
+    }
+    let first = first.context("no write after the fault")?;
     let on_new: std::collections::BTreeSet<i64> = c
         .member(&new)
         .sql("SELECT id::text FROM pgwarden_writer")
@@ -391,32 +507,93 @@ async fn failover(c: &mut Cluster, jitter: bool) -> anyhow::Result<FailoverOutco
         .filter_map(|s| s.parse().ok())
         .collect();
     let lost = acks.iter().filter(|a| !on_new.contains(&a.id)).count();
-    let restarted = Instant::now();
-    c.env.member(&old).restart()?;
-    let m = c.member(&old);
-    let deadline = Instant::now() + TIMEOUT;
-    // Rejoined means replicating again: its WAL receiver streams from the new leader. A member
-    // whose postgres runs (and answers `GET /replica`) may still be waiting for a replication
-    // slot or retrying its connection every wal_retrieve_retry_interval.
-    while !c.streams_from(&old, &new).await {
-        anyhow::ensure!(
-            Instant::now() < deadline,
-            "{old} did not stream from {new} in time; its log ends:\n{}",
-            m.log_tail(20)
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let rejoin = restarted.elapsed().as_secs_f64();
+    let old_acked_after_new = if moved {
+        acks.iter()
+            .filter(|a| a.member == old && a.at > first)
+            .map(|a| a.at.duration_since(first).as_secs_f64())
+            .fold(0.0, f64::max)
+    } else {
+        0.0
+    };
     Ok(FailoverOutcome {
         failover: first.duration_since(killed_at).as_secs_f64(),
+        primary_ok: Some(primary_at.duration_since(killed_at).as_secs_f64()),
+        moved,
         after_expiry: expired_at.map(|e| first.saturating_duration_since(e).as_secs_f64()),
         kill_to_expiry: expired_at.map(|e| e.saturating_duration_since(killed_at).as_secs_f64()),
         lease_left,
         renewals,
         lost,
+        two_primaries_ticks: split_brain_ticks(&acks).len(),
+        old_acked_after_new,
         rejoin,
         curve: curve(&acks, killed_at, (-2.0, 20.0)),
     })
+}
+
+/// Waits until a member leads, accepts writes and answers `GET /primary` with 200: another
+/// member, or the old leader once it runs a new postmaster (a restart in place). Returns it and
+/// when its `GET /primary` first answered 200 (for the old leader: while a new postmaster runs,
+/// since its agent may answer 200 from the status of the cycle before the crash throughout a
+/// quick restart).
+async fn wait_new_primary(
+    c: &Cluster,
+    old: &str,
+    postmaster: Option<i32>,
+    killed_at: Instant,
+    fault: Fault,
+) -> anyhow::Result<(String, Instant)> {
+    let ask = Duration::from_millis(500);
+    let mut primary_at: std::collections::BTreeMap<String, Instant> = Default::default();
+    // Only a restart in place may bring the old leader back, and only its agent is alive.
+    let old_may_return = matches!(fault, Fault::PostgresCrash { .. });
+    let deadline = killed_at + TIMEOUT;
+    loop {
+        for m in &c.env.members {
+            if m.name == old && !old_may_return {
+                continue;
+            }
+            if primary_at.contains_key(&m.name) {
+                continue;
+            }
+            let status = tokio::time::timeout(ask, m.api_get("/primary"))
+                .await
+                .ok()
+                .flatten()
+                .map(|(s, _)| s);
+            let restarted = || {
+                let now = m.postmaster_pid();
+                now.is_some() && now != postmaster
+            };
+            if status == Some(200) && (m.name != old || restarted()) {
+                primary_at.insert(m.name.clone(), Instant::now());
+            }
+        }
+        if let Some(l) = c.env.leader().await {
+            let restarted_in_place = l == old && {
+                let now = c.member(old).postmaster_pid();
+                now.is_some() && now != postmaster
+            };
+            if (l != old || restarted_in_place) && primary_at.contains_key(&l) {
+                let writable = tokio::time::timeout(
+                    Duration::from_secs(2),
+                    c.member(&l).sql("SELECT pg_is_in_recovery()::text"),
+                )
+                .await
+                .is_ok_and(|r| r.is_ok_and(|r| r == vec!["false"]));
+                if writable {
+                    let at = primary_at[&l];
+                    return Ok((l, at));
+                }
+            }
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "no writable leader with GET /primary 200 after the {}",
+            fault.name()
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 async fn etcd_client_connect(endpoint: &str) -> Option<etcd_client::Client> {
@@ -792,17 +969,41 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
             SCENARIOS.join(", ")
         );
     }
+    let mut faults = Vec::new();
+    for name in &args.faults {
+        for f in Fault::parse(name)? {
+            if !faults.contains(&f) {
+                faults.push(f);
+            }
+        }
+    }
+    let mut profiles = match args.profile.as_str() {
+        "fast" => vec![FAST],
+        "defaults" => vec![DEFAULTS],
+        _ => vec![FAST, DEFAULTS],
+    };
     if args.quick {
         args.reps = 1;
         args.idle_secs = 5;
         args.sync = false;
+        profiles.retain(|p| *p == FAST);
+        faults.retain(|f| !f.waits_for_lease());
     }
     std::fs::create_dir_all(&args.out)?;
     let mut report = Report {
         machine: machine(),
         started: chrono::Utc::now().to_rfc3339(),
         settings: format!(
-            "3 members each; ttl 10, loop_wait 2, retry_timeout 3; PostgreSQL 15; {} repetition(s)",
+            "3 members each; ttl 10, loop_wait 2, retry_timeout 3 (failure scenarios: {}); \
+             PostgreSQL 15; {} repetition(s)",
+            profiles
+                .iter()
+                .map(|p| format!(
+                    "{}: ttl {}, loop_wait {}, retry_timeout {}",
+                    p.name, p.ttl, p.loop_wait, p.retry_timeout
+                ))
+                .collect::<Vec<_>>()
+                .join("; "),
             args.reps
         ),
         ..Default::default()
@@ -813,7 +1014,7 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     let mut clusters = Vec::new();
     for (i, kind) in kinds.iter().enumerate() {
         eprintln!("bench: bootstrapping the {} cluster", label(*kind));
-        let (c, secs) = start_cluster(*kind, &format!("bench{i}"), false).await?;
+        let (c, secs) = start_cluster(*kind, &format!("bench{i}"), false, FAST).await?;
         let f = report.figure("bootstrap", "s", true);
         match kind {
             AgentKind::Pgwarden => f.pgwarden.push(secs),
@@ -899,107 +1100,68 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
                 Err(e) => *alive = missed(&mut report, c, what, e).await,
             }
         }
-        for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
-            if !*alive || !args.runs("failover") {
-                continue;
-            }
-            let what = format!("failover {} of {}", rep + 1, args.reps);
-            eprintln!("bench: {what} ({})", label(c.kind));
-            let o = match failover(c, args.kill_jitter).await {
-                Ok(o) => o,
-                Err(e) => {
-                    *alive = missed(&mut report, c, what, e).await;
-                    continue;
-                }
-            };
-            let mut figures = vec![
-                ("unplanned failover (kill → first write)", "s", o.failover),
-                ("lost acknowledged writes (async)", "writes", o.lost as f64),
-                (
-                    "rejoin of the killed member (restart → streaming)",
-                    "s",
-                    o.rejoin,
-                ),
-            ];
-            if let Some(e) = o.after_expiry {
-                figures.push(("lease expiry → first write", "s", e));
-            }
-            figures.push((
-                "lease renewals/s per member under writes",
-                "1/s",
-                o.renewals,
-            ));
-            if let Some(e) = o.kill_to_expiry {
-                figures.push(("kill → lease expiry", "s", e));
-            }
-            if let Some(e) = o.lease_left {
-                figures.push(("leader lease left at the kill (etcd, whole s)", "s", e));
-            }
-            for (name, unit, value) in figures {
-                let f = report.figure(name, unit, true);
-                match c.kind {
-                    AgentKind::Pgwarden => f.pgwarden.push(value),
-                    AgentKind::Patroni => f.patroni.push(value),
-                }
-            }
-            if rep == 0 {
-                plots_fail.push(plot::Line {
-                    label: label(c.kind).to_owned(),
-                    colour: if c.kind == AgentKind::Pgwarden {
-                        "#1f77b4"
-                    } else {
-                        "#d62728"
-                    },
-                    points: o.curve,
-                });
-            }
+    }
+
+    // The failure scenarios, per profile: the fast profile on the clusters above, the defaults
+    // on a pair of their own; then the agent crash in synchronous mode.
+    for profile in &profiles {
+        if !args.runs("failover") {
+            break;
         }
+        let mut own = Vec::new();
+        let on = if *profile == FAST {
+            &mut clusters
+        } else {
+            for (i, kind) in kinds.iter().enumerate() {
+                eprintln!(
+                    "bench: bootstrapping the {} cluster, profile {}",
+                    label(*kind),
+                    profile.name
+                );
+                own.push(
+                    start_cluster(*kind, &format!("bench{}{i}", profile.name), false, *profile)
+                        .await?
+                        .0,
+                );
+            }
+            alive = vec![true; own.len()];
+            &mut own
+        };
+        let plot = (*profile == FAST).then_some(&mut plots_fail);
+        run_faults(&mut report, on, &mut alive, &faults, &args, false, plot).await;
     }
     drop(clusters);
-
-    if args.sync && args.runs("sync") {
-        let mut sync_clusters = Vec::new();
-        for (i, kind) in kinds.iter().enumerate() {
-            eprintln!(
-                "bench: bootstrapping the synchronous {} cluster",
-                label(*kind)
-            );
-            sync_clusters.push(
-                start_cluster(*kind, &format!("benchsync{i}"), true)
+    if args.sync && args.runs("sync") && faults.contains(&Fault::AgentCrash) {
+        for profile in &profiles {
+            let mut sync_clusters = Vec::new();
+            for (i, kind) in kinds.iter().enumerate() {
+                eprintln!(
+                    "bench: bootstrapping the synchronous {} cluster, profile {}",
+                    label(*kind),
+                    profile.name
+                );
+                sync_clusters.push(
+                    start_cluster(
+                        *kind,
+                        &format!("benchsync{}{i}", profile.name),
+                        true,
+                        *profile,
+                    )
                     .await?
                     .0,
-            );
-        }
-        let mut alive = vec![true; sync_clusters.len()];
-        for rep in 0..args.reps {
-            for (c, alive) in sync_clusters.iter_mut().zip(alive.iter_mut()) {
-                if !*alive {
-                    continue;
-                }
-                let what = format!("synchronous failover {} of {}", rep + 1, args.reps);
-                eprintln!("bench: {what} ({})", label(c.kind));
-                let o = match failover(c, args.kill_jitter).await {
-                    Ok(o) => o,
-                    Err(e) => {
-                        *alive = missed(&mut report, c, what, e).await;
-                        continue;
-                    }
-                };
-                for (name, unit, value) in [
-                    ("sync mode: unplanned failover", "s", o.failover),
-                    (
-                        "sync mode: lost acknowledged writes",
-                        "writes",
-                        o.lost as f64,
-                    ),
-                ] {
-                    let f = report.figure(name, unit, true);
-                    match c.kind {
-                        AgentKind::Pgwarden => f.pgwarden.push(value),
-                        AgentKind::Patroni => f.patroni.push(value),
-                    }
-                }
+                );
             }
+            let mut alive = vec![true; sync_clusters.len()];
+            run_faults(
+                &mut report,
+                &mut sync_clusters,
+                &mut alive,
+                &[Fault::AgentCrash],
+                &args,
+                true,
+                None,
+            )
+            .await;
         }
     }
 
@@ -1049,7 +1211,10 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     if !plots_fail.is_empty() {
         std::fs::write(
             args.out.join("failover.svg"),
-            plot::svg("Acknowledged writes across a kill -9 failover", &plots_fail),
+            plot::svg(
+                "Acknowledged writes across a kill -9 of the leader's agent",
+                &plots_fail,
+            ),
         )?;
     }
     std::fs::write(
@@ -1067,6 +1232,123 @@ async fn bench(mut args: Args) -> anyhow::Result<()> {
     println!("{table}");
     println!("results in {}", args.out.display());
     Ok(())
+}
+
+/// The failure scenarios on one pair of clusters, repetitions alternating between the agents.
+/// Figures are named `<scenario> [<profile>]: <figure>`.
+async fn run_faults(
+    report: &mut Report,
+    clusters: &mut [Cluster],
+    alive: &mut [bool],
+    faults: &[Fault],
+    args: &Args,
+    sync: bool,
+    mut plots: Option<&mut Vec<plot::Line>>,
+) {
+    for rep in 0..args.reps {
+        // primary_start_timeout 300 and 0 in turn, so that the cluster changes it once per
+        // repetition, not twice.
+        let mut order = faults.to_vec();
+        if rep % 2 == 1 {
+            order.reverse();
+        }
+        for fault in order {
+            for (c, alive) in clusters.iter_mut().zip(alive.iter_mut()) {
+                if !*alive {
+                    continue;
+                }
+                let scenario = format!(
+                    "{}{} [{}]",
+                    fault.name(),
+                    if sync { ", synchronous mode" } else { "" },
+                    c.profile.label()
+                );
+                let what = format!("{scenario} {} of {}", rep + 1, args.reps);
+                eprintln!("bench: {what} ({})", label(c.kind));
+                let o = match failover(c, fault, args.kill_jitter).await {
+                    Ok(o) => o,
+                    Err(e) => {
+                        *alive = missed(report, c, what, e).await;
+                        continue;
+                    }
+                };
+                eprintln!(
+                    "bench: {what} ({}): first write {:.3} s, GET /primary {:?}, moved {}, \
+                     lost {}, two-primary ticks {}, old acked {:.3} s after the new leader",
+                    label(c.kind),
+                    o.failover,
+                    o.primary_ok,
+                    o.moved,
+                    o.lost,
+                    o.two_primaries_ticks,
+                    o.old_acked_after_new
+                );
+                let mut figures = vec![
+                    ("fault → first acknowledged write", "s", o.failover),
+                    ("lost acknowledged writes", "writes", o.lost as f64),
+                    (
+                        "writer ticks with two writable primaries",
+                        "ticks",
+                        o.two_primaries_ticks as f64,
+                    ),
+                    (
+                        "leader moved to another member",
+                        "0/1",
+                        f64::from(u8::from(o.moved)),
+                    ),
+                ];
+                if let Some(t) = o.primary_ok {
+                    figures.push(("fault → GET /primary 200 on the leader", "s", t));
+                }
+                if o.moved {
+                    figures.push((
+                        "old leader acknowledging after the new leader's first write",
+                        "s",
+                        o.old_acked_after_new,
+                    ));
+                }
+                if let Some(t) = o.rejoin {
+                    figures.push(("rejoin (restart or SIGCONT → streaming)", "s", t));
+                }
+                if let Some(e) = o.kill_to_expiry {
+                    figures.push(("fault → leader key deleted (expiry or release)", "s", e));
+                }
+                if let Some(e) = o.after_expiry {
+                    figures.push(("leader key deleted → first write", "s", e));
+                }
+                if fault == Fault::HostLoss {
+                    figures.push((
+                        "lease renewals/s per member under writes",
+                        "1/s",
+                        o.renewals,
+                    ));
+                    if let Some(e) = o.lease_left {
+                        figures.push(("leader lease left at the fault (etcd, whole s)", "s", e));
+                    }
+                }
+                for (name, unit, value) in figures {
+                    let f = report.figure(&format!("{scenario}: {name}"), unit, true);
+                    match c.kind {
+                        AgentKind::Pgwarden => f.pgwarden.push(value),
+                        AgentKind::Patroni => f.patroni.push(value),
+                    }
+                }
+                if rep == 0 && fault == Fault::AgentCrash {
+                    if let Some(plots) = plots.as_deref_mut() {
+                        plots.push(plot::Line {
+                            label: label(c.kind).to_owned(),
+                            colour: if c.kind == AgentKind::Pgwarden {
+                                "#1f77b4"
+                            } else {
+                                "#d62728"
+                            },
+                            points: o.curve,
+                        });
+                    }
+                }
+            }
+        }
+    }
 }
 
 /// Agent memory and idle CPU, and etcd requests, over an idle window, both clusters at once.

@@ -130,6 +130,81 @@ impl Writer {
         Writer { stop, task }
     }
 
+    /// Writes to each member on loopback ports in a loop of its own (one INSERT every ~20 ms),
+    /// so that a member that does not answer at all (a frozen host, whose kernel still accepts
+    /// connections) holds back only its own writes, not the others'. An ack's `tick` is its
+    /// 20 ms time slot since the start: [`split_brain_ticks`] then finds two members that
+    /// acknowledged within the same 20 ms.
+    pub fn start_independent(targets: Vec<Target>) -> Writer {
+        static WRITERS: AtomicI64 = AtomicI64::new(1 << 20);
+        let base = WRITERS.fetch_add(1, Ordering::Relaxed) << 32;
+        let stop = Arc::new(AtomicBool::new(false));
+        let origin = Instant::now();
+        let loops: Vec<_> = targets
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                let flag = stop.clone();
+                tokio::spawn(async move {
+                    let mut acks = Vec::new();
+                    let mut client: Option<tokio_postgres::Client> = None;
+                    let mut seq: u64 = 0;
+                    while !flag.load(Ordering::Relaxed) {
+                        seq += 1;
+                        let started = Instant::now();
+                        if client.as_ref().is_none_or(|c| c.is_closed()) {
+                            // The handshake with a frozen postgres never ends: bound it all.
+                            client = tokio::time::timeout(
+                                Duration::from_millis(500),
+                                connect("127.0.0.1", &t),
+                            )
+                            .await
+                            .ok()
+                            .flatten();
+                        }
+                        if let Some(c) = client.as_ref() {
+                            let id = base + i64::try_from(seq * 16 + i as u64).unwrap_or(0);
+                            let params: [&(dyn tokio_postgres::types::ToSql + Sync); 2] =
+                                [&id, &t.name];
+                            let insert = c.execute(
+                                "INSERT INTO pgwarden_writer (id, member) VALUES ($1, $2)",
+                                &params,
+                            );
+                            match tokio::time::timeout(Duration::from_secs(3), insert).await {
+                                Ok(Ok(1)) => {
+                                    let at = Instant::now();
+                                    let slot = at.duration_since(origin).as_millis() / 20;
+                                    acks.push(Ack {
+                                        id,
+                                        member: t.name.clone(),
+                                        tick: u64::try_from(slot).unwrap_or(u64::MAX),
+                                        at,
+                                    });
+                                }
+                                Ok(_) => {}
+                                Err(_) => client = None,
+                            }
+                        }
+                        let spent = started.elapsed();
+                        if spent < Duration::from_millis(20) {
+                            tokio::time::sleep(Duration::from_millis(20) - spent).await;
+                        }
+                    }
+                    acks
+                })
+            })
+            .collect();
+        let task = tokio::spawn(async move {
+            let mut acks = Vec::new();
+            for l in loops {
+                acks.extend(l.await.unwrap_or_default());
+            }
+            acks.sort_by_key(|a| a.at);
+            acks
+        });
+        Writer { stop, task }
+    }
+
     pub async fn stop(self) -> Vec<Ack> {
         self.stop.store(true, Ordering::Relaxed);
         self.task.await.unwrap_or_default()
@@ -140,7 +215,11 @@ impl Writer {
 pub fn split_brain_ticks(acks: &[Ack]) -> Vec<(u64, Vec<String>)> {
     let mut by_tick: std::collections::BTreeMap<u64, Vec<String>> = Default::default();
     for a in acks {
-        by_tick.entry(a.tick).or_default().push(a.member.clone());
+        let members = by_tick.entry(a.tick).or_default();
+        // Two acks of one member in one tick (20 ms slot of an independent writer) are one.
+        if !members.contains(&a.member) {
+            members.push(a.member.clone());
+        }
     }
     by_tick.into_iter().filter(|(_, m)| m.len() > 1).collect()
 }
@@ -176,6 +255,7 @@ mod tests {
             at: now,
         };
         assert!(split_brain_ticks(&[ack(1, "a"), ack(2, "b")]).is_empty());
+        assert!(split_brain_ticks(&[ack(1, "a"), ack(1, "a")]).is_empty());
         assert_eq!(
             split_brain_ticks(&[ack(1, "a"), ack(1, "b")]),
             vec![(1, vec!["a".to_owned(), "b".to_owned()])]
