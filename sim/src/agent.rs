@@ -74,6 +74,12 @@ fn sleep_global(world: &Shared, node: usize, until: Us, idle: bool) -> Sleep {
     }
 }
 
+/// Sleeps `local` microseconds of the member's own clock (for its other processes: the fence
+/// guard's release command).
+pub fn sleep_for(world: &Shared, node: usize, local: Us) -> Sleep {
+    sleep_local(world, node, local)
+}
+
 /// Sleeps a duration of the member's own clock.
 fn sleep_local(world: &Shared, node: usize, local: Us) -> Sleep {
     let until = {
@@ -165,9 +171,9 @@ struct DcsState {
     lease: Option<i64>,
     last_keepalive: Option<Us>,
     last_member: Option<(MemberRecord, i64)>,
-    /// `leader` (holder, lease) in the last view, until a renewal has used it: the watch
-    /// cache that vouches for the view confirms the renewal without a compare.
-    view_leader: Option<(String, i64)>,
+    /// `leader` (holder, lease, revision) in the last view, until a renewal has used it: the
+    /// watch cache that vouches for the view confirms the renewal without a compare.
+    view_leader: Option<(String, i64, i64)>,
 }
 
 /// The DCS as one agent's etcd client sees it.
@@ -237,6 +243,26 @@ impl SimDcs {
         Ok(id)
     }
 
+    /// A client of its own, without a lease: the fence guard's release command.
+    pub fn client(w: &Shared, me: usize, config: &Config) -> SimDcs {
+        let timing = tokio::sync::watch::channel(pgwarden::config::Timing::bootstrap(config)).1;
+        SimDcs {
+            w: w.clone(),
+            me,
+            name: config.name.clone(),
+            timing,
+            state: Mutex::new(DcsState::default()),
+        }
+    }
+
+    /// The fence guard's release token, as `EtcdDcs::leader_on_lease` keeps it: set after every
+    /// acquire or renewal that showed `leader` ours (the lease it hangs on and its revision),
+    /// cleared when it is not, or is being released.
+    fn leader_on_lease(&self, token: Option<(i64, i64)>) {
+        let token = token.map(|(lease, revision)| crate::guard::Token { lease, revision });
+        self.w.borrow_mut().nodes[self.me].guard_token = token;
+    }
+
     fn lease_gone(&self) {
         let mut st = self.st();
         st.lease = None;
@@ -253,7 +279,10 @@ impl Dcs for SimDcs {
     async fn cluster_view(&self) -> Result<Arc<ClusterView>, DcsError> {
         self.st().view_leader = None;
         let view = self.request(|s, _| crate::world::view_arc(s)).await?;
-        self.st().view_leader = view.leader.as_ref().map(|l| (l.name.clone(), l.lease));
+        self.st().view_leader = view
+            .leader
+            .as_ref()
+            .map(|l| (l.name.clone(), l.lease, l.revision));
         Ok(view)
     }
 
@@ -299,14 +328,19 @@ impl Dcs for SimDcs {
     async fn acquire_leader(&self) -> Result<bool, DcsError> {
         let lease = self.ensure_lease().await?;
         let name = self.name.clone();
-        self.request(move |s, _| {
-            if s.leader.is_some() || !s.leases.contains_key(&lease) {
-                return false;
-            }
-            s.put_leader(&name, lease);
-            true
-        })
-        .await
+        let acquired = self
+            .request(move |s, _| {
+                if s.leader.is_some() || !s.leases.contains_key(&lease) {
+                    return None;
+                }
+                s.put_leader(&name, lease);
+                Some(s.rev)
+            })
+            .await?;
+        if let Some(revision) = acquired {
+            self.leader_on_lease(Some((lease, revision)));
+        }
+        Ok(acquired.is_some())
     }
 
     /// `EtcdDcs::renew_leader`: keepalive, then, unless the view of this cycle already showed
@@ -319,6 +353,7 @@ impl Dcs for SimDcs {
             Some(ttl) => ttl,
             None => {
                 self.lease_gone();
+                self.leader_on_lease(None);
                 return Err(DcsError::LeaseLost);
             }
         };
@@ -327,13 +362,14 @@ impl Dcs for SimDcs {
             st.last_keepalive = Some(sent_local);
             st.view_leader
                 .take()
-                .is_some_and(|(holder, held_on)| holder == self.name && held_on == lease)
+                .filter(|(holder, held_on, _)| *holder == self.name && *held_on == lease)
         };
         let renewal = LeaseRenewal {
             sent_at,
             ttl: Duration::from_micros(ttl),
         };
-        if vouched {
+        if let Some((_, _, revision)) = vouched {
+            self.leader_on_lease(Some((lease, revision)));
             return Ok(renewal);
         }
         let name = self.name.clone();
@@ -344,17 +380,23 @@ impl Dcs for SimDcs {
                 if ours && !same_lease {
                     s.put_leader(&name, lease);
                 }
-                ours
+                s.leader.as_ref().filter(|_| ours).map(|l| l.revision)
             })
             .await?;
-        if confirmed {
-            Ok(renewal)
-        } else {
-            Err(DcsError::rejected("the leader key is not ours"))
+        match confirmed {
+            Some(revision) => {
+                self.leader_on_lease(Some((lease, revision)));
+                Ok(renewal)
+            }
+            None => {
+                self.leader_on_lease(None);
+                Err(DcsError::rejected("the leader key is not ours"))
+            }
         }
     }
 
     async fn release_leader(&self) -> Result<(), DcsError> {
+        self.leader_on_lease(None);
         let name = self.name.clone();
         self.request(move |s, _| {
             if s.leader.as_ref().is_some_and(|l| l.name == name) {
@@ -435,9 +477,28 @@ impl Dcs for SimDcs {
     async fn revoke_lease(&self) -> Result<(), DcsError> {
         let lease = self.st().lease.take();
         if let Some(id) = lease {
+            self.leader_on_lease(None);
             self.request(move |s, _| s.revoke(id)).await?;
         }
         Ok(())
+    }
+
+    /// `EtcdDcs::release_dead_leader`: delete `leader` if it still names us on the token's
+    /// lease, then revoke the lease (an expired one is no error); on Kubernetes the record is
+    /// cleared only at the token's version, and member records have no lease.
+    async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
+        let token = crate::guard::Token::decode(token)
+            .ok_or_else(|| DcsError::rejected(format!("not a release token: {token:?}")))?;
+        let style = self.w.borrow().release_style;
+        let name = self.name.clone();
+        let released = self
+            .request(move |s, _| s.release_dead_leader(&name, token, style))
+            .await?;
+        if style == crate::guard::Style::Etcd {
+            // A failure is only logged by the real client.
+            let _ = self.request(move |s, _| s.revoke(token.lease)).await;
+        }
+        Ok(released)
     }
 
     async fn wait_for_change(&self, timeout: Duration) -> Wakeup {
@@ -582,6 +643,7 @@ impl Postgres for SimPostgres {
         let delay = w.between(300 * MS, 2 * SEC);
         let ready_at = w.now + delay;
         w.nodes[self.me].pg.run = PgRun::Starting { ready_at };
+        w.nodes[self.me].pg.started_at = w.now;
         Ok(())
     }
 
@@ -822,8 +884,9 @@ impl SimTask {
         let mut w = self.w.borrow_mut();
         let source = match &self.kind {
             SimTaskKind::Bootstrap { sync_names } => {
-                let ready = w.now + 200 * MS;
+                let (ready, now) = (w.now + 200 * MS, w.now);
                 let pg = &mut w.nodes[me].pg;
+                pg.started_at = now;
                 pg.initialized = true;
                 pg.wal = vec![0];
                 pg.timeline = 1;
@@ -898,6 +961,13 @@ impl LongTask for SimTask {
 pub struct SimPeers {
     w: Shared,
     me: usize,
+}
+
+impl SimPeers {
+    /// The REST APIs as seen from member `me`'s host.
+    pub fn new(w: &Shared, me: usize) -> SimPeers {
+        SimPeers { w: w.clone(), me }
+    }
 }
 
 #[async_trait]

@@ -13,16 +13,19 @@
 //! - [`agent`]: the ports ([`pgwarden::ha::ports`]) one member's real HA loop runs with, so
 //!   that every request takes simulated time; dropping the loop is kill -9, not polling it is
 //!   SIGSTOP.
+//! - [`guard`]: the fence guard of a killed agent, which releases its lease once postgres is
+//!   gone (the proof-of-death release), and the lock a restarted agent waits on.
 //! - [`sim`]: the seeded schedule (settings and faults), the scheduler, and the invariants
 //!   checked after every step.
 //!
 //! See `docs/simulation.md` for the model, the invariants and how to run a campaign.
 
 pub mod agent;
+pub mod guard;
 pub mod sim;
 pub mod world;
 
-pub use sim::{run, schedule, Report, Violation};
+pub use sim::{run, run_schedule, schedule, Fault, Report, Schedule, Violation};
 
 /// Runs `count` schedules from `first` on (seeds `first`, `first + 1`, …), alternating 3 and 5
 /// members unless `members` is given; returns the first violation.
@@ -41,6 +44,7 @@ pub fn campaign(
         report.faults += r.faults as u64;
         report.promotions += r.promotions as u64;
         report.acked += r.acked as u64;
+        report.released += r.released as u64;
     }
     Ok(report)
 }
@@ -53,14 +57,15 @@ pub struct CampaignReport {
     pub faults: u64,
     pub promotions: u64,
     pub acked: u64,
+    pub released: u64,
 }
 
 impl std::fmt::Display for CampaignReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{} schedules, {} steps, {} faults, {} promotions, {} acknowledged writes",
-            self.schedules, self.steps, self.faults, self.promotions, self.acked
+            "{} schedules, {} steps, {} faults, {} promotions, {} acknowledged writes, {} leader keys released by fence guards",
+            self.schedules, self.steps, self.faults, self.promotions, self.acked, self.released
         )
     }
 }

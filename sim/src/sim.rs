@@ -9,6 +9,7 @@ use pgwarden::dcs::FailoverRequest;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use crate::guard::{self, Death, Fate, Style};
 use crate::world::{
     Clock, Event, Initial, Node, Pg, PgRun, Shared, Store, Tags, Trace, Us, World, MS, SEC, TICK,
 };
@@ -16,8 +17,10 @@ use crate::world::{
 /// A fault, or an operator's request, at an instant.
 #[derive(Debug, Clone)]
 pub enum Fault {
-    /// kill -9 of the agent (postgres dies with it); restarted after `down`.
-    Crash { node: usize, down: Us },
+    /// kill -9 of the agent (postgres dies with it, its fence guard releases the lease once
+    /// postgres is gone, unless `death` says the whole host died); restarted after `down`, but
+    /// not before the guard has finished.
+    Crash { node: usize, down: Us, death: Death },
     /// Postgres alone crashes.
     PostgresCrash { node: usize },
     /// SIGSTOP of the agent for `dur`; postgres and the fence guard keep running.
@@ -58,6 +61,8 @@ pub struct Schedule {
     pub tags: Vec<Tags>,
     pub clocks: Vec<Clock>,
     pub faults: Vec<(Us, Fault)>,
+    /// How the DCS releases a dead agent's lease (etcd or Kubernetes).
+    pub release_style: Style,
     /// Faults have all ended by this instant.
     pub quiet_at: Us,
     /// Bound on reaching one leader followed by every member after `quiet_at`.
@@ -71,6 +76,14 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
     // Draws added after seeds were recorded come from a second stream, so that every schedule
     // the main stream drew (and every seed in the regression list) keeps its faults and times.
     let mut extra = ChaCha8Rng::seed_from_u64(seed ^ 0x5359_4e43_4d4f_4445);
+    // The crashes' draws for the fence guard's release (issue 20), a third stream for the
+    // same reason.
+    let mut deaths = ChaCha8Rng::seed_from_u64(seed ^ 0x4755_4152_4452_454c);
+    let release_style = if deaths.random_bool(0.7) {
+        Style::Etcd
+    } else {
+        Style::Kubernetes
+    };
     let members = members.unwrap_or(if rng.random_bool(0.5) { 3 } else { 5 });
     let ttl = [10u64, 15, 20, 30][rng.random_range(0..4)];
     let retry_timeout = rng.random_range(1..=3u64);
@@ -117,10 +130,18 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
         let at = start + rng.random_range(0..span);
         let node = rng.random_range(0..members);
         let fault = match rng.random_range(0..100) {
-            0..=14 => Fault::Crash {
-                node,
-                down: max_dur(&mut rng),
-            },
+            0..=14 => {
+                let down = max_dur(&mut rng);
+                let death = draw_death(&mut deaths);
+                // A quick restart races the guard's release (the agent waits for the guard).
+                let quick = deaths.random_bool(0.25);
+                let quick_down = deaths.random_range(10 * MS..death.linger + 500 * MS);
+                Fault::Crash {
+                    node,
+                    down: if quick { quick_down } else { down },
+                    death,
+                }
+            }
             15..=22 => Fault::PostgresCrash { node },
             23..=37 => Fault::Freeze {
                 node,
@@ -188,9 +209,33 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
         tags,
         clocks,
         faults,
+        release_style,
         quiet_at,
         liveness_bound,
         end: quiet_at + liveness_bound + 15 * SEC,
+    }
+}
+
+/// What a crash does to postgres and the fence guard: postgres takes a moment to be gone
+/// (sometimes seconds: a backend in uninterruptible I/O), and sometimes the whole host dies or
+/// the release is applied after the guard gave up on it.
+fn draw_death(r: &mut ChaCha8Rng) -> Death {
+    let linger = match r.random_range(0..100) {
+        0..=44 => r.random_range(MS..50 * MS),
+        45..=84 => r.random_range(50 * MS..800 * MS),
+        _ => r.random_range(800 * MS..8 * SEC),
+    };
+    let fate = match r.random_range(0..100) {
+        0..=19 => Fate::HostLost,
+        20..=34 => Fate::AppliesLate {
+            after: r.random_range(0..3 * SEC),
+        },
+        _ => Fate::Releases,
+    };
+    Death {
+        linger,
+        fate,
+        hits_leader: r.random_bool(0.4),
     }
 }
 
@@ -216,6 +261,8 @@ pub struct Report {
     /// Times a member opened postgres for writes as a new leader.
     pub promotions: usize,
     pub acked: usize,
+    /// Leader keys removed by a dead agent's fence guard.
+    pub released: usize,
 }
 
 /// An invariant that did not hold.
@@ -261,7 +308,13 @@ pub fn run(
     members: Option<usize>,
     trace: bool,
 ) -> (Result<Report, Violation>, Vec<String>) {
-    let sched = schedule(seed, members);
+    run_schedule(schedule(seed, members), trace)
+}
+
+/// Runs a given schedule (tests write their own); the world's random streams come from its
+/// seed.
+pub fn run_schedule(sched: Schedule, trace: bool) -> (Result<Report, Violation>, Vec<String>) {
+    let seed = sched.seed;
     let world = World {
         now: 0,
         base: std::time::Instant::now(),
@@ -284,6 +337,9 @@ pub fn run(
                 woken: false,
                 incarnation: 0,
                 last_decision: (true, String::new()),
+                guard_token: None,
+                guard: None,
+                dying: None,
             })
             .collect(),
         partitions: Default::default(),
@@ -298,16 +354,21 @@ pub fn run(
         initial: sched.initial,
         quiet: false,
         max_timeline: 1,
+        release_style: sched.release_style,
+        late: Vec::new(),
+        guard_rng: ChaCha8Rng::seed_from_u64(seed ^ 0x6775_6172_6467_7561),
     };
     let shared = Shared::new(world);
     let mut sim = Sim {
         tasks: (0..sched.members)
             .map(|i| Some(Box::pin(crate::agent::run(shared.clone(), i)) as Task))
             .collect(),
+        guards: (0..sched.members).map(|_| None).collect(),
         w: shared,
         sched,
         step: 0,
         promotions: 0,
+        released: 0,
         writable: Vec::new(),
         live_since: None,
         now: 0,
@@ -320,9 +381,12 @@ pub fn run(
 struct Sim {
     w: Shared,
     tasks: Vec<Option<Task>>,
+    /// The release commands of fence guards whose agent died.
+    guards: Vec<Option<Task>>,
     sched: Schedule,
     step: u64,
     promotions: usize,
+    released: usize,
     /// Members writable after the previous step.
     writable: Vec<usize>,
     /// The liveness condition has held continuously since.
@@ -368,6 +432,7 @@ impl Sim {
                 quiet_done = true;
                 self.heal();
             }
+            self.guard_steps();
             self.restarts();
             self.fences();
             {
@@ -396,6 +461,7 @@ impl Sim {
             faults: self.sched.faults.len(),
             promotions: self.promotions,
             acked: w.acked.len(),
+            released: self.released,
         })
     }
 
@@ -405,15 +471,24 @@ impl Sim {
         if let Some((at, _)) = self.sched.faults.get(fault_idx) {
             t = t.min(*at);
         }
-        for n in &w.nodes {
-            if let Some(r) = n.restart_at {
+        if let Some(g) = guard::next_event(&w) {
+            t = t.min(g);
+        }
+        for (i, n) in w.nodes.iter().enumerate() {
+            // The release command runs while the agent is dead.
+            if self.guards[i].is_some() {
+                t = t.min(n.wake_at.max(w.now));
+            }
+            // A restart waiting for the guard's lock is due when the guard is done.
+            if let Some(r) = n.restart_at.filter(|_| !guard::lock_held(&w, i)) {
                 t = t.min(r);
+            }
+            // The fence guard keeps the deadline while the killed agent's postgres lingers.
+            if let Some(f) = n.fence {
+                t = t.min(n.clock.global(f));
             }
             if !n.alive {
                 continue;
-            }
-            if let Some(f) = n.fence {
-                t = t.min(n.clock.global(f));
             }
             if w.now < n.frozen_until {
                 t = t.min(n.frozen_until);
@@ -429,16 +504,25 @@ impl Sim {
         let now = w.now;
         w.log(|| format!("FAULT {fault:?}"));
         match *fault {
-            Fault::Crash { node, down } => {
-                if w.nodes[node].alive {
+            Fault::Crash { node, down, death } => {
+                let node = match w.store.leader.as_ref() {
+                    Some(l) if death.hits_leader => w.node_index(&l.name).unwrap_or(node),
+                    _ => node,
+                };
+                let alive = w.nodes[node].alive;
+                let name = w.nodes[node].name.clone();
+                w.log(|| format!("{name}: killed (alive {alive})"));
+                if alive {
                     self.tasks[node] = None;
                     let n = &mut w.nodes[node];
                     n.alive = false;
-                    n.fence = None;
                     n.restart_at = Some(now + down);
-                    if n.pg.is_up() {
-                        n.pg.stop(false);
-                    }
+                }
+                if alive || death.fate == Fate::HostLost {
+                    guard::crash(&mut w, node, death, alive);
+                }
+                if death.fate == Fate::HostLost {
+                    self.guards[node] = None;
                 }
             }
             Fault::PostgresCrash { node } => {
@@ -540,15 +624,21 @@ impl Sim {
     fn restarts(&mut self) {
         let now = self.w.borrow().now;
         for i in 0..self.tasks.len() {
-            let due = self.w.borrow().nodes[i]
-                .restart_at
-                .is_some_and(|r| r <= now);
+            // The restarted agent first waits for the fence guard's lock.
+            let due = {
+                let w = self.w.borrow();
+                w.nodes[i].restart_at.is_some_and(|r| r <= now) && !guard::lock_held(&w, i)
+            };
             if due {
                 {
                     let mut w = self.w.borrow_mut();
                     let n = &mut w.nodes[i];
+                    let waited = n.restart_at.is_some_and(|r| r < now);
                     n.restart_at = None;
                     n.alive = true;
+                    // Its fence guard starts disarmed, with no token.
+                    n.guard_token = None;
+                    n.fence = None;
                     n.incarnation += 1;
                     n.wake_at = now;
                     n.idle = false;
@@ -557,7 +647,14 @@ impl Sim {
                         n.pg.run = PgRun::Down;
                     }
                     let name = n.name.clone();
-                    w.log(|| format!("{name}: agent restarted"));
+                    w.log(|| {
+                        let waited = if waited {
+                            " (it waited for the fence guard)"
+                        } else {
+                            ""
+                        };
+                        format!("{name}: agent restarted{waited}")
+                    });
                 }
                 self.tasks[i] = Some(Box::pin(crate::agent::run(self.w.clone(), i)));
             }
@@ -582,6 +679,19 @@ impl Sim {
         }
     }
 
+    /// The fence guards: lingering postgres dies, release commands start, run and are killed
+    /// at their deadline.
+    fn guard_steps(&mut self) {
+        let tasks = guard::step(&mut self.w.borrow_mut());
+        for i in tasks.kill {
+            self.guards[i] = None;
+        }
+        for i in tasks.start {
+            self.w.borrow_mut().nodes[i].wake_at = self.now;
+            self.guards[i] = Some(Box::pin(guard::release(self.w.clone(), i)));
+        }
+    }
+
     fn wake_watchers(&mut self) {
         let mut w = self.w.borrow_mut();
         if !w.store.changed {
@@ -600,6 +710,19 @@ impl Sim {
     fn poll_agents(&mut self) {
         let waker = futures::task::noop_waker();
         let mut cx = Context::from_waker(&waker);
+        for i in 0..self.guards.len() {
+            let due = {
+                let w = self.w.borrow();
+                w.nodes[i].wake_at <= w.now
+            };
+            if let (true, Some(task)) = (due, self.guards[i].as_mut()) {
+                self.w.borrow_mut().nodes[i].wake_at = Us::MAX;
+                if task.as_mut().poll(&mut cx).is_ready() {
+                    self.guards[i] = None;
+                    guard::finished(&mut self.w.borrow_mut(), i);
+                }
+            }
+        }
         for i in 0..self.tasks.len() {
             let runnable = {
                 let w = self.w.borrow();
@@ -628,6 +751,10 @@ impl Sim {
         let events = std::mem::take(&mut self.w.borrow_mut().events);
         for event in events {
             self.check_event(event)?;
+        }
+        let released = std::mem::take(&mut self.w.borrow_mut().store.released);
+        for name in released {
+            self.check_release(&name)?;
         }
         let w = self.w.borrow();
         let writable: Vec<usize> = (0..w.nodes.len())
@@ -730,6 +857,26 @@ impl Sim {
             }
         }
     }
+
+    /// A dead agent's release removed `name`'s leader key: its postgres must be unable to
+    /// accept writes (nor about to be), or another member could promote beside it.
+    fn check_release(&mut self, name: &str) -> Result<(), Violation> {
+        self.released += 1;
+        let w = self.w.borrow();
+        let Some(i) = w.node_index(name) else {
+            return Ok(());
+        };
+        let pg = &w.nodes[i].pg;
+        let may_write =
+            pg.writable() || (pg.is_up() && !pg.standby_signal) || pg.promote_at.is_some();
+        if may_write {
+            return Err(self.violation(format!(
+                "the leader key of {name} was released for its dead agent while its postgres may accept writes; {}",
+                describe(&w)
+            )));
+        }
+        Ok(())
+    }
 }
 
 /// Patroni's API checks for a switchover or failover candidate.
@@ -828,7 +975,11 @@ pub fn describe(w: &World) -> String {
                 "{}[{}{}, tl{} wal{}{sync_names}{}]",
                 n.name,
                 role,
-                if n.alive { "" } else { ", agent dead" },
+                match (n.alive, n.guard.is_some()) {
+                    (true, _) => "",
+                    (false, true) => ", agent dead, fence guard at work",
+                    (false, false) => ", agent dead",
+                },
                 pg.timeline,
                 pg.wal.len(),
                 if n.tags.nofailover {

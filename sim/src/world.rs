@@ -60,6 +60,8 @@ pub struct Store {
     pub history: Vec<HistoryLine>,
     pub leases: BTreeMap<i64, Lease>,
     pub next_lease: i64,
+    /// Members whose leader key a dead agent's release removed, for the checker.
+    pub released: Vec<String>,
     /// Set when a watched key changed; the scheduler wakes the idle agents.
     pub changed: bool,
 }
@@ -254,6 +256,8 @@ pub struct Pg {
     pub promote_at: Option<Us>,
     /// Client writes waiting for a synchronous standby: (entry index, id).
     pub pending: Vec<(usize, u64)>,
+    /// When the postmaster was last started (tells a dying one from its successor).
+    pub started_at: Us,
 }
 
 impl Pg {
@@ -272,6 +276,7 @@ impl Pg {
             streaming_from: None,
             promote_at: None,
             pending: Vec::new(),
+            started_at: 0,
         }
     }
 
@@ -376,6 +381,12 @@ pub struct Node {
     pub incarnation: u32,
     /// The agent's last decision: automatic (not a requested switchover), and its sentence.
     pub last_decision: (bool, String),
+    /// The release token the agent's DCS client last gave its fence guard.
+    pub guard_token: Option<crate::guard::Token>,
+    /// The fence guard at work after the agent was killed; a restarted agent waits for it.
+    pub guard: Option<crate::guard::Guard>,
+    /// The postgres of a killed agent, until it is gone.
+    pub dying: Option<crate::guard::Dying>,
 }
 
 impl Node {
@@ -423,6 +434,13 @@ pub struct World {
     /// The highest timeline any member has used: a promotion takes the next one, as postgres
     /// does when every history file reaches the WAL archive.
     pub max_timeline: u32,
+    /// The DCS the cluster runs on, for the fence guard's release.
+    pub release_style: crate::guard::Style,
+    /// Fence guards' release requests that timed out and reach the store later.
+    pub late: Vec<crate::guard::Late>,
+    /// The guards' own random stream, so that the draws of `rng` stay as recorded seeds had
+    /// them until a guard acts.
+    pub guard_rng: ChaCha8Rng,
 }
 
 /// `bootstrap.dcs` of the simulated cluster.
@@ -503,15 +521,21 @@ impl World {
     }
 
     pub fn chance(&mut self, p: f64) -> bool {
-        self.rng.random_bool(p.clamp(0.0, 1.0))
+        chance(&mut self.rng, p)
     }
 
     pub fn between(&mut self, lo: Us, hi: Us) -> Us {
-        if hi <= lo {
-            lo
-        } else {
-            self.rng.random_range(lo..hi)
-        }
+        between(&mut self.rng, lo, hi)
+    }
+
+    /// [`World::chance`] for the fence guards, on their own stream.
+    pub fn guard_chance(&mut self, p: f64) -> bool {
+        chance(&mut self.guard_rng, p)
+    }
+
+    /// [`World::between`] for the fence guards, on their own stream.
+    pub fn guard_between(&mut self, lo: Us, hi: Us) -> Us {
+        between(&mut self.guard_rng, lo, hi)
     }
 
     /// The store's view of the dynamic configuration.
@@ -702,6 +726,18 @@ impl World {
             });
         }
         rows
+    }
+}
+
+fn chance(rng: &mut ChaCha8Rng, p: f64) -> bool {
+    rng.random_bool(p.clamp(0.0, 1.0))
+}
+
+fn between(rng: &mut ChaCha8Rng, lo: Us, hi: Us) -> Us {
+    if hi <= lo {
+        lo
+    } else {
+        rng.random_range(lo..hi)
     }
 }
 
