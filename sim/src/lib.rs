@@ -38,13 +38,7 @@ pub fn campaign(
     for seed in first..first.saturating_add(count) {
         let m = members.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });
         let (result, _) = run(seed, Some(m), false);
-        let r = result?;
-        report.schedules += 1;
-        report.steps += r.steps;
-        report.faults += r.faults as u64;
-        report.promotions += r.promotions as u64;
-        report.acked += r.acked as u64;
-        report.released += r.released as u64;
+        report.add(&result?);
     }
     Ok(report)
 }
@@ -58,6 +52,18 @@ pub struct CampaignReport {
     pub promotions: u64,
     pub acked: u64,
     pub released: u64,
+}
+
+impl CampaignReport {
+    /// Counts one schedule that passed.
+    pub fn add(&mut self, r: &Report) {
+        self.schedules += 1;
+        self.steps += r.steps;
+        self.faults += r.faults as u64;
+        self.promotions += r.promotions as u64;
+        self.acked += r.acked as u64;
+        self.released += r.released as u64;
+    }
 }
 
 impl std::fmt::Display for CampaignReport {

@@ -85,15 +85,19 @@ fn keep_going_campaign(
     started: std::time::Instant,
 ) -> ExitCode {
     let mut failed = Vec::new();
+    let mut passed = pgwarden_sim::CampaignReport::default();
     for seed in from..from.saturating_add(count) {
         let m = members.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });
-        if let (Err(v), _) = pgwarden_sim::run(seed, Some(m), false) {
-            println!("FAILED: {v}");
-            failed.push(seed);
+        match pgwarden_sim::run(seed, Some(m), false) {
+            (Err(v), _) => {
+                println!("FAILED: {v}");
+                failed.push(seed);
+            }
+            (Ok(r), _) => passed.add(&r),
         }
     }
     println!(
-        "{count} schedules from seed {from} in {:.1?}: {} failed {failed:?}",
+        "{count} schedules from seed {from} in {:.1?}: {} failed {failed:?}; passed: {passed}",
         started.elapsed(),
         failed.len()
     );
