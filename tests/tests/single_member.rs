@@ -377,6 +377,11 @@ async fn parameters_of_other_major_versions_are_dropped_and_postgres_starts() {
 async fn edit_config_timing_reaches_the_etcd_client() {
     let env = one_member().await;
     let m = &env.members[0];
+    // The leader seeds the DCS `config` after its bootstrap; until then PATCH answers 503.
+    wait_until("the DCS holds the configuration", T, || async {
+        m.api_get("/config").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
     let (code, body) = m
         .api_request(
             "PATCH",
