@@ -292,8 +292,7 @@ impl Dcs for SimDcs {
             if s.initialize.is_some() {
                 return false;
             }
-            s.initialize = Some(v);
-            s.changed = true;
+            s.set_initialize(v);
             true
         })
         .await
@@ -301,11 +300,20 @@ impl Dcs for SimDcs {
 
     async fn set_initialize(&self, sysid: &str) -> Result<(), DcsError> {
         let v = sysid.to_owned();
-        self.request(move |s, _| s.initialize = Some(v)).await
+        self.request(move |s, _| s.set_initialize(v)).await
     }
 
-    async fn cancel_initialize(&self) -> Result<(), DcsError> {
-        self.request(|s, _| s.initialize = None).await
+    async fn cancel_initialize(&self, expected_revision: Option<i64>) -> Result<bool, DcsError> {
+        self.request(move |s, _| {
+            let current = s.initialize.as_ref().map(|i| i.revision);
+            if current.is_none() || expected_revision.is_some_and(|e| Some(e) != current) {
+                return false;
+            }
+            s.initialize = None;
+            s.bump();
+            true
+        })
+        .await
     }
 
     async fn write_config(

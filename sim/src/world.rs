@@ -49,7 +49,7 @@ pub struct Lease {
 #[derive(Debug, Default)]
 pub struct Store {
     pub rev: i64,
-    pub initialize: Option<String>,
+    pub initialize: Option<Versioned<String>>,
     pub config: Option<Versioned<serde_json::Value>>,
     pub leader: Option<LeaderKey>,
     pub members: BTreeMap<String, Member>,
@@ -67,10 +67,15 @@ pub struct Store {
 }
 
 impl Store {
-    fn bump(&mut self) -> i64 {
+    pub(crate) fn bump(&mut self) -> i64 {
         self.rev += 1;
         self.changed = true;
         self.rev
+    }
+
+    pub fn set_initialize(&mut self, value: String) {
+        let revision = self.bump();
+        self.initialize = Some(Versioned { value, revision });
     }
 
     /// Deletes the keys of leases that expired by `now`.

@@ -55,7 +55,10 @@ fn record(i: u8) -> MemberRecord {
 /// A cluster of members `a` (the loop under test) and `b`.
 fn view(leader: Option<&str>, config: serde_json::Value) -> ClusterView {
     ClusterView {
-        initialize: Some(SYSID.into()),
+        initialize: Some(Versioned {
+            value: SYSID.into(),
+            revision: 1,
+        }),
         config: Some(Versioned {
             value: config,
             revision: 1,
@@ -138,12 +141,15 @@ impl Dcs for MemDcs {
         Ok(false)
     }
     async fn set_initialize(&self, sysid: &str) -> Result<(), DcsError> {
-        self.call("set_initialize").await?.initialize = Some(sysid.into());
+        self.call("set_initialize").await?.initialize = Some(Versioned {
+            value: sysid.into(),
+            revision: 1,
+        });
         Ok(())
     }
-    async fn cancel_initialize(&self) -> Result<(), DcsError> {
+    async fn cancel_initialize(&self, _: Option<i64>) -> Result<bool, DcsError> {
         self.call("cancel_initialize").await?.initialize = None;
-        Ok(())
+        Ok(true)
     }
     async fn write_config(&self, _: &serde_json::Value, _: Option<i64>) -> Result<bool, DcsError> {
         drop(self.call("write_config").await?);

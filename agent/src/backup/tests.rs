@@ -47,7 +47,7 @@ impl Dcs for MemoryDcs {
     async fn set_initialize(&self, _: &str) -> Result<(), DcsError> {
         refused()
     }
-    async fn cancel_initialize(&self) -> Result<(), DcsError> {
+    async fn cancel_initialize(&self, _: Option<i64>) -> Result<bool, DcsError> {
         refused()
     }
     async fn write_config(&self, _: &serde_json::Value, _: Option<i64>) -> Result<bool, DcsError> {

@@ -409,7 +409,7 @@ pub fn render_table(scope: &str, view: &ClusterView, topology: bool, extended: b
             row
         })
         .collect();
-    let initialize = match view.initialize.as_deref() {
+    let initialize = match view.initialize_value() {
         None => "uninitialized",
         Some("") => "initializing",
         Some(sysid) => sysid,
@@ -440,7 +440,7 @@ pub fn render_table(scope: &str, view: &ClusterView, topology: bool, extended: b
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::dcs::{LeaderKey, LeaderStatus, MemberRecord};
+    use crate::dcs::{LeaderKey, LeaderStatus, MemberRecord, Versioned};
 
     fn member(name: &str, port: u16, xlog: u64, state: &str) -> Member {
         Member {
@@ -462,7 +462,10 @@ mod tests {
 
     fn view(members: Vec<Member>, optime: u64) -> ClusterView {
         ClusterView {
-            initialize: Some("7310000000000000001".into()),
+            initialize: Some(Versioned {
+                value: "7310000000000000001".into(),
+                revision: 1,
+            }),
             leader: Some(LeaderKey {
                 name: "pg0".into(),
                 revision: 1,

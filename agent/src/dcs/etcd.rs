@@ -640,7 +640,12 @@ fn build_view<'a>(
     for (key, value, mod_revision, lease) in kvs {
         let value = value.to_owned();
         match keys.classify(key) {
-            KeyKind::Initialize => view.initialize = Some(value),
+            KeyKind::Initialize => {
+                view.initialize = Some(Versioned {
+                    value,
+                    revision: mod_revision,
+                })
+            }
             KeyKind::Config => {
                 view.config = serde_json::from_str::<serde_json::Value>(&value)
                     .ok()
@@ -754,18 +759,14 @@ impl Dcs for EtcdDcs {
             .await
     }
 
-    async fn cancel_initialize(&self) -> Result<(), DcsError> {
-        let mut client = self.client();
-        let response = self
-            .call(
-                "delete initialize",
-                client.delete(self.keys.initialize(), None),
-            )
-            .await?;
-        if response.deleted() > 0 {
-            self.wrote(response.header());
-        }
-        Ok(())
+    async fn cancel_initialize(&self, expected_revision: Option<i64>) -> Result<bool, DcsError> {
+        self.compare_and_set(
+            "delete initialize",
+            self.keys.initialize(),
+            None,
+            expected_revision,
+        )
+        .await
     }
 
     async fn write_config(

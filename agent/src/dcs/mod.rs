@@ -108,8 +108,9 @@ pub trait Dcs: Send + Sync {
     /// Sets `initialize` to the system identifier unconditionally.
     async fn set_initialize(&self, sysid: &str) -> Result<(), DcsError>;
 
-    /// Deletes `initialize` (after a failed bootstrap).
-    async fn cancel_initialize(&self) -> Result<(), DcsError>;
+    /// Deletes `initialize`; with `expected_revision`, only if the key is still at that revision
+    /// (the claim that was seen, not a newer one). `Ok(false)` means the compare failed.
+    async fn cancel_initialize(&self, expected_revision: Option<i64>) -> Result<bool, DcsError>;
 
     /// Writes `config`. With `expected_revision`, only if the key is still at that revision
     /// (`Some(0)` = only if absent). `Ok(false)` means the compare failed.

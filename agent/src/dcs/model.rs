@@ -204,8 +204,9 @@ pub struct Member {
 /// The whole cluster as read from the DCS at one revision.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct ClusterView {
-    /// `None`: no `initialize` key. `Some("")`: a node is bootstrapping. Otherwise the sysid.
-    pub initialize: Option<String>,
+    /// `None`: no `initialize` key. `""`: a node is bootstrapping. Otherwise the sysid. The
+    /// revision tells one bootstrap claim from the next, which may hold the same `""`.
+    pub initialize: Option<Versioned<String>>,
     /// Raw dynamic configuration JSON; `None` when the key is absent or empty.
     pub config: Option<Versioned<serde_json::Value>>,
     pub leader: Option<LeaderKey>,
@@ -219,6 +220,11 @@ pub struct ClusterView {
 }
 
 impl ClusterView {
+    /// The value of `initialize`, if the key exists.
+    pub fn initialize_value(&self) -> Option<&str> {
+        self.initialize.as_ref().map(|i| i.value.as_str())
+    }
+
     pub fn member(&self, name: &str) -> Option<&Member> {
         self.members.iter().find(|m| m.name == name)
     }

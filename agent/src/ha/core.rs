@@ -31,8 +31,9 @@ pub struct HaCore {
     pub following: Option<String>,
     /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
     pub checkpoint_after_promote_pending: bool,
-    /// Since when `initialize` has held an unfinished claim with no `leader` (this agent's view).
-    unclaimed_bootstrap_since: Option<Instant>,
+    /// The revision of the unfinished `initialize` claim seen with no `leader`, and since when
+    /// (this agent's view).
+    unclaimed_bootstrap_since: Option<(i64, Instant)>,
     /// Since when we have held the lock with postgres not running (for `primary_start_timeout`).
     primary_down_since: Option<Instant>,
     /// `POST /restart`'s `timeout`: replaces `primary_start_timeout` for the start that follows
@@ -167,12 +168,17 @@ impl HaCore {
         loop_wait: Duration,
     ) -> bool {
         if let Some(view) = view {
-            self.unclaimed_bootstrap_since =
-                decide::unfinished_bootstrap_claim_without_leader(view)
-                    .then(|| self.unclaimed_bootstrap_since.unwrap_or(now));
+            self.unclaimed_bootstrap_since = decide::unfinished_bootstrap_claim_without_leader(
+                view,
+            )
+            .map(|claim| match self.unclaimed_bootstrap_since {
+                Some((seen, since)) if seen == claim => (claim, since),
+                _ => (claim, now),
+            });
         }
-        self.unclaimed_bootstrap_since
-            .is_some_and(|since| timing::bootstrap_claim_abandoned(now - since, ttl, loop_wait))
+        self.unclaimed_bootstrap_since.is_some_and(|(_, since)| {
+            timing::bootstrap_claim_abandoned(now - since, ttl, loop_wait)
+        })
     }
 
     /// Has the lock holder's postgres been down for longer than `primary_start_timeout` (or
@@ -310,6 +316,7 @@ impl HaCore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::dcs::Versioned;
 
     fn crashed_after(core: &mut HaCore, start: Instant, after: Duration) {
         core.starting(start);
@@ -379,10 +386,7 @@ mod tests {
         let ttl = Duration::from_secs(30);
         let loop_wait = Duration::from_secs(10);
         let mut core = HaCore::default();
-        let claimed = ClusterView {
-            initialize: Some(String::new()),
-            ..Default::default()
-        };
+        let claimed = claim(5);
         assert!(!core.bootstrap_claim_abandoned(Some(&claimed), t0, ttl, loop_wait));
         let later = t0 + Duration::from_secs(3600);
         assert!(core.bootstrap_claim_abandoned(None, later, ttl, loop_wait));
@@ -390,6 +394,35 @@ mod tests {
         assert!(!core.bootstrap_claim_abandoned(
             Some(&ClusterView::default()),
             later,
+            ttl,
+            loop_wait
+        ));
+    }
+
+    fn claim(revision: i64) -> ClusterView {
+        ClusterView {
+            initialize: Some(Versioned {
+                value: String::new(),
+                revision,
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Simulation seed 1796600013456: a claim withdrawn and made anew between two cycles is
+    /// not the claim whose timer ran out.
+    #[test]
+    fn a_new_bootstrap_claim_is_timed_from_scratch() {
+        let t0 = Instant::now();
+        let ttl = Duration::from_secs(30);
+        let loop_wait = Duration::from_secs(10);
+        let mut core = HaCore::default();
+        assert!(!core.bootstrap_claim_abandoned(Some(&claim(5)), t0, ttl, loop_wait));
+        let later = t0 + Duration::from_secs(3600);
+        assert!(!core.bootstrap_claim_abandoned(Some(&claim(9)), later, ttl, loop_wait));
+        assert!(core.bootstrap_claim_abandoned(
+            Some(&claim(9)),
+            later + Duration::from_secs(3600),
             ttl,
             loop_wait
         ));

@@ -964,8 +964,16 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 Ok(true)
             }
             Action::CancelInitialize => {
-                if let Err(e) = self.dcs.cancel_initialize().await {
+                if let Err(e) = self.dcs.cancel_initialize(None).await {
                     warn!(error = %error_chain(&e), "could not delete `initialize` after the failed bootstrap");
+                }
+                Ok(true)
+            }
+            Action::WithdrawBootstrapClaim(revision) => {
+                if self.dcs.cancel_initialize(Some(*revision)).await? {
+                    info!(revision, "withdrew the abandoned bootstrap claim in `initialize`");
+                } else {
+                    info!("`initialize` changed since the abandoned claim was seen; left it");
                 }
                 Ok(true)
             }

@@ -650,7 +650,10 @@ impl KubeDcs {
         view.initialize = config_map
             .and_then(|m| m.metadata.annotations.as_ref())
             .and_then(|a| a.get("initialize"))
-            .cloned();
+            .map(|value| Versioned {
+                value: value.clone(),
+                revision: config_rev,
+            });
         view.config = state::annotation_of(config_map, "config")
             .and_then(|v| serde_json::from_str::<serde_json::Value>(v).ok())
             .filter(|v| v.is_object())
@@ -741,16 +744,15 @@ impl Dcs for KubeDcs {
         .map(drop)
     }
 
-    async fn cancel_initialize(&self) -> Result<(), DcsError> {
+    async fn cancel_initialize(&self, expected_revision: Option<i64>) -> Result<bool, DcsError> {
         self.write_state(
             "delete initialize",
             StateMap::Config,
             &[("initialize", None)],
             "initialize",
-            Expect::Any,
+            expected_revision.map_or(Expect::Any, Expect::Revision),
         )
         .await
-        .map(drop)
     }
 
     async fn write_config(

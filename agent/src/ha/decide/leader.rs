@@ -54,7 +54,7 @@ pub(super) fn decide_as_lock_holder(
         LeaseCheck::Renewed(_) | LeaseCheck::NotHeld => {}
     }
     let mut housekeeping = Vec::new();
-    if !view.initialize.as_deref().is_some_and(is_sysid) {
+    if !view.initialize_value().is_some_and(is_sysid) {
         housekeeping.push(Action::SetInitialize(sysid.to_owned()));
     }
     if view.config.is_none() {

@@ -64,8 +64,11 @@ pub enum Action {
     RaceInitialize(String),
     /// Overwrite `initialize` with the system identifier.
     SetInitialize(String),
-    /// Delete `initialize` after a failed bootstrap.
+    /// Delete `initialize` after a failed bootstrap (our own claim).
     CancelInitialize,
+    /// Delete an abandoned bootstrap claim, only if `initialize` is still at this revision:
+    /// another member may have withdrawn it and claimed anew meanwhile.
+    WithdrawBootstrapClaim(i64),
     /// Write `config` from `bootstrap.dcs` if it is absent.
     SeedConfig,
     /// Create `leader` if absent, then confirm the lease and arm the fence; losing stops the plan.
@@ -375,13 +378,15 @@ pub const BOOTSTRAPPING_STATES: [&str; 2] = [
 /// (as Patroni does), so a slow initdb or restore must not count as abandoned while its member
 /// keeps a record saying so: that record vanishes with the member's lease when it dies, and
 /// only then may another member withdraw the claim and bootstrap (never two at once).
-pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> bool {
-    view.leader.is_none()
-        && view.initialize.as_deref().is_some_and(|i| !is_sysid(i))
-        && !view
-            .members
-            .iter()
-            .any(|m| BOOTSTRAPPING_STATES.contains(&m.record.state.as_str()))
+/// Returns the claim's revision: a claim withdrawn and made anew (by the same member or
+/// another) is a new claim, timed from scratch (simulation seed 1796600013456).
+pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> Option<i64> {
+    let claim = view.initialize.as_ref().filter(|i| !is_sysid(&i.value))?;
+    let bootstrapping = view
+        .members
+        .iter()
+        .any(|m| BOOTSTRAPPING_STATES.contains(&m.record.state.as_str()));
+    (view.leader.is_none() && !bootstrapping).then_some(claim.revision)
 }
 
 /// Decides what to do this cycle.
@@ -450,7 +455,9 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
     };
 
     // Data that belongs to another cluster is refused and left untouched.
-    if let (Some(ours), Some(cluster)) = (obs.data_dir.system_identifier(), &view.initialize) {
+    if let (Some(ours), Some(cluster)) =
+        (obs.data_dir.system_identifier(), view.initialize_value())
+    {
         if is_sysid(cluster) && cluster != ours {
             let reason = format!(
                 "the data directory belongs to another cluster: its system identifier is {ours}, \
@@ -483,15 +490,14 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
         }
         // A claim nobody acts on is withdrawn, and the race runs again next cycle (simulation
         // seed 1796308256532: the winner's create request timed out but was applied).
-        (DataDir::Empty, None)
-            if obs.bootstrap_claim_abandoned
-                && !me.nofailover
-                && unfinished_bootstrap_claim_without_leader(view) =>
-        {
-            Decision::new(
-                Outcome::WithdrawingAbandonedBootstrapClaim,
-                vec![Action::CancelInitialize],
-            )
+        (DataDir::Empty, None) if obs.bootstrap_claim_abandoned && !me.nofailover => {
+            match unfinished_bootstrap_claim_without_leader(view) {
+                Some(revision) => Decision::new(
+                    Outcome::WithdrawingAbandonedBootstrapClaim,
+                    vec![Action::WithdrawBootstrapClaim(revision)],
+                ),
+                None => Decision::new(Outcome::WaitingForBootstrap, vec![]),
+            }
         }
         (DataDir::Empty, None) => Decision::new(Outcome::WaitingForBootstrap, vec![]),
         (DataDir::Empty, Some(l)) if l == me.name => {
@@ -500,7 +506,7 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
             // still our empty claim, withdraw it too, or every member waits for a bootstrap
             // that nobody runs (Patroni's `cancel_initialization` after a failed take_leader).
             let mut actions = Vec::new();
-            if view.initialize.as_deref().is_some_and(|i| !is_sysid(i)) {
+            if view.initialize_value().is_some_and(|i| !is_sysid(i)) {
                 actions.push(Action::CancelInitialize);
             }
             actions.push(Action::ReleaseLeader);

@@ -68,7 +68,10 @@ fn view(leader: Option<&str>, initialize: Option<&str>) -> DcsView {
             member("pg1", 5001),
             member("pg2", 5002),
         ],
-        initialize: initialize.map(str::to_owned),
+        initialize: initialize.map(|value| Versioned {
+            value: value.to_owned(),
+            revision: 1,
+        }),
         leader: leader.map(|name| LeaderKey {
             name: name.into(),
             revision: 1,
@@ -115,7 +118,10 @@ fn an_abandoned_bootstrap_claim_is_withdrawn() {
     let claimed = |initialize: &str| match view(None, None) {
         DcsView::Known(v) => {
             let mut v = (*v).clone();
-            v.initialize = Some(initialize.to_owned());
+            v.initialize = Some(Versioned {
+                value: initialize.to_owned(),
+                revision: 17,
+            });
             DcsView::Known(Arc::new(v))
         }
         other => other,
@@ -130,7 +136,8 @@ fn an_abandoned_bootstrap_claim_is_withdrawn() {
     o.bootstrap_claim_abandoned = true;
     let d = decide(&o, &me());
     assert_eq!(d.outcome, Outcome::WithdrawingAbandonedBootstrapClaim);
-    assert_eq!(d.actions, vec![Action::CancelInitialize]);
+    // Only the claim that was timed: a newer one (another revision) stays.
+    assert_eq!(d.actions, vec![Action::WithdrawBootstrapClaim(17)]);
     let mut nofailover = me();
     nofailover.nofailover = true;
     assert_eq!(decide(&o, &nofailover).actions, vec![]);
@@ -153,13 +160,13 @@ fn a_claim_whose_member_is_still_bootstrapping_is_not_abandoned() {
         DcsView::Known(v) => (*v).clone(),
         DcsView::Unknown(_) => unreachable!(),
     };
-    assert!(unfinished_bootstrap_claim_without_leader(&v));
+    assert_eq!(unfinished_bootstrap_claim_without_leader(&v), Some(1));
     v.members[1].record.state = "initializing new cluster".into();
-    assert!(!unfinished_bootstrap_claim_without_leader(&v));
+    assert_eq!(unfinished_bootstrap_claim_without_leader(&v), None);
     v.members[1].record.state = "running custom bootstrap script".into();
-    assert!(!unfinished_bootstrap_claim_without_leader(&v));
+    assert_eq!(unfinished_bootstrap_claim_without_leader(&v), None);
     v.members.remove(1);
-    assert!(unfinished_bootstrap_claim_without_leader(&v));
+    assert_eq!(unfinished_bootstrap_claim_without_leader(&v), Some(1));
 }
 
 /// Patroni `ha.py` bootstrap: empty PGDATA, no leader, no `initialize` ⇒ race, then bootstrap.
