@@ -168,13 +168,13 @@ impl HaCore {
         loop_wait: Duration,
     ) -> bool {
         if let Some(view) = view {
-            self.unclaimed_bootstrap_since = decide::unfinished_bootstrap_claim_without_leader(
-                view,
-            )
-            .map(|claim| match self.unclaimed_bootstrap_since {
-                Some((seen, since)) if seen == claim => (claim, since),
-                _ => (claim, now),
-            });
+            self.unclaimed_bootstrap_since =
+                decide::unfinished_bootstrap_claim_without_leader(view).map(|claim| {
+                    match self.unclaimed_bootstrap_since {
+                        Some((seen, since)) if seen == claim => (claim, since),
+                        _ => (claim, now),
+                    }
+                });
         }
         self.unclaimed_bootstrap_since.is_some_and(|(_, since)| {
             timing::bootstrap_claim_abandoned(now - since, ttl, loop_wait)

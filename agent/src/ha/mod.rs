@@ -971,7 +971,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             }
             Action::WithdrawBootstrapClaim(revision) => {
                 if self.dcs.cancel_initialize(Some(*revision)).await? {
-                    info!(revision, "withdrew the abandoned bootstrap claim in `initialize`");
+                    info!(
+                        revision,
+                        "withdrew the abandoned bootstrap claim in `initialize`"
+                    );
                 } else {
                     info!("`initialize` changed since the abandoned claim was seen; left it");
                 }

@@ -455,8 +455,7 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
     };
 
     // Data that belongs to another cluster is refused and left untouched.
-    if let (Some(ours), Some(cluster)) =
-        (obs.data_dir.system_identifier(), view.initialize_value())
+    if let (Some(ours), Some(cluster)) = (obs.data_dir.system_identifier(), view.initialize_value())
     {
         if is_sysid(cluster) && cluster != ours {
             let reason = format!(
