@@ -13,8 +13,9 @@
 /// what crashed leaders do, so that 6004, 10242, 22, 89 and 1796308787880 no longer reach their
 /// bugs; the last two seeds fail when the release is made unconditional or does not wait for
 /// postgres to be proven stopped (in the simulation's model of it). The first two seeds came
-/// from a 20,000-schedule run and fail when a withdrawn bootstrap claim's timer or delete
-/// ignores the claim's revision.
+/// from a 20,000-schedule run (two bootstraps at once); the first fails when the bootstrap
+/// claim's timer ignores the claim's revision, the second no longer reaches the bug since the
+/// model wakes watchers on `initialize` changes.
 const REGRESSIONS: &[(u64, usize, &str)] = &[
     (
         1796600013456,
