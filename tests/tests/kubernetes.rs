@@ -339,6 +339,19 @@ async fn racing_lease_updates_get_409_and_the_loser_backs_off() {
     let (ia, ib) = (ia.expect("a answered"), ib.expect("b answered"));
     assert!(ia ^ ib, "exactly one member wins initialize: a={ia} b={ib}");
     assert!(!a.race_initialize("").await.expect("answered"));
+    // An abandoned claim is withdrawn only at the revision that was timed: once withdrawn and
+    // claimed anew, the stale withdrawal leaves the new claim alone.
+    let claim = |v: &pgwarden::dcs::ClusterView| v.initialize.as_ref().map(|i| i.revision);
+    let stale = claim(&a.cluster().await.expect("read")).expect("claimed");
+    assert!(a.cancel_initialize(Some(stale)).await.expect("answered"));
+    assert!(b.race_initialize("").await.expect("answered"));
+    assert!(
+        !a.cancel_initialize(Some(stale)).await.expect("answered"),
+        "a withdrawal at a stale revision must not delete the new claim"
+    );
+    let fresh = a.cluster().await.expect("read");
+    assert_eq!(fresh.initialize_value(), Some(""));
+    assert_ne!(claim(&fresh), Some(stale));
     assert!(a.cluster().await.expect("read").leader.is_none());
     assert!(b.cluster().await.expect("read").leader.is_none());
     let (ra, rb) = tokio::join!(a.acquire_leader(), b.acquire_leader());
