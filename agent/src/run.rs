@@ -105,7 +105,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         })?;
 
     crate::backup::write_config(&config).map_err(RunError::Backup)?;
-    crate::backup::restore::discard_unfinished_bootstrap(&config.postgresql.data_dir);
+    crate::postgres::data_dir::discard_unfinished_bootstrap(&config.postgresql.data_dir);
     crate::backup::restore::refuse_foreign_stanza(&config)
         .await
         .map_err(RunError::Backup)?;

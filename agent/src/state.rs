@@ -14,6 +14,8 @@ use crate::dcs::ClusterView;
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 pub enum PgState {
     InitializingNewCluster,
+    /// A custom `bootstrap.method` runs (Patroni's `CUSTOM_BOOTSTRAP`).
+    RunningCustomBootstrap,
     InitdbFailed,
     CreatingReplica,
     Running,
@@ -33,6 +35,7 @@ impl PgState {
     pub fn as_str(self) -> &'static str {
         match self {
             PgState::InitializingNewCluster => "initializing new cluster",
+            PgState::RunningCustomBootstrap => "running custom bootstrap script",
             PgState::InitdbFailed => "initdb failed",
             PgState::CreatingReplica => "creating replica",
             PgState::Running => "running",
@@ -52,6 +55,7 @@ impl PgState {
     pub fn metric_value(self) -> i64 {
         match self {
             PgState::InitializingNewCluster => 0,
+            PgState::RunningCustomBootstrap => 2,
             PgState::InitdbFailed => 1,
             PgState::CreatingReplica => 4,
             PgState::Running => 5,

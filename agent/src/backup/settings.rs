@@ -504,10 +504,13 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
                 }
             }
         }
-        Some(other) => err(
-            "bootstrap.method",
-            format!("{other:?} is not supported (initdb, pgbackrest)"),
-        ),
+        Some(_) => {
+            if let Err(e) =
+                crate::postgres::custom_bootstrap::CustomBootstrap::of(&config.bootstrap)
+            {
+                err(&e.path, e.reason);
+            }
+        }
     }
 
     let Some(pb) = &config.pgbackrest else { return };

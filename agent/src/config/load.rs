@@ -79,6 +79,15 @@ pub fn load_str(
     config.validate().map_err(ConfigError::Invalid)?;
     warnings.extend(tls_warnings(&config));
     warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
+    // `bootstrap.<name>` sections other than the selected custom method are not used.
+    warnings.extend(
+        config
+            .bootstrap
+            .sections
+            .keys()
+            .filter(|k| config.bootstrap.method.as_deref() != Some(k.as_str()))
+            .map(|k| unknown_key(&format!("bootstrap.{k}"))),
+    );
     for (prefix, params) in [
         (
             "bootstrap.dcs.postgresql.parameters",

@@ -131,10 +131,20 @@ pub struct BootstrapConfig {
     /// Extra initdb options, in Patroni's form: strings (`data-checksums`) or one-key maps
     /// (`encoding: UTF8`).
     pub initdb: Vec<InitdbOption>,
-    /// `initdb` (default) or `pgbackrest`: restore the repository instead of running initdb.
+    /// `initdb` (default), `pgbackrest` (restore the repository instead of running initdb) or
+    /// the name of a custom method: a `bootstrap.<name>` section with a `command`
+    /// ([`crate::postgres::custom_bootstrap`]).
     pub method: Option<String>,
     /// Restore settings for `method: pgbackrest`.
     pub pgbackrest: Option<crate::backup::settings::BootstrapFromBackup>,
+    /// A command run once after the bootstrap (any method), with a connection string for the
+    /// local superuser as its last argument (Patroni's `post_bootstrap`, formerly `post_init`).
+    #[serde(alias = "post_init")]
+    pub post_bootstrap: Option<String>,
+    /// Every other `bootstrap.<name>` section, as written: the custom method that `method`
+    /// names is parsed at validation; the others are warned about as unknown keys.
+    #[serde(flatten)]
+    pub sections: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// One `bootstrap.initdb` entry.

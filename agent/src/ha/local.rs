@@ -16,6 +16,7 @@ use tracing::{debug, info, warn};
 use crate::config::Config;
 use crate::postgres::conf::{self, ManagedFiles};
 use crate::postgres::controldata::{self, ControlData};
+use crate::postgres::custom_bootstrap::{self, CustomBootstrap};
 use crate::postgres::initdb;
 use crate::postgres::probe::{self, Probe};
 use crate::postgres::replica::{self, Upstream};
@@ -357,6 +358,11 @@ async fn bootstrap(
         return crate::backup::restore::bootstrap(config, supervisor, probe, files)
             .await
             .map_err(|e| crate::error::error_chain(&e));
+    }
+    if let Some(method) = CustomBootstrap::of(&config.bootstrap).map_err(|e| e.to_string())? {
+        return custom_bootstrap::bootstrap(config, &method, supervisor, probe, files)
+            .await
+            .map_err(|e| error_chain(&e));
     }
     // A new system must not archive into a stanza that holds another one's backups.
     crate::backup::restore::refuse_existing_stanza(config)

@@ -1389,7 +1389,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
 
     fn pg_state(&self) -> PgState {
         match &self.task {
-            Some((TaskKind::Bootstrap, _)) => return PgState::InitializingNewCluster,
+            Some((TaskKind::Bootstrap, _)) => {
+                let custom = !matches!(
+                    self.config.bootstrap.method.as_deref(),
+                    None | Some("initdb") | Some("pgbackrest")
+                );
+                return if custom {
+                    PgState::RunningCustomBootstrap
+                } else {
+                    PgState::InitializingNewCluster
+                };
+            }
             Some((TaskKind::CreateReplica, _)) => return PgState::CreatingReplica,
             Some((TaskKind::Rewind, _)) => return PgState::Stopped,
             None => {}

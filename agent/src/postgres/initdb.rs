@@ -21,6 +21,8 @@ pub enum InitdbError {
     Failed(String),
     #[error("post-bootstrap SQL failed")]
     PostBootstrap(#[source] ProbeError),
+    #[error(transparent)]
+    PostBootstrapCommand(#[from] super::custom_bootstrap::CustomBootstrapError),
     #[error("cannot flush the new data directory to disk")]
     Sync(#[source] std::io::Error),
 }
@@ -129,8 +131,19 @@ fn set_mode(path: &Path, mode: u32) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
-/// Creates the replication (and rewind) roles after the first start.
+/// After the first start of a new cluster (any bootstrap method): the roles, then the
+/// `bootstrap.post_bootstrap` command. The superuser's password is set too, as Patroni does:
+/// a cluster copied or restored from elsewhere has that cluster's password.
 pub async fn post_bootstrap(config: &Config, probe: &Probe) -> Result<(), InitdbError> {
+    create_roles(config, probe).await?;
+    if let Some(command) = &config.bootstrap.post_bootstrap {
+        let (host, port) = probe.address();
+        super::custom_bootstrap::run_post_bootstrap(command, config, host, port).await?;
+    }
+    Ok(())
+}
+
+async fn create_roles(config: &Config, probe: &Probe) -> Result<(), InitdbError> {
     let auth = &config.postgresql.authentication;
     let mut sql = String::new();
     let mut role = |name: &str, password: Option<&String>, attrs: &str| {
@@ -151,6 +164,13 @@ pub async fn post_bootstrap(config: &Config, probe: &Probe) -> Result<(), Initdb
             )),
         ));
     };
+    if auth.superuser.password.is_some() {
+        role(
+            &auth.superuser.username,
+            auth.superuser.password.as_ref(),
+            "SUPERUSER LOGIN",
+        );
+    }
     if auth.replication.username != auth.superuser.username {
         role(
             &auth.replication.username,

@@ -6,6 +6,8 @@ pub mod callbacks;
 pub mod conf;
 pub mod controldata;
 pub mod crash_release;
+pub mod custom_bootstrap;
+pub mod data_dir;
 pub mod fence_guard;
 pub mod initdb;
 pub mod probe;

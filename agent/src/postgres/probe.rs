@@ -116,6 +116,11 @@ impl Session {
 }
 
 impl Probe {
+    /// The host (or socket directory) and port the local postgres is reached at.
+    pub fn address(&self) -> (&str, u16) {
+        (&self.conn.host, self.conn.port)
+    }
+
     pub fn new(conn: LocalConnection) -> Arc<Self> {
         Arc::new(Probe {
             conn,

@@ -334,22 +334,9 @@ pub async fn basebackup(
     if result.is_err() {
         // A half-copied directory is ours (it was empty before): clear it so the next try can
         // start from scratch instead of being refused as "not empty".
-        clear_dir(data_dir);
+        super::data_dir::clear_dir(data_dir);
     }
     result
-}
-
-fn clear_dir(dir: &Path) {
-    if let Ok(entries) = std::fs::read_dir(dir) {
-        for entry in entries.flatten() {
-            let path = entry.path();
-            let _ = if path.is_dir() {
-                std::fs::remove_dir_all(&path)
-            } else {
-                std::fs::remove_file(&path)
-            };
-        }
-    }
 }
 
 fn set_private(dir: &Path) -> std::io::Result<()> {
