@@ -31,6 +31,8 @@ pub struct HaCore {
     pub following: Option<String>,
     /// Promoted, CHECKPOINT not yet completed (published as `checkpoint_after_promote: false`).
     pub checkpoint_after_promote_pending: bool,
+    /// The timeline whose lineage this agent last wrote to `history`.
+    pub history_recorded_for: Option<u32>,
     /// The revision of the unfinished `initialize` claim seen with no `leader`, and since when
     /// (this agent's view).
     unclaimed_bootstrap_since: Option<(i64, Instant)>,

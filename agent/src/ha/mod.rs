@@ -637,6 +637,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             peers,
             following: self.core.following.clone(),
             checkpoint_after_promote_pending: self.core.checkpoint_after_promote_pending,
+            history_recorded_for: self.core.history_recorded_for,
             bootstrap_claim_abandoned,
             primary_start_overdue,
             replay_paused_for_parameters,
@@ -1264,6 +1265,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     &self.facts.name,
                 );
                 self.dcs.write_history(&history).await?;
+                self.core.history_recorded_for = Some(timeline);
                 info!(timeline, "recorded the timeline switch in `history`");
                 Ok(true)
             }
@@ -1623,15 +1625,20 @@ impl ActionError {
     }
 }
 
-/// Merges postgres' timeline history file (`tli<TAB>lsn<TAB>reason` lines) into the DCS
-/// `history`: lines already recorded are kept as they are, the newest gets our timestamp and name.
+/// The DCS `history` for the leader's timeline: the lines of postgres' timeline history file
+/// (`tli<TAB>lsn<TAB>reason`), which is the leader's own lineage, as Patroni writes it. A line
+/// already recorded for the same switch (timeline and position) keeps its reason, timestamp and
+/// leader; the newest switch, if not recorded, gets our timestamp and name. Recorded lines of
+/// another branch are dropped: a line saying the cluster left a timeline later than it really
+/// did made a standby with WAL past the real switch look as if it could still follow, and it
+/// never streamed again (simulation seed 1796800006141, 5 members: a candidate that had not
+/// streamed the previous leader's new timeline was promoted from the old one).
 pub fn merge_history(
     recorded: &[crate::dcs::HistoryLine],
     file: &str,
     timestamp: &str,
     new_leader: &str,
 ) -> Vec<crate::dcs::HistoryLine> {
-    let mut out = recorded.to_vec();
     let from_file: Vec<crate::dcs::HistoryLine> = file
         .lines()
         .filter_map(|line| {
@@ -1648,19 +1655,28 @@ pub fn merge_history(
             })
         })
         .collect();
-    let last = from_file.last().map(|l| l.timeline);
-    for mut line in from_file {
-        if out.iter().any(|l| l.timeline == line.timeline) {
-            continue;
-        }
-        if Some(line.timeline) == last {
-            line.timestamp = Some(timestamp.to_owned());
-            line.new_leader = Some(new_leader.to_owned());
-        }
-        out.push(line);
+    if from_file.is_empty() {
+        return recorded.to_vec();
     }
-    out.sort_by_key(|l| l.timeline);
-    out
+    let last = from_file.last().map(|l| l.timeline);
+    from_file
+        .into_iter()
+        .map(|mut line| {
+            match recorded
+                .iter()
+                .find(|r| r.timeline == line.timeline && r.lsn == line.lsn)
+            {
+                Some(known) => known.clone(),
+                None => {
+                    if Some(line.timeline) == last {
+                        line.timestamp = Some(timestamp.to_owned());
+                        line.new_leader = Some(new_leader.to_owned());
+                    }
+                    line
+                }
+            }
+        })
+        .collect()
 }
 
 #[cfg(test)]
@@ -1684,5 +1700,30 @@ mod tests {
         assert_eq!(merged[1].timeline, 2);
         assert_eq!(merged[1].lsn, 0x4000A0);
         assert_eq!(merged[1].new_leader.as_deref(), Some("b"));
+    }
+
+    /// Simulation seed 1796800006141: `history` said timeline 1 ended at 0/C8 (a leader on
+    /// timeline 2 that died), the new leader left timeline 1 at 0/64: its own lineage wins.
+    #[test]
+    fn history_is_the_leaders_lineage_not_an_abandoned_branch() {
+        let recorded = vec![crate::dcs::HistoryLine {
+            timeline: 1,
+            lsn: 200,
+            reason: "promoted".into(),
+            timestamp: Some("t0".into()),
+            new_leader: Some("pg3".into()),
+        }];
+        let merged = merge_history(
+            &recorded,
+            "1\t0/64\tno recovery target specified\n",
+            "t1",
+            "pg4",
+        );
+        assert_eq!(merged.len(), 1);
+        assert_eq!(merged[0].lsn, 100);
+        assert_eq!(merged[0].new_leader.as_deref(), Some("pg4"));
+        assert_eq!(merged[0].timestamp.as_deref(), Some("t1"));
+        // An unreadable (empty) file leaves what is recorded.
+        assert_eq!(merge_history(&recorded, "", "t1", "pg4"), recorded);
     }
 }

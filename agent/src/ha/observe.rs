@@ -160,6 +160,8 @@ pub struct Observation {
     /// We promoted and have not completed a CHECKPOINT since: replicas must not pg_rewind
     /// against us yet (our control file still names the old timeline).
     pub checkpoint_after_promote_pending: bool,
+    /// The timeline whose lineage this agent last wrote to `history` (`HaCore`).
+    pub history_recorded_for: Option<u32>,
     /// `initialize` has held an unfinished bootstrap claim while no member held `leader` for
     /// longer than `timing::bootstrap_claim_abandoned` allows: whoever claimed it is gone.
     pub bootstrap_claim_abandoned: bool,

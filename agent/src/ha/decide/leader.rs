@@ -74,7 +74,7 @@ pub(super) fn decide_as_lock_holder(
                 // healthy cycle ran: record our timeline switch first, or `history` would
                 // lose who led it.
                 let mut decision = decision;
-                if history_outdated(view, status) {
+                if history_outdated(view, status, obs.history_recorded_for) {
                     decision.actions.insert(0, Action::WriteHistory);
                 }
                 return decision;
@@ -116,7 +116,7 @@ pub(super) fn decide_as_lock_holder(
             }
             actions.push(Action::ApplyConfig { upstream: None });
             actions.push(Action::SyncSlots);
-            if history_outdated(view, status) {
+            if history_outdated(view, status, obs.history_recorded_for) {
                 actions.insert(1, Action::WriteHistory);
             }
             (Outcome::LeaderHealthy, actions)
@@ -161,12 +161,18 @@ pub(super) fn decide_as_lock_holder(
 }
 
 /// Patroni records history when its last line is not the timeline before ours.
-fn history_outdated(view: &ClusterView, status: &crate::state::PostgresStatus) -> bool {
+/// Does `history` still miss our timeline's lineage? Its last line is normally the switch from
+/// the timeline before ours, but timeline numbers may skip (a branch that died took the next
+/// one): once this agent has written its lineage for the timeline, only a lost key is outdated.
+fn history_outdated(
+    view: &ClusterView,
+    status: &crate::state::PostgresStatus,
+    recorded_for: Option<u32>,
+) -> bool {
     let recorded = view.history.last().map(|l| l.timeline);
-    status
-        .timeline
-        .filter(|t| *t > 1)
-        .is_some_and(|tl| recorded != Some(tl - 1))
+    status.timeline.filter(|t| *t > 1).is_some_and(|tl| {
+        view.history.is_empty() || (recorded != Some(tl - 1) && recorded_for != Some(tl))
+    })
 }
 
 /// A peer known to run on a timeline older than ours (unknown counts as not behind, as in

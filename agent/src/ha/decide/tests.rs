@@ -104,6 +104,7 @@ fn obs(dcs: DcsView, lease: LeaseCheck, data_dir: DataDir, postgres: PostgresVie
         peers: None,
         following: None,
         checkpoint_after_promote_pending: false,
+        history_recorded_for: None,
         bootstrap_claim_abandoned: false,
         primary_start_overdue: false,
         replay_paused_for_parameters: false,
