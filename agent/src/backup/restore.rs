@@ -80,7 +80,13 @@ pub async fn create_replica(
                 .await
                 .map(|()| "basebackup")
                 .map_err(crate::backup::BackupError::caused_by),
-            other => Err(format!("unknown replica creation method {other:?}").into()),
+            custom => match crate::postgres::replica_method::ReplicaMethod::of(config, custom) {
+                Ok(m) => crate::postgres::replica_method::create(&m, config, upstream)
+                    .await
+                    .map(|()| "custom")
+                    .map_err(crate::backup::BackupError::from),
+                Err(e) => Err(e.to_string().into()),
+            },
         };
         match result {
             Ok(used) => {

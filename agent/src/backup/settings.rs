@@ -389,10 +389,9 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
     };
     for (i, method) in config.postgresql.create_replica_methods.iter().enumerate() {
         if !REPLICA_METHODS.contains(&method.as_str()) {
-            err(
-                &format!("postgresql.create_replica_methods[{i}]"),
-                format!("{method:?} is not a supported method (pgbackrest, basebackup)"),
-            );
+            if let Err(e) = crate::postgres::replica_method::ReplicaMethod::of(config, method) {
+                err(&e.path, e.reason);
+            }
         } else if method == "pgbackrest" && config.pgbackrest.is_none() {
             err(
                 &format!("postgresql.create_replica_methods[{i}]"),
@@ -737,7 +736,8 @@ mod tests {
             "pgbackrest.schedule.full",
             "pgbackrest.options.pg1-path",
             "pgbackrest.options.Bad",
-            "postgresql.create_replica_methods[0]",
+            // A custom method needs its section with a command.
+            "postgresql.wal_e",
         ] {
             assert!(e.contains(&path.to_owned()), "{path} missing from {e:?}");
         }

@@ -293,12 +293,19 @@ pub struct PostgresqlConfig {
     pub remove_data_directory_on_rewind_failure: bool,
     pub remove_data_directory_on_diverged_timelines: bool,
     /// How a new replica gets its data, tried in order (Patroni's list): `pgbackrest` (restore
-    /// from the repository), `basebackup`. Empty: `basebackup` only.
+    /// from the repository), `basebackup`, or the name of a custom method: a
+    /// `postgresql.<name>` section with a `command` ([`crate::postgres::replica_method`]).
+    /// Empty: `basebackup` only.
     pub create_replica_methods: Vec<String>,
     /// Scripts run on postgres' start, stop, restart, reload and role change (Patroni's
     /// `postgresql.callbacks`, see [`crate::postgres::callbacks`]).
     #[serde(skip_serializing_if = "CallbacksConfig::is_empty")]
     pub callbacks: CallbacksConfig,
+    /// Every other `postgresql.<name>` section, as written: those that
+    /// `create_replica_methods` names are custom replica creation methods; the others are
+    /// warned about as unknown keys.
+    #[serde(flatten)]
+    pub sections: BTreeMap<String, serde_yaml::Value>,
 }
 
 /// `postgresql.callbacks`: one command line per action, split as a POSIX shell would.

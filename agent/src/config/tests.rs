@@ -151,6 +151,32 @@ fn unknown_keys_are_warned_about_by_full_path() {
     assert!(w.contains("`watchdog_x`"), "{w}");
 }
 
+/// Sections of custom methods are used only when their method is selected; the others, and
+/// `no_leader` (replicas are made only from a running leader), are warned about by path.
+#[test]
+fn custom_method_sections_are_used_or_warned_about() {
+    let yaml = PATRONI_YML.replace(
+        "  pgpass: /tmp/pgpass0",
+        "  pgpass: /tmp/pgpass0\n  create_replica_methods: [copy, basebackup]\n  \
+         copy: {command: /bin/copy, no_leader: 1}\n  wal_g: {command: /bin/wal-g}",
+    ) + "\n";
+    let yaml = yaml.replace(
+        "bootstrap:\n",
+        "bootstrap:\n  users: {admin: {}}\n  old_method: {command: x}\n",
+    );
+    let loaded = load_ok(&yaml);
+    let w = loaded.warnings.join("\n");
+    for path in [
+        "`postgresql.wal_g`",
+        "`postgresql.copy.no_leader`",
+        "`bootstrap.users`",
+        "`bootstrap.old_method`",
+    ] {
+        assert!(w.contains(path), "no warning for {path}: {w}");
+    }
+    assert!(!w.contains("`postgresql.copy`"), "{w}");
+}
+
 #[test]
 fn environment_beats_the_file_and_flags_beat_the_environment() {
     let mut env = BTreeMap::new();

@@ -209,7 +209,7 @@ impl CustomBootstrap {
 
 /// A YAML scalar as text. `python_bools`: `True`/`False`, as Patroni formats a command
 /// argument; otherwise `on`/`off` for postgres.
-fn scalar(v: &serde_yaml::Value, python_bools: bool) -> Option<String> {
+pub(crate) fn scalar(v: &serde_yaml::Value, python_bools: bool) -> Option<String> {
     match v {
         serde_yaml::Value::String(s) => Some(s.clone()),
         serde_yaml::Value::Number(n) => Some(n.to_string()),
@@ -361,7 +361,7 @@ pub enum CustomBootstrapError {
 
 /// A command for the user's script: its own process group, no password in its environment,
 /// output into the agent's log.
-fn user_command(argv: &[String]) -> Command {
+pub(crate) fn user_command(argv: &[String]) -> Command {
     let mut cmd = Command::new(&argv[0]);
     cmd.args(&argv[1..])
         .stdin(std::process::Stdio::null())
@@ -493,7 +493,7 @@ pub async fn wait_for_end_of_recovery(
 }
 
 /// Patroni's conninfo escaping: a backslash before `'`, `\` and space.
-fn conninfo_escape(v: &str) -> String {
+pub(crate) fn conninfo_escape(v: &str) -> String {
     let mut out = String::with_capacity(v.len());
     for c in v.chars() {
         if matches!(c, '\'' | '\\' | ' ') {

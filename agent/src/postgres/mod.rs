@@ -12,5 +12,6 @@ pub mod fence_guard;
 pub mod initdb;
 pub mod probe;
 pub mod replica;
+pub mod replica_method;
 pub mod supervisor;
 pub mod versioned_params;

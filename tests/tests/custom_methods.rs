@@ -1,13 +1,14 @@
-//! Custom bootstrap methods and `bootstrap.post_bootstrap` on real PostgreSQL 15, as Patroni
-//! 4.1 runs them: a new cluster made by a user's script (here a copy of another cluster with
-//! pg_basebackup), started in recovery with `recovery_conf` until it promotes; a failing
-//! script that leaves nothing behind; a method without a command refused by its path.
+//! Custom bootstrap and replica creation methods and `bootstrap.post_bootstrap` on real
+//! PostgreSQL 15, as Patroni 4.1 runs them: a new cluster made by a user's script (here a copy
+//! of another cluster with pg_basebackup), started in recovery with `recovery_conf` until it
+//! promotes; a failing script that leaves nothing behind; a method without a command refused by
+//! its path; replicas made by a user's script, and a failing method followed by the next one.
 
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use pgwarden_tests::harness::{agent_binary, ClusterOptions, TestEnv};
+use pgwarden_tests::harness::{agent_binary, wait_until, ClusterOptions, TestEnv};
 
 const T: Duration = Duration::from_secs(90);
 
@@ -244,4 +245,94 @@ async fn a_failed_custom_bootstrap_leaves_nothing_behind_and_a_method_without_co
         "{}",
         c.log_tail(40)
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn custom_replica_methods_get_patronis_arguments_and_a_failing_one_falls_through() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "methods".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let i = env.add_member("m0");
+    env.start_member(i).expect("start m0");
+    let leader = env.wait_for_leader(T).await;
+    assert_eq!(leader, "m0");
+    let leader_port = env.members[i].pg_port;
+
+    // m1 clones with its own script (pg_basebackup through the connstring it is given, the
+    // password from PGPASSFILE); m2's first method fails after leaving a file behind, then
+    // basebackup makes the replica.
+    for (name, methods) in [("m1", "[copy, basebackup]"), ("m2", "[broken, basebackup]")] {
+        let j = env.add_member(name);
+        let dir = env.members[j].dir.clone();
+        std::fs::create_dir_all(&dir).expect("member dir");
+        let copy = dir.join("copy.sh");
+        script(
+            &copy,
+            &format!(
+                "echo \"$@\" > {dir}/copy.args\n\
+                 for a in \"$@\"; do case \"$a\" in --datadir=*) d=\"${{a#--datadir=}}\";; \
+                 --connstring=*) c=\"${{a#--connstring=}}\";; esac; done\n\
+                 [ -n \"$PGPASSFILE\" ] || exit 9\n\
+                 exec {bin}/pg_basebackup -d \"$c\" -D \"$d\" -X stream -c fast",
+                dir = dir.display(),
+                bin = pg_bin(),
+            ),
+        );
+        let broken = dir.join("broken.sh");
+        script(
+            &broken,
+            "for a in \"$@\"; do case \"$a\" in --datadir=*) d=\"${a#--datadir=}\";; esac; done\n\
+             echo junk > \"$d/junk\"\nexit 4",
+        );
+        let m = &mut env.members[j];
+        m.set("postgresql.create_replica_methods", yaml(methods));
+        m.set(
+            "postgresql.copy",
+            yaml(&format!(
+                "command: {} --verbose\nlabel: nightly\n",
+                copy.display()
+            )),
+        );
+        m.set(
+            "postgresql.broken",
+            yaml(&format!("command: {}\n", broken.display())),
+        );
+        env.start_member(j).expect("start");
+    }
+    wait_until("both replicas stream from m0", T, || async {
+        env.members[1].is_streaming_replica().await && env.members[2].is_streaming_replica().await
+    })
+    .await;
+
+    let m1 = &env.members[1];
+    let args = std::fs::read_to_string(m1.dir.join("copy.args")).expect("the copy script ran");
+    assert_eq!(
+        args.trim(),
+        format!(
+            "--verbose --label=nightly --scope=methods --role=replica --datadir={} \
+             --connstring=dbname=postgres user=replicator host=127.0.0.1 port={leader_port}",
+            m1.data_dir().display()
+        )
+    );
+    assert!(
+        m1.log_text()
+            .contains("creating the replica with a custom method"),
+        "{}",
+        m1.log_tail(30)
+    );
+    let m2 = &env.members[2];
+    assert!(
+        !m2.data_dir().join("junk").exists(),
+        "the failed method's file was removed"
+    );
+    assert!(
+        m2.log_text()
+            .contains("replica creation method failed; trying the next one"),
+        "{}",
+        m2.log_tail(30)
+    );
+    assert!(!m1.log_text().contains("rep-secret") && !m2.log_text().contains("rep-secret"));
 }

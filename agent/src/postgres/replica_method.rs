@@ -1,0 +1,251 @@
+//! Custom replica creation methods, as Patroni 4.1 runs them (`Bootstrap.create_replica`):
+//!
+//! ```yaml
+//! postgresql:
+//!   create_replica_methods: [from_backup, basebackup]
+//!   from_backup:
+//!     command: /usr/local/bin/restore-replica --fast
+//!     keep_data: false   # true: the data directory is not emptied before or after
+//!     no_params: false   # true: none of the arguments below
+//!     envdir: /etc/wal-e # any other key: --envdir=/etc/wal-e
+//! ```
+//!
+//! # Guarantees
+//! - The command gets, after its own words, every key of the section but `command` as
+//!   `--key=value` in the order written, then `--scope`, `--role=replica`, `--datadir` and
+//!   `--connstring` (the leader's address for the replication user, without password: the
+//!   agent's password file is in `PGPASSFILE`), exactly as Patroni passes them; with
+//!   `no_params`, only the section's own keys, without `no_params`, `no_leader`, `keep_data`.
+//! - A method that fails (or exits 0 without leaving a data directory) is followed by the next
+//!   one in `create_replica_methods`; what it left is removed unless `keep_data`.
+//! - The command does not get the agent's variables that hold a password.
+//! - `no_leader` (`no_master`) is accepted, but pgwarden creates replicas only from a running
+//!   leader; the option is warned about at load.
+
+use std::path::Path;
+
+use tracing::info;
+
+use crate::config::Config;
+
+use super::custom_bootstrap::{conninfo_escape, scalar, user_command};
+use super::replica::Upstream;
+
+/// The keys Patroni drops from the arguments when `no_params` is set.
+const DROPPED_WITH_NO_PARAMS: [&str; 4] = ["no_params", "no_leader", "no_master", "keep_data"];
+
+/// `postgresql.<name>` for a name in `create_replica_methods`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaMethod {
+    pub name: String,
+    pub command: Vec<String>,
+    /// The section's keys but `command`, in the order written, as argument text.
+    pub params: Vec<(String, String)>,
+    pub no_params: bool,
+    pub keep_data: bool,
+}
+
+/// Why a method cannot be used, with its full path.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("`{path}`: {reason}")]
+pub struct ReplicaMethodError {
+    pub path: String,
+    pub reason: String,
+}
+
+impl ReplicaMethod {
+    /// The custom method `name` of `create_replica_methods`, from its `postgresql.<name>`
+    /// section.
+    pub fn of(config: &Config, name: &str) -> Result<ReplicaMethod, ReplicaMethodError> {
+        let at = |key: &str| format!("postgresql.{name}.{key}");
+        let error = |path: String, reason: &str| ReplicaMethodError {
+            path,
+            reason: reason.to_owned(),
+        };
+        let Some(map) = config
+            .postgresql
+            .sections
+            .get(name)
+            .and_then(|s| s.as_mapping())
+        else {
+            return Err(error(
+                format!("postgresql.{name}"),
+                "a replica creation method other than pgbackrest or basebackup needs this \
+                 section with a `command`",
+            ));
+        };
+        let command = match map.get("command") {
+            Some(serde_yaml::Value::String(c)) => {
+                shlex::split(c).filter(|w| !w.is_empty()).ok_or_else(|| {
+                    error(
+                        at("command"),
+                        "cannot be split into words as a shell would (unbalanced quotes?)",
+                    )
+                })?
+            }
+            Some(_) => return Err(error(at("command"), "must be a string")),
+            None => return Err(error(at("command"), "is missing")),
+        };
+        let mut params = Vec::new();
+        for (k, v) in map {
+            let Some(k) = k.as_str() else {
+                return Err(error(format!("postgresql.{name}"), "keys must be strings"));
+            };
+            if k == "command" {
+                continue;
+            }
+            let value = scalar(v, true).ok_or_else(|| {
+                error(
+                    at(k),
+                    "must be a string, a number or a boolean: it is passed as --key=value",
+                )
+            })?;
+            params.push((k.to_owned(), value));
+        }
+        let flag = |key: &str| {
+            map.get(key)
+                .and_then(|v| serde_json::to_value(v).ok())
+                .and_then(|v| crate::config::flex::parse_bool(&v))
+                .unwrap_or(false)
+        };
+        Ok(ReplicaMethod {
+            name: name.to_owned(),
+            command,
+            params,
+            no_params: flag("no_params"),
+            keep_data: flag("keep_data"),
+        })
+    }
+
+    /// The command line for cloning `upstream` into `data_dir`.
+    pub fn argv(&self, scope: &str, data_dir: &Path, connstring: &str) -> Vec<String> {
+        let mut params = self.params.clone();
+        if self.no_params {
+            params.retain(|(k, _)| !DROPPED_WITH_NO_PARAMS.contains(&k.as_str()));
+        } else {
+            // Patroni's dict.update: a key the section already has keeps its place.
+            for (k, v) in [
+                ("scope", scope.to_owned()),
+                ("role", "replica".to_owned()),
+                ("datadir", data_dir.display().to_string()),
+                ("connstring", connstring.to_owned()),
+            ] {
+                match params.iter_mut().find(|(key, _)| key == k) {
+                    Some(existing) => existing.1 = v,
+                    None => params.push((k.to_owned(), v)),
+                }
+            }
+        }
+        let mut argv = self.command.clone();
+        argv.extend(params.into_iter().map(|(k, v)| format!("--{k}={v}")));
+        argv
+    }
+}
+
+/// The leader's address for the replication user, as Patroni's `format_dsn` writes it (no
+/// password: the password file holds it).
+pub fn connstring(config: &Config, upstream: &Upstream) -> String {
+    let repl = &config.postgresql.authentication.replication;
+    format!(
+        "dbname=postgres user={} host={} port={}",
+        conninfo_escape(&repl.username),
+        conninfo_escape(&upstream.host),
+        upstream.port
+    )
+}
+
+/// Runs the method; on failure, removes what it left unless `keep_data`.
+pub async fn create(
+    method: &ReplicaMethod,
+    config: &Config,
+    upstream: &Upstream,
+) -> Result<(), String> {
+    let data_dir = &config.postgresql.data_dir;
+    if !method.keep_data && !super::initdb::is_empty_dir(data_dir) {
+        super::data_dir::clear_dir(data_dir);
+    }
+    // Postgres refuses a data directory others can read; the script may copy into this one.
+    private_dir(data_dir).map_err(|e| format!("cannot prepare {}: {e}", data_dir.display()))?;
+    let argv = method.argv(&config.scope, data_dir, &connstring(config, upstream));
+    let mut cmd = user_command(&argv);
+    if let Some(pgpass) = super::replica::pgpass(config) {
+        pgpass
+            .write()
+            .map_err(|e| format!("cannot write {}: {e}", pgpass.path.display()))?;
+        cmd.env("PGPASSFILE", &pgpass.path);
+    }
+    info!(method = %method.name, ?argv, leader = %upstream.name, "creating the replica with a custom method");
+    let result = match cmd.status().await {
+        Ok(status) if status.success() && data_dir.join("PG_VERSION").exists() => {
+            private_dir(data_dir).map_err(|e| format!("cannot chmod {}: {e}", data_dir.display()))
+        }
+        Ok(status) if status.success() => Err(format!(
+            "{argv:?} exited 0 but left no data directory in {}",
+            data_dir.display()
+        )),
+        Ok(status) => Err(format!("{argv:?} failed ({status})")),
+        Err(e) => Err(format!("cannot run {argv:?}: {e}")),
+    };
+    if result.is_err() && !method.keep_data {
+        super::data_dir::clear_dir(data_dir);
+    }
+    result
+}
+
+fn private_dir(dir: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(dir)?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(yaml: &str) -> Config {
+        serde_yaml::from_str(yaml).expect("valid YAML")
+    }
+
+    #[test]
+    fn the_command_gets_the_sections_keys_then_patronis_parameters() {
+        let c = config(
+            "scope: main\npostgresql:\n  data_dir: /d\n  create_replica_methods: [wal_e]\n  \
+             wal_e:\n    command: /bin/restore --fast\n    envdir: /etc/wal-e\n    \
+             keep_data: true\n    role: ignored\n",
+        );
+        let m = ReplicaMethod::of(&c, "wal_e").expect("valid");
+        assert!(m.keep_data);
+        assert_eq!(
+            m.argv(
+                "main",
+                Path::new("/d"),
+                "dbname=postgres user=r host=h port=5"
+            ),
+            vec![
+                "/bin/restore",
+                "--fast",
+                "--envdir=/etc/wal-e",
+                "--keep_data=True",
+                "--role=replica",
+                "--scope=main",
+                "--datadir=/d",
+                "--connstring=dbname=postgres user=r host=h port=5",
+            ]
+        );
+        let c = config(
+            "postgresql:\n  wal_e:\n    command: x\n    no_params: true\n    no_leader: 1\n    \
+             envdir: /e\n",
+        );
+        let m = ReplicaMethod::of(&c, "wal_e").expect("valid");
+        assert_eq!(m.argv("s", Path::new("/d"), "c"), vec!["x", "--envdir=/e"]);
+    }
+
+    #[test]
+    fn a_method_without_its_section_or_command_is_refused_by_path() {
+        let e = ReplicaMethod::of(&config("postgresql: {}\n"), "wal_e").expect_err("refused");
+        assert_eq!(e.path, "postgresql.wal_e");
+        let e = ReplicaMethod::of(&config("postgresql:\n  wal_e:\n    envdir: /e\n"), "wal_e")
+            .expect_err("refused");
+        assert_eq!(e.path, "postgresql.wal_e.command");
+    }
+}
