@@ -79,6 +79,25 @@ pub fn load_str(
     config.validate().map_err(ConfigError::Invalid)?;
     warnings.extend(tls_warnings(&config));
     warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
+    // Tags we publish, as Patroni does, but do not act on.
+    let tags = &config.tags;
+    if tags.nostream {
+        warnings.push(
+            "`tags.nostream` has no effect: pgwarden does not implement it, and this member \
+             streams from its upstream"
+                .into(),
+        );
+    }
+    if let Some(from) = &tags.replicatefrom {
+        warnings.push(format!(
+            "`tags.replicatefrom` ({from}) has no effect: cascading replication is not \
+             implemented, and this member follows the leader"
+        ));
+    }
+    if tags.clonefrom {
+        warnings
+            .push("`tags.clonefrom` has no effect: new replicas are cloned from the leader".into());
+    }
     // `postgresql.<name>` sections other than custom replica methods are not used.
     for (k, section) in &config.postgresql.sections {
         if !config.postgresql.create_replica_methods.contains(k) {

@@ -177,6 +177,22 @@ fn custom_method_sections_are_used_or_warned_about() {
     assert!(!w.contains("`postgresql.copy`"), "{w}");
 }
 
+/// Tags published but not acted on are warned about by path.
+#[test]
+fn tags_without_effect_are_warned_about() {
+    let yaml = PATRONI_YML.replace(
+        "  nosync: false",
+        "  nosync: false\n  nostream: true\n  replicatefrom: pg1",
+    );
+    let loaded = load_ok(&yaml);
+    let w = loaded.warnings.join("\n");
+    assert!(
+        w.contains("`tags.nostream`") && w.contains("`tags.replicatefrom`"),
+        "{w}"
+    );
+    assert!(!w.contains("`tags.clonefrom`"), "{w}");
+}
+
 #[test]
 fn environment_beats_the_file_and_flags_beat_the_environment() {
     let mut env = BTreeMap::new();
