@@ -12,12 +12,18 @@
 /// the simulation modelled the fence guard's release after a kill -9 (issue 20), which changed
 /// what crashed leaders do, so that 6004, 10242, 22, 89 and 1796308787880 no longer reach their
 /// bugs; the last two seeds fail when the release is made unconditional or does not wait for
-/// postgres to be proven stopped (in the simulation's model of it). The first seed came from a
-/// 20,000-schedule run and fails when `history` keeps a dead branch's line. The next two seeds came
+/// postgres to be proven stopped (in the simulation's model of it). The first two seeds came
+/// from 20,000-schedule runs and fail when the lag is not checked again after a race won on an
+/// old observation, and when `history` keeps a dead branch's line. The next two seeds came
 /// from a 20,000-schedule run (two bootstraps at once); the first fails when the bootstrap
 /// claim's timer ignores the claim's revision, the second no longer reaches the bug since the
 /// model wakes watchers on `initialize` changes.
 const REGRESSIONS: &[(u64, usize, &str)] = &[
+    (
+        1796900006320,
+        3,
+        "a race won on an old observation checks the lag again on a fresh view",
+    ),
     (
         1796800006141,
         5,

@@ -945,6 +945,35 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
     }
 
+    /// After winning a race for a free lock: the lag rule on a fresh view, with the position
+    /// the race was decided with. Not for a running primary, a bootstrap, or the candidate of a
+    /// manual failover (which takes over without the lag check, §5.6).
+    async fn lags_behind_fresh_status(
+        &self,
+        obs: &Observation,
+    ) -> Result<Option<u64>, ActionError> {
+        let DcsView::Known(seen) = &obs.dcs else {
+            return Ok(None);
+        };
+        let candidate = seen
+            .failover
+            .as_ref()
+            .and_then(|f| f.value.member.as_deref())
+            == Some(self.facts.name.as_str());
+        let Some(position) = decide::racing_position(obs) else {
+            return Ok(None);
+        };
+        if seen.leader.is_some() || candidate {
+            return Ok(None);
+        }
+        let fresh = self.dcs.cluster().await?;
+        Ok(decide::lagging_on(
+            &fresh,
+            position,
+            self.facts.maximum_lag_on_failover,
+        ))
+    }
+
     /// Performs one action; `Ok(false)` means a race was lost and the plan must stop.
     async fn execute_one(
         &mut self,
@@ -1010,12 +1039,23 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                         .inherit_retained_slots(retained.unwrap_or_default(), self.rt.now());
                 }
                 // Confirm at once so the fence is armed before postgres can be made writable.
-                match self.renew().await {
-                    LeaseCheck::Renewed(_) => Ok(true),
-                    _ => Err(ActionError::Failed(
+                if !matches!(self.renew().await, LeaseCheck::Renewed(_)) {
+                    return Err(ActionError::Failed(
                         "could not confirm the freshly acquired lease".into(),
-                    )),
+                    ));
                 }
+                if let Some(lag) = self.lags_behind_fresh_status(obs).await? {
+                    warn!(
+                        lag,
+                        maximum = self.facts.maximum_lag_on_failover,
+                        "won the lock on an old observation, but the last leader position has moved further ahead than maximum_lag_on_failover since; giving the lock back"
+                    );
+                    self.dcs.release_leader().await?;
+                    self.core.lease_dropped();
+                    self.pg.set_fence(None);
+                    return Ok(false);
+                }
+                Ok(true)
             }
             Action::ReleaseLeader => {
                 // After a stop, publish the shutdown checkpoint so replicas' lag checks compare

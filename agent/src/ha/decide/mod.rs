@@ -19,7 +19,7 @@ use super::sync;
 mod follower;
 mod leader;
 mod race;
-pub use race::someone_else_may_take_over;
+pub use race::{lagging_on, racing_position, someone_else_may_take_over};
 #[cfg(test)]
 mod tests;
 

@@ -8,6 +8,30 @@ use crate::postgres::supervisor::StopMode;
 use super::{Action, Decision, MemberFacts, NotEligible, Outcome};
 use crate::ha::observe::{Observation, PeerAnswer, PostgresView};
 
+/// The WAL position a member races with: a running standby's received or replayed position,
+/// a stopped former primary's last checkpoint. `None` for a running primary (its own writes
+/// are the newest) and for anything else.
+pub fn racing_position(obs: &Observation) -> Option<u64> {
+    match &obs.postgres {
+        PostgresView::Running(s) if s.in_recovery => s.wal_position(),
+        PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_)
+            if obs.data_dir.was_primary() =>
+        {
+            obs.data_dir.checkpoint_lsn()
+        }
+        _ => None,
+    }
+}
+
+/// Has the last leader position (`status`) moved beyond `maximum_lag` ahead of `position`?
+/// Checked again on a fresh view once the lock is won: the race was decided on an observation
+/// that may be old (simulation seed 1796900006320: an agent frozen for 40 s between observing
+/// and racing won the lock while another leader had come, written and died meanwhile).
+pub fn lagging_on(view: &ClusterView, position: u64, maximum_lag: u64) -> Option<u64> {
+    let lag = view.status.as_ref()?.optime.saturating_sub(position);
+    (lag > maximum_lag).then_some(lag)
+}
+
 /// Patroni's `is_healthiest_node` (§5.5 steps 10–12) on what observe gathered.
 fn healthiest(
     view: &ClusterView,
@@ -24,14 +48,11 @@ fn healthiest(
     if !may_race {
         return Err(NotEligible::NotSynchronous);
     }
-    if let Some(status) = &view.status {
-        let lag = status.optime.saturating_sub(my_position);
-        if lag > me.maximum_lag_on_failover {
-            return Err(NotEligible::Lagging {
-                lag,
-                maximum: me.maximum_lag_on_failover,
-            });
-        }
+    if let Some(lag) = lagging_on(view, my_position, me.maximum_lag_on_failover) {
+        return Err(NotEligible::Lagging {
+            lag,
+            maximum: me.maximum_lag_on_failover,
+        });
     }
     let former = handed_over(view, wall_now);
     for peer in peers {
@@ -218,8 +239,8 @@ pub(super) fn decide_without_leader(
         PostgresView::Running(s) if !s.in_recovery => {
             Decision::new(Outcome::NoLeaderRacing, vec![Action::AcquireLeader])
         }
-        PostgresView::Running(s) => {
-            let position = s.wal_position().unwrap_or(0);
+        PostgresView::Running(_) => {
+            let position = racing_position(obs).unwrap_or(0);
             match healthiest(view, me, position, peers, obs.wall_now, false) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
@@ -233,7 +254,7 @@ pub(super) fn decide_without_leader(
         PostgresView::Down | PostgresView::Crashed | PostgresView::StartFailed(_)
             if obs.data_dir.was_primary() =>
         {
-            let position = obs.data_dir.checkpoint_lsn().unwrap_or(0);
+            let position = racing_position(obs).unwrap_or(0);
             match healthiest(view, me, position, peers, obs.wall_now, true) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
