@@ -17,7 +17,7 @@ use tracing::{info, warn};
 use crate::config::Config;
 use crate::postgres::conf::{self, ManagedFiles};
 use crate::postgres::data_dir::{
-    clear_dir, prepare_empty, set_aside, strip_recovery_settings, UNFINISHED_MARKER,
+    abandon_bootstrap, clear_dir, prepare_empty, strip_recovery_settings, UNFINISHED_MARKER,
 };
 use crate::postgres::probe::Probe;
 use crate::postgres::replica::{self, Upstream};
@@ -246,7 +246,7 @@ async fn stanza_system_ids(config: &Config) -> Vec<String> {
 /// promote, then restart once without the recovery settings and create the roles.
 ///
 /// A failure at any step leaves nothing a restart would take for a cluster: postgres is
-/// stopped and the data directory set aside ([`set_aside`]); the HA loop then withdraws
+/// stopped and the data directory set aside ([`abandon_bootstrap`]); the HA loop then withdraws
 /// `initialize` and `leader` and exits, and a restart (with a corrected target) restores
 /// afresh.
 pub async fn bootstrap(
@@ -266,13 +266,7 @@ pub async fn bootstrap(
     match restore_and_promote(config, supervisor, probe, files).await {
         Ok(()) => Ok(()),
         Err(e) => {
-            if supervisor.state().is_running() {
-                let _ = supervisor
-                    .stop(StopMode::Immediate, Duration::from_secs(30))
-                    .await;
-            }
-            probe.reset().await;
-            let what = set_aside(data_dir, created);
+            let what = abandon_bootstrap(supervisor, probe, data_dir, created).await;
             Err(format!("{e}; {what}, so the next start restores afresh").into())
         }
     }

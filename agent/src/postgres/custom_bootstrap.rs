@@ -242,13 +242,7 @@ pub async fn bootstrap(
     match run_and_start(config, method, supervisor, probe, files).await {
         Ok(()) => Ok(()),
         Err(e) => {
-            if supervisor.state().is_running() {
-                let _ = supervisor
-                    .stop(StopMode::Immediate, Duration::from_secs(30))
-                    .await;
-            }
-            probe.reset().await;
-            let what = data_dir::set_aside(data_dir, created);
+            let what = data_dir::abandon_bootstrap(supervisor, probe, data_dir, created).await;
             Err(CustomBootstrapError::SetAside {
                 what: format!("{what}, so the next start bootstraps afresh"),
                 source: Box::new(e),

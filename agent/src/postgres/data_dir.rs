@@ -72,6 +72,27 @@ pub fn set_aside(data_dir: &Path, created: bool) -> String {
     }
 }
 
+/// After a failed bootstrap: stops the postgres it may have started (immediately: nothing in
+/// it is worth a checkpoint), forgets the probe's connection and sets the directory aside
+/// ([`set_aside`]). Returns what was done, for the error message.
+pub async fn abandon_bootstrap(
+    supervisor: &super::supervisor::Supervisor,
+    probe: &super::probe::Probe,
+    data_dir: &Path,
+    created: bool,
+) -> String {
+    if supervisor.state().is_running() {
+        let _ = supervisor
+            .stop(
+                super::supervisor::StopMode::Immediate,
+                std::time::Duration::from_secs(30),
+            )
+            .await;
+    }
+    probe.reset().await;
+    set_aside(data_dir, created)
+}
+
 /// At start: a data directory still marked by an interrupted bootstrap from a backup (the
 /// agent died during recovery) is set aside, so the bootstrap runs again from the start.
 pub fn discard_unfinished_bootstrap(data_dir: &Path) -> Option<String> {
