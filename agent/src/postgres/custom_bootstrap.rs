@@ -43,6 +43,7 @@ use crate::config::{BootstrapConfig, Config};
 
 use super::conf::{self, ManagedFiles};
 use super::data_dir;
+use super::method_section::{scalar, MethodError, MethodSection};
 use super::probe::Probe;
 use super::supervisor::{StopMode, Supervisor};
 
@@ -56,10 +57,6 @@ const RESERVED: [&str; 6] = [
     "scope",
     "datadir",
 ];
-
-/// Settings written for `recovery_conf`, between this header and the end of
-/// `postgresql.auto.conf`, and removed after the promotion.
-const RECOVERY_HEADER: &str = "# Recovery settings of the custom bootstrap, written by pgwarden";
 
 /// `bootstrap.<name>` for the method `bootstrap.method` names.
 #[derive(Debug, Clone, PartialEq)]
@@ -75,14 +72,6 @@ pub struct CustomBootstrap {
     pub args: Vec<String>,
 }
 
-/// A field of the section that cannot be used, with its full path.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{path}`: {reason}")]
-pub struct MethodError {
-    pub path: String,
-    pub reason: String,
-}
-
 impl CustomBootstrap {
     /// The custom method `bootstrap.method` selects; `Ok(None)` for `initdb`, `pgbackrest` or
     /// no method.
@@ -94,66 +83,38 @@ impl CustomBootstrap {
     }
 
     fn parse(bootstrap: &BootstrapConfig, name: &str) -> Result<CustomBootstrap, MethodError> {
-        let at = |key: &str| format!("bootstrap.{name}.{key}");
-        let error = |path: String, reason: &str| MethodError {
-            path,
-            reason: reason.to_owned(),
-        };
-        let Some(section) = bootstrap.sections.get(name) else {
-            return Err(error(
-                "bootstrap.method".into(),
-                &format!(
+        let Some(value) = bootstrap.sections.get(name) else {
+            return Err(MethodError::new(
+                "bootstrap.method",
+                format!(
                     "{name:?} is neither initdb nor pgbackrest, and there is no \
                      `bootstrap.{name}` section with a `command` for a custom method"
                 ),
             ));
         };
-        let Some(map) = section.as_mapping() else {
-            return Err(error(
-                format!("bootstrap.{name}"),
-                "a custom bootstrap method is a mapping with at least a `command`",
-            ));
-        };
-        let command = match map.get("command") {
-            Some(serde_yaml::Value::String(c)) => {
-                shlex::split(c).filter(|w| !w.is_empty()).ok_or_else(|| {
-                    error(
-                        at("command"),
-                        "cannot be split into words as a shell would (unbalanced quotes?)",
-                    )
-                })?
-            }
-            Some(_) => return Err(error(at("command"), "must be a string")),
-            None => {
-                return Err(error(
-                    at("command"),
-                    "is missing: a custom bootstrap method runs this command (Patroni would \
-                     silently run initdb instead)",
-                ))
-            }
-        };
-        let flag = |key: &str| -> Result<bool, MethodError> {
-            match map.get(key) {
-                None | Some(serde_yaml::Value::Null) => Ok(false),
-                Some(v) => serde_json::to_value(v)
-                    .ok()
-                    .and_then(|v| crate::config::flex::parse_bool(&v))
-                    .ok_or_else(|| error(at(key), "must be a boolean")),
-            }
-        };
-        let no_params = flag("no_params")?;
-        let keep_existing_recovery_conf = flag("keep_existing_recovery_conf")?;
-        let recovery_conf = match map.get("recovery_conf") {
+        let section = MethodSection::new(
+            format!("bootstrap.{name}"),
+            value,
+            "a custom bootstrap method is a mapping with at least a `command`",
+        )?;
+        let command = section.command(
+            "is missing: a custom bootstrap method runs this command (Patroni would silently \
+             run initdb instead)",
+        )?;
+        let recovery_conf = match section.map.get("recovery_conf") {
             None | Some(serde_yaml::Value::Null) => None,
             Some(serde_yaml::Value::Mapping(m)) => {
                 let mut settings = Vec::new();
                 for (k, v) in m {
                     let Some(k) = k.as_str() else {
-                        return Err(error(at("recovery_conf"), "setting names must be strings"));
+                        return Err(MethodError::new(
+                            section.at("recovery_conf"),
+                            "setting names must be strings",
+                        ));
                     };
                     let value = scalar(v, false).ok_or_else(|| {
-                        error(
-                            at(&format!("recovery_conf.{k}")),
+                        MethodError::new(
+                            section.at(&format!("recovery_conf.{k}")),
                             "must be a string, a number or a boolean",
                         )
                     })?;
@@ -162,35 +123,23 @@ impl CustomBootstrap {
                 Some(settings)
             }
             Some(_) => {
-                return Err(error(
-                    at("recovery_conf"),
+                return Err(MethodError::new(
+                    section.at("recovery_conf"),
                     "must be a mapping of recovery settings",
                 ))
             }
         };
-        let mut args = Vec::new();
-        for (k, v) in map {
-            let Some(k) = k.as_str() else {
-                return Err(error(format!("bootstrap.{name}"), "keys must be strings"));
-            };
-            if RESERVED.contains(&k) {
-                continue;
-            }
-            let value = scalar(v, true).ok_or_else(|| {
-                error(
-                    at(k),
-                    "must be a string, a number or a boolean: it is passed as --key=value",
-                )
-            })?;
-            args.push(format!("--{k}={value}"));
-        }
         Ok(CustomBootstrap {
             name: name.to_owned(),
             command,
-            no_params,
-            keep_existing_recovery_conf,
+            no_params: section.flag("no_params")?,
+            keep_existing_recovery_conf: section.flag("keep_existing_recovery_conf")?,
             recovery_conf,
-            args,
+            args: section
+                .params(&RESERVED)?
+                .into_iter()
+                .map(|(k, v)| format!("--{k}={v}"))
+                .collect(),
         })
     }
 
@@ -204,25 +153,6 @@ impl CustomBootstrap {
         }
         argv.extend(self.args.iter().cloned());
         argv
-    }
-}
-
-/// A YAML scalar as text. `python_bools`: `True`/`False`, as Patroni formats a command
-/// argument; otherwise `on`/`off` for postgres.
-pub(crate) fn scalar(v: &serde_yaml::Value, python_bools: bool) -> Option<String> {
-    match v {
-        serde_yaml::Value::String(s) => Some(s.clone()),
-        serde_yaml::Value::Number(n) => Some(n.to_string()),
-        serde_yaml::Value::Bool(b) => Some(
-            match (python_bools, b) {
-                (true, true) => "True",
-                (true, false) => "False",
-                (false, true) => "on",
-                (false, false) => "off",
-            }
-            .to_owned(),
-        ),
-        _ => None,
     }
 }
 
@@ -286,7 +216,8 @@ async fn run_and_start(
             .await
             .map_err(|e| CustomBootstrapError::Prepare(crate::error::error_chain(&e)))?;
         probe.reset().await;
-        remove_recovery_settings(data_dir).map_err(io("cannot clean postgresql.auto.conf"))?;
+        data_dir::strip_recovery_settings(data_dir)
+            .map_err(io("cannot clean postgresql.auto.conf"))?;
         let _ = std::fs::remove_file(data_dir.join("recovery.signal"));
         supervisor
             .start()
@@ -407,13 +338,13 @@ pub fn prepare_recovery(method: &CustomBootstrap, data_dir: &Path) -> std::io::R
     let _ = std::fs::remove_file(data_dir.join("promote"));
     match &method.recovery_conf {
         Some(settings) => {
-            remove_recovery_settings(data_dir)?;
+            data_dir::strip_recovery_settings(data_dir)?;
             let path = data_dir.join("postgresql.auto.conf");
             let mut text = std::fs::read_to_string(&path).unwrap_or_default();
             if !text.is_empty() && !text.ends_with('\n') {
                 text.push('\n');
             }
-            text.push_str(RECOVERY_HEADER);
+            text.push_str(data_dir::RECOVERY_BLOCK_HEADER);
             text.push('\n');
             for (name, value) in settings {
                 text.push_str(&format!("{name} = '{}'\n", value.replace('\'', "''")));
@@ -424,7 +355,7 @@ pub fn prepare_recovery(method: &CustomBootstrap, data_dir: &Path) -> std::io::R
         }
         None if method.keep_existing_recovery_conf => Ok(()),
         None => {
-            remove_recovery_settings(data_dir)?;
+            data_dir::strip_recovery_settings(data_dir)?;
             for signal in ["recovery.signal", "standby.signal"] {
                 match std::fs::remove_file(data_dir.join(signal)) {
                     Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
@@ -434,25 +365,6 @@ pub fn prepare_recovery(method: &CustomBootstrap, data_dir: &Path) -> std::io::R
             Ok(())
         }
     }
-}
-
-/// Removes our recovery block and the recovery settings a restore tool wrote into
-/// `postgresql.auto.conf`; returns whether anything was removed.
-pub fn remove_recovery_settings(data_dir: &Path) -> std::io::Result<bool> {
-    let path = data_dir.join("postgresql.auto.conf");
-    let text = match std::fs::read_to_string(&path) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(false),
-        Err(e) => return Err(e),
-    };
-    let (before, ours) = match text.find(RECOVERY_HEADER) {
-        Some(i) => (&text[..i], true),
-        None => (text.as_str(), false),
-    };
-    let before = before.to_owned();
-    std::fs::write(&path, &before)?;
-    let stripped = super::data_dir::strip_recovery_settings(data_dir)?;
-    Ok(ours || stripped)
 }
 
 /// Waits until postgres, started in recovery, has promoted itself (Patroni: "waiting for end
@@ -633,7 +545,7 @@ mod tests {
         assert!(text.contains("restore_command = 'cp /a/%f ''%p'''"));
         assert!(d.join("recovery.signal").exists());
         assert!(!d.join("standby.signal").exists());
-        assert!(remove_recovery_settings(d).expect("remove"));
+        assert!(data_dir::strip_recovery_settings(d).expect("remove"));
         assert_eq!(
             std::fs::read_to_string(d.join("postgresql.auto.conf")).expect("read"),
             "work_mem = '8MB'\n"

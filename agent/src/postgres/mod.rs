@@ -10,6 +10,7 @@ pub mod custom_bootstrap;
 pub mod data_dir;
 pub mod fence_guard;
 pub mod initdb;
+pub mod method_section;
 pub mod probe;
 pub mod replica;
 pub mod replica_method;

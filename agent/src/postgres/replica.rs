@@ -313,8 +313,7 @@ pub async fn basebackup(
     if !super::initdb::is_empty_dir(data_dir) {
         return Err(ReplicaError::NotEmpty(data_dir.display().to_string()));
     }
-    std::fs::create_dir_all(data_dir).map_err(ReplicaError::Prepare)?;
-    set_private(data_dir).map_err(ReplicaError::Prepare)?;
+    super::data_dir::make_private(data_dir).map_err(ReplicaError::Prepare)?;
     let mut cmd = tokio::process::Command::new(bin_dir.join("pg_basebackup"));
     cmd.arg("--pgdata")
         .arg(data_dir)
@@ -337,11 +336,6 @@ pub async fn basebackup(
         super::data_dir::clear_dir(data_dir);
     }
     result
-}
-
-fn set_private(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 /// Brings a crashed former primary to a consistent, cleanly shut down state (pg_rewind refuses

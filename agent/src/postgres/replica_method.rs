@@ -28,7 +28,8 @@ use tracing::info;
 
 use crate::config::Config;
 
-use super::custom_bootstrap::{conninfo_escape, scalar, user_command};
+use super::custom_bootstrap::{conninfo_escape, user_command};
+use super::method_section::{MethodError, MethodSection};
 use super::replica::Upstream;
 
 /// The keys Patroni drops from the arguments when `no_params` is set.
@@ -45,75 +46,23 @@ pub struct ReplicaMethod {
     pub keep_data: bool,
 }
 
-/// Why a method cannot be used, with its full path.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("`{path}`: {reason}")]
-pub struct ReplicaMethodError {
-    pub path: String,
-    pub reason: String,
-}
-
 impl ReplicaMethod {
     /// The custom method `name` of `create_replica_methods`, from its `postgresql.<name>`
     /// section.
-    pub fn of(config: &Config, name: &str) -> Result<ReplicaMethod, ReplicaMethodError> {
-        let at = |key: &str| format!("postgresql.{name}.{key}");
-        let error = |path: String, reason: &str| ReplicaMethodError {
-            path,
-            reason: reason.to_owned(),
+    pub fn of(config: &Config, name: &str) -> Result<ReplicaMethod, MethodError> {
+        let path = format!("postgresql.{name}");
+        let needs = "a replica creation method other than pgbackrest or basebackup needs this \
+                     section with a `command`";
+        let Some(value) = config.postgresql.sections.get(name) else {
+            return Err(MethodError::new(path, needs));
         };
-        let Some(map) = config
-            .postgresql
-            .sections
-            .get(name)
-            .and_then(|s| s.as_mapping())
-        else {
-            return Err(error(
-                format!("postgresql.{name}"),
-                "a replica creation method other than pgbackrest or basebackup needs this \
-                 section with a `command`",
-            ));
-        };
-        let command = match map.get("command") {
-            Some(serde_yaml::Value::String(c)) => {
-                shlex::split(c).filter(|w| !w.is_empty()).ok_or_else(|| {
-                    error(
-                        at("command"),
-                        "cannot be split into words as a shell would (unbalanced quotes?)",
-                    )
-                })?
-            }
-            Some(_) => return Err(error(at("command"), "must be a string")),
-            None => return Err(error(at("command"), "is missing")),
-        };
-        let mut params = Vec::new();
-        for (k, v) in map {
-            let Some(k) = k.as_str() else {
-                return Err(error(format!("postgresql.{name}"), "keys must be strings"));
-            };
-            if k == "command" {
-                continue;
-            }
-            let value = scalar(v, true).ok_or_else(|| {
-                error(
-                    at(k),
-                    "must be a string, a number or a boolean: it is passed as --key=value",
-                )
-            })?;
-            params.push((k.to_owned(), value));
-        }
-        let flag = |key: &str| {
-            map.get(key)
-                .and_then(|v| serde_json::to_value(v).ok())
-                .and_then(|v| crate::config::flex::parse_bool(&v))
-                .unwrap_or(false)
-        };
+        let section = MethodSection::new(path, value, needs)?;
         Ok(ReplicaMethod {
             name: name.to_owned(),
-            command,
-            params,
-            no_params: flag("no_params"),
-            keep_data: flag("keep_data"),
+            command: section.command("is missing")?,
+            params: section.params(&["command"])?,
+            no_params: section.flag("no_params")?,
+            keep_data: section.flag("keep_data")?,
         })
     }
 
@@ -165,7 +114,8 @@ pub async fn create(
         super::data_dir::clear_dir(data_dir);
     }
     // Postgres refuses a data directory others can read; the script may copy into this one.
-    private_dir(data_dir).map_err(|e| format!("cannot prepare {}: {e}", data_dir.display()))?;
+    super::data_dir::make_private(data_dir)
+        .map_err(|e| format!("cannot prepare {}: {e}", data_dir.display()))?;
     let argv = method.argv(&config.scope, data_dir, &connstring(config, upstream));
     let mut cmd = user_command(&argv);
     if let Some(pgpass) = super::replica::pgpass(config) {
@@ -177,7 +127,8 @@ pub async fn create(
     info!(method = %method.name, ?argv, leader = %upstream.name, "creating the replica with a custom method");
     let result = match cmd.status().await {
         Ok(status) if status.success() && data_dir.join("PG_VERSION").exists() => {
-            private_dir(data_dir).map_err(|e| format!("cannot chmod {}: {e}", data_dir.display()))
+            super::data_dir::make_private(data_dir)
+                .map_err(|e| format!("cannot chmod {}: {e}", data_dir.display()))
         }
         Ok(status) if status.success() => Err(format!(
             "{argv:?} exited 0 but left no data directory in {}",
@@ -190,12 +141,6 @@ pub async fn create(
         super::data_dir::clear_dir(data_dir);
     }
     result
-}
-
-fn private_dir(dir: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(dir)?;
-    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
 }
 
 #[cfg(test)]
