@@ -81,9 +81,8 @@ fn invalid_configuration_exits_2_naming_the_key() {
     let dir = tempfile::tempdir().expect("tempdir");
     let cases = [
         (
-            // Ignored, it would bootstrap an independent writable cluster: refused.
-            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {standby_cluster: {host: 10.0.0.1, port: 5432}}}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n",
-            "bootstrap.dcs.standby_cluster",
+            "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {standby_cluster: {host: 10.0.0.1, port: 70000}}}\npostgresql: {listen: '127.0.0.1:5432', data_dir: /tmp/x, authentication: {superuser: {username: p}, replication: {username: r}}}\n",
+            "bootstrap.dcs.standby_cluster.port",
         ),
         (
             "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\nbootstrap: {dcs: {ttl: oops}}\n",

@@ -978,18 +978,6 @@ fn the_agent_accepts_the_configuration_rendered_for_every_example() {
                 cmd.env(&e.name, value);
             }
             let out = cmd.output().expect("run pgwarden validate-config");
-            if example == "standby" {
-                // The agent has no standby-cluster mode: ignoring the section would bootstrap
-                // an independent writable cluster, so it is refused by name.
-                assert!(
-                    !out.status.success()
-                        && String::from_utf8_lossy(&out.stderr)
-                            .contains("`bootstrap.dcs.standby_cluster`"),
-                    "{example}/{file} must be refused naming standby_cluster:\n{}",
-                    String::from_utf8_lossy(&out.stderr)
-                );
-                continue;
-            }
             assert!(
                 out.status.success(),
                 "{example}/{file} is refused by the agent:\n{}{}\n--- the file ---\n{text}",

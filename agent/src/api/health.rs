@@ -160,6 +160,11 @@ pub fn evaluate(
             role == Role::Primary,
             role == Role::StandbyLeader,
         )
+    } else if is_leader && role == Role::StandbyLeader {
+        // The standby leader of a standby cluster: `/leader` and `/standby-leader` say 200
+        // while its postgres runs (it serves reads), `/primary` never does.
+        let running = status.state == PgState::Running;
+        (running, false, running)
     } else if is_leader {
         (true, true, false)
     } else {
@@ -170,7 +175,8 @@ pub fn evaluate(
     // send clients there (Patroni #2756). 200 only while postgres answers as a primary.
     let writable = status.state == PgState::Running
         && status.postgres.as_ref().is_some_and(|p| !p.in_recovery);
-    let (leader, primary) = (leader && writable, primary && writable);
+    let leader = leader && (writable || standby_leader);
+    let primary = primary && writable;
     let with_tags = |ok: bool| ok && tags_match(status, query);
     let ok = match check {
         Check::StandbyLeader => standby_leader,

@@ -4,7 +4,7 @@
 //! - Patroni's pre-4.0 names (`master_start_timeout`) are renamed; `synchronous_mode: quorum`
 //!   runs as plain synchronous mode with a warning.
 //! - An option pgwarden does not implement is warned about by its full path, never dropped
-//!   silently; `standby_cluster` is refused where it can be (file, `PATCH /config`).
+//!   silently.
 //! - `loop_wait + 2 × retry_timeout ≤ ttl` is restored as Patroni does, with a warning.
 //! - In the DCS key, an invalid value costs only that value ([`DynamicConfig::from_dcs`]).
 
@@ -22,7 +22,7 @@ pub const MIN_TTL: u32 = 5;
 pub const PATRONI_MIN_TTL: u32 = 20;
 
 /// Top-level options pgwarden implements.
-const IMPLEMENTED: [&str; 11] = [
+const IMPLEMENTED: [&str; 12] = [
     "ttl",
     "loop_wait",
     "retry_timeout",
@@ -34,6 +34,18 @@ const IMPLEMENTED: [&str; 11] = [
     "check_timeline",
     "postgresql",
     "pause",
+    "standby_cluster",
+];
+
+/// `standby_cluster.*` options pgwarden implements (all of Patroni's).
+const STANDBY_CLUSTER_KEYS: [&str; 7] = [
+    "host",
+    "port",
+    "primary_slot_name",
+    "create_replica_methods",
+    "restore_command",
+    "archive_cleanup_command",
+    "recovery_min_apply_delay",
 ];
 
 /// `postgresql.*` options pgwarden implements in the dynamic configuration.
@@ -81,10 +93,6 @@ impl DynamicConfig {
             .filter(|(_, v)| !v.is_null())
             .map(|(k, _)| {
                 let why = match k.as_str() {
-                    "standby_cluster" => {
-                        "standby clusters are not implemented: this cluster runs as an \
-                         independent primary"
-                    }
                     "failsafe_mode" => "failsafe mode is not implemented",
                     "slots" | "permanent_slots" | "ignore_slots" => {
                         "permanent and ignored slots are not implemented"
@@ -103,6 +111,26 @@ impl DynamicConfig {
                     format!("`{prefix}.postgresql.{k}` ignored: is not implemented by pgwarden")
                 }),
         );
+        if let Some(standby) = &self.standby_cluster {
+            warnings.extend(
+                standby
+                    .extra
+                    .iter()
+                    .filter(|(_, v)| !v.is_null())
+                    .map(|(k, _)| {
+                        format!(
+                            "`{prefix}.standby_cluster.{k}` ignored: is not a standby_cluster \
+                             option"
+                        )
+                    }),
+            );
+            if !standby.names_a_source() {
+                warnings.push(format!(
+                    "`{prefix}.standby_cluster` ignored: it names neither `host`, `port` nor \
+                     `restore_command`, so this is not a standby cluster (as in Patroni)"
+                ));
+            }
+        }
         if self.check_timeline {
             warnings.push(format!(
                 "`{prefix}.check_timeline` ignored: is not implemented by pgwarden"
@@ -383,18 +411,61 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
                 check_bool(key, value)?
             }
             "postgresql" => check_postgresql(value)?,
-            "standby_cluster" => {
-                return Err(
-                    "`standby_cluster` is not implemented by pgwarden: the cluster \
-                            would keep running as an independent primary"
-                        .into(),
-                )
-            }
+            "standby_cluster" => check_standby_cluster(value)?,
             other => {
                 debug_assert!(!IMPLEMENTED.contains(&other));
                 return Err(format!("`{other}` is not implemented by pgwarden"));
             }
         }
+    }
+    Ok(())
+}
+
+fn check_standby_cluster(value: &Value) -> Result<(), String> {
+    let Some(section) = value.as_object() else {
+        return Err(format!("`standby_cluster`: {value} is not an object"));
+    };
+    for (key, value) in section {
+        if value.is_null() {
+            continue;
+        }
+        let path = format!("standby_cluster.{key}");
+        match key.as_str() {
+            "port" => {
+                if !flex::parse_int(value).is_some_and(|p| (1..=65535).contains(&p)) {
+                    return Err(format!("`{path}`: {value} is not a port number (1-65535)"));
+                }
+            }
+            "create_replica_methods" => {
+                if !value
+                    .as_array()
+                    .is_some_and(|methods| methods.iter().all(Value::is_string))
+                {
+                    return Err(format!("`{path}`: must be a list of method names"));
+                }
+            }
+            "recovery_min_apply_delay" => {
+                if !(value.is_string() || value.is_number()) {
+                    return Err(format!("`{path}`: {value} is not a duration"));
+                }
+            }
+            k if STANDBY_CLUSTER_KEYS.contains(&k) => {
+                if !value.is_string() {
+                    return Err(format!("`{path}`: {value} is not a string"));
+                }
+            }
+            _ => return Err(format!("`{path}` is not a standby_cluster option")),
+        }
+    }
+    let names_source = ["host", "port", "restore_command"]
+        .iter()
+        .any(|k| section.get(*k).is_some_and(|v| !v.is_null()));
+    if !names_source {
+        return Err(
+            "`standby_cluster`: needs `host` (and `port`) or `restore_command` to name the \
+             source cluster"
+                .into(),
+        );
     }
     Ok(())
 }

@@ -35,6 +35,19 @@ pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     u64::try_from(i).map_err(|_| D::Error::custom(format!("invalid value: {i} is negative")))
 }
 
+/// A TCP port (`5432` or `"5432"`), absent when null.
+pub fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error> {
+    match Value::deserialize(d)? {
+        Value::Null => Ok(None),
+        v => match parse_int(&v).map(u16::try_from) {
+            Some(Ok(port)) if port > 0 => Ok(Some(port)),
+            _ => Err(D::Error::custom(format!(
+                "invalid value: {v} is not a port number (1-65535)"
+            ))),
+        },
+    }
+}
+
 pub fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     let v = Value::deserialize(d)?;
     parse_bool(&v).ok_or_else(|| {

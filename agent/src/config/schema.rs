@@ -195,8 +195,62 @@ pub struct DynamicConfig {
         deserialize_with = "flex::opt_bool"
     )]
     pub pause: Option<bool>,
+    /// Run as a standby of another cluster (Patroni's `standby_cluster`): the leader, the
+    /// standby leader, replicates from `host:port` or from the archive, and nothing accepts
+    /// writes until this is removed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub standby_cluster: Option<StandbyCluster>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl DynamicConfig {
+    /// Patroni's `is_standby_cluster`: a `standby_cluster` section that names a source.
+    pub fn standby_source(&self) -> Option<&StandbyCluster> {
+        self.standby_cluster.as_ref().filter(|s| s.names_a_source())
+    }
+}
+
+/// `standby_cluster`: where the standby leader of a standby cluster takes its WAL from.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(default)]
+pub struct StandbyCluster {
+    /// The source's primary (or anything that streams its WAL, e.g. its primary Service).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host: Option<String>,
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "flex::opt_port"
+    )]
+    pub port: Option<u16>,
+    /// A slot on the source to stream through; without it the standby leader uses none.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub primary_slot_name: Option<String>,
+    /// How the first member clones the source (`basebackup`, `pgbackrest`, a custom method of
+    /// `postgresql`); default: `basebackup`.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub create_replica_methods: Vec<String>,
+    /// Fetches WAL from the source's archive, on every member of the standby cluster.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub restore_command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub archive_cleanup_command: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub recovery_min_apply_delay: Option<PgValue>,
+    #[serde(flatten)]
+    pub extra: BTreeMap<String, serde_json::Value>,
+}
+
+impl StandbyCluster {
+    /// Patroni counts a section as a standby cluster when it has `host`, `port` or
+    /// `restore_command`.
+    pub fn names_a_source(&self) -> bool {
+        self.host.is_some() || self.port.is_some() || self.restore_command.is_some()
+    }
+
+    pub fn port_or_default(&self) -> u16 {
+        self.port.unwrap_or(5432)
+    }
 }
 
 impl Default for DynamicConfig {
@@ -213,6 +267,7 @@ impl Default for DynamicConfig {
             check_timeline: false,
             postgresql: DynamicPostgresql::default(),
             pause: None,
+            standby_cluster: None,
             extra: BTreeMap::new(),
         }
     }

@@ -502,7 +502,7 @@ fn inconsistent_timeouts_are_adjusted_as_patroni_does_with_a_warning() {
 }
 
 #[test]
-fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_refused() {
+fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_read() {
     let yaml = PATRONI_YML.replace(
         "    maximum_lag_on_failover: 1048576\n",
         "    maximum_lag_on_failover: 1048576\n    failsafe_mode: true\n    synchronous_mode: quorum\n",
@@ -525,9 +525,35 @@ fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_refused() {
     assert!(loaded.config.bootstrap.dcs.synchronous_mode);
     let yaml = PATRONI_YML.replace(
         "    maximum_lag_on_failover: 1048576\n",
-        "    maximum_lag_on_failover: 1048576\n    standby_cluster:\n      host: 10.0.0.1\n      port: 5432\n",
+        "    maximum_lag_on_failover: 1048576\n    standby_cluster:\n      host: 10.0.0.1\n      port: \"5433\"\n      primary_slot_name: dr\n      restore_command: cp /a/%f %p\n      recovery_min_apply_delay: 5min\n      unknown_knob: 1\n",
     );
-    assert_error(&yaml, "bootstrap.dcs.standby_cluster", "independent");
+    let loaded = load_ok(&yaml);
+    let standby = loaded
+        .config
+        .bootstrap
+        .dcs
+        .standby_source()
+        .expect("a standby cluster");
+    assert_eq!(standby.host.as_deref(), Some("10.0.0.1"));
+    assert_eq!(standby.port_or_default(), 5433);
+    assert_eq!(standby.primary_slot_name.as_deref(), Some("dr"));
+    assert!(
+        loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("`bootstrap.dcs.standby_cluster.unknown_knob`")),
+        "{:?}",
+        loaded.warnings
+    );
+    assert!(!loaded
+        .warnings
+        .iter()
+        .any(|w| w.contains("standby_cluster.host")));
+    let yaml = PATRONI_YML.replace(
+        "    maximum_lag_on_failover: 1048576\n",
+        "    maximum_lag_on_failover: 1048576\n    standby_cluster:\n      port: 70000\n",
+    );
+    assert_error(&yaml, "bootstrap.dcs.standby_cluster.port", "port");
 }
 
 #[test]
@@ -590,8 +616,16 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
             "`synchronous_mode`",
         ),
         (
-            serde_json::json!({"standby_cluster": {"host": "a"}}),
+            serde_json::json!({"standby_cluster": {"primary_slot_name": "a"}}),
             "`standby_cluster`",
+        ),
+        (
+            serde_json::json!({"standby_cluster": {"host": "a", "port": "x"}}),
+            "`standby_cluster.port`",
+        ),
+        (
+            serde_json::json!({"standby_cluster": {"host": "a", "hots": "b"}}),
+            "`standby_cluster.hots`",
         ),
         (
             serde_json::json!({"postgresql": {"use_slots": "maybe"}}),
@@ -610,6 +644,7 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
         serde_json::json!({"pause": null, "standby_cluster": null}),
         serde_json::json!({"master_start_timeout": 10, "synchronous_mode": "on"}),
         serde_json::json!({"member_slots_ttl": 0}),
+        serde_json::json!({"standby_cluster": {"host": "a", "port": 5433, "create_replica_methods": ["basebackup"]}}),
         serde_json::json!({"postgresql": {"parameters": {"work_mem": "8MB", "x": null}}}),
     ] {
         assert_eq!(check(ok.clone()), Ok(()), "{ok}");

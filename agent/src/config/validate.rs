@@ -236,18 +236,13 @@ impl Config {
         }
         // `loop_wait + 2 × retry_timeout ≤ ttl` is restored with a warning after validation
         // (`DynamicConfig::adjust_timeouts`), as Patroni does, instead of refused.
-        if dcs
-            .extra
-            .get("standby_cluster")
-            .is_some_and(|v| !v.is_null())
-        {
-            err(
-                "bootstrap.dcs.standby_cluster",
-                "standby clusters are not implemented by pgwarden: started without it, this \
-                 member would bootstrap an independent, writable cluster instead of \
-                 replicating from the remote one; remove it to create a new cluster"
-                    .into(),
-            );
+        if let Some(standby) = &dcs.standby_cluster {
+            if standby.host.as_deref().is_some_and(|h| h.trim().is_empty()) {
+                err(
+                    "bootstrap.dcs.standby_cluster.host",
+                    "is empty: name the source cluster's primary".into(),
+                );
+            }
         }
         for name in dcs.postgresql.parameters.keys() {
             if !is_guc_name(name) {

@@ -34,7 +34,7 @@ use crate::state::{AgentStatus, PgState, Role};
 
 use self::commands::{CancelRestartReply, ReinitializeReply, ReloadReply, RestartReply};
 use self::core::HaCore;
-use self::decide::{decide, Action, Decision, MemberFacts, Outcome};
+use self::decide::{decide, Action, Decision, MemberFacts, Outcome, StreamFrom};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
@@ -139,7 +139,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             failover_priority: config.tags.failover_priority.unwrap_or(1),
             maximum_lag_on_failover: config.bootstrap.dcs.maximum_lag_on_failover,
             use_pg_rewind: config.bootstrap.dcs.postgresql.use_pg_rewind,
-            synchronous_mode: config.bootstrap.dcs.synchronous_mode,
+            synchronous_mode: config.bootstrap.dcs.synchronous_mode
+                && config.bootstrap.dcs.standby_source().is_none(),
+            standby_cluster: config.bootstrap.dcs.standby_source().is_some(),
         };
         let strict_placeholder = if config.bootstrap.dcs.synchronous_mode_strict {
             "*".to_owned()
@@ -311,7 +313,12 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 r = task_done => {
                     self.task = None;
                     match r {
-                        Some((kind, Ok(Ok(())))) => info!(task = %kind, "finished"),
+                        Some((kind, Ok(Ok(())))) => {
+                            info!(task = %kind, "finished");
+                            if kind == TaskKind::CreateReplica {
+                                self.replace_cloned_dynamic_copy();
+                            }
+                        }
                         Some((kind, Ok(Err(TaskError::NotStarted(e))))) => {
                             warn!(task = %kind, error = %e, "could not start; deciding again next cycle");
                         }
@@ -721,6 +728,24 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
     }
 
+    /// A clone brings the `patroni.dynamic.json` of the member it was taken from; cloned from a
+    /// standby cluster's source, that is the other cluster's configuration, and seeding the DCS
+    /// from it (SeedConfig prefers the copy) turned a new standby cluster into a second primary.
+    /// Patroni reads the copy only at startup, so it never sees a cloned one; here the copy is
+    /// replaced at once by this cluster's configuration as this member applies it.
+    fn replace_cloned_dynamic_copy(&self) {
+        let value = match &self.applied_config {
+            Some(raw) => Ok(raw.clone()),
+            None => serde_json::to_value(&self.dynamic),
+        };
+        let saved = value
+            .map_err(|e| e.to_string())
+            .and_then(|v| self.pg.save_dynamic_copy(&v));
+        if let Err(e) = saved {
+            warn!(error = %e, "cannot replace the cloned copy of the dynamic configuration");
+        }
+    }
+
     fn parse_dynamic_config(&mut self, raw: &serde_json::Value) {
         // One invalid value costs only that value (`DynamicConfig::from_dcs`).
         let (dynamic, warnings) = DynamicConfig::from_dcs(raw, &self.dynamic);
@@ -743,7 +768,22 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
         self.facts.maximum_lag_on_failover = dynamic.maximum_lag_on_failover;
         self.facts.use_pg_rewind = dynamic.postgresql.use_pg_rewind;
-        self.facts.synchronous_mode = dynamic.synchronous_mode;
+        // Patroni: no synchronous replication inside a standby cluster (its leader is a
+        // standby; nothing commits there).
+        let standby_cluster = dynamic.standby_source().is_some();
+        if standby_cluster != self.facts.standby_cluster {
+            info!(
+                standby_cluster,
+                "the cluster {} a standby cluster",
+                if standby_cluster {
+                    "is now"
+                } else {
+                    "is no longer"
+                }
+            );
+        }
+        self.facts.synchronous_mode = dynamic.synchronous_mode && !standby_cluster;
+        self.facts.standby_cluster = standby_cluster;
         self.dynamic = dynamic;
         if let Err(e) = self.pg.save_dynamic_copy(raw) {
             warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
@@ -844,6 +884,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// The files for a primary (`standby: false`) or a standby of `upstream` (`None`: a
     /// read-only standby with nowhere to stream from).
     fn managed_files(&self, standby: bool, upstream: Option<&Upstream>) -> ManagedFiles {
+        self.managed_files_from(standby, upstream, false)
+    }
+
+    /// [`Self::managed_files`]; `from_source`: `upstream` is the `standby_cluster` source,
+    /// whose slot and recovery settings come from that section.
+    fn managed_files_from(
+        &self,
+        standby: bool,
+        upstream: Option<&Upstream>,
+        from_source: bool,
+    ) -> ManagedFiles {
         let use_slots = self.dynamic.postgresql.use_slots;
         let mut parameters = conf::parameters(
             &self.config,
@@ -868,21 +919,83 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 self.core.sync_standby_names.clone(),
             );
         }
+        let source = self.dynamic.standby_source().filter(|_| standby);
+        if let Some(source) = source {
+            // Patroni gives every member of a standby cluster the source's archive commands;
+            // the apply delay only to the standby leader.
+            let from_source_settings = [
+                ("restore_command", source.restore_command.clone()),
+                (
+                    "archive_cleanup_command",
+                    source.archive_cleanup_command.clone(),
+                ),
+            ]
+            .into_iter()
+            .chain([(
+                "recovery_min_apply_delay",
+                source
+                    .recovery_min_apply_delay
+                    .as_ref()
+                    .filter(|_| from_source)
+                    .map(|d| d.as_setting()),
+            )]);
+            for (name, value) in from_source_settings {
+                if let Some(value) = value {
+                    parameters.insert(name.into(), value);
+                }
+            }
+        }
+        let primary_slot_name = match (from_source, source) {
+            (true, Some(source)) => source.primary_slot_name.clone(),
+            _ => upstream
+                .filter(|_| use_slots)
+                .map(|_| replica::slot_name(&self.config.name)),
+        };
         ManagedFiles {
             parameters,
             pg_hba: conf::pg_hba(&self.config, &self.dynamic),
             standby: standby.then(|| StandbySettings {
-                primary_conninfo: upstream.map(|u| replica::primary_conninfo(&self.config, u)),
-                primary_slot_name: upstream
-                    .filter(|_| use_slots)
-                    .map(|_| replica::slot_name(&self.config.name)),
+                primary_conninfo: upstream
+                    .filter(|u| !u.host.is_empty())
+                    .map(|u| replica::primary_conninfo(&self.config, u)),
+                primary_slot_name,
                 recovery_target_timeline: conf::DEFAULT_RECOVERY_TARGET_TIMELINE.into(),
             }),
             pgpass: replica::pgpass(&self.config),
         }
     }
 
-    fn upstream(&self, obs: &Observation, leader: &str) -> Result<Upstream, ActionError> {
+    /// The files for a standby streaming `from` (`None`: read-only with no upstream).
+    fn standby_files(
+        &self,
+        from: Option<&StreamFrom>,
+        upstream: Option<&Upstream>,
+    ) -> ManagedFiles {
+        self.managed_files_from(
+            true,
+            upstream,
+            matches!(from, Some(StreamFrom::StandbySource)),
+        )
+    }
+
+    fn upstream(&self, obs: &Observation, from: &StreamFrom) -> Result<Upstream, ActionError> {
+        let leader = match from {
+            StreamFrom::Member(leader) => leader,
+            StreamFrom::StandbySource => {
+                let Some(source) = self.dynamic.standby_source() else {
+                    return Err(ActionError::Failed(
+                        "the cluster is no longer a standby cluster".into(),
+                    ));
+                };
+                // No host: the source is only an archive (`restore_command`); the standby
+                // leader then has no primary_conninfo.
+                return Ok(Upstream {
+                    name: "standby_cluster".into(),
+                    host: source.host.clone().unwrap_or_default(),
+                    port: source.port_or_default(),
+                });
+            }
+        };
         let DcsView::Known(view) = &obs.dcs else {
             return Err(ActionError::Failed("the DCS view is unknown".into()));
         };
@@ -1089,16 +1202,27 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 self.spawn_task(TaskKind::Bootstrap, task);
                 Ok(true)
             }
-            Action::StartCreateReplica { leader } => {
-                let upstream = self.upstream(obs, leader)?;
-                let files = self.managed_files(true, Some(&upstream));
-                self.core.following = Some(leader.clone());
-                let task = self.pg.create_replica(self.config.clone(), upstream, files);
+            Action::StartCreateReplica { from } => {
+                let upstream = self.upstream(obs, from)?;
+                let files = self.standby_files(Some(from), Some(&upstream));
+                self.core.following = Some(upstream.name.clone());
+                let config = match (from, self.dynamic.standby_source()) {
+                    // The source is cloned by `standby_cluster.create_replica_methods`
+                    // (Patroni: default `basebackup`), not by this member's own methods.
+                    (StreamFrom::StandbySource, Some(source)) => {
+                        let mut config = (*self.config).clone();
+                        config.postgresql.create_replica_methods =
+                            source.create_replica_methods.clone();
+                        Arc::new(config)
+                    }
+                    _ => self.config.clone(),
+                };
+                let task = self.pg.create_replica(config, upstream, files);
                 self.spawn_task(TaskKind::CreateReplica, task);
                 Ok(true)
             }
             Action::StartRewind { leader } => {
-                let upstream = self.upstream(obs, leader)?;
+                let upstream = self.upstream(obs, &StreamFrom::member(leader))?;
                 // As Patroni checks the leader before pg_rewind (`check_leader_is_not_in_recovery`,
                 // with pg_rewind's own credentials): a leader that does not answer is retried
                 // next cycle, while a failed pg_rewind keeps the member down. Without this, a
@@ -1138,15 +1262,18 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     )));
                 }
                 self.core.starting(self.rt.now());
-                let upstream = match upstream {
-                    Some(leader) => Some(self.upstream(obs, leader)?),
+                let from = upstream;
+                let upstream = match from {
+                    Some(from) => Some(self.upstream(obs, from)?),
                     None => None,
                 };
                 self.core.following = upstream.as_ref().map(|u| u.name.clone());
-                if !*primary {
+                let files = if *primary {
+                    self.managed_files(false, None)
+                } else {
                     self.forget_sync_choice();
-                }
-                let files = self.managed_files(!*primary, upstream.as_ref());
+                    self.standby_files(from.as_ref(), upstream.as_ref())
+                };
                 self.pg
                     .write_conf(&files)
                     .await
@@ -1156,14 +1283,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 Ok(true)
             }
             Action::ApplyConfig { upstream } => {
-                let upstream = match upstream {
-                    Some(leader) => Some(self.upstream(obs, leader)?),
+                let from = upstream;
+                let upstream = match from {
+                    Some(from) => Some(self.upstream(obs, from)?),
                     None => None,
                 };
-                if upstream.is_some() {
+                let files = if upstream.is_some() {
                     self.forget_sync_choice();
-                }
-                let files = self.managed_files(upstream.is_some(), upstream.as_ref());
+                    self.standby_files(from.as_ref(), upstream.as_ref())
+                } else {
+                    self.managed_files(false, None)
+                };
                 let changed = self
                     .pg
                     .write_conf(&files)
@@ -1256,7 +1386,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             }
             Action::WriteStatus => {
                 if let PostgresView::Running(status) = &obs.postgres {
-                    if let Some(optime) = status.wal_flush_lsn {
+                    // A standby leader publishes what it received from the source (Patroni's
+                    // `last_operation`), so its replicas' lag is measured against it.
+                    let optime = match status.wal_flush_lsn {
+                        None if self.facts.standby_cluster => status.wal_position(),
+                        flush => flush,
+                    };
+                    if let Some(optime) = optime {
                         let retain_slots = match &obs.dcs {
                             DcsView::Known(view) => self.member_slots(view).into_iter().collect(),
                             DcsView::Unknown(_) => self.core.retained_slot_names(),
@@ -1459,8 +1595,14 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     fn role(&self, obs: &Observation) -> Role {
         match (&self.last_postgres, &obs.data_dir) {
             (Some(pg), _) if !pg.in_recovery => Role::Primary,
+            (Some(_), _) if self.core.believes_leader && self.facts.standby_cluster => {
+                Role::StandbyLeader
+            }
             (Some(_), _) => Role::Replica,
             (None, DataDir::Empty) => Role::Uninitialized,
+            (None, _) if self.core.believes_leader && self.facts.standby_cluster => {
+                Role::StandbyLeader
+            }
             (None, _) if self.core.believes_leader => Role::Primary,
             (None, _) => Role::Demoted,
         }

@@ -4,7 +4,7 @@
 use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
-use super::{Action, Decision, MemberFacts, Outcome};
+use super::{Action, Decision, MemberFacts, Outcome, StreamFrom};
 use crate::ha::observe::{DataDir, Observation, PostgresView};
 
 pub(super) fn decide_with_other_leader(
@@ -45,7 +45,10 @@ pub(super) fn decide_with_other_leader(
                 m.record.checkpoint_after_promote != Some(false)
                     && matches!(m.record.role.as_str(), "primary" | "master" | "")
             });
+            // A standby cluster records no `history` (its timelines are the source's): the
+            // divergence rules below read it, so they do not apply there.
             let diverged = match &obs.data_dir {
+                _ if me.standby_cluster => false,
                 DataDir::Initialized { control, .. } => {
                     diverged_from(
                         view,
@@ -76,7 +79,7 @@ pub(super) fn decide_with_other_leader(
                     },
                     vec![Action::StartPostgres {
                         primary: false,
-                        upstream: Some(leader),
+                        upstream: Some(StreamFrom::Member(leader)),
                     }],
                 )
             }
@@ -89,6 +92,7 @@ pub(super) fn decide_with_other_leader(
             if s.in_recovery
                 && !s.streaming
                 && me.use_pg_rewind
+                && !me.standby_cluster
                 && (diverged_from(view, &leader, s.timeline, s.wal_position(), false)
                     || s.min_recovery.is_some_and(|(tl, at)| {
                         diverged_from(view, &leader, Some(tl), Some(at), true)
@@ -119,7 +123,7 @@ pub(super) fn decide_with_other_leader(
                 leader: leader.clone(),
             },
             vec![Action::ApplyConfig {
-                upstream: Some(leader),
+                upstream: Some(StreamFrom::Member(leader)),
             }],
         ),
         PostgresView::Starting | PostgresView::Unresponsive => {

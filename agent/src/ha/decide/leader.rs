@@ -5,7 +5,7 @@ use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
 use super::race::{may_take_over, others_may_take_over};
-use super::{is_sysid, Action, Decision, MemberFacts, Outcome};
+use super::{is_sysid, Action, Decision, MemberFacts, Outcome, StreamFrom};
 use crate::ha::observe::{LeaseCheck, Observation, PeerAnswer, PostgresView};
 
 pub(super) fn decide_as_lock_holder(
@@ -15,6 +15,14 @@ pub(super) fn decide_as_lock_holder(
     sysid: &str,
 ) -> Decision {
     let paused = view.is_paused();
+    if paused && me.standby_cluster && !matches!(obs.lease, LeaseCheck::Lost) {
+        // Patroni keeps a paused standby leader's lock whatever its postgres does: nothing is
+        // promoted in a standby cluster, so there is nothing to hand over.
+        return Decision::new(
+            Outcome::PausedNoAction("standby leader; postgres is left as it is".into()),
+            vec![],
+        );
+    }
     if paused && !matches!(obs.lease, LeaseCheck::Lost) && !obs.postgres.is_writable_primary() {
         // Patroni §5.9: a paused leader whose postgres is down gives the key up instead of
         // starting anything. One whose postgres still runs keeps the key: it may be a
@@ -61,7 +69,8 @@ pub(super) fn decide_as_lock_holder(
         housekeeping.push(Action::SeedConfig);
     }
     if let (PostgresView::Running(status), Some(request)) = (&obs.postgres, &view.failover) {
-        if !status.in_recovery {
+        // A standby leader hands over too (a switchover inside the standby cluster).
+        if !status.in_recovery || me.standby_cluster {
             if let Some(decision) = leader_handles_failover(
                 obs,
                 view,
@@ -104,6 +113,11 @@ pub(super) fn decide_as_lock_holder(
         }
         actions.push(Action::ReleaseLeader);
         return Decision::new(Outcome::PrimaryStartTimedOut, actions);
+    }
+    if me.standby_cluster {
+        let mut decision = decide_as_standby_leader(obs);
+        decision.actions.extend(housekeeping);
+        return decision;
     }
     let (outcome, mut actions) = match &obs.postgres {
         PostgresView::Running(status) if !status.in_recovery => {
@@ -158,6 +172,43 @@ pub(super) fn decide_as_lock_holder(
     };
     actions.extend(housekeeping);
     Decision::new(outcome, actions)
+}
+
+/// The lock holder of a standby cluster (Patroni's `enforce_follow_remote_member`): it runs as
+/// a standby of the `standby_cluster` source and is never promoted; a primary (the section was
+/// just added) is stopped and comes back as that standby, keeping the lock.
+fn decide_as_standby_leader(obs: &Observation) -> Decision {
+    let follow_source = || Some(StreamFrom::StandbySource);
+    match &obs.postgres {
+        PostgresView::Running(status) if !status.in_recovery => Decision::new(
+            Outcome::DemotingToStandbyLeader,
+            vec![Action::StopPostgres(StopMode::Fast)],
+        ),
+        PostgresView::Running(_) => Decision::new(
+            Outcome::StandbyLeaderHealthy,
+            vec![
+                Action::WriteStatus,
+                Action::ApplyConfig {
+                    upstream: follow_source(),
+                },
+                Action::SyncSlots,
+            ],
+        ),
+        PostgresView::Down | PostgresView::Crashed => Decision::new(
+            Outcome::StandbyLeaderStarting,
+            vec![Action::StartPostgres {
+                primary: false,
+                upstream: follow_source(),
+            }],
+        ),
+        PostgresView::Starting | PostgresView::Unresponsive => {
+            Decision::new(Outcome::LeaderWaitingForPostgres, vec![])
+        }
+        PostgresView::StartFailed(reason) => Decision::new(
+            Outcome::LeaderStartFailed(reason.clone()),
+            vec![Action::ReleaseLeader],
+        ),
+    }
 }
 
 /// Patroni records history when its last line is not the timeline before ours.
@@ -238,7 +289,11 @@ fn leader_handles_failover(
             }
         }
     }
-    let optime = status.wal_flush_lsn.unwrap_or(0);
+    // A standby leader's position is what it received from the source.
+    let optime = status
+        .wal_flush_lsn
+        .or_else(|| status.wal_position())
+        .unwrap_or(0);
     let peers = obs.peers.as_deref().unwrap_or_default();
     // In synchronous mode only a synchronous standby can take over: handing over to another
     // one would leave nobody allowed to race, and the old leader would take the lock back and
@@ -280,14 +335,15 @@ fn leader_handles_failover(
             vec![Action::WriteStatus, Action::ClearFailover],
         ));
     }
+    // A standby leader has no writes to flush; CHECKPOINT is for a primary's short shutdown.
+    let checkpoint = (!status.in_recovery).then_some(Action::Checkpoint);
     Some(Decision::new(
         Outcome::SwitchoverDemoting {
             candidate: request.member.clone(),
         },
-        vec![
-            Action::Checkpoint,
-            Action::StopPostgres(StopMode::Fast),
-            Action::ReleaseLeader,
-        ],
+        checkpoint
+            .into_iter()
+            .chain([Action::StopPostgres(StopMode::Fast), Action::ReleaseLeader])
+            .collect(),
     ))
 }

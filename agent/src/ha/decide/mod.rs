@@ -41,6 +41,9 @@ pub struct MemberFacts {
     pub use_pg_rewind: bool,
     /// `synchronous_mode` is on: only members listed in `sync` may race.
     pub synchronous_mode: bool,
+    /// The cluster is a standby cluster (`standby_cluster` names a source): the lock holder,
+    /// the standby leader, replicates from that source and nothing is promoted.
+    pub standby_cluster: bool,
 }
 
 impl MemberFacts {
@@ -53,6 +56,31 @@ impl MemberFacts {
             maximum_lag_on_failover: 1_048_576,
             use_pg_rewind: true,
             synchronous_mode: false,
+            standby_cluster: false,
+        }
+    }
+}
+
+/// Where a standby streams from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StreamFrom {
+    /// A member of this cluster (its leader).
+    Member(String),
+    /// The source cluster named by `standby_cluster` (the standby leader's upstream).
+    StandbySource,
+}
+
+impl StreamFrom {
+    pub fn member(name: &str) -> Self {
+        StreamFrom::Member(name.to_owned())
+    }
+}
+
+impl fmt::Display for StreamFrom {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            StreamFrom::Member(name) => write!(f, "{name}"),
+            StreamFrom::StandbySource => write!(f, "the standby_cluster source"),
         }
     }
 }
@@ -77,20 +105,21 @@ pub enum Action {
     ReleaseLeader,
     /// Run initdb and the first start in the background.
     StartBootstrap,
-    /// Clone the named leader with pg_basebackup in the background, then start as its replica.
-    StartCreateReplica { leader: String },
+    /// Clone the leader (or, bootstrapping a standby cluster, its source) in the background
+    /// with the replica creation methods, then start as its replica.
+    StartCreateReplica { from: StreamFrom },
     /// Rewind the former primary against the named leader in the background.
     StartRewind { leader: String },
     /// Start postgres as a primary, or as a standby following `upstream` (`None`: read-only
     /// with no upstream).
     StartPostgres {
         primary: bool,
-        upstream: Option<String>,
+        upstream: Option<StreamFrom>,
     },
     /// Render the configuration for the running postgres (a primary when `upstream` is `None`,
-    /// else a standby of that member) and reload if anything changed: follows a new leader
+    /// else a standby of that upstream) and reload if anything changed: follows a new leader
     /// without a restart and applies changed parameters.
-    ApplyConfig { upstream: Option<String> },
+    ApplyConfig { upstream: Option<StreamFrom> },
     /// `pg_promote()`.
     Promote,
     /// Stop postgres (demotion: it must not accept writes).
@@ -142,7 +171,15 @@ pub fn compensation(done: &[Action]) -> Vec<Action> {
     let won_bootstrap_race = done
         .iter()
         .any(|a| matches!(a, Action::RaceInitialize(v) if v.is_empty()));
-    let bootstrapping = done.iter().any(|a| matches!(a, Action::StartBootstrap));
+    let bootstrapping = done.iter().any(|a| {
+        matches!(
+            a,
+            Action::StartBootstrap
+                | Action::StartCreateReplica {
+                    from: StreamFrom::StandbySource
+                }
+        )
+    });
     if won_bootstrap_race && !bootstrapping {
         vec![Action::CancelInitialize]
     } else {
@@ -205,11 +242,15 @@ pub enum Outcome {
     DcsUnknownHolding { reason: String },
     DcsUnknownWaiting { reason: String },
     TryingToBootstrap,
+    BootstrappingStandbyLeader,
     WaitingForBootstrap,
     WithdrawingAbandonedBootstrapClaim,
     CloningLeader { leader: String },
     WaitingForLeaderAddress { leader: String },
     LeaderHealthy,
+    StandbyLeaderHealthy,
+    StandbyLeaderStarting,
+    DemotingToStandbyLeader,
     LeaderPromoting,
     LeaderStartingPostgres { after_crash: bool },
     LeaderWaitingForPostgres,
@@ -250,6 +291,10 @@ impl fmt::Display for Outcome {
                 write!(f, "DCS is not accessible ({reason}); waiting")
             }
             Outcome::TryingToBootstrap => write!(f, "trying to bootstrap a new cluster"),
+            Outcome::BootstrappingStandbyLeader => write!(
+                f,
+                "trying to bootstrap a new standby leader: cloning the standby_cluster source"
+            ),
             Outcome::WaitingForBootstrap => {
                 write!(f, "waiting for the leader to bootstrap the cluster")
             }
@@ -264,6 +309,18 @@ impl fmt::Display for Outcome {
                 write!(f, "waiting for the leader {leader} to publish its address")
             }
             Outcome::LeaderHealthy => write!(f, "no action: I am the leader with the lock"),
+            Outcome::StandbyLeaderHealthy => write!(
+                f,
+                "no action: I am the standby leader with the lock, following the standby_cluster source"
+            ),
+            Outcome::StandbyLeaderStarting => write!(
+                f,
+                "starting as a standby leader because I hold the lock in a standby cluster"
+            ),
+            Outcome::DemotingToStandbyLeader => write!(
+                f,
+                "cannot be a real primary in a standby cluster: restarting as the standby leader"
+            ),
             Outcome::LeaderPromoting => write!(f, "promoting self: I hold the lock"),
             Outcome::LeaderStartingPostgres { after_crash: true } => {
                 write!(
@@ -372,6 +429,10 @@ pub const BOOTSTRAPPING_STATES: [&str; 2] = [
     "running custom bootstrap script",
 ];
 
+/// A member's state while it clones; with no leader, that is the first member of a standby
+/// cluster cloning the source (its bootstrap).
+pub const CREATING_REPLICA_STATE: &str = "creating replica";
+
 /// `initialize` claims a bootstrap that has not finished (no system identifier yet), no member
 /// holds `leader` and no member says it is bootstrapping: the loop times how long this lasts
 /// (`Observation::bootstrap_claim_abandoned`). The leader lock is taken only after the bootstrap
@@ -382,10 +443,10 @@ pub const BOOTSTRAPPING_STATES: [&str; 2] = [
 /// another) is a new claim, timed from scratch (simulation seed 1796600013456).
 pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> Option<i64> {
     let claim = view.initialize.as_ref().filter(|i| !is_sysid(&i.value))?;
-    let bootstrapping = view
-        .members
-        .iter()
-        .any(|m| BOOTSTRAPPING_STATES.contains(&m.record.state.as_str()));
+    let bootstrapping = view.members.iter().any(|m| {
+        BOOTSTRAPPING_STATES.contains(&m.record.state.as_str())
+            || m.record.state == CREATING_REPLICA_STATE
+    });
     (view.leader.is_none() && !bootstrapping).then_some(claim.revision)
 }
 
@@ -474,6 +535,18 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
         (DataDir::Empty, None) if view.initialize.is_none() => {
             if me.nofailover {
                 Decision::new(Outcome::WaitingForBootstrap, vec![])
+            } else if me.standby_cluster {
+                // Patroni's `bootstrap_standby_leader`: the first member clones the source
+                // instead of running initdb, and takes the lock once it has data.
+                Decision::new(
+                    Outcome::BootstrappingStandbyLeader,
+                    vec![
+                        Action::RaceInitialize(String::new()),
+                        Action::StartCreateReplica {
+                            from: StreamFrom::StandbySource,
+                        },
+                    ],
+                )
             } else {
                 Decision::new(
                     Outcome::TryingToBootstrap,
@@ -524,7 +597,9 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
                     Outcome::CloningLeader {
                         leader: leader.clone(),
                     },
-                    vec![Action::StartCreateReplica { leader }],
+                    vec![Action::StartCreateReplica {
+                        from: StreamFrom::Member(leader),
+                    }],
                 )
             } else {
                 Decision::new(Outcome::WaitingForLeaderAddress { leader }, vec![])

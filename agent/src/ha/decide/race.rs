@@ -5,7 +5,7 @@
 use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
-use super::{Action, Decision, MemberFacts, NotEligible, Outcome};
+use super::{Action, Decision, MemberFacts, NotEligible, Outcome, StreamFrom};
 use crate::ha::observe::{Observation, PeerAnswer, PostgresView};
 
 /// The WAL position a member races with: a running standby's received or replayed position,
@@ -159,6 +159,18 @@ fn handed_over(view: &ClusterView, wall_now: chrono::DateTime<chrono::Utc>) -> O
     due.then_some(request.leader.as_deref()).flatten()
 }
 
+/// What a running standby does once it holds the lock: promote, or in a standby cluster
+/// follow the source as the new standby leader (Patroni's `enforce_follow_remote_member`).
+fn take_over(me: &MemberFacts) -> Action {
+    if me.standby_cluster {
+        Action::ApplyConfig {
+            upstream: Some(StreamFrom::StandbySource),
+        }
+    } else {
+        Action::Promote
+    }
+}
+
 pub(super) fn decide_without_leader(
     obs: &Observation,
     view: &ClusterView,
@@ -192,7 +204,7 @@ pub(super) fn decide_without_leader(
                         Outcome::TakingOverAsCandidate,
                         vec![
                             Action::AcquireLeader,
-                            Action::Promote,
+                            take_over(me),
                             Action::SyncSlots,
                             Action::ClearFailover,
                         ],
@@ -244,7 +256,7 @@ pub(super) fn decide_without_leader(
             match healthiest(view, me, position, peers, obs.wall_now, false) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
-                    vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots],
+                    vec![Action::AcquireLeader, take_over(me), Action::SyncSlots],
                 ),
                 Err(why) => Decision::new(Outcome::NoLeaderNotEligible(why), vec![]),
             }
@@ -260,9 +272,16 @@ pub(super) fn decide_without_leader(
                     Outcome::NoLeaderRacing,
                     vec![
                         Action::AcquireLeader,
-                        Action::StartPostgres {
-                            primary: true,
-                            upstream: None,
+                        if me.standby_cluster {
+                            Action::StartPostgres {
+                                primary: false,
+                                upstream: Some(StreamFrom::StandbySource),
+                            }
+                        } else {
+                            Action::StartPostgres {
+                                primary: true,
+                                upstream: None,
+                            }
                         },
                     ],
                 ),

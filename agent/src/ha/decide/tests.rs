@@ -542,7 +542,7 @@ fn empty_member_clones_the_leader() {
     assert_eq!(
         d.actions,
         vec![Action::StartCreateReplica {
-            leader: "pg1".into()
+            from: StreamFrom::member("pg1")
         }]
     );
 }
@@ -562,7 +562,7 @@ fn running_replica_follows_the_current_leader() {
     assert_eq!(
         d.actions,
         vec![Action::ApplyConfig {
-            upstream: Some("pg2".into())
+            upstream: Some(StreamFrom::member("pg2"))
         }]
     );
 }
@@ -603,7 +603,7 @@ fn stopped_former_primary_rewinds_before_following() {
         d.actions,
         vec![Action::StartPostgres {
             primary: false,
-            upstream: Some("pg1".into())
+            upstream: Some(StreamFrom::member("pg1"))
         }]
     );
 }
@@ -1585,5 +1585,192 @@ fn a_lock_holder_that_was_a_standby_comes_back_read_only() {
             primary: true,
             upstream: None
         }
+    );
+}
+
+fn standby_member() -> MemberFacts {
+    MemberFacts {
+        standby_cluster: true,
+        ..me()
+    }
+}
+
+fn standby(streaming_at: u64) -> PostgresStatus {
+    PostgresStatus {
+        receive_lsn: Some(streaming_at),
+        replay_lsn: Some(streaming_at),
+        streaming: true,
+        ..pg(true)
+    }
+}
+
+/// Patroni's `bootstrap_standby_leader`: the first member of a standby cluster clones the
+/// source instead of running initdb; a failed clone withdraws the claim.
+#[test]
+fn a_standby_cluster_bootstraps_by_cloning_its_source() {
+    let d = decide(
+        &obs(
+            view(None, None),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        ),
+        &standby_member(),
+    );
+    assert_eq!(d.outcome, Outcome::BootstrappingStandbyLeader);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::RaceInitialize(String::new()),
+            Action::StartCreateReplica {
+                from: StreamFrom::StandbySource
+            }
+        ]
+    );
+    assert_eq!(
+        compensation(&[Action::RaceInitialize(String::new())]),
+        vec![Action::CancelInitialize]
+    );
+    assert_eq!(compensation(&d.actions), vec![]);
+    // While it clones, its claim is not abandoned.
+    let mut v = match view(None, Some("")) {
+        DcsView::Known(v) => (*v).clone(),
+        DcsView::Unknown(_) => unreachable!(),
+    };
+    v.members[0].record.state = "creating replica".into();
+    assert_eq!(unfinished_bootstrap_claim_without_leader(&v), None);
+}
+
+/// The lock holder of a standby cluster follows the source and is never promoted; a primary
+/// (the section was just added) is stopped to come back as the standby leader.
+#[test]
+fn the_standby_leader_follows_the_source_and_is_never_promoted() {
+    let me = standby_member();
+    let follow = Some(StreamFrom::StandbySource);
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Running(standby(500)),
+        ),
+        &me,
+    );
+    assert_eq!(d.outcome, Outcome::StandbyLeaderHealthy);
+    assert!(!d.actions.contains(&Action::Promote), "{:?}", d.actions);
+    assert!(d.actions.contains(&Action::ApplyConfig {
+        upstream: follow.clone()
+    }));
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Down,
+        ),
+        &me,
+    );
+    assert_eq!(
+        (d.outcome, d.actions),
+        (
+            Outcome::StandbyLeaderStarting,
+            vec![Action::StartPostgres {
+                primary: false,
+                upstream: follow.clone()
+            }]
+        )
+    );
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Running(pg(false)),
+        ),
+        &me,
+    );
+    assert_eq!(d.outcome, Outcome::DemotingToStandbyLeader);
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Fast)]);
+    // Without `standby_cluster` the same member promotes (the promotion of a standby cluster).
+    let d = decide(
+        &obs(
+            view(Some("pg0"), Some(SYSID)),
+            renewed(),
+            initialized(),
+            PostgresView::Running(standby(500)),
+        ),
+        &MemberFacts::named("pg0"),
+    );
+    assert_eq!(d.actions, vec![Action::Promote]);
+}
+
+/// With no standby leader, the healthiest replica takes the lock and follows the source
+/// instead of promoting (Patroni: "promoted self to a standby leader by acquiring session
+/// lock").
+#[test]
+fn a_replica_of_a_standby_cluster_takes_over_as_the_standby_leader() {
+    let d = decide(
+        &obs(
+            view(None, Some(SYSID)),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(standby(500)),
+        ),
+        &standby_member(),
+    );
+    assert_eq!(d.outcome, Outcome::NoLeaderRacing);
+    assert_eq!(
+        d.actions,
+        vec![
+            Action::AcquireLeader,
+            Action::ApplyConfig {
+                upstream: Some(StreamFrom::StandbySource)
+            },
+            Action::SyncSlots
+        ]
+    );
+}
+
+/// A switchover inside a standby cluster: the standby leader hands over without a
+/// CHECKPOINT (it has no writes of its own).
+#[test]
+fn a_standby_leader_hands_over_in_a_switchover() {
+    let mut v = match view(Some("pg0"), Some(SYSID)) {
+        DcsView::Known(v) => (*v).clone(),
+        DcsView::Unknown(_) => unreachable!(),
+    };
+    v.failover = Some(Versioned {
+        value: crate::dcs::FailoverRequest {
+            leader: Some("pg0".into()),
+            member: Some("pg1".into()),
+            scheduled_at: None,
+        },
+        revision: 3,
+    });
+    let mut o = obs(
+        DcsView::Known(Arc::new(v)),
+        renewed(),
+        initialized(),
+        PostgresView::Running(standby(500)),
+    );
+    o.peers = Some(vec![PeerAnswer {
+        name: "pg1".into(),
+        status: Some(PeerStatus {
+            name: "pg1".into(),
+            is_primary: false,
+            wal_position: 500,
+            nofailover: false,
+            failover_priority: 1,
+            watchdog_failed: false,
+            state: "running".into(),
+            timeline: Some(1),
+        }),
+    }]);
+    let d = decide(&o, &standby_member());
+    assert_eq!(
+        d.actions,
+        vec![Action::StopPostgres(StopMode::Fast), Action::ReleaseLeader],
+        "{:?}",
+        d.outcome
     );
 }
