@@ -14,6 +14,13 @@
 //! is older) from one whose `pending_restart` has another cause (its Pod is newer: restarting it
 //! again would not help, and would loop).
 //!
+//! `spec.standby` is kept in `config` as `standby_cluster` the same way: the controller sets the
+//! keys it renders (`host`, `port`, `primary_slot_name`) and keeps the others an administrator
+//! added (`restore_command`, ...); when `spec.standby` is removed it deletes `standby_cluster`,
+//! which promotes the cluster, but only if it is the one that kept it there
+//! ([`MANAGED_STANDBY_ANNOTATION`]): a `standby_cluster` set by hand on a cluster the spec never
+//! made a standby is not the controller's to remove.
+//!
 //! Everything here is pure; `reconcile` reads and writes the ConfigMap.
 
 use std::collections::BTreeMap;
@@ -27,6 +34,17 @@ pub const CONFIG_ANNOTATION: &str = "config";
 pub const MANAGED_ANNOTATION: &str = "pgwarden.io/managed-parameters";
 /// When the controller last changed parameters in `config` (RFC 3339).
 pub const CHANGED_ANNOTATION: &str = "pgwarden.io/parameters-changed-at";
+/// `"true"` while `config.standby_cluster` is kept from `spec.standby`.
+pub const MANAGED_STANDBY_ANNOTATION: &str = "pgwarden.io/managed-standby";
+
+/// What the spec wants in `config`.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Wanted {
+    /// `spec.postgresql.parameters`.
+    pub parameters: BTreeMap<String, Value>,
+    /// `spec.standby` as `standby_cluster` (an object), or `None` for an ordinary cluster.
+    pub standby_cluster: Option<Value>,
+}
 
 /// The agents' ConfigMap holding `config`, `initialize` and `history`.
 pub fn configmap_name(cluster: &str) -> String {
@@ -34,17 +52,22 @@ pub fn configmap_name(cluster: &str) -> String {
 }
 
 /// The annotations to write on the agents' `config` ConfigMap so that `config` carries
-/// `wanted` (the spec's parameters), or `None` when it already does. `None` too while the
-/// cluster has no `config` yet: the agents' bootstrap writes it from `bootstrap.dcs`, which
-/// carries the parameters.
-pub fn update(
-    map: &ConfigMap,
-    wanted: &BTreeMap<String, Value>,
-    now: &str,
-) -> Option<BTreeMap<String, String>> {
+/// `wanted`, or `None` when it already does. `None` too while the cluster has no `config` yet:
+/// the agents' bootstrap writes it from `bootstrap.dcs`, which carries the same.
+pub fn update(map: &ConfigMap, wanted_all: &Wanted, now: &str) -> Option<BTreeMap<String, String>> {
+    let wanted = &wanted_all.parameters;
     let annotations = map.metadata.annotations.as_ref()?;
     let mut config: Value = serde_json::from_str(annotations.get(CONFIG_ANNOTATION)?).ok()?;
     let config_obj = config.as_object_mut()?;
+    let standby_was_managed = annotations
+        .get(MANAGED_STANDBY_ANNOTATION)
+        .is_some_and(|v| v == "true");
+    let standby_changed = update_standby_cluster(
+        config_obj,
+        wanted_all.standby_cluster.as_ref(),
+        standby_was_managed,
+    );
+    let standby_managed = wanted_all.standby_cluster.is_some();
     let previous: Vec<String> = annotations
         .get(MANAGED_ANNOTATION)
         .and_then(|m| serde_json::from_str(m).ok())
@@ -73,16 +96,56 @@ pub fn update(
     }
     let managed: Vec<&String> = wanted.keys().collect();
     let managed_text = serde_json::to_string(&managed).unwrap_or_default();
-    let managed_changed = annotations.get(MANAGED_ANNOTATION) != Some(&managed_text);
-    if !changed && !managed_changed {
+    let managed_changed = annotations.get(MANAGED_ANNOTATION) != Some(&managed_text)
+        || standby_managed != standby_was_managed;
+    if !changed && !standby_changed && !managed_changed {
         return None;
     }
-    let mut out = BTreeMap::from([(MANAGED_ANNOTATION.to_owned(), managed_text)]);
-    if changed {
+    let mut out = BTreeMap::from([
+        (MANAGED_ANNOTATION.to_owned(), managed_text),
+        (
+            MANAGED_STANDBY_ANNOTATION.to_owned(),
+            standby_managed.to_string(),
+        ),
+    ]);
+    if changed || standby_changed {
         out.insert(CONFIG_ANNOTATION.to_owned(), config.to_string());
+    }
+    if changed {
+        // Only parameters: the rollout reads this time to tell which Pods still need a
+        // restart, and a standby_cluster change needs none.
         out.insert(CHANGED_ANNOTATION.to_owned(), now.to_owned());
     }
     Some(out)
+}
+
+/// Brings `config.standby_cluster` to `wanted`; true if it changed.
+fn update_standby_cluster(
+    config: &mut Map<String, Value>,
+    wanted: Option<&Value>,
+    was_managed: bool,
+) -> bool {
+    match wanted.and_then(Value::as_object) {
+        Some(wanted) => {
+            let current = config.entry("standby_cluster").or_insert_with(|| json!({}));
+            if !current.is_object() {
+                *current = json!({});
+            }
+            let Some(current) = current.as_object_mut() else {
+                return false;
+            };
+            let mut changed = false;
+            for (key, value) in wanted {
+                if current.get(key) != Some(value) {
+                    current.insert(key.clone(), value.clone());
+                    changed = true;
+                }
+            }
+            changed
+        }
+        None if was_managed => config.remove("standby_cluster").is_some(),
+        None => false,
+    }
 }
 
 /// When the controller last changed parameters, from the agents' `config` ConfigMap.
@@ -112,11 +175,14 @@ mod tests {
         m
     }
 
-    fn wanted(pairs: &[(&str, Value)]) -> BTreeMap<String, Value> {
-        pairs
-            .iter()
-            .map(|(k, v)| ((*k).to_owned(), v.clone()))
-            .collect()
+    fn wanted(pairs: &[(&str, Value)]) -> Wanted {
+        Wanted {
+            parameters: pairs
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), v.clone()))
+                .collect(),
+            standby_cluster: None,
+        }
     }
 
     #[test]
@@ -146,6 +212,7 @@ mod tests {
                 r#"{"postgresql":{"parameters":{"work_mem":"8MB"}}}"#,
             ),
             (MANAGED_ANNOTATION, r#"["work_mem"]"#),
+            (MANAGED_STANDBY_ANNOTATION, "false"),
         ]);
         assert_eq!(
             update(&m, &wanted(&[("work_mem", json!("8MB"))]), "T"),
@@ -174,6 +241,58 @@ mod tests {
         assert_eq!(params["work_mem"], "8MB");
         assert_eq!(params["other"], "x");
         assert_eq!(out[MANAGED_ANNOTATION], r#"["work_mem"]"#);
+    }
+
+    #[test]
+    fn spec_standby_is_kept_in_config_and_its_removal_promotes() {
+        let standby = Wanted {
+            standby_cluster: Some(json!({"host": "src.prod.svc", "port": 5432})),
+            ..Wanted::default()
+        };
+        // Seeded from bootstrap.dcs, plus a key set by hand: the controller starts managing it.
+        let m = map(&[(
+            "config",
+            r#"{"ttl":30,"standby_cluster":{"host":"src.prod.svc","port":5432,"restore_command":"x"}}"#,
+        )]);
+        let out = update(&m, &standby, "T").expect("the marker is written");
+        assert_eq!(out[MANAGED_STANDBY_ANNOTATION], "true");
+        assert!(
+            !out.contains_key(CONFIG_ANNOTATION),
+            "config already matches"
+        );
+
+        // A new source host: set, the hand-written key kept, no parameter change time.
+        let moved = Wanted {
+            standby_cluster: Some(json!({"host": "src2.prod.svc", "port": 5432})),
+            ..Wanted::default()
+        };
+        let m = map(&[
+            (
+                "config",
+                r#"{"standby_cluster":{"host":"src.prod.svc","port":5432,"restore_command":"x"}}"#,
+            ),
+            (MANAGED_ANNOTATION, "[]"),
+            (MANAGED_STANDBY_ANNOTATION, "true"),
+        ]);
+        let out = update(&m, &moved, "T").expect("a change");
+        let config: Value = serde_json::from_str(&out[CONFIG_ANNOTATION]).expect("json");
+        assert_eq!(config["standby_cluster"]["host"], "src2.prod.svc");
+        assert_eq!(config["standby_cluster"]["restore_command"], "x");
+        assert!(!out.contains_key(CHANGED_ANNOTATION));
+
+        // spec.standby removed: standby_cluster goes, which promotes the cluster.
+        let out = update(&m, &Wanted::default(), "T").expect("a change");
+        let config: Value = serde_json::from_str(&out[CONFIG_ANNOTATION]).expect("json");
+        assert!(config.get("standby_cluster").is_none(), "{config}");
+        assert_eq!(out[MANAGED_STANDBY_ANNOTATION], "false");
+
+        // Set by hand on a cluster the spec never made a standby: not the controller's.
+        let m = map(&[
+            ("config", r#"{"standby_cluster":{"host":"h","port":5432}}"#),
+            (MANAGED_ANNOTATION, "[]"),
+            (MANAGED_STANDBY_ANNOTATION, "false"),
+        ]);
+        assert_eq!(update(&m, &Wanted::default(), "T"), None);
     }
 
     #[test]

@@ -287,9 +287,9 @@ async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Err
     Ok(())
 }
 
-/// Writes the spec's parameters into the agents' DCS `config` (`crate::dcs_config`), compare
-/// and set on the ConfigMap's `resourceVersion`: a concurrent write by an agent (a 409) is
-/// retried by the next reconcile.
+/// Writes the spec's parameters and `spec.standby` into the agents' DCS `config`
+/// (`crate::dcs_config`), compare and set on the ConfigMap's `resourceVersion`: a concurrent
+/// write by an agent (a 409) is retried by the next reconcile.
 async fn sync_dcs_parameters(pg: &PostgresCluster, client: &Client) -> Result<(), Error> {
     let names = Names::of(pg);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), &names.namespace);
@@ -301,13 +301,16 @@ async fn sync_dcs_parameters(pg: &PostgresCluster, client: &Client) -> Result<()
     else {
         return Ok(());
     };
-    let wanted = pg
-        .spec
-        .postgresql
-        .parameters
-        .iter()
-        .map(|(k, v)| (k.clone(), v.to_yaml()))
-        .collect();
+    let wanted = dcs_config::Wanted {
+        parameters: pg
+            .spec
+            .postgresql
+            .parameters
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_yaml()))
+            .collect(),
+        standby_cluster: render::agent_config::standby_cluster(&pg.spec),
+    };
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let Some(annotations) = dcs_config::update(&map, &wanted, &now) else {
         return Ok(());
@@ -323,7 +326,7 @@ async fn sync_dcs_parameters(pg: &PostgresCluster, client: &Client) -> Result<()
     {
         Ok(_) => {
             if changed {
-                info!(cluster = %names.cluster, "wrote the parameters into the DCS config; the members reload them");
+                info!(cluster = %names.cluster, "wrote the spec's parameters and standby source into the DCS config; the members apply them");
             }
             Ok(())
         }

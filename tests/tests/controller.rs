@@ -1286,3 +1286,195 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
     .await;
     assert_eq!(full_backups(&repo, "src").len(), 1);
 }
+
+/// The port a member's WAL receiver streams from, if it streams.
+async fn streams_from(m: &pgwarden_tests::harness::Member) -> Option<u16> {
+    m.sql("SELECT sender_port::text FROM pg_stat_wal_receiver WHERE status = 'streaming'")
+        .await
+        .ok()?
+        .first()?
+        .parse()
+        .ok()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_standby_example_replicates_from_its_source_and_removing_spec_standby_promotes_it() {
+    let s = setup("pgc-sb").await;
+    let source = PodKubelet::start(s.access.clone(), &s.ns, "src")
+        .await
+        .expect("kubelet");
+    let standby = PodKubelet::start(s.access.clone(), &s.ns, "dr")
+        .await
+        .expect("kubelet");
+    let _ctl = s.controller("ctl-sb");
+    let fast = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+    s.apply(&example("src", |v| {
+        v["spec"]["instances"]["replicas"] = json!(1);
+        v["spec"]["ha"] = fast.clone();
+    }))
+    .await
+    .expect("apply the source cluster");
+    let src_primary = wait_until_members_ready(&s, "src", None, 1).await;
+    let src_port = {
+        let k = source.state.lock().await;
+        let m = k.member(&src_primary).expect("member");
+        m.sql("CREATE TABLE t (v int); INSERT INTO t SELECT generate_series(1, 10)")
+            .await
+            .expect("rows on the source");
+        m.pg_port
+    };
+
+    // As the example says: the standby's replication and superuser Secrets hold the source's
+    // credentials (its data directory is a copy of the source's, roles included).
+    for role in ["replication", "superuser"] {
+        let src_secret = s
+            .api::<Secret>()
+            .get(&format!("src-{role}"))
+            .await
+            .expect("the source's Secret");
+        let mut copy = Secret {
+            data: src_secret.data.clone(),
+            ..Secret::default()
+        };
+        copy.metadata.name = Some(format!("dr-{role}"));
+        s.api::<Secret>()
+            .create(&PostParams::default(), &copy)
+            .await
+            .expect("create the standby's Secret");
+    }
+
+    // deploy/examples/standby.yaml, pointed at the source's primary (its Pod listens on
+    // loopback here; in a real cluster this is the source's primary Service).
+    let doc = yaml_documents("deploy/examples/standby.yaml")
+        .expect("read the example")
+        .into_iter()
+        .next()
+        .expect("one document");
+    let mut manifest: Value = serde_json::to_value(doc).expect("YAML as JSON");
+    manifest["metadata"]["name"] = json!("dr");
+    manifest["spec"]["ha"] = fast.clone();
+    manifest["spec"]["standby"]["host"] = json!("127.0.0.1");
+    manifest["spec"]["standby"]["port"] = json!(src_port);
+    s.apply(&manifest).await.expect("apply the standby cluster");
+
+    wait_until(
+        "dr has a standby leader streaming from the source and a replica streaming from it",
+        Duration::from_secs(180),
+        || async {
+            let Some(leader) = lease_holder(&s, "dr").await else {
+                return false;
+            };
+            let k = standby.state.lock().await;
+            let Some(l) = k.member(&leader) else {
+                return false;
+            };
+            let other = if leader == "dr-0" { "dr-1" } else { "dr-0" };
+            let Some(r) = k.member(other) else {
+                return false;
+            };
+            l.api_get("/standby-leader").await.map(|(c, _)| c) == Some(200)
+                && l.api_get("/primary").await.map(|(c, _)| c) == Some(503)
+                && streams_from(l).await == Some(src_port)
+                && streams_from(r).await == Some(l.pg_port)
+        },
+    )
+    .await;
+    {
+        let k = source.state.lock().await;
+        k.member(&src_primary)
+            .expect("member")
+            .sql("INSERT INTO t SELECT generate_series(11, 20)")
+            .await
+            .expect("more rows on the source");
+    }
+    wait_until(
+        "the source's rows reach both standby members",
+        T,
+        || async {
+            let k = standby.state.lock().await;
+            for pod in ["dr-0", "dr-1"] {
+                let Some(m) = k.member(pod) else {
+                    return false;
+                };
+                if m.sql("SELECT count(*) FROM t").await.ok() != Some(vec!["20".to_owned()]) {
+                    return false;
+                }
+            }
+            true
+        },
+    )
+    .await;
+    let dr_leader = lease_holder(&s, "dr").await.expect("holder");
+    assert!(
+        standby
+            .state
+            .lock()
+            .await
+            .member(&dr_leader)
+            .expect("member")
+            .sql("INSERT INTO t VALUES (100)")
+            .await
+            .is_err(),
+        "the standby leader refused a write"
+    );
+    let revision_before = s
+        .api::<StatefulSet>()
+        .get("dr")
+        .await
+        .expect("sts")
+        .status
+        .and_then(|st| st.update_revision);
+
+    // Promotion: spec.standby removed.
+    manifest["spec"]
+        .as_object_mut()
+        .expect("spec")
+        .remove("standby");
+    s.apply(&manifest)
+        .await
+        .expect("apply without spec.standby");
+    let promoted = wait_until_members_ready(&s, "dr", None, 2).await;
+    wait_until("the promoted standby accepts writes", T, || async {
+        let k = standby.state.lock().await;
+        k.member(&promoted)
+            .expect("member")
+            .sql("INSERT INTO t VALUES (1000)")
+            .await
+            .is_ok()
+    })
+    .await;
+    let other = if promoted == "dr-0" { "dr-1" } else { "dr-0" };
+    wait_until("the replica follows the promoted leader", T, || async {
+        let k = standby.state.lock().await;
+        let (l, r) = (
+            k.member(&promoted).expect("member"),
+            k.member(other).expect("member"),
+        );
+        streams_from(r).await == Some(l.pg_port)
+            && r.sql("SELECT count(*) FROM t").await.ok() == Some(vec!["21".to_owned()])
+    })
+    .await;
+    assert_eq!(
+        source
+            .state
+            .lock()
+            .await
+            .member(&src_primary)
+            .expect("member")
+            .sql("SELECT count(*) FROM t")
+            .await
+            .ok(),
+        Some(vec!["20".to_owned()]),
+        "the source is untouched"
+    );
+    assert_eq!(
+        s.api::<StatefulSet>()
+            .get("dr")
+            .await
+            .expect("sts")
+            .status
+            .and_then(|st| st.update_revision),
+        revision_before,
+        "the promotion went through the DCS config, not a rollout"
+    );
+}

@@ -39,6 +39,18 @@ pub fn member_file(names: &Names, ordinal: i32) -> String {
     format!("{}.yml", names.pod(ordinal))
 }
 
+/// `spec.standby` as the agents' `standby_cluster`: in `bootstrap.dcs` for a new cluster, and
+/// kept in the DCS `config` afterwards (`crate::dcs_config`), so that removing `spec.standby`
+/// promotes the cluster.
+pub fn standby_cluster(spec: &PostgresClusterSpec) -> Option<Value> {
+    let standby = spec.standby.as_ref()?;
+    let mut standby_cluster = json!({"host": standby.host, "port": standby.port});
+    if let Some(slot) = &standby.primary_slot_name {
+        standby_cluster["primary_slot_name"] = json!(slot);
+    }
+    Some(standby_cluster)
+}
+
 /// The configuration as a JSON value (the tests compare fields of it).
 pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
     let ha = &spec.ha;
@@ -67,11 +79,7 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
     if !parameters.is_empty() {
         dcs["postgresql"]["parameters"] = Value::Object(parameters);
     }
-    if let Some(standby) = &spec.standby {
-        let mut standby_cluster = json!({"host": standby.host, "port": standby.port});
-        if let Some(slot) = &standby.primary_slot_name {
-            standby_cluster["primary_slot_name"] = json!(slot);
-        }
+    if let Some(standby_cluster) = standby_cluster(spec) {
         dcs["standby_cluster"] = standby_cluster;
     }
 

@@ -30,12 +30,16 @@ pub fn configmap(pg: &PostgresCluster) -> ConfigMap {
 /// adds a member file, and that must not restart the existing members. Nor of the parameters:
 /// they reach the members through the DCS `config` (`crate::dcs_config`), and only those that
 /// need a restart restart Pods; the hash is computed as if there were none, so it is the same
-/// as before for a cluster without parameters.
+/// as before for a cluster without parameters. `spec.standby` too: the members apply a changed
+/// `standby_cluster` from the DCS `config` (a promotion, a new source) without a restart.
 pub fn config_hash(pg: &PostgresCluster) -> String {
     let names = Names::of(pg);
     let mut value = agent_config::value(&names, &pg.spec);
     if let Some(dcs_pg) = value["bootstrap"]["dcs"]["postgresql"].as_object_mut() {
         dcs_pg.remove("parameters");
+    }
+    if let Some(dcs) = value["bootstrap"]["dcs"].as_object_mut() {
+        dcs.remove("standby_cluster");
     }
     let mut all = serde_json::to_string(&value).unwrap_or_default();
     all.push('\0');

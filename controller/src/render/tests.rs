@@ -424,6 +424,14 @@ fn a_parameter_change_keeps_the_config_hash_other_changes_do_not() {
     let mut d = minimal();
     d.spec.instances.failover_priority.insert("1".to_owned(), 0);
     assert_ne!(ha, configmap::config_hash(&d));
+    // spec.standby is applied through the DCS `config` too: a promotion restarts nothing.
+    let standby = example("standby.yaml");
+    let mut promoted = standby.clone();
+    promoted.spec.standby = None;
+    assert_eq!(
+        configmap::config_hash(&standby),
+        configmap::config_hash(&promoted)
+    );
 }
 
 #[test]
