@@ -729,7 +729,11 @@ impl Postgres for SimPostgres {
         Ok(())
     }
 
-    async fn sync_slots(&self, _wanted: &BTreeSet<String>) -> Result<(), String> {
+    async fn sync_slots(
+        &self,
+        _wanted: &BTreeSet<String>,
+        _ignored: &[pgwarden::config::slots::IgnoreSlot],
+    ) -> Result<(), String> {
         // Slots are not modelled: the simulated WAL is never recycled.
         Ok(())
     }

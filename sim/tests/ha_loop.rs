@@ -382,7 +382,11 @@ impl Postgres for MemPostgres {
     async fn reload(&self) -> Result<(), String> {
         Ok(())
     }
-    async fn sync_slots(&self, _: &BTreeSet<String>) -> Result<(), String> {
+    async fn sync_slots(
+        &self,
+        _: &BTreeSet<String>,
+        _: &[pgwarden::config::slots::IgnoreSlot],
+    ) -> Result<(), String> {
         Ok(())
     }
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)> {

@@ -299,6 +299,97 @@ async fn a_killed_leader_finds_its_slot_on_the_new_leader_when_it_comes_back() {
     .await;
 }
 
+/// The physical slots on `member`, sorted.
+async fn physical_slots(env: &TestEnv, member: &str) -> Option<Vec<String>> {
+    env.members
+        .iter()
+        .find(|m| m.name == member)
+        .expect("member")
+        .sql("SELECT string_agg(slot_name, ',' ORDER BY slot_name) FROM pg_replication_slots WHERE slot_type = 'physical'")
+        .await
+        .ok()
+        .map(|rows| {
+            rows.first()
+                .map(|r| r.split(',').map(str::to_owned).collect())
+                .unwrap_or_default()
+        })
+}
+
+/// Patroni's `slots` (its permanent_slots scenario, physical part) and `ignore_slots`: the
+/// leader creates the permanent slots, drops a stray slot but not an ignored one, and a new
+/// leader after a failover has the permanent slots too. A logical entry is refused with 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn permanent_slots_are_on_every_leader_and_ignored_slots_are_left_alone() {
+    let (mut env, _) = three_members(ClusterOptions::default(), false).await;
+    let old = env.leader().await.expect("leader");
+    let leader = env.members.iter().find(|m| m.name == old).expect("leader");
+    let (code, text) = leader
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(
+                r#"{"slots": {"test_physical": 0, "typed": {"type": "physical"}},
+                    "ignore_slots": [{"name": "external", "type": "physical"}]}"#,
+            ),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let (code, text) = leader
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(
+                r#"{"slots": {"lg": {"type": "logical", "database": "postgres", "plugin": "test_decoding"}}}"#,
+            ),
+        )
+        .await
+        .expect("answers");
+    assert!(code == 400 && text.contains("slots.lg"), "{code} {text}");
+
+    let has = |slots: &Option<Vec<String>>, names: &[&str]| {
+        slots
+            .as_ref()
+            .is_some_and(|s| names.iter().all(|n| s.iter().any(|x| x == n)))
+    };
+    wait_until(&format!("{old} has the permanent slots"), T, || async {
+        has(
+            &physical_slots(&env, &old).await,
+            &["test_physical", "typed"],
+        )
+    })
+    .await;
+    leader
+        .sql("SELECT pg_create_physical_replication_slot('stray'); SELECT pg_create_physical_replication_slot('external')")
+        .await
+        .expect("slots created by hand");
+    wait_until("the stray slot is dropped", T, || async {
+        physical_slots(&env, &old)
+            .await
+            .is_some_and(|s| !s.iter().any(|x| x == "stray"))
+    })
+    .await;
+    let slots = physical_slots(&env, &old).await;
+    assert!(
+        has(&slots, &["external", "test_physical", "typed"]),
+        "the ignored and the permanent slots stay: {slots:?}"
+    );
+
+    env.member(&old).kill9_with_postmaster();
+    let new = wait_for_new_leader(&env, &old).await;
+    wait_until(
+        &format!("the new leader {new} has the permanent slots"),
+        T,
+        || async {
+            has(
+                &physical_slots(&env, &new).await,
+                &["test_physical", "typed"],
+            )
+        },
+    )
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_before_its_lease_expires() {
     let (mut env, _) = three_members(ClusterOptions::default(), false).await;

@@ -22,7 +22,7 @@ pub const MIN_TTL: u32 = 5;
 pub const PATRONI_MIN_TTL: u32 = 20;
 
 /// Top-level options pgwarden implements.
-const IMPLEMENTED: [&str; 12] = [
+const IMPLEMENTED: [&str; 14] = [
     "ttl",
     "loop_wait",
     "retry_timeout",
@@ -35,7 +35,12 @@ const IMPLEMENTED: [&str; 12] = [
     "postgresql",
     "pause",
     "standby_cluster",
+    "slots",
+    "ignore_slots",
 ];
+
+/// Patroni's names for the permanent slots, the one it prefers first.
+const SLOTS_NAMES: [&str; 3] = ["permanent_replication_slots", "permanent_slots", "slots"];
 
 /// `standby_cluster.*` options pgwarden implements (all of Patroni's).
 const STANDBY_CLUSTER_KEYS: [&str; 7] = [
@@ -72,6 +77,27 @@ pub fn normalize(obj: &mut Map<String, Value>, prefix: &str) -> Vec<String> {
             }
         }
     }
+    // Patroni reads the first of its three names that is set; the others are ignored.
+    let mut chosen: Option<&str> = None;
+    for name in SLOTS_NAMES {
+        if obj.get(name).is_none_or(Value::is_null) {
+            continue;
+        }
+        match chosen {
+            None => chosen = Some(name),
+            Some(first) => {
+                obj.remove(name);
+                warnings.push(format!(
+                    "`{prefix}.{name}` ignored: `{prefix}.{first}` is also set and takes                      precedence, as in Patroni"
+                ));
+            }
+        }
+    }
+    if let Some(name) = chosen.filter(|n| *n != "slots") {
+        if let Some(value) = obj.remove(name) {
+            obj.insert("slots".to_owned(), value);
+        }
+    }
     if let Some(Value::String(s)) = obj.get("synchronous_mode") {
         if s.eq_ignore_ascii_case("quorum") {
             warnings.push(format!(
@@ -94,9 +120,6 @@ impl DynamicConfig {
             .map(|(k, _)| {
                 let why = match k.as_str() {
                     "failsafe_mode" => "failsafe mode is not implemented",
-                    "slots" | "permanent_slots" | "ignore_slots" => {
-                        "permanent and ignored slots are not implemented"
-                    }
                     _ => "is not implemented by pgwarden",
                 };
                 format!("`{prefix}.{k}` ignored: {why}")
@@ -131,6 +154,8 @@ impl DynamicConfig {
                 ));
             }
         }
+        warnings.extend(super::slots::permanent_physical(&self.slots, prefix).1);
+        warnings.extend(super::slots::ignore_warnings(&self.ignore_slots, prefix));
         if self.check_timeline {
             warnings.push(format!(
                 "`{prefix}.check_timeline` ignored: is not implemented by pgwarden"
@@ -412,6 +437,10 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
             }
             "postgresql" => check_postgresql(value)?,
             "standby_cluster" => check_standby_cluster(value)?,
+            "slots" | "permanent_slots" | "permanent_replication_slots" => {
+                super::slots::check_slots(value)?
+            }
+            "ignore_slots" => super::slots::check_ignore_slots(value)?,
             other => {
                 debug_assert!(!IMPLEMENTED.contains(&other));
                 return Err(format!("`{other}` is not implemented by pgwarden"));

@@ -6,6 +6,7 @@ pub mod dynamic;
 pub mod flex;
 pub mod load;
 pub mod schema;
+pub mod slots;
 pub mod timing;
 pub mod validate;
 

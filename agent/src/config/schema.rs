@@ -200,6 +200,13 @@ pub struct DynamicConfig {
     /// writes until this is removed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub standby_cluster: Option<StandbyCluster>,
+    /// Patroni's permanent slots, by name (`super::slots`); `permanent_slots` and
+    /// `permanent_replication_slots`, its other names, are read as this.
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    pub slots: BTreeMap<String, serde_json::Value>,
+    /// Slots pgwarden leaves alone although it did not create them.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub ignore_slots: Vec<super::slots::IgnoreSlot>,
     #[serde(flatten)]
     pub extra: BTreeMap<String, serde_json::Value>,
 }
@@ -268,6 +275,8 @@ impl Default for DynamicConfig {
             postgresql: DynamicPostgresql::default(),
             pause: None,
             standby_cluster: None,
+            slots: BTreeMap::new(),
+            ignore_slots: Vec::new(),
             extra: BTreeMap::new(),
         }
     }

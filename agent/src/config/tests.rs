@@ -796,3 +796,41 @@ fn the_cli_reaches_etcd_or_kubernetes_never_both() {
     let none = load("scope: pg\n");
     assert!(none.is_err_and(|e| e.to_string().contains("etcd3.hosts")));
 }
+
+#[test]
+fn permanent_slots_are_read_under_patronis_three_names_in_its_order() {
+    let raw = serde_json::json!({
+        "permanent_slots": {"from_permanent_slots": 0},
+        "slots": {"from_slots": 0},
+        "ignore_slots": [{"name": "external"}, {"nme": "typo"}],
+    });
+    let (c, warnings) = DynamicConfig::from_dcs(&raw, &DynamicConfig::default());
+    assert_eq!(
+        c.slots.keys().collect::<Vec<_>>(),
+        ["from_permanent_slots"],
+        "permanent_slots takes precedence over slots"
+    );
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("`config.slots` ignored")),
+        "{warnings:?}"
+    );
+    assert_eq!(c.ignore_slots.len(), 2);
+    assert!(c.ignore_slots[0].matches_physical("external"));
+    assert!(
+        !c.ignore_slots[1].matches_physical("typo"),
+        "an attribute no slot has matches nothing (not everything)"
+    );
+    let warnings = c.unimplemented("config");
+    assert!(
+        warnings
+            .iter()
+            .any(|w| w.contains("`config.ignore_slots[1].nme`")),
+        "{warnings:?}"
+    );
+    let raw =
+        serde_json::json!({"permanent_replication_slots": {"a": 0}, "permanent_slots": {"b": 0}});
+    let (c, _) = DynamicConfig::from_dcs(&raw, &DynamicConfig::default());
+    assert_eq!(c.slots.keys().collect::<Vec<_>>(), ["a"]);
+}

@@ -27,6 +27,7 @@ use super::dynamic_copy;
 use super::error_chain;
 use super::observe::{DataDir, PeerAnswer};
 use super::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
+use crate::config::slots::IgnoreSlot;
 
 /// The HA loop of the agent binary.
 pub type AgentLoop = super::HaLoop<dyn crate::dcs::Dcs, LocalPostgres, HttpPeers, SystemRuntime>;
@@ -159,7 +160,11 @@ impl Postgres for LocalPostgres {
         self.supervisor.reload().await.map_err(|e| e.to_string())
     }
 
-    async fn sync_slots(&self, wanted: &BTreeSet<String>) -> Result<(), String> {
+    async fn sync_slots(
+        &self,
+        wanted: &BTreeSet<String>,
+        ignored: &[IgnoreSlot],
+    ) -> Result<(), String> {
         let existing = self
             .probe
             .slots()
@@ -177,8 +182,12 @@ impl Postgres for LocalPostgres {
             ));
         }
         for (slot, active) in &existing {
-            if !wanted.contains(slot) && !active {
-                info!(slot, "dropping the slot of a departed member");
+            let ignore = ignored.iter().any(|m| m.matches_physical(slot));
+            if !wanted.contains(slot) && !active && !ignore {
+                info!(
+                    slot,
+                    "dropping a slot that is neither a member's nor permanent"
+                );
                 sql.push_str(&format!(
                     "SELECT pg_drop_replication_slot({});\n",
                     probe::quote_literal(slot)

@@ -1542,8 +1542,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         let mut wanted = self.member_slots(view);
         wanted.extend(view.members.iter().map(|m| replica::slot_name(&m.name)));
         wanted.remove(&own);
+        // Permanent slots (warnings for the other entries came with the configuration).
+        wanted.extend(crate::config::slots::permanent_physical(&self.dynamic.slots, "config").0);
         self.pg
-            .sync_slots(&wanted)
+            .sync_slots(&wanted, &self.dynamic.ignore_slots)
             .await
             .map_err(ActionError::Failed)
     }

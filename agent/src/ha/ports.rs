@@ -113,8 +113,12 @@ pub trait Postgres: Send + Sync + 'static {
     /// Makes postgres re-read its configuration (then `on_reload`).
     async fn reload(&self) -> Result<(), String>;
     /// Creates a physical slot for each name of `wanted` that lacks one; drops inactive
-    /// slots not in `wanted`.
-    async fn sync_slots(&self, wanted: &std::collections::BTreeSet<String>) -> Result<(), String>;
+    /// physical slots neither in `wanted` nor matched by `ignored`.
+    async fn sync_slots(
+        &self,
+        wanted: &std::collections::BTreeSet<String>,
+        ignored: &[crate::config::slots::IgnoreSlot],
+    ) -> Result<(), String>;
     /// For a standby whose replay is paused: the control file and the hot-standby settings
     /// below the primary's (`name ours < primary`), `None` when they cannot be read.
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)>;
