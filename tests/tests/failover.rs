@@ -390,6 +390,88 @@ async fn permanent_slots_are_on_every_leader_and_ignored_slots_are_left_alone() 
     .await;
 }
 
+/// The port a member's WAL receiver streams from, and its slot, if it streams.
+async fn stream_source(env: &TestEnv, name: &str) -> Option<(u16, String)> {
+    let rows = env
+        .members
+        .iter()
+        .find(|m| m.name == name)
+        .expect("member")
+        .sql("SELECT sender_port::text || ',' || coalesce(slot_name, '') FROM pg_stat_wal_receiver WHERE status = 'streaming'")
+        .await
+        .ok()?;
+    let (port, slot) = rows.first()?.split_once(',')?;
+    Some((port.parse().ok()?, slot.to_owned()))
+}
+
+/// Patroni's `replicatefrom` and `clonefrom` tags: pg2 (`replicatefrom: pg1`) is cloned from
+/// pg1 (`clonefrom: true`) and streams from it through a slot pg1 keeps, while the leader
+/// keeps none for it; with pg1 gone it streams from the leader, and from pg1 again once pg1 is
+/// back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    for name in ["pg0", "pg1", "pg2"] {
+        env.add_member(name);
+    }
+    env.members[1].set("tags.clonefrom", true.into());
+    env.members[2].set("tags.replicatefrom", "pg1".into());
+    env.start_member(0).expect("start pg0");
+    let leader = env.wait_for_leader(T).await;
+    assert_eq!(leader, "pg0");
+    env.start_member(1).expect("start pg1");
+    wait_for_streaming(&env, "pg0", 1).await;
+    env.start_member(2).expect("start pg2");
+    let (pg0_port, pg1_port) = (env.members[0].pg_port, env.members[1].pg_port);
+    wait_until("pg2 streams from pg1 through its slot", T, || async {
+        stream_source(&env, "pg2").await == Some((pg1_port, "pg2".to_owned()))
+    })
+    .await;
+    assert!(
+        log_of(&env, "pg2").contains("leader=\"pg1\"")
+            || log_of(&env, "pg2").contains("leader=pg1"),
+        "pg2 was cloned from pg1:\n{}",
+        log_of(&env, "pg2")
+    );
+    wait_until("the leader keeps no slot for pg2", T, || async {
+        physical_slots(&env, "pg0")
+            .await
+            .is_some_and(|s| s.iter().any(|x| x == "pg1") && !s.iter().any(|x| x == "pg2"))
+    })
+    .await;
+    env.members[0]
+        .sql("CREATE TABLE c (v int); INSERT INTO c VALUES (1)")
+        .await
+        .expect("write on the leader");
+    wait_until("the row reaches pg2 through pg1", T, || async {
+        env.members[2].sql("SELECT count(*) FROM c").await.ok() == Some(vec!["1".to_owned()])
+    })
+    .await;
+
+    // pg1 gone: pg2 falls back to the leader, which now keeps its slot.
+    env.member("pg1").kill9_with_postmaster();
+    wait_until("pg2 streams from the leader", T, || async {
+        stream_source(&env, "pg2").await == Some((pg0_port, "pg2".to_owned()))
+    })
+    .await;
+    // pg1 back: pg2 cascades from it again.
+    env.member("pg1").restart().expect("restart pg1");
+    wait_until("pg2 streams from pg1 again", T, || async {
+        stream_source(&env, "pg2").await == Some((pg1_port, "pg2".to_owned()))
+    })
+    .await;
+    env.members[0]
+        .sql("INSERT INTO c VALUES (2)")
+        .await
+        .expect("write on the leader");
+    wait_until("the new row reaches pg2", T, || async {
+        env.members[2].sql("SELECT count(*) FROM c").await.ok() == Some(vec!["2".to_owned()])
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_before_its_lease_expires() {
     let (mut env, _) = three_members(ClusterOptions::default(), false).await;

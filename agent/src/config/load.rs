@@ -88,16 +88,6 @@ pub fn load_str(
                 .into(),
         );
     }
-    if let Some(from) = &tags.replicatefrom {
-        warnings.push(format!(
-            "`tags.replicatefrom` ({from}) has no effect: cascading replication is not \
-             implemented, and this member follows the leader"
-        ));
-    }
-    if tags.clonefrom {
-        warnings
-            .push("`tags.clonefrom` has no effect: new replicas are cloned from the leader".into());
-    }
     // `postgresql.<name>` sections other than custom replica methods are not used.
     for (k, section) in &config.postgresql.sections {
         if !config.postgresql.create_replica_methods.contains(k) {

@@ -34,7 +34,7 @@ use crate::state::{AgentStatus, PgState, Role};
 
 use self::commands::{CancelRestartReply, ReinitializeReply, ReloadReply, RestartReply};
 use self::core::HaCore;
-use self::decide::{decide, Action, Decision, MemberFacts, Outcome, StreamFrom};
+use self::decide::{decide, topology, Action, Decision, MemberFacts, Outcome, StreamFrom};
 use self::observe::{
     DataDir, DcsView, LeaseCheck, Observation, PeerAnswer, PostgresView, TaskKind, TaskView,
 };
@@ -142,6 +142,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             synchronous_mode: config.bootstrap.dcs.synchronous_mode
                 && config.bootstrap.dcs.standby_source().is_none(),
             standby_cluster: config.bootstrap.dcs.standby_source().is_some(),
+            replicatefrom: config.tags.replicatefrom.clone(),
         };
         let strict_placeholder = if config.bootstrap.dcs.synchronous_mode_strict {
             "*".to_owned()
@@ -205,6 +206,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 self.facts.nofailover =
                     config.tags.nofailover || config.tags.failover_priority == Some(0);
                 self.facts.failover_priority = config.tags.failover_priority.unwrap_or(1);
+                self.facts.replicatefrom = config.tags.replicatefrom.clone();
                 self.config = Arc::new(config);
                 info!("local configuration reloaded");
                 ReloadReply::Scheduled
@@ -1538,12 +1540,35 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// Keeps one physical slot per other member so a replica's WAL is retained while it is
     /// away; drops inactive slots of members that left.
     async fn sync_slots(&mut self, view: &ClusterView) -> Result<(), ActionError> {
-        let own = replica::slot_name(&self.facts.name);
-        let mut wanted = self.member_slots(view);
-        wanted.extend(view.members.iter().map(|m| replica::slot_name(&m.name)));
+        let me = self.facts.name.clone();
+        let own = replica::slot_name(&me);
+        let leader = if self.core.believes_leader {
+            Some(me.as_str())
+        } else {
+            view.leader_name()
+        };
+        let Some(leader) = leader else {
+            return Ok(());
+        };
+        // Slots for the members that stream from this one (`decide::topology`): on the leader
+        // all but those cascading from another member, on a replica those that cascade from it.
+        let downstream = topology::downstream_of(view, leader, &me);
+        let mut wanted: std::collections::BTreeSet<String> =
+            downstream.iter().map(|m| replica::slot_name(m)).collect();
+        if leader == me {
+            let elsewhere: std::collections::BTreeSet<String> = view
+                .members
+                .iter()
+                .filter(|m| m.name != me && !downstream.contains(&m.name))
+                .map(|m| replica::slot_name(&m.name))
+                .collect();
+            let retained = self.member_slots(view);
+            wanted.extend(retained.into_iter().filter(|s| !elsewhere.contains(s)));
+            // Permanent slots (warnings for the other entries came with the configuration).
+            wanted
+                .extend(crate::config::slots::permanent_physical(&self.dynamic.slots, "config").0);
+        }
         wanted.remove(&own);
-        // Permanent slots (warnings for the other entries came with the configuration).
-        wanted.extend(crate::config::slots::permanent_physical(&self.dynamic.slots, "config").0);
         self.pg
             .sync_slots(&wanted, &self.dynamic.ignore_slots)
             .await

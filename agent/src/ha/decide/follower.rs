@@ -4,7 +4,7 @@
 use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
-use super::{Action, Decision, MemberFacts, Outcome, StreamFrom};
+use super::{topology, Action, Decision, MemberFacts, Outcome, StreamFrom};
 use crate::ha::observe::{DataDir, Observation, PostgresView};
 
 pub(super) fn decide_with_other_leader(
@@ -13,6 +13,13 @@ pub(super) fn decide_with_other_leader(
     me: &MemberFacts,
     leader: &str,
 ) -> Decision {
+    // Where this member streams from: the leader, or the member its `replicatefrom` names.
+    let upstream = StreamFrom::Member(topology::upstream_of(
+        view,
+        leader,
+        &me.name,
+        me.replicatefrom.as_deref(),
+    ));
     let leader = leader.to_owned();
     let paused = view.is_paused();
     if paused && !matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery) {
@@ -79,7 +86,7 @@ pub(super) fn decide_with_other_leader(
                     },
                     vec![Action::StartPostgres {
                         primary: false,
-                        upstream: Some(StreamFrom::Member(leader)),
+                        upstream: Some(upstream),
                     }],
                 )
             }
@@ -122,9 +129,13 @@ pub(super) fn decide_with_other_leader(
             Outcome::FollowingLeader {
                 leader: leader.clone(),
             },
-            vec![Action::ApplyConfig {
-                upstream: Some(StreamFrom::Member(leader)),
-            }],
+            // SyncSlots: the slots of the members that cascade from this one.
+            vec![
+                Action::ApplyConfig {
+                    upstream: Some(upstream),
+                },
+                Action::SyncSlots,
+            ],
         ),
         PostgresView::Starting | PostgresView::Unresponsive => {
             Decision::new(Outcome::FollowingLeader { leader }, vec![])

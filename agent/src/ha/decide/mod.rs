@@ -19,6 +19,7 @@ use super::sync;
 mod follower;
 mod leader;
 mod race;
+pub mod topology;
 pub use race::{lagging_on, racing_position, someone_else_may_take_over};
 #[cfg(test)]
 mod tests;
@@ -44,6 +45,8 @@ pub struct MemberFacts {
     /// The cluster is a standby cluster (`standby_cluster` names a source): the lock holder,
     /// the standby leader, replicates from that source and nothing is promoted.
     pub standby_cluster: bool,
+    /// The `replicatefrom` tag: stream from that member rather than the leader while it runs.
+    pub replicatefrom: Option<String>,
 }
 
 impl MemberFacts {
@@ -57,6 +60,7 @@ impl MemberFacts {
             use_pg_rewind: true,
             synchronous_mode: false,
             standby_cluster: false,
+            replicatefrom: None,
         }
     }
 }
@@ -598,7 +602,7 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
                         leader: leader.clone(),
                     },
                     vec![Action::StartCreateReplica {
-                        from: StreamFrom::Member(leader),
+                        from: StreamFrom::Member(topology::clone_source(view, l, &me.name)),
                     }],
                 )
             } else {

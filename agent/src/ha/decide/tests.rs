@@ -561,10 +561,154 @@ fn running_replica_follows_the_current_leader() {
     );
     assert_eq!(
         d.actions,
-        vec![Action::ApplyConfig {
-            upstream: Some(StreamFrom::member("pg2"))
-        }]
+        vec![
+            Action::ApplyConfig {
+                upstream: Some(StreamFrom::member("pg2"))
+            },
+            Action::SyncSlots
+        ]
     );
+}
+
+/// A view whose members carry these states and tags (`replicatefrom`, `clonefrom`).
+fn tagged_view(leader: &str, members: &[(&str, &str, serde_json::Value)]) -> DcsView {
+    let DcsView::Known(base) = view(Some(leader), Some(SYSID)) else {
+        unreachable!("view() is known");
+    };
+    let mut v = (*base).clone();
+    v.members = members
+        .iter()
+        .enumerate()
+        .map(|(i, (name, state, tags))| {
+            let mut m = member(name, 5000 + i as u16);
+            m.record.state = (*state).to_owned();
+            m.record.tags = tags.as_object().cloned().unwrap_or_default();
+            m
+        })
+        .collect();
+    DcsView::Known(Arc::new(v))
+}
+
+/// `replicatefrom`: a replica streams from the tagged member while it runs, from the leader
+/// when it does not; the upstream keeps the slot, the leader does not.
+#[test]
+fn a_replicatefrom_member_cascades_while_its_upstream_runs() {
+    use super::topology::{downstream_of, upstream_of};
+    use serde_json::json;
+    let running = tagged_view(
+        "pg0",
+        &[
+            ("pg0", "running", json!({})),
+            ("pg1", "running", json!({})),
+            ("pg2", "running", json!({"replicatefrom": "pg1"})),
+        ],
+    );
+    let mut facts = me();
+    facts.name = "pg2".into();
+    facts.replicatefrom = Some("pg1".into());
+    let d = decide(
+        &obs(
+            running.clone(),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(10)),
+        ),
+        &facts,
+    );
+    assert_eq!(
+        d.actions[0],
+        Action::ApplyConfig {
+            upstream: Some(StreamFrom::member("pg1"))
+        }
+    );
+    let DcsView::Known(v) = &running else {
+        unreachable!()
+    };
+    assert_eq!(
+        downstream_of(v, "pg0", "pg0")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["pg1"]
+    );
+    assert_eq!(
+        downstream_of(v, "pg0", "pg1")
+            .into_iter()
+            .collect::<Vec<_>>(),
+        ["pg2"]
+    );
+
+    // The upstream is down: follow the leader, whose slot it is again.
+    let stopped = tagged_view(
+        "pg0",
+        &[
+            ("pg0", "running", json!({})),
+            ("pg1", "stopped", json!({})),
+            ("pg2", "running", json!({"replicatefrom": "pg1"})),
+        ],
+    );
+    let d = decide(
+        &obs(
+            stopped.clone(),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(10)),
+        ),
+        &facts,
+    );
+    assert_eq!(
+        d.actions[0],
+        Action::ApplyConfig {
+            upstream: Some(StreamFrom::member("pg0"))
+        }
+    );
+    let DcsView::Known(v) = &stopped else {
+        unreachable!()
+    };
+    assert!(downstream_of(v, "pg0", "pg0").contains("pg2"));
+
+    // Two members naming each other: no loop, the named one follows the leader.
+    let looped = tagged_view(
+        "pg0",
+        &[
+            ("pg0", "running", json!({})),
+            ("pg1", "running", json!({"replicatefrom": "pg2"})),
+            ("pg2", "running", json!({"replicatefrom": "pg1"})),
+        ],
+    );
+    let DcsView::Known(v) = &looped else {
+        unreachable!()
+    };
+    assert_eq!(upstream_of(v, "pg0", "pg2", Some("pg1")), "pg0");
+    assert_eq!(upstream_of(v, "pg0", "pg1", Some("pg2")), "pg0");
+}
+
+/// `clonefrom`: a new replica clones a running member tagged `clonefrom`, else the leader.
+#[test]
+fn a_new_replica_clones_from_a_running_clonefrom_member() {
+    use serde_json::json;
+    let mut facts = me();
+    facts.name = "pg2".into();
+    for (state, from) in [("running", "pg1"), ("stopped", "pg0")] {
+        let v = tagged_view(
+            "pg0",
+            &[
+                ("pg0", "running", json!({})),
+                ("pg1", state, json!({"clonefrom": true})),
+                ("pg2", "stopped", json!({})),
+            ],
+        );
+        let d = decide(
+            &obs(v, LeaseCheck::NotHeld, DataDir::Empty, PostgresView::Down),
+            &facts,
+        );
+        assert_eq!(
+            d.actions,
+            vec![Action::StartCreateReplica {
+                from: StreamFrom::member(from)
+            }],
+            "clonefrom member {state}"
+        );
+    }
 }
 
 /// A stopped former primary is rewound before it follows a new leader (Patroni

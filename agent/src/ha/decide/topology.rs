@@ -1,0 +1,64 @@
+//! Who streams from whom, and who clones from whom: Patroni's `replicatefrom` (cascading
+//! replication) and `clonefrom` tags, read from the member records. One function decides a
+//! member's upstream, for the member itself (its `primary_conninfo`) and for the member it
+//! streams from (which keeps its replication slot), so the two always agree.
+
+use std::collections::BTreeSet;
+
+use crate::dcs::ClusterView;
+
+/// A member usable as an upstream: its record says postgres runs and where to reach it.
+fn serves(view: &ClusterView, name: &str) -> bool {
+    view.member(name)
+        .is_some_and(|m| m.record.state == "running" && m.record.host_port().is_some())
+}
+
+fn replicatefrom_of<'a>(view: &'a ClusterView, name: &str) -> Option<&'a str> {
+    view.member(name)
+        .and_then(|m| m.record.tags.get("replicatefrom"))
+        .and_then(|v| v.as_str())
+}
+
+/// The member `name` streams from: the one its `replicatefrom` tag names while that member
+/// runs and does not itself name `name` (no loop of two); the leader otherwise (Patroni falls
+/// back to the leader when the tagged member is gone).
+pub fn upstream_of(
+    view: &ClusterView,
+    leader: &str,
+    name: &str,
+    replicatefrom: Option<&str>,
+) -> String {
+    match replicatefrom {
+        Some(from)
+            if from != name
+                && from != leader
+                && serves(view, from)
+                && replicatefrom_of(view, from) != Some(name) =>
+        {
+            from.to_owned()
+        }
+        _ => leader.to_owned(),
+    }
+}
+
+/// The members that stream from `me` (each by its own record's `replicatefrom`), the leader
+/// excluded: those `me` keeps a replication slot for.
+pub fn downstream_of(view: &ClusterView, leader: &str, me: &str) -> BTreeSet<String> {
+    view.members
+        .iter()
+        .filter(|m| m.name != me && m.name != leader)
+        .filter(|m| upstream_of(view, leader, &m.name, replicatefrom_of(view, &m.name)) == me)
+        .map(|m| m.name.clone())
+        .collect()
+}
+
+/// Where a new replica is cloned from: a running member tagged `clonefrom` (the first by name;
+/// Patroni picks one at random), else the leader.
+pub fn clone_source(view: &ClusterView, leader: &str, me: &str) -> String {
+    view.members
+        .iter()
+        .filter(|m| m.name != me && m.record.tag_bool("clonefrom") && serves(view, &m.name))
+        .map(|m| m.name.clone())
+        .min()
+        .unwrap_or_else(|| leader.to_owned())
+}
