@@ -57,10 +57,27 @@ async fn a_standby_cluster_replicates_cascades_switches_over_and_is_promoted() {
         .await
         .expect("sysid");
 
+    // on_role_change records `action role` per member.
+    let calls = tempfile::tempdir().expect("tempdir");
+    // The agents run as another user (postgres) than the test.
+    std::fs::set_permissions(
+        calls.path(),
+        std::os::unix::fs::PermissionsExt::from_mode(0o777),
+    )
+    .expect("chmod");
+    let calls_of = |name: &str| calls.path().join(name);
     let mut dr = Vec::new();
     for name in ["d0", "d1"] {
         let i = env.add_member(name);
         let m = &mut env.members[i];
+        m.set(
+            "postgresql.callbacks.on_role_change",
+            format!(
+                "/bin/sh -c 'echo \"$1 $2\" >> {}' callback",
+                calls_of(name).display()
+            )
+            .into(),
+        );
         m.set("scope", "dr".into());
         m.set(
             "bootstrap.dcs.standby_cluster",
@@ -107,6 +124,16 @@ async fn a_standby_cluster_replicates_cascades_switches_over_and_is_promoted() {
         leader.sql("INSERT INTO t VALUES (100)").await.is_err(),
         "the standby leader refused a write"
     );
+    let called = |name: &str, line: &str| {
+        std::fs::read_to_string(calls_of(name))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l == line)
+    };
+    wait_until("d0's on_role_change names standby_leader", T, || async {
+        called("d0", "on_role_change standby_leader")
+    })
+    .await;
 
     // d1 cascades from the standby leader, not from the source.
     env.start_member(d1).expect("start d1");
@@ -147,6 +174,14 @@ async fn a_standby_cluster_replicates_cascades_switches_over_and_is_promoted() {
         }
     })
     .await;
+    wait_until(
+        "on_role_change: standby_leader on d1, replica on d0",
+        T,
+        || async {
+            called("d1", "on_role_change standby_leader") && called("d0", "on_role_change replica")
+        },
+    )
+    .await;
     env.members[s]
         .sql("INSERT INTO t SELECT generate_series(21, 30)")
         .await
@@ -169,6 +204,10 @@ async fn a_standby_cluster_replicates_cascades_switches_over_and_is_promoted() {
             status(m, "/primary").await == Some(200)
                 && m.sql("INSERT INTO t VALUES (1000)").await.is_ok()
         }
+    })
+    .await;
+    wait_until("d1's on_role_change names primary", T, || async {
+        called("d1", "on_role_change primary")
     })
     .await;
     wait_until("d0 follows the promoted d1", T, || {

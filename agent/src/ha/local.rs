@@ -148,6 +148,10 @@ impl Postgres for LocalPostgres {
         Ok(())
     }
 
+    async fn set_standby_leader(&self, standby_leader: bool) {
+        self.supervisor.set_standby_leader(standby_leader).await;
+    }
+
     async fn checkpoint(&self) -> Result<(), String> {
         self.probe
             .execute("CHECKPOINT")

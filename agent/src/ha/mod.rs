@@ -84,6 +84,8 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     task_failed: Option<(TaskKind, String)>,
     /// The DCS `config` value last parsed into `dynamic`.
     applied_config: Option<serde_json::Value>,
+    /// What the supervisor was last told: this member is the standby leader (callbacks' role).
+    told_standby_leader: bool,
     /// What the loop remembers between cycles, and the rules over it.
     core: HaCore,
     last_view: Option<Arc<ClusterView>>,
@@ -166,6 +168,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             task: None,
             task_failed: None,
             applied_config: None,
+            told_standby_leader: false,
             core,
             last_view: None,
             last_read_at: None,
@@ -541,6 +544,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             next = Next::Soon;
         }
         self.refresh_postgres_after_actions(probe_changes).await;
+        let standby_leader = self.core.believes_leader && self.facts.standby_cluster;
+        if standby_leader != self.told_standby_leader {
+            self.told_standby_leader = standby_leader;
+            self.pg.set_standby_leader(standby_leader).await;
+        }
         self.publish(&obs);
         self.touch_member(&obs).await;
         Ok(next)

@@ -110,6 +110,9 @@ pub trait Postgres: Send + Sync + 'static {
     async fn promote(&self) -> Result<(), String>;
     /// `CHECKPOINT`.
     async fn checkpoint(&self) -> Result<(), String>;
+    /// This member holds (or no longer holds) the lock of a standby cluster: the callbacks'
+    /// role of a running standby becomes `standby_leader` (or `replica`).
+    async fn set_standby_leader(&self, _standby_leader: bool) {}
     /// Makes postgres re-read its configuration (then `on_reload`).
     async fn reload(&self) -> Result<(), String>;
     /// Creates a physical slot for each name of `wanted` that lacks one; drops inactive

@@ -148,6 +148,8 @@ enum Command_ {
         reply: oneshot::Sender<Result<(), SupervisorError>>,
     },
     Promoted,
+    /// This member holds the lock of a standby cluster (or no longer does).
+    StandbyLeader(bool),
 }
 
 /// Handle to the supervisor task.
@@ -176,6 +178,7 @@ impl Supervisor {
                 role: None,
                 pending: None,
                 restart_next: false,
+                standby_leader: false,
             }
             .run(rx),
         );
@@ -267,6 +270,20 @@ impl Supervisor {
         }
     }
 
+    /// This member became (`true`) or stopped being the standby leader of a standby cluster:
+    /// a running standby reports `on_role_change` with `standby_leader` (or `replica`), as
+    /// Patroni does, and later callbacks name that role.
+    pub async fn set_standby_leader(&self, standby_leader: bool) {
+        if self
+            .commands
+            .send(Command_::StandbyLeader(standby_leader))
+            .await
+            .is_err()
+        {
+            debug!("the supervisor task has ended; standby leader role not recorded");
+        }
+    }
+
     /// Arms (`Some`) or disarms (`None`) the fence.
     pub fn set_fence(&self, deadline: Option<Instant>) {
         // A full queue means commands are piling up; the fence matters more, so wait briefly.
@@ -308,6 +325,8 @@ struct Actor {
     pending: Option<CallbackAction>,
     /// The last stop was the first half of a restart.
     restart_next: bool,
+    /// Holds the lock of a standby cluster: a standby runs as `standby_leader`.
+    standby_leader: bool,
 }
 
 /// The callback owed when postgres, started with `pending` owed, accepts connections in
@@ -496,6 +515,30 @@ impl Actor {
                     .callbacks
                     .call(CallbackAction::OnRoleChange, CallbackRole::Primary);
             }
+            Command_::StandbyLeader(standby_leader) => {
+                self.standby_leader = standby_leader;
+                // Only a running standby changes role here; one not ready yet gets its role
+                // when it is (`after_ready`).
+                if let Some(before @ (CallbackRole::Replica | CallbackRole::StandbyLeader)) =
+                    self.role
+                {
+                    let now = self.standby_role();
+                    if now != before && self.pending.is_none() {
+                        self.role = Some(now);
+                        self.settings
+                            .callbacks
+                            .call(CallbackAction::OnRoleChange, now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn standby_role(&self) -> CallbackRole {
+        if self.standby_leader {
+            CallbackRole::StandbyLeader
+        } else {
+            CallbackRole::Replica
         }
     }
 
@@ -520,7 +563,7 @@ impl Actor {
         // A hot standby writes `ready` too: the role is told by `standby.signal`, which we
         // write for a replica and postgres removes when it promotes.
         let role = if self.settings.data_dir.join("standby.signal").exists() {
-            CallbackRole::Replica
+            self.standby_role()
         } else {
             CallbackRole::Primary
         };
