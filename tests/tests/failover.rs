@@ -472,6 +472,75 @@ async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
     .await;
 }
 
+/// Patroni's `nostream` tag: the member replays from the archive only (`in archive recovery`
+/// in its member key, no WAL receiver) and the leader keeps no slot for it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nostream_member_replays_from_the_archive_only() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let archive = env.shared_dir("archive");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        let m = &mut env.members[i];
+        m.set("postgresql.parameters.archive_mode", "on".into());
+        m.set(
+            "postgresql.parameters.archive_command",
+            format!("cp %p {}/%f", archive.display()).into(),
+        );
+        m.set(
+            "postgresql.parameters.restore_command",
+            format!("cp {}/%f %p", archive.display()).into(),
+        );
+    }
+    env.members[1].set("tags.nostream", true.into());
+    env.start_member(0).expect("start pg0");
+    assert_eq!(env.wait_for_leader(T).await, "pg0");
+    env.members[0]
+        .sql("CREATE TABLE a (v int); INSERT INTO a VALUES (1)")
+        .await
+        .expect("write on the leader");
+    env.start_member(1).expect("start pg1");
+    let key = env.key("members/pg1");
+    wait_until("pg1 publishes `in archive recovery`", T, || async {
+        env.etcd
+            .get(&key)
+            .await
+            .ok()
+            .flatten()
+            .and_then(|raw| serde_json::from_str::<serde_json::Value>(&raw).ok())
+            .is_some_and(|j| {
+                j["replication_state"] == "in archive recovery" && j["state"] == "running"
+            })
+    })
+    .await;
+    // Two statements: in one implicit transaction the commit would follow the switch.
+    env.members[0]
+        .sql("INSERT INTO a VALUES (2)")
+        .await
+        .expect("write on the leader");
+    env.members[0]
+        .sql("SELECT pg_switch_wal()")
+        .await
+        .expect("switch WAL on the leader");
+    wait_until("the rows reach pg1 through the archive", T, || async {
+        env.members[1].sql("SELECT count(*) FROM a").await.ok() == Some(vec!["2".to_owned()])
+    })
+    .await;
+    assert_eq!(
+        stream_source(&env, "pg1").await,
+        None,
+        "pg1 does not stream"
+    );
+    let slots = physical_slots(&env, "pg0").await;
+    assert!(
+        slots
+            .as_ref()
+            .is_some_and(|s| !s.iter().any(|x| x == "pg1")),
+        "the leader keeps no slot for pg1: {slots:?}"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_leader_is_fenced_before_its_lease_expires() {
     let (mut env, _) = three_members(ClusterOptions::default(), false).await;

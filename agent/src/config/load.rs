@@ -79,15 +79,6 @@ pub fn load_str(
     config.validate().map_err(ConfigError::Invalid)?;
     warnings.extend(tls_warnings(&config));
     warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
-    // Tags we publish, as Patroni does, but do not act on.
-    let tags = &config.tags;
-    if tags.nostream {
-        warnings.push(
-            "`tags.nostream` has no effect: pgwarden does not implement it, and this member \
-             streams from its upstream"
-                .into(),
-        );
-    }
     // `postgresql.<name>` sections other than custom replica methods are not used.
     for (k, section) in &config.postgresql.sections {
         if !config.postgresql.create_replica_methods.contains(k) {

@@ -177,16 +177,16 @@ fn custom_method_sections_are_used_or_warned_about() {
     assert!(!w.contains("`postgresql.copy`"), "{w}");
 }
 
-/// Tags published but not acted on are warned about by path.
+/// The topology tags are implemented: no warning.
 #[test]
-fn tags_without_effect_are_warned_about() {
+fn topology_tags_are_not_warned_about() {
     let yaml = PATRONI_YML.replace(
         "  nosync: false",
         "  nosync: false\n  nostream: true\n  replicatefrom: pg1",
     );
     let loaded = load_ok(&yaml);
     let w = loaded.warnings.join("\n");
-    assert!(w.contains("`tags.nostream`"), "{w}");
+    assert!(!w.contains("`tags.nostream`"), "implemented: {w}");
     assert!(!w.contains("`tags.replicatefrom`"), "implemented: {w}");
     assert!(!w.contains("`tags.clonefrom`"), "{w}");
 }

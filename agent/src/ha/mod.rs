@@ -955,6 +955,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 }
             }
         }
+        // `nostream` (Patroni): a standby that only replays from the archive
+        // (`restore_command`), so no primary_conninfo and no slot.
+        let upstream = upstream.filter(|_| !self.config.tags.nostream || from_source);
         let primary_slot_name = match (from_source, source) {
             (true, Some(source)) => source.primary_slot_name.clone(),
             _ => upstream

@@ -42,11 +42,12 @@ pub fn upstream_of(
 }
 
 /// The members that stream from `me` (each by its own record's `replicatefrom`), the leader
-/// excluded: those `me` keeps a replication slot for.
+/// and members tagged `nostream` (they replay from the archive) excluded: those `me` keeps a
+/// replication slot for.
 pub fn downstream_of(view: &ClusterView, leader: &str, me: &str) -> BTreeSet<String> {
     view.members
         .iter()
-        .filter(|m| m.name != me && m.name != leader)
+        .filter(|m| m.name != me && m.name != leader && !m.record.tag_bool("nostream"))
         .filter(|m| upstream_of(view, leader, &m.name, replicatefrom_of(view, &m.name)) == me)
         .map(|m| m.name.clone())
         .collect()
