@@ -1289,12 +1289,7 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
 
 /// The port a member's WAL receiver streams from, if it streams.
 async fn streams_from(m: &pgwarden_tests::harness::Member) -> Option<u16> {
-    m.sql("SELECT sender_port::text FROM pg_stat_wal_receiver WHERE status = 'streaming'")
-        .await
-        .ok()?
-        .first()?
-        .parse()
-        .ok()
+    m.streaming_from().await.map(|(port, _)| port)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -392,16 +392,12 @@ async fn permanent_slots_are_on_every_leader_and_ignored_slots_are_left_alone() 
 
 /// The port a member's WAL receiver streams from, and its slot, if it streams.
 async fn stream_source(env: &TestEnv, name: &str) -> Option<(u16, String)> {
-    let rows = env
-        .members
+    env.members
         .iter()
         .find(|m| m.name == name)
         .expect("member")
-        .sql("SELECT sender_port::text || ',' || coalesce(slot_name, '') FROM pg_stat_wal_receiver WHERE status = 'streaming'")
+        .streaming_from()
         .await
-        .ok()?;
-    let (port, slot) = rows.first()?.split_once(',')?;
-    Some((port.parse().ok()?, slot.to_owned()))
 }
 
 /// Patroni's `replicatefrom` and `clonefrom` tags: pg2 (`replicatefrom: pg1`) is cloned from

@@ -16,12 +16,7 @@ fn yaml(text: &str) -> serde_yaml::Value {
 
 /// The port the member's WAL receiver streams from, if it streams.
 async fn streams_from(m: &Member) -> Option<u16> {
-    m.sql("SELECT sender_port::text FROM pg_stat_wal_receiver WHERE status = 'streaming'")
-        .await
-        .ok()?
-        .first()?
-        .parse()
-        .ok()
+    m.streaming_from().await.map(|(port, _)| port)
 }
 
 async fn count(m: &Member) -> Option<String> {

@@ -709,6 +709,20 @@ tags: {{}}
             .is_ok_and(|r| r == vec!["streaming"])
     }
 
+    /// The port and the slot (empty: none) this member's WAL receiver streams from, while it
+    /// streams.
+    pub async fn streaming_from(&self) -> Option<(u16, String)> {
+        let rows = self
+            .sql(
+                "SELECT sender_port::text || ',' || coalesce(slot_name, '') \
+                 FROM pg_stat_wal_receiver WHERE status = 'streaming'",
+            )
+            .await
+            .ok()?;
+        let (port, slot) = rows.first()?.split_once(',')?;
+        Some((port.parse().ok()?, slot.to_owned()))
+    }
+
     /// Runs a query and returns the first column of every row as text.
     pub async fn sql(&self, query: &str) -> anyhow::Result<Vec<String>> {
         let client = self.connect().await?;
