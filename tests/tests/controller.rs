@@ -851,7 +851,7 @@ async fn a_cluster_comes_up_fails_over_without_the_controller_and_rolls_out_repl
     assert_eq!(stops_after_reload, stops_before, "no Pod was stopped");
     assert!(ctl
         .log_text()
-        .contains("wrote the parameters into the DCS config"));
+        .contains("wrote the spec's parameters and standby source into the DCS config"));
 
     // One that needs a restart: the members report pending_restart, and only then are the
     // replicas restarted first, then a switchover; the former primary restarts as a replica.
