@@ -4,7 +4,7 @@
 use std::process::Command;
 use std::time::Duration;
 
-use pgwarden_tests::harness::{agent_binary, ClusterOptions, TestEnv};
+use pgwarden_tests::harness::{agent_binary, wait_until, ClusterOptions, TestEnv};
 
 const T: Duration = Duration::from_secs(60);
 
@@ -942,6 +942,16 @@ async fn inconsistent_timeouts_are_adjusted_bad_patches_refused_and_a_bad_dcs_va
         assert_eq!(code, 400, "{patch}: {body}");
         assert!(body.contains(key), "{patch}: {body}");
     }
+    // The leader seeds `config` in the cycle after it took the lock, which the test may beat.
+    wait_until("the leader seeded `config`", T, || async {
+        env.etcd
+            .get(&env.key("config"))
+            .await
+            .ok()
+            .flatten()
+            .is_some()
+    })
+    .await;
     let config = env
         .etcd
         .get(&env.key("config"))
