@@ -54,8 +54,7 @@ pub fn configmap_name(cluster: &str) -> String {
 /// The annotations to write on the agents' `config` ConfigMap so that `config` carries
 /// `wanted`, or `None` when it already does. `None` too while the cluster has no `config` yet:
 /// the agents' bootstrap writes it from `bootstrap.dcs`, which carries the same.
-pub fn update(map: &ConfigMap, wanted_all: &Wanted, now: &str) -> Option<BTreeMap<String, String>> {
-    let wanted = &wanted_all.parameters;
+pub fn update(map: &ConfigMap, wanted: &Wanted, now: &str) -> Option<BTreeMap<String, String>> {
     let annotations = map.metadata.annotations.as_ref()?;
     let mut config: Value = serde_json::from_str(annotations.get(CONFIG_ANNOTATION)?).ok()?;
     let config_obj = config.as_object_mut()?;
@@ -64,10 +63,10 @@ pub fn update(map: &ConfigMap, wanted_all: &Wanted, now: &str) -> Option<BTreeMa
         .is_some_and(|v| v == "true");
     let standby_changed = update_standby_cluster(
         config_obj,
-        wanted_all.standby_cluster.as_ref(),
+        wanted.standby_cluster.as_ref(),
         standby_was_managed,
     );
-    let standby_managed = wanted_all.standby_cluster.is_some();
+    let standby_managed = wanted.standby_cluster.is_some();
     let previous: Vec<String> = annotations
         .get(MANAGED_ANNOTATION)
         .and_then(|m| serde_json::from_str(m).ok())
@@ -85,16 +84,19 @@ pub fn update(map: &ConfigMap, wanted_all: &Wanted, now: &str) -> Option<BTreeMa
     }
     let parameters: &mut Map<String, Value> = parameters.as_object_mut()?;
     let mut changed = false;
-    for name in previous.iter().filter(|n| !wanted.contains_key(*n)) {
+    for name in previous
+        .iter()
+        .filter(|n| !wanted.parameters.contains_key(*n))
+    {
         changed |= parameters.remove(name).is_some();
     }
-    for (name, value) in wanted {
+    for (name, value) in &wanted.parameters {
         if parameters.get(name) != Some(value) {
             parameters.insert(name.clone(), value.clone());
             changed = true;
         }
     }
-    let managed: Vec<&String> = wanted.keys().collect();
+    let managed: Vec<&String> = wanted.parameters.keys().collect();
     let managed_text = serde_json::to_string(&managed).unwrap_or_default();
     let managed_changed = annotations.get(MANAGED_ANNOTATION) != Some(&managed_text)
         || standby_managed != standby_was_managed;

@@ -95,6 +95,23 @@ pub fn slot_kind(value: &Value) -> Result<SlotKind, String> {
     }
 }
 
+/// Why the `slots` entry `name` is not a permanent physical slot pgwarden creates, if it is
+/// not one: the start-up warning and `PATCH /config`'s refusal give the same reason.
+fn not_physical(name: &str, value: &Value) -> Option<String> {
+    if !valid_slot_name(name) {
+        return Some("a slot name is 1-63 characters of a-z, 0-9 and _".into());
+    }
+    match slot_kind(value) {
+        Ok(SlotKind::Physical) => None,
+        Ok(SlotKind::Logical) => Some(
+            "permanent logical slots are not implemented by pgwarden (an existing logical \
+             slot is never dropped)"
+                .into(),
+        ),
+        Err(why) => Some(why),
+    }
+}
+
 /// The permanent physical slots of `slots`, and a warning by path (`prefix.slots.<name>`) for
 /// every entry that is not one.
 pub fn permanent_physical(
@@ -104,22 +121,11 @@ pub fn permanent_physical(
     let mut physical = BTreeSet::new();
     let mut warnings = Vec::new();
     for (name, value) in slots {
-        let path = format!("`{prefix}.slots.{name}`");
-        if !valid_slot_name(name) {
-            warnings.push(format!(
-                "{path} ignored: a slot name is 1-63 characters of a-z, 0-9 and _"
-            ));
-            continue;
-        }
-        match slot_kind(value) {
-            Ok(SlotKind::Physical) => {
+        match not_physical(name, value) {
+            None => {
                 physical.insert(name.clone());
             }
-            Ok(SlotKind::Logical) => warnings.push(format!(
-                "{path} ignored: permanent logical slots are not implemented by pgwarden (an \
-                 existing logical slot is never dropped)"
-            )),
-            Err(why) => warnings.push(format!("{path} ignored: {why}")),
+            Some(why) => warnings.push(format!("`{prefix}.slots.{name}` ignored: {why}")),
         }
     }
     (physical, warnings)
@@ -130,23 +136,13 @@ pub fn check_slots(value: &Value) -> Result<(), String> {
     let Some(slots) = value.as_object() else {
         return Err(format!("`slots`: {value} is not an object"));
     };
-    for (name, value) in slots {
-        if !valid_slot_name(name) {
-            return Err(format!(
-                "`slots.{name}`: a slot name is 1-63 characters of a-z, 0-9 and _"
-            ));
-        }
-        match slot_kind(value) {
-            Ok(SlotKind::Physical) => {}
-            Ok(SlotKind::Logical) => {
-                return Err(format!(
-                    "`slots.{name}`: permanent logical slots are not implemented by pgwarden"
-                ))
-            }
-            Err(why) => return Err(format!("`slots.{name}`: {why}")),
-        }
+    match slots
+        .iter()
+        .find_map(|(name, value)| not_physical(name, value).map(|why| (name, why)))
+    {
+        Some((name, why)) => Err(format!("`slots.{name}`: {why}")),
+        None => Ok(()),
     }
-    Ok(())
 }
 
 /// `PATCH /config`'s check of `ignore_slots`: a list of objects with string attributes.
