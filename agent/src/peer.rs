@@ -372,6 +372,14 @@ pub async fn request(
         .map_err(|_| PeerError::Timeout(timeout))?
 }
 
+/// Another endpoint of the member whose API is at `api_url` (`http://h:8008/patroni` →
+/// `http://h:8008/<endpoint>`), as Patroni's `get_endpoint_url`.
+pub fn endpoint_url(api_url: &str, endpoint: &str) -> String {
+    let (scheme, rest) = api_url.split_once("://").unwrap_or(("http", api_url));
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or(rest);
+    format!("{scheme}://{authority}/{endpoint}")
+}
+
 /// GETs `url`, returning the status code and body.
 pub async fn get(url: &str, timeout: Duration) -> Result<(u16, String), PeerError> {
     request("GET", url, None, None, timeout).await
@@ -441,6 +449,18 @@ pub async fn fetch_status(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn endpoint_urls_keep_scheme_and_authority() {
+        assert_eq!(
+            endpoint_url("http://10.0.0.1:8008/patroni", "failsafe"),
+            "http://10.0.0.1:8008/failsafe"
+        );
+        assert_eq!(
+            endpoint_url("https://[::1]:8443", "failsafe"),
+            "https://[::1]:8443/failsafe"
+        );
+    }
 
     #[test]
     fn standby_position_is_max_of_received_and_replayed() {

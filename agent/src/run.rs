@@ -164,6 +164,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         Some((handle, task)) => (Some(handle), Some(task)),
         None => (None, None),
     };
+    let failsafe = Arc::new(ha::failsafe::Failsafe::new());
     let api_context = ApiContext {
         status: status_rx,
         probe: probe.clone(),
@@ -174,6 +175,10 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
             .map(|c| (c.username.clone(), c.password.clone().unwrap_or_default())),
         commands: commands_tx,
         backup,
+        failsafe: failsafe.clone(),
+    };
+    let peers = ha::local::HttpPeers {
+        auth: api_context.auth.clone(),
     };
     let api_task = match tls {
         Some(tls) => tokio::spawn(api::serve_tls(
@@ -205,12 +210,13 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         config.clone(),
         dcs,
         ha::local::LocalPostgres::new(&config, supervisor.clone(), probe).with_backups(interrupter),
-        ha::local::HttpPeers,
+        peers,
         ha::local::SystemRuntime,
         status_tx,
         pg_changed,
     )
     .with_requests(loop_rx)
+    .with_failsafe(failsafe)
     .with_timing(timing_tx);
     let ha = match reload {
         // The log settings take effect at once, as Patroni's logger reloads them.

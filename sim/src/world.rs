@@ -122,6 +122,8 @@ impl Store {
                 .filter(|f| f.value.leader.is_some() || f.value.member.is_some()),
             sync: self.sync.clone(),
             history: self.history.clone(),
+            // The simulated members run without failsafe mode (their peers cannot be POSTed).
+            failsafe: None,
             revision: self.rev,
         }
     }

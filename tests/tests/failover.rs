@@ -1246,3 +1246,127 @@ async fn a_killed_agent_nobody_can_replace_resumes_as_leader_after_its_restart()
         "the guard kept the record:\n{log}"
     );
 }
+
+/// Failsafe mode (Patroni §5.8 and its `dcs_failsafe_mode.feature`): the leader publishes the
+/// topology in `failsafe`; cut off from etcd, it stays primary while every member accepts its
+/// `POST /failsafe`, and the replicas, which still reach etcd and see the leader key expire, do
+/// not race for it. Once the DCS is gone for everyone and one member stops answering, the
+/// leader is fenced.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_failsafe_mode_a_leader_cut_off_from_etcd_stays_primary_while_every_member_answers() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    let mut proxies = Vec::new();
+    for name in ["pg0", "pg1", "pg2"] {
+        let i = env.add_member(name);
+        let proxy = TcpProxy::start(env.etcd.endpoint()).await.expect("proxy");
+        env.members[i].set(
+            "etcd3.hosts",
+            serde_yaml::Value::Sequence(vec![proxy.endpoint().into()]),
+        );
+        env.members[i].set("bootstrap.dcs.failsafe_mode", true.into());
+        proxies.push(proxy);
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("start");
+    }
+    let old = env.wait_for_leader(T).await;
+    wait_for_streaming(&env, &old, 2).await;
+    let index = env
+        .members
+        .iter()
+        .position(|m| m.name == old)
+        .expect("index");
+    let leader = &env.members[index];
+    wait_until("GET /failsafe lists the three members", T, || async {
+        leader
+            .api_get("/failsafe")
+            .await
+            .is_some_and(|(code, body)| {
+                code == 200 && ["pg0", "pg1", "pg2"].iter().all(|n| body.contains(n))
+            })
+    })
+    .await;
+    let (_, metrics) = leader.api_get("/metrics").await.expect("metrics");
+    for line in ["patroni_failsafe_mode_enabled{", "patroni_failsafe_member{"] {
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with(line) && l.ends_with(" 1")),
+            "{line}:\n{metrics}"
+        );
+    }
+    env.create_writer_table(&old).await;
+    let writer = Writer::start(env.writer_targets());
+    let postmaster = env.member(&old).postmaster_pid().expect("postmaster");
+
+    proxies[index].cut();
+    let cut_at = std::time::Instant::now();
+    let leader = &env.members[index];
+    wait_until("the leader says failsafe mode is active", T, || async {
+        leader
+            .api_get("/patroni")
+            .await
+            .is_some_and(|(_, body)| body.contains("\"failsafe_mode_is_active\":true"))
+    })
+    .await;
+    wait_until("the leader key expired in etcd", T, || async {
+        env.leader().await.is_none()
+    })
+    .await;
+    // Two more ttls without the key: nobody races, the leader keeps its postgres.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    assert_eq!(env.leader().await, None, "a replica took the expired key");
+    assert!(
+        pgwarden_tests::harness::process::pid_alive(postmaster),
+        "the leader's postgres was stopped although every member answered"
+    );
+    for m in env.members.iter().filter(|m| m.name != old) {
+        assert_eq!(
+            m.sql("SELECT pg_is_in_recovery()::text").await.ok(),
+            Some(vec!["true".to_owned()]),
+            "{} is still a replica",
+            m.name
+        );
+    }
+    proxies[index].heal();
+    wait_until("the leader holds the key again", T, || async {
+        env.leader().await.as_deref() == Some(old.as_str())
+    })
+    .await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert!(
+        acks.iter()
+            .any(|a| a.member == old && a.at > cut_at + Duration::from_secs(20)),
+        "the leader acknowledged writes through the outage"
+    );
+    let log = env.member(&old).log_text();
+    assert!(
+        log.contains("failsafe mode is enabled and all members are accessible"),
+        "{log}"
+    );
+
+    // Now etcd is gone for everyone and one replica does not answer: the leader is fenced.
+    let silent = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != old)
+        .expect("a replica");
+    for p in &proxies {
+        p.cut();
+    }
+    env.member(&silent).agent().sigstop();
+    let leader = &env.members[index];
+    wait_until("the leader stops accepting writes", T, || async {
+        leader.sql("SELECT pg_is_in_recovery()::text").await.ok() != Some(vec!["false".to_owned()])
+    })
+    .await;
+    env.member(&silent).agent().sigcont();
+    for p in &proxies {
+        p.heal();
+    }
+    env.wait_for_leader(T).await;
+}

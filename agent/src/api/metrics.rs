@@ -29,7 +29,14 @@ fn version_number(v: &str) -> i64 {
 }
 
 /// Renders the metrics text.
-pub fn render_metrics(status: &AgentStatus, now: Instant) -> String {
+/// `failsafe_active`, `failsafe_enabled`: failsafe mode's state, which the REST API shares with
+/// the HA loop rather than reading it from the published status.
+pub fn render_metrics(
+    status: &AgentStatus,
+    failsafe_active: bool,
+    failsafe_enabled: bool,
+    now: Instant,
+) -> String {
     let labels = Labels {
         scope: status.scope.clone(),
         name: status.name.clone(),
@@ -126,7 +133,21 @@ pub fn render_metrics(status: &AgentStatus, now: Instant) -> String {
     int(
         "patroni_failsafe_mode_is_active",
         "Value is 1 if failsafe mode is active, 0 if inactive.",
-        0,
+        b(failsafe_active),
+    );
+    int(
+        "patroni_failsafe_mode_enabled",
+        "Value is 1 if failsafe_mode is enabled, 0 otherwise.",
+        b(failsafe_enabled),
+    );
+    int(
+        "patroni_failsafe_member",
+        "Value is 1 if this node is a member of failsafe, 0 otherwise.",
+        b(status
+            .cluster
+            .as_ref()
+            .and_then(|c| c.failsafe.as_ref())
+            .is_some_and(|t| t.contains_key(&status.name))),
     );
     int(
         "patroni_postgres_timeline",

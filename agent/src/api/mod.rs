@@ -45,6 +45,8 @@ pub struct ApiContext {
     pub commands: mpsc::Sender<ApiCommand>,
     /// The pgBackRest service, when configured (`POST /backup`, `GET /backups`).
     pub backup: Option<crate::backup::BackupHandle>,
+    /// Failsafe mode's state, shared with the HA loop (`POST /failsafe`).
+    pub failsafe: Arc<crate::ha::failsafe::Failsafe>,
 }
 
 /// A write request for the agent, with the channel to answer on.
@@ -460,6 +462,7 @@ fn is_write(method: &Method, path: &str) -> bool {
             | ("DELETE", "/switchover")
             | ("POST", "/failover")
             | ("POST", "/backup")
+            | ("POST", "/failsafe")
     )
 }
 
@@ -467,7 +470,11 @@ fn is_write(method: &Method, path: &str) -> bool {
 fn needs_body(method: &Method, path: &str) -> bool {
     matches!(
         (method.as_str(), path),
-        ("PATCH", "/config") | ("PUT", "/config") | ("POST", "/switchover") | ("POST", "/failover")
+        ("PATCH", "/config")
+            | ("PUT", "/config")
+            | ("POST", "/switchover")
+            | ("POST", "/failover")
+            | ("POST", "/failsafe")
     )
 }
 
@@ -510,6 +517,9 @@ async fn handle(State(ctx): State<Arc<ApiContext>>, request: Request) -> Respons
                     Err(e) => return text(400, format!("invalid JSON body: {e}")),
                 }
             };
+            if path == "/failsafe" {
+                return accept_failsafe(&ctx, &status, body).await;
+            }
             if path == "/backup" {
                 return match &ctx.backup {
                     Some(b) => {
@@ -547,6 +557,52 @@ async fn forward(
     }
 }
 
+/// `POST /failsafe` (patroni-compat.md §2.10): a replica takes the sender for the live leader
+/// for `ttl`; a member running as primary refuses. Its role is asked of postgres itself, not
+/// of the last published status: a replica that has just been promoted must not vouch for
+/// another primary.
+async fn accept_failsafe(
+    ctx: &ApiContext,
+    status: &AgentStatus,
+    body: serde_json::Map<String, serde_json::Value>,
+) -> Response {
+    if !ctx.failsafe.enabled() {
+        return text(502, "failsafe_mode is not enabled");
+    }
+    let request: crate::ha::failsafe::FailsafeRequest =
+        match serde_json::from_value(serde_json::Value::Object(body)) {
+            Ok(r) => r,
+            Err(e) => return text(400, format!("invalid failsafe request: {e}")),
+        };
+    let fresh = tokio::time::timeout(Duration::from_secs(1), ctx.probe.postgres_now())
+        .await
+        .ok()
+        .flatten();
+    let pg = fresh.as_ref().or(status.postgres.as_ref());
+    if status.role == crate::state::Role::Primary || pg.is_some_and(|p| !p.in_recovery) {
+        return text(500, "Running as a leader");
+    }
+    ctx.failsafe.leader_alive(&request.name, Instant::now());
+    let lsn = pg.and_then(|p| p.wal_position()).unwrap_or(0);
+    let mut response = text(200, "Accepted");
+    if let Ok(value) = header::HeaderValue::from_str(&lsn.to_string()) {
+        response.headers_mut().insert("lsn", value);
+    }
+    response
+}
+
+/// `failsafe_mode_is_active` in the status JSON, as Patroni adds it only while active.
+fn mark_failsafe(ctx: &ApiContext, doc: &mut serde_json::Value, now: Instant) {
+    if ctx.failsafe.is_active(now) {
+        if let Some(o) = doc.as_object_mut() {
+            o.insert(
+                "failsafe_mode_is_active".into(),
+                serde_json::Value::Bool(true),
+            );
+        }
+    }
+}
+
 async fn get(
     ctx: &ApiContext,
     status: &AgentStatus,
@@ -563,6 +619,7 @@ async fn get(
                 .flatten();
             let pg = fresh.as_ref().or(status.postgres.as_ref());
             let mut doc = status::patroni_json(status, pg, now);
+            mark_failsafe(ctx, &mut doc, now);
             if let (Some(b), Some(o)) = (&ctx.backup, doc.as_object_mut()) {
                 o.insert("pgbackrest".into(), b.patroni_json());
             }
@@ -592,8 +649,12 @@ async fn get(
                 header::CONTENT_TYPE,
                 "text/plain; version=0.0.4; charset=utf-8",
             )],
-            render_metrics(status, now)
-                + &ctx.backup.as_ref().map(|b| b.metrics()).unwrap_or_default(),
+            render_metrics(
+                status,
+                ctx.failsafe.is_active(now),
+                ctx.failsafe.enabled(),
+                now,
+            ) + &ctx.backup.as_ref().map(|b| b.metrics()).unwrap_or_default(),
         )
             .into_response(),
         "cluster" => match status.cluster.as_deref() {
@@ -607,16 +668,19 @@ async fn get(
             Some(view) => json(200, &status::history_json(view)),
             None => json(200, &serde_json::json!([])),
         },
+        "failsafe" => match status.cluster.as_deref().and_then(|v| v.failsafe.as_ref()) {
+            Some(topology) => json(200, &serde_json::json!(topology)),
+            None => text(502, "no failsafe topology has been published in the DCS"),
+        },
         "config" => match status.cluster.as_deref().and_then(|v| v.config.as_ref()) {
             Some(c) => json(200, &c.value),
             None => text(502, "the cluster has no configuration in the DCS"),
         },
         _ => {
             let code = health::evaluate(health::classify(path), status, query, now);
-            json(
-                code,
-                &status::patroni_json(status, status.postgres.as_ref(), now),
-            )
+            let mut doc = status::patroni_json(status, status.postgres.as_ref(), now);
+            mark_failsafe(ctx, &mut doc, now);
+            json(code, &doc)
         }
     }
 }

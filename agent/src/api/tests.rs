@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, watch};
 
 use super::*;
 use crate::dcs::{ClusterView, LeaderKey, LeaderStatus, Versioned};
+use crate::ha::failsafe::Failsafe;
 use crate::state::{PgState, PostgresStatus, Role};
 
 struct NoProbe;
@@ -97,6 +98,14 @@ async fn serve_status(
     status: AgentStatus,
     auth: Option<(String, String)>,
 ) -> (u16, mpsc::Receiver<ApiCommand>) {
+    serve_with_failsafe(status, auth, Arc::new(Failsafe::new())).await
+}
+
+async fn serve_with_failsafe(
+    status: AgentStatus,
+    auth: Option<(String, String)>,
+    failsafe: Arc<Failsafe>,
+) -> (u16, mpsc::Receiver<ApiCommand>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
@@ -109,6 +118,7 @@ async fn serve_status(
         auth,
         commands: ctx_tx,
         backup: None,
+        failsafe,
     };
     tokio::spawn(async move {
         let _keep = _tx;
@@ -382,4 +392,69 @@ async fn idle_connections_beyond_the_cap_do_not_keep_a_request_out() {
         .expect("closed in time");
     assert!(matches!(read, Ok(0) | Err(_)));
     shutdown.cancel();
+}
+
+/// Patroni §2.10: `POST /failsafe` is 502 without the mode, 400 without a sender, 500 on a
+/// primary, and on a replica 200 `Accepted` with its position in `lsn`; the replica then
+/// reports `failsafe_mode_is_active` and remembers the sender as the live leader.
+#[tokio::test]
+async fn failsafe_posts_are_accepted_by_replicas_only_while_the_mode_is_on() {
+    let failsafe = Arc::new(Failsafe::new());
+    let (port, _rx) = serve_with_failsafe(replica(), None, failsafe.clone()).await;
+    let body = r#"{"name": "pg0", "conn_url": "postgres://a/postgres", "api_url": "http://a:8008/patroni", "slots": {"pg0": 100}}"#;
+    let (code, _) = req(port, "POST", "/failsafe", Some(body)).await;
+    assert_eq!(code, 502);
+    failsafe.configure(true, std::time::Duration::from_secs(30));
+    let (code, text) = req(port, "POST", "/failsafe", Some(r#"{"conn_url": "x"}"#)).await;
+    assert_eq!(code, 400, "{text}");
+    assert!(text.contains("name"), "{text}");
+    let request = format!(
+        "POST /failsafe HTTP/1.1\r\nHost: x\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (code, head, text) = raw(port, &request).await;
+    assert_eq!((code, text.as_str()), (200, "Accepted"), "{head}");
+    assert!(head.to_ascii_lowercase().contains("\r\nlsn: "), "{head}");
+    assert_eq!(
+        failsafe.live_leader(std::time::Instant::now()).as_deref(),
+        Some("pg0")
+    );
+    let (_, doc) = req(port, "GET", "/patroni", None).await;
+    assert!(doc.contains("\"failsafe_mode_is_active\":true"), "{doc}");
+    let (_, metrics) = req(port, "GET", "/metrics", None).await;
+    let active = metrics
+        .lines()
+        .find(|l| l.starts_with("patroni_failsafe_mode_is_active{"))
+        .unwrap_or_default();
+    assert!(active.ends_with(" 1"), "{metrics}");
+    assert!(
+        metrics.contains("patroni_failsafe_mode_enabled{"),
+        "{metrics}"
+    );
+
+    let primary_failsafe = Arc::new(Failsafe::new());
+    primary_failsafe.configure(true, std::time::Duration::from_secs(30));
+    let (port, _rx) = serve_with_failsafe(primary(), None, primary_failsafe).await;
+    let (code, text) = req(port, "POST", "/failsafe", Some(body)).await;
+    assert_eq!((code, text.as_str()), (500, "Running as a leader"));
+}
+
+/// `GET /failsafe` shows the topology last read from the DCS, 502 when there is none.
+#[tokio::test]
+async fn failsafe_topology_is_shown_when_published() {
+    let (port, _rx) = serve_status(replica(), None).await;
+    let (code, _) = req(port, "GET", "/failsafe", None).await;
+    assert_eq!(code, 502);
+    let mut status = replica();
+    let mut view = (*view("pg0")).clone();
+    view.failsafe = Some(
+        [("pg0".to_string(), "http://a:8008/patroni".to_string())]
+            .into_iter()
+            .collect(),
+    );
+    status.cluster = Some(Arc::new(view));
+    let (port, _rx) = serve_status(status, None).await;
+    let (code, text) = req(port, "GET", "/failsafe", None).await;
+    assert_eq!(code, 200);
+    assert_eq!(text, r#"{"pg0":"http://a:8008/patroni"}"#);
 }

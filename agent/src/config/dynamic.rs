@@ -22,7 +22,7 @@ pub const MIN_TTL: u32 = 5;
 pub const PATRONI_MIN_TTL: u32 = 20;
 
 /// Top-level options pgwarden implements.
-const IMPLEMENTED: [&str; 14] = [
+const IMPLEMENTED: [&str; 15] = [
     "ttl",
     "loop_wait",
     "retry_timeout",
@@ -32,6 +32,7 @@ const IMPLEMENTED: [&str; 14] = [
     "synchronous_mode",
     "synchronous_mode_strict",
     "check_timeline",
+    "failsafe_mode",
     "postgresql",
     "pause",
     "standby_cluster",
@@ -117,13 +118,7 @@ impl DynamicConfig {
             .extra
             .iter()
             .filter(|(_, v)| !v.is_null())
-            .map(|(k, _)| {
-                let why = match k.as_str() {
-                    "failsafe_mode" => "failsafe mode is not implemented",
-                    _ => "is not implemented by pgwarden",
-                };
-                format!("`{prefix}.{k}` ignored: {why}")
-            })
+            .map(|(k, _)| format!("`{prefix}.{k}` ignored: is not implemented by pgwarden"))
             .collect();
         warnings.extend(
             self.postgresql
@@ -428,7 +423,7 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
                 }
                 check_bool(key, value)?
             }
-            "synchronous_mode_strict" | "pause" => check_bool(key, value)?,
+            "synchronous_mode_strict" | "pause" | "failsafe_mode" => check_bool(key, value)?,
             "check_timeline" => {
                 if flex::parse_bool(value) == Some(true) {
                     return Err("`check_timeline` is not implemented by pgwarden".into());

@@ -189,6 +189,13 @@ pub struct DynamicConfig {
     pub synchronous_mode_strict: bool,
     #[serde(deserialize_with = "flex::bool")]
     pub check_timeline: bool,
+    /// Patroni's `failsafe_mode`: with the DCS out of reach, the leader stays primary while
+    /// every member of the `failsafe` topology accepts its `POST /failsafe` (`crate::ha::failsafe`).
+    #[serde(
+        skip_serializing_if = "std::ops::Not::not",
+        deserialize_with = "flex::bool"
+    )]
+    pub failsafe_mode: bool,
     pub postgresql: DynamicPostgresql,
     #[serde(
         skip_serializing_if = "Option::is_none",
@@ -272,6 +279,7 @@ impl Default for DynamicConfig {
             synchronous_mode: false,
             synchronous_mode_strict: false,
             check_timeline: false,
+            failsafe_mode: false,
             postgresql: DynamicPostgresql::default(),
             pause: None,
             standby_cluster: None,

@@ -503,11 +503,11 @@ fn inconsistent_timeouts_are_adjusted_as_patroni_does_with_a_warning() {
 fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_read() {
     let yaml = PATRONI_YML.replace(
         "    maximum_lag_on_failover: 1048576\n",
-        "    maximum_lag_on_failover: 1048576\n    failsafe_mode: true\n    synchronous_mode: quorum\n",
+        "    maximum_lag_on_failover: 1048576\n    max_timelines_history: 3\n    synchronous_mode: quorum\n",
     ) + "watchdog:\n  mode: required\n";
     let loaded = load_ok(&yaml);
     for path in [
-        "bootstrap.dcs.failsafe_mode",
+        "bootstrap.dcs.max_timelines_history",
         "bootstrap.dcs.synchronous_mode",
         "watchdog",
     ] {
@@ -630,7 +630,7 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
             "`postgresql.use_slots`",
         ),
         (
-            serde_json::json!({"failsafe_mode": true}),
+            serde_json::json!({"failsafe_mode": "sometimes"}),
             "`failsafe_mode`",
         ),
     ] {
@@ -642,6 +642,7 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
         serde_json::json!({"pause": null, "standby_cluster": null}),
         serde_json::json!({"master_start_timeout": 10, "synchronous_mode": "on"}),
         serde_json::json!({"member_slots_ttl": 0}),
+        serde_json::json!({"failsafe_mode": true}),
         serde_json::json!({"standby_cluster": {"host": "a", "port": 5433, "create_replica_methods": ["basebackup"]}}),
         serde_json::json!({"postgresql": {"parameters": {"work_mem": "8MB", "x": null}}}),
     ] {

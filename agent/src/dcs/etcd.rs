@@ -689,7 +689,8 @@ fn build_view<'a>(
                     });
                 }
             }
-            KeyKind::Leader | KeyKind::Failsafe | KeyKind::Other => {}
+            KeyKind::Failsafe => view.failsafe = super::model::parse_failsafe(&value),
+            KeyKind::Leader | KeyKind::Other => {}
         }
     }
     if view.status.is_none() {

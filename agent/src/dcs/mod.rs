@@ -23,6 +23,10 @@ pub use model::{
     SyncState, Versioned, PATRONI_API_VERSION,
 };
 
+/// The key (etcd) or `status` ConfigMap annotation (Kubernetes) holding the failsafe topology,
+/// written with [`Dcs::write_key`] as Patroni does.
+pub const FAILSAFE_KEY: &str = "failsafe";
+
 /// The cause of a DCS failure: the client's own error, or a message when there is none.
 pub type Cause = Box<dyn std::error::Error + Send + Sync>;
 

@@ -215,8 +215,17 @@ pub struct ClusterView {
     pub failover: Option<Versioned<FailoverRequest>>,
     pub sync: Option<Versioned<SyncState>>,
     pub history: Vec<HistoryLine>,
+    /// `failsafe`: the members (name → REST API URL) the leader last published while
+    /// `failsafe_mode` is on; `None` when the key is absent or not such an object.
+    pub failsafe: Option<BTreeMap<String, String>>,
     /// The store revision this view was read at.
     pub revision: i64,
+}
+
+/// Parses the `failsafe` key: a JSON object of member names to API URLs. Anything else is
+/// no topology at all (Patroni discards a `failsafe` key that is not such an object).
+pub fn parse_failsafe(raw: &str) -> Option<BTreeMap<String, String>> {
+    serde_json::from_str(raw).ok()
 }
 
 impl ClusterView {

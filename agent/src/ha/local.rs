@@ -25,6 +25,7 @@ use crate::state::PostgresStatus;
 
 use super::dynamic_copy;
 use super::error_chain;
+use super::failsafe::{FailsafeAnswer, FailsafeRequest};
 use super::observe::{DataDir, PeerAnswer};
 use super::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
 use crate::config::slots::IgnoreSlot;
@@ -448,8 +449,12 @@ async fn rewind(
     Ok(())
 }
 
-/// Peers over HTTP(S): `GET /patroni`.
-pub struct HttpPeers;
+/// Peers over HTTP(S): `GET /patroni`, `POST /failsafe` (with `restapi.authentication`, as
+/// the members' write endpoints require it).
+#[derive(Default)]
+pub struct HttpPeers {
+    pub auth: Option<(String, String)>,
+}
 
 #[async_trait]
 impl Peers for HttpPeers {
@@ -465,6 +470,47 @@ impl Peers for HttpPeers {
             }
         });
         futures::future::join_all(asks).await
+    }
+
+    async fn post_failsafe(
+        &self,
+        members: Vec<(String, String)>,
+        request: &FailsafeRequest,
+        timeout: Duration,
+    ) -> Vec<FailsafeAnswer> {
+        let body = match serde_json::to_value(request) {
+            Ok(body) => body,
+            Err(e) => {
+                let refusal = format!("cannot encode the failsafe request: {e}");
+                return members
+                    .into_iter()
+                    .map(|(name, _)| FailsafeAnswer {
+                        name,
+                        accepted: false,
+                        refusal: Some(refusal.clone()),
+                    })
+                    .collect();
+            }
+        };
+        let auth = self.auth.as_ref().map(|(u, p)| (u.as_str(), p.as_str()));
+        let posts = members.into_iter().map(|(name, api_url)| {
+            let body = &body;
+            async move {
+                let url = crate::peer::endpoint_url(&api_url, "failsafe");
+                let answer = crate::peer::request("POST", &url, Some(body), auth, timeout).await;
+                let (accepted, refusal) = match answer {
+                    Ok((200, text)) if text == "Accepted" => (true, None),
+                    Ok((code, text)) => (false, Some(format!("{code} {text}"))),
+                    Err(e) => (false, Some(e.to_string())),
+                };
+                FailsafeAnswer {
+                    name,
+                    accepted,
+                    refusal,
+                }
+            }
+        });
+        futures::future::join_all(posts).await
     }
 }
 

@@ -10,6 +10,7 @@ pub mod commands;
 pub mod core;
 pub mod decide;
 pub mod dynamic_copy;
+pub mod failsafe;
 pub mod local;
 pub mod observe;
 pub mod ports;
@@ -95,6 +96,8 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     control: Option<controldata::ControlData>,
     requests: Option<tokio::sync::mpsc::Receiver<commands::LoopRequest>>,
     reload: Option<ReloadFn>,
+    /// Failsafe mode: the leader's rounds and the replicas' memory of them.
+    failsafe: Arc<failsafe::Failsafe>,
 }
 
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
@@ -145,7 +148,14 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 && config.bootstrap.dcs.standby_source().is_none(),
             standby_cluster: config.bootstrap.dcs.standby_source().is_some(),
             replicatefrom: config.tags.replicatefrom.clone(),
+            failsafe_mode: config.bootstrap.dcs.failsafe_mode,
+            api_url: config.api_url(),
         };
+        let failsafe = Arc::new(failsafe::Failsafe::new());
+        failsafe.configure(
+            config.bootstrap.dcs.failsafe_mode,
+            Duration::from_secs(config.bootstrap.dcs.ttl.into()),
+        );
         let strict_placeholder = if config.bootstrap.dcs.synchronous_mode_strict {
             "*".to_owned()
         } else {
@@ -177,7 +187,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             control: None,
             requests: None,
             reload: None,
+            failsafe,
         }
+    }
+
+    /// The failsafe state this loop shares with the REST API (`POST /failsafe`).
+    pub fn with_failsafe(mut self, failsafe: Arc<failsafe::Failsafe>) -> Self {
+        failsafe.configure(self.dynamic.failsafe_mode, self.ttl());
+        self.failsafe = failsafe;
+        self
     }
 
     /// Before a planned stop of postgres (switchover, demotion, restart, shutdown): a running
@@ -643,6 +661,24 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         let bootstrap_claim_abandoned =
             self.core
                 .bootstrap_claim_abandoned(known, now, self.ttl(), self.loop_wait());
+        let dcs_out_of_reach =
+            matches!(dcs, DcsView::Unknown(_)) || matches!(lease, LeaseCheck::Unconfirmed);
+        let failsafe_held = match &postgres {
+            PostgresView::Running(status)
+                if self.facts.failsafe_mode
+                    && self.core.believes_leader
+                    && dcs_out_of_reach
+                    && !status.in_recovery =>
+            {
+                self.failsafe_round(status).await
+            }
+            _ => {
+                if !dcs_out_of_reach {
+                    self.failsafe.release();
+                }
+                false
+            }
+        };
         Observation {
             now,
             wall_now: self.rt.wall_now(),
@@ -658,7 +694,75 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             bootstrap_claim_abandoned,
             primary_start_overdue,
             replay_paused_for_parameters,
+            failsafe_leader: self.failsafe.live_leader(now),
+            failsafe_held,
         }
+    }
+
+    /// The leader, with the DCS out of reach: asks every member of the last `failsafe`
+    /// topology to accept `POST /failsafe`. When all do, the fence moves as if the lease had
+    /// been renewed when the round was sent (`failsafe`'s module comment says why that is safe).
+    async fn failsafe_round(&mut self, status: &crate::state::PostgresStatus) -> bool {
+        let Some(topology) = self.last_view.as_ref().and_then(|v| v.failsafe.clone()) else {
+            warn!(
+                "failsafe mode: no `failsafe` topology was read before the DCS became unreachable"
+            );
+            self.failsafe.release();
+            return false;
+        };
+        if !topology.contains_key(&self.facts.name) {
+            warn!("failsafe mode: the `failsafe` topology does not name this member");
+            self.failsafe.release();
+            return false;
+        }
+        let others: Vec<(String, String)> = topology
+            .into_iter()
+            .filter(|(name, _)| *name != self.facts.name)
+            .collect();
+        let position = status.wal_flush_lsn.unwrap_or(0);
+        let request = failsafe::FailsafeRequest {
+            name: self.facts.name.clone(),
+            conn_url: Some(self.config.conn_url()),
+            api_url: Some(self.facts.api_url.clone()),
+            slots: Some(std::iter::once((self.facts.name.clone(), position)).collect()),
+        };
+        let sent_at = self.rt.now();
+        let answers = if others.is_empty() {
+            Vec::new()
+        } else {
+            self.peers
+                .post_failsafe(others, &request, Duration::from_secs(2))
+                .await
+        };
+        let refused: Vec<String> = answers
+            .iter()
+            .filter(|a| !a.accepted)
+            .map(|a| {
+                format!(
+                    "{} ({})",
+                    a.name,
+                    a.refusal.as_deref().unwrap_or("not accepted")
+                )
+            })
+            .collect();
+        if !refused.is_empty() {
+            warn!(refused = %refused.join(", "), "failsafe mode: not every member accepted POST /failsafe; postgres is fenced when the lease runs out");
+            self.failsafe.release();
+            return false;
+        }
+        let renewal = crate::dcs::LeaseRenewal {
+            sent_at,
+            ttl: self.ttl(),
+        };
+        if !timing::renewal_confirms(renewal, self.core.fence, self.rt.now()) {
+            warn!("failsafe mode: the members' answers came after the fence deadline of the round");
+            self.failsafe.release();
+            return false;
+        }
+        let deadline = self.core.lease_renewed(renewal);
+        self.pg.set_fence(Some(deadline));
+        self.failsafe.held(sent_at);
+        true
     }
 
     /// A standby whose replay is paused: is it because the primary runs with a parameter higher
@@ -794,6 +898,14 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
         self.facts.synchronous_mode = dynamic.synchronous_mode && !standby_cluster;
         self.facts.standby_cluster = standby_cluster;
+        if dynamic.failsafe_mode != self.facts.failsafe_mode {
+            info!(
+                failsafe_mode = dynamic.failsafe_mode,
+                "failsafe mode changed in the DCS config"
+            );
+        }
+        self.facts.failsafe_mode = dynamic.failsafe_mode;
+        self.failsafe.configure(dynamic.failsafe_mode, timing.ttl);
         self.dynamic = dynamic;
         if let Err(e) = self.pg.save_dynamic_copy(raw) {
             warn!(error = %e, "cannot keep a copy of the dynamic configuration in the data directory");
@@ -1484,6 +1596,16 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     if cleared {
                         info!("cleared the failover key");
                     }
+                }
+                Ok(true)
+            }
+            Action::WriteFailsafe => {
+                if let DcsView::Known(view) = &obs.dcs {
+                    let topology = failsafe::topology(view, &self.facts.name, &self.facts.api_url);
+                    let value = serde_json::to_string(&topology)
+                        .map_err(ActionError::caused("cannot encode the failsafe topology"))?;
+                    self.dcs.write_key(crate::dcs::FAILSAFE_KEY, &value).await?;
+                    info!(members = %value, "published the failsafe topology");
                 }
                 Ok(true)
             }

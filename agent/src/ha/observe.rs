@@ -171,4 +171,9 @@ pub struct Observation {
     /// Our standby paused its replay because the primary runs with a higher `max_connections`
     /// (or another hot-standby parameter) than ours: it must restart with the primary's values.
     pub replay_paused_for_parameters: bool,
+    /// Failsafe mode, on a replica: the leader that confirmed within `ttl` that it runs.
+    pub failsafe_leader: Option<String>,
+    /// Failsafe mode, on the leader: the DCS is out of reach and every member of the topology
+    /// accepted this cycle's `POST /failsafe`; the fence moved as for a renewal.
+    pub failsafe_held: bool,
 }

@@ -178,6 +178,26 @@ pub trait Peers: Send + Sync + 'static {
     /// Asks each `(name, api_url)` for its `/patroni` status, in parallel, each bounded by
     /// `timeout`; a member that did not answer usably has no status.
     async fn ask(&self, members: Vec<(String, String)>, timeout: Duration) -> Vec<PeerAnswer>;
+
+    /// Sends `POST /failsafe` with `request` to each `(name, api_url)`, in parallel, each
+    /// bounded by `timeout`. The default reaches nobody: every member counts as not accepting,
+    /// which keeps a leader out of failsafe (it is fenced as without the mode).
+    async fn post_failsafe(
+        &self,
+        members: Vec<(String, String)>,
+        request: &super::failsafe::FailsafeRequest,
+        timeout: Duration,
+    ) -> Vec<super::failsafe::FailsafeAnswer> {
+        let _ = (request, timeout);
+        members
+            .into_iter()
+            .map(|(name, _)| super::failsafe::FailsafeAnswer {
+                name,
+                accepted: false,
+                refusal: Some("this runtime does not reach the members' REST APIs".into()),
+            })
+            .collect()
+    }
 }
 
 /// Time as the loop sees it, and where its decisions are reported.

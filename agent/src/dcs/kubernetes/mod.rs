@@ -680,6 +680,8 @@ impl KubeDcs {
             });
         view.status =
             state::annotation_of(find(StateMap::Status), "status").and_then(LeaderStatus::parse);
+        view.failsafe = state::annotation_of(find(StateMap::Status), crate::dcs::FAILSAFE_KEY)
+            .and_then(crate::dcs::model::parse_failsafe);
         view.members = pods.iter().filter_map(members::member_of).collect();
         view.members.sort_by(|a, b| a.name.cmp(&b.name));
         view

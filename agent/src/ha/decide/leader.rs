@@ -58,6 +58,14 @@ pub(super) fn decide_as_lock_holder(
             };
             return Decision::new(Outcome::LostLock, actions);
         }
+        LeaseCheck::Unconfirmed if obs.failsafe_held => {
+            return Decision::new(
+                Outcome::FailsafeHolding {
+                    reason: "the lease renewal was not answered".into(),
+                },
+                vec![],
+            )
+        }
         LeaseCheck::Unconfirmed => return Decision::new(Outcome::LeaseUnconfirmed, vec![]),
         LeaseCheck::Renewed(_) | LeaseCheck::NotHeld => {}
     }
@@ -67,6 +75,12 @@ pub(super) fn decide_as_lock_holder(
     }
     if view.config.is_none() {
         housekeeping.push(Action::SeedConfig);
+    }
+    if me.failsafe_mode
+        && view.failsafe.as_ref()
+            != Some(&crate::ha::failsafe::topology(view, &me.name, &me.api_url))
+    {
+        housekeeping.push(Action::WriteFailsafe);
     }
     if let (PostgresView::Running(status), Some(request)) = (&obs.postgres, &view.failover) {
         // A standby leader hands over too (a switchover inside the standby cluster).

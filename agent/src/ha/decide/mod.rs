@@ -47,6 +47,11 @@ pub struct MemberFacts {
     pub standby_cluster: bool,
     /// The `replicatefrom` tag: stream from that member rather than the leader while it runs.
     pub replicatefrom: Option<String>,
+    /// `failsafe_mode` is on: the leader publishes the `failsafe` topology, and only members
+    /// named in it may race.
+    pub failsafe_mode: bool,
+    /// Our REST API URL, as published in the member record and the `failsafe` topology.
+    pub api_url: String,
 }
 
 impl MemberFacts {
@@ -61,6 +66,8 @@ impl MemberFacts {
             synchronous_mode: false,
             standby_cluster: false,
             replicatefrom: None,
+            failsafe_mode: false,
+            api_url: String::new(),
         }
     }
 }
@@ -136,6 +143,8 @@ pub enum Action {
     Checkpoint,
     /// Clear the `failover` key (write `{}`, compare-and-set on the revision read).
     ClearFailover,
+    /// Publish the `failsafe` topology (every member's API URL, ours included).
+    WriteFailsafe,
     /// Keep a physical replication slot for every other member, drop slots of departed ones.
     SyncSlots,
     /// Maintain `synchronous_standby_names` and the `sync` key (see `ha::sync`).
@@ -163,6 +172,7 @@ impl Action {
                 | Action::SeedConfig
                 | Action::SetInitialize(_)
                 | Action::ClearFailover
+                | Action::WriteFailsafe
         )
     }
 }
@@ -209,6 +219,11 @@ pub enum NotEligible {
     /// Postgres exited soon after each of the last starts: the lock is not taken until the
     /// next start is due (`HaLoop::hold_back_failing_starts`).
     StartsFailing(String),
+    /// Failsafe mode: the leader named here said within `ttl` (`POST /failsafe`) that it runs,
+    /// although the DCS shows no leader key.
+    FailsafeLeaderAlive(String),
+    /// Failsafe mode: the published `failsafe` topology does not name this member.
+    NotInFailsafeTopology,
 }
 
 impl fmt::Display for NotEligible {
@@ -224,6 +239,13 @@ impl fmt::Display for NotEligible {
             NotEligible::PeerAhead(n) => write!(f, "{n} has a higher WAL position"),
             NotEligible::Paused => write!(f, "the cluster is paused (maintenance mode)"),
             NotEligible::StartsFailing(why) => write!(f, "{why}"),
+            NotEligible::FailsafeLeaderAlive(n) => write!(
+                f,
+                "failsafe mode: the leader {n} confirmed within ttl that it runs (POST /failsafe)"
+            ),
+            NotEligible::NotInFailsafeTopology => {
+                write!(f, "failsafe mode: the `failsafe` key does not name this member")
+            }
             NotEligible::NotSynchronous => {
                 write!(f, "synchronous mode is on and this member is not a synchronous standby")
             }
@@ -243,39 +265,74 @@ pub enum Outcome {
     TaskInProgress(TaskKind),
     TaskFailed(TaskKind, String),
     Refused(String),
-    DcsUnknownHolding { reason: String },
-    DcsUnknownWaiting { reason: String },
+    DcsUnknownHolding {
+        reason: String,
+    },
+    DcsUnknownWaiting {
+        reason: String,
+    },
+    /// The DCS is out of reach, and every member of the failsafe topology accepted our
+    /// `POST /failsafe`.
+    FailsafeHolding {
+        reason: String,
+    },
     TryingToBootstrap,
     BootstrappingStandbyLeader,
     WaitingForBootstrap,
     WithdrawingAbandonedBootstrapClaim,
-    CloningLeader { leader: String },
-    WaitingForLeaderAddress { leader: String },
+    CloningLeader {
+        leader: String,
+    },
+    WaitingForLeaderAddress {
+        leader: String,
+    },
     LeaderHealthy,
     StandbyLeaderHealthy,
     StandbyLeaderStarting,
     DemotingToStandbyLeader,
     LeaderPromoting,
-    LeaderStartingPostgres { after_crash: bool },
+    LeaderStartingPostgres {
+        after_crash: bool,
+    },
     LeaderWaitingForPostgres,
     LeaderStartingReadOnly,
     LeaderStartFailed(String),
     PrimaryStartTimedOut,
     LeaseUnconfirmed,
     LostLock,
-    DemotingForOtherLeader { leader: String },
-    RewindingToFollow { leader: String },
-    WaitingForLeaderCheckpoint { leader: String },
-    DivergedFromLeader { leader: String },
-    RestartingForPrimarySettings { leader: String },
-    StartingAsReplica { leader: String },
-    FollowingLeader { leader: String },
+    DemotingForOtherLeader {
+        leader: String,
+    },
+    RewindingToFollow {
+        leader: String,
+    },
+    WaitingForLeaderCheckpoint {
+        leader: String,
+    },
+    DivergedFromLeader {
+        leader: String,
+    },
+    RestartingForPrimarySettings {
+        leader: String,
+    },
+    StartingAsReplica {
+        leader: String,
+    },
+    FollowingLeader {
+        leader: String,
+    },
     NoLeaderRacing,
     NoLeaderStartingReadOnly,
-    SwitchoverDemoting { candidate: Option<String> },
-    SwitchoverScheduled { at: String },
+    SwitchoverDemoting {
+        candidate: Option<String>,
+    },
+    SwitchoverScheduled {
+        at: String,
+    },
     SwitchoverAborted(String),
-    DeferringToCandidate { candidate: String },
+    DeferringToCandidate {
+        candidate: String,
+    },
     TakingOverAsCandidate,
     PausedNoAction(String),
     NoLeaderNotEligible(NotEligible),
@@ -290,6 +347,10 @@ impl fmt::Display for Outcome {
             Outcome::DcsUnknownHolding { reason } => write!(
                 f,
                 "DCS is not accessible ({reason}); continuing as primary until the fence deadline"
+            ),
+            Outcome::FailsafeHolding { reason } => write!(
+                f,
+                "DCS is not accessible ({reason}); continuing to run as the leader because failsafe mode is enabled and all members are accessible"
             ),
             Outcome::DcsUnknownWaiting { reason } => {
                 write!(f, "DCS is not accessible ({reason}); waiting")
@@ -506,7 +567,11 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
         DcsView::Unknown(reason) => {
             // The fence in the supervisor stops a primary whose lease is no longer certain;
             // until then a short DCS outage does not cost availability.
-            let outcome = if obs.postgres.is_writable_primary() {
+            let outcome = if obs.postgres.is_writable_primary() && obs.failsafe_held {
+                Outcome::FailsafeHolding {
+                    reason: reason.clone(),
+                }
+            } else if obs.postgres.is_writable_primary() {
                 Outcome::DcsUnknownHolding {
                     reason: reason.clone(),
                 }

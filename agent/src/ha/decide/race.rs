@@ -48,6 +48,16 @@ fn healthiest(
     if !may_race {
         return Err(NotEligible::NotSynchronous);
     }
+    // Patroni §5.5 step 8: a member the leader did not ask in its failsafe rounds may have
+    // missed that the leader still runs.
+    if me.failsafe_mode
+        && view
+            .failsafe
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && !t.contains_key(&me.name))
+    {
+        return Err(NotEligible::NotInFailsafeTopology);
+    }
     if let Some(lag) = lagging_on(view, my_position, me.maximum_lag_on_failover) {
         return Err(NotEligible::Lagging {
             lag,
@@ -186,6 +196,16 @@ pub(super) fn decide_without_leader(
             Outcome::NoLeaderNotEligible(NotEligible::NoFailoverTag),
             actions,
         );
+    }
+    if let Some(leader) = obs.failsafe_leader.as_ref().filter(|l| **l != me.name) {
+        // Patroni puts this leader back into the view; it still runs as primary, so nothing
+        // may race for its key (its fence is what ends it if it stops asking).
+        if !obs.postgres.is_writable_primary() {
+            return Decision::new(
+                Outcome::NoLeaderNotEligible(NotEligible::FailsafeLeaderAlive(leader.clone())),
+                vec![],
+            );
+        }
     }
     let peers = obs.peers.as_deref().unwrap_or_default();
     if let Some(request) = view.failover.as_ref().map(|r| &r.value) {

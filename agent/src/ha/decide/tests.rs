@@ -108,6 +108,8 @@ fn obs(dcs: DcsView, lease: LeaseCheck, data_dir: DataDir, postgres: PostgresVie
         bootstrap_claim_abandoned: false,
         primary_start_overdue: false,
         replay_paused_for_parameters: false,
+        failsafe_leader: None,
+        failsafe_held: false,
     }
 }
 
@@ -1916,5 +1918,132 @@ fn a_standby_leader_hands_over_in_a_switchover() {
         vec![Action::StopPostgres(StopMode::Fast), Action::ReleaseLeader],
         "{:?}",
         d.outcome
+    );
+}
+
+fn with_failsafe(v: DcsView, topology: &[&str]) -> DcsView {
+    match v {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failsafe = Some(
+                topology
+                    .iter()
+                    .map(|n| (n.to_string(), format!("http://{n}:8008/patroni")))
+                    .collect(),
+            );
+            DcsView::Known(Arc::new(v))
+        }
+        unknown => unknown,
+    }
+}
+
+fn failsafe_me() -> MemberFacts {
+    MemberFacts {
+        failsafe_mode: true,
+        api_url: "http://127.0.0.1:6000/patroni".into(),
+        ..me()
+    }
+}
+
+/// Patroni §5.8: a replica that a leader asked within `ttl` (`POST /failsafe`) does not race
+/// for the key it sees expired: that leader still runs as primary.
+#[test]
+fn failsafe_a_replica_asked_by_a_live_leader_does_not_race() {
+    let mut o = obs(
+        with_failsafe(view(None, Some(SYSID)), &["pg0", "pg1", "pg2"]),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(pg(true)),
+    );
+    o.failsafe_leader = Some("pg1".into());
+    let d = decide(&o, &failsafe_me());
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::FailsafeLeaderAlive("pg1".into()))
+    );
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
+}
+
+/// Patroni §5.5 step 8: with a non-empty `failsafe` topology, only its members race.
+#[test]
+fn failsafe_only_members_of_the_topology_race() {
+    let o = obs(
+        with_failsafe(view(None, Some(SYSID)), &["pg1", "pg2"]),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(pg(true)),
+    );
+    let d = decide(&o, &failsafe_me());
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::NotInFailsafeTopology)
+    );
+    // Without the mode the stale key means nothing.
+    let d = decide(&o, &me());
+    assert_eq!(d.outcome, Outcome::NoLeaderRacing);
+}
+
+/// The leader that every member vouched for this cycle keeps running with the DCS down, and
+/// says why; without that it only waits for its fence.
+#[test]
+fn failsafe_a_vouched_for_leader_holds_through_a_dcs_outage() {
+    let mut o = obs(
+        DcsView::Unknown("etcd timed out".into()),
+        LeaseCheck::Unconfirmed,
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    o.failsafe_held = true;
+    let d = decide(&o, &failsafe_me());
+    assert!(
+        matches!(d.outcome, Outcome::FailsafeHolding { .. }),
+        "{:?}",
+        d.outcome
+    );
+    assert!(d.actions.is_empty());
+    o.failsafe_held = false;
+    let d = decide(&o, &failsafe_me());
+    assert!(
+        matches!(d.outcome, Outcome::DcsUnknownHolding { .. }),
+        "{:?}",
+        d.outcome
+    );
+}
+
+/// Patroni writes `failsafe` after each lock update when it changed: every member's
+/// `api_url`, its own included.
+#[test]
+fn failsafe_the_leader_publishes_the_topology_when_it_changed() {
+    let o = obs(
+        view(Some("pg0"), Some(SYSID)),
+        renewed(),
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    let d = decide(&o, &failsafe_me());
+    assert!(
+        d.actions.contains(&Action::WriteFailsafe),
+        "{:?}",
+        d.actions
+    );
+    assert!(!decide(&o, &me()).actions.contains(&Action::WriteFailsafe));
+    let DcsView::Known(v) = &o.dcs else {
+        unreachable!()
+    };
+    let mut current = (**v).clone();
+    current.failsafe = Some(crate::ha::failsafe::topology(
+        v,
+        "pg0",
+        &failsafe_me().api_url,
+    ));
+    let o = Observation {
+        dcs: DcsView::Known(Arc::new(current)),
+        ..o
+    };
+    let d = decide(&o, &failsafe_me());
+    assert!(
+        !d.actions.contains(&Action::WriteFailsafe),
+        "{:?}",
+        d.actions
     );
 }
