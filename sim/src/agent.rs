@@ -853,10 +853,13 @@ impl Postgres for SimPostgres {
     fn create_replica(
         &self,
         _config: Arc<Config>,
-        upstream: Upstream,
+        upstream: Option<Upstream>,
         _files: ManagedFiles,
     ) -> SimTask {
-        let source = node_of_host(&upstream.host).unwrap_or(usize::MAX);
+        // The simulated members have no replica method that works without a leader.
+        let source = upstream
+            .and_then(|u| node_of_host(&u.host))
+            .unwrap_or(usize::MAX);
         self.task(SimTaskKind::Clone { source }, SEC, 4 * SEC)
     }
 

@@ -437,7 +437,7 @@ impl Postgres for MemPostgres {
     fn bootstrap(&self, _: Arc<Config>, _: ManagedFiles) -> NoTask {
         NoTask
     }
-    fn create_replica(&self, _: Arc<Config>, _: Upstream, _: ManagedFiles) -> NoTask {
+    fn create_replica(&self, _: Arc<Config>, _: Option<Upstream>, _: ManagedFiles) -> NoTask {
         NoTask
     }
     fn rewind(&self, _: Arc<Config>, _: Upstream, _: bool, _: ManagedFiles) -> NoTask {

@@ -336,3 +336,134 @@ async fn custom_replica_methods_get_patronis_arguments_and_a_failing_one_falls_t
     );
     assert!(!m1.log_text().contains("rep-secret") && !m2.log_text().contains("rep-secret"));
 }
+
+/// Patroni's `dcs_failsafe_mode.feature`, "new replica isn't promoted when leader is down":
+/// with the leader stopped, an empty member whose replica method is marked `no_leader`
+/// restores itself from a backup and runs as a replica without upstream; it is not in the
+/// `failsafe` topology, so it does not take the lock. When the former leader comes back it
+/// leads again, and the new member streams from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_no_leader_method_creates_a_replica_while_no_leader_runs() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "noleader".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let i = env.add_member("n0");
+    env.members[i].set("bootstrap.dcs.failsafe_mode", true.into());
+    env.start_member(i).expect("start n0");
+    assert_eq!(env.wait_for_leader(T).await, "n0");
+    wait_until("n0 publishes the failsafe topology", T, || async {
+        env.members[i]
+            .api_get("/failsafe")
+            .await
+            .is_some_and(|(code, body)| code == 200 && body.contains("n0"))
+    })
+    .await;
+    env.members[i]
+        .sql("CREATE TABLE before_backup (id int)")
+        .await
+        .expect("table");
+
+    // The backup: a base backup of n0, readable by the agents' user.
+    let backup = env.shared_dir("backup").join("data");
+    let status = std::process::Command::new(format!("{}/pg_basebackup", pg_bin()))
+        .args([
+            "-h",
+            "127.0.0.1",
+            "-U",
+            "replicator",
+            "-X",
+            "stream",
+            "-c",
+            "fast",
+        ])
+        .arg("-p")
+        .arg(env.members[i].pg_port.to_string())
+        .arg("-D")
+        .arg(&backup)
+        .env("PGPASSWORD", "rep-secret")
+        .status()
+        .expect("pg_basebackup runs");
+    assert!(status.success(), "pg_basebackup failed");
+    if let Some(who) = pgwarden_tests::harness::run_as() {
+        let status = std::process::Command::new("chown")
+            .arg("-R")
+            .arg(format!("{}:{}", who.uid, who.gid))
+            .arg(&backup)
+            .status()
+            .expect("chown runs");
+        assert!(status.success());
+    }
+
+    // n0 stops cleanly: the leader key is released.
+    env.members[i]
+        .agent()
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    assert!(env.members[i]
+        .agent()
+        .wait_exit(Duration::from_secs(60))
+        .is_some());
+    assert_eq!(env.leader().await, None);
+
+    let j = env.add_member("n1");
+    let dir = env.members[j].dir.clone();
+    std::fs::create_dir_all(&dir).expect("member dir");
+    let restore = dir.join("restore.sh");
+    script(
+        &restore,
+        &format!(
+            "echo \"$@\" > {dir}/restore.args\n\
+             for a in \"$@\"; do case \"$a\" in --datadir=*) d=\"${{a#--datadir=}}\";; esac; done\n\
+             cp -a {backup}/. \"$d\"/",
+            dir = dir.display(),
+            backup = backup.display(),
+        ),
+    );
+    {
+        let m = &mut env.members[j];
+        m.set(
+            "postgresql.create_replica_methods",
+            yaml("[from_backup, basebackup]"),
+        );
+        m.set(
+            "postgresql.from_backup",
+            yaml(&format!(
+                "command: {}\nno_leader: true\nkeep_data: true\n",
+                restore.display()
+            )),
+        );
+    }
+    env.start_member(j).expect("start n1");
+    let n1 = &env.members[j];
+    wait_until("n1 runs as a replica", T, || async {
+        n1.sql("SELECT pg_is_in_recovery()::text").await.ok() == Some(vec!["true".into()])
+    })
+    .await;
+    // Several cycles without a leader: n1 is not in the topology and stays a replica.
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    assert_eq!(env.leader().await, None, "{}", n1.log_tail(30));
+    assert_eq!(
+        n1.sql("SELECT pg_is_in_recovery()::text").await.ok(),
+        Some(vec!["true".into()])
+    );
+    let args = std::fs::read_to_string(dir.join("restore.args")).expect("the script ran");
+    assert!(
+        args.contains("--connstring= ") || args.trim_end().ends_with("--connstring="),
+        "{args}"
+    );
+    assert!(
+        n1.log_text()
+            .contains("failsafe mode: the `failsafe` key does not name this member"),
+        "{}",
+        n1.log_tail(30)
+    );
+
+    env.members[i].restart().expect("restart n0");
+    assert_eq!(env.wait_for_leader(T).await, "n0");
+    wait_until("n1 streams from n0", T, || async {
+        env.members[j].is_streaming_replica().await
+    })
+    .await;
+}

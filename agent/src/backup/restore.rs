@@ -57,11 +57,14 @@ async fn restore_standby(config: &Config) -> Result<(), crate::backup::BackupErr
 }
 
 /// Creates a replica by the configured methods in order; returns the method that worked.
+/// Without `upstream` (no leader), only custom methods marked `no_leader` are tried, as
+/// Patroni's `replica_method_can_work_without_replication_connection`.
 pub async fn create_replica(
     config: &Config,
     bin_dir: &Path,
-    upstream: &Upstream,
+    upstream: Option<&Upstream>,
 ) -> Result<&'static str, crate::backup::BackupError> {
+    use crate::postgres::replica_method::{self, ReplicaMethod};
     let methods: Vec<&str> = if config.postgresql.create_replica_methods.is_empty() {
         vec!["basebackup"]
     } else {
@@ -74,14 +77,20 @@ pub async fn create_replica(
     };
     let mut failures = Vec::new();
     for method in methods {
-        let result = match method {
-            "pgbackrest" => restore_standby(config).await.map(|()| "pgbackrest"),
-            "basebackup" => replica::basebackup(config, bin_dir, upstream)
+        let result = match (method, upstream) {
+            ("pgbackrest", Some(_)) => restore_standby(config).await.map(|()| "pgbackrest"),
+            ("basebackup", Some(upstream)) => replica::basebackup(config, bin_dir, upstream)
                 .await
                 .map(|()| "basebackup")
                 .map_err(crate::backup::BackupError::caused_by),
-            custom => match crate::postgres::replica_method::ReplicaMethod::of(config, custom) {
-                Ok(m) => crate::postgres::replica_method::create(&m, config, upstream)
+            ("pgbackrest" | "basebackup", None) => {
+                Err("needs a leader (only custom methods marked no_leader run without one)".into())
+            }
+            (custom, upstream) => match ReplicaMethod::of(config, custom) {
+                Ok(m) if upstream.is_none() && !m.no_leader => {
+                    Err("needs a leader: it is not marked no_leader".into())
+                }
+                Ok(m) => replica_method::create(&m, config, upstream)
                     .await
                     .map(|()| "custom")
                     .map_err(crate::backup::BackupError::from),
@@ -90,7 +99,8 @@ pub async fn create_replica(
         };
         match result {
             Ok(used) => {
-                info!(method = used, leader = %upstream.name, "replica created");
+                let leader = upstream.map_or("(none)", |u| u.name.as_str());
+                info!(method = used, %leader, "replica created");
                 return Ok(used);
             }
             Err(e) => {

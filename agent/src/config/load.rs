@@ -80,18 +80,9 @@ pub fn load_str(
     warnings.extend(tls_warnings(&config));
     warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
     // `postgresql.<name>` sections other than custom replica methods are not used.
-    for (k, section) in &config.postgresql.sections {
+    for k in config.postgresql.sections.keys() {
         if !config.postgresql.create_replica_methods.contains(k) {
             warnings.push(unknown_key(&format!("postgresql.{k}")));
-            continue;
-        }
-        for flag in ["no_leader", "no_master"] {
-            if section.get(flag).is_some() {
-                warnings.push(format!(
-                    "`postgresql.{k}.{flag}` has no effect: pgwarden creates replicas only \
-                     while a leader runs (it is passed to the command as Patroni does)"
-                ));
-            }
         }
     }
     // `bootstrap.<name>` sections other than the selected custom method are not used.

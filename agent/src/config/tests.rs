@@ -151,8 +151,8 @@ fn unknown_keys_are_warned_about_by_full_path() {
     assert!(w.contains("`watchdog_x`"), "{w}");
 }
 
-/// Sections of custom methods are used only when their method is selected; the others, and
-/// `no_leader` (replicas are made only from a running leader), are warned about by path.
+/// Sections of custom methods are used only when their method is selected; the others are
+/// warned about by path (`no_leader` is implemented: no warning).
 #[test]
 fn custom_method_sections_are_used_or_warned_about() {
     let yaml = PATRONI_YML.replace(
@@ -168,13 +168,12 @@ fn custom_method_sections_are_used_or_warned_about() {
     let w = loaded.warnings.join("\n");
     for path in [
         "`postgresql.wal_g`",
-        "`postgresql.copy.no_leader`",
         "`bootstrap.users`",
         "`bootstrap.old_method`",
     ] {
         assert!(w.contains(path), "no warning for {path}: {w}");
     }
-    assert!(!w.contains("`postgresql.copy`"), "{w}");
+    assert!(!w.contains("`postgresql.copy"), "{w}");
 }
 
 /// The topology tags are implemented: no warning.

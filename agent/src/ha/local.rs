@@ -334,12 +334,12 @@ impl Postgres for LocalPostgres {
     fn create_replica(
         &self,
         config: Arc<Config>,
-        upstream: Upstream,
+        upstream: Option<Upstream>,
         files: ManagedFiles,
     ) -> SpawnedTask {
         let bin_dir = self.bin_dir.clone();
         SpawnedTask(tokio::spawn(async move {
-            crate::backup::restore::create_replica(&config, &bin_dir, &upstream).await?;
+            crate::backup::restore::create_replica(&config, &bin_dir, upstream.as_ref()).await?;
             conf::write(&config.postgresql.data_dir, &files)
                 .map_err(|e| format!("cannot write the configuration files: {e}"))?;
             Ok(())

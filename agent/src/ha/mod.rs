@@ -100,6 +100,16 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     failsafe: Arc<failsafe::Failsafe>,
 }
 
+/// One of `create_replica_methods` is a custom method marked `no_leader` (Patroni's
+/// `can_create_replica_without_replication_connection`).
+fn replica_without_leader(config: &Config) -> bool {
+    config.postgresql.create_replica_methods.iter().any(|name| {
+        name != "basebackup"
+            && crate::postgres::replica_method::ReplicaMethod::of(config, name)
+                .is_ok_and(|m| m.no_leader)
+    })
+}
+
 /// Re-reads the local configuration (`POST /reload`, SIGHUP).
 pub type ReloadFn = Box<dyn Fn() -> Result<Config, String> + Send + Sync>;
 
@@ -150,6 +160,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             replicatefrom: config.tags.replicatefrom.clone(),
             failsafe_mode: config.bootstrap.dcs.failsafe_mode,
             api_url: config.api_url(),
+            replica_without_leader: replica_without_leader(&config),
         };
         let failsafe = Arc::new(failsafe::Failsafe::new());
         failsafe.configure(
@@ -228,6 +239,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     config.tags.nofailover || config.tags.failover_priority == Some(0);
                 self.facts.failover_priority = config.tags.failover_priority.unwrap_or(1);
                 self.facts.replicatefrom = config.tags.replicatefrom.clone();
+                self.facts.replica_without_leader = replica_without_leader(&config);
                 self.config = Arc::new(config);
                 info!("local configuration reloaded");
                 ReloadReply::Scheduled
@@ -1342,7 +1354,14 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     }
                     _ => self.config.clone(),
                 };
-                let task = self.pg.create_replica(config, upstream, files);
+                let task = self.pg.create_replica(config, Some(upstream), files);
+                self.spawn_task(TaskKind::CreateReplica, task);
+                Ok(true)
+            }
+            Action::StartCreateReplicaWithoutLeader => {
+                let files = self.standby_files(None, None);
+                self.core.following = None;
+                let task = self.pg.create_replica(self.config.clone(), None, files);
                 self.spawn_task(TaskKind::CreateReplica, task);
                 Ok(true)
             }

@@ -155,11 +155,12 @@ pub trait Postgres: Send + Sync + 'static {
     ) -> Result<(), String>;
     /// initdb (or a restore), the files, the first start, the roles.
     fn bootstrap(&self, config: std::sync::Arc<Config>, files: ManagedFiles) -> Self::Task;
-    /// A new replica of `upstream`, then its files.
+    /// A new replica of `upstream`, then its files. Without an upstream, only the replica
+    /// methods marked `no_leader` are tried (Patroni's "bootstrap (without leader)").
     fn create_replica(
         &self,
         config: std::sync::Arc<Config>,
-        upstream: Upstream,
+        upstream: Option<Upstream>,
         files: ManagedFiles,
     ) -> Self::Task;
     /// Crash recovery if `crashed`, pg_rewind against `upstream`, then the standby files.

@@ -19,8 +19,8 @@
 //! - A method that fails (or exits 0 without leaving a data directory) is followed by the next
 //!   one in `create_replica_methods`; what it left is removed unless `keep_data`.
 //! - The command does not get the agent's variables that hold a password.
-//! - `no_leader` (`no_master`) is accepted, but pgwarden creates replicas only from a running
-//!   leader; the option is warned about at load.
+//! - `no_leader` (`no_master`): the method may run while no leader runs (Patroni's "bootstrap
+//!   (without leader)"); it then gets an empty `--connstring=`. Other methods wait for a leader.
 
 use std::path::Path;
 
@@ -44,6 +44,8 @@ pub struct ReplicaMethod {
     pub params: Vec<(String, String)>,
     pub no_params: bool,
     pub keep_data: bool,
+    /// `no_leader` (or its old name `no_master`): works without a leader.
+    pub no_leader: bool,
 }
 
 impl ReplicaMethod {
@@ -63,6 +65,7 @@ impl ReplicaMethod {
             params: section.params(&["command"])?,
             no_params: section.flag("no_params")?,
             keep_data: section.flag("keep_data")?,
+            no_leader: section.flag("no_leader")? || section.flag("no_master")?,
         })
     }
 
@@ -107,7 +110,7 @@ pub fn connstring(config: &Config, upstream: &Upstream) -> String {
 pub async fn create(
     method: &ReplicaMethod,
     config: &Config,
-    upstream: &Upstream,
+    upstream: Option<&Upstream>,
 ) -> Result<(), String> {
     let data_dir = &config.postgresql.data_dir;
     if !method.keep_data && !super::initdb::is_empty_dir(data_dir) {
@@ -116,7 +119,8 @@ pub async fn create(
     // Postgres refuses a data directory others can read; the script may copy into this one.
     super::data_dir::make_private(data_dir)
         .map_err(|e| format!("cannot prepare {}: {e}", data_dir.display()))?;
-    let argv = method.argv(&config.scope, data_dir, &connstring(config, upstream));
+    let connstring = upstream.map(|u| connstring(config, u)).unwrap_or_default();
+    let argv = method.argv(&config.scope, data_dir, &connstring);
     let mut cmd = user_command(&argv);
     if let Some(pgpass) = super::replica::pgpass(config) {
         pgpass
@@ -124,7 +128,8 @@ pub async fn create(
             .map_err(|e| format!("cannot write {}: {e}", pgpass.path.display()))?;
         cmd.env("PGPASSFILE", &pgpass.path);
     }
-    info!(method = %method.name, ?argv, leader = %upstream.name, "creating the replica with a custom method");
+    let leader = upstream.map_or("(none)", |u| u.name.as_str());
+    info!(method = %method.name, ?argv, %leader, "creating the replica with a custom method");
     let result = match cmd.status().await {
         Ok(status) if status.success() && data_dir.join("PG_VERSION").exists() => {
             super::data_dir::make_private(data_dir)

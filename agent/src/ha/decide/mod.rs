@@ -52,6 +52,9 @@ pub struct MemberFacts {
     pub failsafe_mode: bool,
     /// Our REST API URL, as published in the member record and the `failsafe` topology.
     pub api_url: String,
+    /// A replica creation method marked `no_leader` is configured: an empty member may be
+    /// created while no leader runs.
+    pub replica_without_leader: bool,
 }
 
 impl MemberFacts {
@@ -68,6 +71,7 @@ impl MemberFacts {
             replicatefrom: None,
             failsafe_mode: false,
             api_url: String::new(),
+            replica_without_leader: false,
         }
     }
 }
@@ -119,6 +123,9 @@ pub enum Action {
     /// Clone the leader (or, bootstrapping a standby cluster, its source) in the background
     /// with the replica creation methods, then start as its replica.
     StartCreateReplica { from: StreamFrom },
+    /// Create this empty member with the replica methods marked `no_leader` (from a backup),
+    /// in the background, while no leader runs; it then starts as a standby without upstream.
+    StartCreateReplicaWithoutLeader,
     /// Rewind the former primary against the named leader in the background.
     StartRewind { leader: String },
     /// Start postgres as a primary, or as a standby following `upstream` (`None`: read-only
@@ -280,6 +287,7 @@ pub enum Outcome {
     BootstrappingStandbyLeader,
     WaitingForBootstrap,
     WithdrawingAbandonedBootstrapClaim,
+    CloningWithoutLeader,
     CloningLeader {
         leader: String,
     },
@@ -370,6 +378,10 @@ impl fmt::Display for Outcome {
             Outcome::CloningLeader { leader } => {
                 write!(f, "creating a replica from the leader {leader}")
             }
+            Outcome::CloningWithoutLeader => write!(
+                f,
+                "no leader: creating a replica with a replica method marked no_leader"
+            ),
             Outcome::WaitingForLeaderAddress { leader } => {
                 write!(f, "waiting for the leader {leader} to publish its address")
             }
@@ -639,6 +651,17 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
                 ),
                 None => Decision::new(Outcome::WaitingForBootstrap, vec![]),
             }
+        }
+        // Patroni's "bootstrap (without leader)": the cluster exists (or this member may not
+        // bootstrap it) and a method can create the replica from a backup; never while
+        // another member is bootstrapping (`initialize` claimed but not yet a system id).
+        (DataDir::Empty, None)
+            if me.replica_without_leader && view.initialize_value() != Some("") =>
+        {
+            Decision::new(
+                Outcome::CloningWithoutLeader,
+                vec![Action::StartCreateReplicaWithoutLeader],
+            )
         }
         (DataDir::Empty, None) => Decision::new(Outcome::WaitingForBootstrap, vec![]),
         (DataDir::Empty, Some(l)) if l == me.name => {

@@ -2047,3 +2047,32 @@ fn failsafe_the_leader_publishes_the_topology_when_it_changed() {
         d.actions
     );
 }
+
+/// Patroni's "bootstrap (without leader)": an empty member with a `no_leader` replica method
+/// is created while no leader runs, once the cluster exists; never during a bootstrap, and
+/// without such a method it waits.
+#[test]
+fn an_empty_member_with_a_no_leader_method_is_created_without_a_leader() {
+    let facts = MemberFacts {
+        replica_without_leader: true,
+        ..me()
+    };
+    let empty = |initialize| {
+        obs(
+            view(None, initialize),
+            LeaseCheck::NotHeld,
+            DataDir::Empty,
+            PostgresView::Down,
+        )
+    };
+    let d = decide(&empty(Some(SYSID)), &facts);
+    assert_eq!(d.outcome, Outcome::CloningWithoutLeader);
+    assert_eq!(d.actions, vec![Action::StartCreateReplicaWithoutLeader]);
+    let d = decide(&empty(Some("")), &facts);
+    assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
+    let d = decide(&empty(Some(SYSID)), &me());
+    assert_eq!(d.outcome, Outcome::WaitingForBootstrap);
+    // A new cluster is bootstrapped, not restored from someone's backup.
+    let d = decide(&empty(None), &facts);
+    assert_eq!(d.outcome, Outcome::TryingToBootstrap);
+}
