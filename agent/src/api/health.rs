@@ -222,8 +222,14 @@ pub fn liveness(status: &AgentStatus, now: Instant) -> u16 {
     }
 }
 
-/// `GET /readiness` (Patroni HEAD rules).
-pub fn readiness(status: &AgentStatus, query: &BTreeMap<String, String>, now: Instant) -> u16 {
+/// `GET /readiness` (Patroni HEAD rules). `failsafe_active`: a streaming replica whose DCS
+/// view is stale stays ready while failsafe mode is in force (its leader vouched for itself).
+pub fn readiness(
+    status: &AgentStatus,
+    query: &BTreeMap<String, String>,
+    failsafe_active: bool,
+    now: Instant,
+) -> u16 {
     if status.is_leader(now) {
         return 200;
     }
@@ -241,7 +247,7 @@ pub fn readiness(status: &AgentStatus, query: &BTreeMap<String, String>, now: In
         return 503;
     }
     if status.cluster_valid(now).is_none() {
-        return 503;
+        return if failsafe_active { 200 } else { 503 };
     }
     let max = match query.get("lag") {
         Some(v) => match parse_size(v) {

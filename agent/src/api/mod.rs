@@ -642,7 +642,12 @@ async fn get(
             None => text(503, "pgBackRest is not configured on this member"),
         },
         "liveness" => status_only(health::liveness(status, now)),
-        "readiness" => status_only(health::readiness(status, query, now)),
+        "readiness" => status_only(health::readiness(
+            status,
+            query,
+            ctx.failsafe.is_active(now),
+            now,
+        )),
         "metrics" => (
             StatusCode::OK,
             [(

@@ -458,3 +458,19 @@ async fn failsafe_topology_is_shown_when_published() {
     assert_eq!(code, 200);
     assert_eq!(text, r#"{"pg0":"http://a:8008/patroni"}"#);
 }
+
+/// Patroni §2.4: a streaming replica whose DCS view went stale is ready only while failsafe
+/// mode is in force.
+#[tokio::test]
+async fn readiness_with_a_stale_view_depends_on_failsafe() {
+    let mut status = replica();
+    status.cluster_read_at = Some(Instant::now() - Duration::from_secs(120));
+    let failsafe = Arc::new(Failsafe::new());
+    let (port, _rx) = serve_with_failsafe(status, None, failsafe.clone()).await;
+    let (code, _) = req(port, "GET", "/readiness", None).await;
+    assert_eq!(code, 503);
+    failsafe.configure(true, Duration::from_secs(30));
+    failsafe.leader_alive("pg0", Instant::now());
+    let (code, _) = req(port, "GET", "/readiness", None).await;
+    assert_eq!(code, 200);
+}
