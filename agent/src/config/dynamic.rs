@@ -151,11 +151,6 @@ impl DynamicConfig {
         }
         warnings.extend(super::slots::permanent_physical(&self.slots, prefix).1);
         warnings.extend(super::slots::ignore_warnings(&self.ignore_slots, prefix));
-        if self.check_timeline {
-            warnings.push(format!(
-                "`{prefix}.check_timeline` ignored: is not implemented by pgwarden"
-            ));
-        }
         warnings
     }
 
@@ -424,12 +419,7 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
                 check_bool(key, value)?
             }
             "synchronous_mode_strict" | "pause" | "failsafe_mode" => check_bool(key, value)?,
-            "check_timeline" => {
-                if flex::parse_bool(value) == Some(true) {
-                    return Err("`check_timeline` is not implemented by pgwarden".into());
-                }
-                check_bool(key, value)?
-            }
+            "check_timeline" => check_bool(key, value)?,
             "postgresql" => check_postgresql(value)?,
             "standby_cluster" => check_standby_cluster(value)?,
             "slots" | "permanent_slots" | "permanent_replication_slots" => {

@@ -161,6 +161,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             failsafe_mode: config.bootstrap.dcs.failsafe_mode,
             api_url: config.api_url(),
             replica_without_leader: replica_without_leader(&config),
+            check_timeline: config.bootstrap.dcs.check_timeline,
         };
         let failsafe = Arc::new(failsafe::Failsafe::new());
         failsafe.configure(
@@ -917,6 +918,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             );
         }
         self.facts.failsafe_mode = dynamic.failsafe_mode;
+        self.facts.check_timeline = dynamic.check_timeline;
         self.failsafe.configure(dynamic.failsafe_mode, timing.ttl);
         self.dynamic = dynamic;
         if let Err(e) = self.pg.save_dynamic_copy(raw) {

@@ -55,6 +55,8 @@ pub struct MemberFacts {
     /// A replica creation method marked `no_leader` is configured: an empty member may be
     /// created while no leader runs.
     pub replica_without_leader: bool,
+    /// `check_timeline`: a member behind the cluster's last timeline (`history`) may not race.
+    pub check_timeline: bool,
 }
 
 impl MemberFacts {
@@ -72,6 +74,7 @@ impl MemberFacts {
             failsafe_mode: false,
             api_url: String::new(),
             replica_without_leader: false,
+            check_timeline: false,
         }
     }
 }
@@ -231,6 +234,11 @@ pub enum NotEligible {
     FailsafeLeaderAlive(String),
     /// Failsafe mode: the published `failsafe` topology does not name this member.
     NotInFailsafeTopology,
+    /// `check_timeline`: our timeline (unknown: `None`) is behind the cluster's.
+    TimelineBehind {
+        mine: Option<u32>,
+        cluster: u32,
+    },
 }
 
 impl fmt::Display for NotEligible {
@@ -249,6 +257,11 @@ impl fmt::Display for NotEligible {
             NotEligible::FailsafeLeaderAlive(n) => write!(
                 f,
                 "failsafe mode: the leader {n} confirmed within ttl that it runs (POST /failsafe)"
+            ),
+            NotEligible::TimelineBehind { mine, cluster } => write!(
+                f,
+                "check_timeline: my timeline {} is behind the last known cluster timeline {cluster}",
+                mine.map_or("(unknown)".to_owned(), |t| t.to_string())
             ),
             NotEligible::NotInFailsafeTopology => {
                 write!(f, "failsafe mode: the `failsafe` key does not name this member")

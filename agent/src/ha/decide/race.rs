@@ -36,6 +36,7 @@ pub fn lagging_on(view: &ClusterView, position: u64, maximum_lag: u64) -> Option
 fn healthiest(
     view: &ClusterView,
     me: &MemberFacts,
+    my_timeline: Option<u32>,
     my_position: u64,
     peers: &[PeerAnswer],
     wall_now: chrono::DateTime<chrono::Utc>,
@@ -47,6 +48,17 @@ fn healthiest(
         || (former_primary && sync_key_lost);
     if !may_race {
         return Err(NotEligible::NotSynchronous);
+    }
+    // Patroni's `check_timeline`: the cluster is on the timeline after the last `history`
+    // line; a member that has not reached it lacks that timeline's writes.
+    if let Some(last) = view.history.last().filter(|_| me.check_timeline) {
+        let cluster = last.timeline.saturating_add(1);
+        if my_timeline.is_none_or(|mine| mine < cluster) {
+            return Err(NotEligible::TimelineBehind {
+                mine: my_timeline,
+                cluster,
+            });
+        }
     }
     // Patroni §5.5 step 8: a member the leader did not ask in its failsafe rounds may have
     // missed that the leader still runs.
@@ -271,9 +283,9 @@ pub(super) fn decide_without_leader(
         PostgresView::Running(s) if !s.in_recovery => {
             Decision::new(Outcome::NoLeaderRacing, vec![Action::AcquireLeader])
         }
-        PostgresView::Running(_) => {
+        PostgresView::Running(s) => {
             let position = racing_position(obs).unwrap_or(0);
-            match healthiest(view, me, position, peers, obs.wall_now, false) {
+            match healthiest(view, me, s.timeline, position, peers, obs.wall_now, false) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
                     vec![Action::AcquireLeader, take_over(me), Action::SyncSlots],
@@ -287,7 +299,11 @@ pub(super) fn decide_without_leader(
             if obs.data_dir.was_primary() =>
         {
             let position = racing_position(obs).unwrap_or(0);
-            match healthiest(view, me, position, peers, obs.wall_now, true) {
+            let timeline = match &obs.data_dir {
+                crate::ha::observe::DataDir::Initialized { control, .. } => control.timeline,
+                _ => None,
+            };
+            match healthiest(view, me, timeline, position, peers, obs.wall_now, true) {
                 Ok(()) => Decision::new(
                     Outcome::NoLeaderRacing,
                     vec![

@@ -2076,3 +2076,47 @@ fn an_empty_member_with_a_no_leader_method_is_created_without_a_leader() {
     let d = decide(&empty(None), &facts);
     assert_eq!(d.outcome, Outcome::TryingToBootstrap);
 }
+
+/// Patroni's `check_timeline` (`is_healthiest_node`): with `history` ending on timeline 1 the
+/// cluster is on timeline 2; a replica still on 1 may not race, one on 2 may. Off, the
+/// timeline is not looked at.
+#[test]
+fn check_timeline_keeps_a_replica_behind_the_cluster_timeline_out_of_the_race() {
+    let with_history = match view(None, Some(SYSID)) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.history = vec![crate::dcs::HistoryLine {
+                timeline: 1,
+                lsn: 50,
+                reason: "no recovery target specified".into(),
+                timestamp: None,
+                new_leader: Some("pg1".into()),
+            }];
+            DcsView::Known(Arc::new(v))
+        }
+        unknown => unknown,
+    };
+    let on = |timeline| {
+        let mut status = pg(true);
+        status.timeline = Some(timeline);
+        obs(
+            with_history.clone(),
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(status),
+        )
+    };
+    let checking = MemberFacts {
+        check_timeline: true,
+        ..me()
+    };
+    assert_eq!(
+        decide(&on(1), &checking).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::TimelineBehind {
+            mine: Some(1),
+            cluster: 2
+        })
+    );
+    assert_eq!(decide(&on(2), &checking).outcome, Outcome::NoLeaderRacing);
+    assert_eq!(decide(&on(1), &me()).outcome, Outcome::NoLeaderRacing);
+}
