@@ -83,3 +83,68 @@ async fn a_frozen_apiserver_makes_the_leader_demote_before_its_lease_can_expire(
         "the leader noticed it could not renew"
     );
 }
+
+/// Failsafe mode on the API server (docs/ha.md, "Failsafe mode"): the leader publishes the
+/// topology in the `<scope>-status` ConfigMap; with the API server frozen for longer than the
+/// ttl, it keeps accepting writes because the other member accepts its `POST /failsafe`, and
+/// when the server returns the same member leads and the other streams from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_failsafe_mode_a_frozen_apiserver_leaves_the_leader_running() {
+    let cluster = KubeCluster::start(KubeOptions::default())
+        .await
+        .expect("apiserver");
+    let mut k = KubeMembers::start(cluster.access.clone(), ClusterOptions::default(), &[])
+        .await
+        .expect("namespace");
+    for name in ["pg0", "pg1"] {
+        let i = k.add_pod(name).await.expect("pod");
+        k.env.members[i].set("bootstrap.dcs.failsafe_mode", true.into());
+        k.start_agent(i).expect("agent");
+    }
+    let leader = k.wait_for_leader(T, None).await;
+    let l = &k.env.members[k.index(&leader)];
+    let replica = k
+        .env
+        .members
+        .iter()
+        .find(|m| m.name != leader)
+        .expect("replica");
+    wait_until("the replica streams", T, || replica.is_streaming_replica()).await;
+    wait_until("the failsafe topology names both members", T, || async {
+        l.api_get("/failsafe")
+            .await
+            .is_some_and(|(code, body)| code == 200 && body.contains("pg0") && body.contains("pg1"))
+    })
+    .await;
+    l.sql(CREATE_TABLE).await.expect("table");
+    let writer = Writer::start(k.env.writer_targets());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+
+    cluster.apiserver.sigstop();
+    let frozen_at = std::time::Instant::now();
+    // Two ttls (10 s each): without failsafe the leader is fenced within one.
+    tokio::time::sleep(Duration::from_secs(20)).await;
+    let still_primary =
+        l.sql("SELECT pg_is_in_recovery()::text").await.ok() == Some(vec!["false".to_owned()]);
+    let active = l
+        .api_get("/patroni")
+        .await
+        .is_some_and(|(_, body)| body.contains("\"failsafe_mode_is_active\":true"));
+    cluster.apiserver.sigcont();
+    assert!(still_primary, "the leader was fenced: {}", l.log_tail(40));
+    assert!(active, "the leader did not report failsafe mode");
+
+    let after = k.wait_for_leader(T, None).await;
+    assert_eq!(after, leader);
+    wait_until("the replica streams again", T, || {
+        replica.is_streaming_replica()
+    })
+    .await;
+    let acks = writer.stop().await;
+    assert_no_split_brain(&acks);
+    assert!(
+        acks.iter()
+            .any(|a| a.member == leader && a.at > frozen_at + Duration::from_secs(15)),
+        "the leader acknowledged writes while the API server was frozen"
+    );
+}
