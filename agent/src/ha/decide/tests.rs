@@ -2047,3 +2047,24 @@ fn failsafe_the_leader_publishes_the_topology_when_it_changed() {
         d.actions
     );
 }
+
+/// Patroni manages the synchronous standbys in pause too (`synchronous_node_count`,
+/// `maximum_lag_on_syncnode` and `sync_priority` keep applying): only failover is paused.
+#[test]
+fn a_paused_leader_still_manages_its_synchronous_standbys() {
+    let sync_on = MemberFacts {
+        synchronous_mode: true,
+        ..me()
+    };
+    let d = decide(
+        &obs(
+            paused(view(Some("pg0"), Some(SYSID))),
+            renewed(),
+            initialized(),
+            PostgresView::Running(pg(false)),
+        ),
+        &sync_on,
+    );
+    assert_eq!(d.outcome, Outcome::LeaderHealthy);
+    assert!(d.actions.contains(&Action::ManageSync), "{:?}", d.actions);
+}
