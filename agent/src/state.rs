@@ -117,6 +117,15 @@ pub struct ReplicationRow {
     pub state: String,
     pub sync_state: String,
     pub sync_priority: i32,
+    /// How far the standby has written, flushed and replayed (bytes; `None` until it
+    /// streams). Used to pick synchronous standbys; not part of Patroni's `replication` list
+    /// in `GET /patroni`, so never serialized.
+    #[serde(skip)]
+    pub write_lsn: Option<u64>,
+    #[serde(skip)]
+    pub flush_lsn: Option<u64>,
+    #[serde(skip)]
+    pub replay_lsn: Option<u64>,
 }
 
 /// What a status query against the running postgres returned.

@@ -318,10 +318,11 @@ impl Pg {
 
     /// Names in `synchronous_standby_names`; `*` matches any standby.
     pub fn sync_listed(&self, name: &str) -> bool {
-        self.sync_names.split(',').any(|n| {
-            let n = n.trim().trim_matches('"');
-            n == "*" || (!n.is_empty() && n.eq_ignore_ascii_case(name))
-        })
+        // The agent's reader, so `N (a,b)` and quoted names mean here what they mean to it.
+        pgwarden::ha::sync::parse_standby_names(&self.sync_names)
+            .unwrap_or_default()
+            .iter()
+            .any(|n| n.matches(name))
     }
 }
 
@@ -730,6 +731,9 @@ impl World {
                 }
                 .into(),
                 sync_priority: i32::from(listed),
+                write_lsn: Some(node.pg.wal.len() as u64),
+                flush_lsn: Some(node.pg.wal.len() as u64),
+                replay_lsn: Some(node.pg.wal.len() as u64),
             });
         }
         rows

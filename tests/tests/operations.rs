@@ -448,6 +448,112 @@ async fn a_leader_restarted_after_strict_synchronous_mode_is_off_commits_without
     );
 }
 
+/// `sync_standby` of the `sync` key, empty when there is none.
+async fn sync_key_standbys(env: &TestEnv) -> String {
+    let value = env
+        .etcd
+        .get(&env.key("sync"))
+        .await
+        .ok()
+        .flatten()
+        .unwrap_or_default();
+    serde_json::from_str::<serde_json::Value>(&value)
+        .ok()
+        .and_then(|v| v["sync_standby"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+/// `application_name:sync_state` of every walsender on `name`, sorted.
+async fn sync_states(env: &TestEnv, name: &str) -> Vec<String> {
+    let mut rows = member(env, name)
+        .sql("SELECT application_name || ':' || sync_state FROM pg_stat_replication")
+        .await
+        .unwrap_or_default();
+    rows.sort();
+    rows
+}
+
+/// Patroni 4's `synchronous_node_count: 2` keeps both replicas synchronous (`2 (a,b)` in
+/// `synchronous_standby_names`, both in `sync`); a replica reloaded with `sync_priority: 0`
+/// leaves both (and publishes the tag), and stays asynchronous.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn synchronous_node_count_two_keeps_both_replicas_and_sync_priority_zero_stays_async() {
+    let options = ClusterOptions {
+        synchronous_mode: true,
+        ..Default::default()
+    };
+    let mut env = cluster(options, |_, m| {
+        m.set("bootstrap.dcs.synchronous_node_count", 2.into());
+    })
+    .await;
+    let leader = streaming(&env, 2).await;
+    let mut replicas: Vec<String> = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|n| *n != leader)
+        .collect();
+    replicas.sort();
+    let both = replicas.join(",");
+    wait_until("`sync` names both replicas", T, || async {
+        sync_key_standbys(&env).await == both
+    })
+    .await;
+    assert_eq!(
+        synchronous_standby_names(&env, &leader).await,
+        format!("2 ({both})"),
+        "postgres waits for both replicas"
+    );
+    assert_eq!(
+        sync_states(&env, &leader).await,
+        replicas
+            .iter()
+            .map(|r| format!("{r}:sync"))
+            .collect::<Vec<_>>()
+    );
+    member(&env, &leader)
+        .sql("CREATE TABLE with_two_sync_standbys (id int)")
+        .await
+        .expect("a commit returns with both standbys synchronous");
+
+    // One replica asks never to be synchronous: the leader drops it from `sync` first, then
+    // from postgres, and keeps the other.
+    let (off, kept) = (replicas[0].clone(), replicas[1].clone());
+    {
+        let m = env.member(&off);
+        m.set("tags.sync_priority", 0.into());
+        m.write_config().expect("write config");
+    }
+    let (code, text) = member(&env, &off)
+        .api_request("POST", "/reload", None)
+        .await
+        .expect("answers");
+    assert!(code == 200 || code == 202, "{code} {text}");
+    wait_until(&format!("only {kept} is synchronous"), T, || async {
+        sync_key_standbys(&env).await == kept
+            && synchronous_standby_names(&env, &leader).await == kept
+    })
+    .await;
+    let record = env
+        .etcd
+        .get(&env.key(&format!("members/{off}")))
+        .await
+        .ok()
+        .flatten()
+        .and_then(|v| serde_json::from_str::<serde_json::Value>(&v).ok())
+        .unwrap_or_default();
+    assert_eq!(record["tags"]["sync_priority"], 0, "{record}");
+    // It stays asynchronous over several cycles.
+    for _ in 0..5 {
+        assert_eq!(
+            sync_states(&env, &leader).await,
+            vec![format!("{off}:async"), format!("{kept}:sync")]
+        );
+        assert_eq!(sync_key_standbys(&env).await, kept);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_does_not_win_the_race() {
     let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;

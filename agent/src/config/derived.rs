@@ -28,7 +28,8 @@ impl Credentials {
 
 impl Config {
     /// Tags as Patroni publishes them: predefined boolean tags only when true (`nofailover`
-    /// also with `failover_priority`), each as it was written (`"true"` stays a string).
+    /// also with `failover_priority`, a written `nosync` also with `sync_priority`), each as it
+    /// was written (`"true"` stays a string).
     pub fn effective_tags(&self) -> serde_json::Map<String, serde_json::Value> {
         let mut tags = serde_json::Map::new();
         let t = &self.tags;
@@ -46,10 +47,17 @@ impl Config {
                 given("failover_priority", p.into()),
             );
         }
+        // Patroni publishes a written `nosync: false` next to `sync_priority`: both are needed
+        // to see which one wins.
+        if t.nosync || (t.sync_priority.is_some() && t.given.contains_key("nosync")) {
+            tags.insert("nosync".into(), given("nosync", t.nosync.into()));
+        }
+        if let Some(p) = t.sync_priority {
+            tags.insert("sync_priority".into(), given("sync_priority", p.into()));
+        }
         for (k, v) in [
             ("noloadbalance", t.noloadbalance),
             ("clonefrom", t.clonefrom),
-            ("nosync", t.nosync),
             ("nostream", t.nostream),
         ] {
             if v {

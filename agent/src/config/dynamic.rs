@@ -22,7 +22,7 @@ pub const MIN_TTL: u32 = 5;
 pub const PATRONI_MIN_TTL: u32 = 20;
 
 /// Top-level options pgwarden implements.
-const IMPLEMENTED: [&str; 15] = [
+const IMPLEMENTED: [&str; 17] = [
     "ttl",
     "loop_wait",
     "retry_timeout",
@@ -31,6 +31,8 @@ const IMPLEMENTED: [&str; 15] = [
     "member_slots_ttl",
     "synchronous_mode",
     "synchronous_mode_strict",
+    "synchronous_node_count",
+    "maximum_lag_on_syncnode",
     "check_timeline",
     "failsafe_mode",
     "postgresql",
@@ -103,7 +105,8 @@ pub fn normalize(obj: &mut Map<String, Value>, prefix: &str) -> Vec<String> {
         if s.eq_ignore_ascii_case("quorum") {
             warnings.push(format!(
                 "`{prefix}.synchronous_mode`: quorum commit is not implemented by pgwarden; \
-                 running plain synchronous mode (one synchronous standby) instead"
+                 running plain synchronous mode (`synchronous_node_count` synchronous \
+                 standbys, all of which every commit waits for) instead"
             ));
             obj.insert("synchronous_mode".into(), Value::Bool(true));
         }
@@ -419,6 +422,16 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
                 check_bool(key, value)?
             }
             "synchronous_mode_strict" | "pause" | "failsafe_mode" => check_bool(key, value)?,
+            "synchronous_node_count" => check_int(key, value, 1)?,
+            "maximum_lag_on_syncnode" => match flex::parse_int(value) {
+                Some(i) if i >= -1 => {}
+                Some(i) => {
+                    return Err(format!(
+                        "`{key}`: {i} is out of range: bytes, or -1 (or 0) to turn it off"
+                    ))
+                }
+                None => return Err(format!("`{key}`: {value} is not an integer")),
+            },
             "check_timeline" => check_bool(key, value)?,
             "postgresql" => check_postgresql(value)?,
             "standby_cluster" => check_standby_cluster(value)?,

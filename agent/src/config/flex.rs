@@ -6,18 +6,7 @@ use serde::de::Error as _;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
-pub use pgwarden_api::parse_bool;
-
-/// An integer, or a string holding one (`"30"`).
-pub fn parse_int(v: &Value) -> Option<i64> {
-    match v {
-        Value::Number(n) => n
-            .as_i64()
-            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
-        Value::String(s) => s.trim().parse().ok(),
-        _ => None,
-    }
-}
+pub use pgwarden_api::{parse_bool, parse_int};
 
 fn int<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
     let v = Value::deserialize(d)?;
@@ -33,6 +22,28 @@ pub fn u32<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
 pub fn u64<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
     let i = int(d)?;
     u64::try_from(i).map_err(|_| D::Error::custom(format!("invalid value: {i} is negative")))
+}
+
+/// `synchronous_node_count`: an integer of at least 1 (Patroni's validator).
+pub fn node_count<'de, D: Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    let i = int(d)?;
+    match u32::try_from(i) {
+        Ok(n) if n >= 1 => Ok(n),
+        _ => Err(D::Error::custom(format!(
+            "invalid value: {i} is not a number of standbys (at least 1)"
+        ))),
+    }
+}
+
+/// `maximum_lag_on_syncnode`: bytes, or -1 (off); Patroni's validator allows nothing below -1.
+pub fn lag_on_syncnode<'de, D: Deserializer<'de>>(d: D) -> Result<i64, D::Error> {
+    let i = int(d)?;
+    if i < -1 {
+        return Err(D::Error::custom(format!(
+            "invalid value: {i} is below -1 (-1 or 0 turns the check off)"
+        )));
+    }
+    Ok(i)
 }
 
 /// A TCP port (`5432` or `"5432"`), absent when null.

@@ -187,6 +187,15 @@ pub struct DynamicConfig {
     pub synchronous_mode: bool,
     #[serde(deserialize_with = "flex::bool")]
     pub synchronous_mode_strict: bool,
+    /// How many synchronous standbys the leader keeps in synchronous mode (default 1, at
+    /// least 1); fewer while fewer are eligible, as in Patroni.
+    #[serde(deserialize_with = "flex::node_count")]
+    pub synchronous_node_count: u32,
+    /// Bytes a synchronous standby may lag behind the most advanced candidate (or the leader,
+    /// when it is the only one) before a closer standby replaces it; 0 or less (default -1)
+    /// never replaces one for lag, as in Patroni.
+    #[serde(deserialize_with = "flex::lag_on_syncnode")]
+    pub maximum_lag_on_syncnode: i64,
     #[serde(deserialize_with = "flex::bool")]
     pub check_timeline: bool,
     /// Patroni's `failsafe_mode`: with the DCS out of reach, the leader stays primary while
@@ -278,6 +287,8 @@ impl Default for DynamicConfig {
             member_slots_ttl: 1800,
             synchronous_mode: false,
             synchronous_mode_strict: false,
+            synchronous_node_count: 1,
+            maximum_lag_on_syncnode: -1,
             check_timeline: false,
             failsafe_mode: false,
             postgresql: DynamicPostgresql::default(),
@@ -463,6 +474,9 @@ pub struct Tags {
     pub noloadbalance: bool,
     pub clonefrom: bool,
     pub nosync: bool,
+    /// Patroni's `sync_priority` (default 1): 0 never synchronous, like `nosync`; the higher
+    /// is picked first as a synchronous standby. `nosync: true` wins over it.
+    pub sync_priority: Option<i64>,
     pub nostream: bool,
     pub replicatefrom: Option<String>,
     /// Any other tag, published as is.
@@ -495,6 +509,14 @@ impl TryFrom<BTreeMap<String, serde_json::Value>> for Tags {
                         serde_json::Value::Null => None,
                         v => Some(flex::parse_int(v).ok_or_else(|| {
                             format!("`tags.failover_priority`: {v} is not an integer")
+                        })?),
+                    }
+                }
+                "sync_priority" => {
+                    tags.sync_priority = match &value {
+                        serde_json::Value::Null => None,
+                        v => Some(flex::parse_int(v).ok_or_else(|| {
+                            format!("`tags.sync_priority`: {v} is not an integer")
                         })?),
                     }
                 }

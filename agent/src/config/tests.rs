@@ -832,3 +832,152 @@ fn permanent_slots_are_read_under_patronis_three_names_in_its_order() {
     let (c, _) = DynamicConfig::from_dcs(&raw, &DynamicConfig::default());
     assert_eq!(c.slots.keys().collect::<Vec<_>>(), ["a"]);
 }
+
+/// Patroni 4's synchronous-replication knobs are implemented: read in every spelling, no
+/// warning, and an invalid value named with its reason.
+#[test]
+fn synchronous_node_count_maximum_lag_on_syncnode_and_sync_priority_are_read() {
+    let yaml = PATRONI_YML
+        .replace(
+            "    maximum_lag_on_failover: 1048576\n",
+            "    maximum_lag_on_failover: 1048576\n    synchronous_mode: true\n    synchronous_node_count: \"2\"\n    maximum_lag_on_syncnode: 16777216\n",
+        )
+        .replace("  nosync: false\n", "  nosync: false\n  sync_priority: \"3\"\n");
+    let loaded = load_ok(&yaml);
+    assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
+    let c = loaded.config;
+    assert_eq!(c.bootstrap.dcs.synchronous_node_count, 2);
+    assert_eq!(c.bootstrap.dcs.maximum_lag_on_syncnode, 16_777_216);
+    assert_eq!(c.tags.sync_priority, Some(3));
+    // Published as written; the written `nosync: false` goes with it, as Patroni does.
+    let tags = c.effective_tags();
+    assert_eq!(tags["sync_priority"], serde_json::json!("3"));
+    assert_eq!(tags["nosync"], serde_json::json!(false));
+    let record = pgwarden_api::MemberRecord {
+        tags,
+        ..Default::default()
+    };
+    assert_eq!(record.sync_priority(), 3);
+
+    // Defaults: one standby, no lag check; `sync_priority` alone publishes no `nosync`.
+    let d = DynamicConfig::default();
+    assert_eq!(
+        (d.synchronous_node_count, d.maximum_lag_on_syncnode),
+        (1, -1)
+    );
+    let loaded = load_ok(&PATRONI_YML.replace("  nosync: false\n", "  sync_priority: 0\n"));
+    let tags = loaded.config.effective_tags();
+    assert_eq!(tags["sync_priority"], serde_json::json!(0));
+    assert!(!tags.contains_key("nosync"), "{tags:?}");
+
+    let dcs = |line: &str| {
+        PATRONI_YML.replace(
+            "    maximum_lag_on_failover: 1048576\n",
+            &format!("    maximum_lag_on_failover: 1048576\n    {line}\n"),
+        )
+    };
+    let rejected = |yaml: &str, path: &str, reason: &str| {
+        let e = load_str(yaml, &no_env(), &Overrides::default())
+            .err()
+            .unwrap_or_else(|| panic!("{path} should be refused"))
+            .to_string();
+        assert!(e.contains(path) && e.contains(reason), "{path}: {e}");
+    };
+    rejected(
+        &dcs("synchronous_node_count: 0"),
+        "synchronous_node_count",
+        "at least 1",
+    );
+    rejected(
+        &dcs("synchronous_node_count: two"),
+        "synchronous_node_count",
+        "not an integer",
+    );
+    rejected(
+        &dcs("maximum_lag_on_syncnode: -2"),
+        "maximum_lag_on_syncnode",
+        "below -1",
+    );
+    assert_error(
+        &PATRONI_YML.replace("  nosync: false\n", "  sync_priority: -1\n"),
+        "tags.sync_priority",
+        "negative",
+    );
+    rejected(
+        &PATRONI_YML.replace("  nosync: false\n", "  sync_priority: high\n"),
+        "tags.sync_priority",
+        "not an integer",
+    );
+}
+
+#[test]
+fn invalid_synchronous_knobs_in_the_dcs_keep_their_previous_values() {
+    let previous = DynamicConfig {
+        synchronous_node_count: 2,
+        maximum_lag_on_syncnode: 1000,
+        ..Default::default()
+    };
+    let raw = serde_json::json!({
+        "synchronous_node_count": 0,
+        "maximum_lag_on_syncnode": -5,
+    });
+    let (c, warnings) = DynamicConfig::from_dcs(&raw, &previous);
+    assert_eq!(
+        (c.synchronous_node_count, c.maximum_lag_on_syncnode),
+        (2, 1000)
+    );
+    for key in [
+        "config.synchronous_node_count",
+        "config.maximum_lag_on_syncnode",
+    ] {
+        assert!(
+            warnings.iter().any(|w| w.contains(&format!("`{key}`"))),
+            "no warning for {key}: {warnings:?}"
+        );
+    }
+    let raw = serde_json::json!({"synchronous_node_count": "3", "maximum_lag_on_syncnode": 0});
+    let (c, warnings) = DynamicConfig::from_dcs(&raw, &previous);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    assert_eq!(
+        (c.synchronous_node_count, c.maximum_lag_on_syncnode),
+        (3, 0)
+    );
+
+    use super::dynamic::check_patch;
+    let check = |v: serde_json::Value| check_patch(v.as_object().expect("object"));
+    for (patch, reason) in [
+        (
+            serde_json::json!({"synchronous_node_count": 0}),
+            "at least 1",
+        ),
+        (
+            serde_json::json!({"synchronous_node_count": "x"}),
+            "not an integer",
+        ),
+        (
+            serde_json::json!({"maximum_lag_on_syncnode": -2}),
+            "out of range",
+        ),
+        (
+            serde_json::json!({"maximum_lag_on_syncnode": []}),
+            "not an integer",
+        ),
+    ] {
+        let key = patch
+            .as_object()
+            .and_then(|o| o.keys().next().cloned())
+            .unwrap_or_default();
+        let e = check(patch.clone()).expect_err(&patch.to_string());
+        assert!(
+            e.contains(&format!("`{key}`")) && e.contains(reason),
+            "{patch}: {e}"
+        );
+    }
+    for ok in [
+        serde_json::json!({"synchronous_node_count": 2, "maximum_lag_on_syncnode": -1}),
+        serde_json::json!({"synchronous_node_count": "1", "maximum_lag_on_syncnode": "1048576"}),
+        serde_json::json!({"maximum_lag_on_syncnode": 0}),
+    ] {
+        assert_eq!(check(ok.clone()), Ok(()), "{ok}");
+    }
+}

@@ -360,6 +360,15 @@ impl Config {
             }
         }
 
+        if let Some(p) = self.tags.sync_priority {
+            if p < 0 {
+                err(
+                    "tags.sync_priority",
+                    format!("{p} is negative: use 0 to never be a synchronous standby"),
+                );
+            }
+        }
+
         let level = self.log.level.trim();
         if !level.contains('=') && !LOG_LEVELS.contains(&level.to_ascii_uppercase().as_str()) {
             err(

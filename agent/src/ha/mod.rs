@@ -1640,17 +1640,28 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         view: &ClusterView,
         status: &crate::state::PostgresStatus,
     ) -> Result<(), ActionError> {
+        // The local setting wins over the cluster-wide one, as in the files we write.
+        let synchronous_commit = self
+            .config
+            .postgresql
+            .parameters
+            .get("synchronous_commit")
+            .or_else(|| self.dynamic.postgresql.parameters.get("synchronous_commit"))
+            .map(|v| v.as_setting());
         let mode = sync::SyncMode {
             enabled: self.dynamic.synchronous_mode,
             strict: self.dynamic.synchronous_mode_strict,
+            node_count: self.dynamic.synchronous_node_count,
+            max_lag: sync::SyncMode::max_lag_from_config(self.dynamic.maximum_lag_on_syncnode),
+            lsn: sync::LsnKind::for_synchronous_commit(synchronous_commit.as_deref()),
         };
-        let nosync = view
-            .members
-            .iter()
-            .filter(|m| m.record.tag_bool("nosync"))
-            .map(|m| m.name.clone())
-            .collect();
-        let plan = sync::plan(mode, &self.facts.name, view, &status.replication, &nosync);
+        let plan = sync::plan(
+            mode,
+            &self.facts.name,
+            view,
+            &status.replication,
+            status.wal_position(),
+        );
         let revision = view.sync.as_ref().map(|s| s.revision);
         if plan.delete_key {
             self.dcs.write_sync(None, revision).await?;

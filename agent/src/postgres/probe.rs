@@ -63,7 +63,10 @@ SELECT pg_is_in_recovery(),
        CASE WHEN NOT pg_is_in_recovery()
             THEN (SELECT coalesce(json_agg(json_build_array(usename::text, application_name,
                                                             client_addr::text, state, sync_state,
-                                                            sync_priority)
+                                                            sync_priority,
+                                                            (write_lsn - '0/0'::pg_lsn)::bigint,
+                                                            (flush_lsn - '0/0'::pg_lsn)::bigint,
+                                                            (replay_lsn - '0/0'::pg_lsn)::bigint)
                                            ORDER BY application_name), '[]')::text
                     FROM pg_stat_replication) END
 ";
@@ -76,6 +79,9 @@ type ReplicationTuple = (
     Option<String>,
     Option<String>,
     Option<i32>,
+    Option<u64>,
+    Option<u64>,
+    Option<u64>,
 );
 
 const SLOTS_QUERY: &str = "SELECT slot_name::text, active FROM pg_replication_slots \
@@ -333,21 +339,32 @@ impl Probe {
 }
 
 /// The status query's `pg_stat_replication` column: `[[usename, application_name, client_addr,
-/// state, sync_state, sync_priority], ...]`.
+/// state, sync_state, sync_priority, write_lsn, flush_lsn, replay_lsn], ...]`.
 fn parse_replication(json: &str) -> Result<Vec<ReplicationRow>, serde_json::Error> {
     let rows: Vec<ReplicationTuple> = serde_json::from_str(json)?;
     Ok(rows
         .into_iter()
         .map(
-            |(usename, application_name, client_addr, state, sync_state, sync_priority)| {
-                ReplicationRow {
-                    usename: usename.unwrap_or_default(),
-                    application_name: application_name.unwrap_or_default(),
-                    client_addr,
-                    state: state.unwrap_or_default(),
-                    sync_state: sync_state.unwrap_or_default(),
-                    sync_priority: sync_priority.unwrap_or_default(),
-                }
+            |(
+                usename,
+                application_name,
+                client_addr,
+                state,
+                sync_state,
+                sync_priority,
+                write_lsn,
+                flush_lsn,
+                replay_lsn,
+            )| ReplicationRow {
+                usename: usename.unwrap_or_default(),
+                application_name: application_name.unwrap_or_default(),
+                client_addr,
+                state: state.unwrap_or_default(),
+                sync_state: sync_state.unwrap_or_default(),
+                sync_priority: sync_priority.unwrap_or_default(),
+                write_lsn,
+                flush_lsn,
+                replay_lsn,
             },
         )
         .collect())
@@ -383,8 +400,8 @@ mod tests {
     #[test]
     fn standbys_are_read_from_the_status_row_json() {
         let rows = parse_replication(
-            r#"[["replicator","pg1","127.0.0.1","streaming","sync",1],
-                ["replicator","pg2",null,"catchup","async",0]]"#,
+            r#"[["replicator","pg1","127.0.0.1","streaming","sync",1,300,200,100],
+                ["replicator","pg2",null,"catchup","async",0,null,null,null]]"#,
         )
         .expect("parse");
         assert_eq!(rows.len(), 2);
@@ -392,6 +409,11 @@ mod tests {
         assert_eq!(rows[0].client_addr.as_deref(), Some("127.0.0.1"));
         assert_eq!(rows[0].sync_state, "sync");
         assert_eq!(rows[0].sync_priority, 1);
+        assert_eq!(
+            (rows[0].write_lsn, rows[0].flush_lsn, rows[0].replay_lsn),
+            (Some(300), Some(200), Some(100))
+        );
+        assert_eq!(rows[1].flush_lsn, None);
         assert_eq!(rows[1].client_addr, None);
         assert_eq!(rows[1].state, "catchup");
         assert!(parse_replication("[]").expect("empty").is_empty());

@@ -30,3 +30,14 @@ pub fn parse_bool(v: &Value) -> Option<bool> {
         _ => None,
     }
 }
+
+/// Patroni's `parse_int` for integers: a number (also `30.0`) or a string holding one (`"30"`).
+pub fn parse_int(v: &Value) -> Option<i64> {
+    match v {
+        Value::Number(n) => n
+            .as_i64()
+            .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0).map(|f| f as i64)),
+        Value::String(s) => s.trim().parse().ok(),
+        _ => None,
+    }
+}

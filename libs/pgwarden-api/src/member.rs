@@ -92,4 +92,30 @@ impl MemberRecord {
             .and_then(crate::parse_bool)
             .unwrap_or(false)
     }
+
+    /// Patroni's `sync_priority`: 0 when tagged `nosync`, else the `sync_priority` tag, 1 when
+    /// it is absent or unreadable (as in Patroni). 0 means never a synchronous standby; among
+    /// candidates the higher value is picked first.
+    pub fn sync_priority(&self) -> i64 {
+        if self.tag_bool("nosync") {
+            return 0;
+        }
+        self.tags
+            .get("sync_priority")
+            .and_then(crate::parse_int)
+            .unwrap_or(1)
+    }
+
+    /// Patroni's `nofailover`: the `nofailover` tag when it is written, else a
+    /// `failover_priority` of 0 or less.
+    pub fn nofailover(&self) -> bool {
+        match self.tags.get("nofailover").filter(|v| !v.is_null()) {
+            Some(v) => crate::parse_bool(v).unwrap_or(false),
+            None => self
+                .tags
+                .get("failover_priority")
+                .and_then(crate::parse_int)
+                .is_some_and(|p| p <= 0),
+        }
+    }
 }

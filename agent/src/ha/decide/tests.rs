@@ -2120,3 +2120,24 @@ fn check_timeline_keeps_a_replica_behind_the_cluster_timeline_out_of_the_race() 
     assert_eq!(decide(&on(2), &checking).outcome, Outcome::NoLeaderRacing);
     assert_eq!(decide(&on(1), &me()).outcome, Outcome::NoLeaderRacing);
 }
+
+/// Patroni manages the synchronous standbys in pause too (`synchronous_node_count`,
+/// `maximum_lag_on_syncnode` and `sync_priority` keep applying): only failover is paused.
+#[test]
+fn a_paused_leader_still_manages_its_synchronous_standbys() {
+    let sync_on = MemberFacts {
+        synchronous_mode: true,
+        ..me()
+    };
+    let d = decide(
+        &obs(
+            paused(view(Some("pg0"), Some(SYSID))),
+            renewed(),
+            initialized(),
+            PostgresView::Running(pg(false)),
+        ),
+        &sync_on,
+    );
+    assert_eq!(d.outcome, Outcome::LeaderHealthy);
+    assert!(d.actions.contains(&Action::ManageSync), "{:?}", d.actions);
+}
