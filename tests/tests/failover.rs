@@ -419,6 +419,18 @@ async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
     assert_eq!(leader, "pg0");
     env.start_member(1).expect("start pg1");
     wait_for_streaming(&env, "pg0", 1).await;
+    // pg2 clones from pg1 only once pg1's member key says it runs (a clean-clone CI run started
+    // pg2 while the key still said otherwise, and pg2 cloned the leader).
+    let pg1_key = env.key("members/pg1");
+    wait_until("pg1's member key says it runs", T, || async {
+        env.etcd
+            .get(&pg1_key)
+            .await
+            .ok()
+            .flatten()
+            .is_some_and(|v| v.contains("\"state\":\"running\"") && v.contains("clonefrom"))
+    })
+    .await;
     env.start_member(2).expect("start pg2");
     let (pg0_port, pg1_port) = (env.members[0].pg_port, env.members[1].pg_port);
     wait_until("pg2 streams from pg1 through its slot", T, || async {
