@@ -383,7 +383,7 @@ async fn replaceable(config: &Config, dcs: &dyn Dcs) -> bool {
         &view,
         &config.name,
         &peers,
-        dynamic.synchronous_mode,
+        dynamic.synchronous_mode.race_rule(),
         dynamic.maximum_lag_on_failover,
     )
 }

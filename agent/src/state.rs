@@ -155,6 +155,8 @@ pub struct PostgresStatus {
     /// Pages on disk never reflect WAL past it, and unlike `timeline` (the last restartpoint's
     /// while the wal receiver is down) the pair is consistent.
     pub min_recovery: Option<(u32, u64)>,
+    /// The `synchronous_standby_names` postgres runs with (after its last reload).
+    pub synchronous_standby_names: Option<String>,
 }
 
 impl PostgresStatus {

@@ -119,7 +119,12 @@ pub fn config(w: &Shared, me: usize) -> Config {
     dcs.loop_wait = w.initial.loop_wait as u32;
     dcs.retry_timeout = w.initial.retry_timeout as u32;
     dcs.maximum_lag_on_failover = w.initial.maximum_lag_on_failover;
-    dcs.synchronous_mode = w.initial.synchronous_mode;
+    dcs.synchronous_mode = match (w.initial.synchronous_mode, w.initial.quorum) {
+        (false, _) => pgwarden::config::SynchronousMode::Off,
+        (true, false) => pgwarden::config::SynchronousMode::On,
+        (true, true) => pgwarden::config::SynchronousMode::Quorum,
+    };
+    dcs.synchronous_node_count = w.initial.synchronous_node_count;
     dcs.synchronous_mode_strict = w.initial.strict;
     dcs.postgresql.use_pg_rewind = true;
     dcs.postgresql.use_slots = true;
@@ -561,6 +566,7 @@ impl SimPostgres {
             },
             pending_restart: vec![],
             min_recovery: pg.in_recovery.then_some((pg.timeline, pos)),
+            synchronous_standby_names: Some(pg.sync_names.clone()),
         })
     }
 

@@ -366,7 +366,7 @@ async fn replaceable(
         &view,
         &config.name,
         &answers,
-        settings.synchronous_mode,
+        settings.synchronous_mode.race_rule(),
         settings.maximum_lag_on_failover,
     )
 }

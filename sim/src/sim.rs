@@ -79,6 +79,10 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
     // The crashes' draws for the fence guard's release (issue 20), a third stream for the
     // same reason.
     let mut deaths = ChaCha8Rng::seed_from_u64(seed ^ 0x4755_4152_4452_454c);
+    // Quorum commit and the synchronous node count (added later still): a fourth stream.
+    let mut sync_shape = ChaCha8Rng::seed_from_u64(seed ^ 0x5155_4f52_554d);
+    let quorum = sync_shape.random_bool(0.5);
+    let synchronous_node_count = if sync_shape.random_bool(0.6) { 1 } else { 2 };
     let release_style = if deaths.random_bool(0.7) {
         Style::Etcd
     } else {
@@ -97,6 +101,8 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
             [rng.random_range(0..3)],
         synchronous_mode,
         strict: synchronous_mode && rng.random_bool(0.3),
+        quorum,
+        synchronous_node_count,
     };
     let mut tags: Vec<Tags> = (0..members)
         .map(|_| Tags {
@@ -592,7 +598,8 @@ impl Sim {
                             a.via_sync = false;
                         }
                     }
-                    set_config(&mut w.store, "synchronous_mode", on.into());
+                    let value = w.initial.synchronous_mode_value(on);
+                    set_config(&mut w.store, "synchronous_mode", value);
                 }
             }
         }
@@ -888,7 +895,8 @@ fn api_allows(w: &World, candidate: Option<&str>) -> bool {
     if w.nodes[i].tags.nofailover || !w.store.members.contains_key(c) {
         return false;
     }
-    if w.synchronous_mode() {
+    // With quorum commit any member may be the candidate (it gathers the votes).
+    if w.synchronous_mode() && !w.initial.quorum {
         return w.store.sync.as_ref().is_some_and(|s| s.value.lists(c));
     }
     true
@@ -924,10 +932,13 @@ fn liveness_holds(w: &World) -> bool {
     };
     let pg = &w.nodes[leader].pg;
     let acknowledges = if w.synchronous_mode() {
+        let (need, _) = pg.sync_wait();
         pg.sync_names.trim().is_empty()
             || w.nodes
                 .iter()
-                .any(|n| n.pg.streaming_from == Some(leader) && pg.sync_listed(&n.name))
+                .filter(|n| n.pg.streaming_from == Some(leader) && pg.sync_listed(&n.name))
+                .count()
+                >= need.max(1)
     } else {
         pg.sync_names.trim().is_empty()
     };

@@ -316,6 +316,14 @@ impl Pg {
         };
     }
 
+    /// How many listed standbys a commit waits for (`N (…)`, `ANY N (…)`; 1 for `*` or a bare
+    /// list), and whether they are quorum standbys (`ANY`).
+    pub fn sync_wait(&self) -> (usize, bool) {
+        pgwarden::ha::sync::parse_standby_setting(&self.sync_names)
+            .map(|s| (s.num as usize, s.any))
+            .unwrap_or((1, false))
+    }
+
     /// Names in `synchronous_standby_names`; `*` matches any standby.
     pub fn sync_listed(&self, name: &str) -> bool {
         // The agent's reader, so `N (a,b)` and quoted names mean here what they mean to it.
@@ -460,17 +468,30 @@ pub struct Initial {
     pub maximum_lag_on_failover: u64,
     pub synchronous_mode: bool,
     pub strict: bool,
+    /// Synchronous mode as quorum commit (`synchronous_mode: quorum`).
+    pub quorum: bool,
+    pub synchronous_node_count: u32,
 }
 
 impl Initial {
+    /// The `synchronous_mode` value for on or off.
+    pub fn synchronous_mode_value(&self, on: bool) -> serde_json::Value {
+        match (on, self.quorum) {
+            (false, _) => false.into(),
+            (true, false) => true.into(),
+            (true, true) => "quorum".into(),
+        }
+    }
+
     pub fn config_json(&self) -> serde_json::Value {
         serde_json::json!({
             "ttl": self.ttl,
             "loop_wait": self.loop_wait,
             "retry_timeout": self.retry_timeout,
             "maximum_lag_on_failover": self.maximum_lag_on_failover,
-            "synchronous_mode": self.synchronous_mode,
+            "synchronous_mode": self.synchronous_mode_value(self.synchronous_mode),
             "synchronous_mode_strict": self.strict,
+            "synchronous_node_count": self.synchronous_node_count,
             "postgresql": {"use_pg_rewind": true, "use_slots": true},
         })
     }
@@ -552,9 +573,7 @@ impl World {
     }
 
     pub fn synchronous_mode(&self) -> bool {
-        self.config_value("synchronous_mode")
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false)
+        pgwarden::config::SynchronousMode::of_config(self.config_value("synchronous_mode")).is_on()
     }
 
     pub fn node_index(&self, name: &str) -> Option<usize> {
@@ -675,15 +694,20 @@ impl World {
             let sync_on = self.synchronous_mode();
             let pending = std::mem::take(&mut self.nodes[i].pg.pending);
             let mut still = Vec::new();
+            // `N (…)` waits for the first N connected by priority, `ANY N (…)` for any N: both
+            // are modelled as any N, which acknowledges no later than postgres would.
+            let (need, _) = self.nodes[i].pg.sync_wait();
             for (index, id) in pending {
                 let waits = !sync_names.trim().is_empty();
-                let acked = !waits
-                    || (0..self.nodes.len()).any(|s| {
+                let have = (0..self.nodes.len())
+                    .filter(|&s| {
                         s != i
                             && self.nodes[s].pg.streaming_from == Some(i)
                             && self.nodes[i].pg.sync_listed(&self.nodes[s].name)
                             && self.nodes[s].pg.wal.get(index) == Some(&id)
-                    });
+                    })
+                    .count();
+                let acked = !waits || have >= need.max(1);
                 if acked {
                     self.acked.push(Acked {
                         id,
@@ -711,6 +735,7 @@ impl World {
                 continue;
             }
             let listed = pg.sync_listed(&node.name);
+            let (_, any) = pg.sync_wait();
             let star = pg.sync_names.trim() == "*";
             let sync = listed && (!star || !star_used);
             if star && sync {
@@ -722,7 +747,9 @@ impl World {
                 application_name: node.name.clone(),
                 client_addr: None,
                 state: "streaming".into(),
-                sync_state: if sync {
+                sync_state: if any && listed {
+                    "quorum"
+                } else if sync {
                     "sync"
                 } else if listed {
                     "potential"

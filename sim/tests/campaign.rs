@@ -169,6 +169,11 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
         3,
         "a restarted sync leader re-claims `sync` when it starts with `*`",
     ),
+    (
+        5400,
+        3,
+        "quorum commit: a switchover candidate left without its leader needs the votes too",
+    ),
 ];
 
 #[test]

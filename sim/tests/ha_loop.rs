@@ -364,6 +364,7 @@ impl Postgres for MemPostgres {
             replication: vec![],
             pending_restart: vec![],
             min_recovery: s.standby.then_some((1, s.wal)),
+            synchronous_standby_names: None,
         })
     }
     fn changes(&self) -> u64 {

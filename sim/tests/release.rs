@@ -23,6 +23,8 @@ fn schedule_with(seed: u64, style: Style, faults: Vec<(Us, Fault)>, only_pg0: bo
         maximum_lag_on_failover: 16 * 1024 * 1024,
         synchronous_mode: false,
         strict: false,
+        quorum: false,
+        synchronous_node_count: 1,
     };
     Schedule {
         seed,

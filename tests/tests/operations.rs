@@ -554,6 +554,139 @@ async fn synchronous_node_count_two_keeps_both_replicas_and_sync_priority_zero_s
     }
 }
 
+/// `synchronous_mode: quorum` (Patroni 4's quorum commit): postgres waits for ANY one of the
+/// two replicas, `sync` names both with `quorum: 1`, the REST API and metrics call them quorum
+/// standbys. With one replica's WAL receiver frozen commits still return; the leader dies and
+/// the replica that acknowledged them takes over on the frozen one's vote, losing nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn quorum_commit_acknowledges_through_any_standby_and_a_failover_loses_nothing() {
+    let options = ClusterOptions {
+        synchronous_mode: true,
+        ..Default::default()
+    };
+    let mut env = cluster(options, |_, m| {
+        m.set("bootstrap.dcs.synchronous_mode", "quorum".into());
+    })
+    .await;
+    let leader = streaming(&env, 2).await;
+    let mut replicas: Vec<String> = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|n| *n != leader)
+        .collect();
+    replicas.sort();
+    let both = replicas.join(",");
+    wait_until("`sync` names both replicas with quorum 1", T, || async {
+        sync_key(&env).await.is_some_and(|k| {
+            k["leader"] == leader.as_str() && k["sync_standby"] == both.as_str() && k["quorum"] == 1
+        }) && synchronous_standby_names(&env, &leader).await == format!("ANY 1 ({both})")
+    })
+    .await;
+    assert_eq!(
+        sync_states(&env, &leader).await,
+        replicas
+            .iter()
+            .map(|r| format!("{r}:quorum"))
+            .collect::<Vec<_>>()
+    );
+    for r in &replicas {
+        let m = member(&env, r);
+        for (path, want) in [
+            ("/quorum", 200),
+            ("/read-only-quorum", 200),
+            ("/sync", 503),
+            ("/async", 503),
+        ] {
+            assert_eq!(
+                m.api_get(path).await.map(|(s, _)| s),
+                Some(want),
+                "{path} on {r}"
+            );
+        }
+        let (_, body) = m.api_get("/patroni").await.expect("answers");
+        let json: serde_json::Value = serde_json::from_str(&body).expect("json");
+        assert_eq!(json["quorum_standby"], true, "{json}");
+        let (_, metrics) = m.api_get("/metrics").await.expect("answers");
+        assert!(
+            metrics
+                .lines()
+                .any(|l| l.starts_with("patroni_quorum_standby{") && l.ends_with(" 1")),
+            "{metrics}"
+        );
+    }
+    let primary = member(&env, &leader);
+    assert_eq!(primary.api_get("/quorum").await.map(|(s, _)| s), Some(503));
+    assert_eq!(
+        primary.api_get("/read-only-quorum").await.map(|(s, _)| s),
+        Some(200)
+    );
+
+    // One replica stops receiving WAL: ANY 1 still acknowledges through the other.
+    let (frozen, live) = (replicas[0].clone(), replicas[1].clone());
+    let receiver: i32 = member(&env, &frozen)
+        .sql("SELECT pid::text FROM pg_stat_wal_receiver")
+        .await
+        .expect("sql")
+        .first()
+        .and_then(|p| p.parse().ok())
+        .expect("a WAL receiver runs");
+    let pid = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop walreceiver");
+    primary
+        .sql("CREATE TABLE quorum_acked (id int)")
+        .await
+        .expect("create");
+    for i in 0..50 {
+        primary
+            .sql(&format!("INSERT INTO quorum_acked VALUES ({i})"))
+            .await
+            .expect("a commit returns with one of two standbys");
+    }
+    env.member(&leader).agent().kill9();
+    let new = env.wait_for_leader(T).await;
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT);
+    assert_eq!(new, live, "the standby that acknowledged takes over");
+    wait_until("the new leader accepts writes", T, || async {
+        member(&env, &new).api_get("/primary").await.map(|(s, _)| s) == Some(200)
+    })
+    .await;
+    let rows = member(&env, &new)
+        .sql("SELECT count(*)::text FROM quorum_acked")
+        .await
+        .expect("sql");
+    assert_eq!(
+        rows,
+        vec!["50".to_owned()],
+        "every acknowledged row survives"
+    );
+    // The new leader takes the key over and quorum commit resumes with the other replica.
+    wait_until(
+        "`sync` is the new leader's, with the other replica",
+        T,
+        || async {
+            sync_key(&env).await.is_some_and(|k| {
+                k["leader"] == new.as_str()
+                    && k["sync_standby"]
+                        .as_str()
+                        .is_some_and(|v| v.split(',').any(|n| n == frozen))
+            }) && synchronous_standby_names(&env, &new)
+                .await
+                .starts_with("ANY 1 (")
+        },
+    )
+    .await;
+    member(&env, &new)
+        .sql("INSERT INTO quorum_acked VALUES (100)")
+        .await
+        .expect("commits return again");
+}
+
+async fn sync_key(env: &TestEnv) -> Option<serde_json::Value> {
+    let value = env.etcd.get(&env.key("sync")).await.ok().flatten()?;
+    serde_json::from_str(&value).ok()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_does_not_win_the_race() {
     let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;

@@ -270,12 +270,8 @@ async fn check_candidates(
             return Err(ApiReply::new(412, "leader name does not match"));
         }
     }
-    let sync_mode = view
-        .config
-        .as_ref()
-        .and_then(|c| c.value.get("synchronous_mode"))
-        .and_then(Value::as_bool)
-        == Some(true);
+    // With quorum commit any member may be the candidate (it gathers the votes).
+    let sync_mode = view.synchronous_mode() == crate::config::SynchronousMode::On;
     if let Some(c) = candidate {
         if action == "switchover"
             && sync_mode

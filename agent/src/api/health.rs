@@ -35,6 +35,8 @@ pub enum Check {
     Sync,
     Async,
     ReadOnlySync,
+    Quorum,
+    ReadOnlyQuorum,
     Unknown,
 }
 
@@ -60,24 +62,30 @@ pub fn classify(path: &str) -> Check {
         Check::Async
     } else if p == "/read-only-sync" || p == "/read-only-synchronous" {
         Check::ReadOnlySync
+    } else if p == "/quorum" {
+        Check::Quorum
+    } else if p == "/read-only-quorum" {
+        Check::ReadOnlyQuorum
     } else {
         Check::Unknown
     }
 }
 
-fn sync_mode_on(status: &AgentStatus) -> bool {
+/// Listed in `sync` by the current leader: `Some(true)` as a quorum standby (quorum commit),
+/// `Some(false)` as a synchronous standby.
+fn listed_in_sync(status: &AgentStatus, now: Instant) -> Option<bool> {
     status
-        .cluster
-        .as_ref()
-        .and_then(|c| c.config.as_ref())
-        .and_then(|c| c.value.get("synchronous_mode"))
-        .is_some_and(|v| v.as_bool() == Some(true) || v.as_str() == Some("on"))
+        .cluster_valid(now)
+        .filter(|c| c.is_sync_listed(&status.name))
+        .map(|c| c.synchronous_mode().is_quorum())
 }
 
 fn is_sync_standby(status: &AgentStatus, now: Instant) -> bool {
-    status.cluster_valid(now).is_some_and(|c| {
-        sync_mode_on(status) && c.sync.as_ref().is_some_and(|s| s.value.lists(&status.name))
-    })
+    listed_in_sync(status, now) == Some(false)
+}
+
+fn is_quorum_standby(status: &AgentStatus, now: Instant) -> bool {
+    listed_in_sync(status, now) == Some(true)
 }
 
 /// Whether `tag_<k>=<v>` filters all match the configured tags.
@@ -188,9 +196,17 @@ pub fn evaluate(
         Check::Sync => {
             with_tags(cluster_valid && is_sync_standby(status, now) && replica_ok(status, query))
         }
-        Check::Async => {
-            with_tags(cluster_valid && !is_sync_standby(status, now) && replica_ok(status, query))
+        Check::Async => with_tags(
+            cluster_valid && listed_in_sync(status, now).is_none() && replica_ok(status, query),
+        ),
+        Check::Quorum => {
+            with_tags(cluster_valid && is_quorum_standby(status, now) && replica_ok(status, query))
         }
+        Check::ReadOnlyQuorum => with_tags(
+            primary
+                || standby_leader
+                || (is_quorum_standby(status, now) && replica_ok(status, query)),
+        ),
         Check::ReadOnlySync => with_tags(
             primary
                 || standby_leader

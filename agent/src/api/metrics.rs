@@ -82,17 +82,17 @@ pub fn render_metrics(
         "Value is 1 if this node is a replica, 0 otherwise.",
         b(role == Role::Replica && pg.is_some()),
     );
-    let sync =
-        cluster.is_some_and(|c| c.sync.as_ref().is_some_and(|s| s.value.lists(&status.name)));
+    let listed = cluster.filter(|c| c.is_sync_listed(&status.name));
+    let quorum = listed.is_some_and(|c| c.synchronous_mode().is_quorum());
     int(
         "patroni_sync_standby",
         "Value is 1 if this node is a sync standby replica, 0 otherwise.",
-        b(sync),
+        b(listed.is_some() && !quorum),
     );
     int(
         "patroni_quorum_standby",
         "Value is 1 if this node is a quorum standby replica, 0 otherwise.",
-        0,
+        b(quorum),
     );
     let standby = pg.filter(|p| p.in_recovery);
     int(

@@ -56,14 +56,13 @@ pub fn patroni_json(status: &AgentStatus, pg: Option<&PostgresStatus>, now: Inst
     }
     let cluster = status.cluster_valid(now);
     if let Some(c) = cluster {
-        let sync_on = c
-            .config
-            .as_ref()
-            .and_then(|v| v.value.get("synchronous_mode"))
-            .and_then(Value::as_bool)
-            == Some(true);
-        if sync_on && c.sync.as_ref().is_some_and(|s| s.value.lists(&status.name)) {
-            o.insert("sync_standby".into(), json!(true));
+        if c.is_sync_listed(&status.name) && !c.is_leader(&status.name) {
+            let key = if c.synchronous_mode().is_quorum() {
+                "quorum_standby"
+            } else {
+                "sync_standby"
+            };
+            o.insert(key.into(), json!(true));
         }
     }
     if status.paused {
@@ -111,12 +110,11 @@ pub fn patroni_json(status: &AgentStatus, pg: Option<&PostgresStatus>, now: Inst
 /// `GET /cluster`.
 pub fn cluster_json(scope: &str, view: &ClusterView) -> Value {
     let optime = view.status.as_ref().map(|s| s.optime);
-    let sync_on = view
-        .config
-        .as_ref()
-        .and_then(|c| c.value.get("synchronous_mode"))
-        .and_then(Value::as_bool)
-        == Some(true);
+    let listed_role = if view.synchronous_mode().is_quorum() {
+        "quorum_standby"
+    } else {
+        "sync_standby"
+    };
     let members: Vec<Value> = view
         .members
         .iter()
@@ -125,8 +123,8 @@ pub fn cluster_json(scope: &str, view: &ClusterView) -> Value {
             let is_leader = view.is_leader(&m.name);
             let role = if is_leader {
                 "leader"
-            } else if sync_on && view.sync.as_ref().is_some_and(|s| s.value.lists(&m.name)) {
-                "sync_standby"
+            } else if view.is_sync_listed(&m.name) {
+                listed_role
             } else {
                 "replica"
             };

@@ -38,6 +38,7 @@ fn pg(in_recovery: bool) -> PostgresStatus {
         replication: vec![],
         pending_restart: vec![],
         min_recovery: None,
+        synchronous_standby_names: None,
     }
 }
 

@@ -159,6 +159,7 @@ fn status(leader: bool, switchover: bool) -> AgentStatus {
         replication: vec![],
         pending_restart: vec![],
         min_recovery: None,
+        synchronous_standby_names: None,
     });
     s.cluster = Some(Arc::new(ClusterView {
         leader: Some(LeaderKey {

@@ -1,8 +1,7 @@
 //! The cluster-wide ("dynamic") configuration as Patroni users write it: in `bootstrap.dcs`, in
 //! the DCS `config` key, and in `PATCH /config`.
 //!
-//! - Patroni's pre-4.0 names (`master_start_timeout`) are renamed; `synchronous_mode: quorum`
-//!   runs as plain synchronous mode with a warning.
+//! - Patroni's pre-4.0 names (`master_start_timeout`) are renamed.
 //! - An option pgwarden does not implement is warned about by its full path, never dropped
 //!   silently.
 //! - `loop_wait + 2 × retry_timeout ≤ ttl` is restored as Patroni does, with a warning.
@@ -65,7 +64,7 @@ const RENAMED: [(&str, &str); 2] = [
     ("master_stop_timeout", "primary_stop_timeout"),
 ];
 
-/// Renames the old `master_*` names and maps `synchronous_mode: quorum`; `prefix` is the path
+/// Renames the old `master_*` names; `prefix` is the path
 /// of `obj` in messages (`bootstrap.dcs`, `config`).
 pub fn normalize(obj: &mut Map<String, Value>, prefix: &str) -> Vec<String> {
     let mut warnings = Vec::new();
@@ -99,16 +98,6 @@ pub fn normalize(obj: &mut Map<String, Value>, prefix: &str) -> Vec<String> {
     if let Some(name) = chosen.filter(|n| *n != "slots") {
         if let Some(value) = obj.remove(name) {
             obj.insert("slots".to_owned(), value);
-        }
-    }
-    if let Some(Value::String(s)) = obj.get("synchronous_mode") {
-        if s.eq_ignore_ascii_case("quorum") {
-            warnings.push(format!(
-                "`{prefix}.synchronous_mode`: quorum commit is not implemented by pgwarden; \
-                 running plain synchronous mode (`synchronous_node_count` synchronous \
-                 standbys, all of which every commit waits for) instead"
-            ));
-            obj.insert("synchronous_mode".into(), Value::Bool(true));
         }
     }
     warnings
@@ -410,16 +399,12 @@ pub fn check_patch(patch: &Map<String, Value>) -> Result<(), String> {
                 check_int(key, value, 0)?
             }
             "synchronous_mode" => {
-                if value
+                if !value
                     .as_str()
-                    .is_some_and(|s| s.eq_ignore_ascii_case("quorum"))
+                    .is_some_and(|s| s.trim().eq_ignore_ascii_case("quorum"))
                 {
-                    return Err(
-                        "`synchronous_mode`: quorum is not implemented by pgwarden; use true"
-                            .into(),
-                    );
+                    check_bool(key, value)?
                 }
-                check_bool(key, value)?
             }
             "synchronous_mode_strict" | "pause" | "failsafe_mode" => check_bool(key, value)?,
             "synchronous_node_count" => check_int(key, value, 1)?,

@@ -59,6 +59,26 @@ pub fn opt_port<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u16>, D::Error
     }
 }
 
+/// `synchronous_mode`: a boolean as Patroni spells them, or `quorum`.
+pub fn synchronous_mode<'de, D: Deserializer<'de>>(
+    d: D,
+) -> Result<super::schema::SynchronousMode, D::Error> {
+    use super::schema::SynchronousMode;
+    let v = Value::deserialize(d)?;
+    if v.as_str()
+        .is_some_and(|s| s.trim().eq_ignore_ascii_case("quorum"))
+    {
+        return Ok(SynchronousMode::Quorum);
+    }
+    match parse_bool(&v) {
+        Some(true) => Ok(SynchronousMode::On),
+        Some(false) => Ok(SynchronousMode::Off),
+        None => Err(D::Error::custom(format!(
+            "invalid value: {v} is neither a boolean (true/false, on/off, yes/no, 1/0) nor `quorum`"
+        ))),
+    }
+}
+
 pub fn bool<'de, D: Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
     let v = Value::deserialize(d)?;
     parse_bool(&v).ok_or_else(|| {

@@ -147,6 +147,60 @@ pub struct BootstrapConfig {
     pub sections: BTreeMap<String, serde_yaml::Value>,
 }
 
+/// `synchronous_mode`: off, on (every listed standby acknowledges a commit, Patroni's
+/// `FIRST n`), or `quorum` (any `synchronous_node_count` of them, `ANY n`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum SynchronousMode {
+    #[default]
+    Off,
+    On,
+    Quorum,
+}
+
+impl SynchronousMode {
+    /// Who may take over under this mode.
+    pub fn race_rule(self) -> crate::ha::decide::SyncRule {
+        match self {
+            SynchronousMode::Off => crate::ha::decide::SyncRule::Off,
+            SynchronousMode::On => crate::ha::decide::SyncRule::Listed,
+            SynchronousMode::Quorum => crate::ha::decide::SyncRule::Quorum,
+        }
+    }
+
+    /// Read from a raw `config` value as leniently as Patroni does; absent or unreadable is
+    /// off.
+    pub fn of_config(value: Option<&serde_json::Value>) -> Self {
+        value
+            .and_then(|v| flex::synchronous_mode(v.clone()).ok())
+            .unwrap_or_default()
+    }
+
+    /// Synchronous replication in either form.
+    pub fn is_on(self) -> bool {
+        self != SynchronousMode::Off
+    }
+
+    pub fn is_quorum(self) -> bool {
+        self == SynchronousMode::Quorum
+    }
+}
+
+impl Serialize for SynchronousMode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            SynchronousMode::Off => s.serialize_bool(false),
+            SynchronousMode::On => s.serialize_bool(true),
+            SynchronousMode::Quorum => s.serialize_str("quorum"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for SynchronousMode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        flex::synchronous_mode(d)
+    }
+}
+
 /// One `bootstrap.initdb` entry.
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(untagged)]
@@ -177,14 +231,12 @@ pub struct DynamicConfig {
     /// pre-4.0 name `master_start_timeout` is renamed to it when loaded.
     #[serde(deserialize_with = "flex::u32")]
     pub primary_start_timeout: u32,
-    /// `true`/`on`/… as Patroni spells booleans; `quorum` is turned into `true` with a warning
-    /// before parsing (`super::dynamic::normalize`).
     /// Seconds the leader keeps the replication slot of a member whose key is gone
     /// (default 1800; 0 drops it at once), published as `retain_slots` in `status`.
     #[serde(deserialize_with = "flex::u32")]
     pub member_slots_ttl: u32,
-    #[serde(deserialize_with = "flex::bool")]
-    pub synchronous_mode: bool,
+    /// `true`/`on`/… as Patroni spells booleans, or `quorum`.
+    pub synchronous_mode: SynchronousMode,
     #[serde(deserialize_with = "flex::bool")]
     pub synchronous_mode_strict: bool,
     /// How many synchronous standbys the leader keeps in synchronous mode (default 1, at
@@ -285,7 +337,7 @@ impl Default for DynamicConfig {
             maximum_lag_on_failover: 1_048_576,
             primary_start_timeout: 300,
             member_slots_ttl: 1800,
-            synchronous_mode: false,
+            synchronous_mode: SynchronousMode::Off,
             synchronous_mode_strict: false,
             synchronous_node_count: 1,
             maximum_lag_on_syncnode: -1,

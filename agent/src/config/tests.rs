@@ -450,7 +450,7 @@ fn patroni_spellings_load_string_tags_old_names_and_wal_keep_segments() {
     assert!(loaded.warnings.is_empty(), "{:?}", loaded.warnings);
     let c = loaded.config;
     assert_eq!(c.bootstrap.dcs.primary_start_timeout, 120);
-    assert!(c.bootstrap.dcs.synchronous_mode);
+    assert_eq!(c.bootstrap.dcs.synchronous_mode, SynchronousMode::On);
     assert!(c.tags.nofailover);
     assert_eq!(c.tags.failover_priority, Some(1));
     let tags = c.effective_tags();
@@ -505,11 +505,7 @@ fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_read() {
         "    maximum_lag_on_failover: 1048576\n    max_timelines_history: 3\n    synchronous_mode: quorum\n",
     ) + "watchdog:\n  mode: required\n";
     let loaded = load_ok(&yaml);
-    for path in [
-        "bootstrap.dcs.max_timelines_history",
-        "bootstrap.dcs.synchronous_mode",
-        "watchdog",
-    ] {
+    for path in ["bootstrap.dcs.max_timelines_history", "watchdog"] {
         assert!(
             loaded
                 .warnings
@@ -519,7 +515,18 @@ fn unimplemented_options_are_warned_about_and_a_standby_cluster_is_read() {
             loaded.warnings
         );
     }
-    assert!(loaded.config.bootstrap.dcs.synchronous_mode);
+    assert!(
+        !loaded
+            .warnings
+            .iter()
+            .any(|w| w.contains("synchronous_mode")),
+        "quorum commit is implemented: {:?}",
+        loaded.warnings
+    );
+    assert_eq!(
+        loaded.config.bootstrap.dcs.synchronous_mode,
+        SynchronousMode::Quorum
+    );
     let yaml = PATRONI_YML.replace(
         "    maximum_lag_on_failover: 1048576\n",
         "    maximum_lag_on_failover: 1048576\n    standby_cluster:\n      host: 10.0.0.1\n      port: \"5433\"\n      primary_slot_name: dr\n      restore_command: cp /a/%f %p\n      recovery_min_apply_delay: 5min\n      unknown_knob: 1\n",
@@ -563,7 +570,7 @@ fn an_invalid_value_in_the_dcs_config_costs_only_that_value() {
         "ttl": "abc",
         "loop_wait": 3,
         "retry_timeout": "4",
-        "synchronous_mode": "quorum",
+        "synchronous_mode": "sometimes",
         "master_start_timeout": 60,
         "postgresql": {"use_slots": "maybe", "parameters": {"work_mem": "8MB", "bad": {"x": 1}}},
         "maximum_lag_on_failover": 5
@@ -571,7 +578,11 @@ fn an_invalid_value_in_the_dcs_config_costs_only_that_value() {
     let (c, warnings) = DynamicConfig::from_dcs(&raw, &previous);
     assert_eq!(c.ttl, 25, "the previous ttl is kept");
     assert_eq!((c.loop_wait, c.retry_timeout), (3, 4));
-    assert!(c.synchronous_mode);
+    assert_eq!(
+        c.synchronous_mode,
+        SynchronousMode::Off,
+        "the previous value is kept"
+    );
     assert_eq!(c.primary_start_timeout, 60);
     assert_eq!(c.maximum_lag_on_failover, 5);
     assert!(c.postgresql.use_slots, "the default use_slots is kept");
@@ -609,7 +620,7 @@ fn patch_config_refuses_invalid_values_naming_the_key() {
             "`member_slots_ttl`",
         ),
         (
-            serde_json::json!({"synchronous_mode": "quorum"}),
+            serde_json::json!({"synchronous_mode": "sometimes"}),
             "`synchronous_mode`",
         ),
         (

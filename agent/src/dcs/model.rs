@@ -246,6 +246,31 @@ impl ClusterView {
         self.leader_name() == Some(name)
     }
 
+    /// `config.synchronous_mode` (off when absent or unreadable).
+    pub fn synchronous_mode(&self) -> crate::config::SynchronousMode {
+        crate::config::SynchronousMode::of_config(
+            self.config
+                .as_ref()
+                .and_then(|c| c.value.get("synchronous_mode")),
+        )
+    }
+
+    /// `name` is a synchronous standby, or with quorum commit a quorum standby: synchronous
+    /// mode is on and the `sync` key of the current leader lists it (Patroni's
+    /// `is_sync_standby`).
+    pub fn is_sync_listed(&self, name: &str) -> bool {
+        self.synchronous_mode().is_on()
+            && self.sync.as_ref().is_some_and(|s| {
+                s.value.lists(name)
+                    && self.leader_name().is_some_and(|l| {
+                        s.value
+                            .leader
+                            .as_deref()
+                            .is_some_and(|sl| sl.eq_ignore_ascii_case(l))
+                    })
+            })
+    }
+
     /// `config.pause` (Patroni accepts any truthy JSON here).
     pub fn is_paused(&self) -> bool {
         self.config

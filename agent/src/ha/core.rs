@@ -59,6 +59,8 @@ pub struct HaCore {
     crash_counted: bool,
     /// `synchronous_standby_names` as the sync planner last decided (leader only).
     pub sync_standby_names: String,
+    /// Quorum commit: which listed standbys have caught up since they were listed.
+    pub quorum_ready: super::quorum::Readiness,
     /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
     pub believes_leader: bool,
     pub lease_certain_until: Option<Instant>,

@@ -14,6 +14,7 @@ pub mod failsafe;
 pub mod local;
 pub mod observe;
 pub mod ports;
+pub mod quorum;
 pub mod restart;
 pub mod sync;
 pub mod timing;
@@ -154,8 +155,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             failover_priority: config.tags.failover_priority.unwrap_or(1),
             maximum_lag_on_failover: config.bootstrap.dcs.maximum_lag_on_failover,
             use_pg_rewind: config.bootstrap.dcs.postgresql.use_pg_rewind,
-            synchronous_mode: config.bootstrap.dcs.synchronous_mode
+            synchronous_mode: config.bootstrap.dcs.synchronous_mode.is_on()
                 && config.bootstrap.dcs.standby_source().is_none(),
+            quorum_commit: config.bootstrap.dcs.synchronous_mode.is_quorum(),
             standby_cluster: config.bootstrap.dcs.standby_source().is_some(),
             replicatefrom: config.tags.replicatefrom.clone(),
             failsafe_mode: config.bootstrap.dcs.failsafe_mode,
@@ -841,7 +843,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             self.applied_config = Some(raw.value.clone());
             self.parse_dynamic_config(&raw.value);
         }
-        if !self.dynamic.synchronous_mode && !self.core.sync_standby_names.is_empty() {
+        if !self.dynamic.synchronous_mode.is_on() && !self.core.sync_standby_names.is_empty() {
             // Nothing maintains synchronous standbys in asynchronous mode (the leader runs no
             // ManageSync once `sync` is gone): a name kept here, such as strict mode's `*` from
             // the bootstrap file of an agent restarted after synchronous mode was turned off,
@@ -909,7 +911,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 }
             );
         }
-        self.facts.synchronous_mode = dynamic.synchronous_mode && !standby_cluster;
+        self.facts.synchronous_mode = dynamic.synchronous_mode.is_on() && !standby_cluster;
+        self.facts.quorum_commit = dynamic.synchronous_mode.is_quorum();
         self.facts.standby_cluster = standby_cluster;
         if dynamic.failsafe_mode != self.facts.failsafe_mode {
             info!(
@@ -1012,7 +1015,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
 
     fn forget_sync_choice(&mut self) {
         self.core.forget_sync_choice(
-            self.dynamic.synchronous_mode,
+            self.dynamic.synchronous_mode.is_on(),
             self.dynamic.synchronous_mode_strict,
         );
     }
@@ -1043,12 +1046,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 debug!(?raised, "raised to the primary's values for hot standby");
             }
         }
-        if standby && self.dynamic.synchronous_mode && self.dynamic.synchronous_mode_strict {
+        if standby && self.dynamic.synchronous_mode.is_on() && self.dynamic.synchronous_mode_strict
+        {
             // Takes effect only if this standby is promoted: until the new leader has confirmed
             // a synchronous standby, commits wait instead of being acknowledged by one copy.
             parameters.insert("synchronous_standby_names".into(), "*".into());
         } else if !standby
-            && (self.dynamic.synchronous_mode || !self.core.sync_standby_names.is_empty())
+            && (self.dynamic.synchronous_mode.is_on() || !self.core.sync_standby_names.is_empty())
         {
             parameters.insert(
                 "synchronous_standby_names".into(),
@@ -1482,13 +1486,18 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 // standby it does not list: an agent restarted as lock holder has lost its
                 // chosen names and starts with strict mode's `*` (simulation seed
                 // 1796308787880: a write acknowledged by a standby not in `sync` was lost when
-                // the recorded one took over).
+                // the recorded one took over). With quorum commit: only if what postgres
+                // will wait for overlaps every set of voters that can elect.
                 if current.is_some_and(|s| {
                     s.value.leader.as_deref() == Some(&self.facts.name)
-                        && sync::acknowledges_only_through_recorded(
-                            &self.core.sync_standby_names,
-                            &s.value,
-                        )
+                        && if self.facts.quorum_commit {
+                            self.quorum_key_holds(&s.value)
+                        } else {
+                            sync::acknowledges_only_through_recorded(
+                                &self.core.sync_standby_names,
+                                &s.value,
+                            )
+                        }
                 }) {
                     return Ok(true);
                 }
@@ -1634,6 +1643,229 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
     }
 
+    /// Quorum commit: does `key` (naming us) still keep every acknowledged write electable
+    /// with the `synchronous_standby_names` we run?
+    fn quorum_key_holds(&self, key: &crate::dcs::SyncState) -> bool {
+        let Some(setting) = sync::parse_standby_setting(&self.core.sync_standby_names) else {
+            return false;
+        };
+        if setting.names.contains(&sync::StandbyName::Star) {
+            // Any standby, listed or not, may acknowledge.
+            return key.standbys().is_empty();
+        }
+        quorum::overlaps(quorum::QuorumInput {
+            leader: self.facts.name.clone(),
+            quorum: key.quorum,
+            voters: key.standbys().into_iter().collect(),
+            numsync: setting.num,
+            sync: setting
+                .names
+                .iter()
+                .map(|n| match n {
+                    sync::StandbyName::Star => "*".to_owned(),
+                    sync::StandbyName::Name(n) => n.clone(),
+                })
+                .collect(),
+            numsync_confirmed: 0,
+            active: quorum::Names::new(),
+            sync_wanted: 1,
+            leader_wanted: self.facts.name.clone(),
+        })
+    }
+
+    /// Runs postgres with `value` as `synchronous_standby_names` (rewrite and reload).
+    async fn set_standby_names(&mut self, value: String) -> Result<(), ActionError> {
+        if value == self.core.sync_standby_names {
+            return Ok(());
+        }
+        info!(synchronous_standby_names = %value, "changing synchronous standbys");
+        self.core.sync_standby_names = value;
+        let files = self.managed_files(false, None);
+        if self
+            .pg
+            .write_conf(&files)
+            .await
+            .map_err(ActionError::Failed)?
+        {
+            self.pg
+                .reload()
+                .await
+                .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
+        }
+        Ok(())
+    }
+
+    /// One cycle of quorum commit (`synchronous_mode: quorum`): the steps of
+    /// [`quorum::transitions`] from what postgres runs and what `sync` says, in their order. At
+    /// most one write of `sync` per cycle, and none after postgres' value changed (it must be
+    /// in force first): the rest follows on the next cycles, planned afresh.
+    async fn manage_quorum(
+        &mut self,
+        mode: sync::SyncMode,
+        view: &ClusterView,
+        status: &crate::state::PostgresStatus,
+    ) -> Result<(), ActionError> {
+        let me = self.facts.name.clone();
+        let Some(key) = view.sync.as_ref() else {
+            // Patroni's `_maybe_enable_synchronous_mode`: nobody may race but us until the
+            // standbys are confirmed.
+            let claim = crate::dcs::SyncState {
+                leader: Some(me.clone()),
+                sync_standby: None,
+                quorum: 0,
+            };
+            if self.dcs.write_sync(Some(&claim), Some(0)).await? {
+                info!("enabled quorum commit: `sync` names us with no voters yet");
+            }
+            return Ok(());
+        };
+        let canonical = |name: &str| {
+            view.members
+                .iter()
+                .find(|m| m.name.eq_ignore_ascii_case(name))
+                .map_or_else(|| name.to_owned(), |m| m.name.clone())
+        };
+        let running = status
+            .synchronous_standby_names
+            .clone()
+            .unwrap_or_else(|| self.core.sync_standby_names.clone());
+        let setting = sync::parse_standby_setting(&running).unwrap_or_else(|| {
+            warn!(synchronous_standby_names = %running, "cannot read synchronous_standby_names");
+            sync::StandbySetting {
+                any: false,
+                num: 0,
+                names: vec![],
+            }
+        });
+        let listed: quorum::Names = setting
+            .names
+            .iter()
+            .map(|n| match n {
+                sync::StandbyName::Star => "*".to_owned(),
+                sync::StandbyName::Name(n) => canonical(n),
+            })
+            .collect();
+        let voters: quorum::Names = key.value.standbys().iter().map(|n| canonical(n)).collect();
+        let active = sync::quorum_active(
+            mode,
+            &me,
+            view,
+            &status.replication,
+            &voters,
+            status.wal_position(),
+        );
+        let rows: Vec<(String, String, Option<u64>)> = status
+            .replication
+            .iter()
+            .filter(|r| r.state == "streaming")
+            .map(|r| {
+                (
+                    canonical(&r.application_name),
+                    r.sync_state.clone(),
+                    mode.lsn.of(r),
+                )
+            })
+            .collect();
+        let ready = self
+            .core
+            .quorum_ready
+            .observe(&running, &listed, status.wal_flush_lsn, &rows);
+        let confirmed = ready.intersection(&active).count();
+        if active.is_empty() {
+            if mode.strict {
+                // Patroni's strict mode: commits wait, for the voters while there are some.
+                let value = if voters.is_empty() {
+                    "*".to_owned()
+                } else {
+                    let quorum = usize::try_from(key.value.quorum).unwrap_or(usize::MAX);
+                    let numsync = voters.len().saturating_sub(quorum).max(1);
+                    quorum::render_any(u32::try_from(numsync).unwrap_or(u32::MAX), &voters)
+                };
+                return self.set_standby_names(value).await;
+            }
+            if voters.is_empty() && !listed.is_empty() {
+                return self.set_standby_names(String::new()).await;
+            }
+        }
+        let input = quorum::QuorumInput {
+            leader: key
+                .value
+                .leader
+                .as_deref()
+                .map(canonical)
+                .unwrap_or_default(),
+            quorum: key.value.quorum,
+            voters,
+            numsync: setting.num,
+            sync: listed.clone(),
+            numsync_confirmed: u32::try_from(confirmed).unwrap_or(u32::MAX),
+            active,
+            sync_wanted: mode.node_count.max(1),
+            leader_wanted: me.clone(),
+        };
+        let steps = match quorum::transitions(input) {
+            Ok(steps) => steps,
+            Err(e) => {
+                warn!("{e}; synchronous standbys left as they are");
+                return Ok(());
+            }
+        };
+        if steps.is_empty() {
+            // Postgres' value, as ANY (a leader restarted over a running postgres adopts it;
+            // Patroni turns FIRST into ANY).
+            if !listed.contains("*") {
+                let numsync = setting
+                    .num
+                    .min(u32::try_from(listed.len()).unwrap_or(u32::MAX));
+                return self
+                    .set_standby_names(quorum::render_any(numsync, &listed))
+                    .await;
+            }
+            return Ok(());
+        }
+        let mut revision = key.revision;
+        let mut wrote_key = false;
+        let mut changed_postgres = false;
+        for step in steps {
+            match step {
+                quorum::Transition::Quorum {
+                    leader,
+                    quorum,
+                    voters,
+                } => {
+                    if wrote_key || changed_postgres {
+                        break;
+                    }
+                    let state = crate::dcs::SyncState {
+                        leader: Some(leader),
+                        sync_standby: (!voters.is_empty())
+                            .then(|| voters.iter().cloned().collect::<Vec<_>>().join(",")),
+                        quorum,
+                    };
+                    if !self.dcs.write_sync(Some(&state), Some(revision)).await? {
+                        return Err(ActionError::Failed(
+                            "the `sync` key changed under us".into(),
+                        ));
+                    }
+                    info!(
+                        quorum,
+                        voters = ?state.sync_standby,
+                        "quorum commit: updated `sync`"
+                    );
+                    wrote_key = true;
+                    revision = -1;
+                }
+                quorum::Transition::Sync { numsync, sync } => {
+                    self.set_standby_names(quorum::render_any(numsync, &sync))
+                        .await?;
+                    changed_postgres = true;
+                }
+                quorum::Transition::Restart => break,
+            }
+        }
+        Ok(())
+    }
+
     /// Applies one cycle of the synchronous replication plan, keeping Patroni's order.
     async fn manage_sync(
         &mut self,
@@ -1649,12 +1881,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             .or_else(|| self.dynamic.postgresql.parameters.get("synchronous_commit"))
             .map(|v| v.as_setting());
         let mode = sync::SyncMode {
-            enabled: self.dynamic.synchronous_mode,
+            enabled: self.dynamic.synchronous_mode.is_on(),
             strict: self.dynamic.synchronous_mode_strict,
             node_count: self.dynamic.synchronous_node_count,
             max_lag: sync::SyncMode::max_lag_from_config(self.dynamic.maximum_lag_on_syncnode),
             lsn: sync::LsnKind::for_synchronous_commit(synchronous_commit.as_deref()),
         };
+        if self.facts.quorum_commit && self.facts.synchronous_mode {
+            return self.manage_quorum(mode, view, status).await;
+        }
         let plan = sync::plan(
             mode,
             &self.facts.name,

@@ -81,6 +81,8 @@ impl DataDir {
 }
 
 /// The local postgres.
+// One observation per cycle, matched everywhere by value: boxing the status would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum PostgresView {
     Down,

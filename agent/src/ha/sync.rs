@@ -8,6 +8,7 @@
 
 use std::collections::BTreeSet;
 
+use super::decide::SyncRule;
 use crate::dcs::{ClusterView, SyncState};
 use crate::state::ReplicationRow;
 
@@ -54,6 +55,22 @@ impl StandbyName {
 /// `a, "b"`, `2 (a, b)`, `FIRST 2 (a, b)`, `ANY 1 (a, b)`. `None` when it cannot be read, so a
 /// caller never mistakes a value it does not understand for an empty list.
 pub fn parse_standby_names(value: &str) -> Option<Vec<StandbyName>> {
+    parse_standby_setting(value).map(|s| s.names)
+}
+
+/// A `synchronous_standby_names` value, read as postgres does.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StandbySetting {
+    /// `ANY n (…)`: any `num` of the names acknowledge (quorum commit); otherwise the first
+    /// `num` listed that are connected do.
+    pub any: bool,
+    /// How many standbys a commit waits for (a bare list waits for one; empty for none).
+    pub num: u32,
+    pub names: Vec<StandbyName>,
+}
+
+/// [`parse_standby_names`] with the method and count.
+pub fn parse_standby_setting(value: &str) -> Option<StandbySetting> {
     #[derive(Debug, PartialEq)]
     enum Token {
         Word(String),
@@ -122,14 +139,15 @@ pub fn parse_standby_names(value: &str) -> Option<Vec<StandbyName>> {
             || w.eq_ignore_ascii_case("any"))
     };
     // `[FIRST|ANY] num ( list )` or a bare list.
-    let list: &[Token] = match tokens.as_slice() {
-        [Token::Number(_), Token::Open, inner @ .., Token::Close] => inner,
-        [first, Token::Number(_), Token::Open, inner @ .., Token::Close]
+    let (any, num, list): (bool, Option<&str>, &[Token]) = match tokens.as_slice() {
+        [Token::Number(n), Token::Open, inner @ .., Token::Close] => (false, Some(n), inner),
+        [first, Token::Number(n), Token::Open, inner @ .., Token::Close]
             if keyword(Some(first)) =>
         {
-            inner
+            let any = matches!(first, Token::Word(w) if w.eq_ignore_ascii_case("any"));
+            (any, Some(n), inner)
         }
-        all => all,
+        all => (false, None, all),
     };
     let mut names = Vec::new();
     for (i, token) in list.iter().enumerate() {
@@ -146,7 +164,11 @@ pub fn parse_standby_names(value: &str) -> Option<Vec<StandbyName>> {
             _ => return None,
         });
     }
-    Some(names)
+    let num = match num {
+        Some(n) => n.parse().ok()?,
+        None => u32::from(!names.is_empty()),
+    };
+    Some(StandbySetting { any, num, names })
 }
 
 /// `synchronous_standby_names` for `names`, as Patroni renders it in synchronous mode:
@@ -161,7 +183,7 @@ pub fn render_standby_names(names: &BTreeSet<String>) -> String {
 }
 
 /// Quotes a standby name unless it is a plain identifier (and not a keyword of the syntax).
-fn quote_standby_name(name: &str) -> String {
+pub(crate) fn quote_standby_name(name: &str) -> String {
     let mut chars = name.chars();
     let plain = chars
         .next()
@@ -196,7 +218,7 @@ impl LsnKind {
         }
     }
 
-    fn of(self, row: &ReplicationRow) -> Option<u64> {
+    pub(crate) fn of(self, row: &ReplicationRow) -> Option<u64> {
         match self {
             LsnKind::Write => row.write_lsn,
             LsnKind::Flush => row.flush_lsn,
@@ -276,22 +298,22 @@ struct Candidate<'a> {
     lsn: Option<u64>,
 }
 
-/// The standbys leader `me` should have as synchronous, best first (Patroni's
-/// `_ReplicaList` and `current_state`): streaming members of `view` with a `sync_priority`
+/// The standbys that may be synchronous for leader `me`, best first, with their `nofailover`
+/// tag (Patroni's `_ReplicaList` and `current_state`): streaming members of `view` with a `sync_priority`
 /// above 0 (`nosync` is 0), ranked by not `nofailover` (one that may not be promoted is a poor
 /// guarantee), higher `sync_priority`, incumbency, then the further position. With `max_lag`,
 /// a standby more than that behind the reference position is skipped, so the next one in
 /// rank takes its place. The reference is the most advanced candidate when there are several
 /// (when all of them are stuck none is swapped) and the leader's own position
 /// (`leader_lsn`) when there is one.
-fn pick(
+fn eligible(
     mode: SyncMode,
     me: &str,
     view: &ClusterView,
     replication: &[ReplicationRow],
     current: &BTreeSet<String>,
     leader_lsn: Option<u64>,
-) -> BTreeSet<String> {
+) -> Vec<(String, bool)> {
     let mut candidates: Vec<Candidate> = Vec::new();
     for row in replication.iter().filter(|r| r.state == "streaming") {
         let Some(member) = view
@@ -310,7 +332,8 @@ fn pick(
             row,
             nofailover: member.record.nofailover(),
             priority,
-            incumbent: row.sync_state == "sync" || current.contains(&member.name),
+            incumbent: matches!(row.sync_state.as_str(), "sync" | "quorum")
+                || current.contains(&member.name),
             lsn: mode.lsn.of(row),
         });
     }
@@ -335,7 +358,6 @@ fn pick(
         // Nothing to measure against: lag cannot be judged, so it does not disqualify.
         (Some(_), None) => true,
     };
-    let wanted = usize::try_from(mode.node_count.max(1)).unwrap_or(usize::MAX);
     candidates
         .iter()
         .filter(|c| {
@@ -349,9 +371,48 @@ fn pick(
             }
             ok
         })
-        .take(wanted)
-        .map(|c| c.name.clone())
+        .map(|c| (c.name.clone(), c.nofailover))
         .collect()
+}
+
+fn wanted(mode: SyncMode) -> usize {
+    usize::try_from(mode.node_count.max(1)).unwrap_or(usize::MAX)
+}
+
+/// The standbys leader `me` should have as synchronous, best first (see [`eligible`]).
+fn pick(
+    mode: SyncMode,
+    me: &str,
+    view: &ClusterView,
+    replication: &[ReplicationRow],
+    current: &BTreeSet<String>,
+    leader_lsn: Option<u64>,
+) -> BTreeSet<String> {
+    eligible(mode, me, view, replication, current, leader_lsn)
+        .into_iter()
+        .take(wanted(mode))
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// With quorum commit, the standbys that may vote and acknowledge (Patroni's `active`): every
+/// eligible one, but those tagged `nofailover` only while fewer than `synchronous_node_count`
+/// are chosen (a vote of a member that may not be promoted helps nobody take over).
+pub fn quorum_active(
+    mode: SyncMode,
+    me: &str,
+    view: &ClusterView,
+    replication: &[ReplicationRow],
+    current: &BTreeSet<String>,
+    leader_lsn: Option<u64>,
+) -> BTreeSet<String> {
+    let mut active = BTreeSet::new();
+    for (name, nofailover) in eligible(mode, me, view, replication, current, leader_lsn) {
+        if !nofailover || active.len() < wanted(mode) {
+            active.insert(name);
+        }
+    }
+    active
 }
 
 /// Plans one cycle of synchronous replication management for leader `me`.
@@ -420,9 +481,13 @@ pub fn plan(
 /// may have been lost with the DCS's state, not just be unwritten yet): no standby may, and
 /// the cluster waits for its former primary (`decide` lets a former primary race) or an
 /// operator, as Patroni does.
-pub fn may_race(enabled: bool, me: &str, view: &ClusterView) -> bool {
-    if !enabled {
-        return true;
+/// With quorum commit any member may race while `sync` exists: the votes decide
+/// (`crate::ha::decide`).
+pub fn may_race(rule: SyncRule, me: &str, view: &ClusterView) -> bool {
+    match rule {
+        SyncRule::Off => return true,
+        SyncRule::Quorum => return view.sync.is_some(),
+        SyncRule::Listed => {}
     }
     match view.sync.as_ref().map(|s| &s.value) {
         None => false,
@@ -779,16 +844,16 @@ mod tests {
     #[test]
     fn only_sync_members_may_race() {
         let v = view(Some(state("a", &names(&["b"]))));
-        assert!(may_race(true, "b", &v));
-        assert!(may_race(true, "a", &v));
-        assert!(!may_race(true, "c", &v));
-        assert!(may_race(false, "c", &v));
+        assert!(may_race(SyncRule::Listed, "b", &v));
+        assert!(may_race(SyncRule::Listed, "a", &v));
+        assert!(!may_race(SyncRule::Listed, "c", &v));
+        assert!(may_race(SyncRule::Off, "c", &v));
         let both = view(Some(state("a", &names(&["b", "c"]))));
-        assert!(may_race(true, "b", &both) && may_race(true, "c", &both));
-        assert!(!may_race(true, "d", &both));
+        assert!(may_race(SyncRule::Listed, "b", &both) && may_race(SyncRule::Listed, "c", &both));
+        assert!(!may_race(SyncRule::Listed, "d", &both));
         // A lost (or not yet written) `sync` key names nobody.
         let lost = view(None);
-        assert!(!may_race(true, "b", &lost));
-        assert!(may_race(false, "b", &lost));
+        assert!(!may_race(SyncRule::Listed, "b", &lost));
+        assert!(may_race(SyncRule::Off, "b", &lost));
     }
 }

@@ -68,7 +68,8 @@ SELECT pg_is_in_recovery(),
                                                             (flush_lsn - '0/0'::pg_lsn)::bigint,
                                                             (replay_lsn - '0/0'::pg_lsn)::bigint)
                                            ORDER BY application_name), '[]')::text
-                    FROM pg_stat_replication) END
+                    FROM pg_stat_replication) END,
+       current_setting('synchronous_standby_names')
 ";
 
 /// One row of the status query's last column (`pg_stat_replication` as a JSON array of arrays).
@@ -242,6 +243,7 @@ impl Probe {
                         _ => None,
                     },
                     replication,
+                    synchronous_standby_names: row.try_get(16)?,
                 })
             }
             .await;

@@ -4,8 +4,8 @@
 use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
-use super::race::{may_take_over, others_may_take_over};
-use super::{is_sysid, Action, Decision, MemberFacts, Outcome, StreamFrom};
+use super::race::{may_take_over, others_may_take_over, quorum_of};
+use super::{is_sysid, Action, Decision, MemberFacts, Outcome, StreamFrom, SyncRule};
 use crate::ha::observe::{LeaseCheck, Observation, PeerAnswer, PostgresView};
 
 pub(super) fn decide_as_lock_holder(
@@ -91,7 +91,7 @@ pub(super) fn decide_as_lock_holder(
                 &request.value,
                 status,
                 me.maximum_lag_on_failover,
-                me.synchronous_mode,
+                me.sync_rule(),
             ) {
                 // A switchover requested right after our promotion may be handled before any
                 // healthy cycle ran: record our timeline switch first, or `history` would
@@ -258,7 +258,7 @@ fn leader_handles_failover(
     request: &crate::dcs::FailoverRequest,
     status: &crate::state::PostgresStatus,
     maximum_lag: u64,
-    synchronous_mode: bool,
+    rule: SyncRule,
 ) -> Option<Decision> {
     let me = view.leader_name()?;
     if request.leader.as_deref().is_some_and(|l| l != me) {
@@ -313,7 +313,7 @@ fn leader_handles_failover(
     // one would leave nobody allowed to race, and the old leader would take the lock back and
     // hand over again, forever (simulation seed 4020, 3 members).
     let healthy = |p: &PeerAnswer| {
-        may_take_over(p, me, view, synchronous_mode, optime, maximum_lag)
+        may_take_over(p, me, view, rule, optime, maximum_lag)
             // A standby still on an older timeline (a demoted leader that has not streamed
             // from us yet) would promote to a timeline ID we already use: two histories under
             // one number, and nobody could follow it.
@@ -323,7 +323,8 @@ fn leader_handles_failover(
     };
     let candidate_ok = match &request.member {
         Some(candidate) => peers.iter().any(|p| &p.name == candidate && healthy(p)),
-        None => peers.iter().any(healthy),
+        // With quorum commit the one who races needs `sync.quorum` others' votes.
+        None => peers.iter().filter(|p| healthy(p)).count() > quorum_of(rule, view),
     };
     if !candidate_ok {
         let behind = |c: &str| {

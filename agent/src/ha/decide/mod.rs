@@ -28,6 +28,17 @@ use self::follower::decide_with_other_leader;
 use self::leader::decide_as_lock_holder;
 use self::race::decide_without_leader;
 
+/// Which members `sync` lets take over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SyncRule {
+    /// Asynchronous: anyone.
+    Off,
+    /// Synchronous mode: the `sync` leader and the standbys it lists.
+    Listed,
+    /// Quorum commit: a member that gathers `sync.quorum` votes.
+    Quorum,
+}
+
 /// The member's settings the decision depends on.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MemberFacts {
@@ -42,6 +53,9 @@ pub struct MemberFacts {
     pub use_pg_rewind: bool,
     /// `synchronous_mode` is on: only members listed in `sync` may race.
     pub synchronous_mode: bool,
+    /// `synchronous_mode: quorum`: any member may race, with `sync.quorum` votes of the
+    /// members `sync` lists (its `leader` included) at or behind it.
+    pub quorum_commit: bool,
     /// The cluster is a standby cluster (`standby_cluster` names a source): the lock holder,
     /// the standby leader, replicates from that source and nothing is promoted.
     pub standby_cluster: bool,
@@ -60,6 +74,15 @@ pub struct MemberFacts {
 }
 
 impl MemberFacts {
+    /// Who may race under the synchronous settings.
+    pub fn sync_rule(&self) -> SyncRule {
+        match (self.synchronous_mode, self.quorum_commit) {
+            (false, _) => SyncRule::Off,
+            (true, false) => SyncRule::Listed,
+            (true, true) => SyncRule::Quorum,
+        }
+    }
+
     /// Defaults for a member named `name`.
     pub fn named(name: &str) -> Self {
         MemberFacts {
@@ -69,6 +92,7 @@ impl MemberFacts {
             maximum_lag_on_failover: 1_048_576,
             use_pg_rewind: true,
             synchronous_mode: false,
+            quorum_commit: false,
             standby_cluster: false,
             replicatefrom: None,
             failsafe_mode: false,
@@ -239,6 +263,11 @@ pub enum NotEligible {
         mine: Option<u32>,
         cluster: u32,
     },
+    /// Quorum commit: fewer members of `sync` than its `quorum` said they are not ahead.
+    QuorumNotReached {
+        votes: i64,
+        quorum: u32,
+    },
 }
 
 impl fmt::Display for NotEligible {
@@ -262,6 +291,11 @@ impl fmt::Display for NotEligible {
                 f,
                 "check_timeline: my timeline {} is behind the last known cluster timeline {cluster}",
                 mine.map_or("(unknown)".to_owned(), |t| t.to_string())
+            ),
+            NotEligible::QuorumNotReached { votes, quorum } => write!(
+                f,
+                "quorum commit: {} vote(s) from the members in `sync`, {quorum} needed",
+                (*votes).max(0)
             ),
             NotEligible::NotInFailsafeTopology => {
                 write!(f, "failsafe mode: the `failsafe` key does not name this member")

@@ -5,7 +5,7 @@
 use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
-use super::{Action, Decision, MemberFacts, NotEligible, Outcome, StreamFrom};
+use super::{Action, Decision, MemberFacts, NotEligible, Outcome, StreamFrom, SyncRule};
 use crate::ha::observe::{Observation, PeerAnswer, PostgresView};
 
 /// The WAL position a member races with: a running standby's received or replayed position,
@@ -43,9 +43,9 @@ fn healthiest(
     former_primary: bool,
 ) -> Result<(), NotEligible> {
     // Without a `sync` key only the former primary is known to have every acknowledged write.
-    let sync_key_lost = me.synchronous_mode && view.sync.is_none();
-    let may_race = super::sync::may_race(me.synchronous_mode, &me.name, view)
-        || (former_primary && sync_key_lost);
+    let rule = me.sync_rule();
+    let sync_key_lost = rule != SyncRule::Off && view.sync.is_none();
+    let may_race = super::sync::may_race(rule, &me.name, view) || (former_primary && sync_key_lost);
     if !may_race {
         return Err(NotEligible::NotSynchronous);
     }
@@ -77,6 +77,21 @@ fn healthiest(
         });
     }
     let former = handed_over(view, wall_now);
+    // Quorum commit (Patroni's `is_healthiest_node`): the members `sync` names, its leader
+    // included, vote; one at or behind us says we have what it acknowledged. `sync.quorum`
+    // votes (ours counted when we are one of them) find every acknowledged write.
+    let quorum = match (rule, view.sync.as_ref()) {
+        (SyncRule::Quorum, Some(key)) => Some(&key.value),
+        _ => None,
+    };
+    let voting = |name: &str| {
+        quorum.is_some_and(|k| {
+            k.lists(name)
+                || k.leader
+                    .as_deref()
+                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
+        })
+    };
     for peer in peers {
         let Some(p) = &peer.status else { continue };
         if !p.is_primary && former == Some(peer.name.as_str()) {
@@ -84,8 +99,13 @@ fn healthiest(
         }
         // In synchronous mode only the recorded synchronous standby may take over (Patroni's
         // `is_healthiest_node` filters the candidates by `sync`): deferring to a member that
-        // may not race would leave the cluster without a leader.
-        if !p.is_primary && !super::sync::may_race(me.synchronous_mode, &peer.name, view) {
+        // may not race would leave the cluster without a leader. With quorum commit only the
+        // members of `sync` are asked.
+        let counted = match quorum {
+            Some(_) => voting(&peer.name),
+            None => super::sync::may_race(rule, &peer.name, view),
+        };
+        if !p.is_primary && !counted {
             continue;
         }
         if p.nofailover && !p.is_primary {
@@ -99,12 +119,64 @@ fn healthiest(
         if p.watchdog_failed {
             continue;
         }
+        let sync_leader = quorum
+            .and_then(|k| k.leader.as_deref())
+            .is_some_and(|l| l.eq_ignore_ascii_case(&peer.name));
         if p.wal_position > my_position {
+            // The former leader may still answer, ahead of us: it is not racing.
+            if sync_leader {
+                continue;
+            }
             return Err(NotEligible::PeerAhead(p.name.clone()));
         }
-        if p.wal_position == my_position && p.failover_priority > me.failover_priority {
+        if p.wal_position == my_position
+            && p.failover_priority > me.failover_priority
+            && !sync_leader
+        {
             return Err(NotEligible::PeerHigherPriority(p.name.clone()));
         }
+    }
+    quorum_votes(view, me, my_position, peers)
+}
+
+/// With quorum commit, whether the members of `sync` that answered prove that a member at
+/// `my_position` has every acknowledged write: none of them but the former leader is ahead,
+/// and `sync.quorum` of them (us included when listed) are at or behind it.
+fn quorum_votes(
+    view: &ClusterView,
+    me: &MemberFacts,
+    my_position: u64,
+    peers: &[PeerAnswer],
+) -> Result<(), NotEligible> {
+    let (SyncRule::Quorum, Some(key)) = (me.sync_rule(), view.sync.as_ref().map(|k| &k.value))
+    else {
+        return Ok(());
+    };
+    let is = |a: Option<&str>, b: &str| a.is_some_and(|a| a.eq_ignore_ascii_case(b));
+    let voting = |name: &str| key.lists(name) || is(key.leader.as_deref(), name);
+    let mut votes: i64 = if voting(&me.name) { 0 } else { -1 };
+    let mut former_leader_ahead = false;
+    for p in peers.iter().filter_map(|p| p.status.as_ref()) {
+        if !voting(&p.name) || !able_to_take_over(p) || p.is_primary {
+            continue;
+        }
+        if p.wal_position > my_position {
+            if is(key.leader.as_deref(), &p.name) {
+                former_leader_ahead = true;
+                continue;
+            }
+            return Err(NotEligible::PeerAhead(p.name.clone()));
+        }
+        if p.wal_position > 0 {
+            votes += 1;
+        }
+    }
+    let former_leader_unopposed = is(key.leader.as_deref(), &me.name) && !former_leader_ahead;
+    if !former_leader_unopposed && votes < i64::from(key.quorum) {
+        return Err(NotEligible::QuorumNotReached {
+            votes,
+            quorum: key.quorum,
+        });
     }
     Ok(())
 }
@@ -122,7 +194,7 @@ pub(super) fn others_may_take_over(
         view,
         &me.name,
         peers,
-        me.synchronous_mode,
+        me.sync_rule(),
         me.maximum_lag_on_failover,
     )
 }
@@ -134,29 +206,47 @@ pub fn someone_else_may_take_over(
     view: &ClusterView,
     me: &str,
     peers: &[PeerAnswer],
-    synchronous_mode: bool,
+    rule: SyncRule,
     maximum_lag: u64,
 ) -> bool {
     let last_position = view.status.as_ref().map_or(0, |s| s.optime);
-    peers
+    let able = peers
         .iter()
-        .any(|p| may_take_over(p, me, view, synchronous_mode, last_position, maximum_lag))
+        .filter(|p| may_take_over(p, me, view, rule, last_position, maximum_lag))
+        .count();
+    able > quorum_of(rule, view)
+}
+
+/// With quorum commit, how many candidates besides the one racing must be able to vote
+/// (Patroni's `is_failover_possible`: `sync.quorum`); 0 otherwise.
+pub(super) fn quorum_of(rule: SyncRule, view: &ClusterView) -> usize {
+    match (rule, view.sync.as_ref()) {
+        (SyncRule::Quorum, Some(key)) => usize::try_from(key.value.quorum).unwrap_or(usize::MAX),
+        _ => 0,
+    }
 }
 
 /// The one eligibility rule for another member taking the lock (Patroni's
-/// `is_failover_possible`): not `me`, allowed to race (in synchronous mode: listed in `sync`),
+/// `is_failover_possible`): not `me`, allowed to race (in synchronous mode and with quorum
+/// commit: listed in `sync`),
 /// able to take over ([`able_to_take_over`]), a standby, and within `maximum_lag` of
 /// `last_position`.
 pub(super) fn may_take_over(
     p: &PeerAnswer,
     me: &str,
     view: &ClusterView,
-    synchronous_mode: bool,
+    rule: SyncRule,
     last_position: u64,
     maximum_lag: u64,
 ) -> bool {
+    // With quorum commit the candidates are the standbys `sync` lists, as in Patroni (another
+    // member may gather the votes too, but is not counted on).
+    let candidate = match rule {
+        SyncRule::Quorum => view.sync.as_ref().is_some_and(|k| k.value.lists(&p.name)),
+        _ => super::sync::may_race(rule, &p.name, view),
+    };
     p.name != me
-        && super::sync::may_race(synchronous_mode, &p.name, view)
+        && candidate
         && p.status.as_ref().is_some_and(|s| {
             able_to_take_over(s)
                 && !s.is_primary
@@ -230,8 +320,19 @@ pub(super) fn decide_without_leader(
             let running_replica =
                 matches!(&obs.postgres, PostgresView::Running(s) if s.in_recovery);
             match request.member.as_deref() {
-                // The named candidate takes over without the lag and peer checks (§5.6).
+                // The named candidate takes over without the lag and peer checks (§5.6). With
+                // quorum commit, only once the votes prove it has every acknowledged write:
+                // the leader that was to hand over may have died first. Otherwise the request
+                // is dropped and everyone races (nobody would take over while others wait for
+                // this candidate).
                 Some(c) if c == me.name && running_replica => {
+                    let position = racing_position(obs).unwrap_or(0);
+                    if let Err(why) = quorum_votes(view, me, position, peers) {
+                        return Decision::new(
+                            Outcome::NoLeaderNotEligible(why),
+                            vec![Action::ClearFailover],
+                        );
+                    }
                     return Decision::new(
                         Outcome::TakingOverAsCandidate,
                         vec![
@@ -240,7 +341,7 @@ pub(super) fn decide_without_leader(
                             Action::SyncSlots,
                             Action::ClearFailover,
                         ],
-                    )
+                    );
                 }
                 Some(c) if c != me.name => {
                     // Others wait while the candidate could take over: it answers, may fail

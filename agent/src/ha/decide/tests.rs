@@ -32,6 +32,7 @@ fn pg(in_recovery: bool) -> PostgresStatus {
         replication: vec![],
         pending_restart: vec![],
         min_recovery: None,
+        synchronous_standby_names: None,
     }
 }
 
@@ -2140,4 +2141,79 @@ fn a_paused_leader_still_manages_its_synchronous_standbys() {
     );
     assert_eq!(d.outcome, Outcome::LeaderHealthy);
     assert!(d.actions.contains(&Action::ManageSync), "{:?}", d.actions);
+}
+
+/// Quorum commit (Patroni's `is_healthiest_node`): a member takes over once `sync.quorum`
+/// members named in `sync` (its leader included) answer that they are not ahead; one outside
+/// `sync` needs a vote more; the former leader answering ahead of us is no reason to wait.
+#[test]
+fn with_quorum_commit_a_member_races_on_the_votes_of_sync() {
+    let quorum_view =
+        |voters: &str, quorum: u32| match with_sync(view(None, Some(SYSID)), "pg2", voters) {
+            DcsView::Known(v) => {
+                let mut v = (*v).clone();
+                if let Some(s) = v.sync.as_mut() {
+                    s.value.quorum = quorum;
+                }
+                DcsView::Known(Arc::new(v))
+            }
+            other => other,
+        };
+    let facts = MemberFacts {
+        synchronous_mode: true,
+        quorum_commit: true,
+        ..me()
+    };
+    let race = |dcs: DcsView, peers: Vec<PeerAnswer>| {
+        let mut o = obs(
+            dcs,
+            LeaseCheck::NotHeld,
+            initialized(),
+            PostgresView::Running(replica(100)),
+        );
+        o.peers = Some(peers);
+        decide(&o, &facts)
+    };
+    // Voters pg0 and pg1, quorum 1: pg1 at or behind us is the vote needed.
+    let d = race(quorum_view("pg0,pg1", 1), vec![peer("pg1", 90, false)]);
+    assert_eq!(d.actions.first(), Some(&Action::AcquireLeader), "{d:?}");
+    let d = race(quorum_view("pg0,pg1", 1), vec![]);
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::QuorumNotReached {
+            votes: 0,
+            quorum: 1
+        })
+    );
+    let d = race(quorum_view("pg0,pg1", 1), vec![peer("pg1", 110, false)]);
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PeerAhead("pg1".into()))
+    );
+    // The former leader answering ahead of us is ignored, and is no vote.
+    let d = race(
+        quorum_view("pg0,pg1", 1),
+        vec![peer("pg2", 120, false), peer("pg1", 100, false)],
+    );
+    assert_eq!(d.actions.first(), Some(&Action::AcquireLeader), "{d:?}");
+    // Not a voter (voters pg1, quorum 0): pg1's vote is still needed.
+    let d = race(quorum_view("pg1", 0), vec![]);
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::QuorumNotReached {
+            votes: -1,
+            quorum: 0
+        })
+    );
+    let d = race(quorum_view("pg1", 0), vec![peer("pg1", 100, false)]);
+    assert_eq!(d.actions.first(), Some(&Action::AcquireLeader), "{d:?}");
+    // A member outside `sync` is not asked, so it neither votes nor holds us back.
+    let d = race(quorum_view("pg1", 0), vec![peer("pg3", 500, false)]);
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::QuorumNotReached {
+            votes: -1,
+            quorum: 0
+        })
+    );
 }
