@@ -554,6 +554,57 @@ async fn synchronous_node_count_two_keeps_both_replicas_and_sync_priority_zero_s
     }
 }
 
+/// A synchronous standby that is stopped asks to be released first (Patroni's
+/// `while_not_sync_standby`): it publishes `nosync`, the leader moves `sync` and
+/// `synchronous_standby_names` to the other replica, and only then does its postgres stop, so
+/// commits never wait for a standby that is going away.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_synchronous_standby_is_released_before_its_postgres_stops() {
+    let options = ClusterOptions {
+        synchronous_mode: true,
+        ..Default::default()
+    };
+    let mut env = cluster(options, |_, _| {}).await;
+    let leader = streaming(&env, 2).await;
+    wait_until("`sync` names a standby", T, || async {
+        !sync_key_standbys(&env).await.is_empty()
+    })
+    .await;
+    let sync_standby = sync_key_standbys(&env).await;
+    let other = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .find(|n| *n != leader && *n != sync_standby)
+        .expect("a third member");
+    let agent = env.member(&sync_standby).agent();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let exited = agent.wait_exit(T);
+    assert!(exited.is_some(), "the agent exits after SIGTERM");
+    // Already released when the stopping standby's agent is gone, not a cycle later (the
+    // other replica is recorded once postgres confirms it).
+    let recorded = sync_key_standbys(&env).await;
+    assert!(
+        !recorded.split(',').any(|n| n == sync_standby),
+        "`sync` still names {sync_standby}: {recorded}"
+    );
+    wait_until(
+        "the other replica is the synchronous standby",
+        T,
+        || async {
+            sync_key_standbys(&env).await == other
+                && synchronous_standby_names(&env, &leader).await == other
+        },
+    )
+    .await;
+    let log = env.member(&sync_standby).log_text();
+    assert!(log.contains("released from synchronous standby"), "{log}");
+    member(&env, &leader)
+        .sql("CREATE TABLE after_release (id int)")
+        .await
+        .expect("commits return");
+}
+
 /// `synchronous_mode: quorum` (Patroni 4's quorum commit): postgres waits for ANY one of the
 /// two replicas, `sync` names both with `quorum: 1`, the REST API and metrics call them quorum
 /// standbys. With one replica's WAL receiver frozen commits still return; the leader dies and

@@ -91,6 +91,9 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     /// What the loop remembers between cycles, and the rules over it.
     core: HaCore,
     last_view: Option<Arc<ClusterView>>,
+    /// Stopping as a synchronous standby: the member key says `nosync` so the leader picks
+    /// another one first (Patroni's `while_not_sync_standby`).
+    releasing_sync: bool,
     last_read_at: Option<Instant>,
     dcs_last_seen: Option<SystemTime>,
     last_postgres: Option<crate::state::PostgresStatus>,
@@ -195,6 +198,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             told_standby_leader: false,
             core,
             last_view: None,
+            releasing_sync: false,
             last_read_at: None,
             dcs_last_seen: None,
             last_postgres: None,
@@ -472,10 +476,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     async fn restart_postgres(&mut self, timeout: Option<u64>) -> RestartReply {
         self.core.restart_start_timeout = timeout.map(Duration::from_secs);
         self.end_backup("a restart of postgres").await;
+        self.release_sync_standby().await;
         let stopped = self
             .pg
             .stop_for_restart(StopMode::Fast, Duration::from_secs(60))
             .await;
+        // Back as a candidate once it runs again.
+        self.releasing_sync = false;
         self.pg.reset().await;
         if let Err(e) = stopped {
             return RestartReply::StopFailed(e);
@@ -539,6 +546,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 }
                 info!(schedule = %at, "scheduled restart");
                 self.end_backup("a scheduled restart of postgres").await;
+                self.release_sync_standby().await;
                 // Stopped here; the cycle that follows starts postgres again.
                 if let Err(e) = self
                     .pg
@@ -547,6 +555,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 {
                     error!(error = %e, "scheduled restart: could not stop postgres");
                 }
+                self.releasing_sync = false;
                 self.pg.reset().await;
             }
         }
@@ -2099,13 +2108,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     }
 
     fn member_record(&self, obs: &Observation) -> MemberRecord {
+        self.member_record_as(self.role(obs))
+    }
+
+    fn member_record_as(&self, role: Role) -> MemberRecord {
         let pg = self.last_postgres.as_ref();
         let paused = self.last_view.as_ref().is_some_and(|v| v.is_paused());
         MemberRecord {
             conn_url: self.config.conn_url(),
             api_url: self.config.api_url(),
             state: self.pg_state().as_str().to_owned(),
-            role: self.role(obs).as_str().to_owned(),
+            role: role.as_str().to_owned(),
             version: PATRONI_API_VERSION.to_owned(),
             // A standby whose replay is paused serves what it has replayed, however much it
             // receives: its lag in `list` and `/cluster` is the replay lag.
@@ -2127,7 +2140,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 .to_owned()
             }),
             timeline: pg.and_then(|p| p.timeline),
-            tags: self.config.effective_tags(),
+            tags: {
+                let mut tags = self.config.effective_tags();
+                if self.releasing_sync {
+                    tags.insert("nosync".into(), true.into());
+                }
+                tags
+            },
             pending_restart: pg.filter(|p| !p.pending_restart.is_empty()).map(|_| true),
             pause: paused.then_some(true),
             checkpoint_after_promote: self.core.checkpoint_after_promote_pending.then_some(false),
@@ -2159,6 +2178,56 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
     }
 
+    /// A synchronous (or quorum) standby about to stop (agent shutdown, restart) asks the leader to pick another one
+    /// first, so commits do not wait for it meanwhile (Patroni's `while_not_sync_standby`): it
+    /// publishes `nosync` and waits up to two `loop_wait`s for `sync` to drop it. Only a hint:
+    /// when the DCS does not answer it stops anyway.
+    async fn release_sync_standby(&mut self) {
+        let replica = self.last_postgres.as_ref().is_some_and(|p| p.in_recovery);
+        if self.core.believes_leader
+            || !replica
+            || !self.dynamic.synchronous_mode.is_on()
+            || self.config.tags.nosync
+        {
+            return;
+        }
+        let me = self.facts.name.clone();
+        match self.dcs.cluster().await {
+            Ok(view) if view.is_sync_listed(&me) => {}
+            _ => return,
+        }
+        self.releasing_sync = true;
+        if let Err(e) = self
+            .dcs
+            .touch_member(&self.member_record_as(Role::Replica))
+            .await
+        {
+            warn!(error = %error_chain(&e), "could not publish nosync; stopping as a synchronous standby");
+            return;
+        }
+        info!("asking the leader to release us from synchronous standby before stopping");
+        let waited_from = self.rt.now();
+        let limit = Duration::from_secs(u64::from(self.dynamic.loop_wait) * 2);
+        loop {
+            self.rt.sleep(Duration::from_secs(1)).await;
+            match self.dcs.cluster().await {
+                Ok(view) if !view.is_sync_listed(&me) => {
+                    info!("released from synchronous standby");
+                    return;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    warn!(error = %error_chain(&e), "cannot read the cluster; stopping without waiting for the release");
+                    return;
+                }
+            }
+            if self.rt.now().saturating_duration_since(waited_from) >= limit {
+                warn!("the leader did not release us from synchronous standby in time; stopping anyway");
+                return;
+            }
+        }
+    }
+
     /// Graceful stop (Patroni §5.10): fast shutdown, then release `leader` so replicas race at
     /// once instead of after `ttl`, then revoke the lease so the member key disappears.
     async fn shutdown(&mut self) {
@@ -2167,6 +2236,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             task.abort();
         }
         self.end_backup("the agent shuts down").await;
+        self.release_sync_standby().await;
         let stopped = self.pg.stop(StopMode::Fast, Duration::from_secs(60)).await;
         self.pg.set_fence(None);
         match stopped {
