@@ -1682,6 +1682,47 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         })
     }
 
+    /// The listed standbys known to have caught up since postgres' `synchronous_standby_names`
+    /// last changed (`quorum::Readiness`); `None` while postgres' value is unknown.
+    fn caught_up_standbys(
+        &mut self,
+        view: &ClusterView,
+        status: &crate::state::PostgresStatus,
+    ) -> Option<quorum::Names> {
+        let running = status.synchronous_standby_names.as_deref()?;
+        let canonical = |name: &str| {
+            view.members
+                .iter()
+                .find(|m| m.name.eq_ignore_ascii_case(name))
+                .map_or_else(|| name.to_owned(), |m| m.name.clone())
+        };
+        let listed: quorum::Names = sync::parse_standby_names(running)
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|n| match n {
+                sync::StandbyName::Star => None,
+                sync::StandbyName::Name(n) => Some(canonical(n)),
+            })
+            .collect();
+        let rows: Vec<(String, String, Option<u64>)> = status
+            .replication
+            .iter()
+            .filter(|r| r.state == "streaming")
+            .map(|r| {
+                (
+                    canonical(&r.application_name),
+                    r.sync_state.clone(),
+                    r.flush_lsn,
+                )
+            })
+            .collect();
+        Some(
+            self.core
+                .quorum_ready
+                .observe(running, &listed, status.wal_flush_lsn, &rows, "sync"),
+        )
+    }
+
     /// Runs postgres with `value` as `synchronous_standby_names` (rewrite and reload).
     async fn set_standby_names(&mut self, value: String) -> Result<(), ActionError> {
         if value == self.core.sync_standby_names {
@@ -1775,10 +1816,13 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 )
             })
             .collect();
-        let ready = self
-            .core
-            .quorum_ready
-            .observe(&running, &listed, status.wal_flush_lsn, &rows);
+        let ready = self.core.quorum_ready.observe(
+            &running,
+            &listed,
+            status.wal_flush_lsn,
+            &rows,
+            "quorum",
+        );
         let confirmed = ready.intersection(&active).count();
         if active.is_empty() {
             if mode.strict {
@@ -1899,12 +1943,14 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         if self.facts.quorum_commit && self.facts.synchronous_mode {
             return self.manage_quorum(mode, view, status).await;
         }
-        let plan = sync::plan(
+        let caught_up = self.caught_up_standbys(view, status);
+        let plan = sync::plan_with_readiness(
             mode,
             &self.facts.name,
             view,
             &status.replication,
             status.wal_position(),
+            caught_up.as_ref(),
         );
         let revision = view.sync.as_ref().map(|s| s.revision);
         if plan.delete_key {

@@ -105,8 +105,9 @@ pub fn render_any(numsync: u32, sync: &Names) -> String {
 
 /// Which listed standbys have caught up since they were listed (Patroni's
 /// `_process_replica_readiness`): one counts once it reported the position the primary had
-/// flushed when `synchronous_standby_names` last changed, as a `quorum` standby. Until then it
-/// may lack commits acknowledged without it, so it is not yet counted on in the key.
+/// flushed when `synchronous_standby_names` last changed, in the `sync_state` that says postgres
+/// waits for it (`quorum` with quorum commit, `sync` otherwise). Until then it may lack commits
+/// acknowledged without it, so it is not yet counted on in the key.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Readiness {
     seen: Option<String>,
@@ -124,6 +125,7 @@ impl Readiness {
         listed: &Names,
         flush_lsn: Option<u64>,
         rows: &[(String, String, Option<u64>)],
+        waited_state: &str,
     ) -> Names {
         if self.seen.as_deref() != Some(running) {
             self.seen = Some(running.to_owned());
@@ -136,7 +138,7 @@ impl Readiness {
         if let Some(target) = self.caught_up_to {
             for (name, state, position) in rows {
                 if listed.contains(name)
-                    && state == "quorum"
+                    && state == waited_state
                     && position.is_some_and(|p| p >= target)
                 {
                     self.ready.insert(name.clone());
@@ -669,6 +671,56 @@ mod tests {
             Some(Transition::Quorum { quorum: 2, .. })
         ));
         apply(start, &steps);
+    }
+
+    #[test]
+    fn a_listed_standby_is_ready_once_it_reached_the_position_of_its_listing() {
+        let mut r = Readiness::default();
+        let listed = names(&["b", "c"]);
+        let row = |n: &str, at: u64| (n.to_owned(), "quorum".to_owned(), Some(at));
+        // Listed when the leader had flushed 100.
+        let ready = r.observe(
+            "ANY 1 (b,c)",
+            &listed,
+            Some(100),
+            &[row("b", 90), row("c", 100)],
+            "quorum",
+        );
+        assert_eq!(ready, names(&["c"]));
+        let ready = r.observe(
+            "ANY 1 (b,c)",
+            &listed,
+            Some(150),
+            &[row("b", 100), row("c", 120)],
+            "quorum",
+        );
+        assert_eq!(
+            ready,
+            names(&["b", "c"]),
+            "the target stays that of the listing"
+        );
+        // Disconnected: it must catch up again.
+        let ready = r.observe(
+            "ANY 1 (b,c)",
+            &listed,
+            Some(150),
+            &[row("b", 150)],
+            "quorum",
+        );
+        assert_eq!(ready, names(&["b"]));
+        // A new value resets the target; a standby reported in another state does not count.
+        let ready = r.observe(
+            "ANY 2 (b,c)",
+            &listed,
+            Some(200),
+            &[row("b", 150), ("c".into(), "potential".into(), Some(300))],
+            "quorum",
+        );
+        assert_eq!(
+            ready,
+            names(&["b"]),
+            "b stays ready; c is not a quorum standby yet"
+        );
     }
 
     #[test]

@@ -426,6 +426,20 @@ pub fn plan(
     replication: &[ReplicationRow],
     leader_lsn: Option<u64>,
 ) -> SyncPlan {
+    plan_with_readiness(mode, me, view, replication, leader_lsn, None)
+}
+
+/// [`plan`], where a standby not yet in `sync` is recorded only once it is in `caught_up`
+/// (`quorum::Readiness`: it reached the leader's position of the moment it was listed), as
+/// Patroni does; `None` trusts postgres' `sync` state alone.
+pub fn plan_with_readiness(
+    mode: SyncMode,
+    me: &str,
+    view: &ClusterView,
+    replication: &[ReplicationRow],
+    leader_lsn: Option<u64>,
+    caught_up: Option<&BTreeSet<String>>,
+) -> SyncPlan {
     if !mode.enabled {
         return SyncPlan {
             key_before: None,
@@ -454,6 +468,7 @@ pub fn plan(
                 .iter()
                 .find(|n| n.eq_ignore_ascii_case(&r.application_name))
         })
+        .filter(|n| current.contains(*n) || caught_up.is_none_or(|c| c.contains(*n)))
         .cloned()
         .collect();
     let after_before: BTreeSet<String> = current.intersection(&desired).cloned().collect();
@@ -635,6 +650,23 @@ mod tests {
         assert_eq!(p.key_after, None, "not yet confirmed by postgres");
         let p = plan(ON, "a", &v, &[row("b", "sync")], Some(1000));
         assert_eq!(standbys(p.key_after), Some("b".to_owned()));
+    }
+
+    #[test]
+    fn a_new_standby_is_published_only_once_it_caught_up() {
+        let v = view(Some(state("a", &BTreeSet::new())));
+        let rows = [row("b", "sync")];
+        let p = plan_with_readiness(ON, "a", &v, &rows, Some(1000), Some(&names(&[])));
+        assert_eq!(
+            p.key_after, None,
+            "postgres says sync, but it may lack older commits"
+        );
+        let p = plan_with_readiness(ON, "a", &v, &rows, Some(1000), Some(&names(&["b"])));
+        assert_eq!(standbys(p.key_after), Some("b".to_owned()));
+        // One already recorded stays without being checked again.
+        let v = view(Some(state("a", &names(&["b"]))));
+        let p = plan_with_readiness(ON, "a", &v, &rows, Some(1000), Some(&names(&[])));
+        assert_eq!((p.key_before, p.key_after), (None, None));
     }
 
     #[test]
