@@ -327,6 +327,18 @@ fn eligible(
         if member.name == me || priority <= 0 || candidates.iter().any(|c| c.name == member.name) {
             continue;
         }
+        // One that should cascade from another standby (`replicatefrom`) is connected to us
+        // only for the moment: it is no candidate (Patroni's `_should_cascade`).
+        let replicatefrom = member
+            .record
+            .tags
+            .get("replicatefrom")
+            .and_then(|v| v.as_str());
+        if replicatefrom.is_some()
+            && super::decide::topology::upstream_of(view, me, &member.name, replicatefrom) != me
+        {
+            continue;
+        }
         candidates.push(Candidate {
             name: member.name.clone(),
             row,
@@ -650,6 +662,32 @@ mod tests {
         assert_eq!(p.key_after, None, "not yet confirmed by postgres");
         let p = plan(ON, "a", &v, &[row("b", "sync")], Some(1000));
         assert_eq!(standbys(p.key_after), Some("b".to_owned()));
+    }
+
+    #[test]
+    fn a_member_that_should_cascade_is_no_candidate() {
+        let mut v = view_tagged(
+            Some(state("a", &BTreeSet::new())),
+            &[("c", serde_json::json!({"replicatefrom": "b"}))],
+        );
+        for m in &mut v.members {
+            m.record.state = "running".into();
+            m.record.conn_url = format!("postgres://{}:5432/postgres", m.name);
+        }
+        let p = plan(ON, "a", &v, &[row("c", "async")], Some(1000));
+        assert_eq!(p.standby_names, "", "c should stream from b");
+        let p = plan(
+            ON,
+            "a",
+            &v,
+            &[row("b", "async"), row("c", "async")],
+            Some(1000),
+        );
+        assert_eq!(p.standby_names, "b");
+        // With b gone, c streams from the leader and may be synchronous.
+        v.members.retain(|m| m.name != "b");
+        let p = plan(ON, "a", &v, &[row("c", "async")], Some(1000));
+        assert_eq!(p.standby_names, "c");
     }
 
     #[test]
