@@ -2217,3 +2217,49 @@ fn with_quorum_commit_a_member_races_on_the_votes_of_sync() {
         })
     );
 }
+
+/// Quorum commit: a switchover candidate whose leader died before handing over takes the lock
+/// only with the votes of `sync`; without them the request is dropped so that everyone races
+/// (simulation seed 5400: it took over lacking writes acknowledged through another standby).
+#[test]
+fn with_quorum_commit_a_candidate_left_without_its_leader_needs_the_votes() {
+    let dcs = match with_sync(view(None, Some(SYSID)), "pg2", "pg0,pg1") {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            if let Some(s) = v.sync.as_mut() {
+                s.value.quorum = 1;
+            }
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: Some("pg2".into()),
+                    member: Some("pg0".into()),
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    };
+    let facts = MemberFacts {
+        synchronous_mode: true,
+        quorum_commit: true,
+        ..me()
+    };
+    let mut o = obs(
+        dcs,
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    o.peers = Some(vec![peer("pg1", 120, false)]);
+    let d = decide(&o, &facts);
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PeerAhead("pg1".into()))
+    );
+    assert_eq!(d.actions, vec![Action::ClearFailover]);
+    o.peers = Some(vec![peer("pg1", 100, false)]);
+    let d = decide(&o, &facts);
+    assert_eq!(d.outcome, Outcome::TakingOverAsCandidate);
+}
