@@ -141,7 +141,7 @@ impl DynamicConfig {
                 ));
             }
         }
-        warnings.extend(super::slots::permanent_physical(&self.slots, prefix).1);
+        warnings.extend(super::slots::permanent(&self.slots, prefix).1);
         warnings.extend(super::slots::ignore_warnings(&self.ignore_slots, prefix));
         warnings
     }
