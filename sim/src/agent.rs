@@ -741,7 +741,10 @@ impl Postgres for SimPostgres {
         Ok(Vec::new())
     }
 
-    async fn change_slot(&self, _: &pgwarden::ha::slots::SlotChange) -> Result<(), String> {
+    async fn change_slot(
+        &self,
+        _: &pgwarden::ha::slots::SlotChange,
+    ) -> Result<(), pgwarden::ha::ports::SlotChangeError> {
         Ok(())
     }
 

@@ -27,7 +27,7 @@ use super::dynamic_copy;
 use super::error_chain;
 use super::failsafe::{FailsafeAnswer, FailsafeRequest};
 use super::observe::{DataDir, PeerAnswer};
-use super::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
+use super::ports::{LongTask, Peers, Postgres, Runtime, SlotChangeError, TaskError};
 use super::slots::SlotChange;
 
 /// The HA loop of the agent binary.
@@ -172,7 +172,7 @@ impl Postgres for LocalPostgres {
             .map_err(|e| format!("cannot list replication slots: {}", error_chain(&e)))
     }
 
-    async fn change_slot(&self, change: &SlotChange) -> Result<(), String> {
+    async fn change_slot(&self, change: &SlotChange) -> Result<(), SlotChangeError> {
         let done = match change {
             SlotChange::Drop { name, .. } => self.probe.execute(&slots::drop_sql(name)).await,
             SlotChange::CreatePhysical { name } => {
@@ -196,7 +196,22 @@ impl Postgres for LocalPostgres {
                     .await
             }
         };
-        done.map_err(|e| error_chain(&e))
+        done.map_err(|e| {
+            use tokio_postgres::error::SqlState;
+            let code = match &e {
+                probe::ProbeError::Query(q) => q.code(),
+                _ => None,
+            };
+            let advancing = matches!(change, SlotChange::Advance { .. });
+            if advancing
+                && (code == Some(&SqlState::UNDEFINED_FILE)
+                    || code == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE))
+            {
+                SlotChangeError::CopyUnusable(error_chain(&e))
+            } else {
+                SlotChangeError::Failed(error_chain(&e))
+            }
+        })
     }
 
     async fn read_primary_slots(
@@ -206,7 +221,9 @@ impl Postgres for LocalPostgres {
         names: &[String],
         with_state: bool,
     ) -> Result<Vec<PrimarySlot>, String> {
-        slots::read_from_primary(config, primary, names, with_state, Duration::from_secs(5))
+        // Short: a replica asks every cycle while a copy is not yet safe, and a primary that
+        // went away must not hold up the loop that is to replace it.
+        slots::read_from_primary(config, primary, names, with_state, Duration::from_secs(2))
             .await
             .map_err(|e| error_chain(&e))
     }

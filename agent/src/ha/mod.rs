@@ -2040,7 +2040,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             replay_lsn: status.replay_lsn,
             paused: view.is_paused(),
         };
-        let plan = slots::plan(&wanted, &existing, &self.dynamic.ignore_slots, local);
+        let mut plan = slots::plan(&wanted, &existing, &self.dynamic.ignore_slots, local);
+        let mut recopy = Vec::new();
         let readiness = self.slot_readiness.get_or_insert_with(|| {
             let mut seeded = slots::Readiness::default();
             for slot in existing
@@ -2073,8 +2074,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 ),
             }
             // One failed step does not stop the others; the next cycle plans again.
-            if let Err(e) = self.pg.change_slot(change).await {
-                warn!(?change, error = %e, "could not change a replication slot");
+            match self.pg.change_slot(change).await {
+                Ok(()) => {}
+                Err(ports::SlotChangeError::CopyUnusable(e)) => {
+                    if let slots::SlotChange::Advance { name, .. } = change {
+                        warn!(slot = %name, error = %e, "the copy of a logical slot cannot be advanced: copying it again");
+                        recopy.push(name.clone());
+                    }
+                }
+                Err(e) => warn!(?change, error = %e, "could not change a replication slot"),
             }
         }
         if local.primary {
@@ -2093,6 +2101,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             return Ok(());
         };
         self.check_slot_readiness(&primary, &existing).await;
+        plan.copy_from_primary.extend(recopy);
         if !plan.copy_from_primary.is_empty() {
             self.copy_logical_slots(&primary, &wanted, &plan.copy_from_primary)
                 .await?;

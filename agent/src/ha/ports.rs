@@ -52,6 +52,18 @@ impl From<String> for TaskError {
     }
 }
 
+/// Why a step of a slot plan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotChangeError {
+    /// A copy of a logical slot cannot be advanced any more: the WAL it needs is gone
+    /// (SQLSTATE 58P01) or it was invalidated (55000). Patroni copies it again.
+    #[error("{0}")]
+    CopyUnusable(String),
+    /// Anything else; the next cycle plans again.
+    #[error("{0}")]
+    Failed(String),
+}
+
 /// A long task running beside the loop. It resolves to the task's result, or to `Err` with a
 /// reason when the task itself panicked or was cancelled.
 pub trait LongTask:
@@ -120,7 +132,7 @@ pub trait Postgres: Send + Sync + 'static {
     /// The non-temporary replication slots, physical and logical.
     async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>, String>;
     /// Carries out one step of a slot plan (`super::slots::plan`).
-    async fn change_slot(&self, change: &SlotChange) -> Result<(), String>;
+    async fn change_slot(&self, change: &SlotChange) -> Result<(), SlotChangeError>;
     /// Reads the slots `names` from the primary `primary`, with their `state` files when
     /// `with_state`; a primary in recovery answers none.
     async fn read_primary_slots(
