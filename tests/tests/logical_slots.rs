@@ -156,6 +156,12 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
             .is_ok_and(|r| r == ["false"])
     })
     .await;
+    assert!(
+        !promoted
+            .log_text()
+            .contains("might be unsafe to use after promote"),
+        "the copy was known safe before the promotion"
+    );
     // Exactly the changes the consumer had not confirmed: none lost, none repeated.
     assert_eq!(promoted.sql(PEEK).await.expect("peek"), inserted(4..=6));
     // The consumer goes on on the new primary, with its new changes too.

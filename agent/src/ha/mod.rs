@@ -2042,7 +2042,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         };
         let mut plan = slots::plan(&wanted, &existing, &self.dynamic.ignore_slots, local);
         let mut recopy = Vec::new();
-        let readiness = self.slot_readiness.get_or_insert_with(|| {
+        // A replica seeds the check with the copies it has (Patroni's forced readiness check
+        // at start); a leader has nothing to check (a promotion still in recovery included).
+        if !local.primary && !leads && self.slot_readiness.is_none() {
             let mut seeded = slots::Readiness::default();
             for slot in existing
                 .iter()
@@ -2050,13 +2052,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             {
                 seeded.copied(&slot.name);
             }
-            seeded
-        });
+            self.slot_readiness = Some(seeded);
+        }
         for change in &plan.changes {
             match change {
                 slots::SlotChange::Drop { name, reason } => {
                     info!(slot = %name, %reason, "dropping a replication slot");
-                    readiness.forget(name);
+                    if let Some(readiness) = self.slot_readiness.as_mut() {
+                        readiness.forget(name);
+                    }
                 }
                 slots::SlotChange::CreatePhysical { name } => {
                     info!(slot = %name, "creating a physical replication slot")
