@@ -2104,7 +2104,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         else {
             return Ok(());
         };
-        self.check_slot_readiness(&primary, &existing).await;
+        self.check_slot_readiness(view, &primary, &existing).await;
         plan.copy_from_primary.extend(recopy);
         if !plan.copy_from_primary.is_empty() {
             self.copy_logical_slots(&primary, &wanted, &plan.copy_from_primary)
@@ -2114,30 +2114,48 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     }
 
     /// Patroni's `_get_permanent_slots`: a member that may become the leader and streams keeps
-    /// the permanent logical slots; a `nofailover` or `nostream` member, or a member of a
-    /// standby cluster, has none (and drops them as unknown).
+    /// the permanent logical slots; a `nofailover` or `nostream` member, one whose cascade
+    /// does not stream, or a member of a standby cluster, has none (and drops them as unknown).
     fn holds_logical_slots(&self) -> bool {
         self.dynamic.postgresql.use_slots
             && !self.facts.nofailover
-            && !self.config.tags.nostream
             && self.dynamic.standby_source().is_none()
+            && match self.last_view.as_deref() {
+                Some(view) => self.slot_on_leader(view).is_some(),
+                None => !self.config.tags.nostream,
+            }
     }
 
-    /// Patroni's `check_logical_slots_readiness`, for a replica that streams from the primary
-    /// itself (a cascading replica's feedback reaches the primary through another member's
-    /// slot, which is not checked): logs each copied slot once it is safe after a failover.
+    /// This member's physical slot on the leader (see [`topology::slot_on_leader`]).
+    fn slot_on_leader(&self, view: &ClusterView) -> Option<String> {
+        let leader = view.leader_name().unwrap_or(self.facts.name.as_str());
+        topology::slot_on_leader(
+            view,
+            leader,
+            &self.facts.name,
+            self.facts.replicatefrom.as_deref(),
+            self.config.tags.nostream,
+        )
+    }
+
+    /// Patroni's `check_logical_slots_readiness`: logs each copied slot once it is safe after a
+    /// failover, judged by the physical slot on the primary that carries this member's
+    /// feedback (a cascading member's goes through its chain's first member).
     async fn check_slot_readiness(
         &mut self,
+        view: &ClusterView,
         primary: &Upstream,
         existing: &[crate::postgres::slots::ReplicationSlot],
     ) {
+        let Some(own) = self.slot_on_leader(view) else {
+            return;
+        };
         let Some(readiness) = self.slot_readiness.as_mut() else {
             return;
         };
-        if readiness.pending().next().is_none() || self.facts.replicatefrom.is_some() {
+        if readiness.pending().next().is_none() {
             return;
         }
-        let own = replica::slot_name(&self.facts.name);
         let mut names = readiness.unremembered();
         names.push(own.clone());
         let rows = match self
