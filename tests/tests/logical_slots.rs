@@ -2,7 +2,9 @@
 //! (`patroni/postgresql/slots.py`, docs "dynamic configuration: slots"): the primary creates the
 //! slot, the replicas copy it and keep it advanced to the position the primary publishes, and
 //! after a failover a logical consumer continues on the new primary with exactly the changes
-//! it had not consumed.
+//! it had not consumed. Logical slots that are not configured are dropped unless ignored, and a
+//! slot whose plugin changes in the configuration is made again, on the primary and the
+//! replicas.
 
 use std::time::Duration;
 
@@ -24,6 +26,18 @@ fn inserted(ids: std::ops::RangeInclusive<i32>) -> Vec<String> {
         ]
     })
     .collect()
+}
+
+/// The plugin of the slot `name` on `member`, if it has the slot.
+async fn plugin(member: &pgwarden_tests::harness::Member, name: &str) -> Option<String> {
+    member
+        .sql(&format!(
+            "SELECT plugin::text FROM pg_replication_slots WHERE slot_name = '{name}'"
+        ))
+        .await
+        .ok()?
+        .into_iter()
+        .next()
 }
 
 /// The slot's `confirmed_flush_lsn` on `member`, if it has the slot.
@@ -53,6 +67,10 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
             serde_yaml::from_str("cdc: {type: logical, database: postgres, plugin: test_decoding}")
                 .expect("yaml"),
         );
+        m.set(
+            "bootstrap.dcs.ignore_slots",
+            serde_yaml::from_str("[{name: external, type: logical}]").expect("yaml"),
+        );
     }
     for i in 0..3 {
         env.start_member(i).expect("start");
@@ -63,6 +81,24 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
         confirmed_flush(leader).await.is_some()
     })
     .await;
+    // Logical slots made by hand: the unknown one goes, the ignored one stays.
+    for slot in ["stray", "external"] {
+        leader
+            .sql(&format!(
+                "SELECT pg_create_logical_replication_slot('{slot}', 'test_decoding')"
+            ))
+            .await
+            .expect("slot made by hand");
+    }
+    wait_until("the unknown logical slot is dropped", T, || async {
+        plugin(leader, "stray").await.is_none()
+    })
+    .await;
+    assert!(plugin(leader, "external").await.is_some(), "ignored: kept");
+    leader
+        .sql("SELECT pg_drop_replication_slot('external')")
+        .await
+        .expect("drop");
     leader
         .sql("CREATE TABLE events (id int PRIMARY KEY)")
         .await
@@ -177,7 +213,24 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
         .await
         .expect("consume");
     assert_eq!(rest, inserted(4..=7));
-    // The new leader keeps the slot (it is configured) rather than dropping the copy.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    assert!(confirmed_flush(promoted).await.is_some(), "the slot stays");
+
+    // Another plugin in the configuration: the slot is dropped and made again on the primary,
+    // and the remaining replica replaces its copy.
+    let (code, text) = promoted
+        .api_request(
+            "PATCH",
+            "/config",
+            Some(r#"{"slots": {"cdc": {"type": "logical", "database": "postgres", "plugin": "pgoutput"}}}"#),
+        )
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    for member in env.members.iter().filter(|m| m.name != old) {
+        wait_until(
+            &format!("{} has the slot with the new plugin", member.name),
+            T,
+            || async { plugin(member, "cdc").await.as_deref() == Some("pgoutput") },
+        )
+        .await;
+    }
 }
