@@ -2008,7 +2008,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
         physical.remove(&own);
         let published = view.status.as_ref().map(|s| &s.slots);
-        let logical = if self.holds_logical_slots() {
+        // The leader keeps the configured logical slots whatever its own tags: Patroni would
+        // drop them on a primary tagged `nofailover` or `nostream`, losing the consumers'
+        // positions for good.
+        let keeps_logical = if leads {
+            self.dynamic.postgresql.use_slots && self.dynamic.standby_source().is_none()
+        } else {
+            self.holds_logical_slots()
+        };
+        let logical = if keeps_logical {
             permanent
                 .logical
                 .into_iter()
