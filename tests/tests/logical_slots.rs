@@ -4,7 +4,7 @@
 //! after a failover a logical consumer continues on the new primary with exactly the changes
 //! it had not consumed. Logical slots that are not configured are dropped unless ignored, and a
 //! slot whose plugin changes in the configuration is made again, on the primary and the
-//! replicas.
+//! replicas. Across switchovers the demoted primary keeps its slot and has it advanced.
 
 use std::time::Duration;
 
@@ -233,4 +233,133 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
         )
         .await;
     }
+}
+
+/// Waits until `replica` has replayed all `primary` wrote and its copy of the slot stands where
+/// the consumer confirmed on `primary`.
+async fn copy_caught_up(
+    primary: &pgwarden_tests::harness::Member,
+    replica: &pgwarden_tests::harness::Member,
+) {
+    let confirmed = confirmed_flush(primary).await.expect("the slot");
+    let written = primary
+        .sql("SELECT pg_current_wal_lsn()::text")
+        .await
+        .expect("lsn")[0]
+        .clone();
+    wait_until(
+        &format!("{} has the slot at {confirmed}", replica.name),
+        T,
+        || async {
+            replica
+                .sql(&format!(
+                    "SELECT (confirmed_flush_lsn >= '{confirmed}' \
+                             AND pg_last_wal_replay_lsn() >= '{written}')::text \
+                     FROM pg_replication_slots WHERE slot_name = 'cdc'"
+                ))
+                .await
+                .is_ok_and(|r| r == ["true"])
+        },
+    )
+    .await;
+}
+
+/// Consumes the changes of `transactions` transactions (3 rows each) on `member`.
+async fn consume(member: &pgwarden_tests::harness::Member, transactions: usize) -> Vec<String> {
+    member
+        .sql(&format!(
+            "SELECT data FROM pg_logical_slot_get_changes('cdc', NULL, {}, \
+             'include-xids', '0', 'skip-empty-xacts', '1')",
+            transactions * 3
+        ))
+        .await
+        .expect("consume")
+}
+
+async fn switchover(env: &TestEnv, leader: &str, candidate: &str) {
+    let member = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
+    let (code, text) = member
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    let new = env
+        .members
+        .iter()
+        .find(|m| m.name == candidate)
+        .expect("candidate");
+    wait_until(&format!("{candidate} runs as the primary"), T, || async {
+        new.sql("SELECT pg_is_in_recovery()::text")
+            .await
+            .is_ok_and(|r| r == ["false"])
+    })
+    .await;
+}
+
+/// Switchovers back and forth: the demoted primary keeps its own slot as a replica, which is
+/// advanced to where the consumer confirms on the new primary, so the consumer continues
+/// across both switchovers with exactly the changes it had not confirmed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_logical_consumer_continues_across_switchovers_both_ways() {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd");
+    for name in ["pg0", "pg1"] {
+        let i = env.add_member(name);
+        let m = &mut env.members[i];
+        m.set(
+            "bootstrap.dcs.postgresql.parameters.wal_level",
+            "logical".into(),
+        );
+        m.set(
+            "bootstrap.dcs.slots",
+            serde_yaml::from_str("cdc: {database: postgres, plugin: test_decoding}").expect("yaml"),
+        );
+    }
+    for i in 0..2 {
+        env.start_member(i).expect("start");
+    }
+    let first = env.wait_for_leader(T).await;
+    let second = if first == "pg0" { "pg1" } else { "pg0" }.to_owned();
+    let member = |name: &str| env.members.iter().find(|m| m.name == name).expect("member");
+    wait_until("the leader has the logical slot", T, || async {
+        confirmed_flush(member(&first)).await.is_some()
+    })
+    .await;
+    member(&first)
+        .sql("CREATE TABLE events (id int PRIMARY KEY)")
+        .await
+        .expect("table");
+    for id in 1..=4 {
+        member(&first)
+            .sql(&format!("INSERT INTO events VALUES ({id})"))
+            .await
+            .expect("insert");
+    }
+    assert_eq!(consume(member(&first), 2).await, inserted(1..=2));
+    copy_caught_up(member(&first), member(&second)).await;
+
+    switchover(&env, &first, &second).await;
+    assert_eq!(
+        member(&second).sql(PEEK).await.expect("peek"),
+        inserted(3..=4)
+    );
+    assert_eq!(consume(member(&second), 2).await, inserted(3..=4));
+    member(&second)
+        .sql("INSERT INTO events VALUES (5)")
+        .await
+        .expect("insert");
+    // The former primary, now a replica, keeps its slot and has it advanced.
+    copy_caught_up(member(&second), member(&first)).await;
+
+    switchover(&env, &second, &first).await;
+    assert_eq!(
+        member(&first).sql(PEEK).await.expect("peek"),
+        inserted(5..=5)
+    );
 }
