@@ -63,7 +63,8 @@ pub fn ignore_warnings(ignore: &[IgnoreSlot], prefix: &str) -> Vec<String> {
         .flat_map(|(i, m)| {
             m.extra.keys().map(move |k| {
                 format!(
-                    "`{prefix}.ignore_slots[{i}].{k}` is not a slot attribute (name, type,                      database, plugin): this entry matches no slot"
+                    "`{prefix}.ignore_slots[{i}].{k}` is not a slot attribute (name, type, \
+                     database, plugin): this entry matches no slot"
                 )
             })
         })

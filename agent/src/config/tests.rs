@@ -833,9 +833,9 @@ fn permanent_slots_are_read_under_patronis_three_names_in_its_order() {
     );
     let warnings = c.unimplemented("config");
     assert!(
-        warnings
-            .iter()
-            .any(|w| w.contains("`config.ignore_slots[1].nme`")),
+        warnings.iter().any(|w| w.contains(
+            "`config.ignore_slots[1].nme` is not a slot attribute (name, type, database, plugin)"
+        )),
         "{warnings:?}"
     );
     let logical = serde_json::json!({"type": "logical", "database": "app", "plugin": "pgoutput"});
