@@ -7,7 +7,6 @@
 //! the members' REST APIs would, and the runtime port is the member's own drifting clock.
 //! Dropping the future is `kill -9`; not polling it is SIGSTOP.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -735,13 +734,35 @@ impl Postgres for SimPostgres {
         Ok(())
     }
 
-    async fn sync_slots(
+    async fn replication_slots(
         &self,
-        _wanted: &BTreeSet<String>,
-        _ignored: &[pgwarden::config::slots::IgnoreSlot],
-    ) -> Result<(), String> {
+    ) -> Result<Vec<pgwarden::postgres::slots::ReplicationSlot>, String> {
         // Slots are not modelled: the simulated WAL is never recycled.
+        Ok(Vec::new())
+    }
+
+    async fn change_slot(
+        &self,
+        _: &pgwarden::ha::slots::SlotChange,
+    ) -> Result<(), pgwarden::ha::ports::SlotChangeError> {
         Ok(())
+    }
+
+    async fn read_primary_slots(
+        &self,
+        _: &Config,
+        _: &Upstream,
+        _: &[String],
+        _: bool,
+    ) -> Result<Vec<pgwarden::postgres::slots::PrimarySlot>, String> {
+        Err("slots are not modelled".into())
+    }
+
+    async fn install_slots(
+        &self,
+        _: &[pgwarden::postgres::slots::PrimarySlot],
+    ) -> Result<(), String> {
+        Err("slots are not modelled".into())
     }
 
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)> {

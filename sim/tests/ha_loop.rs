@@ -6,7 +6,6 @@
 //! after each start, and the fence fires when the paused clock passes its deadline, as the
 //! supervisor's timer would.
 
-use std::collections::BTreeSet;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -383,13 +382,37 @@ impl Postgres for MemPostgres {
     async fn reload(&self) -> Result<(), String> {
         Ok(())
     }
-    async fn sync_slots(
+    async fn replication_slots(
         &self,
-        _: &BTreeSet<String>,
-        _: &[pgwarden::config::slots::IgnoreSlot],
-    ) -> Result<(), String> {
+    ) -> Result<Vec<pgwarden::postgres::slots::ReplicationSlot>, String> {
+        // Slots are not modelled: the simulated WAL is never recycled.
+        Ok(Vec::new())
+    }
+
+    async fn change_slot(
+        &self,
+        _: &pgwarden::ha::slots::SlotChange,
+    ) -> Result<(), pgwarden::ha::ports::SlotChangeError> {
         Ok(())
     }
+
+    async fn read_primary_slots(
+        &self,
+        _: &Config,
+        _: &Upstream,
+        _: &[String],
+        _: bool,
+    ) -> Result<Vec<pgwarden::postgres::slots::PrimarySlot>, String> {
+        Err("slots are not modelled".into())
+    }
+
+    async fn install_slots(
+        &self,
+        _: &[pgwarden::postgres::slots::PrimarySlot],
+    ) -> Result<(), String> {
+        Err("slots are not modelled".into())
+    }
+
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)> {
         None
     }

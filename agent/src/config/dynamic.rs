@@ -141,7 +141,23 @@ impl DynamicConfig {
                 ));
             }
         }
-        warnings.extend(super::slots::permanent_physical(&self.slots, prefix).1);
+        let (permanent, slot_warnings) = super::slots::permanent(&self.slots, prefix);
+        warnings.extend(slot_warnings);
+        // Patroni's `_get_permanent_slots` keeps none without `use_slots`, and no logical one
+        // in a standby cluster (it cannot decode: a standby before PostgreSQL 16).
+        let names = permanent.physical.iter().chain(permanent.logical.keys());
+        if !self.postgresql.use_slots {
+            warnings.extend(names.map(|name| {
+                format!("`{prefix}.slots.{name}` ignored: `{prefix}.postgresql.use_slots` is off")
+            }));
+        } else if self.standby_source().is_some() {
+            warnings.extend(permanent.logical.keys().map(|name| {
+                format!(
+                    "`{prefix}.slots.{name}` ignored: a standby cluster keeps no logical slot \
+                     (as in Patroni)"
+                )
+            }));
+        }
         warnings.extend(super::slots::ignore_warnings(&self.ignore_slots, prefix));
         warnings
     }

@@ -2,9 +2,10 @@
 //! it must leave alone (`ignore_slots`).
 //!
 //! A permanent physical slot is created on the leader and never dropped there; after a failover
-//! the new leader creates it again. pgwarden manages physical slots only: it never drops a
-//! logical slot, so `ignore_slots` matters for physical ones, and a logical entry in `slots` is
-//! warned about by path (not created, not copied to replicas).
+//! the new leader creates it again. A permanent logical slot is created on the primary in its
+//! database, copied to the replicas that could take over and kept advanced there, so a logical
+//! consumer continues on the new primary (see `ha::slots` for the rules and `postgres::slots`
+//! for the copy). `ignore_slots` names the slots, physical or logical, pgwarden leaves alone.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -31,10 +32,25 @@ pub struct IgnoreSlot {
 impl IgnoreSlot {
     /// Whether the physical slot `name` matches (a physical slot has no database or plugin).
     pub fn matches_physical(&self, name: &str) -> bool {
-        self.name.as_deref().is_none_or(|n| n == name)
-            && self.kind.as_deref().is_none_or(|k| k == "physical")
-            && self.database.is_none()
-            && self.plugin.is_none()
+        self.matches(name, "physical", None, None)
+    }
+
+    /// Patroni's `ignore_replication_slot`: every attribute this entry gives equals the slot's
+    /// (`kind` is `physical` or `logical`; a physical slot has no database or plugin).
+    pub fn matches(
+        &self,
+        name: &str,
+        kind: &str,
+        database: Option<&str>,
+        plugin: Option<&str>,
+    ) -> bool {
+        let equal = |wanted: &Option<String>, actual: Option<&str>| {
+            wanted.as_deref().is_none_or(|w| Some(w) == actual)
+        };
+        equal(&self.name, Some(name))
+            && equal(&self.kind, Some(kind))
+            && equal(&self.database, database)
+            && equal(&self.plugin, plugin)
             && self.extra.is_empty()
     }
 }
@@ -47,7 +63,8 @@ pub fn ignore_warnings(ignore: &[IgnoreSlot], prefix: &str) -> Vec<String> {
         .flat_map(|(i, m)| {
             m.extra.keys().map(move |k| {
                 format!(
-                    "`{prefix}.ignore_slots[{i}].{k}` is not a slot attribute (name, type,                      database, plugin): this entry matches no slot"
+                    "`{prefix}.ignore_slots[{i}].{k}` is not a slot attribute (name, type, \
+                     database, plugin): this entry matches no slot"
                 )
             })
         })
@@ -63,72 +80,84 @@ pub fn valid_slot_name(name: &str) -> bool {
             .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
 }
 
+/// The database and output plugin of a permanent logical slot.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogicalSlot {
+    pub database: String,
+    pub plugin: String,
+}
+
 /// What one `slots` entry asks for.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SlotKind {
     Physical,
-    Logical,
+    Logical(LogicalSlot),
 }
 
-/// Reads one `slots` entry as Patroni does: a value that is not an object (`test_physical: 0`)
-/// or an object without `type` is a physical slot; `type: logical` needs `database` and
-/// `plugin`.
+/// Reads one `slots` entry as Patroni's `_merge_permanent_slots` does: a value that is not an
+/// object (`test_physical: 0`) is a physical slot; an object without `type` is logical when it
+/// names both `database` and `plugin`, else physical; `type: logical` needs both.
 pub fn slot_kind(value: &Value) -> Result<SlotKind, String> {
     let Some(obj) = value.as_object() else {
         return Ok(SlotKind::Physical);
     };
-    match obj
-        .get("type")
-        .and_then(Value::as_str)
-        .unwrap_or("physical")
-    {
-        "physical" => Ok(SlotKind::Physical),
-        "logical" => {
-            for key in ["database", "plugin"] {
-                if !obj.get(key).is_some_and(Value::is_string) {
-                    return Err(format!("a logical slot needs `{key}`"));
-                }
-            }
-            Ok(SlotKind::Logical)
-        }
-        other => Err(format!("unknown slot type {other:?}")),
+    let text = |key: &str| {
+        obj.get(key)
+            .and_then(Value::as_str)
+            .filter(|v| !v.is_empty())
+    };
+    let logical = match (text("database"), text("plugin")) {
+        (Some(database), Some(plugin)) => Some(LogicalSlot {
+            database: database.to_owned(),
+            plugin: plugin.to_owned(),
+        }),
+        _ => None,
+    };
+    match obj.get("type") {
+        None => Ok(logical.map_or(SlotKind::Physical, SlotKind::Logical)),
+        Some(kind) => match kind.as_str() {
+            Some("physical") => Ok(SlotKind::Physical),
+            Some("logical") => logical
+                .map(SlotKind::Logical)
+                .ok_or_else(|| "a logical slot needs `database` and `plugin`".to_owned()),
+            _ => Err(format!("unknown slot type {kind}")),
+        },
     }
 }
 
-/// Why the `slots` entry `name` is not a permanent physical slot pgwarden creates, if it is
-/// not one: the start-up warning and `PATCH /config`'s refusal give the same reason.
-fn not_physical(name: &str, value: &Value) -> Option<String> {
+/// The `slots` entry `name` as pgwarden keeps it, or why it is not kept: the start-up warning
+/// and `PATCH /config`'s refusal give the same reason.
+fn read_entry(name: &str, value: &Value) -> Result<SlotKind, String> {
     if !valid_slot_name(name) {
-        return Some("a slot name is 1-63 characters of a-z, 0-9 and _".into());
+        return Err("a slot name is 1-63 characters of a-z, 0-9 and _".into());
     }
-    match slot_kind(value) {
-        Ok(SlotKind::Physical) => None,
-        Ok(SlotKind::Logical) => Some(
-            "permanent logical slots are not implemented by pgwarden (an existing logical \
-             slot is never dropped)"
-                .into(),
-        ),
-        Err(why) => Some(why),
-    }
+    slot_kind(value)
 }
 
-/// The permanent physical slots of `slots`, and a warning by path (`prefix.slots.<name>`) for
-/// every entry that is not one.
-pub fn permanent_physical(
-    slots: &BTreeMap<String, Value>,
-    prefix: &str,
-) -> (BTreeSet<String>, Vec<String>) {
-    let mut physical = BTreeSet::new();
+/// The permanent slots of the dynamic configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PermanentSlots {
+    pub physical: BTreeSet<String>,
+    pub logical: BTreeMap<String, LogicalSlot>,
+}
+
+/// The permanent slots of `slots`, and a warning by path (`prefix.slots.<name>`) for every
+/// entry that is neither.
+pub fn permanent(slots: &BTreeMap<String, Value>, prefix: &str) -> (PermanentSlots, Vec<String>) {
+    let mut permanent = PermanentSlots::default();
     let mut warnings = Vec::new();
     for (name, value) in slots {
-        match not_physical(name, value) {
-            None => {
-                physical.insert(name.clone());
+        match read_entry(name, value) {
+            Ok(SlotKind::Physical) => {
+                permanent.physical.insert(name.clone());
             }
-            Some(why) => warnings.push(format!("`{prefix}.slots.{name}` ignored: {why}")),
+            Ok(SlotKind::Logical(slot)) => {
+                permanent.logical.insert(name.clone(), slot);
+            }
+            Err(why) => warnings.push(format!("`{prefix}.slots.{name}` ignored: {why}")),
         }
     }
-    (physical, warnings)
+    (permanent, warnings)
 }
 
 /// `PATCH /config`'s check of `slots`: what the members could not use is refused.
@@ -138,7 +167,7 @@ pub fn check_slots(value: &Value) -> Result<(), String> {
     };
     match slots
         .iter()
-        .find_map(|(name, value)| not_physical(name, value).map(|why| (name, why)))
+        .find_map(|(name, value)| read_entry(name, value).err().map(|why| (name, why)))
     {
         Some((name, why)) => Err(format!("`slots.{name}`: {why}")),
         None => Ok(()),
@@ -182,16 +211,38 @@ mod tests {
             "untyped": {},
             "Bad-Name": 0,
             "test_logical": {"type": "logical", "database": "postgres", "plugin": "test_decoding"},
+            "untyped_logical": {"database": "app", "plugin": "pgoutput"},
+            "half_untyped": {"database": "app"},
             "half_logical": {"type": "logical", "database": "postgres"},
+            "odd_type": {"type": "wal"},
         }))
         .expect("map");
-        let (physical, warnings) = permanent_physical(&slots, "config");
+        let (permanent, warnings) = permanent(&slots, "config");
         assert_eq!(
-            physical.into_iter().collect::<Vec<_>>(),
-            ["test_physical", "typed", "untyped"]
+            permanent.physical.into_iter().collect::<Vec<_>>(),
+            ["half_untyped", "test_physical", "typed", "untyped"]
+        );
+        assert_eq!(
+            permanent.logical.into_iter().collect::<Vec<_>>(),
+            [
+                (
+                    "test_logical".to_owned(),
+                    LogicalSlot {
+                        database: "postgres".into(),
+                        plugin: "test_decoding".into()
+                    }
+                ),
+                (
+                    "untyped_logical".to_owned(),
+                    LogicalSlot {
+                        database: "app".into(),
+                        plugin: "pgoutput".into()
+                    }
+                )
+            ]
         );
         assert_eq!(warnings.len(), 3, "{warnings:?}");
-        for path in ["slots.Bad-Name", "slots.test_logical", "slots.half_logical"] {
+        for path in ["slots.Bad-Name", "slots.half_logical", "slots.odd_type"] {
             assert!(
                 warnings
                     .iter()
@@ -201,7 +252,10 @@ mod tests {
         }
         assert!(check_slots(&json!({"a": 0, "b": {"type": "physical"}})).is_ok());
         assert!(
-            check_slots(&json!({"a": {"type": "logical", "database": "d", "plugin": "p"}}))
+            check_slots(&json!({"a": {"type": "logical", "database": "d", "plugin": "p"}})).is_ok()
+        );
+        assert!(
+            check_slots(&json!({"a": {"type": "logical", "database": "d"}}))
                 .is_err_and(|e| e.contains("`slots.a`"))
         );
         assert!(check_slots(&json!([1])).is_err());
@@ -229,6 +283,14 @@ mod tests {
             !logical.matches_physical("ext"),
             "a physical slot has no database"
         );
+        assert!(logical.matches("ext", "logical", Some("postgres"), Some("pgoutput")));
+        assert!(!logical.matches("ext", "logical", Some("app"), Some("pgoutput")));
+        let by_plugin = IgnoreSlot {
+            plugin: Some("wal2json".into()),
+            ..IgnoreSlot::default()
+        };
+        assert!(by_plugin.matches("cdc", "logical", Some("app"), Some("wal2json")));
+        assert!(!by_plugin.matches("cdc", "logical", Some("app"), Some("pgoutput")));
         assert!(check_ignore_slots(&json!([{"name": "x", "type": "physical"}])).is_ok());
         assert!(check_ignore_slots(&json!([{"nme": "x"}]))
             .is_err_and(|e| e.contains("`ignore_slots[0].nme`")));

@@ -833,10 +833,30 @@ fn permanent_slots_are_read_under_patronis_three_names_in_its_order() {
     );
     let warnings = c.unimplemented("config");
     assert!(
-        warnings
-            .iter()
-            .any(|w| w.contains("`config.ignore_slots[1].nme`")),
+        warnings.iter().any(|w| w.contains(
+            "`config.ignore_slots[1].nme` is not a slot attribute (name, type, database, plugin)"
+        )),
         "{warnings:?}"
+    );
+    let logical = serde_json::json!({"type": "logical", "database": "app", "plugin": "pgoutput"});
+    let raw = serde_json::json!({"slots": {"cdc": logical, "phys": 0},
+                                 "standby_cluster": {"host": "10.0.0.1"}});
+    let (c, _) = DynamicConfig::from_dcs(&raw, &DynamicConfig::default());
+    assert_eq!(
+        c.unimplemented("config")
+            .iter()
+            .filter(|w| w.contains("`config.slots."))
+            .collect::<Vec<_>>(),
+        ["`config.slots.cdc` ignored: a standby cluster keeps no logical slot (as in Patroni)"]
+    );
+    let raw = serde_json::json!({"slots": {"cdc": logical}, "postgresql": {"use_slots": false}});
+    let (c, _) = DynamicConfig::from_dcs(&raw, &DynamicConfig::default());
+    assert!(
+        c.unimplemented("config")
+            .iter()
+            .any(|w| w.contains("`config.slots.cdc` ignored: `config.postgresql.use_slots` is off")),
+        "{:?}",
+        c.unimplemented("config")
     );
     let raw =
         serde_json::json!({"permanent_replication_slots": {"a": 0}, "permanent_slots": {"b": 0}});

@@ -2,7 +2,6 @@
 //! supervisor, probe and data directory, HTTP peers and the system clocks. The DCS port is the
 //! `Arc<dyn Dcs>` of etcd or Kubernetes, chosen at start.
 
-use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -20,6 +19,7 @@ use crate::postgres::custom_bootstrap::{self, CustomBootstrap};
 use crate::postgres::initdb;
 use crate::postgres::probe::{self, Probe};
 use crate::postgres::replica::{self, Upstream};
+use crate::postgres::slots::{self, PrimarySlot, ReplicationSlot};
 use crate::postgres::supervisor::{Postmaster, StopMode, Supervisor};
 use crate::state::PostgresStatus;
 
@@ -27,8 +27,8 @@ use super::dynamic_copy;
 use super::error_chain;
 use super::failsafe::{FailsafeAnswer, FailsafeRequest};
 use super::observe::{DataDir, PeerAnswer};
-use super::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
-use crate::config::slots::IgnoreSlot;
+use super::ports::{LongTask, Peers, Postgres, Runtime, SlotChangeError, TaskError};
+use super::slots::SlotChange;
 
 /// The HA loop of the agent binary.
 pub type AgentLoop = super::HaLoop<dyn crate::dcs::Dcs, LocalPostgres, HttpPeers, SystemRuntime>;
@@ -165,47 +165,76 @@ impl Postgres for LocalPostgres {
         self.supervisor.reload().await.map_err(|e| e.to_string())
     }
 
-    async fn sync_slots(
-        &self,
-        wanted: &BTreeSet<String>,
-        ignored: &[IgnoreSlot],
-    ) -> Result<(), String> {
-        let existing = self
-            .probe
+    async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>, String> {
+        self.probe
             .slots()
             .await
-            .map_err(|e| format!("cannot list replication slots: {e}"))?;
-        let mut sql = String::new();
-        for slot in wanted
-            .iter()
-            .filter(|w| !existing.iter().any(|(n, _)| n == *w))
-        {
-            info!(slot, "creating a physical replication slot");
-            sql.push_str(&format!(
-                "SELECT pg_create_physical_replication_slot({});\n",
-                probe::quote_literal(slot)
-            ));
-        }
-        for (slot, active) in &existing {
-            let ignore = ignored.iter().any(|m| m.matches_physical(slot));
-            if !wanted.contains(slot) && !active && !ignore {
-                info!(
-                    slot,
-                    "dropping a slot that is neither a member's nor permanent"
-                );
-                sql.push_str(&format!(
-                    "SELECT pg_drop_replication_slot({});\n",
-                    probe::quote_literal(slot)
-                ));
+            .map_err(|e| format!("cannot list replication slots: {}", error_chain(&e)))
+    }
+
+    async fn change_slot(&self, change: &SlotChange) -> Result<(), SlotChangeError> {
+        let done = match change {
+            SlotChange::Drop { name, .. } => self.probe.execute(&slots::drop_sql(name)).await,
+            SlotChange::CreatePhysical { name } => {
+                self.probe.execute(&slots::create_physical_sql(name)).await
             }
-        }
-        if !sql.is_empty() {
-            self.probe
-                .execute(&sql)
-                .await
-                .map_err(|e| format!("cannot manage slots: {e}"))?;
-        }
-        Ok(())
+            SlotChange::CreateLogical { name, slot } => {
+                self.probe
+                    .execute_in(
+                        &slot.database,
+                        &slots::create_logical_sql(name, &slot.plugin),
+                    )
+                    .await
+            }
+            SlotChange::Advance {
+                name,
+                database,
+                lsn,
+            } => {
+                self.probe
+                    .execute_in(database, &slots::advance_sql(name, *lsn))
+                    .await
+            }
+        };
+        done.map_err(|e| {
+            use tokio_postgres::error::SqlState;
+            let code = match &e {
+                probe::ProbeError::Query(q) => q.code(),
+                _ => None,
+            };
+            let advancing = matches!(change, SlotChange::Advance { .. });
+            if advancing
+                && (code == Some(&SqlState::UNDEFINED_FILE)
+                    || code == Some(&SqlState::OBJECT_NOT_IN_PREREQUISITE_STATE))
+            {
+                SlotChangeError::CopyUnusable(error_chain(&e))
+            } else {
+                SlotChangeError::Failed(error_chain(&e))
+            }
+        })
+    }
+
+    async fn read_primary_slots(
+        &self,
+        config: &Config,
+        primary: &Upstream,
+        names: &[String],
+        with_state: bool,
+    ) -> Result<Vec<PrimarySlot>, String> {
+        // Short: a replica asks every cycle while a copy is not yet safe, and a primary that
+        // went away must not hold up the loop that is to replace it.
+        slots::read_from_primary(config, primary, names, with_state, Duration::from_secs(2))
+            .await
+            .map_err(|e| error_chain(&e))
+    }
+
+    async fn install_slots(&self, copied: &[PrimarySlot]) -> Result<(), String> {
+        let data_dir = self.data_dir.clone();
+        let copied = copied.to_vec();
+        tokio::task::spawn_blocking(move || slots::install(&data_dir, &copied))
+            .await
+            .map_err(|e| format!("the slot copy panicked or was cancelled: {e}"))?
+            .map_err(|e| error_chain(&e))
     }
 
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)> {

@@ -16,6 +16,7 @@ pub mod observe;
 pub mod ports;
 pub mod quorum;
 pub mod restart;
+pub mod slots;
 pub mod sync;
 pub mod timing;
 
@@ -102,6 +103,12 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     reload: Option<ReloadFn>,
     /// Failsafe mode: the leader's rounds and the replicas' memory of them.
     failsafe: Arc<failsafe::Failsafe>,
+    /// `confirmed_flush_lsn` of the permanent logical slots, as the primary last read them:
+    /// published in `status.slots` for the replicas' copies.
+    slot_positions: std::collections::BTreeMap<String, u64>,
+    /// On a replica, the copied logical slots not yet known safe after a failover; `None`
+    /// until the first slot sync seeds it with the copies found at start (as Patroni does).
+    slot_readiness: Option<slots::Readiness>,
 }
 
 /// One of `create_replica_methods` is a custom method marked `no_leader` (Patroni's
@@ -206,6 +213,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             requests: None,
             reload: None,
             failsafe,
+            slot_positions: Default::default(),
+            slot_readiness: None,
         }
     }
 
@@ -1049,6 +1058,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             &self.dynamic,
             &crate::backup::archive_parameters(&self.config),
         );
+        // Patroni's `enforce_hot_standby_feedback`: the primary must keep the catalog rows the
+        // copies of logical slots need, which it learns from this feedback (on every role, so
+        // a promotion or a demotion does not change it).
+        if self.holds_logical_slots()
+            && !crate::config::slots::permanent(&self.dynamic.slots, "config")
+                .0
+                .logical
+                .is_empty()
+        {
+            parameters.insert("hot_standby_feedback".into(), "on".into());
+        }
         if let (true, Some(control)) = (standby, &self.control) {
             let raised = conf::raise_to_primary_minimums(&mut parameters, control);
             if !raised.is_empty() {
@@ -1329,8 +1349,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     if let Some(optime) = self.pg.control_checkpoint().await {
                         let status = LeaderStatus {
                             optime,
+                            slots: self.slot_positions.clone(),
                             retain_slots: self.core.retained_slot_names(),
-                            ..Default::default()
                         };
                         if let Err(e) = self.dcs.write_status(&status).await {
                             debug!(error = %error_chain(&e), "could not write the final status");
@@ -1472,7 +1492,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             Action::SyncSlots => {
                 if let DcsView::Known(view) = &obs.dcs {
                     if self.dynamic.postgresql.use_slots {
-                        self.sync_slots(view).await?;
+                        self.sync_slots(obs, view).await?;
                     }
                 }
                 Ok(true)
@@ -1532,6 +1552,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     .map_err(|e| ActionError::Failed(format!("pg_promote failed: {e}")))?;
                 info!("promotion requested");
                 self.core.checkpoint_after_promote_pending = true;
+                if let Some(readiness) = self.slot_readiness.take() {
+                    let unsafe_slots: Vec<&str> = readiness.pending().collect();
+                    if !unsafe_slots.is_empty() {
+                        warn!(
+                            slots = ?unsafe_slots,
+                            "logical replication slots that might be unsafe to use after promote"
+                        );
+                    }
+                }
                 Ok(true)
             }
             Action::StopPostgres(mode) => {
@@ -1563,8 +1592,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                         };
                         let status = LeaderStatus {
                             optime,
+                            slots: self.slot_positions.clone(),
                             retain_slots,
-                            ..Default::default()
                         };
                         let unchanged = matches!(&obs.dcs, DcsView::Known(v) if v.status.as_ref() == Some(&status));
                         if !unchanged {
@@ -1993,8 +2022,16 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     }
 
     /// Keeps one physical slot per other member so a replica's WAL is retained while it is
-    /// away; drops inactive slots of members that left.
-    async fn sync_slots(&mut self, view: &ClusterView) -> Result<(), ActionError> {
+    /// away, drops inactive slots of members that left, and keeps the permanent slots: see
+    /// [`slots`] for the rules, which this carries out.
+    async fn sync_slots(
+        &mut self,
+        obs: &Observation,
+        view: &ClusterView,
+    ) -> Result<(), ActionError> {
+        let PostgresView::Running(status) = &obs.postgres else {
+            return Ok(());
+        };
         let me = self.facts.name.clone();
         let own = replica::slot_name(&me);
         let leader = if self.core.believes_leader {
@@ -2005,12 +2042,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         let Some(leader) = leader else {
             return Ok(());
         };
+        let leads = leader == me;
         // Slots for the members that stream from this one (`decide::topology`): on the leader
         // all but those cascading from another member, on a replica those that cascade from it.
         let downstream = topology::downstream_of(view, leader, &me);
-        let mut wanted: std::collections::BTreeSet<String> =
+        let mut physical: std::collections::BTreeSet<String> =
             downstream.iter().map(|m| replica::slot_name(m)).collect();
-        if leader == me {
+        // Warnings for the entries that are neither came with the configuration.
+        let permanent = crate::config::slots::permanent(&self.dynamic.slots, "config").0;
+        if leads {
             let elsewhere: std::collections::BTreeSet<String> = view
                 .members
                 .iter()
@@ -2018,16 +2058,266 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 .map(|m| replica::slot_name(&m.name))
                 .collect();
             let retained = self.member_slots(view);
-            wanted.extend(retained.into_iter().filter(|s| !elsewhere.contains(s)));
-            // Permanent slots (warnings for the other entries came with the configuration).
-            wanted
-                .extend(crate::config::slots::permanent_physical(&self.dynamic.slots, "config").0);
+            physical.extend(retained.into_iter().filter(|s| !elsewhere.contains(s)));
+            physical.extend(permanent.physical);
         }
-        wanted.remove(&own);
-        self.pg
-            .sync_slots(&wanted, &self.dynamic.ignore_slots)
+        physical.remove(&own);
+        let published = view.status.as_ref().map(|s| &s.slots);
+        // The leader keeps the configured logical slots whatever its own tags: Patroni would
+        // drop them on a primary tagged `nofailover` or `nostream`, losing the consumers'
+        // positions for good.
+        let keeps_logical = if leads {
+            self.dynamic.postgresql.use_slots && self.dynamic.standby_source().is_none()
+        } else {
+            self.holds_logical_slots()
+        };
+        let logical = if keeps_logical {
+            permanent
+                .logical
+                .into_iter()
+                .filter(|(name, _)| !physical.contains(name))
+                .map(|(name, slot)| {
+                    // The leader copies nothing from itself: a copy it has is kept as it is.
+                    let published_lsn = published
+                        .filter(|_| !leads)
+                        .and_then(|p| p.get(&name))
+                        .copied();
+                    let wanted = slots::WantedLogical {
+                        slot,
+                        published_lsn,
+                    };
+                    (name, wanted)
+                })
+                .collect()
+        } else {
+            Default::default()
+        };
+        let wanted = slots::WantedSlots { physical, logical };
+        let existing = self
+            .pg
+            .replication_slots()
             .await
-            .map_err(ActionError::Failed)
+            .map_err(ActionError::Failed)?;
+        let local = slots::LocalState {
+            primary: !status.in_recovery,
+            replay_lsn: status.replay_lsn,
+            paused: view.is_paused(),
+        };
+        let mut plan = slots::plan(&wanted, &existing, &self.dynamic.ignore_slots, local);
+        let mut recopy = Vec::new();
+        // A replica seeds the check with the copies it has (Patroni's forced readiness check
+        // at start); a leader has nothing to check (a promotion still in recovery included).
+        if !local.primary && !leads && self.slot_readiness.is_none() {
+            let mut seeded = slots::Readiness::default();
+            for slot in existing
+                .iter()
+                .filter(|s| wanted.logical.contains_key(&s.name))
+            {
+                seeded.copied(&slot.name);
+            }
+            self.slot_readiness = Some(seeded);
+        }
+        for change in &plan.changes {
+            match change {
+                slots::SlotChange::Drop { name, reason } => {
+                    info!(slot = %name, %reason, "dropping a replication slot");
+                    if let Some(readiness) = self.slot_readiness.as_mut() {
+                        readiness.forget(name);
+                    }
+                }
+                slots::SlotChange::CreatePhysical { name } => {
+                    info!(slot = %name, "creating a physical replication slot")
+                }
+                slots::SlotChange::CreateLogical { name, slot } => info!(
+                    slot = %name,
+                    database = %slot.database,
+                    plugin = %slot.plugin,
+                    "creating a logical replication slot"
+                ),
+                slots::SlotChange::Advance { name, lsn, .. } => debug!(
+                    slot = %name,
+                    lsn = %crate::postgres::slots::format_lsn(*lsn),
+                    "advancing the copy of a logical slot"
+                ),
+            }
+            // One failed step does not stop the others; the next cycle plans again.
+            match self.pg.change_slot(change).await {
+                Ok(()) => {}
+                Err(ports::SlotChangeError::CopyUnusable(e)) => {
+                    if let slots::SlotChange::Advance { name, .. } = change {
+                        warn!(slot = %name, error = %e, "the copy of a logical slot cannot be advanced: copying it again");
+                        recopy.push(name.clone());
+                    }
+                }
+                Err(e) => warn!(?change, error = %e, "could not change a replication slot"),
+            }
+        }
+        if local.primary {
+            self.slot_positions = plan.positions;
+            self.slot_readiness = None;
+            return Ok(());
+        }
+        self.slot_positions.clear();
+        if leads {
+            return Ok(());
+        }
+        let Some(primary) = view
+            .member(leader)
+            .and_then(|m| Upstream::from_member(leader, &m.record))
+        else {
+            return Ok(());
+        };
+        self.check_slot_readiness(view, &primary, &existing).await;
+        plan.copy_from_primary.extend(recopy);
+        if !plan.copy_from_primary.is_empty() {
+            self.copy_logical_slots(&primary, &wanted, &plan.copy_from_primary)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Patroni's `_get_permanent_slots`: a member that may become the leader and streams keeps
+    /// the permanent logical slots; a `nofailover` or `nostream` member, one whose cascade
+    /// does not stream, or a member of a standby cluster, has none (and drops them as unknown).
+    fn holds_logical_slots(&self) -> bool {
+        self.dynamic.postgresql.use_slots
+            && !self.facts.nofailover
+            && self.dynamic.standby_source().is_none()
+            && match self.last_view.as_deref() {
+                Some(view) => self.slot_on_leader(view).is_some(),
+                None => !self.config.tags.nostream,
+            }
+    }
+
+    /// This member's physical slot on the leader (see [`topology::slot_on_leader`]).
+    fn slot_on_leader(&self, view: &ClusterView) -> Option<String> {
+        let leader = view.leader_name().unwrap_or(self.facts.name.as_str());
+        topology::slot_on_leader(
+            view,
+            leader,
+            &self.facts.name,
+            self.facts.replicatefrom.as_deref(),
+            self.config.tags.nostream,
+        )
+    }
+
+    /// Patroni's `check_logical_slots_readiness`: logs each copied slot once it is safe after a
+    /// failover, judged by the physical slot on the primary that carries this member's
+    /// feedback (a cascading member's goes through its chain's first member).
+    async fn check_slot_readiness(
+        &mut self,
+        view: &ClusterView,
+        primary: &Upstream,
+        existing: &[crate::postgres::slots::ReplicationSlot],
+    ) {
+        let Some(own) = self.slot_on_leader(view) else {
+            return;
+        };
+        let Some(readiness) = self.slot_readiness.as_mut() else {
+            return;
+        };
+        if readiness.pending().next().is_none() {
+            return;
+        }
+        let mut names = readiness.unremembered();
+        names.push(own.clone());
+        let rows = match self
+            .pg
+            .read_primary_slots(&self.config, primary, &names, false)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "cannot check the physical slot of this member on the primary");
+                return;
+            }
+        };
+        let Some(physical) = rows.iter().find(|r| r.name == own) else {
+            warn!(slot = %own, "the physical slot of this member does not exist on the primary");
+            return;
+        };
+        let Some(physical_catalog_xmin) = physical.catalog_xmin else {
+            // hot_standby_feedback (on while logical slots are kept) has not reached it yet.
+            debug!(slot = %own, "the physical slot on the primary has no catalog_xmin yet");
+            return;
+        };
+        let on_primary = rows
+            .iter()
+            .filter(|r| r.name != own)
+            .filter_map(|r| Some((r.name.clone(), r.catalog_xmin?)))
+            .collect();
+        let local = existing
+            .iter()
+            .filter_map(|s| Some((s.name.clone(), s.catalog_xmin?)))
+            .collect();
+        let Some(readiness) = self.slot_readiness.as_mut() else {
+            return;
+        };
+        for name in readiness.check(physical_catalog_xmin, &on_primary, &local) {
+            info!(slot = %name, "logical slot is safe to be used after a failover");
+        }
+    }
+
+    /// Patroni's `copy_logical_slots`: reads the slots' state files from the primary, stops
+    /// postgres, writes them into the data directory and starts postgres again, which then
+    /// loads them. Blocks the loop for the restart (Patroni runs it as an async action).
+    async fn copy_logical_slots(
+        &mut self,
+        primary: &Upstream,
+        wanted: &slots::WantedSlots,
+        names: &[String],
+    ) -> Result<(), ActionError> {
+        let rows = match self
+            .pg
+            .read_primary_slots(&self.config, primary, names, true)
+            .await
+        {
+            Ok(rows) => rows,
+            Err(e) => {
+                warn!(error = %e, "cannot copy logical slots from the primary");
+                return Ok(());
+            }
+        };
+        let copies: Vec<_> = rows
+            .into_iter()
+            .filter(|row| {
+                let Some(want) = wanted.logical.get(&row.name) else {
+                    return false;
+                };
+                let same = row.kind == crate::postgres::slots::SlotType::Logical
+                    && row.database.as_deref() == Some(want.slot.database.as_str())
+                    && row.plugin.as_deref() == Some(want.slot.plugin.as_str());
+                if !same {
+                    warn!(
+                        slot = %row.name,
+                        configured = ?want.slot,
+                        on_primary = ?(&row.database, &row.plugin),
+                        "will not copy the logical slot: the primary's differs from the configuration"
+                    );
+                }
+                same
+            })
+            .collect();
+        if copies.is_empty() {
+            return Ok(());
+        }
+        let copied: Vec<&str> = copies.iter().map(|c| c.name.as_str()).collect();
+        info!(slots = ?copied, "copying logical slots from the primary: restarting postgres");
+        self.pg
+            .stop(StopMode::Fast, Duration::from_secs(60))
+            .await
+            .map_err(ActionError::Failed)?;
+        self.pg.reset().await;
+        let installed = self.pg.install_slots(&copies).await;
+        // Start again whatever the copy did: the replica must not stay down for it.
+        self.pg.start().await.map_err(ActionError::Failed)?;
+        installed.map_err(|e| ActionError::Failed(format!("cannot install copied slots: {e}")))?;
+        let readiness = self.slot_readiness.get_or_insert_with(Default::default);
+        for name in &copied {
+            readiness.copied(name);
+        }
+        info!(slots = ?copied, "copied logical slots from the primary");
+        Ok(())
     }
 
     /// The member slots the leader keeps (ours included, for the next leader): the members
@@ -2293,8 +2583,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                             .dcs
                             .write_status(&LeaderStatus {
                                 optime,
+                                slots: self.slot_positions.clone(),
                                 retain_slots: self.core.retained_slot_names(),
-                                ..Default::default()
                             })
                             .await;
                     }

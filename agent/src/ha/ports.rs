@@ -16,11 +16,13 @@ use crate::config::Config;
 use crate::postgres::conf::ManagedFiles;
 use crate::postgres::controldata::ControlData;
 use crate::postgres::replica::Upstream;
+use crate::postgres::slots::{PrimarySlot, ReplicationSlot};
 use crate::postgres::supervisor::{Postmaster, StopMode};
 use crate::state::PostgresStatus;
 
 use super::decide::Decision;
 use super::observe::{DataDir, PeerAnswer};
+use super::slots::SlotChange;
 
 /// How a long task (bootstrap, replica creation, rewind) ended without success.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,18 @@ impl From<String> for TaskError {
     fn from(reason: String) -> Self {
         TaskError::Failed(reason)
     }
+}
+
+/// Why a step of a slot plan failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SlotChangeError {
+    /// A copy of a logical slot cannot be advanced any more: the WAL it needs is gone
+    /// (SQLSTATE 58P01) or it was invalidated (55000). Patroni copies it again.
+    #[error("{0}")]
+    CopyUnusable(String),
+    /// Anything else; the next cycle plans again.
+    #[error("{0}")]
+    Failed(String),
 }
 
 /// A long task running beside the loop. It resolves to the task's result, or to `Err` with a
@@ -115,13 +129,21 @@ pub trait Postgres: Send + Sync + 'static {
     async fn set_standby_leader(&self, _standby_leader: bool) {}
     /// Makes postgres re-read its configuration (then `on_reload`).
     async fn reload(&self) -> Result<(), String>;
-    /// Creates a physical slot for each name of `wanted` that lacks one; drops inactive
-    /// physical slots neither in `wanted` nor matched by `ignored`.
-    async fn sync_slots(
+    /// The non-temporary replication slots, physical and logical.
+    async fn replication_slots(&self) -> Result<Vec<ReplicationSlot>, String>;
+    /// Carries out one step of a slot plan (`super::slots::plan`).
+    async fn change_slot(&self, change: &SlotChange) -> Result<(), SlotChangeError>;
+    /// Reads the slots `names` from the primary `primary`, with their `state` files when
+    /// `with_state`; a primary in recovery answers none.
+    async fn read_primary_slots(
         &self,
-        wanted: &std::collections::BTreeSet<String>,
-        ignored: &[crate::config::slots::IgnoreSlot],
-    ) -> Result<(), String>;
+        config: &Config,
+        primary: &Upstream,
+        names: &[String],
+        with_state: bool,
+    ) -> Result<Vec<PrimarySlot>, String>;
+    /// Writes slots copied from the primary into the data directory; postgres is stopped.
+    async fn install_slots(&self, slots: &[PrimarySlot]) -> Result<(), String>;
     /// For a standby whose replay is paused: the control file and the hot-standby settings
     /// below the primary's (`name ours < primary`), `None` when they cannot be read.
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)>;

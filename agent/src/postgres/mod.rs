@@ -14,5 +14,6 @@ pub mod method_section;
 pub mod probe;
 pub mod replica;
 pub mod replica_method;
+pub mod slots;
 pub mod supervisor;
 pub mod versioned_params;

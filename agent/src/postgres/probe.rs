@@ -14,6 +14,8 @@ use tracing::debug;
 
 use crate::state::{LiveProbe, PostgresStatus, ReplicationRow};
 
+use super::slots::{self, ReplicationSlot};
+
 /// How to reach the local postgres as the superuser.
 #[derive(Debug, Clone)]
 pub struct LocalConnection {
@@ -85,9 +87,6 @@ type ReplicationTuple = (
     Option<u64>,
 );
 
-const SLOTS_QUERY: &str = "SELECT slot_name::text, active FROM pg_replication_slots \
-                           WHERE slot_type = 'physical' AND NOT temporary";
-
 /// The status query plus a reusable connection.
 pub struct Probe {
     conn: LocalConnection,
@@ -136,12 +135,12 @@ impl Probe {
         })
     }
 
-    async fn connect(&self) -> Result<Session, ProbeError> {
+    async fn connect_to(&self, database: &str) -> Result<Client, ProbeError> {
         let mut cfg = tokio_postgres::Config::new();
         cfg.host(&self.conn.host)
             .port(self.conn.port)
             .user(&self.conn.user)
-            .dbname("postgres")
+            .dbname(database)
             .application_name("pgwarden")
             .connect_timeout(self.conn.timeout);
         if let Some(pw) = &self.conn.password {
@@ -153,6 +152,11 @@ impl Probe {
                 debug!(error = %e, "local postgres connection closed");
             }
         });
+        Ok(client)
+    }
+
+    async fn connect(&self) -> Result<Session, ProbeError> {
+        let client = self.connect_to("postgres").await?;
         Ok(Session {
             client,
             status: None,
@@ -252,23 +256,41 @@ impl Probe {
         .await
     }
 
-    /// Physical, non-temporary replication slots: `(name, active)`.
-    pub async fn slots(&self) -> Result<Vec<(String, bool)>, ProbeError> {
+    /// The non-temporary replication slots, physical and logical.
+    pub async fn slots(&self) -> Result<Vec<ReplicationSlot>, ProbeError> {
         self.with_client(|mut s| async move {
             let r = async {
-                let slots = Session::prepared(&s.client, &mut s.slots, SLOTS_QUERY).await?;
+                let slots = Session::prepared(&s.client, &mut s.slots, slots::LIST_QUERY).await?;
                 s.client.query(&slots, &[]).await
             }
             .await
-            .and_then(|rows| {
-                rows.iter()
-                    .map(|row| Ok((row.try_get(0)?, row.try_get(1)?)))
-                    .collect()
-            })
+            .and_then(|rows| rows.iter().map(slots::from_row).collect())
             .map_err(ProbeError::Query);
             (s, r)
         })
         .await
+    }
+
+    /// Runs SQL statements (no results) as the superuser in `database`, on a connection of
+    /// their own that ends with them: a logical slot is created and advanced in its database.
+    /// The server ends the statements at the probe's timeout too, so none outlives the call
+    /// holding a slot.
+    pub async fn execute_in(&self, database: &str, sql: &str) -> Result<(), ProbeError> {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.conn.timeout;
+        let work = async {
+            let client = self.connect_to(database).await?;
+            client
+                .batch_execute(&format!(
+                    "SET statement_timeout TO {}; {sql}",
+                    timeout.as_millis()
+                ))
+                .await
+                .map_err(ProbeError::Query)
+        };
+        tokio::time::timeout(timeout, work)
+            .await
+            .unwrap_or(Err(ProbeError::Timeout(timeout)))
     }
 
     /// Runs one query and returns its first row as text (`None` for SQL NULL); no row is an

@@ -129,7 +129,8 @@ pub(super) fn decide_with_other_leader(
             Outcome::FollowingLeader {
                 leader: leader.clone(),
             },
-            // SyncSlots: the slots of the members that cascade from this one.
+            // SyncSlots: the slots of the members that cascade from this one, and the copies of
+            // the permanent logical slots.
             vec![
                 Action::ApplyConfig {
                     upstream: Some(upstream),

@@ -179,7 +179,9 @@ pub enum Action {
     ClearFailover,
     /// Publish the `failsafe` topology (every member's API URL, ours included).
     WriteFailsafe,
-    /// Keep a physical replication slot for every other member, drop slots of departed ones.
+    /// Keep a physical replication slot for every other member, drop slots of departed ones,
+    /// keep the permanent slots (logical ones: created on the primary, copied to and advanced
+    /// on replicas; see `ha::slots`).
     SyncSlots,
     /// Maintain `synchronous_standby_names` and the `sync` key (see `ha::sync`).
     ManageSync,

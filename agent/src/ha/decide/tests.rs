@@ -592,6 +592,47 @@ fn tagged_view(leader: &str, members: &[(&str, &str, serde_json::Value)]) -> Dcs
     DcsView::Known(Arc::new(v))
 }
 
+/// Patroni's `get_slot_name_on_primary`: a cascading member's feedback reaches the leader
+/// through the slot of the chain's first member; a `nostream` link breaks the chain.
+#[test]
+fn the_slot_on_the_leader_of_a_cascading_member_is_its_chains_first() {
+    use super::topology::slot_on_leader;
+    use serde_json::json;
+    let chain = tagged_view(
+        "pg0",
+        &[
+            ("pg0", "running", json!({})),
+            ("pg1", "running", json!({})),
+            ("pg2", "running", json!({"replicatefrom": "pg1"})),
+            ("pg3", "running", json!({"replicatefrom": "pg2"})),
+        ],
+    );
+    let DcsView::Known(v) = &chain else {
+        unreachable!()
+    };
+    assert_eq!(
+        slot_on_leader(v, "pg0", "pg1", None, false).as_deref(),
+        Some("pg1")
+    );
+    assert_eq!(
+        slot_on_leader(v, "pg0", "pg3", Some("pg2"), false).as_deref(),
+        Some("pg1")
+    );
+    assert_eq!(slot_on_leader(v, "pg0", "pg1", None, true), None);
+    let broken = tagged_view(
+        "pg0",
+        &[
+            ("pg0", "running", json!({})),
+            ("pg1", "running", json!({"nostream": true})),
+            ("pg2", "running", json!({"replicatefrom": "pg1"})),
+        ],
+    );
+    let DcsView::Known(v) = &broken else {
+        unreachable!()
+    };
+    assert_eq!(slot_on_leader(v, "pg0", "pg2", Some("pg1"), false), None);
+}
+
 /// `replicatefrom`: a replica streams from the tagged member while it runs, from the leader
 /// when it does not; the upstream keeps the slot, the leader does not.
 #[test]

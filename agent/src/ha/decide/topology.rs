@@ -53,6 +53,37 @@ pub fn downstream_of(view: &ClusterView, leader: &str, me: &str) -> BTreeSet<Str
         .collect()
 }
 
+/// Patroni's `get_slot_name_on_primary`: the physical slot on the leader through which `me`'s
+/// WAL and feedback flow — its own, or for a cascading member that of the member of its chain
+/// that streams from the leader (chains followed as `upstream_of` does). `None` when a member
+/// of the chain (`me` too: `nostream`) does not stream, or the chain loops: such a member
+/// keeps no permanent logical slot, its feedback would not reach the leader.
+pub fn slot_on_leader(
+    view: &ClusterView,
+    leader: &str,
+    me: &str,
+    replicatefrom: Option<&str>,
+    nostream: bool,
+) -> Option<String> {
+    if nostream {
+        return None;
+    }
+    let mut seen = BTreeSet::from([me.to_owned()]);
+    let mut name = me.to_owned();
+    let mut upstream = upstream_of(view, leader, me, replicatefrom);
+    while upstream != leader {
+        let streams = view
+            .member(&upstream)
+            .is_some_and(|m| !m.record.tag_bool("nostream"));
+        if !streams || !seen.insert(upstream.clone()) {
+            return None;
+        }
+        name = upstream;
+        upstream = upstream_of(view, leader, &name, replicatefrom_of(view, &name));
+    }
+    Some(crate::postgres::replica::slot_name(&name))
+}
+
 /// Where a new replica is cloned from: a running member tagged `clonefrom` (the first by name;
 /// Patroni picks one at random), else the leader.
 pub fn clone_source(view: &ClusterView, leader: &str, me: &str) -> String {
