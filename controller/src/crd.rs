@@ -306,6 +306,15 @@ pub struct HaSpec {
     /// With `synchronousMode`: writes wait rather than be acknowledged by one copy.
     #[serde(default)]
     pub synchronous_mode_strict: bool,
+    /// With `synchronousMode`: quorum commit (Patroni's `synchronous_mode: quorum`), commits
+    /// wait for any `synchronousNodeCount` of the standbys instead of all of them.
+    #[serde(default)]
+    pub quorum_commit: bool,
+    /// With `synchronousMode`: how many synchronous standbys (Patroni's
+    /// `synchronous_node_count`).
+    #[serde(default = "default_node_count")]
+    #[schemars(range(min = 1, max = 100))]
+    pub synchronous_node_count: u32,
     /// `use_pg_rewind` (default on: a former primary rejoins without a full clone).
     #[serde(default = "default_true")]
     pub use_pg_rewind: bool,
@@ -326,6 +335,9 @@ fn default_max_lag() -> u64 {
 fn default_true() -> bool {
     true
 }
+fn default_node_count() -> u32 {
+    1
+}
 
 impl Default for HaSpec {
     fn default() -> Self {
@@ -336,6 +348,8 @@ impl Default for HaSpec {
             maximum_lag_on_failover: default_max_lag(),
             synchronous_mode: false,
             synchronous_mode_strict: false,
+            quorum_commit: false,
+            synchronous_node_count: default_node_count(),
             use_pg_rewind: true,
         }
     }
@@ -648,6 +662,12 @@ impl PostgresClusterSpec {
         if ha.synchronous_mode_strict && !ha.synchronous_mode {
             err(
                 "ha.synchronousModeStrict".to_owned(),
+                "needs synchronousMode".to_owned(),
+            );
+        }
+        if ha.quorum_commit && !ha.synchronous_mode {
+            err(
+                "ha.quorumCommit".to_owned(),
                 "needs synchronousMode".to_owned(),
             );
         }

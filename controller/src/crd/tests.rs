@@ -75,7 +75,7 @@ instances: {replicas: 2, storage: {size: 0Gi}, failoverPriority: {"5": 1}}
 postgresql: {parameters: {port: 5433, "bad name": 1}, pgHba: ["a\nb"]}
 users: [{name: app}, {name: app}, {name: postgres}]
 databases: [{name: d, owner: nobody}]
-ha: {synchronousModeStrict: true}
+ha: {synchronousModeStrict: true, quorumCommit: true}
 restore: {repo: repo1}
 "#,
     );
@@ -83,6 +83,7 @@ restore: {repo: repo1}
         fields(s.validate()),
         [
             "ha.synchronousModeStrict",
+            "ha.quorumCommit",
             "instances.storage.size",
             "postgresql.parameters.bad name",
             "postgresql.parameters.port",

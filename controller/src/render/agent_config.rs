@@ -66,13 +66,21 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
         "loop_wait": ha.loop_wait,
         "retry_timeout": ha.retry_timeout,
         "maximum_lag_on_failover": ha.maximum_lag_on_failover,
-        "synchronous_mode": ha.synchronous_mode,
+        "synchronous_mode": match (ha.synchronous_mode, ha.quorum_commit) {
+            (true, true) => json!("quorum"),
+            (on, _) => json!(on),
+        },
         "synchronous_mode_strict": ha.synchronous_mode_strict,
         "postgresql": {
             "use_pg_rewind": ha.use_pg_rewind,
             "use_slots": true,
         },
     });
+    // Only when not the default, so an upgrade does not change every cluster's configuration
+    // (and its hash, which rolls the pods).
+    if ha.synchronous_node_count != 1 {
+        dcs["synchronous_node_count"] = json!(ha.synchronous_node_count);
+    }
     // The parameters are dynamic configuration, not the members' local files: the bootstrap
     // writes them into the DCS `config`, and later changes go there too (`dcs_config`), where
     // each agent reloads what a reload takes. Local parameters would override `config`.

@@ -333,7 +333,18 @@ fn agent_config_is_patroni_yaml_in_kubernetes_mode() {
     let dcs = &v["bootstrap"]["dcs"];
     assert_eq!(dcs["ttl"], 30);
     assert_eq!(dcs["synchronous_mode"], true);
+    assert!(
+        dcs.get("synchronous_node_count").is_none(),
+        "the default is not written"
+    );
     assert_eq!(dcs["maximum_lag_on_failover"], 16_777_216);
+    // Quorum commit is Patroni's `synchronous_mode: quorum`.
+    let mut quorum = pg.spec.clone();
+    quorum.ha.quorum_commit = true;
+    quorum.ha.synchronous_node_count = 2;
+    let q = agent_config::value(&names, &quorum);
+    assert_eq!(q["bootstrap"]["dcs"]["synchronous_mode"], "quorum");
+    assert_eq!(q["bootstrap"]["dcs"]["synchronous_node_count"], 2);
     // Parameters are dynamic configuration (the DCS `config`), none in the local file.
     assert_eq!(v["postgresql"]["parameters"], serde_json::json!({}));
     let params = &dcs["postgresql"]["parameters"];
