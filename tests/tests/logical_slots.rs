@@ -120,31 +120,11 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
         .expect("consume");
     assert_eq!(consumed, inserted(1..=3));
     assert_eq!(leader.sql(PEEK).await.expect("peek"), inserted(4..=6));
-    let confirmed = confirmed_flush(leader).await.expect("the slot");
-    let written = leader
-        .sql("SELECT pg_current_wal_lsn()::text")
-        .await
-        .expect("lsn")[0]
-        .clone();
 
     // Each replica copies the slot, replays everything and advances its copy to where the
     // consumer confirmed (the primary publishes it in `status`).
     for replica in env.members.iter().filter(|m| m.name != old) {
-        wait_until(
-            &format!("{} has the slot at {confirmed}", replica.name),
-            T,
-            || async {
-                replica
-                    .sql(&format!(
-                        "SELECT (confirmed_flush_lsn >= '{confirmed}' \
-                                 AND pg_last_wal_replay_lsn() >= '{written}')::text \
-                         FROM pg_replication_slots WHERE slot_name = 'cdc'"
-                    ))
-                    .await
-                    .is_ok_and(|r| r == ["true"])
-            },
-        )
-        .await;
+        copy_caught_up(leader, replica).await;
         wait_until(
             &format!("{} finds its copy safe after a failover", replica.name),
             T,

@@ -450,15 +450,8 @@ async fn a_leader_restarted_after_strict_synchronous_mode_is_off_commits_without
 
 /// `sync_standby` of the `sync` key, empty when there is none.
 async fn sync_key_standbys(env: &TestEnv) -> String {
-    let value = env
-        .etcd
-        .get(&env.key("sync"))
+    sync_key(env)
         .await
-        .ok()
-        .flatten()
-        .unwrap_or_default();
-    serde_json::from_str::<serde_json::Value>(&value)
-        .ok()
         .and_then(|v| v["sync_standby"].as_str().map(str::to_owned))
         .unwrap_or_default()
 }
@@ -675,15 +668,7 @@ async fn quorum_commit_acknowledges_through_any_standby_and_a_failover_loses_not
 
     // One replica stops receiving WAL: ANY 1 still acknowledges through the other.
     let (frozen, live) = (replicas[0].clone(), replicas[1].clone());
-    let receiver: i32 = member(&env, &frozen)
-        .sql("SELECT pid::text FROM pg_stat_wal_receiver")
-        .await
-        .expect("sql")
-        .first()
-        .and_then(|p| p.parse().ok())
-        .expect("a WAL receiver runs");
-    let pid = nix::unistd::Pid::from_raw(receiver);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop walreceiver");
+    let pid = freeze_wal_receiver(&env, &frozen).await;
     primary
         .sql("CREATE TABLE quorum_acked (id int)")
         .await
@@ -738,6 +723,21 @@ async fn sync_key(env: &TestEnv) -> Option<serde_json::Value> {
     serde_json::from_str(&value).ok()
 }
 
+/// Cuts `name`'s replication stream for real: SIGSTOPs its WAL receiver (SIGCONT the pid to
+/// resume).
+async fn freeze_wal_receiver(env: &TestEnv, name: &str) -> nix::unistd::Pid {
+    let receiver: i32 = member(env, name)
+        .sql("SELECT pid::text FROM pg_stat_wal_receiver")
+        .await
+        .expect("sql")
+        .first()
+        .and_then(|p| p.parse().ok())
+        .expect("a WAL receiver runs");
+    let pid = nix::unistd::Pid::from_raw(receiver);
+    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop walreceiver");
+    pid
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_lagging_replica_does_not_win_the_race() {
     let mut env = cluster(ClusterOptions::default(), |_, _| {}).await;
@@ -749,16 +749,7 @@ async fn a_lagging_replica_does_not_win_the_race() {
         .filter(|n| *n != old)
         .collect();
     let (lagging, healthy) = (replicas[0].clone(), replicas[1].clone());
-    // Cut the lagging replica's replication stream for real: freeze its WAL receiver.
-    let receiver: i32 = member(&env, &lagging)
-        .sql("SELECT pid::text FROM pg_stat_wal_receiver")
-        .await
-        .expect("sql")
-        .first()
-        .and_then(|p| p.parse().ok())
-        .expect("a WAL receiver runs");
-    let pid = nix::unistd::Pid::from_raw(receiver);
-    nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop walreceiver");
+    let pid = freeze_wal_receiver(&env, &lagging).await;
     member(&env, &old)
         .sql("CREATE TABLE filler AS SELECT g, repeat('x', 500) AS pad FROM generate_series(1, 20000) g")
         .await

@@ -133,6 +133,19 @@ impl SyncState {
     pub fn lists(&self, name: &str) -> bool {
         self.standbys().iter().any(|s| s.eq_ignore_ascii_case(name))
     }
+
+    /// Whether `leader` is `name` (case-insensitive, as postgres compares standby names).
+    pub fn leader_is(&self, name: &str) -> bool {
+        self.leader
+            .as_deref()
+            .is_some_and(|l| l.eq_ignore_ascii_case(name))
+    }
+
+    /// Listed, or the leader: Patroni's `matches(name, check_leader=True)`, the members that
+    /// may race in synchronous mode and that vote with quorum commit.
+    pub fn names(&self, name: &str) -> bool {
+        self.leader_is(name) || self.lists(name)
+    }
 }
 
 /// One line of `history`: `[timeline, lsn, reason, timestamp, new_leader]`.
@@ -246,6 +259,15 @@ impl ClusterView {
         self.leader_name() == Some(name)
     }
 
+    /// `name` as the member spells it (postgres compares standby names case-insensitively);
+    /// as given when no member has it.
+    pub fn member_spelling(&self, name: &str) -> String {
+        self.members
+            .iter()
+            .find(|m| m.name.eq_ignore_ascii_case(name))
+            .map_or_else(|| name.to_owned(), |m| m.name.clone())
+    }
+
     /// `config.synchronous_mode` (off when absent or unreadable).
     pub fn synchronous_mode(&self) -> crate::config::SynchronousMode {
         crate::config::SynchronousMode::of_config(
@@ -261,13 +283,7 @@ impl ClusterView {
     pub fn is_sync_listed(&self, name: &str) -> bool {
         self.synchronous_mode().is_on()
             && self.sync.as_ref().is_some_and(|s| {
-                s.value.lists(name)
-                    && self.leader_name().is_some_and(|l| {
-                        s.value
-                            .leader
-                            .as_deref()
-                            .is_some_and(|sl| sl.eq_ignore_ascii_case(l))
-                    })
+                s.value.lists(name) && self.leader_name().is_some_and(|l| s.value.leader_is(l))
             })
     }
 

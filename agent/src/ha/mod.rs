@@ -1696,14 +1696,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             quorum: key.quorum,
             voters: key.standbys().into_iter().collect(),
             numsync: setting.num,
-            sync: setting
-                .names
-                .iter()
-                .map(|n| match n {
-                    sync::StandbyName::Star => "*".to_owned(),
-                    sync::StandbyName::Name(n) => n.clone(),
-                })
-                .collect(),
+            sync: setting.spelled(str::to_owned),
             numsync_confirmed: 0,
             active: quorum::Names::new(),
             sync_wanted: 1,
@@ -1719,37 +1712,38 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         status: &crate::state::PostgresStatus,
     ) -> Option<quorum::Names> {
         let running = status.synchronous_standby_names.as_deref()?;
-        let canonical = |name: &str| {
-            view.members
-                .iter()
-                .find(|m| m.name.eq_ignore_ascii_case(name))
-                .map_or_else(|| name.to_owned(), |m| m.name.clone())
-        };
-        let listed: quorum::Names = sync::parse_standby_names(running)
-            .unwrap_or_default()
-            .iter()
-            .filter_map(|n| match n {
-                sync::StandbyName::Star => None,
-                sync::StandbyName::Name(n) => Some(canonical(n)),
-            })
-            .collect();
+        let listed = sync::parse_standby_setting(running)
+            .map(|s| s.spelled(|n| view.member_spelling(n)))
+            .unwrap_or_default();
+        Some(self.ready_standbys(view, status, running, &listed, sync::LsnKind::Flush, "sync"))
+    }
+
+    /// [`quorum::Readiness`] on this cycle's `pg_stat_replication`: which of `listed` (in
+    /// `running`, postgres' value) have caught up, judged by `lsn`, in `waited_state`.
+    fn ready_standbys(
+        &mut self,
+        view: &ClusterView,
+        status: &crate::state::PostgresStatus,
+        running: &str,
+        listed: &quorum::Names,
+        lsn: sync::LsnKind,
+        waited_state: &str,
+    ) -> quorum::Names {
         let rows: Vec<(String, String, Option<u64>)> = status
             .replication
             .iter()
             .filter(|r| r.state == "streaming")
             .map(|r| {
                 (
-                    canonical(&r.application_name),
+                    view.member_spelling(&r.application_name),
                     r.sync_state.clone(),
-                    r.flush_lsn,
+                    lsn.of(r),
                 )
             })
             .collect();
-        Some(
-            self.core
-                .quorum_ready
-                .observe(running, &listed, status.wal_flush_lsn, &rows, "sync"),
-        )
+        self.core
+            .quorum_ready
+            .observe(running, listed, status.wal_flush_lsn, &rows, waited_state)
     }
 
     /// Runs postgres with `value` as `synchronous_standby_names` (rewrite and reload).
@@ -1798,12 +1792,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             }
             return Ok(());
         };
-        let canonical = |name: &str| {
-            view.members
-                .iter()
-                .find(|m| m.name.eq_ignore_ascii_case(name))
-                .map_or_else(|| name.to_owned(), |m| m.name.clone())
-        };
+        let canonical = |name: &str| view.member_spelling(name);
         let running = status
             .synchronous_standby_names
             .clone()
@@ -1816,14 +1805,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 names: vec![],
             }
         });
-        let listed: quorum::Names = setting
-            .names
-            .iter()
-            .map(|n| match n {
-                sync::StandbyName::Star => "*".to_owned(),
-                sync::StandbyName::Name(n) => canonical(n),
-            })
-            .collect();
+        let listed = setting.spelled(canonical);
         let voters: quorum::Names = key.value.standbys().iter().map(|n| canonical(n)).collect();
         let active = sync::quorum_active(
             mode,
@@ -1833,25 +1815,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             &voters,
             status.wal_position(),
         );
-        let rows: Vec<(String, String, Option<u64>)> = status
-            .replication
-            .iter()
-            .filter(|r| r.state == "streaming")
-            .map(|r| {
-                (
-                    canonical(&r.application_name),
-                    r.sync_state.clone(),
-                    mode.lsn.of(r),
-                )
-            })
-            .collect();
-        let ready = self.core.quorum_ready.observe(
-            &running,
-            &listed,
-            status.wal_flush_lsn,
-            &rows,
-            "quorum",
-        );
+        let ready = self.ready_standbys(view, status, &running, &listed, mode.lsn, "quorum");
         let confirmed = ready.intersection(&active).count();
         if active.is_empty() {
             if mode.strict {
@@ -1997,22 +1961,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             // The next compare must be against the revision we just wrote: re-read next cycle.
             revision = -1;
         }
-        if plan.standby_names != self.core.sync_standby_names {
-            info!(synchronous_standby_names = %plan.standby_names, "changing synchronous standbys");
-            self.core.sync_standby_names = plan.standby_names.clone();
-            let files = self.managed_files(false, None);
-            if self
-                .pg
-                .write_conf(&files)
-                .await
-                .map_err(ActionError::Failed)?
-            {
-                self.pg
-                    .reload()
-                    .await
-                    .map_err(|e| ActionError::Failed(format!("reload failed: {e}")))?;
-            }
-        }
+        self.set_standby_names(plan.standby_names.clone()).await?;
         if let (Some(state), true) = (&plan.key_after, revision >= 0) {
             if self.dcs.write_sync(Some(state), Some(revision)).await? {
                 info!(sync_standby = ?state.sync_standby, "published the confirmed synchronous standby");

@@ -69,6 +69,19 @@ pub struct StandbySetting {
     pub names: Vec<StandbyName>,
 }
 
+impl StandbySetting {
+    /// The names, spelled by `spell` (`*` stays `*`).
+    pub fn spelled(&self, spell: impl Fn(&str) -> String) -> BTreeSet<String> {
+        self.names
+            .iter()
+            .map(|n| match n {
+                StandbyName::Star => "*".to_owned(),
+                StandbyName::Name(n) => spell(n),
+            })
+            .collect()
+    }
+}
+
 /// [`parse_standby_names`] with the method and count.
 pub fn parse_standby_setting(value: &str) -> Option<StandbySetting> {
     #[derive(Debug, PartialEq)]
@@ -516,15 +529,7 @@ pub fn may_race(rule: SyncRule, me: &str, view: &ClusterView) -> bool {
         SyncRule::Quorum => return view.sync.is_some(),
         SyncRule::Listed => {}
     }
-    match view.sync.as_ref().map(|s| &s.value) {
-        None => false,
-        Some(s) => {
-            s.leader
-                .as_deref()
-                .is_some_and(|l| l.eq_ignore_ascii_case(me))
-                || s.lists(me)
-        }
-    }
+    view.sync.as_ref().is_some_and(|s| s.value.names(me))
 }
 
 #[cfg(test)]

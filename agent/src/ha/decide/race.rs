@@ -84,14 +84,6 @@ fn healthiest(
         (SyncRule::Quorum, Some(key)) => Some(&key.value),
         _ => None,
     };
-    let voting = |name: &str| {
-        quorum.is_some_and(|k| {
-            k.lists(name)
-                || k.leader
-                    .as_deref()
-                    .is_some_and(|l| l.eq_ignore_ascii_case(name))
-        })
-    };
     for peer in peers {
         let Some(p) = &peer.status else { continue };
         if !p.is_primary && former == Some(peer.name.as_str()) {
@@ -102,7 +94,7 @@ fn healthiest(
         // may not race would leave the cluster without a leader. With quorum commit only the
         // members of `sync` are asked.
         let counted = match quorum {
-            Some(_) => voting(&peer.name),
+            Some(key) => key.names(&peer.name),
             None => super::sync::may_race(rule, &peer.name, view),
         };
         if !p.is_primary && !counted {
@@ -119,9 +111,7 @@ fn healthiest(
         if p.watchdog_failed {
             continue;
         }
-        let sync_leader = quorum
-            .and_then(|k| k.leader.as_deref())
-            .is_some_and(|l| l.eq_ignore_ascii_case(&peer.name));
+        let sync_leader = quorum.is_some_and(|k| k.leader_is(&peer.name));
         if p.wal_position > my_position {
             // The former leader may still answer, ahead of us: it is not racing.
             if sync_leader {
@@ -152,16 +142,14 @@ fn quorum_votes(
     else {
         return Ok(());
     };
-    let is = |a: Option<&str>, b: &str| a.is_some_and(|a| a.eq_ignore_ascii_case(b));
-    let voting = |name: &str| key.lists(name) || is(key.leader.as_deref(), name);
-    let mut votes: i64 = if voting(&me.name) { 0 } else { -1 };
+    let mut votes: i64 = if key.names(&me.name) { 0 } else { -1 };
     let mut former_leader_ahead = false;
     for p in peers.iter().filter_map(|p| p.status.as_ref()) {
-        if !voting(&p.name) || !able_to_take_over(p) || p.is_primary {
+        if !key.names(&p.name) || !able_to_take_over(p) || p.is_primary {
             continue;
         }
         if p.wal_position > my_position {
-            if is(key.leader.as_deref(), &p.name) {
+            if key.leader_is(&p.name) {
                 former_leader_ahead = true;
                 continue;
             }
@@ -171,7 +159,7 @@ fn quorum_votes(
             votes += 1;
         }
     }
-    let former_leader_unopposed = is(key.leader.as_deref(), &me.name) && !former_leader_ahead;
+    let former_leader_unopposed = key.leader_is(&me.name) && !former_leader_ahead;
     if !former_leader_unopposed && votes < i64::from(key.quorum) {
         return Err(NotEligible::QuorumNotReached {
             votes,

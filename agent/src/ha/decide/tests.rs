@@ -1105,6 +1105,20 @@ fn with_sync(dcs: DcsView, leader: &str, standby: &str) -> DcsView {
     }
 }
 
+/// [`with_sync`] with quorum commit's `quorum`.
+fn with_quorum(dcs: DcsView, leader: &str, voters: &str, quorum: u32) -> DcsView {
+    match with_sync(dcs, leader, voters) {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            if let Some(s) = v.sync.as_mut() {
+                s.value.quorum = quorum;
+            }
+            DcsView::Known(Arc::new(v))
+        }
+        other => other,
+    }
+}
+
 /// Patroni `is_healthiest_node`: in synchronous mode only the recorded synchronous standby
 /// is a candidate, so it does not defer to an asynchronous peer that is as advanced with a
 /// higher priority, or ahead (simulation seed 7, 3 members: nobody ever took over).
@@ -2190,16 +2204,7 @@ fn a_paused_leader_still_manages_its_synchronous_standbys() {
 #[test]
 fn with_quorum_commit_a_member_races_on_the_votes_of_sync() {
     let quorum_view =
-        |voters: &str, quorum: u32| match with_sync(view(None, Some(SYSID)), "pg2", voters) {
-            DcsView::Known(v) => {
-                let mut v = (*v).clone();
-                if let Some(s) = v.sync.as_mut() {
-                    s.value.quorum = quorum;
-                }
-                DcsView::Known(Arc::new(v))
-            }
-            other => other,
-        };
+        |voters: &str, quorum: u32| with_quorum(view(None, Some(SYSID)), "pg2", voters, quorum);
     let facts = MemberFacts {
         synchronous_mode: true,
         quorum_commit: true,
@@ -2264,12 +2269,9 @@ fn with_quorum_commit_a_member_races_on_the_votes_of_sync() {
 /// (simulation seed 5400: it took over lacking writes acknowledged through another standby).
 #[test]
 fn with_quorum_commit_a_candidate_left_without_its_leader_needs_the_votes() {
-    let dcs = match with_sync(view(None, Some(SYSID)), "pg2", "pg0,pg1") {
+    let dcs = match with_quorum(view(None, Some(SYSID)), "pg2", "pg0,pg1", 1) {
         DcsView::Known(v) => {
             let mut v = (*v).clone();
-            if let Some(s) = v.sync.as_mut() {
-                s.value.quorum = 1;
-            }
             v.failover = Some(Versioned {
                 value: crate::dcs::FailoverRequest {
                     leader: Some("pg2".into()),
