@@ -100,8 +100,10 @@ struct MemDcs {
     view: Mutex<ClusterView>,
     reachable: Mutex<bool>,
     calls: Mutex<Vec<&'static str>>,
-    /// When our lease expires in the store (set by each renewal).
+    /// When our lease expires in the store (set by each renewal and acquisition).
     lease_expires: Mutex<Option<Instant>>,
+    /// The store becomes unreachable right after answering a successful acquisition.
+    cut_after_acquire: Mutex<bool>,
 }
 
 impl MemDcs {
@@ -111,6 +113,7 @@ impl MemDcs {
             reachable: Mutex::new(true),
             calls: Mutex::new(Vec::new()),
             lease_expires: Mutex::new(None),
+            cut_after_acquire: Mutex::new(false),
         })
     }
 
@@ -164,6 +167,10 @@ impl Dcs for MemDcs {
             revision: 20,
             lease: 7,
         });
+        *lock(&self.lease_expires) = Some(now() + TTL);
+        if *lock(&self.cut_after_acquire) {
+            *lock(&self.reachable) = false;
+        }
         Ok(true)
     }
     async fn renew_leader(&self) -> Result<LeaseRenewal, DcsError> {
@@ -556,6 +563,37 @@ async fn leader_that_cannot_renew_stops_postgres_before_its_lease_expires() {
         );
         assert_eq!(s.run, Run::Down);
     }
+    token.cancel();
+    let _ = task.await;
+}
+
+/// A primary that lost its key (failsafe mode kept it running through an etcd outage) races
+/// for the free key and wins, but etcd goes away again before the lease is confirmed: the key
+/// is ours on a lease nobody renews, so the primary must stop before that lease can expire,
+/// when a replica that reaches etcd could take the key. (The failsafe e2e test found such a
+/// primary running on, unfenced, for minutes.)
+#[tokio::test(start_paused = true)]
+async fn a_primary_whose_acquisition_was_never_confirmed_stops_before_the_key_can_expire() {
+    let dcs = MemDcs::new(view(None, dynamic(10, false)));
+    *lock(&dcs.cut_after_acquire) = true;
+    let (pg, state) = MemPostgres::new(true, false);
+    let (token, task) = start(dcs.clone(), pg, MemPeers(vec![replica_b(0x100_0000)]));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        dcs.called("acquire_leader"),
+        "the primary raced for the key"
+    );
+    let expires = lock(&dcs.lease_expires).expect("the key was acquired");
+    tokio::time::sleep_until((expires - Duration::from_millis(100)).into()).await;
+    {
+        let s = lock(&state);
+        assert_eq!(s.run, Run::Down, "the unconfirmed primary still runs");
+        assert_eq!(s.stops, vec![StopMode::Immediate]);
+    }
+    assert!(
+        lock(&dcs.view).leader_name() == Some("a"),
+        "the test meant the key to stay ours in the store"
+    );
     token.cancel();
     let _ = task.await;
 }

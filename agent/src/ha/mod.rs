@@ -729,6 +729,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             replay_paused_for_parameters,
             failsafe_leader: self.failsafe.live_leader(now),
             failsafe_held,
+            paused_when_last_seen: self.last_view.as_ref().is_some_and(|v| v.is_paused()),
         }
     }
 

@@ -178,4 +178,7 @@ pub struct Observation {
     /// Failsafe mode, on the leader: the DCS is out of reach and every member of the topology
     /// accepted this cycle's `POST /failsafe`; the fence moved as for a renewal.
     pub failsafe_held: bool,
+    /// The last view read from the DCS had the cluster paused: while the DCS is out of reach,
+    /// maintenance mode is assumed to last.
+    pub paused_when_last_seen: bool,
 }

@@ -10,7 +10,7 @@ use std::fmt;
 use crate::dcs::ClusterView;
 use crate::postgres::supervisor::StopMode;
 
-use super::observe::{DataDir, DcsView, Observation, TaskKind, TaskView};
+use super::observe::{DataDir, DcsView, LeaseCheck, Observation, TaskKind, TaskView};
 
 // The seams of the decision, in `decide_inner`'s order: our own lock, someone else's lock, no
 // lock. `sync` is named here so the parts reach it as `super::sync`.
@@ -324,6 +324,9 @@ pub enum Outcome {
     DcsUnknownHolding {
         reason: String,
     },
+    DcsUnknownDemoting {
+        reason: String,
+    },
     DcsUnknownWaiting {
         reason: String,
     },
@@ -408,6 +411,10 @@ impl fmt::Display for Outcome {
             Outcome::FailsafeHolding { reason } => write!(
                 f,
                 "DCS is not accessible ({reason}); continuing to run as the leader because failsafe mode is enabled and all members are accessible"
+            ),
+            Outcome::DcsUnknownDemoting { reason } => write!(
+                f,
+                "DCS is not accessible ({reason}) and this member does not hold the leader lock; demoting"
             ),
             Outcome::DcsUnknownWaiting { reason } => {
                 write!(f, "DCS is not accessible ({reason}); waiting")
@@ -628,11 +635,27 @@ fn decide_inner(obs: &Observation, me: &MemberFacts) -> Decision {
         DcsView::Unknown(reason) => {
             // The fence in the supervisor stops a primary whose lease is no longer certain;
             // until then a short DCS outage does not cost availability.
-            let outcome = if obs.postgres.is_writable_primary() && obs.failsafe_held {
+            let primary = obs.postgres.is_writable_primary();
+            let outcome = if primary && obs.failsafe_held {
                 Outcome::FailsafeHolding {
                     reason: reason.clone(),
                 }
-            } else if obs.postgres.is_writable_primary() {
+            } else if primary
+                && matches!(obs.lease, LeaseCheck::NotHeld)
+                && !obs.paused_when_last_seen
+            {
+                // No lease of ours arms the fence (the lock was lost, or its acquisition was
+                // never confirmed before the DCS went away), so nothing else would stop this
+                // primary while another member takes the key: demote now, as Patroni does
+                // when the DCS is not accessible. Found by the failsafe e2e test: etcd cut
+                // between acquiring the key and confirming the lease.
+                return Decision::new(
+                    Outcome::DcsUnknownDemoting {
+                        reason: reason.clone(),
+                    },
+                    vec![Action::StopPostgres(StopMode::Immediate)],
+                );
+            } else if primary {
                 Outcome::DcsUnknownHolding {
                     reason: reason.clone(),
                 }

@@ -111,6 +111,7 @@ fn obs(dcs: DcsView, lease: LeaseCheck, data_dir: DataDir, postgres: PostgresVie
         replay_paused_for_parameters: false,
         failsafe_leader: None,
         failsafe_held: false,
+        paused_when_last_seen: false,
     }
 }
 
@@ -2064,6 +2065,39 @@ fn failsafe_a_vouched_for_leader_holds_through_a_dcs_outage() {
         "{:?}",
         d.outcome
     );
+}
+
+/// With the DCS out of reach, a primary that holds no lease of ours (lost, or acquired and
+/// never confirmed) has no fence to stop it: it demotes at once, as Patroni does, except in
+/// maintenance mode, where postgres is left as it is.
+#[test]
+fn an_unleased_primary_demotes_when_the_dcs_is_out_of_reach_unless_paused() {
+    let mut o = obs(
+        DcsView::Unknown("etcd timed out".into()),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    let d = decide(&o, &me());
+    assert!(
+        matches!(d.outcome, Outcome::DcsUnknownDemoting { .. }),
+        "{:?}",
+        d.outcome
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
+    o.paused_when_last_seen = true;
+    let d = decide(&o, &me());
+    assert!(
+        matches!(d.outcome, Outcome::DcsUnknownHolding { .. }),
+        "{:?}",
+        d.outcome
+    );
+    assert!(d.actions.is_empty());
+    // A replica just waits.
+    o.paused_when_last_seen = false;
+    o.postgres = PostgresView::Running(pg(true));
+    let d = decide(&o, &me());
+    assert!(d.actions.is_empty(), "{:?}", d.actions);
 }
 
 /// Patroni writes `failsafe` after each lock update when it changed: every member's
