@@ -316,9 +316,11 @@ async fn physical_slots(env: &TestEnv, member: &str) -> Option<Vec<String>> {
 }
 
 /// Patroni's `slots` (its permanent_slots scenario, physical part) and `ignore_slots`: the
-/// leader creates the permanent slots, drops a stray slot but not an ignored one, and a new
-/// leader after a failover has the permanent slots too. A logical entry without its plugin is
-/// refused with 400 (logical slots themselves: `logical_slots.rs`).
+/// leader creates the permanent slots, drops a stray slot but not an ignored one. As Patroni 4
+/// does with `member_slots_ttl`, each replica keeps the permanent slots and one slot per other
+/// member (the leader's too), advanced to the positions the leader publishes in `status`, so a
+/// new leader after a failover has them all at once, the old leader's included. A logical
+/// entry without its plugin is refused with 400 (logical slots themselves: `logical_slots.rs`).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn permanent_slots_are_on_every_leader_and_ignored_slots_are_left_alone() {
     let (mut env, _) = three_members(ClusterOptions::default(), false).await;
@@ -374,15 +376,53 @@ async fn permanent_slots_are_on_every_leader_and_ignored_slots_are_left_alone() 
         "the ignored and the permanent slots stay: {slots:?}"
     );
 
+    let names: Vec<String> = env.members.iter().map(|m| m.name.clone()).collect();
+    let written = leader
+        .sql("CREATE TABLE slot_probe AS SELECT 1 AS x; SELECT pg_current_wal_lsn()::text")
+        .await
+        .expect("a write on the leader");
+    let written = written.last().cloned().expect("an LSN");
+    for replica in names.iter().filter(|n| **n != old) {
+        let others: Vec<&str> = names
+            .iter()
+            .filter(|n| *n != replica)
+            .map(String::as_str)
+            .collect();
+        wait_until(
+            &format!("{replica} keeps the permanent slots and those of {others:?}"),
+            T,
+            || async {
+                let slots = physical_slots(&env, replica).await;
+                has(&slots, &["test_physical", "typed"]) && has(&slots, &others)
+            },
+        )
+        .await;
+        let member = env.member(replica);
+        wait_until(
+            &format!("{replica}'s slot for the leader is advanced past {written}"),
+            T,
+            || async {
+                member
+                    .sql(&format!(
+                        "SELECT (restart_lsn >= '{written}')::text FROM pg_replication_slots WHERE slot_name = '{old}'"
+                    ))
+                    .await
+                    .ok()
+                    == Some(vec!["true".to_owned()])
+            },
+        )
+        .await;
+    }
+
     env.member(&old).kill9_with_postmaster();
     let new = wait_for_new_leader(&env, &old).await;
     wait_until(
-        &format!("the new leader {new} has the permanent slots"),
+        &format!("the new leader {new} has the permanent slots and one for {old}"),
         T,
         || async {
             has(
                 &physical_slots(&env, &new).await,
-                &["test_physical", "typed"],
+                &["test_physical", "typed", old.as_str()],
             )
         },
     )

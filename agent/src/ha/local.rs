@@ -186,6 +186,9 @@ impl Postgres for LocalPostgres {
                     )
                     .await
             }
+            SlotChange::AdvancePhysical { name, lsn } => {
+                self.probe.execute(&slots::advance_sql(name, *lsn)).await
+            }
             SlotChange::Advance {
                 name,
                 database,

@@ -2013,6 +2013,21 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
         physical.remove(&own);
         let published = view.status.as_ref().map(|s| &s.slots);
+        let advance_physical = if leads {
+            Default::default()
+        } else {
+            let kept = self.replica_physical_slots(view, &downstream);
+            let advance = kept
+                .iter()
+                .map(|slot| {
+                    let lsn = published.and_then(|p| p.get(slot)).copied().unwrap_or(0);
+                    (slot.clone(), lsn)
+                })
+                .collect();
+            physical.extend(kept);
+            physical.remove(&own);
+            advance
+        };
         // The leader keeps the configured logical slots whatever its own tags: Patroni would
         // drop them on a primary tagged `nofailover` or `nostream`, losing the consumers'
         // positions for good.
@@ -2042,7 +2057,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         } else {
             Default::default()
         };
-        let wanted = slots::WantedSlots { physical, logical };
+        let wanted = slots::WantedSlots {
+            physical,
+            logical,
+            advance_physical,
+        };
         let existing = self
             .pg
             .replication_slots()
@@ -2089,6 +2108,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     lsn = %crate::postgres::slots::format_lsn(*lsn),
                     "advancing the copy of a logical slot"
                 ),
+                slots::SlotChange::AdvancePhysical { name, lsn } => debug!(
+                    slot = %name,
+                    lsn = %crate::postgres::slots::format_lsn(*lsn),
+                    "advancing a physical slot to the leader's position"
+                ),
             }
             // One failed step does not stop the others; the next cycle plans again.
             match self.pg.change_slot(change).await {
@@ -2104,6 +2128,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         }
         if local.primary {
             self.slot_positions = plan.positions;
+            self.slot_positions
+                .extend(self.published_physical_positions(status, &wanted, &existing));
             self.slot_readiness = None;
             return Ok(());
         }
@@ -2124,6 +2150,69 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The physical slots a replica keeps besides those of the members cascading from it
+    /// (Patroni 4's `_get_members_slots` and `_get_permanent_slots`): with `member_slots_ttl`
+    /// on, one per other streaming member (the leader's included) and the leader's
+    /// `retain_slots`, so that once promoted it has every member's slot; and the permanent
+    /// physical slots. A `nofailover` member never leads: it keeps none of these; nor does a
+    /// member of a standby cluster (deliberately narrower than Patroni).
+    fn replica_physical_slots(
+        &self,
+        view: &ClusterView,
+        downstream: &std::collections::BTreeSet<String>,
+    ) -> std::collections::BTreeSet<String> {
+        let mut kept = std::collections::BTreeSet::new();
+        // A standby leader publishes no slot positions to advance the copies with.
+        if !self.dynamic.postgresql.use_slots
+            || self.facts.nofailover
+            || self.dynamic.standby_source().is_some()
+        {
+            return kept;
+        }
+        if self.dynamic.member_slots_ttl > 0 {
+            kept.extend(
+                view.members
+                    .iter()
+                    .filter(|m| m.name != self.facts.name && !m.record.tag_bool("nostream"))
+                    .filter(|m| !downstream.contains(&m.name))
+                    .map(|m| replica::slot_name(&m.name)),
+            );
+            if let Some(status) = &view.status {
+                kept.extend(status.retain_slots.iter().cloned());
+            }
+        }
+        let permanent = crate::config::slots::permanent(&self.dynamic.slots, "config").0;
+        kept.extend(permanent.physical);
+        kept
+    }
+
+    /// What the leader publishes in `status.slots` besides its logical slots (Patroni's
+    /// `Postgresql.slots` through `maybe_filter_permanent_slots`): the `restart_lsn` of its
+    /// physical slots and its own WAL position under its own slot name, so replicas advance
+    /// the copies they keep; with `member_slots_ttl` off, only the permanent physical slots.
+    fn published_physical_positions(
+        &self,
+        status: &crate::state::PostgresStatus,
+        wanted: &slots::WantedSlots,
+        existing: &[crate::postgres::slots::ReplicationSlot],
+    ) -> std::collections::BTreeMap<String, u64> {
+        let all = self.dynamic.member_slots_ttl > 0;
+        let permanent = crate::config::slots::permanent(&self.dynamic.slots, "config").0;
+        let mut positions: std::collections::BTreeMap<String, u64> = existing
+            .iter()
+            .filter(|s| s.kind == crate::postgres::slots::SlotType::Physical)
+            .filter(|s| wanted.physical.contains(&s.name))
+            .filter(|s| all || permanent.physical.contains(&s.name))
+            .filter_map(|s| Some((s.name.clone(), s.restart_lsn?)))
+            .collect();
+        if all && self.dynamic.postgresql.use_slots {
+            if let Some(position) = status.wal_flush_lsn {
+                positions.insert(replica::slot_name(&self.facts.name), position);
+            }
+        }
+        positions
     }
 
     /// Patroni's `_get_permanent_slots`: a member that may become the leader and streams keeps

@@ -32,6 +32,11 @@ pub struct WantedLogical {
 pub struct WantedSlots {
     pub physical: BTreeSet<String>,
     pub logical: BTreeMap<String, WantedLogical>,
+    /// Physical slots of `physical` that nobody is expected to stream from here, with the
+    /// position the leader publishes for them (`status.slots`): Patroni advances such a slot to
+    /// it, so a replica keeps the slots the members need once it leads without retaining WAL
+    /// forever.
+    pub advance_physical: BTreeMap<String, u64>,
 }
 
 /// Why a slot is dropped (for the log line).
@@ -43,6 +48,9 @@ pub enum DropReason {
     Changed,
     /// Its WAL is gone (`wal_status = 'lost'`): it can never be used again.
     WalLost,
+    /// A physical slot to advance that reserves no WAL (created by someone else without
+    /// reserving): it cannot be advanced, so it is created again.
+    NoReservedWal,
 }
 
 impl std::fmt::Display for DropReason {
@@ -51,6 +59,9 @@ impl std::fmt::Display for DropReason {
             DropReason::Unknown => "neither a member's nor permanent nor ignored",
             DropReason::Changed => "its type, database or plugin differ from the configuration",
             DropReason::WalLost => "its WAL is lost",
+            DropReason::NoReservedWal => {
+                "it reserves no WAL, so it cannot be advanced (not created by pgwarden?)"
+            }
         })
     }
 }
@@ -74,6 +85,11 @@ pub enum SlotChange {
     Advance {
         name: String,
         database: String,
+        lsn: u64,
+    },
+    /// `pg_replication_slot_advance` of a physical slot nobody streams from here.
+    AdvancePhysical {
+        name: String,
         lsn: u64,
     },
 }
@@ -136,6 +152,11 @@ pub fn plan(
             (!local.paused && !ignored(slot, ignore)).then_some(DropReason::Unknown)
         } else if slot.wal_lost {
             (!local.paused && !ignored(slot, ignore)).then_some(DropReason::WalLost)
+        } else if slot.kind == SlotType::Physical
+            && slot.restart_lsn.is_none()
+            && wanted.advance_physical.contains_key(&slot.name)
+        {
+            Some(DropReason::NoReservedWal)
         } else {
             let same = match wanted.logical.get(&slot.name) {
                 Some(w) => matches_logical(slot, &w.slot),
@@ -160,9 +181,22 @@ pub fn plan(
         !kept.contains_key(name) && existing.iter().any(|s| s.name == name && s.active)
     };
     for name in &wanted.physical {
-        if !kept.contains_key(name.as_str()) && !blocked(name) {
-            plan.changes
-                .push(SlotChange::CreatePhysical { name: name.clone() });
+        match kept.get(name.as_str()) {
+            None if !blocked(name) => plan
+                .changes
+                .push(SlotChange::CreatePhysical { name: name.clone() }),
+            None => {}
+            Some(slot) => {
+                let target = wanted.advance_physical.get(name).copied();
+                if let (Some(lsn), Some(at), false) = (target, slot.restart_lsn, slot.active) {
+                    if lsn > at {
+                        plan.changes.push(SlotChange::AdvancePhysical {
+                            name: name.clone(),
+                            lsn,
+                        });
+                    }
+                }
+            }
         }
     }
     for (name, want) in &wanted.logical {
@@ -290,6 +324,7 @@ mod tests {
             confirmed_flush_lsn: None,
             catalog_xmin: None,
             wal_lost: false,
+            restart_lsn: Some(0x100),
         }
     }
 
@@ -303,6 +338,7 @@ mod tests {
             confirmed_flush_lsn: Some(at),
             catalog_xmin: Some(740),
             wal_lost: false,
+            restart_lsn: at.checked_sub(0x10),
         }
     }
 
@@ -324,6 +360,7 @@ mod tests {
                     )
                 })
                 .collect(),
+            advance_physical: Default::default(),
         }
     }
 
@@ -512,5 +549,42 @@ mod tests {
         assert!(readiness.unremembered().is_empty(), "remembered once");
         assert_eq!(readiness.check(740, &primary, &copy), ["cdc"]);
         assert_eq!(readiness.pending().count(), 0);
+    }
+
+    /// Patroni's `_ensure_physical_slots` on a replica: a kept physical slot nobody streams
+    /// from is advanced to the leader's published position, never backwards and never while
+    /// in use; one that reserves no WAL cannot be advanced and is created again.
+    #[test]
+    fn a_replica_advances_the_physical_slots_it_keeps_for_after_a_failover() {
+        let mut want = wanted(&[]);
+        want.physical = ["pg0".to_owned(), "pg1".to_owned(), "pg2".to_owned()].into();
+        want.advance_physical = [("pg0".to_owned(), 0x500), ("pg2".to_owned(), 0x80)].into();
+        let replica = replica(0x600);
+        let mut unreserved = physical("pg2", false);
+        unreserved.restart_lsn = None;
+        let existing = [physical("pg0", false), physical("pg1", false), unreserved];
+        let p = plan(&want, &existing, &[], replica);
+        assert_eq!(
+            p.changes,
+            vec![
+                SlotChange::Drop {
+                    name: "pg2".into(),
+                    reason: DropReason::NoReservedWal
+                },
+                SlotChange::AdvancePhysical {
+                    name: "pg0".into(),
+                    lsn: 0x500
+                },
+                SlotChange::CreatePhysical { name: "pg2".into() },
+            ]
+        );
+        // Behind the slot, or in use (pg1 streams from us): left alone.
+        want.advance_physical.insert("pg0".into(), 0x80);
+        let existing = [
+            physical("pg0", true),
+            physical("pg1", false),
+            physical("pg2", false),
+        ];
+        assert!(plan(&want, &existing, &[], replica).changes.is_empty());
     }
 }

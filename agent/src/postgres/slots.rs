@@ -83,12 +83,16 @@ pub struct ReplicationSlot {
     pub catalog_xmin: Option<u64>,
     /// `wal_status = 'lost'`.
     pub wal_lost: bool,
+    /// The oldest WAL the slot retains; `None` for a physical slot created without reserving
+    /// WAL that nobody streamed from yet.
+    pub restart_lsn: Option<u64>,
 }
 
 /// The local listing, read through the probe's connection.
 pub const LIST_QUERY: &str = "SELECT slot_name::text, slot_type::text, database::text, \
      plugin::text, active, (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint, \
-     catalog_xmin::text::bigint, coalesce(wal_status = 'lost', false) \
+     catalog_xmin::text::bigint, coalesce(wal_status = 'lost', false), \
+     (restart_lsn - '0/0'::pg_lsn)::bigint \
      FROM pg_catalog.pg_replication_slots WHERE NOT temporary";
 
 /// Reads one row of [`LIST_QUERY`].
@@ -107,6 +111,7 @@ pub fn from_row(row: &tokio_postgres::Row) -> Result<ReplicationSlot, tokio_post
         confirmed_flush_lsn: lsn(5)?,
         catalog_xmin: lsn(6)?,
         wal_lost: row.try_get(7)?,
+        restart_lsn: lsn(8)?,
     })
 }
 
@@ -124,10 +129,12 @@ pub fn drop_sql(name: &str) -> String {
     )
 }
 
-/// Creates the physical slot `name` if it is still missing.
+/// Creates the physical slot `name` if it is still missing, reserving WAL at once (as
+/// Patroni does): a member that is away, or a slot a replica keeps for after a failover,
+/// retains WAL before anyone streams from it.
 pub fn create_physical_sql(name: &str) -> String {
     format!(
-        "SELECT pg_catalog.pg_create_physical_replication_slot({0}) WHERE NOT EXISTS \
+        "SELECT pg_catalog.pg_create_physical_replication_slot({0}, true) WHERE NOT EXISTS \
          (SELECT 1 FROM pg_catalog.pg_replication_slots WHERE slot_name = {0})",
         quote_literal(name)
     )
