@@ -77,13 +77,16 @@ pub async fn create_replica(
     };
     let mut failures = Vec::new();
     for method in methods {
+        let builtin = !ReplicaMethod::is_custom(config, method);
         let result = match (method, upstream) {
-            ("pgbackrest", Some(_)) => restore_standby(config).await.map(|()| "pgbackrest"),
+            ("pgbackrest", Some(_)) if builtin => {
+                restore_standby(config).await.map(|()| "pgbackrest")
+            }
             ("basebackup", Some(upstream)) => replica::basebackup(config, bin_dir, upstream)
                 .await
                 .map(|()| "basebackup")
                 .map_err(crate::backup::BackupError::caused_by),
-            ("pgbackrest" | "basebackup", None) => {
+            ("pgbackrest" | "basebackup", None) if builtin => {
                 Err("needs a leader (only custom methods marked no_leader run without one)".into())
             }
             (custom, upstream) => match ReplicaMethod::of(config, custom) {

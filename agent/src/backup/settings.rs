@@ -235,9 +235,6 @@ impl BootstrapFromBackup {
     }
 }
 
-/// Replica creation methods pgwarden implements (`postgresql.create_replica_methods`).
-pub const REPLICA_METHODS: [&str; 2] = ["pgbackrest", "basebackup"];
-
 const RECOVERY_KEYS: [&str; 6] = [
     "recovery_target_time",
     "recovery_target_lsn",
@@ -388,7 +385,7 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
         })
     };
     for (i, method) in config.postgresql.create_replica_methods.iter().enumerate() {
-        if !REPLICA_METHODS.contains(&method.as_str()) {
+        if crate::postgres::replica_method::ReplicaMethod::is_custom(config, method) {
             if let Err(e) = crate::postgres::replica_method::ReplicaMethod::of(config, method) {
                 err(&e.path, e.reason);
             }

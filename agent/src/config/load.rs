@@ -79,9 +79,17 @@ pub fn load_str(
     config.validate().map_err(ConfigError::Invalid)?;
     warnings.extend(tls_warnings(&config));
     warnings.extend(config.bootstrap.dcs.unimplemented("bootstrap.dcs"));
-    // `postgresql.<name>` sections other than custom replica methods are not used.
+    // `postgresql.<name>` sections other than custom replica methods (of this cluster or, for
+    // its first member, of the standby cluster it bootstraps) are not used.
+    let standby_methods = config
+        .bootstrap
+        .dcs
+        .standby_cluster
+        .as_ref()
+        .map(|s| s.create_replica_methods.as_slice())
+        .unwrap_or_default();
     for k in config.postgresql.sections.keys() {
-        if !config.postgresql.create_replica_methods.contains(k) {
+        if !config.postgresql.create_replica_methods.contains(k) && !standby_methods.contains(k) {
             warnings.push(unknown_key(&format!("postgresql.{k}")));
         }
     }

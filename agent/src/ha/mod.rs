@@ -114,10 +114,10 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
 /// One of `create_replica_methods` is a custom method marked `no_leader` (Patroni's
 /// `can_create_replica_without_replication_connection`).
 fn replica_without_leader(config: &Config) -> bool {
+    use crate::postgres::replica_method::ReplicaMethod;
     config.postgresql.create_replica_methods.iter().any(|name| {
-        name != "basebackup"
-            && crate::postgres::replica_method::ReplicaMethod::of(config, name)
-                .is_ok_and(|m| m.no_leader)
+        ReplicaMethod::is_custom(config, name)
+            && ReplicaMethod::of(config, name).is_ok_and(|m| m.no_leader)
     })
 }
 

@@ -49,12 +49,30 @@ pub struct ReplicaMethod {
 }
 
 impl ReplicaMethod {
+    /// Whether the method `name` is a custom one, run from its `postgresql.<name>` section.
+    /// `basebackup` is always pg_basebackup. `pgbackrest` is what Patroni's documentation
+    /// defines as a custom method (`postgresql.pgbackrest.command: pgbackrest --stanza=…
+    /// --delta restore`, the usual way to restore replicas or clone a standby cluster from a
+    /// repository, another cluster's too); without a `command` there, it is pgwarden's own
+    /// restore from the `pgbackrest` section (this cluster's stanza).
+    pub fn is_custom(config: &Config, name: &str) -> bool {
+        match name {
+            "basebackup" => false,
+            "pgbackrest" => config
+                .postgresql
+                .sections
+                .get(name)
+                .is_some_and(|section| section.get("command").is_some()),
+            _ => true,
+        }
+    }
+
     /// The custom method `name` of `create_replica_methods`, from its `postgresql.<name>`
     /// section.
     pub fn of(config: &Config, name: &str) -> Result<ReplicaMethod, MethodError> {
         let path = format!("postgresql.{name}");
-        let needs = "a replica creation method other than pgbackrest or basebackup needs this \
-                     section with a `command`";
+        let needs = "a custom replica creation method (any but basebackup, and pgbackrest \
+                     without the pgbackrest section) needs this section with a `command`";
         let Some(value) = config.postgresql.sections.get(name) else {
             return Err(MethodError::new(path, needs));
         };
@@ -154,6 +172,32 @@ mod tests {
 
     fn config(yaml: &str) -> Config {
         serde_yaml::from_str(yaml).expect("valid YAML")
+    }
+
+    /// Patroni's documented pgBackRest replica method (`replica_bootstrap.rst`) is a custom
+    /// method named `pgbackrest`; without a `command` the name means pgwarden's own restore.
+    #[test]
+    fn pgbackrest_with_a_command_is_patronis_custom_method() {
+        let c = config(
+            "scope: main\npostgresql:\n  data_dir: /d\n  create_replica_methods: [pgbackrest, basebackup]\n  \
+             pgbackrest:\n    command: /usr/bin/pgbackrest --stanza=main --delta restore\n    \
+             keep_data: True\n    no_params: True\n  basebackup:\n    checkpoint: fast\n",
+        );
+        assert!(ReplicaMethod::is_custom(&c, "pgbackrest"));
+        assert!(!ReplicaMethod::is_custom(&c, "basebackup"));
+        let m = ReplicaMethod::of(&c, "pgbackrest").expect("valid");
+        assert!(m.keep_data && m.no_params);
+        assert_eq!(
+            m.argv("main", Path::new("/d"), "host=h"),
+            vec!["/usr/bin/pgbackrest", "--stanza=main", "--delta", "restore"]
+        );
+        let mut errors = Vec::new();
+        crate::backup::settings::validate(&c, &mut errors);
+        assert!(errors.is_empty(), "{errors:?}");
+        let builtin = config(
+            "scope: main\npostgresql:\n  data_dir: /d\n  create_replica_methods: [pgbackrest]\n",
+        );
+        assert!(!ReplicaMethod::is_custom(&builtin, "pgbackrest"));
     }
 
     #[test]
