@@ -1495,3 +1495,156 @@ async fn a_backup_from_a_standby_copies_the_files_from_the_chosen_replica() {
         l.log_tail(80)
     );
 }
+
+/// Patroni's standby cluster from an archive (`replica_bootstrap.rst`, "Standby cluster"):
+/// no connection to the source at all. The first member restores the source's latest backup
+/// from the source's pgBackRest repository with Patroni's usual custom method
+/// (`postgresql.pgbackrest.command`, `no_master`), holds the lock as the standby leader and
+/// replays the source's WAL with `standby_cluster.restore_command` (`archive-get` from the
+/// source's stanza); a second member cascades from it; removing `standby_cluster` promotes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_standby_cluster_restored_from_the_sources_repository_replays_its_archive() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "source".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    let i = env.add_member("s0");
+    env.members[i].set("pgbackrest", section(&repo, "source", ""));
+    env.start_member(i).expect("start s0");
+    env.wait_for_leader(T).await;
+    let s = member(&env, "s0");
+    wait_until("the stanza check passed", T, || async {
+        report(s).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+    s.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .expect("rows on the source");
+    let out = cli(s, &["backup", "--type", "full"]);
+    assert!(
+        out.status.success(),
+        "pgwarden backup failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    let pgbackrest = format!(
+        "pgbackrest --stanza=source --repo1-path={} --log-level-file=off",
+        repo.display()
+    );
+    let mut dr = Vec::new();
+    for name in ["d0", "d1"] {
+        let j = env.add_member(name);
+        let data = env.members[j].data_dir();
+        let d = &mut env.members[j];
+        d.set("scope", "dr".into());
+        if name == "d0" {
+            let mut method = serde_yaml::Mapping::new();
+            method.insert(
+                "command".into(),
+                format!("{pgbackrest} --pg1-path={} --delta restore", data.display()).into(),
+            );
+            for flag in ["keep_data", "no_params", "no_master"] {
+                method.insert(flag.into(), true.into());
+            }
+            d.set("postgresql.pgbackrest", serde_yaml::Value::Mapping(method));
+        }
+        let mut standby = serde_yaml::Mapping::new();
+        standby.insert(
+            "create_replica_methods".into(),
+            serde_yaml::Value::Sequence(vec!["pgbackrest".into()]),
+        );
+        standby.insert(
+            "restore_command".into(),
+            // Run by postgres through the shell in its data directory (each member's own).
+            format!("{pgbackrest} --pg1-path=\"$PWD\" archive-get %f \"%p\"").into(),
+        );
+        d.set(
+            "bootstrap.dcs.standby_cluster",
+            serde_yaml::Value::Mapping(standby),
+        );
+        dr.push(j);
+    }
+    let (d0, d1) = (dr[0], dr[1]);
+    env.start_member(d0).expect("start d0");
+    wait_until("d0 is the standby leader with the backup's rows", T, || {
+        let (etcd, m) = (&env.etcd, &env.members[d0]);
+        async move {
+            etcd.get("/service/dr/leader")
+                .await
+                .ok()
+                .flatten()
+                .as_deref()
+                == Some("d0")
+                && m.api_get("/standby-leader").await.map(|(c, _)| c) == Some(200)
+                && m.sql("SELECT count(*)::text FROM t").await.ok() == Some(vec!["10".to_owned()])
+        }
+    })
+    .await;
+    let standby = &env.members[d0];
+    assert!(
+        standby.streaming_from().await.is_none(),
+        "d0 replays from the archive only"
+    );
+    assert!(
+        standby
+            .log_text()
+            .contains("creating the replica with a custom method"),
+        "d0 was restored by the pgbackrest method"
+    );
+    assert!(
+        standby.sql("INSERT INTO t VALUES (100)").await.is_err(),
+        "the standby leader refused a write"
+    );
+
+    // New rows on the source reach the standby cluster through the archive alone.
+    let s = member(&env, "s0");
+    s.sql("INSERT INTO t SELECT generate_series(11, 20)")
+        .await
+        .expect("more rows");
+    switch_and_wait_archived(s, &repo).await;
+    wait_until("d0 replayed the archived rows", T, || async {
+        env.members[d0]
+            .sql("SELECT count(*)::text FROM t")
+            .await
+            .ok()
+            == Some(vec!["20".to_owned()])
+    })
+    .await;
+
+    env.start_member(d1).expect("start d1");
+    let d0_port = env.members[d0].pg_port;
+    wait_until("d1 cascades from d0 with every row", T, || {
+        let m = &env.members[d1];
+        async move {
+            m.streaming_from().await.map(|(port, _)| port) == Some(d0_port)
+                && m.sql("SELECT count(*)::text FROM t").await.ok() == Some(vec!["20".to_owned()])
+        }
+    })
+    .await;
+
+    // Promotion: the standby leader becomes an ordinary primary; d1 keeps streaming from it.
+    let (code, text) = env.members[d0]
+        .api_request("PATCH", "/config", Some(r#"{"standby_cluster": null}"#))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{text}");
+    wait_until("d0 accepts writes after the promotion", T, || async {
+        env.members[d0]
+            .sql("INSERT INTO t VALUES (21)")
+            .await
+            .is_ok()
+    })
+    .await;
+    wait_until("d1 replicates the promoted leader's write", T, || async {
+        env.members[d1]
+            .sql("SELECT count(*)::text FROM t")
+            .await
+            .ok()
+            == Some(vec!["21".to_owned()])
+    })
+    .await;
+}

@@ -151,7 +151,13 @@ pub async fn create(
     let result = match cmd.status().await {
         Ok(status) if status.success() && data_dir.join("PG_VERSION").exists() => {
             super::data_dir::make_private(data_dir)
-                .map_err(|e| format!("cannot chmod {}: {e}", data_dir.display()))
+                .map_err(|e| format!("cannot chmod {}: {e}", data_dir.display()))?;
+            // The agent writes the recovery settings (Patroni's `_sanitize_auto_conf`): a
+            // `restore_command` that `pgbackrest restore` left in postgresql.auto.conf would
+            // override them.
+            super::data_dir::strip_recovery_settings(data_dir)
+                .map(drop)
+                .map_err(|e| format!("cannot clean postgresql.auto.conf: {e}"))
         }
         Ok(status) if status.success() => Err(format!(
             "{argv:?} exited 0 but left no data directory in {}",
