@@ -307,7 +307,7 @@ pub fn spawn(
     );
     let interrupter = Interrupter::default();
     service = service
-        .restored(config.bootstrap.method.as_deref() == Some("pgbackrest"))
+        .restored(config.bootstrap.restores_with_pgbackrest())
         .with_interrupter(interrupter.clone());
     if pb.backup_standby {
         service = service.with_standby(service::StandbyBackup {

@@ -171,7 +171,7 @@ fn conf_with(
     // A cluster bootstrapped from another cluster's stanza reads that stanza during recovery
     // (restore, archive-get): it needs this member's pg1-* options too.
     let mut stanzas = vec![resolved.stanza.clone()];
-    if config.bootstrap.method.as_deref() == Some("pgbackrest") {
+    if config.bootstrap.restores_with_pgbackrest() {
         if let Some(source) = config
             .bootstrap
             .pgbackrest

@@ -398,7 +398,7 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
     }
     match config.bootstrap.method.as_deref() {
         None | Some("initdb") => {}
-        Some("pgbackrest") => {
+        Some("pgbackrest") if config.bootstrap.restores_with_pgbackrest() => {
             if config.pgbackrest.is_none() {
                 err(
                     "bootstrap.method",

@@ -208,6 +208,7 @@ fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
         });
     }
     let mut normalized = normalize_bootstrap_dcs(&mut value);
+    let custom_pgbackrest = take_custom_pgbackrest(&mut value);
     let mut unknown = Vec::new();
     let mut track = serde_path_to_error::Track::new();
     let deserializer = serde_path_to_error::Deserializer::new(value, &mut track);
@@ -215,7 +216,8 @@ fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
         unknown.push(path.to_string());
     });
     match result {
-        Ok(config) => {
+        Ok(mut config) => {
+            config.bootstrap.custom_pgbackrest = custom_pgbackrest;
             let mut warnings: Vec<String> = unknown.iter().map(|p| unknown_key(p)).collect();
             warnings.append(&mut normalized);
             Ok((config, warnings))
@@ -230,6 +232,20 @@ fn parse_yaml(yaml: &str) -> Result<(Config, Vec<String>), ConfigError> {
 
 /// Patroni's old names and spellings in `bootstrap.dcs` (`dynamic::normalize`), applied to the
 /// YAML before it is parsed.
+/// Takes out `bootstrap.pgbackrest` when it is Patroni's custom bootstrap method of that name
+/// (it has a `command`) rather than pgwarden's own restore settings.
+fn take_custom_pgbackrest(value: &mut serde_yaml::Value) -> Option<serde_yaml::Value> {
+    let bootstrap = value.get_mut("bootstrap")?.as_mapping_mut()?;
+    let custom = bootstrap
+        .get("pgbackrest")
+        .is_some_and(|section| section.get("command").is_some());
+    if custom {
+        bootstrap.remove("pgbackrest")
+    } else {
+        None
+    }
+}
+
 fn normalize_bootstrap_dcs(value: &mut serde_yaml::Value) -> Vec<String> {
     let Some(dcs) = value
         .get_mut("bootstrap")

@@ -145,6 +145,33 @@ pub struct BootstrapConfig {
     /// names is parsed at validation; the others are warned about as unknown keys.
     #[serde(flatten)]
     pub sections: BTreeMap<String, serde_yaml::Value>,
+    /// Patroni's custom bootstrap method written under the name `pgbackrest` (a
+    /// `bootstrap.pgbackrest` section with a `command`, as Patroni's documentation shows it):
+    /// taken out of `pgbackrest` at load (`config::load`), which then stays pgwarden's own
+    /// restore settings.
+    #[serde(skip)]
+    pub custom_pgbackrest: Option<serde_yaml::Value>,
+}
+
+impl BootstrapConfig {
+    /// `method: pgbackrest` is pgwarden's own restore from the repository, not Patroni's
+    /// custom method of that name.
+    pub fn restores_with_pgbackrest(&self) -> bool {
+        self.method.as_deref() == Some("pgbackrest") && self.custom_pgbackrest.is_none()
+    }
+
+    /// `method` names a custom method (neither initdb nor pgwarden's own restore).
+    pub fn is_custom(&self) -> bool {
+        !matches!(self.method.as_deref(), None | Some("initdb")) && !self.restores_with_pgbackrest()
+    }
+
+    /// The `bootstrap.<name>` section of the custom method `name`.
+    pub fn custom_section(&self, name: &str) -> Option<&serde_yaml::Value> {
+        match name {
+            "pgbackrest" => self.custom_pgbackrest.as_ref(),
+            _ => self.sections.get(name),
+        }
+    }
 }
 
 /// `synchronous_mode`: off, on (every listed standby acknowledges a commit, Patroni's

@@ -176,6 +176,40 @@ fn custom_method_sections_are_used_or_warned_about() {
     assert!(!w.contains("`postgresql.copy"), "{w}");
 }
 
+/// Patroni's documented pgBackRest bootstrap is a custom method named `pgbackrest`
+/// (`bootstrap.pgbackrest.command`); without a `command` the section is pgwarden's own
+/// restore settings.
+#[test]
+fn a_bootstrap_pgbackrest_section_with_a_command_is_patronis_custom_method() {
+    let yaml = PATRONI_YML.replace(
+        "bootstrap:\n",
+        "bootstrap:\n  method: pgbackrest\n  pgbackrest:\n    command: /usr/bin/pgbackrest \
+         --stanza=demo --delta restore\n    keep_existing_recoveryconf: True\n    \
+         no_params: True\n    recovery_conf:\n      recovery_target_action: promote\n      \
+         restore_command: pgbackrest --stanza=demo archive-get %f \"%p\"\n",
+    );
+    let loaded = load_ok(&yaml);
+    let boot = &loaded.config.bootstrap;
+    assert!(boot.is_custom() && !boot.restores_with_pgbackrest());
+    let method = crate::postgres::custom_bootstrap::CustomBootstrap::of(boot)
+        .expect("valid")
+        .expect("a custom method");
+    assert_eq!(
+        method.command,
+        ["/usr/bin/pgbackrest", "--stanza=demo", "--delta", "restore"]
+    );
+    let w = loaded.warnings.join("\n");
+    assert!(!w.contains("bootstrap.pgbackrest"), "{w}");
+
+    let builtin = PATRONI_YML.replace(
+        "bootstrap:\n",
+        "bootstrap:\n  method: pgbackrest\n  pgbackrest:\n    stanza: old\n",
+    );
+    let mut c: crate::config::Config = serde_yaml::from_str(&builtin).expect("parses");
+    c.bootstrap.custom_pgbackrest = None;
+    assert!(c.bootstrap.restores_with_pgbackrest() && !c.bootstrap.is_custom());
+}
+
 /// The topology tags are implemented: no warning.
 #[test]
 fn topology_tags_are_not_warned_about() {

@@ -400,7 +400,7 @@ async fn bootstrap(
     probe: &Probe,
     files: &ManagedFiles,
 ) -> Result<(), String> {
-    if config.bootstrap.method.as_deref() == Some("pgbackrest") {
+    if config.bootstrap.restores_with_pgbackrest() {
         return crate::backup::restore::bootstrap(config, supervisor, probe, files)
             .await
             .map_err(|e| crate::error::error_chain(&e));

@@ -2379,11 +2379,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     fn pg_state(&self) -> PgState {
         match &self.task {
             Some((TaskKind::Bootstrap, _)) => {
-                let custom = !matches!(
-                    self.config.bootstrap.method.as_deref(),
-                    None | Some("initdb") | Some("pgbackrest")
-                );
-                return if custom {
+                return if self.config.bootstrap.is_custom() {
                     PgState::RunningCustomBootstrap
                 } else {
                     PgState::InitializingNewCluster

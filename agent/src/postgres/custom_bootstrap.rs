@@ -77,13 +77,13 @@ impl CustomBootstrap {
     /// no method.
     pub fn of(bootstrap: &BootstrapConfig) -> Result<Option<CustomBootstrap>, MethodError> {
         match bootstrap.method.as_deref() {
-            None | Some("initdb") | Some("pgbackrest") => Ok(None),
-            Some(name) => Self::parse(bootstrap, name).map(Some),
+            Some(name) if bootstrap.is_custom() => Self::parse(bootstrap, name).map(Some),
+            _ => Ok(None),
         }
     }
 
     fn parse(bootstrap: &BootstrapConfig, name: &str) -> Result<CustomBootstrap, MethodError> {
-        let Some(value) = bootstrap.sections.get(name) else {
+        let Some(value) = bootstrap.custom_section(name) else {
             return Err(MethodError::new(
                 "bootstrap.method",
                 format!(
