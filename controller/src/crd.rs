@@ -644,6 +644,21 @@ pub const MANAGED_PARAMETERS: &[&str] = &[
 
 impl PostgresClusterSpec {
     /// Cross-field checks the OpenAPI schema cannot express; every problem at once.
+    /// A change of `postgresVersion` on a cluster whose StatefulSet was made for `running`:
+    /// refused until major-version upgrades exist, since postgres of another major version
+    /// cannot start on the existing data directories (the members would stay down).
+    pub fn version_change(&self, running: u32) -> Option<SpecError> {
+        (running != self.postgres_version).then(|| SpecError {
+            field: "postgresVersion".to_owned(),
+            reason: format!(
+                "is {}, but the cluster's data directories are PostgreSQL {running}: a major \
+                 version change needs pg_upgrade, which the controller does not run yet; \
+                 nothing is changed until it is set back to {running}",
+                self.postgres_version
+            ),
+        })
+    }
+
     pub fn validate(&self) -> Result<(), Vec<SpecError>> {
         let mut errors = Vec::new();
         let mut err = |field: String, reason: String| errors.push(SpecError { field, reason });

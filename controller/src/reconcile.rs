@@ -218,10 +218,13 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     }
     sync_finalizer(pg, &clusters).await?;
 
-    let spec_errors = match pg.spec.validate() {
+    let mut spec_errors = match pg.spec.validate() {
         Ok(()) => Vec::new(),
         Err(errors) => errors,
     };
+    if let Some(running) = running_postgres_version(pg, &client).await? {
+        spec_errors.extend(pg.spec.version_change(running));
+    }
     if spec_errors.is_empty() {
         apply_children(pg, &client).await?;
     } else {
@@ -263,6 +266,26 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
         // Members starting, a rollout under way: look again soon (Pod events also wake us).
         _ => Action::requeue(Duration::from_secs(5)),
     })
+}
+
+/// The major version the cluster's StatefulSet was made for; `None` before it exists (or when
+/// a controller older than the annotation made it: the next apply records the spec's).
+async fn running_postgres_version(
+    pg: &PostgresCluster,
+    client: &Client,
+) -> Result<Option<u32>, Error> {
+    let names = Names::of(pg);
+    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &names.namespace);
+    let name = names.statefulset();
+    let set = sets
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading the StatefulSet {name}")))?;
+    Ok(set.and_then(|s| {
+        s.annotations()
+            .get(render::POSTGRES_VERSION_ANNOTATION)
+            .and_then(|v| v.parse().ok())
+    }))
 }
 
 /// Server-side apply of every child object, and creation of missing Secrets.

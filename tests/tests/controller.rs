@@ -221,14 +221,49 @@ async fn malformed_clusters_are_refused_by_the_schema_or_reported_and_the_contro
         exists(&s.api::<StatefulSet>(), "odd").await
     })
     .await;
-    wait_until("the condition clears", T, || async {
+    let cleared = || async {
         let pg = s.cluster("odd").await;
         let generation = pg.metadata.generation;
         pg.status.as_ref().and_then(|st| st.observed_generation) == generation
             && condition(&pg, "Degraded").is_some_and(|c| c.reason != "InvalidSpec")
+    };
+    wait_until("the condition clears", T, &cleared).await;
+    assert!(ctl.process.is_running(), "the controller survives");
+
+    // A major version change of the running cluster would leave every member unable to start
+    // on its data directory: refused, the StatefulSet and ConfigMap left as they are.
+    let upgraded = example("odd", |v| {
+        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+        v["spec"]["postgresVersion"] = json!(16);
+    });
+    s.apply(&upgraded).await.expect("the schema accepts it");
+    wait_until("the version change is refused", T, || async {
+        let pg = s.cluster("odd").await;
+        condition(&pg, "Degraded").is_some_and(|c| {
+            c.reason == "InvalidSpec"
+                && c.message.contains("spec.postgresVersion")
+                && c.message.contains("set back to 15")
+        })
     })
     .await;
-    assert!(ctl.process.is_running(), "the controller survives");
+    let sts = s.api::<StatefulSet>().get("odd").await.expect("sts");
+    assert_eq!(
+        sts.annotations()
+            .get("pgwarden.io/postgres-version")
+            .map(String::as_str),
+        Some("15")
+    );
+    let cm = s.api::<ConfigMap>().get("odd-agent").await.expect("cm");
+    assert!(
+        cm.data
+            .unwrap_or_default()
+            .values()
+            .all(|y| !y.contains("postgresql/16")),
+        "the agents' configuration still names PostgreSQL 15"
+    );
+    s.apply(&fixed).await.expect("set the version back");
+    wait_until("the condition clears again", T, &cleared).await;
     assert_eq!(ctl.stop().map(|st| st.success()), Some(true), "clean stop");
 }
 

@@ -39,6 +39,11 @@ pub const ROLE_REPLICA: &str = "replica";
 /// produces a new StatefulSet revision (and a controlled rollout).
 pub const CONFIG_HASH_ANNOTATION: &str = "pgwarden.io/config-hash";
 
+/// Annotation on the StatefulSet (not its Pod template: no rollout): the PostgreSQL major
+/// version its data directories were made with, so a change of `spec.postgresVersion` on a
+/// running cluster is recognised and refused (`crd::PostgresClusterSpec::version_change`).
+pub const POSTGRES_VERSION_ANNOTATION: &str = "pgwarden.io/postgres-version";
+
 /// Ports inside each Pod.
 pub const POSTGRES_PORT: i32 = 5432;
 pub const API_PORT: i32 = 8008;

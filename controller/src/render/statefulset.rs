@@ -21,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::agent_config::{CONFIG_DIR, DATA_MOUNT};
 use super::{
     child_meta, labels, selector_labels, Names, API_PORT, CONFIG_HASH_ANNOTATION, POSTGRES_PORT,
+    POSTGRES_VERSION_ANNOTATION,
 };
 use crate::crd::{AntiAffinity, PostgresCluster, PullPolicy};
 
@@ -93,8 +94,13 @@ pub fn statefulset(pg: &PostgresCluster, config_hash: &str) -> StatefulSet {
         ..PersistentVolumeClaim::default()
     };
 
+    let mut metadata = child_meta(pg, names.statefulset());
+    metadata.annotations = Some(BTreeMap::from([(
+        POSTGRES_VERSION_ANNOTATION.to_owned(),
+        spec.postgres_version.to_string(),
+    )]));
     StatefulSet {
-        metadata: child_meta(pg, names.statefulset()),
+        metadata,
         spec: Some(StatefulSetSpec {
             replicas: Some(instances.replicas),
             service_name: names.headless_service(),
