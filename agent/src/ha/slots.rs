@@ -51,6 +51,9 @@ pub enum DropReason {
     /// A physical slot to advance that reserves no WAL (created by someone else without
     /// reserving): it cannot be advanced, so it is created again.
     NoReservedWal,
+    /// A physical slot nobody is expected to stream from, with an `xmin` a former consumer's
+    /// `hot_standby_feedback` left: it would hold back vacuum for good, so it is made again.
+    StaleFeedback,
 }
 
 impl std::fmt::Display for DropReason {
@@ -61,6 +64,9 @@ impl std::fmt::Display for DropReason {
             DropReason::WalLost => "its WAL is lost",
             DropReason::NoReservedWal => {
                 "it reserves no WAL, so it cannot be advanced (not created by pgwarden?)"
+            }
+            DropReason::StaleFeedback => {
+                "nobody streams from it here, but it holds an xmin that would stop vacuum"
             }
         })
     }
@@ -153,10 +159,14 @@ pub fn plan(
         } else if slot.wal_lost {
             (!local.paused && !ignored(slot, ignore)).then_some(DropReason::WalLost)
         } else if slot.kind == SlotType::Physical
-            && slot.restart_lsn.is_none()
             && wanted.advance_physical.contains_key(&slot.name)
+            && (slot.restart_lsn.is_none() || slot.xmin.is_some())
         {
-            Some(DropReason::NoReservedWal)
+            Some(if slot.restart_lsn.is_none() {
+                DropReason::NoReservedWal
+            } else {
+                DropReason::StaleFeedback
+            })
         } else {
             let same = match wanted.logical.get(&slot.name) {
                 Some(w) => matches_logical(slot, &w.slot),
@@ -325,6 +335,7 @@ mod tests {
             catalog_xmin: None,
             wal_lost: false,
             restart_lsn: Some(0x100),
+            xmin: None,
         }
     }
 
@@ -339,6 +350,7 @@ mod tests {
             catalog_xmin: Some(740),
             wal_lost: false,
             restart_lsn: at.checked_sub(0x10),
+            xmin: None,
         }
     }
 
@@ -586,5 +598,19 @@ mod tests {
             physical("pg2", false),
         ];
         assert!(plan(&want, &existing, &[], replica).changes.is_empty());
+        // A former cascading consumer's feedback left an xmin on pg2: made again.
+        let mut stale = physical("pg2", false);
+        stale.xmin = Some(731);
+        let existing = [physical("pg0", true), physical("pg1", false), stale];
+        assert_eq!(
+            plan(&want, &existing, &[], replica).changes,
+            vec![
+                SlotChange::Drop {
+                    name: "pg2".into(),
+                    reason: DropReason::StaleFeedback
+                },
+                SlotChange::CreatePhysical { name: "pg2".into() },
+            ]
+        );
     }
 }

@@ -86,13 +86,15 @@ pub struct ReplicationSlot {
     /// The oldest WAL the slot retains; `None` for a physical slot created without reserving
     /// WAL that nobody streamed from yet.
     pub restart_lsn: Option<u64>,
+    /// The oldest transaction a physical slot's `hot_standby_feedback` holds back.
+    pub xmin: Option<u64>,
 }
 
 /// The local listing, read through the probe's connection.
 pub const LIST_QUERY: &str = "SELECT slot_name::text, slot_type::text, database::text, \
      plugin::text, active, (confirmed_flush_lsn - '0/0'::pg_lsn)::bigint, \
      catalog_xmin::text::bigint, coalesce(wal_status = 'lost', false), \
-     (restart_lsn - '0/0'::pg_lsn)::bigint \
+     (restart_lsn - '0/0'::pg_lsn)::bigint, xmin::text::bigint \
      FROM pg_catalog.pg_replication_slots WHERE NOT temporary";
 
 /// Reads one row of [`LIST_QUERY`].
@@ -112,6 +114,7 @@ pub fn from_row(row: &tokio_postgres::Row) -> Result<ReplicationSlot, tokio_post
         catalog_xmin: lsn(6)?,
         wal_lost: row.try_get(7)?,
         restart_lsn: lsn(8)?,
+        xmin: lsn(9)?,
     })
 }
 
