@@ -21,6 +21,7 @@ use pgwarden::dcs::{
     MemberRecord, SyncState, Wakeup,
 };
 use pgwarden::ha::decide::{Decision, Outcome};
+use pgwarden::ha::failsafe::{FailsafeAnswer, FailsafeRequest};
 use pgwarden::ha::observe::{DataDir, PeerAnswer};
 use pgwarden::ha::ports::{LongTask, Peers, Postgres, Runtime, TaskError};
 use pgwarden::ha::HaLoop;
@@ -125,6 +126,7 @@ pub fn config(w: &Shared, me: usize) -> Config {
     };
     dcs.synchronous_node_count = w.initial.synchronous_node_count;
     dcs.synchronous_mode_strict = w.initial.strict;
+    dcs.failsafe_mode = w.initial.failsafe_mode;
     dcs.postgresql.use_pg_rewind = true;
     dcs.postgresql.use_slots = true;
     config
@@ -157,7 +159,12 @@ pub async fn run(w: Shared, me: usize) {
         SimPeers { w: w.clone(), me },
         SimRuntime { w: w.clone(), me },
     );
-    let ha = HaLoop::new(config, dcs, pg, peers, rt, status_tx, notify).with_timing(timing_tx);
+    // A new process: its REST API's failsafe state starts empty.
+    let failsafe = Arc::new(pgwarden::ha::failsafe::Failsafe::new());
+    w.borrow_mut().nodes[me].failsafe = failsafe.clone();
+    let ha = HaLoop::new(config, dcs, pg, peers, rt, status_tx, notify)
+        .with_timing(timing_tx)
+        .with_failsafe(failsafe);
     let never = tokio_util::sync::CancellationToken::new();
     if let Err(e) = ha.run(never).await {
         let mut w = w.borrow_mut();
@@ -464,6 +471,15 @@ impl Dcs for SimDcs {
     async fn write_history(&self, history: &[HistoryLine]) -> Result<(), DcsError> {
         let history = history.to_vec();
         self.request(move |s, _| s.put_history(history)).await
+    }
+
+    async fn write_key(&self, key: &str, value: &str) -> Result<(), DcsError> {
+        if key != pgwarden::dcs::FAILSAFE_KEY {
+            return Err(DcsError::rejected(format!("the simulation has no `{key}`")));
+        }
+        let topology: std::collections::BTreeMap<String, String> = serde_json::from_str(value)
+            .map_err(|e| DcsError::rejected(format!("not a failsafe topology: {e}")))?;
+        self.request(move |s, _| s.put_failsafe(topology)).await
     }
 
     async fn write_failover(
@@ -1048,6 +1064,58 @@ impl Peers for SimPeers {
         }
         sleep_local(&self.w, self.me, slowest).await;
         answers
+    }
+
+    async fn post_failsafe(
+        &self,
+        members: Vec<(String, String)>,
+        request: &FailsafeRequest,
+        timeout: Duration,
+    ) -> Vec<FailsafeAnswer> {
+        // The POSTs go out in parallel: each lands after the request half of its round trip,
+        // by then the target may have changed; the round lasts as long as the slowest answer.
+        sleep_local(&self.w, self.me, 3 * MS).await;
+        let mut slowest = 5 * MS;
+        let mut answers = Vec::new();
+        for (name, _) in members {
+            let target = self.w.borrow().node_index(&name);
+            let answer = match target {
+                Some(t) => self.failsafe_answer(t, &request.name),
+                None => Err("not a member".into()),
+            };
+            if answer.as_ref().is_err_and(|e| e == "timed out") {
+                slowest = timeout.as_micros() as Us;
+            }
+            answers.push(FailsafeAnswer {
+                name,
+                accepted: answer.is_ok(),
+                refusal: answer.err(),
+            });
+        }
+        sleep_local(&self.w, self.me, slowest).await;
+        answers
+    }
+}
+
+impl SimPeers {
+    /// `POST /failsafe` as the REST API answers it (`api::accept_failsafe`): a running,
+    /// reachable agent in failsafe mode whose postgres is not a primary takes the sender for
+    /// the live leader, by its own clock.
+    fn failsafe_answer(&self, target: usize, sender: &str) -> Result<(), String> {
+        let w = self.w.borrow();
+        let n = &w.nodes[target];
+        if !(n.alive && w.linked(self.me, target) && w.now >= n.frozen_until) {
+            return Err("timed out".into());
+        }
+        if !n.failsafe.enabled() {
+            return Err("502 failsafe_mode is not enabled".into());
+        }
+        if n.pg.writable() {
+            return Err("500 Running as a leader".into());
+        }
+        let at = w.instant(n.local_now(w.now));
+        n.failsafe.leader_alive(sender, at);
+        Ok(())
     }
 }
 

@@ -83,6 +83,9 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
     let mut sync_shape = ChaCha8Rng::seed_from_u64(seed ^ 0x5155_4f52_554d);
     let quorum = sync_shape.random_bool(0.5);
     let synchronous_node_count = if sync_shape.random_bool(0.6) { 1 } else { 2 };
+    // Failsafe mode (added after the quorum draws): a fifth stream.
+    let mut modes = ChaCha8Rng::seed_from_u64(seed ^ 0x4641_494c_5341_4645);
+    let failsafe_mode = modes.random_bool(0.3);
     let release_style = if deaths.random_bool(0.7) {
         Style::Etcd
     } else {
@@ -103,6 +106,7 @@ pub fn schedule(seed: u64, members: Option<usize>) -> Schedule {
         strict: synchronous_mode && rng.random_bool(0.3),
         quorum,
         synchronous_node_count,
+        failsafe_mode,
     };
     let mut tags: Vec<Tags> = (0..members)
         .map(|_| Tags {
@@ -346,6 +350,7 @@ pub fn run_schedule(sched: Schedule, trace: bool) -> (Result<Report, Violation>,
                 guard_token: None,
                 guard: None,
                 dying: None,
+                failsafe: Default::default(),
             })
             .collect(),
         partitions: Default::default(),

@@ -58,6 +58,8 @@ pub struct Store {
     pub failover: Option<Versioned<FailoverRequest>>,
     pub sync: Option<Versioned<SyncState>>,
     pub history: Vec<HistoryLine>,
+    /// The `failsafe` topology the leader publishes (failsafe mode).
+    pub failsafe: Option<BTreeMap<String, String>>,
     pub leases: BTreeMap<i64, Lease>,
     pub next_lease: i64,
     /// Members whose leader key a dead agent's release removed, for the checker.
@@ -122,8 +124,7 @@ impl Store {
                 .filter(|f| f.value.leader.is_some() || f.value.member.is_some()),
             sync: self.sync.clone(),
             history: self.history.clone(),
-            // The simulated members run without failsafe mode (their peers cannot be POSTed).
-            failsafe: None,
+            failsafe: self.failsafe.clone(),
             revision: self.rev,
         }
     }
@@ -221,6 +222,11 @@ impl Store {
     pub fn put_history(&mut self, history: Vec<HistoryLine>) {
         self.bump();
         self.history = history;
+    }
+
+    pub fn put_failsafe(&mut self, topology: BTreeMap<String, String>) {
+        self.bump();
+        self.failsafe = Some(topology);
     }
 }
 
@@ -403,6 +409,9 @@ pub struct Node {
     pub guard: Option<crate::guard::Guard>,
     /// The postgres of a killed agent, until it is gone.
     pub dying: Option<crate::guard::Dying>,
+    /// Failsafe mode's state of the running agent process (its REST API answers
+    /// `POST /failsafe` with it); a new one for each agent start.
+    pub failsafe: std::sync::Arc<pgwarden::ha::failsafe::Failsafe>,
 }
 
 impl Node {
@@ -471,6 +480,8 @@ pub struct Initial {
     /// Synchronous mode as quorum commit (`synchronous_mode: quorum`).
     pub quorum: bool,
     pub synchronous_node_count: u32,
+    /// `failsafe_mode`.
+    pub failsafe_mode: bool,
 }
 
 impl Initial {
@@ -492,6 +503,7 @@ impl Initial {
             "synchronous_mode": self.synchronous_mode_value(self.synchronous_mode),
             "synchronous_mode_strict": self.strict,
             "synchronous_node_count": self.synchronous_node_count,
+            "failsafe_mode": self.failsafe_mode,
             "postgresql": {"use_pg_rewind": true, "use_slots": true},
         })
     }

@@ -54,7 +54,8 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
         3,
         "the former leader of a switchover races when nobody else can (release model)",
     ),
-    (98, 3, "the fence stays armed in pause (release model)"),
+    (98, 3, "the fence stays armed in pause (release model); with failsafe mode: a member outside the topology held the race back"),
+    (414993956585, 5, "failsafe mode: a former switchover leader still primary after its key expired demotes"),
     (
         13602,
         3,

@@ -25,6 +25,7 @@ fn schedule_with(seed: u64, style: Style, faults: Vec<(Us, Fault)>, only_pg0: bo
         strict: false,
         quorum: false,
         synchronous_node_count: 1,
+        failsafe_mode: false,
     };
     Schedule {
         seed,

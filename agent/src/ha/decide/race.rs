@@ -105,6 +105,18 @@ fn healthiest(
             // always a reason not to race.
             continue;
         }
+        // Nor does a member outside the failsafe topology count (it may not race, above):
+        // Patroni defers to it when it is ahead, and then nobody takes over until a leader
+        // rewrites the topology (simulation seed 98 with failsafe mode: the only leader that
+        // could have done so had crashed).
+        let outside_failsafe = me.failsafe_mode
+            && view
+                .failsafe
+                .as_ref()
+                .is_some_and(|t| !t.is_empty() && !t.contains_key(&peer.name));
+        if outside_failsafe && !p.is_primary {
+            continue;
+        }
         if p.is_primary {
             return Err(NotEligible::PrimaryStillAlive(p.name.clone()));
         }
@@ -356,9 +368,18 @@ pub(super) fn decide_without_leader(
             if request.leader.as_deref() == Some(me.name.as_str())
                 && others_may_take_over(view, me, peers)
             {
+                // A former leader still running as primary (the request came while it was cut
+                // off from the DCS, and its key expired) demotes, as Patroni's "demoting self
+                // because i am not the healthiest node": the others do not race while a primary
+                // answers (simulation seed 414993956585, failsafe mode).
+                let actions = if obs.postgres.is_writable_primary() && !view.is_paused() {
+                    vec![Action::StopPostgres(StopMode::Immediate)]
+                } else {
+                    vec![]
+                };
                 return Decision::new(
                     Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover),
-                    vec![],
+                    actions,
                 );
             }
         }

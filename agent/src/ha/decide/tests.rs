@@ -1327,6 +1327,22 @@ fn the_former_leader_of_a_switchover_races_only_when_nobody_else_can() {
         decide(&o, &me()).outcome,
         Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover)
     );
+    // Still a primary (the request came while it was cut off and its key expired): it
+    // demotes, or the others, which do not race while a primary answers, never take over
+    // (simulation seed 414993956585).
+    let mut still_primary = obs(
+        with_request(view(None, Some(SYSID))),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    still_primary.peers = Some(vec![peer("pg1", 100, false)]);
+    let d = decide(&still_primary, &me());
+    assert_eq!(
+        d.outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover)
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
     // pg1 is tagged nofailover: nobody else can take over, so pg0 races.
     let mut p = peer("pg1", 100, false);
     if let Some(s) = p.status.as_mut() {
@@ -2038,6 +2054,30 @@ fn failsafe_only_members_of_the_topology_race() {
     // Without the mode the stale key means nothing.
     let d = decide(&o, &me());
     assert_eq!(d.outcome, Outcome::NoLeaderRacing);
+}
+
+/// A member outside the failsafe topology may not race, so it does not hold the others back
+/// either when it is ahead (simulation seed 98: nobody took over after the leader that wrote
+/// the topology crashed); a live primary outside it still does.
+#[test]
+fn failsafe_a_member_outside_the_topology_does_not_hold_the_race_back() {
+    let mut o = obs(
+        with_failsafe(view(None, Some(SYSID)), &["pg0", "pg2"]),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    o.peers = Some(vec![peer("pg1", 200, false)]);
+    assert_eq!(decide(&o, &failsafe_me()).outcome, Outcome::NoLeaderRacing);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PeerAhead("pg1".into()))
+    );
+    o.peers = Some(vec![peer("pg1", 50, true)]);
+    assert_eq!(
+        decide(&o, &failsafe_me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive("pg1".into()))
+    );
 }
 
 /// The leader that every member vouched for this cycle keeps running with the DCS down, and
