@@ -1080,7 +1080,7 @@ impl Peers for SimPeers {
         for (name, _) in members {
             let target = self.w.borrow().node_index(&name);
             let answer = match target {
-                Some(t) => self.failsafe_answer(t, &request.name),
+                Some(t) => self.failsafe_answer(t, request),
                 None => Err("not a member".into()),
             };
             if answer.as_ref().is_err_and(|e| e == "timed out") {
@@ -1101,7 +1101,7 @@ impl SimPeers {
     /// `POST /failsafe` as the REST API answers it (`api::accept_failsafe`): a running,
     /// reachable agent in failsafe mode whose postgres is not a primary takes the sender for
     /// the live leader, by its own clock.
-    fn failsafe_answer(&self, target: usize, sender: &str) -> Result<(), String> {
+    fn failsafe_answer(&self, target: usize, request: &FailsafeRequest) -> Result<(), String> {
         let w = self.w.borrow();
         let n = &w.nodes[target];
         if !(n.alive && w.linked(self.me, target) && w.now >= n.frozen_until) {
@@ -1114,7 +1114,8 @@ impl SimPeers {
             return Err("500 Running as a leader".into());
         }
         let at = w.instant(n.local_now(w.now));
-        n.failsafe.leader_alive(sender, at);
+        let ttl = request.ttl.map(Duration::from_secs);
+        n.failsafe.leader_alive(&request.name, at, ttl);
         Ok(())
     }
 }

@@ -56,6 +56,10 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
     ),
     (98, 3, "the fence stays armed in pause (release model); with failsafe mode: a member outside the topology held the race back"),
     (414993956585, 5, "failsafe mode: a former switchover leader still primary after its key expired demotes"),
+    (1797000004001, 5, "failsafe mode: a racer asks the topology's members too (a restarted agent raced against the failsafe leader)"),
+    (1797000001206, 3, "failsafe mode: the former switchover leader does not count on a member outside the topology"),
+    (1797100002513, 5, "failsafe mode: a primary that does not race for the free key (deferring to a candidate) demotes"),
+    (1797200001100, 3, "failsafe mode: a replica holds off for the ttl the leader counts on (ttl lowered meanwhile)"),
     (
         13602,
         3,

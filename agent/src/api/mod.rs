@@ -582,7 +582,11 @@ async fn accept_failsafe(
     if status.role == crate::state::Role::Primary || pg.is_some_and(|p| !p.in_recovery) {
         return text(500, "Running as a leader");
     }
-    ctx.failsafe.leader_alive(&request.name, Instant::now());
+    ctx.failsafe.leader_alive(
+        &request.name,
+        Instant::now(),
+        request.ttl.map(Duration::from_secs),
+    );
     let lsn = pg.and_then(|p| p.wal_position()).unwrap_or(0);
     let mut response = text(200, "Accepted");
     if let Ok(value) = header::HeaderValue::from_str(&lsn.to_string()) {

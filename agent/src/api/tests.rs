@@ -471,7 +471,7 @@ async fn readiness_with_a_stale_view_depends_on_failsafe() {
     let (code, _) = req(port, "GET", "/readiness", None).await;
     assert_eq!(code, 503);
     failsafe.configure(true, Duration::from_secs(30));
-    failsafe.leader_alive("pg0", Instant::now());
+    failsafe.leader_alive("pg0", Instant::now(), None);
     let (code, _) = req(port, "GET", "/readiness", None).await;
     assert_eq!(code, 200);
 }

@@ -30,6 +30,12 @@ pub struct FailsafeRequest {
     /// WAL position included): replicas may advance their copies of permanent slots with it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub slots: Option<BTreeMap<String, u64>>,
+    /// pgwarden's addition (Patroni ignores it): the `ttl` in seconds the sender's fence
+    /// counts on. The receiver holds off for at least that long, whatever its own `ttl`: a
+    /// `ttl` lowered with `edit-config` reaches the members at different times (simulation
+    /// seed 1797200001100: a replica that had the lower value raced before the leader's fence).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ttl: Option<u64>,
 }
 
 /// How one member answered a failsafe round.
@@ -46,8 +52,9 @@ pub struct FailsafeAnswer {
 struct State {
     enabled: bool,
     ttl: Duration,
-    /// On a replica: the leader that last sent `POST /failsafe`, and when it arrived.
-    leader: Option<(String, Instant)>,
+    /// On a replica: the leader that last sent `POST /failsafe`, when it arrived, and the
+    /// `ttl` it counts on.
+    leader: Option<(String, Instant, Duration)>,
     /// On the leader: the last round every member accepted was sent at this instant.
     held_since: Option<Instant>,
 }
@@ -87,16 +94,21 @@ impl Failsafe {
         self.with(|s| s.enabled)
     }
 
-    /// A replica accepted `POST /failsafe` from `leader` at `now`.
-    pub fn leader_alive(&self, leader: &str, now: Instant) {
-        self.with(|s| s.leader = Some((leader.to_owned(), now)))
+    /// A replica accepted `POST /failsafe` from `leader` at `now`; the sender counts on
+    /// `sender_ttl` (when it says).
+    pub fn leader_alive(&self, leader: &str, now: Instant, sender_ttl: Option<Duration>) {
+        self.with(|s| {
+            s.leader = Some((leader.to_owned(), now, sender_ttl.unwrap_or_default()));
+        })
     }
 
-    /// The leader that confirmed within `ttl` that it runs (replica side), if any.
+    /// The leader that confirmed within `ttl` (ours or the one it counts on, the longer) that
+    /// it runs (replica side), if any.
     pub fn live_leader(&self, now: Instant) -> Option<String> {
         self.with(|s| {
-            let (name, at) = s.leader.as_ref()?;
-            (s.enabled && now.saturating_duration_since(*at) < s.ttl).then(|| name.clone())
+            let (name, at, theirs) = s.leader.as_ref()?;
+            let hold = s.ttl.max(*theirs);
+            (s.enabled && now.saturating_duration_since(*at) < hold).then(|| name.clone())
         })
     }
 
@@ -118,7 +130,7 @@ impl Failsafe {
             let recent = |at: Instant| now.saturating_duration_since(at) < s.ttl;
             s.enabled
                 && (s.held_since.is_some_and(recent)
-                    || s.leader.as_ref().is_some_and(|(_, at)| recent(*at)))
+                    || s.leader.as_ref().is_some_and(|(_, at, _)| recent(*at)))
         })
     }
 }
@@ -150,7 +162,7 @@ mod tests {
         let f = Failsafe::new();
         let t0 = Instant::now();
         f.configure(true, Duration::from_secs(10));
-        f.leader_alive("pg0", t0);
+        f.leader_alive("pg0", t0, None);
         assert_eq!(
             f.live_leader(t0 + Duration::from_secs(9)).as_deref(),
             Some("pg0")
@@ -158,7 +170,7 @@ mod tests {
         assert!(f.is_active(t0 + Duration::from_secs(9)));
         assert_eq!(f.live_leader(t0 + Duration::from_secs(10)), None);
         assert!(!f.is_active(t0 + Duration::from_secs(10)));
-        f.leader_alive("pg0", t0);
+        f.leader_alive("pg0", t0, None);
         f.configure(false, Duration::from_secs(10));
         assert_eq!(f.live_leader(t0), None);
     }

@@ -759,6 +759,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             conn_url: Some(self.config.conn_url()),
             api_url: Some(self.facts.api_url.clone()),
             slots: Some(std::iter::once((self.facts.name.clone(), position)).collect()),
+            ttl: Some(self.ttl().as_secs()),
         };
         let sent_at = self.rt.now();
         let answers = if others.is_empty() {
@@ -821,13 +822,29 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// missing from `view` but seen recently too.
     async fn ask_peers(&self, view: &ClusterView) -> Vec<PeerAnswer> {
         let remembered = self.core.remembered_members(view);
-        let asks = view
+        let mut asks: Vec<(String, String)> = view
             .members
             .iter()
             .chain(remembered)
             .filter(|m| m.name != self.facts.name && !m.record.api_url.is_empty())
             .map(|m| (m.name.clone(), m.record.api_url.clone()))
             .collect();
+        // Patroni races "among not only existing cluster members, but also all known members
+        // from the failsafe config": a failsafe leader whose member key expired in the outage
+        // still runs as primary, and an agent restarted meanwhile remembers nothing of it
+        // (simulation seed 1797000004001: two primaries).
+        if self.facts.failsafe_mode {
+            if let Some(topology) = &view.failsafe {
+                for (name, api_url) in topology {
+                    if *name != self.facts.name
+                        && !api_url.is_empty()
+                        && !asks.iter().any(|(n, _)| n == name)
+                    {
+                        asks.push((name.clone(), api_url.clone()));
+                    }
+                }
+            }
+        }
         self.peers.ask(asks, Duration::from_secs(2)).await
     }
 

@@ -62,12 +62,7 @@ fn healthiest(
     }
     // Patroni §5.5 step 8: a member the leader did not ask in its failsafe rounds may have
     // missed that the leader still runs.
-    if me.failsafe_mode
-        && view
-            .failsafe
-            .as_ref()
-            .is_some_and(|t| !t.is_empty() && !t.contains_key(&me.name))
-    {
+    if outside_failsafe_topology(view, me, &me.name) {
         return Err(NotEligible::NotInFailsafeTopology);
     }
     if let Some(lag) = lagging_on(view, my_position, me.maximum_lag_on_failover) {
@@ -109,12 +104,7 @@ fn healthiest(
         // Patroni defers to it when it is ahead, and then nobody takes over until a leader
         // rewrites the topology (simulation seed 98 with failsafe mode: the only leader that
         // could have done so had crashed).
-        let outside_failsafe = me.failsafe_mode
-            && view
-                .failsafe
-                .as_ref()
-                .is_some_and(|t| !t.is_empty() && !t.contains_key(&peer.name));
-        if outside_failsafe && !p.is_primary {
+        if outside_failsafe_topology(view, me, &peer.name) && !p.is_primary {
             continue;
         }
         if p.is_primary {
@@ -185,18 +175,35 @@ fn quorum_votes(
 /// `nofailover` and is within `maximum_lag_on_failover` of the last leader position (Patroni's
 /// `is_failover_possible`)? A lagging replica may not race, so deferring to it left a cluster
 /// without a leader (simulation seed 1796307428762).
+/// In failsafe mode a member outside a non-empty `failsafe` topology may not race either
+/// (simulation seed 1797000001206: the former leader deferred to such a member for good).
 pub(super) fn others_may_take_over(
     view: &ClusterView,
     me: &MemberFacts,
     peers: &[PeerAnswer],
 ) -> bool {
+    let racers: Vec<PeerAnswer> = peers
+        .iter()
+        .filter(|p| !outside_failsafe_topology(view, me, &p.name))
+        .cloned()
+        .collect();
     someone_else_may_take_over(
         view,
         &me.name,
-        peers,
+        &racers,
         me.sync_rule(),
         me.maximum_lag_on_failover,
     )
+}
+
+/// Failsafe mode is on and the `failsafe` topology, not empty, does not name `name`: that
+/// member may not win a race (Patroni §5.5 step 8).
+fn outside_failsafe_topology(view: &ClusterView, me: &MemberFacts, name: &str) -> bool {
+    me.failsafe_mode
+        && view
+            .failsafe
+            .as_ref()
+            .is_some_and(|t| !t.is_empty() && !t.contains_key(name))
 }
 
 /// Could any member but `me` take the lock on these answers ([`may_take_over`])? Asked by the
@@ -288,6 +295,26 @@ pub(super) fn decide_without_leader(
     view: &ClusterView,
     me: &MemberFacts,
 ) -> Decision {
+    let mut decision = race(obs, view, me);
+    // A primary that does not race for the free key demotes (Patroni: "demoting self because
+    // i am not the healthiest node"): the others do not race while a primary answers, and
+    // nothing would ever fence it. Simulation seed 1797100002513 (failsafe mode): a failsafe
+    // leader whose key expired deferred to a manual failover's candidate and ran on, unfenced,
+    // until the candidate promoted beside it.
+    let races = decision.actions.contains(&Action::AcquireLeader);
+    let stops = decision
+        .actions
+        .iter()
+        .any(|a| matches!(a, Action::StopPostgres(_)));
+    if obs.postgres.is_writable_primary() && !view.is_paused() && !races && !stops {
+        decision
+            .actions
+            .push(Action::StopPostgres(StopMode::Immediate));
+    }
+    decision
+}
+
+fn race(obs: &Observation, view: &ClusterView, me: &MemberFacts) -> Decision {
     if me.nofailover {
         let actions = if obs.postgres.is_writable_primary() {
             vec![Action::StopPostgres(StopMode::Immediate)]
@@ -368,18 +395,12 @@ pub(super) fn decide_without_leader(
             if request.leader.as_deref() == Some(me.name.as_str())
                 && others_may_take_over(view, me, peers)
             {
-                // A former leader still running as primary (the request came while it was cut
-                // off from the DCS, and its key expired) demotes, as Patroni's "demoting self
-                // because i am not the healthiest node": the others do not race while a primary
-                // answers (simulation seed 414993956585, failsafe mode).
-                let actions = if obs.postgres.is_writable_primary() && !view.is_paused() {
-                    vec![Action::StopPostgres(StopMode::Immediate)]
-                } else {
-                    vec![]
-                };
+                // Still running as primary (the request came while it was cut off from the
+                // DCS, and its key expired), it demotes: `decide_without_leader` (simulation
+                // seed 414993956585, failsafe mode).
                 return Decision::new(
                     Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover),
-                    actions,
+                    vec![],
                 );
             }
         }

@@ -2080,6 +2080,78 @@ fn failsafe_a_member_outside_the_topology_does_not_hold_the_race_back() {
     );
 }
 
+/// A primary that finds the key free and does not race (here it defers to a manual
+/// failover's candidate) demotes, or nothing would ever stop it (simulation seed
+/// 1797100002513); paused, it is left alone.
+#[test]
+fn a_primary_that_does_not_race_for_the_free_key_demotes() {
+    let mut v = (*match view(None, Some(SYSID)) {
+        DcsView::Known(v) => v,
+        DcsView::Unknown(_) => unreachable!(),
+    })
+    .clone();
+    v.failover = Some(Versioned {
+        value: crate::dcs::FailoverRequest {
+            leader: None,
+            member: Some("pg1".into()),
+            scheduled_at: None,
+        },
+        revision: 3,
+    });
+    let mut o = obs(
+        DcsView::Known(Arc::new(v.clone())),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(pg(false)),
+    );
+    o.peers = Some(vec![peer("pg1", 100, false)]);
+    let d = decide(&o, &me());
+    assert_eq!(
+        d.outcome,
+        Outcome::DeferringToCandidate {
+            candidate: "pg1".into()
+        }
+    );
+    assert_eq!(d.actions, vec![Action::StopPostgres(StopMode::Immediate)]);
+    v.config = Some(Versioned {
+        value: serde_json::json!({"pause": true}),
+        revision: 4,
+    });
+    o.dcs = DcsView::Known(Arc::new(v));
+    assert!(decide(&o, &me()).actions.is_empty());
+}
+
+/// The former leader of a switchover does not count on a member outside the failsafe
+/// topology to take over: that member may not race (simulation seed 1797000001206).
+#[test]
+fn failsafe_the_former_switchover_leader_races_when_only_outsiders_remain() {
+    let mut v = (*match with_failsafe(view(None, Some(SYSID)), &["pg0", "pg2"]) {
+        DcsView::Known(v) => v,
+        DcsView::Unknown(_) => unreachable!(),
+    })
+    .clone();
+    v.failover = Some(Versioned {
+        value: crate::dcs::FailoverRequest {
+            leader: Some("pg0".into()),
+            member: None,
+            scheduled_at: None,
+        },
+        revision: 3,
+    });
+    let mut o = obs(
+        DcsView::Known(Arc::new(v)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    o.peers = Some(vec![peer("pg1", 100, false)]);
+    assert_eq!(
+        decide(&o, &me()).outcome,
+        Outcome::NoLeaderNotEligible(NotEligible::FormerLeaderInSwitchover)
+    );
+    assert_eq!(decide(&o, &failsafe_me()).outcome, Outcome::NoLeaderRacing);
+}
+
 /// The leader that every member vouched for this cycle keeps running with the DCS down, and
 /// says why; without that it only waits for its fence.
 #[test]
