@@ -405,7 +405,11 @@ fn race(obs: &Observation, view: &ClusterView, me: &MemberFacts) -> Decision {
             }
         }
     }
-    if view.is_paused() {
+    // Patroni's pause.rst: "If there is no leader lock in the cluster, the running primary
+    // acquires the lock" — which also arms its fence again. Left without it, a paused primary
+    // that had lost its key ran unfenced; resumed while it could not see the DCS, it kept
+    // running while another member promoted (simulation seed 1797300003792, failsafe mode).
+    if view.is_paused() && !obs.postgres.is_writable_primary() {
         return Decision::new(Outcome::NoLeaderNotEligible(NotEligible::Paused), vec![]);
     }
     match &obs.postgres {
