@@ -353,6 +353,21 @@ fn race(obs: &Observation, view: &ClusterView, me: &MemberFacts) -> Decision {
                 // is dropped and everyone races (nobody would take over while others wait for
                 // this candidate).
                 Some(c) if c == me.name && running_replica => {
+                    // Not while another member still answers as a primary: a leader whose key
+                    // expired while it ran on failsafe mode's word may still take writes
+                    // (simulation seed 1797400005486, in pause, where it is left running).
+                    let primary = peers
+                        .iter()
+                        .filter_map(|p| p.status.as_ref())
+                        .find(|p| p.is_primary && p.name != me.name);
+                    if let Some(p) = primary {
+                        return Decision::new(
+                            Outcome::NoLeaderNotEligible(NotEligible::PrimaryStillAlive(
+                                p.name.clone(),
+                            )),
+                            vec![],
+                        );
+                    }
                     let position = racing_position(obs).unwrap_or(0);
                     if let Err(why) = quorum_votes(view, me, position, peers) {
                         return Decision::new(
