@@ -25,7 +25,9 @@ pub mod guard;
 pub mod sim;
 pub mod world;
 
-pub use sim::{run, run_schedule, schedule, Fault, Report, Schedule, Violation};
+pub use sim::{
+    run, run_schedule, run_with, schedule, schedule_with, Fault, Report, Schedule, Violation,
+};
 
 /// Runs `count` schedules from `first` on (seeds `first`, `first + 1`, …), alternating 3 and 5
 /// members unless `members` is given; returns the first violation.
@@ -34,10 +36,20 @@ pub fn campaign(
     count: u64,
     members: Option<usize>,
 ) -> Result<CampaignReport, Violation> {
+    campaign_with(first, count, members, true)
+}
+
+/// [`campaign`], failsafe mode allowed or not (`sim::schedule_with`).
+pub fn campaign_with(
+    first: u64,
+    count: u64,
+    members: Option<usize>,
+    failsafe: bool,
+) -> Result<CampaignReport, Violation> {
     let mut report = CampaignReport::default();
     for seed in first..first.saturating_add(count) {
         let m = members.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });
-        let (result, _) = run(seed, Some(m), false);
+        let (result, _) = sim::run_with(seed, Some(m), false, failsafe);
         report.add(&result?);
     }
     Ok(report)

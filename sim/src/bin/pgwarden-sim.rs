@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 fn usage() -> ExitCode {
     eprintln!(
-        "usage: pgwarden-sim --seed N [--members 3|5] [--trace]\n       pgwarden-sim --count N [--from SEED] [--members 3|5] [--keep-going]"
+        "usage: pgwarden-sim --seed N [--members 3|5] [--trace] [--no-failsafe]\n       pgwarden-sim --count N [--from SEED] [--members 3|5] [--keep-going] [--no-failsafe]"
     );
     ExitCode::from(2)
 }
@@ -18,6 +18,7 @@ fn main() -> ExitCode {
     let mut count = None;
     let mut from = None;
     let mut members = None;
+    let mut failsafe = true;
     let mut trace = false;
     let mut keep_going = false;
     let mut it = args.iter();
@@ -30,11 +31,12 @@ fn main() -> ExitCode {
             "--members" => members = num().map(|m| m as usize),
             "--trace" => trace = true,
             "--keep-going" => keep_going = true,
+            "--no-failsafe" => failsafe = false,
             _ => return usage(),
         }
     }
     if let Some(seed) = seed {
-        let (result, lines) = pgwarden_sim::run(seed, members, trace);
+        let (result, lines) = pgwarden_sim::sim::run_with(seed, members, trace, failsafe);
         for l in &lines {
             println!("{l}");
         }
@@ -62,9 +64,9 @@ fn main() -> ExitCode {
     println!("campaign: {count} schedules from seed {from}");
     let started = std::time::Instant::now();
     if keep_going {
-        return keep_going_campaign(from, count, members, started);
+        return keep_going_campaign(from, count, members, failsafe, started);
     }
-    match pgwarden_sim::campaign(from, count, members) {
+    match pgwarden_sim::campaign_with(from, count, members, failsafe) {
         Ok(r) => {
             println!("ok: {r} in {:.1?}", started.elapsed());
             ExitCode::SUCCESS
@@ -82,13 +84,14 @@ fn keep_going_campaign(
     from: u64,
     count: u64,
     members: Option<usize>,
+    failsafe: bool,
     started: std::time::Instant,
 ) -> ExitCode {
     let mut failed = Vec::new();
     let mut passed = pgwarden_sim::CampaignReport::default();
     for seed in from..from.saturating_add(count) {
         let m = members.unwrap_or(if seed % 2 == 0 { 3 } else { 5 });
-        match pgwarden_sim::run(seed, Some(m), false) {
+        match pgwarden_sim::sim::run_with(seed, Some(m), false, failsafe) {
             (Err(v), _) => {
                 println!("FAILED: {v}");
                 failed.push(seed);
