@@ -62,6 +62,7 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
     (1797200001100, 3, "failsafe mode: a replica holds off for the ttl the leader counts on (ttl lowered meanwhile)"),
     (1797300003792, 3, "in pause the running primary takes a free leader key (and its fence with it)"),
     (1797400005486, 3, "a switchover candidate does not take over while another member answers as a primary"),
+    (1797500004734, 3, "the fence stays armed while a primary whose key was lost still runs"),
     (
         13602,
         3,

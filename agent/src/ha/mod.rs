@@ -622,6 +622,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             DcsView::Known(view) => view.is_leader(&self.facts.name),
             DcsView::Unknown(_) => self.core.believes_leader,
         };
+        let mut disarm_fence = false;
         let lease = if holds {
             self.renew().await
         } else {
@@ -629,7 +630,11 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 info!("the leader key no longer names this member");
             }
             self.core.lease_dropped();
-            self.pg.set_fence(None);
+            // The fence is disarmed below only once postgres is not a writable primary: a
+            // primary whose key expired (failsafe mode kept it running) keeps the deadline of
+            // its last renewal or accepted failsafe round until it takes a key again or stops
+            // (simulation seed 1797500004734: disarmed here, it ran on beside a new leader).
+            disarm_fence = true;
             LeaseCheck::NotHeld
         };
         // A failed rewind keeps the member down until an operator acts (reinit), instead of
@@ -652,6 +657,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         } else {
             (self.inspect_data_dir().await, self.inspect_postgres().await)
         };
+        if disarm_fence && !postgres.is_writable_primary() {
+            self.pg.set_fence(None);
+        }
         let replay_paused_for_parameters = match &postgres {
             PostgresView::Running(status) if status.in_recovery && status.replay_paused => {
                 self.replay_paused_for_parameters().await
