@@ -38,6 +38,47 @@ async fn report(m: &Member) -> Value {
     }
 }
 
+/// `m`'s stanza exists and `pgbackrest check` passed (the report says so).
+async fn wait_stanza_checked(m: &Member) {
+    wait_until(&format!("{}'s stanza check passed", m.name), T, || async {
+        report(m).await["check"]["ok"] == Value::Bool(true)
+    })
+    .await;
+}
+
+/// Table `t` with rows 1 to 10 on the leader `m`, then a full backup through the CLI (which
+/// waits for its end).
+async fn ten_rows_and_a_full_backup(m: &Member) {
+    m.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
+        .await
+        .expect("rows 1-10");
+    let out = cli(m, &["backup", "--type", "full"]);
+    assert!(
+        out.status.success(),
+        "pgwarden backup failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A cluster `scope` of one member `name`, leading and archiving into a fresh repository
+/// (stanza `scope`) whose check passed.
+async fn archiving_cluster_of_one(scope: &str, name: &str) -> (TestEnv, PathBuf) {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: scope.into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo = env.shared_dir("repo");
+    let i = env.add_member(name);
+    env.members[i].set("pgbackrest", section(&repo, scope, ""));
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    wait_stanza_checked(&env.members[i]).await;
+    (env, repo)
+}
+
 fn member<'a>(env: &'a TestEnv, name: &str) -> &'a Member {
     env.members
         .iter()
@@ -138,10 +179,7 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
     let leader = env.wait_for_leader(T).await;
 
     // A fresh cluster: stanza created and `pgbackrest check` passed on the leader, WAL archived.
-    wait_until("the leader's stanza check passed", T, || async {
-        report(member(&env, &leader)).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
+    wait_stanza_checked(member(&env, &leader)).await;
     switch_and_wait_archived(member(&env, &leader), &repo).await;
     let first = archived_segments(&repo);
     assert!(first.iter().any(|(tl, _)| *tl == 1), "{first:?}");
@@ -230,10 +268,7 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let new = member(&env, &new_leader);
-    wait_until("the new leader's stanza check passed", T, || async {
-        report(new).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
+    wait_stanza_checked(new).await;
     let after = switch_and_wait_archived(new, &repo).await;
     assert!(after >= segment_number(&marker));
     let archived = archived_segments(&repo);
@@ -489,10 +524,7 @@ async fn a_backup_running_at_a_switchover_ends_before_postgres_stops_and_the_new
     .await;
     env.start_member(1).expect("start pg1");
     let (old, new) = (member(&env, "pg0"), member(&env, "pg1"));
-    wait_until("pg0's stanza check passed", T, || async {
-        report(old).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
+    wait_stanza_checked(old).await;
     old.sql(
         "CREATE TABLE filler AS SELECT g, md5(g::text) || md5((g + 1)::text) AS t \
          FROM generate_series(1, 200000) g",
@@ -617,34 +649,9 @@ fn cli(m: &Member, args: &[&str]) -> std::process::Output {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn point_in_time_bootstrap_restores_exactly_the_rows_before_the_target() {
-    let mut env = TestEnv::start(ClusterOptions {
-        scope: "origin".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("etcd");
-    let repo = env.shared_dir("repo");
-    let i = env.add_member("a0");
-    env.members[i].set("pgbackrest", section(&repo, "origin", ""));
-    env.start_member(i).expect("start");
-    env.wait_for_leader(T).await;
+    let (mut env, repo) = archiving_cluster_of_one("origin", "a0").await;
     let a = member(&env, "a0");
-    wait_until("the stanza check passed", T, || async {
-        report(a).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
-    a.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
-        .await
-        .expect("first rows");
-
-    // On-demand backup through the CLI, which waits for the end.
-    let out = cli(a, &["backup", "--type", "full"]);
-    assert!(
-        out.status.success(),
-        "pgwarden backup failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ten_rows_and_a_full_backup(a).await;
     let out = cli(a, &["backups"]);
     assert!(out.status.success());
     assert!(String::from_utf8_lossy(&out.stdout).contains("full"));
@@ -977,22 +984,10 @@ async fn the_disaster_recovery_drill_runs_without_a_manual_step() {
     .await;
     env.start_member(1).expect("start pg1");
     let (pg0, pg1) = (member(&env, "pg0"), member(&env, "pg1"));
-    wait_until("pg0's stanza check passed", T, || async {
-        report(pg0).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
+    wait_stanza_checked(pg0).await;
 
     // 1. A full backup (the CLI waits for its end), then writes.
-    pg0.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
-        .await
-        .expect("rows 1-10");
-    let out = cli(pg0, &["backup", "--type", "full"]);
-    assert!(
-        out.status.success(),
-        "pgwarden backup failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ten_rows_and_a_full_backup(pg0).await;
     // pgBackRest records backup stop times in whole seconds: keep the targets clearly apart.
     tokio::time::sleep(Duration::from_millis(1100)).await;
     pg0.sql("INSERT INTO t SELECT generate_series(11, 20)")
@@ -1293,10 +1288,7 @@ async fn an_s3_repository_archives_backs_up_and_restores_a_replica() {
     env.start_member(0).expect("start");
     let leader = env.wait_for_leader(T).await;
     let m = member(&env, &leader);
-    wait_until("the stanza check passed against S3", T, || async {
-        report(m).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
+    wait_stanza_checked(m).await;
     let file = m
         .sql("SELECT pg_walfile_name(pg_switch_wal())")
         .await
@@ -1397,10 +1389,7 @@ async fn a_backup_from_a_standby_copies_the_files_from_the_chosen_replica() {
     }
     let leader = env.wait_for_leader(T).await;
     let l = member(&env, &leader);
-    wait_until("the leader's stanza check passed", T, || async {
-        report(l).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
+    wait_stanza_checked(l).await;
     for m in env.members.iter().filter(|m| m.name != leader) {
         wait_until(&format!("{} streams", m.name), T, || async {
             m.is_streaming_replica().await
@@ -1504,32 +1493,9 @@ async fn a_backup_from_a_standby_copies_the_files_from_the_chosen_replica() {
 /// source's stanza); a second member cascades from it; removing `standby_cluster` promotes it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_standby_cluster_restored_from_the_sources_repository_replays_its_archive() {
-    let mut env = TestEnv::start(ClusterOptions {
-        scope: "source".into(),
-        ..Default::default()
-    })
-    .await
-    .expect("etcd");
-    let repo = env.shared_dir("repo");
-    let i = env.add_member("s0");
-    env.members[i].set("pgbackrest", section(&repo, "source", ""));
-    env.start_member(i).expect("start s0");
-    env.wait_for_leader(T).await;
+    let (mut env, repo) = archiving_cluster_of_one("source", "s0").await;
     let s = member(&env, "s0");
-    wait_until("the stanza check passed", T, || async {
-        report(s).await["check"]["ok"] == Value::Bool(true)
-    })
-    .await;
-    s.sql("CREATE TABLE t (id int PRIMARY KEY); INSERT INTO t SELECT generate_series(1, 10)")
-        .await
-        .expect("rows on the source");
-    let out = cli(s, &["backup", "--type", "full"]);
-    assert!(
-        out.status.success(),
-        "pgwarden backup failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ten_rows_and_a_full_backup(s).await;
 
     let pgbackrest = format!(
         "pgbackrest --stanza=source --repo1-path={} --log-level-file=off",

@@ -48,6 +48,17 @@ pub struct FailsafeAnswer {
     pub refusal: Option<String>,
 }
 
+impl FailsafeAnswer {
+    /// `Ok` when the member answered 200 `Accepted`, else why not.
+    pub fn from_result(name: String, answer: Result<(), String>) -> Self {
+        FailsafeAnswer {
+            name,
+            accepted: answer.is_ok(),
+            refusal: answer.err(),
+        }
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     enabled: bool,

@@ -516,11 +516,7 @@ impl Peers for HttpPeers {
                 let refusal = format!("cannot encode the failsafe request: {e}");
                 return members
                     .into_iter()
-                    .map(|(name, _)| FailsafeAnswer {
-                        name,
-                        accepted: false,
-                        refusal: Some(refusal.clone()),
-                    })
+                    .map(|(name, _)| FailsafeAnswer::from_result(name, Err(refusal.clone())))
                     .collect();
             }
         };
@@ -530,16 +526,12 @@ impl Peers for HttpPeers {
             async move {
                 let url = crate::peer::endpoint_url(&api_url, "failsafe");
                 let answer = crate::peer::request("POST", &url, Some(body), auth, timeout).await;
-                let (accepted, refusal) = match answer {
-                    Ok((200, text)) if text == "Accepted" => (true, None),
-                    Ok((code, text)) => (false, Some(format!("{code} {text}"))),
-                    Err(e) => (false, Some(e.to_string())),
+                let answer = match answer {
+                    Ok((200, text)) if text == "Accepted" => Ok(()),
+                    Ok((code, text)) => Err(format!("{code} {text}")),
+                    Err(e) => Err(e.to_string()),
                 };
-                FailsafeAnswer {
-                    name,
-                    accepted,
-                    refusal,
-                }
+                FailsafeAnswer::from_result(name, answer)
             }
         });
         futures::future::join_all(posts).await

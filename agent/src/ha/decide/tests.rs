@@ -161,10 +161,7 @@ fn an_abandoned_bootstrap_claim_is_withdrawn() {
 /// vanishes with the member's lease when that member dies).
 #[test]
 fn a_claim_whose_member_is_still_bootstrapping_is_not_abandoned() {
-    let mut v = match view(None, Some("")) {
-        DcsView::Known(v) => (*v).clone(),
-        DcsView::Unknown(_) => unreachable!(),
-    };
+    let mut v = known(view(None, Some("")));
     assert_eq!(unfinished_bootstrap_claim_without_leader(&v), Some(1));
     v.members[1].record.state = "initializing new cluster".into();
     assert_eq!(unfinished_bootstrap_claim_without_leader(&v), None);
@@ -498,6 +495,32 @@ fn replica(receive: u64) -> PostgresStatus {
         receive_lsn: Some(receive),
         replay_lsn: Some(receive),
         ..pg(true)
+    }
+}
+
+/// A `failover` key as `patronictl switchover` (with `leader`) or `failover` writes it.
+fn with_failover(dcs: DcsView, leader: Option<&str>, member: Option<&str>) -> DcsView {
+    match dcs {
+        DcsView::Known(v) => {
+            let mut v = (*v).clone();
+            v.failover = Some(Versioned {
+                value: crate::dcs::FailoverRequest {
+                    leader: leader.map(Into::into),
+                    member: member.map(Into::into),
+                    scheduled_at: None,
+                },
+                revision: 3,
+            });
+            DcsView::Known(Arc::new(v))
+        }
+        unknown => unknown,
+    }
+}
+
+fn known(dcs: DcsView) -> ClusterView {
+    match dcs {
+        DcsView::Known(v) => (*v).clone(),
+        DcsView::Unknown(_) => unreachable!("the test built a known view"),
     }
 }
 
@@ -926,21 +949,7 @@ fn paused_leader_does_not_restart_crashed_postgres() {
 /// §5.6: a manual failover to a named candidate works while paused.
 #[test]
 fn paused_cluster_still_fails_over_to_a_named_candidate() {
-    let dcs = match paused(view(None, Some(SYSID))) {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: None,
-                    member: Some("pg0".into()),
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let dcs = with_failover(paused(view(None, Some(SYSID))), None, Some("pg0"));
     let d = decide(
         &obs(
             dcs,
@@ -996,21 +1005,7 @@ fn a_promoted_leader_checkpoints() {
 /// timeline switch before demoting (else `history` loses who led timeline 2).
 #[test]
 fn a_switchover_right_after_promotion_records_history_first() {
-    let dcs = match view(Some("pg0"), Some(SYSID)) {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: Some("pg0".into()),
-                    member: Some("pg1".into()),
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let dcs = with_failover(view(Some("pg0"), Some(SYSID)), Some("pg0"), Some("pg1"));
     let mut o = obs(
         dcs,
         renewed(),
@@ -1036,21 +1031,7 @@ fn a_switchover_right_after_promotion_records_history_first() {
 /// not streamed from us yet) is refused: promoted, it would reuse our timeline ID.
 #[test]
 fn a_handover_to_a_standby_behind_on_timeline_is_refused() {
-    let dcs = match view(Some("pg0"), Some(SYSID)) {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: None,
-                    member: Some("pg1".into()),
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let dcs = with_failover(view(Some("pg0"), Some(SYSID)), None, Some("pg1"));
     let running_on = |tl| {
         PostgresView::Running(PostgresStatus {
             timeline: Some(tl),
@@ -1301,21 +1282,7 @@ fn a_standby_on_an_abandoned_timeline_stops_to_rewind() {
 /// and the others do not defer to it.
 #[test]
 fn the_former_leader_of_a_switchover_races_only_when_nobody_else_can() {
-    let with_request = |dcs: DcsView| match dcs {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: Some("pg0".into()),
-                    member: None,
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let with_request = |dcs: DcsView| with_failover(dcs, Some("pg0"), None);
     let mut o = obs(
         with_request(view(None, Some(SYSID))),
         LeaseCheck::NotHeld,
@@ -1389,21 +1356,11 @@ fn the_former_leader_of_a_switchover_races_only_when_nobody_else_can() {
 /// synchronous mode; the leader aborts it instead of handing over to nobody (seed 4020).
 #[test]
 fn a_sync_leader_hands_over_only_to_its_synchronous_standby() {
-    let dcs = match with_sync(view(Some("pg0"), Some(SYSID)), "pg0", "pg2") {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: Some("pg0".into()),
-                    member: None,
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let dcs = with_failover(
+        with_sync(view(Some("pg0"), Some(SYSID)), "pg0", "pg2"),
+        Some("pg0"),
+        None,
+    );
     let mut o = obs(
         dcs,
         renewed(),
@@ -1453,21 +1410,7 @@ fn a_paused_leader_keeps_the_lock_while_postgres_runs() {
 /// its postgres runs; a stopped candidate cannot take over, so the others race (seed 6004).
 #[test]
 fn members_do_not_wait_for_a_failover_candidate_whose_postgres_is_down() {
-    let dcs = match view(None, Some(SYSID)) {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: None,
-                    member: Some("pg2".into()),
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let dcs = with_failover(view(None, Some(SYSID)), None, Some("pg2"));
     let mut o = obs(
         dcs,
         LeaseCheck::NotHeld,
@@ -1852,10 +1795,7 @@ fn a_standby_cluster_bootstraps_by_cloning_its_source() {
     );
     assert_eq!(compensation(&d.actions), vec![]);
     // While it clones, its claim is not abandoned.
-    let mut v = match view(None, Some("")) {
-        DcsView::Known(v) => (*v).clone(),
-        DcsView::Unknown(_) => unreachable!(),
-    };
+    let mut v = known(view(None, Some("")));
     v.members[0].record.state = "creating replica".into();
     assert_eq!(unfinished_bootstrap_claim_without_leader(&v), None);
 }
@@ -1954,20 +1894,8 @@ fn a_replica_of_a_standby_cluster_takes_over_as_the_standby_leader() {
 /// CHECKPOINT (it has no writes of its own).
 #[test]
 fn a_standby_leader_hands_over_in_a_switchover() {
-    let mut v = match view(Some("pg0"), Some(SYSID)) {
-        DcsView::Known(v) => (*v).clone(),
-        DcsView::Unknown(_) => unreachable!(),
-    };
-    v.failover = Some(Versioned {
-        value: crate::dcs::FailoverRequest {
-            leader: Some("pg0".into()),
-            member: Some("pg1".into()),
-            scheduled_at: None,
-        },
-        revision: 3,
-    });
     let mut o = obs(
-        DcsView::Known(Arc::new(v)),
+        with_failover(view(Some("pg0"), Some(SYSID)), Some("pg0"), Some("pg1")),
         renewed(),
         initialized(),
         PostgresView::Running(standby(500)),
@@ -2085,19 +2013,7 @@ fn failsafe_a_member_outside_the_topology_does_not_hold_the_race_back() {
 /// 1797100002513); paused, it is left alone.
 #[test]
 fn a_primary_that_does_not_race_for_the_free_key_demotes() {
-    let mut v = (*match view(None, Some(SYSID)) {
-        DcsView::Known(v) => v,
-        DcsView::Unknown(_) => unreachable!(),
-    })
-    .clone();
-    v.failover = Some(Versioned {
-        value: crate::dcs::FailoverRequest {
-            leader: None,
-            member: Some("pg1".into()),
-            scheduled_at: None,
-        },
-        revision: 3,
-    });
+    let mut v = known(with_failover(view(None, Some(SYSID)), None, Some("pg1")));
     let mut o = obs(
         DcsView::Known(Arc::new(v.clone())),
         LeaseCheck::NotHeld,
@@ -2125,21 +2041,12 @@ fn a_primary_that_does_not_race_for_the_free_key_demotes() {
 /// topology to take over: that member may not race (simulation seed 1797000001206).
 #[test]
 fn failsafe_the_former_switchover_leader_races_when_only_outsiders_remain() {
-    let mut v = (*match with_failsafe(view(None, Some(SYSID)), &["pg0", "pg2"]) {
-        DcsView::Known(v) => v,
-        DcsView::Unknown(_) => unreachable!(),
-    })
-    .clone();
-    v.failover = Some(Versioned {
-        value: crate::dcs::FailoverRequest {
-            leader: Some("pg0".into()),
-            member: None,
-            scheduled_at: None,
-        },
-        revision: 3,
-    });
     let mut o = obs(
-        DcsView::Known(Arc::new(v)),
+        with_failover(
+            with_failsafe(view(None, Some(SYSID)), &["pg0", "pg2"]),
+            Some("pg0"),
+            None,
+        ),
         LeaseCheck::NotHeld,
         initialized(),
         PostgresView::Running(replica(100)),
@@ -2415,21 +2322,11 @@ fn with_quorum_commit_a_member_races_on_the_votes_of_sync() {
 /// (simulation seed 5400: it took over lacking writes acknowledged through another standby).
 #[test]
 fn with_quorum_commit_a_candidate_left_without_its_leader_needs_the_votes() {
-    let dcs = match with_quorum(view(None, Some(SYSID)), "pg2", "pg0,pg1", 1) {
-        DcsView::Known(v) => {
-            let mut v = (*v).clone();
-            v.failover = Some(Versioned {
-                value: crate::dcs::FailoverRequest {
-                    leader: Some("pg2".into()),
-                    member: Some("pg0".into()),
-                    scheduled_at: None,
-                },
-                revision: 3,
-            });
-            DcsView::Known(Arc::new(v))
-        }
-        other => other,
-    };
+    let dcs = with_failover(
+        with_quorum(view(None, Some(SYSID)), "pg2", "pg0,pg1", 1),
+        Some("pg2"),
+        Some("pg0"),
+    );
     let facts = MemberFacts {
         synchronous_mode: true,
         quorum_commit: true,
