@@ -513,14 +513,14 @@ impl Dcs for SimDcs {
 
     /// `EtcdDcs::release_dead_leader`: delete `leader` if it still names us on the token's
     /// lease, then revoke the lease (an expired one is no error); on Kubernetes the record is
-    /// cleared only at the token's version, and member records have no lease.
+    /// cleared if that agent wrote it, and member records have no lease.
     async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
         let token = crate::guard::Token::decode(token)
             .ok_or_else(|| DcsError::rejected(format!("not a release token: {token:?}")))?;
         let style = self.w.borrow().release_style;
         let name = self.name.clone();
         let released = self
-            .request(move |s, _| s.release_dead_leader(&name, token, style))
+            .request(move |s, _| s.release_dead_leader(&name, token))
             .await?;
         if style == crate::guard::Style::Etcd {
             // A failure is only logged by the real client.
@@ -1086,11 +1086,7 @@ impl Peers for SimPeers {
             if answer.as_ref().is_err_and(|e| e == "timed out") {
                 slowest = timeout.as_micros() as Us;
             }
-            answers.push(FailsafeAnswer {
-                name,
-                accepted: answer.is_ok(),
-                refusal: answer.err(),
-            });
+            answers.push(FailsafeAnswer::from_result(name, answer));
         }
         sleep_local(&self.w, self.me, slowest).await;
         answers

@@ -2,7 +2,7 @@
 //! `agent/src/postgres/crash_release.rs` and `docs/fencing.md` describe it).
 //!
 //! The agent's DCS client gives its guard a token after every acquire or renewal that showed the
-//! leader key ours (etcd: the lease the key hangs on; Kubernetes: the Lease's resourceVersion),
+//! leader key ours (etcd: the lease the key hangs on; Kubernetes: the agent's incarnation, written into the Lease),
 //! and clears it when the key is not ours (released, rejected, lease lost). When the agent dies
 //! without a clean stop and the guard holds a token, the guard
 //!
@@ -13,7 +13,7 @@
 //!    `pgwarden::ha::decide::someone_else_may_take_over`, on the members' answers), and otherwise
 //!    releases the record only if it is still the one the token names ([`crate::agent::SimDcs`]'s
 //!    `release_dead_leader`: etcd deletes `leader` if it names us on that lease, then revokes the
-//!    lease; Kubernetes clears the holder at that resourceVersion);
+//!    lease; Kubernetes clears the holder if that incarnation wrote it);
 //! 3. lets go of the lock: a restarted agent waits for it.
 //!
 //! Without a token the guard just exits. When the whole host dies, nothing is released.
@@ -64,10 +64,11 @@ impl Token {
 pub enum Style {
     /// Delete `leader` if it names us on the token's lease, then revoke that lease.
     Etcd,
-    /// Clear the holder if the record is still at the token's version. The simulated store is
-    /// etcd's, whose renewals do not write the key, so the condition here is "`leader` not written
-    /// since": a renewal that was applied but not answered does not make the release a no-op, as
-    /// it would in Kubernetes (the model releases more often, never less safely).
+    /// Clear the holder if the record names us and was written by the dead agent's process (the
+    /// Lease's `pgwarden.io/holder-incarnation`). The simulated store is etcd's; the lease the
+    /// key hangs on stands in for the incarnation (it is narrower: an agent that lost its lease
+    /// and took the key on a new one is one incarnation in Kubernetes, two leases here). Unlike
+    /// etcd, the lease is not revoked.
     Kubernetes,
 }
 
@@ -133,14 +134,11 @@ pub struct Late {
 impl Store {
     /// The release's compare-and-delete: `leader` only if it names `name` and is still the record
     /// `token` names. Recorded in `released` for the checker.
-    pub fn release_dead_leader(&mut self, name: &str, token: Token, style: Style) -> bool {
-        let same = self.leader.as_ref().is_some_and(|l| {
-            l.name == name
-                && match style {
-                    Style::Etcd => l.lease == token.lease,
-                    Style::Kubernetes => l.revision == token.revision,
-                }
-        });
+    pub fn release_dead_leader(&mut self, name: &str, token: Token) -> bool {
+        let same = self
+            .leader
+            .as_ref()
+            .is_some_and(|l| l.name == name && l.lease == token.lease);
         if same {
             self.leader = None;
             self.rev += 1;
@@ -281,8 +279,7 @@ pub fn step(w: &mut World) -> Tasks {
             w.log(|| format!("{name}: the late release request is lost"));
             continue;
         }
-        let style = w.release_style;
-        let released = w.store.release_dead_leader(&name, l.token, style);
+        let released = w.store.release_dead_leader(&name, l.token);
         w.log(|| format!("{name}: the late release request is applied (released {released})"));
     }
     tasks

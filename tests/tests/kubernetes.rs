@@ -254,7 +254,7 @@ async fn kill9_of_the_leader_agent_fails_over_by_its_guards_release_and_it_rejoi
     );
     assert_eq!(k.holder().await.as_deref(), Some(new.as_str()));
     // Not the lease running out: the fence guard proved postgres stopped and released the
-    // Lease at the resourceVersion of the dead agent's last renewal.
+    // Lease its dead agent wrote.
     let log = k.env.members[i].log_text();
     assert!(
         log.contains("released the leader"),
@@ -394,6 +394,43 @@ async fn racing_lease_updates_get_409_and_the_loser_backs_off() {
     }
     let lease = other.cluster().await.expect("read");
     assert_eq!(lease.leader_name(), Some(other_name));
+
+    // The crash release (`pgwarden release-leader`, a new process under the same member name)
+    // clears the holder only if the dead agent's process wrote it. That token does not change
+    // with renewals, so the guard holds the right one even if the agent is killed after a
+    // renewal was applied but before its answer was read.
+    let token = other
+        .release_token()
+        .borrow()
+        .clone()
+        .expect("the holder has a token");
+    other.renew_leader().await.expect("renew");
+    assert_eq!(other.release_token().borrow().as_ref(), Some(&token));
+    let stale = holder.release_token().borrow().clone();
+    assert_eq!(
+        stale, None,
+        "the old holder learnt the Lease is not its own"
+    );
+    let release = dcs(other_name).await;
+    let foreign = token
+        .rsplit_once(':')
+        .map(|(p, _)| format!("{p}:1-2"))
+        .expect("prefix");
+    assert!(!release
+        .release_dead_leader(&foreign)
+        .await
+        .expect("answered"));
+    assert_eq!(
+        release.cluster().await.expect("read").leader_name(),
+        Some(other_name),
+        "another process's token releases nothing"
+    );
+    assert!(release.release_dead_leader(&token).await.expect("answered"));
+    assert!(release.cluster().await.expect("read").leader.is_none());
+    assert!(
+        !release.release_dead_leader(&token).await.expect("answered"),
+        "released once"
+    );
 }
 
 /// A 403 on the leader's renewal (the agents' RoleBinding missing for a few seconds, as while

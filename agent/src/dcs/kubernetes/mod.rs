@@ -280,12 +280,41 @@ pub struct KubeDcs {
     watchers: Vec<tokio::task::JoinHandle<()>>,
     /// A task clearing former leaders' role labels is running.
     unlabelling: Arc<AtomicBool>,
-    /// The Lease's resourceVersion while it names us, for the fence guard's crash release.
+    /// Names this process in the Lease it writes ([`HOLDER_INCARNATION`]).
+    incarnation: String,
+    /// Our release token while the Lease may name us, for the fence guard's crash release.
     release_token: tokio::sync::watch::Sender<Option<String>>,
 }
 
-/// How a Kubernetes release token starts (the rest is the Lease's resourceVersion).
-const KUBE_TOKEN_PREFIX: &str = "k8s-lease-rv:";
+/// How a Kubernetes release token starts; the rest is the agent's incarnation.
+const KUBE_TOKEN_PREFIX: &str = "k8s-lease-incarnation:";
+
+/// The Lease annotation naming the agent process that last wrote it as holder. A crash release
+/// clears the holder only while this names the dead agent: unlike the resourceVersion, the
+/// guard knows it before the write, so a renewal applied just before the agent was killed (its
+/// answer never read) does not hide the Lease from the release.
+const HOLDER_INCARNATION: &str = "pgwarden.io/holder-incarnation";
+
+/// Unique per agent process: the PID and the start time.
+fn new_incarnation() -> String {
+    let since_epoch = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}-{}", std::process::id(), since_epoch.as_nanos())
+}
+
+fn holder_of(lease: &Lease) -> Option<&str> {
+    lease.spec.as_ref()?.holder_identity.as_deref()
+}
+
+fn incarnation_of(lease: &Lease) -> Option<&str> {
+    lease
+        .metadata
+        .annotations
+        .as_ref()?
+        .get(HOLDER_INCARNATION)
+        .map(String::as_str)
+}
 
 impl Drop for KubeDcs {
     fn drop(&mut self) {
@@ -360,6 +389,7 @@ impl KubeDcs {
             },
             watchers,
             unlabelling: Arc::new(AtomicBool::new(false)),
+            incarnation: new_incarnation(),
             release_token: tokio::sync::watch::channel(None).0,
         }
     }
@@ -406,21 +436,33 @@ impl KubeDcs {
 
     fn observe_lease(&self, lease: Option<&Lease>) {
         let record = lease.map(record_of);
-        let token = record
-            .as_ref()
-            .filter(|r| r.holder.as_deref() == Some(self.settings.name.as_str()))
-            .map(|r| format!("{KUBE_TOKEN_PREFIX}{}", r.resource_version));
-        self.release_token.send_if_modified(|t| {
-            let changed = *t != token;
-            *t = token;
-            changed
+        let ours = lease.is_some_and(|l| {
+            holder_of(l) == Some(self.settings.name.as_str())
+                && incarnation_of(l) == Some(self.incarnation.as_str())
         });
+        self.set_release_token(ours);
         if let Ok(mut t) = self.tracker.lock() {
             t.observe(record, Instant::now());
         }
         if let Ok(mut last) = self.last_lease.lock() {
             *last = lease.cloned();
         }
+    }
+
+    fn set_release_token(&self, held: bool) {
+        let token = held.then(|| format!("{KUBE_TOKEN_PREFIX}{}", self.incarnation));
+        self.release_token.send_if_modified(|t| {
+            let changed = *t != token;
+            *t = token;
+            changed
+        });
+    }
+
+    /// Before a write that names us holder: the guard must know the token before the write
+    /// can be applied, not after its answer (which a kill -9 may keep us from reading). A write
+    /// that fails leaves it set; it matches a Lease only if one of our writes was applied.
+    fn expect_holding(&self) {
+        self.set_release_token(true);
     }
 
     /// The whole Lease object as we last read or wrote it, if it is at `resource_version`:
@@ -524,6 +566,11 @@ impl KubeDcs {
             }
             spec.acquire_time = Some(now.clone());
         }
+        lease
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default)
+            .insert(HOLDER_INCARNATION.to_owned(), self.incarnation.clone());
         lease.spec = Some(LeaseSpec {
             holder_identity: Some(self.settings.name.clone()),
             lease_duration_seconds: Some(ttl),
@@ -784,6 +831,7 @@ impl Dcs for KubeDcs {
         match state {
             LeaseState::Absent => {
                 let lease = self.held_lease(None, true);
+                self.expect_holding();
                 match self
                     .call(
                         "create the leader lease",
@@ -808,6 +856,7 @@ impl Dcs for KubeDcs {
                 };
                 let base = self.lease_base(&current);
                 let lease = self.held_lease(Some(&base), true);
+                self.expect_holding();
                 // 409: the holder renewed, or another member took it first.
                 let won = self
                     .replace_lease("take over the leader lease", &lease)
@@ -850,6 +899,7 @@ impl Dcs for KubeDcs {
             }
             let base = self.lease_base(&current);
             let lease = self.held_lease(Some(&base), false);
+            self.expect_holding();
             let ttl = self.ttl();
             // Taken before the request: the server stores the renewal, and others can see it,
             // only after this instant (see `lease`).
@@ -907,24 +957,25 @@ impl Dcs for KubeDcs {
     }
 
     async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
-        let version = token.strip_prefix(KUBE_TOKEN_PREFIX).ok_or_else(|| {
+        let incarnation = token.strip_prefix(KUBE_TOKEN_PREFIX).ok_or_else(|| {
             DcsError::rejected(format!("not a Kubernetes release token: {token:?}"))
         })?;
         let _writes = self.lease_writes.lock().await;
         let Some(mut lease) = self.get_lease().await? else {
             return Ok(false);
         };
-        // Only the Lease exactly as the dead agent last wrote it: any later write (a restarted
-        // agent's renewal, another member's takeover) means it is not ours to release.
-        if lease.metadata.resource_version.as_deref() != Some(version) {
+        // Only the Lease as the dead agent wrote it: naming us, written by that very process.
+        // Any later holder (a restarted agent, which waits for the guard to finish before it
+        // writes, or another member that took over) means it is not ours to release.
+        if holder_of(&lease) != Some(self.settings.name.as_str())
+            || incarnation_of(&lease) != Some(incarnation)
+        {
             return Ok(false);
         }
-        let spec = lease.spec.get_or_insert_with(LeaseSpec::default);
-        if spec.holder_identity.as_deref() != Some(self.settings.name.as_str()) {
-            return Ok(false);
+        if let Some(spec) = lease.spec.as_mut() {
+            spec.holder_identity = None;
         }
-        spec.holder_identity = None;
-        // The replace carries `version`: 409 if anything wrote the Lease since the read.
+        // The replace carries the version just read: 409 if anything wrote the Lease since.
         Ok(self
             .replace_lease("release the dead leader's lease", &lease)
             .await?
