@@ -441,8 +441,8 @@ async fn stream_source(env: &TestEnv, name: &str) -> Option<(u16, String)> {
 
 /// Patroni's `replicatefrom` and `clonefrom` tags: pg2 (`replicatefrom: pg1`) is cloned from
 /// pg1 (`clonefrom: true`) and streams from it through a slot pg1 keeps, while the leader
-/// keeps none for it; with pg1 gone it streams from the leader, and from pg1 again once pg1 is
-/// back.
+/// keeps pg2's slot inactive and advances it to pg2's position; with pg1 gone pg2 streams from
+/// the leader through that slot, and from pg1 again once pg1 is back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
     let mut env = TestEnv::start(ClusterOptions::default())
@@ -482,19 +482,32 @@ async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
         "pg2 was cloned from pg1:\n{}",
         log_of(&env, "pg2")
     );
-    wait_until("the leader keeps no slot for pg2", T, || async {
+    wait_until("the leader keeps slots for pg1 and pg2", T, || async {
         physical_slots(&env, "pg0")
             .await
-            .is_some_and(|s| s.iter().any(|x| x == "pg1") && !s.iter().any(|x| x == "pg2"))
+            .is_some_and(|s| s.iter().any(|x| x == "pg1") && s.iter().any(|x| x == "pg2"))
     })
     .await;
-    env.members[0]
-        .sql("CREATE TABLE c (v int); INSERT INTO c VALUES (1)")
+    let written_at = env.members[0]
+        .sql("CREATE TABLE c (v int); INSERT INTO c VALUES (1); SELECT pg_current_wal_lsn()::text")
         .await
-        .expect("write on the leader");
+        .expect("write on the leader")[0]
+        .clone();
     wait_until("the row reaches pg2 through pg1", T, || async {
         env.members[2].sql("SELECT count(*) FROM c").await.ok() == Some(vec!["1".to_owned()])
     })
+    .await;
+    // Nobody streams from pg2's slot on the leader: the leader advances it to the position
+    // pg2 reports (Patroni 4 with `member_slots_ttl`), so it holds no more WAL than pg2 needs.
+    let advanced = format!(
+        "SELECT (NOT active AND restart_lsn >= '{written_at}')::text \
+         FROM pg_replication_slots WHERE slot_name = 'pg2'"
+    );
+    wait_until(
+        "the leader advances pg2's slot past the write",
+        T,
+        || async { env.members[0].sql(&advanced).await.ok() == Some(vec!["true".to_owned()]) },
+    )
     .await;
 
     // pg1 gone: pg2 falls back to the leader, which now keeps its slot.

@@ -2025,27 +2025,48 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             downstream.iter().map(|m| replica::slot_name(m)).collect();
         // Warnings for the entries that are neither came with the configuration.
         let permanent = crate::config::slots::permanent(&self.dynamic.slots, "config").0;
+        let published = view.status.as_ref().map(|s| &s.slots);
+        let mut advance_leader = std::collections::BTreeMap::new();
         if leads {
-            let elsewhere: std::collections::BTreeSet<String> = view
+            // Patroni 4 with `member_slots_ttl` on: the leader also keeps the slots of the
+            // members that cascade from another member, advanced to the position they report,
+            // so one that falls back to the leader (its upstream gone) streams at once.
+            let keeps_cascading = self.dynamic.member_slots_ttl > 0;
+            let mut not_here = std::collections::BTreeSet::new();
+            for m in view
                 .members
                 .iter()
                 .filter(|m| m.name != me && !downstream.contains(&m.name))
-                .map(|m| replica::slot_name(&m.name))
-                .collect();
+            {
+                let slot = replica::slot_name(&m.name);
+                if keeps_cascading && !m.record.tag_bool("nostream") {
+                    let lsn = member_slot_target(m, published.and_then(|p| p.get(&slot)));
+                    advance_leader.insert(slot, lsn);
+                } else {
+                    not_here.insert(slot);
+                }
+            }
             let retained = self.member_slots(view);
-            physical.extend(retained.into_iter().filter(|s| !elsewhere.contains(s)));
+            physical.extend(retained.into_iter().filter(|s| !not_here.contains(s)));
             physical.extend(permanent.physical);
         }
         physical.remove(&own);
-        let published = view.status.as_ref().map(|s| &s.slots);
         let advance_physical = if leads {
-            Default::default()
+            advance_leader
         } else {
             let kept = self.replica_physical_slots(view, &downstream);
             let advance = kept
                 .iter()
                 .map(|slot| {
-                    let lsn = published.and_then(|p| p.get(slot)).copied().unwrap_or(0);
+                    let at_leader = published.and_then(|p| p.get(slot));
+                    let member = view
+                        .members
+                        .iter()
+                        .find(|m| replica::slot_name(&m.name) == *slot);
+                    let lsn = match member {
+                        Some(m) => member_slot_target(m, at_leader),
+                        None => at_leader.copied().unwrap_or(0),
+                    };
                     (slot.clone(), lsn)
                 })
                 .collect();
@@ -2697,6 +2718,25 @@ impl ActionError {
             context,
             source: Box::new(source),
         }
+    }
+}
+
+/// Where a member's physical slot that nobody streams from here is advanced to (Patroni's
+/// `_get_members_slots`): the position the leader publishes for it; for a member that cascades
+/// from another (`replicatefrom`), whose slot on the leader does not move by itself, the
+/// position it reports if that is further (postgres caps an advance at what it has).
+fn member_slot_target(member: &crate::dcs::Member, published: Option<&u64>) -> u64 {
+    let published = published.copied().unwrap_or(0);
+    let cascades = member
+        .record
+        .tags
+        .get("replicatefrom")
+        .and_then(|v| v.as_str())
+        .is_some_and(|from| !from.is_empty());
+    if cascades {
+        published.max(member.record.xlog_location.unwrap_or(0))
+    } else {
+        published
     }
 }
 
