@@ -190,6 +190,13 @@ pub enum Action {
     /// then the previous leader and its standbys stay eligible in `sync`, although they may
     /// lack the writes our standbys acknowledge once we are primary.
     ClaimSync,
+    /// Synchronous mode off, before postgres opens for writes: delete a `sync` key left from
+    /// when it was on (compare-and-set), as Patroni's new leader does. Left in place, it would
+    /// bind the next race to a leader and standbys recorded before writes this primary
+    /// acknowledges without them, once synchronous mode is switched on again (simulation seed
+    /// 1797800002584: the primary froze right after its promotion, and with the stale key
+    /// naming a member that could not race, nobody could take over).
+    DropSync,
     /// Stop the agent with an error; nothing is touched.
     Fatal(String),
 }
@@ -209,6 +216,7 @@ impl Action {
                 | Action::SetInitialize(_)
                 | Action::ClearFailover
                 | Action::WriteFailsafe
+                | Action::DropSync
         )
     }
 }
@@ -586,19 +594,20 @@ pub fn unfinished_bootstrap_claim_without_leader(view: &ClusterView) -> Option<i
 /// Decides what to do this cycle.
 pub fn decide(obs: &Observation, me: &MemberFacts) -> Decision {
     let mut decision = decide_inner(obs, me);
-    if me.synchronous_mode {
+    let opens = decision.actions.iter().position(|a| {
+        matches!(
+            a,
+            Action::Promote | Action::StartPostgres { primary: true, .. }
+        )
+    });
+    let stale_sync = matches!(&obs.dcs, DcsView::Known(v) if v.sync.is_some());
+    match opens {
         // A new primary claims `sync` first (simulation seed 641023133062, 3 members: a
         // promoted leader acknowledged writes through an unrecorded standby, died, and the old
         // leader, still named in `sync`, took over without them).
-        let opens = decision.actions.iter().position(|a| {
-            matches!(
-                a,
-                Action::Promote | Action::StartPostgres { primary: true, .. }
-            )
-        });
-        if let Some(i) = opens {
-            decision.actions.insert(i, Action::ClaimSync);
-        }
+        Some(i) if me.synchronous_mode => decision.actions.insert(i, Action::ClaimSync),
+        Some(i) if stale_sync => decision.actions.insert(i, Action::DropSync),
+        _ => {}
     }
     decision
 }

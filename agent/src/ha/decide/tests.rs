@@ -1596,7 +1596,8 @@ fn without_a_sync_key_only_the_former_primary_races_in_synchronous_mode() {
 }
 
 /// In synchronous mode every path that opens postgres for writes claims `sync` first
-/// (seed 641023133062); without synchronous mode nothing changes.
+/// (seed 641023133062); without synchronous mode a `sync` key left from when it was on is
+/// deleted first (seed 1797800002584), and without one nothing is added.
 #[test]
 fn a_synchronous_leader_claims_sync_before_opening_for_writes() {
     let o = obs(
@@ -1620,6 +1621,21 @@ fn a_synchronous_leader_claims_sync_before_opening_for_writes() {
     );
     assert_eq!(
         decide(&o, &me()).actions,
+        vec![
+            Action::AcquireLeader,
+            Action::DropSync,
+            Action::Promote,
+            Action::SyncSlots
+        ]
+    );
+    let without_key = obs(
+        view(None, Some(SYSID)),
+        LeaseCheck::NotHeld,
+        initialized(),
+        PostgresView::Running(replica(100)),
+    );
+    assert_eq!(
+        decide(&without_key, &me()).actions,
         vec![Action::AcquireLeader, Action::Promote, Action::SyncSlots]
     );
     let crashed = obs(
