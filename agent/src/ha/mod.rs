@@ -103,6 +103,12 @@ pub struct HaLoop<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> {
     reload: Option<ReloadFn>,
     /// Failsafe mode: the leader's rounds and the replicas' memory of them.
     failsafe: Arc<failsafe::Failsafe>,
+    /// The `failsafe` topology we last wrote, until a read shows it in the DCS: a read may
+    /// still return the older one, and others race by what the DCS holds, so a round asks both
+    /// (simulation seed 1797800011494: the round asked the topology read before the write,
+    /// which lacked a member that had just come back; cut off from the leader, that member
+    /// raced by the newer one and promoted beside it).
+    written_failsafe: Option<std::collections::BTreeMap<String, String>>,
     /// `confirmed_flush_lsn` of the permanent logical slots, as the primary last read them:
     /// published in `status.slots` for the replicas' copies.
     slot_positions: std::collections::BTreeMap<String, u64>,
@@ -213,6 +219,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             requests: None,
             reload: None,
             failsafe,
+            written_failsafe: None,
             slot_positions: Default::default(),
             slot_readiness: None,
         }
@@ -610,6 +617,9 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         let dcs = match self.dcs.cluster_view().await {
             Ok(view) => {
                 self.core.remember(&view, now, self.ttl());
+                if self.written_failsafe.is_some() && view.failsafe == self.written_failsafe {
+                    self.written_failsafe = None;
+                }
                 self.last_view = Some(view.clone());
                 self.last_read_at = Some(now);
                 self.dcs_last_seen = Some(self.rt.system_now());
@@ -745,7 +755,15 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
     /// topology to accept `POST /failsafe`. When all do, the fence moves as if the lease had
     /// been renewed when the round was sent (`failsafe`'s module comment says why that is safe).
     async fn failsafe_round(&mut self, status: &crate::state::PostgresStatus) -> bool {
-        let Some(topology) = self.last_view.as_ref().and_then(|v| v.failsafe.clone()) else {
+        let read = self.last_view.as_ref().and_then(|v| v.failsafe.clone());
+        let topology = match (read, self.written_failsafe.clone()) {
+            (Some(mut read), Some(written)) => {
+                read.extend(written);
+                Some(read)
+            }
+            (read, written) => read.or(written),
+        };
+        let Some(topology) = topology else {
             warn!(
                 "failsafe mode: no `failsafe` topology was read before the DCS became unreachable"
             );
@@ -1570,6 +1588,17 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 info!("claimed `sync` before opening postgres for writes");
                 Ok(true)
             }
+            Action::DropSync => {
+                let DcsView::Known(view) = &obs.dcs else {
+                    return Ok(true);
+                };
+                if let Some(current) = &view.sync {
+                    if self.dcs.write_sync(None, Some(current.revision)).await? {
+                        info!("synchronous mode is off: removed the `sync` key before opening for writes");
+                    }
+                }
+                Ok(true)
+            }
             Action::Promote => {
                 self.check_lease_for_writes()?;
                 self.pg
@@ -1700,6 +1729,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                         .map_err(ActionError::caused("cannot encode the failsafe topology"))?;
                     self.dcs.write_key(crate::dcs::FAILSAFE_KEY, &value).await?;
                     info!(members = %value, "published the failsafe topology");
+                    self.written_failsafe = Some(topology);
                 }
                 Ok(true)
             }
