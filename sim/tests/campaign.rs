@@ -63,6 +63,8 @@ const REGRESSIONS: &[(u64, usize, &str)] = &[
     (1797300003792, 3, "in pause the running primary takes a free leader key (and its fence with it)"),
     (1797400005486, 3, "a switchover candidate does not take over while another member answers as a primary"),
     (1797500004734, 3, "the fence stays armed while a primary whose key was lost still runs"),
+    (1797800002584, 3, "a new primary without synchronous mode deletes a stale `sync` key first"),
+    (1797800011494, 3, "a failsafe round asks the topology just written, not only the one read"),
     (
         13602,
         3,
