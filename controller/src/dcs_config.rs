@@ -162,9 +162,35 @@ pub fn changed_at(map: Option<&ConfigMap>) -> Option<chrono::DateTime<chrono::Ut
         .map(|t| t.with_timezone(&chrono::Utc))
 }
 
+/// `config.pause` in the agents' `config` ConfigMap, truthy as Patroni reads it (`true`,
+/// `"on"`, `1`, ...). An unreadable `config` is not a pause: the agents read it the same way.
+pub fn paused(map: Option<&ConfigMap>) -> bool {
+    let Some(text) = map
+        .and_then(|m| m.metadata.annotations.as_ref())
+        .and_then(|a| a.get(CONFIG_ANNOTATION))
+    else {
+        return false;
+    };
+    serde_json::from_str::<Value>(text)
+        .ok()
+        .and_then(|config| config.get("pause").and_then(pgwarden_api::parse_bool))
+        .unwrap_or(false)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pause_is_read_from_config_as_the_agents_read_it() {
+        assert!(!paused(None));
+        assert!(!paused(Some(&map(&[]))));
+        assert!(!paused(Some(&map(&[("config", r#"{"ttl": 30}"#)]))));
+        assert!(!paused(Some(&map(&[("config", "not json")]))));
+        assert!(!paused(Some(&map(&[("config", r#"{"pause": false}"#)]))));
+        assert!(paused(Some(&map(&[("config", r#"{"pause": true}"#)]))));
+        assert!(paused(Some(&map(&[("config", r#"{"pause": "on"}"#)]))));
+    }
 
     fn map(annotations: &[(&str, &str)]) -> ConfigMap {
         let mut m = ConfigMap::default();

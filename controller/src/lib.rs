@@ -10,6 +10,7 @@
 //! - [`render`]: pure builders, one per object kind.
 //! - [`status`]: status from the leader Lease and the member records on the Pods.
 //! - [`rollout`]: which Pod to restart next, or which switchover to request (pure).
+//! - [`scale_down`]: whether a departing leader hands over before the member count drops (pure).
 //! - [`reconcile`]: the kube-runtime controller: apply, status, rollout, cleanup.
 //! - [`dcs_config`]: the spec's parameters in the agents' DCS `config` (reload, not restart).
 //! - [`agent_api`]: calls to an agent's REST API (switchover, backup).
@@ -25,5 +26,6 @@ pub mod manual_backup;
 pub mod reconcile;
 pub mod render;
 pub mod rollout;
+pub mod scale_down;
 pub mod sql;
 pub mod status;

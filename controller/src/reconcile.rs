@@ -2,8 +2,9 @@
 //! drives rollouts. Everything here is idempotent: a reconcile may run at any time, any number
 //! of times, from any controller replica that holds the controller Lease.
 //!
-//! What it never does: decide a failover, touch the leader Lease, or restart a primary while a
-//! replica could take over first. A stopped controller leaves a running cluster running.
+//! What it never does: decide a failover, touch the leader Lease, or restart or remove a primary
+//! while a replica could take over first (a departing leader hands over before a scale-down).
+//! A stopped controller leaves a running cluster running.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -28,6 +29,7 @@ use crate::dcs_config;
 use crate::manual_backup::{self, Need};
 use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
+use crate::scale_down;
 use crate::status::{self, member_of, PodView, StatusInput, MEMBER_ANNOTATION};
 
 /// Finalizer present only while `spec.pvcRetention: Delete`: the PVCs are nobody's children,
@@ -51,8 +53,8 @@ pub enum Error {
         #[source]
         source: kube::Error,
     },
-    /// The switchover the rollout asked for was refused or failed; the next reconcile
-    /// re-plans from what the agents then publish.
+    /// The switchover the rollout or a scale-down asked for was refused or failed; the next
+    /// reconcile re-plans from what the agents then publish.
     #[error("switchover from {primary} to {candidate} failed")]
     Switchover {
         primary: String,
@@ -225,8 +227,24 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     if let Some(running) = running_postgres_version(pg, &client).await? {
         spec_errors.extend(pg.spec.version_change(running));
     }
+    // Observed before anything is applied: the StatefulSet's member count depends on who
+    // leads (a departing leader hands over before its Pod is removed).
+    let observed = observe(pg, &client).await?;
+    let desired = pg.spec.instances.replicas;
+    let scale = if spec_errors.is_empty() {
+        scale_down::plan(
+            desired,
+            observed.statefulset_replicas,
+            &observed.pods,
+            observed.lease_holder.as_deref(),
+            observed.paused,
+        )
+    } else {
+        scale_down::Plan::Proceed
+    };
+    let replicas = scale.replicas(desired);
     if spec_errors.is_empty() {
-        apply_children(pg, &client).await?;
+        apply_children(pg, &client, replicas).await?;
     } else {
         // Nothing is changed on the strength of an invalid spec; the running cluster stays
         // as it is and the condition says why.
@@ -236,20 +254,52 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     if spec_errors.is_empty() {
         sync_dcs_parameters(pg, &client).await?;
     }
-    let observed = observe(pg, &client).await?;
-    let step = if spec_errors.is_empty() {
-        rollout::next_step(&observed.pods, observed.lease_holder.as_deref())
-    } else {
+    let step = if !spec_errors.is_empty() {
         Step::UpToDate
+    } else if scale != scale_down::Plan::Proceed {
+        // One thing at a time: restarting a member now could take away the candidate, and a
+        // rollout's switchover could pick a departing member.
+        Step::Wait("the scale-down goes first".to_owned())
+    } else {
+        // Departing members are not the rollout's: restarting one is wasted, and a
+        // switchover to one would be followed by a failover when its Pod goes.
+        let staying: Vec<PodView> = observed
+            .pods
+            .iter()
+            .filter(|p| scale_down::stays(&p.name, replicas))
+            .cloned()
+            .collect();
+        rollout::next_step(&staying, observed.lease_holder.as_deref())
     };
     let rollout_note = match &step {
         Step::UpToDate => None,
         other => Some(other.to_string()),
     };
-    write_status(pg, &clusters, &observed, &spec_errors, rollout_note).await?;
+    write_status(
+        pg,
+        &clusters,
+        &observed,
+        &spec_errors,
+        rollout_note,
+        scale.note(),
+    )
+    .await?;
+    match &scale {
+        scale_down::Plan::Proceed => {}
+        scale_down::Plan::Switchover {
+            primary, candidate, ..
+        } => {
+            info!(cluster = %names.cluster, "scale-down: {scale}");
+            switchover(&client, &names, &observed, primary, candidate).await?;
+        }
+        // Repeated every few seconds while it lasts; the status carries it for people.
+        scale_down::Plan::Hold { .. } => {
+            debug!(cluster = %names.cluster, "scale-down: {scale}");
+        }
+    }
     execute_step(pg, &client, &observed, &step).await?;
     if spec_errors.is_empty() && pg.spec.pvc_retention == PvcRetention::Delete {
-        delete_departed_pvcs(pg, &client, &observed).await?;
+        delete_departed_pvcs(pg, &client, &observed, replicas).await?;
     }
     if spec_errors.is_empty() {
         ensure_users_and_databases(pg, ctx, &observed).await?;
@@ -260,9 +310,7 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     Ok(match step {
         // An on-demand backup is being asked for or followed.
         _ if backup_pending => Action::requeue(Duration::from_secs(5)),
-        Step::UpToDate if observed.all_ready(pg.spec.instances.replicas) => {
-            Action::requeue(Duration::from_secs(300))
-        }
+        Step::UpToDate if observed.all_ready(desired) => Action::requeue(Duration::from_secs(300)),
         // Members starting, a rollout under way: look again soon (Pod events also wake us).
         _ => Action::requeue(Duration::from_secs(5)),
     })
@@ -288,8 +336,9 @@ async fn running_postgres_version(
     }))
 }
 
-/// Server-side apply of every child object, and creation of missing Secrets.
-async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Error> {
+/// Server-side apply of every child object, and creation of missing Secrets. The StatefulSet
+/// gets `replicas` members: the spec's, unless a scale-down waits ([`scale_down`]).
+async fn apply_children(pg: &PostgresCluster, client: &Client, replicas: i32) -> Result<(), Error> {
     let names = Names::of(pg);
     let ns = names.namespace.as_str();
 
@@ -306,7 +355,11 @@ async fn apply_children(pg: &PostgresCluster, client: &Client) -> Result<(), Err
     apply(client, ns, &render::services::primary(pg)).await?;
     apply(client, ns, &render::services::replicas(pg)).await?;
     apply(client, ns, &render::pdb::pdb(pg)).await?;
-    apply(client, ns, &render::statefulset::statefulset(pg, &hash)).await?;
+    let mut statefulset = render::statefulset::statefulset(pg, &hash);
+    if let Some(spec) = statefulset.spec.as_mut() {
+        spec.replicas = Some(replicas);
+    }
+    apply(client, ns, &statefulset).await?;
     Ok(())
 }
 
@@ -421,6 +474,10 @@ struct Observed {
     /// The Pods themselves, by name (for uids and member records).
     raw: HashMap<String, Pod>,
     lease_holder: Option<String>,
+    /// The StatefulSet's `spec.replicas`; `None` before it exists.
+    statefulset_replicas: Option<i32>,
+    /// The agents' `config.pause`, or a member publishing `pause`.
+    paused: bool,
 }
 
 impl Observed {
@@ -444,10 +501,15 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         .await
         .map_err(kube_err("listing member pods"))?;
     let sts: Api<StatefulSet> = Api::namespaced(client.clone(), ns);
-    let update_revision = sts
+    let statefulset = sts
         .get_opt(&names.statefulset())
         .await
-        .map_err(kube_err("reading the statefulset"))?
+        .map_err(kube_err("reading the statefulset"))?;
+    let statefulset_replicas = statefulset
+        .as_ref()
+        .and_then(|s| s.spec.as_ref())
+        .and_then(|s| s.replicas);
+    let update_revision = statefulset
         .and_then(|s| s.status)
         .and_then(|s| s.update_revision);
     let maps: Api<ConfigMap> = Api::namespaced(client.clone(), ns);
@@ -456,6 +518,7 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         .await
         .map_err(kube_err("reading the agents' config ConfigMap"))?;
     let parameters_changed_at = dcs_config::changed_at(dcs_map.as_ref());
+    let config_paused = dcs_config::paused(dcs_map.as_ref());
     let leases: Api<Lease> = Api::namespaced(client.clone(), ns);
     let lease_holder = leases
         .get_opt(&names.leader_lease())
@@ -475,10 +538,18 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         ));
         raw.insert(pod.name_any(), pod);
     }
+    // A member that already follows a pause the `config` no longer shows (or the reverse)
+    // counts as paused: the slower side decides, and a wrong guess only delays a scale-down.
+    let paused = config_paused
+        || views
+            .iter()
+            .any(|v| v.member.as_ref().is_some_and(|m| m.pause == Some(true)));
     Ok(Observed {
         pods: views,
         raw,
         lease_holder,
+        statefulset_replicas,
+        paused,
     })
 }
 
@@ -525,6 +596,7 @@ async fn write_status(
     observed: &Observed,
     spec_errors: &[SpecError],
     rollout: Option<String>,
+    scale_down: Option<status::ProgressNote>,
 ) -> Result<(), Error> {
     let input = StatusInput {
         generation: pg.meta().generation,
@@ -533,6 +605,7 @@ async fn write_status(
         pods: observed.pods.clone(),
         spec_errors,
         rollout,
+        scale_down,
         previous: pg.status.as_ref(),
         now: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
@@ -581,30 +654,43 @@ async fn execute_step(
         }
         Step::Switchover { primary, candidate } => {
             info!(cluster = %names.cluster, "rollout: {step}");
-            let api_url = observed
-                .raw
-                .get(primary)
-                .and_then(|p| member_of(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str)))
-                .map(|m| m.api_url)
-                .filter(|u| !u.is_empty())
-                .ok_or_else(|| Error::NoApiUrl(primary.clone()))?;
-            let credentials = restapi_credentials(client, &names).await?;
-            agent_api::switchover(
-                &api_url,
-                primary,
-                candidate,
-                credentials.as_ref(),
-                SWITCHOVER_TIMEOUT,
-            )
-            .await
-            .map_err(|source| Error::Switchover {
-                primary: primary.clone(),
-                candidate: candidate.clone(),
-                source,
-            })?;
-            Ok(())
+            switchover(client, &names, observed, primary, candidate).await
         }
     }
+}
+
+/// Asks `primary`'s agent for a planned switchover to `candidate` (the rollout's, or a
+/// departing leader's before a scale-down). Returns once the agent answered: 200 means
+/// `candidate` took over.
+async fn switchover(
+    client: &Client,
+    names: &Names,
+    observed: &Observed,
+    primary: &str,
+    candidate: &str,
+) -> Result<(), Error> {
+    let api_url = observed
+        .raw
+        .get(primary)
+        .and_then(|p| member_of(p.annotations().get(MEMBER_ANNOTATION).map(String::as_str)))
+        .map(|m| m.api_url)
+        .filter(|u| !u.is_empty())
+        .ok_or_else(|| Error::NoApiUrl(primary.to_owned()))?;
+    let credentials = restapi_credentials(client, names).await?;
+    agent_api::switchover(
+        &api_url,
+        primary,
+        candidate,
+        credentials.as_ref(),
+        SWITCHOVER_TIMEOUT,
+    )
+    .await
+    .map_err(|source| Error::Switchover {
+        primary: primary.to_owned(),
+        candidate: candidate.to_owned(),
+        source,
+    })?;
+    Ok(())
 }
 
 /// The on-demand backup of the `pgwarden.io/backup` annotation ([`manual_backup`]): asks the
@@ -840,12 +926,14 @@ pub fn pvc_ordinal(name: &str, statefulset: &str) -> Option<i32> {
 }
 
 /// After a scale-down with `pvcRetention: Delete`: the data PVCs of the ordinals at or above
-/// `instances.replicas` whose Pod is gone. (A departed member's record leaves with its Pod: it is
+/// `replicas` (the StatefulSet's count: a scale-down held for a switchover keeps its members'
+/// volumes) whose Pod is gone. (A departed member's record leaves with its Pod: it is
 /// an annotation of the Pod.) With `Retain` they stay, and a scale-up reuses them.
 async fn delete_departed_pvcs(
     pg: &PostgresCluster,
     client: &Client,
     observed: &Observed,
+    replicas: i32,
 ) -> Result<(), Error> {
     let names = Names::of(pg);
     let pvcs: Api<PersistentVolumeClaim> = Api::namespaced(client.clone(), &names.namespace);
@@ -864,7 +952,7 @@ async fn delete_departed_pvcs(
         let Some(ordinal) = pvc_ordinal(&name, &statefulset) else {
             continue;
         };
-        if ordinal < pg.spec.instances.replicas
+        if ordinal < replicas
             || pvc.meta().deletion_timestamp.is_some()
             || observed
                 .raw

@@ -30,6 +30,13 @@ pub struct PodView {
     pub member: Option<MemberRecord>,
 }
 
+/// A `Progressing` condition's reason and message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProgressNote {
+    pub reason: &'static str,
+    pub message: String,
+}
+
 /// Everything the status is computed from.
 #[derive(Debug, Clone, Default)]
 pub struct StatusInput<'a> {
@@ -42,6 +49,8 @@ pub struct StatusInput<'a> {
     pub spec_errors: &'a [SpecError],
     /// What the rollout is doing, if anything (`rollout::Step` as a sentence).
     pub rollout: Option<String>,
+    /// Why a scale-down waits, if it does (`scale_down::Plan`); it comes before the rollout.
+    pub scale_down: Option<ProgressNote>,
     /// The previous status, for `lastTransitionTime`.
     pub previous: Option<&'a PostgresClusterStatus>,
     /// RFC 3339 now.
@@ -176,7 +185,9 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
 
     // Progressing: the cluster is moving towards the spec.
     let existing = i32::try_from(pods.len()).unwrap_or(i32::MAX);
-    if let Some(step) = &input.rollout {
+    if let Some(note) = &input.scale_down {
+        push("Progressing", true, note.reason, note.message.clone());
+    } else if let Some(step) = &input.rollout {
         push("Progressing", true, "RollingUpdate", step.clone());
     } else if existing != input.desired_members {
         push(

@@ -1125,6 +1125,268 @@ async fn scaling_down_deletes_the_departed_members_pvcs_only_with_pvc_retention_
     );
 }
 
+/// Sets or removes `pause` in the agents' DCS `config` (as `pgwarden pause`/`resume` would),
+/// compare-and-set on the ConfigMap's `resourceVersion`.
+async fn set_pause(s: &Setup, cluster: &str, pause: bool) {
+    let name = format!("{cluster}-config");
+    wait_until(
+        &format!("pause = {pause} written into {name}"),
+        T,
+        || async {
+            let Ok(map) = s.api::<ConfigMap>().get(&name).await else {
+                return false;
+            };
+            let Some(text) = map.annotations().get("config") else {
+                return false;
+            };
+            let Ok(mut config) = serde_json::from_str::<Value>(text) else {
+                return false;
+            };
+            let Some(obj) = config.as_object_mut() else {
+                return false;
+            };
+            if pause {
+                obj.insert("pause".to_owned(), json!(true));
+            } else {
+                obj.remove("pause");
+            }
+            let patch = json!({"metadata": {
+                "resourceVersion": map.resource_version(),
+                "annotations": {"config": config.to_string()},
+            }});
+            s.api::<ConfigMap>()
+                .patch(
+                    &name,
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(&patch),
+                )
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
+
+async fn pod_names(s: &Setup) -> Vec<String> {
+    let mut names: Vec<String> = s
+        .api::<Pod>()
+        .list(&Default::default())
+        .await
+        .map(|l| l.items.iter().map(|p| p.name_any()).collect())
+        .unwrap_or_default();
+    names.sort();
+    names
+}
+
+/// Scaling down while the leader is the highest ordinal: the controller first asks the leader's
+/// agent for a switchover to a staying member and lowers the StatefulSet's replicas only once
+/// that member leads, so the leader's Pod is never stopped while it holds the Lease (no
+/// failover). While the cluster is paused it does not switch over: the scale-down waits,
+/// reported in `Progressing`, and goes on once the cluster is resumed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scaling_down_switches_a_departing_leader_over_to_a_staying_member_first() {
+    let s = setup("pgc-down").await;
+    let kubelet = PodKubelet::start(s.access.clone(), &s.ns, "down")
+        .await
+        .expect("kubelet");
+    let ctl = s.controller("ctl-down");
+    let manifest = |replicas: i32| {
+        example("down", |v| {
+            v["spec"]["instances"]["replicas"] = json!(replicas);
+            v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+            v["spec"]["pvcRetention"] = json!("Delete");
+        })
+    };
+    s.apply(&manifest(3)).await.expect("apply the cluster");
+    let first = wait_until_whole(&s, "down", None).await;
+
+    // The leader is made the highest ordinal, the one a scale-down removes.
+    if first != "down-2" {
+        let secret = s
+            .api::<Secret>()
+            .get("down-restapi")
+            .await
+            .expect("the REST API Secret");
+        let field = |k: &str| {
+            secret
+                .data
+                .as_ref()
+                .and_then(|d| d.get(k))
+                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                .expect("credential")
+        };
+        let credentials = pgwarden_controller::agent_api::ApiCredentials {
+            username: field("username"),
+            password: field("password"),
+        };
+        let port = kubelet
+            .state
+            .lock()
+            .await
+            .member(&first)
+            .expect("member")
+            .api_port;
+        pgwarden_controller::agent_api::switchover(
+            &format!("http://127.0.0.1:{port}/patroni"),
+            &first,
+            "down-2",
+            Some(&credentials),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("switchover to down-2");
+    }
+    wait_until_whole(&s, "down", Some("down-2")).await;
+    wait_until("both replicas stream from down-2", T, || async {
+        let k = kubelet.state.lock().await;
+        let Some(leader_port) = k.member("down-2").map(|m| m.pg_port) else {
+            return false;
+        };
+        for pod in ["down-0", "down-1"] {
+            let Some(m) = k.member(pod) else {
+                return false;
+            };
+            if streams_from(m).await != Some(leader_port) {
+                return false;
+            }
+        }
+        true
+    })
+    .await;
+    {
+        let k = kubelet.state.lock().await;
+        k.member("down-2")
+            .expect("member")
+            .sql(pgwarden_tests::harness::writer::CREATE_TABLE)
+            .await
+            .expect("the writer's table");
+    }
+
+    // Paused: no switchover, and the leader's Pod stays; the status says why.
+    set_pause(&s, "down", true).await;
+    s.apply(&manifest(2)).await.expect("scale down to 2");
+    wait_until(
+        "the scale-down is reported blocked by the pause",
+        T,
+        || async {
+            let pg = s.cluster("down").await;
+            pg.status.as_ref().and_then(|st| st.observed_generation) == pg.metadata.generation
+                && condition(&pg, "Progressing").is_some_and(|c| {
+                    c.status == "True"
+                        && c.reason == "ScaleDownBlocked"
+                        && c.message.contains("paused")
+                })
+        },
+    )
+    .await;
+    assert_eq!(
+        s.api::<StatefulSet>()
+            .get("down")
+            .await
+            .expect("sts")
+            .spec
+            .and_then(|sp| sp.replicas),
+        Some(3),
+        "the StatefulSet keeps the leader's Pod while paused"
+    );
+    assert_eq!(pod_names(&s).await, vec!["down-0", "down-1", "down-2"]);
+    assert_eq!(lease_holder(&s, "down").await.as_deref(), Some("down-2"));
+    assert!(
+        !ctl.log_text().contains("switching over from down-2"),
+        "no switchover was requested while paused"
+    );
+
+    // Resumed: a switchover to the lowest staying ordinal, then the member count drops.
+    let writer = {
+        let k = kubelet.state.lock().await;
+        pgwarden_tests::harness::writer::Writer::start(k.env.writer_targets())
+    };
+    let events_before = kubelet.events().await.len();
+    set_pause(&s, "down", false).await;
+    wait_until("down-2's Pod is gone", Duration::from_secs(180), || async {
+        pod_names(&s).await == vec!["down-0", "down-1"]
+    })
+    .await;
+    let leader = wait_until_members_ready(&s, "down", None, 2).await;
+    wait_until("the writer wrote on the new leader", T, || async {
+        let k = kubelet.state.lock().await;
+        let Some(m) = k.member(&leader) else {
+            return false;
+        };
+        m.sql(&format!(
+            "SELECT count(*) > 0 FROM pgwarden_writer WHERE member = '{leader}'"
+        ))
+        .await
+        .ok()
+            == Some(vec!["t".to_owned()])
+    })
+    .await;
+    let acks = writer.stop().await;
+    pgwarden_tests::harness::writer::assert_no_split_brain(&acks);
+
+    assert!(
+        leader == "down-0" || leader == "down-1",
+        "a staying member leads: {leader}"
+    );
+    assert_eq!(
+        lease_holder(&s, "down").await.as_deref(),
+        Some(leader.as_str())
+    );
+    assert!(
+        ctl.log_text()
+            .contains(&format!("switching over from down-2 to {leader}")),
+        "the controller handed the leadership to {leader} by a switchover"
+    );
+    // Not a failover: down-2 no longer held the Lease when its Pod was stopped.
+    let stops: Vec<_> = kubelet.events().await[events_before..]
+        .iter()
+        .filter(|e| e.kind == EventKind::Stopped)
+        .cloned()
+        .collect();
+    assert_eq!(
+        stops.iter().map(|e| e.pod.as_str()).collect::<Vec<_>>(),
+        vec!["down-2"],
+        "only the departing Pod stopped: {stops:?}"
+    );
+    assert!(
+        stops[0].leader.as_deref().is_some_and(|l| l != "down-2"),
+        "down-2 was stopped while it held the Lease: {stops:?}"
+    );
+    // Every acknowledged write, wherever it was made, is on the new leader.
+    assert!(
+        acks.iter().any(|a| a.member == "down-2"),
+        "the writer wrote on down-2 before the switchover"
+    );
+    assert!(
+        acks.iter().any(|a| a.member == leader),
+        "the writer wrote on {leader} after it"
+    );
+    let stored: std::collections::BTreeSet<i64> = {
+        let k = kubelet.state.lock().await;
+        let m = k.member(&leader).expect("member");
+        m.sql("SELECT id FROM pgwarden_writer")
+            .await
+            .expect("read the writes")
+            .iter()
+            .filter_map(|id| id.parse().ok())
+            .collect()
+    };
+    let lost: Vec<&pgwarden_tests::harness::writer::Ack> =
+        acks.iter().filter(|a| !stored.contains(&a.id)).collect();
+    assert!(lost.is_empty(), "acknowledged writes lost: {lost:?}");
+    // pvcRetention: Delete as before: the departed member's volume goes once its Pod is gone.
+    wait_until("down-2's data PVC is deleted", T, || async {
+        pvc_names(&s).await == vec!["data-down-0", "data-down-1"]
+    })
+    .await;
+    let pg = s.cluster("down").await;
+    assert!(
+        condition(&pg, "Progressing").is_some_and(|c| c.reason != "ScaleDownBlocked"),
+        "{:?}",
+        pg.status
+    );
+}
+
 /// Full backups (`…F` labels) of `stanza` in a posix repository.
 fn full_backups(repo: &std::path::Path, stanza: &str) -> Vec<String> {
     let mut out: Vec<String> = std::fs::read_dir(repo.join("backup").join(stanza))

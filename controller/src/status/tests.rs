@@ -29,6 +29,7 @@ fn input<'a>(holder: Option<&str>, pods: Vec<PodView>) -> StatusInput<'a> {
         pods,
         spec_errors: &[],
         rollout: None,
+        scale_down: None,
         previous: None,
         now: "2026-01-01T00:00:00Z".to_owned(),
     }
@@ -164,4 +165,34 @@ fn member_records_parse_as_patroni_writes_them() {
     assert_eq!(m.timeline, Some(4));
     assert_eq!(member_of(Some("not json")), None);
     assert_eq!(member_of(None), None);
+}
+
+#[test]
+fn a_waiting_scale_down_is_reported_before_the_rollout() {
+    let mut i = input(
+        Some("pg-2"),
+        vec![
+            pod("pg-0", true, member("replica", "running", 5)),
+            pod("pg-1", true, member("replica", "running", 5)),
+            pod("pg-2", true, member("primary", "running", 5)),
+        ],
+    );
+    i.desired_members = 2;
+    i.rollout = Some("waiting: pg-1 is not ready".to_owned());
+    i.scale_down = Some(ProgressNote {
+        reason: "ScaleDownBlocked",
+        message: "scaling down to 2 members waits".to_owned(),
+    });
+    let s = compute(&i);
+    let p = condition(&s, "Progressing");
+    assert_eq!(
+        (p.status.as_str(), p.reason.as_str(), p.message.as_str()),
+        (
+            "True",
+            "ScaleDownBlocked",
+            "scaling down to 2 members waits"
+        )
+    );
+    assert_eq!(condition(&s, "Ready").status, "True");
+    assert_eq!(condition(&s, "Degraded").status, "False");
 }
