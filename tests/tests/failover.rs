@@ -442,16 +442,28 @@ async fn stream_source(env: &TestEnv, name: &str) -> Option<(u16, String)> {
 /// Patroni's `replicatefrom` and `clonefrom` tags: pg2 (`replicatefrom: pg1`) is cloned from
 /// pg1 (`clonefrom: true`) and streams from it through a slot pg1 keeps, while the leader
 /// keeps pg2's slot inactive and advances it to pg2's position; with pg1 gone pg2 streams from
-/// the leader through that slot, and from pg1 again once pg1 is back.
+/// the leader through that slot, and from pg1 again once pg1 is back. pg1 is `nofailover`:
+/// it keeps no logical slot, but runs with `hot_standby_feedback` for pg2, which does.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
     let mut env = TestEnv::start(ClusterOptions::default())
         .await
         .expect("etcd");
     for name in ["pg0", "pg1", "pg2"] {
-        env.add_member(name);
+        let i = env.add_member(name);
+        let m = &mut env.members[i];
+        m.set(
+            "bootstrap.dcs.postgresql.parameters.wal_level",
+            "logical".into(),
+        );
+        m.set(
+            "bootstrap.dcs.slots",
+            serde_yaml::from_str("cdc: {type: logical, database: postgres, plugin: test_decoding}")
+                .expect("yaml"),
+        );
     }
     env.members[1].set("tags.clonefrom", true.into());
+    env.members[1].set("tags.nofailover", true.into());
     env.members[2].set("tags.replicatefrom", "pg1".into());
     env.start_member(0).expect("start pg0");
     let leader = env.wait_for_leader(T).await;
@@ -508,6 +520,21 @@ async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
         T,
         || async { env.members[0].sql(&advanced).await.ok() == Some(vec!["true".to_owned()]) },
     )
+    .await;
+    // pg2 keeps a copy of the permanent logical slot; its catalog_xmin reaches the leader only
+    // through pg1, which keeps no logical slot itself (`nofailover`) but passes the feedback on
+    // (Patroni's `should_enforce_hot_standby_feedback`).
+    wait_until("pg2 has its copy of the logical slot", T, || async {
+        env.members[2]
+            .sql("SELECT count(*)::text FROM pg_replication_slots WHERE slot_name = 'cdc'")
+            .await
+            .ok()
+            == Some(vec!["1".to_owned()])
+    })
+    .await;
+    wait_until("pg1 passes hot standby feedback on", T, || async {
+        env.members[1].sql("SHOW hot_standby_feedback").await.ok() == Some(vec!["on".to_owned()])
+    })
     .await;
 
     // pg1 gone: pg2 falls back to the leader, which now keeps its slot.

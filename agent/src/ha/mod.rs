@@ -1102,15 +1102,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             &self.dynamic,
             &crate::backup::archive_parameters(&self.config),
         );
-        // Patroni's `enforce_hot_standby_feedback`: the primary must keep the catalog rows the
-        // copies of logical slots need, which it learns from this feedback (on every role, so
-        // a promotion or a demotion does not change it).
-        if self.holds_logical_slots()
-            && !crate::config::slots::permanent(&self.dynamic.slots, "config")
-                .0
-                .logical
-                .is_empty()
-        {
+        if self.enforces_hot_standby_feedback() {
             parameters.insert("hot_standby_feedback".into(), "on".into());
         }
         if let (true, Some(control)) = (standby, &self.control) {
@@ -2302,6 +2294,31 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 Some(view) => self.slot_on_leader(view).is_some(),
                 None => !self.config.tags.nostream,
             }
+    }
+
+    /// Patroni's `enforce_hot_standby_feedback`: the primary must keep the catalog rows the
+    /// copies of logical slots need, which it learns from this feedback (on every role, so a
+    /// promotion or a demotion does not change it): on when this member keeps the permanent
+    /// logical slots, or passes on the feedback of a member cascading from it that does.
+    fn enforces_hot_standby_feedback(&self) -> bool {
+        if crate::config::slots::permanent(&self.dynamic.slots, "config")
+            .0
+            .logical
+            .is_empty()
+        {
+            return false;
+        }
+        if self.holds_logical_slots() {
+            return true;
+        }
+        let Some(view) = self.last_view.as_deref() else {
+            return false;
+        };
+        let leader = view.leader_name().unwrap_or(self.facts.name.as_str());
+        self.dynamic.postgresql.use_slots
+            && self.dynamic.standby_source().is_none()
+            && self.slot_on_leader(view).is_some()
+            && topology::cascade_keeps_logical_slots(view, leader, &self.facts.name)
     }
 
     /// This member's physical slot on the leader (see [`topology::slot_on_leader`]).

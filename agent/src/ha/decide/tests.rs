@@ -657,6 +657,57 @@ fn the_slot_on_the_leader_of_a_cascading_member_is_its_chains_first() {
     assert_eq!(slot_on_leader(v, "pg0", "pg2", Some("pg1"), false), None);
 }
 
+/// Patroni's `should_enforce_hot_standby_feedback` below a member: a `nofailover` pg1 keeps
+/// no logical slots, but pg2 cascading from it does (also through a `nofailover` pg3 in
+/// between), so pg1 must pass its feedback on; a `nofailover` or `nostream` cascade does not.
+#[test]
+fn a_member_passes_on_feedback_when_a_member_below_it_keeps_logical_slots() {
+    use super::topology::cascade_keeps_logical_slots;
+    use serde_json::json;
+    let keeps_below = |members: &[(&str, &str, serde_json::Value)]| {
+        let DcsView::Known(v) = tagged_view("pg0", members) else {
+            unreachable!()
+        };
+        cascade_keeps_logical_slots(&v, "pg0", "pg1")
+    };
+    let pg0 = ("pg0", "running", json!({}));
+    let pg1 = ("pg1", "running", json!({"nofailover": true}));
+    assert!(keeps_below(&[
+        pg0.clone(),
+        pg1.clone(),
+        ("pg2", "running", json!({"replicatefrom": "pg1"})),
+    ]));
+    assert!(keeps_below(&[
+        pg0.clone(),
+        pg1.clone(),
+        (
+            "pg3",
+            "running",
+            json!({"replicatefrom": "pg1", "nofailover": true})
+        ),
+        ("pg2", "running", json!({"replicatefrom": "pg3"})),
+    ]));
+    assert!(!keeps_below(&[
+        pg0.clone(),
+        pg1.clone(),
+        (
+            "pg2",
+            "running",
+            json!({"replicatefrom": "pg1", "nofailover": true})
+        ),
+    ]));
+    assert!(!keeps_below(&[
+        pg0.clone(),
+        pg1.clone(),
+        (
+            "pg2",
+            "running",
+            json!({"replicatefrom": "pg1", "nostream": true})
+        ),
+    ]));
+    assert!(!keeps_below(&[pg0, pg1, ("pg2", "running", json!({})),]));
+}
+
 /// `replicatefrom`: a replica streams from the tagged member while it runs, from the leader
 /// when it does not; the upstream keeps the slot, the leader does not.
 #[test]

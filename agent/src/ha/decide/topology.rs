@@ -84,6 +84,41 @@ pub fn slot_on_leader(
     Some(crate::postgres::replica::slot_name(&name))
 }
 
+/// Patroni's `should_enforce_hot_standby_feedback` for the members below `me`: does a member
+/// tagged `replicatefrom: me` (the leader excluded), or one below it, keep permanent logical
+/// slots? Their feedback reaches the leader only through `me`, so `me` must pass it on, even
+/// when it keeps none itself (`nofailover`). A member keeps them when it may lead and its
+/// WAL flows from the leader (see [`slot_on_leader`]).
+pub fn cascade_keeps_logical_slots(view: &ClusterView, leader: &str, me: &str) -> bool {
+    let mut seen = BTreeSet::from([me.to_owned()]);
+    let mut below = vec![me.to_owned()];
+    while let Some(name) = below.pop() {
+        for m in view
+            .members
+            .iter()
+            .filter(|m| m.name != leader && replicatefrom_of(view, &m.name) == Some(name.as_str()))
+        {
+            if !seen.insert(m.name.clone()) {
+                continue;
+            }
+            let keeps = !m.record.tag_bool("nofailover")
+                && slot_on_leader(
+                    view,
+                    leader,
+                    &m.name,
+                    replicatefrom_of(view, &m.name),
+                    m.record.tag_bool("nostream"),
+                )
+                .is_some();
+            if keeps {
+                return true;
+            }
+            below.push(m.name.clone());
+        }
+    }
+    false
+}
+
 /// Where a new replica is cloned from: a running member tagged `clonefrom` (the first by name;
 /// Patroni picks one at random), else the leader.
 pub fn clone_source(view: &ClusterView, leader: &str, me: &str) -> String {
