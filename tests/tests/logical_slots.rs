@@ -195,7 +195,16 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
     assert_eq!(rest, inserted(4..=7));
 
     // Another plugin in the configuration: the slot is dropped and made again on the primary,
-    // and the remaining replica replaces its copy.
+    // and the remaining replica replaces its copy. A transaction left open on the primary holds
+    // the new slot's creation back, as postgres makes it wait for every transaction running
+    // when it starts: it keeps waiting past the 5 s local query timeout (not cancelled and
+    // started again, which under a workload that always has one never ends) and the slot
+    // appears once that transaction ends.
+    let holder = promoted.connect().await.expect("connect");
+    holder
+        .batch_execute("BEGIN; INSERT INTO events VALUES (100)")
+        .await
+        .expect("open transaction");
     let (code, text) = promoted
         .api_request(
             "PATCH",
@@ -205,6 +214,24 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
         .await
         .expect("answers");
     assert_eq!(code, 200, "{text}");
+    wait_until(
+        "the creation waits longer than the 5 s query timeout",
+        T,
+        || async {
+            promoted
+                .sql(
+                    "SELECT count(*)::text FROM pg_stat_activity \
+                 WHERE query LIKE '%pg_create_logical_replication_slot%' \
+                 AND query NOT LIKE '%pg_stat_activity%' \
+                 AND now() - query_start > interval '7 seconds'",
+                )
+                .await
+                .ok()
+                == Some(vec!["1".to_owned()])
+        },
+    )
+    .await;
+    holder.batch_execute("ROLLBACK").await.expect("rollback");
     for member in env.members.iter().filter(|m| m.name != old) {
         wait_until(
             &format!("{} has the slot with the new plugin", member.name),

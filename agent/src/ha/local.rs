@@ -43,6 +43,8 @@ pub struct LocalPostgres {
     conf_written: Mutex<conf::LastWrite>,
     /// Ends a running pgBackRest backup before a planned stop of postgres.
     backups: crate::backup::Interrupter,
+    /// Logical slots being created in the background (see [`LocalPostgres::create_logical`]).
+    creating_logical: Arc<Mutex<std::collections::BTreeSet<String>>>,
 }
 
 impl LocalPostgres {
@@ -54,7 +56,41 @@ impl LocalPostgres {
             data_dir: config.postgresql.data_dir.clone(),
             conf_written: Mutex::new(conf::LastWrite::default()),
             backups: crate::backup::Interrupter::default(),
+            creating_logical: Arc::default(),
         }
+    }
+
+    /// Creates a logical slot in the background, as Patroni does without a time limit: the
+    /// creation waits for every transaction running when it starts, which can take longer than
+    /// any cycle, and bounded it would be cancelled and started again forever under a workload
+    /// that always has one. The HA loop asks again each cycle until the slot exists; while one
+    /// creation runs, another is not started. A demotion or stop of postgres ends it.
+    fn create_logical(&self, name: &str, slot: &crate::config::slots::LogicalSlot) {
+        let Ok(mut creating) = self.creating_logical.lock() else {
+            return;
+        };
+        if !creating.insert(name.to_owned()) {
+            debug!(slot = %name, "the logical replication slot is still being created");
+            return;
+        }
+        drop(creating);
+        info!(slot = %name, database = %slot.database, plugin = %slot.plugin, "creating a logical replication slot (it waits for the transactions running now)");
+        let probe = self.probe.clone();
+        let creating = self.creating_logical.clone();
+        let (name, database) = (name.to_owned(), slot.database.clone());
+        let sql = slots::create_logical_sql(&name, &slot.plugin);
+        tokio::spawn(async move {
+            let done = probe.execute_in_unbounded(&database, &sql).await;
+            if let Ok(mut creating) = creating.lock() {
+                creating.remove(&name);
+            }
+            match done {
+                Ok(()) => info!(slot = %name, "created the logical replication slot"),
+                Err(e) => {
+                    warn!(slot = %name, error = %error_chain(&e), "could not create the logical replication slot; trying again next cycle")
+                }
+            }
+        });
     }
 
     /// The backup service's handle: a planned stop of postgres ends its running backup first.
@@ -179,12 +215,8 @@ impl Postgres for LocalPostgres {
                 self.probe.execute(&slots::create_physical_sql(name)).await
             }
             SlotChange::CreateLogical { name, slot } => {
-                self.probe
-                    .execute_in(
-                        &slot.database,
-                        &slots::create_logical_sql(name, &slot.plugin),
-                    )
-                    .await
+                self.create_logical(name, slot);
+                Ok(())
             }
             SlotChange::AdvancePhysical { name, lsn } => {
                 self.probe.execute(&slots::advance_sql(name, *lsn)).await

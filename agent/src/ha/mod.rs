@@ -2165,12 +2165,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 slots::SlotChange::CreatePhysical { name } => {
                     info!(slot = %name, "creating a physical replication slot")
                 }
-                slots::SlotChange::CreateLogical { name, slot } => info!(
-                    slot = %name,
-                    database = %slot.database,
-                    plugin = %slot.plugin,
-                    "creating a logical replication slot"
-                ),
+                // Logged by the port, which creates it in the background.
+                slots::SlotChange::CreateLogical { name, .. } => {
+                    debug!(slot = %name, "a logical replication slot is missing")
+                }
                 slots::SlotChange::Advance { name, lsn, .. } => debug!(
                     slot = %name,
                     lsn = %crate::postgres::slots::format_lsn(*lsn),

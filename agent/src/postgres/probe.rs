@@ -293,6 +293,24 @@ impl Probe {
             .unwrap_or(Err(ProbeError::Timeout(timeout)))
     }
 
+    /// [`Probe::execute_in`] without a limit on the statement (connecting is still bounded),
+    /// for statements that wait for others by design: creating a logical slot waits for every
+    /// transaction running when it starts.
+    pub async fn execute_in_unbounded(&self, database: &str, sql: &str) -> Result<(), ProbeError> {
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        let timeout = self.conn.timeout;
+        let client = tokio::time::timeout(timeout, self.connect_to(database))
+            .await
+            .unwrap_or(Err(ProbeError::Timeout(timeout)))?;
+        let done = client
+            .batch_execute(&format!("SET statement_timeout TO 0; {sql}"))
+            .await
+            .map_err(ProbeError::Query);
+        // What it changed happened now, not when it started.
+        self.changes.fetch_add(1, Ordering::Relaxed);
+        done
+    }
+
     /// Runs one query and returns its first row as text (`None` for SQL NULL); no row is an
     /// empty vector.
     pub async fn query_row(&self, sql: &str) -> Result<Vec<Option<String>>, ProbeError> {
