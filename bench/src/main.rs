@@ -10,10 +10,14 @@
 //!     [--out DIR]
 //! ```
 //!
+//! `pgwarden-bench controller-scale [--clusters N] [--samples S] [--idle-secs S]` measures the
+//! Kubernetes controller with N PostgresClusters instead ([`controller_scale`]).
+//!
 //! The `failover` phase runs the failure scenarios of [`faults`] on the leader (agent crash,
 //! host loss, host freeze, postgres crash at `primary_start_timeout` 300 and 0) at each timing
 //! profile; `sync` runs the agent crash in synchronous mode.
 
+mod controller_scale;
 mod faults;
 mod load;
 mod plot;
@@ -24,7 +28,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, Subcommand};
 use pgwarden_tests::harness::writer::{longest_gap, split_brain_ticks, Ack, Writer, CREATE_TABLE};
 use pgwarden_tests::harness::{AgentKind, ClusterOptions, TestEnv};
 
@@ -32,7 +36,24 @@ use faults::{Fault, Profile, DEFAULTS, FAST};
 use report::Report;
 
 #[derive(Parser, Debug)]
-#[command(about = "pgwarden vs Patroni, side by side")]
+#[command(about = "pgwarden vs Patroni, side by side; or the controller at scale")]
+// `pgwarden-bench --reps 3` keeps working as before; the subcommand takes its own options only.
+#[command(args_conflicts_with_subcommands = true)]
+struct Cli {
+    #[command(subcommand)]
+    command: Option<Command>,
+    #[command(flatten)]
+    args: Args,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// One pgwarden-controller with N PostgresClusters on a real kube-apiserver (no Pods run):
+    /// apply → objects created, spec-change latency, controller memory and CPU.
+    ControllerScale(controller_scale::Options),
+}
+
+#[derive(clap::Args, Debug)]
 struct Args {
     /// One repetition, short windows: a smoke test of the benchmark itself (used in CI).
     #[arg(long)]
@@ -944,8 +965,17 @@ async fn main() -> anyhow::Result<()> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     // Dropping the benchmark future drops the clusters, which stops every process by PID.
+    let cli = Cli::parse();
+    let run = async move {
+        match cli.command {
+            Some(Command::ControllerScale(options)) => {
+                controller_scale::run(options, machine()).await
+            }
+            None => bench(cli.args).await,
+        }
+    };
     tokio::select! {
-        r = bench(Args::parse()) => r,
+        r = run => r,
         _ = tokio::signal::ctrl_c() => anyhow::bail!("interrupted"),
         _ = term.recv() => anyhow::bail!("terminated"),
     }
