@@ -1301,6 +1301,19 @@ async fn scaling_down_switches_a_departing_leader_over_to_a_staying_member_first
         let k = kubelet.state.lock().await;
         pgwarden_tests::harness::writer::Writer::start(k.env.writer_targets())
     };
+    // The resume must find the writer writing on down-2 (a clean-clone CI run resumed before
+    // its first write, and the switchover came first).
+    wait_until("the writer wrote on down-2", T, || async {
+        let k = kubelet.state.lock().await;
+        let Some(m) = k.member("down-2") else {
+            return false;
+        };
+        m.sql("SELECT count(*) > 0 FROM pgwarden_writer WHERE member = 'down-2'")
+            .await
+            .ok()
+            == Some(vec!["t".to_owned()])
+    })
+    .await;
     let events_before = kubelet.events().await.len();
     set_pause(&s, "down", false).await;
     wait_until("down-2's Pod is gone", Duration::from_secs(180), || async {
