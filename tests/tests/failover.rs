@@ -701,6 +701,9 @@ async fn after_a_switchover_a_killed_leader_still_rejoins() {
         .map(|m| m.name.clone())
         .find(|n| *n != first)
         .expect("candidate");
+    // The candidate must stream first: a clean-clone CI run asked while it was still being
+    // cloned, and the leader rightly refused (503).
+    wait_for_streaming(&env, &first, 2).await;
     let body = format!(r#"{{"leader": "{first}", "candidate": "{candidate}"}}"#);
     let (code, text) = env
         .member(&first)
