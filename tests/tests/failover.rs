@@ -452,15 +452,7 @@ async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
     for name in ["pg0", "pg1", "pg2"] {
         let i = env.add_member(name);
         let m = &mut env.members[i];
-        m.set(
-            "bootstrap.dcs.postgresql.parameters.wal_level",
-            "logical".into(),
-        );
-        m.set(
-            "bootstrap.dcs.slots",
-            serde_yaml::from_str("cdc: {type: logical, database: postgres, plugin: test_decoding}")
-                .expect("yaml"),
-        );
+        m.set_permanent_slots("cdc: {type: logical, database: postgres, plugin: test_decoding}");
     }
     env.members[1].set("tags.clonefrom", true.into());
     env.members[1].set("tags.nofailover", true.into());

@@ -58,15 +58,7 @@ async fn a_permanent_logical_slot_survives_a_failover_without_losing_or_repeatin
     for name in ["pg0", "pg1", "pg2"] {
         let i = env.add_member(name);
         let m = &mut env.members[i];
-        m.set(
-            "bootstrap.dcs.postgresql.parameters.wal_level",
-            "logical".into(),
-        );
-        m.set(
-            "bootstrap.dcs.slots",
-            serde_yaml::from_str("cdc: {type: logical, database: postgres, plugin: test_decoding}")
-                .expect("yaml"),
-        );
+        m.set_permanent_slots("cdc: {type: logical, database: postgres, plugin: test_decoding}");
         m.set(
             "bootstrap.dcs.ignore_slots",
             serde_yaml::from_str("[{name: external, type: logical}]").expect("yaml"),
@@ -319,14 +311,7 @@ async fn a_logical_consumer_continues_across_switchovers_both_ways() {
     for name in ["pg0", "pg1"] {
         let i = env.add_member(name);
         let m = &mut env.members[i];
-        m.set(
-            "bootstrap.dcs.postgresql.parameters.wal_level",
-            "logical".into(),
-        );
-        m.set(
-            "bootstrap.dcs.slots",
-            serde_yaml::from_str("cdc: {database: postgres, plugin: test_decoding}").expect("yaml"),
-        );
+        m.set_permanent_slots("cdc: {database: postgres, plugin: test_decoding}");
     }
     for i in 0..2 {
         env.start_member(i).expect("start");

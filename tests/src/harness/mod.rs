@@ -479,6 +479,19 @@ tags: {{}}
         self.dir.join("config.yml")
     }
 
+    /// Bootstraps with `wal_level: logical` and the permanent slots `slots` (YAML, the
+    /// dynamic configuration's `slots`).
+    pub fn set_permanent_slots(&mut self, slots: &str) {
+        self.set(
+            "bootstrap.dcs.postgresql.parameters.wal_level",
+            "logical".into(),
+        );
+        self.set(
+            "bootstrap.dcs.slots",
+            serde_yaml::from_str(slots).expect("slots YAML"),
+        );
+    }
+
     /// Sets a value in the member's YAML by dotted path (before start).
     pub fn set(&mut self, path: &str, value: Value) {
         let mut node = &mut self.config;
