@@ -17,6 +17,7 @@
 //! - [`manual_backup`]: the `pgwarden.io/backup` annotation against `status.manualBackup`.
 //! - [`leader`]: the controller's own Lease-based leader election.
 //! - [`sql`]: the roles and databases of `spec.users`/`spec.databases`, on the primary.
+//! - [`unchanged`]: whether an apply would change anything (skipped when not).
 
 pub mod agent_api;
 pub mod crd;
@@ -29,3 +30,4 @@ pub mod rollout;
 pub mod scale_down;
 pub mod sql;
 pub mod status;
+pub mod unchanged;

@@ -31,6 +31,7 @@ use crate::render::{self, Names, FIELD_MANAGER, SCOPE_LABEL};
 use crate::rollout::{self, Step};
 use crate::scale_down;
 use crate::status::{self, member_of, PodView, StatusInput, MEMBER_ANNOTATION};
+use crate::unchanged;
 
 /// Finalizer present only while `spec.pvcRetention: Delete`: the PVCs are nobody's children,
 /// so deleting them needs the controller. With the default `Retain` no finalizer is set, and
@@ -100,7 +101,17 @@ pub struct Context {
     /// reconcile woken before the watch delivered the new `status.manualBackup` must not ask
     /// for the same id again.
     backups_started: Mutex<HashMap<ObjectRef<PostgresCluster>, String>>,
+    /// Per StatefulSet (`namespace/name`), the `metadata.generation` our last apply left: a
+    /// different one means somebody else changed its spec, so the next apply is not skipped
+    /// ([`crate::unchanged`]).
+    applied_generations: Mutex<HashMap<String, i64>>,
+    /// Bounds the reconciles running at once: at a few hundred clusters an unbounded first
+    /// wave had the apiserver answer 429 and every reconcile back off.
+    running: tokio::sync::Semaphore,
 }
+
+/// How many clusters are reconciled at once.
+const CONCURRENT_RECONCILES: usize = 8;
 
 /// The `metadata.generation` and the primary that users and databases were ensured for.
 type Ensured = (Option<i64>, String);
@@ -112,6 +123,8 @@ impl Context {
             failures: Mutex::new(HashMap::new()),
             ensured: Mutex::new(HashMap::new()),
             backups_started: Mutex::new(HashMap::new()),
+            applied_generations: Mutex::new(HashMap::new()),
+            running: tokio::sync::Semaphore::new(CONCURRENT_RECONCILES),
         })
     }
 
@@ -203,6 +216,8 @@ impl std::fmt::Display for ErrorChain<'_> {
 /// One reconcile of one cluster.
 pub async fn reconcile(pg: Arc<PostgresCluster>, ctx: Arc<Context>) -> Result<Action, Error> {
     let key = ObjectRef::from_obj(pg.as_ref());
+    // Never closed, so acquiring only waits.
+    let _permit = ctx.running.acquire().await.ok();
     let result = reconcile_inner(&pg, &ctx).await;
     if result.is_ok() {
         ctx.record_success(&key);
@@ -244,7 +259,7 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     };
     let replicas = scale.replicas(desired);
     if spec_errors.is_empty() {
-        apply_children(pg, &client, replicas).await?;
+        apply_children(pg, ctx, replicas).await?;
     } else {
         // Nothing is changed on the strength of an invalid spec; the running cluster stays
         // as it is and the condition says why.
@@ -338,7 +353,8 @@ async fn running_postgres_version(
 
 /// Server-side apply of every child object, and creation of missing Secrets. The StatefulSet
 /// gets `replicas` members: the spec's, unless a scale-down waits ([`scale_down`]).
-async fn apply_children(pg: &PostgresCluster, client: &Client, replicas: i32) -> Result<(), Error> {
+async fn apply_children(pg: &PostgresCluster, ctx: &Context, replicas: i32) -> Result<(), Error> {
+    let client = &ctx.client;
     let names = Names::of(pg);
     let ns = names.namespace.as_str();
 
@@ -359,7 +375,68 @@ async fn apply_children(pg: &PostgresCluster, client: &Client, replicas: i32) ->
     if let Some(spec) = statefulset.spec.as_mut() {
         spec.replicas = Some(replicas);
     }
-    apply(client, ns, &statefulset).await?;
+    apply_statefulset(ctx, ns, &statefulset).await?;
+    Ok(())
+}
+
+/// [`apply`] of the StatefulSet, left out when it would change nothing ([`crate::unchanged`]):
+/// on a 1.20 apiserver even an unchanged apply writes a new version, which our watch of the
+/// StatefulSet turns into the next reconcile.
+async fn apply_statefulset(
+    ctx: &Context,
+    ns: &str,
+    statefulset: &StatefulSet,
+) -> Result<(), Error> {
+    let api: Api<StatefulSet> = Api::namespaced(ctx.client.clone(), ns);
+    let name = statefulset.name_any();
+    let key = format!("{ns}/{name}");
+    let mut body = statefulset.clone();
+    body.meta_mut().managed_fields = None;
+    let Ok(desired) = serde_json::to_value(&body) else {
+        return apply(&ctx.client, ns, statefulset).await;
+    };
+    let desired = unchanged::with_applied_hash(desired);
+    let live = api
+        .get_opt(&name)
+        .await
+        .map_err(kube_err(format!("reading the StatefulSet {name}")))?;
+    let ours = ctx
+        .applied_generations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .get(&key)
+        .copied();
+    if let Some(live) = &live {
+        let difference = match serde_json::to_value(live) {
+            Ok(live) => unchanged::first_difference(&desired, &live),
+            Err(_) => Some(String::new()),
+        };
+        let untouched = ours.is_some() && live.metadata.generation == ours;
+        match difference {
+            None if untouched => {
+                debug!(statefulset = %key, "unchanged, not applied");
+                return Ok(());
+            }
+            None => debug!(statefulset = %key, "applied: its generation is not our last apply's"),
+            Some(path) => debug!(statefulset = %key, path = %path, "applied: it differs"),
+        }
+    }
+    let applied = api
+        .patch(
+            &name,
+            &PatchParams::apply(FIELD_MANAGER).force(),
+            &Patch::Apply(&desired),
+        )
+        .await
+        .map_err(kube_err(format!("applying StatefulSet {name}")))?;
+    let mut generations = ctx
+        .applied_generations
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    match applied.metadata.generation {
+        Some(generation) => generations.insert(key, generation),
+        None => generations.remove(&key),
+    };
     Ok(())
 }
 

@@ -18,6 +18,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
 use kube::api::{Api, ApiResource, DeleteParams, PostParams};
 use kube::{Resource, ResourceExt};
 use pgwarden_controller::crd::PostgresCluster;
+use pgwarden_controller::render::FIELD_MANAGER;
 use pgwarden_tests::harness::kube::{KubeAccess, KubeCluster};
 use pgwarden_tests::harness::operator::{
     apply_manifest, bind_controller_role, install_crd, yaml_documents, ControllerProcess,
@@ -381,6 +382,53 @@ async fn reconcile_creates_owned_objects_updates_them_keeps_secrets_and_deletion
             && condition(&pg, "Ready").is_some_and(|c| c.status == "False")
     })
     .await;
+
+    // A reconcile that changes nothing of the StatefulSet leaves it alone: the 1.20 apiserver
+    // writes a new version for every apply of a StatefulSet, even an unchanged one, and the
+    // controller's watch of it would wake the next reconcile, forever.
+    let ours_applied_at = |sts: &StatefulSet| {
+        sts.metadata
+            .managed_fields
+            .iter()
+            .flatten()
+            .find(|f| f.manager.as_deref() == Some(FIELD_MANAGER))
+            .and_then(|f| f.time.clone())
+            .map(|t| t.0)
+    };
+    let before = s.api::<StatefulSet>().get("minimal").await.expect("sts");
+    for reload_only in [false, true] {
+        // managedFields times have a resolution of a second: an apply now would show.
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        s.apply(&example("minimal", |v| {
+            v["spec"]["services"] = json!({"primary": {"type": "NodePort"}});
+            if reload_only {
+                v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+            }
+        }))
+        .await
+        .expect("apply a change the StatefulSet does not show");
+        wait_until("the status describes the new generation", T, || async {
+            let pg = s.cluster("minimal").await;
+            pg.status.as_ref().and_then(|st| st.observed_generation) == pg.metadata.generation
+        })
+        .await;
+    }
+    wait_until("the primary Service became a NodePort", T, || async {
+        let svc = s.api::<Service>().get("minimal-primary").await;
+        svc.is_ok_and(|svc| svc.spec.and_then(|sp| sp.type_).as_deref() == Some("NodePort"))
+    })
+    .await;
+    let after = s.api::<StatefulSet>().get("minimal").await.expect("sts");
+    assert!(
+        ours_applied_at(&before).is_some(),
+        "the controller applied it"
+    );
+    assert_eq!(
+        ours_applied_at(&after),
+        ours_applied_at(&before),
+        "reconciles that change nothing of the StatefulSet do not apply it"
+    );
+    assert_eq!(after.metadata.generation, before.metadata.generation);
 
     // A spec change updates the objects (and makes a new Pod template).
     let hash_of = |sts: &StatefulSet| {
