@@ -68,17 +68,22 @@ pub async fn switchover(
 }
 
 /// Asks the leader for a backup of `kind` (`full`, `diff`, `incr`; `None`: the agent's
-/// default). The agent answers 202 with `{"type", "member", "started_at"}`.
+/// default) into repository number `repo` (`None`: repo1). The agent answers 202 with
+/// `{"type", "repo", "member", "started_at"}`.
 pub async fn backup(
     api_url: &str,
     kind: Option<&str>,
+    repo: Option<u32>,
     credentials: Option<&ApiCredentials>,
     timeout: Duration,
 ) -> Result<String, AgentApiError> {
-    let body = match kind {
-        Some(k) => serde_json::json!({ "type": k }),
-        None => serde_json::json!({}),
-    };
+    let mut body = serde_json::json!({});
+    if let Some(k) = kind {
+        body["type"] = serde_json::json!(k);
+    }
+    if let Some(n) = repo {
+        body["repo"] = serde_json::json!(n);
+    }
     request(
         "POST",
         api_url,

@@ -374,6 +374,11 @@ pub struct ManualBackupSpec {
     #[serde(default, rename = "type", skip_serializing_if = "Option::is_none")]
     #[schemars(regex(pattern = r"^(full|diff|incr)$"))]
     pub kind: Option<String>,
+    /// The repository of `spec.backups.pgbackrest.repos` the backup goes into (as PGO's
+    /// `manual.repoName`); default `repo1`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(regex(pattern = r"^repo[1-4]$"))]
+    pub repo_name: Option<String>,
 }
 
 /// The annotation that asks for an on-demand backup; its value identifies the request.
@@ -404,9 +409,14 @@ pub struct RepoSpec {
     /// (keys `key` and `keySecret`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub s3: Option<S3Repo>,
-    /// Cron schedules (5 fields) of backups taken from this repository.
+    /// Cron schedules (5 fields) of backups into this repository; every repository has its
+    /// own.
     #[serde(default)]
     pub schedules: BackupSchedules,
+    /// For a posix repository: the volume mounted at `path` in every Pod. The Pods share it,
+    /// so it must be a ReadWriteMany claim (NFS, CephFS, ...) that the user creates.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub volume: Option<RepoVolume>,
     /// Full backups to keep (`repo-retention-full`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1, max = 9999999))]
@@ -419,6 +429,15 @@ pub struct RepoSpec {
 
 fn default_repo_path() -> String {
     "/pgbackrest".to_owned()
+}
+
+/// `volume` of a posix repository.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct RepoVolume {
+    /// An existing PersistentVolumeClaim in the cluster's namespace, ReadWriteMany.
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: String,
 }
 
 /// `s3` of a repository.
@@ -562,6 +581,10 @@ pub struct ManualBackupStatus {
     /// `full`, `diff` or `incr`, as the agent runs it.
     #[serde(rename = "type")]
     pub kind: String,
+    /// The repository it goes into (`repo2`), as the agent runs it; absent from agents that
+    /// predate per-repository backups (theirs go to `repo1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repo_name: Option<String>,
     /// The member (the leader) that runs it.
     pub member: String,
     /// As the agent reported it (RFC 3339).
@@ -786,11 +809,58 @@ impl PostgresClusterSpec {
                         format!("must be repo{} (repositories are listed in order)", i + 1),
                     );
                 }
-                let s = &repo.schedules;
-                if i > 0 && (s.full.is_some() || s.diff.is_some() || s.incr.is_some()) {
+                if repo.s3.is_some() && repo.volume.is_some() {
                     err(
-                        format!("backups.pgbackrest.repos[{i}].schedules"),
-                        "only the first repository has schedules (backups go to repo1)".to_owned(),
+                        format!("backups.pgbackrest.repos[{i}].volume"),
+                        "only applies to a posix repository (this one is s3)".to_owned(),
+                    );
+                }
+                if let Some(v) = &repo.volume {
+                    if !repo.path.starts_with('/') || repo.path == "/" {
+                        err(
+                            format!("backups.pgbackrest.repos[{i}].path"),
+                            format!(
+                                "{:?} must be an absolute directory (not /): the volume is \
+                                 mounted there",
+                                repo.path
+                            ),
+                        );
+                    } else if let Some(mount) = [
+                        crate::render::agent_config::DATA_MOUNT,
+                        crate::render::agent_config::CONFIG_DIR,
+                    ]
+                    .into_iter()
+                    .find(|m| {
+                        let (p, m) = (std::path::Path::new(&repo.path), std::path::Path::new(m));
+                        p.starts_with(m) || m.starts_with(p)
+                    }) {
+                        // Nested mounts would hide one volume inside the other.
+                        err(
+                            format!("backups.pgbackrest.repos[{i}].path"),
+                            format!(
+                                "{:?} overlaps {mount}, which the Pod already mounts",
+                                repo.path
+                            ),
+                        );
+                    }
+                    if v.claim_name.trim().is_empty() {
+                        err(
+                            format!("backups.pgbackrest.repos[{i}].volume.claimName"),
+                            "must name a PersistentVolumeClaim".to_owned(),
+                        );
+                    }
+                }
+            }
+            if let Some(repo_name) = backups.manual.as_ref().and_then(|m| m.repo_name.as_ref()) {
+                if !backups
+                    .pgbackrest
+                    .repos
+                    .iter()
+                    .any(|r| &r.name == repo_name)
+                {
+                    err(
+                        "backups.manual.repoName".to_owned(),
+                        format!("{repo_name:?} is not a repository of spec.backups.pgbackrest"),
                     );
                 }
             }

@@ -1,6 +1,7 @@
 //! On-demand backups from the resource, as PGO's users know them: the annotation
-//! `pgwarden.io/backup: <id>` asks for one backup of `spec.backups.manual` (type), the
-//! controller sends `POST /backup` to the leader's agent once per id and follows it in
+//! `pgwarden.io/backup: <id>` asks for one backup of `spec.backups.manual` (type, and
+//! repository as `repoName`), the controller sends `POST /backup` (`{"type", "repo": <n>}`)
+//! to the leader's agent once per id and follows it in
 //! `status.manualBackup` until the agent reports how it ended (`GET /patroni`, key
 //! `pgbackrest`: `running`, then `last`, both carrying the `started_at` of the 202 answer).
 //!
@@ -18,8 +19,13 @@ use crate::crd::{ManualBackupStatus, PostgresCluster, BACKUP_ANNOTATION};
 pub enum Need {
     /// No annotation, no backups configured, or the recorded backup ended.
     Nothing,
-    /// Ask the leader for the backup `id`.
-    Start { id: String, kind: Option<String> },
+    /// Ask the leader for the backup `id`, into repository number `repo` (`None`: the
+    /// agent's default, repo1).
+    Start {
+        id: String,
+        kind: Option<String>,
+        repo: Option<u32>,
+    },
     /// Follow the recorded backup on its member.
     Follow,
 }
@@ -50,6 +56,20 @@ pub fn need(pg: &PostgresCluster) -> Need {
         _ => Need::Start {
             id,
             kind: backups.manual.as_ref().and_then(|m| m.kind.clone()),
+            // The agent numbers repositories by position (`validate` keeps names in order
+            // and refuses a `repoName` that is not listed).
+            repo: backups
+                .manual
+                .as_ref()
+                .and_then(|m| m.repo_name.as_ref())
+                .and_then(|name| {
+                    backups
+                        .pgbackrest
+                        .repos
+                        .iter()
+                        .position(|r| &r.name == name)
+                })
+                .and_then(|i| u32::try_from(i + 1).ok()),
         },
     }
 }
@@ -60,6 +80,7 @@ pub fn accepted(id: &str, body: &str) -> Option<ManualBackupStatus> {
     Some(ManualBackupStatus {
         id: id.to_owned(),
         kind: v["type"].as_str()?.to_owned(),
+        repo_name: v["repo"].as_u64().map(|n| format!("repo{n}")),
         member: v["member"].as_str()?.to_owned(),
         started_at: v["started_at"].as_str()?.to_owned(),
         ..ManualBackupStatus::default()
@@ -139,7 +160,7 @@ mod tests {
             "spec": {
                 "postgresVersion": 16,
                 "instances": {"replicas": 1, "storage": {"size": "1Gi"}},
-                "backups": {"pgbackrest": {"repos": [{"name": "repo1"}]}, "manual": {"type": "full"}},
+                "backups": {"pgbackrest": {"repos": [{"name": "repo1"}, {"name": "repo2", "path": "/r2"}]}, "manual": {"type": "full"}},
             },
         }))
         .expect("cluster");
@@ -159,6 +180,7 @@ mod tests {
         ManualBackupStatus {
             id: id.to_owned(),
             kind: "full".to_owned(),
+            repo_name: None,
             member: "pg-0".to_owned(),
             started_at: "2026-12-05T08:00:00Z".to_owned(),
             finished,
@@ -173,6 +195,7 @@ mod tests {
         let start = Need::Start {
             id: "b1".to_owned(),
             kind: Some("full".to_owned()),
+            repo: None,
         };
         assert_eq!(need(&cluster(Some("b1"), None)), start);
         assert_eq!(
@@ -191,9 +214,35 @@ mod tests {
             need(&cluster(Some("b2"), Some(recorded("b1", true)))),
             Need::Start {
                 id: "b2".to_owned(),
-                kind: Some("full".to_owned())
+                kind: Some("full".to_owned()),
+                repo: None,
             }
         );
+    }
+
+    #[test]
+    fn a_named_repository_is_passed_as_its_number() {
+        let mut pg = cluster(Some("b1"), None);
+        if let Some(b) = pg.spec.backups.as_mut() {
+            b.manual = Some(crate::crd::ManualBackupSpec {
+                kind: None,
+                repo_name: Some("repo2".to_owned()),
+            });
+        }
+        assert_eq!(
+            need(&pg),
+            Need::Start {
+                id: "b1".to_owned(),
+                kind: None,
+                repo: Some(2),
+            }
+        );
+        let status = accepted(
+            "b1",
+            r#"{"type":"incr","repo":2,"member":"pg-0","started_at":"2026-12-05T08:00:00Z"}"#,
+        )
+        .expect("understood");
+        assert_eq!(status.repo_name.as_deref(), Some("repo2"));
     }
 
     #[test]

@@ -794,7 +794,7 @@ async fn sync_manual_backup(
     };
     let update = match manual_backup::need(pg) {
         Need::Nothing => return Ok(false),
-        Need::Start { id, kind } => {
+        Need::Start { id, kind, repo } => {
             let started = ctx
                 .backups_started
                 .lock()
@@ -816,6 +816,7 @@ async fn sync_manual_backup(
             match agent_api::backup(
                 &api_url,
                 kind.as_deref(),
+                repo,
                 credentials.as_ref(),
                 BACKUP_CALL_TIMEOUT,
             )

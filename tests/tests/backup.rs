@@ -1240,7 +1240,8 @@ fn invalid_pgbackrest_settings_are_refused_with_the_field_and_exit_code_2() {
         "scope: s\nname: n\nrestapi: {listen: '127.0.0.1:8008'}\netcd3: {hosts: ['127.0.0.1:2379']}\n\
          postgresql:\n  listen: 127.0.0.1:5432\n  data_dir: /tmp/x/data\n  \
          authentication: {superuser: {username: postgres}, replication: {username: r}}\n\
-         pgbackrest:\n  repos: [{type: posix}]\n  schedule: {full: 'at midnight'}\n",
+         pgbackrest:\n  repos: [{type: posix}, {path: /r2, schedule: {diff: 'nightly'}}]\n  \
+         schedule: {full: 'at midnight'}\n",
     )
     .expect("write");
     let out = std::process::Command::new(pgwarden_tests::harness::agent_binary())
@@ -1252,6 +1253,146 @@ fn invalid_pgbackrest_settings_are_refused_with_the_field_and_exit_code_2() {
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("pgbackrest.repos[0].path"), "{stderr}");
     assert!(stderr.contains("pgbackrest.schedule.full"), "{stderr}");
+    assert!(
+        stderr.contains("pgbackrest.repos[1].schedule.diff"),
+        "{stderr}"
+    );
+}
+
+/// The types of the backups `pgbackrest info --repo=<n>` lists in repository `n` of the
+/// stanza, whose repositories are at `repos` (repo1 first), oldest first.
+fn backup_types_in(repos: &[&Path], stanza: &str, n: usize) -> Vec<String> {
+    let mut cmd = std::process::Command::new("pgbackrest");
+    cmd.arg(format!("--stanza={stanza}"))
+        .arg("--log-level-file=off")
+        .arg("--log-level-console=off");
+    for (i, repo) in repos.iter().enumerate() {
+        cmd.arg(format!("--repo{}-path={}", i + 1, repo.display()));
+    }
+    let out = cmd
+        .arg(format!("--repo={n}"))
+        .arg("--output=json")
+        .arg("info")
+        .output()
+        .expect("pgbackrest info runs");
+    assert!(
+        out.status.success(),
+        "pgbackrest info --repo={n}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let info: Value = serde_json::from_slice(&out.stdout).expect("pgbackrest info JSON");
+    info.as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|stanza| stanza["backup"].as_array().cloned().unwrap_or_default())
+        // `--repo` already filters; the key proves each backup is in repository n.
+        .filter(|b| b["database"]["repo-key"].as_u64() == Some(n as u64))
+        .filter_map(|b| b["type"].as_str().map(str::to_owned))
+        .collect()
+}
+
+/// Two posix repositories with the same full-backup schedule, repo1's in the old
+/// `pgbackrest.schedule` form and repo2's in `repos[1].schedule`: the leader backs up into
+/// each (one repository's run does not stand for the other's fire), an on-demand backup
+/// through `POST /backup` and one through `pgwarden backup --repo 2` land in repo2 only, and an
+/// unknown repository is refused with 400. What is in each repository is read from
+/// `pgbackrest info --repo=<n>`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_repository_has_its_own_scheduled_backups_and_on_demand_ones_name_theirs() {
+    let mut env = TestEnv::start(ClusterOptions {
+        scope: "tworepos".into(),
+        ..Default::default()
+    })
+    .await
+    .expect("etcd");
+    let repo1 = env.shared_dir("repo1");
+    let repo2 = env.shared_dir("repo2");
+    let i = env.add_member("pg0");
+    env.members[i].set(
+        "pgbackrest",
+        yaml(&format!(
+            "stanza: tworepos\nrepos:\n  - {{type: posix, path: {}, retention_full: 2}}\n  \
+             - {{type: posix, path: {}, retention_full: 2, \
+             schedule: {{full: '*/30 * * * * *'}}}}\n\
+             schedule: {{full: '*/30 * * * * *'}}\ncompress_type: lz4\nprocess_max: 1\n\
+             timeout: 300\noptions:\n  archive-timeout: 30\n",
+            repo1.display(),
+            repo2.display()
+        )),
+    );
+    env.start_member(i).expect("start");
+    env.wait_for_leader(T).await;
+    let m = member(&env, "pg0");
+    wait_stanza_checked(m).await;
+    let repos = [repo1.as_path(), repo2.as_path()];
+
+    // Both repositories' fires come at the same instants: each gets its own full backup.
+    wait_until("a scheduled full backup in each repository", T, || async {
+        backup_types_in(&repos, "tworepos", 1).contains(&"full".to_owned())
+            && backup_types_in(&repos, "tworepos", 2).contains(&"full".to_owned())
+    })
+    .await;
+    let fires = m.log_text();
+    for n in [1, 2] {
+        assert!(
+            fires
+                .lines()
+                .any(|l| l.contains("starting the scheduled backup")
+                    && l.contains(&format!("repo={n}"))),
+            "no scheduled backup into repo{n} in the log"
+        );
+    }
+
+    // On demand into repo2 (a scheduled backup may be running: 409, asked again).
+    let answer = std::sync::Mutex::new(Value::Null);
+    wait_until(
+        "an incremental backup into repo2 is accepted",
+        T,
+        || async {
+            match m
+                .api_request("POST", "/backup", Some(r#"{"type": "incr", "repo": 2}"#))
+                .await
+            {
+                Some((202, body)) => {
+                    *answer.lock().expect("lock") =
+                        serde_json::from_str(&body).unwrap_or(Value::Null);
+                    true
+                }
+                _ => false,
+            }
+        },
+    )
+    .await;
+    let accepted = answer.lock().expect("lock").clone();
+    assert_eq!(accepted["repo"], 2, "{accepted}");
+    assert_eq!(accepted["type"], "incr", "{accepted}");
+    wait_until("the incremental backup is in repo2", T, || async {
+        backup_types_in(&repos, "tworepos", 2).contains(&"incr".to_owned())
+    })
+    .await;
+
+    // The CLI names the repository too; it waits for the backup's end.
+    wait_until("pgwarden backup --repo 2 succeeds", T, || async {
+        cli(m, &["backup", "--type", "diff", "--repo", "2"])
+            .status
+            .success()
+    })
+    .await;
+    assert!(
+        backup_types_in(&repos, "tworepos", 2).contains(&"diff".to_owned()),
+        "{:?}",
+        backup_types_in(&repos, "tworepos", 2)
+    );
+    // repo1 only ever got its scheduled full backups.
+    let in_repo1 = backup_types_in(&repos, "tworepos", 1);
+    assert!(in_repo1.iter().all(|t| t == "full"), "{in_repo1:?}");
+
+    let (code, body) = m
+        .api_request("POST", "/backup", Some(r#"{"type": "full", "repo": 3}"#))
+        .await
+        .expect("answers");
+    assert_eq!(code, 400, "{body}");
+    assert!(body.contains("not a configured repository"), "{body}");
 }
 
 /// An S3 repository (moto behind TLS, see the harness): the stanza is created in the bucket,

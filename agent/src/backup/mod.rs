@@ -198,6 +198,8 @@ pub struct BackupHandle {
     stanza: String,
     scope: String,
     name: String,
+    /// How many repositories `pgbackrest.repos` has: a request names one of 1 to this.
+    repos: u32,
 }
 
 impl BackupHandle {
@@ -220,21 +222,17 @@ impl BackupHandle {
         report::render_metrics(&self.report(), &self.scope, &self.name)
     }
 
-    /// `POST /backup` with `{"type": "full"|"diff"|"incr"}` (default `incr`, as pgBackRest).
+    /// `POST /backup` with `{"type": "full"|"diff"|"incr", "repo": <n>}` (default `incr`, as
+    /// pgBackRest, into repo1).
     pub async fn start(&self, body: &serde_json::Map<String, serde_json::Value>) -> ApiReply {
-        let kind = match body.get("type") {
-            None | Some(serde_json::Value::Null) => BackupType::Incr,
-            Some(v) => match v.as_str().and_then(BackupType::parse) {
-                Some(k) => k,
-                None => {
-                    return ApiReply::new(400, format!("type {v} is not one of full, diff, incr"))
-                }
-            },
+        let (kind, repo) = match parse_request(body, self.repos) {
+            Ok(request) => request,
+            Err(reason) => return ApiReply::new(400, reason),
         };
         let (reply, answer) = oneshot::channel();
         if self
             .requests
-            .send(service::Request::Start { kind, reply })
+            .send(service::Request::Start { kind, repo, reply })
             .await
             .is_err()
         {
@@ -270,6 +268,35 @@ impl BackupHandle {
     }
 }
 
+/// The type and repository of a `POST /backup` body, or why it is refused (a 400): the type
+/// one of full, diff, incr (default incr), the repository a number from 1 to `repos`
+/// (default 1).
+pub fn parse_request(
+    body: &serde_json::Map<String, serde_json::Value>,
+    repos: u32,
+) -> Result<(BackupType, u32), String> {
+    let kind = match body.get("type") {
+        None | Some(serde_json::Value::Null) => BackupType::Incr,
+        Some(v) => v
+            .as_str()
+            .and_then(BackupType::parse)
+            .ok_or_else(|| format!("type {v} is not one of full, diff, incr"))?,
+    };
+    let repo = match body.get("repo") {
+        None | Some(serde_json::Value::Null) => 1,
+        Some(v) => match v.as_u64().and_then(|n| u32::try_from(n).ok()) {
+            Some(n) if (1..=repos).contains(&n) => n,
+            _ => {
+                return Err(format!(
+                    "repo {v} is not a configured repository: pgbackrest.repos has {repos} \
+                     (repo 1 to {repos})"
+                ))
+            }
+        },
+    };
+    Ok((kind, repo))
+}
+
 /// Starts the backup service; `None` when `pgbackrest` is not configured.
 pub fn spawn(
     config: &Config,
@@ -285,14 +312,7 @@ pub fn spawn(
         ..Default::default()
     }));
     let (req_tx, req_rx) = mpsc::channel(8);
-    let schedules = schedule::Schedules::new(
-        &[
-            (BackupType::Full, pb.schedule.full.clone()),
-            (BackupType::Diff, pb.schedule.diff.clone()),
-            (BackupType::Incr, pb.schedule.incr.clone()),
-        ],
-        chrono::Utc::now(),
-    );
+    let schedules = schedule::Schedules::new(&pb.schedules(), chrono::Utc::now());
     let mut service = service::Service::new(
         config.name.clone(),
         resolved.stanza.clone(),
@@ -338,6 +358,7 @@ pub fn spawn(
             stanza: resolved.stanza,
             scope: config.scope.clone(),
             name: config.name.clone(),
+            repos: u32::try_from(pb.repos.len()).unwrap_or(u32::MAX),
         },
         task,
     ))

@@ -41,6 +41,8 @@ pub struct CheckResult {
 pub struct Running {
     #[serde(rename = "type")]
     pub kind: BackupType,
+    /// The repository it goes into (`--repo`, 1 = `repo1`).
+    pub repo: u32,
     pub trigger: Trigger,
     pub started_at: DateTime<Utc>,
     /// The replica the files are copied from (`backup_standby`); absent: from the primary.
@@ -53,6 +55,8 @@ pub struct Running {
 pub struct Attempt {
     #[serde(rename = "type")]
     pub kind: BackupType,
+    /// As [`Running::repo`].
+    pub repo: u32,
     pub trigger: Trigger,
     pub started_at: DateTime<Utc>,
     pub duration_seconds: f64,
@@ -122,9 +126,11 @@ pub struct BackupReport {
     pub info_error: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub archive: Option<ArchiveStatus>,
-    /// Next scheduled fire per type.
+    /// Next scheduled fire per repository and type: `full` for repo1 (as before per-repository
+    /// schedules), `repo2-full` for the others (`schedule::record_key`).
     pub next: BTreeMap<String, DateTime<Utc>>,
-    /// Scheduled fires this member missed as the leader, per type (logged with the reason).
+    /// Scheduled fires this member missed as the leader, per type, all repositories together
+    /// (the log names the repository and the reason).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub missed: BTreeMap<String, u64>,
 }
@@ -455,6 +461,7 @@ mod tests {
         let interrupted = BackupReport {
             last: Some(Attempt {
                 kind: BackupType::Full,
+                repo: 1,
                 trigger: Trigger::Scheduled,
                 started_at: Utc::now(),
                 duration_seconds: 1.0,

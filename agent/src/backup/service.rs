@@ -8,8 +8,10 @@
 //! - **Backups** (scheduled or `POST /backup`) run only on the leader, under the DCS lock
 //!   `backup_lock` attached to this agent's lease, so two never run at once anywhere in the
 //!   cluster and a dead agent's lock goes with its lease. The fire time a backup serves is
-//!   recorded in `backup_schedule` (no lease), so a new leader does not repeat a fire its
-//!   predecessor already ran, and does run one the predecessor missed.
+//!   recorded in `backup_schedule` (no lease) per repository and type, so a new leader does not
+//!   repeat a fire its predecessor already ran, and does run one the predecessor missed, and
+//!   one repository's run does not stand for another's. Each backup names its repository
+//!   (`pgbackrest --repo=<n> backup`).
 //! - A backup is cancelled (its process group killed) when leadership is lost or a switchover
 //!   is due, and no backup starts while one is due. Before a planned stop of postgres the HA
 //!   loop ends it first and waits (see [`super::interrupt`]); such a run is interrupted, not
@@ -36,14 +38,15 @@ use crate::state::AgentStatus;
 use super::command::{Invocation, Runner};
 use super::interrupt::Interrupter;
 use super::report::{Attempt, BackupReport, CheckResult, Running, Trigger};
-use super::schedule::Schedules;
+use super::schedule::{Fire, Schedules};
 use super::settings::{PgBackRestConfig, Resolved};
 use super::BackupType;
 use crate::config::Config;
 
 /// DCS key of the cluster-wide backup lock.
 pub const LOCK_KEY: &str = "backup_lock";
-/// DCS key recording the last schedule fire handled per backup type.
+/// DCS key recording the last schedule fire handled per repository and backup type (keys:
+/// `schedule::record_key`).
 pub const SCHEDULE_KEY: &str = "backup_schedule";
 
 /// Retry period of a failed stanza-create/check.
@@ -60,6 +63,8 @@ const ARCHIVE_LAG_WARN: Duration = Duration::from_secs(120);
 pub enum Request {
     Start {
         kind: BackupType,
+        /// The repository (1 = `repo1`), checked against the configuration by the caller.
+        repo: u32,
         reply: oneshot::Sender<ApiReply>,
     },
 }
@@ -68,9 +73,10 @@ enum JobKind {
     Prepare,
     Backup {
         running: Running,
-        fire: Option<DateTime<Utc>>,
-        /// What `backup_schedule` said for this type before this run was recorded: put back
-        /// when the run is cancelled (switchover, lost leadership), so the next leader runs it.
+        fire: Option<Fire>,
+        /// What `backup_schedule` said for this fire's repository and type before this run
+        /// was recorded: put back when the run is cancelled (switchover, lost leadership), so
+        /// the next leader runs it.
         previous: Option<DateTime<Utc>>,
     },
 }
@@ -244,7 +250,7 @@ impl Service {
             .schedules
             .next_fires()
             .into_iter()
-            .map(|(k, t)| (k.as_str().to_owned(), t))
+            .map(|f| (super::schedule::record_key(f.repo, f.kind), f.at))
             .collect();
         let state = self.state.clone();
         self.report.send_if_modified(|current| {
@@ -374,7 +380,7 @@ impl Service {
                     Ok(()) => {
                         info!(stanza = %self.stanza, "restored from a backup: taking this cluster's first full backup now");
                         let _ = self
-                            .start_backup(BackupType::Full, Trigger::Bootstrap, None, None)
+                            .start_backup(BackupType::Full, 1, Trigger::Bootstrap, None, None)
                             .await;
                         return;
                     }
@@ -385,8 +391,8 @@ impl Service {
                 }
             }
         }
-        if let Some((kind, fire)) = due {
-            self.try_scheduled(kind, fire).await;
+        if let Some(fire) = due {
+            self.try_scheduled(fire).await;
         }
     }
 
@@ -397,16 +403,16 @@ impl Service {
             // Every member computes the fires; only the leader's misses are the cluster's.
             return;
         }
-        for (kind, fire) in missed {
+        for fire in missed {
             let reason = self
                 .blocked
                 .clone()
                 .unwrap_or_else(|| "another backup was running".into());
-            warn!(%kind, fire = %fire.to_rfc3339(), %reason, "scheduled backup missed");
+            warn!(kind = %fire.kind, repo = fire.repo, fire = %fire.at.to_rfc3339(), %reason, "scheduled backup missed");
             *self
                 .state
                 .missed
-                .entry(kind.as_str().to_owned())
+                .entry(fire.kind.as_str().to_owned())
                 .or_default() += 1;
         }
     }
@@ -526,11 +532,12 @@ impl Service {
         }
     }
 
-    async fn try_scheduled(&mut self, kind: BackupType, fire: DateTime<Utc>) {
+    async fn try_scheduled(&mut self, fire: Fire) {
+        let (kind, repo) = (fire.kind, fire.repo);
         // RFC 3339 keeps the log field one word.
-        let fire_text = fire.to_rfc3339();
+        let fire_text = fire.at.to_rfc3339();
         if let Err(reply) = self.take_lock().await {
-            debug!(%kind, fire = %fire_text, reason = %reply.body, "scheduled backup waits");
+            debug!(%kind, repo, fire = %fire_text, reason = %reply.body, "scheduled backup waits");
             return;
         }
         // Did a previous leader already run this fire?
@@ -551,16 +558,16 @@ impl Service {
                 return;
             }
         };
-        if record.get(kind.as_str()).is_some_and(|done| *done >= fire) {
-            info!(%kind, fire = %fire_text, "this scheduled backup already ran on a previous leader");
-            self.schedules.settle(kind, fire);
+        if super::schedule::already_ran(&record, &fire) {
+            info!(%kind, repo, fire = %fire_text, "this scheduled backup already ran on a previous leader");
+            self.schedules.settle(&fire);
             let _ = self
                 .dcs
                 .release_lease_key(LOCK_KEY, &self.lock_value())
                 .await;
             return;
         }
-        let previous = record.insert(kind.as_str().to_owned(), fire);
+        let previous = record.insert(super::schedule::record_key(repo, kind), fire.at);
         if let Err(e) = self
             .dcs
             .write_key(
@@ -576,10 +583,10 @@ impl Service {
                 .await;
             return;
         }
-        info!(%kind, fire = %fire_text, "starting the scheduled backup");
+        info!(%kind, repo, fire = %fire_text, "starting the scheduled backup");
         self.blocked = None;
         let _ = self
-            .start_backup(kind, Trigger::Scheduled, Some(fire), previous)
+            .start_backup(kind, repo, Trigger::Scheduled, Some(fire), previous)
             .await;
     }
 
@@ -627,8 +634,9 @@ impl Service {
     async fn start_backup(
         &mut self,
         kind: BackupType,
+        repo: u32,
         trigger: Trigger,
-        fire: Option<DateTime<Utc>>,
+        fire: Option<Fire>,
         previous: Option<DateTime<Utc>>,
     ) -> Result<(), crate::backup::BackupError> {
         let (runner, standby) = match self.backup_source() {
@@ -640,9 +648,10 @@ impl Service {
                     .await;
                 self.state.failures += 1;
                 self.state.last_finished_ok = Some(false);
-                error!(%kind, ?trigger, error = %reason, "backup not started");
+                error!(%kind, repo, ?trigger, error = %reason, "backup not started");
                 self.state.last = Some(Attempt {
                     kind,
+                    repo,
                     trigger,
                     started_at: Utc::now(),
                     duration_seconds: 0.0,
@@ -651,14 +660,15 @@ impl Service {
                     standby: None,
                     error: Some(reason.clone()),
                 });
-                if let Some(fire) = fire {
-                    self.schedules.settle(kind, fire);
+                if let Some(fire) = &fire {
+                    self.schedules.settle(fire);
                 }
                 return Err(reason.into());
             }
         };
         let running = Running {
             kind,
+            repo,
             trigger,
             started_at: Utc::now(),
             standby,
@@ -672,7 +682,12 @@ impl Service {
                     Invocation {
                         what: "backup",
                         stanza: &stanza,
-                        args: vec![format!("--type={}", kind.as_str())],
+                        // Always named, also repo1: without it pgBackRest backs up into the
+                        // lowest-numbered repository, whatever the schedule meant.
+                        args: vec![
+                            format!("--repo={repo}"),
+                            format!("--type={}", kind.as_str()),
+                        ],
                         loud: true,
                         capture: false,
                     },
@@ -741,8 +756,8 @@ impl Service {
                 let interrupted =
                     result.is_err() && (job.cancel.is_cancelled() || !leader || switchover);
                 if interrupted {
-                    if let Some(fire) = fire {
-                        self.hand_back(running.kind, fire, previous).await;
+                    if let Some(fire) = &fire {
+                        self.hand_back(fire, previous).await;
                     }
                 }
                 if let Err(e) = self
@@ -758,14 +773,14 @@ impl Service {
                     .as_secs_f64();
                 match &result {
                     Ok(()) => {
-                        info!(kind = %running.kind, trigger = ?running.trigger, duration_seconds = duration, "backup finished")
+                        info!(kind = %running.kind, repo = running.repo, trigger = ?running.trigger, duration_seconds = duration, "backup finished")
                     }
                     Err(e) if interrupted => {
-                        warn!(kind = %running.kind, trigger = ?running.trigger, %reason, error = %e, "backup interrupted (not failed) by a switchover, a restart, a shutdown or a change of leader; a scheduled one is run again by the leader");
+                        warn!(kind = %running.kind, repo = running.repo, trigger = ?running.trigger, %reason, error = %e, "backup interrupted (not failed) by a switchover, a restart, a shutdown or a change of leader; a scheduled one is run again by the leader");
                     }
                     Err(e) => {
                         self.state.failures += 1;
-                        error!(kind = %running.kind, trigger = ?running.trigger, error = %e, "backup failed; a scheduled backup is retried at its next fire");
+                        error!(kind = %running.kind, repo = running.repo, trigger = ?running.trigger, error = %e, "backup failed; a scheduled backup is retried at its next fire");
                     }
                 }
                 if interrupted {
@@ -775,6 +790,7 @@ impl Service {
                 }
                 self.state.last = Some(Attempt {
                     kind: running.kind,
+                    repo: running.repo,
                     trigger: running.trigger,
                     started_at: running.started_at,
                     duration_seconds: duration,
@@ -787,7 +803,7 @@ impl Service {
                 // An interrupted fire stays pending here too: if this member is (again) the
                 // leader, for example after `POST /restart`, it runs it once postgres is back.
                 if let Some(fire) = fire.filter(|_| !interrupted) {
-                    self.schedules.settle(running.kind, fire);
+                    self.schedules.settle(&fire);
                 }
                 self.next_info = Instant::now();
                 self.publish();
@@ -798,12 +814,9 @@ impl Service {
 
     /// Undoes the record of a cancelled scheduled run in `backup_schedule`, so the next leader
     /// does not take it for done ("already ran on a previous leader") and runs it again.
-    async fn hand_back(
-        &mut self,
-        kind: BackupType,
-        fire: DateTime<Utc>,
-        previous: Option<DateTime<Utc>>,
-    ) {
+    async fn hand_back(&mut self, fire: &Fire, previous: Option<DateTime<Utc>>) {
+        let (kind, repo) = (fire.kind, fire.repo);
+        let key = super::schedule::record_key(repo, kind);
         let mut record: BTreeMap<String, DateTime<Utc>> = match self
             .dcs
             .read_key(SCHEDULE_KEY)
@@ -817,12 +830,12 @@ impl Service {
                 return;
             }
         };
-        if record.get(kind.as_str()) != Some(&fire) {
+        if record.get(&key) != Some(&fire.at) {
             return;
         }
         match previous {
-            Some(p) => record.insert(kind.as_str().to_owned(), p),
-            None => record.remove(kind.as_str()),
+            Some(p) => record.insert(key, p),
+            None => record.remove(&key),
         };
         match self
             .dcs
@@ -833,7 +846,7 @@ impl Service {
             .await
         {
             Ok(()) => {
-                info!(%kind, fire = %fire.to_rfc3339(), "the cancelled scheduled backup is left to the next leader")
+                info!(%kind, repo, fire = %fire.at.to_rfc3339(), "the cancelled scheduled backup is left to the next leader")
             }
             Err(e) => {
                 warn!(error = %crate::error::error_chain(&e), %kind, "cannot hand the cancelled backup back; the next leader skips it")
@@ -842,7 +855,7 @@ impl Service {
     }
 
     async fn handle_request(&mut self, request: Request) {
-        let Request::Start { kind, reply } = request;
+        let Request::Start { kind, repo, reply } = request;
         let (leader, switchover, leader_name) = self.role();
         let answer = if !leader {
             // 421 Misdirected Request: the request is fine, this member is the wrong one. The
@@ -892,8 +905,11 @@ impl Service {
             match self.take_lock().await {
                 Err(reply) => reply,
                 Ok(()) => {
-                    info!(%kind, "starting an on-demand backup");
-                    match self.start_backup(kind, Trigger::Manual, None, None).await {
+                    info!(%kind, repo, "starting an on-demand backup");
+                    match self
+                        .start_backup(kind, repo, Trigger::Manual, None, None)
+                        .await
+                    {
                         Ok(()) => {
                             let standby =
                                 self.state.running.as_ref().and_then(|r| r.standby.clone());
@@ -906,7 +922,7 @@ impl Service {
                                 .map_or_else(Utc::now, |r| r.started_at);
                             ApiReply::new(
                                 202,
-                                json!({"type": kind, "member": self.name, "standby": standby, "started_at": started_at})
+                                json!({"type": kind, "repo": repo, "member": self.name, "standby": standby, "started_at": started_at})
                                     .to_string(),
                             )
                         }

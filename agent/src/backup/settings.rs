@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use super::BackupType;
 use crate::config::{Config, FieldError, PgValue};
 
 /// `pgbackrest`: enables WAL archiving to, backups into and restores from pgBackRest
@@ -36,7 +37,9 @@ pub struct PgBackRestConfig {
     pub process_max: Option<u32>,
     /// `start-fast`: force a checkpoint at backup start instead of waiting for the next one.
     pub start_fast: bool,
-    /// Cron schedules (5 fields, or 6 with seconds first; local time) per backup type.
+    /// Cron schedules (5 fields, or 6 with seconds first; local time) per backup type, of
+    /// `repo1`: the form from before per-repository schedules, kept so existing files keep
+    /// their meaning. The same as `repos[0].schedule`; setting both is refused.
     pub schedule: ScheduleConfig,
     /// A backup (or stanza-create/check/restore) running longer than this many seconds is
     /// killed with its process group.
@@ -129,13 +132,28 @@ impl Default for PgBackRestConfig {
     }
 }
 
-/// `pgbackrest.schedule`.
+/// `pgbackrest.schedule` and `pgbackrest.repos[i].schedule`.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
 #[serde(default)]
 pub struct ScheduleConfig {
     pub full: Option<String>,
     pub diff: Option<String>,
     pub incr: Option<String>,
+}
+
+impl ScheduleConfig {
+    /// Each backup type with its expression (if any).
+    pub fn by_type(&self) -> [(BackupType, &Option<String>); 3] {
+        [
+            (BackupType::Full, &self.full),
+            (BackupType::Diff, &self.diff),
+            (BackupType::Incr, &self.incr),
+        ]
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_type().iter().all(|(_, e)| e.is_none())
+    }
 }
 
 /// Repository kinds.
@@ -170,6 +188,9 @@ pub struct RepoConfig {
     /// `host` or `path`.
     pub s3_uri_style: Option<String>,
     pub s3_verify_tls: Option<bool>,
+    /// Cron schedules of backups into this repository (`pgbackrest --repo=<n> backup`).
+    #[serde(skip_serializing_if = "ScheduleConfig::is_empty")]
+    pub schedule: ScheduleConfig,
 }
 
 /// `bootstrap.pgbackrest`: how a new cluster is restored from a repository.
@@ -257,6 +278,28 @@ pub struct Resolved {
 }
 
 impl PgBackRestConfig {
+    /// Every schedule as (repository number, type, expression): `pgbackrest.schedule` is
+    /// repo1's, like `repos[0].schedule` (validation refuses both set).
+    pub fn schedules(&self) -> Vec<(u32, BackupType, Option<String>)> {
+        let mut out = Vec::new();
+        for (i, repo) in self.repos.iter().enumerate() {
+            let n = u32::try_from(i + 1).unwrap_or(u32::MAX);
+            for (kind, expr) in repo.schedule.by_type() {
+                out.push((n, kind, expr.clone()));
+            }
+        }
+        // Without repositories (refused by validation) the old form still names repo1.
+        for (kind, expr) in self.schedule.by_type() {
+            if let Some(e) = expr {
+                match out.iter_mut().find(|(n, k, _)| *n == 1 && *k == kind) {
+                    Some(slot) => slot.2 = Some(e.clone()),
+                    None => out.push((1, kind, Some(e.clone()))),
+                }
+            }
+        }
+        out
+    }
+
     /// The stanza, the paths and the timeout, with defaults applied.
     pub fn resolve(&self, config: &Config) -> Resolved {
         let stanza = if self.stanza.trim().is_empty() {
@@ -639,16 +682,26 @@ pub fn validate(config: &Config, errors: &mut Vec<FieldError>) {
     if pb.timeout == 0 {
         err("pgbackrest.timeout", "must be at least 1 second".into());
     }
-    for (kind, expr) in [
-        ("full", &pb.schedule.full),
-        ("diff", &pb.schedule.diff),
-        ("incr", &pb.schedule.incr),
-    ] {
-        if let Some(expr) = expr {
-            if let Err(reason) = super::schedule::parse(expr) {
-                err(&format!("pgbackrest.schedule.{kind}"), reason);
+    let mut check_schedule = |at: &str, schedule: &ScheduleConfig| {
+        for (kind, expr) in schedule.by_type() {
+            if let Some(expr) = expr {
+                if let Err(reason) = super::schedule::parse(expr) {
+                    err(&format!("{at}.{kind}"), reason);
+                }
             }
         }
+    };
+    check_schedule("pgbackrest.schedule", &pb.schedule);
+    for (i, repo) in pb.repos.iter().enumerate() {
+        check_schedule(&format!("pgbackrest.repos[{i}].schedule"), &repo.schedule);
+    }
+    if !pb.schedule.is_empty() && pb.repos.first().is_some_and(|r| !r.schedule.is_empty()) {
+        // Both name repo1: merging them would hide which one the operator meant.
+        err(
+            "pgbackrest.repos[0].schedule",
+            "conflicts with pgbackrest.schedule, which is also repo1's schedule: set one of them"
+                .into(),
+        );
     }
     for name in pb.options.keys() {
         if !is_option_name(name) {
@@ -738,6 +791,47 @@ mod tests {
         ] {
             assert!(e.contains(&path.to_owned()), "{path} missing from {e:?}");
         }
+    }
+
+    #[test]
+    fn each_repository_has_its_own_schedule_and_the_old_form_means_repo1() {
+        let mut c = base();
+        let yaml = "repos:\n  - {path: /r1}\n  - {path: /r2, schedule: {full: '0 1 * * 0', \
+                    incr: '0 * * * *'}}\nschedule: {diff: '0 3 * * *'}\n";
+        c.pgbackrest = Some(serde_yaml::from_str(yaml).expect("yaml"));
+        assert!(errors(&c).is_empty(), "{:?}", errors(&c));
+        let set: Vec<(u32, BackupType, String)> = c
+            .pgbackrest
+            .as_ref()
+            .expect("set")
+            .schedules()
+            .into_iter()
+            .filter_map(|(n, k, e)| e.map(|e| (n, k, e)))
+            .collect();
+        assert_eq!(
+            set,
+            vec![
+                (1, BackupType::Diff, "0 3 * * *".to_owned()),
+                (2, BackupType::Full, "0 1 * * 0".to_owned()),
+                (2, BackupType::Incr, "0 * * * *".to_owned()),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_bad_repository_schedule_is_named_and_repo1_cannot_have_two() {
+        let mut c = base();
+        let yaml = "repos:\n  - {path: /r1, schedule: {full: '0 1 * * 0'}}\n  \
+                    - {path: /r2, schedule: {incr: 'hourly'}}\nschedule: {full: '0 2 * * 0'}\n";
+        c.pgbackrest = Some(serde_yaml::from_str(yaml).expect("yaml"));
+        let mut e = Vec::new();
+        validate(&c, &mut e);
+        let got: Vec<(String, String)> = e.into_iter().map(|e| (e.path, e.reason)).collect();
+        assert_eq!(got.len(), 2, "{got:?}");
+        assert_eq!(got[0].0, "pgbackrest.repos[1].schedule.incr");
+        assert!(got[0].1.contains("not a cron expression"), "{got:?}");
+        assert_eq!(got[1].0, "pgbackrest.repos[0].schedule");
+        assert!(got[1].1.contains("pgbackrest.schedule"), "{got:?}");
     }
 
     #[test]

@@ -204,7 +204,7 @@ fn start(initial: AgentStatus, schedule: Option<&str>) -> Harness {
         timeout: Duration::from_millis(200),
     });
     let schedules = Schedules::new(
-        &[(BackupType::Full, schedule.map(str::to_owned))],
+        &[(1, BackupType::Full, schedule.map(str::to_owned))],
         chrono::Utc::now(),
     );
     let service = Service::new(
@@ -247,7 +247,11 @@ async fn eventually(what: &str, mut check: impl FnMut() -> bool) {
 async fn ask(h: &Harness, kind: BackupType) -> ApiReply {
     let (reply, answer) = oneshot::channel();
     h.requests
-        .send(Request::Start { kind, reply })
+        .send(Request::Start {
+            kind,
+            repo: 1,
+            reply,
+        })
         .await
         .expect("service runs");
     answer.await.expect("answered")
@@ -561,4 +565,34 @@ async fn a_backup_ended_before_postgres_stops_is_interrupted_handed_back_and_unl
         .unwrap_or_default();
     assert_ne!(after, recorded, "the fire was not handed back");
     h.shutdown.cancel();
+}
+
+#[test]
+fn a_backup_request_names_a_type_and_a_configured_repository() {
+    let body = |v: serde_json::Value| v.as_object().cloned().expect("an object");
+    assert_eq!(
+        super::parse_request(&body(serde_json::json!({})), 2),
+        Ok((BackupType::Incr, 1))
+    );
+    assert_eq!(
+        super::parse_request(&body(serde_json::json!({"type": "full", "repo": 2})), 2),
+        Ok((BackupType::Full, 2))
+    );
+    for bad in [
+        serde_json::json!({"repo": 3}),
+        serde_json::json!({"repo": 0}),
+        serde_json::json!({"repo": "repo2"}),
+        serde_json::json!({"repo": -1}),
+    ] {
+        let reason = super::parse_request(&body(bad.clone()), 2).expect_err("refused");
+        assert!(
+            reason.contains("is not a configured repository") && reason.contains("repo 1 to 2"),
+            "{bad}: {reason}"
+        );
+    }
+    assert!(
+        super::parse_request(&body(serde_json::json!({"type": "big"})), 2)
+            .expect_err("refused")
+            .contains("not one of full, diff, incr")
+    );
 }

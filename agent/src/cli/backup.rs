@@ -18,11 +18,20 @@ fn leader_api(view: &crate::dcs::ClusterView) -> Result<(String, String), CliErr
     Ok((leader.to_owned(), member.record.api_url.clone()))
 }
 
-/// Starts a backup on the leader; with `wait`, polls its `/patroni` until it finished.
-pub(super) async fn backup(ctl: &Ctl, kind: &str, wait: bool) -> Result<(), CliError> {
+/// Starts a backup on the leader (into `repo`, default repo1); with `wait`, polls its
+/// `/patroni` until it finished.
+pub(super) async fn backup(
+    ctl: &Ctl,
+    kind: &str,
+    repo: Option<u32>,
+    wait: bool,
+) -> Result<(), CliError> {
     let view = ctl.cluster().await?;
     let (mut leader, mut api) = leader_api(&view)?;
-    let request = json!({"type": kind});
+    let mut request = json!({"type": kind});
+    if let Some(n) = repo {
+        request["repo"] = json!(n);
+    }
     let (mut status, mut body) = ctl.call(&api, "POST", "/backup", Some(&request)).await?;
     // 421: the member we asked is no longer the leader (the DCS view was older than a
     // switchover); follow its answer once.
@@ -42,11 +51,13 @@ pub(super) async fn backup(ctl: &Ctl, kind: &str, wait: bool) -> Result<(), CliE
     let started_at = started["started_at"]
         .as_str()
         .and_then(|s| chrono::DateTime::parse_from_rfc3339(s).ok());
+    // Agents before per-repository backups do not answer `repo`: theirs went to repo1.
+    let into = started["repo"].as_u64().unwrap_or(1);
     match started["standby"].as_str() {
-        Some(standby) => {
-            println!("{leader}: {kind} backup started, copying from the standby {standby}")
-        }
-        None => println!("{leader}: {kind} backup started"),
+        Some(standby) => println!(
+            "{leader}: {kind} backup into repo{into} started, copying from the standby {standby}"
+        ),
+        None => println!("{leader}: {kind} backup into repo{into} started"),
     }
     if !wait {
         return Ok(());

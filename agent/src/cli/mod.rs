@@ -191,6 +191,9 @@ pub enum CtlCommand {
         /// Return once the backup started.
         #[arg(long = "no-wait")]
         no_wait: bool,
+        /// The repository to back up into: 1 for `repo1` (default), 2 for `repo2`, ...
+        #[arg(long)]
+        repo: Option<u32>,
     },
     /// List the backups in the pgBackRest repository (`pgbackrest info`).
     Backups {
@@ -545,7 +548,11 @@ pub async fn run(mut config: Config, command: CtlCommand) -> Result<(), CliError
             Ok(())
         }
         CtlCommand::EditConfig { set, pg, force } => edit_config(&ctl, &set, &pg, force).await,
-        CtlCommand::Backup { kind, no_wait } => backup::backup(&ctl, &kind, !no_wait).await,
+        CtlCommand::Backup {
+            kind,
+            no_wait,
+            repo,
+        } => backup::backup(&ctl, &kind, repo, !no_wait).await,
         CtlCommand::Backups { format } => backup::backups(&ctl, format).await,
     }
 }

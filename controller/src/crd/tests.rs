@@ -179,3 +179,43 @@ fn a_major_version_change_of_a_running_cluster_is_refused() {
     );
     assert!(e.reason.contains("set back to 15"), "{e}");
 }
+
+#[test]
+fn every_repository_may_have_schedules_and_a_posix_one_a_shared_volume() {
+    let s = spec(
+        r#"
+instances: {replicas: 2, storage: {size: 1Gi}}
+backups:
+  pgbackrest:
+    repos:
+      - {name: repo1, path: /pgbackrest, schedules: {full: "0 1 * * 0"}, volume: {claimName: backups}}
+      - {name: repo2, path: /repo2, schedules: {full: "0 2 * * 0", incr: "0 * * * *"}}
+  manual: {type: full, repoName: repo2}
+"#,
+    );
+    assert_eq!(s.validate(), Ok(()));
+    let s = spec(
+        r#"
+instances: {replicas: 2, storage: {size: 1Gi}}
+backups:
+  pgbackrest:
+    repos:
+      - {name: repo1, path: /var/lib/postgresql/data/repo, volume: {claimName: backups}}
+      - name: repo2
+        volume: {claimName: b2}
+        s3: {bucket: b, endpoint: e, region: r, credentialsSecret: s}
+      - {name: repo3, path: relative, volume: {claimName: " "}}
+  manual: {repoName: repo4}
+"#,
+    );
+    assert_eq!(
+        fields(s.validate()),
+        [
+            "backups.pgbackrest.repos[0].path",
+            "backups.pgbackrest.repos[1].volume",
+            "backups.pgbackrest.repos[2].path",
+            "backups.pgbackrest.repos[2].volume.claimName",
+            "backups.manual.repoName",
+        ]
+    );
+}

@@ -136,7 +136,7 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
         // on the leader. S3 keys are not in the file: the agent reads them from
         // `PGWARDEN_PGBACKREST_REPO<n>_S3_KEY`/`_S3_KEY_SECRET`, which the StatefulSet sets
         // from the Secret.
-        let repos: Vec<Value> = backups
+        let mut repos: Vec<Value> = backups
             .pgbackrest
             .repos
             .iter()
@@ -159,24 +159,24 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
                 r
             })
             .collect();
-        // One schedule per cluster in the agent; `validate` refuses schedules on other
-        // repositories than the first.
-        let schedules = backups
+        // repo1's schedules stay in `pgbackrest.schedule` (the agent's form for repo1): moved
+        // into `repos[0]`, every existing cluster's configuration, and so its hash, would
+        // change and roll its Pods on a controller upgrade. The other repositories carry
+        // theirs (`pgbackrest --repo=<n> backup`).
+        for (i, repo) in backups.pgbackrest.repos.iter().enumerate().skip(1) {
+            let s = schedule(&repo.schedules);
+            if !s.is_empty() {
+                if let Some(r) = repos.get_mut(i) {
+                    r["schedule"] = Value::Object(s);
+                }
+            }
+        }
+        let schedule = backups
             .pgbackrest
             .repos
             .first()
-            .map(|r| r.schedules.clone())
+            .map(|r| schedule(&r.schedules))
             .unwrap_or_default();
-        let mut schedule = Map::new();
-        for (kind, cron) in [
-            ("full", &schedules.full),
-            ("diff", &schedules.diff),
-            ("incr", &schedules.incr),
-        ] {
-            if let Some(c) = cron {
-                schedule.insert(kind.to_owned(), json!(c));
-            }
-        }
         let source = stanza(names, spec).unwrap_or_else(|| names.cluster.clone());
         // A cluster restored from a backup has its source's system identifier: it archives into
         // a stanza of its own, or its WAL would join the source's history (the agent refuses
@@ -216,6 +216,21 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
         }
     }
     config
+}
+
+/// A repository's `schedules` as the agent's `schedule` object (types without one left out).
+fn schedule(schedules: &crate::crd::BackupSchedules) -> Map<String, Value> {
+    let mut out = Map::new();
+    for (kind, cron) in [
+        ("full", &schedules.full),
+        ("diff", &schedules.diff),
+        ("incr", &schedules.incr),
+    ] {
+        if let Some(c) = cron {
+            out.insert(kind.to_owned(), json!(c));
+        }
+    }
+    out
 }
 
 /// A stable 64-bit FNV-1a hash in hex. Stable across Rust releases (unlike `DefaultHasher`), so

@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::api::apps::v1::{StatefulSet, StatefulSetSpec, StatefulSetUpdateStrategy};
 use k8s_openapi::api::core::v1::{
     Affinity, ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource, HTTPGetAction,
-    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, PodTemplateSpec, Probe, ResourceRequirements,
-    SecretKeySelector, Volume, VolumeMount, WeightedPodAffinityTerm,
+    ObjectFieldSelector, PersistentVolumeClaim, PersistentVolumeClaimSpec,
+    PersistentVolumeClaimVolumeSource, PodAffinityTerm, PodAntiAffinity, PodSecurityContext,
+    PodSpec, PodTemplateSpec, Probe, ResourceRequirements, SecretKeySelector, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
@@ -59,14 +60,18 @@ pub fn statefulset(pg: &PostgresCluster, config_hash: &str) -> StatefulSet {
         },
         priority_class_name: instances.priority_class_name.clone(),
         containers: vec![agent_container(pg)],
-        volumes: Some(vec![Volume {
-            name: "config".to_owned(),
-            config_map: Some(ConfigMapVolumeSource {
-                name: Some(names.agent_configmap()),
-                ..ConfigMapVolumeSource::default()
-            }),
-            ..Volume::default()
-        }]),
+        volumes: Some(
+            std::iter::once(Volume {
+                name: "config".to_owned(),
+                config_map: Some(ConfigMapVolumeSource {
+                    name: Some(names.agent_configmap()),
+                    ..ConfigMapVolumeSource::default()
+                }),
+                ..Volume::default()
+            })
+            .chain(repo_volumes(pg).into_iter().map(|(volume, _)| volume))
+            .collect(),
+        ),
         ..PodSpec::default()
     };
 
@@ -230,21 +235,58 @@ fn agent_container(pg: &PostgresCluster) -> Container {
             ..http_probe("/liveness", 10, 6)
         }),
         resources: spec.instances.resources.clone(),
-        volume_mounts: Some(vec![
-            VolumeMount {
-                name: "data".to_owned(),
-                mount_path: DATA_MOUNT.to_owned(),
-                ..VolumeMount::default()
-            },
-            VolumeMount {
-                name: "config".to_owned(),
-                mount_path: CONFIG_DIR.to_owned(),
-                read_only: Some(true),
-                ..VolumeMount::default()
-            },
-        ]),
+        volume_mounts: Some(
+            [
+                VolumeMount {
+                    name: "data".to_owned(),
+                    mount_path: DATA_MOUNT.to_owned(),
+                    ..VolumeMount::default()
+                },
+                VolumeMount {
+                    name: "config".to_owned(),
+                    mount_path: CONFIG_DIR.to_owned(),
+                    read_only: Some(true),
+                    ..VolumeMount::default()
+                },
+            ]
+            .into_iter()
+            .chain(repo_volumes(pg).into_iter().map(|(_, mount)| mount))
+            .collect(),
+        ),
         ..Container::default()
     }
+}
+
+/// The shared volume of each posix repository that names one (`repos[].volume`), mounted at
+/// the repository's path: the leader backs up into it, every member's `archive_command`
+/// pushes into it and new replicas restore from it, so all Pods need the same files (a
+/// ReadWriteMany claim; `fsGroup` makes it writable by postgres on volumes that honour it).
+/// The volume is named after the repository (`repo1` ... `repo4`).
+pub fn repo_volumes(pg: &PostgresCluster) -> Vec<(Volume, VolumeMount)> {
+    pg.spec
+        .backups
+        .iter()
+        .flat_map(|b| b.pgbackrest.repos.iter())
+        .filter(|repo| repo.s3.is_none())
+        .filter_map(|repo| {
+            let claim = repo.volume.as_ref()?;
+            Some((
+                Volume {
+                    name: repo.name.clone(),
+                    persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                        claim_name: claim.claim_name.clone(),
+                        read_only: None,
+                    }),
+                    ..Volume::default()
+                },
+                VolumeMount {
+                    name: repo.name.clone(),
+                    mount_path: repo.path.clone(),
+                    ..VolumeMount::default()
+                },
+            ))
+        })
+        .collect()
 }
 
 /// Default scheduling: members on different nodes (preferred or required), so a node loss

@@ -411,6 +411,60 @@ fn standby_and_restore_render_patroni_sections() {
 }
 
 #[test]
+fn every_repository_renders_its_schedules_and_a_posix_volume_is_mounted_at_its_path() {
+    let pg = cluster(
+        "pg",
+        "instances: {replicas: 2, storage: {size: 1Gi}}\nbackups: {pgbackrest: {repos: [\
+         {name: repo1, path: /pgbackrest, schedules: {full: '0 1 * * 0'}, volume: {claimName: shared-backups}}, \
+         {name: repo2, path: /repo2, schedules: {full: '0 2 * * 0', incr: '0 * * * *'}}, \
+         {name: repo3, path: /r3, s3: {bucket: b, endpoint: e, region: r, credentialsSecret: s}}]}}",
+    );
+    let v = agent_config::value(&Names::of(&pg), &pg.spec);
+    let backrest = &v["pgbackrest"];
+    // repo1's stay in the agent's `schedule` (so existing clusters' configuration is unchanged).
+    assert_eq!(
+        backrest["schedule"],
+        serde_json::json!({"full": "0 1 * * 0"})
+    );
+    assert!(backrest["repos"][0].get("schedule").is_none());
+    assert_eq!(
+        backrest["repos"][1]["schedule"],
+        serde_json::json!({"full": "0 2 * * 0", "incr": "0 * * * *"})
+    );
+    assert!(backrest["repos"][2].get("schedule").is_none());
+
+    let sts = statefulset::statefulset(&pg, "h");
+    let pod = sts.spec.expect("spec").template.spec.expect("pod");
+    let volumes = pod.volumes.expect("volumes");
+    let repo1 = volumes
+        .iter()
+        .find(|v| v.name == "repo1")
+        .expect("repo1's volume");
+    assert_eq!(
+        repo1
+            .persistent_volume_claim
+            .as_ref()
+            .map(|c| c.claim_name.as_str()),
+        Some("shared-backups")
+    );
+    // Only repositories that name a claim get a volume (repo2 is on the user's own volume or
+    // none, repo3 is S3).
+    assert_eq!(volumes.len(), 2, "{volumes:?}");
+    let mounts = pod.containers[0].volume_mounts.clone().expect("mounts");
+    let mount = mounts
+        .iter()
+        .find(|m| m.name == "repo1")
+        .expect("repo1 is mounted");
+    assert_eq!(mount.mount_path, "/pgbackrest");
+    assert_eq!(mount.read_only, None);
+    assert_eq!(mounts.len(), 3, "{mounts:?}");
+    // A cluster without a repository volume renders the Pod as before.
+    let plain = statefulset::statefulset(&minimal(), "h");
+    let plain_pod = plain.spec.expect("spec").template.spec.expect("pod");
+    assert_eq!(plain_pod.volumes.map(|v| v.len()), Some(1));
+}
+
+#[test]
 fn a_parameter_change_keeps_the_config_hash_other_changes_do_not() {
     let a = minimal();
     let mut b = minimal();
