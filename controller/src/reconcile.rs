@@ -106,7 +106,8 @@ pub struct Context {
     /// ([`crate::unchanged`]).
     applied_generations: Mutex<HashMap<String, i64>>,
     /// Bounds the reconciles running at once: at a few hundred clusters an unbounded first
-    /// wave had the apiserver answer 429 and every reconcile back off.
+    /// wave had the apiserver answer 429 and every reconcile back off. Each reconcile sends its
+    /// requests one after another, so this is also the bound on our requests in flight.
     running: tokio::sync::Semaphore,
 }
 
