@@ -1463,7 +1463,8 @@ fn full_backups(repo: &std::path::Path, stanza: &str) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_point_in_time() {
+async fn an_annotation_backs_up_once_into_the_named_repository_and_a_new_cluster_restores_from_it_to_a_point_in_time(
+) {
     let s = setup("pgc-bk").await;
     let source = PodKubelet::start(s.access.clone(), &s.ns, "src")
         .await
@@ -1472,15 +1473,21 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
     let volumes = {
         let mut k = source.state.lock().await;
         k.env.shared_dir("volumes/pgbackrest");
+        k.env.shared_dir("volumes/pgbackrest2");
         let root = k.env.dir.path().join("volumes");
         k.volume_root = Some(root.clone());
         root
     };
     let repo = volumes.join("pgbackrest");
+    let repo2 = volumes.join("pgbackrest2");
     let _ctl = s.controller("ctl-bk");
+    let repos = json!([
+        {"name": "repo1", "path": "/pgbackrest"},
+        {"name": "repo2", "path": "/pgbackrest2"},
+    ]);
     let backups = json!({
-        "pgbackrest": {"repos": [{"name": "repo1", "path": "/pgbackrest"}]},
-        "manual": {"type": "full"},
+        "pgbackrest": {"repos": repos.clone()},
+        "manual": {"type": "full", "repoName": "repo2"},
     });
     s.apply(&example("src", |v| {
         v["spec"]["instances"]["replicas"] = json!(2);
@@ -1504,7 +1511,7 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
     };
     sql("CREATE TABLE t (v int); INSERT INTO t SELECT generate_series(1, 100)").await;
     assert!(
-        full_backups(&repo, "src").is_empty(),
+        full_backups(&repo, "src").is_empty() && full_backups(&repo2, "src").is_empty(),
         "no backup before the annotation"
     );
 
@@ -1539,8 +1546,10 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
         .expect("manualBackup");
     assert!(b1.succeeded, "b1 failed: {b1:?}");
     assert_eq!(b1.kind, "full");
+    assert_eq!(b1.repo_name.as_deref(), Some("repo2"));
     assert_eq!(b1.member, primary, "the leader ran it");
-    assert_eq!(full_backups(&repo, "src").len(), 1);
+    assert_eq!(full_backups(&repo2, "src").len(), 1, "b1 went into repo2");
+    assert!(full_backups(&repo, "src").is_empty(), "and not into repo1");
 
     // Writes after the backup, a point in time, more writes; the WAL past it is archived.
     sql("INSERT INTO t SELECT generate_series(101, 150)").await;
@@ -1578,7 +1587,7 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
     .await
     .expect("re-apply the source cluster");
     tokio::time::sleep(Duration::from_secs(8)).await;
-    assert_eq!(full_backups(&repo, "src").len(), 1, "b1 ran once");
+    assert_eq!(full_backups(&repo2, "src").len(), 1, "b1 ran once");
     assert_eq!(
         s.cluster("src")
             .await
@@ -1587,7 +1596,8 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
         Some(b1.clone())
     );
 
-    // A new cluster restored from repo1 at the point in time has exactly the rows before it.
+    // A new cluster restored from repo2 (the only one with a backup) at the point in time has
+    // exactly the rows before it.
     let restored = PodKubelet::start(s.access.clone(), &s.ns, "dst")
         .await
         .expect("kubelet");
@@ -1618,9 +1628,9 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
         v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
         v["spec"]["backups"] = json!({"pgbackrest": {
             "stanza": "src",
-            "repos": [{"name": "repo1", "path": "/pgbackrest"}],
+            "repos": repos.clone(),
         }});
-        v["spec"]["restore"] = json!({"repo": "repo1", "targetTime": target});
+        v["spec"]["restore"] = json!({"repo": "repo2", "targetTime": target});
     }))
     .await
     .expect("apply the restored cluster");
@@ -1636,13 +1646,14 @@ async fn an_annotation_backs_up_once_and_a_new_cluster_restores_from_it_to_a_poi
             "restored to {target}"
         );
     }
-    // It archives into a stanza of its own, with its own first full backup; the source's
-    // stanza keeps its one backup.
+    // It archives into a stanza of its own, with its own first full backup (into repo1, the
+    // first repository); the source's stanza keeps its one backup.
     wait_until("the restored cluster's first full backup", T, || async {
         full_backups(&repo, "src-restored").len() == 1
     })
     .await;
-    assert_eq!(full_backups(&repo, "src").len(), 1);
+    assert_eq!(full_backups(&repo2, "src").len(), 1);
+    assert!(full_backups(&repo, "src").is_empty());
 }
 
 /// The port a member's WAL receiver streams from, if it streams.
