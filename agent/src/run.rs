@@ -127,7 +127,8 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     });
     let guard = spawn_fence_guard(&config, &data_lock);
     if let Some(guard) = &guard {
-        tokio::spawn(forward_release_token(dcs.release_token(), guard.clone()));
+        let guard = guard.clone();
+        dcs.on_release_token(Arc::new(move |token| guard.set_release_token(token)));
     }
     let (supervisor, supervisor_task) = Supervisor::spawn(
         SupervisorSettings {
@@ -310,20 +311,6 @@ fn spawn_fence_guard(
         Err(e) => {
             error!(error = %e, "cannot start the fence guard; a frozen agent would not be fenced");
             None
-        }
-    }
-}
-
-/// Tells the guard which leader record to release if we die.
-async fn forward_release_token(
-    mut token: watch::Receiver<Option<String>>,
-    guard: Arc<crate::postgres::fence_guard::FenceGuard>,
-) {
-    loop {
-        let current = token.borrow_and_update().clone();
-        guard.set_release_token(current.as_deref());
-        if token.changed().await.is_err() {
-            return;
         }
     }
 }

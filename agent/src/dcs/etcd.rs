@@ -229,7 +229,7 @@ pub struct EtcdDcs {
     /// Rebuilds the client when the timing changes.
     reconfigurer: tokio::task::JoinHandle<()>,
     /// The lease our `leader` key hangs on, for the fence guard's crash release.
-    release_token: watch::Sender<Option<String>>,
+    release_token: super::ReleaseToken,
 }
 
 impl Drop for EtcdDcs {
@@ -409,7 +409,7 @@ impl EtcdDcs {
             written,
             watcher,
             reconfigurer,
-            release_token: watch::channel(None).0,
+            release_token: Default::default(),
         })
     }
 
@@ -464,12 +464,8 @@ impl EtcdDcs {
 
     /// The crash-release token: the lease `leader` hangs on while it is ours.
     fn leader_on_lease(&self, lease: Option<i64>) {
-        let token = lease.map(|id| format!("{ETCD_TOKEN_PREFIX}{id}"));
-        self.release_token.send_if_modified(|t| {
-            let changed = *t != token;
-            *t = token;
-            changed
-        });
+        self.release_token
+            .set(lease.map(|id| format!("{ETCD_TOKEN_PREFIX}{id}")));
     }
 
     /// A change of leadership may have changed `status` behind our back: write it next time.
@@ -1035,6 +1031,10 @@ impl Dcs for EtcdDcs {
 
     fn release_token(&self) -> watch::Receiver<Option<String>> {
         self.release_token.subscribe()
+    }
+
+    fn on_release_token(&self, sink: super::ReleaseTokenSink) {
+        self.release_token.set_sink(sink);
     }
 
     async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {

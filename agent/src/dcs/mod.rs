@@ -9,6 +9,7 @@ pub mod etcd;
 pub mod keys;
 pub mod kubernetes;
 pub mod model;
+mod release_token;
 mod wake;
 
 use std::time::{Duration, Instant};
@@ -22,6 +23,7 @@ pub use model::{
     ClusterView, FailoverRequest, HistoryLine, LeaderKey, LeaderStatus, Member, MemberRecord,
     SyncState, Versioned, PATRONI_API_VERSION,
 };
+pub use release_token::{ReleaseToken, ReleaseTokenSink};
 
 /// The key (etcd) or `status` ConfigMap annotation (Kubernetes) holding the failsafe topology,
 /// written with [`Dcs::write_key`] as Patroni does.
@@ -207,6 +209,11 @@ pub trait Dcs: Send + Sync {
     fn release_token(&self) -> watch::Receiver<Option<String>> {
         watch::channel(None).1
     }
+
+    /// Hands the [`Dcs::release_token`] to `sink` now and at every change, synchronously: a
+    /// token set right before a write reaches the sink before the write is sent. The default
+    /// (no crash release) never has a token.
+    fn on_release_token(&self, _sink: ReleaseTokenSink) {}
 
     /// After this member's agent died and its postgres was proven stopped: releases the leader
     /// record only if it is still the one `token` names. `Ok(false)`: it was not (another

@@ -283,7 +283,7 @@ pub struct KubeDcs {
     /// Names this process in the Lease it writes ([`HOLDER_INCARNATION`]).
     incarnation: String,
     /// Our release token while the Lease may name us, for the fence guard's crash release.
-    release_token: tokio::sync::watch::Sender<Option<String>>,
+    release_token: super::ReleaseToken,
 }
 
 /// How a Kubernetes release token starts; the rest is the agent's incarnation.
@@ -390,7 +390,7 @@ impl KubeDcs {
             watchers,
             unlabelling: Arc::new(AtomicBool::new(false)),
             incarnation: new_incarnation(),
-            release_token: tokio::sync::watch::channel(None).0,
+            release_token: Default::default(),
         }
     }
 
@@ -450,12 +450,8 @@ impl KubeDcs {
     }
 
     fn set_release_token(&self, held: bool) {
-        let token = held.then(|| format!("{KUBE_TOKEN_PREFIX}{}", self.incarnation));
-        self.release_token.send_if_modified(|t| {
-            let changed = *t != token;
-            *t = token;
-            changed
-        });
+        self.release_token
+            .set(held.then(|| format!("{KUBE_TOKEN_PREFIX}{}", self.incarnation)));
     }
 
     /// Before a write that names us holder: the guard must know the token before the write
@@ -954,6 +950,10 @@ impl Dcs for KubeDcs {
 
     fn release_token(&self) -> tokio::sync::watch::Receiver<Option<String>> {
         self.release_token.subscribe()
+    }
+
+    fn on_release_token(&self, sink: super::ReleaseTokenSink) {
+        self.release_token.set_sink(sink);
     }
 
     async fn release_dead_leader(&self, token: &str) -> Result<bool, DcsError> {
