@@ -419,7 +419,7 @@ async fn archiving_scheduled_backups_replicas_and_failover_keep_the_wal_history_
         c.api_get("/metrics").await.is_some_and(|(_, text)| {
             text.lines().any(|l| {
                 l.starts_with("pgwarden_backup_missed{")
-                    && l.contains("type=\"incr\"")
+                    && l.contains("repo=\"repo1\",type=\"incr\"")
                     && !l.ends_with(" 0")
                     && !l.ends_with(" 0.0")
             })

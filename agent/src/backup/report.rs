@@ -129,8 +129,8 @@ pub struct BackupReport {
     /// Next scheduled fire per repository and type: `full` for repo1 (as before per-repository
     /// schedules), `repo2-full` for the others (`schedule::record_key`).
     pub next: BTreeMap<String, DateTime<Utc>>,
-    /// Scheduled fires this member missed as the leader, per type, all repositories together
-    /// (the log names the repository and the reason).
+    /// Scheduled fires this member missed as the leader, per repository and type, keyed as
+    /// [`Self::next`] (the log says why).
     #[serde(skip_serializing_if = "BTreeMap::is_empty")]
     pub missed: BTreeMap<String, u64>,
 }
@@ -231,14 +231,6 @@ struct RepoLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct RepoTypeLabels {
-    scope: String,
-    name: String,
-    #[prometheus(flatten)]
-    kind: TypeLabel,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TypeLabel {
     r#type: String,
 }
@@ -266,21 +258,31 @@ pub fn render_metrics(report: &BackupReport, scope: &str, name: &str) -> String 
             .map(|c| b(c.ok && !report.archive_failing()))
             .unwrap_or(-1.0),
     );
-    let missed = Family::<RepoTypeLabels, Gauge<f64, AtomicU64>>::default();
-    for kind in ["full", "diff", "incr"] {
+    let missed = Family::<RepoLabels, Gauge<f64, AtomicU64>>::default();
+    // repo1's three types always (alerts need the series before the first miss); another
+    // repository's once it has a schedule or a miss.
+    let keys = ["full", "diff", "incr"]
+        .into_iter()
+        .map(str::to_owned)
+        .chain(report.next.keys().cloned())
+        .chain(report.missed.keys().cloned());
+    for key in keys {
+        let (repo, kind) = match key.split_once('-') {
+            Some((repo, kind)) => (repo.to_owned(), kind.to_owned()),
+            None => ("repo1".to_owned(), key.clone()),
+        };
         missed
-            .get_or_create(&RepoTypeLabels {
+            .get_or_create(&RepoLabels {
                 scope: scope.to_owned(),
                 name: name.to_owned(),
-                kind: TypeLabel {
-                    r#type: kind.to_owned(),
-                },
+                repo,
+                kind: TypeLabel { r#type: kind },
             })
-            .set(report.missed.get(kind).copied().unwrap_or(0) as f64);
+            .set(report.missed.get(&key).copied().unwrap_or(0) as f64);
     }
     registry.register(
         "pgwarden_backup_missed",
-        "Scheduled backups this member missed as the leader since the agent started (the log says why).",
+        "Scheduled backups of a repository this member missed as the leader since the agent started (the log says why).",
         missed,
     );
     float(
@@ -484,9 +486,25 @@ mod tests {
             "{text}"
         );
         assert!(
-            text.contains("pgwarden_backup_missed{scope=\"s\",name=\"pg0\",type=\"full\"} 0"),
+            text.contains(
+                "pgwarden_backup_missed{scope=\"s\",name=\"pg0\",repo=\"repo1\",type=\"full\"} 0"
+            ),
             "{text}"
         );
+        // Another repository's series come with its schedule or its misses.
+        let repo2 = BackupReport {
+            next: [("repo2-diff".to_owned(), Utc::now())].into(),
+            missed: [("repo2-full".to_owned(), 3)].into(),
+            ..Default::default()
+        };
+        let text = render_metrics(&repo2, "s", "pg0");
+        for line in [
+            "pgwarden_backup_missed{scope=\"s\",name=\"pg0\",repo=\"repo2\",type=\"full\"} 3",
+            "pgwarden_backup_missed{scope=\"s\",name=\"pg0\",repo=\"repo2\",type=\"diff\"} 0",
+            "pgwarden_backup_missed{scope=\"s\",name=\"pg0\",repo=\"repo1\",type=\"incr\"} 0",
+        ] {
+            assert!(text.contains(line), "{line} in {text}");
+        }
     }
 
     #[test]

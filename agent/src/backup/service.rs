@@ -412,7 +412,7 @@ impl Service {
             *self
                 .state
                 .missed
-                .entry(fire.kind.as_str().to_owned())
+                .entry(super::schedule::record_key(fire.repo, fire.kind))
                 .or_default() += 1;
         }
     }
