@@ -5,7 +5,7 @@
 //! agent (wait until postgres is proven stopped, then release the leader key so that the others
 //! fail over at once), so PID 1 must be something that does not crash with the agent: this.
 //!
-//! `pgwarden-init [--grace SECONDS] -- COMMAND ARGS...`
+//! `pgwarden-init [--grace SECONDS] [--reload-on-change FILE]... -- COMMAND ARGS...`
 //!
 //! - It marks itself a child subreaper (`PR_SET_CHILD_SUBREAPER`), so orphaned descendants come to
 //!   it also when it is not PID 1 (under another init, in the tests).
@@ -20,6 +20,12 @@
 //!   `--grace` or `PGWARDEN_INIT_GRACE`), then SIGKILLs whatever is left. A termination signal
 //!   (SIGTERM, SIGINT) during the grace period is reported and ignored; a second one ends the
 //!   grace period at once.
+//! - With `--reload-on-change FILE` (repeatable) it reads each FILE every second while COMMAND
+//!   runs and sends COMMAND SIGHUP when one's content differs from what it last read (a file
+//!   that cannot be read is skipped until it can). This is how PgBouncer in the pooler Pods
+//!   reloads a changed ConfigMap or Secret: the kubelet updates such a volume by swapping a
+//!   symlink, which a poll of the content sees and a watch of the file's inode would miss, and
+//!   PgBouncer reloads on SIGHUP without closing client connections.
 //! - It exits with COMMAND's exit code, or 128 + the signal that killed it; 2 for a usage error,
 //!   127 (126 if not executable) when COMMAND cannot be started, as shells do.
 //!
@@ -53,15 +59,21 @@ const FORWARDED: [Signal; 6] = [
 /// uninterruptible sleep cannot die until its IO returns).
 const KILL_WAIT: Duration = Duration::from_secs(5);
 
-const USAGE: &str = "usage: pgwarden-init [--grace SECONDS] -- COMMAND [ARGS...]";
+const USAGE: &str =
+    "usage: pgwarden-init [--grace SECONDS] [--reload-on-change FILE]... -- COMMAND [ARGS...]";
+
+/// How often the `--reload-on-change` files are read.
+const RELOAD_POLL: Duration = Duration::from_secs(1);
 
 /// What the command line asks for.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Invocation {
-    /// Run `command` (program and arguments; never empty) with `grace`.
+    /// Run `command` (program and arguments; never empty) with `grace`; SIGHUP it when a file
+    /// of `reload_on_change` changes.
     Run {
         grace: Duration,
         command: Vec<OsString>,
+        reload_on_change: Vec<std::path::PathBuf>,
     },
     /// `--help`.
     Help,
@@ -82,6 +94,7 @@ pub fn parse_args(args: Vec<OsString>, env_grace: Option<OsString>) -> Result<In
     };
     let mut args = args.into_iter();
     let mut command = Vec::new();
+    let mut reload_on_change = Vec::new();
     while let Some(arg) = args.next() {
         match arg.to_str() {
             Some("--") => {
@@ -92,6 +105,13 @@ pub fn parse_args(args: Vec<OsString>, env_grace: Option<OsString>) -> Result<In
             Some("--grace") => {
                 let v = args.next().ok_or("--grace needs a number of seconds")?;
                 grace = seconds(&v, "--grace")?;
+            }
+            Some("--reload-on-change") => {
+                let v = args.next().ok_or("--reload-on-change needs a file")?;
+                reload_on_change.push(v.into());
+            }
+            Some(s) if s.starts_with("--reload-on-change=") => {
+                reload_on_change.push(s["--reload-on-change=".len()..].into());
             }
             Some(s) if s.starts_with("--grace=") => {
                 grace = seconds(&OsString::from(&s["--grace=".len()..]), "--grace")?;
@@ -108,7 +128,47 @@ pub fn parse_args(args: Vec<OsString>, env_grace: Option<OsString>) -> Result<In
     if command.is_empty() {
         return Err("no command to run".into());
     }
-    Ok(Invocation::Run { grace, command })
+    Ok(Invocation::Run {
+        grace,
+        command,
+        reload_on_change,
+    })
+}
+
+/// The files of `--reload-on-change` and what was last read from each.
+struct Watched {
+    files: Vec<(std::path::PathBuf, Option<Vec<u8>>)>,
+}
+
+impl Watched {
+    fn new(paths: Vec<std::path::PathBuf>) -> Watched {
+        Watched {
+            files: paths
+                .into_iter()
+                .map(|p| {
+                    let content = std::fs::read(&p).ok();
+                    (p, content)
+                })
+                .collect(),
+        }
+    }
+
+    /// Reads every file again; the ones whose content changed (and is readable now).
+    fn changed(&mut self) -> Vec<std::path::PathBuf> {
+        let mut out = Vec::new();
+        for (path, last) in &mut self.files {
+            let Ok(now) = std::fs::read(&*path) else {
+                continue;
+            };
+            if last.as_ref() != Some(&now) {
+                // The first successful read of a file unreadable at start is a change too:
+                // COMMAND may have started without it.
+                out.push(path.clone());
+                *last = Some(now);
+            }
+        }
+        out
+    }
 }
 
 /// The exit code a shell reports for a wait status: the code, or 128 + the signal number.
@@ -131,17 +191,22 @@ fn describe(status: WaitStatus) -> String {
 
 /// Runs `pgwarden-init` with the arguments after the program name; returns the exit code.
 pub fn run_init(args: Vec<OsString>) -> i32 {
-    let (grace, command) = match parse_args(args, std::env::var_os("PGWARDEN_INIT_GRACE")) {
-        Ok(Invocation::Run { grace, command }) => (grace, command),
-        Ok(Invocation::Help) => {
-            println!("{USAGE}");
-            return 0;
-        }
-        Err(e) => {
-            eprintln!("pgwarden-init: {e}\n{USAGE}");
-            return 2;
-        }
-    };
+    let (grace, command, reload_on_change) =
+        match parse_args(args, std::env::var_os("PGWARDEN_INIT_GRACE")) {
+            Ok(Invocation::Run {
+                grace,
+                command,
+                reload_on_change,
+            }) => (grace, command, reload_on_change),
+            Ok(Invocation::Help) => {
+                println!("{USAGE}");
+                return 0;
+            }
+            Err(e) => {
+                eprintln!("pgwarden-init: {e}\n{USAGE}");
+                return 2;
+            }
+        };
     if let Err(e) = nix::sys::prctl::set_child_subreaper(true) {
         // As PID 1 orphans come here anyway.
         eprintln!("pgwarden-init: cannot become a child subreaper: {e}");
@@ -158,8 +223,10 @@ pub fn run_init(args: Vec<OsString>) -> i32 {
         return 1;
     }
     let name = command[0].to_string_lossy().into_owned();
+    // Read before the spawn: what COMMAND starts with is the baseline.
+    let mut watched = Watched::new(reload_on_change);
     match spawn(&command) {
-        Ok(child) => supervise(child, &name, grace, &mask),
+        Ok(child) => supervise(child, &name, grace, &mask, &mut watched),
         Err(e) => {
             eprintln!("pgwarden-init: cannot run {name}: {e}");
             if e == Errno::EACCES {
@@ -214,10 +281,11 @@ fn spawn(command: &[OsString]) -> Result<Pid, Errno> {
 }
 
 /// The main loop: forward signals while COMMAND runs, reap always, then the grace period.
-fn supervise(child: Pid, name: &str, grace: Duration, mask: &SigSet) -> i32 {
+fn supervise(child: Pid, name: &str, grace: Duration, mask: &SigSet, watched: &mut Watched) -> i32 {
     let mut ended: Option<WaitStatus> = None;
     let mut deadline: Option<Instant> = None;
     let mut terminations = 0;
+    let mut next_poll = Instant::now() + RELOAD_POLL;
     loop {
         let any_left = reap(|status| {
             if status.pid() == Some(child) && exit_code(status).is_some() {
@@ -230,7 +298,29 @@ fn supervise(child: Pid, name: &str, grace: Duration, mask: &SigSet) -> i32 {
                 eprintln!("pgwarden-init: {name} vanished");
                 return 1;
             }
-            // COMMAND still runs: take the next signal.
+            // COMMAND still runs: take the next signal (or, watching files, the poll's alarm).
+            if !watched.files.is_empty() {
+                let now = Instant::now();
+                if now >= next_poll {
+                    let changed = watched.changed();
+                    for path in &changed {
+                        eprintln!(
+                            "pgwarden-init: {} changed; sending SIGHUP to {name}",
+                            path.display()
+                        );
+                    }
+                    if !changed.is_empty() {
+                        let _ = kill(child, Signal::SIGHUP);
+                    }
+                    next_poll = now + RELOAD_POLL;
+                }
+                let left = next_poll.saturating_duration_since(Instant::now());
+                alarm::set(
+                    u32::try_from(left.as_millis().div_ceil(1000))
+                        .unwrap_or(1)
+                        .max(1),
+                );
+            }
             match mask.wait() {
                 Ok(Signal::SIGCHLD) | Ok(Signal::SIGALRM) => {}
                 Ok(signal) => {
@@ -366,7 +456,55 @@ mod tests {
         Invocation::Run {
             grace: Duration::from_secs(grace),
             command: args(command),
+            reload_on_change: Vec::new(),
         }
+    }
+
+    #[test]
+    fn files_to_watch_come_before_the_double_dash() {
+        assert_eq!(
+            parse_args(
+                args(&[
+                    "--reload-on-change",
+                    "/etc/a.ini",
+                    "--reload-on-change=/etc/b.txt",
+                    "--",
+                    "pgbouncer",
+                    "/etc/a.ini"
+                ]),
+                None
+            ),
+            Ok(Invocation::Run {
+                grace: DEFAULT_GRACE,
+                command: args(&["pgbouncer", "/etc/a.ini"]),
+                reload_on_change: vec!["/etc/a.ini".into(), "/etc/b.txt".into()],
+            })
+        );
+        assert!(parse_args(args(&["--reload-on-change"]), None).is_err());
+    }
+
+    #[test]
+    fn a_watched_file_counts_as_changed_when_its_content_differs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("pgbouncer.ini");
+        let missing = dir.path().join("userlist.txt");
+        std::fs::write(&file, "a").expect("write");
+        let mut watched = Watched::new(vec![file.clone(), missing.clone()]);
+        assert!(watched.changed().is_empty());
+        // The same content written again is no change.
+        std::fs::write(&file, "a").expect("write");
+        assert!(watched.changed().is_empty());
+        std::fs::write(&file, "b").expect("write");
+        assert_eq!(watched.changed(), vec![file.clone()]);
+        assert!(watched.changed().is_empty());
+        // A file that appears later is a change once.
+        std::fs::write(&missing, "x").expect("write");
+        assert_eq!(watched.changed(), vec![missing]);
+        // Unreadable for a while: skipped, and the old content is kept.
+        std::fs::remove_file(&file).expect("rm");
+        assert!(watched.changed().is_empty());
+        std::fs::write(&file, "b").expect("write");
+        assert!(watched.changed().is_empty());
     }
 
     #[test]

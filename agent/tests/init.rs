@@ -204,3 +204,61 @@ fn a_second_termination_signal_ends_the_grace_period() {
     assert_eq!(status.code(), Some(0), "the command's exit code");
     assert!(!alive(&orphan), "the orphan {orphan} was killed");
 }
+
+/// A ConfigMap volume's update as the kubelet makes it: the new files in a new directory, then
+/// the `..data` symlink swapped to it by a rename. The file's path never changes.
+fn swap_volume(dir: &std::path::Path, version: u32, content: &str) {
+    let target = dir.join(format!("..v{version}"));
+    std::fs::create_dir(&target).expect("mkdir");
+    std::fs::write(target.join("pgbouncer.ini"), content).expect("write");
+    let tmp = dir.join("..data_tmp");
+    std::os::unix::fs::symlink(format!("..v{version}"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, dir.join("..data")).expect("swap");
+}
+
+#[test]
+fn a_changed_file_sends_sighup_and_an_unchanged_one_does_not() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    swap_volume(dir.path(), 1, "pool_mode = session\n");
+    let ini = dir.path().join("pgbouncer.ini");
+    std::os::unix::fs::symlink("..data/pgbouncer.ini", &ini).expect("symlink");
+    let ini = ini.to_str().expect("utf-8").to_owned();
+    let mut child = init(&[
+        "--reload-on-change",
+        &ini,
+        "--",
+        "sh",
+        "-c",
+        "trap 'echo hup' HUP; echo ready; while :; do sleep 0.1; done",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(Stdio::piped())
+    .spawn()
+    .expect("spawn");
+    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "ready");
+    // The same content in a new volume version: no reload.
+    swap_volume(dir.path(), 2, "pool_mode = session\n");
+    std::thread::sleep(Duration::from_millis(2500));
+    swap_volume(dir.path(), 3, "pool_mode = transaction\n");
+    let started = Instant::now();
+    line.clear();
+    out.read_line(&mut line).expect("read");
+    assert_eq!(line.trim(), "hup", "the first line after `ready`");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "within a few polls"
+    );
+    signal(&child, Signal::SIGTERM);
+    assert_eq!(wait_bounded(&mut child).code(), Some(128 + 15));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().expect("stderr"), &mut stderr)
+        .expect("read");
+    assert_eq!(
+        stderr.matches("changed; sending SIGHUP to sh").count(),
+        1,
+        "{stderr}"
+    );
+}
