@@ -84,6 +84,10 @@ pub struct PostgresClusterSpec {
     /// `Delete`.
     #[serde(default)]
     pub pvc_retention: PvcRetention,
+    /// PgBouncer in front of the primary Service (and, with `readOnly`, a second one in front
+    /// of the replicas Service). Removing it removes the poolers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pooler: Option<PoolerSpec>,
 }
 
 fn default_image() -> String {
@@ -536,6 +540,72 @@ pub struct RestoreSpec {
     pub target_time: Option<String>,
 }
 
+/// `spec.pooler`: a PgBouncer Deployment (`<cluster>-pooler`) whose clients reach the primary,
+/// as PGO's `proxy.pgBouncer` and CloudNativePG's `Pooler` do. Clients log in with their own
+/// PostgreSQL password: PgBouncer looks it up with `auth_query` as the `pgbouncer` role.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolerSpec {
+    /// PgBouncer Pods (each pooler; they share nothing, a client may use any).
+    #[serde(default = "default_pooler_replicas")]
+    #[schemars(range(min = 1, max = 100))]
+    pub replicas: i32,
+    /// When a server connection returns to the pool: after the client disconnects (`session`,
+    /// default), after each transaction (`transaction`), or after each statement
+    /// (`statement`).
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Server connections per user and database pair (`default_pool_size`).
+    #[serde(default = "default_pool_size")]
+    #[schemars(range(min = 1, max = 10000))]
+    pub default_pool_size: u32,
+    /// Client connections each PgBouncer accepts (`max_client_conn`).
+    #[serde(default = "default_max_client_conn")]
+    #[schemars(range(min = 1, max = 1000000))]
+    pub max_client_conn: u32,
+    /// CPU and memory of the PgBouncer container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+    /// Also a pooler in front of the replicas Service (`<cluster>-pooler-ro`), with the same
+    /// settings.
+    #[serde(default)]
+    pub read_only: bool,
+    /// Image with `pgbouncer` and `pgwarden-init`; `spec.image` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+}
+
+fn default_pooler_replicas() -> i32 {
+    1
+}
+fn default_pool_size() -> u32 {
+    20
+}
+fn default_max_client_conn() -> u32 {
+    100
+}
+
+/// PgBouncer's `pool_mode`.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    #[default]
+    Session,
+    Transaction,
+    Statement,
+}
+
+impl PoolMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PoolMode::Session => "session",
+            PoolMode::Transaction => "transaction",
+            PoolMode::Statement => "statement",
+        }
+    }
+}
+
 /// `spec.pvcRetention`.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
 pub enum PvcRetention {
@@ -752,11 +822,11 @@ impl PostgresClusterSpec {
             }
             if matches!(
                 user.name.as_str(),
-                "postgres" | "replicator" | "rewind_user"
+                "postgres" | "replicator" | "rewind_user" | crate::pooler::POOLER_ROLE
             ) {
                 err(
                     format!("users[{i}].name"),
-                    format!("{:?} is reserved for the agents", user.name),
+                    format!("{:?} is reserved for the agents and the pooler", user.name),
                 );
             }
             if user.name.len() > 40 {

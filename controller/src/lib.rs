@@ -16,6 +16,7 @@
 //! - [`agent_api`]: calls to an agent's REST API (switchover, backup).
 //! - [`manual_backup`]: the `pgwarden.io/backup` annotation against `status.manualBackup`.
 //! - [`leader`]: the controller's own Lease-based leader election.
+//! - [`pooler`]: `spec.pooler`'s PgBouncer objects, and its role and `auth_query` function.
 //! - [`sql`]: the roles and databases of `spec.users`/`spec.databases`, on the primary.
 //! - [`unchanged`]: whether an apply would change anything (skipped when not).
 
@@ -24,6 +25,7 @@ pub mod crd;
 pub mod dcs_config;
 pub mod leader;
 pub mod manual_backup;
+pub mod pooler;
 pub mod reconcile;
 pub mod render;
 pub mod rollout;

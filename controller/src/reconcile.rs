@@ -69,6 +69,9 @@ pub enum Error {
     /// Creating `spec.users`/`spec.databases` on the primary failed.
     #[error("creating users and databases on the primary failed")]
     Sql(#[source] crate::sql::SqlError),
+    /// Creating the pooler's role or its `auth_query` function on the primary failed.
+    #[error("creating the pooler's role and auth function on the primary failed")]
+    Pooler(#[source] crate::sql::SqlError),
 }
 
 impl Error {
@@ -79,11 +82,12 @@ impl Error {
             Error::Switchover { .. } => "switchover",
             Error::NoApiUrl(_) => "no_api_url",
             Error::Sql(_) => "sql",
+            Error::Pooler(_) => "pooler_sql",
         }
     }
 }
 
-fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
+pub(crate) fn kube_err(action: impl Into<String>) -> impl FnOnce(kube::Error) -> Error {
     let action = action.into();
     move |source| Error::Kube { action, source }
 }
@@ -109,6 +113,11 @@ pub struct Context {
     /// wave had the apiserver answer 429 and every reconcile back off. Each reconcile sends its
     /// requests one after another, so this is also the bound on our requests in flight.
     running: tokio::sync::Semaphore,
+    /// Per cluster, the (generation, primary) for which the pooler's role and function were
+    /// last ensured ([`crate::pooler`]).
+    pub(crate) pooler_ensured: Mutex<HashMap<ObjectRef<PostgresCluster>, Ensured>>,
+    /// Per cluster, the generation whose unwanted pooler objects were deleted.
+    pub(crate) pooler_cleaned: Mutex<HashMap<ObjectRef<PostgresCluster>, i64>>,
 }
 
 /// How many clusters are reconciled at once.
@@ -126,6 +135,8 @@ impl Context {
             backups_started: Mutex::new(HashMap::new()),
             applied_generations: Mutex::new(HashMap::new()),
             running: tokio::sync::Semaphore::new(CONCURRENT_RECONCILES),
+            pooler_ensured: Mutex::new(HashMap::new()),
+            pooler_cleaned: Mutex::new(HashMap::new()),
         })
     }
 
@@ -319,6 +330,7 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     }
     if spec_errors.is_empty() {
         ensure_users_and_databases(pg, ctx, &observed).await?;
+        ensure_pooler_role(pg, ctx, &observed).await?;
     }
     let backup_pending =
         spec_errors.is_empty() && sync_manual_backup(pg, ctx, &clusters, &observed).await?;
@@ -377,6 +389,7 @@ async fn apply_children(pg: &PostgresCluster, ctx: &Context, replicas: i32) -> R
         spec.replicas = Some(replicas);
     }
     apply_statefulset(ctx, ns, &statefulset).await?;
+    crate::pooler::sync_objects(pg, ctx).await?;
     Ok(())
 }
 
@@ -491,7 +504,7 @@ async fn sync_dcs_parameters(pg: &PostgresCluster, client: &Client) -> Result<()
 
 /// Server-side apply with our field manager. `force`: fields another manager took over (a
 /// `kubectl edit` of a Service selector) are taken back, since the spec is the truth.
-async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
+pub(crate) async fn apply<K>(client: &Client, ns: &str, obj: &K) -> Result<(), Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -516,7 +529,7 @@ where
 
 /// Creates `obj` unless an object of that name exists; an existing one is left exactly as it
 /// is (used for Secrets: a password is never replaced).
-async fn create_if_missing<K>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error>
+pub(crate) async fn create_if_missing<K>(client: &Client, ns: &str, obj: &K) -> Result<bool, Error>
 where
     K: Resource<Scope = k8s_openapi::NamespaceResourceScope, DynamicType = ()>
         + Clone
@@ -905,7 +918,7 @@ async fn restapi_credentials(
 }
 
 /// One key of a Secret in the cluster's namespace; `None` when the Secret or key is missing.
-async fn secret_field(
+pub(crate) async fn secret_field(
     client: &Client,
     names: &Names,
     secret: &str,
@@ -992,6 +1005,37 @@ async fn ensure_users_and_databases(
         .unwrap_or_else(|e| e.into_inner())
         .insert(key, done);
     Ok(())
+}
+
+/// `spec.pooler`'s role and `auth_query` function on the running primary ([`crate::pooler`]).
+async fn ensure_pooler_role(
+    pg: &PostgresCluster,
+    ctx: &Context,
+    observed: &Observed,
+) -> Result<(), Error> {
+    if pg.spec.pooler.is_none() {
+        return Ok(());
+    }
+    let Some(primary) = observed.lease_holder.as_deref() else {
+        return Ok(());
+    };
+    let Some(conn_url) = observed
+        .pods
+        .iter()
+        .find(|p| p.name == primary && p.ready)
+        .and_then(|p| p.member.as_ref())
+        .filter(|m| m.state == "running" && m.is_primary_role() && !m.conn_url.is_empty())
+        .map(|m| m.conn_url.clone())
+    else {
+        return Ok(());
+    };
+    let names = Names::of(pg);
+    let Some(superuser) =
+        secret_field(&ctx.client, &names, &names.superuser_secret(), "password").await?
+    else {
+        return Ok(());
+    };
+    crate::pooler::ensure_on_primary(pg, ctx, primary, &conn_url, &superuser).await
 }
 
 /// The ordinal of a member's data PVC (`data-<statefulset>-<n>`), if `name` is one.

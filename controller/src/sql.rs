@@ -48,13 +48,27 @@ pub async fn ensure(
     users: &[NewUser<'_>],
     databases: &[DatabaseSpec],
 ) -> Result<Vec<String>, SqlError> {
+    let (client, connection) = connect(conn_url, superuser_password, "postgres").await?;
+    let result = ensure_with(&client, users, databases).await;
+    drop(client);
+    let _ = connection.await;
+    result
+}
+
+/// A superuser session on database `dbname` of the server at `conn_url`, and the task driving
+/// it (await it after dropping the client).
+pub async fn connect(
+    conn_url: &str,
+    superuser_password: &str,
+    dbname: &str,
+) -> Result<(tokio_postgres::Client, tokio::task::JoinHandle<()>), SqlError> {
     let mut config: tokio_postgres::Config = conn_url
         .parse()
         .map_err(|_| SqlError::ConnUrl(conn_url.to_owned()))?;
     config
         .user(SUPERUSER)
         .password(superuser_password)
-        .dbname("postgres")
+        .dbname(dbname)
         .application_name("pgwarden-controller")
         .connect_timeout(Duration::from_secs(5));
     let (client, connection) = config
@@ -64,11 +78,10 @@ pub async fn ensure(
             url: conn_url.to_owned(),
             source,
         })?;
-    let connection = tokio::spawn(connection);
-    let result = ensure_with(&client, users, databases).await;
-    drop(client);
-    let _ = connection.await;
-    result
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok((client, connection))
 }
 
 async fn ensure_with(

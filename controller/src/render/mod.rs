@@ -10,6 +10,7 @@
 pub mod agent_config;
 pub mod configmap;
 pub mod pdb;
+pub mod pooler;
 pub mod rbac;
 pub mod secrets;
 pub mod services;
@@ -102,6 +103,19 @@ impl Names {
     /// The Lease the agents elect their leader with (`<scope>-leader`).
     pub fn leader_lease(&self) -> String {
         format!("{}-leader", self.cluster)
+    }
+    /// Deployment, Service and ConfigMap of a PgBouncer pooler: `<cluster>-pooler` in front of
+    /// the primary Service, `<cluster>-pooler-ro` in front of the replicas Service.
+    pub fn pooler(&self, read_only: bool) -> String {
+        if read_only {
+            format!("{}-pooler-ro", self.cluster)
+        } else {
+            format!("{}-pooler", self.cluster)
+        }
+    }
+    /// The `pgbouncer` role's password (and PgBouncer's `auth_file` made from it).
+    pub fn pooler_secret(&self) -> String {
+        format!("{}-pooler-auth", self.cluster)
     }
     pub fn pod(&self, ordinal: i32) -> String {
         format!("{}-{}", self.cluster, ordinal)

@@ -72,6 +72,14 @@ fn render_all(pg: &PostgresCluster) -> Vec<(String, String)> {
     }) {
         out.push(doc(&s));
     }
+    if let Some(spec) = &pg.spec.pooler {
+        for read_only in pooler::wanted(pg) {
+            out.push(doc(&pooler::deployment(pg, spec, read_only)));
+            out.push(doc(&pooler::service(pg, read_only)));
+            out.push(doc(&pooler::configmap(pg, spec, read_only)));
+        }
+        out.push(doc(&pooler::secret(pg, "fixed-pooler-password".to_owned())));
+    }
     out
 }
 
@@ -588,4 +596,158 @@ fn each_member_gets_its_own_file_with_its_failover_priority() {
         tags("pg-2.yml"),
         serde_json::json!({"failover_priority": 5, "nofailover": false})
     );
+}
+
+#[test]
+fn the_pooler_is_pgbouncer_in_front_of_the_primary_and_the_replicas_services() {
+    let pg = cluster(
+        "pg",
+        "instances: {replicas: 3, storage: {size: 1Gi}}
+pooler:
+  replicas: 2
+  poolMode: transaction
+  defaultPoolSize: 15
+  maxClientConn: 300
+  readOnly: true
+  resources: {limits: {memory: 64Mi}}",
+    );
+    let spec = pg.spec.pooler.clone().expect("pooler");
+    assert_eq!(pooler::wanted(&pg), vec![false, true]);
+    let names = Names::of(&pg);
+
+    // pgbouncer.ini: every database on the role's Service, auth through auth_query.
+    let ini = pooler::ini(&pg, &spec, false);
+    for line in [
+        "* = host=pg-primary.db.svc port=5432",
+        "listen_port = 5432",
+        "auth_type = md5",
+        "auth_file = /etc/pgbouncer/userlist.txt",
+        "auth_user = pgbouncer",
+        "auth_query = SELECT * FROM pgbouncer.get_auth($1)",
+        "pool_mode = transaction",
+        "default_pool_size = 15",
+        "max_client_conn = 300",
+    ] {
+        assert!(ini.lines().any(|l| l == line), "{line:?} not in\n{ini}");
+    }
+    let ro = pooler::ini(&pg, &spec, true);
+    assert!(
+        ro.lines()
+            .any(|l| l == "* = host=pg-replicas.db.svc port=5432"),
+        "{ro}"
+    );
+
+    for (read_only, name, upstream) in [
+        (false, "pg-pooler", "pg-primary"),
+        (true, "pg-pooler-ro", "pg-replicas"),
+    ] {
+        let cm = pooler::configmap(&pg, &spec, read_only);
+        assert_eq!(cm.metadata.name.as_deref(), Some(name));
+        assert!(cm.data.as_ref().expect("data")["pgbouncer.ini"].contains(upstream));
+
+        let d = pooler::deployment(&pg, &spec, read_only);
+        assert_eq!(d.metadata.name.as_deref(), Some(name));
+        let dspec = d.spec.as_ref().expect("spec");
+        assert_eq!(dspec.replicas, Some(2));
+        let selector = dspec.selector.match_labels.clone().expect("selector");
+        assert_eq!(
+            selector,
+            std::collections::BTreeMap::from([(pooler::POOLER_LABEL.to_owned(), name.to_owned())])
+        );
+        let labels = dspec
+            .template
+            .metadata
+            .as_ref()
+            .and_then(|m| m.labels.clone())
+            .expect("labels");
+        assert!(selector.iter().all(|(k, v)| labels.get(k) == Some(v)));
+        // The member Services, the PDB and the agents select members by these labels: a
+        // pooler Pod must not carry them.
+        assert!(
+            !selector_labels(&names)
+                .iter()
+                .all(|(k, v)| labels.get(k) == Some(v)),
+            "pooler Pods would be taken for members: {labels:?}"
+        );
+        let pod = dspec.template.spec.as_ref().expect("pod");
+        assert_eq!(pod.automount_service_account_token, Some(false));
+        let c = &pod.containers[0];
+        assert_eq!(c.image.as_deref(), Some(pg.spec.image.as_str()));
+        assert_eq!(
+            c.command.clone().expect("command"),
+            vec![
+                "pgwarden-init",
+                "--reload-on-change",
+                "/etc/pgbouncer/pgbouncer.ini",
+                "--reload-on-change",
+                "/etc/pgbouncer/userlist.txt",
+                "--",
+                "pgbouncer",
+                "/etc/pgbouncer/pgbouncer.ini"
+            ]
+        );
+        assert_eq!(c.resources, spec.resources);
+        assert!(c
+            .readiness_probe
+            .as_ref()
+            .and_then(|p| p.tcp_socket.as_ref())
+            .is_some());
+        let sources = pod.volumes.as_ref().expect("volumes")[0]
+            .projected
+            .as_ref()
+            .and_then(|p| p.sources.clone())
+            .expect("projected");
+        assert_eq!(
+            sources[0]
+                .config_map
+                .as_ref()
+                .and_then(|c| c.name.as_deref()),
+            Some(name)
+        );
+        assert_eq!(
+            sources[1].secret.as_ref().and_then(|s| s.name.as_deref()),
+            Some("pg-pooler-auth")
+        );
+        assert_eq!(
+            c.volume_mounts.as_ref().expect("mounts")[0].mount_path,
+            "/etc/pgbouncer"
+        );
+
+        let svc = pooler::service(&pg, read_only);
+        let sspec = svc.spec.as_ref().expect("spec");
+        assert_eq!(sspec.selector.as_ref(), Some(&selector));
+        let port = &sspec.ports.as_ref().expect("ports")[0];
+        assert_eq!(port.port, 5432);
+
+        for meta in [&cm.metadata, &d.metadata, &svc.metadata] {
+            assert_eq!(
+                meta.owner_references.as_deref(),
+                Some(&[owner_reference(&pg)][..])
+            );
+        }
+    }
+
+    let secret = pooler::secret(&pg, "pw".to_owned());
+    assert_eq!(secret.metadata.name.as_deref(), Some("pg-pooler-auth"));
+    let data = secret.string_data.expect("data");
+    assert_eq!(data["username"], "pgbouncer");
+    assert_eq!(data["password"], "pw");
+    assert_eq!(data["userlist.txt"], "\"pgbouncer\" \"pw\"\n");
+
+    // An image of its own; no read-only pooler; no pooler at all.
+    let pg = cluster(
+        "pg",
+        "instances: {replicas: 1, storage: {size: 1Gi}}\npooler: {image: example/pgbouncer:1}",
+    );
+    let spec = pg.spec.pooler.clone().expect("pooler");
+    assert_eq!(pooler::wanted(&pg), vec![false]);
+    assert_eq!(spec.pool_mode, crate::crd::PoolMode::Session);
+    let d = pooler::deployment(&pg, &spec, false);
+    assert_eq!(
+        d.spec.expect("spec").template.spec.expect("pod").containers[0]
+            .image
+            .as_deref(),
+        Some("example/pgbouncer:1")
+    );
+    assert!(pooler::wanted(&minimal()).is_empty());
 }
