@@ -7,6 +7,7 @@ packages=(
   postgresql-15 postgresql-client-15   # the database we supervise
   etcd-server etcd-client              # the DCS (etcd v3)
   pgbackrest                           # backups, WAL archiving (agent/src/backup)
+  pgbouncer                            # the controller's pooler (spec.pooler): its e2e test runs /usr/sbin/pgbouncer
   patroni python3-etcd                 # patronictl, for compatibility tests and the benchmark
   prometheus                           # promtool checks deploy/monitoring (scrape config, alert rules)
   wrk                                  # HTTP load for the benchmark's REST figures

@@ -9,11 +9,13 @@ set -euo pipefail
 out=$1
 mirror=$2
 
-# postgres and pgBackRest for the instance, etcd for the DCS image; ca-certificates for TLS to
-# etcd, S3 and the Kubernetes API; tzdata for log and backup-schedule times.
+# postgres and pgBackRest for the instance, PgBouncer for the controller's pooler Pods (they
+# run the instance image), etcd for the DCS image; ca-certificates for TLS to etcd, S3 and the
+# Kubernetes API; tzdata for log and backup-schedule times.
 packages=(
   postgresql-15 postgresql-client-15
   pgbackrest
+  pgbouncer
   etcd-server
   ca-certificates
   tzdata
