@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::apps::v1::{Deployment, StatefulSet};
 use k8s_openapi::api::core::v1::{
     ConfigMap, Endpoints, PersistentVolumeClaim, Pod, Secret, Service, ServiceAccount,
 };
@@ -24,6 +24,7 @@ use pgwarden_tests::harness::operator::{
     apply_manifest, bind_controller_role, install_crd, yaml_documents, ControllerProcess,
     EventKind, PodKubelet,
 };
+use pgwarden_tests::harness::pooler::PoolerKubelet;
 use pgwarden_tests::harness::wait_until;
 use serde_json::{json, Value};
 
@@ -1841,4 +1842,455 @@ async fn the_standby_example_replicates_from_its_source_and_removing_spec_standb
         revision_before,
         "the promotion went through the DCS config, not a rollout"
     );
+}
+
+/// A client session through a pooler's Service (the harness's proxy on loopback).
+async fn pooled(
+    port: u16,
+    user: &str,
+    password: &str,
+    db: &str,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    let mut cfg = tokio_postgres::Config::new();
+    cfg.host("127.0.0.1")
+        .port(port)
+        .user(user)
+        .password(password)
+        .dbname(db)
+        .connect_timeout(Duration::from_secs(5));
+    let (client, conn) = cfg.connect(tokio_postgres::NoTls).await?;
+    tokio::spawn(conn);
+    Ok(client)
+}
+
+/// `SHOW CONFIG` of the PgBouncer behind `port`, on its admin console as the `pgbouncer`
+/// role (`stats_users`).
+async fn pgbouncer_config(port: u16, password: &str) -> BTreeMap<String, String> {
+    let Ok(client) = pooled(port, "pgbouncer", password, "pgbouncer").await else {
+        return BTreeMap::new();
+    };
+    let Ok(rows) = client.simple_query("SHOW CONFIG").await else {
+        return BTreeMap::new();
+    };
+    rows.iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => Some((
+                r.get(0).unwrap_or_default().to_owned(),
+                r.get(1).unwrap_or_default().to_owned(),
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
+/// One row written through the pooler: the id PostgreSQL gave it and the port of the server
+/// that acknowledged it.
+#[derive(Debug, Clone, Copy)]
+struct Ack {
+    id: i64,
+    server_port: u16,
+}
+
+/// What a client writing through the pooler across a switchover saw.
+#[derive(Debug, Default)]
+struct WriterLog {
+    acks: Vec<Ack>,
+    /// Statements that failed on an established session (the in-flight ones).
+    failed_statements: Vec<String>,
+    /// Attempts to open a session through the pooler that failed.
+    failed_connects: Vec<String>,
+    sessions: usize,
+}
+
+/// Writes one row at a time through the pooler at `port` until `stop` turns true; a failed
+/// statement ends the session, and the client reconnects to the same address, as an
+/// application's pool would.
+async fn pooled_writer(
+    port: u16,
+    password: String,
+    stop: tokio::sync::watch::Receiver<bool>,
+) -> WriterLog {
+    let mut log = WriterLog::default();
+    let mut session: Option<tokio_postgres::Client> = None;
+    let mut v = 0;
+    while !*stop.borrow() {
+        let client = match session.take() {
+            Some(c) => c,
+            None => match pooled(port, "app", &password, "appdb").await {
+                Ok(c) => {
+                    log.sessions += 1;
+                    c
+                }
+                Err(e) => {
+                    log.failed_connects.push(format!("{e:#}"));
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            },
+        };
+        v += 1;
+        match client
+            .query_one(
+                "INSERT INTO orders (v) VALUES ($1) RETURNING id, inet_server_port()",
+                &[&v],
+            )
+            .await
+        {
+            Ok(row) => {
+                log.acks.push(Ack {
+                    id: row.get(0),
+                    server_port: u16::try_from(row.get::<_, i32>(1)).unwrap_or_default(),
+                });
+                session = Some(client);
+            }
+            Err(e) => log.failed_statements.push(format!("{e:#}")),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    log
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooler_follows_the_primary_across_a_switchover_reloads_its_settings_and_goes_with_the_spec(
+) {
+    let s = setup("pgc-pool").await;
+    let kubelet = PodKubelet::start(s.access.clone(), &s.ns, "pool")
+        .await
+        .expect("kubelet");
+    let poolers = PoolerKubelet::start(s.access.clone(), &s.ns, kubelet.state.clone())
+        .await
+        .expect("pooler kubelet");
+    let ctl = s.controller("ctl-pool");
+    let spec = |pool_size: u32, pooler: bool| {
+        example("pool", |v| {
+            v["spec"]["instances"]["replicas"] = json!(2);
+            v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+            v["spec"]["users"] = json!([{"name": "app"}]);
+            v["spec"]["databases"] = json!([{"name": "appdb", "owner": "app"}]);
+            if pooler {
+                v["spec"]["pooler"] = json!({
+                    "replicas": 1, "poolMode": "session", "defaultPoolSize": pool_size,
+                    "maxClientConn": 50, "readOnly": true,
+                });
+            }
+        })
+    };
+    s.apply(&spec(10, true)).await.expect("apply the cluster");
+    let first = wait_until_members_ready(&s, "pool", None, 2).await;
+    let pg = s.cluster("pool").await;
+
+    // The objects, owned by the cluster; the poolers' Pods run and are behind their Services.
+    for name in ["pool-pooler", "pool-pooler-ro"] {
+        let deployment = s
+            .api::<Deployment>()
+            .get(name)
+            .await
+            .expect("the pooler Deployment");
+        assert!(owned_by(deployment.owner_references(), &pg), "{name}");
+        let service = s.api::<Service>().get(name).await.expect("the Service");
+        assert!(owned_by(service.owner_references(), &pg), "{name}");
+        let ini = s.api::<ConfigMap>().get(name).await.expect("the ConfigMap");
+        assert!(owned_by(ini.owner_references(), &pg), "{name}");
+    }
+    let auth = s
+        .api::<Secret>()
+        .get("pool-pooler-auth")
+        .await
+        .expect("the pooler's Secret");
+    assert!(owned_by(auth.owner_references(), &pg));
+    wait_until("each pooler's Pod is behind its Service", T, || async {
+        endpoint_pods(&s, "pool-pooler").await.len() == 1
+            && endpoint_pods(&s, "pool-pooler-ro").await.len() == 1
+    })
+    .await;
+    let (rw, ro) = {
+        let mut p = poolers.state.lock().await;
+        (
+            p.service_port("pool-pooler").await.expect("proxy"),
+            p.service_port("pool-pooler-ro").await.expect("proxy"),
+        )
+    };
+    let app_password = secret_password(&s, "pool-user-app")
+        .await
+        .expect("the user's Secret");
+    let pooler_password = secret_password(&s, "pool-pooler-auth")
+        .await
+        .expect("the pooler's password");
+    let superuser_password = secret_password(&s, "pool-superuser")
+        .await
+        .expect("the superuser's password");
+
+    // The application user logs in through the pooler with its own password (auth_query as
+    // `pgbouncer`) and writes on the primary.
+    wait_until(
+        "the app user writes on the primary through the pooler",
+        T,
+        || async {
+            let Ok(c) = pooled(rw, "app", &app_password, "appdb").await else {
+                return false;
+            };
+            c.batch_execute(
+                "CREATE TABLE IF NOT EXISTS orders (id bigserial PRIMARY KEY, v int); \
+                 INSERT INTO orders (v) VALUES (0)",
+            )
+            .await
+            .is_ok()
+                && c.query_one("SELECT pg_is_in_recovery()", &[])
+                    .await
+                    .is_ok_and(|r| !r.get::<_, bool>(0))
+        },
+    )
+    .await;
+    // The read-only pooler reaches the replica, which has the row.
+    wait_until("the -ro pooler reaches a replica", T, || async {
+        let Ok(c) = pooled(ro, "app", &app_password, "appdb").await else {
+            return false;
+        };
+        c.query_one(
+            "SELECT pg_is_in_recovery(), (SELECT count(*) FROM orders)",
+            &[],
+        )
+        .await
+        .is_ok_and(|r| r.get::<_, bool>(0) && r.get::<_, i64>(1) >= 1)
+    })
+    .await;
+    // get_auth answers nothing for a superuser: it cannot log in through the pooler.
+    assert!(
+        pooled(rw, "postgres", &superuser_password, "postgres")
+            .await
+            .is_err(),
+        "a superuser logged in through the pooler"
+    );
+
+    // A settings change is a reload: the running PgBouncer takes it, and a connected client
+    // keeps its session (the same server backend).
+    let held = pooled(rw, "app", &app_password, "appdb")
+        .await
+        .expect("a session through the pooler");
+    let backend: i32 = held
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("backend")
+        .get(0);
+    assert_eq!(
+        pgbouncer_config(rw, &pooler_password)
+            .await
+            .get("default_pool_size")
+            .map(String::as_str),
+        Some("10")
+    );
+    let (pooler_pod, pgbouncer_pid) = {
+        let p = poolers.state.lock().await;
+        let (name, pod) = p
+            .pods
+            .iter()
+            .find(|(_, pod)| pod.pooler == "pool-pooler")
+            .expect("the pooler's Pod runs");
+        (name.clone(), pod.pgbouncer_pid())
+    };
+    assert!(pgbouncer_pid.is_some(), "PgBouncer runs under the init");
+    s.apply(&spec(7, true)).await.expect("apply the change");
+    wait_until("PgBouncer reloaded default_pool_size = 7", T, || async {
+        pgbouncer_config(rw, &pooler_password)
+            .await
+            .get("default_pool_size")
+            .map(String::as_str)
+            == Some("7")
+    })
+    .await;
+    let still: i32 = held
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .expect("the held session still works after the reload")
+        .get(0);
+    assert_eq!(still, backend, "the client kept its server connection");
+    {
+        let p = poolers.state.lock().await;
+        let pod = p.pods.get(&pooler_pod).expect("the same pooler Pod");
+        assert_eq!(
+            pod.pgbouncer_pid(),
+            pgbouncer_pid,
+            "PgBouncer was not restarted"
+        );
+        assert!(
+            pod.log_text()
+                .contains("changed; sending SIGHUP to pgbouncer"),
+            "{}",
+            pod.log_text()
+        );
+    }
+    drop(held);
+
+    // A switchover, asked of the leader's agent: a client writing through the pooler loses at
+    // most its in-flight statement, reconnects to the same address and goes on writing on the
+    // new primary.
+    let other = if first == "pool-0" {
+        "pool-1"
+    } else {
+        "pool-0"
+    };
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let writer = tokio::spawn(pooled_writer(rw, app_password.clone(), stop_rx));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    {
+        let field = |k: &str| {
+            let s = &s;
+            let k = k.to_owned();
+            async move {
+                let secret = s.api::<Secret>().get("pool-restapi").await.expect("secret");
+                secret
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(&k))
+                    .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+                    .expect("credential")
+            }
+        };
+        let credentials = pgwarden_controller::agent_api::ApiCredentials {
+            username: field("username").await,
+            password: field("password").await,
+        };
+        let port = kubelet
+            .state
+            .lock()
+            .await
+            .member(&first)
+            .expect("member")
+            .api_port;
+        pgwarden_controller::agent_api::switchover(
+            &format!("http://127.0.0.1:{port}/patroni"),
+            &first,
+            other,
+            Some(&credentials),
+            Duration::from_secs(60),
+        )
+        .await
+        .expect("switchover");
+    }
+    wait_until_members_ready(&s, "pool", Some(other), 2).await;
+    let new_port = kubelet
+        .state
+        .lock()
+        .await
+        .member(other)
+        .expect("member")
+        .pg_port;
+    let old_port = kubelet
+        .state
+        .lock()
+        .await
+        .member(&first)
+        .expect("member")
+        .pg_port;
+    wait_until(
+        "a new session through the pooler lands on the new primary",
+        T,
+        || async {
+            let Ok(c) = pooled(rw, "app", &app_password, "appdb").await else {
+                return false;
+            };
+            c.query_one("SELECT inet_server_port()", &[])
+                .await
+                .is_ok_and(|r| r.get::<_, i32>(0) == i32::from(new_port))
+        },
+    )
+    .await;
+    // The writer goes on for a while on the new primary.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    stop_tx.send(true).expect("stop the writer");
+    let log = writer.await.expect("the writer");
+    eprintln!(
+        "writer: {} rows acknowledged in {} sessions; failed statements {:?}; failed connects {:?}",
+        log.acks.len(),
+        log.sessions,
+        log.failed_statements,
+        log.failed_connects
+    );
+    assert!(
+        log.acks.iter().any(|a| a.server_port == old_port),
+        "the writer wrote on the first primary"
+    );
+    let after: Vec<&Ack> = log
+        .acks
+        .iter()
+        .filter(|a| a.server_port == new_port)
+        .collect();
+    assert!(
+        after.len() >= 10,
+        "the writer went on writing on the new primary: {log:?}"
+    );
+    assert!(
+        log.acks
+            .iter()
+            .all(|a| a.server_port == old_port || a.server_port == new_port),
+        "every write was acknowledged by a primary: {log:?}"
+    );
+    assert!(
+        log.failed_statements.len() <= 1,
+        "only the in-flight statement failed: {log:?}"
+    );
+    // Every acknowledged row is on the new primary.
+    {
+        let c = pooled(rw, "app", &app_password, "appdb")
+            .await
+            .expect("a session");
+        let ids: Vec<i64> = c
+            .query("SELECT id FROM orders", &[])
+            .await
+            .expect("read")
+            .iter()
+            .map(|r| r.get(0))
+            .collect();
+        let missing: Vec<i64> = log
+            .acks
+            .iter()
+            .map(|a| a.id)
+            .filter(|id| !ids.contains(id))
+            .collect();
+        assert!(missing.is_empty(), "acknowledged rows missing: {missing:?}");
+    }
+    // The -ro pooler reaches a replica again, the former primary: its server connection to the
+    // promoted member ends itself at the check before its next use after a second idle. (The
+    // client waits 2 s between sessions for that: a pool busy without pause keeps it until
+    // `server_lifetime`.)
+    let deadline = std::time::Instant::now() + T;
+    loop {
+        if let Ok(c) = pooled(ro, "app", &app_password, "appdb").await {
+            let row = c
+                .query_one("SELECT pg_is_in_recovery(), inet_server_port()", &[])
+                .await;
+            if row.is_ok_and(|r| r.get::<_, bool>(0) && r.get::<_, i32>(1) == i32::from(old_port)) {
+                break;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the -ro pooler did not reach the former primary as a replica"
+        );
+        tokio::time::sleep(Duration::from_secs(2)).await;
+    }
+
+    // Without spec.pooler the poolers go: Deployments, Services, ConfigMaps, the Secret, and
+    // their Pods (the garbage collector removes those of the deleted Deployments).
+    s.apply(&spec(7, false))
+        .await
+        .expect("apply without the pooler");
+    wait_until("the pooler objects are deleted", T, || async {
+        let mut gone = !exists(&s.api::<Secret>(), "pool-pooler-auth").await;
+        for name in ["pool-pooler", "pool-pooler-ro"] {
+            gone = gone
+                && !exists(&s.api::<Deployment>(), name).await
+                && !exists(&s.api::<Service>(), name).await
+                && !exists(&s.api::<ConfigMap>(), name).await;
+        }
+        gone
+    })
+    .await;
+    wait_until("the pooler Pods are gone", T, || async {
+        poolers.state.lock().await.pods.is_empty()
+    })
+    .await;
+    // The cluster itself is untouched.
+    wait_until_members_ready(&s, "pool", Some(other), 2).await;
+    assert!(!ctl.log_text().contains(" ERROR "), "{}", ctl.log_text());
 }

@@ -8,6 +8,7 @@ pub mod haproxy;
 pub mod kube;
 pub mod kubelet;
 pub mod operator;
+pub mod pooler;
 pub mod ports;
 pub mod process;
 pub mod proxy;
@@ -139,7 +140,7 @@ pub fn remove_dirs_of_gone_processes(prefix: &str) {
     }
 }
 
-fn set_mode(path: &Path, mode: u32) {
+pub(crate) fn set_mode(path: &Path, mode: u32) {
     use std::os::unix::fs::PermissionsExt;
     let _ = std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode));
 }
@@ -167,7 +168,7 @@ pub fn run_as() -> Option<RunAs> {
     })
 }
 
-fn chown_tree(path: &Path, who: &RunAs) {
+pub(crate) fn chown_tree(path: &Path, who: &RunAs) {
     let _ = nix::unistd::chown(
         path,
         Some(nix::unistd::Uid::from_raw(who.uid)),
