@@ -106,7 +106,7 @@ server_check_delay = 1
         mode = spec.pool_mode.as_str(),
         pool_size = spec.default_pool_size,
         max_client = spec.max_client_conn,
-        check = check_query(read_only),
+        check = check_query(read_only, pg.spec.standby.is_some()),
         // A promotion keeps the sessions to the promoted replica open (a demotion restarts
         // postgres, which ends those to the former primary): a replicas' pool busy enough never
         // to idle a second is bounded by the server connections' lifetime.
@@ -121,8 +121,11 @@ server_check_delay = 1
 /// `server_check_query`: on a member no longer in the role the pooler is for, the session
 /// terminates itself (any role may signal its own backend), which PgBouncer sees as a closed
 /// server connection.
-pub fn check_query(read_only: bool) -> &'static str {
-    if read_only {
+///
+/// On a standby cluster the primary Service's member (the standby leader) is in recovery too,
+/// so both poolers check for a member in recovery.
+pub fn check_query(read_only: bool, standby_cluster: bool) -> &'static str {
+    if read_only || standby_cluster {
         "SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN 1 \
          ELSE pg_catalog.pg_terminate_backend(pg_catalog.pg_backend_pid())::int END"
     } else {

@@ -630,7 +630,24 @@ pooler:
     ] {
         assert!(ini.lines().any(|l| l == line), "{line:?} not in\n{ini}");
     }
+    assert!(ini.contains(
+        "server_check_query = SELECT CASE WHEN NOT pg_catalog.pg_is_in_recovery() THEN 1"
+    ));
     let ro = pooler::ini(&pg, &spec, true);
+    assert!(
+        ro.contains("server_check_query = SELECT CASE WHEN pg_catalog.pg_is_in_recovery() THEN 1")
+    );
+    assert!(ro.lines().any(|l| l == "server_lifetime = 300"));
+    // A standby cluster's leader is in recovery: its pooler checks for that.
+    let mut standby = pg.clone();
+    standby.spec.standby = serde_yaml::from_str("{host: source-primary}").expect("standby");
+    assert_eq!(
+        pooler::ini(&standby, &spec, false),
+        ini.replace(
+            "WHEN NOT pg_catalog.pg_is_in_recovery()",
+            "WHEN pg_catalog.pg_is_in_recovery()"
+        )
+    );
     assert!(
         ro.lines()
             .any(|l| l == "* = host=pg-replicas.db.svc port=5432"),
