@@ -1943,7 +1943,10 @@ async fn pooled_writer(
                 });
                 session = Some(client);
             }
-            Err(e) => log.failed_statements.push(format!("{e:#}")),
+            Err(e) => log.failed_statements.push(match e.as_db_error() {
+                Some(db) => format!("{}: {}", db.code().code(), db.message()),
+                None => e.to_string(),
+            }),
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
