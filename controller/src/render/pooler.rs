@@ -134,7 +134,8 @@ pub fn check_query(read_only: bool, standby_cluster: bool) -> &'static str {
     }
 }
 
-/// The labels of one pooler's Pods (the first is the Deployment's and Service's selector).
+/// The labels of one pooler's Pods; [`POOLER_LABEL`] alone is the Deployment's and the
+/// Service's selector.
 fn pod_labels(names: &Names, read_only: bool) -> BTreeMap<String, String> {
     BTreeMap::from([
         (POOLER_LABEL.to_owned(), names.pooler(read_only)),
