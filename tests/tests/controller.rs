@@ -1105,6 +1105,104 @@ async fn a_controller_stopped_by_sigterm_releases_its_lease() {
     assert!(first.log_text().contains("released the controller lease"));
 }
 
+/// The container resources' CPU request in the cluster's StatefulSet, if it exists.
+async fn statefulset_cpu_request(s: &Setup, name: &str) -> Option<String> {
+    let sts = s.api::<StatefulSet>().get_opt(name).await.ok()??;
+    let container = sts.spec?.template.spec?.containers.into_iter().next()?;
+    container
+        .resources?
+        .requests?
+        .get("cpu")
+        .map(|q| q.0.clone())
+}
+
+/// Two controller replicas, as `deploy/controller.yaml` runs them: one is active, the other
+/// reconciles nothing while it waits; frozen (SIGSTOP) past its Lease, the active one is
+/// replaced, and once resumed it exits instead of acting beside the new one, which reconciles
+/// the next change.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_controllers_elect_one_and_a_frozen_active_one_is_replaced_and_exits_when_resumed() {
+    let s = setup("pgc-two").await;
+    let mut a = s.controller("ctl-a");
+    let mut b = s.controller("ctl-b");
+    wait_until("one of the two holds the controller Lease", T, || async {
+        match controller_lease_holder(&s).await.as_deref() {
+            Some("ctl-a") => a.log_text().contains("became the active controller"),
+            Some("ctl-b") => b.log_text().contains("became the active controller"),
+            _ => false,
+        }
+    })
+    .await;
+    let first = controller_lease_holder(&s).await;
+    let (active, standby) = if first.as_deref() == Some("ctl-a") {
+        (&mut a, &mut b)
+    } else {
+        (&mut b, &mut a)
+    };
+    s.apply(&example("two", |v| {
+        v["spec"]["instances"]["resources"] = json!({"requests": {"cpu": "100m"}});
+    }))
+    .await
+    .expect("apply the cluster");
+    wait_until(
+        "the active controller creates the StatefulSet",
+        T,
+        || async { statefulset_cpu_request(&s, "two").await.as_deref() == Some("100m") },
+    )
+    .await;
+    // (The active one logs each reconcile at debug level, as both run.)
+    assert!(active.log_text().contains("reconciled"));
+    let log = standby.log_text();
+    assert!(
+        !log.contains("became the active controller") && !log.contains("reconciled"),
+        "the standby controller acted:\n{log}"
+    );
+
+    // Frozen well past its 3 s Lease: the standby takes over.
+    active.process.signal(nix::sys::signal::Signal::SIGSTOP);
+    let standby_name = if standby.log.ends_with("ctl-a.log") {
+        "ctl-a"
+    } else {
+        "ctl-b"
+    };
+    wait_until("the standby takes the controller Lease over", T, || async {
+        controller_lease_holder(&s).await.as_deref() == Some(standby_name)
+            && standby.log_text().contains("became the active controller")
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    active.process.signal(nix::sys::signal::Signal::SIGCONT);
+    let status = active
+        .process
+        .wait_exit(Duration::from_secs(20))
+        .expect("the resumed controller exits");
+    assert!(!status.success(), "{status:?}");
+    assert!(
+        active
+            .log_text()
+            .contains("lost the controller lease; exiting"),
+        "{}",
+        active.log_text()
+    );
+    assert_eq!(
+        controller_lease_holder(&s).await.as_deref(),
+        Some(standby_name)
+    );
+
+    // The new active controller reconciles the next change.
+    s.apply(&example("two", |v| {
+        v["spec"]["instances"]["resources"] = json!({"requests": {"cpu": "200m"}});
+    }))
+    .await
+    .expect("change the cluster");
+    wait_until(
+        "the new active controller applies the change",
+        T,
+        || async { statefulset_cpu_request(&s, "two").await.as_deref() == Some("200m") },
+    )
+    .await;
+}
+
 async fn pvc_names(s: &Setup) -> Vec<String> {
     let mut names: Vec<String> = s
         .api::<PersistentVolumeClaim>()
