@@ -8,6 +8,9 @@ scripts/install-deps.sh
 # kube-apiserver and kube-controller-manager v1.20 for the Kubernetes-mode tests: built once from
 # Debian's source package (~8 minutes), cached in /var/cache/pgwarden/kubernetes-1.20/bin.
 scripts/build-kube.sh
+# PostgreSQL 17 for the major-version upgrade tests (15 -> 17): trixie's packages unpacked into
+# /var/cache/pgwarden/postgresql-17 (~20 s once; scripts/build-postgres17.sh says why not a build).
+scripts/build-postgres17.sh
 export PATH="$HOME/.cargo/bin:$PATH"
 
 cargo build --workspace --all-targets --locked
