@@ -43,6 +43,21 @@ enum Command {
         #[command(flatten)]
         flags: Box<Flags>,
     },
+    /// Upgrade this member's stopped data directory to a later PostgreSQL major version with
+    /// `pg_upgrade --link` (docs/upgrade.md). Takes the agent's configuration; the agent must
+    /// not run. The old directory is kept as `<data_dir>.pre-upgrade-<version>`; afterwards
+    /// set `postgresql.bin_dir` to the new binaries. Exit 0 upgraded, 1 refused or failed.
+    UpgradeDataDir {
+        config: PathBuf,
+        /// Binaries of the new major version (`postgres`, `initdb`, `pg_upgrade`).
+        #[arg(long = "new-bin-dir")]
+        new_bin_dir: PathBuf,
+        /// Binaries of the data directory's version (default: `postgresql.bin_dir`).
+        #[arg(long = "old-bin-dir")]
+        old_bin_dir: Option<PathBuf>,
+        #[command(flatten)]
+        flags: Box<Flags>,
+    },
     /// Exit 0 if the local agent's REST API answers `GET /liveness` with 200, else 1 (a
     /// container HEALTHCHECK without curl). Reads the same file and environment as the agent.
     Healthcheck {
@@ -140,6 +155,12 @@ fn main() -> ExitCode {
         }
         Some(Command::ReleaseLeader { config, flags }) => release_leader(config.as_ref(), &flags),
         Some(Command::Healthcheck { config, timeout }) => healthcheck(config.as_ref(), timeout),
+        Some(Command::UpgradeDataDir {
+            config,
+            new_bin_dir,
+            old_bin_dir,
+            flags,
+        }) => upgrade_data_dir(&config, &flags, new_bin_dir, old_bin_dir),
         Some(Command::ValidateConfig { config, flags }) => match load(Some(&config), &flags) {
             Ok(loaded) => {
                 for warning in &loaded.warnings {
@@ -261,6 +282,65 @@ fn command_names() -> Vec<String> {
         .filter(|c| !c.is_hide_set())
         .map(|c| c.get_name().to_owned())
         .collect()
+}
+
+/// `pgwarden upgrade-data-dir`: see [`Command::UpgradeDataDir`].
+fn upgrade_data_dir(
+    path: &PathBuf,
+    flags: &Flags,
+    new_bin_dir: PathBuf,
+    old_bin_dir: Option<PathBuf>,
+) -> ExitCode {
+    use pgwarden::postgres::{agent_lock::AgentLock, initdb::initdb_args, upgrade};
+    let loaded = match load(Some(path), flags) {
+        Ok(l) => l,
+        Err(code) => return code,
+    };
+    let config = loaded.config;
+    let runtime = match current_thread_runtime("pgwarden upgrade-data-dir") {
+        Ok(rt) => rt,
+        Err(code) => return code,
+    };
+    let data_dir = config.postgresql.data_dir.clone();
+    let request = upgrade::UpgradeRequest {
+        data_dir: data_dir.clone(),
+        old_bin_dir: old_bin_dir.unwrap_or_else(|| config.postgres_bin_dir()),
+        new_bin_dir,
+        superuser: config.postgresql.authentication.superuser.username.clone(),
+        initdb_args: initdb_args(&config.bootstrap.initdb),
+    };
+    let result = runtime.block_on(async {
+        // The agent's own lock: no agent (or fence guard) may use the directory meanwhile; a
+        // fence guard finishing a crash release holds it for a few seconds.
+        let lock = AgentLock::acquire(&data_dir, std::time::Duration::from_secs(10))
+            .await
+            .map_err(|e| pgwarden::error::error_chain(&e))?;
+        let outcome = pgwarden::run::upgrade_stopped_member(&config, &request)
+            .await
+            .map_err(|e| pgwarden::error::error_chain(&e));
+        drop(lock);
+        outcome
+    });
+    match result {
+        Ok(outcome) => {
+            println!(
+                "{}: upgraded from PostgreSQL {} to {} in {:.1}s; the old data directory is kept \
+                 in {} (delete it once the new cluster is in service); set postgresql.bin_dir \
+                 to {}",
+                data_dir.display(),
+                outcome.from_major,
+                outcome.to_major,
+                outcome.duration.as_secs_f64(),
+                outcome.old_kept_at.display(),
+                request.new_bin_dir.display(),
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("pgwarden upgrade-data-dir: {e}");
+            ExitCode::from(1)
+        }
+    }
 }
 
 fn healthcheck(path: Option<&PathBuf>, timeout: u64) -> ExitCode {

@@ -47,6 +47,17 @@ pub enum RunError {
     Backup(#[source] crate::backup::BackupError),
     #[error("the data directory's lock")]
     Lock(#[source] crate::postgres::agent_lock::LockError),
+    #[error("the major-version upgrade")]
+    Upgrade(#[source] crate::postgres::upgrade::UpgradeError),
+    #[error("cannot read the data directory's control file")]
+    ControlData(#[source] crate::postgres::controldata::ControlDataError),
+    #[error(
+        "the cluster's `initialize` key says {found}, but the data directory's system identifier \
+         is {ours}: it is not this cluster's data"
+    )]
+    ForeignInitialize { found: String, ours: String },
+    #[error("{0} is running in the cluster: stop every member (replicas first, the leader last) before upgrading the leader's data directory")]
+    ClusterRunning(String),
 }
 
 fn local_connection(config: &Config) -> LocalConnection {
@@ -105,6 +116,13 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         })?;
 
     crate::backup::write_config(&config).map_err(RunError::Backup)?;
+    // An upgrade that died between moving the old data directory aside and the new one into
+    // place: the new one is complete, so it becomes the data directory.
+    if crate::postgres::upgrade::finish_interrupted_swap(&config.postgresql.data_dir)
+        .map_err(RunError::Upgrade)?
+    {
+        tracing::warn!(data_dir = %config.postgresql.data_dir.display(), "finished an interrupted major-version upgrade: its upgraded data directory was moved into place");
+    }
     crate::postgres::data_dir::discard_unfinished_bootstrap(&config.postgresql.data_dir);
     crate::backup::restore::refuse_foreign_stanza(&config)
         .await
@@ -338,6 +356,67 @@ pub async fn release_dead_leader(config: &Config, token: &str) -> Result<bool, R
         info!(name = %config.name, "the leader record was no longer this member's dead agent's");
     }
     Ok(released)
+}
+
+/// `pgwarden upgrade-data-dir`: upgrades this member's stopped data directory
+/// ([`crate::postgres::upgrade`]) and records the new system identifier in the cluster's
+/// `initialize` key (pg_upgrade's new cluster has the identifier its initdb gave it, and an
+/// agent refuses a data directory whose identifier is not the cluster's).
+///
+/// Refused, before anything changes, while any member of the cluster is registered or a leader
+/// holds the key (the other members would keep running on the old identifier and version), or
+/// when `initialize` names another cluster. The caller holds the data directory's lock. The
+/// other members' data directories are then of the old cluster: they are cloned anew
+/// (docs/upgrade.md).
+pub async fn upgrade_stopped_member(
+    config: &Config,
+    request: &crate::postgres::upgrade::UpgradeRequest,
+) -> Result<crate::postgres::upgrade::UpgradeOutcome, RunError> {
+    use crate::postgres::{controldata, upgrade};
+    // The local checks first: they name the data directory's own problem.
+    upgrade::preflight(request)
+        .await
+        .map_err(RunError::Upgrade)?;
+    let before = controldata::read(&request.old_bin_dir, &request.data_dir)
+        .await
+        .map_err(RunError::ControlData)?;
+    let (_timing_tx, timing_rx) = watch::channel(Timing::bootstrap(config));
+    let dcs = connect_dcs(config, timing_rx).await?;
+    let view = dcs.cluster().await.map_err(RunError::Dcs)?;
+    if let Some(leader) = &view.leader {
+        return Err(RunError::ClusterRunning(format!(
+            "the leader {:?}",
+            leader.name
+        )));
+    }
+    // Our own record may outlive a crash; the lock we hold shows our agent is not running.
+    if let Some(member) = view.members.iter().find(|m| m.name != config.name) {
+        return Err(RunError::ClusterRunning(format!(
+            "the member {:?}",
+            member.name
+        )));
+    }
+    let recorded = view.initialize_value().map(str::to_owned);
+    if let Some(found) = recorded
+        .as_ref()
+        .filter(|v| **v != before.system_identifier)
+    {
+        return Err(RunError::ForeignInitialize {
+            found: found.clone(),
+            ours: before.system_identifier.clone(),
+        });
+    }
+    let outcome = upgrade::upgrade(request).await.map_err(RunError::Upgrade)?;
+    let after = controldata::read(&request.new_bin_dir, &request.data_dir)
+        .await
+        .map_err(RunError::ControlData)?;
+    if recorded.is_some() {
+        dcs.set_initialize(&after.system_identifier)
+            .await
+            .map_err(RunError::Dcs)?;
+        info!(old = %before.system_identifier, new = %after.system_identifier, "recorded the upgraded cluster's system identifier in `initialize`");
+    }
+    Ok(outcome)
 }
 
 /// Whether another member could take the lock now, by the race's own eligibility rule over

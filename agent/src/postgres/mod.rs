@@ -16,4 +16,5 @@ pub mod replica;
 pub mod replica_method;
 pub mod slots;
 pub mod supervisor;
+pub mod upgrade;
 pub mod versioned_params;

@@ -47,6 +47,23 @@ pub fn missing_tool(why: &str) {
     eprintln!("SKIP: {why}");
 }
 
+/// PostgreSQL 17's binaries for the major-version upgrade tests: `PGWARDEN_PG17_BIN_DIR`, else
+/// where `scripts/build-postgres17.sh` puts them. `None` (after [`missing_tool`], which fails
+/// under CI) when they are not there.
+pub fn pg17_bin_dir() -> Option<PathBuf> {
+    let dir = std::env::var_os("PGWARDEN_PG17_BIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pgwarden/postgresql-17/bin"));
+    if dir.join("pg_upgrade").is_file() && dir.join("postgres").is_file() {
+        return Some(dir);
+    }
+    missing_tool(&format!(
+        "PostgreSQL 17 is not in {} (scripts/build-postgres17.sh puts it there)",
+        dir.display()
+    ));
+    None
+}
+
 /// Polls `check` every 100 ms until it returns true; panics naming `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

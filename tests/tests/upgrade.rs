@@ -1,0 +1,191 @@
+//! Major-version upgrade of a member's data directory, 15 → 17, with the real binaries
+//! (`pgwarden upgrade-data-dir`, docs/upgrade.md): the data survives (row count and a checksum
+//! of every row), the agent runs the upgraded directory on the new binaries as leader again,
+//! and the upgrade is refused, with nothing changed, where it is not safe.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use pgwarden_tests::harness::{agent_binary, pg17_bin_dir, run_as, ClusterOptions, TestEnv};
+
+const T: Duration = Duration::from_secs(60);
+const CHECKSUM: &str =
+    "SELECT count(*)::text || ' ' || md5(string_agg(t::text, ',' ORDER BY id)) FROM t";
+
+/// `pgwarden upgrade-data-dir CONFIG --new-bin-dir NEW [--old-bin-dir OLD]`, as the agents'
+/// user.
+fn upgrade_data_dir(config: &Path, new_bin: &Path, old_bin: Option<&Path>) -> Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(agent_binary());
+    cmd.arg("upgrade-data-dir")
+        .arg(config)
+        .arg("--new-bin-dir")
+        .arg(new_bin);
+    if let Some(old) = old_bin {
+        cmd.arg("--old-bin-dir").arg(old);
+    }
+    if let Some(who) = run_as() {
+        cmd.uid(who.uid).gid(who.gid).env("HOME", &who.home);
+    }
+    cmd.output().expect("pgwarden runs")
+}
+
+fn text(out: &Output) -> String {
+    format!(
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn pg_version(data_dir: &Path) -> String {
+    std::fs::read_to_string(data_dir.join("PG_VERSION"))
+        .expect("PG_VERSION")
+        .trim()
+        .to_owned()
+}
+
+fn sibling(data_dir: &Path, suffix: &str) -> PathBuf {
+    let mut name = data_dir.as_os_str().to_owned();
+    name.push(suffix);
+    PathBuf::from(name)
+}
+
+/// One member on 15 with a table of 20 000 rows; returns the environment and the checksum.
+async fn member_with_data() -> (TestEnv, String) {
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd starts");
+    let i = env.add_member("pg0");
+    env.start_member(i).expect("agent starts");
+    assert_eq!(env.wait_for_leader(T).await, "pg0");
+    let m = &env.members[0];
+    m.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL, at timestamptz DEFAULT now()); \
+         INSERT INTO t (id, v) SELECT g, md5(g::text) FROM generate_series(1, 20000) g; \
+         CREATE INDEX t_v ON t (v)",
+    )
+    .await
+    .expect("the primary accepts writes");
+    let sum = m.sql(CHECKSUM).await.expect("checksum").remove(0);
+    assert!(sum.starts_with("20000 "), "{sum}");
+    (env, sum)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cleanly_stopped_member_is_upgraded_from_15_to_17_with_its_data() {
+    let Some(pg17) = pg17_bin_dir() else { return };
+    let (mut env, before) = member_with_data().await;
+    let config = env.members[0].config_path();
+    let data_dir = env.members[0].data_dir();
+
+    // While the agent runs, its lock refuses the upgrade.
+    let out = upgrade_data_dir(&config, &pg17, None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("another pgwarden agent"),
+        "{}",
+        text(&out)
+    );
+
+    let agent = env.members[0].agent();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent.wait_exit(T).expect("the agent exits after SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+
+    // Old binaries of the wrong version: refused before anything is written.
+    let out = upgrade_data_dir(&config, &pg17, Some(&pg17));
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("the data directory is version 15, but the old binaries"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_version(&data_dir), "15");
+    assert!(!sibling(&data_dir, ".upgrade-new").exists());
+
+    let out = upgrade_data_dir(&config, &pg17, None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("upgraded from PostgreSQL 15 to 17"),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_version(&data_dir), "17");
+    let kept = sibling(&data_dir, ".pre-upgrade-15");
+    assert_eq!(pg_version(&kept), "15", "the old directory is kept");
+    assert!(!sibling(&data_dir, ".upgrade-new").exists());
+    for carried in [
+        "postgresql.base.conf",
+        "pg_hba.conf",
+        "patroni.dynamic.json",
+    ] {
+        assert!(data_dir.join(carried).exists(), "{carried} carried over");
+    }
+
+    // The agent on the new binaries: the same member leads again, on 17, with every row; a
+    // password login over TCP shows the carried pg_hba.conf and the kept role passwords.
+    let m = env.member("pg0");
+    m.set(
+        "postgresql.bin_dir",
+        serde_yaml::Value::String(pg17.display().to_string()),
+    );
+    env.start_member(0).expect("agent starts on 17");
+    assert_eq!(env.wait_for_leader(T).await, "pg0");
+    let m = &env.members[0];
+    pgwarden_tests::harness::wait_until("the upgraded primary accepts connections", T, || async {
+        m.sql("SELECT 1").await.is_ok()
+    })
+    .await;
+    let version = m
+        .sql("SELECT current_setting('server_version_num')")
+        .await
+        .expect("sql");
+    assert!(
+        version[0].starts_with("17"),
+        "server_version_num {version:?}"
+    );
+    assert_eq!(m.sql(CHECKSUM).await.expect("checksum").remove(0), before);
+    // pg_upgrade's cluster has its initdb's system identifier; `initialize` records it.
+    let sysid = m
+        .sql("SELECT system_identifier::text FROM pg_control_system()")
+        .await
+        .expect("sql")
+        .remove(0);
+    assert_eq!(
+        env.etcd.get(&env.key("initialize")).await.expect("etcd"),
+        Some(sysid)
+    );
+    m.sql("INSERT INTO t (id, v) VALUES (20001, 'after')")
+        .await
+        .expect("the upgraded primary accepts writes");
+    assert_eq!(
+        m.sql("SELECT pg_is_in_recovery()::text")
+            .await
+            .expect("sql"),
+        vec!["false"]
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_member_that_crashed_is_not_upgraded_and_its_directory_is_left_alone() {
+    let Some(pg17) = pg17_bin_dir() else { return };
+    let (mut env, _) = member_with_data().await;
+    let config = env.members[0].config_path();
+    let data_dir = env.members[0].data_dir();
+    env.members[0].kill9_with_postmaster();
+    let _ = env.members[0].agent().wait_exit(T);
+
+    let out = upgrade_data_dir(&config, &pg17, None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("InProduction, not \"shut down\""),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_version(&data_dir), "15");
+    assert!(!sibling(&data_dir, ".upgrade-new").exists());
+    assert!(!sibling(&data_dir, ".pre-upgrade-15").exists());
+}
