@@ -49,10 +49,12 @@ enum Command {
     /// set `postgresql.bin_dir` to the new binaries. Exit 0 upgraded, 1 refused or failed.
     UpgradeDataDir {
         config: PathBuf,
-        /// Binaries of the new major version (`postgres`, `initdb`, `pg_upgrade`).
+        /// Binaries of the new major version (`postgres`, `initdb`, `pg_upgrade`); default:
+        /// the newest of `postgresql.bin_dirs`.
         #[arg(long = "new-bin-dir")]
-        new_bin_dir: PathBuf,
-        /// Binaries of the data directory's version (default: `postgresql.bin_dir`).
+        new_bin_dir: Option<PathBuf>,
+        /// Binaries of the data directory's version; default: its `postgresql.bin_dirs` entry,
+        /// else `postgresql.bin_dir`.
         #[arg(long = "old-bin-dir")]
         old_bin_dir: Option<PathBuf>,
         #[command(flatten)]
@@ -288,7 +290,7 @@ fn command_names() -> Vec<String> {
 fn upgrade_data_dir(
     path: &PathBuf,
     flags: &Flags,
-    new_bin_dir: PathBuf,
+    new_bin_dir: Option<PathBuf>,
     old_bin_dir: Option<PathBuf>,
 ) -> ExitCode {
     use pgwarden::postgres::{agent_lock::AgentLock, initdb::initdb_args, upgrade};
@@ -302,10 +304,11 @@ fn upgrade_data_dir(
         Err(code) => return code,
     };
     let data_dir = config.postgresql.data_dir.clone();
+    let bin_dirs = config.postgres_bin_dirs();
     let request = upgrade::UpgradeRequest {
         data_dir: data_dir.clone(),
-        old_bin_dir: old_bin_dir.unwrap_or_else(|| config.postgres_bin_dir()),
-        new_bin_dir,
+        old_bin_dir: old_bin_dir.unwrap_or_else(|| bin_dirs.for_data_dir(&data_dir)),
+        new_bin_dir: new_bin_dir.unwrap_or_else(|| bin_dirs.newest().clone()),
         superuser: config.postgresql.authentication.superuser.username.clone(),
         initdb_args: initdb_args(&config.bootstrap.initdb),
     };
@@ -322,17 +325,26 @@ fn upgrade_data_dir(
         outcome
     });
     match result {
-        Ok(outcome) => {
+        Ok(pgwarden::run::MemberUpgrade::Upgraded(outcome)) => {
             println!(
                 "{}: upgraded from PostgreSQL {} to {} in {:.1}s; the old data directory is kept \
-                 in {} (delete it once the new cluster is in service); set postgresql.bin_dir \
-                 to {}",
+                 in {} (delete it once the new cluster is in service); the agent runs it on {}",
                 data_dir.display(),
                 outcome.from_major,
                 outcome.to_major,
                 outcome.duration.as_secs_f64(),
                 outcome.old_kept_at.display(),
                 request.new_bin_dir.display(),
+            );
+            ExitCode::SUCCESS
+        }
+        Ok(pgwarden::run::MemberUpgrade::MovedAsideForClone { from_major, kept }) => {
+            println!(
+                "{}: a replica's PostgreSQL {from_major} data of the cluster before its upgrade; \
+                 moved aside to {} (delete it once the member streams again); the agent clones \
+                 the upgraded leader at its next start",
+                data_dir.display(),
+                kept.display(),
             );
             ExitCode::SUCCESS
         }

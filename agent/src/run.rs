@@ -150,7 +150,7 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
     }
     let (supervisor, supervisor_task) = Supervisor::spawn(
         SupervisorSettings {
-            bin_dir: config.postgres_bin_dir(),
+            bin_dirs: config.postgres_bin_dirs(),
             data_dir: config.postgresql.data_dir.clone(),
             stop_with_agent: true,
             guard: guard.clone(),
@@ -358,31 +358,86 @@ pub async fn release_dead_leader(config: &Config, token: &str) -> Result<bool, R
     Ok(released)
 }
 
-/// `pgwarden upgrade-data-dir`: upgrades this member's stopped data directory
-/// ([`crate::postgres::upgrade`]) and records the new system identifier in the cluster's
-/// `initialize` key (pg_upgrade's new cluster has the identifier its initdb gave it, and an
-/// agent refuses a data directory whose identifier is not the cluster's).
+/// What `pgwarden upgrade-data-dir` did to a member's data directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MemberUpgrade {
+    /// The cluster's data (a cleanly stopped primary) was upgraded.
+    Upgraded(crate::postgres::upgrade::UpgradeOutcome),
+    /// A replica of the cluster as it was before its leader's data was upgraded: moved aside
+    /// (kept, not deleted), so the agent clones the upgraded leader at its next start.
+    MovedAsideForClone {
+        from_major: u32,
+        kept: std::path::PathBuf,
+    },
+}
+
+/// `pgwarden upgrade-data-dir`, one member at a time, the leader's data first
+/// (docs/upgrade.md):
 ///
-/// Refused, before anything changes, while any member of the cluster is registered or a leader
-/// holds the key (the other members would keep running on the old identifier and version), or
-/// when `initialize` names another cluster. The caller holds the data directory's lock. The
-/// other members' data directories are then of the old cluster: they are cloned anew
-/// (docs/upgrade.md).
+/// - The cluster's data (its system identifier is `initialize`'s): upgraded
+///   ([`crate::postgres::upgrade`]), then `initialize` records the new system identifier
+///   (pg_upgrade's cluster keeps the one its initdb gave it, and an agent refuses a data
+///   directory whose identifier is not the cluster's). Refused, before anything changes, while
+///   another member is registered or a leader holds the key: they would keep running the old
+///   version on the old identifier.
+/// - A member whose identifier is no longer `initialize`'s and whose data is of an older major
+///   version than the new binaries: a replica of the cluster before the upgrade. Its data is
+///   moved aside, so its agent clones the upgraded leader (on the new binaries, see
+///   [`crate::config::BinDirs`]).
+///
+/// The caller holds the data directory's lock.
 pub async fn upgrade_stopped_member(
     config: &Config,
     request: &crate::postgres::upgrade::UpgradeRequest,
-) -> Result<crate::postgres::upgrade::UpgradeOutcome, RunError> {
+) -> Result<MemberUpgrade, RunError> {
     use crate::postgres::{controldata, upgrade};
-    // The local checks first: they name the data directory's own problem.
-    upgrade::preflight(request)
-        .await
-        .map_err(RunError::Upgrade)?;
+    let from = upgrade::data_dir_major(&request.data_dir).map_err(RunError::Upgrade)?;
     let before = controldata::read(&request.old_bin_dir, &request.data_dir)
         .await
         .map_err(RunError::ControlData)?;
     let (_timing_tx, timing_rx) = watch::channel(Timing::bootstrap(config));
     let dcs = connect_dcs(config, timing_rx).await?;
     let view = dcs.cluster().await.map_err(RunError::Dcs)?;
+    let recorded = view.initialize_value().map(str::to_owned);
+    if let Some(found) = recorded
+        .as_ref()
+        .filter(|v| **v != before.system_identifier)
+    {
+        let to = upgrade::binaries_major(&request.new_bin_dir)
+            .await
+            .map_err(RunError::Upgrade)?;
+        if from >= to {
+            return Err(RunError::ForeignInitialize {
+                found: found.clone(),
+                ours: before.system_identifier.clone(),
+            });
+        }
+        if request.data_dir.join("postmaster.pid").exists() {
+            return Err(RunError::Upgrade(upgrade::UpgradeError::Running(
+                request.data_dir.clone(),
+            )));
+        }
+        let kept = upgrade::kept_dir_of(&request.data_dir, from);
+        if kept.exists() {
+            return Err(RunError::Upgrade(upgrade::UpgradeError::InTheWay(kept)));
+        }
+        std::fs::rename(&request.data_dir, &kept).map_err(|source| {
+            RunError::Upgrade(upgrade::UpgradeError::Io {
+                what: "move aside",
+                path: request.data_dir.clone(),
+                source,
+            })
+        })?;
+        info!(kept = %kept.display(), ours = %before.system_identifier, cluster = %found, "moved a replica's data directory of the cluster before its upgrade aside; the agent clones the upgraded leader");
+        return Ok(MemberUpgrade::MovedAsideForClone {
+            from_major: from,
+            kept,
+        });
+    }
+    // The local checks first: they name the data directory's own problem.
+    upgrade::preflight(request)
+        .await
+        .map_err(RunError::Upgrade)?;
     if let Some(leader) = &view.leader {
         return Err(RunError::ClusterRunning(format!(
             "the leader {:?}",
@@ -396,16 +451,6 @@ pub async fn upgrade_stopped_member(
             member.name
         )));
     }
-    let recorded = view.initialize_value().map(str::to_owned);
-    if let Some(found) = recorded
-        .as_ref()
-        .filter(|v| **v != before.system_identifier)
-    {
-        return Err(RunError::ForeignInitialize {
-            found: found.clone(),
-            ours: before.system_identifier.clone(),
-        });
-    }
     let outcome = upgrade::upgrade(request).await.map_err(RunError::Upgrade)?;
     let after = controldata::read(&request.new_bin_dir, &request.data_dir)
         .await
@@ -416,7 +461,7 @@ pub async fn upgrade_stopped_member(
             .map_err(RunError::Dcs)?;
         info!(old = %before.system_identifier, new = %after.system_identifier, "recorded the upgraded cluster's system identifier in `initialize`");
     }
-    Ok(outcome)
+    Ok(MemberUpgrade::Upgraded(outcome))
 }
 
 /// Whether another member could take the lock now, by the race's own eligibility rule over

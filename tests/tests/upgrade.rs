@@ -7,21 +7,23 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use pgwarden_tests::harness::{agent_binary, pg17_bin_dir, run_as, ClusterOptions, TestEnv};
+use pgwarden_tests::harness::{
+    agent_binary, pg17_bin_dir, run_as, wait_until, ClusterOptions, TestEnv,
+};
 
 const T: Duration = Duration::from_secs(60);
 const CHECKSUM: &str =
     "SELECT count(*)::text || ' ' || md5(string_agg(t::text, ',' ORDER BY id)) FROM t";
 
-/// `pgwarden upgrade-data-dir CONFIG --new-bin-dir NEW [--old-bin-dir OLD]`, as the agents'
+/// `pgwarden upgrade-data-dir CONFIG [--new-bin-dir NEW] [--old-bin-dir OLD]`, as the agents'
 /// user.
-fn upgrade_data_dir(config: &Path, new_bin: &Path, old_bin: Option<&Path>) -> Output {
+fn upgrade_data_dir(config: &Path, new_bin: Option<&Path>, old_bin: Option<&Path>) -> Output {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(agent_binary());
-    cmd.arg("upgrade-data-dir")
-        .arg(config)
-        .arg("--new-bin-dir")
-        .arg(new_bin);
+    cmd.arg("upgrade-data-dir").arg(config);
+    if let Some(new) = new_bin {
+        cmd.arg("--new-bin-dir").arg(new);
+    }
     if let Some(old) = old_bin {
         cmd.arg("--old-bin-dir").arg(old);
     }
@@ -82,7 +84,7 @@ async fn a_cleanly_stopped_member_is_upgraded_from_15_to_17_with_its_data() {
     let data_dir = env.members[0].data_dir();
 
     // While the agent runs, its lock refuses the upgrade.
-    let out = upgrade_data_dir(&config, &pg17, None);
+    let out = upgrade_data_dir(&config, Some(&pg17), None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains("another pgwarden agent"),
@@ -96,7 +98,7 @@ async fn a_cleanly_stopped_member_is_upgraded_from_15_to_17_with_its_data() {
     assert!(status.success(), "exit status {status:?}");
 
     // Old binaries of the wrong version: refused before anything is written.
-    let out = upgrade_data_dir(&config, &pg17, Some(&pg17));
+    let out = upgrade_data_dir(&config, Some(&pg17), Some(&pg17));
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains("the data directory is version 15, but the old binaries"),
@@ -106,7 +108,7 @@ async fn a_cleanly_stopped_member_is_upgraded_from_15_to_17_with_its_data() {
     assert_eq!(pg_version(&data_dir), "15");
     assert!(!sibling(&data_dir, ".upgrade-new").exists());
 
-    let out = upgrade_data_dir(&config, &pg17, None);
+    let out = upgrade_data_dir(&config, Some(&pg17), None);
     assert!(out.status.success(), "{}", text(&out));
     assert!(
         text(&out).contains("upgraded from PostgreSQL 15 to 17"),
@@ -135,7 +137,7 @@ async fn a_cleanly_stopped_member_is_upgraded_from_15_to_17_with_its_data() {
     env.start_member(0).expect("agent starts on 17");
     assert_eq!(env.wait_for_leader(T).await, "pg0");
     let m = &env.members[0];
-    pgwarden_tests::harness::wait_until("the upgraded primary accepts connections", T, || async {
+    wait_until("the upgraded primary accepts connections", T, || async {
         m.sql("SELECT 1").await.is_ok()
     })
     .await;
@@ -178,7 +180,7 @@ async fn a_member_that_crashed_is_not_upgraded_and_its_directory_is_left_alone()
     env.members[0].kill9_with_postmaster();
     let _ = env.members[0].agent().wait_exit(T);
 
-    let out = upgrade_data_dir(&config, &pg17, None);
+    let out = upgrade_data_dir(&config, Some(&pg17), None);
     assert_eq!(out.status.code(), Some(1), "{}", text(&out));
     assert!(
         text(&out).contains("InProduction, not \"shut down\""),
@@ -188,4 +190,166 @@ async fn a_member_that_crashed_is_not_upgraded_and_its_directory_is_left_alone()
     assert_eq!(pg_version(&data_dir), "15");
     assert!(!sibling(&data_dir, ".upgrade-new").exists());
     assert!(!sibling(&data_dir, ".pre-upgrade-15").exists());
+}
+
+async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {
+    wait_until(
+        &format!("{replicas} replicas stream from {leader}"),
+        T,
+        || async {
+            let mut streaming = 0;
+            for m in env.members.iter().filter(|m| m.name != leader) {
+                if m.is_streaming_replica().await {
+                    streaming += 1;
+                }
+            }
+            streaming == replicas
+        },
+    )
+    .await;
+}
+
+fn stop(env: &mut TestEnv, name: &str) {
+    let agent = env.member(name).agent();
+    agent.signal(nix::sys::signal::Signal::SIGTERM);
+    let status = agent.wait_exit(T).expect("the agent exits after SIGTERM");
+    assert!(status.success(), "{name}: exit status {status:?}");
+}
+
+/// The whole procedure of docs/upgrade.md on a three-member cluster: replicas stopped, then the
+/// leader; every member's configuration gets `postgresql.bin_dirs` with 15 and 17; the leader's
+/// data is upgraded, the replicas' moved aside; started again, the leader runs 17 on the
+/// upgraded data, the replicas clone it on 17 and stream, every member has every row, and a
+/// switchover works: the cluster is HA again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_member_cluster_is_upgraded_from_15_to_17_and_is_ha_again() {
+    let Some(pg17) = pg17_bin_dir() else { return };
+    let pg15 = PathBuf::from(
+        std::env::var("PGWARDEN_PG_BIN_DIR")
+            .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into()),
+    );
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd starts");
+    for name in ["pg0", "pg1", "pg2"] {
+        env.add_member(name);
+    }
+    for i in 0..3 {
+        env.start_member(i).expect("agent starts");
+    }
+    let leader = env.wait_for_leader(T).await;
+    wait_for_streaming(&env, &leader, 2).await;
+    let l = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    l.sql(
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL); \
+         INSERT INTO t (id, v) SELECT g, md5(g::text) FROM generate_series(1, 20000) g",
+    )
+    .await
+    .expect("the primary accepts writes");
+    let before = l.sql(CHECKSUM).await.expect("checksum").remove(0);
+    // No lag: every replica has replayed every row before the cluster stops.
+    for m in env.members.iter().filter(|m| m.name != leader) {
+        wait_until(&format!("{} has every row", m.name), T, || async {
+            m.sql(CHECKSUM).await.ok().and_then(|mut r| r.pop()) == Some(before.clone())
+        })
+        .await;
+    }
+    let replicas: Vec<String> = env
+        .members
+        .iter()
+        .map(|m| m.name.clone())
+        .filter(|n| *n != leader)
+        .collect();
+    for name in &replicas {
+        stop(&mut env, name);
+    }
+    stop(&mut env, &leader);
+
+    let mut bin_dirs = serde_yaml::Mapping::new();
+    bin_dirs.insert(15.into(), pg15.display().to_string().into());
+    bin_dirs.insert(17.into(), pg17.display().to_string().into());
+    for m in &mut env.members {
+        m.set(
+            "postgresql.bin_dirs",
+            serde_yaml::Value::Mapping(bin_dirs.clone()),
+        );
+        m.write_config().expect("config written");
+    }
+    // The new binaries come from `bin_dirs` (the newest entry), the old from its 15 entry.
+    let l = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("leader");
+    let out = upgrade_data_dir(&l.config_path(), None, None);
+    assert!(out.status.success(), "{}", text(&out));
+    assert!(
+        text(&out).contains("upgraded from PostgreSQL 15 to 17"),
+        "{}",
+        text(&out)
+    );
+    for name in &replicas {
+        let m = env
+            .members
+            .iter()
+            .find(|m| m.name == *name)
+            .expect("replica");
+        let out = upgrade_data_dir(&m.config_path(), None, None);
+        assert!(out.status.success(), "{name}: {}", text(&out));
+        assert!(text(&out).contains("moved aside"), "{name}: {}", text(&out));
+        assert!(!m.data_dir().exists());
+    }
+
+    let i = env
+        .members
+        .iter()
+        .position(|m| m.name == leader)
+        .expect("leader");
+    env.start_member(i).expect("the leader's agent starts");
+    assert_eq!(env.wait_for_leader(T).await, leader);
+    for name in &replicas {
+        let i = env
+            .members
+            .iter()
+            .position(|m| m.name == *name)
+            .expect("replica");
+        env.start_member(i).expect("a replica's agent starts");
+    }
+    wait_for_streaming(&env, &leader, 2).await;
+    for m in &env.members {
+        let version = m
+            .sql("SELECT current_setting('server_version_num')")
+            .await
+            .expect("sql");
+        assert!(version[0].starts_with("17"), "{}: {version:?}", m.name);
+        assert_eq!(pg_version(&m.data_dir()), "17", "{}", m.name);
+        wait_until(&format!("{} has every row", m.name), T, || async {
+            m.sql(CHECKSUM).await.ok().and_then(|mut r| r.pop()) == Some(before.clone())
+        })
+        .await;
+    }
+
+    // HA again: a switchover to a re-cloned replica, and the old leader follows it.
+    let candidate = replicas[0].clone();
+    let body = format!(r#"{{"leader": "{leader}", "candidate": "{candidate}"}}"#);
+    let (code, answer) = env
+        .member(&leader)
+        .api_request("POST", "/switchover", Some(&body))
+        .await
+        .expect("answers");
+    assert_eq!(code, 200, "{answer}");
+    wait_for_streaming(&env, &candidate, 2).await;
+    assert_eq!(env.leader().await.as_deref(), Some(candidate.as_str()));
+    let c = env
+        .members
+        .iter()
+        .find(|m| m.name == candidate)
+        .expect("candidate");
+    c.sql("INSERT INTO t (id, v) VALUES (20001, 'after the switchover')")
+        .await
+        .expect("the new primary accepts writes");
 }

@@ -203,8 +203,11 @@ pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), crate::backup:
     if !data_dir.join("global/pg_control").exists() {
         return Ok(());
     }
-    let Ok(control) =
-        crate::postgres::controldata::read(&config.postgres_bin_dir(), data_dir).await
+    let Ok(control) = crate::postgres::controldata::read(
+        &config.postgres_bin_dirs().for_data_dir(data_dir),
+        data_dir,
+    )
+    .await
     else {
         return Ok(());
     };

@@ -2,6 +2,7 @@
 //! overrides ([`load`]), validation with full key paths ([`validate`]).
 
 mod derived;
+pub use derived::BinDirs;
 pub mod dynamic;
 pub mod flex;
 pub mod load;

@@ -444,6 +444,10 @@ pub struct PostgresqlConfig {
     /// Directory with `postgres`, `initdb`, `pg_ctl`, `pg_controldata`; found on `PATH` or under
     /// `/usr/lib/postgresql/<newest>/bin` when unset.
     pub bin_dir: Option<PathBuf>,
+    /// pgwarden's own: the binaries of each PostgreSQL major version (`15: /usr/lib/...`),
+    /// for major-version upgrades. A data directory runs on the entry of its `PG_VERSION`
+    /// (else `bin_dir`); a new one (initdb, a clone) on the newest entry (docs/upgrade.md).
+    pub bin_dirs: BTreeMap<u32, PathBuf>,
     pub parameters: BTreeMap<String, PgValue>,
     /// `pg_hba.conf` lines; when empty, initdb's file is left as it is.
     pub pg_hba: Vec<String>,

@@ -281,6 +281,14 @@ impl Config {
                 );
             }
         }
+        for (major, bin) in &pg.bin_dirs {
+            if !bin.join("postgres").exists() {
+                err(
+                    &format!("postgresql.bin_dirs.{major}"),
+                    format!("{} has no `postgres` binary", bin.display()),
+                );
+            }
+        }
         for name in pg.parameters.keys() {
             if !is_guc_name(name) {
                 err(

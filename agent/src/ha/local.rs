@@ -37,7 +37,9 @@ pub type AgentLoop = super::HaLoop<dyn crate::dcs::Dcs, LocalPostgres, HttpPeers
 pub struct LocalPostgres {
     supervisor: Supervisor,
     probe: Arc<Probe>,
-    bin_dir: PathBuf,
+    /// Resolved at each use ([`crate::config::BinDirs`]): the data directory's version may
+    /// change (an upgrade) or be set only now (a bootstrap, a clone).
+    bin_dirs: crate::config::BinDirs,
     data_dir: PathBuf,
     /// The managed files as last written, so unchanged ones are not read back every cycle.
     conf_written: Mutex<conf::LastWrite>,
@@ -48,11 +50,16 @@ pub struct LocalPostgres {
 }
 
 impl LocalPostgres {
+    /// The binaries for the data directory as it is now.
+    fn bin_dir(&self) -> PathBuf {
+        self.bin_dirs.for_data_dir(&self.data_dir)
+    }
+
     pub fn new(config: &Config, supervisor: Supervisor, probe: Arc<Probe>) -> Self {
         LocalPostgres {
             supervisor,
             probe,
-            bin_dir: config.postgres_bin_dir(),
+            bin_dirs: config.postgres_bin_dirs(),
             data_dir: config.postgresql.data_dir.clone(),
             conf_written: Mutex::new(conf::LastWrite::default()),
             backups: crate::backup::Interrupter::default(),
@@ -273,7 +280,7 @@ impl Postgres for LocalPostgres {
     }
 
     async fn hot_standby_shortfall(&self) -> Option<(ControlData, Vec<String>)> {
-        let control = match controldata::read(&self.bin_dir, &self.data_dir).await {
+        let control = match controldata::read(&self.bin_dir(), &self.data_dir).await {
             Ok(control) => control,
             Err(e) => {
                 debug!(error = %e, "cannot read the control file of a paused standby");
@@ -322,7 +329,7 @@ impl Postgres for LocalPostgres {
                 data_dir.display()
             ));
         }
-        match controldata::read(&self.bin_dir, data_dir).await {
+        match controldata::read(&self.bin_dir(), data_dir).await {
             Ok(control) => DataDir::Initialized {
                 control,
                 standby_signal: self.standby_signal(),
@@ -339,7 +346,7 @@ impl Postgres for LocalPostgres {
     }
 
     async fn control_checkpoint(&self) -> Option<u64> {
-        controldata::read(&self.bin_dir, &self.data_dir)
+        controldata::read(&self.bin_dir(), &self.data_dir)
             .await
             .ok()
             .and_then(|c| c.checkpoint_lsn)
@@ -387,7 +394,7 @@ impl Postgres for LocalPostgres {
     }
 
     fn bootstrap(&self, config: Arc<Config>, files: ManagedFiles) -> SpawnedTask {
-        let bin_dir = self.bin_dir.clone();
+        let bin_dir = self.bin_dir();
         let supervisor = self.supervisor.clone();
         let probe = self.probe.clone();
         SpawnedTask(tokio::spawn(async move {
@@ -401,7 +408,7 @@ impl Postgres for LocalPostgres {
         upstream: Option<Upstream>,
         files: ManagedFiles,
     ) -> SpawnedTask {
-        let bin_dir = self.bin_dir.clone();
+        let bin_dir = self.bin_dir();
         SpawnedTask(tokio::spawn(async move {
             crate::backup::restore::create_replica(&config, &bin_dir, upstream.as_ref()).await?;
             conf::write(&config.postgresql.data_dir, &files)
@@ -417,7 +424,7 @@ impl Postgres for LocalPostgres {
         crashed: bool,
         files: ManagedFiles,
     ) -> SpawnedTask {
-        let bin_dir = self.bin_dir.clone();
+        let bin_dir = self.bin_dir();
         SpawnedTask(tokio::spawn(async move {
             rewind(&config, &bin_dir, &upstream, crashed, &files).await
         }))

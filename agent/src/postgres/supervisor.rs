@@ -93,7 +93,8 @@ impl Postmaster {
 /// Settings of the supervised postgres.
 #[derive(Debug, Clone)]
 pub struct SupervisorSettings {
-    pub bin_dir: PathBuf,
+    /// Resolved at each start: an upgraded data directory starts on its version's binaries.
+    pub bin_dirs: crate::config::BinDirs,
     pub data_dir: PathBuf,
     /// Stop postgres when the agent dies (parent-death signal).
     pub stop_with_agent: bool,
@@ -662,7 +663,8 @@ impl Actor {
         if self.child.is_some() {
             return Err(SupervisorError::AlreadyRunning);
         }
-        let mut cmd = Command::new(self.settings.bin_dir.join("postgres"));
+        let bin_dir = self.settings.bin_dirs.for_data_dir(&self.settings.data_dir);
+        let mut cmd = Command::new(bin_dir.join("postgres"));
         cmd.arg("-D")
             .arg(&self.settings.data_dir)
             .stdin(Stdio::null())
