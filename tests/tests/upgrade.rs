@@ -353,3 +353,46 @@ async fn a_three_member_cluster_is_upgraded_from_15_to_17_and_is_ha_again() {
         .await
         .expect("the new primary accepts writes");
 }
+
+/// The leader stopped first, by mistake: a replica took over, so the old leader's data is no
+/// longer the cluster's latest. Its upgrade is refused, naming the running leader, and nothing
+/// changes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_leader_is_not_upgraded_while_another_member_leads() {
+    let Some(pg17) = pg17_bin_dir() else { return };
+    let mut env = TestEnv::start(ClusterOptions::default())
+        .await
+        .expect("etcd starts");
+    for name in ["pg0", "pg1"] {
+        env.add_member(name);
+    }
+    for i in 0..2 {
+        env.start_member(i).expect("agent starts");
+    }
+    let leader = env.wait_for_leader(T).await;
+    wait_for_streaming(&env, &leader, 1).await;
+    stop(&mut env, &leader);
+    wait_until("the replica takes over", T, || async {
+        env.leader().await.is_some_and(|l| l != leader)
+    })
+    .await;
+    let new_leader = env.leader().await.expect("leader");
+
+    let m = env
+        .members
+        .iter()
+        .find(|m| m.name == leader)
+        .expect("member");
+    let out = upgrade_data_dir(&m.config_path(), Some(&pg17), None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains(&format!(
+            "the leader \"{new_leader}\" is running in the cluster"
+        )),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_version(&m.data_dir()), "15");
+    assert!(!sibling(&m.data_dir(), ".upgrade-new").exists());
+    assert!(!sibling(&m.data_dir(), ".pre-upgrade-15").exists());
+}
