@@ -49,6 +49,8 @@ pub enum RunError {
     Lock(#[source] crate::postgres::agent_lock::LockError),
     #[error("the major-version upgrade")]
     Upgrade(#[source] crate::postgres::upgrade::UpgradeError),
+    #[error("the PostgreSQL binaries")]
+    Binaries(#[source] crate::postgres::upgrade::UpgradeError),
     #[error("cannot read the data directory's control file")]
     ControlData(#[source] crate::postgres::controldata::ControlDataError),
     #[error(
@@ -124,6 +126,12 @@ pub async fn run_agent(config: Config, reload: Option<ha::ReloadFn>) -> Result<(
         tracing::warn!(data_dir = %config.postgresql.data_dir.display(), "finished an interrupted major-version upgrade: its upgraded data directory was moved into place");
     }
     crate::postgres::data_dir::discard_unfinished_bootstrap(&config.postgresql.data_dir);
+    crate::postgres::upgrade::check_binaries_match(
+        &config.postgres_bin_dirs(),
+        &config.postgresql.data_dir,
+    )
+    .await
+    .map_err(RunError::Binaries)?;
     crate::backup::restore::refuse_foreign_stanza(&config)
         .await
         .map_err(RunError::Backup)?;

@@ -127,6 +127,21 @@ async fn a_cleanly_stopped_member_is_upgraded_from_15_to_17_with_its_data() {
         assert!(data_dir.join(carried).exists(), "{carried} carried over");
     }
 
+    // The agent still on the 15 binaries: refused at its start, naming the fix, where postgres
+    // would refuse the directory on every start.
+    env.start_member(0).expect("agent starts");
+    let status = env.members[0]
+        .agent()
+        .wait_exit(T)
+        .expect("the agent exits");
+    assert_eq!(status.code(), Some(1));
+    let log = env.members[0].log_text();
+    assert!(
+        log.contains("the data directory is PostgreSQL 17, but the binaries chosen for it"),
+        "{}",
+        env.members[0].log_tail(20)
+    );
+
     // The agent on the new binaries: the same member leads again, on 17, with every row; a
     // password login over TCP shows the carried pg_hba.conf and the kept role passwords.
     let m = env.member("pg0");

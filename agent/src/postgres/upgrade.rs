@@ -102,6 +102,18 @@ pub enum UpgradeError {
         bin: u32,
         bin_dir: PathBuf,
     },
+    /// At the agent's start: the binaries chosen for the data directory are of another major
+    /// version (postgres would refuse the directory and be restarted over and over).
+    #[error(
+        "the data directory is PostgreSQL {data}, but the binaries chosen for it ({bin_dir}) are \
+         PostgreSQL {bin}: set `postgresql.bin_dirs.{data}` (or `postgresql.bin_dir`) to \
+         PostgreSQL {data}'s binaries"
+    )]
+    BinariesMismatch {
+        data: u32,
+        bin: u32,
+        bin_dir: PathBuf,
+    },
     /// The new binaries are not a later major version.
     #[error("the new binaries are version {to}, not later than the data directory's {from}")]
     NotAnUpgrade { from: u32, to: u32 },
@@ -197,6 +209,31 @@ pub async fn binaries_major(bin_dir: &Path) -> Result<u32, UpgradeError> {
             std::io::Error::other(format!("unexpected output {:?}", text.trim())),
         )
     })
+}
+
+/// At the agent's start: the binaries [`crate::config::BinDirs`] picks for `data_dir` are of
+/// its `PG_VERSION` (after an upgrade, `bin_dirs` may lack the new version). A data directory
+/// without a version, or binaries whose version cannot be read, pass: initdb, a clone and
+/// postgres itself report those. Asks `pg_controldata --version`, which the agent runs anyway.
+pub async fn check_binaries_match(
+    bin_dirs: &crate::config::BinDirs,
+    data_dir: &Path,
+) -> Result<(), UpgradeError> {
+    let Ok(data) = data_dir_major(data_dir) else {
+        return Ok(());
+    };
+    let bin_dir = bin_dirs.for_data_dir(data_dir);
+    let Ok(out) = tokio::process::Command::new(bin_dir.join("pg_controldata"))
+        .arg("--version")
+        .output()
+        .await
+    else {
+        return Ok(());
+    };
+    match parse_version_output(&String::from_utf8_lossy(&out.stdout)) {
+        Some(bin) if bin != data => Err(UpgradeError::BinariesMismatch { data, bin, bin_dir }),
+        _ => Ok(()),
+    }
 }
 
 fn parse_version_output(text: &str) -> Option<u32> {
