@@ -420,7 +420,7 @@ pub async fn upgrade_stopped_member(
                 ours: before.system_identifier.clone(),
             });
         }
-        if request.data_dir.join("postmaster.pid").exists() {
+        if crate::postgres::supervisor::live_postmaster_pid(&request.data_dir).is_some() {
             return Err(RunError::Upgrade(upgrade::UpgradeError::Running(
                 request.data_dir.clone(),
             )));

@@ -192,6 +192,8 @@ async fn a_member_that_crashed_is_not_upgraded_and_its_directory_is_left_alone()
     let (mut env, _) = member_with_data().await;
     let config = env.members[0].config_path();
     let data_dir = env.members[0].data_dir();
+    // Whether the postmaster ends by the parent-death signal (removing postmaster.pid) or by
+    // the SIGKILL (leaving it) is a race: both must be refused for the unclean shutdown.
     env.members[0].kill9_with_postmaster();
     let _ = env.members[0].agent().wait_exit(T);
 
@@ -205,6 +207,25 @@ async fn a_member_that_crashed_is_not_upgraded_and_its_directory_is_left_alone()
     assert_eq!(pg_version(&data_dir), "15");
     assert!(!sibling(&data_dir, ".upgrade-new").exists());
     assert!(!sibling(&data_dir, ".pre-upgrade-15").exists());
+
+    // The SIGKILL case for certain: a postmaster.pid whose process is gone.
+    let mut gone = Command::new("true").spawn().expect("spawn");
+    let dead_pid = gone.id();
+    gone.wait().expect("wait");
+    std::fs::write(
+        data_dir.join("postmaster.pid"),
+        format!("{dead_pid}\n{}\n", data_dir.display()),
+    )
+    .expect("write postmaster.pid");
+    let out = upgrade_data_dir(&config, Some(&pg17), None);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out));
+    assert!(
+        text(&out).contains("InProduction, not \"shut down\""),
+        "{}",
+        text(&out)
+    );
+    assert_eq!(pg_version(&data_dir), "15");
+    assert!(!sibling(&data_dir, ".upgrade-new").exists());
 }
 
 async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {

@@ -4,7 +4,7 @@
 //!
 //! 1. Checks, before anything is written: `PG_VERSION` names a major version, the old binaries
 //!    are of that version and the new ones of a later one, `pg_controldata` says `shut down`
-//!    (a primary that stopped cleanly: not a replica, not a crash), no `postmaster.pid`, and no
+//!    (a primary that stopped cleanly: not a replica, not a crash), no live postmaster, and no
 //!    `postgresql.auto.conf` setting the new version lacks (postgres would refuse to start).
 //! 2. `initdb` of the new version into `<data_dir>.upgrade-new` (a sibling, so `--link` can
 //!    hard-link: same filesystem), with the same superuser, the `bootstrap.initdb` options and
@@ -126,8 +126,8 @@ pub enum UpgradeError {
          shutdown can be upgraded (start it and stop it with -m fast, or promote it first)"
     )]
     NotCleanlyShutDown(ClusterState),
-    /// `postmaster.pid` exists: a postgres may run on the directory.
-    #[error("{0}/postmaster.pid exists: postgres may be running on it")]
+    /// `postmaster.pid` names a live process: a postgres may run on the directory.
+    #[error("{0}/postmaster.pid names a live process: postgres may be running on it")]
     Running(PathBuf),
     /// `postgresql.auto.conf` sets parameters the new version does not have.
     #[error("postgresql.auto.conf sets parameters PostgreSQL {to} does not have: {names}; remove them (ALTER SYSTEM RESET) first")]
@@ -270,7 +270,9 @@ pub async fn preflight(req: &UpgradeRequest) -> Result<(u32, u32, bool), Upgrade
     if to <= from {
         return Err(UpgradeError::NotAnUpgrade { from, to });
     }
-    if req.data_dir.join("postmaster.pid").exists() {
+    // A postmaster.pid whose process is gone is a crash's leftover: the state check below
+    // refuses that directory, with the better reason.
+    if super::supervisor::live_postmaster_pid(&req.data_dir).is_some() {
         return Err(UpgradeError::Running(req.data_dir.clone()));
     }
     let control = controldata::read(&req.old_bin_dir, &req.data_dir)
