@@ -30,25 +30,8 @@ async fn three_members(options: ClusterOptions, proxied: bool) -> (TestEnv, Vec<
         env.start_member(i).expect("start");
     }
     let leader = env.wait_for_leader(T).await;
-    wait_for_streaming(&env, &leader, 2).await;
+    env.wait_for_streaming(&leader, 2, T).await;
     (env, proxies)
-}
-
-async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {
-    wait_until(
-        &format!("{replicas} replicas stream from {leader}"),
-        T,
-        || async {
-            let mut streaming = 0;
-            for m in env.members.iter().filter(|m| m.name != leader) {
-                if m.is_streaming_replica().await {
-                    streaming += 1;
-                }
-            }
-            streaming == replicas
-        },
-    )
-    .await;
 }
 
 async fn start_writer(env: &TestEnv, leader: &str) -> Writer {
@@ -461,7 +444,7 @@ async fn a_replicatefrom_member_cascades_and_falls_back_to_the_leader() {
     let leader = env.wait_for_leader(T).await;
     assert_eq!(leader, "pg0");
     env.start_member(1).expect("start pg1");
-    wait_for_streaming(&env, "pg0", 1).await;
+    env.wait_for_streaming("pg0", 1, T).await;
     // pg2 clones from pg1 only once pg1's member key says it runs (a clean-clone CI run started
     // pg2 while the key still said otherwise, and pg2 cloned the leader).
     let pg1_key = env.key("members/pg1");
@@ -695,7 +678,7 @@ async fn after_a_switchover_a_killed_leader_still_rejoins() {
         .expect("candidate");
     // The candidate must stream first: a clean-clone CI run asked while it was still being
     // cloned, and the leader rightly refused (503).
-    wait_for_streaming(&env, &first, 2).await;
+    env.wait_for_streaming(&first, 2, T).await;
     let body = format!(r#"{{"leader": "{first}", "candidate": "{candidate}"}}"#);
     let (code, text) = env
         .member(&first)
@@ -704,7 +687,7 @@ async fn after_a_switchover_a_killed_leader_still_rejoins() {
         .expect("answers");
     assert_eq!(code, 200, "{text}");
     wait_for_replica(&env, &first).await;
-    wait_for_streaming(&env, &candidate, 2).await;
+    env.wait_for_streaming(&candidate, 2, T).await;
 
     let writer = start_writer(&env, &candidate).await;
     tokio::time::sleep(Duration::from_secs(2)).await;
@@ -729,7 +712,7 @@ async fn a_switchover_after_a_failover_and_rejoin_leaves_a_healthy_cluster() {
     let second = wait_for_new_leader(&env, &first).await;
     env.member(&first).restart().expect("restart");
     wait_for_replica(&env, &first).await;
-    wait_for_streaming(&env, &second, 2).await;
+    env.wait_for_streaming(&second, 2, T).await;
 
     let candidate = env
         .members
@@ -744,7 +727,7 @@ async fn a_switchover_after_a_failover_and_rejoin_leaves_a_healthy_cluster() {
         .await
         .expect("answers");
     assert_eq!(code, 200, "{text}");
-    wait_for_streaming(&env, &candidate, 2).await;
+    env.wait_for_streaming(&candidate, 2, T).await;
 }
 
 /// Kill -9 of whoever leads, several times in a row: each time exactly one member takes over,
@@ -766,7 +749,7 @@ async fn repeated_kill9_failovers_each_leave_a_whole_cluster() {
         let new = wait_for_new_leader(&env, &old).await;
         env.member(&old).restart().expect("restart the old leader");
         wait_for_replica(&env, &old).await;
-        wait_for_streaming(&env, &new, 2).await;
+        env.wait_for_streaming(&new, 2, T).await;
         eprintln!("round {round}: {old} -> {new}, cluster whole again");
     }
     let acks = writer.stop().await;
@@ -796,7 +779,7 @@ async fn a_former_primary_rewinds_once_the_new_leader_is_reachable_again() {
         env.start_member(i).expect("start");
     }
     let old = env.wait_for_leader(T).await;
-    wait_for_streaming(&env, &old, 2).await;
+    env.wait_for_streaming(&old, 2, T).await;
     let writer = start_writer(&env, &old).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
 
@@ -1116,7 +1099,7 @@ async fn the_new_leader_publishes_its_promotion_before_the_next_loop_wait_tick()
         env.start_member(i).expect("start");
     }
     let old = env.wait_for_leader(T).await;
-    wait_for_streaming(&env, &old, 1).await;
+    env.wait_for_streaming(&old, 1, T).await;
     let candidate = env
         .members
         .iter()
@@ -1312,7 +1295,7 @@ async fn a_killed_agent_nobody_can_replace_resumes_as_leader_after_its_restart()
     let old = env.wait_for_leader(T).await;
     assert_eq!(old, "pg0");
     env.start_member(i).expect("start pg1");
-    wait_for_streaming(&env, &old, 1).await;
+    env.wait_for_streaming(&old, 1, T).await;
 
     env.member(&old).agent().kill9();
     env.member(&old).restart().expect("restart the agent");
@@ -1358,7 +1341,7 @@ async fn in_failsafe_mode_a_leader_cut_off_from_etcd_stays_primary_while_every_m
         env.start_member(i).expect("start");
     }
     let old = env.wait_for_leader(T).await;
-    wait_for_streaming(&env, &old, 2).await;
+    env.wait_for_streaming(&old, 2, T).await;
     let index = env
         .members
         .iter()

@@ -232,23 +232,6 @@ async fn a_member_that_crashed_is_not_upgraded_and_its_directory_is_left_alone()
     assert!(!sibling(&data_dir, ".upgrade-new").exists());
 }
 
-async fn wait_for_streaming(env: &TestEnv, leader: &str, replicas: usize) {
-    wait_until(
-        &format!("{replicas} replicas stream from {leader}"),
-        T,
-        || async {
-            let mut streaming = 0;
-            for m in env.members.iter().filter(|m| m.name != leader) {
-                if m.is_streaming_replica().await {
-                    streaming += 1;
-                }
-            }
-            streaming == replicas
-        },
-    )
-    .await;
-}
-
 fn stop(env: &mut TestEnv, name: &str) {
     let agent = env.member(name).agent();
     agent.signal(nix::sys::signal::Signal::SIGTERM);
@@ -278,7 +261,7 @@ async fn a_three_member_cluster_is_upgraded_from_15_to_17_and_is_ha_again() {
         env.start_member(i).expect("agent starts");
     }
     let leader = env.wait_for_leader(T).await;
-    wait_for_streaming(&env, &leader, 2).await;
+    env.wait_for_streaming(&leader, 2, T).await;
     let l = env
         .members
         .iter()
@@ -359,7 +342,7 @@ async fn a_three_member_cluster_is_upgraded_from_15_to_17_and_is_ha_again() {
             .expect("replica");
         env.start_member(i).expect("a replica's agent starts");
     }
-    wait_for_streaming(&env, &leader, 2).await;
+    env.wait_for_streaming(&leader, 2, T).await;
     for m in &env.members {
         let version = m
             .sql("SELECT current_setting('server_version_num')")
@@ -382,7 +365,7 @@ async fn a_three_member_cluster_is_upgraded_from_15_to_17_and_is_ha_again() {
         .await
         .expect("answers");
     assert_eq!(code, 200, "{answer}");
-    wait_for_streaming(&env, &candidate, 2).await;
+    env.wait_for_streaming(&candidate, 2, T).await;
     assert_eq!(env.leader().await.as_deref(), Some(candidate.as_str()));
     let c = env
         .members
@@ -410,7 +393,7 @@ async fn a_leader_is_not_upgraded_while_another_member_leads() {
         env.start_member(i).expect("agent starts");
     }
     let leader = env.wait_for_leader(T).await;
-    wait_for_streaming(&env, &leader, 1).await;
+    env.wait_for_streaming(&leader, 1, T).await;
     stop(&mut env, &leader);
     wait_until("the replica takes over", T, || async {
         env.leader().await.is_some_and(|l| l != leader)

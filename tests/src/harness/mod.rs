@@ -230,6 +230,24 @@ pub struct TestEnv {
 }
 
 impl TestEnv {
+    /// Waits until `replicas` members other than `leader` stream.
+    pub async fn wait_for_streaming(&self, leader: &str, replicas: usize, timeout: Duration) {
+        wait_until(
+            &format!("{replicas} replicas stream from {leader}"),
+            timeout,
+            || async {
+                let mut streaming = 0;
+                for m in self.members.iter().filter(|m| m.name != leader) {
+                    if m.is_streaming_replica().await {
+                        streaming += 1;
+                    }
+                }
+                streaming == replicas
+            },
+        )
+        .await;
+    }
+
     pub async fn start(options: ClusterOptions) -> anyhow::Result<TestEnv> {
         let dir = tempfile::Builder::new().prefix("pgw").tempdir()?;
         set_mode(dir.path(), 0o755);
