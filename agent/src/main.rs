@@ -57,6 +57,12 @@ enum Command {
         /// else `postgresql.bin_dir`.
         #[arg(long = "old-bin-dir")]
         old_bin_dir: Option<PathBuf>,
+        /// Exit 0 without touching anything when there is nothing to upgrade: no data
+        /// directory yet (or it was moved aside), or one already of the new binaries' version.
+        /// How a container runs it before every start of the agent (the controller's
+        /// major-version upgrade, docs/upgrade.md).
+        #[arg(long = "if-needed")]
+        if_needed: bool,
         #[command(flatten)]
         flags: Box<Flags>,
     },
@@ -161,8 +167,9 @@ fn main() -> ExitCode {
             config,
             new_bin_dir,
             old_bin_dir,
+            if_needed,
             flags,
-        }) => upgrade_data_dir(&config, &flags, new_bin_dir, old_bin_dir),
+        }) => upgrade_data_dir(&config, &flags, new_bin_dir, old_bin_dir, if_needed),
         Some(Command::ValidateConfig { config, flags }) => match load(Some(&config), &flags) {
             Ok(loaded) => {
                 for warning in &loaded.warnings {
@@ -292,6 +299,7 @@ fn upgrade_data_dir(
     flags: &Flags,
     new_bin_dir: Option<PathBuf>,
     old_bin_dir: Option<PathBuf>,
+    if_needed: bool,
 ) -> ExitCode {
     use pgwarden::postgres::{agent_lock::AgentLock, initdb::initdb_args, upgrade};
     let loaded = match load(Some(path), flags) {
@@ -312,6 +320,32 @@ fn upgrade_data_dir(
         superuser: config.postgresql.authentication.superuser.username.clone(),
         initdb_args: initdb_args(&config.bootstrap.initdb),
     };
+    if if_needed {
+        // No PG_VERSION: no cluster here yet (the agent initializes or clones one), or a
+        // replica's old data was moved aside by an earlier run.
+        if let Ok(data) = upgrade::data_dir_major(&data_dir) {
+            match runtime.block_on(upgrade::binaries_major(&request.new_bin_dir)) {
+                Ok(new) if data >= new => {
+                    println!(
+                        "{}: PostgreSQL {data}, nothing to upgrade to {new}",
+                        data_dir.display()
+                    );
+                    return ExitCode::SUCCESS;
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    eprintln!("pgwarden upgrade-data-dir: {e}");
+                    return ExitCode::from(1);
+                }
+            }
+        } else {
+            println!(
+                "{}: no data directory of a PostgreSQL version, nothing to upgrade",
+                data_dir.display()
+            );
+            return ExitCode::SUCCESS;
+        }
+    }
     let result = runtime.block_on(async {
         // The agent's own lock: no agent (or fence guard) may use the directory meanwhile; a
         // fence guard finishing a crash release holds it for a few seconds.

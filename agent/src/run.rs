@@ -460,6 +460,14 @@ pub async fn upgrade_stopped_member(
         )));
     }
     let outcome = upgrade::upgrade(request).await.map_err(RunError::Upgrade)?;
+    if config.pgbackrest.is_some() {
+        // The repository's stanza describes the old version: the leader's backup service
+        // upgrades it (crate::backup::service).
+        let marker = request.data_dir.join(crate::backup::STANZA_UPGRADE_MARKER);
+        if let Err(e) = std::fs::write(&marker, format!("{}\n", outcome.from_major)) {
+            warn!(path = %marker.display(), error = %e, "cannot leave the stanza-upgrade marker: run `pgbackrest stanza-upgrade` by hand");
+        }
+    }
     let after = controldata::read(&request.new_bin_dir, &request.data_dir)
         .await
         .map_err(RunError::ControlData)?;

@@ -100,6 +100,11 @@ pub async fn patroni(api_url: &str, timeout: Duration) -> Result<String, AgentAp
     request("GET", api_url, "/patroni", String::new(), None, timeout).await
 }
 
+/// `GET /backups`: `pgbackrest info --output=json` of the member's stanza.
+pub async fn backups(api_url: &str, timeout: Duration) -> Result<String, AgentApiError> {
+    request("GET", api_url, "/backups", String::new(), None, timeout).await
+}
+
 async fn post(
     api_url: &str,
     path: &str,

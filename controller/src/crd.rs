@@ -639,6 +639,30 @@ pub struct PostgresClusterStatus {
     /// The last on-demand backup (`pgwarden.io/backup` annotation).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub manual_backup: Option<ManualBackupStatus>,
+    /// The last major-version upgrade (a raised `spec.postgresVersion`), step by step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upgrade: Option<UpgradeStatus>,
+}
+
+/// `status.upgrade`: where a major-version upgrade stands (`crate::upgrade`).
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct UpgradeStatus {
+    /// The major version the cluster ran before.
+    pub from: u32,
+    /// The major version it is upgraded to.
+    pub to: u32,
+    /// `Pending` (waits for a precondition, nothing changed), `Stopping`, `Upgrading` (the first
+    /// member's data), `Recloning` (the replicas), `Succeeded`.
+    pub phase: String,
+    /// What the step does or waits for.
+    pub message: String,
+    /// When the controller first saw this upgrade (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<String>,
+    /// When every member ran the new version (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<String>,
 }
 
 /// `status.manualBackup`: the backup started for one value of the `pgwarden.io/backup`
@@ -737,21 +761,6 @@ pub const MANAGED_PARAMETERS: &[&str] = &[
 
 impl PostgresClusterSpec {
     /// Cross-field checks the OpenAPI schema cannot express; every problem at once.
-    /// A change of `postgresVersion` on a cluster whose StatefulSet was made for `running`:
-    /// refused until major-version upgrades exist, since postgres of another major version
-    /// cannot start on the existing data directories (the members would stay down).
-    pub fn version_change(&self, running: u32) -> Option<SpecError> {
-        (running != self.postgres_version).then(|| SpecError {
-            field: "postgresVersion".to_owned(),
-            reason: format!(
-                "is {}, but the cluster's data directories are PostgreSQL {running}: a major \
-                 version change needs pg_upgrade, which the controller does not run yet; \
-                 nothing is changed until it is set back to {running}",
-                self.postgres_version
-            ),
-        })
-    }
-
     pub fn validate(&self) -> Result<(), Vec<SpecError>> {
         let mut errors = Vec::new();
         let mut err = |field: String, reason: String| errors.push(SpecError { field, reason });

@@ -19,6 +19,7 @@
 //! - [`pooler`]: `spec.pooler`'s PgBouncer objects, and its role and `auth_query` function.
 //! - [`sql`]: the roles and databases of `spec.users`/`spec.databases`, on the primary.
 //! - [`unchanged`]: whether an apply would change anything (skipped when not).
+//! - [`upgrade`]: the major-version upgrade of a raised `spec.postgresVersion` (pure).
 
 pub mod agent_api;
 pub mod crd;
@@ -33,3 +34,4 @@ pub mod scale_down;
 pub mod sql;
 pub mod status;
 pub mod unchanged;
+pub mod upgrade;

@@ -32,6 +32,7 @@ use crate::rollout::{self, Step};
 use crate::scale_down;
 use crate::status::{self, member_of, PodView, StatusInput, MEMBER_ANNOTATION};
 use crate::unchanged;
+use crate::upgrade;
 
 /// Finalizer present only while `spec.pvcRetention: Delete`: the PVCs are nobody's children,
 /// so deleting them needs the controller. With the default `Retain` no finalizer is set, and
@@ -41,7 +42,8 @@ pub const PVC_FINALIZER: &str = "pgwarden.io/delete-pvcs";
 /// How long a switchover request may take (the agent answers when the new leader took over).
 const SWITCHOVER_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// How long `POST /backup` and `GET /patroni` may take (the agent answers at once).
+/// How long `POST /backup`, `GET /backups` and `GET /patroni` may take (the agent answers at
+/// once).
 const BACKUP_CALL_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Failures of one reconcile. Each is retried with exponential backoff by [`error_policy`].
@@ -251,14 +253,18 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
         Ok(()) => Vec::new(),
         Err(errors) => errors,
     };
-    if let Some(running) = running_postgres_version(pg, &client).await? {
-        spec_errors.extend(pg.spec.version_change(running));
-    }
     // Observed before anything is applied: the StatefulSet's member count depends on who
     // leads (a departing leader hands over before its Pod is removed).
     let observed = observe(pg, &client).await?;
     let desired = pg.spec.instances.replicas;
-    let scale = if spec_errors.is_empty() {
+    let upgrade = plan_upgrade(pg, &observed).await?;
+    if let upgrade::Plan::Refused(e) = &upgrade {
+        spec_errors.push(e.clone());
+    }
+    let rendering = upgrade.rendering(pg.spec.postgres_version);
+    // The builders render the version (and upgrade) of this step, not always the spec's.
+    let rendered = rendering.apply_to(pg);
+    let scale = if spec_errors.is_empty() && !upgrade.in_progress() {
         scale_down::plan(
             desired,
             observed.statefulset_replicas,
@@ -269,9 +275,14 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     } else {
         scale_down::Plan::Proceed
     };
-    let replicas = scale.replicas(desired);
+    let replicas = match rendering.replicas {
+        Some(n) => n,
+        // Pending: the member count waits with the rest.
+        None if upgrade.in_progress() => observed.statefulset_replicas.unwrap_or(desired),
+        None => scale.replicas(desired),
+    };
     if spec_errors.is_empty() {
-        apply_children(pg, ctx, replicas).await?;
+        apply_children(&rendered, ctx, replicas).await?;
     } else {
         // Nothing is changed on the strength of an invalid spec; the running cluster stays
         // as it is and the condition says why.
@@ -283,6 +294,9 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     }
     let step = if !spec_errors.is_empty() {
         Step::UpToDate
+    } else if let Some(note) = upgrade.note() {
+        // The upgrade stops and starts the members itself.
+        Step::Wait(note.message)
     } else if scale != scale_down::Plan::Proceed {
         // One thing at a time: restarting a member now could take away the candidate, and a
         // rollout's switchover could pick a departing member.
@@ -302,15 +316,32 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
         Step::UpToDate => None,
         other => Some(other.to_string()),
     };
+    let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
+    let previous_upgrade = pg.status.as_ref().and_then(|s| s.upgrade.as_ref());
+    let upgrade_status = upgrade.status(previous_upgrade, &now);
+    if let Some(u) = upgrade_status.as_ref().filter(|u| {
+        previous_upgrade.map(|p| (&p.phase, &p.message)) != Some((&u.phase, &u.message))
+    }) {
+        info!(cluster = %names.cluster, from = u.from, to = u.to, phase = %u.phase, "upgrade: {}", u.message);
+    }
     write_status(
         pg,
         &clusters,
         &observed,
         &spec_errors,
         rollout_note,
-        scale.note(),
+        upgrade.note().or_else(|| scale.note()),
+        upgrade_status,
     )
     .await?;
+    if let upgrade::Plan::Stopping {
+        switchover: Some((primary, candidate)),
+        ..
+    } = &upgrade
+    {
+        info!(cluster = %names.cluster, "upgrade: switching over from {primary} to {candidate}");
+        switchover(&client, &names, &observed, primary, candidate).await?;
+    }
     match &scale {
         scale_down::Plan::Proceed => {}
         scale_down::Plan::Switchover {
@@ -338,29 +369,84 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     Ok(match step {
         // An on-demand backup is being asked for or followed.
         _ if backup_pending => Action::requeue(Duration::from_secs(5)),
+        // Waiting for a backup (or a resume) is for people: no need to look often.
+        _ if matches!(upgrade, upgrade::Plan::Pending { .. }) => {
+            Action::requeue(Duration::from_secs(30))
+        }
         Step::UpToDate if observed.all_ready(desired) => Action::requeue(Duration::from_secs(300)),
         // Members starting, a rollout under way: look again soon (Pod events also wake us).
         _ => Action::requeue(Duration::from_secs(5)),
     })
 }
 
-/// The major version the cluster's StatefulSet was made for; `None` before it exists (or when
-/// a controller older than the annotation made it: the next apply records the spec's).
-async fn running_postgres_version(
-    pg: &PostgresCluster,
-    client: &Client,
-) -> Result<Option<u32>, Error> {
+/// The major-version step of this reconcile ([`upgrade::plan`]), with what it needs gathered:
+/// the leader's backups before the upgrade commits, the members' server versions while they
+/// start on the new one.
+async fn plan_upgrade(pg: &PostgresCluster, observed: &Observed) -> Result<upgrade::Plan, Error> {
     let names = Names::of(pg);
-    let sets: Api<StatefulSet> = Api::namespaced(client.clone(), &names.namespace);
-    let name = names.statefulset();
-    let set = sets
-        .get_opt(&name)
-        .await
-        .map_err(kube_err(format!("reading the StatefulSet {name}")))?;
-    Ok(set.and_then(|s| {
-        s.annotations()
-            .get(render::POSTGRES_VERSION_ANNOTATION)
-            .and_then(|v| v.parse().ok())
+    let target = pg.spec.postgres_version;
+    let previous = pg.status.as_ref().and_then(|s| s.upgrade.as_ref());
+    let api_url = |pod: &str| {
+        observed
+            .pods
+            .iter()
+            .find(|p| p.name == pod)
+            .and_then(|p| p.member.as_ref())
+            .map(|m| m.api_url.clone())
+            .filter(|u| !u.is_empty())
+    };
+    let backup = if pg.spec.backups.is_none() {
+        upgrade::BackupCheck::NotConfigured
+    } else if !upgrade::needs_backup_check(target, observed.template) {
+        upgrade::BackupCheck::NotAsked
+    } else {
+        match observed.lease_holder.as_deref().and_then(api_url) {
+            None => upgrade::BackupCheck::Missing("the leader's backups cannot be read".to_owned()),
+            Some(url) => match agent_api::backups(&url, BACKUP_CALL_TIMEOUT).await {
+                Ok(body) => match serde_json::from_str(&body) {
+                    Ok(info) => upgrade::backup_check(&info, chrono::Utc::now().timestamp()),
+                    Err(e) => upgrade::BackupCheck::Missing(format!(
+                        "the leader's `GET /backups` is not JSON ({e})"
+                    )),
+                },
+                Err(e) => upgrade::BackupCheck::Missing(format!(
+                    "the leader's backups cannot be read ({e})"
+                )),
+            },
+        }
+    };
+    let mut server_majors = std::collections::BTreeMap::new();
+    if upgrade::needs_versions(target, observed.template, previous) {
+        for pod in &observed.pods {
+            let Some(url) = api_url(&pod.name) else {
+                continue;
+            };
+            match agent_api::patroni(&url, BACKUP_CALL_TIMEOUT).await {
+                Ok(body) => {
+                    let version = serde_json::from_str::<serde_json::Value>(&body)
+                        .ok()
+                        .and_then(|v| v["server_version"].as_u64());
+                    if let Some(major) = version.and_then(|v| u32::try_from(v / 10_000).ok()) {
+                        server_majors.insert(pod.name.clone(), major);
+                    }
+                }
+                Err(e) => {
+                    debug!(cluster = %names.cluster, pod = %pod.name, error = %e, "cannot read the member's server version")
+                }
+            }
+        }
+    }
+    Ok(upgrade::plan(&upgrade::Input {
+        target,
+        template: observed.template,
+        desired: pg.spec.instances.replicas,
+        current_replicas: observed.statefulset_replicas,
+        pods: &observed.pods,
+        leader: observed.lease_holder.as_deref(),
+        paused: observed.paused,
+        backup,
+        server_majors: &server_majors,
+        previous,
     }))
 }
 
@@ -569,6 +655,8 @@ struct Observed {
     statefulset_replicas: Option<i32>,
     /// The agents' `config.pause`, or a member publishing `pause`.
     paused: bool,
+    /// The StatefulSet's version annotations ([`upgrade::template_of`]).
+    template: Option<upgrade::Template>,
 }
 
 impl Observed {
@@ -600,6 +688,9 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         .as_ref()
         .and_then(|s| s.spec.as_ref())
         .and_then(|s| s.replicas);
+    let template = statefulset
+        .as_ref()
+        .and_then(|s| upgrade::template_of(s.annotations()));
     let update_revision = statefulset
         .and_then(|s| s.status)
         .and_then(|s| s.update_revision);
@@ -641,6 +732,7 @@ async fn observe(pg: &PostgresCluster, client: &Client) -> Result<Observed, Erro
         lease_holder,
         statefulset_replicas,
         paused,
+        template,
     })
 }
 
@@ -688,6 +780,7 @@ async fn write_status(
     spec_errors: &[SpecError],
     rollout: Option<String>,
     scale_down: Option<status::ProgressNote>,
+    upgrade: Option<crate::crd::UpgradeStatus>,
 ) -> Result<(), Error> {
     let input = StatusInput {
         generation: pg.meta().generation,
@@ -700,7 +793,10 @@ async fn write_status(
         previous: pg.status.as_ref(),
         now: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
     };
-    let status: PostgresClusterStatus = status::compute(&input);
+    let mut status: PostgresClusterStatus = status::compute(&input);
+    if upgrade.is_some() {
+        status.upgrade = upgrade;
+    }
     if pg.status.as_ref() == Some(&status) {
         return Ok(());
     }

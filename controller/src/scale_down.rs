@@ -183,7 +183,7 @@ fn nofailover(member: &crate::status::MemberRecord) -> bool {
 }
 
 /// The StatefulSet ordinal at the end of a Pod name (`pg-2` → 2).
-fn ordinal(name: &str) -> Option<i64> {
+pub fn ordinal(name: &str) -> Option<i64> {
     name.rsplit_once('-')
         .and_then(|(_, o)| o.parse().ok())
         .filter(|o: &i64| *o >= 0)

@@ -246,6 +246,7 @@ pub fn compute(input: &StatusInput<'_>) -> PostgresClusterStatus {
         conditions,
         current_revision: input.previous.and_then(|p| p.current_revision.clone()),
         manual_backup: input.previous.and_then(|p| p.manual_backup.clone()),
+        upgrade: input.previous.and_then(|p| p.upgrade.clone()),
     }
 }
 

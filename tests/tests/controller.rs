@@ -1025,6 +1025,17 @@ fn the_agent_accepts_the_configuration_rendered_for_every_example() {
     });
     assert_eq!(restored.spec.validate(), Ok(()));
     clusters.push(("production with restore".to_owned(), restored));
+    // Made for an upgrade from 15 to 17: both versions' binaries in `bin_dirs`.
+    let upgrading = pgwarden_controller::upgrade::Rendering {
+        version: 17,
+        upgrade_to: None,
+        upgraded_from: Some(15),
+        replicas: None,
+    }
+    .apply_to(&clusters[0].1);
+    clusters.push(("minimal upgraded from 15".to_owned(), upgrading));
+    // The test host has 17 where `scripts/build-postgres17.sh` puts it, not where the image does.
+    let pg17 = pgwarden_tests::harness::pg17_bin_dir();
     for (example, mut pg) in clusters {
         pg.metadata.namespace = Some("db".to_owned());
         let cm = pgwarden_controller::render::configmap::configmap(&pg);
@@ -1041,6 +1052,11 @@ fn the_agent_accepts_the_configuration_rendered_for_every_example() {
                 continue;
             }
             let path = dir.path().join(&file);
+            let text = match &pg17 {
+                Some(dir) => text.replace("/usr/lib/postgresql/17/bin", &dir.display().to_string()),
+                None if text.contains("/usr/lib/postgresql/17/bin") => continue,
+                None => text,
+            };
             std::fs::write(&path, &text).expect("write");
             let pod = file.trim_end_matches(".yml");
             let mut cmd = std::process::Command::new(pgwarden_tests::harness::agent_binary());
@@ -1318,6 +1334,50 @@ async fn set_pause(s: &Setup, cluster: &str, pause: bool) {
     .await;
 }
 
+/// A switchover from `primary` to `candidate` through `primary`'s agent, with the cluster's
+/// REST API credentials (as `pgwarden switchover` or the controller asks for one).
+async fn switch_over(
+    s: &Setup,
+    kubelet: &PodKubelet,
+    cluster: &str,
+    primary: &str,
+    candidate: &str,
+) {
+    let secret = s
+        .api::<Secret>()
+        .get(&format!("{cluster}-restapi"))
+        .await
+        .expect("the REST API Secret");
+    let field = |k: &str| {
+        secret
+            .data
+            .as_ref()
+            .and_then(|d| d.get(k))
+            .map(|v| String::from_utf8_lossy(&v.0).into_owned())
+            .expect("credential")
+    };
+    let credentials = pgwarden_controller::agent_api::ApiCredentials {
+        username: field("username"),
+        password: field("password"),
+    };
+    let port = kubelet
+        .state
+        .lock()
+        .await
+        .member(primary)
+        .expect("member")
+        .api_port;
+    pgwarden_controller::agent_api::switchover(
+        &format!("http://127.0.0.1:{port}/patroni"),
+        primary,
+        candidate,
+        Some(&credentials),
+        Duration::from_secs(60),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("switchover from {primary} to {candidate}: {e}"));
+}
+
 async fn pod_names(s: &Setup) -> Vec<String> {
     let mut names: Vec<String> = s
         .api::<Pod>()
@@ -1353,39 +1413,7 @@ async fn scaling_down_switches_a_departing_leader_over_to_a_staying_member_first
 
     // The leader is made the highest ordinal, the one a scale-down removes.
     if first != "down-2" {
-        let secret = s
-            .api::<Secret>()
-            .get("down-restapi")
-            .await
-            .expect("the REST API Secret");
-        let field = |k: &str| {
-            secret
-                .data
-                .as_ref()
-                .and_then(|d| d.get(k))
-                .map(|v| String::from_utf8_lossy(&v.0).into_owned())
-                .expect("credential")
-        };
-        let credentials = pgwarden_controller::agent_api::ApiCredentials {
-            username: field("username"),
-            password: field("password"),
-        };
-        let port = kubelet
-            .state
-            .lock()
-            .await
-            .member(&first)
-            .expect("member")
-            .api_port;
-        pgwarden_controller::agent_api::switchover(
-            &format!("http://127.0.0.1:{port}/patroni"),
-            &first,
-            "down-2",
-            Some(&credentials),
-            Duration::from_secs(60),
-        )
-        .await
-        .expect("switchover to down-2");
+        switch_over(&s, &kubelet, "down", &first, "down-2").await;
     }
     wait_until_whole(&s, "down", Some("down-2")).await;
     wait_until("both replicas stream from down-2", T, || async {
@@ -2398,4 +2426,194 @@ async fn a_pooler_follows_the_primary_across_a_switchover_reloads_its_settings_a
     // The cluster itself is untouched.
     wait_until_members_ready(&s, "pool", Some(other), 2).await;
     assert!(!ctl.log_text().contains(" ERROR "), "{}", ctl.log_text());
+}
+
+const CHECKSUM: &str =
+    "SELECT count(*)::text || ' ' || md5(string_agg(t::text, ',' ORDER BY id)) FROM t";
+
+async fn sql_on(kubelet: &PodKubelet, pod: &str, query: &str) -> anyhow::Result<Vec<String>> {
+    let k = kubelet.state.lock().await;
+    k.member(pod)
+        .ok_or_else(|| anyhow::anyhow!("no member {pod}"))?
+        .sql(query)
+        .await
+}
+
+/// `spec.postgresVersion` raised from 15 to 17 on a three-member cluster with data whose leader
+/// is not ordinal 0: the controller switches over to ordinal 0, stops the replicas, stops the
+/// leader last, switches the template (both versions' binaries, the `upgrade` init container),
+/// starts ordinal 0 alone (its init container runs pg_upgrade --link), then the replicas (their
+/// init containers move the old data aside, the agents clone). Every step is in
+/// `status.upgrade`; the data is the same (row count and an md5 over every row, on every
+/// member); every member runs 17 and streams; a switchover works afterwards; lowering the
+/// version again is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_raised_postgres_version_upgrades_the_cluster_to_17_with_its_data_and_it_is_ha_again() {
+    if pgwarden_tests::harness::pg17_bin_dir().is_none() {
+        return;
+    }
+    let s = setup("pgc-up").await;
+    let kubelet = PodKubelet::start(s.access.clone(), &s.ns, "up")
+        .await
+        .expect("kubelet");
+    let _ctl = s.controller("ctl-up");
+    let manifest = |version: u32| {
+        example("up", |v| {
+            v["spec"]["postgresVersion"] = json!(version);
+            v["spec"]["instances"]["replicas"] = json!(3);
+            v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+        })
+    };
+    s.apply(&manifest(15)).await.expect("apply the cluster");
+    let first = wait_until_whole(&s, "up", None).await;
+    // Ordinal 0 is the member that is stopped last and upgraded: make another one lead.
+    let leader = if first == "up-0" {
+        switch_over(&s, &kubelet, "up", "up-0", "up-2").await;
+        wait_until_whole(&s, "up", Some("up-2")).await
+    } else {
+        first
+    };
+    sql_on(
+        &kubelet,
+        &leader,
+        "CREATE TABLE t (id int PRIMARY KEY, v text NOT NULL); \
+         INSERT INTO t (id, v) SELECT g, md5(g::text) FROM generate_series(1, 10000) g",
+    )
+    .await
+    .expect("the primary accepts writes");
+    let before = sql_on(&kubelet, &leader, CHECKSUM)
+        .await
+        .expect("checksum")
+        .remove(0);
+    assert!(before.starts_with("10000 "), "{before}");
+    let events_before = kubelet.events().await.len();
+
+    s.apply(&manifest(17)).await.expect("raise postgresVersion");
+    let phases = std::sync::Mutex::new(Vec::<String>::new());
+    wait_until(
+        "status.upgrade reaches Succeeded",
+        Duration::from_secs(420),
+        || async {
+            let pg = s.cluster("up").await;
+            let Some(u) = pg.status.and_then(|st| st.upgrade) else {
+                return false;
+            };
+            assert_eq!((u.from, u.to), (15, 17), "{u:?}");
+            let mut seen = phases.lock().unwrap_or_else(|e| e.into_inner());
+            if seen.last() != Some(&u.phase) {
+                eprintln!("upgrade: {} - {}", u.phase, u.message);
+                seen.push(u.phase.clone());
+            }
+            u.phase == "Succeeded"
+        },
+    )
+    .await;
+    let phases = phases.into_inner().unwrap_or_else(|e| e.into_inner());
+    for phase in ["Stopping", "Upgrading", "Recloning"] {
+        assert!(
+            phases.iter().any(|p| p == phase),
+            "{phase} not seen in {phases:?}"
+        );
+    }
+    let leader = wait_until_whole(&s, "up", Some("up-0")).await;
+
+    // Stopped replicas first and the leader last, while it still led (no failover); started
+    // ordinal 0 first, alone.
+    let events: Vec<_> = kubelet.events().await.split_off(events_before);
+    let stops: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Stopped)
+        .collect();
+    let starts: Vec<_> = events
+        .iter()
+        .filter(|e| e.kind == EventKind::Started)
+        .map(|e| e.pod.as_str())
+        .collect();
+    assert_eq!(stops.len(), 3, "{events:#?}");
+    assert_eq!(stops[2].pod, "up-0", "{events:#?}");
+    assert_eq!(stops[2].leader.as_deref(), Some("up-0"), "{events:#?}");
+    assert_eq!(starts.first().copied(), Some("up-0"), "{events:#?}");
+    assert_eq!(starts.len(), 3, "{events:#?}");
+
+    for pod in ["up-0", "up-1", "up-2"] {
+        let version = sql_on(
+            &kubelet,
+            pod,
+            "SELECT current_setting('server_version_num')",
+        )
+        .await
+        .expect("sql");
+        assert!(version[0].starts_with("17"), "{pod}: {version:?}");
+        wait_until(&format!("{pod} has every row"), T, || async {
+            sql_on(&kubelet, pod, CHECKSUM)
+                .await
+                .ok()
+                .and_then(|mut r| r.pop())
+                == Some(before.clone())
+        })
+        .await;
+    }
+    {
+        let k = kubelet.state.lock().await;
+        let leader_port = k.member("up-0").expect("member").pg_port;
+        for pod in ["up-1", "up-2"] {
+            let m = k.member(pod).expect("member");
+            assert_eq!(
+                streams_from(m).await,
+                Some(leader_port),
+                "{pod} streams from up-0"
+            );
+            let mut kept = m.data_dir().into_os_string();
+            kept.push(".pre-upgrade-15");
+            assert!(
+                std::path::Path::new(&kept).exists(),
+                "{pod}'s old data is kept aside"
+            );
+        }
+    }
+    let sts = s.api::<StatefulSet>().get("up").await.expect("sts");
+    let annotations = sts.annotations();
+    assert_eq!(
+        annotations
+            .get("pgwarden.io/postgres-version")
+            .map(String::as_str),
+        Some("17")
+    );
+    assert_eq!(
+        annotations
+            .get("pgwarden.io/upgraded-from")
+            .map(String::as_str),
+        Some("15")
+    );
+    assert!(!annotations.contains_key("pgwarden.io/upgrade-to"));
+
+    // HA again: a switchover to a re-cloned replica, which accepts writes.
+    switch_over(&s, &kubelet, "up", &leader, "up-1").await;
+    wait_until_whole(&s, "up", Some("up-1")).await;
+    sql_on(
+        &kubelet,
+        "up-1",
+        "INSERT INTO t (id, v) VALUES (10001, 'after')",
+    )
+    .await
+    .expect("the new primary accepts writes");
+
+    // Down again is refused, and nothing is changed.
+    s.apply(&manifest(15)).await.expect("apply 15");
+    wait_until("lowering the version is reported", T, || async {
+        let pg = s.cluster("up").await;
+        condition(&pg, "Degraded").is_some_and(|c| {
+            c.status == "True"
+                && c.reason == "InvalidSpec"
+                && c.message.contains("cannot be lowered")
+        })
+    })
+    .await;
+    let sts = s.api::<StatefulSet>().get("up").await.expect("sts");
+    assert_eq!(
+        sts.annotations()
+            .get("pgwarden.io/postgres-version")
+            .map(String::as_str),
+        Some("17")
+    );
 }

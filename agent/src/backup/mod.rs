@@ -23,6 +23,10 @@
 //! spawns the service, the REST API routes `POST /backup` and `GET /backups` here, the HA loop
 //! adds [`standby::member_fields`] to the member record.
 
+/// A file in the data directory that `pgwarden upgrade-data-dir` leaves after a major-version
+/// upgrade: the leader runs `stanza-upgrade` before its next stanza-create, then removes it.
+pub const STANZA_UPGRADE_MARKER: &str = "pgwarden.stanza-upgrade";
+
 pub mod archive;
 pub mod command;
 pub mod interrupt;

@@ -433,6 +433,29 @@ impl Service {
         info!(stanza = %self.stanza, "leader: pushing earlier timelines' WAL, then stanza-create and check");
         let handle = tokio::spawn(async move {
             let mut problems = Vec::new();
+            // After `pgwarden upgrade-data-dir`: the stanza still describes the old version and
+            // system identifier, and stanza-create and every archive-push would refuse the
+            // new cluster. A stanza that does not exist yet makes this fail; stanza-create
+            // below then makes it. The marker goes once the stanza checks out.
+            let upgraded = data_dir.join(super::STANZA_UPGRADE_MARKER);
+            if upgraded.exists() {
+                info!(stanza = %stanza, "the data directory was upgraded to a new major version: stanza-upgrade");
+                let r = runner
+                    .run(
+                        Invocation {
+                            what: "stanza-upgrade",
+                            stanza: &stanza,
+                            args: vec![],
+                            loud: true,
+                            capture: false,
+                        },
+                        &token,
+                    )
+                    .await;
+                if let Err(e) = r {
+                    info!(stanza = %stanza, error = %crate::error::error_chain(&e), "stanza-upgrade did not run; stanza-create follows");
+                }
+            }
             // The stanza first: a segment pushed before it exists fails (a cluster restored
             // from a backup logged a spurious ERROR each time).
             runner
@@ -481,6 +504,11 @@ impl Service {
                     )
                     .await
                     .map_err(crate::backup::BackupError::caused_by)?;
+            }
+            if upgraded.exists() {
+                if let Err(e) = std::fs::remove_file(&upgraded) {
+                    warn!(path = %upgraded.display(), error = %e, "cannot remove the stanza-upgrade marker; stanza-upgrade runs again at the next start (harmless)");
+                }
             }
             if problems.is_empty() {
                 Ok(())

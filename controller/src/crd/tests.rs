@@ -164,22 +164,6 @@ fn examples_are_valid_specs() {
     assert!(n >= 3);
 }
 
-/// A running cluster's major version is not changed by the spec until upgrades exist: the
-/// error names the field and the version to set back.
-#[test]
-fn a_major_version_change_of_a_running_cluster_is_refused() {
-    let mut s = minimal();
-    assert_eq!(s.version_change(15), None);
-    s.postgres_version = 17;
-    let e = s.version_change(15).expect("refused");
-    assert_eq!(e.field, "postgresVersion");
-    assert!(
-        e.to_string().starts_with("spec.postgresVersion: is 17"),
-        "{e}"
-    );
-    assert!(e.reason.contains("set back to 15"), "{e}");
-}
-
 #[test]
 fn every_repository_may_have_schedules_and_a_posix_one_a_shared_volume() {
     let s = spec(

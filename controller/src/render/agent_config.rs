@@ -23,14 +23,56 @@ pub const RESTAPI_USER: &str = "pgwarden";
 
 /// The configuration of the member with this StatefulSet ordinal, as a YAML document. Members
 /// differ only in their `tags` (`spec.instances.failoverPriority`).
-pub fn render(names: &Names, spec: &PostgresClusterSpec, ordinal: i32) -> String {
+///
+/// `upgraded_from`: the Pods are made for an upgrade from that major version
+/// ([`with_upgrade_binaries`]).
+pub fn render(
+    names: &Names,
+    spec: &PostgresClusterSpec,
+    ordinal: i32,
+    upgraded_from: Option<u32>,
+) -> String {
     let mut config = value(names, spec);
     if let Some(priority) = spec.instances.failover_priority.get(&ordinal.to_string()) {
         // Patroni: priority 0 means never promoted automatically.
         config["tags"] = json!({"failover_priority": priority, "nofailover": *priority == 0});
     }
+    with_upgrade_binaries(&mut config, spec, upgraded_from);
     // Serializing a `serde_json::Value` to YAML cannot fail (string keys only).
-    serde_yaml::to_string(&config).unwrap_or_default()
+    let mut yaml = serde_yaml::to_value(&config).unwrap_or_default();
+    // The agent reads `bin_dirs` by major version: numbers as keys, which JSON cannot write.
+    if let Some(dirs) = config["postgresql"]["bin_dirs"].as_object() {
+        let by_major: serde_yaml::Mapping = dirs
+            .iter()
+            .filter_map(|(major, dir)| {
+                Some((
+                    serde_yaml::Value::from(major.parse::<u64>().ok()?),
+                    serde_yaml::Value::from(dir.as_str()?),
+                ))
+            })
+            .collect();
+        yaml["postgresql"]["bin_dirs"] = serde_yaml::Value::Mapping(by_major);
+    }
+    serde_yaml::to_string(&yaml).unwrap_or_default()
+}
+
+/// For Pods made for an upgrade from `upgraded_from` (`crate::upgrade`): the binaries of both
+/// versions in `postgresql.bin_dirs`, so each data directory runs on its own version's (the
+/// first member's upgraded data on the new, a replica's old data until its init container
+/// moves it aside, a clone on the newest) and `pgwarden upgrade-data-dir` finds the old ones.
+pub fn with_upgrade_binaries(
+    config: &mut Value,
+    spec: &PostgresClusterSpec,
+    upgraded_from: Option<u32>,
+) {
+    let Some(from) = upgraded_from.filter(|from| *from != spec.postgres_version) else {
+        return;
+    };
+    let mut dirs = Map::new();
+    for version in [from, spec.postgres_version] {
+        dirs.insert(version.to_string(), json!(super::bin_dir(version)));
+    }
+    config["postgresql"]["bin_dirs"] = Value::Object(dirs);
 }
 
 /// The file name of a member's configuration in the ConfigMap: the Pod name, which the
@@ -119,7 +161,7 @@ pub fn value(names: &Names, spec: &PostgresClusterSpec) -> Value {
         "postgresql": {
             "listen": format!("0.0.0.0:{POSTGRES_PORT}"),
             "data_dir": DATA_DIR,
-            "bin_dir": format!("/usr/lib/postgresql/{}/bin", spec.postgres_version),
+            "bin_dir": super::bin_dir(spec.postgres_version),
             "parameters": {},
             "pg_hba": pg_hba,
             "use_unix_socket": true,

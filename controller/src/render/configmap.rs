@@ -11,11 +11,12 @@ use crate::crd::PostgresCluster;
 
 pub fn configmap(pg: &PostgresCluster) -> ConfigMap {
     let names = Names::of(pg);
+    let upgraded_from = super::version_annotation(pg, super::UPGRADED_FROM_ANNOTATION);
     let mut data = BTreeMap::new();
     for ordinal in 0..pg.spec.instances.replicas.max(0) {
         data.insert(
             agent_config::member_file(&names, ordinal),
-            agent_config::render(&names, &pg.spec, ordinal),
+            agent_config::render(&names, &pg.spec, ordinal, upgraded_from),
         );
     }
     ConfigMap {
@@ -35,6 +36,11 @@ pub fn configmap(pg: &PostgresCluster) -> ConfigMap {
 pub fn config_hash(pg: &PostgresCluster) -> String {
     let names = Names::of(pg);
     let mut value = agent_config::value(&names, &pg.spec);
+    agent_config::with_upgrade_binaries(
+        &mut value,
+        &pg.spec,
+        super::version_annotation(pg, super::UPGRADED_FROM_ANNOTATION),
+    );
     if let Some(dcs_pg) = value["bootstrap"]["dcs"]["postgresql"].as_object_mut() {
         dcs_pg.remove("parameters");
     }

@@ -41,9 +41,27 @@ pub const ROLE_REPLICA: &str = "replica";
 pub const CONFIG_HASH_ANNOTATION: &str = "pgwarden.io/config-hash";
 
 /// Annotation on the StatefulSet (not its Pod template: no rollout): the PostgreSQL major
-/// version its data directories were made with, so a change of `spec.postgresVersion` on a
-/// running cluster is recognised and refused (`crd::PostgresClusterSpec::version_change`).
+/// version its template runs, so a raised `spec.postgresVersion` is recognised as an upgrade
+/// (`crate::upgrade`).
 pub const POSTGRES_VERSION_ANNOTATION: &str = "pgwarden.io/postgres-version";
+/// On the StatefulSet while its members stop for an upgrade to this version (`crate::upgrade`).
+/// On a `PostgresCluster` given to the builders: render the StatefulSet with it.
+pub const UPGRADE_TO_ANNOTATION: &str = "pgwarden.io/upgrade-to";
+/// On the StatefulSet whose template was made for an upgrade from this version: the agents
+/// have that version's binaries too (`postgresql.bin_dirs`) and an init container upgrades a
+/// member's data before its agent starts (`crate::upgrade`). On a `PostgresCluster` given to
+/// the builders: render for it.
+pub const UPGRADED_FROM_ANNOTATION: &str = "pgwarden.io/upgraded-from";
+
+/// A version annotation of `pg` ([`UPGRADE_TO_ANNOTATION`], [`UPGRADED_FROM_ANNOTATION`]).
+pub fn version_annotation(pg: &PostgresCluster, key: &str) -> Option<u32> {
+    pg.annotations().get(key).and_then(|v| v.parse().ok())
+}
+
+/// The directory of a PostgreSQL major version's binaries in the image (Debian's layout).
+pub fn bin_dir(version: u32) -> String {
+    format!("/usr/lib/postgresql/{version}/bin")
+}
 
 /// Ports inside each Pod.
 pub const POSTGRES_PORT: i32 = 5432;

@@ -22,7 +22,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::agent_config::{CONFIG_DIR, DATA_MOUNT};
 use super::{
     child_meta, labels, selector_labels, Names, API_PORT, CONFIG_HASH_ANNOTATION, POSTGRES_PORT,
-    POSTGRES_VERSION_ANNOTATION,
+    POSTGRES_VERSION_ANNOTATION, UPGRADED_FROM_ANNOTATION, UPGRADE_TO_ANNOTATION,
 };
 use crate::crd::{AntiAffinity, PostgresCluster, PullPolicy};
 
@@ -59,6 +59,8 @@ pub fn statefulset(pg: &PostgresCluster, config_hash: &str) -> StatefulSet {
             Some(instances.node_selector.clone())
         },
         priority_class_name: instances.priority_class_name.clone(),
+        init_containers: super::version_annotation(pg, UPGRADED_FROM_ANNOTATION)
+            .map(|_| vec![upgrade_container(pg)]),
         containers: vec![agent_container(pg)],
         volumes: Some(
             std::iter::once(Volume {
@@ -100,10 +102,16 @@ pub fn statefulset(pg: &PostgresCluster, config_hash: &str) -> StatefulSet {
     };
 
     let mut metadata = child_meta(pg, names.statefulset());
-    metadata.annotations = Some(BTreeMap::from([(
+    let mut annotations = BTreeMap::from([(
         POSTGRES_VERSION_ANNOTATION.to_owned(),
         spec.postgres_version.to_string(),
-    )]));
+    )]);
+    for key in [UPGRADE_TO_ANNOTATION, UPGRADED_FROM_ANNOTATION] {
+        if let Some(version) = super::version_annotation(pg, key) {
+            annotations.insert(key.to_owned(), version.to_string());
+        }
+    }
+    metadata.annotations = Some(annotations);
     StatefulSet {
         metadata,
         spec: Some(StatefulSetSpec {
@@ -254,6 +262,28 @@ fn agent_container(pg: &PostgresCluster) -> Container {
             .collect(),
         ),
         ..Container::default()
+    }
+}
+
+/// The init container of a template made for a major-version upgrade (`crate::upgrade`):
+/// `pgwarden upgrade-data-dir --if-needed` with the agent's own configuration, environment and
+/// volumes, before every start of the agent. It upgrades the first member's data (pg_upgrade
+/// --link), moves a replica's old data aside for a clone, and does nothing to data already of
+/// the new version or to an empty volume.
+fn upgrade_container(pg: &PostgresCluster) -> Container {
+    let agent = agent_container(pg);
+    Container {
+        name: "upgrade".to_owned(),
+        command: Some(vec![
+            "pgwarden".to_owned(),
+            "upgrade-data-dir".to_owned(),
+            "--if-needed".to_owned(),
+            format!("{CONFIG_DIR}/$(PATRONI_NAME).yml"),
+        ]),
+        ports: None,
+        readiness_probe: None,
+        liveness_probe: None,
+        ..agent
     }
 }
 

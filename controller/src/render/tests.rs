@@ -387,7 +387,7 @@ fn agent_config_is_patroni_yaml_in_kubernetes_mode() {
         "the spec's lines come before the catch-all: {hba:?}"
     );
     // The rendered file parses as YAML into the same value.
-    let text = agent_config::render(&names, &pg.spec, 0);
+    let text = agent_config::render(&names, &pg.spec, 0, None);
     let back: serde_json::Value = serde_yaml::from_str(&text).expect("yaml");
     assert_eq!(back, v);
 }
@@ -767,4 +767,87 @@ pooler:
         Some("example/pgbouncer:1")
     );
     assert!(pooler::wanted(&minimal()).is_empty());
+}
+
+/// A cluster rendered for an upgrade from 15 (`crate::upgrade`): the StatefulSet records it,
+/// the Pods get an `upgrade` init container with the agent's own configuration, environment
+/// and volumes, and the agent both versions' binaries, by major version (numbers as keys).
+#[test]
+fn a_cluster_made_for_an_upgrade_has_both_binaries_and_the_upgrade_init_container() {
+    let pg = crate::upgrade::Rendering {
+        version: 17,
+        upgrade_to: None,
+        upgraded_from: Some(15),
+        replicas: None,
+    }
+    .apply_to(&minimal());
+    let sts = statefulset::statefulset(&pg, "h");
+    let annotations = sts.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(
+        annotations
+            .get("pgwarden.io/postgres-version")
+            .map(String::as_str),
+        Some("17")
+    );
+    assert_eq!(
+        annotations
+            .get("pgwarden.io/upgraded-from")
+            .map(String::as_str),
+        Some("15")
+    );
+    let pod = sts.spec.and_then(|s| s.template.spec).expect("pod");
+    let init = pod.init_containers.expect("init containers");
+    assert_eq!(init.len(), 1);
+    assert_eq!(init[0].name, "upgrade");
+    assert_eq!(
+        init[0].command.as_deref(),
+        Some(
+            &[
+                "pgwarden".to_owned(),
+                "upgrade-data-dir".to_owned(),
+                "--if-needed".to_owned(),
+                "/etc/pgwarden/$(PATRONI_NAME).yml".to_owned()
+            ][..]
+        )
+    );
+    assert_eq!(init[0].env, pod.containers[0].env);
+    assert_eq!(init[0].volume_mounts, pod.containers[0].volume_mounts);
+    assert!(init[0].readiness_probe.is_none() && init[0].liveness_probe.is_none());
+
+    let cm = configmap::configmap(&pg);
+    let text = cm
+        .data
+        .expect("data")
+        .into_values()
+        .next()
+        .expect("a member file");
+    let yaml: serde_yaml::Value = serde_yaml::from_str(&text).expect("YAML");
+    let dirs = &yaml["postgresql"]["bin_dirs"];
+    assert_eq!(
+        dirs[serde_yaml::Value::from(15u64)].as_str(),
+        Some("/usr/lib/postgresql/15/bin")
+    );
+    assert_eq!(
+        dirs[serde_yaml::Value::from(17u64)].as_str(),
+        Some("/usr/lib/postgresql/17/bin")
+    );
+    assert_eq!(
+        yaml["postgresql"]["bin_dir"].as_str(),
+        Some("/usr/lib/postgresql/17/bin")
+    );
+    // The hash covers it: the template of the upgrade differs from a plain 17 one.
+    let plain = crate::upgrade::Rendering {
+        version: 17,
+        upgrade_to: None,
+        upgraded_from: None,
+        replicas: None,
+    }
+    .apply_to(&minimal());
+    assert_ne!(configmap::config_hash(&pg), configmap::config_hash(&plain));
+    assert!(statefulset::statefulset(&plain, "h")
+        .spec
+        .and_then(|s| s.template.spec)
+        .expect("pod")
+        .init_containers
+        .is_none());
 }

@@ -16,6 +16,12 @@
 //!   the controller's Role). What the test must change, and only that, is set through the
 //!   agent's own environment overrides: loopback listen/connect addresses on free ports and the
 //!   data directory in the test directory;
+//! - runs a Pod's init containers first, one after the other, to completion (the only one the
+//!   controller makes is `pgwarden upgrade-data-dir --if-needed <config file>`, run as the agent
+//!   binary with the container's own resolved environment and the same overrides); one that
+//!   fails is run again at a later tick, as the kubelet restarts it;
+//! - maps the image's PostgreSQL binaries to the host's: `/usr/lib/postgresql/17/bin` (not
+//!   installed on the test host) is where `scripts/build-postgres17.sh` puts them;
 //! - copies the agent's `GET /readiness` into the Pod's `Ready` condition;
 //! - restarts a container whose process exited (the test may hold a Pod to delay that);
 //! - for a Pod being deleted (a rollout step): SIGTERM, waits for the agent to exit, then
@@ -648,6 +654,16 @@ async fn resolve_env(
     Ok(vars)
 }
 
+/// The container's command, `$(VAR)`s expanded.
+fn expanded_command(container: &Container, vars: &BTreeMap<String, String>) -> Vec<String> {
+    container
+        .command
+        .iter()
+        .flatten()
+        .map(|c| expand(c, vars))
+        .collect()
+}
+
 /// The file the container's command names, read from the ConfigMap volume mounted there.
 async fn config_file(
     client: &kube::Client,
@@ -656,12 +672,7 @@ async fn config_file(
     container: &Container,
     vars: &BTreeMap<String, String>,
 ) -> anyhow::Result<String> {
-    let command: Vec<String> = container
-        .command
-        .iter()
-        .flatten()
-        .map(|c| expand(c, vars))
-        .collect();
+    let command = expanded_command(container, vars);
     // The agent runs here as a process of its own; in a container, under the image's init.
     anyhow::ensure!(
         command.len() == 4 && command[..3] == ["pgwarden-init", "--", "pgwarden"],
@@ -760,6 +771,7 @@ async fn start_container(
             }
         }
     }
+    map_postgres_binaries(&mut member.config);
     // The agent runs as `postgres`: its own copy of the CA, inside its directory.
     let ca = member.dir.join("kube-ca.crt");
     std::fs::copy(&access.ca_file, &ca).context("copy the apiserver CA")?;
@@ -769,8 +781,28 @@ async fn start_container(
         ..access.clone()
     };
     std::fs::write(&kubeconfig, pod_access.kubeconfig(&token, None))?;
+    let overrides = container_overrides(member, &kubeconfig);
     let mut env = vars.clone();
-    // What the test changes: loopback addresses on free ports, the test's data directory.
+    env.extend(overrides.clone());
+    member.env = env.into_iter().collect();
+    if let Some(p) = vars.get("PATRONI_SUPERUSER_PASSWORD") {
+        member.superuser_password = p.clone();
+    }
+    let config_in_container = expanded_command(container, &vars).pop().unwrap_or_default();
+    for init in spec.init_containers.iter().flatten() {
+        let mut init_env = resolve_env(client, &ns, name, ip, init).await?;
+        init_env.extend(overrides.clone());
+        let member = &s.env.members[i];
+        run_init_container(member, init, &init_env, &config_in_container)
+            .with_context(|| format!("init container {}", init.name))?;
+    }
+    s.env.start_member(i)
+}
+
+/// What the test changes in every container of a member: loopback addresses on free ports,
+/// the test's data directory, its own pgpass, the apiserver through the Pod's kubeconfig.
+fn container_overrides(member: &super::Member, kubeconfig: &Path) -> BTreeMap<String, String> {
+    let mut env = BTreeMap::new();
     let api = format!("127.0.0.1:{}", member.api_port);
     let pg = format!("127.0.0.1:{}", member.pg_port);
     env.insert("PATRONI_RESTAPI_LISTEN".into(), api.clone());
@@ -788,9 +820,84 @@ async fn start_container(
         member.dir.join("pgpass").display().to_string(),
     );
     env.insert("KUBECONFIG".into(), kubeconfig.display().to_string());
-    member.env = env.into_iter().collect();
-    if let Some(p) = vars.get("PATRONI_SUPERUSER_PASSWORD") {
-        member.superuser_password = p.clone();
+    env
+}
+
+/// One init container to completion: `pgwarden <args>` as the agent binary, the container's
+/// configuration path replaced by the member's file; its output goes to `init-<name>.log` in
+/// the member's directory (and into the error when it fails).
+fn run_init_container(
+    member: &super::Member,
+    init: &Container,
+    env: &BTreeMap<String, String>,
+    config_in_container: &str,
+) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let command = expanded_command(init, env);
+    let Some((program, args)) = command.split_first() else {
+        anyhow::bail!("no command");
+    };
+    anyhow::ensure!(
+        program == "pgwarden",
+        "runs {command:?}; this kubelet runs only `pgwarden ...` init containers"
+    );
+    member.write_config()?;
+    let run_as = super::run_as();
+    if let Some(who) = &run_as {
+        super::chown_tree(&member.dir, who);
     }
-    s.env.start_member(i)
+    let mut cmd = Command::new(super::agent_binary());
+    for arg in args {
+        if arg == config_in_container {
+            cmd.arg(member.config_path());
+        } else {
+            cmd.arg(arg);
+        }
+    }
+    cmd.env_remove("PGWARDEN_BIN").envs(env);
+    if let Some(who) = &run_as {
+        cmd.uid(who.uid).gid(who.gid).env("HOME", &who.home);
+    }
+    let out = cmd.output().context("run the agent binary")?;
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = member.dir.join(format!("init-{}.log", init.name));
+    let mut all = std::fs::read_to_string(&log).unwrap_or_default();
+    all.push_str(&text);
+    std::fs::write(&log, all)?;
+    anyhow::ensure!(
+        out.status.success(),
+        "exited {:?}: {}",
+        out.status.code(),
+        text.trim()
+    );
+    Ok(())
+}
+
+/// The image's `/usr/lib/postgresql/<v>/bin` in `postgresql.bin_dir` and `bin_dirs`, as the
+/// host has them: 17 where `scripts/build-postgres17.sh` put it.
+fn map_postgres_binaries(config: &mut serde_yaml::Value) {
+    let image_17 = "/usr/lib/postgresql/17/bin";
+    let host = |path: &str| -> Option<String> {
+        if path != image_17 || Path::new(path).join("postgres").is_file() {
+            return None;
+        }
+        super::pg17_bin_dir().map(|d| d.display().to_string())
+    };
+    let Some(pg) = config.get_mut("postgresql") else {
+        return;
+    };
+    if let Some(mapped) = pg.get("bin_dir").and_then(|b| b.as_str()).and_then(host) {
+        pg["bin_dir"] = serde_yaml::Value::from(mapped);
+    }
+    if let Some(dirs) = pg.get_mut("bin_dirs").and_then(|d| d.as_mapping_mut()) {
+        for (_, dir) in dirs.iter_mut() {
+            if let Some(mapped) = dir.as_str().and_then(host) {
+                *dir = serde_yaml::Value::from(mapped);
+            }
+        }
+    }
 }
