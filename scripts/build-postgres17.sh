@@ -18,6 +18,7 @@
 #      relative to its own executable, so the relocated tree works as installed.
 # The result is cached outside the repository, so a reused machine skips it:
 #   /var/cache/pgwarden/postgresql-17/bin -> root/usr/lib/postgresql/17/bin
+#   /var/cache/pgwarden/postgresql-17/pgbackrest -> root/usr/bin/pgbackrest (trixie's, for 17)
 # Test harnesses depend on exactly this path (PGWARDEN_PG17_BIN_DIR overrides it). Idempotent;
 # concurrent runs wait for each other (flock).
 set -euo pipefail
@@ -25,7 +26,7 @@ set -euo pipefail
 root=${PGWARDEN_PG17_CACHE:-/var/cache/pgwarden/postgresql-17}
 bin="$root/bin"
 done_marker="$root/.installed"
-if [ -f "$done_marker" ] && [ -x "$bin/pg_upgrade" ]; then
+if [ -f "$done_marker" ] && [ -x "$bin/pg_upgrade" ] && [ -x "$root/pgbackrest" ]; then
   echo "build-postgres17: cached in $bin"
   exit 0
 fi
@@ -38,7 +39,7 @@ as_root mkdir -p "$root"
 as_root chown "$(id -u):$(id -g)" "$root"
 exec 9>"$root/.lock"
 flock 9
-if [ -f "$done_marker" ] && [ -x "$bin/pg_upgrade" ]; then
+if [ -f "$done_marker" ] && [ -x "$bin/pg_upgrade" ] && [ -x "$root/pgbackrest" ]; then
   echo "build-postgres17: cached in $bin"
   exit 0
 fi
@@ -70,8 +71,10 @@ apt_private() {
 }
 apt_private update
 # postgresql-17's closure from an empty status: the server, its client tools (pg_dump for
-# pg_upgrade), libpq5 and the libraries they link, and the essential set apt adds.
-apt_private install -y --download-only postgresql-17 postgresql-client-17
+# pg_upgrade), libpq5 and the libraries they link, and the essential set apt adds. And trixie's
+# pgBackRest: bookworm's 2.45 does not know PostgreSQL 17 (2.53 was the first that did), so a
+# cluster upgraded to 17 needs it for its archiving and backups (it serves 15 as well).
+apt_private install -y --download-only postgresql-17 postgresql-client-17 pgbackrest
 debs=("$apt"/var/cache/apt/archives/*.deb)
 echo "build-postgres17: ${#debs[@]} packages downloaded"
 
@@ -89,16 +92,18 @@ loader="$sysroot/usr/lib64/ld-linux-x86-64.so.2"
 [ -e "$loader" ] || { echo "build-postgres17: no dynamic loader in $sysroot" >&2; exit 1; }
 loader=$(readlink -f "$loader")
 libs="$sysroot/usr/lib/x86_64-linux-gnu:$sysroot/usr/lib/postgresql/17/lib"
-for exe in "$pgbin"/*; do
+for exe in "$pgbin"/* "$sysroot/usr/bin/pgbackrest"; do
   [ -f "$exe" ] && [ ! -L "$exe" ] || continue
   # Shell and Perl scripts (pg_config wrappers and the like) stay as they are.
   head -c4 "$exe" | grep -q $'\x7fELF' || continue
   patchelf --set-interpreter "$loader" --force-rpath --set-rpath "$libs" "$exe"
 done
 ln -sfn "$pgbin" "$bin"
+ln -sfn "$sysroot/usr/bin/pgbackrest" "$root/pgbackrest"
 rm -rf "$apt"
 
 "$bin/postgres" --version
+"$root/pgbackrest" version
 "$bin/pg_upgrade" --version
 touch "$done_marker"
 echo "build-postgres17: installed to $root in $(( $(date +%s) - start ))s"

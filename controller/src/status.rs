@@ -258,5 +258,38 @@ fn join_errors(errors: &[SpecError]) -> String {
         .join("; ")
 }
 
+/// Member Pods as the plans' tests build them.
+#[cfg(test)]
+pub(crate) mod test_pods {
+    use super::{MemberRecord, PodView};
+
+    /// A ready Pod whose agent runs postgres as `role` (a replica streams).
+    pub fn pod(name: &str, role: &str) -> PodView {
+        PodView {
+            name: name.to_owned(),
+            ready: true,
+            current_revision: true,
+            terminating: false,
+            member: Some(MemberRecord {
+                role: role.to_owned(),
+                state: "running".to_owned(),
+                xlog_location: Some(100),
+                replication_state: (role == "replica").then(|| "streaming".to_owned()),
+                ..MemberRecord::default()
+            }),
+        }
+    }
+
+    /// `pg-0` .. `pg-{n-1}`, `leader` the primary.
+    pub fn cluster(n: usize, leader: usize) -> Vec<PodView> {
+        (0..n)
+            .map(|i| {
+                let role = if i == leader { "primary" } else { "replica" };
+                pod(&format!("pg-{i}"), role)
+            })
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests;

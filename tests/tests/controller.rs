@@ -2428,6 +2428,33 @@ async fn a_pooler_follows_the_primary_across_a_switchover_reloads_its_settings_a
     assert!(!ctl.log_text().contains(" ERROR "), "{}", ctl.log_text());
 }
 
+/// An on-demand backup through the `pgwarden.io/backup` annotation, followed to its success.
+async fn backup_now(s: &Setup, cluster: &str, id: &str) {
+    let patch = json!({"metadata": {"annotations": {"pgwarden.io/backup": id}}});
+    s.clusters()
+        .patch(
+            cluster,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .expect("annotate the cluster");
+    wait_until(&format!("the on-demand backup {id} is done"), T, || async {
+        s.cluster(cluster)
+            .await
+            .status
+            .and_then(|st| st.manual_backup)
+            .is_some_and(|b| b.id == id && b.finished)
+    })
+    .await;
+    let b = s
+        .cluster(cluster)
+        .await
+        .status
+        .and_then(|st| st.manual_backup);
+    assert!(b.as_ref().is_some_and(|b| b.succeeded), "{id}: {b:?}");
+}
+
 const CHECKSUM: &str =
     "SELECT count(*)::text || ' ' || md5(string_agg(t::text, ',' ORDER BY id)) FROM t";
 
@@ -2446,7 +2473,8 @@ async fn sql_on(kubelet: &PodKubelet, pod: &str, query: &str) -> anyhow::Result<
 /// init containers move the old data aside, the agents clone). Every step is in
 /// `status.upgrade`; the data is the same (row count and an md5 over every row, on every
 /// member); every member runs 17 and streams; a switchover works afterwards; lowering the
-/// version again is refused.
+/// version again is refused. With backups configured, it waits until a backup is taken, and
+/// the repository's stanza is upgraded with the cluster (a backup of the new version works).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_raised_postgres_version_upgrades_the_cluster_to_17_with_its_data_and_it_is_ha_again() {
     if pgwarden_tests::harness::pg17_bin_dir().is_none() {
@@ -2456,12 +2484,23 @@ async fn a_raised_postgres_version_upgrades_the_cluster_to_17_with_its_data_and_
     let kubelet = PodKubelet::start(s.access.clone(), &s.ns, "up")
         .await
         .expect("kubelet");
+    // A posix repository on a volume every Pod shares.
+    let repo = {
+        let mut k = kubelet.state.lock().await;
+        let repo = k.env.shared_dir("volumes/pgbackrest");
+        k.volume_root = Some(k.env.dir.path().join("volumes"));
+        repo
+    };
     let _ctl = s.controller("ctl-up");
     let manifest = |version: u32| {
         example("up", |v| {
             v["spec"]["postgresVersion"] = json!(version);
             v["spec"]["instances"]["replicas"] = json!(3);
             v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+            v["spec"]["backups"] = json!({
+                "pgbackrest": {"repos": [{"name": "repo1", "path": "/pgbackrest"}]},
+                "manual": {"type": "full"},
+            });
         })
     };
     s.apply(&manifest(15)).await.expect("apply the cluster");
@@ -2488,7 +2527,28 @@ async fn a_raised_postgres_version_upgrades_the_cluster_to_17_with_its_data_and_
     assert!(before.starts_with("10000 "), "{before}");
     let events_before = kubelet.events().await.len();
 
+    // No backup yet: the upgrade waits, and nothing is stopped.
     s.apply(&manifest(17)).await.expect("raise postgresVersion");
+    wait_until("the upgrade waits for a backup", T, || async {
+        let pg = s.cluster("up").await;
+        let pending = pg
+            .status
+            .as_ref()
+            .and_then(|st| st.upgrade.as_ref())
+            .is_some_and(|u| u.phase == "Pending" && u.message.contains("no backup"));
+        pending
+            && condition(&pg, "Progressing").is_some_and(|c| {
+                c.reason == "Upgrading" && c.message.contains("pgwarden.io/backup")
+            })
+    })
+    .await;
+    assert_eq!(pod_names(&s).await, vec!["up-0", "up-1", "up-2"]);
+    assert_eq!(
+        kubelet.events().await.len(),
+        events_before,
+        "nothing was stopped"
+    );
+    backup_now(&s, "up", "before-upgrade").await;
     let phases = std::sync::Mutex::new(Vec::<String>::new());
     wait_until(
         "status.upgrade reaches Succeeded",
@@ -2586,6 +2646,14 @@ async fn a_raised_postgres_version_upgrades_the_cluster_to_17_with_its_data_and_
         Some("15")
     );
     assert!(!annotations.contains_key("pgwarden.io/upgrade-to"));
+
+    // The repository's stanza was upgraded with the cluster: a backup of the new version.
+    backup_now(&s, "up", "after-upgrade").await;
+    assert_eq!(
+        full_backups(&repo, "up").len(),
+        2,
+        "one backup of each version"
+    );
 
     // HA again: a switchover to a re-cloned replica, which accepts writes.
     switch_over(&s, &kubelet, "up", &leader, "up-1").await;

@@ -215,6 +215,31 @@ pub fn stanza_system_ids(json: &str, stanza: &str) -> Vec<String> {
     ids
 }
 
+/// The label of the newest backup of `system` in `pgbackrest info --output=json` of `stanza`
+/// (a stanza upgraded to a new major version holds backups of each system it had).
+pub fn newest_backup_of_system(json: &str, stanza: &str, system: &str) -> Option<String> {
+    let doc = serde_json::from_str::<Value>(json).ok()?;
+    let entry = doc
+        .as_array()?
+        .iter()
+        .find(|s| s["name"].as_str() == Some(stanza))?;
+    // A database's id is per repository (`repo-key`, 1 when absent).
+    let key = |v: &Value| Some((v["id"].as_u64()?, v["repo-key"].as_u64().unwrap_or(1)));
+    let dbs: Vec<(u64, u64)> = entry["db"]
+        .as_array()?
+        .iter()
+        .filter(|db| db["system-id"].as_u64().map(|id| id.to_string()).as_deref() == Some(system))
+        .filter_map(key)
+        .collect();
+    entry["backup"]
+        .as_array()?
+        .iter()
+        .filter(|b| b["error"].as_bool() != Some(true))
+        .filter(|b| key(&b["database"]).is_some_and(|k| dbs.contains(&k)))
+        .max_by_key(|b| b["timestamp"]["stop"].as_i64().unwrap_or(0))
+        .and_then(|b| b["label"].as_str().map(str::to_owned))
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct Labels {
     scope: String,
@@ -420,6 +445,26 @@ mod tests {
         assert_eq!(repos[2].stop, 170);
         assert!(parse_info(INFO, "missing").expect("parses").is_empty());
         assert!(parse_info("ERROR", "batman").is_err());
+    }
+
+    #[test]
+    fn a_replica_restores_the_newest_backup_of_the_clusters_own_system() {
+        let info = r#"[{"name":"pg","db":[{"id":1,"system-id":7301,"version":"15"},{"id":2,"system-id":7402,"version":"17"}],
+            "backup":[
+              {"label":"F1","database":{"id":1},"timestamp":{"stop":100}},
+              {"label":"F2","database":{"id":2},"timestamp":{"stop":200}},
+              {"label":"F3","database":{"id":1},"timestamp":{"stop":300}},
+              {"label":"F4","database":{"id":2},"timestamp":{"stop":400},"error":true}]}]"#;
+        assert_eq!(
+            newest_backup_of_system(info, "pg", "7402").as_deref(),
+            Some("F2")
+        );
+        assert_eq!(
+            newest_backup_of_system(info, "pg", "7301").as_deref(),
+            Some("F3")
+        );
+        assert_eq!(newest_backup_of_system(info, "pg", "9999"), None);
+        assert_eq!(newest_backup_of_system(info, "other", "7402"), None);
     }
 
     #[test]

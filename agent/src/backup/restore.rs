@@ -27,11 +27,38 @@ use super::command::Invocation;
 use super::settings::RecoveryTarget;
 use super::{render, runner};
 
-/// Restores the newest backup as a standby (`restore --type=standby --delta`).
-async fn restore_standby(config: &Config) -> Result<(), crate::backup::BackupError> {
+/// Restores the newest backup of `system` (any when `None`) as a standby (`restore
+/// --type=standby --delta [--set=<label>]`).
+async fn restore_standby(
+    config: &Config,
+    system: Option<&str>,
+) -> Result<(), crate::backup::BackupError> {
     let Some((runner, resolved)) = runner(config) else {
         return Err("the pgbackrest section is not configured".into());
     };
+    let mut args = vec!["--delta".to_owned(), "--type=standby".to_owned()];
+    if let Some(system) = system {
+        // After a major-version upgrade the newest backup may be of the system before it:
+        // restored, it would be a replica of no one.
+        let info = runner
+            .run(
+                Invocation {
+                    what: "info",
+                    stanza: &resolved.stanza,
+                    args: vec!["--output=json".into()],
+                    loud: false,
+                    capture: true,
+                },
+                &CancellationToken::new(),
+            )
+            .await
+            .map_err(crate::backup::BackupError::caused_by)?;
+        let label = super::report::newest_backup_of_system(&info, &resolved.stanza, system)
+            .ok_or_else(|| {
+                format!("the repository has no backup of this cluster's system {system}")
+            })?;
+        args.push(format!("--set={label}"));
+    }
     let data_dir = &config.postgresql.data_dir;
     prepare_empty(data_dir)?;
     let result = runner
@@ -39,7 +66,7 @@ async fn restore_standby(config: &Config) -> Result<(), crate::backup::BackupErr
             Invocation {
                 what: "restore",
                 stanza: &resolved.stanza,
-                args: vec!["--delta".into(), "--type=standby".into()],
+                args,
                 loud: true,
                 capture: false,
             },
@@ -79,8 +106,10 @@ pub async fn create_replica(
     for method in methods {
         let builtin = !ReplicaMethod::is_custom(config, method);
         let result = match (method, upstream) {
-            ("pgbackrest", Some(_)) if builtin => {
-                restore_standby(config).await.map(|()| "pgbackrest")
+            ("pgbackrest", Some(upstream)) if builtin => {
+                restore_standby(config, upstream.system_identifier.as_deref())
+                    .await
+                    .map(|()| "pgbackrest")
             }
             ("basebackup", Some(upstream)) => replica::basebackup(config, bin_dir, upstream)
                 .await
@@ -201,6 +230,11 @@ pub async fn refuse_foreign_stanza(config: &Config) -> Result<(), crate::backup:
     };
     let data_dir = &config.postgresql.data_dir;
     if !data_dir.join("global/pg_control").exists() {
+        return Ok(());
+    }
+    // Upgraded to a new major version (`pgwarden upgrade-data-dir`): the stanza holds the old
+    // system until the leader's stanza-upgrade, which keeps both.
+    if data_dir.join(super::STANZA_UPGRADE_MARKER).exists() {
         return Ok(());
     }
     let Ok(control) = crate::postgres::controldata::read(

@@ -1201,6 +1201,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                     name: "standby_cluster".into(),
                     host: source.host.clone().unwrap_or_default(),
                     port: source.port_or_default(),
+                    system_identifier: None,
                 });
             }
         };
@@ -1209,6 +1210,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         };
         view.member(leader)
             .and_then(|m| Upstream::from_member(leader, &m.record))
+            .map(|up| Upstream {
+                system_identifier: view.initialize_value().map(str::to_owned),
+                ..up
+            })
             .ok_or_else(|| ActionError::Failed(format!("no address for the leader {leader}")))
     }
 

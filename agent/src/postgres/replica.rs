@@ -85,6 +85,10 @@ pub struct Upstream {
     pub name: String,
     pub host: String,
     pub port: u16,
+    /// The cluster's system identifier (the DCS `initialize`), when known: a replica restored
+    /// from the repository takes only a backup of this system (after a major-version upgrade
+    /// the repository still holds the old one's backups).
+    pub system_identifier: Option<String>,
 }
 
 impl Upstream {
@@ -94,6 +98,7 @@ impl Upstream {
             name: name.to_owned(),
             host,
             port,
+            system_identifier: None,
         })
     }
 }
@@ -406,6 +411,7 @@ mod tests {
             name: "pg0".into(),
             host: "127.0.0.1".into(),
             port,
+            system_identifier: None,
         };
         let config = Config::default();
         let t = std::time::Duration::from_secs(2);
@@ -441,6 +447,7 @@ mod tests {
             name: "pg0".into(),
             host: "10.0.0.1".into(),
             port: 5433,
+            system_identifier: None,
         };
         let ci = primary_conninfo(&config, &up);
         assert!(ci.contains("host='10.0.0.1' port=5433 user='rep'"));
@@ -511,7 +518,8 @@ mod tests {
             Some(Upstream {
                 name: "pg0".into(),
                 host: "127.0.0.1".into(),
-                port: 6000
+                port: 6000,
+                system_identifier: None,
             })
         );
     }

@@ -1,31 +1,6 @@
 use super::*;
+use crate::status::test_pods::cluster;
 use crate::status::MemberRecord;
-
-fn pod(name: &str, role: &str) -> PodView {
-    PodView {
-        name: name.to_owned(),
-        ready: true,
-        current_revision: true,
-        terminating: false,
-        member: Some(MemberRecord {
-            role: role.to_owned(),
-            state: "running".to_owned(),
-            xlog_location: Some(100),
-            replication_state: (role == "replica").then(|| "streaming".to_owned()),
-            ..MemberRecord::default()
-        }),
-    }
-}
-
-/// `pg-0` .. `pg-{n-1}`, `leader` the primary.
-fn cluster(n: usize, leader: usize) -> Vec<PodView> {
-    (0..n)
-        .map(|i| {
-            let role = if i == leader { "primary" } else { "replica" };
-            pod(&format!("pg-{i}"), role)
-        })
-        .collect()
-}
 
 fn member(pods: &mut [PodView], i: usize) -> &mut MemberRecord {
     pods[i].member.as_mut().expect("member")

@@ -1,30 +1,5 @@
 use super::*;
-use crate::status::MemberRecord;
-
-fn pod(name: &str, role: &str) -> PodView {
-    PodView {
-        name: name.to_owned(),
-        ready: true,
-        current_revision: true,
-        terminating: false,
-        member: Some(MemberRecord {
-            role: role.to_owned(),
-            state: "running".to_owned(),
-            replication_state: (role == "replica").then(|| "streaming".to_owned()),
-            ..MemberRecord::default()
-        }),
-    }
-}
-
-/// `pg-0` .. `pg-{n-1}`, `leader` the primary.
-fn cluster(n: usize, leader: usize) -> Vec<PodView> {
-    (0..n)
-        .map(|i| {
-            let role = if i == leader { "primary" } else { "replica" };
-            pod(&format!("pg-{i}"), role)
-        })
-        .collect()
-}
+use crate::status::test_pods::cluster;
 
 fn template(version: u32) -> Template {
     Template {

@@ -64,6 +64,17 @@ pub fn pg17_bin_dir() -> Option<PathBuf> {
     None
 }
 
+/// pgBackRest that knows PostgreSQL 17 (trixie's; bookworm's 2.45 does not), where
+/// `scripts/build-postgres17.sh` puts it; `None` when it is not there.
+pub fn pg17_pgbackrest() -> Option<PathBuf> {
+    // The directory holding the `bin` link (not `bin/..`, which is the linked tree's parent).
+    let root = std::env::var_os("PGWARDEN_PG17_BIN_DIR")
+        .and_then(|bin| PathBuf::from(bin).parent().map(Path::to_path_buf))
+        .unwrap_or_else(|| PathBuf::from("/var/cache/pgwarden/postgresql-17"));
+    let command = root.join("pgbackrest");
+    command.is_file().then_some(command)
+}
+
 /// Polls `check` every 100 ms until it returns true; panics naming `what` after `timeout`.
 pub async fn wait_until<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where

@@ -878,7 +878,8 @@ fn run_init_container(
 }
 
 /// The image's `/usr/lib/postgresql/<v>/bin` in `postgresql.bin_dir` and `bin_dirs`, as the
-/// host has them: 17 where `scripts/build-postgres17.sh` put it.
+/// host has them: 17 where `scripts/build-postgres17.sh` put it. An image with 17 carries a
+/// pgBackRest that knows 17 (bookworm's 2.45 does not): the script's trixie one.
 fn map_postgres_binaries(config: &mut serde_yaml::Value) {
     let image_17 = "/usr/lib/postgresql/17/bin";
     let host = |path: &str| -> Option<String> {
@@ -887,17 +888,27 @@ fn map_postgres_binaries(config: &mut serde_yaml::Value) {
         }
         super::pg17_bin_dir().map(|d| d.display().to_string())
     };
-    let Some(pg) = config.get_mut("postgresql") else {
-        return;
-    };
-    if let Some(mapped) = pg.get("bin_dir").and_then(|b| b.as_str()).and_then(host) {
-        pg["bin_dir"] = serde_yaml::Value::from(mapped);
-    }
-    if let Some(dirs) = pg.get_mut("bin_dirs").and_then(|d| d.as_mapping_mut()) {
-        for (_, dir) in dirs.iter_mut() {
-            if let Some(mapped) = dir.as_str().and_then(host) {
-                *dir = serde_yaml::Value::from(mapped);
+    let mut mapped_17 = false;
+    if let Some(pg) = config.get_mut("postgresql") {
+        if let Some(mapped) = pg.get("bin_dir").and_then(|b| b.as_str()).and_then(host) {
+            pg["bin_dir"] = serde_yaml::Value::from(mapped);
+            mapped_17 = true;
+        }
+        if let Some(dirs) = pg.get_mut("bin_dirs").and_then(|d| d.as_mapping_mut()) {
+            for (_, dir) in dirs.iter_mut() {
+                if let Some(mapped) = dir.as_str().and_then(host) {
+                    *dir = serde_yaml::Value::from(mapped);
+                    mapped_17 = true;
+                }
             }
         }
+    }
+    let pgbackrest_17 = super::pg17_pgbackrest();
+    if let (true, Some(command), Some(section)) = (
+        mapped_17,
+        pgbackrest_17,
+        config.get_mut("pgbackrest").filter(|p| p.is_mapping()),
+    ) {
+        section["command"] = serde_yaml::Value::from(command.display().to_string());
     }
 }
