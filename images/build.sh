@@ -13,8 +13,9 @@
 # (/usr/lib/postgresql/17/{bin,lib}, /usr/share/postgresql/17), for major-version upgrades
 # (docs/upgrade.md). The 17 binaries are trixie's, from scripts/build-postgres17.sh's tree (run
 # here when missing), relinked to trixie's loader and the libraries they need, copied to
-# /usr/lib/postgresql/17/trixie-lib; no JIT (llvmjit is left out). pgwarden/instance:latest stays
-# as without the option.
+# /usr/lib/postgresql/17/trixie-lib; no JIT (llvmjit is left out). It also replaces bookworm's
+# /usr/bin/pgbackrest (2.45, which does not support 17) with trixie's (2.55), relinked the same
+# way. pgwarden/instance:latest stays as without the option.
 #
 # Images: pgwarden/base:<hash>, pgwarden/instance:latest, pgwarden/controller:latest,
 # pgwarden/etcd:latest. <hash> covers images/base/rootfs.sh (the package list and how the root
@@ -158,10 +159,18 @@ build_postgres17_image() {
   rm -rf "$dst"/usr/lib/postgresql/17/lib/llvmjit* "$dst"/usr/lib/postgresql/17/lib/bitcode
   cp -a "$src/usr/share/postgresql/17" "$dst/usr/share/postgresql/"
   rm -rf "$dst/usr/share/postgresql/17/man"
+  # trixie's pgBackRest (2.55) replaces bookworm's /usr/bin/pgbackrest (2.45, which does not know
+  # 17; 2.53 was the first that did). It serves 15 as well, and absolute /usr/bin/pgbackrest
+  # paths in configurations keep working.
+  [ -x "$src/usr/bin/pgbackrest" ] \
+    || { log "pgBackRest missing from $src: rerun scripts/build-postgres17.sh"; rm -rf "$ctx"; return 1; }
+  mkdir -p "$dst/usr/bin"
+  cp -L "$src/usr/bin/pgbackrest" "$dst/usr/bin/pgbackrest"
   # The libraries: a breadth-first walk over DT_NEEDED, each looked up where the host tree's
   # rpath looks (trixie's usr/lib/x86_64-linux-gnu, then postgres's lib).
   pending=(libgcc_s.so.1)
-  for exe in "$dst"/usr/lib/postgresql/17/bin/* "$dst"/usr/lib/postgresql/17/lib/*.so; do
+  for exe in "$dst"/usr/lib/postgresql/17/bin/* "$dst"/usr/lib/postgresql/17/lib/*.so \
+    "$dst/usr/bin/pgbackrest"; do
     head -c4 "$exe" | grep -q $'\x7fELF' || continue
     mapfile -t -O "${#pending[@]}" pending < <(patchelf --print-needed "$exe")
   done
@@ -179,7 +188,7 @@ build_postgres17_image() {
       || { log "PostgreSQL 17 needs $name, which is not in $src"; rm -rf "$ctx"; return 1; }
   done
   cp -L "$src/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" "$dst$libdir/"
-  for exe in "$dst"/usr/lib/postgresql/17/bin/*; do
+  for exe in "$dst"/usr/lib/postgresql/17/bin/* "$dst/usr/bin/pgbackrest"; do
     [ -f "$exe" ] && [ ! -L "$exe" ] || continue
     head -c4 "$exe" | grep -q $'\x7fELF' || continue
     patchelf --set-interpreter "$libdir/ld-linux-x86-64.so.2" --force-rpath \
@@ -190,7 +199,7 @@ build_postgres17_image() {
     mkdir -p "$dst/usr/share/doc/postgresql-17-trixie/$name"
     cp -L "$lib" "$dst/usr/share/doc/postgresql-17-trixie/$name/"
   done
-  log "staged PostgreSQL 17 ($(du -sh "$dst" | cut -f1), ${#found[@]} libraries) in $(( $(date +%s) - start ))s"
+  log "staged PostgreSQL 17 and pgBackRest $("$src/usr/bin/pgbackrest" version | cut -d' ' -f2) ($(du -sh "$dst" | cut -f1), ${#found[@]} libraries) in $(( $(date +%s) - start ))s"
   docker_build "$ctx" pgwarden/instance:latest-pg17 pgwarden/instance:latest
 }
 

@@ -2,7 +2,8 @@
 # Checks pgwarden/instance:latest-pg17 (`images/build.sh --with-postgres17`) for real, in about
 # half a minute: the 17 binaries run; an initdb 17 (checksums, ICU) starts and loads its modules
 # (pgcrypto/libcrypto, pg_stat_statements, plpgsql, snowball, time zones) and serves a
-# pg_basebackup; pg_upgrade --check and --link of a 15 cluster keep its rows; and one member
+# pg_basebackup; pg_upgrade --check and --link of a 15 cluster keep its rows; pgBackRest is
+# trixie's 2.55 and backs up, archives and restores 17 and 15 (posix repository); and one member
 # (agent + etcd containers) made on 15 is upgraded with `pgwarden upgrade-data-dir` and leads
 # again on 17 with its rows.
 #
@@ -75,6 +76,62 @@ after=$($N/psql -h /tmp -U postgres -At -c "$sum")
 $N/pg_ctl -D /tmp/d17 -w stop >/dev/null
 CHECK
 log "pg_upgrade --check and --link 15 -> 17: ok, rows equal"
+
+# pgBackRest: trixie's 2.55 is the image's only one (bookworm's 2.45 does not support 17). For
+# each server version a real round trip against a posix repository in /tmp: stanza-create,
+# archive-push (pgbackrest check), a full backup, then a restore of it that replays the archive
+# (restore_command = archive-get) up to rows written after the backup.
+run <<'CHECK'
+set -euo pipefail
+for p in pgbackrest /usr/bin/pgbackrest; do
+  v=$($p version)
+  [[ $v == "pgBackRest 2.55."* ]] || { echo "$p version: $v" >&2; exit 1; }
+done
+for ver in 17 15; do
+  B=/usr/lib/postgresql/$ver/bin d=/tmp/pg$ver r=/tmp/restore$ver conf=/tmp/pgbackrest$ver.conf
+  cat >"$conf" <<CONF
+[global]
+repo1-path=/tmp/repo$ver
+repo1-retention-full=1
+lock-path=/tmp/pgbackrest-lock$ver
+log-level-console=warn
+log-level-file=off
+start-fast=y
+
+[main]
+pg1-path=$d
+pg1-socket-path=/tmp
+pg1-port=54$ver
+CONF
+  $B/initdb -D $d -U postgres --data-checksums --encoding UTF8 --locale C.UTF-8 >/dev/null 2>&1
+  $B/pg_ctl -D $d -o "-k /tmp -p 54$ver -c listen_addresses= -c archive_mode=on \
+    -c wal_level=replica -c archive_command='pgbackrest --config=$conf --stanza=main archive-push %p'" \
+    -l /tmp/log$ver -w start >/dev/null
+  sql() { $B/psql -h /tmp -p 54$ver -U postgres -Atq -v ON_ERROR_STOP=1 "$@"; }
+  sql -c "create table t as select g from generate_series(1, 1000) g"
+  pgbackrest --config="$conf" --stanza=main stanza-create
+  pgbackrest --config="$conf" --stanza=main check
+  pgbackrest --config="$conf" --stanza=main --type=full backup
+  sql -c "insert into t select g from generate_series(1001, 2000) g" -c "select pg_switch_wal()" >/dev/null
+  pgbackrest --config="$conf" --stanza=main check
+  info=$(pgbackrest --config="$conf" --stanza=main --output=json info)
+  [[ $info == *'"status":{"code":0'* && $info == *'"type":"full"'* ]] \
+    || { echo "pgbackrest info ($ver): $info" >&2; exit 1; }
+  [ "$(ls /tmp/repo$ver/archive/main/$ver-1/*/ | wc -l)" -ge 2 ] \
+    || { echo "no WAL archived ($ver)" >&2; exit 1; }
+  $B/pg_ctl -D $d -w stop >/dev/null
+  ! grep -E "ERROR|FATAL" /tmp/log$ver || { echo "server log ($ver) has errors" >&2; exit 1; }
+  pgbackrest --config="$conf" --stanza=main --pg1-path=$r --type=default restore
+  $B/pg_ctl -D $r -o "-k /tmp -p 54$ver -c listen_addresses= -c archive_mode=off" \
+    -l /tmp/logr$ver -w start >/dev/null
+  for _ in $(seq 60); do [ "$(sql -c 'select pg_is_in_recovery()')" = f ] && break; sleep 0.5; done
+  n=$(sql -c "select count(*) from t")
+  [ "$n" = 2000 ] || { echo "restored $ver has $n rows, not 2000" >&2; exit 1; }
+  $B/pg_ctl -D $r -w stop >/dev/null
+  echo "$ver: $($B/postgres --version | cut -d' ' -f3), $(du -sh /tmp/repo$ver | cut -f1) repo" >&2
+done
+CHECK
+log "pgBackRest $(docker run --rm --entrypoint pgbackrest "$image" version | cut -d' ' -f2) (PATH and /usr/bin): stanza-create, archive-push (check), full backup, restore + WAL replay against 17 and 15: ok"
 
 # One member: made on 15 by the image's own configuration, upgraded by the agent's command, then
 # run by the agent on 17 (postgresql.bin_dirs chooses by PG_VERSION).
