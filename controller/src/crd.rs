@@ -653,7 +653,8 @@ pub struct UpgradeStatus {
     /// The major version it is upgraded to.
     pub to: u32,
     /// `Pending` (waits for a precondition, nothing changed), `Stopping`, `Upgrading` (the first
-    /// member's data), `Recloning` (the replicas), `Succeeded`.
+    /// member's data), `Recloning` (the replicas), `Succeeded`; `Cancelled` (the version was set
+    /// back while `Pending`).
     pub phase: String,
     /// What the step does or waits for.
     pub message: String,

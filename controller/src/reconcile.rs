@@ -318,7 +318,7 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
     };
     let now = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true);
     let previous_upgrade = pg.status.as_ref().and_then(|s| s.upgrade.as_ref());
-    let upgrade_status = upgrade.status(previous_upgrade, &now);
+    let upgrade_status = upgrade.status(previous_upgrade, pg.spec.postgres_version, &now);
     if let Some(u) = upgrade_status.as_ref().filter(|u| {
         previous_upgrade.map(|p| (&p.phase, &p.message)) != Some((&u.phase, &u.message))
     }) {

@@ -128,6 +128,8 @@ pub enum Phase {
     Upgrading,
     Recloning,
     Succeeded,
+    /// The spec went back to the running version while the upgrade was pending.
+    Cancelled,
 }
 
 impl Phase {
@@ -138,6 +140,7 @@ impl Phase {
             Phase::Upgrading => "Upgrading",
             Phase::Recloning => "Recloning",
             Phase::Succeeded => "Succeeded",
+            Phase::Cancelled => "Cancelled",
         }
     }
 }
@@ -311,9 +314,29 @@ impl Plan {
         )
     }
 
-    /// `status.upgrade` after this step; `None`: kept as it was.
-    pub fn status(&self, previous: Option<&UpgradeStatus>, now: &str) -> Option<UpgradeStatus> {
+    /// `status.upgrade` after this step (`target`: the spec's version); `None`: kept as it was.
+    pub fn status(
+        &self,
+        previous: Option<&UpgradeStatus>,
+        target: u32,
+        now: &str,
+    ) -> Option<UpgradeStatus> {
         let (from, to, phase, message) = match self {
+            // The spec went back to the running version before anything was stopped.
+            Plan::Steady { .. }
+                if previous
+                    .is_some_and(|p| p.phase == Phase::Pending.as_str() && p.from == target) =>
+            {
+                let p = previous?;
+                return Some(UpgradeStatus {
+                    phase: Phase::Cancelled.as_str().to_owned(),
+                    message: format!(
+                        "postgresVersion was set back to {target} before anything was stopped"
+                    ),
+                    finished_at: Some(now.to_owned()),
+                    ..p.clone()
+                });
+            }
             Plan::Steady { .. } | Plan::Refused(_) => return None,
             Plan::Pending { from, to, reason } => (*from, *to, Phase::Pending, reason.clone()),
             Plan::Stopping { from, to, note, .. } => (*from, *to, Phase::Stopping, note.clone()),

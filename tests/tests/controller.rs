@@ -232,15 +232,47 @@ async fn malformed_clusters_are_refused_by_the_schema_or_reported_and_the_contro
     wait_until("the condition clears", T, &cleared).await;
     assert!(ctl.process.is_running(), "the controller survives");
 
-    // A major version change of the running cluster would leave every member unable to start
-    // on its data directory: refused, the StatefulSet and ConfigMap left as they are.
-    let upgraded = example("odd", |v| {
-        v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
-        v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
-        v["spec"]["postgresVersion"] = json!(16);
-    });
-    s.apply(&upgraded).await.expect("the schema accepts it");
-    wait_until("the version change is refused", T, || async {
+    // A raised major version is an upgrade (`upgrade.rs`); without running members it waits
+    // (`Pending`) and nothing is changed: the StatefulSet and ConfigMap stay on 15.
+    let with_version = |version: u32| {
+        example("odd", |v| {
+            v["spec"]["ha"] = json!({"ttl": 10, "loopWait": 1, "retryTimeout": 3});
+            v["spec"]["postgresql"] = json!({"parameters": {"work_mem": "8MB"}});
+            v["spec"]["postgresVersion"] = json!(version);
+        })
+    };
+    s.apply(&with_version(16))
+        .await
+        .expect("the schema accepts it");
+    wait_until("the upgrade waits for a leader", T, || async {
+        let pg = s.cluster("odd").await;
+        pg.status
+            .as_ref()
+            .and_then(|st| st.upgrade.as_ref())
+            .is_some_and(|u| u.phase == "Pending" && u.to == 16 && u.message.contains("no leader"))
+            && condition(&pg, "Progressing").is_some_and(|c| c.reason == "Upgrading")
+    })
+    .await;
+    let unchanged = || async {
+        let sts = s.api::<StatefulSet>().get("odd").await.expect("sts");
+        let cm = s.api::<ConfigMap>().get("odd-agent").await.expect("cm");
+        sts.annotations()
+            .get("pgwarden.io/postgres-version")
+            .map(String::as_str)
+            == Some("15")
+            && !sts.annotations().contains_key("pgwarden.io/upgrade-to")
+            && cm
+                .data
+                .unwrap_or_default()
+                .values()
+                .all(|y| !y.contains("postgresql/16"))
+    };
+    assert!(unchanged().await, "nothing changed while pending");
+    // A lowered one is refused, naming the version to set back.
+    s.apply(&with_version(14))
+        .await
+        .expect("the schema accepts it");
+    wait_until("the lowered version is refused", T, || async {
         let pg = s.cluster("odd").await;
         condition(&pg, "Degraded").is_some_and(|c| {
             c.reason == "InvalidSpec"
@@ -249,23 +281,16 @@ async fn malformed_clusters_are_refused_by_the_schema_or_reported_and_the_contro
         })
     })
     .await;
-    let sts = s.api::<StatefulSet>().get("odd").await.expect("sts");
-    assert_eq!(
-        sts.annotations()
-            .get("pgwarden.io/postgres-version")
-            .map(String::as_str),
-        Some("15")
-    );
-    let cm = s.api::<ConfigMap>().get("odd-agent").await.expect("cm");
-    assert!(
-        cm.data
-            .unwrap_or_default()
-            .values()
-            .all(|y| !y.contains("postgresql/16")),
-        "the agents' configuration still names PostgreSQL 15"
-    );
+    assert!(unchanged().await, "nothing changed when refused");
     s.apply(&fixed).await.expect("set the version back");
     wait_until("the condition clears again", T, &cleared).await;
+    wait_until("the pending upgrade is reported cancelled", T, || async {
+        let pg = s.cluster("odd").await;
+        pg.status
+            .and_then(|st| st.upgrade)
+            .is_some_and(|u| u.phase == "Cancelled")
+    })
+    .await;
     assert_eq!(ctl.stop().map(|st| st.success()), Some(true), "clean stop");
 }
 

@@ -107,11 +107,20 @@ fn nothing_is_stopped_while_a_precondition_is_missing() {
     // Pending renders the old version and leaves the member count alone.
     let r = plan.rendering(17);
     assert_eq!((r.version, r.upgrade_to, r.replicas), (15, None, None));
-    let status = plan.status(None, "t0").expect("status");
+    let status = plan.status(None, 17, "t0").expect("status");
     assert_eq!(
         (status.phase.as_str(), status.from, status.to),
         ("Pending", 15, 17)
     );
+    // Set back to 15 before anything stopped: the pending upgrade is reported cancelled.
+    let mut back = Case::raised(0);
+    back.target = 15;
+    let cancelled = back.plan().status(Some(&status), 15, "t1").expect("status");
+    assert_eq!(
+        (cancelled.phase.as_str(), cancelled.from, cancelled.to),
+        ("Cancelled", 15, 17)
+    );
+    assert_eq!(back.plan().status(Some(&cancelled), 15, "t2"), None);
 }
 
 #[test]
@@ -241,6 +250,7 @@ fn the_first_member_starts_alone_until_it_leads_on_the_new_version_then_the_repl
                 started_at: Some("t0".to_owned()),
                 finished_at: None,
             }),
+            17,
             "t1",
         )
         .expect("status");
