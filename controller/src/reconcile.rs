@@ -334,13 +334,21 @@ async fn reconcile_inner(pg: &PostgresCluster, ctx: &Context) -> Result<Action, 
         upgrade_status,
     )
     .await?;
-    if let upgrade::Plan::Stopping {
-        switchover: Some((primary, candidate)),
-        ..
-    } = &upgrade
-    {
-        info!(cluster = %names.cluster, "upgrade: switching over from {primary} to {candidate}");
-        switchover(&client, &names, &observed, primary, candidate).await?;
+    match &upgrade {
+        upgrade::Plan::Stopping {
+            switchover: Some((primary, candidate)),
+            ..
+        } => {
+            info!(cluster = %names.cluster, "upgrade: switching over from {primary} to {candidate}");
+            switchover(&client, &names, &observed, primary, candidate).await?;
+        }
+        upgrade::Plan::Starting {
+            restart: Some(pod), ..
+        } => {
+            info!(cluster = %names.cluster, %pod, "upgrade: restarting a member that is not ready on an older template");
+            delete_pod(&client, &names, &observed, pod).await?;
+        }
+        _ => {}
     }
     match &scale {
         scale_down::Plan::Proceed => {}
@@ -812,6 +820,30 @@ async fn write_status(
     Ok(())
 }
 
+/// Deletes a member Pod (the StatefulSet makes it again, at the current revision). The uid
+/// precondition makes sure we delete the Pod we judged, not a successor.
+async fn delete_pod(
+    client: &Client,
+    names: &Names,
+    observed: &Observed,
+    name: &str,
+) -> Result<(), Error> {
+    let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
+    let uid = observed.raw.get(name).and_then(|p| p.uid());
+    let params = DeleteParams {
+        preconditions: uid.map(|uid| Preconditions {
+            uid: Some(uid),
+            resource_version: None,
+        }),
+        ..DeleteParams::default()
+    };
+    match pods.delete(name, &params).await {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
+        Err(e) => Err(kube_err(format!("deleting pod {name}"))(e)),
+    }
+}
+
 async fn execute_step(
     pg: &PostgresCluster,
     client: &Client,
@@ -819,25 +851,11 @@ async fn execute_step(
     step: &Step,
 ) -> Result<(), Error> {
     let names = Names::of(pg);
-    let pods: Api<Pod> = Api::namespaced(client.clone(), &names.namespace);
     match step {
         Step::UpToDate | Step::Wait(_) => Ok(()),
         Step::RestartReplica(name) | Step::RestartPrimary(name) => {
             info!(cluster = %names.cluster, pod = %name, "rollout: {step}");
-            // The uid precondition makes sure we delete the Pod we judged, not a successor.
-            let uid = observed.raw.get(name).and_then(|p| p.uid());
-            let params = DeleteParams {
-                preconditions: uid.map(|uid| Preconditions {
-                    uid: Some(uid),
-                    resource_version: None,
-                }),
-                ..DeleteParams::default()
-            };
-            match pods.delete(name, &params).await {
-                Ok(_) => Ok(()),
-                Err(kube::Error::Api(e)) if e.code == 404 || e.code == 409 => Ok(()),
-                Err(e) => Err(kube_err(format!("deleting pod {name}"))(e)),
-            }
+            delete_pod(client, &names, observed, name).await
         }
         Step::Switchover { primary, candidate } => {
             info!(cluster = %names.cluster, "rollout: {step}");

@@ -115,6 +115,10 @@ pub enum Plan {
         replicas: i32,
         phase: Phase,
         note: String,
+        /// A member that is not ready and runs an older template (the spec changed since it
+        /// started, e.g. an image that has the new version): deleted, so it starts again on
+        /// the current one. Outside an upgrade the rollout does that; it waits for the upgrade.
+        restart: Option<String>,
     },
     /// Every member is ready on `to`.
     Succeeded { from: u32, to: u32 },
@@ -514,6 +518,7 @@ fn stopping(input: &Input<'_>, from: u32, to: u32) -> Plan {
         replicas: 1,
         phase: Phase::Upgrading,
         note: upgrading_note(from, to, "starting"),
+        restart: None,
     }
 }
 
@@ -526,6 +531,11 @@ fn upgrading_note(from: u32, to: u32, what: &str) -> String {
 
 /// Steps 3 to 5: ordinal 0 alone until it leads on the new version, then every member.
 fn starting(input: &Input<'_>, from: u32, to: u32) -> Plan {
+    let restart = input
+        .pods
+        .iter()
+        .find(|p| !p.ready && !p.current_revision && !p.terminating)
+        .map(|p| p.name.clone());
     let on_target = |p: &PodView| healthy(p) && input.server_majors.get(&p.name) == Some(&to);
     let first = input
         .pods
@@ -546,6 +556,7 @@ fn starting(input: &Input<'_>, from: u32, to: u32) -> Plan {
             replicas: 1,
             phase: Phase::Upgrading,
             note: upgrading_note(from, to, &what),
+            restart,
         };
     }
     let desired = input.desired.max(1);
@@ -563,6 +574,7 @@ fn starting(input: &Input<'_>, from: u32, to: u32) -> Plan {
             "upgrading from PostgreSQL {from} to {to}: the replicas clone the upgraded leader \
              ({ready} of {desired} members ready on {to})"
         ),
+        restart,
     }
 }
 

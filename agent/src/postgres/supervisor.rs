@@ -842,12 +842,17 @@ mod tests {
         let pid = i32::try_from(running.id()).expect("pid");
         assert_eq!(live_postmaster_pid(dir.path()), Some(pid));
 
-        let mut exited = std::process::Command::new("true").spawn().expect("true runs");
+        let mut exited = std::process::Command::new("true")
+            .spawn()
+            .expect("true runs");
         let zombie = i32::try_from(exited.id()).expect("pid");
         // Not waited for: it stays a zombie until reaped.
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !is_zombie(zombie) {
-            assert!(std::time::Instant::now() < deadline, "the child did not exit");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the child did not exit"
+            );
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
         write_pid(exited.id());

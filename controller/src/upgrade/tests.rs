@@ -269,6 +269,30 @@ fn the_first_member_starts_alone_until_it_leads_on_the_new_version_then_the_repl
     );
 }
 
+/// A first member that cannot start (say the image lacked the new version) is restarted once
+/// the template changed (a fixed `spec.image`), not before; a ready one never.
+#[test]
+fn a_stuck_member_of_an_older_template_is_restarted_during_the_upgrade() {
+    let mut c = Case::raised(0);
+    c.template = Some(Template {
+        upgraded_from: Some(15),
+        ..template(17)
+    });
+    c.current = 1;
+    c.pods = cluster(1, 0);
+    c.pods[0].ready = false;
+    c.leader = None;
+    let restart = |plan: Plan| match plan {
+        Plan::Starting { restart, .. } => restart,
+        other => panic!("starting: {other:?}"),
+    };
+    assert_eq!(restart(c.plan()), None, "current template: wait");
+    c.pods[0].current_revision = false;
+    assert_eq!(restart(c.plan()).as_deref(), Some("pg-0"));
+    c.pods[0].terminating = true;
+    assert_eq!(restart(c.plan()), None, "already going");
+}
+
 #[test]
 fn backups_count_when_one_finished_within_a_day() {
     let now = 1_800_000_000;
