@@ -225,7 +225,7 @@ pub fn run_init(args: Vec<OsString>) -> i32 {
     let name = command[0].to_string_lossy().into_owned();
     // Read before the spawn: what COMMAND starts with is the baseline.
     let mut watched = Watched::new(reload_on_change);
-    match spawn(&command) {
+    match spawn(&command, !watched.files.is_empty()) {
         Ok(child) => supervise(child, &name, grace, &mask, &mut watched),
         Err(e) => {
             eprintln!("pgwarden-init: cannot run {name}: {e}");
@@ -241,7 +241,10 @@ pub fn run_init(args: Vec<OsString>) -> i32 {
 /// Starts COMMAND (searched in `PATH`) in a process group of its own, with an empty signal mask. `posix_spawnp` rather than `std::process::Command`: std leaves the
 /// signal mask as it is, and clearing it in `pre_exec` would need unsafe code. glibc reports a
 /// failed exec as the call's error.
-fn spawn(command: &[OsString]) -> Result<Pid, Errno> {
+/// `hup_default`: SIGHUP is set to its default even if init's parent ignored it (`nohup`): the
+/// `--reload-on-change` reloads are init's own SIGHUPs, and an ignored one would never reach
+/// COMMAND's handler (a shell cannot even trap a signal ignored at its start).
+fn spawn(command: &[OsString], hup_default: bool) -> Result<Pid, Errno> {
     use nix::spawn::{posix_spawnp, PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags};
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
@@ -270,6 +273,9 @@ fn spawn(command: &[OsString]) -> Result<Pid, Errno> {
     // that init's parent ignored stay ignored, as under any init).
     let mut default = SigSet::empty();
     default.add(Signal::SIGPIPE);
+    if hup_default {
+        default.add(Signal::SIGHUP);
+    }
     attr.set_sigdefault(&default)?;
     posix_spawnp(
         &args[0],

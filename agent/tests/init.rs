@@ -223,29 +223,48 @@ fn a_changed_file_sends_sighup_and_an_unchanged_one_does_not() {
     let ini = dir.path().join("pgbouncer.ini");
     std::os::unix::fs::symlink("..data/pgbouncer.ini", &ini).expect("symlink");
     let ini = ini.to_str().expect("utf-8").to_owned();
-    let mut child = init(&[
-        "--reload-on-change",
-        &ini,
-        "--",
-        "sh",
-        "-c",
-        "trap 'echo hup' HUP; echo ready; while :; do sleep 0.1; done",
-    ])
-    .stdout(Stdio::piped())
-    .stderr(Stdio::piped())
-    .spawn()
-    .expect("spawn");
-    let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-    let mut line = String::new();
-    out.read_line(&mut line).expect("read");
-    assert_eq!(line.trim(), "ready");
+    // Under `nohup`, SIGHUP ignored from the start: the reloads still reach COMMAND (a shell
+    // cannot trap a signal ignored at its start, so init resets it).
+    let mut child = Command::new("nohup")
+        .arg(INIT)
+        .args([
+            "--reload-on-change",
+            &ini,
+            "--",
+            "sh",
+            "-c",
+            "trap 'echo hup' HUP; echo ready; while :; do sleep 0.1; done",
+        ])
+        .env_remove("PGWARDEN_INIT_GRACE")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn");
+    // Lines through a thread: a missing one fails the test instead of hanging it.
+    let out = child.stdout.take().expect("stdout");
+    let (tx, lines) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(out).lines().map_while(Result::ok) {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let next_line = || {
+        lines
+            .recv_timeout(BOUND)
+            .unwrap_or_else(|_| "(no line)".to_owned())
+    };
+    assert_eq!(next_line().trim(), "ready");
     // The same content in a new volume version: no reload.
     swap_volume(dir.path(), 2, "pool_mode = session\n");
     std::thread::sleep(Duration::from_millis(2500));
     swap_volume(dir.path(), 3, "pool_mode = transaction\n");
     let started = Instant::now();
-    line.clear();
-    out.read_line(&mut line).expect("read");
+    let line = next_line();
+    if line.trim() != "hup" {
+        signal(&child, Signal::SIGKILL);
+    }
     assert_eq!(line.trim(), "hup", "the first line after `ready`");
     assert!(
         started.elapsed() < Duration::from_secs(10),
