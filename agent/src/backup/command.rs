@@ -104,6 +104,26 @@ impl Runner {
         set_parent_death_signal(cmd);
     }
 
+    /// `pgbackrest info --output=json` of `stanza`, within `timeout`: the JSON text.
+    pub async fn info_json(&self, stanza: &str, timeout: Duration) -> Result<String, CommandError> {
+        let runner = Runner {
+            timeout,
+            ..self.clone()
+        };
+        runner
+            .run(
+                Invocation {
+                    what: "info",
+                    stanza,
+                    args: vec!["--output=json".into()],
+                    loud: false,
+                    capture: true,
+                },
+                &CancellationToken::new(),
+            )
+            .await
+    }
+
     /// Runs one command to completion; returns its stdout when `capture` was asked.
     pub async fn run(
         &self,

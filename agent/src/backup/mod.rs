@@ -56,7 +56,7 @@ use crate::dcs::Dcs;
 use crate::postgres::probe::Probe;
 use crate::state::AgentStatus;
 
-use self::command::{Invocation, Runner};
+use self::command::Runner;
 use self::report::BackupReport;
 use self::settings::Resolved;
 
@@ -249,21 +249,9 @@ impl BackupHandle {
 
     /// `GET /backups`: `pgbackrest info --output=json` of the stanza.
     pub async fn info(&self) -> ApiReply {
-        let runner = Runner {
-            timeout: Duration::from_secs(60),
-            ..self.runner.clone()
-        };
-        let result = runner
-            .run(
-                Invocation {
-                    what: "info",
-                    stanza: &self.stanza,
-                    args: vec!["--output=json".into()],
-                    loud: false,
-                    capture: true,
-                },
-                &CancellationToken::new(),
-            )
+        let result = self
+            .runner
+            .info_json(&self.stanza, Duration::from_secs(60))
             .await;
         match result {
             Ok(out) => ApiReply::new(200, out.trim().to_owned()),

@@ -41,16 +41,7 @@ async fn restore_standby(
         // After a major-version upgrade the newest backup may be of the system before it:
         // restored, it would be a replica of no one.
         let info = runner
-            .run(
-                Invocation {
-                    what: "info",
-                    stanza: &resolved.stanza,
-                    args: vec!["--output=json".into()],
-                    loud: false,
-                    capture: true,
-                },
-                &CancellationToken::new(),
-            )
+            .info_json(&resolved.stanza, runner.timeout)
             .await
             .map_err(crate::backup::BackupError::caused_by)?;
         let label = super::report::newest_backup_of_system(&info, &resolved.stanza, system)
@@ -266,21 +257,8 @@ async fn stanza_system_ids(config: &Config) -> Vec<String> {
     let Some((runner, resolved)) = runner(config) else {
         return Vec::new();
     };
-    let runner = super::command::Runner {
-        timeout: Duration::from_secs(10),
-        ..runner
-    };
     let out = match runner
-        .run(
-            Invocation {
-                what: "info",
-                stanza: &resolved.stanza,
-                args: vec!["--output=json".into()],
-                loud: false,
-                capture: true,
-            },
-            &CancellationToken::new(),
-        )
+        .info_json(&resolved.stanza, Duration::from_secs(10))
         .await
     {
         Ok(out) => out,

@@ -996,21 +996,9 @@ impl Service {
     }
 
     async fn refresh_info(&mut self) {
-        let runner = Runner {
-            timeout: Duration::from_secs(60),
-            ..self.runner.clone()
-        };
-        let result = runner
-            .run(
-                Invocation {
-                    what: "info",
-                    stanza: &self.stanza,
-                    args: vec!["--output=json".into()],
-                    loud: false,
-                    capture: true,
-                },
-                &CancellationToken::new(),
-            )
+        let result = self
+            .runner
+            .info_json(&self.stanza, Duration::from_secs(60))
             .await
             .map_err(crate::backup::BackupError::caused_by)
             .and_then(|out| Ok(super::report::parse_info(&out, &self.stanza)?));
