@@ -427,13 +427,21 @@ impl Dcs for SimDcs {
         .await
     }
 
-    /// Keepalive unless one was sent within a second, then the record unless unchanged.
+    /// `EtcdDcs::touch_member`: keepalive unless this cycle's view shows `leader` on our lease
+    /// (the HA loop's renewals keep it) or one was sent within a second, then the record unless
+    /// unchanged.
     async fn touch_member(&self, record: &MemberRecord) -> Result<(), DcsError> {
         let mut lease = self.ensure_lease().await?;
-        let fresh = self
+        let holds_leader = self
             .st()
-            .last_keepalive
-            .is_some_and(|at| local_now(&self.w, self.me).saturating_sub(at) < SEC);
+            .view_leader
+            .as_ref()
+            .is_some_and(|(holder, held_on, _)| *holder == self.name && *held_on == lease);
+        let fresh = holds_leader
+            || self
+                .st()
+                .last_keepalive
+                .is_some_and(|at| local_now(&self.w, self.me).saturating_sub(at) < SEC);
         if !fresh {
             let sent = local_now(&self.w, self.me);
             match self.request(move |s, now| s.keepalive(lease, now)).await? {

@@ -19,9 +19,21 @@ const T: Duration = Duration::from_secs(120);
 
 /// The member holding the leader key that also answers `/primary` and accepts writes; not `old`.
 async fn wait_for_leader(c: &DockerCluster, old: Option<&str>) -> String {
-    let deadline = Instant::now() + T.mul_f64(timeout_mult());
+    let started = Instant::now();
+    let deadline = started + T.mul_f64(timeout_mult());
+    let mut key_left_old = old.is_none();
     loop {
-        if let Ok(Some(l)) = c.leader().await {
+        let key = c.leader().await;
+        if let (false, Ok(holder)) = (key_left_old, &key) {
+            if holder.as_deref() != old {
+                key_left_old = true;
+                eprintln!(
+                    "the leader key left {old:?} {:.1?} after the wait began (now {holder:?})",
+                    started.elapsed()
+                );
+            }
+        }
+        if let Ok(Some(l)) = key {
             if Some(l.as_str()) != old
                 && c.api_get(&l, "/primary").await.map(|(s, _)| s) == Some(200)
                 && c.sql(&l, "SELECT pg_is_in_recovery()::text").await.ok()
@@ -192,13 +204,16 @@ async fn containerised_cluster_survives_kill_partition_stop_and_agent_crash() {
     let old = leader;
     let writer = Writer::start_at(c.writer_targets());
     tokio::time::sleep(Duration::from_secs(1)).await;
+    // Lease-bound: what the lease had left at the kill (whole seconds, rounded up) is most of it.
+    let lease_left = c.leader_lease_remaining().await.ok();
     let killed = Instant::now();
     docker::docker(&["kill", &c.node(&old).container])
         .await
         .expect("docker kill");
+    let kill_returned = killed.elapsed();
     let leader = wait_for_leader(&c, Some(&old)).await;
     eprintln!(
-        "kill: {leader} leads {:.1?} after the kill",
+        "kill: {leader} leads {:.1?} after the kill (lease left ≤ {lease_left:?}, `docker kill` took {kill_returned:.1?})",
         killed.elapsed()
     );
     docker::docker(&["start", &c.node(&old).container])

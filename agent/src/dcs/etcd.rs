@@ -908,10 +908,15 @@ impl Dcs for EtcdDcs {
             Some(id) => id,
             None => self.grant_lease(&mut state).await?,
         };
-        // The leader's renewal already refreshed the lease in this cycle.
-        let fresh = state
-            .last_keepalive
-            .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
+        // While `leader` hangs on our lease (as the watch vouches; a key that expired or was
+        // taken shows there too), its keepalives are the HA loop's renewals, which
+        // skip cycles where the ttl leaves room (`ha::timing::renewal_due`): one sent here would
+        // keep a lost host's lease alive longer than the loop's choice. Otherwise the leader's
+        // renewal may already have refreshed the lease in this cycle.
+        let fresh = self.cache_confirms_leader(lease)
+            || state
+                .last_keepalive
+                .is_some_and(|at| at.elapsed() < Duration::from_secs(1));
         let lease = if fresh {
             lease
         } else {

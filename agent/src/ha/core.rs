@@ -64,6 +64,9 @@ pub struct HaCore {
     /// We hold `leader` as far as we know (our last renewal or acquisition succeeded).
     pub believes_leader: bool,
     pub lease_certain_until: Option<Instant>,
+    /// The last renewal the DCS itself confirmed while we held the key (a failsafe round is
+    /// not one): what decides whether the next cycle must renew (`timing::renewal_due`).
+    pub dcs_renewal: Option<LeaseRenewal>,
     /// The sentence of the last cycle's outcome (logged at info only when it changes).
     pub last_outcome: String,
     /// `POST /restart {"schedule": …}` waiting for its time, with the postmaster start time
@@ -93,6 +96,7 @@ impl HaCore {
     pub fn lease_dropped(&mut self) {
         self.believes_leader = false;
         self.lease_certain_until = None;
+        self.dcs_renewal = None;
     }
 
     /// May postgres become writable now (the lease certain for at least the stop margin)?

@@ -296,6 +296,10 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         self.timing.borrow().ttl
     }
 
+    fn retry_timeout(&self) -> Duration {
+        self.timing.borrow().retry_timeout
+    }
+
     /// Runs until `shutdown` is cancelled (then stops postgres and releases the lock) or a fatal
     /// condition is met.
     pub async fn run(mut self, shutdown: CancellationToken) -> Result<(), HaError> {
@@ -634,7 +638,22 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
         };
         let mut disarm_fence = false;
         let lease = if holds {
-            self.renew().await
+            match (&dcs, self.core.dcs_renewal) {
+                // The view of this cycle (the watched key, or a read) names us; between
+                // renewals that is all a cycle needs to confirm.
+                (DcsView::Known(_), Some(last))
+                    if !timing::renewal_due(
+                        last,
+                        self.core.fence,
+                        self.loop_wait(),
+                        self.retry_timeout(),
+                        self.rt.now(),
+                    ) =>
+                {
+                    LeaseCheck::Renewed(last)
+                }
+                _ => self.renew().await,
+            }
         } else {
             if self.core.believes_leader {
                 info!("the leader key no longer names this member");
@@ -821,6 +840,8 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             return false;
         }
         let deadline = self.core.lease_renewed(renewal);
+        // Not the DCS's word: once the DCS answers again, the next cycle renews for real.
+        self.core.dcs_renewal = None;
         self.pg.set_fence(Some(deadline));
         self.failsafe.held(sent_at);
         true
@@ -883,6 +904,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             }
             Ok(renewal) => {
                 let deadline = self.core.lease_renewed(renewal);
+                self.core.dcs_renewal = Some(renewal);
                 self.pg.set_fence(Some(deadline));
                 LeaseCheck::Renewed(renewal)
             }
