@@ -52,8 +52,8 @@ pub fn may_open_for_writes(
 /// Whether the leader sends a keepalive in this cycle, its last renewal confirmed by the DCS
 /// being `last`. What a host loss costs is what the lease has left when the host dies, and a
 /// lease renewed every cycle is younger at a random instant than Patroni's (benchmark, ttl 10 /
-/// loop_wait 2: its leader's lease was on average ~0.9 s older, so its failover after a host
-/// loss ~0.7 s faster). So the leader renews at most every other cycle (Patroni's own members
+/// loop_wait 2: its leader's lease was on average ~0.8 s older, so its failover after a host
+/// loss ~0.6 s faster). So the leader renews at most every other cycle (Patroni's own members
 /// refresh when `loop_wait` has passed since the last refresh, every one or two cycles) — but
 /// never skips a renewal unless the next cycle's one, answered within `retry_timeout`, still
 /// lands before the fence deadline: a slow DCS never fences a healthy leader, and a DCS outage
