@@ -85,11 +85,21 @@ impl HaCore {
     }
 
     /// A confirmed renewal: the lease is certain until its end by our clock, less the margin;
-    /// returns the fence deadline to arm.
+    /// returns the fence deadline to arm. A failsafe round counts here too, but it is not the DCS's word: once the DCS answers
+    /// again, the next cycle renews for real ([`HaCore::dcs_renewed`] is the DCS's renewal).
     pub fn lease_renewed(&mut self, renewal: LeaseRenewal) -> Instant {
+        self.dcs_renewal = None;
         self.believes_leader = true;
         self.lease_certain_until = Some(timing::lease_certain_until(renewal, self.fence));
         timing::fence_deadline(renewal, self.fence)
+    }
+
+    /// A renewal the DCS confirmed: as [`HaCore::lease_renewed`], and it may let later cycles
+    /// skip theirs (`timing::renewal_due`).
+    pub fn dcs_renewed(&mut self, renewal: LeaseRenewal) -> Instant {
+        let deadline = self.lease_renewed(renewal);
+        self.dcs_renewal = Some(renewal);
+        deadline
     }
 
     /// We do not (or no longer) hold the leader key.

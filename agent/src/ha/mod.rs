@@ -840,8 +840,6 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
             return false;
         }
         let deadline = self.core.lease_renewed(renewal);
-        // Not the DCS's word: once the DCS answers again, the next cycle renews for real.
-        self.core.dcs_renewal = None;
         self.pg.set_fence(Some(deadline));
         self.failsafe.held(sent_at);
         true
@@ -903,8 +901,7 @@ impl<D: Dcs + ?Sized, P: Postgres, N: Peers, R: Runtime> HaLoop<D, P, N, R> {
                 LeaseCheck::Unconfirmed
             }
             Ok(renewal) => {
-                let deadline = self.core.lease_renewed(renewal);
-                self.core.dcs_renewal = Some(renewal);
+                let deadline = self.core.dcs_renewed(renewal);
                 self.pg.set_fence(Some(deadline));
                 LeaseCheck::Renewed(renewal)
             }
